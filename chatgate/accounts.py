@@ -1,0 +1,214 @@
+"""Accounts and plans: the services behind the CLI, the management API and the dashboard."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from chatgate import errors
+from chatgate.db.tables import accounts, invalidations, plans
+from chatgate.ids import new_id
+from chatgate.timefmt import now
+
+LIMIT_FIELDS = ("rpm", "tpm", "rpd", "concurrency", "monthly_tokens")
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
+_PLAN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A plan's limits; ``None`` means unlimited."""
+
+    id: int
+    name: str
+    rpm: int | None
+    tpm: int | None
+    rpd: int | None
+    concurrency: int | None
+    monthly_tokens: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    email: str
+    plan: str
+    is_admin: bool
+    disabled: bool
+    created_at: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _plan(row: Any) -> Plan:
+    return Plan(row.id, row.name, row.rpm, row.tpm, row.rpd, row.concurrency, row.monthly_tokens)
+
+
+async def invalidate(conn: AsyncConnection, kind: str, ref: str) -> None:
+    """Record a change so every server process drops what it cached about ``ref``."""
+    await conn.execute(invalidations.insert().values(kind=kind, ref=ref, created_at=now()))
+
+
+class PlanStore:
+    """Create, read and update plans."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def list(self) -> list[Plan]:
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(sa.select(plans).order_by(plans.c.id))
+            return [_plan(r) for r in rows]
+
+    async def get(self, name: str) -> Plan:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(sa.select(plans).where(plans.c.name == name))).first()
+        if row is None:
+            raise errors.NotFound(f"No plan named `{name[:64]}`.", param="plan")
+        return _plan(row)
+
+    async def create(self, name: str, **limits: int | None) -> Plan:
+        if not _PLAN_NAME.match(name):
+            raise errors.InvalidRequest(
+                "A plan name is 1-64 letters, digits, '.', '_' or '-'.", param="name"
+            )
+        values = _check_limits(limits)
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(plans.insert().values(name=name, created_at=now(), **values))
+        except IntegrityError as exc:
+            raise errors.InvalidRequest(
+                f"A plan named `{name}` exists already.", param="name", code="plan_exists"
+            ) from exc
+        return await self.get(name)
+
+    async def update(self, name: str, **limits: int | None) -> Plan:
+        """Set the given limits (``None`` = unlimited); limits not given stay as they are."""
+        values = _check_limits(limits)
+        plan = await self.get(name)
+        if values:
+            async with self._engine.begin() as conn:
+                await conn.execute(plans.update().where(plans.c.id == plan.id).values(**values))
+                await invalidate(conn, "plan", str(plan.id))
+        return await self.get(name)
+
+
+def _check_limits(limits: dict[str, int | None]) -> dict[str, int | None]:
+    for name, value in limits.items():
+        if name not in LIMIT_FIELDS:
+            raise errors.InvalidRequest(f"Unknown limit `{name}`.", param=name)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 0
+        ):
+            raise errors.InvalidRequest(
+                f"The limit `{name}` must be a whole number >= 0.", param=name
+            )
+    return limits
+
+
+class AccountStore:
+    """Create, list and change accounts."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    def _select(self) -> sa.Select[Any]:
+        return sa.select(
+            accounts.c.id,
+            accounts.c.email,
+            plans.c.name.label("plan"),
+            accounts.c.is_admin,
+            accounts.c.disabled,
+            accounts.c.created_at,
+        ).join(plans, plans.c.id == accounts.c.plan_id)
+
+    async def count(self) -> int:
+        async with self._engine.connect() as conn:
+            return int(
+                (await conn.execute(sa.select(sa.func.count()).select_from(accounts))).scalar_one()
+            )
+
+    async def create(
+        self,
+        email: str,
+        *,
+        plan: str = "free",
+        is_admin: bool = False,
+        password_hash: str | None = None,
+    ) -> Account:
+        email = email.strip().lower()
+        if not _EMAIL.match(email):
+            raise errors.InvalidRequest("That is not an email address.", param="email")
+        plan_row = await PlanStore(self._engine).get(plan)
+        account_id = new_id("acct")
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    accounts.insert().values(
+                        id=account_id,
+                        email=email,
+                        plan_id=plan_row.id,
+                        is_admin=is_admin,
+                        disabled=False,
+                        password_hash=password_hash,
+                        created_at=now(),
+                    )
+                )
+        except IntegrityError as exc:
+            raise errors.InvalidRequest(
+                "An account with that email exists already.", param="email", code="account_exists"
+            ) from exc
+        return await self.get(account_id)
+
+    async def get(self, account_id: str) -> Account:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(self._select().where(accounts.c.id == account_id))).first()
+        if row is None:
+            raise errors.NotFound("No such account.", param="account")
+        return Account(*row)
+
+    async def by_email(self, email: str) -> Account:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(self._select().where(accounts.c.email == email.strip().lower()))
+            ).first()
+        if row is None:
+            raise errors.NotFound("No account with that email.", param="email")
+        return Account(*row)
+
+    async def list(self) -> list[Account]:
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                self._select().order_by(accounts.c.created_at, accounts.c.email)
+            )
+            return [Account(*r) for r in rows]
+
+    async def set_plan(self, account_id: str, plan: str) -> Account:
+        plan_row = await PlanStore(self._engine).get(plan)
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                accounts.update().where(accounts.c.id == account_id).values(plan_id=plan_row.id)
+            )
+            if result.rowcount == 0:
+                raise errors.NotFound("No such account.", param="account")
+            await invalidate(conn, "account", account_id)
+        return await self.get(account_id)
+
+    async def set_disabled(self, account_id: str, disabled: bool) -> Account:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                accounts.update().where(accounts.c.id == account_id).values(disabled=disabled)
+            )
+            if result.rowcount == 0:
+                raise errors.NotFound("No such account.", param="account")
+            await invalidate(conn, "account", account_id)
+        return await self.get(account_id)

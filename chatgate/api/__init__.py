@@ -1,0 +1,1 @@
+"""HTTP API: ``/v1/*`` (OpenAI-compatible), ``/api/*`` (management), ops endpoints."""

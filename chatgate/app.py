@@ -1,0 +1,81 @@
+"""``create_app(settings)``: routes, the middleware, and the start/stop of every part."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from chatgate.accounts import AccountStore, PlanStore
+from chatgate.api import openai, ops
+from chatgate.auth import Authenticator
+from chatgate.backends.router import Router
+from chatgate.db.engine import create_engine
+from chatgate.keys.store import KeyStore
+from chatgate.middleware import api_middleware
+from chatgate.settings import Settings
+from chatgate.state import STATE, State
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The aiohttp application for ``settings``; everything starts in its cleanup context."""
+    app = web.Application(middlewares=[api_middleware], client_max_size=settings.max_body_bytes)
+    app.cleanup_ctx.append(_lifespan(settings))
+    openai.setup(app)
+    ops.setup(app)
+    return app
+
+
+def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
+    async def lifespan(app: web.Application) -> AsyncIterator[None]:
+        engine = create_engine(settings)
+        keys = KeyStore(engine, settings.resolved_secret())
+        auth = Authenticator(
+            keys, engine, ttl=settings.key_cache_ttl, poll_interval=settings.invalidation_poll
+        )
+        router = Router(settings)
+        state = State(
+            settings=settings,
+            engine=engine,
+            keys=keys,
+            accounts=AccountStore(engine),
+            plans=PlanStore(engine),
+            auth=auth,
+            router=router,
+            started_at=time.time(),
+        )
+        app[STATE] = state
+        await auth.start_feed()
+        await router.start()
+        tasks = [
+            asyncio.create_task(auth.run_feed(), name="invalidation-feed"),
+            asyncio.create_task(auth.run_last_used(), name="last-used"),
+        ]
+        _tune_gc()
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await auth.close()
+            await router.close()
+            await engine.dispose()
+
+    return lifespan
+
+
+def _tune_gc() -> None:
+    """Move start-up objects out of the collector's sight and collect young objects less often.
+
+    Measured on this stack (DESIGN.md, "Server stack"): p99 at saturation ~39 ms -> ~6 ms.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)

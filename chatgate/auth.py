@@ -1,0 +1,196 @@
+"""Bearer key -> :class:`Principal`, cached in process.
+
+What is cached: for each key hash seen, the key's account, plan limits, scopes and expiry
+(or the fact that no such key exists). The request path reads only this cache; the database
+is read on a miss and then not again for that key until:
+- the invalidation feed (a table every process polls every ``invalidation_poll`` seconds,
+  written in the same transaction as every key/account/plan change, the CLI's included)
+  names it — so a revocation anywhere takes effect everywhere within ~1 s; or
+- ``key_cache_ttl`` passes (the backstop if the feed were ever missed).
+Expiry and the rotation grace are checked against the clock on every request, no I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatgate import errors
+from chatgate.db.tables import invalidations
+from chatgate.keys import format as keyfmt
+from chatgate.keys.store import KeyLookup, KeyStore
+
+log = logging.getLogger(__name__)
+
+MISSING_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization "
+    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
+BAD_KEY = "Incorrect API key provided. You can find your API keys in the chatgate dashboard."
+NEGATIVE_CACHE_LIMIT = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the key, its account, and what they may do."""
+
+    key_id: str
+    account_id: str
+    is_admin: bool
+    models: frozenset[str] | None
+    limits: dict[str, int | None]
+    key_limits: dict[str, int | None]
+
+    def allows_model(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+@dataclass(slots=True)
+class _Entry:
+    lookup: KeyLookup | None
+    fetched_at: float
+
+
+class Authenticator:
+    """Verifies bearer keys against a cache kept fresh by the invalidation feed."""
+
+    def __init__(
+        self, store: KeyStore, engine: AsyncEngine, *, ttl: float, poll_interval: float
+    ) -> None:
+        self._store = store
+        self._engine = engine
+        self._ttl = ttl
+        self._poll = poll_interval
+        self._cache: dict[str, _Entry] = {}
+        self._inflight: dict[str, asyncio.Future[KeyLookup | None]] = {}
+        self._last_event = 0
+        self.last_used: dict[str, int] = {}
+        self.db_lookups = 0
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal for an ``Authorization`` header value, or a 401 ``APIError``."""
+        if not authorization:
+            raise errors.AuthenticationError(MISSING_KEY)
+        scheme, _, key = authorization.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise errors.AuthenticationError(MISSING_KEY)
+        if not keyfmt.is_well_formed(key):
+            raise errors.AuthenticationError(BAD_KEY)
+        digest = self._store.hash(key)
+        lookup = await self._lookup(digest)
+        if lookup is None or lookup.revoked_at is not None or lookup.account_disabled:
+            raise errors.AuthenticationError(BAD_KEY)
+        wall = time.time()
+        if lookup.matched_previous and (
+            lookup.prev_valid_until is None or lookup.prev_valid_until <= wall
+        ):
+            raise errors.AuthenticationError(BAD_KEY)
+        if lookup.expires_at is not None and lookup.expires_at <= wall:
+            raise errors.ExpiredAPIKey(
+                "The API key provided has expired. Create a new one in the chatgate dashboard."
+            )
+        self.last_used[lookup.key_id] = int(wall)
+        return Principal(
+            key_id=lookup.key_id,
+            account_id=lookup.account_id,
+            is_admin=lookup.is_admin,
+            models=lookup.models,
+            limits=lookup.plan,
+            key_limits=lookup.overrides,
+        )
+
+    async def _lookup(self, digest: str) -> KeyLookup | None:
+        entry = self._cache.get(digest)
+        if entry is not None and time.monotonic() - entry.fetched_at < self._ttl:
+            return entry.lookup
+        pending = self._inflight.get(digest)
+        if pending is not None:  # one database read per key, however many wait for it
+            return await asyncio.shield(pending)
+        future: asyncio.Future[KeyLookup | None] = asyncio.get_running_loop().create_future()
+        self._inflight[digest] = future
+        try:
+            self.db_lookups += 1
+            lookup = await self._store.lookup(digest)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved when nobody else waits
+            raise
+        finally:
+            self._inflight.pop(digest, None)
+        future.set_result(lookup)
+        if lookup is not None or len(self._cache) < NEGATIVE_CACHE_LIMIT:
+            self._cache[digest] = _Entry(lookup, time.monotonic())
+        return lookup
+
+    # -- the invalidation feed -------------------------------------------------------------
+
+    async def start_feed(self) -> None:
+        """Skip past existing events; ``run_feed`` then applies only new ones."""
+        async with self._engine.connect() as conn:
+            self._last_event = int(
+                (await conn.execute(sa.select(sa.func.max(invalidations.c.id)))).scalar() or 0
+            )
+
+    async def run_feed(self) -> None:
+        """Poll the invalidation table forever (cancel to stop); survives database outages."""
+        while True:
+            await asyncio.sleep(self._poll)
+            try:
+                await self.poll_once()
+            except Exception:  # the database may be down; the TTL backstop still holds
+                log.warning("invalidation feed: poll failed", exc_info=True)
+
+    async def poll_once(self) -> None:
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(invalidations.c.id, invalidations.c.kind, invalidations.c.ref)
+                    .where(invalidations.c.id > self._last_event)
+                    .order_by(invalidations.c.id)
+                )
+            ).all()
+        for event_id, kind, ref in rows:
+            self.apply(kind, ref)
+            self._last_event = event_id
+
+    def apply(self, kind: str, ref: str) -> None:
+        """Drop cached entries a change makes stale."""
+        if kind == "key_new":
+            self._cache.pop(ref, None)
+        elif kind == "plan":
+            self._cache.clear()
+        else:
+            field = "key_id" if kind == "key" else "account_id"
+            stale = [
+                digest
+                for digest, entry in self._cache.items()
+                if entry.lookup is not None and getattr(entry.lookup, field) == ref
+            ]
+            for digest in stale:
+                del self._cache[digest]
+
+    async def flush_last_used(self) -> None:
+        """Write the ``last_used_at`` stamps gathered since the last flush."""
+        batch, self.last_used = self.last_used, {}
+        try:
+            await self._store.touch(batch)
+        except Exception:
+            log.warning("could not record last-used times", exc_info=True)
+            for key_id, stamp in batch.items():
+                self.last_used.setdefault(key_id, stamp)
+
+    async def run_last_used(self, interval: float = 10.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.flush_last_used()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.flush_last_used()

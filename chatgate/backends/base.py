@@ -1,0 +1,114 @@
+"""The Backend protocol: what the gateway needs from anything that serves a model.
+
+A backend turns an OpenAI-shaped request body (a ``dict`` already validated by the API layer,
+with ``model`` set to the *upstream* model name) into an OpenAI-shaped answer. Errors before the
+first byte are raised as :mod:`chatgate.errors` classes (502/504/429...); errors after the first
+byte of a stream end the stream with an SSE error event (see :class:`ChatStream`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from chatgate.settings import ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage of one request, as OpenAI reports it."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def from_openai(cls, data: Any) -> Usage | None:
+        """Read an OpenAI ``usage`` object; ``None`` when absent or malformed."""
+        if not isinstance(data, dict):
+            return None
+        prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
+        if not isinstance(prompt, int) or not isinstance(completion, int):
+            return None
+        return cls(prompt, completion)
+
+    def to_openai(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """A complete (non-streamed) chat completion and its usage."""
+
+    body: dict[str, Any]
+    usage: Usage | None
+    raw: bytes | None = None  # the upstream's bytes, forwarded as they are when present
+
+
+class ChatStream(ABC):
+    """An open stream of SSE events (``b"data: {...}\\n\\n"``), ending with ``data: [DONE]``.
+
+    Iterate it to get the bytes to send to the client, already filtered (the usage-only chunk
+    is included only when the client asked for it). After iteration, or after the client went
+    away, ``usage`` holds the reported usage when there was one, and ``completion_text`` what was
+    generated so far, so a cut-off stream can still be metered. ``first_byte_at`` is the
+    ``time.perf_counter()`` of the first event.
+    """
+
+    usage: Usage | None = None
+    first_byte_at: float | None = None
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+
+    @property
+    def completion_text(self) -> str:
+        """The text generated so far (content and tool-call arguments)."""
+        return "".join(self._text)
+
+    @abstractmethod
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """Yield SSE events as bytes, each ending in a blank line."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Stop generating and free the connection or the model (idempotent)."""
+
+
+class Backend(ABC):
+    """Something that serves chat completions (and possibly embeddings)."""
+
+    name: str = "backend"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open pools or load models; called once at server start."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release everything ``start`` opened."""
+
+    @abstractmethod
+    async def chat(self, model: ModelConfig, body: dict[str, Any]) -> ChatResult:
+        """Answer a non-streamed chat completion request."""
+
+    @abstractmethod
+    async def chat_stream(
+        self, model: ModelConfig, body: dict[str, Any], *, include_usage: bool
+    ) -> ChatStream:
+        """Open a streamed chat completion; raise before returning if it cannot start."""
+
+    async def embeddings(self, model: ModelConfig, body: dict[str, Any]) -> dict[str, Any]:
+        """Answer an embeddings request; backends without embeddings raise ``InvalidRequest``."""
+        from chatgate.errors import InvalidRequest
+
+        raise InvalidRequest(
+            f"The model `{model.name}` does not support embeddings.", param="model"
+        )

@@ -1,0 +1,277 @@
+"""The ``chatgate`` command: serve | migrate | accounts | plans | keys.
+
+Every command reads its settings once (``CHATGATE_DATA_DIR``, ``CHATGATE_DATABASE_URL``, ...),
+prints a readable table (or ``--json``), and reports an error as one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatgate import errors
+from chatgate.accounts import LIMIT_FIELDS, AccountStore, PlanStore
+from chatgate.db.engine import create_engine, migrate
+from chatgate.keys.store import KeyStore
+from chatgate.settings import Settings
+from chatgate.timefmt import iso, now, parse_duration
+
+
+class CLIError(Exception):
+    """A user mistake, reported as one line on stderr with exit code 2."""
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, list):
+            return ",".join(map(str, value)) or "-"
+        return str(value)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _emit(
+    args: argparse.Namespace, data: Any, columns: Sequence[str], *, times: Sequence[str] = ()
+) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    rows = data if isinstance(data, list) else [data]
+    shown = [{**r, **{t: iso(r.get(t)) for t in times}} for r in rows]
+    print(_table(shown, columns))
+
+
+def _limit(text: str) -> int | None:
+    if text.lower() in ("none", "unlimited", "-"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number or 'unlimited': {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a limit cannot be negative")
+    return value
+
+
+async def _with_engine(settings: Settings, fn: Callable[[AsyncEngine], Awaitable[Any]]) -> Any:
+    engine = create_engine(settings)
+    try:
+        await migrate(engine)
+        return await fn(engine)
+    finally:
+        await engine.dispose()
+
+
+# -- commands -----------------------------------------------------------------------------
+
+KEY_COLUMNS = ("id", "name", "hint", "status", "models", "created_at", "last_used_at", "expires_at")
+KEY_TIMES = (
+    "created_at",
+    "last_used_at",
+    "expires_at",
+    "revoked_at",
+    "rotated_at",
+    "prev_valid_until",
+)
+ACCOUNT_COLUMNS = ("id", "email", "plan", "is_admin", "disabled", "created_at")
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
+    asyncio.run(_with_engine(settings, lambda engine: asyncio.sleep(0)))
+    print(f"database is up to date ({_safe_url(settings)})")
+
+
+def cmd_accounts(settings: Settings, args: argparse.Namespace) -> None:
+    async def run(engine: AsyncEngine) -> Any:
+        store = AccountStore(engine)
+        if args.action == "create":
+            return (await store.create(args.email, plan=args.plan, is_admin=args.admin)).to_dict()
+        if args.action == "set-plan":
+            account = await store.by_email(args.email)
+            return (await store.set_plan(account.id, args.plan)).to_dict()
+        return [a.to_dict() for a in await store.list()]
+
+    _emit(args, asyncio.run(_with_engine(settings, run)), ACCOUNT_COLUMNS, times=("created_at",))
+
+
+def cmd_plans(settings: Settings, args: argparse.Namespace) -> None:
+    async def run(engine: AsyncEngine) -> Any:
+        store = PlanStore(engine)
+        limits = {f: getattr(args, f) for f in LIMIT_FIELDS if getattr(args, f, ...) is not ...}
+        if args.action == "create":
+            return (await store.create(args.name, **limits)).to_dict()
+        if args.action == "update":
+            return (await store.update(args.name, **limits)).to_dict()
+        return [p.to_dict() for p in await store.list()]
+
+    _emit(args, asyncio.run(_with_engine(settings, run)), ("name", *LIMIT_FIELDS))
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
+    async def run(engine: AsyncEngine) -> Any:
+        keys = KeyStore(engine, settings.resolved_secret())
+        accounts = AccountStore(engine)
+        if args.action == "create":
+            account = await accounts.by_email(args.account)
+            expires = now() + parse_duration(args.expires_in) if args.expires_in else None
+            models = (
+                [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+            )
+            return (
+                await keys.create(account.id, name=args.name, expires_at=expires, models=models)
+            ).to_dict()
+        if args.action == "revoke":
+            return (await keys.revoke(args.id)).to_dict()
+        if args.action == "rotate":
+            grace = (
+                parse_duration(args.grace) if args.grace is not None else settings.rotation_grace
+            )
+            return (await keys.rotate(args.id, grace_seconds=grace)).to_dict()
+        account_id = (await accounts.by_email(args.account)).id if args.account else None
+        return [k.to_dict() for k in await keys.list(account_id)]
+
+    try:
+        data = asyncio.run(_with_engine(settings, run))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if args.action in ("create", "rotate") and not args.json:
+        print(_table([{**data, **{t: iso(data.get(t)) for t in KEY_TIMES}}], KEY_COLUMNS))
+        print(f"\nAPI key (shown once, store it now):\n\n    {data['key']}\n")
+        return
+    _emit(
+        args,
+        data,
+        KEY_COLUMNS + (("revoked_at",) if args.action == "revoke" else ()),
+        times=KEY_TIMES,
+    )
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
+    from chatgate.server import serve
+
+    if args.host:
+        settings = _replace(settings, host=args.host)
+    if args.port:
+        settings = _replace(settings, port=args.port)
+    serve(settings, migrate_first=not args.no_migrate, bootstrap=True)
+
+
+def _replace(settings: Settings, **changes: Any) -> Settings:
+    import dataclasses
+
+    return dataclasses.replace(settings, **changes)
+
+
+def _safe_url(settings: Settings) -> str:
+    """The database URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(settings.effective_database_url).render_as_string(hide_password=True)
+
+
+# -- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatgate", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the API server")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--no-migrate", action="store_true", help="do not migrate at start")
+    serve.set_defaults(func=cmd_serve)
+
+    sub.add_parser("migrate", help="create or upgrade the database").set_defaults(func=cmd_migrate)
+
+    acc = sub.add_parser("accounts", help="manage accounts").add_subparsers(
+        dest="action", required=True
+    )
+    p = acc.add_parser("create")
+    p.add_argument("email")
+    p.add_argument("--plan", default="free")
+    p.add_argument("--admin", action="store_true")
+    p = acc.add_parser("list")
+    p = acc.add_parser("set-plan")
+    p.add_argument("email")
+    p.add_argument("plan")
+    for p in acc.choices.values():
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_accounts)
+
+    pl = sub.add_parser("plans", help="manage plans").add_subparsers(dest="action", required=True)
+    pl.add_parser("list")
+    for action in ("create", "update"):
+        p = pl.add_parser(action)
+        p.add_argument("name")
+        for field in LIMIT_FIELDS:
+            p.add_argument(
+                "--" + field.replace("_", "-"),
+                dest=field,
+                type=_limit,
+                default=...,
+                metavar="N",
+                help="a whole number, or 'unlimited'",
+            )
+    for p in pl.choices.values():
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_plans)
+
+    ks = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    p = ks.add_parser("create")
+    p.add_argument("--account", required=True, help="the owner's email")
+    p.add_argument("--name", default="")
+    p.add_argument("--expires-in", help="e.g. 30d, 12h")
+    p.add_argument("--models", help="comma-separated model names this key may use")
+    p = ks.add_parser("list")
+    p.add_argument("--account", help="only this account's keys (email)")
+    p = ks.add_parser("revoke")
+    p.add_argument("id")
+    p = ks.add_parser("rotate")
+    p.add_argument("id")
+    p.add_argument("--grace", help="how long the old secret keeps working, e.g. 24h, 0")
+    for p in ks.choices.values():
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        if args.command != "serve":  # migrations are checked on every command: keep it quiet
+            logging.getLogger("alembic").setLevel(logging.WARNING)
+        args.func(settings, args)
+    except errors.APIError as exc:
+        print(f"chatgate: error: {exc.message}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        print(f"chatgate: error: database: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except (CLIError, ValueError, OSError) as exc:
+        print(f"chatgate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

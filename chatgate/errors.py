@@ -1,0 +1,163 @@
+"""The server's error tree. Every error the API returns is one of these classes.
+
+    APIError                         500 server_error
+    ├── InvalidRequest               400 invalid_request_error   (param names the field)
+    │   ├── BodyTooLarge             413
+    │   ├── NotFound                 404 (resources: keys, conversations, responses)
+    │   └── ModelNotFound            404 model_not_found
+    ├── AuthenticationError          401 invalid_api_key
+    │   └── ExpiredAPIKey            401 expired_api_key
+    ├── PermissionDenied             403 permission_error
+    │   └── ModelNotAllowed          403 model_not_allowed
+    ├── RateLimited                  429 requests|tokens rate_limit_exceeded
+    ├── InsufficientQuota            429 insufficient_quota (x-should-retry: false)
+    ├── ServiceUnavailable           503 server_error
+    ├── UpstreamError                502 upstream_error
+    └── UpstreamTimeout              504 upstream_timeout
+
+One handler (:func:`error_body`) turns any of them into OpenAI's JSON shape:
+``{"error": {"message", "type", "param", "code"}}``. Messages never contain a key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+
+class APIError(Exception):
+    """Base of the tree; ``status``, ``type`` and ``code`` are class attributes."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if type is not None:
+            self.type = type
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def with_status(self, status: int) -> APIError:
+        """The same error answered with another HTTP status (405, 415, ...)."""
+        self.status = status
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The OpenAI-shaped error object."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        """The JSON body of the error response."""
+        return orjson.dumps(self.to_dict())
+
+
+class InvalidRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class BodyTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class NotFound(InvalidRequest):
+    status = 404
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{_clip(model)}` does not exist or you do not have access to it.",
+            param="model",
+        )
+
+
+class AuthenticationError(APIError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ExpiredAPIKey(AuthenticationError):
+    code = "expired_api_key"
+
+
+class PermissionDenied(APIError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class ModelNotAllowed(PermissionDenied):
+    code = "model_not_allowed"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"This API key is not allowed to use the model `{_clip(model)}`.", param="model"
+        )
+
+
+class RateLimited(APIError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class InsufficientQuota(APIError):
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class ServiceUnavailable(APIError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class UpstreamError(APIError):
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(APIError):
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """Bound user text echoed in messages (never a key: keys are not echoed at all)."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def error_body(exc: APIError) -> bytes:
+    """Serialise ``exc`` as OpenAI's error JSON."""
+    return exc.body()

@@ -1,0 +1,429 @@
+"""Rate-limit types, the :class:`Limiter` ABC, and the fail-open/fail-closed wrapper.
+
+Algorithms (the same in :mod:`.memory` and in the Redis Lua scripts):
+
+- ``requests`` and ``tokens`` (rpm, tpm, rpd): GCRA, the generic cell rate algorithm, in
+  its continuous-state leaky-bucket form (ITU-T I.371 defines the two equivalent forms).
+  The state per bucket is ``(level, stamp)``: ``level`` drains at ``limit / window`` units
+  per second; a cost ``c`` is admitted when ``level + c <= limit``. Equivalent to the
+  virtual-scheduling form (``TAT = stamp + level * window / limit``) but integer costs at one
+  instant add up exactly, with no float drift at the boundary. A full bucket admits
+  ``limit`` at once, then one unit every ``window / limit`` seconds.
+- ``concurrency``: a set of leases (lease id -> expiry). A slot is held until the request
+  settles, or until its lease expires, so a crashed process cannot leak slots.
+- ``quota`` (monthly tokens): a counter per scope and calendar month in UTC (``"2026-11"``).
+
+A request passes a list of :class:`Check`; :meth:`Limiter.acquire` takes all of them or none.
+"""
+
+from __future__ import annotations
+
+import calendar
+import dataclasses
+import logging
+import math
+import re
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "DEFAULT_LEASE_TTL",
+    "Check",
+    "Decision",
+    "FailoverLimiter",
+    "Kind",
+    "Limiter",
+    "LimiterUnavailable",
+    "RateStatus",
+    "Reservation",
+    "month_end",
+    "month_of",
+]
+
+log = logging.getLogger("chatgate.ratelimit")
+
+Kind = Literal["requests", "tokens", "concurrency", "quota"]
+KINDS: tuple[Kind, ...] = ("requests", "tokens", "concurrency", "quota")
+RATE_KINDS: frozenset[str] = frozenset({"requests", "tokens"})
+
+# One-letter codes used in storage keys and in the Lua scripts.
+KIND_CODE: dict[str, str] = {"requests": "r", "tokens": "t", "concurrency": "c", "quota": "q"}
+
+DEFAULT_LEASE_TTL = 900.0
+"""Seconds a concurrency slot is held when its request never settles (a crash)."""
+DEFAULT_CONCURRENCY_RETRY = 1.0
+"""retry_after hint for a full concurrency limit: a slot frees when any request ends."""
+QUOTA_RETENTION = 40 * 86400.0
+"""Seconds a month's quota counter is kept after the month ends (for reporting)."""
+SETTLE_DEADLINE = 6 * 3600.0
+"""A reservation not settled within this many seconds is forgotten (settle is then a no-op)."""
+EPS = 1e-6
+"""Tolerance, in units of cost, for float noise in drained levels."""
+
+_MONTH = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+
+
+class LimiterUnavailable(Exception):
+    """The limiter's store (Redis) cannot be reached; the caller picks fail-open or closed."""
+
+
+def month_of(ts: float) -> str:
+    """The UTC calendar month of unix time ``ts`` as ``"YYYY-MM"``."""
+    t = time.gmtime(ts)
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}"
+
+
+def month_end(month: str) -> float:
+    """Unix time at which ``month`` (``"YYYY-MM"``, UTC) ends: the next month's first second."""
+    match = _MONTH.match(month)
+    if match is None:
+        raise ValueError(f"month must look like 2026-11, not {month!r}")
+    year, mon = int(match.group(1)), int(match.group(2))
+    year, mon = (year + 1, 1) if mon == 12 else (year, mon + 1)
+    return float(calendar.timegm((year, mon, 1, 0, 0, 0, 0, 0, 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One limit a request must pass.
+
+    ``window`` is the rate window in seconds (``requests``, ``tokens``); ``month`` names the
+    quota bucket (``quota``; derived from the limiter's clock when ``None``). The cost of a
+    request is 1 for ``requests`` and ``concurrency`` and the reserved tokens for ``tokens``
+    and ``quota``. Checks naming the same bucket (scope, kind, window) are charged once, so
+    pass a key's override instead of, not beside, the plan's value for the same scope.
+    """
+
+    scope: str
+    kind: Kind
+    limit: int
+    window: float = 60.0
+    month: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown limit kind {self.kind!r}")
+        if self.limit < 0:
+            raise ValueError("limit must be >= 0")
+        if self.kind in RATE_KINDS and not self.window > 0:
+            raise ValueError("a rate limit needs a window > 0 seconds")
+        if self.month is not None and not _MONTH.match(self.month):
+            raise ValueError(f"month must look like 2026-11, not {self.month!r}")
+        if "|" in self.scope:
+            raise ValueError("a scope may not contain '|'")
+
+    @classmethod
+    def rpm(cls, scope: str, limit: int) -> Check:
+        """Requests per minute."""
+        return cls(scope, "requests", limit, 60.0)
+
+    @classmethod
+    def rpd(cls, scope: str, limit: int) -> Check:
+        """Requests per day."""
+        return cls(scope, "requests", limit, 86400.0)
+
+    @classmethod
+    def tpm(cls, scope: str, limit: int) -> Check:
+        """Tokens per minute."""
+        return cls(scope, "tokens", limit, 60.0)
+
+    @classmethod
+    def concurrent(cls, scope: str, limit: int) -> Check:
+        """Requests in flight at once."""
+        return cls(scope, "concurrency", limit, 0.0)
+
+    @classmethod
+    def monthly_quota(cls, scope: str, limit: int, month: str | None = None) -> Check:
+        """Tokens per calendar month (UTC)."""
+        return cls(scope, "quota", limit, 0.0, month)
+
+    def cost(self, tokens: int) -> int:
+        """What one request reserving ``tokens`` costs against this check."""
+        return tokens if self.kind in ("tokens", "quota") else 1
+
+    def resolved(self, now: float) -> Check:
+        """This check with its quota month filled in from unix time ``now``."""
+        if self.kind == "quota" and self.month is None:
+            return dataclasses.replace(self, month=month_of(now))
+        return self
+
+    @property
+    def bucket(self) -> str:
+        """The storage key of this check's state (``scope|code|window-or-month``)."""
+        code = KIND_CODE[self.kind]
+        if self.kind in RATE_KINDS:
+            return f"{self.scope}|{code}|{self.window:g}"
+        if self.kind == "quota":
+            if self.month is None:
+                raise ValueError("resolve the quota month first")
+            return f"{self.scope}|{code}|{self.month}"
+        return f"{self.scope}|{code}"
+
+
+@dataclass(frozen=True, slots=True)
+class RateStatus:
+    """Values for the ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers."""
+
+    limit: int
+    remaining: int
+    reset_after: float  # seconds until the bucket is back to full
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What an admitted request took, to hand back to :meth:`Limiter.settle`."""
+
+    lease_id: str
+    checks: tuple[Check, ...]  # quota months resolved
+    tokens: int  # reserved tokens (the cost of ``tokens`` and ``quota`` checks)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to :meth:`Limiter.acquire`.
+
+    When refused, ``failed`` is the first failing check in the order given, ``used`` what it
+    had used, ``requested`` what this request asked of it, and ``retry_after`` seconds until
+    it could pass (``math.inf`` when it never can: the cost exceeds the limit).
+    ``requests``/``tokens`` carry header values: the most restrictive check of each kind
+    (the failing one's own values when it is of that kind).
+    """
+
+    allowed: bool
+    reservation: Reservation | None = None
+    failed: Check | None = None
+    used: int = 0
+    requested: int = 0
+    retry_after: float = 0.0
+    requests: RateStatus | None = None
+    tokens: RateStatus | None = None
+
+    @property
+    def limit(self) -> int:
+        """The failing check's limit (0 when allowed)."""
+        return self.failed.limit if self.failed is not None else 0
+
+    @property
+    def remaining(self) -> int:
+        """What the failing check had left (0 when allowed)."""
+        return max(self.limit - self.used, 0)
+
+
+def used_units(level: float) -> int:
+    """Whole units in use at ``level`` (a partly drained unit is still in use)."""
+    return max(math.ceil(level - EPS), 0)
+
+
+def rate_status(check: Check, level: float) -> RateStatus:
+    """Header values for a rate check whose bucket is at ``level``."""
+    remaining = max(check.limit - used_units(level), 0)
+    reset = level * check.window / check.limit if check.limit > 0 else check.window
+    return RateStatus(check.limit, remaining, max(reset, 0.0))
+
+
+def decide(
+    checks: Sequence[Check],
+    levels: Sequence[float],
+    costs: Sequence[int],
+    failed: int | None,
+    retry_after: float,
+    reservation: Reservation | None,
+) -> Decision:
+    """Build a :class:`Decision` from each check's state before this request.
+
+    Shared by every implementation so they agree on rounding and header choice.
+    ``failed`` is the index of the first failing check, or ``None``.
+    """
+    after = failed is None
+    best: dict[str, RateStatus] = {}
+    for check, level, cost in zip(checks, levels, costs, strict=True):
+        if check.kind not in RATE_KINDS:
+            continue
+        status = rate_status(check, level + cost if after else level)
+        prev = best.get(check.kind)
+        if prev is None or (status.remaining, -status.reset_after) < (
+            prev.remaining,
+            -prev.reset_after,
+        ):
+            best[check.kind] = status
+    if failed is None:
+        return Decision(
+            True, reservation, requests=best.get("requests"), tokens=best.get("tokens")
+        )
+    check = checks[failed]
+    if check.kind in RATE_KINDS:
+        best[check.kind] = rate_status(check, levels[failed])
+    return Decision(
+        False,
+        None,
+        failed=check,
+        used=used_units(levels[failed]),
+        requested=costs[failed],
+        retry_after=retry_after,
+        requests=best.get("requests"),
+        tokens=best.get("tokens"),
+    )
+
+
+class Ledger:
+    """Open reservations by lease id, oldest first, so each settles at most once.
+
+    Entries older than ``max_age`` are forgotten (amortised O(1)), so a caller that never
+    settles cannot grow it without bound.
+    """
+
+    def __init__(self, clock: Callable[[], float], max_age: float = SETTLE_DEADLINE) -> None:
+        self._clock = clock
+        self._max_age = max_age
+        self._open: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, lease_id: str) -> None:
+        """Remember an open reservation."""
+        now = self._clock()
+        self._open[lease_id] = now
+        while self._open:
+            oldest, at = next(iter(self._open.items()))
+            if now - at < self._max_age:
+                break
+            del self._open[oldest]
+
+    def take(self, lease_id: str) -> bool:
+        """Forget ``lease_id``; True when it was open (the first settle)."""
+        return self._open.pop(lease_id, None) is not None
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+class Limiter(ABC):
+    """Checks and takes the limits of one request, atomically, and settles them after."""
+
+    @abstractmethod
+    async def acquire(self, checks: Sequence[Check], cost_tokens: int = 0) -> Decision:
+        """Evaluate every check; take all of them only if all pass.
+
+        ``cost_tokens`` is the reservation for ``tokens`` and ``quota`` checks (prompt
+        tokens + ``max_tokens``, or a ceiling). On success ``Decision.reservation`` must be
+        settled (or released) exactly once. Raises :class:`LimiterUnavailable` when the
+        store cannot be reached.
+        """
+
+    @abstractmethod
+    async def settle(self, reservation: Reservation, actual_tokens: int) -> bool:
+        """Charge ``actual_tokens`` instead of the reserved amount and free the concurrency slot.
+
+        Unused tokens go back to ``tokens`` buckets and the monthly quota; extra tokens are
+        charged even into debt. Returns False (and does nothing) when this reservation was
+        already settled or is too old. Raises :class:`LimiterUnavailable`.
+        """
+
+    async def release(self, reservation: Reservation) -> bool:
+        """Settle a request that produced nothing (failed upstream, rejected later)."""
+        return await self.settle(reservation, 0)
+
+    @abstractmethod
+    async def quota_used(self, scope: str, month: str | None = None) -> int:
+        """Tokens charged to ``scope``'s monthly quota in ``month`` (default: this month)."""
+
+    @abstractmethod
+    async def reset(self, scope: str) -> None:
+        """Forget every bucket of ``scope`` (admin and tests)."""
+
+    async def aclose(self) -> None:
+        """Release connections held by this limiter."""
+
+
+class FailoverLimiter(Limiter):
+    """Use ``primary`` (Redis); when it is unavailable, fail open to ``fallback`` or closed.
+
+    Fail-open answers from ``fallback`` (per-process limits) and counts it in ``fallbacks``;
+    fail-closed re-raises :class:`LimiterUnavailable` (the gateway answers 503). After a
+    failure the primary is skipped for ``cooldown`` seconds, so a dead Redis costs one
+    timeout per cooldown, not one per request. Settle failures are logged and counted in
+    ``settle_failures``, never raised: the response has gone out, and leases expire anyway.
+    """
+
+    def __init__(
+        self,
+        primary: Limiter,
+        fallback: Limiter,
+        *,
+        fail_open: bool = True,
+        cooldown: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self.fail_open = fail_open
+        self.cooldown = cooldown
+        self.fallbacks = 0
+        self.settle_failures = 0
+        self._clock = clock
+        self._down_until = -math.inf
+        self._from_fallback = Ledger(clock)
+
+    @property
+    def degraded(self) -> bool:
+        """True while the primary is being skipped after a failure."""
+        return self._clock() < self._down_until
+
+    def _mark_down(self, exc: LimiterUnavailable) -> None:
+        if not self.degraded:
+            log.warning(
+                "rate limiter store unavailable (%s); failing %s for %.1fs",
+                exc,
+                "open" if self.fail_open else "closed",
+                self.cooldown,
+            )
+        self._down_until = self._clock() + self.cooldown
+
+    async def acquire(self, checks: Sequence[Check], cost_tokens: int = 0) -> Decision:
+        """Acquire from the primary, or per the fail-open policy from the fallback."""
+        if not self.degraded:
+            try:
+                return await self.primary.acquire(checks, cost_tokens)
+            except LimiterUnavailable as exc:
+                self._mark_down(exc)
+                if not self.fail_open:
+                    raise
+        elif not self.fail_open:
+            raise LimiterUnavailable("rate limiter store unavailable (cooling down)")
+        self.fallbacks += 1
+        decision = await self.fallback.acquire(checks, cost_tokens)
+        if decision.reservation is not None:
+            self._from_fallback.add(decision.reservation.lease_id)
+        return decision
+
+    async def settle(self, reservation: Reservation, actual_tokens: int) -> bool:
+        """Settle with whichever limiter issued ``reservation``; never raises unavailability."""
+        if self._from_fallback.take(reservation.lease_id):
+            return await self.fallback.settle(reservation, actual_tokens)
+        try:
+            return await self.primary.settle(reservation, actual_tokens)
+        except LimiterUnavailable as exc:
+            self.settle_failures += 1
+            self._mark_down(exc)
+            return False
+
+    async def quota_used(self, scope: str, month: str | None = None) -> int:
+        """Read from the primary; from the fallback when failing open."""
+        try:
+            return await self.primary.quota_used(scope, month)
+        except LimiterUnavailable:
+            if not self.fail_open:
+                raise
+            return await self.fallback.quota_used(scope, month)
+
+    async def reset(self, scope: str) -> None:
+        """Reset ``scope`` in both limiters."""
+        await self.fallback.reset(scope)
+        await self.primary.reset(scope)
+
+    async def aclose(self) -> None:
+        """Close both limiters."""
+        await self.primary.aclose()
+        await self.fallback.aclose()

@@ -1,0 +1,183 @@
+"""Settings, read once from ``CHATGATE_*`` environment variables and an optional TOML file.
+
+Resolution order for every value: explicit argument > environment > ``DEFAULT_*`` constant.
+Nothing else in the package reads the environment; everything takes a ``Settings``.
+Secrets are wrapped in :class:`Secret` so they never show up in a ``repr`` or a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_DATA_DIR = "./data"
+DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
+DEFAULT_KEY_CACHE_TTL = 60.0
+DEFAULT_INVALIDATION_POLL = 0.25
+DEFAULT_ROTATION_GRACE = 24 * 3600
+DEFAULT_UPSTREAM_CONNECT_TIMEOUT = 5.0
+DEFAULT_UPSTREAM_TIMEOUT = 600.0
+DEFAULT_LOCAL_MODEL_NAME = "chatgate-mini"
+
+
+class Secret:
+    """A string that never prints. ``str()`` and ``repr()`` give ``'**********'``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the wrapped value; call only where the secret is really used."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """One public model name and where it is served (a deployment)."""
+
+    name: str
+    backend: str = "openai_compat"
+    base_url: str = ""
+    upstream_model: str = ""
+    api_key_env: str | None = None
+    context_window: int = 8192
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the server, the CLI and the tests need to know, read once."""
+
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    database_url: str = ""
+    redis_url: str | None = None
+    secret: Secret = field(default_factory=lambda: Secret(""))
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    key_cache_ttl: float = DEFAULT_KEY_CACHE_TTL
+    invalidation_poll: float = DEFAULT_INVALIDATION_POLL
+    rotation_grace: int = DEFAULT_ROTATION_GRACE
+    upstream_connect_timeout: float = DEFAULT_UPSTREAM_CONNECT_TIMEOUT
+    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    local_model: bool = True
+    local_model_name: str = DEFAULT_LOCAL_MODEL_NAME
+    local_model_path: str | None = None
+    models: tuple[ModelConfig, ...] = ()
+    log_level: str = "INFO"
+    upstream_keys: Mapping[str, Secret] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``) and a config file.
+
+        The config file is ``CHATGATE_CONFIG`` or ``<data_dir>/../chatgate.toml`` when present;
+        it may hold ``[server]`` values and ``[[models]]`` tables.
+        """
+        env = os.environ if environ is None else environ
+        data_dir = Path(env.get("CHATGATE_DATA_DIR", DEFAULT_DATA_DIR))
+        config_path = env.get("CHATGATE_CONFIG") or (
+            "chatgate.toml" if Path("chatgate.toml").is_file() else ""
+        )
+        file_cfg: dict[str, Any] = {}
+        if config_path:
+            with open(config_path, "rb") as fh:
+                file_cfg = tomllib.load(fh)
+        server = file_cfg.get("server", {})
+
+        def pick(name: str, default: Any) -> Any:
+            value = env.get("CHATGATE_" + name.upper())
+            if value is not None:
+                return value
+            return server.get(name, default)
+
+        models = tuple(_model_from_table(m) for m in file_cfg.get("models", []))
+        key_envs = {m.api_key_env for m in models if m.api_key_env}
+        settings = cls(
+            data_dir=data_dir,
+            database_url=pick("database_url", ""),
+            redis_url=pick("redis_url", None) or None,
+            secret=Secret(pick("secret", "")),
+            host=pick("host", DEFAULT_HOST),
+            port=int(pick("port", DEFAULT_PORT)),
+            max_body_bytes=int(pick("max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
+            key_cache_ttl=float(pick("key_cache_ttl", DEFAULT_KEY_CACHE_TTL)),
+            invalidation_poll=float(pick("invalidation_poll", DEFAULT_INVALIDATION_POLL)),
+            rotation_grace=int(pick("rotation_grace", DEFAULT_ROTATION_GRACE)),
+            upstream_connect_timeout=float(
+                pick("upstream_connect_timeout", DEFAULT_UPSTREAM_CONNECT_TIMEOUT)
+            ),
+            upstream_timeout=float(pick("upstream_timeout", DEFAULT_UPSTREAM_TIMEOUT)),
+            local_model=_truthy(pick("local_model", True)),
+            local_model_name=pick("local_model_name", DEFAULT_LOCAL_MODEL_NAME),
+            local_model_path=pick("local_model_path", None) or None,
+            models=models,
+            log_level=str(pick("log_level", "INFO")).upper(),
+            upstream_keys={k: Secret(env[k]) for k in key_envs if env.get(k)},
+        )
+        return replace(settings, **overrides) if overrides else settings
+
+    @property
+    def effective_database_url(self) -> str:
+        """The SQLAlchemy async URL: the configured one, or SQLite under ``data_dir``."""
+        return async_database_url(self.database_url or f"sqlite:///{self.data_dir / 'chatgate.db'}")
+
+    def resolved_secret(self) -> Secret:
+        """The server secret: configured, or generated once and kept in ``data_dir`` (0600)."""
+        if self.secret:
+            return self.secret
+        path = self.data_dir / "secret"
+        if path.is_file():
+            return Secret(path.read_text().strip())
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_urlsafe(48)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value + "\n")
+        return Secret(value)
+
+
+def async_database_url(url: str) -> str:
+    """Map plain ``sqlite://`` and ``postgresql://`` URLs to their async drivers."""
+    if url.startswith("sqlite:"):
+        return "sqlite+aiosqlite:" + url[len("sqlite:") :]
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    return url
+
+
+def _truthy(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def _model_from_table(table: Mapping[str, Any]) -> ModelConfig:
+    known = {"name", "backend", "base_url", "upstream_model", "api_key_env", "context_window"}
+    return ModelConfig(
+        name=str(table["name"]),
+        backend=str(table.get("backend", "openai_compat")),
+        base_url=str(table.get("base_url", "")).rstrip("/"),
+        upstream_model=str(table.get("upstream_model") or table["name"]),
+        api_key_env=table.get("api_key_env"),
+        context_window=int(table.get("context_window", 8192)),
+        options={k: v for k, v in table.items() if k not in known},
+    )

@@ -1,0 +1,43 @@
+"""Durations as people write them (``30d``, ``24h``, ``90s``) and as OpenAI's headers show them."""
+
+from __future__ import annotations
+
+import re
+import time
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in ``text`` (``"30d"``, ``"24h"``, ``"0"``); ``ValueError`` when unreadable."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 24h, 30d)")
+    return int(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def reset_text(seconds: float) -> str:
+    """OpenAI's reset header text: ``1s``, ``6m0s``, ``1h2m3s``, ``120ms``."""
+    if seconds < 1:
+        return f"{max(int(seconds * 1000), 0)}ms"
+    whole = int(seconds + 0.999)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def now() -> int:
+    """Current UTC unix time in whole seconds."""
+    return int(time.time())
+
+
+def iso(ts: int | None) -> str:
+    """``2026-11-25 09:00Z`` for tables; ``-`` for none."""
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%MZ", time.gmtime(ts))
