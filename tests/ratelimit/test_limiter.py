@@ -1,0 +1,512 @@
+"""One suite for every limiter: each test runs on the memory and the Redis implementation.
+
+Redis is the real server at 127.0.0.1:6379; each test gets its own random key prefix and
+deletes its keys afterwards. Time-travel tests use the memory limiter's injectable clock
+(Redis tests never wait on or assert wall-clock durations).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+import chatgate.ratelimit as rl
+from chatgate.ratelimit import (
+    Check,
+    FailoverLimiter,
+    Limiter,
+    LimiterUnavailable,
+    MemoryLimiter,
+    RedisLimiter,
+    Reservation,
+    month_end,
+    month_of,
+)
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+NOV_30_LATE = 1796083140.0  # 2026-11-30 23:59:00 UTC
+
+
+class FakeClock:
+    def __init__(self, now: float = 1795000000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Harness:
+    """A limiter factory for one backend; ``travel`` exists only where time is ours."""
+
+    backend: str
+    clock: FakeClock | None = None
+    prefix: str = ""
+    made: list[Limiter] = field(default_factory=list)
+    clients: list[aioredis.Redis] = field(default_factory=list)
+
+    def make(self, lease_ttl: float = 900.0) -> Limiter:
+        limiter: Limiter
+        if self.backend == "memory":
+            assert self.clock is not None
+            limiter = MemoryLimiter(clock=self.clock, lease_ttl=lease_ttl)
+        else:
+            # Generous timeouts: the test machine is small and shared.
+            limiter = RedisLimiter.from_url(
+                REDIS_URL, prefix=self.prefix, lease_ttl=lease_ttl, connect_timeout=2.0, timeout=2.0
+            )
+        self.made.append(limiter)
+        return limiter
+
+    def travel(self, seconds: float) -> None:
+        if self.clock is None:
+            pytest.skip("time travel needs the memory limiter's clock")
+        self.clock.now += seconds
+
+
+def _redis_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+REDIS_UP = _redis_up()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    if request.param == "memory":
+        yield Harness("memory", clock=FakeClock())
+        return
+    if not REDIS_UP:
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    h = Harness("redis", prefix=f"test:rl:{secrets.token_hex(6)}:")
+    try:
+        yield h
+    finally:
+        client = aioredis.Redis.from_url(REDIS_URL)
+        keys = [k async for k in client.scan_iter(match=h.prefix + "*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+        for c in h.clients:
+            await c.aclose()
+        for lim in h.made:
+            await lim.aclose()
+
+
+@pytest.fixture
+def limiter(harness: Harness) -> Limiter:
+    return harness.make()
+
+
+async def take(limiter: Limiter, checks: list[Check], tokens: int = 0) -> Reservation:
+    decision = await limiter.acquire(checks, tokens)
+    assert decision.allowed, decision
+    assert decision.reservation is not None
+    return decision.reservation
+
+
+# --- admission -------------------------------------------------------------------------
+
+
+async def test_exact_admission_then_rejection(limiter: Limiter) -> None:
+    checks = [Check.rpm("key:a", 5)]
+    for i in range(5):
+        d = await limiter.acquire(checks)
+        assert d.allowed
+        assert d.requests is not None
+        assert (d.requests.limit, d.requests.remaining) == (5, 4 - i)
+    d = await limiter.acquire(checks)
+    assert not d.allowed
+    assert d.reservation is None
+    assert d.failed == checks[0]
+    assert (d.limit, d.used, d.remaining, d.requested) == (5, 5, 0, 1)
+    # One request drains every 60/5 = 12 s; a little time passed on a real clock.
+    assert 11.0 < d.retry_after <= 12.0
+    assert d.requests is not None and d.requests.remaining == 0
+    assert 59.0 < d.requests.reset_after <= 60.0
+
+
+async def test_tokens_admission_and_retry_after(limiter: Limiter) -> None:
+    checks = [Check.tpm("key:a", 100)]
+    await take(limiter, checks, 40)
+    await take(limiter, checks, 40)
+    d = await limiter.acquire(checks, 40)
+    assert not d.allowed
+    assert (d.used, d.requested, d.limit) == (80, 40, 100)
+    assert 11.0 < d.retry_after <= 12.0  # (80 + 40 - 100) tokens at 100 per 60 s
+    assert d.tokens is not None and d.tokens.remaining == 20
+
+
+async def test_request_larger_than_limit_can_never_pass(limiter: Limiter) -> None:
+    d = await limiter.acquire([Check.tpm("key:a", 100)], 150)
+    assert not d.allowed
+    assert d.retry_after == math.inf
+    d = await limiter.acquire([Check.concurrent("key:a", 0)])
+    assert not d.allowed and d.retry_after == math.inf
+
+
+async def test_all_or_nothing(limiter: Limiter) -> None:
+    key_rpm, acct_rpm, acct_tpm = Check.rpm("key:a", 10), Check.rpm("acct:x", 2), Check.tpm(
+        "acct:x", 1000
+    )
+    conc, quota = Check.concurrent("acct:x", 5), Check.monthly_quota("acct:x", 10_000)
+    checks = [key_rpm, acct_tpm, conc, quota, acct_rpm]
+    await take(limiter, checks, 100)
+    await take(limiter, checks, 100)
+    for _ in range(3):
+        d = await limiter.acquire(checks, 100)
+        assert not d.allowed and d.failed == acct_rpm
+    # Nothing of the refused requests was taken anywhere.
+    assert await limiter.quota_used("acct:x") == 200
+    d = await limiter.acquire([key_rpm, acct_tpm], 800)
+    assert d.allowed  # 200 + 800 tokens fit exactly
+    assert d.requests is not None and d.requests.remaining == 7  # 3 taken of 10
+    d2 = await limiter.acquire([Check.concurrent("acct:x", 3)])
+    assert d2.allowed  # only 2 of the slots are held
+
+
+async def test_first_failing_check_in_order_answers(limiter: Limiter) -> None:
+    tight_tokens, tight_requests = Check.tpm("key:a", 10), Check.rpm("acct:x", 1)
+    await take(limiter, [tight_requests])
+    d = await limiter.acquire([Check.rpm("key:a", 100), tight_tokens, tight_requests], 50)
+    assert d.failed == tight_tokens
+    d = await limiter.acquire([tight_requests, tight_tokens], 50)
+    assert d.failed == tight_requests
+
+
+async def test_headers_are_the_most_restrictive(limiter: Limiter) -> None:
+    d = await limiter.acquire(
+        [Check.rpm("key:a", 10), Check.rpm("acct:x", 3), Check.rpd("acct:x", 1000)]
+    )
+    assert d.requests is not None
+    assert (d.requests.limit, d.requests.remaining) == (3, 2)
+    assert d.tokens is None
+
+
+# --- settle ----------------------------------------------------------------------------
+
+
+async def test_settle_releases_unused_tokens(limiter: Limiter) -> None:
+    checks = [Check.tpm("key:a", 100), Check.monthly_quota("acct:x", 1000)]
+    res = await take(limiter, checks, 80)
+    assert not (await limiter.acquire(checks, 80)).allowed
+    assert await limiter.settle(res, 20)
+    assert await limiter.quota_used("acct:x") == 20
+    await take(limiter, checks, 80)  # 20 used + 80 = 100 tokens
+    assert await limiter.quota_used("acct:x") == 100
+
+
+async def test_settle_charges_extra_into_debt(limiter: Limiter) -> None:
+    checks = [Check.tpm("key:a", 100), Check.monthly_quota("acct:x", 1000)]
+    res = await take(limiter, checks, 10)
+    assert await limiter.settle(res, 150)
+    assert await limiter.quota_used("acct:x") == 150
+    d = await limiter.acquire(checks, 0)
+    assert not d.allowed and d.failed == checks[0]
+    assert d.used == 150 and d.retry_after > 29.0  # 50 tokens of debt at 100/min
+
+
+async def test_settle_applies_once(limiter: Limiter) -> None:
+    checks = [Check.monthly_quota("acct:x", 1000), Check.concurrent("acct:x", 1)]
+    res = await take(limiter, checks, 100)
+    assert await limiter.settle(res, 300)
+    assert not await limiter.settle(res, 300)
+    assert not await limiter.release(res)
+    assert await limiter.quota_used("acct:x") == 300
+
+
+async def test_release_gives_everything_back_but_the_request(limiter: Limiter) -> None:
+    checks = [Check.rpm("key:a", 2), Check.tpm("key:a", 100), Check.monthly_quota("acct:x", 100)]
+    res = await take(limiter, checks, 100)
+    assert not (await limiter.acquire(checks, 1)).allowed
+    assert await limiter.release(res)
+    assert await limiter.quota_used("acct:x") == 0
+    d = await limiter.acquire(checks, 100)
+    assert d.allowed
+    assert d.requests is not None and d.requests.remaining == 0  # requests stay counted
+
+
+async def test_concurrency_released_on_settle(limiter: Limiter) -> None:
+    checks = [Check.concurrent("acct:x", 2)]
+    a = await take(limiter, checks)
+    await take(limiter, checks)
+    d = await limiter.acquire(checks)
+    assert not d.allowed and d.used == 2 and 0 < d.retry_after <= 1.0
+    await limiter.settle(a, 0)
+    await take(limiter, checks)
+
+
+async def test_concurrency_lease_expires(harness: Harness) -> None:
+    """A request that never settles (a crash) holds its slot only for the lease TTL."""
+    limiter = harness.make(lease_ttl=0.05)
+    checks = [Check.concurrent("acct:x", 1)]
+    await take(limiter, checks)
+    assert not (await limiter.acquire(checks)).allowed
+    if harness.clock is not None:
+        harness.clock.now += 0.06
+    else:
+        await asyncio.sleep(0.1)  # the server's clock decides; only waits, asserts no time
+    await take(limiter, checks)
+
+
+# --- quota -----------------------------------------------------------------------------
+
+
+async def test_quota_counts_per_month(limiter: Limiter) -> None:
+    nov, dec = Check.monthly_quota("acct:x", 1000, "2026-11"), Check.monthly_quota(
+        "acct:x", 1000, "2026-12"
+    )
+    await take(limiter, [nov], 900)
+    d = await limiter.acquire([nov], 200)
+    assert not d.allowed and d.failed == nov and (d.used, d.requested) == (900, 200)
+    await take(limiter, [dec], 1000)
+    assert await limiter.quota_used("acct:x", "2026-11") == 900
+    assert await limiter.quota_used("acct:x", "2026-12") == 1000
+    assert await limiter.quota_used("acct:y", "2026-12") == 0
+
+
+async def test_quota_month_derived_from_clock(harness: Harness) -> None:
+    harness.travel(0)  # memory only
+    assert harness.clock is not None
+    harness.clock.now = NOV_30_LATE
+    limiter = harness.make()
+    checks = [Check.monthly_quota("acct:x", 100)]
+    res = await take(limiter, checks, 100)
+    assert res.checks[0].month == "2026-11"
+    d = await limiter.acquire(checks, 1)
+    assert not d.allowed and d.retry_after == pytest.approx(60.0)
+    harness.travel(60.0)
+    await take(limiter, checks, 100)
+    assert await limiter.quota_used("acct:x") == 100  # December
+    # Settling a November reservation in December corrects November.
+    await limiter.settle(res, 40)
+    assert await limiter.quota_used("acct:x", "2026-11") == 40
+
+
+# --- concurrency of callers ------------------------------------------------------------
+
+
+async def test_200_concurrent_acquires_admit_exactly_n(harness: Harness) -> None:
+    limiter = harness.make()
+    checks = [Check.rpm("key:a", 50), Check.tpm("acct:x", 10_000)]
+    decisions = await asyncio.gather(*(limiter.acquire(checks, 10) for _ in range(200)))
+    assert sum(d.allowed for d in decisions) == 50
+
+
+async def test_two_processes_together_admit_exactly_n(harness: Harness) -> None:
+    if harness.backend == "memory":
+        pytest.skip("memory limits are per process by design")
+    one, two = harness.make(), harness.make()
+    checks = [Check.rpm("key:a", 30), Check.concurrent("acct:x", 1000)]
+    decisions = await asyncio.gather(
+        *(lim.acquire(checks) for _ in range(100) for lim in (one, two))
+    )
+    assert sum(d.allowed for d in decisions) == 30
+
+
+async def test_reset_forgets_a_scope(limiter: Limiter) -> None:
+    a, b = Check.rpm("key:a", 1), Check.rpm("key:b", 1)
+    await take(limiter, [a])
+    await take(limiter, [b])
+    await limiter.reset("key:a")
+    await take(limiter, [a])
+    assert not (await limiter.acquire([b])).allowed
+
+
+# --- time (memory clock) ---------------------------------------------------------------
+
+
+async def test_refill_at_exactly_retry_after(harness: Harness) -> None:
+    harness.travel(0)
+    limiter = harness.make()
+    checks = [Check.rpm("key:a", 3)]
+    for _ in range(3):
+        await take(limiter, checks)
+    d = await limiter.acquire(checks)
+    assert d.retry_after == pytest.approx(20.0)
+    harness.travel(19.9)
+    assert not (await limiter.acquire(checks)).allowed
+    harness.travel(0.1)
+    await take(limiter, checks)
+    assert not (await limiter.acquire(checks)).allowed
+    harness.travel(60.0)  # a full window: back to a full bucket of 3, no more
+    for _ in range(3):
+        await take(limiter, checks)
+    assert not (await limiter.acquire(checks)).allowed
+
+
+async def test_memory_state_stays_bounded(harness: Harness) -> None:
+    harness.travel(0)
+    limiter = harness.make(lease_ttl=30.0)
+    assert isinstance(limiter, MemoryLimiter)
+    for i in range(2000):
+        await limiter.acquire(
+            [Check.rpm(f"key:{i}", 5), Check.concurrent(f"key:{i}", 1), Check.tpm("acct", 10**9)],
+            10,
+        )
+    assert len(limiter) > 4000
+    harness.travel(3600.0)
+    for _ in range(3000):
+        await limiter.acquire([Check.rpm("key:hot", 10**6)])
+    assert len(limiter) <= 10
+
+
+# --- Redis specifics -------------------------------------------------------------------
+
+
+def _counting_client(sent: list[str]) -> aioredis.Redis:
+    class Counting(aioredis.Connection):
+        async def send_command(self, *args: Any, **kwargs: Any) -> None:
+            sent.append(str(args[0]).upper())
+            await super().send_command(*args, **kwargs)
+
+    pool = aioredis.ConnectionPool.from_url(REDIS_URL, connection_class=Counting)
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def test_redis_one_round_trip_per_acquire_and_settle(harness: Harness) -> None:
+    if harness.backend != "redis":
+        pytest.skip("Redis only")
+    sent: list[str] = []
+    client = _counting_client(sent)
+    harness.clients.append(client)
+    limiter = RedisLimiter(client, prefix=harness.prefix)
+    checks = [
+        Check.rpm("key:a", 100),
+        Check.tpm("key:a", 10_000),
+        Check.rpd("acct:x", 1000),
+        Check.concurrent("acct:x", 10),
+        Check.monthly_quota("acct:x", 10**6),
+    ]
+    await take(limiter, checks, 10)  # connects and loads the scripts
+    for _ in range(3):
+        sent.clear()
+        d = await limiter.acquire(checks, 100)
+        assert sent == ["EVALSHA"]
+        assert d.reservation is not None
+        sent.clear()
+        await limiter.settle(d.reservation, 42)
+        assert sent == ["EVALSHA"]
+    sent.clear()
+    refused = await limiter.acquire([Check.rpm("key:b", 0)])
+    assert not refused.allowed and sent == ["EVALSHA"]
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_redis_unreachable_raises_limiter_unavailable() -> None:
+    limiter = RedisLimiter.from_url(f"redis://127.0.0.1:{_dead_port()}", prefix="x:")
+    try:
+        with pytest.raises(LimiterUnavailable):
+            await limiter.acquire([Check.rpm("key:a", 1)])
+        with pytest.raises(LimiterUnavailable):
+            await limiter.quota_used("acct:x")
+    finally:
+        await limiter.aclose()
+
+
+async def test_failover_fails_open_to_memory() -> None:
+    dead = RedisLimiter.from_url(f"redis://127.0.0.1:{_dead_port()}", prefix="x:")
+    limiter = FailoverLimiter(dead, MemoryLimiter(), fail_open=True)
+    try:
+        checks = [Check.rpm("key:a", 2), Check.monthly_quota("acct:x", 100)]
+        a = await take(limiter, checks, 50)
+        await take(limiter, checks, 50)
+        assert not (await limiter.acquire(checks, 1)).allowed  # local limits still hold
+        assert limiter.fallbacks == 3 and limiter.degraded
+        assert await limiter.settle(a, 10)  # settled by the limiter that issued it
+        assert await limiter.quota_used("acct:x") == 60
+    finally:
+        await limiter.aclose()
+
+
+async def test_failover_fails_closed() -> None:
+    dead = RedisLimiter.from_url(f"redis://127.0.0.1:{_dead_port()}", prefix="x:")
+    limiter = FailoverLimiter(dead, MemoryLimiter(), fail_open=False)
+    try:
+        for _ in range(2):  # the second one answers from the cooldown, without a connect
+            with pytest.raises(LimiterUnavailable):
+                await limiter.acquire([Check.rpm("key:a", 2)])
+        assert limiter.fallbacks == 0
+    finally:
+        await limiter.aclose()
+
+
+class _Flaky(MemoryLimiter):
+    """A primary whose store can be switched off, counting the calls that reach it."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(clock=clock)
+        self.up = True
+        self.calls = 0
+
+    async def acquire(self, checks: Any, cost_tokens: int = 0) -> rl.Decision:
+        self.calls += 1
+        if not self.up:
+            raise LimiterUnavailable("down")
+        return await super().acquire(checks, cost_tokens)
+
+    async def settle(self, reservation: Reservation, actual_tokens: int) -> bool:
+        if not self.up:
+            raise LimiterUnavailable("down")
+        return await super().settle(reservation, actual_tokens)
+
+
+async def test_failover_cooldown_and_recovery() -> None:
+    clock = FakeClock()
+    primary = _Flaky(clock)
+    limiter = FailoverLimiter(primary, MemoryLimiter(clock=clock), cooldown=1.0, clock=clock)
+    checks = [Check.rpm("key:a", 100)]
+    held = await take(limiter, checks)
+    primary.up = False
+    for _ in range(5):
+        await take(limiter, checks)
+    assert (primary.calls, limiter.fallbacks) == (2, 5)  # one try, then the cooldown
+    assert not await limiter.settle(held, 0)  # settle never raises
+    assert limiter.settle_failures == 1
+    primary.up = True
+    clock.now += 1.0
+    await take(limiter, checks)
+    assert (primary.calls, limiter.fallbacks) == (3, 5) and not limiter.degraded
+
+
+# --- the package surface ---------------------------------------------------------------
+
+
+def test_all_is_honest() -> None:
+    assert sorted(rl.__all__) == sorted(
+        name for name in vars(rl) if not name.startswith("_") and name not in {"annotations"}
+        and not isinstance(vars(rl)[name], type(rl))
+    )
+    for name in rl.__all__:
+        assert getattr(rl, name) is not None
+
+
+def test_check_validation_and_months() -> None:
+    with pytest.raises(ValueError):
+        Check("key:a", "bogus", 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Check.monthly_quota("acct:x", 1, "2026-13")
+    with pytest.raises(ValueError):
+        Check.rpm("key|a", 1)
+    assert month_of(NOV_30_LATE) == "2026-11"
+    assert month_end("2026-11") == NOV_30_LATE + 60
+    assert month_end("2026-12") == 1798761600.0  # 2027-01-01
+    assert Check.rpm("k", 1).bucket != Check.rpd("k", 1).bucket != Check.tpm("k", 1).bucket

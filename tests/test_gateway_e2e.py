@@ -1,0 +1,251 @@
+"""End to end: a real ``chatgate serve`` (SQLite and PostgreSQL), keys from the real CLI,
+called with ``requests`` (the article's snippet) and the official ``openai`` package."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+import openai
+import pytest
+import requests
+
+from chatgate.keys import format as keyfmt
+from tests.helpers import Gateway
+
+
+def new_account(gw: Gateway, plan: str = "enterprise") -> str:
+    email = f"user-{secrets.token_hex(4)}@example.com"
+    gw.cli("accounts", "create", email, "--plan", plan)
+    return email
+
+
+def new_key(gw: Gateway, email: str | None = None, *extra: str) -> dict[str, Any]:
+    email = email or new_account(gw)
+    return gw.cli_json("keys", "create", "--account", email, "--name", "test", *extra)
+
+
+def chat(gw: Gateway, key: str | None, body: Any = None, **kw: Any) -> requests.Response:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    headers.update(kw.pop("headers", {}))
+    data = body if isinstance(body, (str, bytes)) else json.dumps(
+        body or {"model": "gpt-test", "messages": [{"role": "user", "content": "hello"}]}
+    )
+    return requests.post(gw.url + "/v1/chat/completions", data=data, headers=headers, timeout=30)
+
+
+def assert_error(resp: requests.Response, status: int, code: str | None, param: str | None = None,
+                 type_: str | None = None) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["x-request-id"].startswith("req_")
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    if type_ is not None:
+        assert error["type"] == type_
+    return error
+
+
+def stored_state(gw: Gateway) -> Any:
+    return (gw.cli_json("accounts", "list"), gw.cli_json("keys", "list"), gw.cli_json("plans", "list"))
+
+
+def test_first_start_prints_one_admin_key(gateway: Gateway) -> None:
+    printed = [line for line in gateway.logs().splitlines() if "CHATGATE_API_KEY=" in line]
+    assert len(printed) == 1
+    key = printed[0].split("=", 1)[1].strip()
+    assert keyfmt.is_well_formed(key)
+    assert chat(gateway, key).status_code == 200
+    admin = [a for a in gateway.cli_json("accounts", "list") if a["email"] == "admin@localhost"]
+    assert admin and admin[0]["is_admin"]
+
+
+def test_articles_requests_snippet(gateway: Gateway) -> None:
+    API_KEY = new_key(gateway)["key"]
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    data = {"model": "gpt-test", "messages": [{"role": "user", "content": "Tell me a joke"}]}
+    response = requests.post(gateway.url + "/v1/chat/completions", headers=headers, json=data,
+                             timeout=30)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert "Tell me a joke" in body["choices"][0]["message"]["content"]
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    assert response.headers["x-request-id"].startswith("req_")
+
+
+def test_openai_sdk_unmodified(gateway: Gateway, upstream: Any) -> None:
+    key = new_key(gateway)["key"]
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+    completion = client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "ping"}]
+    )
+    assert "ping" in (completion.choices[0].message.content or "")
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+    stream = client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "stream me"}], stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "stream" in text
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 20
+
+    names = [m.id for m in client.models.list()]
+    assert {"gpt-test", "gpt-other"} <= set(names)
+    assert client.models.retrieve("gpt-test").id == "gpt-test"
+
+    bad = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-cg-nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        bad.chat.completions.create(model="gpt-test", messages=[{"role": "user", "content": "x"}])
+    assert info.value.code == "invalid_api_key"
+
+
+def test_stream_without_usage_option_has_no_usage_chunk(gateway: Gateway) -> None:
+    key = new_key(gateway)["key"]
+    body = {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "a"}]}
+    resp = chat(gateway, key, body)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in resp.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(c["choices"] for c in chunks)  # no usage-only chunk was asked for
+
+
+def test_upstream_key_is_sent_upstream_not_echoed(gateway: Gateway, upstream: Any) -> None:
+    key = new_key(gateway)["key"]
+    assert chat(gateway, key).status_code == 200
+    forwarded = upstream.received()[-1]
+    assert forwarded["model"] == "fake-model"
+
+
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        (None, "invalid_api_key"),
+        ("Basic abc", "invalid_api_key"),
+        ("Bearer", "invalid_api_key"),
+        ("Bearer not-a-key", "invalid_api_key"),
+    ],
+)
+def test_missing_or_malformed_header(gateway: Gateway, header: str | None, code: str) -> None:
+    headers = {} if header is None else {"Authorization": header}
+    resp = requests.post(gateway.url + "/v1/chat/completions", json={}, headers=headers, timeout=10)
+    assert_error(resp, 401, code, type_="invalid_request_error")
+
+
+def test_wrong_checksum_and_unknown_key(gateway: Gateway) -> None:
+    real = new_key(gateway)["key"]
+    flipped = real[:-1] + ("A" if real[-1] != "A" else "B")
+    error = assert_error(chat(gateway, flipped), 401, "invalid_api_key")
+    assert real not in json.dumps(error) and flipped not in json.dumps(error)
+    unknown = keyfmt.generate()
+    error = assert_error(chat(gateway, unknown), 401, "invalid_api_key")
+    assert unknown not in json.dumps(error)
+
+
+def test_revoked_key_stops_within_a_second(gateway: Gateway) -> None:
+    issued = new_key(gateway)
+    assert chat(gateway, issued["key"]).status_code == 200  # now cached by the server
+    revoked = gateway.cli_json("keys", "revoke", issued["id"])
+    assert revoked["status"] == "revoked" and "key" not in revoked
+    time.sleep(1.0)
+    assert_error(chat(gateway, issued["key"]), 401, "invalid_api_key")
+
+
+def test_expired_key(gateway: Gateway) -> None:
+    issued = new_key(gateway, None, "--expires-in", "2s")
+    assert chat(gateway, issued["key"]).status_code == 200
+    time.sleep(2.2)
+    assert_error(chat(gateway, issued["key"]), 401, "expired_api_key")
+
+
+def test_rotation_with_grace_and_without(gateway: Gateway) -> None:
+    issued = new_key(gateway)
+    assert chat(gateway, issued["key"]).status_code == 200
+    rotated = gateway.cli_json("keys", "rotate", issued["id"], "--grace", "1h")
+    assert rotated["id"] == issued["id"] and rotated["key"] != issued["key"]
+    time.sleep(1.0)
+    assert chat(gateway, issued["key"]).status_code == 200  # old secret, within grace
+    assert chat(gateway, rotated["key"]).status_code == 200
+    again = gateway.cli_json("keys", "rotate", issued["id"], "--grace", "0")
+    time.sleep(1.0)
+    assert_error(chat(gateway, rotated["key"]), 401, "invalid_api_key")  # grace 0: gone
+    assert_error(chat(gateway, issued["key"]), 401, "invalid_api_key")
+    assert chat(gateway, again["key"]).status_code == 200
+    listed = [k for k in gateway.cli_json("keys", "list") if k["id"] == issued["id"]]
+    assert listed[0]["hint"] == keyfmt.hint(again["key"])
+
+
+def test_key_limited_to_a_model(gateway: Gateway) -> None:
+    key = new_key(gateway, None, "--models", "gpt-test")["key"]
+    assert chat(gateway, key).status_code == 200
+    body = {"model": "gpt-other", "messages": [{"role": "user", "content": "x"}]}
+    assert_error(chat(gateway, key, body), 403, "model_not_allowed", "model", "permission_error")
+    models = requests.get(gateway.url + "/v1/models", headers={"Authorization": f"Bearer {key}"},
+                          timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["gpt-test"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        ("{not json", 400, "invalid_json", None),
+        ("[1, 2]", 400, "invalid_json", None),
+        ({"model": "gpt-test"}, 400, "missing_required_parameter", "messages"),
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, "missing_required_parameter", "model"),
+        ({"model": "gpt-test", "messages": "hi"}, 400, "invalid_value", "messages"),
+        ({"model": "gpt-test", "messages": []}, 400, "invalid_value", "messages"),
+        ({"model": "gpt-test", "messages": [{"role": "boss", "content": "x"}]}, 400, "invalid_value",
+         "messages[0].role"),
+        ({"model": "gpt-test", "messages": [{"role": "user", "content": 5}]}, 400, "invalid_value",
+         "messages[0].content"),
+        ({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
+         400, "invalid_value", "temperature"),
+        ({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1},
+         400, "invalid_value", "max_tokens"),
+        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found",
+         "model"),
+    ],
+)
+def test_bad_requests_are_rejected_and_change_nothing(
+    gateway: Gateway, body: Any, status: int, code: str, param: str | None
+) -> None:
+    issued = new_key(gateway)
+    before = stored_state(gateway)
+    error = assert_error(chat(gateway, issued["key"], body), status, code, param)
+    assert issued["key"] not in error["message"]
+    time.sleep(0.1)
+    assert stored_state(gateway) == before
+
+
+def test_body_too_large_is_413(gateway: Gateway) -> None:
+    key = new_key(gateway)["key"]
+    huge = json.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "x" * (21 << 20)}]})
+    assert_error(chat(gateway, key, huge), 413, "request_too_large")
+
+
+def test_unknown_url_and_health(gateway: Gateway) -> None:
+    resp = requests.get(gateway.url + "/v1/nothing", timeout=10)
+    assert_error(resp, 404, "unknown_url")
+    health = requests.get(gateway.url + "/healthz", timeout=10)
+    assert health.status_code == 200 and health.headers["x-request-id"]
+    spec = requests.get(gateway.url + "/openapi.json", timeout=10).json()
+    assert "/v1/chat/completions" in spec["paths"]
+    assert "ChatCompletionRequest" in spec["components"]["schemas"]
+
+
+def test_unreachable_upstream_is_502(gateway: Gateway) -> None:
+    key = new_key(gateway)["key"]
+    body = {"model": "gpt-dead", "messages": [{"role": "user", "content": "x"}]}
+    error = assert_error(chat(gateway, key, body), 502, "upstream_error", type_="server_error")
+    assert "127.0.0.1" not in error["message"]
