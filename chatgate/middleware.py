@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from chatgate import errors
+from chatgate.state import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def _http_error(exc: web.HTTPException) -> errors.APIError:
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = "req_" + secrets.token_hex(12)
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     try:
         response = await handler(request)
     except errors.APIError as exc:

@@ -8,7 +8,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.accounts import AccountStore, PlanStore
-from chatgate.auth import Authenticator
+from chatgate.auth import Authenticator, Principal
 from chatgate.backends.router import Router
 from chatgate.keys.store import KeyStore
 from chatgate.settings import Settings
@@ -28,3 +28,5 @@ class State:
 
 
 STATE = web.AppKey("chatgate_state", State)
+REQUEST_ID = web.RequestKey("request_id", str)
+PRINCIPAL = web.RequestKey("principal", Principal)

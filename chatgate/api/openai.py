@@ -22,7 +22,7 @@ from chatgate.api.schemas import (
 )
 from chatgate.auth import Principal
 from chatgate.backends.router import Route
-from chatgate.state import STATE, State
+from chatgate.state import PRINCIPAL, REQUEST_ID, STATE, State
 
 JSON = "application/json"
 SSE_HEADERS = {
@@ -53,7 +53,7 @@ def json_response(
 async def authenticate(request: web.Request) -> tuple[State, Principal]:
     state = request.app[STATE]
     principal = await state.auth.authenticate(request.headers.get("Authorization"))
-    request["principal"] = principal
+    request[PRINCIPAL] = principal
     return state, principal
 
 
@@ -82,7 +82,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
     stream = await route.backend.chat_stream(route.model, upstream, include_usage=include_usage)
-    resp = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": request["request_id"]})
+    resp = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": request[REQUEST_ID]})
     try:
         await resp.prepare(request)
         async for event in stream:

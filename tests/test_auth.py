@@ -1,0 +1,110 @@
+"""The auth cache: the hot path does not read the database per request, yet changes made
+elsewhere (another process, the CLI) reach it within a second. Runs on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from sqlalchemy import event
+
+from chatgate.accounts import AccountStore, PlanStore
+from chatgate.app import create_app
+from chatgate.db.engine import create_engine, migrate
+from chatgate.keys.store import KeyStore
+from chatgate.settings import Settings
+from chatgate.state import STATE
+from tests.helpers import Upstream, models_toml
+
+BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+async def served(
+    database_url: str, upstream: Upstream, tmp_path: Path
+) -> AsyncIterator[tuple[TestServer, KeyStore, AccountStore]]:
+    (tmp_path / "chatgate.toml").write_text(models_toml(upstream))
+    settings = Settings.from_env(
+        {
+            "CHATGATE_DATA_DIR": str(tmp_path / "data"),
+            "CHATGATE_DATABASE_URL": database_url,
+            "CHATGATE_CONFIG": str(tmp_path / "chatgate.toml"),
+            "CHATGATE_LOCAL_MODEL": "0",
+        }
+    )
+    engine = create_engine(settings)
+    await migrate(engine)
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield server, KeyStore(engine, settings.resolved_secret()), AccountStore(engine)
+    finally:
+        await server.close()
+        await engine.dispose()
+
+
+async def _post(session: aiohttp.ClientSession, server: TestServer, key: str) -> int:
+    async with session.post(
+        server.make_url("/v1/chat/completions"), json=BODY, headers={"Authorization": f"Bearer {key}"}
+    ) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_hundred_requests_one_lookup(served: Any) -> None:
+    server, keys, accounts = served
+    account = await accounts.create(f"q{id(server)}@example.com", plan="enterprise")
+    issued = await keys.create(account.id, name="q")
+    statements: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "invalidations" not in statement:  # the change feed polls off the request path
+            statements.append(statement)
+
+    engine = server.app[STATE].engine.sync_engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        async with aiohttp.ClientSession() as session:
+            statuses = [await _post(session, server, issued.key) for _ in range(100)]
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert statuses == [200] * 100
+    assert len(statements) == 1, statements  # the first lookup; then the cache serves
+    assert "api_keys" in statements[0]
+
+
+async def test_changes_elsewhere_reach_the_cache(served: Any) -> None:
+    server, keys, accounts = served
+    account = await accounts.create(f"c{id(server)}@example.com", plan="enterprise")
+    issued = await keys.create(account.id)
+    other = await keys.create(account.id)
+    async with aiohttp.ClientSession() as session:
+        assert await _post(session, server, issued.key) == 200
+        assert await _post(session, server, other.key) == 200
+        await keys.revoke(issued.record.id)  # as another process would, through the database
+        await asyncio.sleep(1.0)
+        assert await _post(session, server, issued.key) == 401
+        assert await _post(session, server, other.key) == 200
+        await AccountStore(keys._engine).set_disabled(account.id, True)
+        await asyncio.sleep(1.0)
+        assert await _post(session, server, other.key) == 401
+
+
+async def test_plan_change_invalidates(served: Any) -> None:
+    server, keys, accounts = served
+    account = await accounts.create(f"p{id(server)}@example.com", plan="free")
+    issued = await keys.create(account.id)
+    async with aiohttp.ClientSession() as session:
+        assert await _post(session, server, issued.key) == 200
+    auth = server.app[STATE].auth
+    principal = await auth.authenticate(f"Bearer {issued.key}")
+    assert principal.limits["rpm"] == (await PlanStore(keys._engine).get("free")).rpm
+    await accounts.set_plan(account.id, "enterprise")
+    await asyncio.sleep(1.0)
+    principal = await auth.authenticate(f"Bearer {issued.key}")
+    assert principal.limits["rpm"] is None
