@@ -66,8 +66,8 @@ class Settings:
     """Everything the server, the CLI and the tests need to know, read once."""
 
     data_dir: Path = Path(DEFAULT_DATA_DIR)
-    database_url: str = ""
-    redis_url: str | None = None
+    database_url: str = field(default="", repr=False)  # may hold a password
+    redis_url: str | None = field(default=None, repr=False)
     secret: Secret = field(default_factory=lambda: Secret(""))
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -82,6 +82,14 @@ class Settings:
     local_model_path: str | None = None
     models: tuple[ModelConfig, ...] = ()
     log_level: str = "INFO"
+    ratelimit_fail_open: bool = True
+    redis_timeout: float = 0.25
+    redis_prefix: str = "chatgate:"
+    usage_flush_interval: float = 1.0
+    usage_retention_days: int = 90
+    signup_open: bool = True
+    context_trim: str = "drop_oldest"
+    default_max_tokens: int = 4096
     upstream_keys: Mapping[str, Secret] = field(default_factory=dict)
 
     @classmethod
@@ -130,6 +138,14 @@ class Settings:
             local_model_path=pick("local_model_path", None) or None,
             models=models,
             log_level=str(pick("log_level", "INFO")).upper(),
+            ratelimit_fail_open=_truthy(pick("ratelimit_fail_open", True)),
+            redis_timeout=float(pick("redis_timeout", 0.25)),
+            redis_prefix=str(pick("redis_prefix", "chatgate:")),
+            usage_flush_interval=float(pick("usage_flush_interval", 1.0)),
+            usage_retention_days=int(pick("usage_retention_days", 90)),
+            signup_open=_truthy(pick("signup_open", True)),
+            context_trim=str(pick("context_trim", "drop_oldest")),
+            default_max_tokens=int(pick("default_max_tokens", 4096)),
             upstream_keys={k: Secret(env[k]) for k in key_envs if env.get(k)},
         )
         return replace(settings, **overrides) if overrides else settings
