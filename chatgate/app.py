@@ -12,10 +12,12 @@ from aiohttp import web
 
 from chatgate.accounts import AccountStore, PlanStore
 from chatgate.api import openai, ops
+from chatgate.api import usage as usage_api
 from chatgate.auth import Authenticator
 from chatgate.backends.router import Router
 from chatgate.db.engine import create_engine
 from chatgate.keys.store import KeyStore
+from chatgate.limits import Limits
 from chatgate.middleware import api_middleware
 from chatgate.settings import Settings
 from chatgate.state import STATE, State
@@ -27,6 +29,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_lifespan(settings))
     openai.setup(app)
     ops.setup(app)
+    usage_api.setup(app)
     return app
 
 
@@ -46,6 +49,7 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
             plans=PlanStore(engine),
             auth=auth,
             router=router,
+            limits=Limits.from_settings(settings),
             started_at=time.time(),
         )
         app[STATE] = state
@@ -66,6 +70,7 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
                     await task
             await auth.close()
             await router.close()
+            await state.limits.close()
             await engine.dispose()
 
     return lifespan

@@ -9,7 +9,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from chatgate import errors
-from chatgate.state import REQUEST_ID
+from chatgate.meter import METER
+from chatgate.state import REQUEST_ID, STATE
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,11 @@ def _http_error(exc: web.HTTPException) -> errors.APIError:
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = "req_" + secrets.token_hex(12)
     request[REQUEST_ID] = request_id
+    error_code: str | None = None
     try:
         response = await handler(request)
     except errors.APIError as exc:
+        error_code = exc.code
         response = error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:  # redirects from the dashboard
@@ -51,6 +54,11 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         )
     if not response.prepared:
         response.headers["x-request-id"] = request_id
+    meter = request.get(METER)
+    if meter is not None:  # an API request: one usage record, whatever the outcome
+        sink = request.app[STATE].usage
+        if sink is not None:
+            sink.record(meter.record(request_id, response.status, error_code))
     return response
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -11,7 +12,15 @@ from chatgate.accounts import AccountStore, PlanStore
 from chatgate.auth import Authenticator, Principal
 from chatgate.backends.router import Router
 from chatgate.keys.store import KeyStore
+from chatgate.limits import Limits
 from chatgate.settings import Settings
+from chatgate.usage.record import UsageRecord
+
+
+class UsageSink(Protocol):
+    """Where finished requests' usage records go (the recorder); must never block."""
+
+    def record(self, rec: UsageRecord) -> None: ...
 
 
 @dataclass(slots=True)
@@ -23,6 +32,8 @@ class State:
     plans: PlanStore
     auth: Authenticator
     router: Router
+    limits: Limits
+    usage: UsageSink | None = None
     started_at: float = 0.0
     extras: dict[str, object] = field(default_factory=dict)
 

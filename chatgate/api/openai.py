@@ -13,7 +13,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from chatgate import errors
+from chatgate import errors, tokens
+from chatgate import meter as metering
 from chatgate.api.schemas import (
     ChatCompletionRequest,
     EmbeddingRequest,
@@ -21,7 +22,9 @@ from chatgate.api.schemas import (
     validate,
 )
 from chatgate.auth import Principal
+from chatgate.backends.base import Usage
 from chatgate.backends.router import Route
+from chatgate.limits import checks_for, needs_tokens
 from chatgate.state import PRINCIPAL, REQUEST_ID, STATE, State
 
 JSON = "application/json"
@@ -67,43 +70,124 @@ def route_for(state: State, principal: Principal, model: str) -> Route:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    meter = metering.start(request, "chat.completions")
     state, principal = await authenticate(request)
+    meter.identify(principal)
     body = await read_body(request)
     chat = validate(body, ChatCompletionRequest)
+    meter.model, meter.streamed = chat.model, chat.stream
     route = route_for(state, principal, chat.model)
+    meter.backend = route.backend_name
     upstream = dict(body)
     upstream["model"] = route.model.upstream_model
     upstream.pop("conversation", None)
-    if not chat.stream:
-        result = await route.backend.chat(route.model, upstream)
-        if result.raw is not None:
-            return web.Response(body=result.raw, content_type=JSON)
-        return json_response(result.body)
 
+    # Limits: key then account, all taken in one atomic call; tokens reserved up front.
+    checks = checks_for(principal)
+    counting_model = route.model.upstream_model
+    reserve = 0
+    if needs_tokens(checks):
+        prompt = tokens.count_messages(upstream["messages"], counting_model, chat.tools)
+        reserve = prompt + (chat.output_limit or state.settings.default_max_tokens)
+    admission = await state.limits.admit(checks, reserve, chat.model)
+    try:
+        if not chat.stream:
+            result = await route.chat(upstream)
+            usage = result.usage or _counted(upstream, counting_model, chat, result.body)
+            meter.add_usage(usage, route.model)
+            if result.raw is not None:
+                return web.Response(body=result.raw, content_type=JSON, headers=admission.headers)
+            return json_response(result.body, headers=admission.headers)
+        return await _relay_stream(request, route, upstream, chat, admission.headers, meter)
+    finally:
+        await state.limits.settle(admission, meter.total_tokens)
+
+
+async def _relay_stream(
+    request: web.Request,
+    route: Route,
+    upstream: dict[str, Any],
+    chat: ChatCompletionRequest,
+    headers: dict[str, str],
+    meter: metering.Meter,
+) -> web.StreamResponse:
+    """Relay the backend's SSE events as they come; meter what was sent, even if cut off."""
     include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-    stream = await route.backend.chat_stream(route.model, upstream, include_usage=include_usage)
-    resp = web.StreamResponse(headers={**SSE_HEADERS, "x-request-id": request[REQUEST_ID]})
+    stream = await route.chat_stream(upstream, include_usage=include_usage)
+    resp = web.StreamResponse(
+        headers={**SSE_HEADERS, **headers, "x-request-id": request[REQUEST_ID]}
+    )
     try:
         await resp.prepare(request)
         async for event in stream:
             await resp.write(event)
     except ConnectionResetError:
-        pass  # the client went away: stop the backend below; what was sent is metered
+        meter.error_code = "client_disconnected"  # stop the backend below; still metered
     finally:
         await stream.aclose()
+        meter.first_byte_at = stream.first_byte_at
+        usage = stream.usage
+        if usage is None:
+            model = route.model.upstream_model
+            usage = Usage(
+                tokens.count_messages(upstream["messages"], model, chat.tools),
+                tokens.count_text(stream.completion_text, model),
+            )
+        meter.add_usage(usage, route.model)
     with contextlib.suppress(ConnectionResetError):
         await resp.write_eof()
     return resp
 
 
+def _counted(
+    upstream: dict[str, Any], model: str, chat: ChatCompletionRequest, answer: dict[str, Any]
+) -> Usage:
+    """Usage by counting, for upstreams that do not report it."""
+    text = []
+    for choice in answer.get("choices") or ():
+        message = choice.get("message") or {}
+        if isinstance(message.get("content"), str):
+            text.append(message["content"])
+        for call in message.get("tool_calls") or ():
+            text.append(str((call.get("function") or {}).get("arguments", "")))
+    return Usage(
+        tokens.count_messages(upstream["messages"], model, chat.tools),
+        tokens.count_text("".join(text), model),
+    )
+
+
 async def embeddings(request: web.Request) -> web.Response:
+    meter = metering.start(request, "embeddings")
     state, principal = await authenticate(request)
+    meter.identify(principal)
     body = await read_body(request)
     req = validate(body, EmbeddingRequest)
+    meter.model = req.model
     route = route_for(state, principal, req.model)
+    meter.backend = route.backend_name
     upstream = dict(body)
     upstream["model"] = route.model.upstream_model
-    return json_response(await route.backend.embeddings(route.model, upstream))
+    checks = checks_for(principal)
+    reserve = 0
+    if needs_tokens(checks):
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        reserve = sum(
+            tokens.count_text(t, route.model.upstream_model)
+            if isinstance(t, str)
+            else len(t)
+            if isinstance(t, list)
+            else 1
+            for t in texts
+        )
+    admission = await state.limits.admit(checks, reserve, req.model)
+    try:
+        answer = await route.embeddings(upstream)
+        usage = answer.get("usage") or {}
+        prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+        meter.add_usage(Usage(prompt if isinstance(prompt, int) else reserve, 0), route.model)
+        return json_response(answer, headers=admission.headers)
+    finally:
+        await state.limits.settle(admission, meter.total_tokens)
 
 
 def _model_object(name: str, created: int) -> dict[str, Any]:

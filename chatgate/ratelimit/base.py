@@ -251,9 +251,7 @@ def decide(
         ):
             best[check.kind] = status
     if failed is None:
-        return Decision(
-            True, reservation, requests=best.get("requests"), tokens=best.get("tokens")
-        )
+        return Decision(True, reservation, requests=best.get("requests"), tokens=best.get("tokens"))
     check = checks[failed]
     if check.kind in RATE_KINDS:
         best[check.kind] = rate_status(check, levels[failed])
@@ -333,7 +331,7 @@ class Limiter(ABC):
     async def reset(self, scope: str) -> None:
         """Forget every bucket of ``scope`` (admin and tests)."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections held by this limiter."""
 
 

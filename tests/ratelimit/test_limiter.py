@@ -158,8 +158,10 @@ async def test_request_larger_than_limit_can_never_pass(limiter: Limiter) -> Non
 
 
 async def test_all_or_nothing(limiter: Limiter) -> None:
-    key_rpm, acct_rpm, acct_tpm = Check.rpm("key:a", 10), Check.rpm("acct:x", 2), Check.tpm(
-        "acct:x", 1000
+    key_rpm, acct_rpm, acct_tpm = (
+        Check.rpm("key:a", 10),
+        Check.rpm("acct:x", 2),
+        Check.tpm("acct:x", 1000),
     )
     conc, quota = Check.concurrent("acct:x", 5), Check.monthly_quota("acct:x", 10_000)
     checks = [key_rpm, acct_tpm, conc, quota, acct_rpm]
@@ -265,8 +267,9 @@ async def test_concurrency_lease_expires(harness: Harness) -> None:
 
 
 async def test_quota_counts_per_month(limiter: Limiter) -> None:
-    nov, dec = Check.monthly_quota("acct:x", 1000, "2026-11"), Check.monthly_quota(
-        "acct:x", 1000, "2026-12"
+    nov, dec = (
+        Check.monthly_quota("acct:x", 1000, "2026-11"),
+        Check.monthly_quota("acct:x", 1000, "2026-12"),
     )
     await take(limiter, [nov], 900)
     d = await limiter.acquire([nov], 200)
@@ -404,6 +407,40 @@ async def test_redis_one_round_trip_per_acquire_and_settle(harness: Harness) -> 
     assert not refused.allowed and sent == ["EVALSHA"]
 
 
+async def test_redis_cancelled_acquire_leaks_nothing(harness: Harness) -> None:
+    """A caller cancelled mid-EVALSHA: the script still runs, and what it took is released."""
+    if harness.backend != "redis":
+        pytest.skip("Redis only (the memory limiter never suspends inside acquire)")
+    sent: list[str] = []
+    client = _counting_client(sent)
+    harness.clients.append(client)
+    limiter = RedisLimiter(client, prefix=harness.prefix)
+    await limiter.quota_used("acct:x")  # connect first
+    checks = [Check.concurrent("acct:x", 1), Check.monthly_quota("acct:x", 1000)]
+    sent.clear()
+    task = asyncio.create_task(limiter.acquire(checks, 100))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await limiter.aclose()  # waits for the background release
+    assert sent == ["EVALSHA", "EVALSHA"]  # the acquire ran, then its release
+    other = harness.make()
+    assert await other.quota_used("acct:x") == 0
+    await take(other, checks, 1000)
+
+
+def test_open_limiter_by_url() -> None:
+    assert isinstance(rl.open_limiter(None), MemoryLimiter)
+    assert isinstance(rl.open_limiter("memory://"), MemoryLimiter)
+    limiter = rl.open_limiter("redis://127.0.0.1:6379/0", fail_open=False)
+    assert isinstance(limiter, FailoverLimiter) and not limiter.fail_open
+    assert isinstance(limiter.primary, RedisLimiter)
+    with pytest.raises(ValueError):
+        rl.open_limiter("postgres://x")
+
+
 def _dead_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -492,7 +529,10 @@ async def test_failover_cooldown_and_recovery() -> None:
 
 def test_all_is_honest() -> None:
     assert sorted(rl.__all__) == sorted(
-        name for name in vars(rl) if not name.startswith("_") and name not in {"annotations"}
+        name
+        for name in vars(rl)
+        if not name.startswith("_")
+        and name not in {"annotations"}
         and not isinstance(vars(rl)[name], type(rl))
     )
     for name in rl.__all__:

@@ -166,14 +166,18 @@ class LimiterMachine(RuleBasedStateMachine):
         now = self.clock.now
         costs = [c.cost(tokens) for c in checks]
         states = [self.model.state(c, now) for c in checks]
-        failing = [i for i, (c, k) in enumerate(zip(checks, costs)) if not self.model.passes(c, k, now)]
+        failing = [
+            i
+            for i, (c, k) in enumerate(zip(checks, costs, strict=True))
+            if not self.model.passes(c, k, now)
+        ]
 
         decision = run_now(self.limiter.acquire(checks, tokens))
 
         if not failing:
             assert decision.allowed, decision
             assert decision.reservation is not None
-            for check, cost in zip(checks, costs):
+            for check, cost in zip(checks, costs, strict=True):
                 self.model.take(check, cost, decision.reservation.lease_id, now)
             self.open.append(decision.reservation)
             return
@@ -210,7 +214,5 @@ class LimiterMachine(RuleBasedStateMachine):
             assert used == self.model.quota.get("acct:x" + month, 0)
 
 
-LimiterMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None
-)
+LimiterMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_memory_limiter_matches_reference_model = LimiterMachine.TestCase

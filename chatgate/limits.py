@@ -1,0 +1,181 @@
+"""Plans and keys -> limiter checks; decisions -> OpenAI's 429s and ``x-ratelimit-*`` headers.
+
+Scopes: the account (``acct:<id>``) is held to its plan; a key (``key:<id>``) additionally to
+its own overrides, when it has any. Checks run key first, then account; the first that fails
+answers. Token limits reserve ``prompt tokens + max_tokens`` (or ``default_max_tokens``)
+before the call and settle to the real usage after (:meth:`Limits.settle`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from chatgate import errors
+from chatgate.auth import Principal
+from chatgate.ratelimit import (
+    Check,
+    Decision,
+    FailoverLimiter,
+    Limiter,
+    LimiterUnavailable,
+    MemoryLimiter,
+    RateStatus,
+    Reservation,
+)
+from chatgate.settings import Settings
+from chatgate.timefmt import reset_text
+
+log = logging.getLogger(__name__)
+
+_WINDOW_TEXT = {60.0: ("per min", "M"), 86400.0: ("per day", "D")}
+
+
+def checks_for(principal: Principal) -> list[Check]:
+    """The checks one request of ``principal`` must pass, key scope first."""
+    checks: list[Check] = []
+    for scope, limits in (
+        (f"key:{principal.key_id}", principal.key_limits),
+        (f"acct:{principal.account_id}", principal.limits),
+    ):
+        rpm, tpm, rpd = limits.get("rpm"), limits.get("tpm"), limits.get("rpd")
+        concurrency, monthly = limits.get("concurrency"), limits.get("monthly_tokens")
+        if rpm is not None:
+            checks.append(Check.rpm(scope, rpm))
+        if rpd is not None:
+            checks.append(Check.rpd(scope, rpd))
+        if tpm is not None:
+            checks.append(Check.tpm(scope, tpm))
+        if concurrency is not None:
+            checks.append(Check.concurrent(scope, concurrency))
+        if monthly is not None:
+            checks.append(Check.monthly_quota(scope, monthly))
+    return checks
+
+
+def needs_tokens(checks: list[Check]) -> bool:
+    """True when a token count matters (a tokens or quota check is present)."""
+    return any(c.kind in ("tokens", "quota") for c in checks)
+
+
+def headers_for(decision: Decision) -> dict[str, str]:
+    """The ``x-ratelimit-*`` headers (and ``retry-after`` on a refusal)."""
+    headers: dict[str, str] = {}
+    for kind, status in (("requests", decision.requests), ("tokens", decision.tokens)):
+        if status is not None:
+            _put(headers, kind, status)
+    if not decision.allowed and math.isfinite(decision.retry_after):
+        headers["retry-after"] = str(max(math.ceil(decision.retry_after), 1))
+        headers["retry-after-ms"] = str(max(math.ceil(decision.retry_after * 1000), 1))
+    return headers
+
+
+def _put(headers: dict[str, str], kind: str, status: RateStatus) -> None:
+    headers[f"x-ratelimit-limit-{kind}"] = str(status.limit)
+    headers[f"x-ratelimit-remaining-{kind}"] = str(status.remaining)
+    headers[f"x-ratelimit-reset-{kind}"] = reset_text(status.reset_after)
+
+
+def refusal(decision: Decision, model: str) -> errors.APIError:
+    """The OpenAI-shaped error for a refused decision."""
+    check = decision.failed
+    assert check is not None
+    headers = headers_for(decision)
+    wait = (
+        f" Please try again in {reset_text(decision.retry_after)}."
+        if math.isfinite(decision.retry_after)
+        else ""
+    )
+    if check.kind == "quota":
+        headers["x-should-retry"] = "false"
+        return errors.InsufficientQuota(
+            "You exceeded your current quota, please check your plan and billing details. "
+            f"Monthly token quota: Limit {check.limit}, Used {decision.used}, "
+            f"Requested {decision.requested}.",
+            headers=headers,
+        )
+    if check.kind == "concurrency":
+        return errors.RateLimited(
+            f"Rate limit reached for {model} on concurrent requests: Limit {check.limit}, "
+            f"In flight {decision.used}.{wait}",
+            headers=headers,
+            type="requests",
+        )
+    per, letter = _WINDOW_TEXT.get(check.window, (f"per {check.window:g}s", "W"))
+    unit = "requests" if check.kind == "requests" else "tokens"
+    abbrev = f"{'R' if unit == 'requests' else 'T'}P{letter}"
+    if not math.isfinite(decision.retry_after):
+        headers["x-should-retry"] = "false"
+        return errors.RateLimited(
+            f"Request too large for {model} on {unit} {per} ({abbrev}): Limit {check.limit}, "
+            f"Requested {decision.requested}. The input or output tokens must be reduced.",
+            headers=headers,
+            type=unit,
+        )
+    return errors.RateLimited(
+        f"Rate limit reached for {model} on {unit} {per} ({abbrev}): Limit {check.limit}, "
+        f"Used {decision.used}, Requested {decision.requested}.{wait}",
+        headers=headers,
+        type=unit,
+    )
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted request: what to settle afterwards and the headers to send."""
+
+    reservation: Reservation | None
+    headers: dict[str, str]
+
+
+class Limits:
+    """The gateway's side of rate limiting: admit, then settle exactly once."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """In-process limits, or Redis (one Lua call per request) with fail-open/closed."""
+        if not settings.redis_url:
+            return cls(MemoryLimiter())
+        from chatgate.ratelimit.redis import RedisLimiter
+
+        # redis-py's own retries are off in from_url: a retried acquire could charge twice.
+        primary = RedisLimiter.from_url(
+            settings.redis_url,
+            prefix=settings.redis_prefix + "rl:",
+            connect_timeout=settings.redis_timeout,
+            timeout=settings.redis_timeout,
+        )
+        return cls(
+            FailoverLimiter(primary, MemoryLimiter(), fail_open=settings.ratelimit_fail_open)
+        )
+
+    async def admit(self, checks: list[Check], tokens: int, model: str) -> Admission:
+        """Take every check or raise the 429 (or 503 when the limiter is down, fail-closed)."""
+        if not checks:
+            return Admission(None, {})
+        try:
+            decision = await self.limiter.acquire(checks, tokens)
+        except LimiterUnavailable as exc:
+            raise errors.ServiceUnavailable(
+                "Rate limiting is temporarily unavailable. Please try again shortly.",
+                headers={"retry-after": "1"},
+            ) from exc
+        if not decision.allowed:
+            raise refusal(decision, model)
+        return Admission(decision.reservation, headers_for(decision))
+
+    async def settle(self, admission: Admission | None, actual_tokens: int) -> None:
+        """Charge the real usage and free the slot; never raises (the answer has gone out)."""
+        if admission is None or admission.reservation is None:
+            return
+        try:
+            await self.limiter.settle(admission.reservation, actual_tokens)
+        except Exception:
+            log.warning("could not settle a rate-limit reservation", exc_info=True)
+
+    async def close(self) -> None:
+        await self.limiter.aclose()

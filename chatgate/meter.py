@@ -1,0 +1,87 @@
+"""What one API request used, gathered along the request path and recorded once at its end.
+
+A handler calls :func:`start` first; the middleware turns the meter into a
+:class:`~chatgate.usage.record.UsageRecord` after the response (errors and rejections
+included) and hands it to the recorder, which never blocks the request.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from chatgate.auth import Principal
+from chatgate.backends.base import Usage
+from chatgate.settings import ModelConfig
+from chatgate.usage.record import UsageRecord
+
+@dataclass(slots=True)
+class Meter:
+    endpoint: str
+    arrived: float
+    started: float
+    account_id: str | None = None
+    key_id: str | None = None
+    model: str = ""
+    backend: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    first_byte_at: float | None = None
+    streamed: bool = False
+    conversation_id: str | None = None
+    error_code: str | None = None
+
+    def identify(self, principal: Principal) -> None:
+        self.account_id = principal.account_id
+        self.key_id = principal.key_id
+
+    def add_usage(self, usage: Usage, model: ModelConfig | None = None) -> None:
+        """Note the tokens of an answer and what they cost under the model's prices."""
+        self.prompt_tokens = usage.prompt_tokens
+        self.completion_tokens = usage.completion_tokens
+        if model is not None:
+            per_input = float(model.options.get("input_price_per_mtok", 0.0))
+            per_output = float(model.options.get("output_price_per_mtok", 0.0))
+            self.cost = (
+                usage.prompt_tokens * per_input + usage.completion_tokens * per_output
+            ) / 1e6
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def record(self, request_id: str, status: int, error_code: str | None) -> UsageRecord:
+        now = time.perf_counter()
+        return UsageRecord(
+            request_id=request_id,
+            created_at=self.arrived,
+            account_id=self.account_id,
+            key_id=self.key_id,
+            model=self.model,
+            backend=self.backend,
+            endpoint=self.endpoint,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cost=self.cost,
+            latency_ms=(now - self.started) * 1000.0,
+            ttft_ms=(self.first_byte_at - self.started) * 1000.0
+            if self.first_byte_at is not None
+            else None,
+            status=status,
+            error_code=error_code or self.error_code,
+            conversation_id=self.conversation_id,
+            streamed=self.streamed,
+        )
+
+
+METER = web.RequestKey("chatgate_meter", Meter)
+
+
+def start(request: web.Request, endpoint: str) -> Meter:
+    """Begin metering ``request``; the middleware records it when the response is done."""
+    meter = Meter(endpoint=endpoint, arrived=time.time(), started=time.perf_counter())
+    request[METER] = meter
+    return meter
