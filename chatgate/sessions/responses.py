@@ -1,0 +1,724 @@
+"""Translation between OpenAI's Responses API and chat completions, so it works on any backend.
+
+- Requests: :class:`ResponsesRequest` validates ``POST /v1/responses``; :func:`normalize_input`
+  turns ``input`` into stored items; :func:`items_to_messages` turns items into chat messages;
+  :func:`chat_body` builds the chat completion request for the backend.
+- Answers: :func:`output_items` turns a chat completion message into output items, and
+  :func:`response_object` builds the ``response`` object.
+- Streams: :class:`StreamTranslator` turns ``chat.completion.chunk`` events into the Responses
+  events the official SDK parses (``response.created``, ``response.in_progress``,
+  ``response.output_item.added``, ``response.content_part.added``,
+  ``response.output_text.delta``/``.done``, ``response.content_part.done``,
+  ``response.output_item.done``, ``response.function_call_arguments.delta``/``.done``,
+  then ``response.completed``, ``response.incomplete`` or ``response.failed``).
+
+Supported item types: ``message`` (roles user, assistant, system, developer; text and image-URL
+parts), ``function_call`` and ``function_call_output``; supported tools: ``function``.
+Anything else is a 400 naming the field, rather than being silently dropped. ``developer``
+messages are sent as ``system``, which every chat backend understands.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+import msgspec
+import orjson
+
+from chatgate import errors
+from chatgate.backends.base import Usage
+from chatgate.ids import new_id
+
+__all__ = [
+    "ConversationRef",
+    "Metadata",
+    "ResponsesRequest",
+    "StreamTranslator",
+    "chat_body",
+    "chat_message_to_items",
+    "items_to_messages",
+    "normalize_input",
+    "normalize_items",
+    "output_items",
+    "parse_chunks",
+    "response_object",
+    "responses_usage",
+    "sse",
+]
+
+MetadataKey = Annotated[str, msgspec.Meta(max_length=64)]
+MetadataValue = Annotated[str, msgspec.Meta(max_length=512)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], msgspec.Meta(max_length=16)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+INPUT_ROLES = frozenset({"user", "system", "developer", "assistant"})
+TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+
+
+class ConversationRef(msgspec.Struct, kw_only=True):
+    """``conversation: {"id": ...}`` (the SDK also accepts a bare id string)."""
+
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class ResponsesRequest(msgspec.Struct, kw_only=True):
+    """``POST /v1/responses`` (the fields that matter on a chat backend)."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    input: str | list[Any] | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    conversation: str | ConversationRef | None = None
+    store: bool = True
+    stream: bool = False
+    max_output_tokens: PositiveInt | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    metadata: Metadata | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    text: dict[str, Any] | None = None
+    user: str | None = None
+
+    @property
+    def conversation_id(self) -> str | None:
+        """The conversation's id, whichever form it was given in."""
+        if isinstance(self.conversation, ConversationRef):
+            return self.conversation.id
+        return self.conversation
+
+
+# -- input items -------------------------------------------------------------------------
+
+
+def _invalid(message: str, param: str) -> errors.InvalidRequest:
+    return errors.InvalidRequest(message, param=param, code="invalid_value")
+
+
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _content_parts(content: Any, role: str, param: str) -> list[dict[str, Any]]:
+    """Message content as canonical parts (``input_text``/``output_text``, images by URL)."""
+    assistant = role == "assistant"
+    if isinstance(content, str):
+        return [_output_text(content) if assistant else {"type": "input_text", "text": content}]
+    if not isinstance(content, list):
+        raise _invalid("Invalid content: expected a string or an array of parts.", param)
+    parts: list[dict[str, Any]] = []
+    for index, part in enumerate(content):
+        where = f"{param}[{index}]"
+        if not isinstance(part, Mapping):
+            raise _invalid("Invalid content part: expected an object.", where)
+        kind = part.get("type")
+        if kind in TEXT_PARTS:
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _invalid("Invalid content part: 'text' must be a string.", f"{where}.text")
+            parts.append(_output_text(text) if assistant else {"type": "input_text", "text": text})
+        elif kind == "refusal" and assistant and isinstance(part.get("refusal"), str):
+            parts.append({"type": "refusal", "refusal": part["refusal"]})
+        elif kind == "input_image" and not assistant:
+            url = part.get("image_url")
+            if not isinstance(url, str) or not url:
+                raise _invalid(
+                    "Only images given by 'image_url' are supported by this server.",
+                    f"{where}.image_url",
+                )
+            parts.append(
+                {"type": "input_image", "image_url": url, "detail": part.get("detail") or "auto"}
+            )
+        else:
+            raise _invalid(
+                f"Content part type '{str(kind)[:40]}' is not supported by this server.",
+                f"{where}.type",
+            )
+    return parts
+
+
+def normalize_items(items: Sequence[Any], param: str = "input") -> list[dict[str, Any]]:
+    """Validate input items and give each a fresh id (ids are never taken from the client)."""
+    out: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        where = f"{param}[{index}]"
+        if not isinstance(item, Mapping):
+            raise _invalid("Invalid input item: expected an object.", where)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in INPUT_ROLES:
+                raise _invalid(
+                    "Invalid 'role': expected one of user, assistant, system, developer.",
+                    f"{where}.role",
+                )
+            out.append(
+                {
+                    "id": new_id("msg"),
+                    "type": "message",
+                    "role": role,
+                    "status": "completed",
+                    "content": _content_parts(item.get("content"), role, f"{where}.content"),
+                }
+            )
+        elif kind == "function_call":
+            fields = {k: item.get(k) for k in ("call_id", "name", "arguments")}
+            for name, value in fields.items():
+                if not isinstance(value, str):
+                    raise _invalid(f"'{name}' must be a string.", f"{where}.{name}")
+            out.append(
+                {"id": new_id("fc"), "type": "function_call", "status": "completed", **fields}
+            )
+        elif kind == "function_call_output":
+            call_id, output = item.get("call_id"), item.get("output")
+            if not isinstance(call_id, str):
+                raise _invalid("'call_id' must be a string.", f"{where}.call_id")
+            if not isinstance(output, str):
+                output = _flatten(
+                    _content_parts(output, "tool", f"{where}.output") if output is not None else []
+                )
+            out.append(
+                {
+                    "id": new_id("fco"),
+                    "type": "function_call_output",
+                    "status": "completed",
+                    "call_id": call_id,
+                    "output": output,
+                }
+            )
+        else:
+            raise _invalid(
+                f"Input item type '{str(kind)[:40]}' is not supported by this server.",
+                f"{where}.type",
+            )
+    return out
+
+
+def normalize_input(value: str | list[Any] | None) -> list[dict[str, Any]]:
+    """``input`` (a string or a list of items) as stored items."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return normalize_items([{"role": "user", "content": value}])
+    return normalize_items(value)
+
+
+def _flatten(parts: Iterable[Mapping[str, Any]]) -> str:
+    return "".join(p["text"] for p in parts if isinstance(p.get("text"), str))
+
+
+def _chat_content(parts: Sequence[Mapping[str, Any]]) -> str | list[dict[str, Any]]:
+    """Parts as chat content: a plain string when it is one text, else chat parts."""
+    if all(p.get("type") in TEXT_PARTS for p in parts):
+        if len(parts) == 1:
+            return str(parts[0]["text"])
+        return [{"type": "text", "text": str(p["text"])} for p in parts]
+    chat: list[dict[str, Any]] = []
+    for part in parts:
+        if part.get("type") in TEXT_PARTS:
+            chat.append({"type": "text", "text": str(part["text"])})
+        elif part.get("type") == "input_image":
+            chat.append(
+                {
+                    "type": "image_url",
+                    "image_url": {"url": part["image_url"], "detail": part.get("detail", "auto")},
+                }
+            )
+    return chat
+
+
+def items_to_messages(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Stored items as chat messages; consecutive function calls join one assistant message."""
+    messages: list[dict[str, Any]] = []
+    for item in items:
+        kind = item.get("type")
+        if kind == "message":
+            role = "system" if item.get("role") == "developer" else str(item.get("role"))
+            parts = [p for p in item.get("content") or () if isinstance(p, Mapping)]
+            refusal = "".join(str(p["refusal"]) for p in parts if p.get("type") == "refusal")
+            parts = [p for p in parts if p.get("type") != "refusal"]
+            message: dict[str, Any] = {"role": role, "content": _chat_content(parts)}
+            if refusal and not parts:
+                message["content"] = refusal  # a refusal is what the model said
+            messages.append(message)
+        elif kind == "function_call":
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+            }
+            last = messages[-1] if messages else None
+            if (
+                last is not None
+                and last["role"] == "assistant"
+                and ("tool_calls" in last or not last.get("content"))
+            ):
+                last.setdefault("tool_calls", []).append(call)
+            elif last is not None and last["role"] == "assistant":
+                last["tool_calls"] = [call]
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item.get("call_id"),
+                    "content": output if isinstance(output, str) else "",
+                }
+            )
+    return messages
+
+
+def _chat_parts(content: Any) -> list[dict[str, Any]]:
+    """Chat content as Responses-style parts (for storing a chat turn)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    parts: list[dict[str, Any]] = []
+    for part in content if isinstance(content, list) else ():
+        if not isinstance(part, Mapping):
+            continue
+        if part.get("type") == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif part.get("type") == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, Mapping) else image
+            if isinstance(url, str):
+                detail = image.get("detail") if isinstance(image, Mapping) else None
+                parts.append({"type": "input_image", "image_url": url, "detail": detail})
+        elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+            parts.append({"type": "refusal", "refusal": part["refusal"]})
+    return parts
+
+
+def chat_message_to_items(
+    message: Mapping[str, Any], param: str = "messages"
+) -> list[dict[str, Any]]:
+    """One chat message as stored items (the chat ``conversation`` extension stores turns so)."""
+    role = message.get("role")
+    if role == "tool":
+        content = message.get("content")
+        output = content if isinstance(content, str) else _flatten(_chat_parts(content))
+        return [
+            {
+                "id": new_id("fco"),
+                "type": "function_call_output",
+                "status": "completed",
+                "call_id": str(message.get("tool_call_id") or ""),
+                "output": output,
+            }
+        ]
+    if role not in INPUT_ROLES:
+        raise _invalid(
+            f"Messages with role '{str(role)[:20]}' cannot be stored in a conversation.", param
+        )
+    items: list[dict[str, Any]] = []
+    parts = _chat_parts(message.get("content"))
+    refusal = message.get("refusal")
+    if role == "assistant" and isinstance(refusal, str) and refusal:
+        parts.append({"type": "refusal", "refusal": refusal})
+    calls = message.get("tool_calls") or []
+    if parts or not calls:
+        items.extend(normalize_items([{"type": "message", "role": role, "content": parts}], param))
+    for call in calls:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping):
+            continue
+        items.append(
+            {
+                "id": new_id("fc"),
+                "type": "function_call",
+                "status": "completed",
+                "call_id": str(call.get("id") or ""),
+                "name": str(function.get("name") or ""),
+                "arguments": str(function.get("arguments") or ""),
+            }
+        )
+    return items
+
+
+# -- the chat request ----------------------------------------------------------------------
+
+
+def _chat_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for index, tool in enumerate(tools):
+        if tool.get("type") != "function":
+            raise _invalid(
+                f"Tool type '{str(tool.get('type'))[:40]}' is not supported by this server; "
+                "only 'function' tools are.",
+                f"tools[{index}].type",
+            )
+        if not isinstance(tool.get("name"), str):
+            raise _invalid("'name' must be a string.", f"tools[{index}].name")
+        function = {
+            k: tool[k]
+            for k in ("name", "description", "parameters", "strict")
+            if tool.get(k) is not None
+        }
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _chat_tool_choice(choice: str | Mapping[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise _invalid("Invalid 'tool_choice'.", "tool_choice")
+        return choice
+    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise _invalid("Only function tool choices are supported by this server.", "tool_choice")
+
+
+def _response_format(text: Mapping[str, Any]) -> dict[str, Any] | None:
+    fmt = text.get("format")
+    if not isinstance(fmt, Mapping) or fmt.get("type") in (None, "text"):
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if fmt.get("type") == "json_schema":
+        schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+        return {"type": "json_schema", "json_schema": schema}
+    raise _invalid("Unsupported 'text.format.type'.", "text.format.type")
+
+
+def chat_body(
+    req: ResponsesRequest, messages: list[dict[str, Any]], upstream_model: str
+) -> dict[str, Any]:
+    """The chat completion request a Responses request becomes."""
+    body: dict[str, Any] = {"model": upstream_model, "messages": messages}
+    if req.max_output_tokens is not None:
+        body["max_tokens"] = req.max_output_tokens
+    for name in ("temperature", "top_p", "user", "parallel_tool_calls"):
+        value = getattr(req, name)
+        if value is not None:
+            body[name] = value
+    if req.tools:
+        body["tools"] = _chat_tools(req.tools)
+    if req.tool_choice is not None:
+        body["tool_choice"] = _chat_tool_choice(req.tool_choice)
+    if req.text:
+        fmt = _response_format(req.text)
+        if fmt is not None:
+            body["response_format"] = fmt
+    return body
+
+
+# -- answers -------------------------------------------------------------------------------
+
+
+def output_items(message: Mapping[str, Any], *, incomplete: bool = False) -> list[dict[str, Any]]:
+    """A chat completion's message as Responses output items (a message, function calls)."""
+    status = "incomplete" if incomplete else "completed"
+    content = message.get("content")
+    text = content if isinstance(content, str) else _flatten(_chat_parts(content))
+    refusal = message.get("refusal")
+    calls = [c for c in message.get("tool_calls") or () if isinstance(c, Mapping)]
+    items: list[dict[str, Any]] = []
+    if text or refusal or not calls:
+        parts: list[dict[str, Any]] = []
+        if text or not refusal:
+            parts.append(_output_text(text))
+        if isinstance(refusal, str) and refusal:
+            parts.append({"type": "refusal", "refusal": refusal})
+        items.append(
+            {
+                "id": new_id("msg"),
+                "type": "message",
+                "status": status,
+                "role": "assistant",
+                "content": parts,
+            }
+        )
+    for call in calls:
+        function = call.get("function") or {}
+        items.append(
+            {
+                "id": new_id("fc"),
+                "type": "function_call",
+                "status": status,
+                "call_id": str(call.get("id") or new_id("call")),
+                "name": str(function.get("name") or ""),
+                "arguments": str(function.get("arguments") or ""),
+            }
+        )
+    return items
+
+
+def responses_usage(usage: Usage) -> dict[str, Any]:
+    """Chat usage in the Responses shape."""
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def response_object(
+    *,
+    response_id: str,
+    created_at: int,
+    req: ResponsesRequest,
+    model: str,
+    truncation: str,
+    status: str = "completed",
+    output: list[dict[str, Any]] | None = None,
+    usage: Usage | None = None,
+    error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``response`` object, as OpenAI returns it."""
+    conversation_id = req.conversation_id
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": status,
+        "background": False,
+        "completed_at": int(time.time()) if status == "completed" else None,
+        "error": error,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": req.instructions,
+        "max_output_tokens": req.max_output_tokens,
+        "model": model,
+        "output": output or [],
+        "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+        "previous_response_id": req.previous_response_id,
+        "conversation": {"id": conversation_id} if conversation_id else None,
+        "store": req.store,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "text": req.text or {"format": {"type": "text"}},
+        "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
+        "tools": req.tools or [],
+        "truncation": truncation,
+        "usage": responses_usage(usage) if usage is not None else None,
+        "user": req.user,
+        "metadata": req.metadata or {},
+    }
+
+
+# -- streaming -----------------------------------------------------------------------------
+
+
+def sse(event: Mapping[str, Any]) -> bytes:
+    """One Responses event as SSE, with its ``event:`` line as OpenAI sends it."""
+    return b"event: " + str(event["type"]).encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def parse_chunks(event: bytes) -> tuple[list[dict[str, Any]], bool]:
+    """The JSON payloads of one chat SSE event, and whether it was ``[DONE]``."""
+    chunks: list[dict[str, Any]] = []
+    done = False
+    for line in event.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            done = True
+            continue
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            chunks.append(data)
+    return chunks, done
+
+
+class StreamTranslator:
+    """Chat completion chunks in, Responses stream events out (each with its sequence number).
+
+    Call :meth:`start`, then :meth:`feed` for every chunk, then :meth:`close` (closes the open
+    output items; :attr:`output` is then final), then :meth:`completed` or :meth:`failed` with
+    the final response object.
+    """
+
+    def __init__(self, response: Mapping[str, Any]) -> None:
+        self._response = dict(response)
+        self._seq = 0
+        self.output: list[dict[str, Any]] = []
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+        self.error: dict[str, Any] | None = None
+        self._text: dict[str, Any] | None = None  # the open message item
+        self._text_index = 0
+        self._calls: dict[int, tuple[int, dict[str, Any]]] = {}  # chat index -> output index
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": kind, "sequence_number": self._seq, **fields}
+        self._seq += 1
+        return event
+
+    def start(self) -> list[dict[str, Any]]:
+        """``response.created`` and ``response.in_progress``."""
+        snapshot = {**self._response, "status": "in_progress", "output": [], "usage": None}
+        return [
+            self._event("response.created", response=snapshot),
+            self._event("response.in_progress", response=snapshot),
+        ]
+
+    def feed(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The events for one ``chat.completion.chunk`` (or an ``{"error": ...}`` event)."""
+        if isinstance(chunk.get("error"), Mapping):
+            self.error = dict(chunk["error"])
+            return []
+        usage = Usage.from_openai(chunk.get("usage"))
+        if usage is not None:
+            self.usage = usage
+        events: list[dict[str, Any]] = []
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if not isinstance(text, str) or not text:
+                text = delta.get("refusal") if isinstance(delta.get("refusal"), str) else None
+            if text:
+                events += self._text_delta(text)
+            for call in delta.get("tool_calls") or ():
+                if isinstance(call, Mapping):
+                    events += self._call_delta(call)
+            if choice.get("finish_reason"):
+                self.finish_reason = str(choice["finish_reason"])
+        return events
+
+    def _text_delta(self, text: str) -> list[dict[str, Any]]:
+        events = []
+        if self._text is None:
+            events += self._close_calls()
+            item: dict[str, Any] = {
+                "id": new_id("msg"),
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            self._text, self._text_index = item, len(self.output)
+            self.output.append(item)
+            events.append(
+                self._event(
+                    "response.output_item.added", output_index=self._text_index, item=dict(item)
+                )
+            )
+            item["content"] = [_output_text("")]
+            events.append(
+                self._event(
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=self._text_index,
+                    content_index=0,
+                    part=_output_text(""),
+                )
+            )
+        self._text["content"][0]["text"] += text
+        events.append(
+            self._event(
+                "response.output_text.delta",
+                item_id=self._text["id"],
+                output_index=self._text_index,
+                content_index=0,
+                delta=text,
+                logprobs=[],
+            )
+        )
+        return events
+
+    def _call_delta(self, call: Mapping[str, Any]) -> list[dict[str, Any]]:
+        events = []
+        index = int(call.get("index", 0))
+        function = call.get("function") or {}
+        if index not in self._calls:
+            events += self._close_text()
+            item: dict[str, Any] = {
+                "id": new_id("fc"),
+                "type": "function_call",
+                "status": "in_progress",
+                "call_id": str(call.get("id") or new_id("call")),
+                "name": str(function.get("name") or ""),
+                "arguments": "",
+            }
+            self._calls[index] = (len(self.output), item)
+            self.output.append(item)
+            events.append(
+                self._event(
+                    "response.output_item.added", output_index=len(self.output) - 1, item=dict(item)
+                )
+            )
+        output_index, item = self._calls[index]
+        if isinstance(function.get("name"), str) and not item["name"]:
+            item["name"] = function["name"]
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            item["arguments"] += arguments
+            events.append(
+                self._event(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=output_index,
+                    delta=arguments,
+                )
+            )
+        return events
+
+    def _status(self) -> str:
+        return "incomplete" if self.finish_reason == "length" else "completed"
+
+    def _close_text(self) -> list[dict[str, Any]]:
+        item, self._text = self._text, None
+        if item is None:
+            return []
+        part = item["content"][0]
+        item["status"] = self._status()
+        common = {"item_id": item["id"], "output_index": self._text_index, "content_index": 0}
+        return [
+            self._event("response.output_text.done", **common, text=part["text"], logprobs=[]),
+            self._event("response.content_part.done", **common, part=part),
+            self._event("response.output_item.done", output_index=self._text_index, item=item),
+        ]
+
+    def _close_calls(self) -> list[dict[str, Any]]:
+        events = []
+        for output_index, item in sorted(self._calls.values(), key=lambda pair: pair[0]):
+            if item["status"] != "in_progress":
+                continue
+            item["status"] = self._status()
+            events.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=output_index,
+                    arguments=item["arguments"],
+                )
+            )
+            events.append(
+                self._event("response.output_item.done", output_index=output_index, item=item)
+            )
+        return events
+
+    def close(self) -> list[dict[str, Any]]:
+        """Close every open output item (an empty answer still gets its message)."""
+        if not self.output and self.error is None:
+            events = self._text_delta("")
+            events[-1:] = []  # no empty delta event, just the opened item and part
+            return events + self._close_text()
+        return self._close_text() + self._close_calls()
+
+    def completed(self, response: Mapping[str, Any]) -> dict[str, Any]:
+        """``response.completed`` (or ``response.incomplete`` when cut at the output limit)."""
+        kind = (
+            "response.incomplete"
+            if response.get("status") == "incomplete"
+            else "response.completed"
+        )
+        return self._event(kind, response=dict(response))
+
+    def failed(self, response: Mapping[str, Any]) -> dict[str, Any]:
+        """``response.failed`` for an error after the stream started."""
+        return self._event("response.failed", response=dict(response))

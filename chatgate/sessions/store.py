@@ -1,0 +1,695 @@
+"""Storage of conversations, their items and stored responses (SQLite or PostgreSQL).
+
+Ownership: every read and write is filtered by ``account_id``. Another account's id is
+indistinguishable from an id that does not exist: both answer :class:`~chatgate.errors.NotFound`
+(404), never 403, so ids cannot be probed across accounts.
+
+Items are stored once. A turn adds its own input and output items; a history is rebuilt by
+reading the items of a conversation, or of a chain of responses (one recursive query for the
+chain, one query for its items), in ``seq`` order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from chatgate import errors
+from chatgate.sessions.tables import conversations, session_items, session_responses
+
+__all__ = [
+    "MAX_ITEMS_PER_REQUEST",
+    "MAX_PAGE",
+    "Conversation",
+    "Item",
+    "ItemPage",
+    "Pruned",
+    "SessionStore",
+    "StoredResponse",
+    "conversation_not_found",
+    "response_not_found",
+]
+
+MAX_PAGE = 100
+MAX_ITEMS_PER_REQUEST = 20  # as OpenAI: at most 20 items per create / add call
+Order = Literal["asc", "desc"]
+
+
+def conversation_not_found(conversation_id: str) -> errors.NotFound:
+    """OpenAI's 404 for a conversation that does not exist (or belongs to someone else)."""
+    return errors.NotFound(
+        f"Conversation with id '{conversation_id[:80]}' not found.", param="conversation_id"
+    )
+
+
+def response_not_found(response_id: str, param: str = "response_id") -> errors.NotFound:
+    """OpenAI's 404 for a response that does not exist (or belongs to someone else)."""
+    return errors.NotFound(f"Response with id '{response_id[:80]}' not found.", param=param)
+
+
+def item_not_found(item_id: str) -> errors.NotFound:
+    return errors.NotFound(f"Item with id '{item_id[:80]}' not found.", param="item_id")
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A conversation: an id, its owner and its metadata (the items are read separately)."""
+
+    id: str
+    account_id: str
+    metadata: dict[str, str]
+    created_at: int
+    updated_at: int
+
+    def to_openai(self) -> dict[str, Any]:
+        """The ``conversation`` object of OpenAI's API."""
+        return {
+            "id": self.id,
+            "object": "conversation",
+            "created_at": self.created_at,
+            "metadata": self.metadata,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One stored item (a message, a function call or its output), in OpenAI's shape."""
+
+    seq: int
+    id: str
+    type: str
+    data: dict[str, Any]
+    output: bool
+    conversation_id: str | None
+    response_id: str | None
+
+    def to_openai(self) -> dict[str, Any]:
+        """The item as the API returns it."""
+        return {**self.data, "id": self.id}
+
+
+@dataclass(frozen=True, slots=True)
+class ItemPage:
+    """One page of a listing and whether more follow."""
+
+    items: list[Item]
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A stored Responses API object and the links its history is rebuilt from."""
+
+    id: str
+    account_id: str
+    model: str
+    body: dict[str, Any]
+    previous_response_id: str | None
+    conversation_id: str | None
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What one retention pass removed."""
+
+    conversations: int
+    responses: int
+    items: int
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _item(row: Any) -> Item:
+    return Item(
+        seq=int(row.seq),
+        id=row.id,
+        type=row.type,
+        data=dict(row.data),
+        output=bool(row.output),
+        conversation_id=row.conversation_id,
+        response_id=row.response_id,
+    )
+
+
+def _conversation(row: Any) -> Conversation:
+    return Conversation(
+        id=row.id,
+        account_id=row.account_id,
+        metadata=dict(row.metadata or {}),
+        created_at=int(row.created_at),
+        updated_at=int(row.updated_at),
+    )
+
+
+def _item_rows(
+    account_id: str,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    conversation_id: str | None,
+    response_id: str | None,
+    output: bool,
+    now: int,
+) -> list[dict[str, Any]]:
+    rows = []
+    for item in items:
+        data = {k: v for k, v in item.items() if k != "id"}
+        rows.append(
+            {
+                "id": str(item["id"]),
+                "account_id": account_id,
+                "conversation_id": conversation_id,
+                "response_id": response_id,
+                "output": output,
+                "type": str(item.get("type", "message"))[:32],
+                "data": data,
+                "created_at": now,
+            }
+        )
+    return rows
+
+
+class SessionStore:
+    """Conversations, items and stored responses, scoped to their owning account."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    # -- conversations ---------------------------------------------------------------------
+
+    async def create_conversation(
+        self,
+        account_id: str,
+        conversation_id: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        items: Sequence[Mapping[str, Any]] = (),
+    ) -> tuple[Conversation, list[Item]]:
+        """Create a conversation, with its first items (each must carry a fresh ``id``)."""
+        now = _now()
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                conversations.insert().values(
+                    id=conversation_id,
+                    account_id=account_id,
+                    metadata=dict(metadata or {}),
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            added = await self._insert_items(
+                conn,
+                _item_rows(
+                    account_id,
+                    items,
+                    conversation_id=conversation_id,
+                    response_id=None,
+                    output=False,
+                    now=now,
+                ),
+            )
+        return Conversation(conversation_id, account_id, dict(metadata or {}), now, now), added
+
+    async def get_conversation(self, account_id: str, conversation_id: str) -> Conversation:
+        """The conversation, if ``account_id`` owns it; else 404."""
+        async with self._engine.connect() as conn:
+            return await self._conversation(conn, account_id, conversation_id)
+
+    async def update_conversation(
+        self, account_id: str, conversation_id: str, metadata: Mapping[str, str]
+    ) -> Conversation:
+        """Replace the conversation's metadata."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                conversations.update()
+                .where(
+                    conversations.c.id == conversation_id,
+                    conversations.c.account_id == account_id,
+                )
+                .values(metadata=dict(metadata))
+            )
+            if result.rowcount == 0:
+                raise conversation_not_found(conversation_id)
+            return await self._conversation(conn, account_id, conversation_id)
+
+    async def delete_conversation(self, account_id: str, conversation_id: str) -> None:
+        """Delete the conversation and every item in it."""
+        async with self._engine.begin() as conn:
+            await self._conversation(conn, account_id, conversation_id)
+            # Explicit rather than trusting ON DELETE CASCADE (SQLite enforces it only with
+            # foreign_keys=ON, which a foreign connection may not have set).
+            await conn.execute(
+                session_items.delete().where(
+                    session_items.c.conversation_id == conversation_id,
+                    session_items.c.account_id == account_id,
+                )
+            )
+            await conn.execute(
+                conversations.delete().where(
+                    conversations.c.id == conversation_id,
+                    conversations.c.account_id == account_id,
+                )
+            )
+
+    async def add_items(
+        self, account_id: str, conversation_id: str, items: Sequence[Mapping[str, Any]]
+    ) -> list[Item]:
+        """Append input items to a conversation (each with a fresh ``id``)."""
+        now = _now()
+        async with self._engine.begin() as conn:
+            await self._touch(conn, account_id, conversation_id, now)
+            return await self._insert_items(
+                conn,
+                _item_rows(
+                    account_id,
+                    items,
+                    conversation_id=conversation_id,
+                    response_id=None,
+                    output=False,
+                    now=now,
+                ),
+            )
+
+    async def append_turn(
+        self,
+        account_id: str,
+        conversation_id: str,
+        inputs: Sequence[Mapping[str, Any]],
+        outputs: Sequence[Mapping[str, Any]],
+    ) -> list[Item]:
+        """Append one finished turn (its inputs, then the model's outputs) to a conversation."""
+        now = _now()
+        async with self._engine.begin() as conn:
+            await self._touch(conn, account_id, conversation_id, now)
+            rows = _item_rows(
+                account_id,
+                inputs,
+                conversation_id=conversation_id,
+                response_id=None,
+                output=False,
+                now=now,
+            )
+            rows += _item_rows(
+                account_id,
+                outputs,
+                conversation_id=conversation_id,
+                response_id=None,
+                output=True,
+                now=now,
+            )
+            return await self._insert_items(conn, rows)
+
+    async def list_items(
+        self,
+        account_id: str,
+        conversation_id: str,
+        *,
+        after: str | None = None,
+        limit: int = 20,
+        order: Order = "desc",
+    ) -> ItemPage:
+        """A page of a conversation's items (newest first by default, as OpenAI)."""
+        limit = max(1, min(limit, MAX_PAGE))
+        async with self._engine.connect() as conn:
+            await self._conversation(conn, account_id, conversation_id)
+            query = sa.select(session_items).where(
+                session_items.c.conversation_id == conversation_id,
+                session_items.c.account_id == account_id,
+            )
+            query = await self._after(conn, query, account_id, after, order)
+            seq = session_items.c.seq
+            query = query.order_by(seq.asc() if order == "asc" else seq.desc()).limit(limit + 1)
+            rows = (await conn.execute(query)).all()
+        items = [_item(r) for r in rows[:limit]]
+        return ItemPage(items, len(rows) > limit)
+
+    async def get_item(self, account_id: str, conversation_id: str, item_id: str) -> Item:
+        """One item of a conversation."""
+        async with self._engine.connect() as conn:
+            await self._conversation(conn, account_id, conversation_id)
+            row = (
+                await conn.execute(
+                    sa.select(session_items).where(
+                        session_items.c.id == item_id,
+                        session_items.c.conversation_id == conversation_id,
+                        session_items.c.account_id == account_id,
+                    )
+                )
+            ).first()
+        if row is None:
+            raise item_not_found(item_id)
+        return _item(row)
+
+    async def delete_item(
+        self, account_id: str, conversation_id: str, item_id: str
+    ) -> Conversation:
+        """Remove one item from a conversation; returns the conversation (as OpenAI does)."""
+        async with self._engine.begin() as conn:
+            conversation = await self._conversation(conn, account_id, conversation_id)
+            result = await conn.execute(
+                session_items.delete().where(
+                    session_items.c.id == item_id,
+                    session_items.c.conversation_id == conversation_id,
+                    session_items.c.account_id == account_id,
+                )
+            )
+            if result.rowcount == 0:
+                raise item_not_found(item_id)
+        return conversation
+
+    async def conversation_items(self, account_id: str, conversation_id: str) -> list[Item]:
+        """Every item of a conversation, oldest first (the history a new turn continues)."""
+        async with self._engine.connect() as conn:
+            await self._conversation(conn, account_id, conversation_id)
+            rows = await conn.execute(
+                sa.select(session_items)
+                .where(
+                    session_items.c.conversation_id == conversation_id,
+                    session_items.c.account_id == account_id,
+                )
+                .order_by(session_items.c.seq)
+            )
+            return [_item(r) for r in rows]
+
+    # -- stored responses ------------------------------------------------------------------
+
+    async def save_response(
+        self,
+        account_id: str,
+        body: Mapping[str, Any],
+        *,
+        inputs: Sequence[Mapping[str, Any]],
+        outputs: Sequence[Mapping[str, Any]],
+        previous_response_id: str | None = None,
+        conversation_id: str | None = None,
+        store: bool = True,
+    ) -> None:
+        """Record one finished response: its items, and the response itself when ``store``.
+
+        With a conversation, the items are appended to it whether or not the response is
+        stored (that is what the conversation is for); without one and without ``store``,
+        nothing is written.
+        """
+        if not store and conversation_id is None:
+            return
+        response_id = str(body["id"])
+        now = _now()
+        async with self._engine.begin() as conn:
+            if conversation_id is not None:
+                await self._touch(conn, account_id, conversation_id, now)
+            owner = response_id if store else None
+            rows = _item_rows(
+                account_id,
+                inputs,
+                conversation_id=conversation_id,
+                response_id=owner,
+                output=False,
+                now=now,
+            )
+            rows += _item_rows(
+                account_id,
+                outputs,
+                conversation_id=conversation_id,
+                response_id=owner,
+                output=True,
+                now=now,
+            )
+            added = await self._insert_items(conn, rows)
+            if not store:
+                return
+            last_seq = added[-1].seq if added else None
+            if last_seq is None and conversation_id is not None:
+                last_seq = await self._max_seq(conn, conversation_id)
+            await conn.execute(
+                session_responses.insert().values(
+                    id=response_id,
+                    account_id=account_id,
+                    previous_response_id=previous_response_id,
+                    conversation_id=conversation_id,
+                    model=str(body.get("model", ""))[:200],
+                    body=dict(body),
+                    last_seq=last_seq,
+                    created_at=int(body.get("created_at") or now),
+                )
+            )
+
+    async def get_response(
+        self, account_id: str, response_id: str, *, param: str = "response_id"
+    ) -> StoredResponse:
+        """A stored response, if ``account_id`` owns it; else 404."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(session_responses).where(
+                        session_responses.c.id == response_id,
+                        session_responses.c.account_id == account_id,
+                    )
+                )
+            ).first()
+        if row is None:
+            raise response_not_found(response_id, param)
+        return StoredResponse(
+            id=row.id,
+            account_id=row.account_id,
+            model=row.model,
+            body=dict(row.body),
+            previous_response_id=row.previous_response_id,
+            conversation_id=row.conversation_id,
+            created_at=int(row.created_at),
+        )
+
+    async def delete_response(self, account_id: str, response_id: str) -> None:
+        """Delete a stored response and its items, except those a conversation still holds."""
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                session_responses.delete().where(
+                    session_responses.c.id == response_id,
+                    session_responses.c.account_id == account_id,
+                )
+            )
+            if result.rowcount == 0:
+                raise response_not_found(response_id)
+            await conn.execute(
+                session_items.delete().where(
+                    session_items.c.response_id == response_id,
+                    session_items.c.account_id == account_id,
+                    session_items.c.conversation_id.is_(None),
+                )
+            )
+            await conn.execute(
+                session_items.update()
+                .where(
+                    session_items.c.response_id == response_id,
+                    session_items.c.account_id == account_id,
+                )
+                .values(response_id=None)
+            )
+
+    async def response_history(
+        self, account_id: str, response_id: str, *, param: str = "previous_response_id"
+    ) -> list[Item]:
+        """The items a response continues from: its chain of previous responses, oldest first.
+
+        The chain is followed with one recursive query. When its first response was made in a
+        conversation, the conversation's items up to that response come first.
+        """
+        responses = session_responses.c
+        async with self._engine.connect() as conn:
+            chain = (
+                sa.select(
+                    responses.id,
+                    responses.previous_response_id,
+                    responses.conversation_id,
+                    responses.last_seq,
+                )
+                .where(responses.id == response_id, responses.account_id == account_id)
+                .cte("chain", recursive=True)
+            )
+            chain = chain.union_all(
+                sa.select(
+                    responses.id,
+                    responses.previous_response_id,
+                    responses.conversation_id,
+                    responses.last_seq,
+                )
+                .join(chain, responses.id == chain.c.previous_response_id)
+                .where(responses.account_id == account_id)
+            )
+            links = (await conn.execute(sa.select(chain))).all()
+            if not links:
+                raise response_not_found(response_id, param)
+            ids = [link.id for link in links]
+            root = links[-1]
+            condition: sa.ColumnElement[bool] = session_items.c.response_id.in_(ids)
+            if root.conversation_id is not None and root.last_seq is not None:
+                condition = sa.or_(
+                    condition,
+                    sa.and_(
+                        session_items.c.conversation_id == root.conversation_id,
+                        session_items.c.seq <= root.last_seq,
+                    ),
+                )
+            rows = await conn.execute(
+                sa.select(session_items)
+                .where(session_items.c.account_id == account_id, condition)
+                .order_by(session_items.c.seq)
+            )
+            return [_item(r) for r in rows]
+
+    async def response_input_items(
+        self,
+        account_id: str,
+        response_id: str,
+        *,
+        after: str | None = None,
+        limit: int = 20,
+        order: Order = "desc",
+    ) -> ItemPage:
+        """A page of the input items one stored response was given."""
+        await self.get_response(account_id, response_id)
+        limit = max(1, min(limit, MAX_PAGE))
+        async with self._engine.connect() as conn:
+            query = sa.select(session_items).where(
+                session_items.c.response_id == response_id,
+                session_items.c.account_id == account_id,
+                session_items.c.output.is_(False),
+            )
+            query = await self._after(conn, query, account_id, after, order)
+            seq = session_items.c.seq
+            query = query.order_by(seq.asc() if order == "asc" else seq.desc()).limit(limit + 1)
+            rows = (await conn.execute(query)).all()
+        return ItemPage([_item(r) for r in rows[:limit]], len(rows) > limit)
+
+    # -- retention -------------------------------------------------------------------------
+
+    async def prune(self, older_than: int) -> Pruned:
+        """Delete conversations idle since before ``older_than`` (unix seconds), their items,
+        and stored responses created before it (with items no conversation holds)."""
+        async with self._engine.begin() as conn:
+            old_conversations = sa.select(conversations.c.id).where(
+                conversations.c.updated_at < older_than
+            )
+            items_a = await conn.execute(
+                session_items.delete().where(session_items.c.conversation_id.in_(old_conversations))
+            )
+            convs = await conn.execute(
+                conversations.delete().where(conversations.c.updated_at < older_than)
+            )
+            old_responses = sa.select(session_responses.c.id).where(
+                session_responses.c.created_at < older_than
+            )
+            items_b = await conn.execute(
+                session_items.delete().where(
+                    session_items.c.response_id.in_(old_responses),
+                    session_items.c.conversation_id.is_(None),
+                )
+            )
+            await conn.execute(
+                session_items.update()
+                .where(session_items.c.response_id.in_(old_responses))
+                .values(response_id=None)
+            )
+            resps = await conn.execute(
+                session_responses.delete().where(session_responses.c.created_at < older_than)
+            )
+        return Pruned(
+            conversations=int(convs.rowcount or 0),
+            responses=int(resps.rowcount or 0),
+            items=int((items_a.rowcount or 0) + (items_b.rowcount or 0)),
+        )
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _conversation(
+        self, conn: AsyncConnection, account_id: str, conversation_id: str
+    ) -> Conversation:
+        row = (
+            await conn.execute(
+                sa.select(conversations).where(
+                    conversations.c.id == conversation_id,
+                    conversations.c.account_id == account_id,
+                )
+            )
+        ).first()
+        if row is None:
+            raise conversation_not_found(conversation_id)
+        return _conversation(row)
+
+    async def _touch(
+        self, conn: AsyncConnection, account_id: str, conversation_id: str, now: int
+    ) -> None:
+        """Mark the conversation as used now (retention counts from here); 404 if not ours."""
+        result = await conn.execute(
+            conversations.update()
+            .where(
+                conversations.c.id == conversation_id,
+                conversations.c.account_id == account_id,
+            )
+            .values(updated_at=now)
+        )
+        if result.rowcount == 0:
+            raise conversation_not_found(conversation_id)
+
+    async def _max_seq(self, conn: AsyncConnection, conversation_id: str) -> int | None:
+        value = (
+            await conn.execute(
+                sa.select(sa.func.max(session_items.c.seq)).where(
+                    session_items.c.conversation_id == conversation_id
+                )
+            )
+        ).scalar()
+        return None if value is None else int(value)
+
+    async def _after(
+        self,
+        conn: AsyncConnection,
+        query: sa.Select[Any],
+        account_id: str,
+        after: str | None,
+        order: Order,
+    ) -> sa.Select[Any]:
+        """Continue a listing after the item ``after`` (a cursor, as OpenAI's pagination)."""
+        if after is None:
+            return query
+        seq = (
+            await conn.execute(
+                sa.select(session_items.c.seq).where(
+                    session_items.c.id == after, session_items.c.account_id == account_id
+                )
+            )
+        ).scalar()
+        if seq is None:
+            raise errors.InvalidRequest(
+                f"Invalid 'after': no item with id '{after[:80]}'.", param="after"
+            )
+        return query.where(
+            session_items.c.seq > seq if order == "asc" else session_items.c.seq < seq
+        )
+
+    async def _insert_items(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[Item]:
+        if not rows:
+            return []
+        result = await conn.execute(
+            session_items.insert().returning(session_items.c.seq, sort_by_parameter_order=True),
+            rows,
+        )
+        seqs = [int(r[0]) for r in result.all()]
+        return [
+            Item(
+                seq=seq,
+                id=row["id"],
+                type=row["type"],
+                data=row["data"],
+                output=row["output"],
+                conversation_id=row["conversation_id"],
+                response_id=row["response_id"],
+            )
+            for seq, row in zip(seqs, rows, strict=True)
+        ]

@@ -1,0 +1,159 @@
+"""Fit a stored history into the model's context window, by counted tokens.
+
+The budget for the prompt is ``ModelConfig.context_window`` minus the output reserved for the
+answer: the requested ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens`` when
+given, else ``min(settings.default_max_tokens, context_window // 4)``. Tokens are counted
+offline with :mod:`chatgate.tokens` (the model's own encoding, OpenAI's message framing, the
+tool definitions).
+
+Some messages are *pinned* and never dropped: every system/developer message (and the
+Responses ``instructions``) and every message of the current request. The rest is grouped into
+turns (a user message and the assistant/tool messages that follow it), so a tool call is never
+separated from its result.
+
+The policy is the setting ``context_trim`` (``CHATGATE_CONTEXT_TRIM``):
+
+- ``drop_oldest`` (default): drop whole turns, oldest first, until the prompt fits.
+- ``error``: never drop; a history that does not fit is a 400 ``context_length_exceeded``.
+
+A Responses request can choose per request with ``truncation``: ``auto`` is ``drop_oldest``,
+``disabled`` is ``error``. Under either policy, pinned messages that do not fit by themselves
+are a 400 ``context_length_exceeded`` (nothing is sent that would overflow the window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from chatgate import errors, tokens
+from chatgate.settings import ModelConfig, Settings
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "POLICIES",
+    "Policy",
+    "Trimmed",
+    "output_reserve",
+    "policy_from_settings",
+    "prompt_budget",
+    "trim_messages",
+]
+
+Policy = Literal["drop_oldest", "error"]
+POLICIES: tuple[Policy, ...] = ("drop_oldest", "error")
+DEFAULT_POLICY: Policy = "drop_oldest"
+PINNED_ROLES = frozenset({"system", "developer"})
+FALLBACK_DEFAULT_MAX_TOKENS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Trimmed:
+    """The messages to send, their counted prompt tokens, and how many were left out."""
+
+    messages: list[dict[str, Any]]
+    prompt_tokens: int
+    dropped: int
+
+
+def policy_from_settings(settings: Settings) -> Policy:
+    """The configured policy; ``ValueError`` for an unknown name (checked at start-up)."""
+    value = str(settings.context_trim).strip().lower()
+    for policy in POLICIES:
+        if value == policy:
+            return policy
+    raise ValueError(f"unknown context_trim policy {value!r}; use one of: {', '.join(POLICIES)}")
+
+
+def output_reserve(model: ModelConfig, requested: int | None, settings: Settings) -> int:
+    """Tokens kept free for the answer."""
+    if requested is not None:
+        return requested
+    default = int(settings.default_max_tokens)
+    return max(0, min(default, model.context_window // 4))
+
+
+def prompt_budget(model: ModelConfig, requested: int | None, settings: Settings) -> int:
+    """Tokens the prompt may use; 400 when the requested output alone fills the window."""
+    reserve = output_reserve(model, requested, settings)
+    budget = model.context_window - reserve
+    if budget <= 0:
+        raise errors.InvalidRequest(
+            f"This model's maximum context length is {model.context_window} tokens, and "
+            f"{reserve} were requested for the output. Please reduce the output length.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return budget
+
+
+def _too_long(model: ModelConfig, used: int, budget: int) -> errors.InvalidRequest:
+    return errors.InvalidRequest(
+        f"This model's maximum context length is {model.context_window} tokens. However, your "
+        f"messages resulted in {used} tokens, and {model.context_window - budget} are reserved "
+        "for the output. Please reduce the length of the messages.",
+        param="messages",
+        code="context_length_exceeded",
+    )
+
+
+def _turns(pinned: Sequence[bool], messages: Sequence[Mapping[str, Any]]) -> list[list[int]]:
+    """Indices of the droppable messages, grouped into turns (each opens at a user message)."""
+    turns: list[list[int]] = []
+    for index, message in enumerate(messages):
+        if pinned[index]:
+            continue
+        if not turns or message.get("role") == "user":
+            turns.append([])
+        turns[-1].append(index)
+    return turns
+
+
+def trim_messages(
+    messages: Sequence[Mapping[str, Any]],
+    pinned: Sequence[bool],
+    *,
+    model: ModelConfig,
+    budget: int,
+    policy: Policy = DEFAULT_POLICY,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> Trimmed:
+    """Keep the pinned messages and the newest turns that fit in ``budget`` prompt tokens.
+
+    ``pinned[i]`` marks ``messages[i]`` as never dropped. Order is preserved.
+    """
+    if len(pinned) != len(messages):
+        raise ValueError("pinned must mark every message")
+    counting = model.upstream_model or model.name  # the same name the limiter counts with
+    pinned = [p or messages[i].get("role") in PINNED_ROLES for i, p in enumerate(pinned)]
+    counter = tokens.counter_for(counting)
+    base = counter.count_messages([], tools)  # the reply primer and the tool definitions
+    primer = counter.count_messages([])
+    costs = [counter.count_messages([m]) - primer for m in messages]
+
+    total = base + sum(costs)
+    keep = [True] * len(messages)
+    turns = _turns(pinned, messages)
+    if total > budget and policy == "drop_oldest":
+        for turn in turns:
+            if total <= budget:
+                break
+            for index in turn:
+                keep[index] = False
+                total -= costs[index]
+    if total > budget:
+        raise _too_long(model, total, budget)
+    kept = [dict(m) for m, k in zip(messages, keep, strict=True) if k]
+    # Counted per message above; confirm on the whole list, as a counter need not be additive
+    # (a chat template may merge messages), and drop on until it really fits.
+    exact = counter.count_messages(kept, tools)
+    remaining = [t for t in turns if keep[t[0]]]
+    while exact > budget and policy == "drop_oldest" and remaining:
+        for index in remaining.pop(0):
+            keep[index] = False
+        kept = [dict(m) for m, k in zip(messages, keep, strict=True) if k]
+        exact = counter.count_messages(kept, tools)
+    if exact > budget:
+        raise _too_long(model, exact, budget)
+    return Trimmed(kept, exact, keep.count(False))

@@ -1,0 +1,1 @@
+"""Tests of chatgate/backends (mirrors the package)."""

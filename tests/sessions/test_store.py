@@ -1,0 +1,237 @@
+"""SessionStore on SQLite and PostgreSQL: ownership (404, never 403), items stored once,
+response chains, deletion, retention, and the migration matching the table definitions."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatgate import errors
+from chatgate.db.tables import metadata
+from chatgate.ids import new_id
+from chatgate.sessions.responses import normalize_input, normalize_items
+from chatgate.sessions.store import SessionStore
+from chatgate.sessions.tables import conversations, session_items, session_responses
+
+SESSION_TABLES = {"conversations", "session_items", "session_responses"}
+
+
+def user(text: str) -> list[dict[str, Any]]:
+    return normalize_input(text)
+
+
+def assistant(text: str) -> list[dict[str, Any]]:
+    return normalize_items([{"role": "assistant", "content": text}])
+
+
+def texts(items: Any) -> list[str]:
+    return [item.data["content"][0]["text"] for item in items]
+
+
+async def count(engine: AsyncEngine, where: Any) -> int:
+    async with engine.connect() as conn:
+        query = sa.select(sa.func.count()).select_from(session_items).where(where)
+        return int((await conn.execute(query)).scalar() or 0)
+
+
+async def test_migration_matches_tables(engine: AsyncEngine) -> None:
+    def diff(conn: sa.Connection) -> list[Any]:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        return [
+            d
+            for d in compare_metadata(context, metadata)
+            if any(name in repr(d) for name in SESSION_TABLES)
+        ]
+
+    async with engine.connect() as conn:
+        assert await conn.run_sync(diff) == []
+
+
+async def test_conversation_items_and_ownership(
+    store: SessionStore, two_accounts: tuple[str, str]
+) -> None:
+    alice, bob = two_accounts
+    conv, first = await store.create_conversation(
+        alice, new_id("conv"), metadata={"topic": "t"}, items=user("one")
+    )
+    assert conv.to_openai()["object"] == "conversation"
+    assert conv.metadata == {"topic": "t"}
+    await store.add_items(alice, conv.id, assistant("two") + user("three"))
+    items = await store.conversation_items(alice, conv.id)
+    assert texts(items) == ["one", "two", "three"]
+    assert [i.seq for i in items] == sorted(i.seq for i in items)
+
+    page = await store.list_items(alice, conv.id, limit=2)  # newest first by default
+    assert texts(page.items) == ["three", "two"] and page.has_more
+    rest = await store.list_items(alice, conv.id, limit=2, after=page.items[-1].id)
+    assert texts(rest.items) == ["one"] and not rest.has_more
+    asc = await store.list_items(alice, conv.id, order="asc")
+    assert texts(asc.items) == ["one", "two", "three"]
+
+    # Another account: every operation is a 404, exactly as for an unknown id.
+    for call in (
+        store.get_conversation(bob, conv.id),
+        store.list_items(bob, conv.id),
+        store.conversation_items(bob, conv.id),
+        store.add_items(bob, conv.id, user("intrusion")),
+        store.update_conversation(bob, conv.id, {"x": "y"}),
+        store.get_item(bob, conv.id, first[0].id),
+        store.delete_item(bob, conv.id, first[0].id),
+        store.delete_conversation(bob, conv.id),
+        store.append_turn(bob, conv.id, user("q"), assistant("a")),
+    ):
+        with pytest.raises(errors.NotFound) as info:
+            await call
+        assert info.value.status == 404
+    assert len(await store.conversation_items(alice, conv.id)) == 3
+
+    updated = await store.update_conversation(alice, conv.id, {"topic": "u"})
+    assert updated.metadata == {"topic": "u"}
+    await store.delete_item(alice, conv.id, first[0].id)
+    assert texts(await store.conversation_items(alice, conv.id)) == ["two", "three"]
+    with pytest.raises(errors.NotFound):
+        await store.get_item(alice, conv.id, first[0].id)
+
+
+async def test_deleting_a_conversation_removes_its_items(
+    store: SessionStore, engine: AsyncEngine, two_accounts: tuple[str, str]
+) -> None:
+    alice, _ = two_accounts
+    conv, _ = await store.create_conversation(alice, new_id("conv"), items=user("a") + user("b"))
+    await store.append_turn(alice, conv.id, user("c"), assistant("d"))
+    assert await count(engine, session_items.c.conversation_id == conv.id) == 4
+    await store.delete_conversation(alice, conv.id)
+    assert await count(engine, session_items.c.conversation_id == conv.id) == 0
+    with pytest.raises(errors.NotFound):
+        await store.get_conversation(alice, conv.id)
+    with pytest.raises(errors.NotFound):
+        await store.delete_conversation(alice, conv.id)
+
+
+def response_body(response_id: str) -> dict[str, Any]:
+    return {"id": response_id, "object": "response", "model": "gpt-test", "created_at": 1}
+
+
+async def test_response_chain_stores_each_item_once(
+    store: SessionStore, engine: AsyncEngine, two_accounts: tuple[str, str]
+) -> None:
+    alice, bob = two_accounts
+    r1, r2, r3 = new_id("resp"), new_id("resp"), new_id("resp")
+    await store.save_response(alice, response_body(r1), inputs=user("q1"), outputs=assistant("a1"))
+    await store.save_response(
+        alice,
+        response_body(r2),
+        inputs=user("q2"),
+        outputs=assistant("a2"),
+        previous_response_id=r1,
+    )
+    await store.save_response(
+        alice,
+        response_body(r3),
+        inputs=user("q3"),
+        outputs=assistant("a3"),
+        previous_response_id=r2,
+    )
+    assert texts(await store.response_history(alice, r3)) == ["q1", "a1", "q2", "a2", "q3", "a3"]
+    # A branch from r1 sees only r1.
+    assert texts(await store.response_history(alice, r1)) == ["q1", "a1"]
+    # Stored once: three turns, six item rows, not 2 + 4 + 6.
+    owned = session_items.c.response_id.in_([r1, r2, r3])
+    assert await count(engine, owned) == 6
+
+    with pytest.raises(errors.NotFound) as info:
+        await store.response_history(bob, r3)
+    assert info.value.param == "previous_response_id"
+    with pytest.raises(errors.NotFound):
+        await store.get_response(bob, r1)
+    with pytest.raises(errors.NotFound):
+        await store.delete_response(bob, r1)
+
+    stored = await store.get_response(alice, r2)
+    assert stored.body["id"] == r2 and stored.previous_response_id == r1
+    inputs = await store.response_input_items(alice, r2)
+    assert texts(inputs.items) == ["q2"]
+
+    await store.delete_response(alice, r3)
+    with pytest.raises(errors.NotFound):
+        await store.get_response(alice, r3)
+    assert await count(engine, session_items.c.response_id == r3) == 0
+
+
+async def test_unstored_response_writes_nothing(
+    store: SessionStore, engine: AsyncEngine, two_accounts: tuple[str, str]
+) -> None:
+    alice, _ = two_accounts
+    rid = new_id("resp")
+    await store.save_response(
+        alice, response_body(rid), inputs=user("x"), outputs=assistant("y"), store=False
+    )
+    with pytest.raises(errors.NotFound):
+        await store.get_response(alice, rid)
+    assert await count(engine, session_items.c.response_id == rid) == 0
+
+
+async def test_response_in_conversation_then_chained(
+    store: SessionStore, two_accounts: tuple[str, str]
+) -> None:
+    alice, _ = two_accounts
+    conv, _ = await store.create_conversation(alice, new_id("conv"), items=user("c0"))
+    r1 = new_id("resp")
+    await store.save_response(
+        alice,
+        response_body(r1),
+        inputs=user("q1"),
+        outputs=assistant("a1"),
+        conversation_id=conv.id,
+    )
+    await store.add_items(alice, conv.id, user("later"))  # after r1: not part of r1's history
+    r2 = new_id("resp")
+    await store.save_response(
+        alice,
+        response_body(r2),
+        inputs=user("q2"),
+        outputs=assistant("a2"),
+        previous_response_id=r1,
+    )
+    assert texts(await store.response_history(alice, r2)) == ["c0", "q1", "a1", "q2", "a2"]
+    assert texts(await store.conversation_items(alice, conv.id)) == ["c0", "q1", "a1", "later"]
+    # Deleting r1 keeps the conversation's copy of its items (they are the conversation's).
+    await store.delete_response(alice, r1)
+    assert texts(await store.conversation_items(alice, conv.id)) == ["c0", "q1", "a1", "later"]
+
+
+async def test_retention_prunes_idle_conversations_and_old_responses(
+    store: SessionStore, engine: AsyncEngine, two_accounts: tuple[str, str]
+) -> None:
+    alice, _ = two_accounts
+    old_conv, _ = await store.create_conversation(alice, new_id("conv"), items=user("old"))
+    new_conv, _ = await store.create_conversation(alice, new_id("conv"), items=user("new"))
+    old_resp = new_id("resp")
+    await store.save_response(alice, response_body(old_resp), inputs=user("q"), outputs=[])
+    long_ago = int(time.time()) - 90 * 86400
+    async with engine.begin() as conn:
+        await conn.execute(
+            conversations.update()
+            .where(conversations.c.id == old_conv.id)
+            .values(updated_at=long_ago)
+        )
+        await conn.execute(
+            session_responses.update()
+            .where(session_responses.c.id == old_resp)
+            .values(created_at=long_ago)
+        )
+    pruned = await store.prune(int(time.time()) - 30 * 86400)
+    assert pruned.conversations >= 1 and pruned.responses >= 1
+    with pytest.raises(errors.NotFound):
+        await store.get_conversation(alice, old_conv.id)
+    with pytest.raises(errors.NotFound):
+        await store.get_response(alice, old_resp)
+    assert await count(engine, session_items.c.conversation_id == old_conv.id) == 0
+    assert await count(engine, session_items.c.response_id == old_resp) == 0
+    assert texts(await store.conversation_items(alice, new_conv.id)) == ["new"]

@@ -1,0 +1,242 @@
+"""Responses <-> chat translation, checked against the official SDK's own types (validated
+strictly with pydantic, so a missing or mistyped field fails here, not in a user's program)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from openai.types.conversations import ConversationItem
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from chatgate import errors
+from chatgate.backends.base import Usage
+from chatgate.sessions.responses import (
+    ResponsesRequest,
+    StreamTranslator,
+    chat_body,
+    chat_message_to_items,
+    items_to_messages,
+    normalize_input,
+    normalize_items,
+    output_items,
+    response_object,
+)
+
+EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+ITEM: TypeAdapter[Any] = TypeAdapter(ConversationItem)
+REQ = ResponsesRequest(model="gpt-test", input="hi", instructions="be nice")
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def test_string_input_is_one_user_message() -> None:
+    [item] = normalize_input("hello")
+    assert item["type"] == "message" and item["role"] == "user"
+    assert item["content"] == [{"type": "input_text", "text": "hello"}]
+    assert item["id"].startswith("msg_")
+    ITEM.validate_python(item)
+    assert items_to_messages([item]) == [{"role": "user", "content": "hello"}]
+
+
+def test_items_become_chat_messages() -> None:
+    items = normalize_items(
+        [
+            {"role": "developer", "content": "rules"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "look"},
+                    {"type": "input_image", "image_url": "https://x/y.png"},
+                ],
+            },
+            {"role": "assistant", "content": "calling"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "42"},
+        ]
+    )
+    for item in items:
+        ITEM.validate_python(item)
+    assert items_to_messages(items) == [
+        {"role": "system", "content": "rules"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "look"},
+                {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "auto"}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": "calling",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "user", "content": "plain"},
+        {"role": "assistant", "content": "answer"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c9", "type": "function", "function": {"name": "g", "arguments": '{"a":1}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c9", "content": "done"},
+    ],
+)
+def test_chat_messages_round_trip(message: dict[str, Any]) -> None:
+    assert items_to_messages(chat_message_to_items(message)) == [message]
+
+
+def test_unsupported_input_is_a_400_naming_the_field() -> None:
+    with pytest.raises(errors.InvalidRequest) as info:
+        normalize_input([{"role": "user", "content": "ok"}, {"type": "web_search_call"}])
+    assert info.value.param == "input[1].type"
+    with pytest.raises(errors.InvalidRequest) as info:
+        normalize_input([{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}])
+    assert info.value.param == "input[0].content[0].type"
+    with pytest.raises(errors.InvalidRequest) as info:
+        chat_body(ResponsesRequest(model="m", tools=[{"type": "web_search"}]), [], "m")
+    assert info.value.param == "tools[0].type"
+
+
+def test_chat_body_translates_the_options() -> None:
+    req = ResponsesRequest(
+        model="m",
+        max_output_tokens=50,
+        temperature=0.5,
+        tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+        tool_choice={"type": "function", "name": "f"},
+        text={"format": {"type": "json_schema", "name": "s", "schema": {"type": "object"}}},
+    )
+    body = chat_body(req, [{"role": "user", "content": "x"}], "up")
+    assert body["model"] == "up" and body["max_tokens"] == 50 and body["temperature"] == 0.5
+    assert body["tools"] == [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    ]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "f"}}
+    assert body["response_format"]["json_schema"]["name"] == "s"
+
+
+def test_response_object_is_a_valid_sdk_response() -> None:
+    output = output_items({"role": "assistant", "content": "hello there"})
+    body = response_object(
+        response_id="resp_1",
+        created_at=1,
+        req=REQ,
+        model="gpt-test",
+        truncation="auto",
+        output=output,
+        usage=Usage(10, 3),
+    )
+    response = Response.model_validate(body, strict=False)
+    assert response.output_text == "hello there"
+    assert response.usage is not None and response.usage.total_tokens == 13
+    calls = output_items(
+        {"content": None, "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}]}
+    )
+    assert [c["type"] for c in calls] == ["function_call"]
+    Response.model_validate({**body, "output": calls})
+
+
+def test_stream_events_are_valid_sdk_events_in_order() -> None:
+    base = response_object(
+        response_id="resp_1",
+        created_at=1,
+        req=REQ,
+        model="gpt-test",
+        truncation="auto",
+        status="in_progress",
+    )
+    tr = StreamTranslator(base)
+    events = tr.start()
+    for piece in ("Hel", "lo"):
+        events += tr.feed(chunk({"content": piece}))
+    events += tr.feed(chunk({}, "stop"))
+    events += tr.feed({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
+    events += tr.close()
+    final = response_object(
+        response_id="resp_1",
+        created_at=1,
+        req=REQ,
+        model="gpt-test",
+        truncation="auto",
+        output=tr.output,
+        usage=tr.usage,
+    )
+    events.append(tr.completed(final))
+    parsed = [EVENTS.validate_python(e) for e in events]
+    assert [e.type for e in parsed] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in parsed] == list(range(len(parsed)))
+    assert parsed[6].text == "Hello"
+    assert parsed[-1].response.output_text == "Hello"
+    assert parsed[-1].response.usage.input_tokens == 5
+    assert parsed[2].item.content == []  # the item as it was when added
+
+
+def test_stream_tool_calls_and_length_limit() -> None:
+    tr = StreamTranslator(
+        response_object(response_id="r", created_at=1, req=REQ, model="m", truncation="auto")
+    )
+    events = tr.start()
+    events += tr.feed(
+        chunk(
+            {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f", "arguments": ""}}]}
+        )
+    )
+    events += tr.feed(chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]}))
+    events += tr.feed(chunk({"tool_calls": [{"index": 0, "function": {"arguments": ":1}"}}]}))
+    events += tr.feed(chunk({}, "length"))
+    events += tr.close()
+    parsed = [EVENTS.validate_python(e) for e in events]
+    kinds = [e.type for e in parsed]
+    assert kinds[2:] == [
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+    ]
+    assert parsed[-2].arguments == '{"a":1}'
+    assert tr.output[0]["status"] == "incomplete"
+
+
+def test_empty_answer_still_has_a_message() -> None:
+    tr = StreamTranslator(
+        response_object(response_id="r", created_at=1, req=REQ, model="m", truncation="auto")
+    )
+    tr.start()
+    tr.feed(chunk({}, "stop"))
+    events = [EVENTS.validate_python(e) for e in tr.close()]
+    assert [e.type for e in events] == [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]

@@ -1,0 +1,130 @@
+"""Context trimming: system messages and the newest turns are kept, whole turns are dropped
+oldest first, and the result never exceeds the budget; the ``error`` policy refuses instead."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from chatgate import errors, tokens
+from chatgate.sessions.trim import (
+    output_reserve,
+    policy_from_settings,
+    prompt_budget,
+    trim_messages,
+)
+from chatgate.settings import ModelConfig, Settings
+
+MODEL = ModelConfig(name="small", upstream_model="gpt-4o", context_window=300)
+SYSTEM = {"role": "system", "content": "You are a terse assistant."}
+
+
+def history(turns: int) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"question {i} " + "words " * 20})
+        messages.append({"role": "assistant", "content": f"answer {i} " + "words " * 20})
+    return messages
+
+
+def run(
+    messages: list[dict[str, Any]], pinned: list[bool], budget: int, **kw: Any
+) -> tuple[list[dict[str, Any]], int]:
+    result = trim_messages(messages, pinned, model=MODEL, budget=budget, **kw)
+    return result.messages, result.prompt_tokens
+
+
+def test_keeps_system_and_newest_turns_within_budget() -> None:
+    past = history(10)
+    new = {"role": "user", "content": "the new question"}
+    messages = [SYSTEM, *past, new]
+    pinned = [True] + [False] * len(past) + [True]
+    kept, used = run(messages, pinned, budget=200)
+    assert kept[0] == SYSTEM and kept[-1] == new
+    assert used == tokens.count_messages(kept, "gpt-4o") <= 200
+    # What is kept of the history is its newest part, in order, in whole turns.
+    middle = kept[1:-1]
+    assert middle == past[len(past) - len(middle) :]
+    assert middle and middle[0]["role"] == "user"
+    # And nothing more would have fit: the next older turn does not.
+    older = past[len(past) - len(middle) - 2 : len(past) - len(middle)]
+    assert tokens.count_messages([SYSTEM, *older, *middle, new], "gpt-4o") > 200
+
+
+def test_nothing_dropped_when_it_fits() -> None:
+    messages = [SYSTEM, *history(2)]
+    kept, _ = run(messages, [False] * len(messages), budget=10_000)
+    assert kept == messages
+
+
+def test_system_messages_in_the_history_are_kept() -> None:
+    past = history(6)
+    messages = [*past[:4], {"role": "developer", "content": "be brief"}, *past[4:]]
+    kept, used = run(messages, [False] * len(messages), budget=150)
+    assert {"role": "developer", "content": "be brief"} in kept
+    assert used <= 150
+
+
+def test_a_tool_call_is_dropped_with_its_result() -> None:
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ],
+    }
+    result = {"role": "tool", "tool_call_id": "c1", "content": "result " * 30}
+    messages = [{"role": "user", "content": "use the tool " * 10}, call, result, *history(2)]
+    kept, _ = run(messages, [False] * len(messages), budget=120)
+    assert (call in kept) == (result in kept)
+    assert kept[0]["role"] == "user"
+
+
+def test_pinned_messages_that_cannot_fit_are_a_400() -> None:
+    huge = {"role": "user", "content": "word " * 500}
+    with pytest.raises(errors.InvalidRequest) as info:
+        run([SYSTEM, huge], [True, True], budget=200)
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_error_policy_refuses_instead_of_dropping() -> None:
+    messages = [SYSTEM, *history(10)]
+    with pytest.raises(errors.InvalidRequest) as info:
+        run(messages, [False] * len(messages), budget=200, policy="error")
+    assert info.value.code == "context_length_exceeded"
+    kept, _ = run(messages[:3], [False] * 3, budget=200, policy="error")
+    assert kept == messages[:3]
+
+
+def test_tools_count_against_the_budget() -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "description": "Look something up " * 10,
+                "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+            },
+        }
+    ]
+    messages = [SYSTEM, *history(4)]
+    without, _ = run(messages, [False] * len(messages), budget=200)
+    with_tools, used = run(messages, [False] * len(messages), budget=200, tools=tools)
+    assert len(with_tools) < len(without)
+    assert used == tokens.count_messages(with_tools, "gpt-4o", tools) <= 200
+
+
+def test_budget_and_policy_settings() -> None:
+    settings = Settings()
+    assert policy_from_settings(settings) == "drop_oldest"
+    assert policy_from_settings(replace(settings, context_trim="error")) == "error"
+    with pytest.raises(ValueError, match="context_trim"):
+        policy_from_settings(replace(settings, context_trim="newest_only"))
+    assert output_reserve(MODEL, 50, settings) == 50
+    assert output_reserve(MODEL, None, settings) == 300 // 4  # default_max_tokens is larger
+    assert prompt_budget(MODEL, 100, settings) == 200
+    with pytest.raises(errors.InvalidRequest) as info:
+        prompt_budget(MODEL, 300, settings)
+    assert info.value.code == "context_length_exceeded"

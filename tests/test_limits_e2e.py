@@ -1,0 +1,233 @@
+"""Limits end to end: two real gateway processes sharing PostgreSQL and Redis admit no more
+than the limit together; the official SDK sees RateLimitError and its retry succeeds; a Redis
+outage is handled fail-open or fail-closed as configured, and both recover."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import requests
+
+from tests.helpers import REDIS_URL, Gateway, Upstream, free_port, make_gateway, stop
+
+BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def pair(pg_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
+    """Two gateways on one PostgreSQL database and one Redis (own key prefix)."""
+    prefix = f"cgtest-{secrets.token_hex(4)}:"
+    env = {"CHATGATE_REDIS_URL": REDIS_URL, "CHATGATE_REDIS_PREFIX": prefix,
+           "CHATGATE_SECRET": secrets.token_urlsafe(32)}
+    root = Path(tmp_path_factory.mktemp("pair"))
+    gws = [make_gateway(root / f"gw{i}", database_url=pg_url, upstream=upstream, extra_env=env)
+           for i in range(2)]
+    for gw in gws:
+        gw.start()
+    yield gws
+    for gw in gws:
+        gw.stop()
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=prefix + "*"):
+        client.delete(key)
+
+
+def account_with_plan(gw: Gateway, **limits: int) -> str:
+    name = "p" + secrets.token_hex(4)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in limits.items()]
+    gw.cli("plans", "create", name, *args)
+    email = f"{name}@example.com"
+    gw.cli("accounts", "create", email, "--plan", name)
+    return str(gw.cli_json("keys", "create", "--account", email)["key"])
+
+
+async def burst(urls: list[str], key: str, n: int, body: dict[str, Any] = BODY) -> list[int]:
+    """``n`` concurrent requests spread over ``urls``; their statuses."""
+    headers = {"Authorization": f"Bearer {key}"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one(i: int) -> int:
+            url = urls[i % len(urls)] + "/v1/chat/completions"
+            async with session.post(url, json=body, headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def test_two_processes_admit_exactly_the_daily_limit(pair: list[Gateway]) -> None:
+    key = account_with_plan(pair[0], rpd=37)
+    statuses = asyncio.run(burst([gw.url for gw in pair], key, 200))
+    assert statuses.count(200) == 37
+    assert statuses.count(429) == 163
+
+
+def test_two_processes_per_minute_limit(pair: list[Gateway]) -> None:
+    # GCRA refills continuously: a burst lasting t seconds may admit N + t*N/60 more.
+    key = account_with_plan(pair[0], rpm=50)
+    started = time.monotonic()
+    statuses = asyncio.run(burst([gw.url for gw in pair], key, 200))
+    elapsed = time.monotonic() - started
+    assert 50 <= statuses.count(200) <= 50 + int(elapsed * 50 / 60) + 1
+    assert statuses.count(200) + statuses.count(429) == 200
+
+
+def test_rate_limit_answer_shape(pair: list[Gateway]) -> None:
+    key = account_with_plan(pair[0], rpm=3)
+    headers = {"Authorization": f"Bearer {key}"}
+    ok = [requests.post(pair[i % 2].url + "/v1/chat/completions", json=BODY, headers=headers,
+                        timeout=10) for i in range(3)]
+    assert [r.status_code for r in ok] == [200, 200, 200]
+    assert ok[0].headers["x-ratelimit-limit-requests"] == "3"
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in ok] == ["2", "1", "0"]
+    assert ok[-1].headers["x-ratelimit-reset-requests"].endswith("s")
+    refused = requests.post(pair[1].url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10)
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+    assert "Limit 3, Used 3, Requested 1" in error["message"]
+    assert "requests per min (RPM)" in error["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert int(refused.headers["retry-after-ms"]) > 0
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_tokens_and_quota(pair: list[Gateway]) -> None:
+    key = account_with_plan(pair[0], tpm=50)
+    body = {**BODY, "max_tokens": 1000}
+    resp = requests.post(pair[0].url + "/v1/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert resp.status_code == 429  # can never fit: "Request too large"
+    assert resp.json()["error"]["type"] == "tokens"
+    assert "Request too large" in resp.json()["error"]["message"]
+
+    key = account_with_plan(pair[0], monthly_tokens=10)
+    refused = requests.post(pair[0].url + "/v1/chat/completions", json={**BODY, "max_tokens": 100},
+                            headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"
+    assert refused.json()["error"]["type"] == "insufficient_quota"
+    assert refused.headers["x-should-retry"] == "false"
+
+
+async def stream_burst(urls: list[str], key: str, n: int) -> list[int | None]:
+    """``n`` concurrent streamed requests; each one's total tokens from its usage chunk."""
+    body = {**BODY, "stream": True, "max_tokens": 10, "stream_options": {"include_usage": True}}
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def one(i: int) -> int | None:
+            async with session.post(urls[i % len(urls)] + "/v1/chat/completions", json=body,
+                                    headers=headers) as resp:
+                text = await resp.text()
+                if resp.status != 200:
+                    assert resp.status == 429
+                    return None
+                usage = [json.loads(e[6:]) for e in text.split("\n\n") if e.startswith("data: {")]
+                return int(usage[-1]["usage"]["total_tokens"])
+
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def test_monthly_quota_under_concurrent_streams(pair: list[Gateway]) -> None:
+    quota = 600
+    key = account_with_plan(pair[0], monthly_tokens=quota)
+    results = asyncio.run(stream_burst([gw.url for gw in pair], key, 120))
+    used = [r for r in results if r is not None]
+    reservation = 40  # generous bound on prompt tokens counted + max_tokens (10)
+    assert sum(used) <= quota + reservation  # never over by more than one reservation
+    assert len(used) >= quota // reservation  # and no false 429 far below the quota
+    assert results.count(None) == 120 - len(used) > 0
+
+
+def test_openai_sdk_rate_limit_error_and_retry(pair: list[Gateway]) -> None:
+    key = account_with_plan(pair[0], rpm=60)
+    statuses = asyncio.run(burst([pair[0].url], key, 60))
+    assert statuses.count(200) >= 60 - 1
+    strict = openai.OpenAI(base_url=pair[1].url + "/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as info:
+        for _ in range(3):  # the bucket refills one request per second
+            strict.chat.completions.create(**BODY)
+    assert info.value.code == "rate_limit_exceeded"
+    patient = openai.OpenAI(base_url=pair[1].url + "/v1", api_key=key, max_retries=4)
+    reply = patient.chat.completions.create(**BODY)  # waits retry-after, then succeeds
+    assert reply.choices[0].message.content
+
+
+def test_plan_change_takes_effect_without_restart(pair: list[Gateway]) -> None:
+    key = account_with_plan(pair[0], rpd=1)
+    headers = {"Authorization": f"Bearer {key}"}
+    url = pair[1].url + "/v1/chat/completions"
+    assert requests.post(url, json=BODY, headers=headers, timeout=10).status_code == 200
+    assert requests.post(url, json=BODY, headers=headers, timeout=10).status_code == 429
+    email = [a for a in pair[0].cli_json("accounts", "list") if a["plan"] not in ("free", "pro", "enterprise")][-1]["email"]
+    pair[0].cli("accounts", "set-plan", email, "enterprise")
+    time.sleep(1.0)
+    assert requests.post(url, json=BODY, headers=headers, timeout=10).status_code == 200
+
+
+@pytest.fixture
+def own_redis() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                import redis
+
+                redis.Redis(port=port).ping()
+                break
+            except Exception:
+                time.sleep(0.05)
+        return proc
+
+    holder = {"proc": start()}
+    holder["start"] = start  # type: ignore[assignment]
+    yield port, holder  # type: ignore[misc]
+    stop(holder["proc"])
+
+
+def test_redis_outage_fail_open_and_closed(
+    own_redis: Any, pg_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    port, holder = own_redis
+    url = f"redis://127.0.0.1:{port}/0"
+    gws = {
+        mode: make_gateway(tmp_path / mode, database_url=pg_url, upstream=upstream,
+                           extra_env={"CHATGATE_REDIS_URL": url, "CHATGATE_RATELIMIT_FAIL_OPEN": flag,
+                                      "CHATGATE_SECRET": "s" * 40}).start()
+        for mode, flag in (("open", "1"), ("closed", "0"))
+    }
+    try:
+        key = account_with_plan(gws["open"], rpm=1000)
+        headers = {"Authorization": f"Bearer {key}"}
+
+        def status(mode: str) -> int:
+            return requests.post(gws[mode].url + "/v1/chat/completions", json=BODY, headers=headers,
+                                 timeout=10).status_code
+
+        assert status("open") == 200 and status("closed") == 200
+        stop(holder["proc"])
+        assert status("open") == 200
+        closed = requests.post(gws["closed"].url + "/v1/chat/completions", json=BODY,
+                               headers=headers, timeout=10)
+        assert closed.status_code == 503 and closed.json()["error"]["type"] == "server_error"
+        holder["proc"] = holder["start"]()
+        time.sleep(1.5)  # the failover cool-down
+        assert status("open") == 200 and status("closed") == 200
+    finally:
+        for gw in gws.values():
+            gw.stop()
