@@ -7,9 +7,22 @@ Behaviour is chosen by the request's ``model``:
 - ``no-usage``: never reports usage (the gateway must count);
 - ``fail-500`` / ``fail-429`` / ``fail-401``: answer with that status;
 - ``slow``: wait ``delay`` seconds (JSON ``{"delay": s}`` in the body extension ``fake``);
-- ``break-stream``: send two chunks, then cut the connection.
+- ``break-stream``: send two chunks, then cut the connection;
+- ``hang``: never answer (the connection stays open, no status line);
+- ``stall-stream``: when streaming, send ``fake.after`` events (default 2; 0 = headers only),
+  then go silent for ``fake.delay`` seconds (default an hour) without closing; when not
+  streaming, the same as ``hang``;
+- ``fake.fail_times`` = N with ``fake.key`` = K (any model): the first N requests carrying key K
+  answer ``fake.status`` (default 500), later ones are served normally (with ``fake.model``,
+  only requests for that model count);
+- a port with nothing listening is the "refuses connections" case (no behaviour needed here);
+- ``tools``: with ``tools`` in the request and no tool result yet, answer with a call of the
+  first tool (or the one ``tool_choice`` names), its arguments filled from the JSON schema,
+  ``finish_reason: tool_calls``; streamed as tool-call deltas (arguments in pieces).
+  Once the last message is a ``tool`` result, answer as usual (echo it).
 Every request body received is kept in memory and served at ``GET /_requests`` (newest last),
 and ``DELETE /_requests`` clears it, so tests can check what the gateway forwarded.
+``GET /_received_at`` gives the arrival time (unix seconds) of each of those, in the same order.
 """
 
 from __future__ import annotations
@@ -23,6 +36,19 @@ import orjson
 from aiohttp import web
 
 RECEIVED = web.AppKey("received", list)
+RECEIVED_AT = web.AppKey("received_at", list)
+FAILURES = web.AppKey("failures", dict)
+HOUR = 3600.0
+
+
+async def _linger(request: web.Request, seconds: float) -> None:
+    """Sleep up to ``seconds``, but stop once the client has gone (so a stop is quick)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -52,8 +78,23 @@ async def chat(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     body = orjson.loads(raw)
     request.app[RECEIVED].append(body)
+    request.app[RECEIVED_AT].append(time.time())
     model = body.get("model", "")
     chunks: int = request.app["chunks"]
+    fake = body.get("fake") if isinstance(body.get("fake"), dict) else {}
+    if "fail_times" in fake and fake.get("model", model) == model:
+        seen = request.app[FAILURES]
+        key = str(fake.get("key", ""))
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= int(fake["fail_times"]):
+            status = int(fake.get("status", 500))
+            return web.json_response(
+                {"error": {"message": f"fake failure {status}", "type": "server_error"}},
+                status=status,
+                headers={"retry-after": "1"} if status == 429 else {},
+            )
+    if model == "hang" or (model == "stall-stream" and not body.get("stream")):
+        await _linger(request, float(fake.get("delay", HOUR)))
     if model.startswith("fail-"):
         status = int(model.split("-", 1)[1])
         headers = {"retry-after": "2"} if status == 429 else {}
@@ -64,6 +105,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         )
     if model == "slow":
         await asyncio.sleep(float((body.get("fake") or {}).get("delay", 5)))
+    if model == "tools" and body.get("tools") and _last_role(body) != "tool":
+        return await _tool_call(request, body)
     prompt = _prompt_tokens(body)
     words = _reply_text(body).split()
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
@@ -94,6 +137,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
+    if model == "stall-stream" and int(fake.get("after", 2)) == 0:
+        await _linger(request, float(fake.get("delay", HOUR)))
+        if request.transport is None or request.transport.is_closing():
+            return resp
     n = chunks if not max_tokens else min(chunks, max_tokens)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
@@ -115,6 +162,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
             assert request.transport is not None
             request.transport.close()
             return resp
+        if model == "stall-stream" and i + 1 == int(fake.get("after", 2)):
+            await _linger(request, float(fake.get("delay", HOUR)))
+            if request.transport is None or request.transport.is_closing():
+                return resp
         await resp.write(event({"content": words[i % len(words)] + " "}))
     await resp.write(event({}, "stop"))
     if include_usage and report_usage:
@@ -132,12 +183,110 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def _last_role(body: dict[str, Any]) -> str:
+    messages = body.get("messages") or [{}]
+    return str(messages[-1].get("role", "")) if isinstance(messages[-1], dict) else ""
+
+
+def _fake_value(schema: dict[str, Any], name: str) -> Any:
+    kind = schema.get("type")
+    if schema.get("enum"):
+        return schema["enum"][0]
+    if kind in ("integer", "number"):
+        return 1
+    if kind == "boolean":
+        return True
+    if kind == "array":
+        return []
+    if kind == "object":
+        return {}
+    return f"fake {name}"
+
+
+async def _tool_call(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """Call the first tool (or the one ``tool_choice`` names), arguments from its schema."""
+    functions = [t.get("function") or {} for t in body["tools"] if isinstance(t, dict)]
+    choice = body.get("tool_choice")
+    wanted = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    function = next((f for f in functions if f.get("name") == wanted), functions[0])
+    params = function.get("parameters") or {}
+    props = params.get("properties") or {}
+    args = {n: _fake_value(props.get(n) or {}, n) for n in params.get("required") or list(props)}
+    arguments = orjson.dumps(args).decode()
+    name = str(function.get("name", "tool"))
+    call_id = "call_fake_" + str(len(request.app[RECEIVED]))
+    created = int(time.time())
+    model = body.get("model", "")
+    prompt = _prompt_tokens(body)
+    completion = max(len(arguments) // 4, 1)
+    if not body.get("stream"):
+        call = {
+            "id": call_id,
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+        out = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                    "finish_reason": "tool_calls",
+                }
+            ],
+            "usage": _usage(prompt, completion),
+        }
+        return web.Response(body=orjson.dumps(out), content_type="application/json")
+
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+    async def send(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> None:
+        chunk: dict[str, Any] = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        }
+        if include_usage:
+            chunk["usage"] = usage
+        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+
+    def delta(d: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": d, "finish_reason": finish}]
+
+    first = {
+        "index": 0,
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": ""},
+    }
+    await send(delta({"role": "assistant", "content": None, "tool_calls": [first]}))
+    step = max(len(arguments) // 3, 1)
+    for i in range(0, len(arguments), step):
+        piece = {"index": 0, "function": {"arguments": arguments[i : i + step]}}
+        await send(delta({"tool_calls": [piece]}))
+    await send(delta({}, "tool_calls"))
+    if include_usage:
+        await send([], _usage(prompt, completion))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
 async def embeddings(request: web.Request) -> web.Response:
     body = await request.json()
     request.app[RECEIVED].append(body)
+    request.app[RECEIVED_AT].append(time.time())
     inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
     data = [
-        {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))
+        {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+        for i in range(len(inputs))
     ]
     return web.json_response(
         {
@@ -156,18 +305,28 @@ async def models(request: web.Request) -> web.Response:
 async def received(request: web.Request) -> web.Response:
     if request.method == "DELETE":
         request.app[RECEIVED].clear()
+        request.app[RECEIVED_AT].clear()
         return web.json_response({"ok": True})
     return web.Response(body=orjson.dumps(request.app[RECEIVED]), content_type="application/json")
+
+
+async def received_at(request: web.Request) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(request.app[RECEIVED_AT]), content_type="application/json"
+    )
 
 
 def make_app(chunks: int = 20) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[RECEIVED] = []
+    app[RECEIVED_AT] = []
+    app[FAILURES] = {}
     app["chunks"] = chunks
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
     app.router.add_route("*", "/_requests", received)
+    app.router.add_get("/_received_at", received_at)
     return app
 
 
@@ -183,8 +342,14 @@ def main() -> None:
         loop = uvloop.new_event_loop()
     except ImportError:
         loop = asyncio.new_event_loop()
-    web.run_app(make_app(args.chunks), host=args.host, port=args.port, access_log=None,
-                print=None, loop=loop)
+    web.run_app(
+        make_app(args.chunks),
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=None,
+        loop=loop,
+    )
 
 
 if __name__ == "__main__":

@@ -19,10 +19,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate import errors
 from chatgate.accounts import LIMIT_FIELDS, AccountStore, PlanStore
+from chatgate.backends.cli import add_parser as add_models_parser
+from chatgate.client.chat import add_parser as add_chat_parser
 from chatgate.db.engine import create_engine, migrate
 from chatgate.keys.store import KeyStore
 from chatgate.settings import Settings
 from chatgate.timefmt import iso, now, parse_duration
+from chatgate.usage.cli import add_parser as add_usage_parser
 
 
 class CLIError(Exception):
@@ -249,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     for p in ks.choices.values():
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_keys)
+    add_usage_parser(sub)
+    add_models_parser(sub)
+    add_chat_parser(sub)
     return parser
 
 

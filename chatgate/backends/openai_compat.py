@@ -1,24 +1,75 @@
 """Backend for any OpenAI-compatible upstream (OpenAI, vLLM, Ollama, llama.cpp server).
 
-One pooled ``aiohttp.ClientSession`` per upstream base URL. Streams are passed through event
-by event, never buffered whole; ``stream_options.include_usage`` is always asked of the upstream
-so usage can be metered, and the usage-only chunk is dropped when the client did not ask for it.
+One backend instance per deployment (the router makes them), each with its own pooled
+``aiohttp.ClientSession`` and :class:`~chatgate.backends.deployment.Timeouts`:
+
+* ``connect``: aiohttp's connect timeout;
+* ``first_byte``: an ``asyncio`` deadline around sending the request and reading the headers
+  (for a stream, the watchdog below extends it to the first event);
+* ``idle`` and ``total``: for a non-streamed answer, one deadline on reading the body; for a
+  stream, one watchdog timer per stream that re-arms itself lazily (at most once per idle
+  period, never per chunk) and closes the upstream response when a limit passes, which ends the
+  relay with an SSE ``upstream_timeout`` error event.
+
+Streams are passed through event by event, never buffered whole; ``stream_options.include_usage``
+is always asked of the upstream so usage can be metered, and the usage-only chunk is dropped when
+the client did not ask for it. Upstream HTTP errors map to the error tree
+(:func:`upstream_status_error`); every message names the public model, never a URL or a key.
+
+Error classes added here (subclasses of the tree in :mod:`chatgate.errors`, same status/code)::
+
+    UpstreamError (502)
+    ├── UpstreamUnreachable       connect refused/reset, DNS, TLS
+    └── UpstreamStatusError       an unexpected upstream status (5xx, 401, 403, ...)
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, Literal
 
 import aiohttp
 import orjson
 
 from chatgate import errors
 from chatgate.backends.base import Backend, ChatResult, ChatStream, Usage
+from chatgate.backends.deployment import ProbeResult, Timeouts
 from chatgate.settings import ModelConfig, Settings
 
 DONE_EVENT = b"data: [DONE]\n\n"
+_SLACK = 0.001  # timer handles may fire up to the loop's clock resolution early
+
+Phase = Literal["connect", "first_byte", "idle", "total"]
+
+
+class UpstreamUnreachable(errors.UpstreamError):
+    """No connection to the upstream (refused, reset, DNS, TLS): 502, retried elsewhere."""
+
+
+class UpstreamStatusError(errors.UpstreamError):
+    """The upstream answered an unexpected HTTP status: 502 to the client."""
+
+    def __init__(self, message: str, *, upstream_status: int) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+
+
+def _secs(value: float) -> str:
+    return f"{value:g}s"
+
+
+def timeout_error(model: ModelConfig, phase: Phase, limit: float) -> errors.UpstreamTimeout:
+    """The 504 for ``phase`` (which limit passed), naming the model and the limit."""
+    text = {
+        "connect": f"could not be connected to within {_secs(limit)}",
+        "first_byte": f"did not start answering within {_secs(limit)}",
+        "idle": f"stopped sending for {_secs(limit)}",
+        "total": f"did not finish within {_secs(limit)}",
+    }[phase]
+    return errors.UpstreamTimeout(f"The upstream for model `{model.name}` {text}.")
 
 
 class OpenAICompatBackend(Backend):
@@ -26,11 +77,13 @@ class OpenAICompatBackend(Backend):
 
     name = "openai_compat"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, timeouts: Timeouts | None = None) -> None:
         self._settings = settings
+        self.timeouts = timeouts or Timeouts.defaults(settings)
         self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._timeout = aiohttp.ClientTimeout(
-            total=settings.upstream_timeout, sock_connect=settings.upstream_connect_timeout
+        # Only the connect phase is left to aiohttp; the others are deadlines of our own.
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.timeouts.connect, sock_connect=self.timeouts.connect
         )
 
     async def close(self) -> None:
@@ -44,7 +97,7 @@ class OpenAICompatBackend(Backend):
             connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
             session = aiohttp.ClientSession(
                 connector=connector,
-                timeout=self._timeout,
+                timeout=self._client_timeout,
                 json_serialize=lambda obj: orjson.dumps(obj).decode(),
                 skip_auto_headers=("User-Agent",),
             )
@@ -59,40 +112,45 @@ class OpenAICompatBackend(Backend):
                 headers["Authorization"] = "Bearer " + secret.reveal()
         return headers
 
-    async def _post(
-        self, model: ModelConfig, path: str, body: dict[str, Any]
+    async def _open(
+        self, model: ModelConfig, path: str, body: dict[str, Any], started: float
     ) -> aiohttp.ClientResponse:
+        """POST and wait for a 2xx's headers within the first-byte deadline; map failures."""
+        t = self.timeouts
         session = self._session(model.base_url)
         try:
-            resp = await session.post(
-                model.base_url + path, data=orjson.dumps(body), headers=self._headers(model)
-            )
+            async with asyncio.timeout_at(started + min(t.first_byte, t.total)) as deadline:
+                resp = await session.post(
+                    model.base_url + path, data=orjson.dumps(body), headers=self._headers(model)
+                )
+                if resp.status < 400:
+                    return resp
+                deadline.reschedule(started + t.total)
+                try:
+                    raw = await resp.read()
+                finally:
+                    resp.release()
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise timeout_error(model, "connect", t.connect) from exc
         except TimeoutError as exc:
-            raise errors.UpstreamTimeout(
-                f"The upstream for model `{model.name}` timed out."
-            ) from exc
+            raise timeout_error(model, "first_byte", min(t.first_byte, t.total)) from exc
         except aiohttp.ClientError as exc:
-            raise errors.UpstreamError(
+            raise UpstreamUnreachable(
                 f"The upstream for model `{model.name}` could not be reached."
             ) from exc
-        if resp.status >= 400:
-            try:
-                raw = await resp.read()
-            finally:
-                resp.release()
-            raise upstream_status_error(model, resp.status, raw, resp.headers)
-        return resp
+        raise upstream_status_error(model, resp.status, raw, resp.headers)
 
-    async def chat(self, model: ModelConfig, body: dict[str, Any]) -> ChatResult:
-        resp = await self._post(model, "/chat/completions", body)
+    async def _json(self, model: ModelConfig, path: str, body: dict[str, Any]) -> tuple[Any, bytes]:
+        """A non-streamed call: the decoded answer and its raw bytes, within ``total``."""
+        started = asyncio.get_running_loop().time()
+        resp = await self._open(model, path, body, started)
         try:
-            raw = await resp.read()
+            async with asyncio.timeout_at(started + self.timeouts.total):
+                raw = await resp.read()
         except TimeoutError as exc:
-            raise errors.UpstreamTimeout(
-                f"The upstream for model `{model.name}` timed out."
-            ) from exc
+            raise timeout_error(model, "total", self.timeouts.total) from exc
         except aiohttp.ClientError as exc:
-            raise errors.UpstreamError(
+            raise UpstreamUnreachable(
                 f"The upstream for model `{model.name}` broke the connection."
             ) from exc
         finally:
@@ -107,6 +165,10 @@ class OpenAICompatBackend(Backend):
             raise errors.UpstreamError(
                 f"The upstream for model `{model.name}` sent an invalid answer."
             )
+        return data, raw
+
+    async def chat(self, model: ModelConfig, body: dict[str, Any]) -> ChatResult:
+        data, raw = await self._json(model, "/chat/completions", body)
         return ChatResult(data, Usage.from_openai(data.get("usage")), raw)
 
     async def chat_stream(
@@ -117,44 +179,144 @@ class OpenAICompatBackend(Backend):
         options = dict(body.get("stream_options") or {})
         options["include_usage"] = True
         body["stream_options"] = options
-        resp = await self._post(model, "/chat/completions", body)
-        return SSEPassThrough(resp, model, include_usage=include_usage)
+        started = asyncio.get_running_loop().time()
+        resp = await self._open(model, "/chat/completions", body, started)
+        return SSEPassThrough(
+            resp, model, include_usage=include_usage, timeouts=self.timeouts, started=started
+        )
 
     async def embeddings(self, model: ModelConfig, body: dict[str, Any]) -> dict[str, Any]:
-        resp = await self._post(model, "/embeddings", body)
+        data, _ = await self._json(model, "/embeddings", body)
+        result: dict[str, Any] = data
+        return result
+
+    async def probe(self, model: ModelConfig) -> ProbeResult:
+        """``GET /models`` within the connect and first-byte limits: reachable, key accepted?"""
+        t = self.timeouts
+        session = self._session(model.base_url)
+        began = time.perf_counter()
         try:
-            data = orjson.loads(await resp.read())
-        except (orjson.JSONDecodeError, aiohttp.ClientError) as exc:
-            raise errors.UpstreamError(
-                f"The upstream for model `{model.name}` sent an invalid answer."
-            ) from exc
-        finally:
-            resp.release()
-        if not isinstance(data, dict):
-            raise errors.UpstreamError(
-                f"The upstream for model `{model.name}` sent an invalid answer."
-            )
-        return data
+            async with asyncio.timeout(min(t.first_byte, t.total)):
+                async with session.get(
+                    model.base_url + "/models", headers=self._headers(model)
+                ) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+        except TimeoutError:
+            return ProbeResult(False, "timed out")
+        except aiohttp.ClientError:
+            return ProbeResult(False, "unreachable")
+        latency = round((time.perf_counter() - began) * 1000, 1)
+        if status in (401, 403):
+            return ProbeResult(False, f"key rejected ({status})", latency, status)
+        if status >= 500:
+            return ProbeResult(False, f"upstream error ({status})", latency, status)
+        if status != 200:
+            return ProbeResult(True, f"reachable ({status} on /models)", latency, status)
+        listed = None
+        try:
+            data = orjson.loads(raw).get("data")
+            if isinstance(data, list):
+                ids = {m.get("id") for m in data if isinstance(m, dict)}
+                listed = model.upstream_model in ids
+        except (orjson.JSONDecodeError, AttributeError):
+            pass
+        return ProbeResult(True, "ok", latency, status, listed)
 
 
 class SSEPassThrough(ChatStream):
-    """Relays an upstream SSE response event by event, noting usage and generated text."""
+    """Relays an upstream SSE response event by event, noting usage and generated text.
+
+    A transport failure or a passed time limit ends the relay with one
+    ``data: {"error": ...}`` event; ``failure`` then holds that error (the router uses it to
+    retry when nothing has reached the client yet).
+    """
 
     def __init__(
-        self, resp: aiohttp.ClientResponse, model: ModelConfig, *, include_usage: bool
+        self,
+        resp: aiohttp.ClientResponse,
+        model: ModelConfig,
+        *,
+        include_usage: bool,
+        timeouts: Timeouts | None = None,
+        started: float | None = None,
     ) -> None:
         super().__init__()
         self._resp = resp
         self._model = model
         self._include_usage = include_usage
+        self.failure: errors.APIError | None = None
+        self._iterator: AsyncGenerator[bytes, None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._timeouts = timeouts
+        self._reading_since: float | None = None  # loop time a read of the upstream began
+        self._expired: Phase | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        if timeouts is not None:
+            begin = self._loop.time() if started is None else started
+            self._first_at = begin + min(timeouts.first_byte, timeouts.total)
+            self._total_at = begin + timeouts.total
+            self._timer = self._loop.call_at(self._deadline()[0], self._check)
+
+    # -- the watchdog: one timer per stream, re-armed lazily ------------------------------------
+
+    def _deadline(self) -> tuple[float, Phase]:
+        """The next instant a limit may pass, and which limit that is."""
+        assert self._timeouts is not None
+        phase: Phase
+        if self.first_byte_at is None:
+            when, phase = self._first_at, "first_byte"
+        elif self._reading_since is not None:
+            when, phase = self._reading_since + self._timeouts.idle, "idle"
+        else:  # the client is slow to take events: that is not the upstream's idleness
+            when, phase = self._loop.time() + self._timeouts.idle, "idle"
+        if self._total_at <= when:
+            return self._total_at, "total"
+        return when, phase
+
+    def _check(self) -> None:
+        self._timer = None
+        when, phase = self._deadline()
+        if self._loop.time() + _SLACK >= when:
+            self._expired = phase
+            self._resp.close()  # the pending read raises ClientConnectionError
+        else:
+            self._timer = self._loop.call_at(when, self._check)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timeout(self) -> errors.UpstreamTimeout:
+        assert self._timeouts is not None and self._expired is not None
+        limits = {
+            "first_byte": min(self._timeouts.first_byte, self._timeouts.total),
+            "idle": self._timeouts.idle,
+            "total": self._timeouts.total,
+            "connect": self._timeouts.connect,
+        }
+        return timeout_error(self._model, self._expired, limits[self._expired])
+
+    # -- relaying ---------------------------------------------------------------------------
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._events()
+        if self._iterator is None:
+            self._iterator = self._events()
+        return self._iterator
 
-    async def _events(self) -> AsyncIterator[bytes]:
+    async def _events(self) -> AsyncGenerator[bytes, None]:
         pending: list[bytes] = []
+        readline = self._resp.content.readline
+        clock = self._loop.time
         try:
-            async for line in self._resp.content:
+            while True:
+                # Idle time counts only while we wait for the upstream, not for the client.
+                self._reading_since = clock()
+                line = await readline()
+                self._reading_since = None
+                if not line:
+                    break
                 if line in (b"\n", b"\r\n"):
                     if pending:
                         event = b"".join(pending) + b"\n"
@@ -170,11 +332,16 @@ class SSEPassThrough(ChatStream):
                 if self._keep(event):
                     yield event
         except (TimeoutError, aiohttp.ClientError):
-            err = errors.UpstreamError(
-                f"The upstream for model `{self._model.name}` broke off the stream."
-            )
-            yield b"data: " + err.body() + b"\n\n"
+            if self._expired is not None:
+                self.failure = self._timeout()
+            else:
+                self.failure = errors.UpstreamError(
+                    f"The upstream for model `{self._model.name}` broke off the stream."
+                )
+            yield b"data: " + self.failure.body() + b"\n\n"
         finally:
+            self._reading_since = None
+            self._stop_timer()
             self._resp.release()
 
     def _keep(self, event: bytes) -> bool:
@@ -184,6 +351,8 @@ class SSEPassThrough(ChatStream):
         try:
             chunk = orjson.loads(event[6:])
         except orjson.JSONDecodeError:
+            return True
+        if not isinstance(chunk, dict):
             return True
         usage = Usage.from_openai(chunk.get("usage"))
         if usage is not None:
@@ -202,13 +371,40 @@ class SSEPassThrough(ChatStream):
         return usage is None or self._include_usage
 
     async def aclose(self) -> None:
+        self._stop_timer()
         self._resp.close()
+        if self._iterator is not None:
+            # Runs the relay's cleanup now; a RuntimeError means another task is inside it,
+            # and it ends by itself since the response is closed.
+            with contextlib.suppress(RuntimeError):
+                await self._iterator.aclose()
+
+
+def _retry_hint(headers: Any) -> dict[str, str]:
+    """The upstream's ``retry-after`` (seconds) as ``retry-after`` and ``retry-after-ms``."""
+    hint: dict[str, str] = {}
+    ms = headers.get("retry-after-ms")
+    secs = headers.get("retry-after")
+    try:
+        if ms is not None:
+            value = max(0.0, float(ms))
+            hint["retry-after-ms"] = str(int(value))
+            hint["retry-after"] = str(max(1, int(-(-value // 1000))))
+        elif secs is not None:
+            value = max(0.0, float(secs))
+            hint["retry-after"] = str(max(1, int(-(-value // 1))))
+            hint["retry-after-ms"] = str(int(value * 1000))
+    except ValueError:
+        if secs:  # an HTTP date: pass it on as it is
+            hint = {"retry-after": str(secs)}
+    return hint
 
 
 def upstream_status_error(
     model: ModelConfig, status: int, raw: bytes, headers: Any
 ) -> errors.APIError:
-    """Map an upstream HTTP error to ours: 429 stays 429, client errors pass, the rest is 502."""
+    """Map an upstream HTTP error: 429 stays 429 (with its retry hint), client errors pass,
+    408 is a timeout (504), the rest is 502."""
     message = None
     try:
         data = orjson.loads(raw)
@@ -217,10 +413,12 @@ def upstream_status_error(
     except orjson.JSONDecodeError:
         pass
     if status == 429:
-        retry = headers.get("retry-after")
-        hint = {"retry-after": retry} if retry else {}
+        hint = _retry_hint(headers)
+        when = " Please try again later."
+        if "retry-after-ms" in hint:  # a number of seconds, not an HTTP date
+            when = f" Please try again in {hint['retry-after']}s."
         return errors.RateLimited(
-            f"The upstream for model `{model.name}` is rate limited. Please try again later.",
+            f"The upstream for model `{model.name}` is rate limited.{when}",
             headers=hint,
             type="requests",
         )
@@ -228,6 +426,17 @@ def upstream_status_error(
         return errors.InvalidRequest(f"Upstream rejected the request: {message[:500]}")
     if status == 408:
         return errors.UpstreamTimeout(f"The upstream for model `{model.name}` timed out.")
-    return errors.UpstreamError(
-        f"The upstream for model `{model.name}` answered with status {status}."
+    return UpstreamStatusError(
+        f"The upstream for model `{model.name}` answered with status {status}.",
+        upstream_status=status,
     )
+
+
+__all__ = [
+    "OpenAICompatBackend",
+    "SSEPassThrough",
+    "UpstreamStatusError",
+    "UpstreamUnreachable",
+    "timeout_error",
+    "upstream_status_error",
+]

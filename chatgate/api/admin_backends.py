@@ -1,0 +1,124 @@
+"""Backend health for operators: ``GET /api/admin/backends`` and ``GET /readyz``.
+
+``/api/admin/backends`` (admin keys only; anyone else gets the same 404 as an unknown URL)
+lists every deployment with its circuit-breaker state, failure counters, last error label and
+in-flight requests (:meth:`chatgate.backends.router.Router.status`). No URLs, no keys.
+
+``/readyz`` needs no key (load balancers call it) and says whether this process can serve:
+
+* ``database``: ``SELECT 1`` within :data:`DB_TIMEOUT` seconds;
+* ``redis`` (only when ``CHATGATE_REDIS_URL`` is set): ``PING`` within ``redis_timeout``;
+* ``backends``: per public model, how many deployments are usable (breaker not open).
+
+It answers 200 ``{"status": "ok"}`` when the database (and Redis, when configured) answer,
+else 503 ``{"status": "unavailable"}``. Backends are reported but do not fail readiness: every
+gateway process sees the same upstreams, so pulling them all from the load balancer would only
+turn a clear 502 into a connection error. The body names models and states, never URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy import text
+
+from chatgate import errors
+from chatgate.api.openai import authenticate, json_response
+from chatgate.settings import Settings
+from chatgate.state import STATE, State
+
+DB_TIMEOUT = 1.0
+
+
+class _RedisProbe:
+    """One ``redis.asyncio`` client for readiness pings, made on first use, closed at stop."""
+
+    def __init__(self) -> None:
+        self._client: Any = None
+
+    async def ping(self, settings: Settings) -> None:
+        if self._client is None:
+            from redis.asyncio import Redis
+
+            self._client = Redis.from_url(
+                settings.redis_url or "",
+                socket_timeout=settings.redis_timeout,
+                socket_connect_timeout=settings.redis_timeout,
+                retry_on_timeout=False,
+            )
+        async with asyncio.timeout(settings.redis_timeout * 2):
+            await self._client.ping()
+
+    async def close(self, app: web.Application) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+REDIS_PROBE = web.AppKey("chatgate_redis_probe", _RedisProbe)
+
+
+async def backends(request: web.Request) -> web.Response:
+    """Every deployment's breaker state and counters; 404 unless the key is an admin's."""
+    state, principal = await authenticate(request)
+    if not principal.is_admin:
+        raise errors.NotFound(
+            "Unknown request URL. Please check the URL and method.", code="unknown_url"
+        )
+    data = [status.to_dict() for status in state.router.status()]
+    return json_response({"object": "list", "data": data})
+
+
+async def _timed(check: Awaitable[object]) -> dict[str, Any]:
+    began = time.perf_counter()
+    try:
+        await check
+    except Exception as exc:  # any failure means "not ready"; the type is enough detail
+        return {"ok": False, "error": type(exc).__name__}
+    return {"ok": True, "latency_ms": round((time.perf_counter() - began) * 1000, 1)}
+
+
+async def _database(state: State) -> None:
+    async with asyncio.timeout(DB_TIMEOUT), state.engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+
+
+def _backends(state: State) -> dict[str, Any]:
+    models: dict[str, dict[str, int]] = {}
+    for status in state.router.status():
+        counts = models.setdefault(status.model, {"deployments": 0, "available": 0})
+        counts["deployments"] += 1
+        if status.state != "open":
+            counts["available"] += 1
+    degraded = sorted(name for name, c in models.items() if c["available"] < c["deployments"])
+    down = sorted(name for name, c in models.items() if c["available"] == 0)
+    return {"ok": not down, "degraded": degraded, "down": down, "models": models}
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """200 when the database (and Redis, if configured) answer; backends are informational."""
+    state = request.app[STATE]
+    checks: dict[str, Any] = {"database": _timed(_database(state))}
+    if state.settings.redis_url:
+        checks["redis"] = _timed(request.app[REDIS_PROBE].ping(state.settings))
+    results = dict(zip(checks, await asyncio.gather(*checks.values()), strict=True))
+    ready = all(result["ok"] for result in results.values())
+    results["backends"] = _backends(state)
+    body = {"status": "ok" if ready else "unavailable", "checks": results}
+    return json_response(body, status=200 if ready else 503)
+
+
+def setup(app: web.Application) -> None:
+    """Add ``GET /api/admin/backends`` and ``GET /readyz``."""
+    probe = _RedisProbe()
+    app[REDIS_PROBE] = probe
+    app.on_cleanup.append(probe.close)
+    app.router.add_get("/api/admin/backends", backends)
+    app.router.add_get("/readyz", readyz)
+
+
+__all__ = ["backends", "readyz", "setup"]

@@ -1,0 +1,205 @@
+"""Deployments: where a public model name is served, read from the ``[[models]]`` tables.
+
+Each ``[[models]]`` table is one deployment; tables that repeat a ``name`` form that model's
+ordered list (the format is described in :mod:`chatgate.backends.router`). This module only
+turns tables (already read by :mod:`chatgate.settings` into :class:`ModelConfig`, with the keys
+it does not know in ``options``) into typed, validated objects; it holds no runtime state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from chatgate.backends.breaker import DEFAULT_COOLDOWN, DEFAULT_FAILURE_THRESHOLD
+from chatgate.settings import ModelConfig, Settings
+
+DEFAULT_FIRST_BYTE_TIMEOUT = 300.0
+DEFAULT_IDLE_TIMEOUT = 120.0
+DEFAULT_RETRIES = 2
+DEFAULT_RETRY_BACKOFF = 0.25
+DEFAULT_RETRY_BACKOFF_MAX = 4.0
+BACKEND_KINDS = ("openai_compat", "local")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-deployment limits, in seconds.
+
+    ``connect``: TCP (and TLS) connect. ``first_byte``: from sending the request to the response
+    headers and, for a stream, its first event. ``idle``: between two stream events. ``total``:
+    the whole request, stream included.
+    """
+
+    connect: float
+    first_byte: float
+    idle: float
+    total: float
+
+    @classmethod
+    def defaults(cls, settings: Settings) -> Timeouts:
+        """The settings' connect/total timeouts and this module's defaults for the others."""
+        total = settings.upstream_timeout
+        return cls(
+            connect=min(settings.upstream_connect_timeout, total),
+            first_byte=min(DEFAULT_FIRST_BYTE_TIMEOUT, total),
+            idle=min(DEFAULT_IDLE_TIMEOUT, total),
+            total=total,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often one request is retried, and the exponential backoff between retries."""
+
+    retries: int = DEFAULT_RETRIES
+    backoff: float = DEFAULT_RETRY_BACKOFF
+    backoff_max: float = DEFAULT_RETRY_BACKOFF_MAX
+
+    def delay(self, retry: int, jitter: float) -> float:
+        """Seconds to wait before retry number ``retry`` (0-based); ``jitter`` is in [0, 1)."""
+        base = min(self.backoff_max, self.backoff * 2.0**retry)
+        return base * (0.5 + 0.5 * jitter)
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """One place that serves a public model: a backend kind and its config, with routing data.
+
+    ``config`` is what the backend gets (its ``name`` is the public name, so error messages
+    name the model the client asked for, never a URL).
+    """
+
+    config: ModelConfig
+    index: int
+    weight: float
+    priority: int
+    timeouts: Timeouts
+    breaker_failures: int = DEFAULT_FAILURE_THRESHOLD
+    breaker_cooldown: float = DEFAULT_COOLDOWN
+
+    @property
+    def id(self) -> str:
+        """``<model>#<index>``: stable, and free of URLs (safe in logs and metric labels)."""
+        return f"{self.config.name}#{self.index}"
+
+    @property
+    def backend(self) -> str:
+        return self.config.backend
+
+    @property
+    def upstream_model(self) -> str:
+        return self.config.upstream_model
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What probing one deployment found (``chatgate models check``)."""
+
+    ok: bool
+    detail: str
+    latency_ms: float | None = None
+    status: int | None = None
+    listed: bool | None = None  # the upstream lists ``upstream_model`` (None: unknown)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPlan:
+    """A public model: its public config, ordered deployments, and retry policy."""
+
+    model: ModelConfig
+    deployments: tuple[Deployment, ...]
+    retry: RetryPolicy
+
+
+def _number(table: Mapping[str, Any], key: str, default: float, *, where: str) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where}: `{key}` must be a number of seconds, not {value!r}")
+    return float(value)
+
+
+def _positive(table: Mapping[str, Any], key: str, default: float, *, where: str) -> float:
+    value = _number(table, key, default, where=where)
+    if value <= 0:
+        raise ValueError(f"{where}: `{key}` must be greater than 0")
+    return value
+
+
+def _integer(table: Mapping[str, Any], key: str, default: int, *, low: int, where: str) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{where}: `{key}` must be a whole number >= {low}, not {value!r}")
+    return value
+
+
+def deployment_from_config(config: ModelConfig, index: int, defaults: Timeouts) -> Deployment:
+    """Validate one ``[[models]]`` table's routing keys (from ``config.options``)."""
+    where = f"model {config.name!r} (deployment #{index})"
+    if config.backend not in BACKEND_KINDS:
+        raise ValueError(f"{where}: unknown backend {config.backend!r}")
+    if config.backend == "openai_compat" and not config.base_url:
+        raise ValueError(f"{where}: `base_url` is required for the openai_compat backend")
+    opts = config.options
+    total = _positive(opts, "total_timeout", defaults.total, where=where)
+    timeouts = Timeouts(
+        connect=_positive(opts, "connect_timeout", min(defaults.connect, total), where=where),
+        first_byte=_positive(
+            opts, "first_byte_timeout", min(defaults.first_byte, total), where=where
+        ),
+        idle=_positive(opts, "idle_timeout", min(defaults.idle, total), where=where),
+        total=total,
+    )
+    weight = _number(opts, "weight", 1.0, where=where)
+    if weight < 0:
+        raise ValueError(f"{where}: `weight` cannot be negative")
+    return Deployment(
+        config=config,
+        index=index,
+        weight=weight,
+        priority=_integer(opts, "priority", index, low=0, where=where),
+        timeouts=timeouts,
+        breaker_failures=_integer(
+            opts, "breaker_failures", DEFAULT_FAILURE_THRESHOLD, low=1, where=where
+        ),
+        breaker_cooldown=_number(opts, "breaker_cooldown", DEFAULT_COOLDOWN, where=where),
+    )
+
+
+def plan_models(settings: Settings, configs: Sequence[ModelConfig]) -> list[ModelPlan]:
+    """Group ``configs`` by public name (first appearance order) into validated plans."""
+    defaults = Timeouts.defaults(settings)
+    groups: dict[str, list[ModelConfig]] = {}
+    for config in configs:
+        groups.setdefault(config.name, []).append(config)
+    plans = []
+    for name, group in groups.items():
+        first = group[0]
+        where = f"model {name!r}"
+        retry = RetryPolicy(
+            retries=_integer(first.options, "retries", DEFAULT_RETRIES, low=0, where=where),
+            backoff=_number(first.options, "retry_backoff", DEFAULT_RETRY_BACKOFF, where=where),
+            backoff_max=_number(
+                first.options, "retry_backoff_max", DEFAULT_RETRY_BACKOFF_MAX, where=where
+            ),
+        )
+        deployments = tuple(
+            deployment_from_config(config, i, defaults) for i, config in enumerate(group)
+        )
+        # What the API layer sees: name, context window; no URL, key name or options.
+        public = replace(first, base_url="", api_key_env=None, options={})
+        plans.append(ModelPlan(public, deployments, retry))
+    return plans
+
+
+__all__ = [
+    "BACKEND_KINDS",
+    "Deployment",
+    "ModelPlan",
+    "ProbeResult",
+    "RetryPolicy",
+    "Timeouts",
+    "deployment_from_config",
+    "plan_models",
+]
