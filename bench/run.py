@@ -35,7 +35,6 @@ from tests.helpers import (  # noqa: E402
     Gateway,
     create_pg_database,
     drop_pg_database,
-    free_port,
     make_gateway,
     start_upstream,
     stop,

@@ -10,17 +10,21 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from chatgate import dashboard
+from chatgate import tokens
 from chatgate.accounts import AccountStore, PlanStore
-from chatgate.api import openai, ops
+from chatgate.api import admin_backends, conversations, manage, openai, ops, responses
 from chatgate.api import usage as usage_api
 from chatgate.auth import Authenticator
 from chatgate.backends.router import Router
 from chatgate.db.engine import create_engine
 from chatgate.keys.store import KeyStore
 from chatgate.limits import Limits
+from chatgate.metrics import Metrics
 from chatgate.middleware import api_middleware
 from chatgate.settings import Settings
 from chatgate.state import STATE, State
+from chatgate.usage.recorder import UsageRecorder
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -29,7 +33,12 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_lifespan(settings))
     openai.setup(app)
     ops.setup(app)
+    admin_backends.setup(app)
     usage_api.setup(app)
+    responses.setup(app)
+    conversations.setup(app)
+    manage.setup(app)
+    dashboard.setup(app)
     return app
 
 
@@ -52,13 +61,31 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
             limits=Limits.from_settings(settings),
             started_at=time.time(),
         )
+        metrics = Metrics(m.name for m in router.models())
+        state.metrics = metrics
+        router.on_failure(
+            lambda d, reason: metrics.upstream_error(d.config.backend, d.config.name, reason)
+        )
+        recorder: UsageRecorder | None = None
+        if settings.usage_enabled:
+            recorder = UsageRecorder(
+                engine,
+                settings.data_dir / "spool",
+                flush_interval=settings.usage_flush_interval,
+                retention_seconds=settings.usage_retention_days * 86400,
+            )
+            metrics.bind_usage(recorder)
+            state.usage = recorder
         app[STATE] = state
+        tokens.preload()  # build the tokenizers now, not on the first request
         await auth.start_feed()
         await router.start()
         tasks = [
             asyncio.create_task(auth.run_feed(), name="invalidation-feed"),
             asyncio.create_task(auth.run_last_used(), name="last-used"),
         ]
+        if recorder is not None:
+            recorder.start()
         _tune_gc()
         try:
             yield
@@ -69,6 +96,8 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await auth.close()
+            if recorder is not None:
+                await recorder.close()  # a graceful stop flushes every usage record
             await router.close()
             await state.limits.close()
             await engine.dispose()

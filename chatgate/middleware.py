@@ -56,9 +56,12 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         response.headers["x-request-id"] = request_id
     meter = request.get(METER)
     if meter is not None:  # an API request: one usage record, whatever the outcome
-        sink = request.app[STATE].usage
-        if sink is not None:
-            sink.record(meter.record(request_id, response.status, error_code))
+        state = request.app[STATE]
+        if state.usage is not None:
+            rec = meter.record(request_id, response.status, error_code)
+            state.usage.record(rec)
+            if state.metrics is not None:
+                state.metrics.observe(rec)
     return response
 
 

@@ -13,6 +13,7 @@ from chatgate.auth import Authenticator, Principal
 from chatgate.backends.router import Router
 from chatgate.keys.store import KeyStore
 from chatgate.limits import Limits
+from chatgate.metrics import Metrics
 from chatgate.settings import Settings
 from chatgate.usage.record import UsageRecord
 
@@ -34,6 +35,7 @@ class State:
     router: Router
     limits: Limits
     usage: UsageSink | None = None
+    metrics: Metrics | None = None
     started_at: float = 0.0
     extras: dict[str, object] = field(default_factory=dict)
 

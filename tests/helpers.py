@@ -72,8 +72,14 @@ class Upstream:
 def start_upstream(chunks: int = 20) -> Upstream:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port),
-         "--chunks", str(chunks)],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "fake_upstream.py"),
+            "--port",
+            str(port),
+            "--chunks",
+            str(chunks),
+        ],
     )
     wait_http(f"http://127.0.0.1:{port}/_requests", proc)
     return Upstream(port, proc)
@@ -147,7 +153,11 @@ class Gateway:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [str(BIN / "chatgate"), *args],
-            env=self.env, cwd=self.workdir, capture_output=True, text=True, timeout=120,
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"chatgate {' '.join(args)} failed: {result.stderr}")
@@ -161,7 +171,10 @@ class Gateway:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [str(BIN / "chatgate"), "serve", "--port", str(self.port)],
-                env=self.env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         wait_http(self.url + "/healthz", self.proc, timeout=120)
         return self
@@ -175,8 +188,13 @@ class Gateway:
 
 
 def make_gateway(
-    workdir: Path, *, database_url: str = "", upstream: Upstream | None = None,
-    local_model: bool = False, extra_env: dict[str, str] | None = None, extra_toml: str = "",
+    workdir: Path,
+    *,
+    database_url: str = "",
+    upstream: Upstream | None = None,
+    local_model: bool = False,
+    extra_env: dict[str, str] | None = None,
+    extra_toml: str = "",
 ) -> Gateway:
     workdir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATGATE_", "OPENAI_"))}

@@ -50,7 +50,9 @@ async def served(
 
 async def _post(session: aiohttp.ClientSession, server: TestServer, key: str) -> int:
     async with session.post(
-        server.make_url("/v1/chat/completions"), json=BODY, headers={"Authorization": f"Bearer {key}"}
+        server.make_url("/v1/chat/completions"),
+        json=BODY,
+        headers={"Authorization": f"Bearer {key}"},
     ) as resp:
         await resp.read()
         return resp.status

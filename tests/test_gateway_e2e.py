@@ -32,14 +32,23 @@ def chat(gw: Gateway, key: str | None, body: Any = None, **kw: Any) -> requests.
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
     headers.update(kw.pop("headers", {}))
-    data = body if isinstance(body, (str, bytes)) else json.dumps(
-        body or {"model": "gpt-test", "messages": [{"role": "user", "content": "hello"}]}
+    data = (
+        body
+        if isinstance(body, (str, bytes))
+        else json.dumps(
+            body or {"model": "gpt-test", "messages": [{"role": "user", "content": "hello"}]}
+        )
     )
     return requests.post(gw.url + "/v1/chat/completions", data=data, headers=headers, timeout=30)
 
 
-def assert_error(resp: requests.Response, status: int, code: str | None, param: str | None = None,
-                 type_: str | None = None) -> dict[str, Any]:
+def assert_error(
+    resp: requests.Response,
+    status: int,
+    code: str | None,
+    param: str | None = None,
+    type_: str | None = None,
+) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     assert resp.headers["x-request-id"].startswith("req_")
     error = resp.json()["error"]
@@ -72,13 +81,17 @@ def test_articles_requests_snippet(gateway: Gateway) -> None:
     API_KEY = new_key(gateway)["key"]
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     data = {"model": "gpt-test", "messages": [{"role": "user", "content": "Tell me a joke"}]}
-    response = requests.post(gateway.url + "/v1/chat/completions", headers=headers, json=data,
-                             timeout=30)
+    response = requests.post(
+        gateway.url + "/v1/chat/completions", headers=headers, json=data, timeout=30
+    )
     assert response.status_code == 200
     body = response.json()
     assert body["object"] == "chat.completion"
     assert "Tell me a joke" in body["choices"][0]["message"]["content"]
-    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    assert (
+        body["usage"]["total_tokens"]
+        == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
     assert response.headers["x-request-id"].startswith("req_")
 
 
@@ -92,7 +105,9 @@ def test_openai_sdk_unmodified(gateway: Gateway, upstream: Any) -> None:
     assert completion.usage is not None and completion.usage.completion_tokens > 0
 
     stream = client.chat.completions.create(
-        model="gpt-test", messages=[{"role": "user", "content": "stream me"}], stream=True,
+        model="gpt-test",
+        messages=[{"role": "user", "content": "stream me"}],
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -193,8 +208,9 @@ def test_key_limited_to_a_model(gateway: Gateway) -> None:
     assert chat(gateway, key).status_code == 200
     body = {"model": "gpt-other", "messages": [{"role": "user", "content": "x"}]}
     assert_error(chat(gateway, key, body), 403, "model_not_allowed", "model", "permission_error")
-    models = requests.get(gateway.url + "/v1/models", headers={"Authorization": f"Bearer {key}"},
-                          timeout=10).json()
+    models = requests.get(
+        gateway.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10
+    ).json()
     assert [m["id"] for m in models["data"]] == ["gpt-test"]
 
 
@@ -204,19 +220,44 @@ def test_key_limited_to_a_model(gateway: Gateway) -> None:
         ("{not json", 400, "invalid_json", None),
         ("[1, 2]", 400, "invalid_json", None),
         ({"model": "gpt-test"}, 400, "missing_required_parameter", "messages"),
-        ({"messages": [{"role": "user", "content": "x"}]}, 400, "missing_required_parameter", "model"),
+        (
+            {"messages": [{"role": "user", "content": "x"}]},
+            400,
+            "missing_required_parameter",
+            "model",
+        ),
         ({"model": "gpt-test", "messages": "hi"}, 400, "invalid_value", "messages"),
         ({"model": "gpt-test", "messages": []}, 400, "invalid_value", "messages"),
-        ({"model": "gpt-test", "messages": [{"role": "boss", "content": "x"}]}, 400, "invalid_value",
-         "messages[0].role"),
-        ({"model": "gpt-test", "messages": [{"role": "user", "content": 5}]}, 400, "invalid_value",
-         "messages[0].content"),
-        ({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
-         400, "invalid_value", "temperature"),
-        ({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1},
-         400, "invalid_value", "max_tokens"),
-        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found",
-         "model"),
+        (
+            {"model": "gpt-test", "messages": [{"role": "boss", "content": "x"}]},
+            400,
+            "invalid_value",
+            "messages[0].role",
+        ),
+        (
+            {"model": "gpt-test", "messages": [{"role": "user", "content": 5}]},
+            400,
+            "invalid_value",
+            "messages[0].content",
+        ),
+        (
+            {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
+            400,
+            "invalid_value",
+            "temperature",
+        ),
+        (
+            {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1},
+            400,
+            "invalid_value",
+            "max_tokens",
+        ),
+        (
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "model_not_found",
+            "model",
+        ),
     ],
 )
 def test_bad_requests_are_rejected_and_change_nothing(
@@ -232,7 +273,9 @@ def test_bad_requests_are_rejected_and_change_nothing(
 
 def test_body_too_large_is_413(gateway: Gateway) -> None:
     key = new_key(gateway)["key"]
-    huge = json.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "x" * (21 << 20)}]})
+    huge = json.dumps(
+        {"model": "gpt-test", "messages": [{"role": "user", "content": "x" * (21 << 20)}]}
+    )
     assert_error(chat(gateway, key, huge), 413, "request_too_large")
 
 

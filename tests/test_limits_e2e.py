@@ -24,14 +24,21 @@ BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
 
 
 @pytest.fixture(scope="module")
-def pair(pg_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Gateway]]:
+def pair(
+    pg_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Gateway]]:
     """Two gateways on one PostgreSQL database and one Redis (own key prefix)."""
     prefix = f"cgtest-{secrets.token_hex(4)}:"
-    env = {"CHATGATE_REDIS_URL": REDIS_URL, "CHATGATE_REDIS_PREFIX": prefix,
-           "CHATGATE_SECRET": secrets.token_urlsafe(32)}
+    env = {
+        "CHATGATE_REDIS_URL": REDIS_URL,
+        "CHATGATE_REDIS_PREFIX": prefix,
+        "CHATGATE_SECRET": secrets.token_urlsafe(32),
+    }
     root = Path(tmp_path_factory.mktemp("pair"))
-    gws = [make_gateway(root / f"gw{i}", database_url=pg_url, upstream=upstream, extra_env=env)
-           for i in range(2)]
+    gws = [
+        make_gateway(root / f"gw{i}", database_url=pg_url, upstream=upstream, extra_env=env)
+        for i in range(2)
+    ]
     for gw in gws:
         gw.start()
     yield gws
@@ -58,6 +65,7 @@ async def burst(urls: list[str], key: str, n: int, body: dict[str, Any] = BODY) 
     headers = {"Authorization": f"Bearer {key}"}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
+
         async def one(i: int) -> int:
             url = urls[i % len(urls)] + "/v1/chat/completions"
             async with session.post(url, json=body, headers=headers) as resp:
@@ -87,13 +95,19 @@ def test_two_processes_per_minute_limit(pair: list[Gateway]) -> None:
 def test_rate_limit_answer_shape(pair: list[Gateway]) -> None:
     key = account_with_plan(pair[0], rpm=3)
     headers = {"Authorization": f"Bearer {key}"}
-    ok = [requests.post(pair[i % 2].url + "/v1/chat/completions", json=BODY, headers=headers,
-                        timeout=10) for i in range(3)]
+    ok = [
+        requests.post(
+            pair[i % 2].url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
+        )
+        for i in range(3)
+    ]
     assert [r.status_code for r in ok] == [200, 200, 200]
     assert ok[0].headers["x-ratelimit-limit-requests"] == "3"
     assert [r.headers["x-ratelimit-remaining-requests"] for r in ok] == ["2", "1", "0"]
     assert ok[-1].headers["x-ratelimit-reset-requests"].endswith("s")
-    refused = requests.post(pair[1].url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10)
+    refused = requests.post(
+        pair[1].url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
+    )
     assert refused.status_code == 429
     error = refused.json()["error"]
     assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
@@ -107,15 +121,23 @@ def test_rate_limit_answer_shape(pair: list[Gateway]) -> None:
 def test_tokens_and_quota(pair: list[Gateway]) -> None:
     key = account_with_plan(pair[0], tpm=50)
     body = {**BODY, "max_tokens": 1000}
-    resp = requests.post(pair[0].url + "/v1/chat/completions", json=body,
-                         headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    resp = requests.post(
+        pair[0].url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
     assert resp.status_code == 429  # can never fit: "Request too large"
     assert resp.json()["error"]["type"] == "tokens"
     assert "Request too large" in resp.json()["error"]["message"]
 
     key = account_with_plan(pair[0], monthly_tokens=10)
-    refused = requests.post(pair[0].url + "/v1/chat/completions", json={**BODY, "max_tokens": 100},
-                            headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    refused = requests.post(
+        pair[0].url + "/v1/chat/completions",
+        json={**BODY, "max_tokens": 100},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "insufficient_quota"
     assert refused.json()["error"]["type"] == "insufficient_quota"
@@ -127,9 +149,11 @@ async def stream_burst(urls: list[str], key: str, n: int) -> list[int | None]:
     body = {**BODY, "stream": True, "max_tokens": 10, "stream_options": {"include_usage": True}}
     headers = {"Authorization": f"Bearer {key}"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
         async def one(i: int) -> int | None:
-            async with session.post(urls[i % len(urls)] + "/v1/chat/completions", json=body,
-                                    headers=headers) as resp:
+            async with session.post(
+                urls[i % len(urls)] + "/v1/chat/completions", json=body, headers=headers
+            ) as resp:
                 text = await resp.text()
                 if resp.status != 200:
                     assert resp.status == 429
@@ -171,7 +195,11 @@ def test_plan_change_takes_effect_without_restart(pair: list[Gateway]) -> None:
     url = pair[1].url + "/v1/chat/completions"
     assert requests.post(url, json=BODY, headers=headers, timeout=10).status_code == 200
     assert requests.post(url, json=BODY, headers=headers, timeout=10).status_code == 429
-    email = [a for a in pair[0].cli_json("accounts", "list") if a["plan"] not in ("free", "pro", "enterprise")][-1]["email"]
+    email = [
+        a
+        for a in pair[0].cli_json("accounts", "list")
+        if a["plan"] not in ("free", "pro", "enterprise")
+    ][-1]["email"]
     pair[0].cli("accounts", "set-plan", email, "enterprise")
     time.sleep(1.0)
     assert requests.post(url, json=BODY, headers=headers, timeout=10).status_code == 200
@@ -182,8 +210,20 @@ def own_redis() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     port = free_port()
 
     def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         for _ in range(100):
             try:
                 import redis
@@ -206,9 +246,16 @@ def test_redis_outage_fail_open_and_closed(
     port, holder = own_redis
     url = f"redis://127.0.0.1:{port}/0"
     gws = {
-        mode: make_gateway(tmp_path / mode, database_url=pg_url, upstream=upstream,
-                           extra_env={"CHATGATE_REDIS_URL": url, "CHATGATE_RATELIMIT_FAIL_OPEN": flag,
-                                      "CHATGATE_SECRET": "s" * 40}).start()
+        mode: make_gateway(
+            tmp_path / mode,
+            database_url=pg_url,
+            upstream=upstream,
+            extra_env={
+                "CHATGATE_REDIS_URL": url,
+                "CHATGATE_RATELIMIT_FAIL_OPEN": flag,
+                "CHATGATE_SECRET": "s" * 40,
+            },
+        ).start()
         for mode, flag in (("open", "1"), ("closed", "0"))
     }
     try:
@@ -216,14 +263,16 @@ def test_redis_outage_fail_open_and_closed(
         headers = {"Authorization": f"Bearer {key}"}
 
         def status(mode: str) -> int:
-            return requests.post(gws[mode].url + "/v1/chat/completions", json=BODY, headers=headers,
-                                 timeout=10).status_code
+            return requests.post(
+                gws[mode].url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
+            ).status_code
 
         assert status("open") == 200 and status("closed") == 200
         stop(holder["proc"])
         assert status("open") == 200
-        closed = requests.post(gws["closed"].url + "/v1/chat/completions", json=BODY,
-                               headers=headers, timeout=10)
+        closed = requests.post(
+            gws["closed"].url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
+        )
         assert closed.status_code == 503 and closed.json()["error"]["type"] == "server_error"
         holder["proc"] = holder["start"]()
         time.sleep(1.5)  # the failover cool-down

@@ -1,0 +1,204 @@
+"""Prometheus metrics, on a registry of their own (one :class:`Metrics` per application).
+
+=========================================  =========  ====================================
+metric                                     type       labels
+=========================================  =========  ====================================
+chatgate_requests_total                    counter    endpoint, model, status
+chatgate_tokens_total                      counter    model, kind (prompt | completion)
+chatgate_cost_usd_total                    counter    model
+chatgate_request_duration_seconds          histogram  endpoint, model
+chatgate_time_to_first_token_seconds       histogram  model
+chatgate_rejects_total                     counter    reason (an error code, e.g. invalid_api_key)
+chatgate_upstream_errors_total             counter    backend, model, kind (one per failed attempt)
+chatgate_ratelimit_fallbacks_total         counter    mode (fail_open | fail_closed)
+chatgate_usage_queue_depth                 gauge
+chatgate_usage_spool_records               gauge
+chatgate_usage_dropped_records_total       counter
+chatgate_usage_written_records_total       counter
+=========================================  =========  ====================================
+
+Labels never hold a key, a key id, an account or any other caller-chosen text: model names
+outside the configured set read ``other`` and free-form label values are checked against a
+small pattern, so a client cannot blow up the series count (nor leak a key into a label).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
+from prometheus_client.registry import Collector
+
+from chatgate.usage.record import UsageRecord
+
+# Seconds; proxied completions range from a few ms (errors, cache) to minutes (long streams).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+ENDPOINTS = frozenset({"chat.completions", "embeddings", "responses", "conversations", "models"})
+OTHER = "other"
+NONE = "none"
+# A label value we did not choose ourselves must look like an identifier we emit (an error
+# code, a backend kind); a key (``sk-cg-...``) has a '-' and is longer, so it never passes.
+_SAFE_LABEL = re.compile(r"^[a-z0-9_.]{1,40}$")
+# ... and must not look like one of our ids (a key id, an account, a request) either.
+_ID_LIKE = re.compile(r"^(key|acct|req|resp|conv)_|[0-9a-f]{12}")
+
+
+class UsageStats(Protocol):
+    """What the metrics read from the usage recorder (:class:`~chatgate.usage.UsageRecorder`)."""
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    @property
+    def spool_size(self) -> int: ...
+
+    dropped: int
+    written: int
+
+
+def _safe(value: str | None) -> str:
+    if not value:
+        return NONE
+    return value if _SAFE_LABEL.match(value) and not _ID_LIKE.search(value) else OTHER
+
+
+class Metrics:
+    """Every counter chatgate exports; ``models`` bounds the ``model`` label values."""
+
+    def __init__(self, models: Iterable[str]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._models = frozenset(models)
+        r = self.registry
+        self.requests = Counter(
+            "chatgate_requests",
+            "Requests answered, by endpoint, model and HTTP status.",
+            ["endpoint", "model", "status"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "chatgate_tokens",
+            "Tokens metered, by model and kind (prompt or completion).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "chatgate_cost_usd", "Cost metered in US dollars, by model.", ["model"], registry=r
+        )
+        self.latency = Histogram(
+            "chatgate_request_duration_seconds",
+            "Time from request arrival to the last byte sent, by endpoint and model.",
+            ["endpoint", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "chatgate_time_to_first_token_seconds",
+            "Time to the first streamed token, by model.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.rejects = Counter(
+            "chatgate_rejects",
+            "Requests refused by the gateway (4xx), by reason (the error code).",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "chatgate_upstream_errors",
+            "Failed upstream attempts (retried or not), by backend, model and kind.",
+            ["backend", "model", "kind"],
+            registry=r,
+        )
+        self.ratelimit_fallbacks = Counter(
+            "chatgate_ratelimit_fallbacks",
+            "Requests decided without Redis (unreachable), by mode.",
+            ["mode"],
+            registry=r,
+        )
+
+    def set_models(self, models: Iterable[str]) -> None:
+        """Replace the known model names (after a configuration reload)."""
+        self._models = frozenset(models)
+
+    def model_label(self, model: str) -> str:
+        if not model:
+            return NONE
+        return model if model in self._models else OTHER
+
+    def observe(self, rec: UsageRecord) -> None:
+        """Count one finished request from its usage record (call next to ``record()``)."""
+        model = self.model_label(rec.model)
+        endpoint = rec.endpoint if rec.endpoint in ENDPOINTS else OTHER
+        self.requests.labels(endpoint, model, str(int(rec.status))).inc()
+        if rec.prompt_tokens:
+            self.tokens.labels(model, "prompt").inc(rec.prompt_tokens)
+        if rec.completion_tokens:
+            self.tokens.labels(model, "completion").inc(rec.completion_tokens)
+        if rec.cost:
+            self.cost.labels(model).inc(rec.cost)
+        self.latency.labels(endpoint, model).observe(rec.latency_ms / 1000.0)
+        if rec.ttft_ms is not None:
+            self.ttft.labels(model).observe(rec.ttft_ms / 1000.0)
+        if 400 <= rec.status < 500:
+            self.rejects.labels(_safe(rec.error_code or f"http_{int(rec.status)}")).inc()
+
+    def reject(self, reason: str) -> None:
+        """Count a refusal that produces no usage record (if there is one, use :meth:`observe`)."""
+        self.rejects.labels(_safe(reason)).inc()
+
+    def upstream_error(self, backend: str, model: str, kind: str) -> None:
+        """Count one failed upstream attempt; ``kind`` e.g. connect, timeout, status_5xx."""
+        self.upstream_errors.labels(_safe(backend), self.model_label(model), _safe(kind)).inc()
+
+    def ratelimit_fallback(self, mode: str) -> None:
+        """Count a request decided while Redis was unreachable (``fail_open``/``fail_closed``)."""
+        self.ratelimit_fallbacks.labels(_safe(mode)).inc()
+
+    def bind_usage(self, recorder: UsageStats) -> None:
+        """Export the recorder's queue depth, spool size and counts, read at scrape time."""
+        self.registry.register(_UsageCollector(recorder))
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition body and its content type (Prometheus text 0.0.4 unless ``accept``
+        asks for OpenMetrics or a newer text format)."""
+        if accept:
+            encode, content_type = choose_encoder(accept)
+            return encode(self.registry), content_type
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+
+class _UsageCollector(Collector):
+    def __init__(self, recorder: UsageStats) -> None:
+        self._recorder = recorder
+
+    def collect(self) -> Iterator[Metric]:
+        rec = self._recorder
+        yield GaugeMetricFamily(
+            "chatgate_usage_queue_depth",
+            "Usage records waiting in memory.",
+            value=rec.queue_depth,
+        )
+        yield GaugeMetricFamily(
+            "chatgate_usage_spool_records",
+            "Usage records waiting in the local spool for the database.",
+            value=rec.spool_size,
+        )
+        yield CounterMetricFamily(
+            "chatgate_usage_dropped_records",
+            "Usage records dropped because the queue was full.",
+            value=rec.dropped,
+        )
+        yield CounterMetricFamily(
+            "chatgate_usage_written_records",
+            "Usage records written to the database.",
+            value=rec.written,
+        )
+
+
+__all__ = ["LATENCY_BUCKETS", "Metrics", "UsageStats"]

@@ -1,0 +1,318 @@
+"""Usage reports, read from the rollups (never the raw table), and the raw export.
+
+A time range ``[start, end)`` is answered at minute granularity: it is widened to whole
+minutes, then covered by the coarsest rollup buckets that fit inside it (whole days in the
+middle, whole hours next to them, minutes at the edges; see :func:`cover`). So a report over
+any range reads a few hundred rows at most and equals the sum of the raw records in it.
+
+Scope: every query takes ``account_id``; ``None`` means every account (admins only — the
+callers decide that). Records without an account (rejected before authentication) are stored
+under ``""`` and reported with ``account_id`` ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatgate.db.tables import api_keys
+from chatgate.usage.tables import DAY, MINUTE, WIDTHS, to_usd, usage_records, usage_rollups
+
+Group = Literal["bucket", "account", "key", "model", "endpoint"]
+By = Literal["day", "key", "model"]
+EXPORT_COLUMNS = (
+    "request_id",
+    "created_at",
+    "account_id",
+    "key_id",
+    "model",
+    "backend",
+    "endpoint",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost",
+    "latency_ms",
+    "ttft_ms",
+    "status",
+    "error_code",
+    "conversation_id",
+    "streamed",
+)
+_SUMS = ("requests", "prompt_tokens", "completion_tokens", "cost_nanousd", "errors", "rate_limited")
+_GROUP_COLUMNS = {
+    "account": "account_id",
+    "key": "key_id",
+    "model": "model",
+    "endpoint": "endpoint",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """Sums for one group; a field not grouped by is ``None``."""
+
+    bucket_start: int | None
+    account_id: str | None
+    key_id: str | None
+    model: str | None
+    endpoint: str | None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_nanousd: int  # exact; ``cost`` is the same in US dollars
+    errors: int  # answers with status >= 400 (rate-limited ones included)
+    rate_limited: int  # answers with status 429
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def cost(self) -> float:
+        return to_usd(self.cost_nanousd)
+
+    @property
+    def succeeded(self) -> int:
+        return self.requests - self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["total_tokens"] = self.total_tokens
+        out["cost"] = self.cost
+        del out["cost_nanousd"]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Rows of a report and their totals (a row with every group field ``None``)."""
+
+    start: int
+    end: int
+    rows: list[UsageRow]
+    totals: UsageRow
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "start_time": self.start,
+            "end_time": self.end,
+            "data": [r.to_dict() for r in self.rows],
+            "totals": self.totals.to_dict(),
+        }
+
+
+def cover(start: int, end: int, max_width: int = DAY) -> list[tuple[int, int, int]]:
+    """``(width, lo, hi)`` segments of rollup buckets that exactly tile ``[start, end)``.
+
+    ``start`` is rounded down and ``end`` up to whole minutes. Only widths up to
+    ``max_width`` are used, so every bucket read lies inside one output bucket of that width.
+    """
+    if start >= end:
+        return []
+    start -= start % MINUTE
+    end = -(-end // MINUTE) * MINUTE
+    return _cover(start, end, sorted((w for w in WIDTHS if w <= max_width), reverse=True))
+
+
+def _cover(start: int, end: int, widths: Sequence[int]) -> list[tuple[int, int, int]]:
+    if start >= end or not widths:
+        return []
+    width, finer = widths[0], widths[1:]
+    lo = -(-start // width) * width
+    hi = end // width * width
+    if lo >= hi:
+        return _cover(start, end, finer)
+    return [*_cover(start, lo, finer), (width, lo, hi), *_cover(hi, end, finer)]
+
+
+def _sum_row(group: dict[str, Any], sums: Sequence[Any]) -> UsageRow:
+    def text(value: Any) -> str | None:
+        return value or None  # "" (no account/key/model) reads as None
+
+    return UsageRow(
+        bucket_start=group.get("bucket"),
+        account_id=text(group.get("account")),
+        key_id=text(group.get("key")),
+        model=group.get("model"),
+        endpoint=group.get("endpoint"),
+        requests=int(sums[0] or 0),
+        prompt_tokens=int(sums[1] or 0),
+        completion_tokens=int(sums[2] or 0),
+        cost_nanousd=int(sums[3] or 0),
+        errors=int(sums[4] or 0),
+        rate_limited=int(sums[5] or 0),
+    )
+
+
+def total(rows: Sequence[UsageRow]) -> UsageRow:
+    """The sum of ``rows`` (group fields ``None``)."""
+    return UsageRow(
+        bucket_start=None,
+        account_id=None,
+        key_id=None,
+        model=None,
+        endpoint=None,
+        requests=sum(r.requests for r in rows),
+        prompt_tokens=sum(r.prompt_tokens for r in rows),
+        completion_tokens=sum(r.completion_tokens for r in rows),
+        cost_nanousd=sum(r.cost_nanousd for r in rows),
+        errors=sum(r.errors for r in rows),
+        rate_limited=sum(r.rate_limited for r in rows),
+    )
+
+
+async def usage_rows(
+    engine: AsyncEngine,
+    *,
+    start: int,
+    end: int,
+    group_by: Collection[Group] = (),
+    bucket_width: int = DAY,
+    account_id: str | None,
+    key_ids: Collection[str] | None = None,
+    models: Collection[str] | None = None,
+    endpoints: Collection[str] | None = None,
+) -> list[UsageRow]:
+    """Sums over ``[start, end)`` grouped by ``group_by``, from the rollups, in one query.
+
+    ``bucket`` groups by time buckets of ``bucket_width`` seconds (aligned to UTC; ``bucket_start``
+    is the aligned start). ``account_id=None`` reads every account. Rows come sorted by group.
+    """
+    if bucket_width not in WIDTHS:
+        raise ValueError(f"bucket_width must be one of {WIDTHS}")
+    segments = cover(start, end, bucket_width if "bucket" in group_by else DAY)
+    if not segments:
+        return []
+    t = usage_rollups
+    keys: list[tuple[str, sa.ColumnElement[Any]]] = []
+    if "bucket" in group_by:
+        # The width goes in as a literal: PostgreSQL matches the GROUP BY expression to the
+        # selected one by text, and two bind parameters ($1, $2) would not match.
+        width: sa.ColumnElement[int] = sa.literal_column(str(int(bucket_width)))
+        keys.append(("bucket", (t.c.bucket_start - t.c.bucket_start % width).label("bucket")))
+    for name in ("account", "key", "model", "endpoint"):
+        if name in group_by:
+            keys.append((name, t.c[_GROUP_COLUMNS[name]]))
+    conditions: list[sa.ColumnElement[bool]] = [
+        sa.or_(
+            *(
+                sa.and_(t.c.width == w, t.c.bucket_start >= lo, t.c.bucket_start < hi)
+                for w, lo, hi in segments
+            )
+        )
+    ]
+    if account_id is not None:
+        conditions.append(t.c.account_id == account_id)
+    if key_ids is not None:
+        conditions.append(t.c.key_id.in_(list(key_ids)))
+    if models is not None:
+        conditions.append(t.c.model.in_(list(models)))
+    if endpoints is not None:
+        conditions.append(t.c.endpoint.in_(list(endpoints)))
+    group_exprs = [expr for _, expr in keys]
+    stmt = (
+        sa.select(*group_exprs, *(sa.func.sum(t.c[s]) for s in _SUMS))
+        .where(*conditions)
+        .group_by(*group_exprs)
+        .order_by(*group_exprs)
+    )
+    async with engine.connect() as conn:
+        result = await conn.execute(stmt)
+        out = []
+        for row in result:
+            group = {name: row[i] for i, (name, _) in enumerate(keys)}
+            out.append(_sum_row(group, row[len(keys) :]))
+    return out
+
+
+async def report(
+    engine: AsyncEngine,
+    *,
+    start: int,
+    end: int,
+    by: By = "day",
+    account_id: str | None,
+    key_id: str | None = None,
+) -> Report:
+    """The CLI's report: one row per day, key or model, with totals."""
+    group: dict[By, list[Group]] = {"day": ["bucket"], "key": ["key"], "model": ["model"]}
+    rows = await usage_rows(
+        engine,
+        start=start,
+        end=end,
+        group_by=group[by],
+        bucket_width=DAY,
+        account_id=account_id,
+        key_ids=None if key_id is None else [key_id],
+    )
+    return Report(start, end, rows, total(rows))
+
+
+async def key_names(engine: AsyncEngine, key_ids: Collection[str]) -> dict[str, tuple[str, str]]:
+    """``{key_id: (name, hint)}`` for display (hints are safe to show; keys are never stored)."""
+    if not key_ids:
+        return {}
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(api_keys.c.id, api_keys.c.name, api_keys.c.hint).where(
+                api_keys.c.id.in_(list(key_ids))
+            )
+        )
+        return {r.id: (r.name, r.hint) for r in rows}
+
+
+async def export_records(
+    engine: AsyncEngine,
+    *,
+    start: int,
+    end: int,
+    account_id: str | None,
+    page_size: int = 5_000,
+) -> AsyncIterator[dict[str, Any]]:
+    """Raw records in ``[start, end)`` by time, as dicts with :data:`EXPORT_COLUMNS`.
+
+    Read in pages (keyset on ``created_at, request_id``) so a large export holds one page in
+    memory and no long-running cursor or transaction.
+    """
+    t = usage_records
+    after: tuple[int, str] | None = None
+    while True:
+        conditions: list[sa.ColumnElement[bool]] = [t.c.created_at >= start, t.c.created_at < end]
+        if account_id is not None:
+            conditions.append(t.c.account_id == account_id)
+        if after is not None:
+            conditions.append(sa.tuple_(t.c.created_at, t.c.request_id) > sa.tuple_(*after))
+        stmt = (
+            sa.select(t)
+            .where(*conditions)
+            .order_by(t.c.created_at, t.c.request_id)
+            .limit(page_size)
+        )
+        async with engine.connect() as conn:
+            rows = (await conn.execute(stmt)).mappings().all()
+        for row in rows:
+            out = dict(row)
+            out["total_tokens"] = row["prompt_tokens"] + row["completion_tokens"]
+            out["cost"] = to_usd(row["cost_nanousd"])
+            yield {c: out[c] for c in EXPORT_COLUMNS}
+        if len(rows) < page_size:
+            return
+        after = (rows[-1]["created_at"], rows[-1]["request_id"])
+
+
+__all__ = [
+    "EXPORT_COLUMNS",
+    "Report",
+    "UsageRow",
+    "cover",
+    "export_records",
+    "key_names",
+    "report",
+    "total",
+    "usage_rows",
+]

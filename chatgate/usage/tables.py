@@ -1,0 +1,119 @@
+"""The usage tables, on the shared :data:`chatgate.db.tables.metadata`.
+
+- ``usage_records``: one raw row per request, keyed by its request id (the idempotency key:
+  a record written twice is stored once). Pruned after the retention period.
+- ``usage_rollups``: sums per bucket (``width`` 60, 3600 or 86400 seconds) x account x key x
+  model x endpoint, kept up to date by the recorder in the same transaction as the raw rows.
+  Reports and the usage API read only these, never the raw table. Kept forever.
+
+"No account / no key" is stored as ``""`` in the rollups (not NULL) so the primary key can hold
+it: NULLs are never equal, so an upsert on a NULL column would never find its row.
+
+Migration ``0002_usage`` creates exactly these tables; a test keeps them equal.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Double,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Table,
+)
+
+from chatgate.db.tables import metadata
+
+# Column sizes, shared with the recorder, which clips text to them so that a long model name
+# can never make a whole batch fail (and stay stuck in the spool) on PostgreSQL.
+ID_LEN = 64
+MODEL_LEN = 200
+BACKEND_LEN = 32
+ENDPOINT_LEN = 32
+ERROR_CODE_LEN = 64
+
+# Costs are stored as whole nano-dollars (1e-9 USD): sums of many small prices stay exact
+# (floats drift), a price of $0.10 per million tokens is still 100 per token, and a BIGINT
+# holds $9.2 billion.
+NANOS_PER_USD = 1_000_000_000
+
+# Rollup widths in seconds: minute, hour, day (UTC).
+MINUTE, HOUR, DAY = 60, 3600, 86400
+WIDTHS = (MINUTE, HOUR, DAY)
+
+usage_records = Table(
+    "usage_records",
+    metadata,
+    Column("request_id", String(ID_LEN), primary_key=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("account_id", String(ID_LEN)),
+    Column("key_id", String(ID_LEN)),
+    Column("model", String(MODEL_LEN), nullable=False),
+    Column("backend", String(BACKEND_LEN), nullable=False),
+    Column("endpoint", String(ENDPOINT_LEN), nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("cost_nanousd", BigInteger, nullable=False),
+    Column("latency_ms", Double, nullable=False),
+    Column("ttft_ms", Double),
+    Column("status", SmallInteger, nullable=False),
+    Column("error_code", String(ERROR_CODE_LEN)),
+    Column("conversation_id", String(ID_LEN)),
+    Column("streamed", Boolean, nullable=False),
+)
+
+# Pruning and exports scan by time; an account's export by account then time.
+Index("ix_usage_records_created_at", usage_records.c.created_at)
+Index("ix_usage_records_account_id", usage_records.c.account_id, usage_records.c.created_at)
+
+usage_rollups = Table(
+    "usage_rollups",
+    metadata,
+    Column("width", Integer, primary_key=True),
+    Column("bucket_start", BigInteger, primary_key=True),
+    Column("account_id", String(ID_LEN), primary_key=True),
+    Column("key_id", String(ID_LEN), primary_key=True),
+    Column("model", String(MODEL_LEN), primary_key=True),
+    Column("endpoint", String(ENDPOINT_LEN), primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("cost_nanousd", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("rate_limited", BigInteger, nullable=False),
+)
+
+# An account's reports: its rows of one width over a time range.
+Index(
+    "ix_usage_rollups_account_id",
+    usage_rollups.c.account_id,
+    usage_rollups.c.width,
+    usage_rollups.c.bucket_start,
+)
+
+
+def to_nanos(usd: float) -> int:
+    """US dollars as whole nano-dollars."""
+    return round(usd * NANOS_PER_USD)
+
+
+def to_usd(nanos: int) -> float:
+    """Nano-dollars as US dollars."""
+    return nanos / NANOS_PER_USD
+
+
+__all__ = [
+    "DAY",
+    "HOUR",
+    "MINUTE",
+    "NANOS_PER_USD",
+    "WIDTHS",
+    "to_nanos",
+    "to_usd",
+    "usage_records",
+    "usage_rollups",
+]

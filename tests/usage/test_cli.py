@@ -1,0 +1,163 @@
+"""``chatgate usage`` and ``chatgate usage export`` against real data on both databases.
+
+The CLI's ``main`` runs in a worker thread (it calls ``asyncio.run`` itself), in process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatgate.accounts import AccountStore
+from chatgate.cli import main
+from chatgate.keys.store import KeyStore
+from chatgate.usage.record import UsageRecord
+from chatgate.usage.recorder import UsageRecorder
+from chatgate.usage.tables import DAY, HOUR
+from tests.usage.factory import make_record, settings_for
+
+
+@dataclass
+class Data:
+    email: str
+    key_ids: list[str]
+    records: list[UsageRecord]  # the account's records in the last 7 days
+    older: list[UsageRecord]  # 10 to 20 days old: in a 30d export only
+
+
+@pytest.fixture
+async def data(
+    engine: AsyncEngine, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Data:
+    monkeypatch.chdir(tmp_path)
+    for name in ("CHATGATE_CONFIG", "CHATGATE_REDIS_URL", "CHATGATE_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CHATGATE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CHATGATE_DATABASE_URL", database_url)
+    monkeypatch.setenv("CHATGATE_LOCAL_MODEL", "0")
+    settings = settings_for(database_url, tmp_path / "data")
+    account = await AccountStore(engine).create(f"cli-{tmp_path.name[-10:]}@example.com".lower())
+    keys = KeyStore(engine, settings.resolved_secret())
+    k1, k2 = await keys.create(account.id, name="web"), await keys.create(account.id, name="etl")
+    now = time.time()
+    records = [
+        make_record(
+            account_id=account.id,
+            key_id=(k1, k2)[i % 2].record.id,
+            model=("gpt-test", "gpt-other")[i % 3 == 0],
+            created_at=now - HOUR - i * 3 * HOUR,
+            prompt_tokens=10 * i,
+            completion_tokens=i,
+            status=429 if i % 5 == 4 else 200,
+            cost=0.5,
+        )
+        for i in range(40)  # 5 days back
+    ]
+    older = [
+        make_record(account_id=account.id, key_id=k1.record.id, created_at=now - (10 + i) * DAY)
+        for i in range(10)
+    ]
+    other = [make_record(account_id="acct_someone_else", created_at=now - HOUR)]
+    recorder = UsageRecorder(engine, tmp_path / "spool")
+    for rec in records + older + other:
+        recorder.record(rec)
+    await recorder.close()
+    return Data(account.email, [k1.record.id, k2.record.id], records, older)
+
+
+async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_json_by_model_with_totals(data: Data, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = await run(
+        capsys, "usage", "--account", data.email, "--by", "model", "--format", "json"
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert {row["model"] for row in report["data"]} == {"gpt-test", "gpt-other"}
+    totals = report["totals"]
+    assert totals["requests"] == len(data.records)
+    assert totals["prompt_tokens"] == sum(r.prompt_tokens for r in data.records)
+    assert totals["rate_limited"] == sum(r.status == 429 for r in data.records)
+    assert totals["cost"] == pytest.approx(0.5 * len(data.records))
+    assert sum(row["requests"] for row in report["data"]) == totals["requests"]
+
+
+async def test_table_by_day_ends_with_totals(
+    data: Data, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = await run(capsys, "usage", "--account", data.email, "--since", "7d")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("usage ") and data.email in lines[0]
+    assert lines[1].split()[:3] == ["DAY", "REQUESTS", "ERRORS"]
+    total = lines[-1].split()
+    assert total[0] == "total" and int(total[1]) == len(data.records)
+
+
+async def test_csv_by_key_names_the_keys(data: Data, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = await run(
+        capsys, "usage", "--account", data.email, "--by", "key", "--format", "csv"
+    )
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert {(r["key_id"], r["name"]) for r in rows[:-1]} == {
+        (data.key_ids[0], "web"),
+        (data.key_ids[1], "etl"),
+    }
+    assert rows[-1]["key_id"] == "total"
+    assert int(rows[-1]["requests"]) == len(data.records)
+    code, out, _ = await run(
+        capsys, "usage", "--key", data.key_ids[1], "--format", "json", "--since", "30d"
+    )
+    assert json.loads(out)["totals"]["requests"] == len(data.records) // 2
+
+
+async def test_export_writes_raw_records(
+    data: Data, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    target = tmp_path / "usage.csv"
+    code, out, err = await run(
+        capsys, "usage", "export", "--account", data.email, "--output", str(target)
+    )
+    assert code == 0, err
+    rows = list(csv.DictReader(target.open()))
+    assert {r["request_id"] for r in rows} == {r.request_id for r in data.records + data.older}
+    assert f"{len(rows)} usage records written" in out
+    assert int(rows[0]["total_tokens"]) == int(rows[0]["prompt_tokens"]) + int(
+        rows[0]["completion_tokens"]
+    )
+    assert rows[0]["time"].endswith("Z")
+    code, out, err = await run(
+        capsys, "usage", "export", "--since", "7d", "--account", data.email, "--output", "-"
+    )
+    assert code == 0, err
+    assert len(list(csv.DictReader(io.StringIO(out)))) == len(data.records)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("usage", "--since", "a while"),
+        ("usage", "--account", "nobody@example.com"),
+        ("usage", "export", "--since", "forever", "--output", "-"),
+    ],
+)
+async def test_errors_are_one_line_exit_2(
+    data: Data, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]
+) -> None:
+    code, _, err = await run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("chatgate: error: ") and err.count("\n") == 1

@@ -1,0 +1,86 @@
+"""Prometheus metrics: what a finished request adds, the usage gauges, and no key in labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatgate.metrics import Metrics
+from chatgate.usage.recorder import UsageRecorder
+from tests.usage.factory import make_record
+
+SECRET = "sk-cg-AbCdEfGhIjKlMnOpQrStUvWxYz012345Ab3dEf"
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+def test_observe_counts_requests_tokens_latency_and_rejects() -> None:
+    metrics = Metrics(["gpt-test"])
+    metrics.observe(make_record(prompt_tokens=7, completion_tokens=3, latency_ms=40, ttft_ms=9))
+    metrics.observe(make_record(model="gpt-unknown", status=429, error_code="rate_limit_exceeded"))
+    metrics.observe(make_record(status=401, error_code="invalid_api_key", model="", key_id=None))
+    metrics.upstream_error("openai_compat", "gpt-test", "connect")
+    got = samples(metrics)
+    ok = (("endpoint", "chat.completions"), ("model", "gpt-test"), ("status", "200"))
+    assert got[("chatgate_requests_total", ok)] == 1
+    assert got[("chatgate_tokens_total", (("kind", "prompt"), ("model", "gpt-test")))] == 7
+    assert got[("chatgate_tokens_total", (("kind", "completion"), ("model", "gpt-test")))] == 3
+    other = (("endpoint", "chat.completions"), ("model", "other"), ("status", "429"))
+    assert got[("chatgate_requests_total", other)] == 1  # unknown names never become labels
+    assert got[("chatgate_rejects_total", (("reason", "rate_limit_exceeded"),))] == 1
+    assert got[("chatgate_rejects_total", (("reason", "invalid_api_key"),))] == 1
+    latency = (("endpoint", "chat.completions"), ("model", "gpt-test"))
+    assert got[("chatgate_request_duration_seconds_count", latency)] == 1
+    assert got[("chatgate_time_to_first_token_seconds_count", (("model", "gpt-test"),))] == 1
+    upstream = (("backend", "openai_compat"), ("kind", "connect"), ("model", "gpt-test"))
+    assert got[("chatgate_upstream_errors_total", upstream)] == 1
+
+
+def test_labels_never_hold_a_key_or_key_id() -> None:
+    metrics = Metrics(["gpt-test"])
+    rec = make_record(key_id="key_0123456789abcdef01234567", model=SECRET, error_code=SECRET)
+    metrics.observe(rec)
+    metrics.observe(make_record(status=403, error_code="key_0123456789abcdef01234567"))
+    metrics.reject(SECRET)
+    metrics.upstream_error(SECRET, SECRET, "key_0123456789abcdef01234567")
+    body, _ = metrics.render()
+    text = body.decode()
+    assert "sk-cg" not in text and "key_" not in text and "0123456789abcdef" not in text
+
+
+def test_each_application_has_its_own_registry() -> None:
+    first, second = Metrics(["m"]), Metrics(["m"])
+    first.observe(make_record(model="m"))
+    assert not any(name == "chatgate_requests_total" for name, _ in samples(second))
+
+
+async def test_usage_gauges_read_the_recorder(engine: AsyncEngine, tmp_path: Path) -> None:
+    metrics = Metrics([])
+    recorder = UsageRecorder(engine, tmp_path / "spool", max_queue=3)
+    metrics.bind_usage(recorder)
+    for _ in range(5):
+        recorder.record(make_record())
+    got = samples(metrics)
+    assert got[("chatgate_usage_queue_depth", ())] == 3
+    assert got[("chatgate_usage_spool_records", ())] == 0
+    assert got[("chatgate_usage_dropped_records_total", ())] == 2
+    await recorder.close()
+    got = samples(metrics)
+    assert got[("chatgate_usage_queue_depth", ())] == 0
+    assert got[("chatgate_usage_written_records_total", ())] == 3
+
+
+def test_openmetrics_when_asked() -> None:
+    body, content_type = Metrics([]).render("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")

@@ -1,0 +1,435 @@
+"""The usage recorder on real SQLite and PostgreSQL: batching, idempotency, rollups equal to the
+raw sums, the spool during an outage (a test-owned PostgreSQL stopped and started) and its
+replay exactly once, and the final flush of ``close()``."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatgate.db.engine import create_engine, migrate
+from chatgate.usage.record import UsageRecord
+from chatgate.usage.recorder import UsageRecorder, write_batch
+from chatgate.usage.tables import DAY, HOUR, MINUTE, to_nanos, usage_records, usage_rollups
+from tests.helpers import free_port
+from tests.usage.factory import make_record, new_account, settings_for
+from tests.usage.pgserver import PgServer
+
+
+class Statements:
+    """Counts the SQL statements an engine sends, by the table they insert into."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.sent: list[str] = []
+        self._engine = engine.sync_engine
+
+    def _listen(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        self.sent.append(statement)
+
+    def __enter__(self) -> Statements:
+        event.listen(self._engine, "before_cursor_execute", self._listen)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self._engine, "before_cursor_execute", self._listen)
+
+    def inserts(self, table: str) -> int:
+        return sum(
+            1 for s in self.sent if s.lstrip().upper().startswith(f"INSERT INTO {table}".upper())
+        )
+
+
+async def stored(engine: AsyncEngine, account: str) -> list[Any]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(usage_records).where(usage_records.c.account_id == account)
+        )
+        return list(rows)
+
+
+async def rollup_sums(
+    engine: AsyncEngine, account: str, width: int
+) -> dict[tuple[Any, ...], tuple[int, ...]]:
+    t = usage_rollups
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(
+                t.c.bucket_start,
+                t.c.key_id,
+                t.c.model,
+                t.c.endpoint,
+                t.c.requests,
+                t.c.prompt_tokens,
+                t.c.completion_tokens,
+                t.c.cost_nanousd,
+                t.c.errors,
+                t.c.rate_limited,
+            ).where(t.c.account_id == account, t.c.width == width)
+        )
+        return {
+            (r[0], r[1], r[2], r[3]): (
+                int(r[4]),
+                int(r[5]),
+                int(r[6]),
+                int(r[7]),
+                int(r[8]),
+                int(r[9]),
+            )
+            for r in rows
+        }
+
+
+def expected_sums(records: list[UsageRecord], width: int) -> dict[tuple[Any, ...], tuple[int, ...]]:
+    sums: dict[tuple[Any, ...], list[float]] = defaultdict(lambda: [0, 0, 0, 0.0, 0, 0])
+    for r in records:
+        ts = int(r.created_at)
+        acc = sums[(ts - ts % width, r.key_id or "", r.model, r.endpoint)]
+        acc[0] += 1
+        acc[1] += r.prompt_tokens
+        acc[2] += r.completion_tokens
+        acc[3] += to_nanos(r.cost)
+        acc[4] += r.status >= 400
+        acc[5] += r.status == 429
+    return {
+        k: (int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]))
+        for k, v in sums.items()
+    }
+
+
+def spooled_lines(spool_dir: Path) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in spool_dir.glob("usage-*.spool"))
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+async def test_batches_are_one_insert_each(engine: AsyncEngine, spool_dir: Path) -> None:
+    account = new_account()
+    recorder = UsageRecorder(engine, spool_dir, flush_interval=3600, batch_size=500)
+    for _ in range(1_200):
+        recorder.record(make_record(account_id=account))
+    assert recorder.queue_depth == 1_200
+    with Statements(engine) as statements:
+        await recorder.flush()
+    assert recorder.queue_depth == 0
+    assert len(await stored(engine, account)) == 1_200
+    # 500 + 500 + 200: one multi-row INSERT per batch, and one rollup upsert per batch.
+    assert statements.inserts("usage_records") == 3, statements.sent
+    assert statements.inserts("usage_rollups") == 3
+    assert recorder.written == 1_200
+    await recorder.close()
+
+
+async def test_same_record_twice_is_stored_and_counted_once(
+    engine: AsyncEngine, spool_dir: Path
+) -> None:
+    account = new_account()
+    rec = make_record(account_id=account, prompt_tokens=7, completion_tokens=3)
+    recorder = UsageRecorder(engine, spool_dir, flush_interval=3600)
+    recorder.record(rec)
+    recorder.record(rec)  # twice in one batch
+    await recorder.flush()
+    recorder.record(rec)  # and again in a later one
+    await recorder.flush()
+    await recorder.close()
+    assert len(await stored(engine, account)) == 1
+    for width in (MINUTE, HOUR, DAY):
+        assert list((await rollup_sums(engine, account, width)).values()) == [(1, 7, 3, 0, 0, 0)]
+
+
+async def test_rollups_equal_raw_sums(engine: AsyncEngine, spool_dir: Path) -> None:
+    account = new_account()
+    rng = random.Random(5)
+    base = 1_767_225_600 - 3 * DAY  # spans several days, hours and minutes
+    records = [
+        make_record(
+            account_id=account,
+            key_id=rng.choice(["key_a", "key_b", None]),
+            model=rng.choice(["gpt-test", "gpt-other", ""]),
+            endpoint=rng.choice(["chat.completions", "embeddings"]),
+            created_at=base + rng.uniform(0, 3 * DAY),
+            prompt_tokens=rng.randint(0, 900),
+            completion_tokens=rng.randint(0, 300),
+            cost=round(rng.uniform(0, 0.01), 6),
+            status=rng.choice([200, 200, 200, 429, 502, 401]),
+        )
+        for _ in range(700)
+    ]
+    recorder = UsageRecorder(engine, spool_dir, flush_interval=3600, batch_size=128)
+    for rec in records:
+        recorder.record(rec)
+    await recorder.close()
+    for width in (MINUTE, HOUR, DAY):
+        got, want = await rollup_sums(engine, account, width), expected_sums(records, width)
+        assert got.keys() == want.keys()
+        assert got == want  # costs too: whole nano-dollars add up exactly
+
+
+async def test_close_flushes_everything(engine: AsyncEngine, spool_dir: Path) -> None:
+    account = new_account()
+    recorder = UsageRecorder(engine, spool_dir, flush_interval=3600, batch_size=100)
+    recorder.start()
+    for _ in range(450):
+        recorder.record(make_record(account_id=account))
+    await recorder.close()  # no flush_interval has passed: close() must write them all
+    assert len(await stored(engine, account)) == 450
+    assert recorder.queue_depth == 0 and recorder.spool_size == 0
+
+
+async def test_background_flush_by_time(engine: AsyncEngine, spool_dir: Path) -> None:
+    account = new_account()
+    recorder = UsageRecorder(engine, spool_dir, flush_interval=0.05)
+    recorder.start()
+    try:
+        for _ in range(3):
+            recorder.record(make_record(account_id=account))
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if len(await stored(engine, account)) == 3:
+                break
+        assert len(await stored(engine, account)) == 3
+    finally:
+        await recorder.close()
+
+
+async def test_full_queue_drops_and_counts(engine: AsyncEngine, spool_dir: Path) -> None:
+    recorder = UsageRecorder(engine, spool_dir, max_queue=5)
+    for _ in range(8):
+        recorder.record(make_record(account_id=new_account()))
+    assert recorder.queue_depth == 5
+    assert recorder.dropped == 3
+    await recorder.close()
+
+
+async def test_prune_keeps_rollups(engine: AsyncEngine, spool_dir: Path) -> None:
+    account = new_account()
+    old = [make_record(account_id=account, created_at=time.time() - 40 * DAY) for _ in range(3)]
+    new = [make_record(account_id=account) for _ in range(2)]
+    recorder = UsageRecorder(engine, spool_dir)
+    for rec in old + new:
+        recorder.record(rec)
+    await recorder.flush()
+    assert await recorder.prune(30 * DAY) >= 3
+    assert {r.request_id for r in await stored(engine, account)} == {r.request_id for r in new}
+    assert sum(v[0] for v in (await rollup_sums(engine, account, DAY)).values()) == 5
+    await recorder.close()
+
+
+# -- outages ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def dead_engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    """An engine for a PostgreSQL port nothing listens on."""
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    eng = create_engine(settings_for(url, tmp_path / "dead"))
+    yield eng
+    await eng.dispose()
+
+
+async def test_unreachable_database_spools_then_another_recorder_replays(
+    engine: AsyncEngine, dead_engine: AsyncEngine, spool_dir: Path
+) -> None:
+    account = new_account()
+    records = [make_record(account_id=account) for _ in range(25)]
+    down = UsageRecorder(dead_engine, spool_dir, flush_interval=3600, db_timeout=5)
+    for rec in records:
+        down.record(rec)  # never raises, never waits
+    await down.flush()
+    assert down.queue_depth == 0
+    assert down.spool_size == 25 == spooled_lines(spool_dir)
+    await down.close()  # the graceful stop of a process whose database is down
+    assert spooled_lines(spool_dir) == 25
+
+    # Another process (or this one restarted) finds the orphan spool and replays it.
+    up = UsageRecorder(engine, spool_dir, flush_interval=3600)
+    await up.flush()
+    assert len(await stored(engine, account)) == 25
+    assert spooled_lines(spool_dir) == 0
+    await up.flush()  # nothing left to replay twice
+    assert sum(v[0] for v in (await rollup_sums(engine, account, MINUTE)).values()) == 25
+    await up.close()
+
+
+async def test_replay_after_partial_success_counts_each_record_once(
+    engine: AsyncEngine, dead_engine: AsyncEngine, spool_dir: Path
+) -> None:
+    account = new_account()
+    records = [make_record(account_id=account, prompt_tokens=i) for i in range(10)]
+    down = UsageRecorder(dead_engine, spool_dir, flush_interval=3600, db_timeout=5)
+    for rec in records:
+        down.record(rec)
+    await down.close()
+    async with engine.begin() as conn:  # half of the spool made it in before the outage hit
+        assert await write_batch(conn, records[:5]) == 5
+    up = UsageRecorder(engine, spool_dir)
+    await up.flush()
+    await up.close()
+    assert len(await stored(engine, account)) == 10
+    sums = await rollup_sums(engine, account, DAY)
+    assert sum(v[0] for v in sums.values()) == 10
+    assert sum(v[1] for v in sums.values()) == sum(range(10))
+
+
+async def test_torn_spool_line_is_skipped(
+    engine: AsyncEngine, dead_engine: AsyncEngine, spool_dir: Path
+) -> None:
+    account = new_account()
+    down = UsageRecorder(dead_engine, spool_dir, flush_interval=3600, db_timeout=5)
+    for _ in range(3):
+        down.record(make_record(account_id=account))
+    await down.close()
+    (path,) = spool_dir.glob("usage-*.spool")
+    with open(path, "ab") as fh:  # a crash in the middle of an append
+        fh.write(b'{"request_id": "req_torn", "created_')
+    up = UsageRecorder(engine, spool_dir)
+    await up.flush()
+    await up.close()
+    assert len(await stored(engine, account)) == 3
+    assert not list(spool_dir.glob("usage-*.spool"))
+
+
+async def test_live_recorders_spool_is_not_taken(
+    dead_engine: AsyncEngine, engine: AsyncEngine, spool_dir: Path
+) -> None:
+    """Two processes share a spool directory: a live one's file is left to its owner."""
+    account = new_account()
+    down = UsageRecorder(dead_engine, spool_dir, flush_interval=3600, db_timeout=5)
+    down.record(make_record(account_id=account))
+    await down.flush()  # spooled, and its file stays locked: this recorder is alive
+    other = UsageRecorder(engine, spool_dir)
+    await other.flush()
+    assert await stored(engine, account) == []
+    await down.close()
+    await other.close()
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PgServer]:
+    try:
+        server = PgServer()
+    except (RuntimeError, OSError, KeyError) as exc:
+        pytest.skip(f"cannot run a test-owned PostgreSQL here: {exc}")
+    server.start()
+    yield server
+    server.close()
+
+
+async def test_postgres_stopped_and_started(pg_server: PgServer, tmp_path: Path) -> None:
+    """A real outage: the server is stopped mid-run, records keep coming, and after it is
+    back every record is in the database exactly once."""
+    eng = create_engine(settings_for(pg_server.url, tmp_path / "data"))
+    spool_dir = tmp_path / "spool"
+    account = new_account()
+    recorder = UsageRecorder(eng, spool_dir, flush_interval=0.05, db_timeout=5, max_backoff=0.2)
+    try:
+        await migrate(eng)
+        recorder.start()
+        before = [make_record(account_id=account) for _ in range(100)]
+        for rec in before:
+            recorder.record(rec)
+        await recorder.flush()
+
+        await asyncio.to_thread(pg_server.stop)
+        during = [make_record(account_id=account) for _ in range(300)]
+        for i, rec in enumerate(during):
+            recorder.record(rec)
+            if i % 50 == 0:
+                await asyncio.sleep(0.06)  # let the flusher run into the outage
+        await recorder.flush()
+        assert recorder.spool_size == 300
+        assert spooled_lines(spool_dir) == 300
+
+        await asyncio.to_thread(pg_server.start)
+        after = [make_record(account_id=account) for _ in range(50)]
+        for rec in after:
+            recorder.record(rec)
+        for _ in range(200):  # the flusher notices on its own and replays the spool
+            if recorder.spool_size == 0 and recorder.queue_depth == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert recorder.spool_size == 0 and recorder.queue_depth == 0
+        await recorder.close()
+        assert recorder.spool_size == 0 and spooled_lines(spool_dir) == 0
+        rows = await stored(eng, account)
+        ids = Counter(r.request_id for r in rows)
+        assert len(ids) == 450 and set(ids.values()) == {1}
+        assert ids.keys() == {r.request_id for r in before + during + after}
+        sums = await rollup_sums(eng, account, HOUR)
+        assert sum(v[0] for v in sums.values()) == 450
+    finally:
+        await eng.dispose()
+
+
+async def test_concurrent_producers_with_the_flusher_running(
+    engine: AsyncEngine, spool_dir: Path
+) -> None:
+    """1,000 records from 100 concurrent tasks while the flusher runs: all stored, once."""
+    account = new_account()
+    recorder = UsageRecorder(engine, spool_dir, flush_interval=0.01, batch_size=64)
+    recorder.start()
+    rng = random.Random(1)
+    made: list[UsageRecord] = []
+
+    async def producer() -> None:
+        for _ in range(10):
+            rec = make_record(account_id=account, prompt_tokens=rng.randint(1, 99))
+            made.append(rec)
+            recorder.record(rec)
+            await asyncio.sleep(rng.uniform(0, 0.01))
+
+    await asyncio.gather(*(producer() for _ in range(100)))
+    await recorder.close()
+    assert len(await stored(engine, account)) == 1_000
+    sums = await rollup_sums(engine, account, DAY)
+    assert sum(v[0] for v in sums.values()) == 1_000
+    assert sum(v[1] for v in sums.values()) == sum(r.prompt_tokens for r in made)
+
+
+async def test_a_record_after_close_is_spooled_not_lost(
+    engine: AsyncEngine, spool_dir: Path
+) -> None:
+    """A handler finishing during shutdown, after the recorder closed: its record survives."""
+    account = new_account()
+    recorder = UsageRecorder(engine, spool_dir)
+    recorder.start()
+    await recorder.close()
+    recorder.record(make_record(account_id=account))
+    assert recorder.spool_size == 1 == spooled_lines(spool_dir)
+    await recorder.close()  # idempotent; lets go of the spool file as a process exit would
+    restarted = UsageRecorder(engine, spool_dir)
+    await restarted.flush()
+    await restarted.close()
+    assert len(await stored(engine, account)) == 1
+
+
+async def test_a_long_spool_drains_over_several_flushes(
+    engine: AsyncEngine, dead_engine: AsyncEngine, spool_dir: Path
+) -> None:
+    """Replay is bounded per flush (new records keep flowing) and resumes where it stopped."""
+    account = new_account()
+    down = UsageRecorder(dead_engine, spool_dir, db_timeout=5)
+    for _ in range(20):
+        down.record(make_record(account_id=account))
+    await down.close()
+    up = UsageRecorder(engine, spool_dir, batch_size=3, replay_budget=7)
+    await up.flush()
+    assert len(await stored(engine, account)) == 7
+    assert up.spool_size == 13
+    for _ in range(3):
+        await up.flush()
+    assert len(await stored(engine, account)) == 20
+    assert up.spool_size == 0 and not list(spool_dir.glob("usage-*.spool"))
+    await up.close()
