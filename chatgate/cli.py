@@ -172,7 +172,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
         settings = _replace(settings, host=args.host)
     if args.port:
         settings = _replace(settings, port=args.port)
-    serve(settings, migrate_first=not args.no_migrate, bootstrap=True)
+    from chatgate.server import ServeError
+
+    try:
+        serve(settings, migrate_first=not args.no_migrate, bootstrap=True, workers=args.workers)
+    except ServeError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _replace(settings: Settings, **changes: Any) -> Settings:
@@ -199,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--no-migrate", action="store_true", help="do not migrate at start")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the port (N > 1 needs Redis)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     sub.add_parser("migrate", help="create or upgrade the database").set_defaults(func=cmd_migrate)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 
 import uvloop
 from aiohttp import web
@@ -35,8 +38,25 @@ async def prepare(settings: Settings, *, migrate_first: bool, bootstrap: bool) -
         await engine.dispose()
 
 
-def serve(settings: Settings, *, migrate_first: bool = True, bootstrap: bool = True) -> None:
-    """Serve until SIGINT/SIGTERM; a graceful stop finishes open requests and flushes state."""
+class ServeError(Exception):
+    """The server cannot start as asked (reported as one line by the CLI)."""
+
+
+def serve(
+    settings: Settings, *, migrate_first: bool = True, bootstrap: bool = True, workers: int = 1
+) -> None:
+    """Serve until SIGINT/SIGTERM; a graceful stop finishes open requests and flushes state.
+
+    With ``workers`` > 1, that many processes share the port (SO_REUSEPORT); in-process limits
+    would then multiply by N, so Redis is required.
+    """
+    if workers < 1:
+        raise ServeError("--workers must be at least 1")
+    if workers > 1 and not settings.redis_url:
+        raise ServeError(
+            "--workers N > 1 needs CHATGATE_REDIS_URL: in-process rate limits would be "
+            "per process, multiplying every limit by N"
+        )
     first = asyncio.run(prepare(settings, migrate_first=migrate_first, bootstrap=bootstrap))
     if first is not None:
         # The one time this key exists outside the caller: print it, never log it.
@@ -46,6 +66,39 @@ def serve(settings: Settings, *, migrate_first: bool = True, bootstrap: bool = T
             f"    export CHATGATE_API_KEY={first.key}\n",
             flush=True,
         )
+    if workers == 1:
+        _run(settings, reuse_port=False)
+        return
+    children = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve, then leave without running the parent's atexit hooks
+            code = 0
+            try:
+                _run(settings, reuse_port=True)
+            except BaseException:
+                log.exception("worker failed")
+                code = 1
+            os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        while True:
+            try:
+                os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+
+
+def _run(settings: Settings, *, reuse_port: bool) -> None:
     loop = uvloop.new_event_loop()
     web.run_app(
         create_app(settings),
@@ -55,4 +108,5 @@ def serve(settings: Settings, *, migrate_first: bool = True, bootstrap: bool = T
         print=lambda text: log.info("%s", text.strip()),
         loop=loop,
         shutdown_timeout=10.0,
+        reuse_port=reuse_port,
     )
