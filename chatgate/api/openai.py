@@ -25,7 +25,7 @@ from chatgate.auth import Principal
 from chatgate.backends.base import Usage
 from chatgate.backends.router import Route
 from chatgate.limits import checks_for, needs_tokens
-from chatgate.sessions import ChatSession, prepare_chat  # sessions (issue 6)
+from chatgate.sessions import ChatSession, prepare_chat
 from chatgate.state import PRINCIPAL, REQUEST_ID, STATE, State
 
 JSON = "application/json"
@@ -79,16 +79,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     meter.model, meter.streamed = chat.model, chat.stream
     route = route_for(state, principal, chat.model)
     meter.backend = route.backend_name
-    upstream = dict(body)
-    upstream["model"] = route.model.upstream_model
+    upstream = dict(body)  # the router puts each deployment's upstream model name in
     upstream.pop("conversation", None)
-    # -- sessions (issue 6): `conversation` prepends the stored history, trimmed to the model --
+    # Sessions: `conversation` prepends the stored history, trimmed to the model's window.
     session: ChatSession | None = None
     if chat.conversation is not None:
         session = await prepare_chat(state, principal, route, body)  # 404: not this account's
         upstream["messages"] = session.messages
         meter.conversation_id = session.conversation_id
-    # -- end sessions ---------------------------------------------------------------------------
 
     # Limits: key then account, all taken in one atomic call; tokens reserved up front.
     checks = checks_for(principal)
@@ -103,7 +101,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             result = await route.chat(upstream)
             usage = result.usage or _counted(upstream, counting_model, chat, result.body)
             meter.add_usage(usage, route.model)
-            if session is not None:  # sessions (issue 6): store the turn and the answer
+            if session is not None:  # store the new turn and the answer
                 await session.commit(result.body)
             if result.raw is not None:
                 return web.Response(body=result.raw, content_type=JSON, headers=admission.headers)
@@ -133,7 +131,7 @@ async def _relay_stream(
     )
     try:
         await resp.prepare(request)
-        # sessions (issue 6): relay() stores the turn just before [DONE] reaches the client
+        # With a session, relay() stores the turn just before [DONE] reaches the client.
         async for event in stream if session is None else session.relay(stream):
             await resp.write(event)
     except ConnectionResetError:
@@ -181,7 +179,6 @@ async def embeddings(request: web.Request) -> web.Response:
     route = route_for(state, principal, req.model)
     meter.backend = route.backend_name
     upstream = dict(body)
-    upstream["model"] = route.model.upstream_model
     checks = checks_for(principal)
     reserve = 0
     if needs_tokens(checks):
