@@ -166,11 +166,11 @@ class Gateway:
     def cli_json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
 
-    def start(self) -> Gateway:
+    def start(self, *args: str) -> Gateway:
         self.port = free_port()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [str(BIN / "chatgate"), "serve", "--port", str(self.port)],
+                [str(BIN / "chatgate"), "serve", "--port", str(self.port), *args],
                 env=self.env,
                 cwd=self.workdir,
                 stdout=log,

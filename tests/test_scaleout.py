@@ -1,0 +1,98 @@
+"""Scale-out: processes sharing PostgreSQL and Redis see each other's changes within a second,
+``serve --workers N`` shares one port and one set of limits, and usage lands in one rollup."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.helpers import REDIS_URL, Gateway, Upstream, make_gateway
+from tests.test_limits_e2e import BODY, account_with_plan, burst
+
+
+@pytest.fixture(scope="module")
+def shared_env() -> Iterator[dict[str, str]]:
+    prefix = f"cgscale-{secrets.token_hex(4)}:"
+    yield {
+        "CHATGATE_REDIS_URL": REDIS_URL,
+        "CHATGATE_REDIS_PREFIX": prefix,
+        "CHATGATE_SECRET": secrets.token_urlsafe(32),
+    }
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=prefix + "*"):
+        client.delete(key)
+
+
+def test_revoke_and_plan_change_reach_every_node(
+    pg_url: str, upstream: Upstream, shared_env: dict[str, str], tmp_path: Path
+) -> None:
+    nodes = [
+        make_gateway(
+            tmp_path / f"n{i}", database_url=pg_url, upstream=upstream, extra_env=shared_env
+        ).start()
+        for i in range(2)
+    ]
+    try:
+        email = f"s{secrets.token_hex(4)}@example.com"
+        nodes[0].cli("accounts", "create", email, "--plan", "enterprise")
+        issued = nodes[0].cli_json("keys", "create", "--account", email)
+        headers = {"Authorization": f"Bearer {issued['key']}"}
+
+        def status(node: Gateway) -> int:
+            return requests.post(
+                node.url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
+            ).status_code
+
+        assert [status(n) for n in nodes] == [200, 200]  # cached on both
+        nodes[0].cli("accounts", "set-plan", email, "free")  # free: rpd 1000, rpm 20
+        time.sleep(1.0)
+        limited = requests.post(
+            nodes[1].url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
+        )
+        assert limited.headers["x-ratelimit-limit-requests"] == "20"
+        nodes[1].cli("keys", "revoke", issued["id"])
+        time.sleep(1.0)
+        assert [status(n) for n in nodes] == [401, 401]
+        # Usage from both nodes lands in one set of rollups.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            report = json.loads(
+                nodes[0]
+                .cli("usage", "--account", email, "--since", "1d", "--format", "json")
+                .stdout
+            )
+            if report["totals"]["requests"] >= 3:
+                break
+            time.sleep(0.5)
+        assert report["totals"]["requests"] == 3  # a 401 has no account: not in its usage
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_workers_share_port_and_limits(
+    pg_url: str, upstream: Upstream, shared_env: dict[str, str], tmp_path: Path
+) -> None:
+    gw = make_gateway(tmp_path / "w", database_url=pg_url, upstream=upstream, extra_env=shared_env)
+    gw.start("--workers", "2")
+    try:
+        key = account_with_plan(gw, rpd=29)
+        statuses = asyncio.run(burst([gw.url], key, 150))
+        assert statuses.count(200) == 29 and statuses.count(429) == 121
+    finally:
+        assert gw.stop() == 0
+
+
+def test_workers_without_redis_refuse(tmp_path: Path) -> None:
+    gw = make_gateway(tmp_path / "nr")
+    result = gw.cli("serve", "--workers", "2", check=False)
+    assert result.returncode == 2 and "CHATGATE_REDIS_URL" in result.stderr
