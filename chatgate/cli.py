@@ -22,6 +22,7 @@ from chatgate.accounts import LIMIT_FIELDS, AccountStore, PlanStore
 from chatgate.backends.cli import add_parser as add_models_parser
 from chatgate.client.chat import add_parser as add_chat_parser
 from chatgate.db.engine import create_engine, migrate
+from chatgate.keys.cli_scan import add_parser as add_scan_parser
 from chatgate.keys.store import KeyStore
 from chatgate.settings import Settings
 from chatgate.timefmt import iso, now, parse_duration
@@ -91,7 +92,9 @@ KEY_TIMES = (
     "revoked_at",
     "rotated_at",
     "prev_valid_until",
+    "rotation_due_at",
 )
+DUE_COLUMNS = ("id", "account_id", "name", "hint", "rotated_at", "rotation_due_at")
 ACCOUNT_COLUMNS = ("id", "email", "plan", "is_admin", "disabled", "created_at")
 
 
@@ -101,6 +104,10 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_accounts(settings: Settings, args: argparse.Namespace) -> None:
+    password = ""
+    if args.action == "set-password":
+        password = _read_password(args.password_stdin)
+
     async def run(engine: AsyncEngine) -> Any:
         store = AccountStore(engine)
         if args.action == "create":
@@ -108,9 +115,32 @@ def cmd_accounts(settings: Settings, args: argparse.Namespace) -> None:
         if args.action == "set-plan":
             account = await store.by_email(args.email)
             return (await store.set_plan(account.id, args.plan)).to_dict()
+        if args.action == "set-password":
+            from chatgate.dashboard.passwords import PasswordStore
+
+            account = await store.by_email(args.email)
+            await PasswordStore(engine).set_password(account.id, password)
+            return account.to_dict()
         return [a.to_dict() for a in await store.list()]
 
     _emit(args, asyncio.run(_with_engine(settings, run)), ACCOUNT_COLUMNS, times=("created_at",))
+
+
+def _read_password(from_stdin: bool) -> str:
+    """A new password from stdin (scripts) or typed twice at a prompt; never an argument."""
+    import getpass
+
+    from chatgate.dashboard.passwords import MIN_PASSWORD
+
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CLIError("the two passwords differ")
+    if len(password) < MIN_PASSWORD:
+        raise CLIError(f"a password needs at least {MIN_PASSWORD} characters")
+    return password
 
 
 def cmd_plans(settings: Settings, args: argparse.Namespace) -> None:
@@ -136,8 +166,15 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
             models = (
                 [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
             )
+            period = parse_duration(args.rotate_every) if args.rotate_every else None
             return (
-                await keys.create(account.id, name=args.name, expires_at=expires, models=models)
+                await keys.create(
+                    account.id,
+                    name=args.name,
+                    expires_at=expires,
+                    models=models,
+                    rotation_period=period,
+                )
             ).to_dict()
         if args.action == "revoke":
             return (await keys.revoke(args.id)).to_dict()
@@ -147,6 +184,8 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
             )
             return (await keys.rotate(args.id, grace_seconds=grace)).to_dict()
         account_id = (await accounts.by_email(args.account)).id if args.account else None
+        if args.action == "due":
+            return [k.to_dict() for k in await keys.due(account_id)]
         return [k.to_dict() for k in await keys.list(account_id)]
 
     try:
@@ -157,10 +196,15 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
         print(_table([{**data, **{t: iso(data.get(t)) for t in KEY_TIMES}}], KEY_COLUMNS))
         print(f"\nAPI key (shown once, store it now):\n\n    {data['key']}\n")
         return
+    if args.action == "due" and not args.json and not data:
+        print("no key is due for rotation")
+        return
     _emit(
         args,
         data,
-        KEY_COLUMNS + (("revoked_at",) if args.action == "revoke" else ()),
+        DUE_COLUMNS
+        if args.action == "due"
+        else KEY_COLUMNS + (("revoked_at",) if args.action == "revoke" else ()),
         times=KEY_TIMES,
     )
 
@@ -222,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = acc.add_parser("set-plan")
     p.add_argument("email")
     p.add_argument("plan")
+    p = acc.add_parser("set-password", help="set the dashboard password (asks for it)")
+    p.add_argument("email")
+    p.add_argument("--password-stdin", action="store_true", help="read it from stdin")
     for p in acc.choices.values():
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_accounts)
@@ -250,7 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="")
     p.add_argument("--expires-in", help="e.g. 30d, 12h")
     p.add_argument("--models", help="comma-separated model names this key may use")
+    p.add_argument("--rotate-every", help="scheduled rotation period, e.g. 90d")
     p = ks.add_parser("list")
+    p.add_argument("--account", help="only this account's keys (email)")
+    p = ks.add_parser("due", help="active keys past their rotation period")
     p.add_argument("--account", help="only this account's keys (email)")
     p = ks.add_parser("revoke")
     p.add_argument("id")
@@ -263,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_usage_parser(sub)
     add_models_parser(sub)
     add_chat_parser(sub)
+    add_scan_parser(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ from chatgate.backends.base import Usage
 from chatgate.settings import ModelConfig
 from chatgate.usage.record import UsageRecord
 
+
 @dataclass(slots=True)
 class Meter:
     endpoint: str

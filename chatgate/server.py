@@ -63,7 +63,9 @@ def serve(
         print(
             f"chatgate: first start: created the admin account {ADMIN_EMAIL} and an API key.\n"
             "This key is shown once. Store it now, e.g. in an environment variable:\n\n"
-            f"    export CHATGATE_API_KEY={first.key}\n",
+            f"    export CHATGATE_API_KEY={first.key}\n\n"
+            f"To use the dashboard (/dashboard/) as the admin, set a password first:\n"
+            f"    chatgate accounts set-password {ADMIN_EMAIL}\n",
             flush=True,
         )
     if workers == 1:

@@ -88,6 +88,10 @@ class Settings:
     usage_flush_interval: float = 1.0
     usage_retention_days: int = 90
     signup_open: bool = True
+    default_plan: str = "free"
+    session_max_age: int = 7 * 86400
+    cookie_secure: bool | None = None
+    trust_forwarded_for: bool = False
     context_trim: str = "drop_oldest"
     default_max_tokens: int = 4096
     session_retention_days: int = 30
@@ -151,6 +155,10 @@ class Settings:
             usage_flush_interval=float(pick("usage_flush_interval", 1.0)),
             usage_retention_days=int(pick("usage_retention_days", 90)),
             signup_open=_truthy(pick("signup_open", True)),
+            default_plan=str(pick("default_plan", "free")),
+            session_max_age=int(pick("session_max_age", 7 * 86400)),
+            cookie_secure=_optional_bool(pick("cookie_secure", None)),
+            trust_forwarded_for=_truthy(pick("trust_forwarded_for", False)),
             context_trim=str(pick("context_trim", "drop_oldest")),
             default_max_tokens=int(pick("default_max_tokens", 4096)),
             session_retention_days=int(pick("session_retention_days", 30)),
@@ -198,6 +206,10 @@ def _truthy(value: object) -> bool:
     if isinstance(value, bool):
         return value
     return str(value).strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def _optional_bool(value: object) -> bool | None:
+    return None if value is None or value == "" else _truthy(value)
 
 
 def _model_from_table(table: Mapping[str, Any]) -> ModelConfig:

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from chatgate import __version__
-from chatgate.api import schemas
+from chatgate.api import leaks, manage, schemas
 
 _MODELS = (
     schemas.ChatCompletionRequest,
@@ -44,7 +44,7 @@ def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the API (built once)."""
     _, components = msgspec.json.schema_components(_MODELS, ref_template=_REF)
     secured: list[dict[str, list[str]]] = [{"bearerAuth": []}]
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "chatgate", "version": __version__},
         "components": {
@@ -118,3 +118,8 @@ def openapi_document() -> dict[str, Any]:
             },
         },
     }
+    # The management API (/api/*) documents its own paths.
+    document["paths"].update(manage.openapi_paths())
+    document["paths"].update(leaks.openapi_paths())
+    document["components"]["securitySchemes"].update(manage.openapi_security_schemes())
+    return document

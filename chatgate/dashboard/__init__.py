@@ -1,0 +1,46 @@
+"""The web dashboard: server-rendered pages under ``/dashboard/`` (Jinja2, no build step).
+
+- :mod:`.auth` — session cookie, CSRF, log in / log out; :mod:`.passwords` — argon2id;
+  :mod:`.throttle` — login throttling.
+- :mod:`.services` — actions shared with the JSON API (:mod:`chatgate.api.manage`).
+- :mod:`.render` — templates and the page wrapper (login, admin, CSRF, HTML errors).
+- ``pages_*`` — the pages; :mod:`.usage_view` and :mod:`.charts` — usage data and SVG charts.
+- ``templates/`` and ``static/`` (our own small CSS and scripts; charts are pygal SVG).
+
+Essential flows are plain forms that post and redirect; scripts only add the copy button and
+the streaming playground.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from chatgate.dashboard import auth, pages_account, pages_admin, pages_keys, pages_usage, render
+
+STATIC = render.HERE / "static"
+
+
+async def _home(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound(render.PREFIX + "/")
+
+
+async def _missing(request: web.Request) -> web.StreamResponse:
+    """Any other ``/dashboard/...`` path: an HTML 404 (the API's would be JSON)."""
+    return await render.not_found(request, await auth.current_user(request))
+
+
+def setup(app: web.Application) -> None:
+    """Add the dashboard's routes, session middleware and templates to ``app``."""
+    auth.setup(app)
+    render.setup_templates(app)
+    app.router.add_get("/", _home)
+    app.router.add_get(render.PREFIX, _home)
+    app.router.add_static(render.PREFIX + "/static", STATIC, name="dashboard-static")
+    pages_account.setup(app)
+    pages_keys.setup(app)
+    pages_usage.setup(app)
+    pages_admin.setup(app)
+    app.router.add_get(render.PREFIX + "/{tail:.*}", _missing)
+
+
+__all__ = ["setup"]

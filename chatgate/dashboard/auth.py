@@ -1,0 +1,231 @@
+"""Who is logged in to the dashboard: the session cookie, CSRF tokens, log in and log out.
+
+The session lives in an encrypted cookie (aiohttp-session's ``EncryptedCookieStorage``, Fernet
+with a key derived from the server secret), so any server process can read it and nothing is
+stored server-side. The cookie is HttpOnly, SameSite=Lax, and Secure when the request came
+over HTTPS (or always, with ``cookie_secure``). It holds the account id, a CSRF token, and a
+fingerprint of the account's password hash: changing the password ends every other session,
+and a disabled account is logged out on its next page.
+
+The session middleware only runs for ``/dashboard`` and ``/api/``: the ``/v1`` hot path
+never touches a cookie.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp_session
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp_session.cookie_storage import EncryptedCookieStorage
+
+from chatgate.accounts import Account
+from chatgate.dashboard.passwords import PasswordStore
+from chatgate.dashboard.throttle import LoginThrottle
+from chatgate.settings import Settings
+from chatgate.state import STATE, State
+
+COOKIE_NAME = "chatgate_session"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+SESSION_PATHS = ("/dashboard", "/api/")
+
+
+class SessionStorage(EncryptedCookieStorage):
+    """Encrypted cookie sessions whose ``Secure`` flag follows the request's scheme."""
+
+    def __init__(self, key: bytes, *, max_age: int, force_secure: bool | None) -> None:
+        super().__init__(
+            key, cookie_name=COOKIE_NAME, max_age=max_age, httponly=True, samesite="Lax"
+        )
+        self._force_secure = force_secure
+
+    async def save_session(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        session: aiohttp_session.Session,
+    ) -> None:
+        secure = request.secure if self._force_secure is None else self._force_secure
+        # Set per response; there is no await between this and the cookie being written.
+        self._cookie_params["secure"] = secure or None
+        await super().save_session(request, response, session)
+
+
+@dataclass(slots=True)
+class Dashboard:
+    """The dashboard's per-process objects; filled in at start-up (see :func:`holder`)."""
+
+    state: State | None = None
+    storage: SessionStorage | None = None
+    passwords: PasswordStore | None = None
+    throttle: LoginThrottle | None = None
+    fingerprint_key: bytes = b""
+
+    def ready(self) -> State:
+        """The process state; an error before the application started."""
+        if self.state is None:
+            raise RuntimeError("the dashboard is used before the application started")
+        return self.state
+
+    def state_settings(self) -> Settings:
+        """The server's settings."""
+        return self.ready().settings
+
+
+DASHBOARD = web.AppKey("chatgate_dashboard", Dashboard)
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A logged-in person: the account and the session's CSRF token."""
+
+    account: Account
+    csrf: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.account.is_admin
+
+
+def derive_key(secret: str, purpose: str) -> bytes:
+    """A 32-byte key for ``purpose`` derived from the server secret (HMAC-SHA256)."""
+    return hmac.new(secret.encode(), b"chatgate/" + purpose.encode(), hashlib.sha256).digest()
+
+
+def dashboard(request: web.Request) -> Dashboard:
+    """The process's :class:`Dashboard`."""
+    return request.app[DASHBOARD]
+
+
+def passwords(request: web.Request) -> PasswordStore:
+    store = dashboard(request).passwords
+    assert store is not None
+    return store
+
+
+def throttle(request: web.Request) -> LoginThrottle:
+    found = dashboard(request).throttle
+    assert found is not None
+    return found
+
+
+def _fingerprint(request: web.Request, password_hash: str | None) -> str:
+    key = dashboard(request).fingerprint_key
+    return hmac.new(key, (password_hash or "").encode(), hashlib.sha256).hexdigest()[:32]
+
+
+async def current_user(request: web.Request) -> User | None:
+    """The logged-in user, or ``None``; a stale session (password changed, disabled) is ended."""
+    session = await aiohttp_session.get_session(request)
+    account_id = session.get("account")
+    if not isinstance(account_id, str):
+        return None
+    found = await passwords(request).session_account(account_id)
+    if found is not None:
+        account, password_hash = found
+        if not account.disabled and hmac.compare_digest(
+            str(session.get("auth", "")), _fingerprint(request, password_hash)
+        ):
+            return User(account, str(session.get("csrf", "")))
+    session.invalidate()
+    return None
+
+
+async def log_in(request: web.Request, account_id: str, password_hash: str | None) -> None:
+    """Start a fresh session for ``account_id`` (a new cookie and a new CSRF token)."""
+    session = await aiohttp_session.new_session(request)
+    session["account"] = account_id
+    session["auth"] = _fingerprint(request, password_hash)
+    session["csrf"] = secrets.token_urlsafe(32)
+    session["at"] = int(time.time())
+
+
+async def log_out(request: web.Request) -> None:
+    """End the session (the cookie is deleted)."""
+    session = await aiohttp_session.get_session(request)
+    session.invalidate()
+
+
+async def anonymous_csrf(request: web.Request) -> str:
+    """A CSRF token for forms shown before login (sign up, log in), kept in the session."""
+    session = await aiohttp_session.get_session(request)
+    token = session.get("csrf")
+    if not isinstance(token, str) or not token:
+        token = secrets.token_urlsafe(32)
+        session["csrf"] = token
+    return token
+
+
+async def csrf_ok(request: web.Request, supplied: Any) -> bool:
+    """True when ``supplied`` equals the session's CSRF token (constant-time)."""
+    session = await aiohttp_session.get_session(request)
+    expected = session.get("csrf")
+    return (
+        isinstance(expected, str)
+        and bool(expected)
+        and isinstance(supplied, str)
+        and hmac.compare_digest(expected.encode(), supplied.encode())
+    )
+
+
+def _session_middleware(holder: Dashboard) -> Any:
+    inner: Any = None
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal inner
+        if not request.path.startswith(SESSION_PATHS) or holder.storage is None:
+            return await handler(request)
+        if inner is None:
+            inner = aiohttp_session.session_middleware(holder.storage)
+        response: web.StreamResponse = await inner(request, handler)
+        return response
+
+    return middleware
+
+
+def setup(app: web.Application) -> Dashboard:
+    """Install the scoped session middleware; the storage is built when the app starts."""
+    holder = Dashboard()
+    app[DASHBOARD] = holder
+    app.middlewares.append(_session_middleware(holder))
+
+    async def start(app: web.Application) -> None:
+        state = app[STATE]
+        settings = state.settings
+        secret = settings.resolved_secret().reveal()
+        holder.state = state
+        holder.storage = SessionStorage(
+            derive_key(secret, "dashboard-session"),
+            max_age=settings.session_max_age,
+            force_secure=settings.cookie_secure,
+        )
+        holder.passwords = PasswordStore(state.engine)
+        holder.throttle = LoginThrottle.default()
+        holder.fingerprint_key = derive_key(secret, "dashboard-password-fingerprint")
+
+    app.on_startup.append(start)
+    return holder
+
+
+def client_address(request: web.Request) -> str:
+    """The client address used for throttling.
+
+    The TCP peer, unless the setting ``trust_forwarded_for`` says a reverse proxy in front
+    appends the real client to ``X-Forwarded-For``: then its last entry (the one that proxy
+    wrote; entries before it come from the client and prove nothing). Without the setting
+    behind a proxy, every client shares the proxy's address and its throttle.
+    """
+    if dashboard(request).state_settings().trust_forwarded_for:
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        last = forwarded.rsplit(",", 1)[-1].strip()
+        if last:
+            return last[:64]
+    return request.remote or "unknown"

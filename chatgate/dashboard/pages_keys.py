@@ -1,0 +1,118 @@
+"""The API keys pages: list, create (shown once), rotate (shown once), revoke.
+
+A new or rotated key is rendered in the answer to the POST that made it, never put in the
+session or a redirect, so it exists in exactly one HTTP response (``Cache-Control: no-store``).
+Another account's key id answers 404, like an id that does not exist.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from chatgate import errors
+from chatgate.dashboard import services
+from chatgate.dashboard.auth import User
+from chatgate.dashboard.render import PREFIX, field, flash, page, page_response, redirect, state
+from chatgate.keys.store import IssuedKey
+
+
+async def _list_context(request: web.Request, user: User) -> dict[str, object]:
+    st = state(request)
+    keys = await st.keys.list(user.account.id)
+    keys.sort(key=lambda k: (k.status != "active", -k.created_at))
+    return {
+        "title": "API keys",
+        "keys": keys,
+        "models": services.model_names(st),
+        "expiry_choices": services.EXPIRY_CHOICES,
+        "form": {"name": "", "expires_in": "", "models": []},
+    }
+
+
+@page()
+async def keys_page(request: web.Request, user: User) -> web.StreamResponse:
+    """GET /dashboard/keys."""
+    return await page_response(request, user, "keys.html", await _list_context(request, user))
+
+
+def _issued(request: web.Request, user: User, issued: IssuedKey, action: str) -> dict[str, object]:
+    base = f"{request.scheme}://{request.host}/v1"
+    return {"title": "Your new API key", "issued": issued, "action": action, "base_url": base}
+
+
+@page()
+async def create_key(request: web.Request, user: User) -> web.StreamResponse:
+    """POST /dashboard/keys: the full key is shown on this page only."""
+    form = await request.post()
+    models = [m for m in form.getall("models", []) if isinstance(m, str)]
+    st = state(request)
+    try:
+        wanted = services.key_request(
+            st,
+            name=field(form, "name", 300),
+            expires_in=field(form, "expires_in", 20),
+            models=models,
+        )
+    except errors.InvalidRequest as exc:
+        context = await _list_context(request, user)
+        context["error"] = exc.message
+        context["form"] = {
+            "name": field(form, "name", 300),
+            "expires_in": field(form, "expires_in", 20),
+            "models": models,
+        }
+        return await page_response(request, user, "keys.html", context, status=400)
+    issued = await services.create_key(st, user.account, wanted)
+    return await page_response(
+        request, user, "key_issued.html", _issued(request, user, issued, "created"), status=201
+    )
+
+
+@page()
+async def rotate_form(request: web.Request, user: User) -> web.StreamResponse:
+    """GET /dashboard/keys/{id}/rotate: choose the grace period."""
+    key = await state(request).keys.get(request.match_info["id"], account_id=user.account.id)
+    return await page_response(
+        request,
+        user,
+        "key_rotate.html",
+        {"title": "Rotate key", "key": key, "grace_choices": services.GRACE_CHOICES},
+    )
+
+
+@page()
+async def rotate(request: web.Request, user: User) -> web.StreamResponse:
+    """POST /dashboard/keys/{id}/rotate: the new secret is shown on this page only."""
+    form = await request.post()
+    st = state(request)
+    grace = services.parse_grace(field(form, "grace", 20), st.settings.rotation_grace)
+    issued = await services.rotate_key(st, user.account, request.match_info["id"], grace)
+    context = _issued(request, user, issued, "rotated")
+    context["grace"] = grace
+    return await page_response(request, user, "key_issued.html", context)
+
+
+@page()
+async def revoke_form(request: web.Request, user: User) -> web.StreamResponse:
+    """GET /dashboard/keys/{id}/revoke: confirm."""
+    key = await state(request).keys.get(request.match_info["id"], account_id=user.account.id)
+    return await page_response(
+        request, user, "key_revoke.html", {"title": "Revoke key", "key": key}
+    )
+
+
+@page()
+async def revoke(request: web.Request, user: User) -> web.StreamResponse:
+    """POST /dashboard/keys/{id}/revoke."""
+    key = await services.revoke_key(state(request), user.account, request.match_info["id"])
+    await flash(request, f"Key “{key.name or key.hint}” revoked. It stops working within a second.")
+    raise redirect(PREFIX + "/keys")
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get(PREFIX + "/keys", keys_page)
+    app.router.add_post(PREFIX + "/keys", create_key)
+    app.router.add_get(PREFIX + "/keys/{id}/rotate", rotate_form)
+    app.router.add_post(PREFIX + "/keys/{id}/rotate", rotate)
+    app.router.add_get(PREFIX + "/keys/{id}/revoke", revoke_form)
+    app.router.add_post(PREFIX + "/keys/{id}/revoke", revoke)

@@ -1,0 +1,240 @@
+"""Templates and the page wrapper: login required, admin only, CSRF on every POST, HTML errors.
+
+Every page handler is wrapped by :func:`page`, which
+- sends a visitor without a session to the login page (303), and a non-admin on an admin
+  page to a 404 page (the same as for a page that does not exist);
+- rejects a POST whose ``csrf_token`` field is missing or wrong (403), before the handler runs;
+- turns an :class:`~chatgate.errors.APIError` from the shared services into an HTML page with
+  the same status (the API middleware would answer JSON);
+- adds the security headers (CSP without inline scripts, no framing, no caching).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp_jinja2
+import aiohttp_session
+import jinja2
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from chatgate import errors
+from chatgate.dashboard.auth import CSRF_FIELD, User, anonymous_csrf, csrf_ok, current_user
+from chatgate.state import STATE, State
+
+HERE = Path(__file__).parent
+TEMPLATES = web.AppKey("chatgate_dashboard_templates", jinja2.Environment)
+PREFIX = "/dashboard"
+
+PageHandler = Callable[[web.Request, User], Awaitable[web.StreamResponse]]
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
+        "form-action 'self'; base-uri 'none'; object-src 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _ts(value: int | None) -> str:
+    if value is None:
+        return "—"
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(value))
+
+
+def _day(value: int | None) -> str:
+    return "—" if value is None else time.strftime("%Y-%m-%d", time.gmtime(value))
+
+
+def _num(value: int | float | None) -> str:
+    if value is None:
+        return "unlimited"
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.2f}"
+
+
+def _ago(value: int | None) -> str:
+    if value is None:
+        return "never"
+    delta = int(time.time()) - value
+    for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
+        if delta >= seconds:
+            return f"{delta // seconds}{unit} ago"
+    return "just now"
+
+
+def _percent(used: int, limit: int | None) -> str:
+    """Share of ``limit`` used, 0-100, for a CSS width (0 when unlimited)."""
+    if not limit:
+        return "0"
+    return str(min(int(used * 100 / limit), 100))
+
+
+FILTERS: dict[str, Callable[..., str]] = {
+    "ts": _ts,
+    "day": _day,
+    "num": _num,
+    "ago": _ago,
+    "percent": _percent,
+}
+
+
+def setup_templates(app: web.Application) -> jinja2.Environment:
+    """The Jinja2 environment (autoescaped) for the dashboard's templates."""
+    return aiohttp_jinja2.setup(
+        app,
+        app_key=TEMPLATES,
+        loader=jinja2.FileSystemLoader(str(HERE / "templates")),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+        filters=FILTERS,
+    )
+
+
+def state(request: web.Request) -> State:
+    return request.app[STATE]
+
+
+def render(
+    request: web.Request,
+    template: str,
+    context: Mapping[str, Any],
+    *,
+    status: int = 200,
+) -> web.Response:
+    """Render ``template`` with the common context (user, nav, flash messages)."""
+    response = aiohttp_jinja2.render_template(
+        template, request, dict(context), app_key=TEMPLATES, status=status
+    )
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+async def base_context(request: web.Request, user: User | None) -> dict[str, Any]:
+    """What every template may use."""
+    session = await aiohttp_session.get_session(request)
+    flashes = session.pop("flash", [])
+    csrf = user.csrf if user is not None else await anonymous_csrf(request)
+    return {
+        "user": user,
+        "csrf": csrf,
+        "csrf_field": CSRF_FIELD,
+        "flashes": flashes if isinstance(flashes, list) else [],
+        "path": request.path,
+        "signup_open": signup_open(request),
+    }
+
+
+async def page_response(
+    request: web.Request,
+    user: User | None,
+    template: str,
+    context: Mapping[str, Any] | None = None,
+    *,
+    status: int = 200,
+) -> web.Response:
+    """Render a page with the base context merged in."""
+    merged = await base_context(request, user)
+    merged.update(context or {})
+    return render(request, template, merged, status=status)
+
+
+async def flash(request: web.Request, message: str, kind: str = "ok") -> None:
+    """A message shown once on the next page (kept in the session cookie)."""
+    session = await aiohttp_session.get_session(request)
+    messages = session.get("flash", [])
+    session["flash"] = [*messages[-4:], {"kind": kind, "text": message[:300]}]
+
+
+def redirect(location: str) -> web.HTTPSeeOther:
+    """A 303 to ``location`` (raise it): after a POST, the browser GETs the next page."""
+    return web.HTTPSeeOther(location)
+
+
+def signup_open(request: web.Request) -> bool:
+    """Whether anyone may create an account (setting ``signup_open``, default on)."""
+    return state(request).settings.signup_open
+
+
+async def error_page(
+    request: web.Request, user: User | None, status: int, title: str, message: str
+) -> web.Response:
+    return await page_response(
+        request, user, "error.html", {"title": title, "message": message}, status=status
+    )
+
+
+async def not_found(request: web.Request, user: User | None = None) -> web.Response:
+    return await error_page(
+        request, user, 404, "Page not found", "There is no page here, or it is not yours."
+    )
+
+
+def page(*, admin: bool = False) -> Callable[[PageHandler], Handler]:
+    """Wrap a page handler: session required (admin too if asked), CSRF on POST, HTML errors."""
+
+    def wrap(fn: PageHandler) -> Handler:
+        @functools.wraps(fn)
+        async def handler(request: web.Request) -> web.StreamResponse:
+            user = await current_user(request)
+            if user is None:
+                if request.method == "GET":
+                    raise redirect(f"{PREFIX}/login?next={quote(request.path_qs, safe='')}")
+                raise redirect(f"{PREFIX}/login")
+            if admin and not user.is_admin:
+                return await not_found(request, user)
+            if request.method == "POST" and not await form_csrf_ok(request):
+                return await csrf_failed(request, user)
+            try:
+                response = await fn(request, user)
+            except errors.APIError as exc:
+                return await error_page(request, user, exc.status, "Not possible", exc.message)
+            for name, value in SECURITY_HEADERS.items():
+                response.headers.setdefault(name, value)
+            return response
+
+        return handler
+
+    return wrap
+
+
+async def form_csrf_ok(request: web.Request) -> bool:
+    """True when the posted form carries the session's CSRF token."""
+    form = await request.post()
+    return await csrf_ok(request, form.get(CSRF_FIELD))
+
+
+async def csrf_failed(request: web.Request, user: User | None) -> web.Response:
+    return await error_page(
+        request,
+        user,
+        403,
+        "Form expired",
+        "This form was missing its security token or it expired. Go back, reload the page "
+        "and try again.",
+    )
+
+
+def safe_next(target: str | None) -> str:
+    """A post-login destination inside the dashboard only (no open redirect)."""
+    if target and target.startswith(PREFIX + "/") and not target.startswith("//"):
+        return target
+    return PREFIX + "/"
+
+
+def field(form: Mapping[str, object], name: str, limit: int = 320) -> str:
+    """A text field of a posted form, clipped to ``limit`` characters ("" when absent)."""
+    value = form.get(name, "")
+    return value[:limit] if isinstance(value, str) else ""

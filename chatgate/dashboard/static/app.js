@@ -1,0 +1,52 @@
+// chatgate dashboard: small progressive enhancements; every flow works without this file.
+"use strict";
+
+const PLAYGROUND_KEY = "chatgate.playground.key";
+
+function copyText(text) {
+  if (navigator.clipboard && window.isSecureContext) {
+    return navigator.clipboard.writeText(text);
+  }
+  return new Promise((resolve, reject) => {
+    const area = document.createElement("textarea");
+    area.value = text;
+    area.setAttribute("readonly", "");
+    area.style.position = "fixed";
+    area.style.opacity = "0";
+    document.body.appendChild(area);
+    area.select();
+    const ok = document.execCommand("copy");
+    area.remove();
+    ok ? resolve() : reject(new Error("copy failed"));
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  // Copy buttons: <button data-copy="#input-id"> (hidden until this script shows them).
+  for (const button of document.querySelectorAll("[data-copy]")) {
+    const source = document.querySelector(button.dataset.copy);
+    if (!source) continue;
+    button.hidden = false;
+    button.addEventListener("click", async () => {
+      try {
+        await copyText(source.value || source.textContent || "");
+        button.textContent = "Copied";
+        button.classList.add("copied");
+      } catch (err) {
+        source.select();
+        button.textContent = "Press Ctrl+C";
+      }
+      setTimeout(() => { button.textContent = "Copy"; }, 2500);
+    });
+  }
+  // Select the whole key when its box is focused.
+  const newKey = document.getElementById("new-key");
+  if (newKey) newKey.addEventListener("focus", () => newKey.select());
+  // "Try it in the playground": hand the key to the playground in this tab only.
+  for (const link of document.querySelectorAll("[data-playground-key]")) {
+    link.addEventListener("click", () => {
+      const source = document.querySelector(link.dataset.playgroundKey);
+      if (source && source.value) sessionStorage.setItem(PLAYGROUND_KEY, source.value);
+    });
+  }
+});

@@ -1,0 +1,168 @@
+"""The JSON management API (/api/*) against the real server, with keys and with a session."""
+
+from __future__ import annotations
+
+import time
+
+import requests
+
+from chatgate.keys import format as keyfmt
+from tests.dashboard.conftest import admin_key, chat, make_user
+from tests.dashboard.test_security import wait_status
+from tests.helpers import Gateway
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_key_lifecycle_with_a_bearer_key(dash: Gateway) -> None:
+    user = make_user(dash)
+    first = user.new_key(name="bootstrap")
+    h = bearer(first["key"])
+    me = requests.get(dash.url + "/api/me", headers=h, timeout=10).json()
+    assert me["email"] == user.email and me["auth"] == "key" and "csrf_token" not in me
+    assert me["plan_limits"]["name"] == "free"
+
+    resp = requests.post(
+        dash.url + "/api/keys",
+        json={"name": "ci", "expires_in": "30d", "models": ["gpt-test"]},
+        headers=h,
+        timeout=10,
+    )
+    assert resp.status_code == 201
+    assert resp.headers["Cache-Control"] == "no-store"
+    made = resp.json()
+    assert keyfmt.is_well_formed(made["key"])
+    assert made["hint"] == keyfmt.hint(made["key"])
+    assert made["models"] == ["gpt-test"]
+    assert made["expires_at"] - time.time() > 29 * 86400
+    assert chat(dash, made["key"]).status_code == 200
+    assert chat(dash, made["key"], model="gpt-other").status_code == 403
+
+    listed = requests.get(dash.url + "/api/keys", headers=h, timeout=10).json()
+    assert listed["object"] == "list"
+    assert {k["name"] for k in listed["data"]} == {"bootstrap", "ci"}
+    assert all("key" not in k for k in listed["data"])
+    got = requests.get(dash.url + f"/api/keys/{made['id']}", headers=h, timeout=10).json()
+    assert got["status"] == "active" and "key" not in got
+
+    rotated = requests.post(
+        dash.url + f"/api/keys/{made['id']}/rotate", json={"grace": "1h"}, headers=h, timeout=10
+    ).json()
+    assert rotated["id"] == made["id"] and rotated["key"] != made["key"]
+    assert chat(dash, rotated["key"]).status_code == 200
+    assert chat(dash, made["key"]).status_code == 200  # in its grace hour
+
+    revoked = requests.post(dash.url + f"/api/keys/{made['id']}/revoke", headers=h, timeout=10)
+    assert revoked.status_code == 200 and revoked.json()["status"] == "revoked"
+    assert wait_status(dash, rotated["key"], 401) == 401
+    assert wait_status(dash, made["key"], 401) == 401
+
+
+def test_bad_input_is_a_400_naming_the_field(dash: Gateway) -> None:
+    user = make_user(dash)
+    for body, param in (
+        ({"models": ["no-such-model"]}, "models"),
+        ({"models": "gpt-test"}, "models"),
+        ({"expires_in": "soon"}, "expires_in"),
+        ({"name": "x" * 201}, "name"),
+    ):
+        resp = user.api("POST", "/api/keys", json=body)
+        assert resp.status_code == 400, body
+        assert resp.json()["error"]["param"] == param
+    key_id = user.new_key()["id"]
+    resp = user.api("POST", f"/api/keys/{key_id}/rotate", json={"grace": "forever"})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "grace"
+    resp = user.api(
+        "POST", "/api/keys", data=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
+
+
+def test_plans_and_admin_api(dash: Gateway) -> None:
+    user = make_user(dash)
+    plans = user.api("GET", "/api/plans").json()["data"]
+    assert {"free", "pro", "enterprise"} <= {p["name"] for p in plans}
+    h = bearer(admin_key(dash))
+    account_id = user.api("GET", "/api/me").json()["id"]
+
+    resp = requests.post(
+        dash.url + f"/api/admin/accounts/{account_id}/plan",
+        json={"plan": "pro"},
+        headers=h,
+        timeout=10,
+    )
+    assert resp.status_code == 200 and resp.json()["plan"] == "pro"
+    assert user.api("GET", "/api/me").json()["plan"] == "pro"
+    resp = requests.post(
+        dash.url + f"/api/admin/accounts/{account_id}/plan",
+        json={"plan": "nope"},
+        headers=h,
+        timeout=10,
+    )
+    assert resp.status_code == 404
+
+    name = "plan" + str(int(time.time() * 1000) % 100000)
+    dash.cli("plans", "create", name, "--rpm", "5")
+    resp = requests.patch(
+        dash.url + f"/api/admin/plans/{name}",
+        json={"rpm": 7, "monthly_tokens": None, "tpm": 1000},
+        headers=h,
+        timeout=10,
+    )
+    assert resp.status_code == 200
+    assert resp.json()["rpm"] == 7 and resp.json()["tpm"] == 1000
+    resp = requests.patch(
+        dash.url + f"/api/admin/plans/{name}", json={"rpm": -1}, headers=h, timeout=10
+    )
+    assert resp.status_code == 400
+    resp = requests.patch(
+        dash.url + f"/api/admin/plans/{name}", json={"bogus": 1}, headers=h, timeout=10
+    )
+    assert resp.status_code == 400
+
+    me = requests.get(dash.url + "/api/me", headers=h, timeout=10).json()
+    resp = requests.post(
+        dash.url + f"/api/admin/accounts/{me['id']}/disable",
+        json={"disabled": True},
+        headers=h,
+        timeout=10,
+    )
+    assert resp.status_code == 400  # not yourself
+
+
+def test_openapi_documents_the_management_api(dash: Gateway) -> None:
+    doc = requests.get(dash.url + "/openapi.json", timeout=10).json()
+    for path in (
+        "/api/me",
+        "/api/keys",
+        "/api/keys/{id}",
+        "/api/keys/{id}/rotate",
+        "/api/keys/{id}/revoke",
+        "/api/plans",
+        "/api/admin/accounts",
+        "/api/admin/accounts/{id}/plan",
+        "/api/admin/accounts/{id}/disable",
+        "/api/admin/plans/{name}",
+    ):
+        assert path in doc["paths"], path
+    assert doc["paths"]["/api/keys"]["post"]["operationId"] == "createKey"
+    assert doc["paths"]["/api/admin/plans/{name}"]["patch"]["security"]
+    assert "sessionCookie" in doc["components"]["securitySchemes"]
+    assert "/v1/chat/completions" in doc["paths"]
+
+
+def test_a_narrow_key_cannot_mint_a_broader_one(dash: Gateway) -> None:
+    user = make_user(dash)
+    wide = user.new_key(name="wide")
+    for narrow in (user.new_key(models=["gpt-test"]), user.new_key(expires_in="1d")):
+        h = bearer(narrow["key"])
+        resp = requests.post(
+            dash.url + "/api/keys", json={"name": "escalate"}, headers=h, timeout=10
+        )
+        assert resp.status_code == 403 and resp.json()["error"]["type"] == "permission_error"
+        resp = requests.post(dash.url + f"/api/keys/{wide['id']}/rotate", headers=h, timeout=10)
+        assert resp.status_code == 403
+        assert requests.get(dash.url + "/api/keys", headers=h, timeout=10).status_code == 200
+    assert chat(dash, wide["key"]).status_code == 200  # not rotated away

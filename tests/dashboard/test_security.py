@@ -1,0 +1,303 @@
+"""Dashboard and /api/* security, over plain HTTP against the real server: CSRF, other
+accounts' keys, admin-only pages, cookie flags, sessions, generic messages."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import requests
+
+from tests.dashboard.conftest import PASSWORD, User, admin_key, chat, csrf_of, make_user
+from tests.helpers import Gateway
+
+PAGES = [
+    "/dashboard/",
+    "/dashboard/keys",
+    "/dashboard/usage",
+    "/dashboard/usage.csv",
+    "/dashboard/plan",
+    "/dashboard/playground",
+    "/dashboard/account",
+    "/dashboard/admin/accounts",
+    "/dashboard/admin/plans",
+    "/dashboard/admin/models",
+    "/dashboard/admin/usage",
+]
+ADMIN_PAGES = [p for p in PAGES if "/admin/" in p]
+TOKEN = re.compile(r'(?<=content=")[\w-]{20,}|(?<=value=")[\w-]{20,}')
+
+
+@pytest.fixture(scope="module")
+def alice(dash: Gateway) -> User:
+    return make_user(dash)
+
+
+@pytest.fixture(scope="module")
+def bob(dash: Gateway) -> User:
+    return make_user(dash)
+
+
+def wait_status(gw: Gateway, key: str, status: int, timeout: float = 5.0) -> int:
+    """Call until the answer has ``status`` (revocation reaches the cache within ~1 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = chat(gw, key).status_code
+        if got == status or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_pages_need_a_session(dash: Gateway, path: str) -> None:
+    resp = requests.get(dash.url + path, allow_redirects=False, timeout=10)
+    assert resp.status_code == 303
+    assert resp.headers["Location"].startswith("/dashboard/login?next=")
+
+
+def test_api_needs_a_session_or_key(dash: Gateway) -> None:
+    for path in ("/api/me", "/api/keys", "/api/plans", "/api/admin/accounts"):
+        resp = requests.get(dash.url + path, timeout=10)
+        assert resp.status_code == 401, path
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_session_cookie_flags(dash: Gateway) -> None:
+    user = make_user(dash, login=False)
+    token = csrf_of(user.http, user.url("/dashboard/login"))
+    resp = user.http.post(
+        user.url("/dashboard/login"),
+        data={"csrf_token": token, "email": user.email, "password": PASSWORD},
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert resp.status_code == 303
+    cookie = resp.headers["Set-Cookie"]
+    assert cookie.startswith("chatgate_session=")
+    assert "HttpOnly" in cookie
+    assert "SameSite=Lax" in cookie
+    assert "Secure" not in cookie  # plain HTTP here; see test_units for HTTPS
+    assert "Path=/" in cookie
+
+
+def test_security_headers(alice: User) -> None:
+    resp = alice.http.get(alice.url("/dashboard/keys"), timeout=10)
+    assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert resp.headers["X-Frame-Options"] == "DENY"
+    assert resp.headers["Cache-Control"] == "no-store"
+
+
+def test_post_without_csrf_is_rejected(alice: User) -> None:
+    before = len(alice.api("GET", "/api/keys").json()["data"])
+    for data in ({"name": "sneaky"}, {"name": "sneaky", "csrf_token": "wrong"}):
+        resp = alice.http.post(alice.url("/dashboard/keys"), data=data, timeout=10)
+        assert resp.status_code == 403
+        assert "sk-cg-" not in resp.text
+    assert len(alice.api("GET", "/api/keys").json()["data"]) == before
+    # Log in and sign up forms carry a token too.
+    resp = requests.post(
+        alice.url("/dashboard/login"), data={"email": alice.email, "password": PASSWORD}, timeout=10
+    )
+    assert resp.status_code == 403
+    # The JSON API with a session cookie needs the header on every change.
+    resp = alice.http.post(alice.url("/api/keys"), json={"name": "x"}, timeout=10)
+    assert resp.status_code == 403
+    assert resp.json()["error"]["code"] == "csrf_failed"
+    resp = alice.http.post(
+        alice.url("/api/keys"), json={"name": "x"}, headers={"X-CSRF-Token": "nope"}, timeout=10
+    )
+    assert resp.status_code == 403
+    assert alice.api("POST", "/api/keys", json={"name": "x"}).status_code == 201
+
+
+def test_another_accounts_key_is_404(dash: Gateway, alice: User, bob: User) -> None:
+    bobs = bob.new_key(name="bob's")
+    key_id = bobs["id"]
+    # JSON API, session and key alike.
+    alice_key = alice.new_key()["key"]
+    for via_key in (False, True):
+        for method, path in (
+            ("GET", f"/api/keys/{key_id}"),
+            ("POST", f"/api/keys/{key_id}/rotate"),
+            ("POST", f"/api/keys/{key_id}/revoke"),
+        ):
+            if via_key:
+                resp = requests.request(
+                    method,
+                    dash.url + path,
+                    headers={"Authorization": f"Bearer {alice_key}"},
+                    timeout=10,
+                )
+            else:
+                resp = alice.api(method, path)
+            assert resp.status_code == 404, (method, path, resp.text)
+            assert resp.json()["error"]["code"] == "not_found"
+    # Pages: the confirm pages and the form posts.
+    for action in ("rotate", "revoke"):
+        page = alice.http.get(alice.url(f"/dashboard/keys/{key_id}/{action}"), timeout=10)
+        assert page.status_code == 404
+        assert "bob's" not in page.text
+        assert alice.post(f"/dashboard/keys/{key_id}/{action}", {"grace": "0"}).status_code == 404
+    assert all(k["id"] != key_id for k in alice.api("GET", "/api/keys").json()["data"])
+    assert "bob&#39;s" not in alice.http.get(alice.url("/dashboard/keys"), timeout=10).text
+    # Nothing happened to Bob's key.
+    assert chat(dash, bobs["key"]).status_code == 200
+    assert bob.api("GET", f"/api/keys/{key_id}").json()["status"] == "active"
+
+
+@pytest.mark.parametrize("path", ADMIN_PAGES)
+def test_non_admin_gets_404_on_admin_pages(alice: User, path: str) -> None:
+    resp = alice.http.get(alice.url(path), timeout=10)
+    assert resp.status_code == 404
+    assert "Page not found" in resp.text
+
+
+def test_non_admin_cannot_post_admin_forms(alice: User, bob: User) -> None:
+    bob_id = bob.api("GET", "/api/me").json()["id"]
+    assert (
+        alice.post(f"/dashboard/admin/accounts/{bob_id}/plan", {"plan": "enterprise"}).status_code
+        == 404
+    )
+    assert (
+        alice.post(f"/dashboard/admin/accounts/{bob_id}/disable", {"disabled": "1"}).status_code
+        == 404
+    )
+    assert alice.post("/dashboard/admin/plans/free", {"rpm": "100000"}).status_code == 404
+    me = bob.api("GET", "/api/me").json()
+    assert me["plan"] == "free" and not me["disabled"]
+
+
+def test_non_admin_gets_404_on_admin_api(dash: Gateway, alice: User, bob: User) -> None:
+    bob_id = bob.api("GET", "/api/me").json()["id"]
+    key = alice.new_key()["key"]
+    calls = [
+        ("GET", "/api/admin/accounts", None),
+        ("POST", f"/api/admin/accounts/{bob_id}/plan", {"plan": "enterprise"}),
+        ("POST", f"/api/admin/accounts/{bob_id}/disable", {"disabled": True}),
+        ("PATCH", "/api/admin/plans/free", {"rpm": 100000}),
+    ]
+    for method, path, body in calls:
+        by_session = alice.api(method, path, json=body)
+        by_key = requests.request(
+            method,
+            dash.url + path,
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
+        for resp in (by_session, by_key):
+            assert resp.status_code == 404, (method, path)
+            assert resp.json()["error"]["code"] == "unknown_url"
+    assert bob.api("GET", "/api/me").json()["plan"] == "free"
+
+
+def test_admin_key_and_admin_session_reach_admin_api(dash: Gateway, bob: User) -> None:
+    key = admin_key(dash)
+    resp = requests.get(
+        dash.url + "/api/admin/accounts",
+        params={"q": bob.email},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+    assert resp.status_code == 200
+    assert [a["email"] for a in resp.json()["data"]] == [bob.email]
+    admin = make_user(dash, admin=True)
+    assert admin.http.get(admin.url("/dashboard/admin/accounts"), timeout=10).status_code == 200
+    assert admin.api("GET", "/api/admin/accounts").status_code == 200
+
+
+def test_unknown_email_and_wrong_password_read_the_same(dash: Gateway, alice: User) -> None:
+    answers = []
+    for email, password in (
+        (alice.email, "wrong password!"),
+        ("nobody@example.com", "whatever1234"),
+    ):
+        http = requests.Session()
+        token = csrf_of(http, dash.url + "/dashboard/login")
+        resp = http.post(
+            dash.url + "/dashboard/login",
+            data={"csrf_token": token, "email": email, "password": password},
+            timeout=30,
+        )
+        assert resp.status_code == 401
+        answers.append(TOKEN.sub("TOKEN", resp.text.replace(email, "EMAIL")))
+    assert "Incorrect email or password." in answers[0]
+    # Only the CSRF tokens differ between the two pages.
+    assert answers[0] == answers[1]
+
+
+def test_login_next_is_not_an_open_redirect(dash: Gateway) -> None:
+    user = make_user(dash, login=False)
+    token = csrf_of(user.http, user.url("/dashboard/login"))
+    for target in ("https://evil.example/", "//evil.example/x", "/v1/models"):
+        resp = user.http.post(
+            user.url("/dashboard/login"),
+            data={"csrf_token": token, "email": user.email, "password": PASSWORD, "next": target},
+            allow_redirects=False,
+            timeout=30,
+        )
+        assert resp.status_code == 303
+        assert resp.headers["Location"] == "/dashboard/"
+        token = csrf_of(user.http, user.url("/dashboard/keys"))
+
+
+def test_logout_ends_the_session(dash: Gateway) -> None:
+    user = make_user(dash)
+    cookies = user.http.cookies.copy()
+    resp = user.post("/dashboard/logout", allow_redirects=False)
+    assert resp.status_code == 303 and resp.headers["Location"] == "/dashboard/login"
+    assert (
+        user.http.get(user.url("/dashboard/keys"), allow_redirects=False, timeout=10).status_code
+        == 303
+    )
+    # The cookie is encrypted, not stored server-side: a copy taken before logout still works
+    # until it expires. Changing the password ends every copy (next test).
+    assert (
+        requests.get(dash.url + "/dashboard/keys", cookies=cookies, timeout=10).status_code == 200
+    )
+
+
+def test_password_change_ends_other_sessions(dash: Gateway) -> None:
+    user = make_user(dash)
+    other = User(dash, user.email)
+    assert other.login().status_code == 200
+    new = "a different long password"
+    resp = user.post(
+        "/dashboard/account/password",
+        {"current": PASSWORD, "password": new, "password2": new},
+    )
+    assert resp.status_code == 200 and "Password changed" in resp.text
+    # This browser stays logged in; the other one is logged out.
+    assert user.http.get(user.url("/dashboard/keys"), timeout=10).status_code == 200
+    stale = other.http.get(other.url("/dashboard/keys"), allow_redirects=False, timeout=10)
+    assert stale.status_code == 303
+    # The new password works, the old one does not.
+    assert User(dash, user.email, new).login().url.endswith("/dashboard/")
+    assert User(dash, user.email, PASSWORD).login().status_code == 401
+
+
+def test_disabled_account_is_logged_out_and_its_keys_stop(dash: Gateway) -> None:
+    user = make_user(dash)
+    key = user.new_key()["key"]
+    account_id = user.api("GET", "/api/me").json()["id"]
+    resp = requests.post(
+        dash.url + f"/api/admin/accounts/{account_id}/disable",
+        json={"disabled": True},
+        headers={"Authorization": f"Bearer {admin_key(dash)}"},
+        timeout=10,
+    )
+    assert resp.status_code == 200 and resp.json()["disabled"] is True
+    assert (
+        user.http.get(user.url("/dashboard/"), allow_redirects=False, timeout=10).status_code == 303
+    )
+    assert user.login().status_code == 401  # the same generic answer
+    assert wait_status(dash, key, 401) == 401
+
+
+def test_key_is_never_in_a_list_or_a_later_page(dash: Gateway, alice: User) -> None:
+    issued = alice.new_key(name="secret-check")
+    key = issued["key"]
+    for path in ("/dashboard/keys", "/dashboard/", f"/api/keys/{issued['id']}", "/api/keys"):
+        assert key not in alice.http.get(alice.url(path), timeout=10).text
+    assert key not in dash.logs()

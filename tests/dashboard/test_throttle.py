@@ -1,0 +1,93 @@
+"""Login throttling: in process (unit) and against a real server of its own, so its lockouts
+don't reach the other tests' server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from chatgate.dashboard.throttle import ACCOUNT_FAILURES, IP_FAILURES, LoginThrottle, SlidingWindow
+from tests.dashboard.conftest import PASSWORD, User, csrf_of, make_user, start_gateway
+from tests.helpers import Gateway, Upstream
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_sliding_window() -> None:
+    clock = Clock()
+    window = SlidingWindow(3, 60.0, clock=clock)
+    for _ in range(3):
+        assert window.retry_after("a") == 0
+        window.hit("a")
+        clock.now += 10
+    assert window.retry_after("a") == pytest.approx(30.0)  # the first hit leaves at t=1060
+    assert window.retry_after("b") == 0
+    clock.now += 30
+    assert window.retry_after("a") == 0
+    window.hit("a")
+    assert window.retry_after("a") == pytest.approx(10.0)
+    window.reset("a")
+    assert window.retry_after("a") == 0
+
+
+def test_login_throttle_counts_email_and_address() -> None:
+    clock = Clock()
+    throttle = LoginThrottle.default(clock)
+    for _ in range(ACCOUNT_FAILURES):
+        throttle.login_failed("a@x", "10.0.0.1")
+    assert throttle.login_wait("a@x", "10.0.0.2") > 0  # the account, from anywhere
+    assert throttle.login_wait("b@x", "10.0.0.1") == 0
+    for i in range(IP_FAILURES - ACCOUNT_FAILURES):
+        throttle.login_failed(f"user{i}@x", "10.0.0.1")
+    assert throttle.login_wait("fresh@x", "10.0.0.1") > 0  # the address, for anyone
+    assert throttle.login_wait("fresh@x", "10.0.0.3") == 0
+    clock.now += 15 * 60 + 1
+    assert throttle.login_wait("a@x", "10.0.0.1") == 0
+
+
+@pytest.fixture(scope="module")
+def own(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(Path(tmp_path_factory.mktemp("throttle")), upstream)
+    yield gw
+    gw.stop()
+
+
+def attempt(gw: Gateway, email: str, password: str) -> requests.Response:
+    http = requests.Session()
+    token = csrf_of(http, gw.url + "/dashboard/login")
+    return http.post(
+        gw.url + "/dashboard/login",
+        data={"csrf_token": token, "email": email, "password": password},
+        timeout=30,
+    )
+
+
+def test_brute_force_is_throttled(own: Gateway) -> None:
+    victim = make_user(own, login=False)
+    for i in range(ACCOUNT_FAILURES):
+        resp = attempt(own, victim.email, f"guess number {i}")
+        assert resp.status_code == 401
+    # Now even the right password is not checked.
+    blocked = attempt(own, victim.email, PASSWORD)
+    assert blocked.status_code == 429
+    assert "Too many attempts" in blocked.text
+    # Unknown emails are throttled the same way: the lockout tells nothing.
+    for i in range(ACCOUNT_FAILURES):
+        assert attempt(own, "ghost@example.com", f"guess {i}").status_code == 401
+    assert attempt(own, "ghost@example.com", "guess again").status_code == 429
+    # Spraying many emails from one address trips the per-address limit.
+    statuses = [
+        attempt(own, f"spray{i}@example.com", "password123").status_code for i in range(IP_FAILURES)
+    ]
+    assert statuses[-1] == 429
+    other = make_user(own, login=False)
+    assert User(own, other.email).login().status_code == 429

@@ -1,0 +1,115 @@
+"""Small pieces of the dashboard in process: cookie flags over HTTPS, passwords, periods,
+input parsing, charts, CSV safety."""
+
+from __future__ import annotations
+
+import ssl
+import time
+
+import aiohttp_session
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
+from chatgate import errors
+from chatgate.dashboard import charts, services, usage_view
+from chatgate.dashboard.auth import SessionStorage, derive_key
+from chatgate.dashboard.passwords import HASHER, hash_password, password_problem, verify_password
+
+
+async def _cookie(*, https: bool, force: bool | None = None) -> str:
+    storage = SessionStorage(derive_key("s3cret", "test"), max_age=60, force_secure=force)
+    request = make_mocked_request(
+        "GET", "/dashboard/", sslcontext=ssl.create_default_context() if https else None
+    )
+    session = aiohttp_session.Session(None, data=None, new=True, max_age=60)
+    session["account"] = "acct_1"
+    response = web.Response()
+    await storage.save_session(request, response, session)
+    return response.cookies["chatgate_session"].OutputString()
+
+
+async def test_cookie_is_secure_over_https_only() -> None:
+    over_https = await _cookie(https=True)
+    assert "Secure" in over_https and "HttpOnly" in over_https
+    assert "SameSite=Lax" in over_https
+    assert "Secure" not in await _cookie(https=False)
+    assert "Secure" in await _cookie(https=False, force=True)  # behind a TLS proxy
+
+
+async def test_argon2id_with_owasp_parameters() -> None:
+    stored = await hash_password("a long enough password")
+    assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert not HASHER.check_needs_rehash(stored)
+    assert await verify_password(stored, "a long enough password")
+    assert not await verify_password(stored, "a long enough passworD")
+    assert not await verify_password(None, "anything at all")  # no account: same work, fails
+    assert not await verify_password("not a hash", "anything at all")
+    assert password_problem("short") is not None
+    assert password_problem("x" * 300) is not None
+    assert password_problem("just right!") is None
+
+
+def test_periods() -> None:
+    now = 1_795_600_000.0  # 2026-11-25 (UTC)
+    day = 86400
+    p7 = usage_view.period_from({"period": "7d"}, now=now)
+    assert p7.end - p7.start == 7 * day and p7.start % day == 0 and p7.end > now
+    assert len(p7.labels) == 7 and p7.query == "period=7d"
+    month = usage_view.period_from({"period": "month"}, now=now)
+    assert month.first == "2026-11-01" and month.last == "2026-11-25"
+    custom = usage_view.period_from({"from": "2026-10-01", "to": "2026-10-31"}, now=now)
+    assert (custom.first, custom.last, len(custom.days)) == ("2026-10-01", "2026-10-31", 31)
+    assert custom.query == "from=2026-10-01&to=2026-10-31"
+    assert usage_view.period_from({"period": "bogus"}, now=now).name == "30d"
+    assert usage_view.period_from({"from": "2026-10-31", "to": "2026-10-01"}, now=now).name == "30d"
+    huge = usage_view.period_from({"from": "1990-01-01", "to": "2026-10-01"}, now=now)
+    assert len(huge.days) == usage_view.MAX_DAYS
+
+
+def test_parsing() -> None:
+    assert services.parse_expiry("") is None and services.parse_expiry("never") is None
+    assert services.parse_expiry("30d", now=1000) == 1000 + 30 * 86400
+    with pytest.raises(errors.InvalidRequest):
+        services.parse_expiry("tomorrow")
+    assert services.parse_grace(None, 99) == 99
+    assert services.parse_grace("0", 99) == 0
+    assert services.parse_grace("24h", 99) == 86400
+    assert services.parse_grace(3600, 99) == 3600
+    for bad in ("-1", "40d", "soon"):
+        with pytest.raises(errors.InvalidRequest):
+            services.parse_grace(bad, 99)
+    assert services.parse_limits({"rpm": "10", "tpm": "", "rpd": None, "concurrency": 3}) == {
+        "rpm": 10,
+        "tpm": None,
+        "rpd": None,
+        "concurrency": 3,
+    }
+    for bad in ({"rpm": "ten"}, {"rpm": "-3"}, {"nope": "1"}, {"rpm": True}):
+        with pytest.raises(errors.InvalidRequest):
+            services.parse_limits(bad)
+
+
+def test_chart_is_self_contained_svg() -> None:
+    svg = str(charts.stacked_days("Requests", ["11-24", "11-25"], {"a <b>": [1, 2], "c": [0, 3]}))
+    assert svg.startswith("<svg")
+    assert "<script" not in svg and "http://kozea" not in svg and "//kozea" not in svg
+    assert "a <b>" not in svg and "a &lt;b&gt;" in svg  # labels are escaped
+    many = charts.stacked_days("x", ["d"], {f"s{i}": [i] for i in range(20)})
+    assert "other" in str(many)
+    for empty in ({}, {"a": [0, 0]}):
+        assert "No requests in this period" in charts.stacked_days("x", ["d1", "d2"], empty)
+    small = charts.stacked_days("x", ["d1", "d2"], {"a": [0, 2]}, ranked=False)
+    assert ">0.5<" not in small  # whole-number ticks for small counts
+
+
+def test_csv_cells_cannot_be_formulas() -> None:
+    assert usage_view._csv_safe("=HYPERLINK(1)") == "'=HYPERLINK(1)"
+    assert usage_view._csv_safe("@sum") == "'@sum"
+    assert usage_view._csv_safe("prod key") == "prod key"
+
+
+def test_date_labels_are_utc() -> None:
+    period = usage_view.Period(0, 2 * 86400, "custom")
+    assert period.labels == ["01-01", "01-02"]
+    assert time.strftime("%Y", time.gmtime(period.start)) == "1970"
