@@ -178,12 +178,8 @@ class LocalBackend(Backend):
         self.threads = threads or int(settings.local_threads or default_threads())
         size = queue_size if queue_size is not None else settings.local_queue_size
         self.queue_size = max(0, int(DEFAULT_QUEUE_SIZE if size is None else size))
-        self.context_window = int(
-            context or settings.local_context or DEFAULT_CONTEXT
-        )
-        self._preload = bool(
-            settings.local_preload if preload is None else preload
-        )
+        self.context_window = int(context or settings.local_context or DEFAULT_CONTEXT)
+        self._preload = bool(settings.local_preload if preload is None else preload)
         self.embeddings_kind = str(
             embeddings or settings.local_embeddings or DEFAULT_EMBEDDINGS
         ).lower()
