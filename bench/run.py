@@ -118,7 +118,7 @@ def key_for(gw: Gateway, limited: bool) -> str:
             "--rpm",
             "100000000",
             "--tpm",
-            "10000000000",
+            "2000000000",
             "--rpd",
             "1000000000",
             "--concurrency",
