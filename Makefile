@@ -53,8 +53,8 @@ browser:
 	./scripts/browser.sh
 
 lint: install-dev
-	$(BIN)/ruff check chatgate tests bench
-	$(BIN)/ruff format --check chatgate tests bench
+	$(BIN)/ruff check chatgate tests bench examples
+	$(BIN)/ruff format --check chatgate tests bench examples
 	$(BIN)/mypy
 
 test: install-dev install-local services browser lint

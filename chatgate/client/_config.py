@@ -1,0 +1,100 @@
+"""Where the client finds its API key and base URL.
+
+Resolution order for each value, first found wins (empty strings count as unset):
+
+1. the argument given in code;
+2. ``CHATGATE_API_KEY`` / ``CHATGATE_BASE_URL``;
+3. ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` (so code written for OpenAI runs unchanged);
+4. :data:`DEFAULT_BASE_URL` (there is no default key: :class:`MissingAPIKeyError`).
+
+This is the only place in :mod:`chatgate.client` that reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import openai
+
+__all__ = [
+    "API_KEY_VARS",
+    "BASE_URL_VARS",
+    "DEFAULT_BASE_URL",
+    "ClientConfig",
+    "MissingAPIKeyError",
+    "resolve_config",
+]
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+API_KEY_VARS = ("CHATGATE_API_KEY", "OPENAI_API_KEY")
+BASE_URL_VARS = ("CHATGATE_BASE_URL", "OPENAI_BASE_URL")
+
+
+class MissingAPIKeyError(openai.OpenAIError):
+    """No API key was passed and none is set in the environment.
+
+    A subclass of ``openai.OpenAIError``, the root of the ``openai`` package's own tree, so
+    ``except openai.OpenAIError`` keeps catching everything the client raises.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "No API key found: pass api_key=... or set the CHATGATE_API_KEY environment "
+            "variable (OPENAI_API_KEY is read too), e.g. export CHATGATE_API_KEY=sk-cg-..."
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """The resolved key and base URL. The key never shows in ``repr`` (nor in tracebacks)."""
+
+    api_key: str = field(repr=False)
+    base_url: str
+    key_source: str  # "argument" or the variable it came from; safe to print
+
+    def __repr__(self) -> str:
+        return (
+            f"ClientConfig(api_key='**********', base_url={self.base_url!r}, "
+            f"key_source={self.key_source!r})"
+        )
+
+
+def resolve_config(
+    api_key: str | None = None,
+    base_url: str | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> ClientConfig:
+    """Resolve the key and base URL: argument > ``CHATGATE_*`` > ``OPENAI_*`` > default.
+
+    A base URL without a path (``http://host:8000``) gets ``/v1`` appended. Raises
+    :class:`MissingAPIKeyError` when no key is found anywhere.
+    """
+    env = os.environ if environ is None else environ
+    key, source = _first(api_key, env, API_KEY_VARS)
+    if not key:
+        raise MissingAPIKeyError()
+    url, _ = _first(base_url, env, BASE_URL_VARS)
+    return ClientConfig(key, normalize_base_url(url or DEFAULT_BASE_URL), source)
+
+
+def normalize_base_url(url: str) -> str:
+    """``http://host:8000`` -> ``http://host:8000/v1``; a URL with a path is kept as given."""
+    url = url.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme and parts.netloc and parts.path in ("", "/"):
+        return urlunsplit(parts._replace(path="/v1"))
+    return url
+
+
+def _first(value: str | None, env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str]:
+    if value:
+        return value, "argument"
+    for name in names:
+        found = env.get(name, "").strip()
+        if found:
+            return found, name
+    return "", ""

@@ -1,0 +1,111 @@
+"""``OpenAI(...)`` and ``AsyncOpenAI(...)``: the official clients, configured for chatgate.
+
+They return real ``openai.OpenAI`` / ``openai.AsyncOpenAI`` objects, so every method, type
+and error is the ``openai`` package's own. What changes is underneath: the key and base URL
+come from the environment (see :mod:`chatgate.client._config`), and the HTTP client's
+transport waits for a client-side :class:`RateLimiter` and does the retries. The SDK's own
+retries are switched off (``max_retries=0``) so that a failure is not retried twice over.
+
+Note: ``openai`` 3.x is built on ``httpx2`` and accepts a legacy ``httpx.Client`` as
+``http_client`` (it converts timeouts and exceptions); that is what these factories pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+
+from chatgate.client._config import resolve_config
+from chatgate.client._limiter import RateLimiter
+from chatgate.client._transport import AsyncTransport, RetryPolicy, Transport
+
+__all__ = ["DEFAULT_LIMITS", "DEFAULT_TIMEOUT", "AsyncOpenAI", "OpenAI"]
+
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
+"""The ``openai`` package's default: ten minutes to answer, five seconds to connect."""
+DEFAULT_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+"""The ``openai`` package's connection pool limits."""
+
+
+def _pick_limiter(
+    limiter: RateLimiter | None, rate_limit: bool, rpm: int | None, tpm: int | None
+) -> RateLimiter | None:
+    if limiter is not None:
+        return limiter
+    return RateLimiter(rpm, tpm) if rate_limit else None
+
+
+def OpenAI(  # named like the class it stands in for
+    *,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    limiter: RateLimiter | None = None,
+    rate_limit: bool = True,
+    max_retries: int = 3,
+    retry: RetryPolicy | None = None,
+    timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+    transport: httpx.BaseTransport | None = None,
+    **kwargs: Any,
+) -> openai.OpenAI:
+    """An ``openai.OpenAI`` for chatgate (or any OpenAI-compatible server).
+
+    - ``api_key``/``base_url``: argument > ``CHATGATE_*`` > ``OPENAI_*`` > default URL;
+      no key anywhere raises :class:`~chatgate.client.MissingAPIKeyError`.
+    - ``rpm``/``tpm``: client-side limits; without them the limiter learns the server's from
+      its ``x-ratelimit-*`` headers. Pass ``limiter=`` to share one limiter between clients,
+      ``rate_limit=False`` for none.
+    - ``max_retries`` (or a full ``retry=RetryPolicy(...)``): retries of 429, 5xx and
+      connection errors; ``insufficient_quota`` and 401/403 are never retried.
+    - ``transport``: the transport underneath (default httpx's; tests pass a mock).
+    - anything else (``organization``, ``default_headers``, ...) goes to ``openai.OpenAI``.
+    """
+    config = resolve_config(api_key, base_url)
+    wrapped = Transport(
+        transport if transport is not None else httpx.HTTPTransport(limits=DEFAULT_LIMITS),
+        limiter=_pick_limiter(limiter, rate_limit, rpm, tpm),
+        retry=retry or RetryPolicy(max_retries=max_retries),
+    )
+    # Typed as httpx2.Client in openai 3.x, which accepts httpx.Client at run time.
+    http_client: Any = httpx.Client(transport=wrapped, timeout=timeout, follow_redirects=True)
+    return openai.OpenAI(
+        api_key=config.api_key,
+        base_url=config.base_url,
+        max_retries=0,
+        http_client=http_client,
+        **kwargs,
+    )
+
+
+def AsyncOpenAI(  # named like the class it stands in for
+    *,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    limiter: RateLimiter | None = None,
+    rate_limit: bool = True,
+    max_retries: int = 3,
+    retry: RetryPolicy | None = None,
+    timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+    transport: httpx.AsyncBaseTransport | None = None,
+    **kwargs: Any,
+) -> openai.AsyncOpenAI:
+    """An ``openai.AsyncOpenAI`` for chatgate; the arguments are those of :func:`OpenAI`."""
+    config = resolve_config(api_key, base_url)
+    wrapped = AsyncTransport(
+        transport if transport is not None else httpx.AsyncHTTPTransport(limits=DEFAULT_LIMITS),
+        limiter=_pick_limiter(limiter, rate_limit, rpm, tpm),
+        retry=retry or RetryPolicy(max_retries=max_retries),
+    )
+    http_client: Any = httpx.AsyncClient(transport=wrapped, timeout=timeout, follow_redirects=True)
+    return openai.AsyncOpenAI(
+        api_key=config.api_key,
+        base_url=config.base_url,
+        max_retries=0,
+        http_client=http_client,
+        **kwargs,
+    )

@@ -1,0 +1,79 @@
+"""Key and base URL resolution: argument > CHATGATE_* > OPENAI_* > default."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from chatgate.client import DEFAULT_BASE_URL, MissingAPIKeyError, OpenAI, resolve_config
+
+KEY = "sk-cg-abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+@pytest.mark.parametrize(
+    ("arg", "env", "expected", "source"),
+    [
+        ("sk-arg", {"CHATGATE_API_KEY": "sk-cg", "OPENAI_API_KEY": "sk-oa"}, "sk-arg", "argument"),
+        (
+            None,
+            {"CHATGATE_API_KEY": "sk-cg", "OPENAI_API_KEY": "sk-oa"},
+            "sk-cg",
+            "CHATGATE_API_KEY",
+        ),
+        (None, {"OPENAI_API_KEY": "sk-oa"}, "sk-oa", "OPENAI_API_KEY"),
+        (None, {"CHATGATE_API_KEY": "  ", "OPENAI_API_KEY": "sk-oa"}, "sk-oa", "OPENAI_API_KEY"),
+        ("", {"CHATGATE_API_KEY": "sk-cg"}, "sk-cg", "CHATGATE_API_KEY"),
+    ],
+)
+def test_key_order(arg: str | None, env: dict[str, str], expected: str, source: str) -> None:
+    config = resolve_config(arg, environ=env)
+    assert (config.api_key, config.key_source) == (expected, source)
+
+
+@pytest.mark.parametrize(
+    ("arg", "env", "expected"),
+    [
+        ("http://a:1/v1", {"CHATGATE_BASE_URL": "http://b:2/v1"}, "http://a:1/v1"),
+        (
+            None,
+            {"CHATGATE_BASE_URL": "http://b:2/v1", "OPENAI_BASE_URL": "http://c/v1"},
+            "http://b:2/v1",
+        ),
+        (None, {"OPENAI_BASE_URL": "https://api.openai.com/v1/"}, "https://api.openai.com/v1"),
+        (None, {}, DEFAULT_BASE_URL),
+        (None, {"CHATGATE_BASE_URL": "http://gw:8000"}, "http://gw:8000/v1"),
+        (None, {"CHATGATE_BASE_URL": "http://gw:8000/"}, "http://gw:8000/v1"),
+        (None, {"CHATGATE_BASE_URL": "http://gw/custom"}, "http://gw/custom"),
+    ],
+)
+def test_base_url_order(arg: str | None, env: dict[str, str], expected: str) -> None:
+    assert resolve_config("k", arg, environ={**env}).base_url == expected
+
+
+def test_no_key_is_a_clear_error_without_secrets() -> None:
+    env = {"CHATGATE_BASE_URL": "http://gw/v1", "SOME_TOKEN": KEY}
+    with pytest.raises(MissingAPIKeyError) as info:
+        resolve_config(environ=env)
+    assert isinstance(info.value, openai.OpenAIError)
+    message = str(info.value)
+    assert "CHATGATE_API_KEY" in message and "OPENAI_API_KEY" in message
+    assert KEY not in message
+
+
+def test_key_never_in_repr() -> None:
+    config = resolve_config(KEY, environ={})
+    assert KEY not in repr(config) and KEY[6:] not in str(config)
+    assert "**********" in repr(config)
+
+
+def test_factory_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("CHATGATE_API_KEY", KEY)
+    monkeypatch.setenv("CHATGATE_BASE_URL", "http://gw.example:8000")
+    client = OpenAI()
+    assert client.api_key == KEY
+    assert str(client.base_url) == "http://gw.example:8000/v1/"
+    monkeypatch.delenv("CHATGATE_API_KEY")
+    with pytest.raises(MissingAPIKeyError):
+        OpenAI()

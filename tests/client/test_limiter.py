@@ -1,0 +1,229 @@
+"""The client-side limiter: rolling windows, server floors, threads and tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatgate.client import RateLimiter, parse_reset
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("1h2m3s", 3723.0),
+        ("120ms", 0.12),
+        ("59.998s", 59.998),
+        ("1m30.5s", 90.5),
+        ("2", 2.0),
+        ("0.5", 0.5),
+        ("0s", 0.0),
+        ("", None),
+        ("soon", None),
+        ("-1", None),
+        (None, None),
+    ],
+)
+def test_parse_reset(text: str | None, seconds: float | None) -> None:
+    assert parse_reset(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_rolling_window_requests() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rpm=3, window=10, slack=0, clock=clock)
+    assert [limiter.reserve().delay for _ in range(3)] == [0, 0, 0]
+    assert limiter.reserve().delay == pytest.approx(10)  # the first one is back at +10
+    clock.now += 4
+    assert limiter.reserve().delay == pytest.approx(6)  # the second one, same instant
+    assert limiter.reserve().delay == pytest.approx(6)
+    assert limiter.reserve().delay == pytest.approx(16)
+
+
+def test_slack_returns_units_a_little_after_the_window() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rpm=1, window=60, clock=clock)  # default slack: 1%
+    limiter.reserve()
+    assert limiter.reserve().delay == pytest.approx(60.6)
+    with pytest.raises(ValueError):
+        RateLimiter(slack=-1)
+
+
+def test_cancel_gives_the_slot_back() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rpm=1, window=10, slack=0, clock=clock)
+    permit = limiter.reserve()
+    limiter.cancel(permit)
+    clock.now += 0.001
+    assert limiter.reserve().delay == 0
+
+
+def test_tokens_are_charged_as_used() -> None:
+    clock = Clock()
+    estimated = RateLimiter(tpm=100, window=60, slack=0, clock=clock)
+    estimated.reserve(80)
+    assert estimated.reserve(30).delay == pytest.approx(60)  # 80 + 30 > 100
+    settled = RateLimiter(tpm=100, window=60, slack=0, clock=clock)
+    first = settled.reserve(80)
+    settled.settle(first, 20)  # the answer used 20, not 80
+    assert first.tokens == 20
+    assert settled.reserve(30).delay == 0
+    assert settled.reserve(60).delay == pytest.approx(60)  # 20 + 30 + 60 > 100
+
+
+def test_a_request_bigger_than_the_budget_waits_for_all_of_it() -> None:
+    clock = Clock()
+    limiter = RateLimiter(tpm=100, window=60, slack=0, clock=clock)
+    limiter.reserve(10)
+    assert limiter.reserve(500).delay == pytest.approx(60)
+
+
+def test_server_floor_from_headers() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock=clock)  # nothing configured: everything comes from the server
+    permit = limiter.reserve()
+    limiter.observe(
+        {
+            "x-ratelimit-limit-requests": "5",
+            "x-ratelimit-remaining-requests": "2",
+            "x-ratelimit-reset-requests": "2s",
+        },
+        permit=permit,
+    )
+    assert limiter.state().requests.limit == 5
+    assert [limiter.reserve().delay for _ in range(2)] == [0, 0]  # the two the server has left
+    assert limiter.reserve().delay == pytest.approx(2)  # then wait for the server's reset
+
+
+def test_an_older_answer_does_not_override_a_newer_floor() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock=clock)
+    old, new = limiter.reserve(), limiter.reserve()
+    headers = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "3s"}
+    limiter.observe(headers, permit=new)
+    limiter.observe({**headers, "x-ratelimit-remaining-requests": "50"}, permit=old)
+    assert limiter.reserve().delay == pytest.approx(3)
+
+
+def test_learned_limit_is_the_lower_of_both() -> None:
+    for configured, server, expected in ((None, 7, 7), (10, 7, 7), (3, 7, 3)):
+        limiter = RateLimiter(rpm=configured)
+        limiter.observe({"x-ratelimit-limit-requests": str(server)})
+        assert limiter.state().requests.limit == expected
+    limiter = RateLimiter()
+    limiter.observe({"x-ratelimit-limit-requests": "1000", "x-ratelimit-reset-requests": "5h"})
+    assert limiter.state().requests.limit is None  # a daily limit is not a per-minute one
+    limiter = RateLimiter(rpm=3, follow_server=False)
+    limiter.observe({"x-ratelimit-limit-requests": "1"})
+    assert limiter.state().requests.limit == 3
+
+
+def test_retry_after_pauses_everything_unless_too_long() -> None:
+    clock = Clock()
+    limiter = RateLimiter(clock=clock, max_wait=30)
+    limiter.observe({}, retry_after=1.5)
+    assert limiter.reserve().delay == pytest.approx(1.5)
+    limiter = RateLimiter(clock=clock, max_wait=30)
+    limiter.observe({}, retry_after=3600)  # a daily limit: the server's 429 will say so
+    limiter.observe({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "5h"})
+    assert limiter.reserve().delay == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    limit=st.integers(1, 8),
+    events=st.lists(
+        st.tuples(st.floats(0, 5, allow_nan=False), st.integers(0, 12)), min_size=1, max_size=40
+    ),
+)
+def test_never_more_than_the_limit_in_any_window(
+    limit: int, events: list[tuple[float, int]]
+) -> None:
+    """Property: any window of ``window`` seconds holds at most ``limit`` of each budget;
+    slots are first come first served; nobody waits when the window has room."""
+    clock = Clock()
+    window = 10.0
+    limiter = RateLimiter(rpm=limit, tpm=limit * 5, window=window, slack=0, clock=clock)
+    booked: list[tuple[float, float, int]] = []  # (asked at, slot, tokens)
+    for gap, tokens in events:
+        clock.now += gap
+        permit = limiter.reserve(tokens)
+        assert permit.at == pytest.approx(clock.now + permit.delay)
+        booked.append((clock.now, permit.at, min(tokens, limit * 5)))
+    slots = [b[1] for b in booked]
+    assert slots == sorted(slots)
+    for _, at, _ in booked:
+        inside = [b for b in booked if at - window + 1e-9 < b[1] <= at]  # float noise
+        assert len(inside) <= limit
+        assert sum(b[2] for b in inside) <= limit * 5
+    for i, (asked, at, tokens) in enumerate(booked):
+        if at <= asked + 1e-9 or (i and at <= booked[i - 1][1] + 1e-9):
+            continue
+        # It waited: just before its slot, the window had no room for it.
+        before = [b for b in booked[:i] if at - 1e-6 - window < b[1] <= at - 1e-6]
+        assert len(before) + 1 > limit or sum(b[2] for b in before) + tokens > limit * 5
+
+
+def test_threads_share_one_limiter() -> None:
+    limiter = RateLimiter(rpm=10, window=0.5)
+    permits = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(5):
+            permit = limiter.acquire()
+            assert time.monotonic() >= permit.at
+            with lock:
+                permits.append(permit)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    slots = sorted(p.at for p in permits)
+    assert len(slots) == 40
+    for at in slots:
+        assert sum(1 for s in slots if at - 0.5 < s <= at) <= 10
+    assert time.monotonic() - started >= 1.5  # 40 at 10 per 0.5 s: at least 3 windows
+
+
+async def test_tasks_share_one_limiter() -> None:
+    limiter = RateLimiter(rpm=10, window=0.4)
+
+    async def one() -> float:
+        permit = await limiter.aacquire()
+        assert time.monotonic() >= permit.at
+        return permit.at
+
+    slots = sorted(await asyncio.gather(*(one() for _ in range(30))))
+    for at in slots:
+        assert sum(1 for s in slots if at - 0.4 < s <= at) <= 10
+    assert slots[-1] - slots[0] >= 0.8 - 1e-6
+
+
+async def test_a_cancelled_task_gives_its_slot_back() -> None:
+    limiter = RateLimiter(rpm=1, window=30, slack=0)
+    await limiter.aacquire()
+    waiting = asyncio.ensure_future(limiter.aacquire())
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert limiter.state().requests.remaining == 0  # only the first one counts
+    assert limiter.reserve().delay == pytest.approx(30, abs=0.1)
