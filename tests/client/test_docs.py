@@ -1,4 +1,4 @@
-"""Every Python snippet of docs/calling.md runs, as pasted, against the real server."""
+"""Every Python snippet of the README's "Calling chatgate" runs, as pasted, against the real server."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from tests.helpers import ROOT
 
-DOC = ROOT / "docs" / "calling.md"
-SNIPPETS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+SECTION = (ROOT / "README.md").read_text().split("## Calling chatgate", 1)[1].split("\n## ", 1)[0]
+SNIPPETS = re.findall(r"```python\n(.*?)```", SECTION, flags=re.S)
 
 
 def test_the_doc_has_the_three_snippets() -> None:
