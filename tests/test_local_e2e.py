@@ -1,0 +1,94 @@
+"""The fresh-install promise: ``chatgate serve`` with nothing configured answers a chat
+request with the embedded model — no upstream, no internet — through the official SDK."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from tests.helpers import Gateway, make_gateway
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = make_gateway(Path(tmp_path_factory.mktemp("local")), local_model=True)
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def first_key(gw: Gateway) -> str:
+    line = next(x for x in gw.logs().splitlines() if "CHATGATE_API_KEY=" in x)
+    return line.split("=", 1)[1].strip()
+
+
+def test_fresh_install_answers_with_the_embedded_model(local_gateway: Gateway) -> None:
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key=first_key(local_gateway))
+    assert "chatgate-mini" in [m.id for m in client.models.list()]
+    reply = client.chat.completions.create(
+        model="chatgate-mini",
+        messages=[{"role": "user", "content": "Say hello in one word."}],
+        max_tokens=12,
+        seed=7,
+    )
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 12
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+    chunks = list(
+        client.chat.completions.create(
+            model="chatgate-mini",
+            messages=[{"role": "user", "content": "Count to three."}],
+            max_tokens=10,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 10
+
+
+def test_embedded_embeddings(local_gateway: Gateway) -> None:
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key=first_key(local_gateway))
+    result = client.embeddings.create(model="chatgate-mini", input=["a cat", "a dog"])
+    assert len(result.data) == 2 and len(result.data[0].embedding) > 10
+    assert result.usage.prompt_tokens > 0
+
+
+def test_local_usage_is_recorded(local_gateway: Gateway) -> None:
+    email = f"l{secrets.token_hex(3)}@example.com"
+    local_gateway.cli("accounts", "create", email, "--plan", "pro")
+    key = local_gateway.cli_json("keys", "create", "--account", email)["key"]
+    resp = requests.post(
+        local_gateway.url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "model": "chatgate-mini",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 5,
+        },
+        timeout=120,
+    )
+    assert resp.status_code == 200, resp.text
+    usage = resp.json()["usage"]
+    # The pro plan limits tokens: the reservation is made with the model's own tokenizer.
+    assert int(resp.headers["x-ratelimit-limit-tokens"]) > 0
+    deadline = time.monotonic() + 20
+    totals: dict[str, int] = {"requests": 0}
+    while time.monotonic() < deadline and not totals["requests"]:
+        out = local_gateway.cli("usage", "--account", email, "--since", "1d", "--format", "json")
+        totals = json.loads(out.stdout)["totals"]
+        time.sleep(0.5)
+    assert totals["requests"] == 1
+    assert totals["prompt_tokens"] == usage["prompt_tokens"]
+    assert totals["completion_tokens"] == usage["completion_tokens"]
