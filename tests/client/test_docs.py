@@ -1,4 +1,4 @@
-"""Every Python snippet of the README's "Calling chatgate" runs, as pasted, against the real server."""
+"""Every Python snippet of the README's "Calling chatgate" runs, as pasted, on the real server."""
 
 from __future__ import annotations
 
