@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -13,7 +14,7 @@ import pytest
 import requests
 
 from chatgate.keys import format as keyfmt
-from tests.helpers import Gateway
+from tests.helpers import Gateway, make_gateway
 
 
 def new_account(gw: Gateway, plan: str = "enterprise") -> str:
@@ -67,14 +68,24 @@ def stored_state(gw: Gateway) -> Any:
     return (gw.cli_json("accounts", "list"), keys, gw.cli_json("plans", "list"))
 
 
-def test_first_start_prints_one_admin_key(gateway: Gateway) -> None:
-    printed = [line for line in gateway.logs().splitlines() if "CHATGATE_API_KEY=" in line]
-    assert len(printed) == 1
-    key = printed[0].split("=", 1)[1].strip()
-    assert keyfmt.is_well_formed(key)
-    assert chat(gateway, key).status_code == 200
-    admin = [a for a in gateway.cli_json("accounts", "list") if a["email"] == "admin@localhost"]
-    assert admin and admin[0]["is_admin"]
+def test_first_start_prints_one_admin_key(upstream: Any, tmp_path: Path) -> None:
+    gw = make_gateway(tmp_path, upstream=upstream).start()
+    try:
+        printed = [line for line in gw.logs().splitlines() if "CHATGATE_API_KEY=" in line]
+        assert len(printed) == 1
+        key = printed[0].split("=", 1)[1].strip()
+        assert keyfmt.is_well_formed(key)
+        assert chat(gw, key).status_code == 200
+        admin = [a for a in gw.cli_json("accounts", "list") if a["email"] == "admin@localhost"]
+        assert admin and admin[0]["is_admin"]
+    finally:
+        gw.stop()
+    gw.start()  # a second start creates nothing and prints no key
+    try:
+        assert sum("CHATGATE_API_KEY=" in line for line in gw.logs().splitlines()) == 1
+        assert chat(gw, key).status_code == 200
+    finally:
+        gw.stop()
 
 
 def test_articles_requests_snippet(gateway: Gateway) -> None:
