@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -25,6 +25,7 @@ from chatgate import errors
 from chatgate.db.tables import invalidations
 from chatgate.keys import format as keyfmt
 from chatgate.keys.store import KeyLookup, KeyStore
+from chatgate.ratelimit import Check
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ class Principal:
     models: frozenset[str] | None
     limits: dict[str, int | None]
     key_limits: dict[str, int | None]
+    # The limiter checks of this key and account, built on first use by
+    # :func:`chatgate.limits.checks_for` and kept here: the authenticator hands out the same
+    # principal for every request of a key until its cache entry is dropped (a plan or key
+    # change drops it), so they are built once per key, not per request.
+    limit_checks: tuple[Check, ...] | None = field(default=None, compare=False, repr=False)
 
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -55,6 +61,7 @@ class Principal:
 class _Entry:
     lookup: KeyLookup | None
     fetched_at: float
+    principal: Principal | None = None  # built on the first request that passes
 
 
 class Authenticator:
@@ -68,7 +75,7 @@ class Authenticator:
         self._ttl = ttl
         self._poll = poll_interval
         self._cache: dict[str, _Entry] = {}
-        self._inflight: dict[str, asyncio.Future[KeyLookup | None]] = {}
+        self._inflight: dict[str, asyncio.Future[_Entry]] = {}
         self._last_event = 0
         self.last_used: dict[str, int] = {}
         self.db_lookups = 0
@@ -84,7 +91,8 @@ class Authenticator:
         if not keyfmt.is_well_formed(key):
             raise errors.AuthenticationError(BAD_KEY)
         digest = self._store.hash(key)
-        lookup = await self._lookup(digest)
+        entry = await self._entry(digest)
+        lookup = entry.lookup
         if lookup is None or lookup.revoked_at is not None or lookup.account_disabled:
             raise errors.AuthenticationError(BAD_KEY)
         wall = time.time()
@@ -96,41 +104,59 @@ class Authenticator:
             raise errors.ExpiredAPIKey(
                 "The API key provided has expired. Create a new one in the chatgate dashboard."
             )
-        return Principal(
-            key_id=lookup.key_id,
-            account_id=lookup.account_id,
-            is_admin=lookup.is_admin,
-            models=lookup.models,
-            limits=lookup.plan,
-            key_limits=lookup.overrides,
-        )
+        principal = entry.principal
+        if principal is None:
+            principal = entry.principal = Principal(
+                key_id=lookup.key_id,
+                account_id=lookup.account_id,
+                is_admin=lookup.is_admin,
+                models=lookup.models,
+                limits=lookup.plan,
+                key_limits=lookup.overrides,
+            )
+        return principal
 
     def mark_used(self, principal: Principal) -> None:
         """Note that a request with this key was accepted (written in batches, off-path)."""
         self.last_used[principal.key_id] = int(time.time())
 
-    async def _lookup(self, digest: str) -> KeyLookup | None:
+    async def _entry(self, digest: str) -> _Entry:
         entry = self._cache.get(digest)
         if entry is not None and time.monotonic() - entry.fetched_at < self._ttl:
-            return entry.lookup
+            return entry
         pending = self._inflight.get(digest)
         if pending is not None:  # one database read per key, however many wait for it
             return await asyncio.shield(pending)
-        future: asyncio.Future[KeyLookup | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = future
         try:
             self.db_lookups += 1
             lookup = await self._store.lookup(digest)
+        except Exception as exc:
+            if entry is not None:
+                # The database is down and the TTL ran out: keep trusting what we knew (the
+                # feed catches up when it returns) rather than failing every request.
+                log.warning("key lookup failed; serving the cached entry: %s", type(exc).__name__)
+                future.set_result(entry)
+                return entry
+            error = errors.ServiceUnavailable(
+                "The server cannot verify API keys right now. Please try again shortly.",
+                headers={"retry-after": "1"},
+            )
+            future.set_exception(error)
+            future.exception()  # mark retrieved when nobody else waits
+            raise error from exc
         except BaseException as exc:
             future.set_exception(exc)
-            future.exception()  # mark retrieved when nobody else waits
+            future.exception()
             raise
         finally:
             self._inflight.pop(digest, None)
-        future.set_result(lookup)
+        entry = _Entry(lookup, time.monotonic())
+        future.set_result(entry)
         if lookup is not None or len(self._cache) < NEGATIVE_CACHE_LIMIT:
-            self._cache[digest] = _Entry(lookup, time.monotonic())
-        return lookup
+            self._cache[digest] = entry
+        return entry
 
     # -- the invalidation feed -------------------------------------------------------------
 
@@ -165,8 +191,10 @@ class Authenticator:
 
     def apply(self, kind: str, ref: str) -> None:
         """Drop cached entries a change makes stale."""
-        if kind == "key_new":
-            self._cache.pop(ref, None)
+        if kind == "key_new":  # a new secret: forget only that it was unknown
+            entry = self._cache.get(ref)
+            if entry is not None and entry.lookup is None:
+                del self._cache[ref]
         elif kind == "plan":
             self._cache.clear()
         else:
