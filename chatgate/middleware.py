@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from chatgate import errors
+from chatgate.keys import format as keyfmt
 from chatgate.meter import METER
 from chatgate.state import REQUEST_ID, STATE
 
@@ -65,6 +67,21 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     return response
 
 
+# Anything shaped like a chatgate key (a typo'd or cut one too) in an error message or param.
+_KEYLIKE = re.compile(r"sk-cg-[0-9A-Za-z]{12,}")
+
+
+def _unkeyed(text: str | None) -> str | None:
+    """``text`` with key-shaped strings shown as their hint (``sk-cg-Ab3d…9xYz``)."""
+    if text is None or "sk-cg-" not in text:
+        return text
+    return _KEYLIKE.sub(lambda m: keyfmt.hint(m.group()), text)
+
+
 def error_response(exc: errors.APIError) -> web.Response:
+    # A key never appears in an error message (DESIGN.md), not even one the caller pasted
+    # into a field that messages echo (a model name, an id, an enum value).
+    exc.message = _unkeyed(exc.message) or ""
+    exc.param = _unkeyed(exc.param)
     headers = {"Content-Type": "application/json", **exc.headers}
     return web.Response(status=exc.status, body=exc.body(), headers=headers)

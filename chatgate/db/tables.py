@@ -76,6 +76,8 @@ api_keys = Table(
     Column("last_used_at", BigInteger),
     Column("expires_at", BigInteger),
     Column("revoked_at", BigInteger),
+    # Scheduled rotation: due ``rotation_period`` seconds after ``rotated_at`` (or creation).
+    Column("rotation_period", BigInteger),
 )
 
 # Change feed read by every server process: a row per key/account/plan change, so caches

@@ -2,13 +2,25 @@
 
 Every change writes an invalidation row in the same transaction, so running servers drop
 their cached copy within one poll interval (see :mod:`chatgate.auth`).
+
+Keys are found by their HMAC (an indexed equality in the database), never by comparing key
+strings in Python; where two digests are compared here, it is with ``hmac.compare_digest``.
+
+Changing the server secret: with ``previous`` (the secret before), a key whose hash is still
+the one made under the previous secret is found on its first use and re-hashed in place under
+the current one, so keys migrate as they are used. The store never holds a key for this:
+:meth:`KeyStore.hash` notes which previous-secret hash goes with each current-secret hash it
+computes (a bounded map of hashes), and a :meth:`KeyStore.lookup` miss consults that note.
 """
 
 from __future__ import annotations
 
+import builtins
+import hmac
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -37,6 +49,7 @@ class KeyRecord:
     expires_at: int | None
     revoked_at: int | None
     prev_valid_until: int | None
+    rotation_period: int | None  # seconds; None = no scheduled rotation
 
     @property
     def status(self) -> str:
@@ -46,9 +59,24 @@ class KeyRecord:
             return "expired"
         return "active"
 
+    @property
+    def rotation_due_at(self) -> int | None:
+        """When the next scheduled rotation is due (from the last rotation, else creation)."""
+        if self.rotation_period is None:
+            return None
+        return (self.rotated_at or self.created_at) + self.rotation_period
+
+    @property
+    def rotation_due(self) -> bool:
+        """True when an active key has outlived its rotation period."""
+        due_at = self.rotation_due_at
+        return due_at is not None and self.status == "active" and due_at <= now()
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["status"] = self.status
+        out["rotation_due_at"] = self.rotation_due_at
+        out["rotation_due"] = self.rotation_due
         return out
 
 
@@ -80,18 +108,58 @@ class KeyLookup:
     overrides: dict[str, int | None]
 
 
+LeakOutcome = Literal["revoked", "already_revoked", "previous_secret_ended", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRevocation:
+    """What :meth:`KeyStore.revoke_by_key` did about one presented secret.
+
+    - ``revoked``: it was a key's current secret; the key is now revoked.
+    - ``already_revoked``: it was a key's current secret, and the key was revoked before.
+    - ``previous_secret_ended``: it was the secret a rotation replaced; it no longer works
+      (its grace period, if any was left, is over), while the key's new secret keeps working.
+    - ``unknown``: no key of this server has (or had, within the grace) that secret.
+    """
+
+    outcome: LeakOutcome
+    record: KeyRecord | None
+
+
 _RECORD_COLUMNS = [getattr(api_keys.c, f.name) for f in fields(KeyRecord)]
+MAX_ROTATION_PERIOD = 100 * 365 * 86400
+EARLIER_HASHES = 100_000  # current-secret hash -> previous-secret hash, most recent kept
+
+
+def _check_rotation_period(rotation_period: int | None) -> None:
+    if rotation_period is not None and not 1 <= rotation_period <= MAX_ROTATION_PERIOD:
+        raise errors.InvalidRequest(
+            "The rotation period must be between 1 second and 100 years.",
+            param="rotation_period",
+        )
 
 
 class KeyStore:
-    """The key service; ``secret`` is the server secret keys are hashed under."""
+    """The key service; ``secret`` is the server secret keys are hashed under, ``previous``
+    the one before it while keys migrate (see the module's docstring)."""
 
-    def __init__(self, engine: AsyncEngine, secret: Secret) -> None:
+    def __init__(
+        self, engine: AsyncEngine, secret: Secret, *, previous: Secret | None = None
+    ) -> None:
         self._engine = engine
         self._secret = secret
+        self._previous = previous if previous else None
+        self._earlier: OrderedDict[str, str] = OrderedDict()
 
     def hash(self, key: str) -> str:
-        return keyfmt.key_hash(self._secret.reveal(), key)
+        """The key's lookup index: HMAC-SHA256 under the server secret."""
+        digest = keyfmt.key_hash(self._secret.reveal(), key)
+        if self._previous is not None:
+            self._earlier[digest] = keyfmt.key_hash(self._previous.reveal(), key)
+            self._earlier.move_to_end(digest)
+            while len(self._earlier) > EARLIER_HASHES:
+                self._earlier.popitem(last=False)
+        return digest
 
     async def create(
         self,
@@ -101,7 +169,10 @@ class KeyStore:
         expires_at: int | None = None,
         models: Sequence[str] | None = None,
         limits: dict[str, int | None] | None = None,
+        rotation_period: int | None = None,
     ) -> IssuedKey:
+        """A new key for ``account_id``; ``rotation_period`` (seconds) schedules rotation."""
+        _check_rotation_period(rotation_period)
         if len(name) > 200:
             raise errors.InvalidRequest("A key name is at most 200 characters.", param="name")
         limits = {k: v for k, v in (limits or {}).items() if v is not None}
@@ -125,6 +196,7 @@ class KeyStore:
                     models=sorted(set(models)) if models else None,
                     created_at=created,
                     expires_at=expires_at,
+                    rotation_period=rotation_period,
                     **limits,
                 )
             )
@@ -193,8 +265,126 @@ class KeyStore:
             await invalidate(conn, "key_new", self.hash(key))
         return IssuedKey(await self.get(key_id), key)
 
+    async def set_rotation_period(
+        self, key_id: str, rotation_period: int | None, *, account_id: str | None = None
+    ) -> KeyRecord:
+        """Schedule (seconds) or, with ``None``, unschedule the key's regular rotation."""
+        _check_rotation_period(rotation_period)
+        await self.get(key_id, account_id=account_id)  # 404 when not there / not theirs
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id == key_id)
+                .values(rotation_period=rotation_period)
+            )
+        return await self.get(key_id)
+
+    async def due(
+        self, account_id: str | None = None, *, at: int | None = None
+    ) -> builtins.list[KeyRecord]:
+        """Active keys whose rotation period has passed at ``at`` (default: now), oldest first."""
+        stamp = now() if at is None else at
+        due_at = sa.func.coalesce(api_keys.c.rotated_at, api_keys.c.created_at) + (
+            api_keys.c.rotation_period
+        )
+        query = (
+            sa.select(*_RECORD_COLUMNS)
+            .where(
+                api_keys.c.rotation_period.is_not(None),
+                api_keys.c.revoked_at.is_(None),
+                sa.or_(api_keys.c.expires_at.is_(None), api_keys.c.expires_at > stamp),
+                due_at <= stamp,
+            )
+            .order_by(due_at, api_keys.c.id)
+        )
+        if account_id is not None:
+            query = query.where(api_keys.c.account_id == account_id)
+        async with self._engine.connect() as conn:
+            return [KeyRecord(*r) for r in await conn.execute(query)]
+
+    async def revoke_by_key(self, key: str) -> SecretRevocation:
+        """Make a leaked secret stop working, found by its hash (the key is never stored).
+
+        Its key is revoked when it is the key's current secret; when it is the secret a
+        rotation replaced, only that old secret is cut off (the new one was not leaked).
+        A string that is not a well-formed key is ``unknown`` without any lookup.
+        """
+        if not keyfmt.is_well_formed(key):
+            return SecretRevocation("unknown", None)
+        return await self.revoke_by_hash(self.hash(key))
+
+    async def revoke_by_hash(self, key_hash: str) -> SecretRevocation:
+        """:meth:`revoke_by_key` for a secret already hashed with :meth:`hash`."""
+        await self._adopt(key_hash)  # a key still hashed under the previous server secret
+        query = sa.select(api_keys.c.id, api_keys.c.key_hash, api_keys.c.revoked_at).where(
+            sa.or_(api_keys.c.key_hash == key_hash, api_keys.c.prev_hash == key_hash)
+        )
+        async with self._engine.begin() as conn:
+            row = (await conn.execute(query)).first()
+            if row is None:
+                return SecretRevocation("unknown", None)
+            key_id, current, revoked_at = row
+            if not hmac.compare_digest(current, key_hash):
+                # The old secret of a rotated key: end its grace now, keep the new secret.
+                await conn.execute(
+                    api_keys.update()
+                    .where(api_keys.c.id == key_id)
+                    .values(prev_hash=None, prev_valid_until=None)
+                )
+                await invalidate(conn, "key", key_id)
+                outcome: LeakOutcome = "previous_secret_ended"
+            elif revoked_at is not None:
+                outcome = "already_revoked"
+            else:
+                await conn.execute(
+                    api_keys.update().where(api_keys.c.id == key_id).values(revoked_at=now())
+                )
+                await invalidate(conn, "key", key_id)
+                outcome = "revoked"
+        return SecretRevocation(outcome, await self.get(key_id))
+
     async def lookup(self, key_hash: str) -> KeyLookup | None:
-        """The key whose current or previous (in grace) secret hashes to ``key_hash``."""
+        """The key whose current or previous (in grace) secret hashes to ``key_hash``.
+
+        With a previous server secret, a miss tries the hash of the same key under it and, when
+        that matches, re-hashes the key in place (:meth:`_adopt`) before looking again.
+        """
+        found = await self._lookup(key_hash)
+        if found is None and await self._adopt(key_hash):
+            found = await self._lookup(key_hash)
+        return found
+
+    async def _adopt(self, key_hash: str) -> bool:
+        """Re-hash under the current secret a key stored under the previous one, found through
+        the previous-secret hash :meth:`hash` noted for ``key_hash``; False when there is none.
+        """
+        if self._previous is None:
+            return False
+        old = self._earlier.pop(key_hash, None)
+        if old is None:
+            return False
+        # Read first: an unknown key (the common miss) must not cost a write transaction.
+        async with self._engine.connect() as conn:
+            stored = await conn.execute(
+                sa.select(api_keys.c.id)
+                .where(sa.or_(api_keys.c.key_hash == old, api_keys.c.prev_hash == old))
+                .limit(1)
+            )
+            if stored.first() is None:
+                return False
+        async with self._engine.begin() as conn:
+            current = await conn.execute(
+                api_keys.update().where(api_keys.c.key_hash == old).values(key_hash=key_hash)
+            )
+            replaced = await conn.execute(
+                api_keys.update().where(api_keys.c.prev_hash == old).values(prev_hash=key_hash)
+            )
+            if not (current.rowcount or replaced.rowcount):
+                return False
+            await invalidate(conn, "key_new", key_hash)
+        return True
+
+    async def _lookup(self, key_hash: str) -> KeyLookup | None:
         query = (
             sa.select(
                 api_keys,
@@ -219,7 +409,7 @@ class KeyStore:
             models=frozenset(m["models"]) if m["models"] else None,
             expires_at=m["expires_at"],
             revoked_at=m["revoked_at"],
-            matched_previous=m["key_hash"] != key_hash,
+            matched_previous=not hmac.compare_digest(m["key_hash"], key_hash),
             prev_valid_until=m["prev_valid_until"],
             plan={f: m["plan_" + f] for f in LIMIT_FIELDS},
             overrides={f: m[f] for f in LIMIT_FIELDS},
