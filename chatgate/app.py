@@ -45,7 +45,7 @@ def create_app(settings: Settings) -> web.Application:
 def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         engine = create_engine(settings)
-        keys = KeyStore(engine, settings.resolved_secret())
+        keys = KeyStore.from_settings(engine, settings)
         auth = Authenticator(
             keys, engine, ttl=settings.key_cache_ttl, poll_interval=settings.invalidation_poll
         )

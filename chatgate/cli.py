@@ -158,7 +158,7 @@ def cmd_plans(settings: Settings, args: argparse.Namespace) -> None:
 
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
     async def run(engine: AsyncEngine) -> Any:
-        keys = KeyStore(engine, settings.resolved_secret())
+        keys = KeyStore.from_settings(engine, settings)
         accounts = AccountStore(engine)
         if args.action == "create":
             account = await accounts.by_email(args.account)

@@ -33,7 +33,7 @@ async def prepare(settings: Settings, *, migrate_first: bool, bootstrap: bool) -
         if await accounts.count():
             return None
         admin = await accounts.create(ADMIN_EMAIL, plan="enterprise", is_admin=True)
-        return await KeyStore(engine, settings.resolved_secret()).create(admin.id, name="first key")
+        return await KeyStore.from_settings(engine, settings).create(admin.id, name="first key")
     finally:
         await engine.dispose()
 

@@ -69,6 +69,7 @@ class Settings:
     database_url: str = field(default="", repr=False)  # may hold a password
     redis_url: str | None = field(default=None, repr=False)
     secret: Secret = field(default_factory=lambda: Secret(""))
+    secret_previous: Secret | None = None  # accepted while stored key hashes are re-keyed
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
@@ -134,6 +135,9 @@ class Settings:
             database_url=pick("database_url", ""),
             redis_url=pick("redis_url", None) or None,
             secret=Secret(pick("secret", "")),
+            secret_previous=Secret(pick("secret_previous", ""))
+            if pick("secret_previous", "")
+            else None,
             host=pick("host", DEFAULT_HOST),
             port=int(pick("port", DEFAULT_PORT)),
             max_body_bytes=int(pick("max_body_bytes", DEFAULT_MAX_BODY_BYTES)),

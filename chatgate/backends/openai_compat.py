@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal
@@ -138,7 +139,10 @@ class OpenAICompatBackend(Backend):
             raise UpstreamUnreachable(
                 f"The upstream for model `{model.name}` could not be reached."
             ) from exc
-        raise upstream_status_error(model, resp.status, raw, resp.headers)
+        secret = self._settings.upstream_keys.get(model.api_key_env or "")
+        raise upstream_status_error(
+            model, resp.status, raw, resp.headers, secret.reveal() if secret else None
+        )
 
     async def _json(self, model: ModelConfig, path: str, body: dict[str, Any]) -> tuple[Any, bytes]:
         """A non-streamed call: the decoded answer and its raw bytes, within ``total``."""
@@ -400,8 +404,22 @@ def _retry_hint(headers: Any) -> dict[str, str]:
     return hint
 
 
+# What an upstream's error text may carry that a caller must never see: our upstream key (an
+# upstream echoing a bad key), any bearer token or key-shaped string, and internal URLs.
+_SECRETISH = re.compile(
+    r"(?i)bearer\s+\S+|\b(?:sk|pk|rk|key|tok)[-_][A-Za-z0-9_\-*.]{6,}|https?://\S+"
+)
+
+
+def scrub_upstream_text(text: str, secret: str | None) -> str:
+    """An upstream's error message made safe to pass on to our caller."""
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return _SECRETISH.sub("[redacted]", text)
+
+
 def upstream_status_error(
-    model: ModelConfig, status: int, raw: bytes, headers: Any
+    model: ModelConfig, status: int, raw: bytes, headers: Any, secret: str | None = None
 ) -> errors.APIError:
     """Map an upstream HTTP error: 429 stays 429 (with its retry hint), client errors pass,
     408 is a timeout (504), the rest is 502."""
@@ -423,7 +441,8 @@ def upstream_status_error(
             type="requests",
         )
     if status in (400, 404, 422) and isinstance(message, str):
-        return errors.InvalidRequest(f"Upstream rejected the request: {message[:500]}")
+        safe = scrub_upstream_text(message[:500], secret)
+        return errors.InvalidRequest(f"Upstream rejected the request: {safe}")
     if status == 408:
         return errors.UpstreamTimeout(f"The upstream for model `{model.name}` timed out.")
     return UpstreamStatusError(
@@ -437,6 +456,7 @@ __all__ = [
     "SSEPassThrough",
     "UpstreamStatusError",
     "UpstreamUnreachable",
+    "scrub_upstream_text",
     "timeout_error",
     "upstream_status_error",
 ]

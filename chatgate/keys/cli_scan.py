@@ -79,7 +79,7 @@ async def _revoke(settings: Settings, keys: list[LeakedKey]) -> list[dict[str, A
     engine = create_engine(settings)
     try:
         await migrate(engine)
-        store = KeyStore(engine, settings.resolved_secret())
+        store = KeyStore.from_settings(engine, settings)
         owners = AccountStore(engine)
         done: list[dict[str, Any]] = []
         for leaked in keys:

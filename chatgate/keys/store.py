@@ -30,7 +30,7 @@ from chatgate.accounts import LIMIT_FIELDS, invalidate
 from chatgate.db.tables import accounts, api_keys, plans
 from chatgate.ids import new_id
 from chatgate.keys import format as keyfmt
-from chatgate.settings import Secret
+from chatgate.settings import Secret, Settings
 from chatgate.timefmt import now
 
 
@@ -142,6 +142,11 @@ def _check_rotation_period(rotation_period: int | None) -> None:
 class KeyStore:
     """The key service; ``secret`` is the server secret keys are hashed under, ``previous``
     the one before it while keys migrate (see the module's docstring)."""
+
+    @classmethod
+    def from_settings(cls, engine: AsyncEngine, settings: Settings) -> KeyStore:
+        """The store under the server secret, and the previous one while it is being rotated."""
+        return cls(engine, settings.resolved_secret(), previous=settings.secret_previous)
 
     def __init__(
         self, engine: AsyncEngine, secret: Secret, *, previous: Secret | None = None
