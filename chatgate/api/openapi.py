@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from chatgate import __version__
-from chatgate.api import leaks, manage, schemas
+from chatgate.api import leaks, manage, openapi_extra, schemas
 
 _MODELS = (
     schemas.ChatCompletionRequest,
@@ -42,7 +42,9 @@ def _json(model: type, description: str = "OK") -> dict[str, Any]:
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the API (built once)."""
-    _, components = msgspec.json.schema_components(_MODELS, ref_template=_REF)
+    _, components = msgspec.json.schema_components(
+        _MODELS + openapi_extra.MODELS, ref_template=_REF
+    )
     secured: list[dict[str, list[str]]] = [{"bearerAuth": []}]
     document: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -121,5 +123,6 @@ def openapi_document() -> dict[str, Any]:
     # The management API (/api/*) documents its own paths.
     document["paths"].update(manage.openapi_paths())
     document["paths"].update(leaks.openapi_paths())
+    document["paths"].update(openapi_extra.paths())
     document["components"]["securitySchemes"].update(manage.openapi_security_schemes())
     return document
