@@ -301,3 +301,21 @@ def test_key_is_never_in_a_list_or_a_later_page(dash: Gateway, alice: User) -> N
     for path in ("/dashboard/keys", "/dashboard/", f"/api/keys/{issued['id']}", "/api/keys"):
         assert key not in alice.http.get(alice.url(path), timeout=10).text
     assert key not in dash.logs()
+
+
+def test_keys_past_their_rotation_period_are_marked(dash: Gateway) -> None:
+    user = make_user(dash)
+    fresh = dash.cli_json(
+        "keys", "create", "--account", user.email, "--name", "fresh", "--rotate-every", "30d"
+    )
+    due = dash.cli_json(
+        "keys", "create", "--account", user.email, "--name", "stale", "--rotate-every", "1s"
+    )
+    time.sleep(1.5)
+    page = user.http.get(user.url("/dashboard/keys"), timeout=10).text
+    rows = page.split("<tr")[1:]
+    row_of = {k["id"]: next(r for r in rows if k["id"] in r) for k in (fresh, due)}
+    assert "rotation due" in row_of[due["id"]]
+    assert "rotation due" not in row_of[fresh["id"]]
+    listed = {k["id"]: k for k in dash.cli_json("keys", "due")}
+    assert due["id"] in listed and fresh["id"] not in listed
