@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,38 @@ def test_sigterm_flushes_a_full_queue(upstream: Upstream, pg_url: str, tmp_path:
     assert records(gw, email) == []  # still queued: the flush interval is an hour
     assert gw.stop() == 0
     assert len(records(gw, email)) == 300
+
+
+def test_sigkill_loses_at_most_the_last_flush_interval(
+    upstream: Upstream, pg_url: str, tmp_path: Path
+) -> None:
+    gw = make_gateway(
+        tmp_path / "gw",
+        database_url=pg_url,
+        upstream=upstream,
+        extra_env={"CHATGATE_USAGE_FLUSH_INTERVAL": "0.2", "CHATGATE_SECRET": "k" * 40},
+    ).start()
+    email, key = new_key(gw)
+    headers = {"Authorization": f"Bearer {key}"}
+
+    def send(n: int) -> set[str]:
+        return {
+            requests.post(
+                gw.url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
+            ).headers["x-request-id"]
+            for _ in range(n)
+        }
+
+    early = send(60)
+    time.sleep(1.0)  # several flush intervals: these are in the database now
+    late = send(30)
+    gw.stop(signal.SIGKILL)  # no chance to flush
+    gw.start()  # a restarted process replays whatever a dead one spooled
+    try:
+        rows = wait_records(gw, email, 60)
+        ids = [r["request_id"] for r in rows]
+        assert len(ids) == len(set(ids))  # nothing counted twice
+        assert early <= set(ids)  # nothing older than the flush interval was lost
+        assert set(ids) <= early | late
+    finally:
+        gw.stop()
