@@ -63,7 +63,10 @@ test: install-dev install-local services browser lint
 test-fast: install-dev services
 	$(BIN)/pytest -q -p no:cacheprovider -m "not slow"
 
-bench: install-dev install-local
+# The benchmark suite (bench/run.py): needs wrk, redis-server and PostgreSQL's initdb/pg_ctl;
+# installs its peers (granian, py-spy, LiteLLM) into venvs of its own under bench/.
+bench: install-dev
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/run.py
 
 clean:

@@ -8,8 +8,10 @@ before the call and settle to the real usage after (:meth:`Limits.settle`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chatgate import errors
@@ -32,8 +34,19 @@ log = logging.getLogger(__name__)
 _WINDOW_TEXT = {60.0: ("per min", "M"), 86400.0: ("per day", "D")}
 
 
-def checks_for(principal: Principal) -> list[Check]:
-    """The checks one request of ``principal`` must pass, key scope first."""
+def checks_for(principal: Principal) -> tuple[Check, ...]:
+    """The checks one request of ``principal`` must pass, key scope first.
+
+    Built once per principal and kept on it (see :attr:`Principal.limit_checks`).
+    """
+    checks = principal.limit_checks
+    if checks is None:
+        checks = _build_checks(principal)
+        object.__setattr__(principal, "limit_checks", checks)  # a cache slot of a frozen value
+    return checks
+
+
+def _build_checks(principal: Principal) -> tuple[Check, ...]:
     checks: list[Check] = []
     for scope, limits in (
         (f"key:{principal.key_id}", principal.key_limits),
@@ -51,12 +64,15 @@ def checks_for(principal: Principal) -> list[Check]:
             checks.append(Check.concurrent(scope, concurrency))
         if monthly is not None:
             checks.append(Check.monthly_quota(scope, monthly))
-    return checks
+    return tuple(checks)
 
 
-def needs_tokens(checks: list[Check]) -> bool:
+def needs_tokens(checks: Sequence[Check]) -> bool:
     """True when a token count matters (a tokens or quota check is present)."""
-    return any(c.kind in ("tokens", "quota") for c in checks)
+    for check in checks:  # noqa: SIM110 - any() over a generator costs more, per request
+        if check.charges_tokens:
+            return True
+    return False
 
 
 def headers_for(decision: Decision) -> dict[str, str]:
@@ -132,8 +148,10 @@ class Admission:
 class Limits:
     """The gateway's side of rate limiting: admit, then settle exactly once."""
 
-    def __init__(self, limiter: Limiter) -> None:
+    def __init__(self, limiter: Limiter, *, remote: bool = False) -> None:
         self.limiter = limiter
+        self._remote = remote  # the limiter is across the network (Redis)
+        self._settling: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -142,21 +160,19 @@ class Limits:
             return cls(MemoryLimiter())
         from chatgate.ratelimit.redis import RedisLimiter
 
-        # redis-py's own retries are off in from_url: a retried acquire could charge twice.
+        # Never retried (a retried acquire could charge twice); one pipelined connection.
         primary = RedisLimiter.from_url(
             settings.redis_url,
             prefix=settings.redis_prefix + "rl:",
             connect_timeout=settings.redis_timeout,
             timeout=settings.redis_timeout,
-            # Few connections suffice (Redis runs the scripts one at a time); a burst of
-            # requests then waits briefly for a pooled connection instead of opening dozens.
-            max_connections=16,
         )
         return cls(
-            FailoverLimiter(primary, MemoryLimiter(), fail_open=settings.ratelimit_fail_open)
+            FailoverLimiter(primary, MemoryLimiter(), fail_open=settings.ratelimit_fail_open),
+            remote=True,
         )
 
-    async def admit(self, checks: list[Check], tokens: int, model: str) -> Admission:
+    async def admit(self, checks: Sequence[Check], tokens: int, model: str) -> Admission:
         """Take every check or raise the 429 (or 503 when the limiter is down, fail-closed)."""
         if not checks:
             return Admission(None, {})
@@ -180,5 +196,22 @@ class Limits:
         except Exception:
             log.warning("could not settle a rate-limit reservation", exc_info=True)
 
+    async def settle_soon(self, admission: Admission | None, actual_tokens: int) -> None:
+        """:meth:`settle`, without making the answer wait for a network round trip.
+
+        In process it is done at once. With Redis the settle is started now, so its call
+        leaves before the answer does (and before any later request of this process is
+        admitted: one pipelined connection, in order), and its reply is awaited in the
+        background; :meth:`close` waits for those still running.
+        """
+        if not self._remote or admission is None or admission.reservation is None:
+            await self.settle(admission, actual_tokens)
+            return
+        task = asyncio.ensure_future(self.settle(admission, actual_tokens))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
     async def close(self) -> None:
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
         await self.limiter.aclose()

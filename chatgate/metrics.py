@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -122,6 +122,16 @@ class Metrics:
             registry=r,
         )
 
+        # Label children by their values: ``labels()`` validates and locks on every call (a
+        # few microseconds a request); these are looked up in a plain dict instead. The label
+        # values are bounded (known models or "other", known endpoints, HTTP statuses), so are
+        # these dicts. A child is made on first use, as ``labels()`` would.
+        self._requests: dict[tuple[str, ...], Any] = {}
+        self._tokens: dict[tuple[str, ...], Any] = {}
+        self._cost: dict[tuple[str, ...], Any] = {}
+        self._latency: dict[tuple[str, ...], Any] = {}
+        self._ttft: dict[tuple[str, ...], Any] = {}
+
     def set_models(self, models: Iterable[str]) -> None:
         """Replace the known model names (after a configuration reload)."""
         self._models = frozenset(models)
@@ -135,18 +145,19 @@ class Metrics:
         """Count one finished request from its usage record (call next to ``record()``)."""
         model = self.model_label(rec.model)
         endpoint = rec.endpoint if rec.endpoint in ENDPOINTS else OTHER
-        self.requests.labels(endpoint, model, str(int(rec.status))).inc()
+        status = rec.status
+        _child(self._requests, self.requests, (endpoint, model, str(int(status)))).inc()
         if rec.prompt_tokens:
-            self.tokens.labels(model, "prompt").inc(rec.prompt_tokens)
+            _child(self._tokens, self.tokens, (model, "prompt")).inc(rec.prompt_tokens)
         if rec.completion_tokens:
-            self.tokens.labels(model, "completion").inc(rec.completion_tokens)
+            _child(self._tokens, self.tokens, (model, "completion")).inc(rec.completion_tokens)
         if rec.cost:
-            self.cost.labels(model).inc(rec.cost)
-        self.latency.labels(endpoint, model).observe(rec.latency_ms / 1000.0)
+            _child(self._cost, self.cost, (model,)).inc(rec.cost)
+        _child(self._latency, self.latency, (endpoint, model)).observe(rec.latency_ms / 1000.0)
         if rec.ttft_ms is not None:
-            self.ttft.labels(model).observe(rec.ttft_ms / 1000.0)
-        if 400 <= rec.status < 500:
-            self.rejects.labels(_safe(rec.error_code or f"http_{int(rec.status)}")).inc()
+            _child(self._ttft, self.ttft, (model,)).observe(rec.ttft_ms / 1000.0)
+        if 400 <= status < 500:
+            self.rejects.labels(_safe(rec.error_code or f"http_{int(status)}")).inc()
 
     def reject(self, reason: str) -> None:
         """Count a refusal that produces no usage record (if there is one, use :meth:`observe`)."""
@@ -171,6 +182,13 @@ class Metrics:
             encode, content_type = choose_encoder(accept)
             return encode(self.registry), content_type
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+
+def _child(cache: dict[tuple[str, ...], Any], metric: Any, labels: tuple[str, ...]) -> Any:
+    child = cache.get(labels)
+    if child is None:
+        child = cache[labels] = metric.labels(*labels)
+    return child
 
 
 class _UsageCollector(Collector):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import secrets
@@ -60,6 +61,12 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     if meter is not None:  # an API request: one usage record, whatever the outcome
         state = request.app[STATE]
         if state.usage is not None:
+            if not response.prepared:
+                # Send the answer first, then record it: the client does not wait for the
+                # bookkeeping, and the latency recorded runs to the last byte sent.
+                with contextlib.suppress(ConnectionResetError):
+                    await response.prepare(request)
+                    await response.write_eof()
             rec = meter.record(request_id, response.status, error_code)
             state.usage.record(rec)
             if state.metrics is not None:

@@ -111,4 +111,7 @@ def _run(settings: Settings, *, reuse_port: bool) -> None:
         loop=loop,
         shutdown_timeout=10.0,
         reuse_port=reuse_port,
+        # aiohttp's default of 128 pending connections drops SYNs in a burst of new clients,
+        # and each dropped one costs that client a 1 s retransmission.
+        backlog=1024,
     )

@@ -18,6 +18,7 @@ the primer of the reply (``<|start|>assistant<|message|>``).
 
 from __future__ import annotations
 
+import functools
 import importlib.machinery
 import importlib.util
 import os
@@ -172,6 +173,7 @@ def encode(text: str, encoding: str = DEFAULT_ENCODING) -> list[int]:
     return _ENCODINGS.get(encoding).encode(_clean(text))
 
 
+@functools.lru_cache(maxsize=1024)  # on the request path; model names come from the config
 def encoding_for_model(model: str) -> str:
     """The encoding name for an OpenAI model name, :data:`DEFAULT_ENCODING` when unknown."""
     name = model.rsplit("/", 1)[-1].lower()

@@ -24,7 +24,7 @@ from chatgate.api.schemas import (
 from chatgate.auth import Principal
 from chatgate.backends.base import Usage
 from chatgate.backends.router import Route
-from chatgate.limits import checks_for, needs_tokens
+from chatgate.limits import Admission, checks_for, needs_tokens
 from chatgate.sessions import ChatSession, prepare_chat
 from chatgate.state import PRINCIPAL, REQUEST_ID, STATE, State
 
@@ -95,7 +95,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if needs_tokens(checks):
         prompt = tokens.count_messages(upstream["messages"], counting_model, chat.tools)
         reserve = prompt + (chat.output_limit or state.settings.default_max_tokens)
-    admission = await state.limits.admit(checks, reserve, chat.model)
+    admitted = await state.limits.admit(checks, reserve, chat.model)
+    headers = admitted.headers
+    admission: Admission | None = admitted  # None once settled
     try:
         if not chat.stream:
             result = await route.chat(upstream)
@@ -103,15 +105,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             meter.add_usage(usage, route.model)
             if session is not None:  # store the new turn and the answer
                 await session.commit(result.body)
+            # The answer is complete: settle now, without waiting on Redis to send it.
+            meter.backend = route.backend_name
+            await state.limits.settle_soon(admission, meter.total_tokens)
+            admission = None
             if result.raw is not None:
-                return web.Response(body=result.raw, content_type=JSON, headers=admission.headers)
-            return json_response(result.body, headers=admission.headers)
-        return await _relay_stream(
-            request, route, upstream, chat, admission.headers, meter, session
-        )
+                return web.Response(body=result.raw, content_type=JSON, headers=headers)
+            return json_response(result.body, headers=headers)
+        return await _relay_stream(request, route, upstream, chat, headers, meter, session)
     finally:
-        meter.backend = route.backend_name
-        await state.limits.settle(admission, meter.total_tokens)
+        if admission is not None:  # a stream (sent already), or a failure
+            meter.backend = route.backend_name
+            await state.limits.settle(admission, meter.total_tokens)
 
 
 async def _relay_stream(
@@ -129,11 +134,19 @@ async def _relay_stream(
     resp = web.StreamResponse(
         headers={**SSE_HEADERS, **headers, "x-request-id": request[REQUEST_ID]}
     )
+    held: list[bytes] = []
     try:
         await resp.prepare(request)
         # With a session, relay() stores the turn just before [DONE] reaches the client.
+        # Events that arrived together leave together: one write (a system call) for all
+        # those already in hand, never holding one back to wait for the upstream.
         async for event in stream if session is None else session.relay(stream):
-            await resp.write(event)
+            held.append(event)
+            if not stream.buffered:
+                await resp.write(held[0] if len(held) == 1 else b"".join(held))
+                held.clear()
+        if held:
+            await resp.write(b"".join(held))
     except ConnectionResetError:
         meter.error_code = "client_disconnected"  # stop the backend below; still metered
     finally:

@@ -75,6 +75,12 @@ class ChatStream(ABC):
         """The text generated so far (content and tool-call arguments)."""
         return "".join(self._text)
 
+    @property
+    def buffered(self) -> bool:
+        """True when the next event is already in hand: a relay may hold this one back and
+        write both at once (one system call for several events)."""
+        return False
+
     @abstractmethod
     def __aiter__(self) -> AsyncIterator[bytes]:
         """Yield SSE events as bytes, each ending in a blank line."""

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import re
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal
 
@@ -41,6 +42,28 @@ from chatgate.backends.deployment import ProbeResult, Timeouts
 from chatgate.settings import ModelConfig, Settings
 
 DONE_EVENT = b"data: [DONE]\n\n"
+_UNPARSED_MAX = 256  # events held before their text is extracted anyway
+_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
+_CRLF = re.compile(rb"\r\n|\r")
+
+
+def split_events(data: bytes) -> tuple[list[bytes], bytes]:
+    """Complete SSE events in ``data`` (each ending in a blank line), and the rest.
+
+    Events come out normalised to ``\n`` line ends and one ``\n\n`` at the end; blank
+    lines between events are skipped.
+    """
+    hold = b""
+    if b"\r" in data:
+        if data.endswith(b"\r"):  # maybe half of a \r\n: decide with the next read
+            data, hold = data[:-1], b"\r"
+        data = _CRLF.sub(b"\n", data)
+    parts = data.split(b"\n\n")
+    rest = parts.pop()
+    events = [part.lstrip(b"\n") + b"\n\n" for part in parts if part.strip(b"\n")]
+    return events, (rest if rest.strip(b"\n") else b"") + hold
+
+
 _SLACK = 0.001  # timer handles may fire up to the loop's clock resolution early
 
 Phase = Literal["connect", "first_byte", "idle", "total"]
@@ -251,6 +274,8 @@ class SSEPassThrough(ChatStream):
         self._include_usage = include_usage
         self.failure: errors.APIError | None = None
         self._iterator: AsyncGenerator[bytes, None] | None = None
+        self._ready: deque[bytes] = deque()  # events split from the last read, not yet relayed
+        self._unparsed: list[bytes] = []  # events whose text is not extracted yet
         self._loop = asyncio.get_running_loop()
         self._timeouts = timeouts
         self._reading_since: float | None = None  # loop time a read of the upstream began
@@ -309,32 +334,39 @@ class SSEPassThrough(ChatStream):
             self._iterator = self._events()
         return self._iterator
 
+    @property
+    def buffered(self) -> bool:
+        """True when the next event is already in hand (the relay may batch its writes)."""
+        return bool(self._ready)
+
     async def _events(self) -> AsyncGenerator[bytes, None]:
-        pending: list[bytes] = []
-        readline = self._resp.content.readline
+        # The upstream is read in whatever chunks arrive (not line by line): one read often
+        # holds many events, which are split here and handed out one at a time from
+        # ``_ready``, so the relay can write them to the client together (``buffered``).
+        rest = b""
+        ready = self._ready
+        read = self._resp.content.readany
         clock = self._loop.time
         try:
             while True:
                 # Idle time counts only while we wait for the upstream, not for the client.
                 self._reading_since = clock()
-                line = await readline()
+                chunk = await read()
                 self._reading_since = None
-                if not line:
+                if not chunk:
                     break
-                if line in (b"\n", b"\r\n"):
-                    if pending:
-                        event = b"".join(pending) + b"\n"
-                        pending.clear()
-                        if self._keep(event):
-                            if self.first_byte_at is None:
-                                self.first_byte_at = time.perf_counter()
-                            yield event
-                    continue
-                pending.append(line if line.endswith(b"\n") else line + b"\n")
-            if pending:
-                event = b"".join(pending) + b"\n"
-                if self._keep(event):
-                    yield event
+                events, rest = split_events(rest + chunk if rest else chunk)
+                for event in events:
+                    if self._keep(event):
+                        ready.append(event)
+                while ready:
+                    if self.first_byte_at is None:
+                        self.first_byte_at = time.perf_counter()
+                    yield ready.popleft()
+            if rest.strip():
+                event = rest if rest.endswith(b"\n") else rest + b"\n"
+                if self._keep(event + b"\n"):
+                    yield event + b"\n"
         except (TimeoutError, aiohttp.ClientError):
             if self._expired is not None:
                 self.failure = self._timeout()
@@ -342,6 +374,7 @@ class SSEPassThrough(ChatStream):
                 self.failure = errors.UpstreamError(
                     f"The upstream for model `{self._model.name}` broke off the stream."
                 )
+            ready.clear()
             yield b"data: " + self.failure.body() + b"\n\n"
         finally:
             self._reading_since = None
@@ -349,8 +382,19 @@ class SSEPassThrough(ChatStream):
             self._resp.release()
 
     def _keep(self, event: bytes) -> bool:
-        """Note usage and text of one event; False for a usage-only chunk nobody asked for."""
+        """Note usage and text of one event; False for a usage-only chunk nobody asked for.
+
+        Only an event that carries a usage object is parsed here; the others are kept as
+        they are and parsed for their text only if it is ever asked for (a stream cut off
+        before its usage came: :attr:`completion_text`), so a normal stream parses one
+        event, not every one.
+        """
         if not event.startswith(b"data: {"):
+            return True
+        if len(self._unparsed) >= _UNPARSED_MAX:
+            self._parse_text()  # a long stream: keep memory flat, parse what is held
+        self._unparsed.append(event)
+        if b'"usage"' not in event or _NULL_USAGE.search(event):
             return True
         try:
             chunk = orjson.loads(event[6:])
@@ -361,8 +405,28 @@ class SSEPassThrough(ChatStream):
         usage = Usage.from_openai(chunk.get("usage"))
         if usage is not None:
             self.usage = usage
-        choices = chunk.get("choices")
-        if choices:
+        if chunk.get("choices"):
+            return True
+        if usage is not None and not self._include_usage:
+            self._unparsed.pop()  # dropped: nothing in it to count
+            return False
+        return True
+
+    @property
+    def completion_text(self) -> str:
+        """The text generated so far (content and tool-call arguments)."""
+        self._parse_text()
+        return "".join(self._text)
+
+    def _parse_text(self) -> None:
+        for event in self._unparsed:
+            try:
+                chunk = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                continue
+            choices = chunk.get("choices") if isinstance(chunk, dict) else None
+            if not choices or not isinstance(choices[0], dict):
+                continue
             delta = choices[0].get("delta") or {}
             content = delta.get("content")
             if isinstance(content, str):
@@ -371,8 +435,7 @@ class SSEPassThrough(ChatStream):
                 args = (call.get("function") or {}).get("arguments")
                 if isinstance(args, str):
                     self._text.append(args)
-            return True
-        return usage is None or self._include_usage
+        self._unparsed.clear()
 
     async def aclose(self) -> None:
         self._stop_timer()

@@ -413,6 +413,10 @@ class RoutedStream(ChatStream):
     def completion_text(self) -> str:
         return self._inner.completion_text
 
+    @property
+    def buffered(self) -> bool:
+        return self._first is not None or self._inner.buffered
+
     def __aiter__(self) -> AsyncIterator[bytes]:
         if self._events_gen is None:
             self._events_gen = self._events()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import calendar
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -27,7 +28,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
@@ -71,12 +72,24 @@ class LimiterUnavailable(Exception):
     """The limiter's store (Redis) cannot be reached; the caller picks fail-open or closed."""
 
 
+# The month that ``month_of`` last answered, as (first second, next month's first second, text):
+# every request of a month asks the same, and ``gmtime`` plus formatting is not free.
+_month_span: tuple[float, float, str] = (0.0, -1.0, "")
+
+
 def month_of(ts: float) -> str:
     """The UTC calendar month of unix time ``ts`` as ``"YYYY-MM"``."""
+    global _month_span
+    start, end, text = _month_span
+    if start <= ts < end:
+        return text
     t = time.gmtime(ts)
-    return f"{t.tm_year:04d}-{t.tm_mon:02d}"
+    text = f"{t.tm_year:04d}-{t.tm_mon:02d}"
+    _month_span = (float(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))), month_end(text), text)
+    return text
 
 
+@functools.lru_cache(maxsize=64)
 def month_end(month: str) -> float:
     """Unix time at which ``month`` (``"YYYY-MM"``, UTC) ends: the next month's first second."""
     match = _MONTH.match(month)
@@ -103,6 +116,14 @@ class Check:
     limit: int
     window: float = 60.0
     month: str | None = None
+    # Derived once here, read on every request: the storage key ("" for a quota whose month
+    # is not resolved yet), whether the cost is the reserved tokens, whether it is a GCRA
+    # bucket and its drain rate; plus the last month this check was resolved to.
+    _bucket: str = field(init=False, repr=False, compare=False)
+    charges_tokens: bool = field(init=False, repr=False, compare=False)
+    is_rate: bool = field(init=False, repr=False, compare=False)
+    rate: float = field(init=False, repr=False, compare=False)  # units per second (GCRA)
+    _resolved: tuple[str, Check] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -115,6 +136,19 @@ class Check:
             raise ValueError(f"month must look like 2026-11, not {self.month!r}")
         if "|" in self.scope:
             raise ValueError("a scope may not contain '|'")
+        code = KIND_CODE[self.kind]
+        if self.kind in RATE_KINDS:
+            bucket = f"{self.scope}|{code}|{self.window:g}"
+        elif self.kind == "quota":
+            bucket = f"{self.scope}|{code}|{self.month}" if self.month is not None else ""
+        else:
+            bucket = f"{self.scope}|{code}"
+        object.__setattr__(self, "_bucket", bucket)
+        object.__setattr__(self, "charges_tokens", self.kind in ("tokens", "quota"))
+        object.__setattr__(self, "is_rate", self.kind in RATE_KINDS)
+        rate = self.limit / self.window if self.kind in RATE_KINDS else 0.0
+        object.__setattr__(self, "rate", rate)
+        object.__setattr__(self, "_resolved", None)
 
     @classmethod
     def rpm(cls, scope: str, limit: int) -> Check:
@@ -143,28 +177,33 @@ class Check:
 
     def cost(self, tokens: int) -> int:
         """What one request reserving ``tokens`` costs against this check."""
-        return tokens if self.kind in ("tokens", "quota") else 1
+        return tokens if self.charges_tokens else 1
 
     def resolved(self, now: float) -> Check:
-        """This check with its quota month filled in from unix time ``now``."""
-        if self.kind == "quota" and self.month is None:
-            return dataclasses.replace(self, month=month_of(now))
-        return self
+        """This check with its quota month filled in from unix time ``now``.
+
+        The resolved copy is kept for the month, so a plan's checks, built once per key,
+        resolve without building anything on later requests.
+        """
+        if self.kind != "quota" or self.month is not None:
+            return self
+        month = month_of(now)
+        cached = self._resolved
+        if cached is not None and cached[0] == month:
+            return cached[1]
+        check = dataclasses.replace(self, month=month)
+        object.__setattr__(self, "_resolved", (month, check))
+        return check
 
     @property
     def bucket(self) -> str:
         """The storage key of this check's state (``scope|code|window-or-month``)."""
-        code = KIND_CODE[self.kind]
-        if self.kind in RATE_KINDS:
-            return f"{self.scope}|{code}|{self.window:g}"
-        if self.kind == "quota":
-            if self.month is None:
-                raise ValueError("resolve the quota month first")
-            return f"{self.scope}|{code}|{self.month}"
-        return f"{self.scope}|{code}"
+        if not self._bucket:
+            raise ValueError("resolve the quota month first")
+        return self._bucket
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per request, and 3x cheaper so
 class RateStatus:
     """Values for the ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers."""
 
@@ -173,7 +212,7 @@ class RateStatus:
     reset_after: float  # seconds until the bucket is back to full
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per request, and 3x cheaper so
 class Reservation:
     """What an admitted request took, to hand back to :meth:`Limiter.settle`."""
 
@@ -182,7 +221,7 @@ class Reservation:
     tokens: int  # reserved tokens (the cost of ``tokens`` and ``quota`` checks)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per request, and 3x cheaper so
 class Decision:
     """The answer to :meth:`Limiter.acquire`.
 
@@ -215,14 +254,15 @@ class Decision:
 
 def used_units(level: float) -> int:
     """Whole units in use at ``level`` (a partly drained unit is still in use)."""
-    return max(math.ceil(level - EPS), 0)
+    used = math.ceil(level - EPS)
+    return used if used > 0 else 0
 
 
 def rate_status(check: Check, level: float) -> RateStatus:
     """Header values for a rate check whose bucket is at ``level``."""
-    remaining = max(check.limit - used_units(level), 0)
+    remaining = check.limit - used_units(level)
     reset = level * check.window / check.limit if check.limit > 0 else check.window
-    return RateStatus(check.limit, remaining, max(reset, 0.0))
+    return RateStatus(check.limit, remaining if remaining > 0 else 0, reset if reset > 0 else 0.0)
 
 
 def decide(
@@ -239,22 +279,33 @@ def decide(
     ``failed`` is the index of the first failing check, or ``None``.
     """
     after = failed is None
-    best: dict[str, RateStatus] = {}
+    # Per kind, the most restrictive rate check: (remaining, -reset_after, check, level).
+    best: dict[str, tuple[int, float, Check, float]] = {}
     for check, level, cost in zip(checks, levels, costs, strict=True):
-        if check.kind not in RATE_KINDS:
+        if not check.is_rate:
             continue
-        status = rate_status(check, level + cost if after else level)
+        if after:
+            level += cost
+        limit = check.limit
+        used = math.ceil(level - EPS)
+        remaining = limit - used if used > 0 else limit
+        if remaining < 0:
+            remaining = 0
+        reset = level * check.window / limit if limit > 0 else check.window
+        if reset < 0:
+            reset = 0.0
         prev = best.get(check.kind)
-        if prev is None or (status.remaining, -status.reset_after) < (
-            prev.remaining,
-            -prev.reset_after,
-        ):
-            best[check.kind] = status
+        if prev is None or remaining < prev[0] or (remaining == prev[0] and -reset < prev[1]):
+            best[check.kind] = (remaining, -reset, check, level)
+    requests = rate_status(best["requests"][2], best["requests"][3]) if "requests" in best else None
+    tokens = rate_status(best["tokens"][2], best["tokens"][3]) if "tokens" in best else None
     if failed is None:
-        return Decision(True, reservation, requests=best.get("requests"), tokens=best.get("tokens"))
+        return Decision(True, reservation, requests=requests, tokens=tokens)
     check = checks[failed]
-    if check.kind in RATE_KINDS:
-        best[check.kind] = rate_status(check, levels[failed])
+    if check.kind == "requests":
+        requests = rate_status(check, levels[failed])
+    elif check.kind == "tokens":
+        tokens = rate_status(check, levels[failed])
     return Decision(
         False,
         None,
@@ -262,8 +313,8 @@ def decide(
         used=used_units(levels[failed]),
         requested=costs[failed],
         retry_after=retry_after,
-        requests=best.get("requests"),
-        tokens=best.get("tokens"),
+        requests=requests,
+        tokens=tokens,
     )
 
 

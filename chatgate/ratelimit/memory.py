@@ -22,7 +22,6 @@ from .base import (
     DEFAULT_LEASE_TTL,
     EPS,
     QUOTA_RETENTION,
-    RATE_KINDS,
     Check,
     Decision,
     Ledger,
@@ -42,6 +41,10 @@ class _Bucket:
     __slots__ = ("expires_at", "level", "rate", "stamp")
 
     def __init__(self, level: float, stamp: float, rate: float) -> None:
+        self.set(level, stamp, rate)
+
+    def set(self, level: float, stamp: float, rate: float) -> None:
+        """Move to a new state (in place: cheaper than a new object in the same dict slot)."""
         self.level = level
         self.stamp = stamp
         self.rate = rate
@@ -81,10 +84,6 @@ class _Counter:
 _Entry = _Bucket | _Leases | _Counter
 
 
-def _rate(check: Check) -> float:
-    return check.limit / check.window
-
-
 class MemoryLimiter(Limiter):
     """Per-process limits. ``clock`` is unix time (injectable for deterministic tests)."""
 
@@ -100,6 +99,9 @@ class MemoryLimiter(Limiter):
         self._concurrency_retry = concurrency_retry
         self._state: OrderedDict[str, _Entry] = OrderedDict()
         self._ledger = Ledger(clock)
+        # Lease ids: a random prefix per limiter and a counter (unique, and no syscall each).
+        self._lease_prefix = secrets.token_hex(6) + "-"
+        self._leases_issued = 0
 
     def __len__(self) -> int:
         """Number of buckets held (for tests of boundedness)."""
@@ -109,30 +111,31 @@ class MemoryLimiter(Limiter):
         state = self._state
         for _ in range(min(budget, len(state))):
             key, entry = state.popitem(last=False)
-            if isinstance(entry, _Leases) and entry.prune(now) == 0:
-                continue
-            if not isinstance(entry, _Leases) and entry.expires_at <= now:
+            if isinstance(entry, _Leases):
+                if entry.prune(now) == 0:
+                    continue
+            elif entry.expires_at <= now:
                 continue
             state[key] = entry
 
     def _level(self, check: Check, now: float) -> float:
         """The state of ``check``'s bucket at ``now``, before this request."""
         entry = self._state.get(check.bucket)
-        if check.kind in RATE_KINDS:
+        if check.is_rate:
             if not isinstance(entry, _Bucket):
                 return 0.0
             if check.limit <= 0:
                 return entry.level
-            return max(entry.level - max(now - entry.stamp, 0.0) * _rate(check), 0.0)
+            return max(entry.level - max(now - entry.stamp, 0.0) * check.rate, 0.0)
         if check.kind == "concurrency":
             return float(entry.prune(now)) if isinstance(entry, _Leases) else 0.0
         return float(entry.used) if isinstance(entry, _Counter) else 0.0
 
     def _retry(self, check: Check, level: float, cost: int, now: float) -> float:
-        if cost > check.limit or (check.limit <= 0 and check.kind in RATE_KINDS):
+        if cost > check.limit or (check.limit <= 0 and check.is_rate):
             return float("inf")  # can never pass (a zero rate never drains)
-        if check.kind in RATE_KINDS:
-            return (level + cost - check.limit) / _rate(check)
+        if check.is_rate:
+            return (level + cost - check.limit) / check.rate
         if check.kind == "concurrency":
             entry = self._state.get(check.bucket)
             if isinstance(entry, _Leases) and entry.leases:
@@ -143,38 +146,78 @@ class MemoryLimiter(Limiter):
         return max(month_end(check.month) - now, 0.0)
 
     async def acquire(self, checks: Sequence[Check], cost_tokens: int = 0) -> Decision:
-        """Take every check or none; no await between check and take (atomic on one loop)."""
-        now = self._clock()
-        resolved = tuple(c.resolved(now) for c in checks)
-        costs = [c.cost(cost_tokens) for c in resolved]
-        levels = [self._level(c, now) for c in resolved]
-        failed: int | None = None
-        retry = 0.0
-        for i, (check, level, cost) in enumerate(zip(resolved, levels, costs, strict=True)):
-            if level + cost > check.limit + EPS:
-                failed, retry = i, self._retry(check, level, cost, now)
-                break
-        reservation = None
-        if failed is None:
-            reservation = Reservation(secrets.token_hex(8), resolved, cost_tokens)
-            for check, level, cost in zip(resolved, levels, costs, strict=True):
-                self._take(check, level + cost, reservation.lease_id, now)
-            self._ledger.add(reservation.lease_id)
-        self._sweep(now, len(resolved) + 2)
-        return decide(resolved, levels, costs, failed, retry, reservation)
+        """Take every check or none; no await between check and take (atomic on one loop).
 
-    def _take(self, check: Check, after: float, lease_id: str, now: float) -> None:
-        key = check.bucket
-        if check.kind in RATE_KINDS:
-            self._state[key] = _Bucket(after, now, _rate(check))
-        elif check.kind == "concurrency":
-            entry = self._state.get(key)
-            if not isinstance(entry, _Leases):
-                entry = self._state[key] = _Leases()
-            entry.leases[lease_id] = entry.expires_at = now + self._lease_ttl
-        else:
-            assert check.month is not None
-            self._state[key] = _Counter(int(after), month_end(check.month) + QUOTA_RETENTION)
+        One pass reads each bucket's level (keeping the entry found), a second takes them
+        all: the hot path of every limited request, so written out inline.
+        """
+        now = self._clock()
+        state = self._state
+        resolved = tuple([c.resolved(now) for c in checks])
+        levels: list[float] = []
+        costs: list[int] = []
+        entries: list[_Entry | None] = []
+        for i, check in enumerate(resolved):
+            cost = cost_tokens if check.charges_tokens else 1
+            entry = state.get(check.bucket)
+            if check.is_rate:
+                if not isinstance(entry, _Bucket):
+                    entry, level = None, 0.0
+                elif check.limit <= 0:
+                    level = entry.level
+                else:
+                    drained = entry.level - max(now - entry.stamp, 0.0) * check.rate
+                    level = drained if drained > 0.0 else 0.0
+            elif check.kind == "concurrency":
+                if isinstance(entry, _Leases):
+                    level = float(entry.prune(now))
+                else:
+                    entry, level = None, 0.0
+            elif isinstance(entry, _Counter):
+                level = float(entry.used)
+            else:
+                entry, level = None, 0.0
+            levels.append(level)
+            costs.append(cost)
+            entries.append(entry)
+            if level + cost > check.limit + EPS:
+                retry = self._retry(check, level, cost, now)
+                for later in resolved[i + 1 :]:  # the rest only for the headers
+                    levels.append(self._level(later, now))
+                    costs.append(cost_tokens if later.charges_tokens else 1)
+                self._sweep(now, 2)
+                return decide(resolved, levels, costs, i, retry, None)
+        lease_id = self._lease_id()
+        added = 0
+        for check, level, cost, entry in zip(resolved, levels, costs, entries, strict=True):
+            after = level + cost
+            if check.is_rate:
+                if entry is not None:
+                    entry.set(after, now, check.rate)  # type: ignore[union-attr]
+                else:
+                    state[check.bucket] = _Bucket(after, now, check.rate)
+                    added += 1
+            elif check.kind == "concurrency":
+                if entry is None:
+                    entry = state[check.bucket] = _Leases()
+                    added += 1
+                entry.leases[lease_id] = entry.expires_at = now + self._lease_ttl  # type: ignore[union-attr]
+            elif entry is not None:
+                entry.used = int(after)  # type: ignore[union-attr]
+            else:
+                assert check.month is not None
+                expiry = month_end(check.month) + QUOTA_RETENTION
+                state[check.bucket] = _Counter(int(after), expiry)
+                added += 1
+        self._ledger.add(lease_id)
+        # Look at two more entries than this call added: stale ones are found within a pass.
+        self._sweep(now, added + 2)
+        reservation = Reservation(lease_id, resolved, cost_tokens)
+        return decide(resolved, levels, costs, None, 0.0, reservation)
+
+    def _lease_id(self) -> str:
+        self._leases_issued += 1
+        return f"{self._lease_prefix}{self._leases_issued:x}"
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> bool:
         """Move token and quota usage from reserved to actual; free the concurrency slot."""
@@ -183,26 +226,37 @@ class MemoryLimiter(Limiter):
         now = self._clock()
         delta = actual_tokens - reservation.tokens
         seen: set[str] = set()
+        state = self._state
+        added = 0
         for check in reservation.checks:
+            kind = check.kind
+            if kind == "requests" or (not delta and kind != "concurrency"):
+                continue  # nothing to give back or charge
             key = check.bucket
             if key in seen:
                 continue
             seen.add(key)
-            entry = self._state.get(key)
-            if check.kind == "concurrency":
+            entry = state.get(key)
+            if kind == "concurrency":
                 if isinstance(entry, _Leases):
                     entry.leases.pop(reservation.lease_id, None)
-            elif check.kind == "tokens" and delta:
+            elif kind == "tokens":
                 level = self._level(check, now) + delta
-                if level > 0:
-                    self._state[key] = _Bucket(level, now, _rate(check))
+                if level <= 0:
+                    state.pop(key, None)
+                elif isinstance(entry, _Bucket):
+                    entry.set(level, now, check.rate)
                 else:
-                    self._state.pop(key, None)
-            elif check.kind == "quota" and delta:
+                    state[key] = _Bucket(level, now, check.rate)
+                    added += 1
+            else:  # quota
                 used = max((entry.used if isinstance(entry, _Counter) else 0) + delta, 0)
-                assert check.month is not None
-                self._state[key] = _Counter(used, month_end(check.month) + QUOTA_RETENTION)
-        self._sweep(now, len(seen) + 2)
+                if isinstance(entry, _Counter):
+                    entry.used = used
+                else:
+                    assert check.month is not None
+                    state[key] = _Counter(used, month_end(check.month) + QUOTA_RETENTION)
+        self._sweep(now, added + 2)
         return True
 
     async def quota_used(self, scope: str, month: str | None = None) -> int:

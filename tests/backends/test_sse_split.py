@@ -1,0 +1,35 @@
+"""Splitting an upstream's SSE bytes into events, as they arrive in arbitrary chunks."""
+
+from __future__ import annotations
+
+from chatgate.backends.openai_compat import split_events
+
+STREAM = b'data: {"a":1}\n\ndata: {"b":2}\n\n: keep-alive\n\n\n\ndata: [DONE]\n\n'
+EVENTS = [b'data: {"a":1}\n\n', b'data: {"b":2}\n\n', b": keep-alive\n\n", b"data: [DONE]\n\n"]
+
+
+def feed(chunks: list[bytes]) -> tuple[list[bytes], bytes]:
+    out: list[bytes] = []
+    rest = b""
+    for chunk in chunks:
+        events, rest = split_events(rest + chunk)
+        out += events
+    return out, rest
+
+
+def test_any_chunking_gives_the_same_events() -> None:
+    for size in (1, 2, 3, 7, 16, len(STREAM)):
+        chunks = [STREAM[i : i + size] for i in range(0, len(STREAM), size)]
+        assert feed(chunks) == (EVENTS, b"")
+
+
+def test_crlf_upstreams_are_normalised_even_split_between_cr_and_lf() -> None:
+    crlf = STREAM.replace(b"\n", b"\r\n")
+    for size in (1, 5, 13, len(crlf)):
+        chunks = [crlf[i : i + size] for i in range(0, len(crlf), size)]
+        assert feed(chunks) == (EVENTS, b"")
+
+
+def test_an_unfinished_event_stays_for_the_next_read() -> None:
+    events, rest = split_events(b'data: {"a":1}\n\ndata: {"b"')
+    assert events == [b'data: {"a":1}\n\n'] and rest == b'data: {"b"'

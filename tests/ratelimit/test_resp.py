@@ -1,0 +1,133 @@
+"""The limiter's own Redis client (``chatgate/ratelimit/resp.py``): the wire format, pipelining
+on one connection, failures, and the limiter on top of it (one command per acquire or settle,
+scripts reloaded after a flush). Real Redis at 127.0.0.1:6379, keys under a random prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from chatgate.ratelimit import Check, LimiterUnavailable, RedisLimiter
+from chatgate.ratelimit.resp import (
+    ReplyError,
+    RespClient,
+    ServerUnavailable,
+    _Incomplete,
+    _parse,
+    pack,
+)
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _redis_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+needs_redis = pytest.mark.skipif(not _redis_up(), reason="no Redis at 127.0.0.1:6379")
+
+
+def test_pack_is_resp2_bulk_strings() -> None:
+    assert pack("SET", "k", 12, 0.5, b"\x00") == (
+        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n$3\r\n0.5\r\n$1\r\n\x00\r\n"
+    )
+
+
+def test_parse_every_reply_type() -> None:
+    reply = b"*5\r\n:1\r\n$3\r\nabc\r\n$-1\r\n*1\r\n+OK\r\n-ERR bad\r\n"
+    value, end = _parse(reply, 0)
+    assert end == len(reply)
+    assert value[:4] == [1, b"abc", None, ["OK"]]
+    assert isinstance(value[4], ReplyError) and str(value[4]) == "ERR bad"
+    loading, _ = _parse(b"-LOADING Redis is loading\r\n", 0)
+    assert isinstance(loading, ServerUnavailable)  # a ConnectionError: "unavailable"
+    for partial in (b"*2\r\n:1\r\n", b"$5\r\nab", b":12"):
+        with pytest.raises(_Incomplete):
+            _parse(partial, 0)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[RespClient]:
+    c = RespClient(REDIS_URL, timeout=2.0, connect_timeout=2.0)
+    yield c
+    await c.aclose()
+
+
+@needs_redis
+async def test_concurrent_calls_are_pipelined_on_one_connection(client: RespClient) -> None:
+    key = f"test:resp:{secrets.token_hex(6)}"
+    try:
+        results = await asyncio.gather(*(client.call("INCR", key) for _ in range(200)))
+        assert sorted(results) == list(range(1, 201))
+        assert client.commands_sent == 200
+        with pytest.raises(ReplyError):
+            await client.call("NO-SUCH-COMMAND")
+        assert await client.call("GET", key) == b"200"  # still in step after an error
+    finally:
+        await client.call("DEL", key)
+
+
+async def test_no_reply_in_time_fails_every_pending_command() -> None:
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    client = RespClient(f"redis://127.0.0.1:{port}", timeout=0.2)
+    try:
+        calls = [asyncio.ensure_future(client.call("PING")) for _ in range(3)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, TimeoutError) for r in results)
+    finally:
+        await client.aclose()
+        silent.close()
+        await silent.wait_closed()
+
+
+async def test_nothing_listening_is_a_connection_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = RespClient(f"redis://127.0.0.1:{port}", connect_timeout=0.5)
+    with pytest.raises(OSError):
+        await client.call("PING")
+    limiter = RedisLimiter(client, prefix="x:")
+    with pytest.raises(LimiterUnavailable):
+        await limiter.acquire([Check.rpm("key:a", 1)])
+
+
+@needs_redis
+async def test_limiter_sends_one_command_per_acquire_and_settle_and_reloads_scripts() -> None:
+    prefix = f"test:resp:{secrets.token_hex(6)}:"
+    limiter = RedisLimiter.from_url(REDIS_URL, prefix=prefix, timeout=2.0, connect_timeout=2.0)
+    client = limiter._client  # the RespClient it made
+    assert isinstance(client, RespClient)
+    checks = [Check.rpm("key:a", 100), Check.concurrent("acct:x", 5), Check.tpm("acct:x", 10**6)]
+    admin = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        first = await limiter.acquire(checks, 10)  # may load the scripts
+        assert first.reservation is not None
+        await limiter.settle(first.reservation, 3)
+        for _ in range(3):
+            before = client.commands_sent
+            decision = await limiter.acquire(checks, 10)
+            assert decision.allowed and client.commands_sent == before + 1
+            assert decision.reservation is not None
+            await limiter.settle(decision.reservation, 3)
+            assert client.commands_sent == before + 2
+        await admin.script_flush()  # e.g. a Redis restart: NOSCRIPT, then SCRIPT LOAD
+        again = await limiter.acquire(checks, 10)
+        assert again.allowed and again.reservation is not None
+        await limiter.settle(again.reservation, 3)
+    finally:
+        await limiter.aclose()
+        keys = [k async for k in admin.scan_iter(match=prefix + "*")]
+        if keys:
+            await admin.delete(*keys)
+        await admin.aclose()
