@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.helpers import free_port, wait_http  # noqa: E402
+from tests.redisserver import RedisServer  # noqa: E402
 from tests.usage.pgserver import PgServer  # noqa: E402
 
 BENCH = ROOT / "bench"
@@ -94,39 +95,9 @@ def start_pg() -> PgServer:
 
 def start_redis(workdir: Path) -> tuple[Proc, str]:
     """A redis-server of the benchmark's own (clean ``INFO commandstats``), on the other core."""
-    port = free_port()
-    proc = subprocess.Popen(
-        pinned(
-            OTHER_CORE,
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(100):
-        try:
-            out = subprocess.run(
-                ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True, timeout=2
-            )
-            if out.stdout.strip() == "PONG":
-                return Proc("redis", proc, url), url
-        except subprocess.TimeoutExpired:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
+    server = RedisServer(workdir=workdir, prefix=pinned(OTHER_CORE, [])).start()
+    assert server.proc is not None
+    return Proc("redis", server.proc, server.url), server.url
 
 
 def redis_commandstats(url: str) -> dict[str, int]:

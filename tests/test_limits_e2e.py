@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,8 @@ import openai
 import pytest
 import requests
 
-from tests.helpers import REDIS_URL, Gateway, Upstream, free_port, make_gateway, stop
+from tests.helpers import REDIS_URL, Gateway, Upstream, make_gateway
+from tests.redisserver import RedisServer
 
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -206,45 +206,15 @@ def test_plan_change_takes_effect_without_restart(pair: list[Gateway]) -> None:
 
 
 @pytest.fixture
-def own_redis() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    port = free_port()
-
-    def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        for _ in range(100):
-            try:
-                import redis
-
-                redis.Redis(port=port).ping()
-                break
-            except Exception:
-                time.sleep(0.05)
-        return proc
-
-    holder = {"proc": start()}
-    holder["start"] = start  # type: ignore[assignment]
-    yield port, holder  # type: ignore[misc]
-    stop(holder["proc"])
+def own_redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
 
 
 def test_redis_outage_fail_open_and_closed(
-    own_redis: Any, pg_url: str, upstream: Upstream, tmp_path: Path
+    own_redis: RedisServer, pg_url: str, upstream: Upstream, tmp_path: Path
 ) -> None:
-    port, holder = own_redis
-    url = f"redis://127.0.0.1:{port}/0"
+    url = own_redis.url
     gws = {
         mode: make_gateway(
             tmp_path / mode,
@@ -268,13 +238,13 @@ def test_redis_outage_fail_open_and_closed(
             ).status_code
 
         assert status("open") == 200 and status("closed") == 200
-        stop(holder["proc"])
+        own_redis.stop()
         assert status("open") == 200
         closed = requests.post(
             gws["closed"].url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
         )
         assert closed.status_code == 503 and closed.json()["error"]["type"] == "server_error"
-        holder["proc"] = holder["start"]()
+        own_redis.start()
         time.sleep(1.5)  # the failover cool-down
         assert status("open") == 200 and status("closed") == 200
     finally:

@@ -12,7 +12,7 @@ chain, one query for its items), in ``seq`` order.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -147,6 +147,26 @@ def _conversation(row: Any) -> Conversation:
         created_at=int(row.created_at),
         updated_at=int(row.updated_at),
     )
+
+
+async def _owned(
+    conn: AsyncConnection,
+    table: sa.Table,
+    row_id: str,
+    account_id: str,
+    not_found: Callable[[], errors.NotFound],
+    *where: sa.ColumnElement[bool],
+) -> sa.Row[Any]:
+    """The row of ``table`` with this id that ``account_id`` owns (and matches ``where``);
+    else ``not_found()`` is raised: someone else's row is the same 404 as a missing one."""
+    row = (
+        await conn.execute(
+            sa.select(table).where(table.c.id == row_id, table.c.account_id == account_id, *where)
+        )
+    ).first()
+    if row is None:
+        raise not_found()
+    return row
 
 
 def _item_rows(
@@ -334,17 +354,14 @@ class SessionStore:
         """One item of a conversation."""
         async with self._engine.connect() as conn:
             await self._conversation(conn, account_id, conversation_id)
-            row = (
-                await conn.execute(
-                    sa.select(session_items).where(
-                        session_items.c.id == item_id,
-                        session_items.c.conversation_id == conversation_id,
-                        session_items.c.account_id == account_id,
-                    )
-                )
-            ).first()
-        if row is None:
-            raise item_not_found(item_id)
+            row = await _owned(
+                conn,
+                session_items,
+                item_id,
+                account_id,
+                lambda: item_not_found(item_id),
+                session_items.c.conversation_id == conversation_id,
+            )
         return _item(row)
 
     async def delete_item(
@@ -445,16 +462,13 @@ class SessionStore:
     ) -> StoredResponse:
         """A stored response, if ``account_id`` owns it; else 404."""
         async with self._engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(session_responses).where(
-                        session_responses.c.id == response_id,
-                        session_responses.c.account_id == account_id,
-                    )
-                )
-            ).first()
-        if row is None:
-            raise response_not_found(response_id, param)
+            row = await _owned(
+                conn,
+                session_responses,
+                response_id,
+                account_id,
+                lambda: response_not_found(response_id, param),
+            )
         return StoredResponse(
             id=row.id,
             account_id=row.account_id,
@@ -610,16 +624,13 @@ class SessionStore:
     async def _conversation(
         self, conn: AsyncConnection, account_id: str, conversation_id: str
     ) -> Conversation:
-        row = (
-            await conn.execute(
-                sa.select(conversations).where(
-                    conversations.c.id == conversation_id,
-                    conversations.c.account_id == account_id,
-                )
-            )
-        ).first()
-        if row is None:
-            raise conversation_not_found(conversation_id)
+        row = await _owned(
+            conn,
+            conversations,
+            conversation_id,
+            account_id,
+            lambda: conversation_not_found(conversation_id),
+        )
         return _conversation(row)
 
     async def _touch(

@@ -1,13 +1,16 @@
 """The limiter's own Redis client (``chatgate/ratelimit/resp.py``): the wire format, pipelining
 on one connection, failures, and the limiter on top of it (one command per acquire or settle,
-scripts reloaded after a flush). Real Redis at 127.0.0.1:6379, keys under a random prefix."""
+scripts reloaded after a flush). Real Redis at 127.0.0.1:6379, keys under a random prefix; the
+test that flushes the scripts has a redis-server of its own (the shared one's scripts are other
+tests' and processes')."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+import shutil
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,6 +24,7 @@ from chatgate.ratelimit.resp import (
     _parse,
     pack,
 )
+from tests.redisserver import RedisServer
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -34,6 +38,15 @@ def _redis_up() -> bool:
 
 
 needs_redis = pytest.mark.skipif(not _redis_up(), reason="no Redis at 127.0.0.1:6379")
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own: one it may ``SCRIPT FLUSH``."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server to start")
+    with RedisServer() as server:
+        yield server
 
 
 def test_pack_is_resp2_bulk_strings() -> None:
@@ -102,14 +115,15 @@ async def test_nothing_listening_is_a_connection_error() -> None:
         await limiter.acquire([Check.rpm("key:a", 1)])
 
 
-@needs_redis
-async def test_limiter_sends_one_command_per_acquire_and_settle_and_reloads_scripts() -> None:
+async def test_limiter_sends_one_command_per_acquire_and_settle_and_reloads_scripts(
+    own_redis: RedisServer,
+) -> None:
     prefix = f"test:resp:{secrets.token_hex(6)}:"
-    limiter = RedisLimiter.from_url(REDIS_URL, prefix=prefix, timeout=2.0, connect_timeout=2.0)
+    limiter = RedisLimiter.from_url(own_redis.url, prefix=prefix, timeout=2.0, connect_timeout=2.0)
     client = limiter._client  # the RespClient it made
     assert isinstance(client, RespClient)
     checks = [Check.rpm("key:a", 100), Check.concurrent("acct:x", 5), Check.tpm("acct:x", 10**6)]
-    admin = aioredis.Redis.from_url(REDIS_URL)
+    admin = aioredis.Redis.from_url(own_redis.url)
     try:
         first = await limiter.acquire(checks, 10)  # may load the scripts
         assert first.reservation is not None
@@ -126,8 +140,5 @@ async def test_limiter_sends_one_command_per_acquire_and_settle_and_reloads_scri
         assert again.allowed and again.reservation is not None
         await limiter.settle(again.reservation, 3)
     finally:
-        await limiter.aclose()
-        keys = [k async for k in admin.scan_iter(match=prefix + "*")]
-        if keys:
-            await admin.delete(*keys)
+        await limiter.aclose()  # the server and its keys go with the fixture
         await admin.aclose()
