@@ -151,7 +151,7 @@ class Limits:
     def __init__(self, limiter: Limiter, *, remote: bool = False) -> None:
         self.limiter = limiter
         self._remote = remote  # the limiter is across the network (Redis)
-        self._settling: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Future[bool]] = set()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -199,19 +199,33 @@ class Limits:
     async def settle_soon(self, admission: Admission | None, actual_tokens: int) -> None:
         """:meth:`settle`, without making the answer wait for a network round trip.
 
-        In process it is done at once. With Redis the settle is started now, so its call
-        leaves before the answer does (and before any later request of this process is
-        admitted: one pipelined connection, in order), and its reply is awaited in the
-        background; :meth:`close` waits for those still running.
+        In process it is done at once. With Redis the settlement is only queued (it never
+        waits): it rides on this process's next admission, which applies it first, or a
+        timer sends it shortly after (see :mod:`chatgate.ratelimit.redis`). A failure is
+        logged; :meth:`close` waits for those still queued or in flight.
         """
         if not self._remote or admission is None or admission.reservation is None:
             await self.settle(admission, actual_tokens)
             return
-        task = asyncio.ensure_future(self.settle(admission, actual_tokens))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        try:
+            future = self.limiter.settle_nowait(admission.reservation, actual_tokens)
+        except Exception:
+            log.warning("could not settle a rate-limit reservation", exc_info=True)
+            return
+        if future.done():
+            self._settled(future)
+            return
+        self._settling.add(future)
+        future.add_done_callback(self._settled)
+
+    def _settled(self, future: asyncio.Future[bool]) -> None:
+        self._settling.discard(future)
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            log.warning("could not settle a rate-limit reservation", exc_info=exc)
 
     async def close(self) -> None:
+        """Close the limiter, which sends the settlements :meth:`settle_soon` queued and waits
+        for them (not a flush delay later), then see each one finished."""
+        await self.limiter.aclose()
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
-        await self.limiter.aclose()

@@ -8,7 +8,9 @@ authenticate (in-process cache, no database) -> validate -> route -> call the ba
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
@@ -27,6 +29,8 @@ from chatgate.backends.router import Route
 from chatgate.limits import Admission, checks_for, needs_tokens
 from chatgate.sessions import ChatSession, prepare_chat
 from chatgate.state import PRINCIPAL, REQUEST_ID, STATE, State
+
+R = TypeVar("R", bound="_ForModel")
 
 JSON = "application/json"
 SSE_HEADERS = {
@@ -70,34 +74,85 @@ def route_for(state: State, principal: Principal, model: str) -> Route:
     return route
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    meter = metering.start(request, "chat.completions")
+class _ForModel(Protocol):
+    model: str
+
+
+@dataclass(slots=True)
+class Call(Generic[R]):
+    """An API request past its prelude: metered, authenticated, validated and routed.
+
+    Chat completions, embeddings and responses begin the same way (:func:`begin`) and take
+    and settle their limits the same way (:meth:`admit`, :meth:`settle`); what differs is
+    only how each counts the tokens it reserves.
+    """
+
+    state: State
+    principal: Principal
+    meter: metering.Meter
+    body: dict[str, Any]
+    req: R
+    route: Route
+
+    async def admit(self, reserve: Callable[[], int]) -> Admission:
+        """Take the key's and the account's limits (one atomic call), or raise the 429.
+
+        ``reserve`` counts the tokens to hold (prompt + output budget); it runs only when a
+        check charges tokens, so a plan with request limits only never counts.
+        """
+        checks = checks_for(self.principal)
+        cost = reserve() if needs_tokens(checks) else 0
+        return await self.state.limits.admit(checks, cost, self.req.model)
+
+    async def settle(self, admission: Admission) -> None:
+        """Charge the tokens really used and free the slot (in a ``finally``: always once).
+
+        Never waits on Redis: the settlement is queued and rides on this process's next
+        admission (see :meth:`Limits.settle_soon`), so neither the answer nor the next
+        request on this connection waits for it.
+        """
+        self.meter.backend = self.route.backend_name  # a fallback may have answered
+        await self.state.limits.settle_soon(admission, self.meter.total_tokens)
+
+
+async def begin(request: web.Request, endpoint: str, schema: type[R]) -> Call[R]:
+    """Meter -> authenticate (in-process cache) -> read and validate the body -> route.
+
+    The meter starts first, so a request refused at any step is still recorded (with the key
+    and model once they are known).
+    """
+    meter = metering.start(request, endpoint)
     state, principal = await authenticate(request)
     meter.identify(principal)
     body = await read_body(request)
-    chat = validate(body, ChatCompletionRequest)
-    meter.model, meter.streamed = chat.model, chat.stream
-    route = route_for(state, principal, chat.model)
+    req = validate(body, schema)
+    meter.model, meter.streamed = req.model, bool(getattr(req, "stream", False))
+    route = route_for(state, principal, req.model)
     meter.backend = route.backend_name
-    upstream = dict(body)  # the router puts each deployment's upstream model name in
+    return Call(state, principal, meter, body, req, route)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    call = await begin(request, "chat.completions", ChatCompletionRequest)
+    state, chat, route, meter = call.state, call.req, call.route, call.meter
+    upstream = dict(call.body)  # the router puts each deployment's upstream model name in
     upstream.pop("conversation", None)
     # Sessions: `conversation` prepends the stored history, trimmed to the model's window.
     session: ChatSession | None = None
     if chat.conversation is not None:
-        session = await prepare_chat(state, principal, route, body)  # 404: not this account's
+        # 404 when not this account's
+        session = await prepare_chat(state, call.principal, route, call.body)
         upstream["messages"] = session.messages
         meter.conversation_id = session.conversation_id
 
-    # Limits: key then account, all taken in one atomic call; tokens reserved up front.
-    checks = checks_for(principal)
     counting_model = route.model.upstream_model
-    reserve = 0
-    if needs_tokens(checks):
-        prompt = tokens.count_messages(upstream["messages"], counting_model, chat.tools)
-        reserve = prompt + (chat.output_limit or state.settings.default_max_tokens)
-    admitted = await state.limits.admit(checks, reserve, chat.model)
-    headers = admitted.headers
-    admission: Admission | None = admitted  # None once settled
+    admission = await call.admit(
+        lambda: (
+            tokens.count_messages(upstream["messages"], counting_model, chat.tools)
+            + (chat.output_limit or state.settings.default_max_tokens)
+        )
+    )
+    headers = admission.headers
     try:
         if not chat.stream:
             result = await route.chat(upstream)
@@ -105,18 +160,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             meter.add_usage(usage, route.model)
             if session is not None:  # store the new turn and the answer
                 await session.commit(result.body)
-            # The answer is complete: settle now, without waiting on Redis to send it.
-            meter.backend = route.backend_name
-            await state.limits.settle_soon(admission, meter.total_tokens)
-            admission = None
             if result.raw is not None:
                 return web.Response(body=result.raw, content_type=JSON, headers=headers)
             return json_response(result.body, headers=headers)
         return await _relay_stream(request, route, upstream, chat, headers, meter, session)
-    finally:
-        if admission is not None:  # a stream (sent already), or a failure
-            meter.backend = route.backend_name
-            await state.limits.settle(admission, meter.total_tokens)
+    finally:  # before the answer leaves (JSON), after it has (a stream), or on a failure
+        await call.settle(admission)
 
 
 async def _relay_stream(
@@ -183,37 +232,31 @@ def _counted(
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    meter = metering.start(request, "embeddings")
-    state, principal = await authenticate(request)
-    meter.identify(principal)
-    body = await read_body(request)
-    req = validate(body, EmbeddingRequest)
-    meter.model = req.model
-    route = route_for(state, principal, req.model)
-    meter.backend = route.backend_name
-    upstream = dict(body)
-    checks = checks_for(principal)
-    reserve = 0
-    if needs_tokens(checks):
+    call = await begin(request, "embeddings", EmbeddingRequest)
+    req, route = call.req, call.route
+    upstream_model = route.model.upstream_model
+
+    def reserve() -> int:
         texts = [req.input] if isinstance(req.input, str) else req.input
-        reserve = sum(
-            tokens.count_text(t, route.model.upstream_model)
+        return sum(
+            tokens.count_text(t, upstream_model)
             if isinstance(t, str)
             else len(t)
             if isinstance(t, list)
             else 1
             for t in texts
         )
-    admission = await state.limits.admit(checks, reserve, req.model)
+
+    admission = await call.admit(reserve)
     try:
-        answer = await route.embeddings(upstream)
+        answer = await route.embeddings(dict(call.body))
         usage = answer.get("usage") or {}
         prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-        meter.add_usage(Usage(prompt if isinstance(prompt, int) else reserve, 0), route.model)
+        counted = prompt if isinstance(prompt, int) else reserve()
+        call.meter.add_usage(Usage(counted, 0), route.model)
         return json_response(answer, headers=admission.headers)
     finally:
-        meter.backend = route.backend_name
-        await state.limits.settle(admission, meter.total_tokens)
+        await call.settle(admission)
 
 
 def _model_object(name: str, created: int) -> dict[str, Any]:
@@ -247,4 +290,4 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/v1/models/{model:.+}", get_model)
 
 
-__all__ = ["authenticate", "json_response", "read_body", "route_for", "setup"]
+__all__ = ["Call", "authenticate", "begin", "json_response", "read_body", "route_for", "setup"]

@@ -19,12 +19,10 @@ from aiohttp import web
 
 from chatgate import errors, tokens
 from chatgate import meter as metering
-from chatgate.api.openai import SSE_HEADERS, authenticate, json_response, read_body, route_for
-from chatgate.api.schemas import validate
+from chatgate.api.openai import SSE_HEADERS, authenticate, begin, json_response
 from chatgate.backends.base import ChatStream, Usage
 from chatgate.backends.router import Route
 from chatgate.ids import new_id
-from chatgate.limits import checks_for, needs_tokens
 from chatgate.sessions.chat import build_context, sessions_store
 from chatgate.sessions.responses import (
     ResponsesRequest,
@@ -57,23 +55,17 @@ def _text_of(message: Any) -> str:
 
 
 async def create_response(request: web.Request) -> web.StreamResponse:
-    meter = metering.start(request, "responses")
-    state, principal = await authenticate(request)
-    meter.identify(principal)
-    body = await read_body(request)
-    req = validate(body, ResponsesRequest)
-    meter.model, meter.streamed = req.model, req.stream
-    route = route_for(state, principal, req.model)  # the model is the request's, always
-    meter.backend = route.backend_name
+    call = await begin(request, "responses", ResponsesRequest)
+    state, req, route = call.state, call.req, call.route  # the model is the request's, always
     conversation_id = req.conversation_id
     if conversation_id is not None and req.previous_response_id is not None:
         raise errors.InvalidRequest(
             "'previous_response_id' cannot be used together with 'conversation'.",
             param="conversation",
         )
-    meter.conversation_id = conversation_id
+    call.meter.conversation_id = conversation_id
     store = sessions_store(state)
-    account = principal.account_id
+    account = call.principal.account_id
 
     # The history: one query for a conversation, two for a chain of responses.
     new_items = normalize_input(req.input)
@@ -100,14 +92,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         tools=upstream.get("tools"),
     )
     upstream["messages"] = context.messages
-
-    checks = checks_for(principal)
-    reserve = 0
-    if needs_tokens(checks):
-        reserve = context.prompt_tokens + (
-            req.max_output_tokens or state.settings.default_max_tokens
-        )
-    admission = await state.limits.admit(checks, reserve, req.model)
+    admission = await call.admit(
+        lambda: context.prompt_tokens + (req.max_output_tokens or state.settings.default_max_tokens)
+    )
     turn = _Turn(
         store=store,
         account_id=account,
@@ -125,16 +112,16 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             choices = result.body.get("choices") or [{}]
             message = choices[0].get("message") or {}
             usage = result.usage or turn.counted(_text_of(message))
-            meter.add_usage(usage, route.model)
+            call.meter.add_usage(usage, route.model)
             incomplete = choices[0].get("finish_reason") == "length"
             outputs = output_items(message, incomplete=incomplete)
             response = turn.response("incomplete" if incomplete else "completed", outputs, usage)
             await turn.save(response, outputs)
             return json_response(response, headers=admission.headers)
         stream = await route.chat_stream(upstream, include_usage=True)
-        return await _relay(request, turn, stream, admission.headers, meter)
+        return await _relay(request, turn, stream, admission.headers, call.meter)
     finally:
-        await state.limits.settle(admission, meter.total_tokens)
+        await call.settle(admission)
 
 
 class _Turn:

@@ -18,6 +18,7 @@ A request passes a list of :class:`Check`; :meth:`Limiter.acquire` takes all of 
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import dataclasses
 import functools
@@ -370,6 +371,17 @@ class Limiter(ABC):
         already settled or is too old. Raises :class:`LimiterUnavailable`.
         """
 
+    def settle_nowait(self, reservation: Reservation, actual_tokens: int) -> asyncio.Future[bool]:
+        """Start :meth:`settle` without waiting for it: its outcome, as a future.
+
+        For an answer that must not wait on the store. A limiter that batches (Redis) queues
+        the settlement here, before returning, so its next :meth:`acquire` already accounts
+        for it; this default runs :meth:`settle` in a task. The caller keeps the future and
+        retrieves its exception (:class:`LimiterUnavailable`, as :meth:`settle` raises).
+        :meth:`aclose` finishes what this started before it releases any connection.
+        """
+        return asyncio.ensure_future(self.settle(reservation, actual_tokens))
+
     async def release(self, reservation: Reservation) -> bool:
         """Settle a request that produced nothing (failed upstream, rejected later)."""
         return await self.settle(reservation, 0)
@@ -454,9 +466,37 @@ class FailoverLimiter(Limiter):
         try:
             return await self.primary.settle(reservation, actual_tokens)
         except LimiterUnavailable as exc:
-            self.settle_failures += 1
-            self._mark_down(exc)
-            return False
+            return self._settle_failed(exc)
+
+    def settle_nowait(self, reservation: Reservation, actual_tokens: int) -> asyncio.Future[bool]:
+        """:meth:`settle` started at once (queued, with a batching primary); never fails with
+        unavailability: the future then resolves to False."""
+        if self._from_fallback.take(reservation.lease_id):
+            return self.fallback.settle_nowait(reservation, actual_tokens)
+        inner = self.primary.settle_nowait(reservation, actual_tokens)
+        outer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        inner.add_done_callback(functools.partial(self._settled, outer))
+        return outer
+
+    def _settled(self, outer: asyncio.Future[bool], inner: asyncio.Future[bool]) -> None:
+        if inner.cancelled():
+            outer.cancel()
+            return
+        exc = inner.exception()
+        if outer.done():
+            return
+        if exc is None:
+            outer.set_result(inner.result())
+        elif isinstance(exc, LimiterUnavailable):
+            outer.set_result(self._settle_failed(exc))
+        else:
+            outer.set_exception(exc)
+
+    def _settle_failed(self, exc: LimiterUnavailable) -> bool:
+        """A settle the primary could not apply: counted, logged once per cooldown."""
+        self.settle_failures += 1
+        self._mark_down(exc)
+        return False
 
     async def quota_used(self, scope: str, month: str | None = None) -> int:
         """Read from the primary; from the fallback when failing open."""

@@ -379,7 +379,9 @@ def _counting_client(sent: list[str]) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
-async def test_redis_one_round_trip_per_acquire_and_settle(harness: Harness) -> None:
+async def test_redis_one_round_trip_per_request(harness: Harness) -> None:
+    """Admission and the previous request's settlement: one ``EVALSHA``. An awaited settle
+    with no admission after it goes out alone, after the flush delay (see test_redis.py)."""
     if harness.backend != "redis":
         pytest.skip("Redis only")
     sent: list[str] = []
@@ -393,18 +395,23 @@ async def test_redis_one_round_trip_per_acquire_and_settle(harness: Harness) -> 
         Check.concurrent("acct:x", 10),
         Check.monthly_quota("acct:x", 10**6),
     ]
-    await take(limiter, checks, 10)  # connects and loads the scripts
+    await take(limiter, checks, 10)  # connects and loads the script
     for _ in range(3):
         sent.clear()
         d = await limiter.acquire(checks, 100)
         assert sent == ["EVALSHA"]
         assert d.reservation is not None
-        sent.clear()
-        await limiter.settle(d.reservation, 42)
-        assert sent == ["EVALSHA"]
+        settled = limiter.settle_nowait(d.reservation, 42)
+        assert sent == ["EVALSHA"] and not settled.done()  # queued, not sent
     sent.clear()
-    refused = await limiter.acquire([Check.rpm("key:b", 0)])
-    assert not refused.allowed and sent == ["EVALSHA"]
+    refused = await limiter.acquire([Check.rpm("key:b", 0)])  # carries the last settlement
+    assert not refused.allowed and sent == ["EVALSHA"] and settled.result()
+    d = await limiter.acquire(checks, 100)
+    assert d.reservation is not None
+    sent.clear()
+    assert await limiter.settle(d.reservation, 42)
+    assert sent == ["EVALSHA"]
+    assert await limiter.quota_used("acct:x") == 10 + 4 * 42
 
 
 async def test_redis_cancelled_acquire_leaks_nothing(harness: Harness) -> None:
@@ -465,11 +472,12 @@ async def test_failover_fails_open_to_memory() -> None:
     try:
         checks = [Check.rpm("key:a", 2), Check.monthly_quota("acct:x", 100)]
         a = await take(limiter, checks, 50)
-        await take(limiter, checks, 50)
+        b = await take(limiter, checks, 50)
         assert not (await limiter.acquire(checks, 1)).allowed  # local limits still hold
         assert limiter.fallbacks == 3 and limiter.degraded
         assert await limiter.settle(a, 10)  # settled by the limiter that issued it
-        assert await limiter.quota_used("acct:x") == 60
+        assert await limiter.settle_nowait(b, 20)  # likewise
+        assert await limiter.quota_used("acct:x") == 30
     finally:
         await limiter.aclose()
 

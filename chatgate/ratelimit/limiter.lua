@@ -1,0 +1,149 @@
+--[[ limiter.lua: apply pending settlements, then check every limit of one request and, only
+if all pass, take them all; atomically, in one round trip.
+
+One script for both jobs, so a gateway process pays one call per request: the settlements
+of its finished requests ride on its next admission. A flush of settlements alone is the
+same script with no checks (one body of Lua, nothing to drift apart).
+
+Redis runs a script atomically, so N gateway processes together admit no more than each
+limit. Time is the server's TIME: one clock for every process (Redis 7 replicates scripts
+by effects, so TIME before writes is allowed).
+
+KEYS       the buckets of settlement 1, of settlement 2, ..., then the bucket of each check
+ARGV[1]    S, the number of settlements
+ARGV[2]    seconds a quota counter is kept after its month ends
+ARGV[3]    lease id of the request being admitted (member of the concurrency sets)
+ARGV[4]    lease ttl, seconds
+ARGV[5]    retry hint for a full concurrency limit, seconds
+then       per settlement, in the order they are applied: lease id, delta (actual - reserved
+           tokens: negative gives back, positive may go into debt), k (its number of
+           buckets, each passed once), then per bucket 3 values: kind ("r" rate |
+           "c" concurrency | "q" quota), limit, window in seconds (rate) or the month's end
+           as unix time (quota)
+then       per check (the KEYS left after the settlements' ones), 4 values: kind, limit,
+           window or month's end (as above), cost
+Reply      {allowed 0|1, failed index (0 = none), retry_after, level_1 .. level_n}
+           levels are each check's state before this request; retry_after -1 = never.
+           Floats go back as strings: Redis truncates Lua numbers to integers.
+           With no checks (a flush): {1, 0, "0"}.
+
+Rate buckets (GCRA, leaky-bucket form) are hashes {l = level, t = stamp}; concurrency is a
+sorted set of lease id -> expiry; a quota is an integer counter per month.
+]]
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local settlements = tonumber(ARGV[1])
+local keep = tonumber(ARGV[2])
+local lease = ARGV[3]
+local ttl = tonumber(ARGV[4])
+local hint = tonumber(ARGV[5])
+local EPS = 1e-6
+
+-- The level of rate bucket `key` drained up to now (0 when it does not exist).
+local function drained(key, limit, span)
+  local s = redis.call('HMGET', key, 'l', 't')
+  if not s[1] then return 0 end
+  local level = tonumber(s[1])
+  if limit > 0 then
+    level = math.max(level - math.max(now - tonumber(s[2]), 0) * limit / span, 0)
+  end
+  return level
+end
+
+-- Store rate bucket `key` at `level`, expiring once it has drained (plus a second).
+local function store(key, level, limit, span)
+  redis.call('HSET', key, 'l', string.format('%.17g', level), 't', string.format('%.17g', now))
+  local drain = span
+  if limit > 0 then drain = level * span / limit end
+  redis.call('PEXPIRE', key, math.ceil(drain * 1000) + 1000)
+end
+
+-- 1. Settlements, in order: charge the real tokens instead of the reserved ones and free
+-- the concurrency slot of each finished request.
+local k, a = 0, 5
+for _ = 1, settlements do
+  local owner, delta, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  a = a + 3
+  for _ = 1, count do
+    k = k + 1
+    local key = KEYS[k]
+    local kind, limit, span = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    a = a + 3
+    if kind == 'c' then
+      redis.call('ZREM', key, owner)
+    elseif kind == 'r' then
+      local level = drained(key, limit, span) + delta
+      if level > 0 then
+        store(key, level, limit, span)
+      else
+        redis.call('DEL', key)
+      end
+    else
+      local used = redis.call('GET', key)
+      if used or delta > 0 then
+        redis.call('SET', key, string.format('%d', math.max(tonumber(used or '0') + delta, 0)))
+        redis.call('EXPIREAT', key, math.ceil(span + keep))
+      end
+    end
+  end
+end
+
+-- 2. The admission: check every limit; take them all only if all pass.
+local n = #KEYS - k
+local kinds, limits, spans, costs, levels = {}, {}, {}, {}, {}
+local failed, retry = 0, 0
+
+for i = 1, n do
+  local key = KEYS[k + i]
+  local b = a + (i - 1) * 4
+  local kind, limit = ARGV[b + 1], tonumber(ARGV[b + 2])
+  local span, cost = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  kinds[i], limits[i], spans[i], costs[i] = kind, limit, span, cost
+
+  local level = 0
+  if kind == 'r' then
+    level = drained(key, limit, span)
+  elseif kind == 'c' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    level = redis.call('ZCARD', key)
+  else
+    level = tonumber(redis.call('GET', key) or '0')
+  end
+  levels[i] = level
+
+  if failed == 0 and level + cost > limit + EPS then
+    failed = i
+    if cost > limit or (limit <= 0 and kind == 'r') then
+      retry = -1
+    elseif kind == 'r' then
+      retry = (level + cost - limit) * span / limit
+    elseif kind == 'c' then
+      retry = hint
+      local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      if first[2] then retry = math.min(hint, math.max(tonumber(first[2]) - now, 0)) end
+    else
+      retry = math.max(span - now, 0)
+    end
+  end
+end
+
+local reply = {0, failed, string.format('%.17g', retry)}
+for i = 1, n do reply[3 + i] = string.format('%.17g', levels[i]) end
+if failed > 0 then return reply end
+
+for i = 1, n do
+  local key, kind, limit, span = KEYS[k + i], kinds[i], limits[i], spans[i]
+  local after = levels[i] + costs[i]
+  if kind == 'r' then
+    store(key, after, limit, span)
+  elseif kind == 'c' then
+    redis.call('ZADD', key, string.format('%.17g', now + ttl), lease)
+    redis.call('PEXPIRE', key, math.ceil(ttl * 1000))
+  else
+    redis.call('SET', key, string.format('%d', after))
+    redis.call('EXPIREAT', key, math.ceil(span + keep))
+  end
+end
+reply[1] = 1
+return reply

@@ -1,0 +1,329 @@
+"""The Redis limiter's round trips (``chatgate/ratelimit/redis.py``): settlements ride on the
+next admission, so a request costs one ``EVALSHA``, not two; a timer sends them when no
+admission comes; ``aclose`` sends what is queued; failures reach the settles they carried.
+
+Commands are counted by the server, with ``INFO commandstats`` (what ``bench/run.py`` reads),
+on a redis-server of this module's own: the shared one counts every other test's commands too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import shutil
+import signal
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from chatgate.limits import Admission, Limits
+from chatgate.ratelimit import (
+    Check,
+    FailoverLimiter,
+    LimiterUnavailable,
+    MemoryLimiter,
+    RedisLimiter,
+    Reservation,
+)
+from chatgate.ratelimit.redis import MAX_BATCH
+from chatgate.ratelimit.resp import RespClient
+from tests.redisserver import RedisServer
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="no redis-server to start"
+)
+
+NEVER = 3600.0  # a flush delay no test waits for: only an admission or aclose sends
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as s:
+        yield s
+
+
+@pytest.fixture
+async def admin(server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(server.url)
+    await client.config_resetstat()
+    yield client
+    await client.aclose()
+
+
+class Made:
+    """Limiters made by one test, all closed at its end (a flush at most, if any is left)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.prefix = f"test:rlb:{secrets.token_hex(4)}:"
+        self.limiters: list[RedisLimiter] = []
+
+    def __call__(self, flush_delay: float = NEVER, timeout: float = 2.0) -> RedisLimiter:
+        limiter = RedisLimiter.from_url(
+            self.url,
+            prefix=self.prefix,
+            flush_delay=flush_delay,
+            timeout=timeout,
+            connect_timeout=timeout,
+        )
+        self.limiters.append(limiter)
+        return limiter
+
+
+@pytest.fixture
+async def make(server: RedisServer) -> AsyncIterator[Made]:
+    made = Made(server.url)
+    yield made
+    for limiter in made.limiters:
+        await limiter.aclose()
+
+
+async def evalsha_calls(admin: aioredis.Redis) -> int:
+    """``EVALSHA`` calls since the test's ``CONFIG RESETSTAT`` (NOSCRIPT answers included)."""
+    stats = await admin.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def take(limiter: RedisLimiter, checks: list[Check], tokens: int = 0) -> Reservation:
+    decision = await limiter.acquire(checks, tokens)
+    assert decision.allowed, decision
+    assert decision.reservation is not None
+    return decision.reservation
+
+
+CHECKS = [
+    Check.rpm("key:a", 10_000),
+    Check.tpm("key:a", 10**7),
+    Check.concurrent("acct:x", 50),
+    Check.monthly_quota("acct:x", 10**9),
+]
+
+
+# --- one round trip per request --------------------------------------------------------
+
+
+async def test_n_requests_cost_n_evalsha(make: Made, admin: aioredis.Redis) -> None:
+    """Admit, settle, admit, settle...: each settlement rides on the next admission; the last
+    one goes out with ``aclose``. The default flush delay: no timer fires between the
+    settle and the next acquire, since nothing waits in between."""
+    limiter = make(flush_delay=0.02)
+    await take(limiter, CHECKS, 10)  # connects and loads the script
+    await admin.config_resetstat()
+    client = limiter._client
+    assert isinstance(client, RespClient)
+    sent_before = client.commands_sent
+    n = 50
+    for _ in range(n):
+        res = await take(limiter, CHECKS, 100)
+        limiter.settle_nowait(res, 42)
+    assert limiter.pending == 1  # request n's settlement: nothing followed it
+    assert await evalsha_calls(admin) == n
+    assert client.commands_sent - sent_before == n
+    await limiter.aclose()
+    assert await evalsha_calls(admin) == n + 1
+    assert await admin.zcard(make.prefix + "acct:x|c") == 1  # only the warm-up's slot
+    assert await make().quota_used("acct:x") == 10 + 42 * n  # the warm-up is not settled
+
+
+async def test_concurrent_requests_through_limits_cost_about_one_evalsha_each(
+    make: Made, admin: aioredis.Redis
+) -> None:
+    """The gateway's own path (``Limits.admit`` then ``settle_soon``), 8 requests at a time
+    with a short "upstream" wait: N requests, N ``EVALSHA`` plus a few timer flushes (at
+    the end, and wherever the shared machine stalls the loop for 20 ms)."""
+    limits = Limits(make(flush_delay=0.02), remote=True)
+    await limits.admit(CHECKS, 10, "m")  # connect, load the script (never settled)
+    await admin.config_resetstat()
+    n, workers = 200, 8
+
+    async def worker() -> None:
+        for _ in range(n // workers):
+            admission = await limits.admit(CHECKS, 100, "m")
+            await asyncio.sleep(0.002)  # the upstream call
+            await limits.settle_soon(admission, 30)
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    await limits.close()  # sends what is still queued
+    calls = await evalsha_calls(admin)
+    assert n + 1 <= calls <= n + n // 10, calls  # two per request before
+    assert await make().quota_used("acct:x") == 10 + 30 * n
+
+
+async def test_many_settlements_go_in_few_calls(make: Made, admin: aioredis.Redis) -> None:
+    limiter = make()
+    checks = [Check.concurrent("acct:x", 1000), Check.tpm("acct:x", 10**6)]
+    held = [await take(limiter, checks, 100) for _ in range(150)]
+    await admin.config_resetstat()
+    futures = [limiter.settle_nowait(res, 10) for res in held]
+    await limiter.aclose()
+    assert all(f.result() for f in futures)
+    assert await evalsha_calls(admin) == math.ceil(150 / MAX_BATCH)  # 3 calls, not 150
+    assert await admin.zcard(make.prefix + "acct:x|c") == 0
+    level = float(await admin.hget(make.prefix + "acct:x|t|60", "l") or 0)
+    assert level <= 150 * 10  # charged the 10 used, not the 100 reserved
+
+
+# --- what a process sees of its own settlements -----------------------------------------
+
+
+async def test_sequential_concurrency_one_is_admitted_at_once(make: Made) -> None:
+    """The settlement of request 1 is applied in the same script, just before request 2's
+    admission: no timer involved (it would take an hour here)."""
+    one, other = make(), make()
+    checks = [Check.concurrent("acct:x", 1), Check.tpm("acct:x", 100)]
+    first = await take(one, checks, 80)
+    one.settle_nowait(first, 20)
+    # Another process sees the slot freed only once the settlement has been sent.
+    assert not (await other.acquire(checks, 10)).allowed
+    second = await take(one, checks, 80)  # 20 used + 80 fit; the slot is free
+    assert (await other.acquire(checks, 10)).failed == checks[0]  # request 2 holds it
+    one.settle_nowait(second, 0)
+
+    limits = Limits(one, remote=True)  # the same through the gateway's calls
+    for _ in range(3):
+        admission = await limits.admit(checks, 50, "m")
+        await limits.settle_soon(admission, 5)
+    assert one.pending == 1
+    await limits.close()  # sends it
+    assert (await other.acquire(checks, 10)).allowed
+
+
+async def test_timer_sends_settlements_when_no_admission_follows(
+    make: Made, admin: aioredis.Redis
+) -> None:
+    limiter = make(flush_delay=0.05)
+    checks = [Check.tpm("key:a", 100), Check.concurrent("key:a", 1)]
+    res = await take(limiter, checks, 80)
+    bucket = make.prefix + "key:a|t|60"
+    assert float(await admin.hget(bucket, "l") or 0) > 79.0
+    await admin.config_resetstat()
+    settled = limiter.settle_nowait(res, 20)
+    assert limiter.pending == 1 and not settled.done()
+    assert await asyncio.wait_for(settled, 5.0) is True  # the timer's flush answered
+    assert limiter.pending == 0
+    level = float(await admin.hget(bucket, "l") or 0)
+    assert 19.0 < level <= 20.0  # back from 80 to the 20 used (minus what drained)
+    assert await admin.zcard(make.prefix + "key:a|c") == 0
+    assert await evalsha_calls(admin) == 1
+    assert (await make().acquire(checks, 80)).allowed  # another process sees it all
+
+
+async def test_awaited_settle_returns_once_applied(make: Made) -> None:
+    limiter, other = make(flush_delay=0.01), make()
+    checks = [Check.monthly_quota("acct:x", 1000), Check.concurrent("acct:x", 1)]
+    res = await take(limiter, checks, 300)
+    assert await limiter.settle(res, 120)
+    assert await other.quota_used("acct:x") == 120
+    assert (await other.acquire(checks, 1)).allowed
+    assert not await limiter.settle(res, 120)  # once only, and nothing queued for it
+    assert limiter.pending == 0
+
+
+async def test_aclose_sends_queued_settlements(make: Made) -> None:
+    limiter = make()
+    checks = [Check.monthly_quota("acct:x", 1000), Check.concurrent("acct:x", 1)]
+    res = await take(limiter, checks, 300)
+    settled = limiter.settle_nowait(res, 30)
+    await asyncio.sleep(0.05)
+    assert not settled.done() and limiter.pending == 1  # waiting for an admission
+    await limiter.aclose()
+    assert settled.result() is True
+    other = make()
+    assert await other.quota_used("acct:x") == 30
+    assert (await other.acquire(checks, 1)).allowed
+
+
+async def test_reads_and_resets_come_after_own_settlements(make: Made) -> None:
+    limiter = make()
+    checks = [Check.monthly_quota("acct:x", 1000), Check.tpm("acct:x", 1000)]
+    res = await take(limiter, checks, 300)
+    limiter.settle_nowait(res, 30)
+    assert await limiter.quota_used("acct:x") == 30
+    res = await take(limiter, checks, 300)
+    limiter.settle_nowait(res, 1000)  # would re-create the buckets after the reset
+    await limiter.reset("acct:x")
+    assert await limiter.quota_used("acct:x") == 0
+
+
+# --- cancellation and NOSCRIPT ----------------------------------------------------------
+
+
+async def test_cancelled_settle_and_cancelled_acquire_still_settle(make: Made) -> None:
+    limiter, other = make(), make()
+    checks = [Check.concurrent("acct:x", 2)]
+    a, b = await take(limiter, checks), await take(limiter, checks)
+    task = asyncio.create_task(limiter.settle(a, 0))
+    await asyncio.sleep(0)  # queued
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    carried = limiter.settle_nowait(b, 0)
+    acquiring = asyncio.create_task(limiter.acquire(checks))  # carries both settlements
+    await asyncio.sleep(0)
+    acquiring.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await acquiring
+    assert await asyncio.wait_for(carried, 5.0) is True
+    await limiter.aclose()  # the cancelled acquire's slot is released too
+    assert (await other.acquire([Check.concurrent("acct:x", 2)])).allowed
+    assert (await other.acquire([Check.concurrent("acct:x", 2)])).allowed
+
+
+async def test_noscript_resends_once_and_settles_once(make: Made, admin: aioredis.Redis) -> None:
+    limiter = make()
+    checks = [Check.monthly_quota("acct:x", 10_000)]
+    res = await take(limiter, checks, 100)
+    settled = limiter.settle_nowait(res, 130)  # +30: applied twice it would read 160
+    await admin.script_flush()  # a restart or failover: the script is gone
+    await admin.config_resetstat()
+    await take(limiter, checks, 10)  # NOSCRIPT, SCRIPT LOAD, the same call again
+    assert settled.result() is True
+    assert await evalsha_calls(admin) == 2
+    assert await limiter.quota_used("acct:x") == 140
+
+
+# --- a dead Redis -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def doomed() -> Iterator[RedisServer]:
+    """A redis-server this test kills."""
+    with RedisServer() as s:
+        yield s
+
+
+async def test_dead_redis_fails_the_settlements_it_was_sent(
+    doomed: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter = RedisLimiter.from_url(doomed.url, prefix="t:", flush_delay=0.01, timeout=0.5)
+    failover = FailoverLimiter(limiter, MemoryLimiter())
+    checks = [Check.concurrent("acct:x", 10)]
+    try:
+        held = [await take(limiter, checks) for _ in range(3)]
+        ridden = [await failover.acquire(checks) for _ in range(3)]
+        doomed.stop(signal.SIGKILL)
+        with pytest.raises(LimiterUnavailable):  # the timer's flush failed
+            await limiter.settle(held[0], 0)
+        carried = limiter.settle_nowait(held[1], 0)
+        with pytest.raises(LimiterUnavailable):  # the admission that carried it failed
+            await limiter.acquire(checks)
+        with pytest.raises(LimiterUnavailable):
+            await carried
+        with caplog.at_level(logging.WARNING, logger="chatgate.limits"):
+            limits = Limits(limiter, remote=True)
+            await limits.settle_soon(Admission(held[2], {}), 0)  # queued, never raises
+            await limits.close()
+        assert "could not settle" in caplog.text
+        # Behind the failover: not raised, counted.
+        first = ridden[0].reservation
+        assert first is not None
+        assert await failover.settle(first, 0) is False
+        second = ridden[1].reservation
+        assert second is not None
+        assert await failover.settle_nowait(second, 0) is False
+        assert failover.settle_failures == 2
+    finally:
+        await limiter.aclose()
