@@ -1,18 +1,26 @@
-"""Accounts and plans: the services behind the CLI, the management API and the dashboard."""
+"""Accounts and plans: the services behind the CLI, the management API and the dashboard.
+
+Also the two halves of telling running servers about a change: :func:`invalidate` records it
+in the feed inside the change's transaction, and :func:`changing`, the transaction every such
+change is made in, announces it on Redis once it has committed (see :mod:`chatgate.notify`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from chatgate import errors
 from chatgate.db.tables import accounts, invalidations, plans
 from chatgate.ids import new_id
+from chatgate.notify import Notifier
 from chatgate.timefmt import now
 
 LIMIT_FIELDS = ("rpm", "tpm", "rpd", "concurrency", "monthly_tokens")
@@ -53,16 +61,49 @@ def _plan(row: Any) -> Plan:
     return Plan(row.id, row.name, row.rpm, row.tpm, row.rpd, row.concurrency, row.monthly_tokens)
 
 
+_INVALIDATED = "chatgate.invalidated"  # a mark in ``conn.info``, read by :func:`changing`
+
+
 async def invalidate(conn: AsyncConnection, kind: str, ref: str) -> None:
-    """Record a change so every server process drops what it cached about ``ref``."""
+    """Record a change so every server process drops what it cached about ``ref``.
+
+    Call it inside :func:`changing`, which announces the change once it has committed.
+    """
     await conn.execute(invalidations.insert().values(kind=kind, ref=ref, created_at=now()))
+    conn.info[_INVALIDATED] = True
+
+
+@contextlib.asynccontextmanager
+async def changing(
+    engine: AsyncEngine, notifier: Notifier | None
+) -> AsyncIterator[AsyncConnection]:
+    """A write transaction (``engine.begin()``) whose :func:`invalidate` calls, once it has
+    committed, wake every server to read the feed (``notifier``; ``None``: they poll).
+
+    Publishing here, after the commit, is the point: a server woken earlier would find
+    nothing yet. A transaction that ends without invalidating anything (an already revoked
+    key, an unknown secret) or that rolls back announces nothing. The mark that says "this
+    transaction invalidated" lives in ``conn.info``, which follows the pooled database
+    connection, so it is removed before the connection goes back to the pool (a connection
+    lost mid-transaction is discarded, its ``info`` with it).
+    """
+    invalidated = False
+    async with engine.begin() as conn:
+        try:
+            yield conn
+        finally:
+            with contextlib.suppress(SQLAlchemyError):
+                invalidated = bool(conn.info.pop(_INVALIDATED, False))
+    if invalidated and notifier is not None:
+        await notifier.publish()
 
 
 class PlanStore:
-    """Create, read and update plans."""
+    """Create, read and update plans; ``notifier`` announces changes (see :func:`changing`)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, notifier: Notifier | None = None) -> None:
         self._engine = engine
+        self._notifier = notifier
 
     async def list(self) -> list[Plan]:
         async with self._engine.connect() as conn:
@@ -96,7 +137,7 @@ class PlanStore:
         values = _check_limits(limits)
         plan = await self.get(name)
         if values:
-            async with self._engine.begin() as conn:
+            async with changing(self._engine, self._notifier) as conn:
                 await conn.execute(plans.update().where(plans.c.id == plan.id).values(**values))
                 await invalidate(conn, "plan", str(plan.id))
         return await self.get(name)
@@ -116,10 +157,11 @@ def _check_limits(limits: dict[str, int | None]) -> dict[str, int | None]:
 
 
 class AccountStore:
-    """Create, list and change accounts."""
+    """Create, list and change accounts; ``notifier`` announces changes (see :func:`changing`)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, notifier: Notifier | None = None) -> None:
         self._engine = engine
+        self._notifier = notifier
 
     def _select(self) -> sa.Select[Any]:
         return sa.select(
@@ -194,7 +236,7 @@ class AccountStore:
 
     async def set_plan(self, account_id: str, plan: str) -> Account:
         plan_row = await PlanStore(self._engine).get(plan)
-        async with self._engine.begin() as conn:
+        async with changing(self._engine, self._notifier) as conn:
             result = await conn.execute(
                 accounts.update().where(accounts.c.id == account_id).values(plan_id=plan_row.id)
             )
@@ -204,7 +246,7 @@ class AccountStore:
         return await self.get(account_id)
 
     async def set_disabled(self, account_id: str, disabled: bool) -> Account:
-        async with self._engine.begin() as conn:
+        async with changing(self._engine, self._notifier) as conn:
             result = await conn.execute(
                 accounts.update().where(accounts.c.id == account_id).values(disabled=disabled)
             )

@@ -21,6 +21,7 @@ from chatgate.keys.store import KeyStore
 from chatgate.limits import Limits
 from chatgate.metrics import Metrics
 from chatgate.middleware import api_middleware
+from chatgate.notify import Listener, Notifier
 from chatgate.settings import Settings
 from chatgate.state import STATE, State
 from chatgate.usage.recorder import UsageRecorder
@@ -45,17 +46,23 @@ def create_app(settings: Settings) -> web.Application:
 def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         engine = create_engine(settings)
-        keys = KeyStore.from_settings(engine, settings)
+        # With Redis, changes made here are announced after commit (one notifier for the
+        # process), and the listener below wakes the feed for changes made anywhere.
+        notifier = Notifier.from_settings(settings)
+        keys = KeyStore.from_settings(engine, settings, notifier=notifier)
         auth = Authenticator(
-            keys, engine, ttl=settings.key_cache_ttl, poll_interval=settings.invalidation_poll
+            keys,
+            engine,
+            ttl=settings.key_cache_ttl,
+            poll_interval=settings.effective_invalidation_poll,
         )
         router = Router(settings)
         state = State(
             settings=settings,
             engine=engine,
             keys=keys,
-            accounts=AccountStore(engine),
-            plans=PlanStore(engine),
+            accounts=AccountStore(engine, notifier),
+            plans=PlanStore(engine, notifier),
             auth=auth,
             router=router,
             limits=Limits.from_settings(settings),
@@ -84,6 +91,9 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
             asyncio.create_task(auth.run_feed(), name="invalidation-feed"),
             asyncio.create_task(auth.run_last_used(), name="last-used"),
         ]
+        listener = Listener.from_settings(settings)
+        if listener is not None:
+            tasks.append(asyncio.create_task(listener.run(auth.wake), name="invalidation-pubsub"))
         if recorder is not None:
             recorder.start()
         _tune_gc()

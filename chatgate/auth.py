@@ -5,7 +5,8 @@ What is cached: for each key hash seen, the key's account, plan limits, scopes a
 is read on a miss and then not again for that key until:
 - the invalidation feed (a table every process polls every ``invalidation_poll`` seconds,
   written in the same transaction as every key/account/plan change, the CLI's included)
-  names it — so a revocation anywhere takes effect everywhere within ~1 s; or
+  names it — so a revocation anywhere takes effect everywhere within ~1 s; with Redis, each
+  change also wakes every process to poll at once (:mod:`chatgate.notify`: milliseconds); or
 - ``key_cache_ttl`` passes (the backstop if the feed were ever missed).
 Expiry and the rotation grace are checked against the clock on every request, no I/O.
 """
@@ -35,6 +36,8 @@ MISSING_KEY = (
 )
 BAD_KEY = "Incorrect API key provided. You can find your API keys in the chatgate dashboard."
 NEGATIVE_CACHE_LIMIT = 100_000
+FEED_GAP_WAIT = 30.0  # seconds a feed id skipped over is looked for (see poll_once)
+FEED_MAX_GAPS = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,8 @@ class Authenticator:
         self._cache: dict[str, _Entry] = {}
         self._inflight: dict[str, asyncio.Future[_Entry]] = {}
         self._last_event = 0
+        self._gaps: dict[int, float] = {}  # feed ids skipped over -> when first missed
+        self._wake = asyncio.Event()  # set by wake(): poll now, not at the next tick
         self.last_used: dict[str, int] = {}
         self.db_lookups = 0
 
@@ -168,26 +173,60 @@ class Authenticator:
             )
 
     async def run_feed(self) -> None:
-        """Poll the invalidation table forever (cancel to stop); survives database outages."""
+        """Poll the invalidation table every ``poll_interval`` seconds, and at once after
+        :meth:`wake`; forever (cancel to stop); survives database outages.
+
+        Polls never overlap: wake-ups that arrive during a poll add up to one more poll.
+        """
         while True:
-            await asyncio.sleep(self._poll)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll):
+                    await self._wake.wait()
+            self._wake.clear()  # before the poll: a wake-up during it means "poll again"
             try:
                 await self.poll_once()
             except Exception:  # the database may be down; the TTL backstop still holds
                 log.warning("invalidation feed: poll failed", exc_info=True)
 
+    def wake(self) -> None:
+        """Make :meth:`run_feed` poll now: the table has news (a Redis message said so, see
+        :mod:`chatgate.notify`). No I/O here; the poll runs in the feed's own task."""
+        self._wake.set()
+
     async def poll_once(self) -> None:
+        """Apply the feed's new events in id order, and those of earlier gaps that appeared.
+
+        Ids are handed out at insert, not at commit: on PostgreSQL a change can commit after a
+        higher-numbered one that a poll has already passed (likelier now that Redis wakes every
+        server right after each commit). So ids a poll skips over are kept as gaps and asked
+        for again for ``FEED_GAP_WAIT`` seconds; most gaps are rolled-back changes and expire.
+        """
+        query: sa.ColumnElement[bool] = invalidations.c.id > self._last_event
+        if self._gaps:
+            query = sa.or_(query, invalidations.c.id.in_(list(self._gaps)))
         async with self._engine.connect() as conn:
             rows = (
                 await conn.execute(
                     sa.select(invalidations.c.id, invalidations.c.kind, invalidations.c.ref)
-                    .where(invalidations.c.id > self._last_event)
+                    .where(query)
                     .order_by(invalidations.c.id)
                 )
             ).all()
+        clock = time.monotonic()
         for event_id, kind, ref in rows:
             self.apply(kind, ref)
+            if event_id <= self._last_event:  # a gap filled in: a late commit
+                self._gaps.pop(event_id, None)
+                continue
+            for skipped in range(max(self._last_event + 1, event_id - FEED_MAX_GAPS), event_id):
+                self._gaps[skipped] = clock
             self._last_event = event_id
+        expired = [i for i, seen in self._gaps.items() if clock - seen > FEED_GAP_WAIT]
+        for event_id in expired:
+            del self._gaps[event_id]
+        if len(self._gaps) > FEED_MAX_GAPS:  # only after a pathological jump of ids
+            for event_id in sorted(self._gaps)[: len(self._gaps) - FEED_MAX_GAPS]:
+                del self._gaps[event_id]
 
     def apply(self, kind: str, ref: str) -> None:
         """Drop cached entries a change makes stale."""

@@ -24,6 +24,7 @@ from chatgate.client.chat import add_parser as add_chat_parser
 from chatgate.db.engine import create_engine, migrate
 from chatgate.keys.cli_scan import add_parser as add_scan_parser
 from chatgate.keys.store import KeyStore
+from chatgate.notify import Notifier
 from chatgate.settings import Settings
 from chatgate.timefmt import iso, now, parse_duration
 from chatgate.usage.cli import add_parser as add_usage_parser
@@ -109,7 +110,7 @@ def cmd_accounts(settings: Settings, args: argparse.Namespace) -> None:
         password = _read_password(args.password_stdin)
 
     async def run(engine: AsyncEngine) -> Any:
-        store = AccountStore(engine)
+        store = AccountStore(engine, Notifier.from_settings(settings))  # changes wake servers
         if args.action == "create":
             return (await store.create(args.email, plan=args.plan, is_admin=args.admin)).to_dict()
         if args.action == "set-plan":
@@ -145,7 +146,7 @@ def _read_password(from_stdin: bool) -> str:
 
 def cmd_plans(settings: Settings, args: argparse.Namespace) -> None:
     async def run(engine: AsyncEngine) -> Any:
-        store = PlanStore(engine)
+        store = PlanStore(engine, Notifier.from_settings(settings))  # changes wake servers
         limits = {f: getattr(args, f) for f in LIMIT_FIELDS if getattr(args, f, ...) is not ...}
         if args.action == "create":
             return (await store.create(args.name, **limits)).to_dict()

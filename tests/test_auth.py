@@ -4,6 +4,7 @@ elsewhere (another process, the CLI) reach it within a second. Runs on SQLite an
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,14 @@ import pytest
 from aiohttp.test_utils import TestServer
 from sqlalchemy import event
 
-from chatgate.accounts import AccountStore, PlanStore
+from chatgate import errors
+from chatgate.accounts import AccountStore, PlanStore, invalidate
 from chatgate.app import create_app
+from chatgate.auth import Authenticator
 from chatgate.db.engine import create_engine, migrate
+from chatgate.db.tables import api_keys
 from chatgate.keys.store import KeyStore
-from chatgate.settings import Settings
+from chatgate.settings import Secret, Settings
 from chatgate.state import STATE
 from tests.helpers import Upstream, models_toml
 
@@ -110,3 +114,39 @@ async def test_plan_change_invalidates(served: Any) -> None:
     await asyncio.sleep(1.0)
     principal = await auth.authenticate(f"Bearer {issued.key}")
     assert principal.limits["rpm"] is None
+
+
+async def test_a_change_committed_out_of_id_order_still_reaches_the_cache(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL hands out feed ids at insert, not at commit: when a later-numbered change
+    commits first and a poll passes its id, the earlier one, committed afterwards, must still
+    be applied (with Redis, servers poll right after every commit, so this is no rarity)."""
+    settings = Settings.from_env(
+        {"CHATGATE_DATA_DIR": str(tmp_path / "data"), "CHATGATE_DATABASE_URL": pg_url}
+    )
+    engine = create_engine(settings)
+    await migrate(engine)
+    try:
+        keys = KeyStore(engine, Secret("s-" + secrets.token_hex(8)))
+        account = await AccountStore(engine).create(f"g-{secrets.token_hex(4)}@example.com")
+        first, second = await keys.create(account.id), await keys.create(account.id)
+        auth = Authenticator(keys, engine, ttl=600, poll_interval=30)
+        await auth.start_feed()
+        for issued in (first, second):
+            await auth.authenticate(f"Bearer {issued.key}")  # cached
+        async with engine.begin() as slow:  # takes its feed id first, commits last
+            await slow.execute(
+                api_keys.update().where(api_keys.c.id == first.record.id).values(revoked_at=1)
+            )
+            await invalidate(slow, "key", first.record.id)
+            await keys.revoke(second.record.id)  # a later id, committed at once
+            await auth.poll_once()
+            with pytest.raises(errors.AuthenticationError):
+                await auth.authenticate(f"Bearer {second.key}")
+            assert (await auth.authenticate(f"Bearer {first.key}")).key_id == first.record.id
+        await auth.poll_once()
+        with pytest.raises(errors.AuthenticationError):
+            await auth.authenticate(f"Bearer {first.key}")
+    finally:
+        await engine.dispose()

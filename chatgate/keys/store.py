@@ -1,7 +1,9 @@
 """Issue, list, revoke, rotate and look up API keys. The key itself is never stored.
 
 Every change writes an invalidation row in the same transaction, so running servers drop
-their cached copy within one poll interval (see :mod:`chatgate.auth`).
+their cached copy within one poll interval (see :mod:`chatgate.auth`); with Redis, the
+transaction (:func:`~chatgate.accounts.changing`) also wakes them at once after its commit
+(see :mod:`chatgate.notify`).
 
 Keys are found by their HMAC (an indexed equality in the database), never by comparing key
 strings in Python; where two digests are compared here, it is with ``hmac.compare_digest``.
@@ -26,10 +28,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate import errors
-from chatgate.accounts import LIMIT_FIELDS, invalidate
+from chatgate.accounts import LIMIT_FIELDS, changing, invalidate
 from chatgate.db.tables import accounts, api_keys, plans
 from chatgate.ids import new_id
 from chatgate.keys import format as keyfmt
+from chatgate.notify import Notifier
 from chatgate.settings import Secret, Settings
 from chatgate.timefmt import now
 
@@ -141,17 +144,33 @@ def _check_rotation_period(rotation_period: int | None) -> None:
 
 class KeyStore:
     """The key service; ``secret`` is the server secret keys are hashed under, ``previous``
-    the one before it while keys migrate (see the module's docstring)."""
+    the one before it while keys migrate (see the module's docstring); ``notifier`` announces
+    changes to running servers (``None``: they find them by polling)."""
 
     @classmethod
-    def from_settings(cls, engine: AsyncEngine, settings: Settings) -> KeyStore:
-        """The store under the server secret, and the previous one while it is being rotated."""
-        return cls(engine, settings.resolved_secret(), previous=settings.secret_previous)
+    def from_settings(
+        cls, engine: AsyncEngine, settings: Settings, *, notifier: Notifier | None = None
+    ) -> KeyStore:
+        """The store under the server secret, and the previous one while it is being rotated;
+        changes are announced through ``notifier``, else the one ``settings`` describe (so
+        every command that builds its store here publishes, ``chatgate scan --revoke`` too)."""
+        return cls(
+            engine,
+            settings.resolved_secret(),
+            previous=settings.secret_previous,
+            notifier=notifier or Notifier.from_settings(settings),
+        )
 
     def __init__(
-        self, engine: AsyncEngine, secret: Secret, *, previous: Secret | None = None
+        self,
+        engine: AsyncEngine,
+        secret: Secret,
+        *,
+        previous: Secret | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self._engine = engine
+        self._notifier = notifier
         self._secret = secret
         self._previous = previous if previous else None
         self._earlier: OrderedDict[str, str] = OrderedDict()
@@ -187,7 +206,7 @@ class KeyStore:
         key = keyfmt.generate()
         key_id = new_id("key")
         created = now()
-        async with self._engine.begin() as conn:
+        async with changing(self._engine, self._notifier) as conn:
             exists = await conn.execute(sa.select(accounts.c.id).where(accounts.c.id == account_id))
             if exists.first() is None:
                 raise errors.NotFound("No such account.", param="account")
@@ -229,7 +248,7 @@ class KeyStore:
     async def revoke(self, key_id: str, *, account_id: str | None = None) -> KeyRecord:
         record = await self.get(key_id, account_id=account_id)
         if record.revoked_at is None:
-            async with self._engine.begin() as conn:
+            async with changing(self._engine, self._notifier) as conn:
                 await conn.execute(
                     api_keys.update().where(api_keys.c.id == key_id).values(revoked_at=now())
                 )
@@ -251,7 +270,7 @@ class KeyStore:
             )
         key = keyfmt.generate()
         stamp = now()
-        async with self._engine.begin() as conn:
+        async with changing(self._engine, self._notifier) as conn:
             current = (
                 await conn.execute(sa.select(api_keys.c.key_hash).where(api_keys.c.id == key_id))
             ).scalar_one()
@@ -324,7 +343,7 @@ class KeyStore:
         query = sa.select(api_keys.c.id, api_keys.c.key_hash, api_keys.c.revoked_at).where(
             sa.or_(api_keys.c.key_hash == key_hash, api_keys.c.prev_hash == key_hash)
         )
-        async with self._engine.begin() as conn:
+        async with changing(self._engine, self._notifier) as conn:
             row = (await conn.execute(query)).first()
             if row is None:
                 return SecretRevocation("unknown", None)
@@ -377,7 +396,10 @@ class KeyStore:
             )
             if stored.first() is None:
                 return False
-        async with self._engine.begin() as conn:
+        # Not announced on Redis (no notifier): this runs on the request path, on a key's first
+        # use after a secret change, and only lifts other servers' "unknown key" entries for
+        # this hash, which their next feed poll does.
+        async with changing(self._engine, None) as conn:
             current = await conn.execute(
                 api_keys.update().where(api_keys.c.key_hash == old).values(key_hash=key_hash)
             )
