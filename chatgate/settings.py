@@ -20,7 +20,8 @@ DEFAULT_PORT = 8000
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 DEFAULT_KEY_CACHE_TTL = 60.0
-DEFAULT_INVALIDATION_POLL = 0.25
+DEFAULT_INVALIDATION_POLL = 0.25  # seconds; without Redis (see effective_invalidation_poll)
+DEFAULT_INVALIDATION_POLL_REDIS = 1.0  # seconds; with Redis pub/sub waking the servers
 DEFAULT_ROTATION_GRACE = 24 * 3600
 DEFAULT_UPSTREAM_CONNECT_TIMEOUT = 5.0
 DEFAULT_UPSTREAM_TIMEOUT = 600.0
@@ -74,7 +75,7 @@ class Settings:
     port: int = DEFAULT_PORT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     key_cache_ttl: float = DEFAULT_KEY_CACHE_TTL
-    invalidation_poll: float = DEFAULT_INVALIDATION_POLL
+    invalidation_poll: float | None = None  # None: see effective_invalidation_poll
     rotation_grace: int = DEFAULT_ROTATION_GRACE
     upstream_connect_timeout: float = DEFAULT_UPSTREAM_CONNECT_TIMEOUT
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
@@ -102,6 +103,11 @@ class Settings:
     local_preload: bool = True
     local_embeddings: str = "auto"
     usage_enabled: bool = True
+    # PostgreSQL connections per process: the request path uses none in steady state (keys
+    # are cached, usage is written in batches), so a small pool serves a busy process; the
+    # dashboard, the management API, sessions and the feed share it.
+    db_pool_size: int = 5
+    db_max_overflow: int = 10
     upstream_keys: Mapping[str, Secret] = field(default_factory=dict)
 
     @classmethod
@@ -142,7 +148,7 @@ class Settings:
             port=int(pick("port", DEFAULT_PORT)),
             max_body_bytes=int(pick("max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
             key_cache_ttl=float(pick("key_cache_ttl", DEFAULT_KEY_CACHE_TTL)),
-            invalidation_poll=float(pick("invalidation_poll", DEFAULT_INVALIDATION_POLL)),
+            invalidation_poll=_optional_float(pick("invalidation_poll", None)),
             rotation_grace=int(pick("rotation_grace", DEFAULT_ROTATION_GRACE)),
             upstream_connect_timeout=float(
                 pick("upstream_connect_timeout", DEFAULT_UPSTREAM_CONNECT_TIMEOUT)
@@ -172,6 +178,8 @@ class Settings:
             local_preload=_truthy(pick("local_preload", True)),
             local_embeddings=str(pick("local_embeddings", "auto")),
             usage_enabled=_truthy(pick("usage_enabled", True)),
+            db_pool_size=int(pick("db_pool_size", 5)),
+            db_max_overflow=int(pick("db_max_overflow", 10)),
             upstream_keys={k: Secret(env[k]) for k in key_envs if env.get(k)},
         )
         return replace(settings, **overrides) if overrides else settings
@@ -180,6 +188,21 @@ class Settings:
     def effective_database_url(self) -> str:
         """The SQLAlchemy async URL: the configured one, or SQLite under ``data_dir``."""
         return async_database_url(self.database_url or f"sqlite:///{self.data_dir / 'chatgate.db'}")
+
+    @property
+    def effective_invalidation_poll(self) -> float:
+        """Seconds between polls of the invalidation feed: as configured, else 0.25 without
+        Redis and 1.0 with it.
+
+        Without Redis the poll is the only way a change travels between processes, so it is
+        what keeps a revocation under a second everywhere. With Redis, every change also wakes
+        every server at once over pub/sub (:mod:`chatgate.notify`: milliseconds), and the poll
+        is the backstop for a lost message or a Redis outage; once a second keeps that backstop
+        at about the promised second while each process polls the database a quarter as often.
+        """
+        if self.invalidation_poll is not None:
+            return self.invalidation_poll
+        return DEFAULT_INVALIDATION_POLL_REDIS if self.redis_url else DEFAULT_INVALIDATION_POLL
 
     def resolved_secret(self) -> Secret:
         """The server secret: configured, or generated once and kept in ``data_dir`` (0600)."""
@@ -214,6 +237,10 @@ def _truthy(value: object) -> bool:
 
 def _optional_bool(value: object) -> bool | None:
     return None if value is None or value == "" else _truthy(value)
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None or value == "" else float(value)
 
 
 def _model_from_table(table: Mapping[str, Any]) -> ModelConfig:

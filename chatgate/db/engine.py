@@ -18,15 +18,21 @@ from chatgate.settings import Settings
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def create_engine(settings: Settings, *, pool_size: int = 5) -> AsyncEngine:
-    """An async engine for ``settings.effective_database_url``."""
+def create_engine(settings: Settings) -> AsyncEngine:
+    """An async engine for ``settings.effective_database_url``; PostgreSQL pools are sized by
+    ``db_pool_size`` + ``db_max_overflow`` (SQLite uses SQLAlchemy's own pool)."""
     url = settings.effective_database_url
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(url, pool_size=pool_size, pool_pre_ping=True)
+    return create_async_engine(
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_pre_ping=True,
+    )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
