@@ -93,10 +93,16 @@ class Authenticator:
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             raise errors.AuthenticationError(MISSING_KEY)
-        if not keyfmt.is_well_formed(key):
+        if len(key) != keyfmt.KEY_LEN:
             raise errors.AuthenticationError(BAD_KEY)
         digest = self._store.hash(key)
-        entry = await self._entry(digest)
+        entry = self._cache.get(digest)
+        if entry is None or time.monotonic() - entry.fetched_at >= self._ttl:
+            # Only a digest seen before skips the format check: every cached one passed it,
+            # and a typo or random string is still refused here before any database read.
+            if not keyfmt.is_well_formed(key):
+                raise errors.AuthenticationError(BAD_KEY)
+            entry = await self._entry(digest)
         lookup = entry.lookup
         if lookup is None or lookup.revoked_at is not None or lookup.account_disabled:
             raise errors.AuthenticationError(BAD_KEY)

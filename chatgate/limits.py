@@ -75,22 +75,31 @@ def needs_tokens(checks: Sequence[Check]) -> bool:
     return False
 
 
+# Header names per kind, built once: (limit, remaining, reset).
+_REQUESTS, _TOKENS = (
+    tuple(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset"))
+    for kind in ("requests", "tokens")
+)
+
+
 def headers_for(decision: Decision) -> dict[str, str]:
     """The ``x-ratelimit-*`` headers (and ``retry-after`` on a refusal)."""
     headers: dict[str, str] = {}
-    for kind, status in (("requests", decision.requests), ("tokens", decision.tokens)):
-        if status is not None:
-            _put(headers, kind, status)
+    if decision.requests is not None:
+        _put(headers, _REQUESTS, decision.requests)
+    if decision.tokens is not None:
+        _put(headers, _TOKENS, decision.tokens)
     if not decision.allowed and math.isfinite(decision.retry_after):
         headers["retry-after"] = str(max(math.ceil(decision.retry_after), 1))
         headers["retry-after-ms"] = str(max(math.ceil(decision.retry_after * 1000), 1))
     return headers
 
 
-def _put(headers: dict[str, str], kind: str, status: RateStatus) -> None:
-    headers[f"x-ratelimit-limit-{kind}"] = str(status.limit)
-    headers[f"x-ratelimit-remaining-{kind}"] = str(status.remaining)
-    headers[f"x-ratelimit-reset-{kind}"] = reset_text(status.reset_after)
+def _put(headers: dict[str, str], names: tuple[str, ...], status: RateStatus) -> None:
+    limit, remaining, reset = names
+    headers[limit] = str(status.limit)
+    headers[remaining] = str(status.remaining)
+    headers[reset] = reset_text(status.reset_after)
 
 
 def refusal(decision: Decision, model: str) -> errors.APIError:

@@ -25,11 +25,17 @@ small pattern, so a client cannot blow up the series count (nor leak a key into 
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
 from prometheus_client.registry import Collector
 
@@ -68,41 +74,22 @@ def _safe(value: str | None) -> str:
 
 
 class Metrics:
-    """Every counter chatgate exports; ``models`` bounds the ``model`` label values."""
+    """Every counter chatgate exports; ``models`` bounds the ``model`` label values.
+
+    The five metrics every request touches (requests, tokens, cost, latency, time to first
+    token) are plain numbers in dicts, turned into Prometheus families only when scraped
+    (:class:`_RequestCollector`): ``prometheus_client``'s ``labels()`` and ``inc()`` validate
+    and take a lock on every call, several microseconds a request. The loop thread is the only
+    writer and the scrape runs on it too, so no lock is needed. The rare counters (rejects,
+    upstream errors, Redis fallbacks) stay ``prometheus_client`` counters.
+    """
 
     def __init__(self, models: Iterable[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._models = frozenset(models)
+        self._hot = _RequestCollector()
         r = self.registry
-        self.requests = Counter(
-            "chatgate_requests",
-            "Requests answered, by endpoint, model and HTTP status.",
-            ["endpoint", "model", "status"],
-            registry=r,
-        )
-        self.tokens = Counter(
-            "chatgate_tokens",
-            "Tokens metered, by model and kind (prompt or completion).",
-            ["model", "kind"],
-            registry=r,
-        )
-        self.cost = Counter(
-            "chatgate_cost_usd", "Cost metered in US dollars, by model.", ["model"], registry=r
-        )
-        self.latency = Histogram(
-            "chatgate_request_duration_seconds",
-            "Time from request arrival to the last byte sent, by endpoint and model.",
-            ["endpoint", "model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "chatgate_time_to_first_token_seconds",
-            "Time to the first streamed token, by model.",
-            ["model"],
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
+        r.register(self._hot)
         self.rejects = Counter(
             "chatgate_rejects",
             "Requests refused by the gateway (4xx), by reason (the error code).",
@@ -122,16 +109,6 @@ class Metrics:
             registry=r,
         )
 
-        # Label children by their values: ``labels()`` validates and locks on every call (a
-        # few microseconds a request); these are looked up in a plain dict instead. The label
-        # values are bounded (known models or "other", known endpoints, HTTP statuses), so are
-        # these dicts. A child is made on first use, as ``labels()`` would.
-        self._requests: dict[tuple[str, ...], Any] = {}
-        self._tokens: dict[tuple[str, ...], Any] = {}
-        self._cost: dict[tuple[str, ...], Any] = {}
-        self._latency: dict[tuple[str, ...], Any] = {}
-        self._ttft: dict[tuple[str, ...], Any] = {}
-
     def set_models(self, models: Iterable[str]) -> None:
         """Replace the known model names (after a configuration reload)."""
         self._models = frozenset(models)
@@ -146,16 +123,20 @@ class Metrics:
         model = self.model_label(rec.model)
         endpoint = rec.endpoint if rec.endpoint in ENDPOINTS else OTHER
         status = rec.status
-        _child(self._requests, self.requests, (endpoint, model, str(int(status)))).inc()
+        hot = self._hot
+        key = (endpoint, model, str(int(status)))
+        hot.requests[key] = hot.requests.get(key, 0) + 1
         if rec.prompt_tokens:
-            _child(self._tokens, self.tokens, (model, "prompt")).inc(rec.prompt_tokens)
+            tokens = (model, "prompt")
+            hot.tokens[tokens] = hot.tokens.get(tokens, 0) + rec.prompt_tokens
         if rec.completion_tokens:
-            _child(self._tokens, self.tokens, (model, "completion")).inc(rec.completion_tokens)
+            tokens = (model, "completion")
+            hot.tokens[tokens] = hot.tokens.get(tokens, 0) + rec.completion_tokens
         if rec.cost:
-            _child(self._cost, self.cost, (model,)).inc(rec.cost)
-        _child(self._latency, self.latency, (endpoint, model)).observe(rec.latency_ms / 1000.0)
+            hot.cost[model] = hot.cost.get(model, 0.0) + rec.cost
+        _observe(hot.latency, LATENCY_BUCKETS, (endpoint, model), rec.latency_ms / 1000.0)
         if rec.ttft_ms is not None:
-            _child(self._ttft, self.ttft, (model,)).observe(rec.ttft_ms / 1000.0)
+            _observe(hot.ttft, TTFT_BUCKETS, (model,), rec.ttft_ms / 1000.0)
         if 400 <= status < 500:
             self.rejects.labels(_safe(rec.error_code or f"http_{int(status)}")).inc()
 
@@ -184,11 +165,95 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
 
 
-def _child(cache: dict[tuple[str, ...], Any], metric: Any, labels: tuple[str, ...]) -> Any:
-    child = cache.get(labels)
-    if child is None:
-        child = cache[labels] = metric.labels(*labels)
-    return child
+class _Histogram:
+    """One label set's histogram: a count per bucket (not cumulative) and the sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * (buckets + 1)  # the last one is +Inf
+        self.total = 0.0
+
+
+def _observe(
+    series: dict[tuple[str, ...], _Histogram],
+    bounds: tuple[float, ...],
+    labels: tuple[str, ...],
+    value: float,
+) -> None:
+    hist = series.get(labels)
+    if hist is None:
+        hist = series[labels] = _Histogram(len(bounds))
+    hist.counts[bisect_left(bounds, value)] += 1  # "le": the first bound >= value
+    hist.total += value
+
+
+class _RequestCollector(Collector):
+    """The per-request metrics, kept as plain numbers and exported at scrape time."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.tokens: dict[tuple[str, str], int] = {}
+        self.cost: dict[str, float] = {}
+        self.latency: dict[tuple[str, ...], _Histogram] = {}
+        self.ttft: dict[tuple[str, ...], _Histogram] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "chatgate_requests",
+            "Requests answered, by endpoint, model and HTTP status.",
+            labels=["endpoint", "model", "status"],
+        )
+        for labels, count in self.requests.items():
+            requests.add_metric(labels, count)
+        yield requests
+        tokens = CounterMetricFamily(
+            "chatgate_tokens",
+            "Tokens metered, by model and kind (prompt or completion).",
+            labels=["model", "kind"],
+        )
+        for pair, count in self.tokens.items():
+            tokens.add_metric(pair, count)
+        yield tokens
+        cost = CounterMetricFamily(
+            "chatgate_cost_usd", "Cost metered in US dollars, by model.", labels=["model"]
+        )
+        for model, amount in self.cost.items():
+            cost.add_metric([model], amount)
+        yield cost
+        yield _histogram_family(
+            "chatgate_request_duration_seconds",
+            "Time from request arrival to the last byte sent, by endpoint and model.",
+            ["endpoint", "model"],
+            LATENCY_BUCKETS,
+            self.latency,
+        )
+        yield _histogram_family(
+            "chatgate_time_to_first_token_seconds",
+            "Time to the first streamed token, by model.",
+            ["model"],
+            TTFT_BUCKETS,
+            self.ttft,
+        )
+
+
+def _histogram_family(
+    name: str,
+    documentation: str,
+    labels: list[str],
+    bounds: tuple[float, ...],
+    series: dict[tuple[str, ...], _Histogram],
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    edges = [repr(float(b)) for b in bounds] + ["+Inf"]  # as prometheus_client writes "le"
+    for label_values, hist in series.items():
+        cumulative: list[tuple[str, float]] = []
+        running = 0
+        for edge, count in zip(edges, hist.counts, strict=True):
+            running += count
+            cumulative.append((edge, running))
+        family.add_metric(list(label_values), cumulative, hist.total)
+    return family
 
 
 class _UsageCollector(Collector):

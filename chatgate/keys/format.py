@@ -6,7 +6,6 @@ lookup, and lets scanners recognise a leaked key with no false positives on rand
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import secrets
@@ -59,4 +58,4 @@ def hint(key: str) -> str:
 
 def key_hash(secret: str, key: str) -> str:
     """HMAC-SHA256 of ``key`` under the server secret, hex: the only stored form of a key."""
-    return hmac.new(secret.encode(), key.encode(), hashlib.sha256).hexdigest()
+    return hmac.digest(secret.encode(), key.encode(), "sha256").hex()  # one-shot: C only

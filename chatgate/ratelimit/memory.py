@@ -210,7 +210,8 @@ class MemoryLimiter(Limiter):
                 state[check.bucket] = _Counter(int(after), expiry)
                 added += 1
         self._ledger.add(lease_id)
-        # Look at two more entries than this call added: stale ones are found within a pass.
+        # Look at two more entries than this call added: stale ones are found within a pass,
+        # itself done in len(state) / 2 admissions (settlements sweep only what they add).
         self._sweep(now, added + 2)
         reservation = Reservation(lease_id, resolved, cost_tokens)
         return decide(resolved, levels, costs, None, 0.0, reservation)
@@ -256,7 +257,9 @@ class MemoryLimiter(Limiter):
                 else:
                     assert check.month is not None
                     state[key] = _Counter(used, month_end(check.month) + QUOTA_RETENTION)
-        self._sweep(now, added + 2)
+                    added += 1
+        if added:  # the admissions' sweep covers the rest
+            self._sweep(now, added + 1)
         return True
 
     async def quota_used(self, scope: str, month: str | None = None) -> int:

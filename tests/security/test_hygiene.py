@@ -580,4 +580,9 @@ async def test_authentication_looks_up_the_hash_never_the_key() -> None:
     assert spy.looked_up == [keyfmt.key_hash("spy-secret", key)]
     with pytest.raises(AuthenticationError):
         await auth.authenticate("Bearer " + key[:-1] + ("A" if key[-1] != "A" else "B"))
-    assert len(spy.hashed) == 1  # the checksum rejected it: no hash, no lookup
+    # The checksum rejected it before any lookup. (It was hashed, to look in the in-memory
+    # cache first: only a digest of a well-formed key is ever cached, so a hit skips the check.)
+    assert len(spy.looked_up) == 1
+    with pytest.raises(AuthenticationError):
+        await auth.authenticate("Bearer " + key[:-2])  # the wrong length: not even hashed
+    assert len(spy.hashed) == 2 and len(spy.looked_up) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -84,3 +85,38 @@ def test_openmetrics_when_asked() -> None:
     body, content_type = Metrics([]).render("application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text")
     assert body.rstrip().endswith(b"# EOF")
+
+
+def test_histograms_match_prometheus_clients_own() -> None:
+    """The hand-kept histogram and counters export exactly what prometheus_client's would."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from chatgate.metrics import LATENCY_BUCKETS
+
+    metrics = Metrics(["gpt-test"])
+    reference = CollectorRegistry()
+    oracle = Histogram(
+        "chatgate_request_duration_seconds",
+        "reference",
+        ["endpoint", "model"],
+        buckets=LATENCY_BUCKETS,
+        registry=reference,
+    )
+    # Values on bucket bounds, between them, below the first and beyond the last.
+    for latency_ms in (1, 5, 5.0001, 40, 100, 2500, 9999, 600_000, 900_000):
+        metrics.observe(make_record(latency_ms=latency_ms))
+        oracle.labels("chat.completions", "gpt-test").observe(latency_ms / 1000)
+    ours = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.render()[0].decode())
+        for s in family.samples
+        if s.name.startswith("chatgate_request_duration_seconds")
+    }
+    theirs = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in reference.collect()
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+    assert ours == pytest.approx(theirs)
+    assert ours[next(k for k in ours if k[0].endswith("_count"))] == 9
