@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from chatgate import dashboard, tokens
+from chatgate import dashboard, throttle, tokens
 from chatgate.accounts import AccountStore, PlanStore
 from chatgate.api import admin_backends, conversations, leaks, manage, openai, ops, responses
 from chatgate.api import usage as usage_api
@@ -66,6 +66,7 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
             auth=auth,
             router=router,
             limits=Limits.from_settings(settings),
+            throttles=throttle.connect(settings),
             started_at=time.time(),
         )
         metrics = Metrics(m.name for m in router.models())
@@ -110,6 +111,8 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
                 await recorder.close()  # a graceful stop flushes every usage record
             await router.close()
             await state.limits.close()
+            if state.throttles is not None:
+                await state.throttles.aclose()
             await engine.dispose()
 
     return lifespan

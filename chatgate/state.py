@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiohttp import web
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.accounts import AccountStore, PlanStore
@@ -36,6 +37,7 @@ class State:
     limits: Limits
     usage: UsageSink | None = None
     metrics: Metrics | None = None
+    throttles: Redis | None = None  # shared login/sign-up/leak-report windows (chatgate.throttle)
     started_at: float = 0.0
     extras: dict[str, object] = field(default_factory=dict)
 

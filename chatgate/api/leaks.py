@@ -8,9 +8,10 @@ well-formed report gets the same 202 body, and the work (hash, look up, revoke) 
 the answer, in a worker task, so the response time does not tell either. What is revealed is
 only what anyone can compute offline: whether the string is a well-formed key (checksum).
 
-Reports are limited per client IP, in process (:data:`REPORTS_PER_WINDOW` per
-:data:`WINDOW_SECONDS`), so the endpoint cannot be used to revoke keys by guessing at scale,
-nor as a cheap way to make the server hash and write. The IP is the TCP peer: behind a reverse
+Reports are limited per client IP (:data:`REPORTS_PER_WINDOW` per :data:`WINDOW_SECONDS`,
+a sliding window of :mod:`chatgate.throttle`: in process, or shared through Redis), so the
+endpoint cannot be used to revoke keys by guessing at scale, nor as a cheap way to make the
+server hash and write. The IP is the TCP peer: behind a reverse
 proxy every client shares the proxy's budget (no proxy header is trusted).
 
 What happens to a reported secret (:meth:`chatgate.keys.store.KeyStore.revoke_by_hash`): a
@@ -23,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,15 +33,15 @@ from chatgate import errors
 from chatgate.api.openai import json_response, read_body
 from chatgate.keys import format as keyfmt
 from chatgate.state import STATE
+from chatgate.throttle import SlidingWindow, Window, window
 
-__all__ = ["PATH", "IPWindow", "openapi_paths", "setup"]
+__all__ = ["PATH", "openapi_paths", "setup"]
 
 log = logging.getLogger(__name__)
 
 PATH = "/api/keys/report-leak"
 REPORTS_PER_WINDOW = 10
 WINDOW_SECONDS = 60.0
-MAX_TRACKED_CLIENTS = 10_000
 QUEUE_SIZE = 10_000
 DRAIN_TIMEOUT = 5.0
 RECEIVED = {
@@ -55,40 +54,13 @@ RECEIVED = {
 }
 
 
-class IPWindow:
-    """A fixed-window counter per client, bounded in memory (oldest clients forgotten)."""
-
-    def __init__(
-        self,
-        limit: int = REPORTS_PER_WINDOW,
-        window: float = WINDOW_SECONDS,
-        max_clients: int = MAX_TRACKED_CLIENTS,
-    ) -> None:
-        self.limit = limit
-        self.window = window
-        self._max = max_clients
-        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
-
-    def take(self, client: str, at: float | None = None) -> float | None:
-        """Count one report; ``None`` when allowed, else the seconds until the next window."""
-        stamp = time.monotonic() if at is None else at
-        start, used = self._seen.pop(client, (stamp, 0))
-        if stamp - start >= self.window:
-            start, used = stamp, 0
-        self._seen[client] = (start, used + 1)
-        while len(self._seen) > self._max:
-            self._seen.popitem(last=False)
-        if used >= self.limit:
-            return max(start + self.window - stamp, 0.0)
-        return None
-
-
 class _Worker:
     """Revokes reported secrets after the answer has gone (one at a time, in order)."""
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[str] = asyncio.Queue(QUEUE_SIZE)
-        self.limiter = IPWindow()
+        # Per client address; shared by every process through Redis when there is one.
+        self.limiter: Window = SlidingWindow(REPORTS_PER_WINDOW, WINDOW_SECONDS)
 
     async def run(self, app: web.Application) -> None:
         while True:
@@ -122,8 +94,8 @@ WORKER = web.AppKey("chatgate_leak_worker", _Worker)
 async def report_leak(request: web.Request) -> web.Response:
     """Take a report: validate, rate-limit, queue the secret's hash, answer 202 at once."""
     worker = request.app[WORKER]
-    wait = worker.limiter.take(request.remote or "unknown")
-    if wait is not None:
+    wait = await worker.limiter.take(request.remote or "unknown")
+    if wait > 0:
         retry = max(int(wait + 0.999), 1)
         raise errors.RateLimited(
             f"Too many leak reports from your address. Please try again in {retry}s.",
@@ -155,6 +127,10 @@ async def report_leak(request: web.Request) -> web.Response:
 
 def _lifespan(worker: _Worker) -> Any:
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
+        state = app[STATE]
+        worker.limiter = window(
+            state.throttles, state.settings, "leak-reports", REPORTS_PER_WINDOW, WINDOW_SECONDS
+        )
         task = asyncio.create_task(worker.run(app), name="leak-reports")
         try:
             yield

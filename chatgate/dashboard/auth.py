@@ -208,7 +208,7 @@ def setup(app: web.Application) -> Dashboard:
             force_secure=settings.cookie_secure,
         )
         holder.passwords = PasswordStore(state.engine)
-        holder.throttle = LoginThrottle.default()
+        holder.throttle = LoginThrottle.from_settings(settings, state.throttles)
         holder.fingerprint_key = derive_key(secret, "dashboard-password-fingerprint")
 
     app.on_startup.append(start)

@@ -66,17 +66,17 @@ async def login(request: web.Request) -> web.StreamResponse:
     context = {"title": "Log in", "email": email, "next": target}
     throttle = auth.throttle(request)
     address = auth.client_address(request)
-    wait = throttle.login_wait(email, address)
+    wait = await throttle.login_wait(email, address)
     if wait > 0:
         context["error"] = f"Too many attempts. Try again in {_minutes(wait)}."
         return await page_response(request, None, "login.html", context, status=429)
     creds = await auth.passwords(request).credentials(email)
     ok = await verify_password(creds.password_hash if creds else None, password)
     if creds is None or not ok or creds.disabled:
-        throttle.login_failed(email, address)
+        await throttle.login_failed(email, address)
         context["error"] = BAD_LOGIN
         return await page_response(request, None, "login.html", context, status=401)
-    throttle.login_succeeded(email)
+    await throttle.login_succeeded(email)
     stored = creds.password_hash
     if stored is not None and HASHER.check_needs_rehash(stored):
         stored = await hash_password(password)
@@ -116,7 +116,7 @@ async def signup(request: web.Request) -> web.StreamResponse:
         problem = "The two passwords differ."
     address = auth.client_address(request)
     signups = auth.throttle(request).signups
-    if signups.retry_after(address) > 0:
+    if await signups.retry_after(address) > 0:
         problem = "Too many sign-ups from your network. Try again later."
     if problem is not None:
         context["error"] = problem
@@ -127,7 +127,7 @@ async def signup(request: web.Request) -> web.StreamResponse:
     try:
         account = await st.accounts.create(email, plan=plan, password_hash=password_hash)
     except errors.InvalidRequest as exc:
-        signups.hit(address)
+        await signups.hit(address)
         context["error"] = (
             exc.message
             if exc.param == "email" and exc.code != "account_exists"
@@ -135,7 +135,7 @@ async def signup(request: web.Request) -> web.StreamResponse:
             "If you already have an account, log in instead."
         )
         return await page_response(request, None, "signup.html", context, status=400)
-    signups.hit(address)
+    await signups.hit(address)
     await auth.log_in(request, account.id, password_hash)
     await flash(request, "Welcome to chatgate. Create your first API key to get started.")
     raise redirect(PREFIX + "/")
@@ -166,11 +166,11 @@ async def change_password(request: web.Request, user: User) -> web.StreamRespons
     throttle = auth.throttle(request)
     address = auth.client_address(request)
     store = auth.passwords(request)
-    if throttle.login_wait(user.account.email, address) > 0:
+    if await throttle.login_wait(user.account.email, address) > 0:
         context["error"] = "Too many attempts. Try again later."
         return await page_response(request, user, "account.html", context, status=429)
     if not await verify_password(await store.password_hash(user.account.id), current):
-        throttle.login_failed(user.account.email, address)
+        await throttle.login_failed(user.account.email, address)
         context["error"] = "The current password is not correct."
         return await page_response(request, user, "account.html", context, status=400)
     problem = password_problem(new)

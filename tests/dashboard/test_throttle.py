@@ -22,36 +22,38 @@ class Clock:
         return self.now
 
 
-def test_sliding_window() -> None:
+async def test_sliding_window() -> None:
     clock = Clock()
     window = SlidingWindow(3, 60.0, clock=clock)
     for _ in range(3):
-        assert window.retry_after("a") == 0
-        window.hit("a")
+        assert await window.retry_after("a") == 0
+        await window.hit("a")
         clock.now += 10
-    assert window.retry_after("a") == pytest.approx(30.0)  # the first hit leaves at t=1060
-    assert window.retry_after("b") == 0
+    assert await window.retry_after("a") == pytest.approx(30.0)  # the first hit leaves at 1060
+    assert await window.retry_after("b") == 0
     clock.now += 30
-    assert window.retry_after("a") == 0
-    window.hit("a")
-    assert window.retry_after("a") == pytest.approx(10.0)
-    window.reset("a")
-    assert window.retry_after("a") == 0
+    assert await window.retry_after("a") == 0
+    await window.hit("a")
+    assert await window.retry_after("a") == pytest.approx(10.0)
+    await window.reset("a")
+    assert await window.retry_after("a") == 0
+    assert await window.take("a") == 0 and await window.take("a") == 0
+    assert await window.take("a") == 0 and await window.take("a") > 0  # the 4th does not fit
 
 
-def test_login_throttle_counts_email_and_address() -> None:
+async def test_login_throttle_counts_email_and_address() -> None:
     clock = Clock()
     throttle = LoginThrottle.default(clock)
     for _ in range(ACCOUNT_FAILURES):
-        throttle.login_failed("a@x", "10.0.0.1")
-    assert throttle.login_wait("a@x", "10.0.0.2") > 0  # the account, from anywhere
-    assert throttle.login_wait("b@x", "10.0.0.1") == 0
+        await throttle.login_failed("a@x", "10.0.0.1")
+    assert await throttle.login_wait("a@x", "10.0.0.2") > 0  # the account, from anywhere
+    assert await throttle.login_wait("b@x", "10.0.0.1") == 0
     for i in range(IP_FAILURES - ACCOUNT_FAILURES):
-        throttle.login_failed(f"user{i}@x", "10.0.0.1")
-    assert throttle.login_wait("fresh@x", "10.0.0.1") > 0  # the address, for anyone
-    assert throttle.login_wait("fresh@x", "10.0.0.3") == 0
+        await throttle.login_failed(f"user{i}@x", "10.0.0.1")
+    assert await throttle.login_wait("fresh@x", "10.0.0.1") > 0  # the address, for anyone
+    assert await throttle.login_wait("fresh@x", "10.0.0.3") == 0
     clock.now += 15 * 60 + 1
-    assert throttle.login_wait("a@x", "10.0.0.1") == 0
+    assert await throttle.login_wait("a@x", "10.0.0.1") == 0
 
 
 @pytest.fixture(scope="module")
