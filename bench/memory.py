@@ -36,8 +36,8 @@ async def make_keys(count: int, out: Path) -> None:
     from chatgate.keys.store import KeyStore
     from chatgate.settings import Settings
 
-    settings = Settings.from_env()
-    engine = create_engine(settings, pool_size=8)
+    settings = Settings.from_env(db_pool_size=8)  # 8 keys are created at a time
+    engine = create_engine(settings)
     try:
         plan = f"membench{int(time.time())}"
         await PlanStore(engine).create(plan, **PLAN_LIMITS)
