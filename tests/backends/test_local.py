@@ -22,14 +22,9 @@ import pytest
 
 from chatgate import errors, tokens
 from chatgate.backends.base import ChatStream
-from chatgate.backends.local import (
-    LocalBackend,
-    embedding_inputs,
-    find_model_path,
-    parse_params,
-    resolve_embeddings_kind,
-    split_at_stop,
-)
+from chatgate.backends.local import LocalBackend, find_model_path
+from chatgate.backends.local_embed import embedding_inputs, resolve_embeddings_kind
+from chatgate.backends.local_params import parse_params, split_at_stop
 from chatgate.settings import ModelConfig, Settings
 
 HAVE_MODEL = importlib.util.find_spec("llama_cpp") is not None and find_model_path() is not None
