@@ -27,15 +27,13 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
-
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from typing import TYPE_CHECKING
 
 from chatgate.settings import Settings
+
+if TYPE_CHECKING:  # redis is imported where it is used: the CLI imports this module on every call
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
 
 __all__ = ["CHANNEL", "Listener", "Notifier", "feed_channel"]
 
@@ -56,6 +54,10 @@ def feed_channel(settings: Settings) -> str:
 def _client(url: str, timeout: float) -> Redis:
     """A client that fails fast: no retries inside redis-py (the callers decide what a
     failure means), and every connect and read bounded by ``timeout``."""
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
     return Redis.from_url(
         url,
         socket_connect_timeout=timeout,
@@ -160,6 +162,8 @@ class Listener:
     async def _listen(self, wake: Callable[[], None]) -> None:
         """One connection's life: subscribe, catch up, then wake on each message until the
         connection fails (which raises)."""
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
         client = _client(self._url, self._timeout)
         pubsub = client.pubsub()
         try:
@@ -183,6 +187,8 @@ class Listener:
     async def _receive(self, pubsub: PubSub, wake: Callable[[], None]) -> None:
         """Wake on every message. A dead peer that sends no FIN would leave us deaf forever,
         so after ``keepalive`` seconds of silence a PING must be answered within the timeout."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+
         pinged = False
         while True:
             message = await pubsub.get_message(timeout=self._timeout if pinged else self._keepalive)

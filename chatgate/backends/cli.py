@@ -12,10 +12,12 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from chatgate.backends.router import DeploymentCheck, Router
 from chatgate.settings import Settings
+
+if TYPE_CHECKING:  # the router (aiohttp) is imported by the commands: every CLI call loads this
+    from chatgate.backends.router import DeploymentCheck
 
 CHECK_COLUMNS = ("model", "deployment", "backend", "upstream_model", "ok", "latency_ms", "detail")
 LIST_COLUMNS = ("model", "deployment", "backend", "upstream_model", "priority", "weight")
@@ -39,6 +41,8 @@ def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 
 async def run_check(settings: Settings) -> list[DeploymentCheck]:
     """Start a router for ``settings``, probe every deployment, close it."""
+    from chatgate.backends.router import Router
+
     router = Router(settings)
     try:
         await router.start()
@@ -63,6 +67,8 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_list(settings: Settings, args: argparse.Namespace) -> None:
+    from chatgate.backends.router import Router
+
     rows = [{k: status.to_dict()[k] for k in LIST_COLUMNS} for status in Router(settings).status()]
     _write(json.dumps(rows, indent=2) if args.json else _table(rows, LIST_COLUMNS))
 

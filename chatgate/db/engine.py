@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
+import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from chatgate.settings import Settings
+
+if TYPE_CHECKING:  # Alembic is imported only to migrate: most runs find the schema current
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -45,16 +49,53 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
 
 
 def _alembic_config(connection: Connection) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = connection
     return cfg
 
 
+_REVISION = re.compile(r'^(down_revision|revision)\b[^=\n]*=\s*"([^"]+)"', re.MULTILINE)
+
+
+@functools.cache
+def head_revision() -> str | None:
+    """The newest migration's id, read from the files without importing Alembic: the revision
+    that no other names as its ``down_revision`` (None if that is not exactly one)."""
+    revisions: set[str] = set()
+    downs: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("*.py"):
+        for field, value in _REVISION.findall(path.read_text(encoding="utf-8")):
+            (downs if field == "down_revision" else revisions).add(value)
+    heads = revisions - downs
+    return next(iter(heads)) if len(heads) == 1 else None
+
+
+async def at_head(engine: AsyncEngine) -> bool:
+    """True when the database already carries the newest migration (one small query)."""
+    head = head_revision()
+    if head is None:
+        return False
+    try:
+        async with engine.connect() as conn:
+            version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).all()
+    except sa.exc.DBAPIError:  # no such table: a new database
+        return False
+    return [row[0] for row in version] == [head]
+
+
 async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
-    """Bring the database to ``revision`` (idempotent)."""
+    """Bring the database to ``revision`` (idempotent). Every command and every server start
+    calls this, so a database already at the head is recognised with one query, without
+    loading Alembic and the migration scripts (~0.35 s a CLI command)."""
+    if revision == "head" and await at_head(engine):
+        return
 
     def run(connection: Connection) -> None:
+        from alembic import command
+
         command.upgrade(_alembic_config(connection), revision)
 
     async with engine.begin() as conn:

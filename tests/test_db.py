@@ -1,0 +1,94 @@
+"""The database engine: the pool sized by settings, and migrations skipped when already at head."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from chatgate.db.engine import at_head, create_engine, head_revision, migrate
+from chatgate.settings import Settings
+
+
+def test_pool_is_sized_by_settings(pg_url: str, tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {
+            "CHATGATE_DATA_DIR": str(tmp_path),
+            "CHATGATE_DATABASE_URL": pg_url,
+            "CHATGATE_DB_POOL_SIZE": "2",
+            "CHATGATE_DB_MAX_OVERFLOW": "1",
+        }
+    )
+    assert (settings.db_pool_size, settings.db_max_overflow) == (2, 1)
+
+    async def go() -> tuple[int, int, bool]:
+        engine = create_engine(settings)
+        try:
+            pool = engine.sync_engine.pool
+            held = [await engine.connect() for _ in range(3)]  # 2 kept + 1 overflow
+            for conn in held:
+                await conn.execute(sa.text("select 1"))
+            checked_out = pool.checkedout()  # type: ignore[attr-defined]
+            # A fourth connection would wait for one of the three (pool exhausted): time out.
+            engine.sync_engine.pool._timeout = 0.2  # type: ignore[attr-defined]
+            try:
+                await engine.connect()
+                exhausted = False
+            except sa.exc.TimeoutError:
+                exhausted = True
+            for conn in held:
+                await conn.close()
+            return pool.size(), checked_out, exhausted  # type: ignore[attr-defined]
+        finally:
+            await engine.dispose()
+
+    size, checked_out, exhausted = asyncio.run(go())
+    assert size == 2 and checked_out == 3 and exhausted
+
+
+def test_migrate_knows_the_head_without_alembic(database_url: str, tmp_path: Path) -> None:
+    """``at_head`` reads the newest revision from the migration files; a database behind it (a
+    new one, or one a migration short) is upgraded by Alembic, one at the head is left alone."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from chatgate.db.engine import _alembic_config
+
+    settings = Settings.from_env(
+        {"CHATGATE_DATA_DIR": str(tmp_path), "CHATGATE_DATABASE_URL": database_url}
+    )
+
+    async def go() -> list[bool]:
+        engine = create_engine(settings)
+        seen = []
+        try:
+            async with engine.begin() as conn:  # start from an empty database
+                await conn.run_sync(lambda c: command.downgrade(_alembic_config(c), "base"))
+            seen.append(await at_head(engine))
+            await migrate(engine)
+            seen.append(await at_head(engine))
+            async with engine.begin() as conn:  # one migration short of the head
+                await conn.run_sync(lambda c: command.downgrade(_alembic_config(c), "-1"))
+            seen.append(await at_head(engine))
+            await migrate(engine)
+            seen.append(await at_head(engine))
+            async with engine.connect() as conn:
+                names = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
+            seen.append("usage_records" in names and "api_keys" in names)
+        finally:
+            await engine.dispose()
+        return seen
+
+    async def head_by_alembic() -> str | None:
+        engine = create_engine(settings)
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(
+                    lambda c: ScriptDirectory.from_config(_alembic_config(c)).get_current_head()
+                )
+        finally:
+            await engine.dispose()
+
+    assert head_revision() == asyncio.run(head_by_alembic())
+    assert asyncio.run(go()) == [False, True, False, True, True]
