@@ -200,6 +200,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=1_000)
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument(
+        "--only", default="", help="comma-separated chatgate configs to run (default: all)"
+    )
     args = parser.parse_args()
     began = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="chatgate-bench-"))
@@ -230,6 +233,8 @@ def main() -> None:
             "limits-mem": ({}, True),
             "limits-redis": ({"CHATGATE_REDIS_URL": redis_url}, True),
         }
+        if args.only:
+            configs = {k: v for k, v in configs.items() if k in args.only.split(",")}
         by_name: dict[str, Gateway] = {}
         for name, (env, limited) in configs.items():
             gw = start_gateway(work / name, upstream, pg, env)
@@ -269,7 +274,7 @@ def main() -> None:
                     _progress(rows[-1], began)
                 if counting:
                     stats = peers.redis_commandstats(redis_url)
-                    answered = sum(x["requests"] for x in samples["limits-redis"])
+                    answered = sum(x["requests"] for x in samples.get("limits-redis", []))
                     extras["redis_commands"] = stats
                     extras["redis_evalsha_per_request"] = stats.get("evalsha", 0) / max(answered, 1)
             rate = args.rate if kind == "json" else args.sse_rate
@@ -282,8 +287,18 @@ def main() -> None:
         # The hot path's profile: limits-mem under wrk, sampled by py-spy (after the figures).
         _extra(extras, "profile", lambda: profile(bench_bin, targets, by_name["limits-mem"], secs))
 
-        for gw in gateways:
+        for name, gw in by_name.items():
             gw.stop()
+            # Anything a gateway logged at WARNING or above during the run (it logs nothing
+            # else here): a fail-open, a Redis timeout, an error would explain an odd row.
+            warned = [
+                line for line in gw.logs().splitlines() if " WARNING " in line or " ERROR " in line
+            ]
+            if warned:
+                extras.setdefault("gateway_warnings", {})[name] = warned[:20]
+                print(
+                    f"bench: {name} logged {len(warned)} warnings, first: {warned[0]}", flush=True
+                )
         gateways.clear()
         if litellm_bin is not None:
             started.pop().stop()  # LiteLLM: the cores are needed free from here on
