@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import (
+    REDIS_URL,
     Gateway,
     Upstream,
     create_pg_database,
@@ -14,6 +17,7 @@ from tests.helpers import (
     start_upstream,
     stop,
 )
+from tests.redisserver import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +58,40 @@ def gateway(
     gw.start()
     yield gw
     gw.stop()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, to flush, stop, kill and start again."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server to start")
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pair(
+    pg_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[Gateway]]:
+    """Two gateways on one PostgreSQL database and one Redis (own key prefix)."""
+    prefix = f"cgtest-{secrets.token_hex(4)}:"
+    env = {
+        "CHATGATE_REDIS_URL": REDIS_URL,
+        "CHATGATE_REDIS_PREFIX": prefix,
+        "CHATGATE_SECRET": secrets.token_urlsafe(32),
+    }
+    root = Path(tmp_path_factory.mktemp("pair"))
+    gws = [
+        make_gateway(root / f"gw{i}", database_url=pg_url, upstream=upstream, extra_env=env)
+        for i in range(2)
+    ]
+    for gw in gws:
+        gw.start()
+    yield gws
+    for gw in gws:
+        gw.stop()
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=prefix + "*"):
+        client.delete(key)

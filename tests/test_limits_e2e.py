@@ -8,7 +8,6 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +16,10 @@ import openai
 import pytest
 import requests
 
-from tests.helpers import REDIS_URL, Gateway, Upstream, make_gateway
+from tests.helpers import Gateway, Upstream, make_gateway
 from tests.redisserver import RedisServer
 
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
-
-
-@pytest.fixture(scope="module")
-def pair(
-    pg_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[Gateway]]:
-    """Two gateways on one PostgreSQL database and one Redis (own key prefix)."""
-    prefix = f"cgtest-{secrets.token_hex(4)}:"
-    env = {
-        "CHATGATE_REDIS_URL": REDIS_URL,
-        "CHATGATE_REDIS_PREFIX": prefix,
-        "CHATGATE_SECRET": secrets.token_urlsafe(32),
-    }
-    root = Path(tmp_path_factory.mktemp("pair"))
-    gws = [
-        make_gateway(root / f"gw{i}", database_url=pg_url, upstream=upstream, extra_env=env)
-        for i in range(2)
-    ]
-    for gw in gws:
-        gw.start()
-    yield gws
-    for gw in gws:
-        gw.stop()
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=prefix + "*"):
-        client.delete(key)
 
 
 def account_with_plan(gw: Gateway, **limits: int) -> str:
@@ -203,12 +174,6 @@ def test_plan_change_takes_effect_without_restart(pair: list[Gateway]) -> None:
     pair[0].cli("accounts", "set-plan", email, "enterprise")
     time.sleep(1.0)
     assert requests.post(url, json=BODY, headers=headers, timeout=10).status_code == 200
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 def test_redis_outage_fail_open_and_closed(

@@ -11,9 +11,8 @@ import asyncio
 import logging
 import secrets
 import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,53 +26,11 @@ from chatgate.keys import format as keyfmt
 from chatgate.keys.store import KeyStore
 from chatgate.notify import Listener, Notifier, feed_channel
 from chatgate.settings import Secret, Settings
-from tests.helpers import REDIS_URL, Gateway, Upstream, free_port, make_gateway, stop
+from tests.helpers import REDIS_URL, Gateway, Upstream, make_gateway
+from tests.redisserver import RedisServer
 from tests.test_limits_e2e import BODY
 
 FAST = 1.0  # seconds: the issue's bound for a change to reach every process
-
-
-class RedisServer:
-    """A redis-server of this test's own, to kill and start again on the same port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        while True:
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        stop(self.proc, signal.SIGKILL)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.kill()
 
 
 def _settings(url: str = REDIS_URL) -> Settings:
@@ -140,7 +97,7 @@ async def test_publish_to_a_dead_redis_neither_raises_nor_waits_and_logs_once(
 ) -> None:
     notifier = Notifier.from_settings(_settings(own_redis.url))
     assert notifier is not None
-    own_redis.kill()
+    own_redis.stop(signal.SIGKILL)
     with caplog.at_level(logging.INFO, logger="chatgate.notify"):
         for _ in range(3):
             start = time.monotonic()
@@ -166,7 +123,7 @@ async def test_listener_reconnects_after_redis_restarts(
         task = asyncio.create_task(listener.run(wakes))
         try:
             await _until(lambda: listener.subscribed, 5)
-            own_redis.kill()
+            own_redis.stop(signal.SIGKILL)
             await _until(lambda: not listener.subscribed, 5)
             await asyncio.sleep(2.0)  # several failed reconnections: still one log line
             own_redis.start()
@@ -342,9 +299,8 @@ def test_changes_reach_the_other_process_by_pubsub_within_a_second(
 
 
 def test_redis_down_requests_served_and_changes_arrive_by_the_poll(
-    pg_url: str, upstream: Upstream, tmp_path: Path
+    pg_url: str, upstream: Upstream, tmp_path: Path, own_redis: RedisServer
 ) -> None:
-    own_redis = RedisServer(tmp_path).start()
     poll = 3.0
     env = {
         "CHATGATE_REDIS_URL": own_redis.url,
@@ -363,7 +319,7 @@ def test_redis_down_requests_served_and_changes_arrive_by_the_poll(
     try:
         for node in nodes:
             assert [_status(node, v["key"]) for v in [*victims, {"key": keep}]] == [200] * 3
-        own_redis.kill()
+        own_redis.stop(signal.SIGKILL)
 
         # Requests are still served (the limiter fails open), changes still commit...
         assert [_status(n, keep) for n in nodes] == [200, 200]
@@ -394,7 +350,7 @@ def test_redis_down_requests_served_and_changes_arrive_by_the_poll(
     finally:
         for node in nodes:
             node.stop()
-        own_redis.kill()
+        own_redis.stop(signal.SIGKILL)
     for node in nodes:
         assert node.logs().count("invalidation channel: not subscribed") == 1
     print(f"\nRedis down, by the poll ({poll} s): {waited:.2f} s; back on pub/sub: {again:.3f} s")

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -18,7 +17,7 @@ from chatgate.settings import Settings
 from chatgate.throttle import RedisWindow, connect
 from tests.dashboard.conftest import PASSWORD, make_user
 from tests.dashboard.test_throttle import attempt
-from tests.helpers import REDIS_URL, Gateway, Upstream, make_gateway
+from tests.helpers import REDIS_URL, Gateway
 from tests.redisserver import RedisServer
 
 
@@ -64,12 +63,6 @@ async def test_two_clients_share_one_budget(prefix: str) -> None:
         await second.aclose()
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 async def test_redis_down_counts_in_process(
     own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -95,32 +88,8 @@ async def test_redis_down_counts_in_process(
         await client.aclose()
 
 
-@pytest.fixture(scope="module")
-def nodes(
-    pg_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[Gateway]]:
-    prefix = f"cgthrottle-{secrets.token_hex(4)}:"
-    env = {
-        "CHATGATE_REDIS_URL": REDIS_URL,
-        "CHATGATE_REDIS_PREFIX": prefix,
-        "CHATGATE_SECRET": secrets.token_urlsafe(32),
-    }
-    tmp = Path(tmp_path_factory.mktemp("throttle-nodes"))
-    started = [
-        make_gateway(tmp / f"n{i}", database_url=pg_url, upstream=upstream, extra_env=env).start()
-        for i in range(2)
-    ]
-    yield started
-    for gw in started:
-        gw.stop()
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=prefix + "*"):
-        client.delete(key)
-
-
-def test_guessing_across_two_servers_shares_one_budget(nodes: list[Gateway]) -> None:
+def test_guessing_across_two_servers_shares_one_budget(pair: list[Gateway]) -> None:
+    nodes = pair  # two servers on one database and one Redis
     victim = make_user(nodes[0], login=False)
     # Alternate between the two servers: per process each would allow ACCOUNT_FAILURES.
     for i in range(ACCOUNT_FAILURES):

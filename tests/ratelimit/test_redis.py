@@ -288,23 +288,16 @@ async def test_noscript_resends_once_and_settles_once(make: Made, admin: aioredi
 # --- a dead Redis -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def doomed() -> Iterator[RedisServer]:
-    """A redis-server this test kills."""
-    with RedisServer() as s:
-        yield s
-
-
 async def test_dead_redis_fails_the_settlements_it_was_sent(
-    doomed: RedisServer, caplog: pytest.LogCaptureFixture
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    limiter = RedisLimiter.from_url(doomed.url, prefix="t:", flush_delay=0.01, timeout=0.5)
+    limiter = RedisLimiter.from_url(own_redis.url, prefix="t:", flush_delay=0.01, timeout=0.5)
     failover = FailoverLimiter(limiter, MemoryLimiter())
     checks = [Check.concurrent("acct:x", 10)]
     try:
         held = [await take(limiter, checks) for _ in range(3)]
         ridden = [await failover.acquire(checks) for _ in range(3)]
-        doomed.stop(signal.SIGKILL)
+        own_redis.stop(signal.SIGKILL)
         with pytest.raises(LimiterUnavailable):  # the timer's flush failed
             await limiter.settle(held[0], 0)
         carried = limiter.settle_nowait(held[1], 0)

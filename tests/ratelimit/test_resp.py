@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import shutil
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -38,15 +37,6 @@ def _redis_up() -> bool:
 
 
 needs_redis = pytest.mark.skipif(not _redis_up(), reason="no Redis at 127.0.0.1:6379")
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own: one it may ``SCRIPT FLUSH``."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("no redis-server to start")
-    with RedisServer() as server:
-        yield server
 
 
 def test_pack_is_resp2_bulk_strings() -> None:
