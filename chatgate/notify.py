@@ -29,10 +29,10 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from chatgate.redisclient import fail_fast_client
 from chatgate.settings import Settings
 
 if TYPE_CHECKING:  # redis is imported where it is used: the CLI imports this module on every call
-    from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
 
 __all__ = ["CHANNEL", "Listener", "Notifier", "feed_channel"]
@@ -49,21 +49,6 @@ BACKOFF_MAX = 5.0  # ... up to this: a restarted Redis is used again within ~5 s
 def feed_channel(settings: Settings) -> str:
     """The channel name, under the Redis prefix so deployments sharing a Redis stay apart."""
     return settings.redis_prefix + CHANNEL
-
-
-def _client(url: str, timeout: float) -> Redis:
-    """A client that fails fast: no retries inside redis-py (the callers decide what a
-    failure means), and every connect and read bounded by ``timeout``."""
-    from redis.asyncio import Redis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    return Redis.from_url(
-        url,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -98,7 +83,7 @@ class Notifier:
         try:
             # redis-py bounds each connect and read; this bounds the whole exchange.
             async with asyncio.timeout(2 * self._timeout):
-                client = _client(self._url, self._timeout)
+                client = fail_fast_client(self._url, self._timeout)
                 try:
                     await client.publish(self._channel, MESSAGE)
                 finally:
@@ -164,7 +149,7 @@ class Listener:
         connection fails (which raises)."""
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
-        client = _client(self._url, self._timeout)
+        client = fail_fast_client(self._url, self._timeout)
         pubsub = client.pubsub()
         try:
             await pubsub.subscribe(self._channel)

@@ -27,10 +27,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from chatgate.redisclient import fail_fast_client
 from chatgate.settings import Settings
 
 __all__ = ["MAX_TRACKED", "RedisWindow", "SlidingWindow", "Window", "connect", "window"]
@@ -192,13 +191,7 @@ def connect(settings: Settings) -> Redis | None:
     """A Redis client for the throttles (fails fast, no retries), or None without Redis."""
     if not settings.redis_url:
         return None
-    timeout = settings.redis_timeout
-    return Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
+    return fail_fast_client(settings.redis_url, settings.redis_timeout)
 
 
 def window(
