@@ -96,13 +96,13 @@ class Authenticator:
         if len(key) != keyfmt.KEY_LEN:
             raise errors.AuthenticationError(BAD_KEY)
         digest = self._store.hash(key)
-        entry = self._cache.get(digest)
-        if entry is None or time.monotonic() - entry.fetched_at >= self._ttl:
+        entry = self._fresh(digest)
+        if entry is None:
             # Only a digest seen before skips the format check: every cached one passed it,
             # and a typo or random string is still refused here before any database read.
             if not keyfmt.is_well_formed(key):
                 raise errors.AuthenticationError(BAD_KEY)
-            entry = await self._entry(digest)
+            entry = await self._load(digest)
         lookup = entry.lookup
         if lookup is None or lookup.revoked_at is not None or lookup.account_disabled:
             raise errors.AuthenticationError(BAD_KEY)
@@ -131,10 +131,16 @@ class Authenticator:
         """Note that a request with this key was accepted (written in batches, off-path)."""
         self.last_used[principal.key_id] = int(time.time())
 
-    async def _entry(self, digest: str) -> _Entry:
+    def _fresh(self, digest: str) -> _Entry | None:
+        """The cached entry for ``digest`` while within ``key_cache_ttl``; else None."""
         entry = self._cache.get(digest)
         if entry is not None and time.monotonic() - entry.fetched_at < self._ttl:
             return entry
+        return None
+
+    async def _load(self, digest: str) -> _Entry:
+        """Read ``digest`` from the database (no fresh entry is cached) and cache it."""
+        entry = self._cache.get(digest)  # stale, if any: served while the database is down
         pending = self._inflight.get(digest)
         if pending is not None:  # one database read per key, however many wait for it
             return await asyncio.shield(pending)
