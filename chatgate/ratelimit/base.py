@@ -118,12 +118,14 @@ class Check:
     window: float = 60.0
     month: str | None = None
     # Derived once here, read on every request: the storage key ("" for a quota whose month
-    # is not resolved yet), whether the cost is the reserved tokens, whether it is a GCRA
-    # bucket and its drain rate; plus the last month this check was resolved to.
-    _bucket: str = field(init=False, repr=False, compare=False)
+    # is not resolved yet: :attr:`bucket` checks, limiters given resolved checks read ``key``),
+    # whether the cost is the reserved tokens, whether it is a GCRA bucket and its drain
+    # rate, whether it still needs a month; plus the last month this check was resolved to.
+    key: str = field(init=False, repr=False, compare=False)
     charges_tokens: bool = field(init=False, repr=False, compare=False)
     is_rate: bool = field(init=False, repr=False, compare=False)
     rate: float = field(init=False, repr=False, compare=False)  # units per second (GCRA)
+    floating: bool = field(init=False, repr=False, compare=False)  # a quota of "this month"
     _resolved: tuple[str, Check] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -144,7 +146,8 @@ class Check:
             bucket = f"{self.scope}|{code}|{self.month}" if self.month is not None else ""
         else:
             bucket = f"{self.scope}|{code}"
-        object.__setattr__(self, "_bucket", bucket)
+        object.__setattr__(self, "key", bucket)
+        object.__setattr__(self, "floating", self.kind == "quota" and self.month is None)
         object.__setattr__(self, "charges_tokens", self.kind in ("tokens", "quota"))
         object.__setattr__(self, "is_rate", self.kind in RATE_KINDS)
         rate = self.limit / self.window if self.kind in RATE_KINDS else 0.0
@@ -186,7 +189,7 @@ class Check:
         The resolved copy is kept for the month, so a plan's checks, built once per key,
         resolve without building anything on later requests.
         """
-        if self.kind != "quota" or self.month is not None:
+        if not self.floating:
             return self
         month = month_of(now)
         cached = self._resolved
@@ -199,9 +202,9 @@ class Check:
     @property
     def bucket(self) -> str:
         """The storage key of this check's state (``scope|code|window-or-month``)."""
-        if not self._bucket:
+        if not self.key:
             raise ValueError("resolve the quota month first")
-        return self._bucket
+        return self.key
 
 
 @dataclass(slots=True)  # not frozen: built per request, and 3x cheaper so
@@ -331,9 +334,10 @@ class Ledger:
         self._max_age = max_age
         self._open: OrderedDict[str, float] = OrderedDict()
 
-    def add(self, lease_id: str) -> None:
-        """Remember an open reservation."""
-        now = self._clock()
+    def add(self, lease_id: str, now: float | None = None) -> None:
+        """Remember an open reservation (``now``: the clock's time, when the caller has it)."""
+        if now is None:
+            now = self._clock()
         self._open[lease_id] = now
         while self._open:
             oldest, at = next(iter(self._open.items()))

@@ -120,7 +120,7 @@ class MemoryLimiter(Limiter):
 
     def _level(self, check: Check, now: float) -> float:
         """The state of ``check``'s bucket at ``now``, before this request."""
-        entry = self._state.get(check.bucket)
+        entry = self._state.get(check.key)
         if check.is_rate:
             if not isinstance(entry, _Bucket):
                 return 0.0
@@ -137,7 +137,7 @@ class MemoryLimiter(Limiter):
         if check.is_rate:
             return (level + cost - check.limit) / check.rate
         if check.kind == "concurrency":
-            entry = self._state.get(check.bucket)
+            entry = self._state.get(check.key)
             if isinstance(entry, _Leases) and entry.leases:
                 first = next(iter(entry.leases.values()))
                 return min(self._concurrency_retry, max(first - now, 0.0))
@@ -153,21 +153,23 @@ class MemoryLimiter(Limiter):
         """
         now = self._clock()
         state = self._state
-        resolved = tuple([c.resolved(now) for c in checks])
+        resolved = tuple([c.resolved(now) if c.floating else c for c in checks])
         levels: list[float] = []
         costs: list[int] = []
         entries: list[_Entry | None] = []
         for i, check in enumerate(resolved):
             cost = cost_tokens if check.charges_tokens else 1
-            entry = state.get(check.bucket)
+            entry = state.get(check.key)
             if check.is_rate:
                 if not isinstance(entry, _Bucket):
                     entry, level = None, 0.0
-                elif check.limit <= 0:
-                    level = entry.level
                 else:
-                    drained = entry.level - max(now - entry.stamp, 0.0) * check.rate
-                    level = drained if drained > 0.0 else 0.0
+                    level = entry.level
+                    elapsed = now - entry.stamp
+                    if elapsed > 0.0 and check.limit > 0:
+                        level -= elapsed * check.rate
+                        if level < 0.0:
+                            level = 0.0
             elif check.kind == "concurrency":
                 if isinstance(entry, _Leases):
                     level = float(entry.prune(now))
@@ -187,53 +189,49 @@ class MemoryLimiter(Limiter):
                     costs.append(cost_tokens if later.charges_tokens else 1)
                 self._sweep(now, 2)
                 return decide(resolved, levels, costs, i, retry, None)
-        lease_id = self._lease_id()
+        self._leases_issued += 1
+        lease_id = f"{self._lease_prefix}{self._leases_issued:x}"
         added = 0
         for check, level, cost, entry in zip(resolved, levels, costs, entries, strict=True):
-            after = level + cost
             if check.is_rate:
                 if entry is not None:
-                    entry.set(after, now, check.rate)  # type: ignore[union-attr]
+                    entry.set(level + cost, now, check.rate)  # type: ignore[union-attr]
                 else:
-                    state[check.bucket] = _Bucket(after, now, check.rate)
+                    state[check.key] = _Bucket(level + cost, now, check.rate)
                     added += 1
             elif check.kind == "concurrency":
                 if entry is None:
-                    entry = state[check.bucket] = _Leases()
+                    entry = state[check.key] = _Leases()
                     added += 1
                 entry.leases[lease_id] = entry.expires_at = now + self._lease_ttl  # type: ignore[union-attr]
             elif entry is not None:
-                entry.used = int(after)  # type: ignore[union-attr]
+                entry.used = int(level + cost)  # type: ignore[union-attr]
             else:
                 assert check.month is not None
                 expiry = month_end(check.month) + QUOTA_RETENTION
-                state[check.bucket] = _Counter(int(after), expiry)
+                state[check.key] = _Counter(int(level + cost), expiry)
                 added += 1
-        self._ledger.add(lease_id)
+        self._ledger.add(lease_id, now)
         # Look at two more entries than this call added: stale ones are found within a pass,
         # itself done in len(state) / 2 admissions (settlements sweep only what they add).
         self._sweep(now, added + 2)
         reservation = Reservation(lease_id, resolved, cost_tokens)
         return decide(resolved, levels, costs, None, 0.0, reservation)
 
-    def _lease_id(self) -> str:
-        self._leases_issued += 1
-        return f"{self._lease_prefix}{self._leases_issued:x}"
-
     async def settle(self, reservation: Reservation, actual_tokens: int) -> bool:
         """Move token and quota usage from reserved to actual; free the concurrency slot."""
         if not self._ledger.take(reservation.lease_id):
             return False
-        now = self._clock()
         delta = actual_tokens - reservation.tokens
-        seen: set[str] = set()
         state = self._state
+        now = 0.0
+        seen: set[str] = set()
         added = 0
         for check in reservation.checks:
             kind = check.kind
             if kind == "requests" or (not delta and kind != "concurrency"):
                 continue  # nothing to give back or charge
-            key = check.bucket
+            key = check.key
             if key in seen:
                 continue
             seen.add(key)
@@ -241,7 +239,9 @@ class MemoryLimiter(Limiter):
             if kind == "concurrency":
                 if isinstance(entry, _Leases):
                     entry.leases.pop(reservation.lease_id, None)
-            elif kind == "tokens":
+                continue
+            now = now or self._clock()
+            if kind == "tokens":
                 level = self._level(check, now) + delta
                 if level <= 0:
                     state.pop(key, None)
@@ -250,14 +250,12 @@ class MemoryLimiter(Limiter):
                 else:
                     state[key] = _Bucket(level, now, check.rate)
                     added += 1
-            else:  # quota
-                used = max((entry.used if isinstance(entry, _Counter) else 0) + delta, 0)
-                if isinstance(entry, _Counter):
-                    entry.used = used
-                else:
-                    assert check.month is not None
-                    state[key] = _Counter(used, month_end(check.month) + QUOTA_RETENTION)
-                    added += 1
+            elif isinstance(entry, _Counter):  # quota
+                entry.used = max(entry.used + delta, 0)
+            else:
+                assert check.month is not None
+                state[key] = _Counter(max(delta, 0), month_end(check.month) + QUOTA_RETENTION)
+                added += 1
         if added:  # the admissions' sweep covers the rest
             self._sweep(now, added + 1)
         return True
@@ -265,7 +263,7 @@ class MemoryLimiter(Limiter):
     async def quota_used(self, scope: str, month: str | None = None) -> int:
         """Tokens charged to ``scope``'s quota in ``month`` (default: the clock's month)."""
         check = Check.monthly_quota(scope, 0, month or month_of(self._clock()))
-        entry = self._state.get(check.bucket)
+        entry = self._state.get(check.key)
         return entry.used if isinstance(entry, _Counter) else 0
 
     async def reset(self, scope: str) -> None:
