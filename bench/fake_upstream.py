@@ -22,7 +22,9 @@ Behaviour is chosen by the request's ``model``:
   Once the last message is a ``tool`` result, answer as usual (echo it).
 Every request body received is kept in memory and served at ``GET /_requests`` (newest last),
 and ``DELETE /_requests`` clears it, so tests can check what the gateway forwarded.
-``GET /_received_at`` gives the arrival time (unix seconds) of each of those, in the same order.
+``GET /_received_at`` gives the arrival time (unix seconds) of each of those, in the same order,
+and ``GET /_cookies`` the ``Cookie`` header each carried (``null`` when none). A chat body with
+``fake.set_cookie`` is answered with that ``Set-Cookie`` header.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from aiohttp import web
 
 RECEIVED = web.AppKey("received", list)
 RECEIVED_AT = web.AppKey("received_at", list)
+COOKIES = web.AppKey("cookies", list)
 FAILURES = web.AppKey("failures", dict)
 HOUR = 3600.0
 
@@ -79,6 +82,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(raw)
     request.app[RECEIVED].append(body)
     request.app[RECEIVED_AT].append(time.time())
+    request.app[COOKIES].append(request.headers.get("Cookie"))
     model = body.get("model", "")
     chunks: int = request.app["chunks"]
     fake = body.get("fake") if isinstance(body.get("fake"), dict) else {}
@@ -133,7 +137,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
         }
         if report_usage:
             out["usage"] = _usage(prompt, len(pieces))
-        return web.Response(body=orjson.dumps(out), content_type="application/json")
+        cookie = fake.get("set_cookie")
+        headers = {"Set-Cookie": cookie} if isinstance(cookie, str) else None
+        return web.Response(
+            body=orjson.dumps(out), content_type="application/json", headers=headers
+        )
 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
@@ -306,6 +314,7 @@ async def received(request: web.Request) -> web.Response:
     if request.method == "DELETE":
         request.app[RECEIVED].clear()
         request.app[RECEIVED_AT].clear()
+        request.app[COOKIES].clear()
         return web.json_response({"ok": True})
     return web.Response(body=orjson.dumps(request.app[RECEIVED]), content_type="application/json")
 
@@ -316,10 +325,15 @@ async def received_at(request: web.Request) -> web.Response:
     )
 
 
+async def cookies(request: web.Request) -> web.Response:
+    return web.Response(body=orjson.dumps(request.app[COOKIES]), content_type="application/json")
+
+
 def make_app(chunks: int = 20) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[RECEIVED] = []
     app[RECEIVED_AT] = []
+    app[COOKIES] = []
     app[FAILURES] = {}
     app["chunks"] = chunks
     app.router.add_post("/v1/chat/completions", chat)
@@ -327,6 +341,7 @@ def make_app(chunks: int = 20) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_route("*", "/_requests", received)
     app.router.add_get("/_received_at", received_at)
+    app.router.add_get("/_cookies", cookies)
     return app
 
 

@@ -156,6 +156,34 @@ def test_upstream_key_is_sent_upstream_not_echoed(gateway: Gateway, upstream: An
     assert forwarded["model"] == "fake-model"
 
 
+def test_an_upstream_cookie_is_never_sent_back(upstream: Any, tmp_path: Path) -> None:
+    """An upstream's Set-Cookie stays with that answer: no jar shared across accounts.
+
+    The upstream is named by host name: aiohttp's default jar would keep a cookie from one
+    (it ignores those from bare IP addresses).
+    """
+    named = f"""
+[[models]]
+name = "gpt-named-host"
+base_url = "http://localhost:{upstream.port}/v1"
+upstream_model = "fake-model"
+"""
+    gw = make_gateway(tmp_path, upstream=upstream, extra_toml=named)
+    gw.start()
+    try:
+        first, second = new_key(gw)["key"], new_key(gw)["key"]
+        body = {"model": "gpt-named-host", "messages": [{"role": "user", "content": "hi"}]}
+        upstream.clear()
+        setting = {**body, "fake": {"set_cookie": "affinity=account-one; Path=/"}}
+        assert chat(gw, first, setting).status_code == 200
+        assert chat(gw, second, body).status_code == 200
+        assert chat(gw, first, body).status_code == 200
+        cookies = requests.get(f"http://127.0.0.1:{upstream.port}/_cookies", timeout=10).json()
+        assert cookies == [None, None, None]
+    finally:
+        gw.stop()
+
+
 @pytest.mark.parametrize(
     ("header", "code"),
     [

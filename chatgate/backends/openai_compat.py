@@ -121,6 +121,9 @@ class OpenAICompatBackend(Backend):
             connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
             session = aiohttp.ClientSession(
                 connector=connector,
+                # No cookie jar: an upstream's Set-Cookie would otherwise be sent back on every
+                # later request to it, whoever's (state shared across accounts).
+                cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=self._client_timeout,
                 json_serialize=lambda obj: orjson.dumps(obj).decode(),
                 skip_auto_headers=("User-Agent",),
@@ -137,19 +140,32 @@ class OpenAICompatBackend(Backend):
         return headers
 
     async def _open(
-        self, model: ModelConfig, path: str, body: dict[str, Any], started: float
-    ) -> aiohttp.ClientResponse:
-        """POST and wait for a 2xx's headers within the first-byte deadline; map failures."""
+        self,
+        model: ModelConfig,
+        path: str,
+        body: dict[str, Any],
+        started: float,
+        *,
+        read: bool = False,
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """POST and wait for a 2xx's headers within the first-byte deadline; map failures.
+
+        With ``read``, also read the whole body within ``total`` under the same timer,
+        rescheduled (one timer per request, not one per phase). Without, the body is left
+        to the caller (a stream) and ``b""`` comes back.
+        """
         t = self.timeouts
         session = self._session(model.base_url)
+        phase: Phase = "first_byte"
         try:
             async with asyncio.timeout_at(started + min(t.first_byte, t.total)) as deadline:
                 resp = await session.post(
                     model.base_url + path, data=orjson.dumps(body), headers=self._headers(model)
                 )
-                if resp.status < 400:
-                    return resp
+                if resp.status < 400 and not read:
+                    return resp, b""
                 deadline.reschedule(started + t.total)
+                phase = "total"
                 try:
                     raw = await resp.read()
                 finally:
@@ -157,11 +173,13 @@ class OpenAICompatBackend(Backend):
         except aiohttp.ConnectionTimeoutError as exc:
             raise timeout_error(model, "connect", t.connect) from exc
         except TimeoutError as exc:
-            raise timeout_error(model, "first_byte", min(t.first_byte, t.total)) from exc
+            limit = t.total if phase == "total" else min(t.first_byte, t.total)
+            raise timeout_error(model, phase, limit) from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamUnreachable(
-                f"The upstream for model `{model.name}` could not be reached."
-            ) from exc
+            happened = "could not be reached" if phase == "first_byte" else "broke the connection"
+            raise UpstreamUnreachable(f"The upstream for model `{model.name}` {happened}.") from exc
+        if resp.status < 400:
+            return resp, raw
         secret = self._settings.upstream_keys.get(model.api_key_env or "")
         raise upstream_status_error(
             model, resp.status, raw, resp.headers, secret.reveal() if secret else None
@@ -170,18 +188,7 @@ class OpenAICompatBackend(Backend):
     async def _json(self, model: ModelConfig, path: str, body: dict[str, Any]) -> tuple[Any, bytes]:
         """A non-streamed call: the decoded answer and its raw bytes, within ``total``."""
         started = asyncio.get_running_loop().time()
-        resp = await self._open(model, path, body, started)
-        try:
-            async with asyncio.timeout_at(started + self.timeouts.total):
-                raw = await resp.read()
-        except TimeoutError as exc:
-            raise timeout_error(model, "total", self.timeouts.total) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnreachable(
-                f"The upstream for model `{model.name}` broke the connection."
-            ) from exc
-        finally:
-            resp.release()
+        _, raw = await self._open(model, path, body, started, read=True)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -207,7 +214,7 @@ class OpenAICompatBackend(Backend):
         options["include_usage"] = True
         body["stream_options"] = options
         started = asyncio.get_running_loop().time()
-        resp = await self._open(model, "/chat/completions", body, started)
+        resp, _ = await self._open(model, "/chat/completions", body, started)
         return SSEPassThrough(
             resp, model, include_usage=include_usage, timeouts=self.timeouts, started=started
         )
