@@ -236,24 +236,30 @@ async def embeddings(request: web.Request) -> web.Response:
     req, route = call.req, call.route
     upstream_model = route.model.upstream_model
 
+    counted: list[int] = []  # the input's token count, once: admit and metering share it
+
     def reserve() -> int:
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        return sum(
-            tokens.count_text(t, upstream_model)
-            if isinstance(t, str)
-            else len(t)
-            if isinstance(t, list)
-            else 1
-            for t in texts
-        )
+        if not counted:
+            texts = [req.input] if isinstance(req.input, str) else req.input
+            counted.append(
+                sum(
+                    tokens.count_text(t, upstream_model)
+                    if isinstance(t, str)
+                    else len(t)
+                    if isinstance(t, list)
+                    else 1
+                    for t in texts
+                )
+            )
+        return counted[0]
 
     admission = await call.admit(reserve)
     try:
         answer = await route.embeddings(dict(call.body))
         usage = answer.get("usage") or {}
         prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-        counted = prompt if isinstance(prompt, int) else reserve()
-        call.meter.add_usage(Usage(counted, 0), route.model)
+        used = prompt if isinstance(prompt, int) else reserve()
+        call.meter.add_usage(Usage(used, 0), route.model)
         return json_response(answer, headers=admission.headers)
     finally:
         await call.settle(admission)
