@@ -152,6 +152,17 @@ def start_floor(bin_dir: Path, upstream_base: str, key: str) -> Proc:
     return Proc("floor", proc, url)
 
 
+def start_floor_aiohttp(bin_dir: Path, upstream_base: str, key: str) -> Proc:
+    """The same floor on aiohttp.web (chatgate's server stack), on the gateway's core."""
+    port = free_port()
+    env = {**os.environ, "FLOOR_UPSTREAM": upstream_base, "FLOOR_KEY": key}
+    cmd = [str(bin_dir / "python"), str(BENCH / "floor.py"), "--port", str(port)]
+    proc = subprocess.Popen(pinned(GATEWAY_CORE, cmd), env=env)
+    url = f"http://127.0.0.1:{port}"
+    _wait_post(url, proc)
+    return Proc("floor-aiohttp", proc, url)
+
+
 def start_litellm(bin_dir: Path, upstream_base: str, workdir: Path, master_key: str) -> Proc:
     """LiteLLM's proxy (one worker, its defaults) pointed at the fake upstream."""
     version = subprocess.run(

@@ -12,6 +12,8 @@ Rows, for JSON and 20-chunk SSE:
   direct        load generator -> fake upstream (bench/fake_upstream.py)
   floor         granian RSGI + aiohttp client: auth, a token bucket, usage extraction
                 (bench/floor.py, the yardstick; DESIGN.md "Server stack")
+  floor-aiohttp the same floor served by aiohttp.web, chatgate's server stack: it tells apart
+                what the server costs from what chatgate's own code costs
   bare          chatgate with auth only: a key on a plan without limits, usage recording off
   limits-mem    chatgate, all features: in-process limits (rpm, tpm, rpd, concurrency,
                 monthly quota), usage recording (PostgreSQL), metrics, token counting
@@ -228,6 +230,16 @@ def main() -> None:
         floor = peers.start_floor(bench_bin, upstream.base_url, floor_key)
         started.append(floor)
         targets.append(Target("floor", floor.url + "/v1/chat/completions", floor_key, floor.pid))
+        floor_aiohttp = peers.start_floor_aiohttp(bench_bin, upstream.base_url, floor_key)
+        started.append(floor_aiohttp)
+        targets.append(
+            Target(
+                "floor-aiohttp",
+                floor_aiohttp.url + "/v1/chat/completions",
+                floor_key,
+                floor_aiohttp.pid,
+            )
+        )
         configs = {
             "bare": ({"CHATGATE_USAGE_ENABLED": "0"}, False),
             "limits-mem": ({}, True),
@@ -303,6 +315,7 @@ def main() -> None:
         if litellm_bin is not None:
             started.pop().stop()  # LiteLLM: the cores are needed free from here on
         floor.stop()
+        floor_aiohttp.stop()
 
         conns = args.connections
         _extra(extras, "workers", lambda: workers(work, upstream, pg, redis_url, secs, conns))
@@ -580,6 +593,24 @@ def check_targets(
         add(f"{kind}: CPU/request <= 1.3x bare", v, v is not None and v <= 1.3, f"{_f(v)}x")
         v = mem.get("added_p99_ms")
         add(f"{kind}: added p99 at {sat} <= 10 ms", v, v is not None and v <= 10, f"{_f(v)} ms")
+        floors = by.get((kind, sat, "floor")), by.get((kind, sat, "floor-aiohttp"))
+        bare = by.get((kind, sat, "bare"))
+        if floors[0] and floors[1] and bare:  # no verdict: where the gap to the floor lies
+            stack, own = floors[1]["rps"] / floors[0]["rps"], bare["rps"] / floors[1]["rps"]
+            out.append(
+                {
+                    "target": f"{kind}: the floor on aiohttp.web vs on granian RSGI (the server)",
+                    "value": f"{stack:.2f}x",
+                    "met": None,
+                }
+            )
+            out.append(
+                {
+                    "target": f"{kind}: chatgate bare vs the floor on aiohttp.web (its own code)",
+                    "value": f"{own:.2f}x",
+                    "met": None,
+                }
+            )
         redis = by.get((kind, sat, "limits-redis"))
         if redis and mem["cpu_ms_per_req"]:
             v = redis["cpu_ms_per_req"] / mem["cpu_ms_per_req"]
