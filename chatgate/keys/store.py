@@ -171,15 +171,16 @@ class KeyStore:
     ) -> None:
         self._engine = engine
         self._notifier = notifier
-        self._secret = secret
         self._previous = previous if previous else None
+        self._hash = keyfmt.KeyHasher(secret.reveal())
+        self._hash_previous = keyfmt.KeyHasher(previous.reveal()) if previous else None
         self._earlier: OrderedDict[str, str] = OrderedDict()
 
     def hash(self, key: str) -> str:
         """The key's lookup index: HMAC-SHA256 under the server secret."""
-        digest = keyfmt.key_hash(self._secret.reveal(), key)
-        if self._previous is not None:
-            self._earlier[digest] = keyfmt.key_hash(self._previous.reveal(), key)
+        digest = self._hash(key)
+        if self._hash_previous is not None:
+            self._earlier[digest] = self._hash_previous(key)
             self._earlier.move_to_end(digest)
             while len(self._earlier) > EARLIER_HASHES:
                 self._earlier.popitem(last=False)

@@ -40,3 +40,12 @@ def test_hint_and_hash() -> None:
     assert h1 == keyfmt.key_hash("secret-a", key) and len(h1) == 64
     assert h1 != keyfmt.key_hash("secret-b", key)
     assert key not in h1
+
+
+@given(st.text(min_size=1, max_size=80), st.lists(st.text(max_size=60), min_size=1, max_size=5))
+def test_the_keyed_hasher_is_key_hash(secret: str, keys: list[str]) -> None:
+    """The prepared hasher of the request path gives exactly the stored index, key after key
+    (its keyed state is copied, never consumed)."""
+    hasher = keyfmt.KeyHasher(secret)
+    for key in keys:
+        assert hasher(key) == keyfmt.key_hash(secret, key)
