@@ -24,7 +24,8 @@ Every request body received is kept in memory and served at ``GET /_requests`` (
 and ``DELETE /_requests`` clears it, so tests can check what the gateway forwarded.
 ``GET /_received_at`` gives the arrival time (unix seconds) of each of those, in the same order,
 and ``GET /_cookies`` the ``Cookie`` header each carried (``null`` when none). A chat body with
-``fake.set_cookie`` is answered with that ``Set-Cookie`` header.
+``fake.set_cookie`` is answered with that ``Set-Cookie`` header. ``GET /_in_flight`` gives the
+most chat requests it was ever answering at once (``{"max": n}``; cleared with the rest).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from aiohttp import web
 RECEIVED = web.AppKey("received", list)
 RECEIVED_AT = web.AppKey("received_at", list)
 COOKIES = web.AppKey("cookies", list)
+IN_FLIGHT = web.AppKey("in_flight", list)  # [now, most ever]
 FAILURES = web.AppKey("failures", dict)
 HOUR = 3600.0
 
@@ -78,6 +80,16 @@ def _reply_text(body: dict[str, Any]) -> str:
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
+    counts = request.app[IN_FLIGHT]
+    counts[0] += 1
+    counts[1] = max(counts[1], counts[0])
+    try:
+        return await _chat(request)
+    finally:
+        counts[0] -= 1
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     body = orjson.loads(raw)
     request.app[RECEIVED].append(body)
@@ -315,6 +327,7 @@ async def received(request: web.Request) -> web.Response:
         request.app[RECEIVED].clear()
         request.app[RECEIVED_AT].clear()
         request.app[COOKIES].clear()
+        request.app[IN_FLIGHT][1] = request.app[IN_FLIGHT][0]
         return web.json_response({"ok": True})
     return web.Response(body=orjson.dumps(request.app[RECEIVED]), content_type="application/json")
 
@@ -329,11 +342,16 @@ async def cookies(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(request.app[COOKIES]), content_type="application/json")
 
 
+async def in_flight(request: web.Request) -> web.Response:
+    return web.json_response({"max": request.app[IN_FLIGHT][1]})
+
+
 def make_app(chunks: int = 20) -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[RECEIVED] = []
     app[RECEIVED_AT] = []
     app[COOKIES] = []
+    app[IN_FLIGHT] = [0, 0]
     app[FAILURES] = {}
     app["chunks"] = chunks
     app.router.add_post("/v1/chat/completions", chat)
@@ -342,6 +360,7 @@ def make_app(chunks: int = 20) -> web.Application:
     app.router.add_route("*", "/_requests", received)
     app.router.add_get("/_received_at", received_at)
     app.router.add_get("/_cookies", cookies)
+    app.router.add_get("/_in_flight", in_flight)
     return app
 
 

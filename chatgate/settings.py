@@ -79,6 +79,7 @@ class Settings:
     rotation_grace: int = DEFAULT_ROTATION_GRACE
     upstream_connect_timeout: float = DEFAULT_UPSTREAM_CONNECT_TIMEOUT
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    upstream_max_connections: int = 0  # per upstream base URL and process; 0: no cap
     local_model: bool = True
     local_model_name: str = DEFAULT_LOCAL_MODEL_NAME
     local_model_path: str | None = None
@@ -154,6 +155,7 @@ class Settings:
                 pick("upstream_connect_timeout", DEFAULT_UPSTREAM_CONNECT_TIMEOUT)
             ),
             upstream_timeout=float(pick("upstream_timeout", DEFAULT_UPSTREAM_TIMEOUT)),
+            upstream_max_connections=int(pick("upstream_max_connections", 0)),
             local_model=_truthy(pick("local_model", True)),
             local_model_name=pick("local_model_name", DEFAULT_LOCAL_MODEL_NAME),
             local_model_path=pick("local_model_path", None) or None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,39 @@ upstream_model = "fake-model"
         assert chat(gw, first, body).status_code == 200
         cookies = requests.get(f"http://127.0.0.1:{upstream.port}/_cookies", timeout=10).json()
         assert cookies == [None, None, None]
+    finally:
+        gw.stop()
+
+
+def test_upstream_connections_are_capped(upstream: Any, tmp_path: Path) -> None:
+    """CHATGATE_UPSTREAM_MAX_CONNECTIONS: six requests at once reach the upstream two at a
+    time, and all six are answered (the others wait for a free connection)."""
+    slow = f"""
+[[models]]
+name = "gpt-slow"
+base_url = "{upstream.base_url}"
+upstream_model = "slow"
+"""
+    gw = make_gateway(
+        tmp_path,
+        upstream=upstream,
+        extra_toml=slow,
+        extra_env={"CHATGATE_UPSTREAM_MAX_CONNECTIONS": "2"},
+    )
+    gw.start()
+    try:
+        key = new_key(gw)["key"]
+        body = {
+            "model": "gpt-slow",
+            "messages": [{"role": "user", "content": "hi"}],
+            "fake": {"delay": 0.4},
+        }
+        upstream.clear()
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda _: chat(gw, key, body).status_code, range(6)))
+        assert statuses == [200] * 6
+        seen = requests.get(f"http://127.0.0.1:{upstream.port}/_in_flight", timeout=10).json()
+        assert seen["max"] == 2
     finally:
         gw.stop()
 

@@ -118,7 +118,11 @@ class OpenAICompatBackend(Backend):
     def _session(self, base_url: str) -> aiohttp.ClientSession:
         session = self._sessions.get(base_url)
         if session is None:
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+            # At most ``upstream_max_connections`` to this upstream (0: no cap); a request
+            # waiting for a free one counts the wait in the connect timeout (aiohttp's rule).
+            connector = aiohttp.TCPConnector(
+                limit=max(self._settings.upstream_max_connections, 0), ttl_dns_cache=300
+            )
             session = aiohttp.ClientSession(
                 connector=connector,
                 # No cookie jar: an upstream's Set-Cookie would otherwise be sent back on every
