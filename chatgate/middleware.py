@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import secrets
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from chatgate import errors
+from chatgate.ids import new_id
 from chatgate.keys import format as keyfmt
 from chatgate.meter import METER
 from chatgate.state import REQUEST_ID, STATE
@@ -36,7 +36,7 @@ def _http_error(exc: web.HTTPException) -> errors.APIError:
 
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = "req_" + secrets.token_hex(12)
+    request_id = new_id("req")
     request[REQUEST_ID] = request_id
     error_code: str | None = None
     try:
