@@ -2,6 +2,9 @@
 
 - :mod:`~chatgate.usage.record` — :class:`UsageRecord`, filled on the request path.
 - :mod:`~chatgate.usage.recorder` — :class:`UsageRecorder`: queue, batched writes, spool, replay.
+- :mod:`~chatgate.usage.batch` — the SQL of one batch (records once, rollups in the same
+  transaction).
+- :mod:`~chatgate.usage.spool` — the local spool for a database outage.
 - :mod:`~chatgate.usage.tables` — ``usage_records`` and ``usage_rollups``.
 - :mod:`~chatgate.usage.queries` — reports from the rollups; the raw export.
 - :mod:`~chatgate.usage.cli` — ``chatgate usage`` and ``chatgate usage export``.

@@ -18,8 +18,9 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.db.engine import create_engine, migrate
+from chatgate.usage.batch import write_batch
 from chatgate.usage.record import UsageRecord
-from chatgate.usage.recorder import UsageRecorder, write_batch
+from chatgate.usage.recorder import UsageRecorder
 from chatgate.usage.tables import DAY, HOUR, MINUTE, to_nanos, usage_records, usage_rollups
 from tests.helpers import free_port
 from tests.usage.factory import make_record, new_account, settings_for
