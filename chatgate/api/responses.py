@@ -24,16 +24,14 @@ from chatgate.backends.base import ChatStream, Usage
 from chatgate.backends.router import Route
 from chatgate.ids import new_id
 from chatgate.sessions.chat import build_context, sessions_store
+from chatgate.sessions.response_stream import StreamTranslator, parse_chunks, sse
 from chatgate.sessions.responses import (
     ResponsesRequest,
-    StreamTranslator,
     chat_body,
     items_to_messages,
     normalize_input,
     output_items,
-    parse_chunks,
     response_object,
-    sse,
 )
 from chatgate.sessions.store import ItemPage, SessionStore
 from chatgate.sessions.trim import Policy, policy_from_settings

@@ -23,11 +23,8 @@ from typing import Any
 from chatgate import errors
 from chatgate.auth import Principal
 from chatgate.backends.router import Route
-from chatgate.sessions.responses import (
-    chat_message_to_items,
-    items_to_messages,
-    parse_chunks,
-)
+from chatgate.sessions.response_stream import parse_chunks
+from chatgate.sessions.responses import chat_message_to_items, items_to_messages
 from chatgate.sessions.store import SessionStore
 from chatgate.sessions.trim import (
     Policy,

@@ -12,9 +12,9 @@ from pydantic import TypeAdapter
 
 from chatgate import errors
 from chatgate.backends.base import Usage
+from chatgate.sessions.response_stream import StreamTranslator
 from chatgate.sessions.responses import (
     ResponsesRequest,
-    StreamTranslator,
     chat_body,
     chat_message_to_items,
     items_to_messages,

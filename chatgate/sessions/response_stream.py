@@ -1,0 +1,240 @@
+"""Responses API streams: chat completion chunks in, Responses events out
+(:class:`StreamTranslator`).
+
+The events are those the official SDK parses: ``response.created``, ``response.in_progress``,
+``response.output_item.added``, ``response.content_part.added``,
+``response.output_text.delta``/``.done``, ``response.content_part.done``,
+``response.output_item.done``, ``response.function_call_arguments.delta``/``.done``, then
+``response.completed``, ``response.incomplete`` or ``response.failed``. The items they carry
+are built as :mod:`chatgate.sessions.responses` builds a non-streamed answer's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from chatgate.backends.base import Usage
+from chatgate.ids import new_id
+from chatgate.sessions.responses import output_text
+
+__all__ = ["StreamTranslator", "parse_chunks", "sse"]
+
+
+def sse(event: Mapping[str, Any]) -> bytes:
+    """One Responses event as SSE, with its ``event:`` line as OpenAI sends it."""
+    return b"event: " + str(event["type"]).encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+def parse_chunks(event: bytes) -> tuple[list[dict[str, Any]], bool]:
+    """The JSON payloads of one chat SSE event, and whether it was ``[DONE]``."""
+    chunks: list[dict[str, Any]] = []
+    done = False
+    for line in event.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            done = True
+            continue
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(data, dict):
+            chunks.append(data)
+    return chunks, done
+
+
+class StreamTranslator:
+    """Chat completion chunks in, Responses stream events out (each with its sequence number).
+
+    Call :meth:`start`, then :meth:`feed` for every chunk, then :meth:`close` (closes the open
+    output items; :attr:`output` is then final), then :meth:`completed` or :meth:`failed` with
+    the final response object.
+    """
+
+    def __init__(self, response: Mapping[str, Any]) -> None:
+        self._response = dict(response)
+        self._seq = 0
+        self.output: list[dict[str, Any]] = []
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+        self.error: dict[str, Any] | None = None
+        self._text: dict[str, Any] | None = None  # the open message item
+        self._text_index = 0
+        self._calls: dict[int, tuple[int, dict[str, Any]]] = {}  # chat index -> output index
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": kind, "sequence_number": self._seq, **fields}
+        self._seq += 1
+        return event
+
+    def start(self) -> list[dict[str, Any]]:
+        """``response.created`` and ``response.in_progress``."""
+        snapshot = {**self._response, "status": "in_progress", "output": [], "usage": None}
+        return [
+            self._event("response.created", response=snapshot),
+            self._event("response.in_progress", response=snapshot),
+        ]
+
+    def feed(self, chunk: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The events for one ``chat.completion.chunk`` (or an ``{"error": ...}`` event)."""
+        if isinstance(chunk.get("error"), Mapping):
+            self.error = dict(chunk["error"])
+            return []
+        usage = Usage.from_openai(chunk.get("usage"))
+        if usage is not None:
+            self.usage = usage
+        events: list[dict[str, Any]] = []
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if not isinstance(text, str) or not text:
+                text = delta.get("refusal") if isinstance(delta.get("refusal"), str) else None
+            if text:
+                events += self._text_delta(text)
+            for call in delta.get("tool_calls") or ():
+                if isinstance(call, Mapping):
+                    events += self._call_delta(call)
+            if choice.get("finish_reason"):
+                self.finish_reason = str(choice["finish_reason"])
+        return events
+
+    def _text_delta(self, text: str) -> list[dict[str, Any]]:
+        events = []
+        if self._text is None:
+            events += self._close_calls()
+            item: dict[str, Any] = {
+                "id": new_id("msg"),
+                "type": "message",
+                "status": "in_progress",
+                "role": "assistant",
+                "content": [],
+            }
+            self._text, self._text_index = item, len(self.output)
+            self.output.append(item)
+            events.append(
+                self._event(
+                    "response.output_item.added", output_index=self._text_index, item=dict(item)
+                )
+            )
+            item["content"] = [output_text("")]
+            events.append(
+                self._event(
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=self._text_index,
+                    content_index=0,
+                    part=output_text(""),
+                )
+            )
+        self._text["content"][0]["text"] += text
+        events.append(
+            self._event(
+                "response.output_text.delta",
+                item_id=self._text["id"],
+                output_index=self._text_index,
+                content_index=0,
+                delta=text,
+                logprobs=[],
+            )
+        )
+        return events
+
+    def _call_delta(self, call: Mapping[str, Any]) -> list[dict[str, Any]]:
+        events = []
+        index = int(call.get("index", 0))
+        function = call.get("function") or {}
+        if index not in self._calls:
+            events += self._close_text()
+            item: dict[str, Any] = {
+                "id": new_id("fc"),
+                "type": "function_call",
+                "status": "in_progress",
+                "call_id": str(call.get("id") or new_id("call")),
+                "name": str(function.get("name") or ""),
+                "arguments": "",
+            }
+            self._calls[index] = (len(self.output), item)
+            self.output.append(item)
+            events.append(
+                self._event(
+                    "response.output_item.added", output_index=len(self.output) - 1, item=dict(item)
+                )
+            )
+        output_index, item = self._calls[index]
+        if isinstance(function.get("name"), str) and not item["name"]:
+            item["name"] = function["name"]
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            item["arguments"] += arguments
+            events.append(
+                self._event(
+                    "response.function_call_arguments.delta",
+                    item_id=item["id"],
+                    output_index=output_index,
+                    delta=arguments,
+                )
+            )
+        return events
+
+    def _status(self) -> str:
+        return "incomplete" if self.finish_reason == "length" else "completed"
+
+    def _close_text(self) -> list[dict[str, Any]]:
+        item, self._text = self._text, None
+        if item is None:
+            return []
+        part = item["content"][0]
+        item["status"] = self._status()
+        common = {"item_id": item["id"], "output_index": self._text_index, "content_index": 0}
+        return [
+            self._event("response.output_text.done", **common, text=part["text"], logprobs=[]),
+            self._event("response.content_part.done", **common, part=part),
+            self._event("response.output_item.done", output_index=self._text_index, item=item),
+        ]
+
+    def _close_calls(self) -> list[dict[str, Any]]:
+        events = []
+        for output_index, item in sorted(self._calls.values(), key=lambda pair: pair[0]):
+            if item["status"] != "in_progress":
+                continue
+            item["status"] = self._status()
+            events.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=output_index,
+                    arguments=item["arguments"],
+                )
+            )
+            events.append(
+                self._event("response.output_item.done", output_index=output_index, item=item)
+            )
+        return events
+
+    def close(self) -> list[dict[str, Any]]:
+        """Close every open output item (an empty answer still gets its message)."""
+        if not self.output and self.error is None:
+            events = self._text_delta("")
+            events[-1:] = []  # no empty delta event, just the opened item and part
+            return events + self._close_text()
+        return self._close_text() + self._close_calls()
+
+    def completed(self, response: Mapping[str, Any]) -> dict[str, Any]:
+        """``response.completed`` (or ``response.incomplete`` when cut at the output limit)."""
+        kind = (
+            "response.incomplete"
+            if response.get("status") == "incomplete"
+            else "response.completed"
+        )
+        return self._event(kind, response=dict(response))
+
+    def failed(self, response: Mapping[str, Any]) -> dict[str, Any]:
+        """``response.failed`` for an error after the stream started."""
+        return self._event("response.failed", response=dict(response))
