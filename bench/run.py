@@ -20,9 +20,9 @@ Rows, for JSON and 20-chunk SSE:
   limits-redis  the same with the limits in Redis (one Lua call per request: the admission,
                 carrying the settlements of the requests finished before it)
   litellm       LiteLLM's proxy 1.105.7, one worker, master-key auth, its defaults
-Loads: wrk at 32 connections (saturation) and at 1 (added latency), in rounds that alternate
-the order of the rows, each figure the median of the rounds; an open-loop generator at a fixed
-offered rate (bench/loadgen.py; 1,000 requests/s JSON, 300 streams/s SSE). Then: Redis
+Loads: wrk at 32 connections (saturation) and at 1 (added latency), and an open-loop generator
+at a fixed offered rate (bench/loadgen.py; 1,000 requests/s JSON, 300 streams/s SSE), each in
+rounds that alternate the order of the rows, each figure the median of the rounds. Then: Redis
 commands per request (INFO commandstats of the benchmark's own Redis), one worker vs two
 (``serve --workers 2``), memory with 10,000 keys and 1,000 open streams (bench/memory.py),
 and a py-spy profile of limits-mem under load. One table is printed; the figures go to
@@ -275,12 +275,7 @@ def main() -> None:
                     wrk(t.url, t.key, body, conns, 1)  # warm-up
                 if counting:
                     peers.redis_reset_stats(redis_url)
-                # Rounds, alternating the order, and the median of each figure: the machine
-                # is shared, and a burst of someone else's work should not decide a ratio.
-                samples: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
-                for r in range(args.rounds):
-                    for t in targets if r % 2 == 0 else targets[::-1]:
-                        samples[t.name].append(t.measure(load, body, _closed(conns, secs)))
+                samples = in_rounds(targets, args.rounds, load, body, _closed(conns, secs))
                 for t in targets:
                     rows.append({"kind": kind, **median(samples[t.name])})
                     _progress(rows[-1], began)
@@ -290,10 +285,9 @@ def main() -> None:
                     extras["redis_commands"] = stats
                     extras["redis_evalsha_per_request"] = stats.get("evalsha", 0) / max(answered, 1)
             rate = args.rate if kind == "json" else args.sse_rate
+            samples = in_rounds(targets, args.rounds, f"{rate:g}/s", body, _open(rate, secs))
             for t in targets:
-                load = f"{rate:g}/s"
-                row = t.measure(load, body, _open(rate, secs))
-                rows.append({"kind": kind, **row})
+                rows.append({"kind": kind, **median(samples[t.name])})
                 _progress(rows[-1], began)
 
         # The hot path's profile: limits-mem under wrk, sampled by py-spy (after the figures).
@@ -343,6 +337,19 @@ def _extra(extras: dict[str, Any], name: str, run: Any) -> None:
     except Exception as exc:  # the rows measured so far still make the report
         print(f"bench: {name} failed: {exc!r}", flush=True)
         extras[f"{name}_error"] = repr(exc)
+
+
+def in_rounds(
+    targets: list[Target], rounds: int, load: str, body: dict[str, Any], run: Any
+) -> dict[str, list[dict[str, Any]]]:
+    """Each target measured ``rounds`` times, the order alternating between rounds: the
+    machine is shared, and a burst of someone else's work should not decide a ratio (each
+    figure is then the median of its rounds, see :func:`median`)."""
+    samples: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+    for r in range(rounds):
+        for t in targets if r % 2 == 0 else targets[::-1]:
+            samples[t.name].append(t.measure(load, body, run))
+    return samples
 
 
 def median(samples: list[dict[str, Any]]) -> dict[str, Any]:
