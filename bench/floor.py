@@ -32,6 +32,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from granian.rsgi import ProtocolClosed
 
 SECRET = b"floor-secret"
 UPSTREAM = os.environ.get("FLOOR_UPSTREAM", "http://127.0.0.1:9100/v1") + "/chat/completions"
@@ -115,8 +116,6 @@ class Floor:
                     self.usage_tokens += usage.get("total_tokens", 0)
 
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
-        from granian.rsgi import ProtocolClosed
-
         refused = self.refuse(scope.headers.get("authorization") or "")
         if refused is not None:
             proto.response_bytes(refused[0], JSON_HEADERS, refused[1])

@@ -123,12 +123,6 @@ def redis_reset_stats(url: str) -> None:
 def start_floor(bin_dir: Path, upstream_base: str, key: str) -> Proc:
     """The bare-Python floor (bench/floor.py) on granian RSGI, on the gateway's core."""
     port = free_port()
-    env = {
-        **os.environ,
-        "FLOOR_UPSTREAM": upstream_base,
-        "FLOOR_KEY": key,
-        "PYTHONPATH": str(BENCH),
-    }
     cmd = [
         str(bin_dir / "granian"),
         "--interface",
@@ -146,21 +140,27 @@ def start_floor(bin_dir: Path, upstream_base: str, key: str) -> Proc:
         "warning",
         "floor:app",
     ]
-    proc = subprocess.Popen(pinned(GATEWAY_CORE, cmd), env=env)
-    url = f"http://127.0.0.1:{port}"
-    _wait_post(url, proc)
-    return Proc("floor", proc, url)
+    return _floor("floor", cmd, port, upstream_base, key)
 
 
 def start_floor_aiohttp(bin_dir: Path, upstream_base: str, key: str) -> Proc:
     """The same floor on aiohttp.web (chatgate's server stack), on the gateway's core."""
     port = free_port()
-    env = {**os.environ, "FLOOR_UPSTREAM": upstream_base, "FLOOR_KEY": key}
     cmd = [str(bin_dir / "python"), str(BENCH / "floor.py"), "--port", str(port)]
+    return _floor("floor-aiohttp", cmd, port, upstream_base, key)
+
+
+def _floor(name: str, cmd: list[str], port: int, upstream_base: str, key: str) -> Proc:
+    env = {
+        **os.environ,
+        "FLOOR_UPSTREAM": upstream_base,
+        "FLOOR_KEY": key,
+        "PYTHONPATH": str(BENCH),
+    }
     proc = subprocess.Popen(pinned(GATEWAY_CORE, cmd), env=env)
     url = f"http://127.0.0.1:{port}"
     _wait_post(url, proc)
-    return Proc("floor-aiohttp", proc, url)
+    return Proc(name, proc, url)
 
 
 def start_litellm(bin_dir: Path, upstream_base: str, workdir: Path, master_key: str) -> Proc:
