@@ -65,15 +65,30 @@ def _rows_from_json(dialect: str, table: sa.Table, columns: Sequence[str]) -> st
     return f"SELECT {values} FROM json_each(?) WHERE true"  # noqa: S608 - our column indexes
 
 
+def _records_insert(dialect: str, returning: str) -> str:
+    """Insert the raw rows bound as JSON, skipping request ids already stored."""
+    source = _rows_from_json(dialect, usage_records, RECORD_COLUMNS)
+    return (
+        f"INSERT INTO {usage_records.name} ({', '.join(RECORD_COLUMNS)}) {source} "
+        f"ON CONFLICT (request_id) DO NOTHING RETURNING {returning}"
+    )
+
+
+def _rollups_upsert(source: str) -> str:
+    """Add the rollup increments ``source`` selects (one row per primary key)."""
+    table = usage_rollups.name
+    updates = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in ROLLUP_SUMS)
+    return (
+        f"INSERT INTO {table} ({', '.join(ROLLUP_COLUMNS)}) {source} "
+        f"ON CONFLICT ({', '.join(ROLLUP_KEY)}) DO UPDATE SET {updates}"
+    )
+
+
 def _insert_sql(dialect: str) -> str:
     """Insert raw rows, skipping request ids already stored; returns the ids added."""
     sql = _SQL.get(("records", dialect))
     if sql is None:
-        source = _rows_from_json(dialect, usage_records, RECORD_COLUMNS)
-        sql = _SQL["records", dialect] = (
-            f"INSERT INTO {usage_records.name} ({', '.join(RECORD_COLUMNS)}) {source} "
-            "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
-        )
+        sql = _SQL["records", dialect] = _records_insert(dialect, "request_id")
     return sql
 
 
@@ -82,12 +97,7 @@ def _upsert_sql(dialect: str) -> str:
     sql = _SQL.get(("rollups", dialect))
     if sql is None:
         source = _rows_from_json(dialect, usage_rollups, ROLLUP_COLUMNS)
-        table = usage_rollups.name
-        updates = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in ROLLUP_SUMS)
-        sql = _SQL["rollups", dialect] = (
-            f"INSERT INTO {table} ({', '.join(ROLLUP_COLUMNS)}) {source} "
-            f"ON CONFLICT ({', '.join(ROLLUP_KEY)}) DO UPDATE SET {updates}"
-        )
+        sql = _SQL["rollups", dialect] = _rollups_upsert(source)
     return sql
 
 
@@ -150,12 +160,6 @@ def _rollups(rows: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return [k + tuple(v) for k, v in sorted(sums.items())]
 
 
-def rollup_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rollup increments for raw rows given as column dicts (see :func:`_rollups`)."""
-    tuples = (tuple(row[c] for c in RECORD_COLUMNS) for row in rows)
-    return [dict(zip(ROLLUP_COLUMNS, r, strict=True)) for r in _rollups(tuples)]
-
-
 async def write_batch(conn: AsyncConnection, records: Sequence[UsageRecord]) -> int:
     """Insert ``records`` and add the new ones to the rollups, in the caller's transaction.
 
@@ -198,15 +202,11 @@ def _batch_sql_pg() -> str:
     sql = _SQL.get(("batch", "postgresql"))
     if sql is not None:
         return sql
-    source = _rows_from_json("postgresql", usage_records, RECORD_COLUMNS)
-    table = usage_rollups.name
     widths = ", ".join(f"({w})" for w in WIDTHS)
-    key = ", ".join(ROLLUP_KEY)
     order = ", ".join(
         f'g.{c} COLLATE "C"' if isinstance(usage_rollups.c[c].type, sa.String) else f"g.{c}"
         for c in ROLLUP_KEY
     )
-    updates = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in ROLLUP_SUMS)
     sums = {
         "requests": "count(*)",
         "prompt_tokens": "sum(i.prompt_tokens)",
@@ -223,14 +223,14 @@ def _batch_sql_pg() -> str:
         f"FROM new_rows AS i CROSS JOIN (VALUES {widths}) AS w (width) "
         "GROUP BY 1, 2, 3, 4, 5, 6"
     )
+    returning = (
+        "created_at, account_id, key_id, model, endpoint, prompt_tokens, completion_tokens, "
+        "cost_nanousd, status"
+    )
+    increments = f"SELECT g.* FROM ({grouped}) AS g ORDER BY {order}"  # noqa: S608
     sql = _SQL["batch", "postgresql"] = (
-        f"WITH new_rows AS (INSERT INTO {usage_records.name} ({', '.join(RECORD_COLUMNS)}) "  # noqa: S608
-        f"{source} ON CONFLICT (request_id) DO NOTHING "
-        "RETURNING created_at, account_id, key_id, model, endpoint, prompt_tokens, "
-        "completion_tokens, cost_nanousd, status), "
-        f"rolled AS (INSERT INTO {table} ({', '.join(ROLLUP_COLUMNS)}) "
-        f"SELECT g.* FROM ({grouped}) AS g ORDER BY {order} "
-        f"ON CONFLICT ({key}) DO UPDATE SET {updates}) "
+        f"WITH new_rows AS ({_records_insert('postgresql', returning)}), "  # noqa: S608
+        f"rolled AS ({_rollups_upsert(increments)}) "
         "SELECT count(*) FROM new_rows"
     )
     return sql
@@ -240,4 +240,4 @@ def _json(rows: Iterable[tuple[Any, ...]]) -> str:
     return orjson.dumps(list(rows)).decode()
 
 
-__all__ = ["ROWS_PER_TURN", "rollup_rows", "write_batch"]
+__all__ = ["ROWS_PER_TURN", "write_batch"]
