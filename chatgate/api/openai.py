@@ -8,6 +8,7 @@ authenticate (in-process cache, no database) -> validate -> route -> call the ba
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -236,22 +237,17 @@ async def embeddings(request: web.Request) -> web.Response:
     req, route = call.req, call.route
     upstream_model = route.model.upstream_model
 
-    counted: list[int] = []  # the input's token count, once: admit and metering share it
-
+    @functools.cache  # counted once: the admission and the metering share it
     def reserve() -> int:
-        if not counted:
-            texts = [req.input] if isinstance(req.input, str) else req.input
-            counted.append(
-                sum(
-                    tokens.count_text(t, upstream_model)
-                    if isinstance(t, str)
-                    else len(t)
-                    if isinstance(t, list)
-                    else 1
-                    for t in texts
-                )
-            )
-        return counted[0]
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        return sum(
+            tokens.count_text(t, upstream_model)
+            if isinstance(t, str)
+            else len(t)
+            if isinstance(t, list)
+            else 1
+            for t in texts
+        )
 
     admission = await call.admit(reserve)
     try:
