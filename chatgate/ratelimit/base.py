@@ -28,7 +28,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,6 +44,7 @@ __all__ = [
     "Reservation",
     "month_end",
     "month_of",
+    "month_span",
 ]
 
 log = logging.getLogger("chatgate.ratelimit")
@@ -80,14 +81,22 @@ _month_span: tuple[float, float, str] = (0.0, -1.0, "")
 
 def month_of(ts: float) -> str:
     """The UTC calendar month of unix time ``ts`` as ``"YYYY-MM"``."""
-    global _month_span
     start, end, text = _month_span
     if start <= ts < end:
         return text
+    return month_span(ts)[2]
+
+
+def month_span(ts: float) -> tuple[float, float, str]:
+    """The UTC calendar month of unix time ``ts``: (its first second, the next month's, its
+    ``"YYYY-MM"``)."""
+    global _month_span
+    if _month_span[0] <= ts < _month_span[1]:
+        return _month_span
     t = time.gmtime(ts)
     text = f"{t.tm_year:04d}-{t.tm_mon:02d}"
     _month_span = (float(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))), month_end(text), text)
-    return text
+    return _month_span
 
 
 @functools.lru_cache(maxsize=64)
@@ -269,6 +278,21 @@ def rate_status(check: Check, level: float) -> RateStatus:
     return RateStatus(check.limit, remaining if remaining > 0 else 0, reset if reset > 0 else 0.0)
 
 
+def most_restrictive(pairs: Iterable[tuple[Check, float]]) -> RateStatus | None:
+    """Header values for the most restrictive of rate checks of one kind, each with its
+    bucket's level: the fewest remaining, then the longest reset; the first on a tie."""
+    best: RateStatus | None = None
+    for check, level in pairs:
+        status = rate_status(check, level)
+        if (
+            best is None
+            or status.remaining < best.remaining
+            or (status.remaining == best.remaining and status.reset_after > best.reset_after)
+        ):
+            best = status
+    return best
+
+
 def decide(
     checks: Sequence[Check],
     levels: Sequence[float],
@@ -283,26 +307,12 @@ def decide(
     ``failed`` is the index of the first failing check, or ``None``.
     """
     after = failed is None
-    # Per kind, the most restrictive rate check: (remaining, -reset_after, check, level).
-    best: dict[str, tuple[int, float, Check, float]] = {}
+    rates: dict[str, list[tuple[Check, float]]] = {"requests": [], "tokens": []}
     for check, level, cost in zip(checks, levels, costs, strict=True):
-        if not check.is_rate:
-            continue
-        if after:
-            level += cost
-        limit = check.limit
-        used = math.ceil(level - EPS)
-        remaining = limit - used if used > 0 else limit
-        if remaining < 0:
-            remaining = 0
-        reset = level * check.window / limit if limit > 0 else check.window
-        if reset < 0:
-            reset = 0.0
-        prev = best.get(check.kind)
-        if prev is None or remaining < prev[0] or (remaining == prev[0] and -reset < prev[1]):
-            best[check.kind] = (remaining, -reset, check, level)
-    requests = rate_status(best["requests"][2], best["requests"][3]) if "requests" in best else None
-    tokens = rate_status(best["tokens"][2], best["tokens"][3]) if "tokens" in best else None
+        if check.is_rate:
+            rates[check.kind].append((check, level + cost if after else level))
+    requests = most_restrictive(rates["requests"])
+    tokens = most_restrictive(rates["tokens"])
     if failed is None:
         return Decision(True, reservation, requests=requests, tokens=tokens)
     check = checks[failed]

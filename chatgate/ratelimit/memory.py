@@ -12,6 +12,7 @@ sweep, so each stale entry is found within one pass over the dict.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -30,6 +31,9 @@ from .base import (
     decide,
     month_end,
     month_of,
+    month_span,
+    most_restrictive,
+    rate_status,
 )
 
 __all__ = ["MemoryLimiter"]
@@ -83,6 +87,59 @@ class _Counter:
 
 _Entry = _Bucket | _Leases | _Counter
 
+_MAX_PROGRAMS = 20_000
+"""Compiled check tuples kept (two entries per key: its checks and their resolved form)."""
+
+
+class _Program:
+    """A tuple of checks as :meth:`MemoryLimiter.acquire` reads it, for one quota month.
+
+    Per kind, the bucket key, the limit with the float tolerance added, and what the step
+    needs: a rate's drain per second and whether it charges tokens; a quota's expiry. Plus
+    which rate checks answer the requests and the tokens headers, and which buckets appear
+    first (``first``: a repeated bucket is settled once).
+    """
+
+    __slots__ = (
+        "checks",
+        "leases",
+        "quotas",
+        "rates",
+        "requests",
+        "resolved",
+        "resolved_rates",
+        "since",
+        "tokens",
+        "until",
+    )
+
+    def __init__(self, checks: Sequence[Check], now: float) -> None:
+        self.checks = checks
+        self.since, self.until = -math.inf, math.inf
+        if any(check.floating for check in checks):
+            self.since, self.until, _ = month_span(now)
+        self.resolved = tuple(check.resolved(now) for check in checks)
+        seen: set[str] = set()
+        rates: list[tuple[str, float, float, bool, bool]] = []
+        rate_checks: list[Check] = []
+        leases: list[tuple[str, float]] = []
+        quotas: list[tuple[str, float, float, bool]] = []
+        for check in self.resolved:
+            key, limit, first = check.key, check.limit + EPS, check.key not in seen
+            seen.add(key)
+            if check.is_rate:
+                rates.append((key, limit, check.rate, check.charges_tokens, first))
+                rate_checks.append(check)
+            elif check.kind == "concurrency":
+                leases.append((key, limit))
+            else:
+                assert check.month is not None
+                quotas.append((key, limit, month_end(check.month) + QUOTA_RETENTION, first))
+        self.rates, self.leases, self.quotas = tuple(rates), tuple(leases), tuple(quotas)
+        self.resolved_rates = tuple(rate_checks)
+        self.requests = tuple(i for i, c in enumerate(rate_checks) if c.kind == "requests")
+        self.tokens = tuple(i for i, c in enumerate(rate_checks) if c.kind == "tokens")
+
 
 class MemoryLimiter(Limiter):
     """Per-process limits. ``clock`` is unix time (injectable for deterministic tests)."""
@@ -99,6 +156,7 @@ class MemoryLimiter(Limiter):
         self._concurrency_retry = concurrency_retry
         self._state: OrderedDict[str, _Entry] = OrderedDict()
         self._ledger = Ledger(clock)
+        self._programs: dict[int, _Program] = {}  # by id() of a checks tuple (see _program)
         # Lease ids: a random prefix per limiter and a counter (unique, and no syscall each).
         self._lease_prefix = secrets.token_hex(6) + "-"
         self._leases_issued = 0
@@ -145,116 +203,168 @@ class MemoryLimiter(Limiter):
         assert check.month is not None
         return max(month_end(check.month) - now, 0.0)
 
+    def _program(self, checks: Sequence[Check], now: float) -> _Program:
+        """``checks`` compiled for ``now``'s month: kept for a tuple (the gateway passes the
+        same tuple for every request of a key), built afresh for anything else."""
+        program = self._programs.get(id(checks))
+        fresh = program is not None and program.since <= now < program.until
+        if fresh and program.checks is checks:  # type: ignore[union-attr]
+            return program  # type: ignore[return-value]
+        program = _Program(checks, now)
+        if isinstance(checks, tuple):  # immutable: safe to keep by identity
+            if len(self._programs) >= _MAX_PROGRAMS:
+                self._programs.clear()  # rebuilt on their next request: cheap
+            self._programs[id(checks)] = program
+            self._programs[id(program.resolved)] = program  # for settle(), by its reservation
+        return program
+
     async def acquire(self, checks: Sequence[Check], cost_tokens: int = 0) -> Decision:
         """Take every check or none; no await between check and take (atomic on one loop).
 
-        One pass reads each bucket's level (keeping the entry found), a second takes them
-        all: the hot path of every limited request, so written out inline.
+        The hot path of every limited request, so written out inline over the checks'
+        precompiled form (:class:`_Program`): one pass reads each bucket's level and stops at
+        the first that would overflow, a second takes them all. A refusal is worked out again
+        in full by :meth:`_refuse`, in the checks' own order.
         """
         now = self._clock()
+        program = self._program(checks, now)
         state = self._state
-        resolved = tuple([c.resolved(now) if c.floating else c for c in checks])
-        levels: list[float] = []
-        costs: list[int] = []
-        entries: list[_Entry | None] = []
-        for i, check in enumerate(resolved):
-            cost = cost_tokens if check.charges_tokens else 1
-            entry = state.get(check.key)
-            if check.is_rate:
-                if not isinstance(entry, _Bucket):
-                    entry, level = None, 0.0
-                else:
-                    level = entry.level
-                    elapsed = now - entry.stamp
-                    if elapsed > 0.0 and check.limit > 0:
-                        level -= elapsed * check.rate
-                        if level < 0.0:
-                            level = 0.0
-            elif check.kind == "concurrency":
-                if isinstance(entry, _Leases):
-                    level = float(entry.prune(now))
-                else:
-                    entry, level = None, 0.0
-            elif isinstance(entry, _Counter):
-                level = float(entry.used)
+        rate_levels: list[float] = []
+        rate_entries: list[_Bucket | None] = []
+        for key, limit, rate, tokens, _ in program.rates:
+            bucket = state.get(key)
+            if bucket is None:
+                level = 0.0
             else:
-                entry, level = None, 0.0
-            levels.append(level)
-            costs.append(cost)
-            entries.append(entry)
-            if level + cost > check.limit + EPS:
-                retry = self._retry(check, level, cost, now)
-                for later in resolved[i + 1 :]:  # the rest only for the headers
-                    levels.append(self._level(later, now))
-                    costs.append(cost_tokens if later.charges_tokens else 1)
-                self._sweep(now, 2)
-                return decide(resolved, levels, costs, i, retry, None)
+                level = bucket.level  # type: ignore[union-attr]
+                elapsed = now - bucket.stamp  # type: ignore[union-attr]
+                if elapsed > 0.0:
+                    level -= elapsed * rate
+                    if level < 0.0:
+                        level = 0.0
+            if level + (cost_tokens if tokens else 1) > limit:
+                return self._refuse(program.resolved, cost_tokens, now)
+            rate_levels.append(level)
+            rate_entries.append(bucket)  # type: ignore[arg-type]
+        lease_entries: list[_Leases | None] = []
+        for key, limit in program.leases:
+            leases = state.get(key)
+            if (leases.prune(now) if leases is not None else 0) + 1 > limit:  # type: ignore[union-attr]
+                return self._refuse(program.resolved, cost_tokens, now)
+            lease_entries.append(leases)  # type: ignore[arg-type]
+        quota_used: list[int] = []
+        quota_entries: list[_Counter | None] = []
+        for key, limit, _, _ in program.quotas:
+            counter = state.get(key)
+            used = counter.used if counter is not None else 0  # type: ignore[union-attr]
+            if used + cost_tokens > limit:
+                return self._refuse(program.resolved, cost_tokens, now)
+            quota_used.append(used)
+            quota_entries.append(counter)  # type: ignore[arg-type]
+
         self._leases_issued += 1
         lease_id = f"{self._lease_prefix}{self._leases_issued:x}"
         added = 0
-        for check, level, cost, entry in zip(resolved, levels, costs, entries, strict=True):
-            if check.is_rate:
-                if entry is not None:
-                    entry.set(level + cost, now, check.rate)  # type: ignore[union-attr]
-                else:
-                    state[check.key] = _Bucket(level + cost, now, check.rate)
-                    added += 1
-            elif check.kind == "concurrency":
-                if entry is None:
-                    entry = state[check.key] = _Leases()
-                    added += 1
-                entry.leases[lease_id] = entry.expires_at = now + self._lease_ttl  # type: ignore[union-attr]
-            elif entry is not None:
-                entry.used = int(level + cost)  # type: ignore[union-attr]
+        after: list[float] = []
+        for (key, _, rate, tokens, _), level, bucket in zip(
+            program.rates, rate_levels, rate_entries, strict=True
+        ):
+            level += cost_tokens if tokens else 1
+            after.append(level)
+            if bucket is not None:
+                bucket.set(level, now, rate)
             else:
-                assert check.month is not None
-                expiry = month_end(check.month) + QUOTA_RETENTION
-                state[check.key] = _Counter(int(level + cost), expiry)
+                state[key] = _Bucket(level, now, rate)
+                added += 1
+        expiry = now + self._lease_ttl
+        for (key, _), leases in zip(program.leases, lease_entries, strict=True):
+            if leases is None:
+                leases = state[key] = _Leases()
+                added += 1
+            leases.leases[lease_id] = leases.expires_at = expiry
+        for (key, _, kept_until, _), used, counter in zip(
+            program.quotas, quota_used, quota_entries, strict=True
+        ):
+            if counter is not None:
+                counter.used = used + cost_tokens  # set, not add: a repeated check charges once
+            else:
+                state[key] = _Counter(used + cost_tokens, kept_until)
                 added += 1
         self._ledger.add(lease_id, now)
         # Look at two more entries than this call added: stale ones are found within a pass,
         # itself done in len(state) / 2 admissions (settlements sweep only what they add).
         self._sweep(now, added + 2)
-        reservation = Reservation(lease_id, resolved, cost_tokens)
-        return decide(resolved, levels, costs, None, 0.0, reservation)
+        requests = program.requests
+        tokens_at = program.tokens
+        return Decision(
+            True,
+            Reservation(lease_id, program.resolved, cost_tokens),
+            requests=(
+                rate_status(program.resolved_rates[requests[0]], after[requests[0]])
+                if len(requests) == 1
+                else most_restrictive((program.resolved_rates[i], after[i]) for i in requests)
+            ),
+            tokens=(
+                rate_status(program.resolved_rates[tokens_at[0]], after[tokens_at[0]])
+                if len(tokens_at) == 1
+                else most_restrictive((program.resolved_rates[i], after[i]) for i in tokens_at)
+            ),
+        )
+
+    def _refuse(self, resolved: tuple[Check, ...], cost_tokens: int, now: float) -> Decision:
+        """The refusal for checks one of which fails: the first failing one, in their order."""
+        levels = [self._level(check, now) for check in resolved]
+        costs = [cost_tokens if check.charges_tokens else 1 for check in resolved]
+        failed = next(
+            i for i, check in enumerate(resolved) if levels[i] + costs[i] > check.limit + EPS
+        )
+        retry = self._retry(resolved[failed], levels[failed], costs[failed], now)
+        self._sweep(now, 2)
+        return decide(resolved, levels, costs, failed, retry, None)
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> bool:
         """Move token and quota usage from reserved to actual; free the concurrency slot."""
         if not self._ledger.take(reservation.lease_id):
             return False
         delta = actual_tokens - reservation.tokens
+        program = self._programs.get(id(reservation.checks))
+        if program is None or program.resolved is not reservation.checks:
+            program = _Program(reservation.checks, 0.0)  # resolved already: any time will do
         state = self._state
-        now = 0.0
-        seen: set[str] = set()
+        lease_id = reservation.lease_id
+        for key, _ in program.leases:
+            leases = state.get(key)
+            if leases is not None:
+                leases.leases.pop(lease_id, None)  # type: ignore[union-attr]
+        if not delta:
+            return True
+        now = self._clock()
         added = 0
-        for check in reservation.checks:
-            kind = check.kind
-            if kind == "requests" or (not delta and kind != "concurrency"):
-                continue  # nothing to give back or charge
-            key = check.key
-            if key in seen:
+        for key, _, rate, tokens, first in program.rates:
+            if not tokens or not first:  # requests: nothing to give back; a repeat: done
                 continue
-            seen.add(key)
-            entry = state.get(key)
-            if kind == "concurrency":
-                if isinstance(entry, _Leases):
-                    entry.leases.pop(reservation.lease_id, None)
-                continue
-            now = now or self._clock()
-            if kind == "tokens":
-                level = self._level(check, now) + delta
-                if level <= 0:
-                    state.pop(key, None)
-                elif isinstance(entry, _Bucket):
-                    entry.set(level, now, check.rate)
-                else:
-                    state[key] = _Bucket(level, now, check.rate)
-                    added += 1
-            elif isinstance(entry, _Counter):  # quota
-                entry.used = max(entry.used + delta, 0)
+            bucket = state.get(key)
+            level = float(delta)
+            if bucket is not None:
+                level += bucket.level  # type: ignore[union-attr]
+                elapsed = now - bucket.stamp  # type: ignore[union-attr]
+                if elapsed > 0.0:
+                    level -= min(elapsed * rate, bucket.level)  # type: ignore[union-attr]
+            if level <= 0:
+                state.pop(key, None)
+            elif bucket is not None:
+                bucket.set(level, now, rate)  # type: ignore[union-attr]
             else:
-                assert check.month is not None
-                state[key] = _Counter(max(delta, 0), month_end(check.month) + QUOTA_RETENTION)
+                state[key] = _Bucket(level, now, rate)
+                added += 1
+        for key, _, kept_until, first in program.quotas:
+            if not first:
+                continue
+            counter = state.get(key)
+            if counter is not None:
+                counter.used = max(counter.used + delta, 0)  # type: ignore[union-attr]
+            else:
+                state[key] = _Counter(max(delta, 0), kept_until)
                 added += 1
         if added:  # the admissions' sweep covers the rest
             self._sweep(now, added + 1)

@@ -7,13 +7,15 @@ of leases; quotas as a dict per month. Times are multiples of 1/1024 s so the fa
 floats are exact and any float disagreement is the implementation's.
 
 The limiter's coroutines are driven by hand: they must finish without ever suspending,
-which is what makes ``acquire`` atomic on an event loop.
+which is what makes ``acquire`` atomic on an event loop. Half the requests pass the same
+tuple of checks again, as the gateway does, so the limiter's compiled form of a tuple is used
+across time and across the month boundary, not only built.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, TypeVar
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from chatgate.ratelimit import Check, MemoryLimiter, Reservation, month_end, month_of
+from chatgate.ratelimit.base import decide
 
 T = TypeVar("T")
 START = 1796083140  # 2026-11-30 23:59:00 UTC: runs cross into December
@@ -125,6 +128,7 @@ class LimiterMachine(RuleBasedStateMachine):
         self.model = Model()
         self.checks: list[Check] = []
         self.open: list[Reservation] = []
+        self.tuples: dict[tuple[int, ...], tuple[Check, ...]] = {}
 
     @initialize(
         rpm=st.integers(1, 6),
@@ -162,7 +166,9 @@ class LimiterMachine(RuleBasedStateMachine):
     def acquire(self, data: st.DataObject, tokens: int) -> None:
         order = data.draw(st.permutations(range(len(self.checks))))
         count = data.draw(st.integers(0, len(self.checks)))
-        checks = [self.checks[i] for i in order[:count]]
+        checks: Sequence[Check] = [self.checks[i] for i in order[:count]]
+        if data.draw(st.booleans()):  # the same tuple again, as the gateway passes a key's
+            checks = self.tuples.setdefault(tuple(order[:count]), tuple(checks))
         now = self.clock.now
         costs = [c.cost(tokens) for c in checks]
         states = [self.model.state(c, now) for c in checks]
@@ -177,6 +183,18 @@ class LimiterMachine(RuleBasedStateMachine):
         if not failing:
             assert decision.allowed, decision
             assert decision.reservation is not None
+            # The headers agree with the shared rule (decide) over the model's levels.
+            resolved = [c.resolved(float(now)) for c in checks]
+            levels = [float(x) for x in states]
+            expect = decide(resolved, levels, costs, None, 0.0, None)
+            for got, want in (
+                (decision.requests, expect.requests),
+                (decision.tokens, expect.tokens),
+            ):
+                assert (got is None) == (want is None)
+                if got is not None and want is not None:
+                    assert (got.limit, got.remaining) == (want.limit, want.remaining)
+                    assert math.isclose(got.reset_after, want.reset_after, abs_tol=1e-6)
             for check, cost in zip(checks, costs, strict=True):
                 self.model.take(check, cost, decision.reservation.lease_id, now)
             self.open.append(decision.reservation)

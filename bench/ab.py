@@ -1,0 +1,126 @@
+"""Same-run A/B of chatgate configurations and source trees: the tool behind a "this change
+saves N us a request" claim.
+
+    .venv/bin/python bench/ab.py                                  # the four configurations
+    .venv/bin/python bench/ab.py --config all --tree new=. --tree old=/tmp/old-worktree
+
+Each target (a configuration of one source tree) is one gateway process on the gateway core,
+with the fake upstream, wrk and the benchmark's own PostgreSQL on the other core, as in
+bench/run.py. A tree is put first on the gateway's ``PYTHONPATH`` (a ``git worktree add`` of
+another commit, say), so two versions of the code run side by side against the same peers.
+Rounds alternate the order of the targets; each figure is the median of the rounds, and the
+ratios are to the first target. The machine is noisy: trust a difference only when it holds
+in both the requests/s and the CPU per request, and rerun once before believing it.
+
+Configurations (JSON, wrk at 32 connections):
+  bare     a key on a plan without limits, usage recording off (bench/run.py's bare)
+  usage    the same key, usage recording on (PostgreSQL) and metrics
+  limits   in-process limits on every check, usage recording off
+  all      limits and usage recording (bench/run.py's limits-mem)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import peers  # noqa: E402
+from run import (  # noqa: E402
+    BODY,
+    STREAM_BODY,
+    Target,
+    in_rounds,
+    key_for,
+    start_fake_upstream,
+    start_gateway,
+    wrk,
+)
+
+CONFIGS: dict[str, tuple[dict[str, str], bool]] = {
+    "bare": ({"CHATGATE_USAGE_ENABLED": "0"}, False),
+    "usage": ({}, False),
+    "limits": ({"CHATGATE_USAGE_ENABLED": "0"}, True),
+    "all": ({}, True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="bare,usage,limits,all", help="comma-separated")
+    parser.add_argument(
+        "--tree", action="append", default=[], help="NAME=PATH, first on PYTHONPATH (repeat)"
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--sse", action="store_true", help="20-chunk streams instead of JSON")
+    args = parser.parse_args()
+    trees = [tuple(t.split("=", 1)) for t in args.tree] or [("", "")]
+    configs = args.config.split(",")
+    body = STREAM_BODY if args.sse else BODY
+
+    work = Path(tempfile.mkdtemp(prefix="chatgate-ab-"))
+    upstream = start_fake_upstream(work)
+    pg_server = peers.start_pg()
+    gateways = []
+    try:
+        targets: list[Target] = []
+        for tree_name, path in trees:
+            for config in configs:
+                env, limited = CONFIGS[config]
+                name = f"{tree_name}:{config}" if tree_name else config
+                if path:
+                    env = {**env, "PYTHONPATH": str(Path(path).resolve())}
+                gw = start_gateway(work / name.replace(":", "-"), upstream, pg_server.url, env)
+                gateways.append(gw)
+                assert gw.proc is not None
+                url = gw.url + "/v1/chat/completions"
+                targets.append(Target(name, url, key_for(gw, limited), gw.proc.pid))
+        for t in targets:
+            peers.post_ok(t.url, t.key, BODY)
+            wrk(t.url, t.key, body, args.connections, 1)  # warm-up
+        conns, secs = args.connections, args.seconds
+        samples = in_rounds(
+            targets,
+            args.rounds,
+            f"{conns} conn",
+            body,
+            lambda url, key, b: wrk(url, key, b, conns, secs),
+        )
+    finally:
+        for gw in gateways:
+            gw.stop()
+        upstream.proc.terminate()
+        upstream.proc.wait(20)
+        pg_server.close()
+        shutil.rmtree(work, ignore_errors=True)
+    report(targets, samples)
+
+
+def report(targets: list[Target], samples: dict[str, list[dict[str, Any]]]) -> None:
+    first = targets[0].name
+    base_rps = statistics.median(s["rps"] for s in samples[first])
+    base_cpu = statistics.median(s["cpu_ms_per_req"] for s in samples[first])
+    print(f"{'target':<20}{'rps':>9}{'us/req':>9}{'rps x':>8}{'cpu x':>8}  rounds (rps)")
+    for t in targets:
+        rows = samples[t.name]
+        rps = statistics.median(s["rps"] for s in rows)
+        cpu = statistics.median(s["cpu_ms_per_req"] for s in rows)
+        each = " ".join(f"{s['rps']:.0f}" for s in rows)
+        errors = sum(s["errors"] for s in rows)
+        print(
+            f"{t.name:<20}{rps:>9.0f}{cpu * 1000:>9.1f}{rps / base_rps:>8.3f}"
+            f"{cpu / base_cpu:>8.3f}  {each}" + (f"  ERRORS {errors}" if errors else "")
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Instructions per request, counted by callgrind: an A/B that the machine's noise cannot move.
+
+    .venv/bin/python bench/instr.py                                # bare, usage, limits, all
+    .venv/bin/python bench/instr.py --config all --tree new=. --tree old=/tmp/old-worktree
+
+This machine is a shared VM: two runs of the same gateway differ by 10-30% in requests/s, so a
+change worth a few percent cannot be seen in wall-clock figures (bench/ab.py needs many rounds,
+and even then). ``valgrind --tool=callgrind`` counts the instructions the gateway executes
+instead, which repeat to within a fraction of a percent whatever else the machine does. It
+counts user space only: the system calls' kernel time and cache misses are not in it, so it
+ranks changes to chatgate's own Python (what this is for), not changes to I/O.
+
+Per target (a configuration of one source tree, as in bench/ab.py): the gateway is started
+normally to create its key, then again under callgrind with collection off; after a warm-up,
+collection is switched on for ``--requests`` requests (wrk, 8 connections, so requests queue
+as at saturation), and the total is divided by the requests answered. A run takes a few
+minutes per target: Python under valgrind is ~50x slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import peers  # noqa: E402
+from ab import CONFIGS  # noqa: E402
+from run import BODY, key_for, start_fake_upstream, start_gateway, wrk  # noqa: E402
+
+from tests.helpers import BIN, free_port, wait_http  # noqa: E402
+
+
+def instructions(out_file: Path) -> int:
+    """The total instruction count (``Ir``) of a callgrind dump."""
+    text = out_file.read_text()
+    found = re.findall(r"^totals: (\d+)", text, re.M)
+    if not found:
+        raise RuntimeError(f"no totals in {out_file}")
+    return int(found[-1])
+
+
+def _control(pid: int, instrumentation: str) -> None:
+    """Switch callgrind's collection on or off (it exits 0 even when it found no process)."""
+    out = subprocess.run(
+        ["callgrind_control", "-i", instrumentation, str(pid)], capture_output=True, text=True
+    ).stdout
+    if "OK" not in out:
+        raise RuntimeError(f"callgrind_control -i {instrumentation} {pid}: {out.strip()}")
+
+
+def count(gw_env: dict[str, str], workdir: Path, key: str, requests: int) -> tuple[int, int]:
+    """(instructions, requests answered) for ``requests`` requests, under callgrind."""
+    port = free_port()
+    out_file = workdir / "callgrind.out"
+    cmd = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out_file}",
+        str(BIN / "chatgate"),
+        "serve",
+        "--port",
+        str(port),
+    ]
+    with open(workdir / "valgrind.log", "ab") as log:
+        proc = subprocess.Popen(
+            peers.pinned(peers.GATEWAY_CORE, cmd), env=gw_env, cwd=workdir, stdout=log, stderr=log
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz", proc, timeout=600)
+        for _ in range(3):  # warm-up: imports, caches, pools
+            wrk(url + "/v1/chat/completions", key, BODY, 8, 10)
+        _control(proc.pid, "on")
+        answered = 0
+        began = time.monotonic()
+        while answered < requests and time.monotonic() - began < 900:
+            answered += wrk(url + "/v1/chat/completions", key, BODY, 8, 10)["requests"]
+        _control(proc.pid, "off")
+    finally:
+        proc.terminate()
+        proc.wait(300)
+    return instructions(out_file), answered
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="bare,usage,limits,all", help="comma-separated")
+    parser.add_argument(
+        "--tree", action="append", default=[], help="NAME=PATH, first on PYTHONPATH (repeat)"
+    )
+    parser.add_argument("--requests", type=int, default=2000)
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        raise SystemExit("bench: valgrind is missing (apt-get install valgrind)")
+    trees = [tuple(t.split("=", 1)) for t in args.tree] or [("", "")]
+    work = Path(tempfile.mkdtemp(prefix="chatgate-instr-"))
+    upstream = start_fake_upstream(work)
+    pg_server = peers.start_pg()
+    results: list[tuple[str, int, int]] = []
+    try:
+        for tree_name, path in trees:
+            for config in args.config.split(","):
+                env, limited = CONFIGS[config]
+                name = f"{tree_name}:{config}" if tree_name else config
+                if path:
+                    env = {**env, "PYTHONPATH": str(Path(path).resolve())}
+                gw = start_gateway(work / name.replace(":", "-"), upstream, pg_server.url, env)
+                try:
+                    key = key_for(gw, limited)
+                finally:
+                    gw.stop()
+                total, answered = count(gw.env, gw.workdir, key, args.requests)
+                results.append((name, total, answered))
+                print(
+                    f"{name}: {total / answered:,.0f} instructions/request ({answered})", flush=True
+                )
+    finally:
+        upstream.proc.terminate()
+        upstream.proc.wait(20)
+        pg_server.close()
+        shutil.rmtree(work, ignore_errors=True)
+    base = results[0][1] / results[0][2]
+    print(f"\n{'target':<20}{'instr/req':>12}{'x first':>9}")
+    for name, total, answered in results:
+        per = total / answered
+        print(f"{name:<20}{per:>12,.0f}{per / base:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
