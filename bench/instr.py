@@ -20,7 +20,9 @@ minutes per target: Python under valgrind is ~50x slower.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -47,6 +49,9 @@ def instructions(out_file: Path) -> int:
     return int(found[-1])
 
 
+KEEP: Path | None = None  # --keep: where the callgrind files are copied
+
+
 def _control(pid: int, instrumentation: str) -> None:
     """Switch callgrind's collection on or off (it exits 0 even when it found no process)."""
     out = subprocess.run(
@@ -56,27 +61,22 @@ def _control(pid: int, instrumentation: str) -> None:
         raise RuntimeError(f"callgrind_control -i {instrumentation} {pid}: {out.strip()}")
 
 
-def count(gw_env: dict[str, str], workdir: Path, key: str, requests: int) -> tuple[int, int]:
-    """(instructions, requests answered) for ``requests`` requests, under callgrind."""
+def count(
+    program: list[str], env: dict[str, str], workdir: Path, key: str, requests: int
+) -> tuple[int, int]:
+    """(instructions, requests answered) of the server ``program`` (it takes ``--port P``)
+    over at least ``requests`` requests, under callgrind."""
     port = free_port()
     out_file = workdir / "callgrind.out"
-    cmd = [
-        "valgrind",
-        "--tool=callgrind",
-        "--instr-atstart=no",
-        f"--callgrind-out-file={out_file}",
-        str(BIN / "chatgate"),
-        "serve",
-        "--port",
-        str(port),
-    ]
+    cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
+    cmd += [f"--callgrind-out-file={out_file}", *program, "--port", str(port)]
     with open(workdir / "valgrind.log", "ab") as log:
         proc = subprocess.Popen(
-            peers.pinned(peers.GATEWAY_CORE, cmd), env=gw_env, cwd=workdir, stdout=log, stderr=log
+            peers.pinned(peers.GATEWAY_CORE, cmd), env=env, cwd=workdir, stdout=log, stderr=log
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/healthz", proc, timeout=600)
+        wait_http(url + "/", proc, timeout=600)  # any answer will do
         for _ in range(3):  # warm-up: imports, caches, pools
             wrk(url + "/v1/chat/completions", key, BODY, 8, 10)
         _control(proc.pid, "on")
@@ -88,7 +88,20 @@ def count(gw_env: dict[str, str], workdir: Path, key: str, requests: int) -> tup
     finally:
         proc.terminate()
         proc.wait(300)
+    if KEEP is not None:  # for callgrind_annotate
+        shutil.copy(out_file, KEEP / f"callgrind.{workdir.name}.out")
     return instructions(out_file), answered
+
+
+def floor_count(work: Path, upstream_base: str, requests: int) -> tuple[int, int]:
+    """The aiohttp floor (bench/floor.py, the yardstick) counted the same way."""
+    bench_bin = peers.ensure_venv(".venv-bench", peers.FLOOR_PACKAGES)
+    key = "sk-floor-" + secrets.token_hex(16)
+    env = {**os.environ, "FLOOR_UPSTREAM": upstream_base, "FLOOR_KEY": key}
+    workdir = work / "floor"
+    workdir.mkdir()
+    program = [str(bench_bin / "python"), str(ROOT / "bench" / "floor.py")]
+    return count(program, {**env, "PYTHONPATH": str(ROOT / "bench")}, workdir, key, requests)
 
 
 def main() -> None:
@@ -98,7 +111,13 @@ def main() -> None:
         "--tree", action="append", default=[], help="NAME=PATH, first on PYTHONPATH (repeat)"
     )
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--floor", action="store_true", help="also the aiohttp floor, first")
+    parser.add_argument("--keep", type=Path, help="copy each target's callgrind file here")
     args = parser.parse_args()
+    global KEEP
+    KEEP = args.keep
+    if KEEP is not None:
+        KEEP.mkdir(parents=True, exist_ok=True)
     if shutil.which("valgrind") is None:
         raise SystemExit("bench: valgrind is missing (apt-get install valgrind)")
     trees = [tuple(t.split("=", 1)) for t in args.tree] or [("", "")]
@@ -107,6 +126,10 @@ def main() -> None:
     pg_server = peers.start_pg()
     results: list[tuple[str, int, int]] = []
     try:
+        if args.floor:
+            total, answered = floor_count(work, upstream.base_url, args.requests)
+            results.append(("floor-aiohttp", total, answered))
+            print(f"floor-aiohttp: {total / answered:,.0f} instructions/request", flush=True)
         for tree_name, path in trees:
             for config in args.config.split(","):
                 env, limited = CONFIGS[config]
@@ -118,7 +141,8 @@ def main() -> None:
                     key = key_for(gw, limited)
                 finally:
                     gw.stop()
-                total, answered = count(gw.env, gw.workdir, key, args.requests)
+                program = [str(BIN / "chatgate"), "serve"]
+                total, answered = count(program, gw.env, gw.workdir, key, args.requests)
                 results.append((name, total, answered))
                 print(
                     f"{name}: {total / answered:,.0f} instructions/request ({answered})", flush=True

@@ -56,25 +56,24 @@ class Meter:
 
     def record(self, request_id: str, status: int, error_code: str | None) -> UsageRecord:
         now = time.perf_counter()
-        return UsageRecord(
-            request_id=request_id,
-            created_at=self.arrived,
-            account_id=self.account_id,
-            key_id=self.key_id,
-            model=self.model,
-            backend=self.backend,
-            endpoint=self.endpoint,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            cost=self.cost,
-            latency_ms=(now - self.started) * 1000.0,
-            ttft_ms=(self.first_byte_at - self.started) * 1000.0
-            if self.first_byte_at is not None
-            else None,
-            status=status,
-            error_code=error_code or self.error_code,
-            conversation_id=self.conversation_id,
-            streamed=self.streamed,
+        first_byte_at = self.first_byte_at
+        return UsageRecord(  # positional, in field order: a request's cost, not a config's
+            request_id,
+            self.arrived,
+            self.account_id,
+            self.key_id,
+            self.model,
+            self.backend,
+            self.endpoint,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cost,
+            (now - self.started) * 1000.0,
+            None if first_byte_at is None else (first_byte_at - self.started) * 1000.0,
+            status,
+            error_code or self.error_code,
+            self.conversation_id,
+            self.streamed,
         )
 
 
@@ -83,6 +82,6 @@ METER = web.RequestKey("chatgate_meter", Meter)
 
 def start(request: web.Request, endpoint: str) -> Meter:
     """Begin metering ``request``; the middleware records it when the response is done."""
-    meter = Meter(endpoint=endpoint, arrived=time.time(), started=time.perf_counter())
+    meter = Meter(endpoint, time.time(), time.perf_counter())
     request[METER] = meter
     return meter

@@ -46,6 +46,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 ENDPOINTS = frozenset({"chat.completions", "embeddings", "responses", "conversations", "models"})
 OTHER = "other"
+_STATUS_TEXT = {status: str(status) for status in range(100, 600)}
 NONE = "none"
 # A label value we did not choose ourselves must look like an identifier we emit (an error
 # code, a backend kind); a key (``sk-cg-...``) has a '-' and is longer, so it never passes.
@@ -120,11 +121,13 @@ class Metrics:
 
     def observe(self, rec: UsageRecord) -> None:
         """Count one finished request from its usage record (call next to ``record()``)."""
-        model = self.model_label(rec.model)
+        model = rec.model
+        if model not in self._models:  # model_label(), inline: once per request
+            model = OTHER if model else NONE
         endpoint = rec.endpoint if rec.endpoint in ENDPOINTS else OTHER
         status = rec.status
         hot = self._hot
-        key = (endpoint, model, str(int(status)))
+        key = (endpoint, model, _STATUS_TEXT.get(status) or str(int(status)))
         hot.requests[key] = hot.requests.get(key, 0) + 1
         if rec.prompt_tokens:
             tokens = (model, "prompt")

@@ -296,15 +296,19 @@ class MemoryLimiter(Limiter):
         self._sweep(now, added + 2)
         requests = program.requests
         tokens_at = program.tokens
-        return Decision(
+        return Decision(  # positional (allowed, reservation, failed, used, requested, retry)
             True,
             Reservation(lease_id, program.resolved, cost_tokens),
-            requests=(
+            None,
+            0,
+            0,
+            0.0,
+            (
                 rate_status(program.resolved_rates[requests[0]], after[requests[0]])
                 if len(requests) == 1
                 else most_restrictive((program.resolved_rates[i], after[i]) for i in requests)
             ),
-            tokens=(
+            (
                 rate_status(program.resolved_rates[tokens_at[0]], after[tokens_at[0]])
                 if len(tokens_at) == 1
                 else most_restrictive((program.resolved_rates[i], after[i]) for i in tokens_at)
