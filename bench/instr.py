@@ -6,7 +6,8 @@
 This machine is a shared VM: two runs of the same gateway differ by 10-30% in requests/s, so a
 change worth a few percent cannot be seen in wall-clock figures (bench/ab.py needs many rounds,
 and even then). ``valgrind --tool=callgrind`` counts the instructions the gateway executes
-instead, which repeat to within a fraction of a percent whatever else the machine does. It
+instead, which repeat whatever else the machine does (within 0.3% in one invocation, ~1.5%
+between invocations, where the event loop batches requests a little differently). It
 counts user space only: the system calls' kernel time and cache misses are not in it, so it
 ranks changes to chatgate's own Python (what this is for), not changes to I/O.
 
@@ -49,9 +50,6 @@ def instructions(out_file: Path) -> int:
     return int(found[-1])
 
 
-KEEP: Path | None = None  # --keep: where the callgrind files are copied
-
-
 def _control(pid: int, instrumentation: str) -> None:
     """Switch callgrind's collection on or off (it exits 0 even when it found no process)."""
     out = subprocess.run(
@@ -62,10 +60,16 @@ def _control(pid: int, instrumentation: str) -> None:
 
 
 def count(
-    program: list[str], env: dict[str, str], workdir: Path, key: str, requests: int
+    program: list[str],
+    env: dict[str, str],
+    workdir: Path,
+    key: str,
+    requests: int,
+    keep: Path | None = None,
 ) -> tuple[int, int]:
     """(instructions, requests answered) of the server ``program`` (it takes ``--port P``)
-    over at least ``requests`` requests, under callgrind."""
+    over at least ``requests`` requests, under callgrind; its callgrind file copied to
+    ``keep``, if given (for ``callgrind_annotate``)."""
     port = free_port()
     out_file = workdir / "callgrind.out"
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
@@ -88,12 +92,15 @@ def count(
     finally:
         proc.terminate()
         proc.wait(300)
-    if KEEP is not None:  # for callgrind_annotate
-        shutil.copy(out_file, KEEP / f"callgrind.{workdir.name}.out")
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out_file, keep / f"callgrind.{workdir.name}.out")
     return instructions(out_file), answered
 
 
-def floor_count(work: Path, upstream_base: str, requests: int) -> tuple[int, int]:
+def floor_count(
+    work: Path, upstream_base: str, requests: int, keep: Path | None = None
+) -> tuple[int, int]:
     """The aiohttp floor (bench/floor.py, the yardstick) counted the same way."""
     bench_bin = peers.ensure_venv(".venv-bench", peers.FLOOR_PACKAGES)
     key = "sk-floor-" + secrets.token_hex(16)
@@ -101,7 +108,8 @@ def floor_count(work: Path, upstream_base: str, requests: int) -> tuple[int, int
     workdir = work / "floor"
     workdir.mkdir()
     program = [str(bench_bin / "python"), str(ROOT / "bench" / "floor.py")]
-    return count(program, {**env, "PYTHONPATH": str(ROOT / "bench")}, workdir, key, requests)
+    env["PYTHONPATH"] = str(ROOT / "bench")
+    return count(program, env, workdir, key, requests, keep)
 
 
 def main() -> None:
@@ -114,10 +122,6 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true", help="also the aiohttp floor, first")
     parser.add_argument("--keep", type=Path, help="copy each target's callgrind file here")
     args = parser.parse_args()
-    global KEEP
-    KEEP = args.keep
-    if KEEP is not None:
-        KEEP.mkdir(parents=True, exist_ok=True)
     if shutil.which("valgrind") is None:
         raise SystemExit("bench: valgrind is missing (apt-get install valgrind)")
     trees = [tuple(t.split("=", 1)) for t in args.tree] or [("", "")]
@@ -127,7 +131,7 @@ def main() -> None:
     results: list[tuple[str, int, int]] = []
     try:
         if args.floor:
-            total, answered = floor_count(work, upstream.base_url, args.requests)
+            total, answered = floor_count(work, upstream.base_url, args.requests, args.keep)
             results.append(("floor-aiohttp", total, answered))
             print(f"floor-aiohttp: {total / answered:,.0f} instructions/request", flush=True)
         for tree_name, path in trees:
@@ -142,7 +146,7 @@ def main() -> None:
                 finally:
                     gw.stop()
                 program = [str(BIN / "chatgate"), "serve"]
-                total, answered = count(program, gw.env, gw.workdir, key, args.requests)
+                total, answered = count(program, gw.env, gw.workdir, key, args.requests, args.keep)
                 results.append((name, total, answered))
                 print(
                     f"{name}: {total / answered:,.0f} instructions/request ({answered})", flush=True
