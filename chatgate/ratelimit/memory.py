@@ -27,6 +27,7 @@ from .base import (
     Decision,
     Ledger,
     Limiter,
+    RateStatus,
     Reservation,
     decide,
     month_end,
@@ -53,6 +54,10 @@ class _Bucket:
         self.stamp = stamp
         self.rate = rate
         self.expires_at = stamp + level / rate if rate > 0 else stamp + 86400.0
+
+    def at(self, now: float, rate: float) -> float:
+        """The level at ``now``, drained at ``rate`` (a check's: a plan change moves it)."""
+        return max(self.level - max(now - self.stamp, 0.0) * rate, 0.0)
 
 
 class _Leases:
@@ -140,6 +145,12 @@ class _Program:
         self.requests = tuple(i for i, c in enumerate(rate_checks) if c.kind == "requests")
         self.tokens = tuple(i for i, c in enumerate(rate_checks) if c.kind == "tokens")
 
+    def status(self, group: tuple[int, ...], after: list[float]) -> RateStatus | None:
+        """Header values for one kind's rate checks (indices ``group``), at levels ``after``."""
+        if len(group) == 1:  # the usual plan: no choice to make
+            return rate_status(self.resolved_rates[group[0]], after[group[0]])
+        return most_restrictive((self.resolved_rates[i], after[i]) for i in group)
+
 
 class MemoryLimiter(Limiter):
     """Per-process limits. ``clock`` is unix time (injectable for deterministic tests)."""
@@ -180,11 +191,7 @@ class MemoryLimiter(Limiter):
         """The state of ``check``'s bucket at ``now``, before this request."""
         entry = self._state.get(check.key)
         if check.is_rate:
-            if not isinstance(entry, _Bucket):
-                return 0.0
-            if check.limit <= 0:
-                return entry.level
-            return max(entry.level - max(now - entry.stamp, 0.0) * check.rate, 0.0)
+            return entry.at(now, check.rate) if isinstance(entry, _Bucket) else 0.0
         if check.kind == "concurrency":
             return float(entry.prune(now)) if isinstance(entry, _Leases) else 0.0
         return float(entry.used) if isinstance(entry, _Counter) else 0.0
@@ -207,9 +214,12 @@ class MemoryLimiter(Limiter):
         """``checks`` compiled for ``now``'s month: kept for a tuple (the gateway passes the
         same tuple for every request of a key), built afresh for anything else."""
         program = self._programs.get(id(checks))
-        fresh = program is not None and program.since <= now < program.until
-        if fresh and program.checks is checks:  # type: ignore[union-attr]
-            return program  # type: ignore[return-value]
+        if (
+            program is not None
+            and program.checks is checks
+            and program.since <= now < program.until
+        ):
+            return program
         program = _Program(checks, now)
         if isinstance(checks, tuple):  # immutable: safe to keep by identity
             if len(self._programs) >= _MAX_PROGRAMS:
@@ -294,8 +304,6 @@ class MemoryLimiter(Limiter):
         # Look at two more entries than this call added: stale ones are found within a pass,
         # itself done in len(state) / 2 admissions (settlements sweep only what they add).
         self._sweep(now, added + 2)
-        requests = program.requests
-        tokens_at = program.tokens
         return Decision(  # positional (allowed, reservation, failed, used, requested, retry)
             True,
             Reservation(lease_id, program.resolved, cost_tokens),
@@ -303,16 +311,8 @@ class MemoryLimiter(Limiter):
             0,
             0,
             0.0,
-            (
-                rate_status(program.resolved_rates[requests[0]], after[requests[0]])
-                if len(requests) == 1
-                else most_restrictive((program.resolved_rates[i], after[i]) for i in requests)
-            ),
-            (
-                rate_status(program.resolved_rates[tokens_at[0]], after[tokens_at[0]])
-                if len(tokens_at) == 1
-                else most_restrictive((program.resolved_rates[i], after[i]) for i in tokens_at)
-            ),
+            program.status(program.requests, after),
+            program.status(program.tokens, after),
         )
 
     def _refuse(self, resolved: tuple[Check, ...], cost_tokens: int, now: float) -> Decision:
@@ -348,12 +348,7 @@ class MemoryLimiter(Limiter):
             if not tokens or not first:  # requests: nothing to give back; a repeat: done
                 continue
             bucket = state.get(key)
-            level = float(delta)
-            if bucket is not None:
-                level += bucket.level  # type: ignore[union-attr]
-                elapsed = now - bucket.stamp  # type: ignore[union-attr]
-                if elapsed > 0.0:
-                    level -= min(elapsed * rate, bucket.level)  # type: ignore[union-attr]
+            level = delta + (bucket.at(now, rate) if bucket is not None else 0.0)  # type: ignore[union-attr]
             if level <= 0:
                 state.pop(key, None)
             elif bucket is not None:
