@@ -52,19 +52,35 @@ CONFIGS: dict[str, tuple[dict[str, str], bool]] = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_target_args(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--tree``: what :func:`target_specs` reads."""
     parser.add_argument("--config", default="bare,usage,limits,all", help="comma-separated")
     parser.add_argument(
         "--tree", action="append", default=[], help="NAME=PATH, first on PYTHONPATH (repeat)"
     )
+
+
+def target_specs(args: argparse.Namespace) -> list[tuple[str, dict[str, str], bool]]:
+    """(name, gateway environment, limited key) per tree x configuration, in that order."""
+    specs = []
+    for tree in args.tree or [""]:
+        tree_name, _, path = tree.partition("=")
+        for config in args.config.split(","):
+            env, limited = CONFIGS[config]
+            if path:
+                env = {**env, "PYTHONPATH": str(Path(path).resolve())}
+            specs.append((f"{tree_name}:{config}" if tree_name else config, env, limited))
+    return specs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_target_args(parser)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--sse", action="store_true", help="20-chunk streams instead of JSON")
     args = parser.parse_args()
-    trees = [tuple(t.split("=", 1)) for t in args.tree] or [("", "")]
-    configs = args.config.split(",")
     body = STREAM_BODY if args.sse else BODY
 
     work = Path(tempfile.mkdtemp(prefix="chatgate-ab-"))
@@ -73,17 +89,12 @@ def main() -> None:
     gateways = []
     try:
         targets: list[Target] = []
-        for tree_name, path in trees:
-            for config in configs:
-                env, limited = CONFIGS[config]
-                name = f"{tree_name}:{config}" if tree_name else config
-                if path:
-                    env = {**env, "PYTHONPATH": str(Path(path).resolve())}
-                gw = start_gateway(work / name.replace(":", "-"), upstream, pg_server.url, env)
-                gateways.append(gw)
-                assert gw.proc is not None
-                url = gw.url + "/v1/chat/completions"
-                targets.append(Target(name, url, key_for(gw, limited), gw.proc.pid))
+        for name, env, limited in target_specs(args):
+            gw = start_gateway(work / name.replace(":", "-"), upstream, pg_server.url, env)
+            gateways.append(gw)
+            assert gw.proc is not None
+            url = gw.url + "/v1/chat/completions"
+            targets.append(Target(name, url, key_for(gw, limited), gw.proc.pid))
         for t in targets:
             peers.post_ok(t.url, t.key, BODY)
             wrk(t.url, t.key, body, args.connections, 1)  # warm-up

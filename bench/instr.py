@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
-from ab import CONFIGS  # noqa: E402
+from ab import add_target_args, target_specs  # noqa: E402
 from run import BODY, key_for, start_fake_upstream, start_gateway, wrk  # noqa: E402
 
 from tests.helpers import BIN, free_port, wait_http  # noqa: E402
@@ -114,17 +114,13 @@ def floor_count(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="bare,usage,limits,all", help="comma-separated")
-    parser.add_argument(
-        "--tree", action="append", default=[], help="NAME=PATH, first on PYTHONPATH (repeat)"
-    )
+    add_target_args(parser)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--floor", action="store_true", help="also the aiohttp floor, first")
     parser.add_argument("--keep", type=Path, help="copy each target's callgrind file here")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("bench: valgrind is missing (apt-get install valgrind)")
-    trees = [tuple(t.split("=", 1)) for t in args.tree] or [("", "")]
     work = Path(tempfile.mkdtemp(prefix="chatgate-instr-"))
     upstream = start_fake_upstream(work)
     pg_server = peers.start_pg()
@@ -134,23 +130,16 @@ def main() -> None:
             total, answered = floor_count(work, upstream.base_url, args.requests, args.keep)
             results.append(("floor-aiohttp", total, answered))
             print(f"floor-aiohttp: {total / answered:,.0f} instructions/request", flush=True)
-        for tree_name, path in trees:
-            for config in args.config.split(","):
-                env, limited = CONFIGS[config]
-                name = f"{tree_name}:{config}" if tree_name else config
-                if path:
-                    env = {**env, "PYTHONPATH": str(Path(path).resolve())}
-                gw = start_gateway(work / name.replace(":", "-"), upstream, pg_server.url, env)
-                try:
-                    key = key_for(gw, limited)
-                finally:
-                    gw.stop()
-                program = [str(BIN / "chatgate"), "serve"]
-                total, answered = count(program, gw.env, gw.workdir, key, args.requests, args.keep)
-                results.append((name, total, answered))
-                print(
-                    f"{name}: {total / answered:,.0f} instructions/request ({answered})", flush=True
-                )
+        for name, env, limited in target_specs(args):
+            gw = start_gateway(work / name.replace(":", "-"), upstream, pg_server.url, env)
+            try:
+                key = key_for(gw, limited)
+            finally:
+                gw.stop()
+            program = [str(BIN / "chatgate"), "serve"]
+            total, answered = count(program, gw.env, gw.workdir, key, args.requests, args.keep)
+            results.append((name, total, answered))
+            print(f"{name}: {total / answered:,.0f} instructions/request ({answered})", flush=True)
     finally:
         upstream.proc.terminate()
         upstream.proc.wait(20)
