@@ -121,9 +121,7 @@ class Metrics:
 
     def observe(self, rec: UsageRecord) -> None:
         """Count one finished request from its usage record (call next to ``record()``)."""
-        model = rec.model
-        if model not in self._models:  # model_label(), inline: once per request
-            model = OTHER if model else NONE
+        model = self.model_label(rec.model)
         endpoint = rec.endpoint if rec.endpoint in ENDPOINTS else OTHER
         status = rec.status
         hot = self._hot
