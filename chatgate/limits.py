@@ -3,7 +3,7 @@
 Scopes: the account (``acct:<id>``) is held to its plan; a key (``key:<id>``) additionally to
 its own overrides, when it has any. Checks run key first, then account; the first that fails
 answers. Token limits reserve ``prompt tokens + max_tokens`` (or ``default_max_tokens``)
-before the call and settle to the real usage after (:meth:`Limits.settle`).
+before the call and settle to the real usage after (:meth:`Limits.settle_soon`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from chatgate.ratelimit import (
     Limiter,
     LimiterUnavailable,
     MemoryLimiter,
-    RateStatus,
     Reservation,
 )
 from chatgate.settings import Settings
@@ -85,21 +84,21 @@ _REQUESTS, _TOKENS = (
 def headers_for(decision: Decision) -> dict[str, str]:
     """The ``x-ratelimit-*`` headers (and ``retry-after`` on a refusal)."""
     headers: dict[str, str] = {}
-    if decision.requests is not None:
-        _put(headers, _REQUESTS, decision.requests)
-    if decision.tokens is not None:
-        _put(headers, _TOKENS, decision.tokens)
+    # Both kinds written out: every limited answer comes through here.
+    status = decision.requests
+    if status is not None:
+        headers[_REQUESTS[0]] = str(status.limit)
+        headers[_REQUESTS[1]] = str(status.remaining)
+        headers[_REQUESTS[2]] = reset_text(status.reset_after)
+    status = decision.tokens
+    if status is not None:
+        headers[_TOKENS[0]] = str(status.limit)
+        headers[_TOKENS[1]] = str(status.remaining)
+        headers[_TOKENS[2]] = reset_text(status.reset_after)
     if not decision.allowed and math.isfinite(decision.retry_after):
         headers["retry-after"] = str(max(math.ceil(decision.retry_after), 1))
         headers["retry-after-ms"] = str(max(math.ceil(decision.retry_after * 1000), 1))
     return headers
-
-
-def _put(headers: dict[str, str], names: tuple[str, ...], status: RateStatus) -> None:
-    limit, remaining, reset = names
-    headers[limit] = str(status.limit)
-    headers[remaining] = str(status.remaining)
-    headers[reset] = reset_text(status.reset_after)
 
 
 def refusal(decision: Decision, model: str) -> errors.APIError:
@@ -196,25 +195,22 @@ class Limits:
             raise refusal(decision, model)
         return Admission(decision.reservation, headers_for(decision))
 
-    async def settle(self, admission: Admission | None, actual_tokens: int) -> None:
-        """Charge the real usage and free the slot; never raises (the answer has gone out)."""
-        if admission is None or admission.reservation is None:
-            return
-        try:
-            await self.limiter.settle(admission.reservation, actual_tokens)
-        except Exception:
-            log.warning("could not settle a rate-limit reservation", exc_info=True)
-
     async def settle_soon(self, admission: Admission | None, actual_tokens: int) -> None:
-        """:meth:`settle`, without making the answer wait for a network round trip.
+        """Charge the real usage and free the slot, without making the answer wait for a
+        network round trip; never raises (the answer has gone out).
 
         In process it is done at once. With Redis the settlement is only queued (it never
         waits): it rides on this process's next admission, which applies it first, or a
         timer sends it shortly after (see :mod:`chatgate.ratelimit.redis`). A failure is
         logged; :meth:`close` waits for those still queued or in flight.
         """
-        if not self._remote or admission is None or admission.reservation is None:
-            await self.settle(admission, actual_tokens)
+        if admission is None or admission.reservation is None:
+            return
+        if not self._remote:
+            try:
+                await self.limiter.settle(admission.reservation, actual_tokens)
+            except Exception:
+                log.warning("could not settle a rate-limit reservation", exc_info=True)
             return
         try:
             future = self.limiter.settle_nowait(admission.reservation, actual_tokens)

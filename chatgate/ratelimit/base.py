@@ -273,23 +273,35 @@ def used_units(level: float) -> int:
 
 def rate_status(check: Check, level: float) -> RateStatus:
     """Header values for a rate check whose bucket is at ``level``."""
-    remaining = check.limit - used_units(level)
-    reset = level * check.window / check.limit if check.limit > 0 else check.window
-    return RateStatus(check.limit, remaining if remaining > 0 else 0, reset if reset > 0 else 0.0)
+    status = most_restrictive(((check, level),))
+    assert status is not None
+    return status
 
 
 def most_restrictive(pairs: Iterable[tuple[Check, float]]) -> RateStatus | None:
     """Header values for the most restrictive of rate checks of one kind, each with its
-    bucket's level: the fewest remaining, then the longest reset; the first on a tie."""
+    bucket's level: the fewest remaining, then the longest reset; the first on a tie.
+
+    Every limited request's headers come through here, so :func:`used_units` is written out
+    inline and a :class:`RateStatus` is built only for a check that is the most restrictive
+    so far.
+    """
     best: RateStatus | None = None
     for check, level in pairs:
-        status = rate_status(check, level)
+        limit = check.limit
+        used = math.ceil(level - EPS)  # used_units(level)
+        remaining = limit - used if used > 0 else limit
+        if remaining < 0:
+            remaining = 0
+        reset = level * check.window / limit if limit > 0 else check.window
+        if not reset > 0:
+            reset = 0.0
         if (
             best is None
-            or status.remaining < best.remaining
-            or (status.remaining == best.remaining and status.reset_after > best.reset_after)
+            or remaining < best.remaining
+            or (remaining == best.remaining and reset > best.reset_after)
         ):
-            best = status
+            best = RateStatus(limit, remaining, reset)
     return best
 
 

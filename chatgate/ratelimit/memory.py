@@ -27,23 +27,21 @@ from .base import (
     Decision,
     Ledger,
     Limiter,
-    RateStatus,
     Reservation,
     decide,
     month_end,
     month_of,
     month_span,
     most_restrictive,
-    rate_status,
 )
 
 __all__ = ["MemoryLimiter"]
 
 
 class _Bucket:
-    """GCRA state: ``level`` units at unix time ``stamp``, draining at ``rate`` per second."""
+    """GCRA state: ``level`` units at unix time ``stamp``; empty again at ``expires_at``."""
 
-    __slots__ = ("expires_at", "level", "rate", "stamp")
+    __slots__ = ("expires_at", "level", "stamp")
 
     def __init__(self, level: float, stamp: float, rate: float) -> None:
         self.set(level, stamp, rate)
@@ -52,7 +50,6 @@ class _Bucket:
         """Move to a new state (in place: cheaper than a new object in the same dict slot)."""
         self.level = level
         self.stamp = stamp
-        self.rate = rate
         self.expires_at = stamp + level / rate if rate > 0 else stamp + 86400.0
 
     def at(self, now: float, rate: float) -> float:
@@ -61,13 +58,25 @@ class _Bucket:
 
 
 class _Leases:
-    """Concurrency slots: lease id -> expiry, in expiry order (one TTL for all)."""
+    """Concurrency slots: lease id -> expiry, in expiry order (one TTL for all).
 
-    __slots__ = ("expires_at", "leases")
+    ``first_expiry`` is never later than the oldest live lease's expiry (a settled lease
+    leaves it early), so :meth:`live` looks into the dict only when something may have
+    expired.
+    """
+
+    __slots__ = ("expires_at", "first_expiry", "leases")
 
     def __init__(self) -> None:
         self.leases: dict[str, float] = {}
         self.expires_at = 0.0
+        self.first_expiry = math.inf
+
+    def live(self, now: float) -> int:
+        """The live count, pruning first only when the oldest lease may have expired."""
+        if self.first_expiry <= now:
+            return self.prune(now)
+        return len(self.leases)
 
     def prune(self, now: float) -> int:
         """Drop expired leases (from the front: amortised O(1)); the live count."""
@@ -75,9 +84,18 @@ class _Leases:
         while leases:
             lease, expiry = next(iter(leases.items()))
             if expiry > now:
+                self.first_expiry = expiry
                 break
             del leases[lease]
+        else:
+            self.first_expiry = math.inf
         return len(leases)
+
+    def add(self, lease_id: str, expiry: float) -> None:
+        """Hold a slot until ``expiry`` (later than every lease held: one TTL for all)."""
+        if not self.leases:
+            self.first_expiry = expiry
+        self.leases[lease_id] = self.expires_at = expiry
 
 
 class _Counter:
@@ -100,21 +118,20 @@ class _Program:
     """A tuple of checks as :meth:`MemoryLimiter.acquire` reads it, for one quota month.
 
     Per kind, the bucket key, the limit with the float tolerance added, and what the step
-    needs: a rate's drain per second and whether it charges tokens; a quota's expiry. Plus
-    which rate checks answer the requests and the tokens headers, and which buckets appear
-    first (``first``: a repeated bucket is settled once).
+    needs: a rate's drain per second, whether it charges tokens and its resolved check (for
+    the headers); a quota's expiry. For :meth:`MemoryLimiter.settle`, the buckets that give
+    tokens back: each token bucket and quota once (a repeated bucket is settled once).
     """
 
     __slots__ = (
         "checks",
         "leases",
+        "quota_refunds",
         "quotas",
         "rates",
-        "requests",
+        "refunds",
         "resolved",
-        "resolved_rates",
         "since",
-        "tokens",
         "until",
     )
 
@@ -125,31 +142,32 @@ class _Program:
             self.since, self.until, _ = month_span(now)
         self.resolved = tuple(check.resolved(now) for check in checks)
         seen: set[str] = set()
-        rates: list[tuple[str, float, float, bool, bool]] = []
-        rate_checks: list[Check] = []
+        rates: list[tuple[str, float, float, bool, Check]] = []
         leases: list[tuple[str, float]] = []
-        quotas: list[tuple[str, float, float, bool]] = []
+        quotas: list[tuple[str, float, float]] = []
+        refunds: list[tuple[str, float]] = []
+        quota_refunds: list[tuple[str, float]] = []
         for check in self.resolved:
             key, limit, first = check.key, check.limit + EPS, check.key not in seen
             seen.add(key)
             if check.is_rate:
-                rates.append((key, limit, check.rate, check.charges_tokens, first))
-                rate_checks.append(check)
+                rates.append((key, limit, check.rate, check.charges_tokens, check))
+                if first and check.charges_tokens:
+                    refunds.append((key, check.rate))
             elif check.kind == "concurrency":
                 leases.append((key, limit))
             else:
                 assert check.month is not None
-                quotas.append((key, limit, month_end(check.month) + QUOTA_RETENTION, first))
+                kept_until = month_end(check.month) + QUOTA_RETENTION
+                quotas.append((key, limit, kept_until))
+                if first:
+                    quota_refunds.append((key, kept_until))
         self.rates, self.leases, self.quotas = tuple(rates), tuple(leases), tuple(quotas)
-        self.resolved_rates = tuple(rate_checks)
-        self.requests = tuple(i for i, c in enumerate(rate_checks) if c.kind == "requests")
-        self.tokens = tuple(i for i, c in enumerate(rate_checks) if c.kind == "tokens")
+        self.refunds, self.quota_refunds = tuple(refunds), tuple(quota_refunds)
 
-    def status(self, group: tuple[int, ...], after: list[float]) -> RateStatus | None:
-        """Header values for one kind's rate checks (indices ``group``), at levels ``after``."""
-        if len(group) == 1:  # the usual plan: no choice to make
-            return rate_status(self.resolved_rates[group[0]], after[group[0]])
-        return most_restrictive((self.resolved_rates[i], after[i]) for i in group)
+
+_SWEEP_BATCH = 16
+"""Entries the admissions' sweep looks at in one go (two per admission, on average)."""
 
 
 class MemoryLimiter(Limiter):
@@ -168,6 +186,7 @@ class MemoryLimiter(Limiter):
         self._state: OrderedDict[str, _Entry] = OrderedDict()
         self._ledger = Ledger(clock)
         self._programs: dict[int, _Program] = {}  # by id() of a checks tuple (see _program)
+        self._sweep_due = 0  # entries the admissions owe the sweep (see acquire)
         # Lease ids: a random prefix per limiter and a counter (unique, and no syscall each).
         self._lease_prefix = secrets.token_hex(6) + "-"
         self._leases_issued = 0
@@ -212,14 +231,8 @@ class MemoryLimiter(Limiter):
 
     def _program(self, checks: Sequence[Check], now: float) -> _Program:
         """``checks`` compiled for ``now``'s month: kept for a tuple (the gateway passes the
-        same tuple for every request of a key), built afresh for anything else."""
-        program = self._programs.get(id(checks))
-        if (
-            program is not None
-            and program.checks is checks
-            and program.since <= now < program.until
-        ):
-            return program
+        same tuple for every request of a key), built afresh for anything else. (The kept
+        one is looked up inline by :meth:`acquire`.)"""
         program = _Program(checks, now)
         if isinstance(checks, tuple):  # immutable: safe to keep by identity
             if len(self._programs) >= _MAX_PROGRAMS:
@@ -237,52 +250,60 @@ class MemoryLimiter(Limiter):
         in full by :meth:`_refuse`, in the checks' own order.
         """
         now = self._clock()
-        program = self._program(checks, now)
+        program = self._programs.get(id(checks))
+        if (
+            program is None
+            or program.checks is not checks
+            or not program.since <= now < program.until
+        ):
+            program = self._program(checks, now)
         state = self._state
-        rate_levels: list[float] = []
-        rate_entries: list[_Bucket | None] = []
+        buckets: list[_Bucket | None] = []
+        levels: list[float] = []  # each rate bucket's level after this request
         for key, limit, rate, tokens, _ in program.rates:
-            bucket = state.get(key)
-            if bucket is None:
-                level = 0.0
-            else:
-                level = bucket.level  # type: ignore[union-attr]
-                elapsed = now - bucket.stamp  # type: ignore[union-attr]
+            bucket: _Bucket | None = state.get(key)  # type: ignore[assignment]
+            level: float = cost_tokens if tokens else 1
+            if bucket is not None:
+                drained = bucket.level
+                elapsed = now - bucket.stamp
                 if elapsed > 0.0:
-                    level -= elapsed * rate
-                    if level < 0.0:
-                        level = 0.0
-            if level + (cost_tokens if tokens else 1) > limit:
+                    drained -= elapsed * rate
+                if drained > 0.0:
+                    level += drained
+            if level > limit:
                 return self._refuse(program.resolved, cost_tokens, now)
-            rate_levels.append(level)
-            rate_entries.append(bucket)  # type: ignore[arg-type]
+            buckets.append(bucket)
+            levels.append(level)
         lease_entries: list[_Leases | None] = []
         for key, limit in program.leases:
-            leases = state.get(key)
-            if (leases.prune(now) if leases is not None else 0) + 1 > limit:  # type: ignore[union-attr]
+            leases: _Leases | None = state.get(key)  # type: ignore[assignment]
+            if (leases.live(now) if leases is not None else 0) + 1 > limit:
                 return self._refuse(program.resolved, cost_tokens, now)
-            lease_entries.append(leases)  # type: ignore[arg-type]
+            lease_entries.append(leases)
         quota_used: list[int] = []
         quota_entries: list[_Counter | None] = []
-        for key, limit, _, _ in program.quotas:
-            counter = state.get(key)
-            used = counter.used if counter is not None else 0  # type: ignore[union-attr]
+        for key, limit, _ in program.quotas:
+            counter: _Counter | None = state.get(key)  # type: ignore[assignment]
+            used = counter.used if counter is not None else 0
             if used + cost_tokens > limit:
                 return self._refuse(program.resolved, cost_tokens, now)
             quota_used.append(used)
-            quota_entries.append(counter)  # type: ignore[arg-type]
+            quota_entries.append(counter)
 
         self._leases_issued += 1
         lease_id = f"{self._lease_prefix}{self._leases_issued:x}"
         added = 0
-        after: list[float] = []
-        for (key, _, rate, tokens, _), level, bucket in zip(
-            program.rates, rate_levels, rate_entries, strict=True
+        # (check, level after) per kind, in the checks' order: what the headers are made of.
+        requests: list[tuple[Check, float]] = []
+        charged: list[tuple[Check, float]] = []
+        for (key, _, rate, tokens, check), bucket, level in zip(
+            program.rates, buckets, levels, strict=True
         ):
-            level += cost_tokens if tokens else 1
-            after.append(level)
-            if bucket is not None:
-                bucket.set(level, now, rate)
+            (charged if tokens else requests).append((check, level))
+            if bucket is not None:  # _Bucket.set, written out
+                bucket.level = level
+                bucket.stamp = now
+                bucket.expires_at = now + level / rate if rate > 0 else now + 86400.0
             else:
                 state[key] = _Bucket(level, now, rate)
                 added += 1
@@ -291,8 +312,8 @@ class MemoryLimiter(Limiter):
             if leases is None:
                 leases = state[key] = _Leases()
                 added += 1
-            leases.leases[lease_id] = leases.expires_at = expiry
-        for (key, _, kept_until, _), used, counter in zip(
+            leases.add(lease_id, expiry)
+        for (key, _, kept_until), used, counter in zip(
             program.quotas, quota_used, quota_entries, strict=True
         ):
             if counter is not None:
@@ -301,9 +322,13 @@ class MemoryLimiter(Limiter):
                 state[key] = _Counter(used + cost_tokens, kept_until)
                 added += 1
         self._ledger.add(lease_id, now)
-        # Look at two more entries than this call added: stale ones are found within a pass,
-        # itself done in len(state) / 2 admissions (settlements sweep only what they add).
-        self._sweep(now, added + 2)
+        # Look at two more entries than this call added (in batches: one call per few
+        # admissions): stale ones are found within a pass, itself done in len(state) / 2
+        # admissions (settlements sweep only what they add).
+        self._sweep_due += added + 2
+        if self._sweep_due >= _SWEEP_BATCH:
+            self._sweep(now, self._sweep_due)
+            self._sweep_due = 0
         return Decision(  # positional (allowed, reservation, failed, used, requested, retry)
             True,
             Reservation(lease_id, program.resolved, cost_tokens),
@@ -311,8 +336,8 @@ class MemoryLimiter(Limiter):
             0,
             0,
             0.0,
-            program.status(program.requests, after),
-            program.status(program.tokens, after),
+            most_restrictive(requests) if requests else None,
+            most_restrictive(charged) if charged else None,
         )
 
     def _refuse(self, resolved: tuple[Check, ...], cost_tokens: int, now: float) -> Decision:
@@ -330,38 +355,34 @@ class MemoryLimiter(Limiter):
         """Move token and quota usage from reserved to actual; free the concurrency slot."""
         if not self._ledger.take(reservation.lease_id):
             return False
-        delta = actual_tokens - reservation.tokens
         program = self._programs.get(id(reservation.checks))
         if program is None or program.resolved is not reservation.checks:
             program = _Program(reservation.checks, 0.0)  # resolved already: any time will do
         state = self._state
         lease_id = reservation.lease_id
         for key, _ in program.leases:
-            leases = state.get(key)
+            leases: _Leases | None = state.get(key)  # type: ignore[assignment]
             if leases is not None:
-                leases.leases.pop(lease_id, None)  # type: ignore[union-attr]
+                leases.leases.pop(lease_id, None)
+        delta = actual_tokens - reservation.tokens
         if not delta:
             return True
         now = self._clock()
         added = 0
-        for key, _, rate, tokens, first in program.rates:
-            if not tokens or not first:  # requests: nothing to give back; a repeat: done
-                continue
-            bucket = state.get(key)
-            level = delta + (bucket.at(now, rate) if bucket is not None else 0.0)  # type: ignore[union-attr]
+        for key, rate in program.refunds:
+            bucket: _Bucket | None = state.get(key)  # type: ignore[assignment]
+            level = delta + (bucket.at(now, rate) if bucket is not None else 0.0)
             if level <= 0:
                 state.pop(key, None)
             elif bucket is not None:
-                bucket.set(level, now, rate)  # type: ignore[union-attr]
+                bucket.set(level, now, rate)
             else:
                 state[key] = _Bucket(level, now, rate)
                 added += 1
-        for key, _, kept_until, first in program.quotas:
-            if not first:
-                continue
-            counter = state.get(key)
+        for key, kept_until in program.quota_refunds:
+            counter: _Counter | None = state.get(key)  # type: ignore[assignment]
             if counter is not None:
-                counter.used = max(counter.used + delta, 0)  # type: ignore[union-attr]
+                counter.used = max(counter.used + delta, 0)
             else:
                 state[key] = _Counter(max(delta, 0), kept_until)
                 added += 1
