@@ -66,6 +66,8 @@ SETTLE_DEADLINE = 6 * 3600.0
 """A reservation not settled within this many seconds is forgotten (settle is then a no-op)."""
 EPS = 1e-6
 """Tolerance, in units of cost, for float noise in drained levels."""
+RESET_TIE = 1e-6
+"""Seconds within which two checks' resets count as equal (see :func:`most_restrictive`)."""
 
 _MONTH = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 
@@ -280,7 +282,9 @@ def rate_status(check: Check, level: float) -> RateStatus:
 
 def most_restrictive(pairs: Iterable[tuple[Check, float]]) -> RateStatus | None:
     """Header values for the most restrictive of rate checks of one kind, each with its
-    bucket's level: the fewest remaining, then the longest reset; the first on a tie.
+    bucket's level: the fewest remaining, then the longest reset; the first on a tie (resets
+    within :data:`RESET_TIE` of each other tie: float noise in a drained level must not
+    decide which limit the headers show).
 
     Every limited request's headers come through here, so :func:`used_units` is written out
     inline and a :class:`RateStatus` is built only for a check that is the most restrictive
@@ -299,7 +303,7 @@ def most_restrictive(pairs: Iterable[tuple[Check, float]]) -> RateStatus | None:
         if (
             best is None
             or remaining < best.remaining
-            or (remaining == best.remaining and reset > best.reset_after)
+            or (remaining == best.remaining and reset > best.reset_after + RESET_TIE)
         ):
             best = RateStatus(limit, remaining, reset)
     return best

@@ -197,6 +197,16 @@ async def test_headers_are_the_most_restrictive(limiter: Limiter) -> None:
     assert d.tokens is None
 
 
+def test_headers_tie_on_float_noise_goes_to_the_first_check() -> None:
+    # Both buckets full, both back to empty in 60 s; the second's level carries float noise
+    # from its drain (1e-13 units, 1e-12 s of reset). The first check answers, as on a tie:
+    # hypothesis found the noise picking the second check in a limiter and not in the model.
+    per_day, per_min = Check("acct:x", "requests", 3, 60.0), Check("key:a", "requests", 5, 60.0)
+    status = rl.base.most_restrictive([(per_day, 3.0), (per_min, 5.0000000000001)])
+    assert status is not None
+    assert (status.limit, status.remaining, status.reset_after) == (3, 0, 60.0)
+
+
 # --- settle ----------------------------------------------------------------------------
 
 
