@@ -37,6 +37,7 @@ import aiohttp
 import orjson
 
 from chatgate import errors
+from chatgate.backends import http1
 from chatgate.backends.base import Backend, ChatResult, ChatStream, Usage
 from chatgate.backends.deployment import ProbeResult, Timeouts
 from chatgate.settings import ModelConfig, Settings
@@ -104,7 +105,9 @@ class OpenAICompatBackend(Backend):
     def __init__(self, settings: Settings, timeouts: Timeouts | None = None) -> None:
         self._settings = settings
         self.timeouts = timeouts or Timeouts.defaults(settings)
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._sessions: dict[str, aiohttp.ClientSession] = {}  # streams and probes
+        self._pools: dict[str, http1.Pool] = {}  # whole answers (see chatgate.backends.http1)
+        self._heads: dict[tuple[str, str, str | None], bytes] = {}
         # Only the connect phase is left to aiohttp; the others are deadlines of our own.
         self._client_timeout = aiohttp.ClientTimeout(
             total=None, connect=self.timeouts.connect, sock_connect=self.timeouts.connect
@@ -114,6 +117,9 @@ class OpenAICompatBackend(Backend):
         for session in self._sessions.values():
             await session.close()
         self._sessions.clear()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
 
     def _session(self, base_url: str) -> aiohttp.ClientSession:
         session = self._sessions.get(base_url)
@@ -144,19 +150,12 @@ class OpenAICompatBackend(Backend):
         return headers
 
     async def _open(
-        self,
-        model: ModelConfig,
-        path: str,
-        body: dict[str, Any],
-        started: float,
-        *,
-        read: bool = False,
-    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        self, model: ModelConfig, path: str, body: dict[str, Any], started: float
+    ) -> aiohttp.ClientResponse:
         """POST and wait for a 2xx's headers within the first-byte deadline; map failures.
 
-        With ``read``, also read the whole body within ``total`` under the same timer,
-        rescheduled (one timer per request, not one per phase). Without, the body is left
-        to the caller (a stream) and ``b""`` comes back.
+        The body is left to the caller (a stream). An error's body is read within ``total``
+        under the same timer, rescheduled (one timer per request, not one per phase).
         """
         t = self.timeouts
         session = self._session(model.base_url)
@@ -166,8 +165,8 @@ class OpenAICompatBackend(Backend):
                 resp = await session.post(
                     model.base_url + path, data=orjson.dumps(body), headers=self._headers(model)
                 )
-                if resp.status < 400 and not read:
-                    return resp, b""
+                if resp.status < 400:
+                    return resp
                 deadline.reschedule(started + t.total)
                 phase = "total"
                 try:
@@ -182,17 +181,67 @@ class OpenAICompatBackend(Backend):
         except aiohttp.ClientError as exc:
             happened = "could not be reached" if phase == "first_byte" else "broke the connection"
             raise UpstreamUnreachable(f"The upstream for model `{model.name}` {happened}.") from exc
-        if resp.status < 400:
-            return resp, raw
+        raise self._status_error(model, resp.status, raw, resp.headers)
+
+    def _status_error(
+        self, model: ModelConfig, status: int, raw: bytes, headers: Any
+    ) -> errors.APIError:
         secret = self._settings.upstream_keys.get(model.api_key_env or "")
-        raise upstream_status_error(
-            model, resp.status, raw, resp.headers, secret.reveal() if secret else None
+        return upstream_status_error(
+            model, status, raw, headers, secret.reveal() if secret else None
         )
 
+    def _pool(self, base_url: str) -> http1.Pool:
+        pool = self._pools.get(base_url)
+        if pool is None:
+            pool = self._pools[base_url] = http1.Pool(
+                base_url,
+                limit=max(self._settings.upstream_max_connections, 0),
+                connect_timeout=self.timeouts.connect,
+            )
+        return pool
+
+    def _head(self, model: ModelConfig, path: str) -> bytes:
+        """The request head of ``path`` for ``model`` (its upstream key), built once."""
+        key = (model.base_url, path, model.api_key_env)
+        head = self._heads.get(key)
+        if head is None:
+            head = self._heads[key] = self._pool(model.base_url).head(path, self._headers(model))
+        return head
+
     async def _json(self, model: ModelConfig, path: str, body: dict[str, Any]) -> tuple[Any, bytes]:
-        """A non-streamed call: the decoded answer and its raw bytes, within ``total``."""
+        """A non-streamed call: the decoded answer and its raw bytes.
+
+        The answer's status line must arrive within the first-byte deadline, the whole answer
+        within ``total``: one timer, moved on when the status line arrives.
+        """
+        t = self.timeouts
+        pool, head = self._pool(model.base_url), self._head(model, path)
         started = asyncio.get_running_loop().time()
-        _, raw = await self._open(model, path, body, started, read=True)
+        phase: Phase = "first_byte"
+        first_byte_limit = min(t.first_byte, t.total)
+
+        def first_byte() -> None:
+            nonlocal phase
+            phase = "total"
+            deadline.reschedule(started + t.total)
+
+        try:
+            async with asyncio.timeout_at(started + first_byte_limit) as deadline:
+                answer = await pool.post(
+                    head, orjson.dumps(body), first_byte if t.total > first_byte_limit else None
+                )
+        except http1.ConnectTimeout as exc:
+            raise timeout_error(model, "connect", t.connect) from exc
+        except TimeoutError as exc:
+            limit = t.total if phase == "total" else first_byte_limit
+            raise timeout_error(model, phase, limit) from exc
+        except http1.UpstreamConnectionError as exc:
+            happened = "broke the connection" if exc.answered else "could not be reached"
+            raise UpstreamUnreachable(f"The upstream for model `{model.name}` {happened}.") from exc
+        raw = answer.body
+        if answer.status >= 400:
+            raise self._status_error(model, answer.status, raw, answer.headers)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -218,7 +267,7 @@ class OpenAICompatBackend(Backend):
         options["include_usage"] = True
         body["stream_options"] = options
         started = asyncio.get_running_loop().time()
-        resp, _ = await self._open(model, "/chat/completions", body, started)
+        resp = await self._open(model, "/chat/completions", body, started)
         return SSEPassThrough(
             resp, model, include_usage=include_usage, timeouts=self.timeouts, started=started
         )

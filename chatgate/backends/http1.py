@@ -1,0 +1,276 @@
+"""A lean HTTP/1.1 client for an upstream's whole answers (non-streamed chat, embeddings).
+
+Keep-alive connections to one origin, kept per process; responses parsed by ``httptools``
+(llhttp, the parser of Node.js and uvicorn). Streams and probes stay on aiohttp
+(:mod:`.openai_compat`).
+
+Why not aiohttp for these too: an aiohttp ``ClientSession.post`` + ``read`` runs ~3,000 Python
+bytecodes of request and response objects, header multidicts, payload registries and stream
+readers per call, a third of a whole proxied request in chatgate (measured with
+``bench/instr.py``; ``docs/benchmarks.md``). This client writes one buffer and collects the
+answer in three parser callbacks.
+
+What it does, as aiohttp did for these calls: one connection per request in flight, reused
+when the upstream keeps it alive, dropped after :data:`IDLE_TIMEOUT` idle (an upstream or a
+NAT may forget it silently); at most ``limit`` connections per origin (0: no cap), a request
+waiting for one counting the wait in the connect timeout; TLS for ``https`` with the system's
+certificates; ``Content-Length``, chunked and read-until-close bodies; a gzip or deflate
+body decoded (none is asked for). A POST is never sent
+twice: a connection lost before the answer is an error for the caller (the router retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httptools
+
+IDLE_TIMEOUT = 15.0
+"""Seconds an idle connection is kept for reuse (aiohttp's keep-alive default)."""
+
+
+class UpstreamConnectionError(Exception):
+    """The upstream could not be reached, or broke the connection before a whole answer."""
+
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered  # the status line had arrived (a broken answer, not no answer)
+
+
+class ConnectTimeout(UpstreamConnectionError):
+    """No connection (nor a free slot under the cap) within the connect timeout."""
+
+
+@dataclass(slots=True)
+class Answer:
+    """A whole response: status, headers (names lower-cased; the last of a name wins), body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: a transport, its parser, and the answer being read."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future[Answer] | None = None
+        self.headers: dict[str, str] = {}
+        self.body: list[bytes] = []
+        self.status_seen = False
+        self.on_first_byte: Callable[[], object] | None = None
+        self.until_close = False  # a body without length: it ends with the connection
+        self.closed = False
+        self.idle_since = 0.0
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a TCP (or TLS) transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiter is None:  # bytes on an idle connection: nothing we can trust after
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail(UpstreamConnectionError("invalid HTTP answer", answered=True))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.until_close and self.waiter is not None:
+            self.on_message_complete()  # a body that runs to the end of the connection
+        else:
+            self._fail(
+                UpstreamConnectionError("connection closed before the answer", answered=False)
+            )
+
+    # httptools callbacks
+
+    def on_status(self, status: bytes) -> None:
+        self.status_seen = True
+        if self.on_first_byte is not None:
+            self.on_first_byte()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        headers = self.headers
+        self.until_close = "content-length" not in headers and (
+            "chunked" not in headers.get("transfer-encoding", "").lower()
+        )
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        answer = Answer(self.parser.get_status_code(), self.headers, b"".join(self.body))
+        keep = not self.until_close and self.parser.should_keep_alive()
+        self.headers, self.body, self.status_seen, self.until_close = {}, [], False, False
+        self.on_first_byte = None
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(answer)
+        if not keep:
+            self.close()
+
+    # ours
+
+    def _fail(self, exc: UpstreamConnectionError) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            exc.answered = exc.answered or self.status_seen
+            waiter.set_exception(exc)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def send(
+        self, data: bytes, on_first_byte: Callable[[], object] | None
+    ) -> asyncio.Future[Answer]:
+        assert self.transport is not None
+        self.on_first_byte = on_first_byte
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return self.waiter
+
+
+class Pool:
+    """Connections to the origin of ``base_url``, for ``POST``s of JSON bodies."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        limit: int = 0,
+        connect_timeout: float = 5.0,
+        idle_timeout: float = IDLE_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self._host = url.hostname
+        self._port = url.port or (443 if url.scheme == "https" else 80)
+        self._ssl = None
+        if url.scheme == "https":
+            self._ssl = ssl_context or ssl.create_default_context()
+        self._prefix = url.path.rstrip("/")
+        self._host_header = f"Host: {url.netloc.rpartition('@')[2]}\r\n".encode("latin-1")
+        self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
+        self._idle: list[_Connection] = []
+        self._slots = asyncio.Semaphore(limit) if limit > 0 else None
+        self._closed = False
+
+    def head(self, path: str, headers: dict[str, str]) -> bytes:
+        """The request line and the fixed headers of ``POST path`` (a call adds the length)."""
+        lines = [f"POST {self._prefix}{path} HTTP/1.1\r\n".encode("latin-1"), self._host_header]
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise ValueError("a header may not contain a line break")
+            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+        lines.append(b"Accept-Encoding: identity\r\n")
+        return b"".join(lines)
+
+    async def post(
+        self, head: bytes, body: bytes, on_first_byte: Callable[[], object] | None = None
+    ) -> Answer:
+        """Send ``head`` (from :meth:`head`) with ``body``; the whole answer.
+
+        ``on_first_byte`` is called when the status line arrives (a deadline moves on then).
+
+        Raises :class:`ConnectTimeout` or :class:`UpstreamConnectionError`; a cancellation
+        (the caller's deadline) drops the connection, whose answer is then unknown.
+        """
+        slots = self._slots
+        if slots is not None:
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                raise ConnectTimeout("no free connection within the connect timeout") from None
+        try:
+            conn = self._reuse() or await self._connect()
+            data = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
+            try:
+                answer = await conn.send(data, on_first_byte)
+            except BaseException:
+                conn.close()
+                raise
+            if not conn.closed and not self._closed:
+                conn.idle_since = asyncio.get_running_loop().time()
+                self._idle.append(conn)
+            if "content-encoding" in answer.headers:
+                answer.body = _decoded(answer)
+            return answer
+        finally:
+            if slots is not None:
+                slots.release()
+
+    def _reuse(self) -> _Connection | None:
+        idle = self._idle
+        if not idle:
+            return None
+        oldest_kept = asyncio.get_running_loop().time() - self._idle_timeout
+        while idle:
+            conn = idle.pop()  # the most recently used: the likeliest still open
+            if not conn.closed and conn.idle_since > oldest_kept:
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                transport, conn = await loop.create_connection(
+                    _Connection,
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )
+        except TimeoutError:
+            raise ConnectTimeout("connect timed out") from None
+        except OSError as exc:
+            raise UpstreamConnectionError(f"connect failed: {exc.strerror or exc}") from None
+        # uvloop may return before it has called connection_made (it schedules the call).
+        conn.transport = transport
+        return conn
+
+    def close(self) -> None:
+        """Close every idle connection; those in use close when their request ends."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+
+def _decoded(answer: Answer) -> bytes:
+    """The body without its content coding: asked for none, an upstream may still gzip."""
+    coding = answer.headers["content-encoding"].strip().lower()
+    try:
+        if coding == "gzip":
+            return zlib.decompress(answer.body, 16 + zlib.MAX_WBITS)
+        if coding == "deflate":
+            return zlib.decompress(answer.body)
+    except zlib.error:
+        raise UpstreamConnectionError("an undecodable compressed answer", answered=True) from None
+    if coding in ("", "identity"):
+        return answer.body
+    raise UpstreamConnectionError(f"an answer in an unknown coding ({coding})", answered=True)
+
+
+__all__ = ["IDLE_TIMEOUT", "Answer", "ConnectTimeout", "Pool", "UpstreamConnectionError"]

@@ -1,0 +1,289 @@
+"""chatgate/backends/http1.py against real servers on loopback that answer with scripted bytes.
+
+Each server reads one request head (and its Content-Length body) at a time and writes what the
+test scripted for it, so every framing an upstream may use, every way a connection can end
+and every reuse decision is seen on a real socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gzip
+import ipaddress
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from chatgate.backends.http1 import ConnectTimeout, Pool, UpstreamConnectionError
+from tests.helpers import free_port
+
+OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
+Script = Callable[[bytes, bytes], bytes | None]  # (head, body) -> answer; None: close
+HANG = b""  # a script's answer for "never answer" (until the test ends)
+
+
+@dataclass
+class Server:
+    """A loopback server; ``script`` answers each request; what it saw is kept."""
+
+    script: Script
+    port: int = 0
+    connections: int = 0
+    requests: list[tuple[bytes, bytes]] = field(default_factory=list)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length)
+                self.requests.append((head, body))
+                answer = self.script(head, body)
+                if answer is None:
+                    break
+                if answer is HANG:
+                    await self.released.wait()
+                    break
+                writer.write(answer)
+                await writer.drain()
+                if b"connection: close" in answer.lower():
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def url(self, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}/v1"
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[..., asyncio.Future[Server]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(script: Script, ssl_context: ssl.SSLContext | None = None) -> Server:
+        server = Server(script)
+        srv = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=ssl_context)
+        server.port = srv.sockets[0].getsockname()[1]
+        servers.append(srv)
+        return server
+
+    yield start  # type: ignore[misc]
+    for srv in servers:
+        srv.close()
+
+
+def always(answer: bytes | None) -> Script:
+    return lambda head, body: answer
+
+
+async def test_posts_the_body_and_reads_a_content_length_answer(serve) -> None:  # type: ignore[no-untyped-def]
+    server = await serve(always(OK))
+    pool = Pool(server.url())
+    head = pool.head("/chat/completions", {"Content-Type": "application/json"})
+    answer = await pool.post(head, b'{"model":"m"}')
+    assert (answer.status, answer.body) == (200, b'{"ok":true}')
+    assert answer.headers["content-type"] == "application/json"
+    sent_head, sent_body = server.requests[0]
+    assert sent_head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert f"Host: 127.0.0.1:{server.port}\r\n".encode() in sent_head
+    assert b"Content-Length: 13\r\n" in sent_head
+    assert b"Accept-Encoding: identity\r\n" in sent_head
+    assert sent_body == b'{"model":"m"}'
+    pool.close()
+
+
+async def test_chunked_and_read_until_close_bodies(serve) -> None:  # type: ignore[no-untyped-def]
+    chunked = (
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"a"\r\n3\r\n:1}\r\n0\r\n\r\n'
+    )
+    server = await serve(always(chunked))
+    pool = Pool(server.url())
+    head = pool.head("/x", {})
+    assert (await pool.post(head, b"{}")).body == b'{"a":1}'
+    assert (await pool.post(head, b"{}")).body == b'{"a":1}'
+    assert server.connections == 1  # chunked keeps the connection
+    pool.close()
+
+    until_close = b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"b":2}'
+    server = await serve(always(until_close))
+    pool = Pool(server.url())
+    assert (await pool.post(pool.head("/x", {}), b"{}")).body == b'{"b":2}'
+    pool.close()
+
+
+async def test_keep_alive_reuses_one_connection_and_close_does_not(serve) -> None:  # type: ignore[no-untyped-def]
+    server = await serve(always(OK))
+    pool = Pool(server.url())
+    head = pool.head("/x", {})
+    for _ in range(5):
+        assert (await pool.post(head, b"{}")).status == 200
+    assert server.connections == 1
+
+    closing = OK.replace(b"Content-Length", b"Connection: close\r\nContent-Length")
+    server = await serve(always(closing))
+    pool = Pool(server.url())
+    head = pool.head("/x", {})
+    for _ in range(3):
+        assert (await pool.post(head, b"{}")).status == 200
+    assert server.connections == 3
+
+
+async def test_a_connection_the_upstream_closed_while_idle_is_not_used(serve) -> None:  # type: ignore[no-untyped-def]
+    server = await serve(always(OK))
+    pool = Pool(server.url())
+    head = pool.head("/x", {})
+    await pool.post(head, b"{}")
+    for writer in server.writers:  # the upstream's keep-alive timeout
+        writer.close()
+    await asyncio.sleep(0.1)
+    assert (await pool.post(head, b"{}")).status == 200
+    assert server.connections == 2
+
+
+async def test_idle_connections_expire(serve) -> None:  # type: ignore[no-untyped-def]
+    server = await serve(always(OK))
+    pool = Pool(server.url(), idle_timeout=0.05)
+    head = pool.head("/x", {})
+    await pool.post(head, b"{}")
+    await asyncio.sleep(0.1)
+    await pool.post(head, b"{}")
+    assert server.connections == 2
+
+
+async def test_unreachable_broken_and_invalid_answers_are_errors(serve) -> None:  # type: ignore[no-untyped-def]
+    pool = Pool(f"http://127.0.0.1:{free_port()}/v1")
+    with pytest.raises(UpstreamConnectionError) as refused:
+        await pool.post(pool.head("/x", {}), b"{}")
+    assert not refused.value.answered
+
+    server = await serve(always(None))  # reads the request, closes without a word
+    pool = Pool(server.url())
+    with pytest.raises(UpstreamConnectionError) as silent:
+        await pool.post(pool.head("/x", {}), b"{}")
+    assert not silent.value.answered
+
+    cut = b'HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 100\r\n\r\n{"partial'
+    server = await serve(always(cut))  # 9 bytes of 100, then the end of the connection
+    pool = Pool(server.url())
+    with pytest.raises(UpstreamConnectionError) as broken:
+        await pool.post(pool.head("/x", {}), b"{}")
+    assert broken.value.answered
+
+    server = await serve(always(b"SMTP ready\r\n\r\n"))
+    pool = Pool(server.url())
+    with pytest.raises(UpstreamConnectionError):
+        await pool.post(pool.head("/x", {}), b"{}")
+
+
+async def test_a_cancelled_request_drops_its_connection(serve) -> None:  # type: ignore[no-untyped-def]
+    replies = iter([HANG, OK])
+    server = await serve(lambda head, body: next(replies))
+    pool = Pool(server.url())
+    head = pool.head("/x", {})
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await pool.post(head, b"{}")
+    assert (await pool.post(head, b"{}")).body == b'{"ok":true}'
+    assert server.connections == 2  # the first one's answer is unknown: not reused
+    server.released.set()
+
+
+async def test_the_cap_on_connections_and_its_connect_timeout(serve) -> None:  # type: ignore[no-untyped-def]
+    server = await serve(always(OK))
+    pool = Pool(server.url(), limit=2)
+    head = pool.head("/x", {})
+    statuses = await asyncio.gather(*(pool.post(head, b"{}") for _ in range(6)))
+    assert [a.status for a in statuses] == [200] * 6
+    assert server.connections == 2
+
+    # Two requests hold both slots; a third waits for one no longer than the connect timeout.
+    stalled = await serve(always(HANG))
+    capped = Pool(stalled.url(), limit=2, connect_timeout=0.3)
+    head = capped.head("/x", {})
+    stuck = [asyncio.ensure_future(capped.post(head, b"{}")) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(ConnectTimeout):
+        await capped.post(head, b"{}")
+    assert stalled.connections == 2
+    stalled.released.set()
+    await asyncio.gather(*stuck, return_exceptions=True)
+
+
+async def test_a_gzipped_answer_is_decoded(serve) -> None:  # type: ignore[no-untyped-def]
+    body = gzip.compress(b'{"zipped":true}')
+    answer = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    server = await serve(always(answer))
+    pool = Pool(server.url())
+    assert (await pool.post(pool.head("/x", {}), b"{}")).body == b'{"zipped":true}'
+
+
+def test_a_header_with_a_line_break_is_refused() -> None:
+    pool = Pool("http://127.0.0.1:9/v1")
+    with pytest.raises(ValueError):
+        pool.head("/x", {"Authorization": "Bearer x\r\nX-Injected: 1"})
+    with pytest.raises(ValueError):
+        Pool("ftp://example.com/")
+
+
+def _self_signed(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for 127.0.0.1, and a client context trusting it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chatgate test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    client = ssl.create_default_context(cafile=str(cert_file))
+    return server, client
+
+
+async def test_https_verifies_the_certificate(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server_ctx, client_ctx = _self_signed(tmp_path)
+    server = await serve(always(OK), ssl_context=server_ctx)
+    trusting = Pool(server.url("https"), ssl_context=client_ctx)
+    assert (await trusting.post(trusting.head("/x", {}), b"{}")).status == 200
+    trusting.close()
+    default = Pool(server.url("https"))  # the system's certificates: not this one
+    with pytest.raises(UpstreamConnectionError):
+        await default.post(default.head("/x", {}), b"{}")
