@@ -114,6 +114,9 @@ class _Connection(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.parser.get_status_code() < 200:  # an interim answer (103): the real one follows
+            self.headers, self.body, self.status_seen = {}, [], False
+            return
         answer = Answer(self.parser.get_status_code(), self.headers, b"".join(self.body))
         keep = not self.until_close and self.parser.should_keep_alive()
         self.headers, self.body, self.status_seen, self.until_close = {}, [], False, False
@@ -210,7 +213,9 @@ class Pool:
             except BaseException:
                 conn.close()
                 raise
-            if not conn.closed and not self._closed:
+            if self._closed:
+                conn.close()
+            elif not conn.closed:
                 conn.idle_since = asyncio.get_running_loop().time()
                 self._idle.append(conn)
             if "content-encoding" in answer.headers:

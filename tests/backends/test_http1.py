@@ -108,6 +108,13 @@ async def test_posts_the_body_and_reads_a_content_length_answer(serve) -> None: 
     pool.close()
 
 
+async def test_an_interim_answer_is_skipped(serve) -> None:  # type: ignore[no-untyped-def]
+    server = await serve(always(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK))
+    pool = Pool(server.url())
+    answer = await pool.post(pool.head("/x", {}), b"{}")
+    assert (answer.status, answer.body, "link" in answer.headers) == (200, b'{"ok":true}', False)
+
+
 async def test_chunked_and_read_until_close_bodies(serve) -> None:  # type: ignore[no-untyped-def]
     chunked = (
         b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"a"\r\n3\r\n:1}\r\n0\r\n\r\n'
