@@ -22,10 +22,12 @@ twice: a connection lost before the answer is an error for the caller (the route
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import urlsplit
 
 import httptools
@@ -44,6 +46,15 @@ class UpstreamConnectionError(Exception):
 
 class ConnectTimeout(UpstreamConnectionError):
     """No connection (nor a free slot under the cap) within the connect timeout."""
+
+
+class AnswerTimeout(UpstreamConnectionError):
+    """No status line by the first-byte deadline (``phase`` ``first_byte``), or no whole
+    answer by the total one (``total``)."""
+
+    def __init__(self, phase: Literal["first_byte", "total"]) -> None:
+        super().__init__(f"no answer by the {phase} deadline", answered=phase == "total")
+        self.phase = phase
 
 
 @dataclass(slots=True)
@@ -65,7 +76,8 @@ class _Connection(asyncio.Protocol):
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.status_seen = False
-        self.on_first_byte: Callable[[], object] | None = None
+        self.timer: asyncio.TimerHandle | None = None  # the answer's deadline
+        self.total_at = 0.0  # loop time by which the whole answer must be in
         self.until_close = False  # a body without length: it ends with the connection
         self.closed = False
         self.idle_since = 0.0
@@ -97,9 +109,7 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_status(self, status: bytes) -> None:
-        self.status_seen = True
-        if self.on_first_byte is not None:
-            self.on_first_byte()
+        self.status_seen = True  # the first-byte deadline is met: _expire moves on to total
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -120,7 +130,7 @@ class _Connection(asyncio.Protocol):
         answer = Answer(self.parser.get_status_code(), self.headers, b"".join(self.body))
         keep = not self.until_close and self.parser.should_keep_alive()
         self.headers, self.body, self.status_seen, self.until_close = {}, [], False, False
-        self.on_first_byte = None
+        self._stop_timer()
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(answer)
@@ -130,6 +140,7 @@ class _Connection(asyncio.Protocol):
     # ours
 
     def _fail(self, exc: UpstreamConnectionError) -> None:
+        self._stop_timer()
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             exc.answered = exc.answered or self.status_seen
@@ -140,14 +151,34 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def send(
-        self, data: bytes, on_first_byte: Callable[[], object] | None
-    ) -> asyncio.Future[Answer]:
+    def send(self, data: bytes, first_byte_at: float, total_at: float) -> asyncio.Future[Answer]:
+        """Write a request; its answer, failed with :class:`AnswerTimeout` past a deadline.
+
+        One timer, at the first-byte deadline, moved on to the total one only if it fires
+        after the status line (a plain timer handle: cheaper than a task-cancelling timeout).
+        """
         assert self.transport is not None
-        self.on_first_byte = on_first_byte
-        self.waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.waiter = loop.create_future()
+        self.total_at = total_at
+        self.timer = loop.call_at(first_byte_at, self._expire)
         self.transport.write(data)
         return self.waiter
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.status_seen:
+            loop = asyncio.get_running_loop()
+            if loop.time() < self.total_at:
+                self.timer = loop.call_at(self.total_at, self._expire)
+                return
+        self._fail(AnswerTimeout("total" if self.status_seen else "first_byte"))
+        self.close()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class Pool:
@@ -188,28 +219,30 @@ class Pool:
         lines.append(b"Accept-Encoding: identity\r\n")
         return b"".join(lines)
 
-    async def post(
-        self, head: bytes, body: bytes, on_first_byte: Callable[[], object] | None = None
-    ) -> Answer:
+    async def post(self, head: bytes, body: bytes, first_byte_at: float, total_at: float) -> Answer:
         """Send ``head`` (from :meth:`head`) with ``body``; the whole answer.
 
-        ``on_first_byte`` is called when the status line arrives (a deadline moves on then).
-
-        Raises :class:`ConnectTimeout` or :class:`UpstreamConnectionError`; a cancellation
-        (the caller's deadline) drops the connection, whose answer is then unknown.
+        Deadlines are loop times: the status line by ``first_byte_at`` (waiting for a slot
+        and connecting count in it, each also within the connect timeout), the whole answer
+        by ``total_at``. Raises :class:`ConnectTimeout`, :class:`AnswerTimeout` or
+        :class:`UpstreamConnectionError`; a cancellation drops the connection, whose answer
+        is then unknown.
         """
         slots = self._slots
         if slots is not None:
-            try:
-                async with asyncio.timeout(self._connect_timeout):
+            if slots.locked():  # wait for a free slot, within the deadlines
+                async with self._connect_deadline(first_byte_at, "no free connection"):
                     await slots.acquire()
-            except TimeoutError:
-                raise ConnectTimeout("no free connection within the connect timeout") from None
+            else:
+                await slots.acquire()  # free: taken without suspending
         try:
-            conn = self._reuse() or await self._connect()
+            conn = self._reuse()
+            if conn is None:
+                async with self._connect_deadline(first_byte_at, "connect timed out"):
+                    conn = await self._connect()
             data = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
             try:
-                answer = await conn.send(data, on_first_byte)
+                answer = await conn.send(data, first_byte_at, total_at)
             except BaseException:
                 conn.close()
                 raise
@@ -237,19 +270,30 @@ class Pool:
             conn.close()
         return None
 
+    @contextlib.asynccontextmanager
+    async def _connect_deadline(self, first_byte_at: float, what: str) -> AsyncIterator[None]:
+        """Within the connect timeout (:class:`ConnectTimeout`), and within the first-byte
+        deadline when that comes first (:class:`AnswerTimeout`, as a late answer would)."""
+        loop = asyncio.get_running_loop()
+        by_connect = loop.time() + self._connect_timeout
+        try:
+            async with asyncio.timeout_at(min(by_connect, first_byte_at)):
+                yield
+        except TimeoutError:
+            if first_byte_at < by_connect:
+                raise AnswerTimeout("first_byte") from None
+            raise ConnectTimeout(f"{what} within the connect timeout") from None
+
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._connect_timeout):
-                transport, conn = await loop.create_connection(
-                    _Connection,
-                    self._host,
-                    self._port,
-                    ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
-                )
-        except TimeoutError:
-            raise ConnectTimeout("connect timed out") from None
+            transport, conn = await loop.create_connection(
+                _Connection,
+                self._host,
+                self._port,
+                ssl=self._ssl,
+                server_hostname=self._host if self._ssl is not None else None,
+            )
         except OSError as exc:
             raise UpstreamConnectionError(f"connect failed: {exc.strerror or exc}") from None
         # uvloop may return before it has called connection_made (it schedules the call).
@@ -278,4 +322,11 @@ def _decoded(answer: Answer) -> bytes:
     raise UpstreamConnectionError(f"an answer in an unknown coding ({coding})", answered=True)
 
 
-__all__ = ["IDLE_TIMEOUT", "Answer", "ConnectTimeout", "Pool", "UpstreamConnectionError"]
+__all__ = [
+    "IDLE_TIMEOUT",
+    "Answer",
+    "AnswerTimeout",
+    "ConnectTimeout",
+    "Pool",
+    "UpstreamConnectionError",
+]

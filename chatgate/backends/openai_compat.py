@@ -213,29 +213,21 @@ class OpenAICompatBackend(Backend):
         """A non-streamed call: the decoded answer and its raw bytes.
 
         The answer's status line must arrive within the first-byte deadline, the whole answer
-        within ``total``: one timer, moved on when the status line arrives.
+        within ``total`` (deadlines the pool keeps on the connection: see :mod:`.http1`).
         """
         t = self.timeouts
         pool, head = self._pool(model.base_url), self._head(model, path)
         started = asyncio.get_running_loop().time()
-        phase: Phase = "first_byte"
         first_byte_limit = min(t.first_byte, t.total)
-
-        def first_byte() -> None:
-            nonlocal phase
-            phase = "total"
-            deadline.reschedule(started + t.total)
-
         try:
-            async with asyncio.timeout_at(started + first_byte_limit) as deadline:
-                answer = await pool.post(
-                    head, orjson.dumps(body), first_byte if t.total > first_byte_limit else None
-                )
+            answer = await pool.post(
+                head, orjson.dumps(body), started + first_byte_limit, started + t.total
+            )
         except http1.ConnectTimeout as exc:
             raise timeout_error(model, "connect", t.connect) from exc
-        except TimeoutError as exc:
-            limit = t.total if phase == "total" else first_byte_limit
-            raise timeout_error(model, phase, limit) from exc
+        except http1.AnswerTimeout as exc:
+            limit = t.total if exc.phase == "total" else first_byte_limit
+            raise timeout_error(model, exc.phase, limit) from exc
         except http1.UpstreamConnectionError as exc:
             happened = "broke the connection" if exc.answered else "could not be reached"
             raise UpstreamUnreachable(f"The upstream for model `{model.name}` {happened}.") from exc

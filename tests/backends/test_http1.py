@@ -22,7 +22,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from chatgate.backends.http1 import ConnectTimeout, Pool, UpstreamConnectionError
+from chatgate.backends.http1 import (
+    Answer,
+    AnswerTimeout,
+    ConnectTimeout,
+    Pool,
+    UpstreamConnectionError,
+)
 from tests.helpers import free_port
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
@@ -88,6 +94,14 @@ async def serve() -> AsyncIterator[Callable[..., asyncio.Future[Server]]]:
         srv.close()
 
 
+async def post(
+    pool: Pool, head: bytes, body: bytes, first_byte: float = 5.0, total: float = 10.0
+) -> Answer:
+    """``pool.post`` with deadlines in seconds from now."""
+    now = asyncio.get_running_loop().time()
+    return await pool.post(head, body, now + first_byte, now + total)
+
+
 def always(answer: bytes | None) -> Script:
     return lambda head, body: answer
 
@@ -96,7 +110,7 @@ async def test_posts_the_body_and_reads_a_content_length_answer(serve) -> None: 
     server = await serve(always(OK))
     pool = Pool(server.url())
     head = pool.head("/chat/completions", {"Content-Type": "application/json"})
-    answer = await pool.post(head, b'{"model":"m"}')
+    answer = await post(pool, head, b'{"model":"m"}')
     assert (answer.status, answer.body) == (200, b'{"ok":true}')
     assert answer.headers["content-type"] == "application/json"
     sent_head, sent_body = server.requests[0]
@@ -111,7 +125,7 @@ async def test_posts_the_body_and_reads_a_content_length_answer(serve) -> None: 
 async def test_an_interim_answer_is_skipped(serve) -> None:  # type: ignore[no-untyped-def]
     server = await serve(always(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK))
     pool = Pool(server.url())
-    answer = await pool.post(pool.head("/x", {}), b"{}")
+    answer = await post(pool, pool.head("/x", {}), b"{}")
     assert (answer.status, answer.body, "link" in answer.headers) == (200, b'{"ok":true}', False)
 
 
@@ -122,15 +136,15 @@ async def test_chunked_and_read_until_close_bodies(serve) -> None:  # type: igno
     server = await serve(always(chunked))
     pool = Pool(server.url())
     head = pool.head("/x", {})
-    assert (await pool.post(head, b"{}")).body == b'{"a":1}'
-    assert (await pool.post(head, b"{}")).body == b'{"a":1}'
+    assert (await post(pool, head, b"{}")).body == b'{"a":1}'
+    assert (await post(pool, head, b"{}")).body == b'{"a":1}'
     assert server.connections == 1  # chunked keeps the connection
     pool.close()
 
     until_close = b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"b":2}'
     server = await serve(always(until_close))
     pool = Pool(server.url())
-    assert (await pool.post(pool.head("/x", {}), b"{}")).body == b'{"b":2}'
+    assert (await post(pool, pool.head("/x", {}), b"{}")).body == b'{"b":2}'
     pool.close()
 
 
@@ -139,7 +153,7 @@ async def test_keep_alive_reuses_one_connection_and_close_does_not(serve) -> Non
     pool = Pool(server.url())
     head = pool.head("/x", {})
     for _ in range(5):
-        assert (await pool.post(head, b"{}")).status == 200
+        assert (await post(pool, head, b"{}")).status == 200
     assert server.connections == 1
 
     closing = OK.replace(b"Content-Length", b"Connection: close\r\nContent-Length")
@@ -147,7 +161,7 @@ async def test_keep_alive_reuses_one_connection_and_close_does_not(serve) -> Non
     pool = Pool(server.url())
     head = pool.head("/x", {})
     for _ in range(3):
-        assert (await pool.post(head, b"{}")).status == 200
+        assert (await post(pool, head, b"{}")).status == 200
     assert server.connections == 3
 
 
@@ -155,11 +169,11 @@ async def test_a_connection_the_upstream_closed_while_idle_is_not_used(serve) ->
     server = await serve(always(OK))
     pool = Pool(server.url())
     head = pool.head("/x", {})
-    await pool.post(head, b"{}")
+    await post(pool, head, b"{}")
     for writer in server.writers:  # the upstream's keep-alive timeout
         writer.close()
     await asyncio.sleep(0.1)
-    assert (await pool.post(head, b"{}")).status == 200
+    assert (await post(pool, head, b"{}")).status == 200
     assert server.connections == 2
 
 
@@ -167,35 +181,35 @@ async def test_idle_connections_expire(serve) -> None:  # type: ignore[no-untype
     server = await serve(always(OK))
     pool = Pool(server.url(), idle_timeout=0.05)
     head = pool.head("/x", {})
-    await pool.post(head, b"{}")
+    await post(pool, head, b"{}")
     await asyncio.sleep(0.1)
-    await pool.post(head, b"{}")
+    await post(pool, head, b"{}")
     assert server.connections == 2
 
 
 async def test_unreachable_broken_and_invalid_answers_are_errors(serve) -> None:  # type: ignore[no-untyped-def]
     pool = Pool(f"http://127.0.0.1:{free_port()}/v1")
     with pytest.raises(UpstreamConnectionError) as refused:
-        await pool.post(pool.head("/x", {}), b"{}")
+        await post(pool, pool.head("/x", {}), b"{}")
     assert not refused.value.answered
 
     server = await serve(always(None))  # reads the request, closes without a word
     pool = Pool(server.url())
     with pytest.raises(UpstreamConnectionError) as silent:
-        await pool.post(pool.head("/x", {}), b"{}")
+        await post(pool, pool.head("/x", {}), b"{}")
     assert not silent.value.answered
 
     cut = b'HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 100\r\n\r\n{"partial'
     server = await serve(always(cut))  # 9 bytes of 100, then the end of the connection
     pool = Pool(server.url())
     with pytest.raises(UpstreamConnectionError) as broken:
-        await pool.post(pool.head("/x", {}), b"{}")
+        await post(pool, pool.head("/x", {}), b"{}")
     assert broken.value.answered
 
     server = await serve(always(b"SMTP ready\r\n\r\n"))
     pool = Pool(server.url())
     with pytest.raises(UpstreamConnectionError):
-        await pool.post(pool.head("/x", {}), b"{}")
+        await post(pool, pool.head("/x", {}), b"{}")
 
 
 async def test_a_cancelled_request_drops_its_connection(serve) -> None:  # type: ignore[no-untyped-def]
@@ -205,8 +219,8 @@ async def test_a_cancelled_request_drops_its_connection(serve) -> None:  # type:
     head = pool.head("/x", {})
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.2):
-            await pool.post(head, b"{}")
-    assert (await pool.post(head, b"{}")).body == b'{"ok":true}'
+            await post(pool, head, b"{}")
+    assert (await post(pool, head, b"{}")).body == b'{"ok":true}'
     assert server.connections == 2  # the first one's answer is unknown: not reused
     server.released.set()
 
@@ -215,7 +229,7 @@ async def test_the_cap_on_connections_and_its_connect_timeout(serve) -> None:  #
     server = await serve(always(OK))
     pool = Pool(server.url(), limit=2)
     head = pool.head("/x", {})
-    statuses = await asyncio.gather(*(pool.post(head, b"{}") for _ in range(6)))
+    statuses = await asyncio.gather(*(post(pool, head, b"{}") for _ in range(6)))
     assert [a.status for a in statuses] == [200] * 6
     assert server.connections == 2
 
@@ -223,10 +237,10 @@ async def test_the_cap_on_connections_and_its_connect_timeout(serve) -> None:  #
     stalled = await serve(always(HANG))
     capped = Pool(stalled.url(), limit=2, connect_timeout=0.3)
     head = capped.head("/x", {})
-    stuck = [asyncio.ensure_future(capped.post(head, b"{}")) for _ in range(2)]
+    stuck = [asyncio.ensure_future(post(capped, head, b"{}")) for _ in range(2)]
     await asyncio.sleep(0.05)
     with pytest.raises(ConnectTimeout):
-        await capped.post(head, b"{}")
+        await post(capped, head, b"{}")
     assert stalled.connections == 2
     stalled.released.set()
     await asyncio.gather(*stuck, return_exceptions=True)
@@ -240,7 +254,7 @@ async def test_a_gzipped_answer_is_decoded(serve) -> None:  # type: ignore[no-un
     )
     server = await serve(always(answer))
     pool = Pool(server.url())
-    assert (await pool.post(pool.head("/x", {}), b"{}")).body == b'{"zipped":true}'
+    assert (await post(pool, pool.head("/x", {}), b"{}")).body == b'{"zipped":true}'
 
 
 def test_a_header_with_a_line_break_is_refused() -> None:
@@ -289,8 +303,39 @@ async def test_https_verifies_the_certificate(serve, tmp_path: Path) -> None:  #
     server_ctx, client_ctx = _self_signed(tmp_path)
     server = await serve(always(OK), ssl_context=server_ctx)
     trusting = Pool(server.url("https"), ssl_context=client_ctx)
-    assert (await trusting.post(trusting.head("/x", {}), b"{}")).status == 200
+    assert (await post(trusting, trusting.head("/x", {}), b"{}")).status == 200
     trusting.close()
     default = Pool(server.url("https"))  # the system's certificates: not this one
     with pytest.raises(UpstreamConnectionError):
-        await default.post(default.head("/x", {}), b"{}")
+        await post(default, default.head("/x", {}), b"{}")
+
+
+async def test_the_first_byte_and_total_deadlines(serve) -> None:  # type: ignore[no-untyped-def]
+    server = await serve(always(HANG))
+    pool = Pool(server.url())
+    with pytest.raises(AnswerTimeout) as silent:
+        await post(pool, pool.head("/x", {}), b"{}", first_byte=0.2, total=5.0)
+    assert (silent.value.phase, silent.value.answered) == ("first_byte", False)
+    server.released.set()
+
+    # The status line in time, the body never: the total deadline, not the first-byte one.
+    started = b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{"
+    slow = await serve(lambda head, body: started)
+    pool = Pool(slow.url())
+    began = asyncio.get_running_loop().time()
+    with pytest.raises(AnswerTimeout) as cut:
+        await post(pool, pool.head("/x", {}), b"{}", first_byte=0.1, total=0.4)
+    assert (cut.value.phase, cut.value.answered) == ("total", True)
+    assert asyncio.get_running_loop().time() - began >= 0.4  # not cut at the first deadline
+
+    # Waiting for a slot counts in the first-byte deadline when that comes before connect's.
+    stalled = await serve(always(HANG))
+    capped = Pool(stalled.url(), limit=1, connect_timeout=5.0)
+    head = capped.head("/x", {})
+    holder = asyncio.ensure_future(post(capped, head, b"{}"))
+    await asyncio.sleep(0.05)
+    with pytest.raises(AnswerTimeout) as waited:
+        await post(capped, head, b"{}", first_byte=0.2)
+    assert waited.value.phase == "first_byte"
+    stalled.released.set()
+    await asyncio.gather(holder, return_exceptions=True)
