@@ -214,6 +214,21 @@ upstream_model = "slow"
         assert statuses == [200] * 6
         seen = requests.get(f"http://127.0.0.1:{upstream.port}/_in_flight", timeout=10).json()
         assert seen["max"] == 2
+
+        # Streams and whole answers share the cap: three of each at once, still two at a time.
+        upstream.clear()
+        streamed = {**body, "stream": True}
+
+        def one(i: int) -> int:
+            resp = chat(gw, key, streamed if i % 2 else body)
+            assert i % 2 == 0 or b"[DONE]" in resp.content
+            return int(resp.status_code)
+
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(one, range(6)))
+        assert statuses == [200] * 6
+        seen = requests.get(f"http://127.0.0.1:{upstream.port}/_in_flight", timeout=10).json()
+        assert seen["max"] == 2
     finally:
         gw.stop()
 

@@ -12,11 +12,12 @@ answer in three parser callbacks.
 
 What it does, as aiohttp did for these calls: one connection per request in flight, reused
 when the upstream keeps it alive, dropped after :data:`IDLE_TIMEOUT` idle (an upstream or a
-NAT may forget it silently); at most ``limit`` connections per origin (0: no cap), a request
-waiting for one counting the wait in the connect timeout; TLS for ``https`` with the system's
-certificates; ``Content-Length``, chunked and read-until-close bodies; a gzip or deflate
-body decoded (none is asked for). A POST is never sent
-twice: a connection lost before the answer is an error for the caller (the router retries).
+NAT may forget it silently); a cap on the requests in flight (a semaphore, shared with the
+upstream's streams), a request waiting for a slot counting the wait in the connect timeout;
+TLS for ``https`` with the system's certificates; ``Content-Length``, chunked and
+read-until-close bodies; a gzip or deflate body decoded (none is asked for). A POST is never
+sent twice: a connection lost before the answer is an error for the caller (the router
+retries).
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ class Pool:
         self,
         base_url: str,
         *,
-        limit: int = 0,
+        slots: asyncio.Semaphore | None = None,
         connect_timeout: float = 5.0,
         idle_timeout: float = IDLE_TIMEOUT,
         ssl_context: ssl.SSLContext | None = None,
@@ -206,7 +207,7 @@ class Pool:
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._idle: list[_Connection] = []
-        self._slots = asyncio.Semaphore(limit) if limit > 0 else None
+        self._slots = slots  # the upstream's connection cap (shared with its streams), if any
         self._closed = False
 
     def head(self, path: str, headers: dict[str, str]) -> bytes:

@@ -30,7 +30,7 @@ import contextlib
 import re
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Literal
 
 import aiohttp
@@ -107,6 +107,8 @@ class OpenAICompatBackend(Backend):
         self.timeouts = timeouts or Timeouts.defaults(settings)
         self._sessions: dict[str, aiohttp.ClientSession] = {}  # streams and probes
         self._pools: dict[str, http1.Pool] = {}  # whole answers (see chatgate.backends.http1)
+        # The connection cap of each upstream, shared by its streams and its whole answers.
+        self._caps: dict[str, asyncio.Semaphore] = {}
         self._heads: dict[tuple[str, str, str | None], bytes] = {}
         # Only the connect phase is left to aiohttp; the others are deadlines of our own.
         self._client_timeout = aiohttp.ClientTimeout(
@@ -124,11 +126,8 @@ class OpenAICompatBackend(Backend):
     def _session(self, base_url: str) -> aiohttp.ClientSession:
         session = self._sessions.get(base_url)
         if session is None:
-            # At most ``upstream_max_connections`` to this upstream (0: no cap); a request
-            # waiting for a free one counts the wait in the connect timeout (aiohttp's rule).
-            connector = aiohttp.TCPConnector(
-                limit=max(self._settings.upstream_max_connections, 0), ttl_dns_cache=300
-            )
+            # No cap of aiohttp's own: streams take a slot of ``_cap`` for their lifetime.
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
             session = aiohttp.ClientSession(
                 connector=connector,
                 # No cookie jar: an upstream's Set-Cookie would otherwise be sent back on every
@@ -149,14 +148,44 @@ class OpenAICompatBackend(Backend):
                 headers["Authorization"] = "Bearer " + secret.reveal()
         return headers
 
+    def _cap(self, base_url: str) -> asyncio.Semaphore | None:
+        """At most ``upstream_max_connections`` to this upstream at once (0: no cap), streams
+        and whole answers together; waiting for a slot counts in the connect timeout."""
+        limit = self._settings.upstream_max_connections
+        if limit <= 0:
+            return None
+        cap = self._caps.get(base_url)
+        if cap is None:
+            cap = self._caps[base_url] = asyncio.Semaphore(limit)
+        return cap
+
     async def _open(
         self, model: ModelConfig, path: str, body: dict[str, Any], started: float
     ) -> aiohttp.ClientResponse:
         """POST and wait for a 2xx's headers within the first-byte deadline; map failures.
 
-        The body is left to the caller (a stream). An error's body is read within ``total``
+        The body is left to the caller (a stream), and with it the connection-cap slot this
+        takes (the stream frees it when it ends). An error's body is read within ``total``
         under the same timer, rescheduled (one timer per request, not one per phase).
         """
+        t = self.timeouts
+        cap = self._cap(model.base_url)
+        if cap is not None:
+            try:
+                async with asyncio.timeout(t.connect):
+                    await cap.acquire()
+            except TimeoutError as exc:
+                raise timeout_error(model, "connect", t.connect) from exc
+        try:
+            return await self._post_for_stream(model, path, body, started)
+        except BaseException:
+            if cap is not None:
+                cap.release()
+            raise
+
+    async def _post_for_stream(
+        self, model: ModelConfig, path: str, body: dict[str, Any], started: float
+    ) -> aiohttp.ClientResponse:
         t = self.timeouts
         session = self._session(model.base_url)
         phase: Phase = "first_byte"
@@ -195,9 +224,7 @@ class OpenAICompatBackend(Backend):
         pool = self._pools.get(base_url)
         if pool is None:
             pool = self._pools[base_url] = http1.Pool(
-                base_url,
-                limit=max(self._settings.upstream_max_connections, 0),
-                connect_timeout=self.timeouts.connect,
+                base_url, slots=self._cap(base_url), connect_timeout=self.timeouts.connect
             )
         return pool
 
@@ -260,8 +287,14 @@ class OpenAICompatBackend(Backend):
         body["stream_options"] = options
         started = asyncio.get_running_loop().time()
         resp = await self._open(model, "/chat/completions", body, started)
+        cap = self._cap(model.base_url)
         return SSEPassThrough(
-            resp, model, include_usage=include_usage, timeouts=self.timeouts, started=started
+            resp,
+            model,
+            include_usage=include_usage,
+            timeouts=self.timeouts,
+            started=started,
+            on_done=None if cap is None else cap.release,
         )
 
     async def embeddings(self, model: ModelConfig, body: dict[str, Any]) -> dict[str, Any]:
@@ -319,9 +352,11 @@ class SSEPassThrough(ChatStream):
         include_usage: bool,
         timeouts: Timeouts | None = None,
         started: float | None = None,
+        on_done: Callable[[], object] | None = None,
     ) -> None:
         super().__init__()
         self._resp = resp
+        self._on_done = on_done  # called once, when the response is let go
         self._model = model
         self._include_usage = include_usage
         self.failure: errors.APIError | None = None
@@ -432,6 +467,7 @@ class SSEPassThrough(ChatStream):
             self._reading_since = None
             self._stop_timer()
             self._resp.release()
+            self._done()
 
     def _keep(self, event: bytes) -> bool:
         """Note usage and text of one event; False for a usage-only chunk nobody asked for.
@@ -489,9 +525,15 @@ class SSEPassThrough(ChatStream):
                     self._text.append(args)
         self._unparsed.clear()
 
+    def _done(self) -> None:
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done()
+
     async def aclose(self) -> None:
         self._stop_timer()
         self._resp.close()
+        self._done()
         if self._iterator is not None:
             # Runs the relay's cleanup now; a RuntimeError means another task is inside it,
             # and it ends by itself since the response is closed.

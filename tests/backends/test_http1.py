@@ -227,7 +227,7 @@ async def test_a_cancelled_request_drops_its_connection(serve) -> None:  # type:
 
 async def test_the_cap_on_connections_and_its_connect_timeout(serve) -> None:  # type: ignore[no-untyped-def]
     server = await serve(always(OK))
-    pool = Pool(server.url(), limit=2)
+    pool = Pool(server.url(), slots=asyncio.Semaphore(2))
     head = pool.head("/x", {})
     statuses = await asyncio.gather(*(post(pool, head, b"{}") for _ in range(6)))
     assert [a.status for a in statuses] == [200] * 6
@@ -235,7 +235,7 @@ async def test_the_cap_on_connections_and_its_connect_timeout(serve) -> None:  #
 
     # Two requests hold both slots; a third waits for one no longer than the connect timeout.
     stalled = await serve(always(HANG))
-    capped = Pool(stalled.url(), limit=2, connect_timeout=0.3)
+    capped = Pool(stalled.url(), slots=asyncio.Semaphore(2), connect_timeout=0.3)
     head = capped.head("/x", {})
     stuck = [asyncio.ensure_future(post(capped, head, b"{}")) for _ in range(2)]
     await asyncio.sleep(0.05)
@@ -330,7 +330,7 @@ async def test_the_first_byte_and_total_deadlines(serve) -> None:  # type: ignor
 
     # Waiting for a slot counts in the first-byte deadline when that comes before connect's.
     stalled = await serve(always(HANG))
-    capped = Pool(stalled.url(), limit=1, connect_timeout=5.0)
+    capped = Pool(stalled.url(), slots=asyncio.Semaphore(1), connect_timeout=5.0)
     head = capped.head("/x", {})
     holder = asyncio.ensure_future(post(capped, head, b"{}"))
     await asyncio.sleep(0.05)
