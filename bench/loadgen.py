@@ -37,6 +37,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     total = int(args.rate * args.seconds)
     latencies: list[float] = []
     counts = {"ok": 0, "errors": 0, "dropped": 0}
+    kinds: dict[str, int] = {}  # what the errors were: a status, or an exception's name
     inflight = 0
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     connector = aiohttp.TCPConnector(limit=args.max_inflight, force_close=False)
@@ -50,8 +51,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     async for _ in resp.content.iter_any():
                         pass
                     ok = resp.status == 200
-            except (aiohttp.ClientError, TimeoutError):
+                    kind = str(resp.status)
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 ok = False
+                kind = type(exc).__name__
             finally:
                 inflight -= 1
             if ok:
@@ -59,12 +62,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 latencies.append((time.perf_counter() - intended) * 1000.0)
             else:
                 counts["errors"] += 1
+                kinds[kind] = kinds.get(kind, 0) + 1
 
         # Open a pool of connections first, as a steady client would have: the measured
         # requests then seldom pay for a connect.
         await asyncio.gather(*(one(time.perf_counter()) for _ in range(min(64, total))))
         latencies.clear()
         counts.update(ok=0, errors=0)
+        kinds.clear()
         tasks = []
         start = time.perf_counter() + 0.05
         for i in range(total):
@@ -82,6 +87,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "offered_rps": args.rate,
         "sent": len(tasks),
         **counts,
+        "error_kinds": kinds,
         "achieved_rps": counts["ok"] / max(sent_for, 1e-9),
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),

@@ -361,6 +361,12 @@ def median(samples: list[dict[str, Any]]) -> dict[str, Any]:
     row["errors"] = sum(s["errors"] for s in samples)
     row["requests"] = sum(s["requests"] for s in samples)
     row["rounds"] = len(samples)
+    if any("error_kinds" in s for s in samples):  # the open-loop rows: what failed, summed
+        kinds: dict[str, int] = {}
+        for sample in samples:
+            for kind, n in sample.get("error_kinds", {}).items():
+                kinds[kind] = kinds.get(kind, 0) + n
+        row["error_kinds"] = kinds
     return row
 
 

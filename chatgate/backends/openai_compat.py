@@ -165,8 +165,7 @@ class OpenAICompatBackend(Backend):
         """POST and wait for a 2xx's headers within the first-byte deadline; map failures.
 
         The body is left to the caller (a stream), and with it the connection-cap slot this
-        takes (the stream frees it when it ends). An error's body is read within ``total``
-        under the same timer, rescheduled (one timer per request, not one per phase).
+        takes (the stream frees it when it ends).
         """
         t = self.timeouts
         cap = self._cap(model.base_url)
@@ -186,6 +185,8 @@ class OpenAICompatBackend(Backend):
     async def _post_for_stream(
         self, model: ModelConfig, path: str, body: dict[str, Any], started: float
     ) -> aiohttp.ClientResponse:
+        """:meth:`_open`'s request. An error's body is read within ``total`` under the same
+        timer, rescheduled (one timer per request, not one per phase)."""
         t = self.timeouts
         session = self._session(model.base_url)
         phase: Phase = "first_byte"
