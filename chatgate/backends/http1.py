@@ -23,13 +23,14 @@ retries).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ssl
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
@@ -204,6 +205,12 @@ class Pool:
             self._ssl = ssl_context or ssl.create_default_context()
         self._prefix = url.path.rstrip("/")
         self._host_header = f"Host: {url.netloc.rpartition('@')[2]}\r\n".encode("latin-1")
+        # Credentials in the URL (``http://user:pass@host``) are sent as Basic auth, as aiohttp
+        # did; never beside another Authorization header.
+        self._basic: str | None = None
+        if url.username is not None:
+            userinfo = f"{unquote(url.username)}:{unquote(url.password or '')}"
+            self._basic = "Basic " + base64.b64encode(userinfo.encode("latin-1")).decode()
         self._connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._idle: list[_Connection] = []
@@ -213,6 +220,10 @@ class Pool:
     def head(self, path: str, headers: dict[str, str]) -> bytes:
         """The request line and the fixed headers of ``POST path`` (a call adds the length)."""
         lines = [f"POST {self._prefix}{path} HTTP/1.1\r\n".encode("latin-1"), self._host_header]
+        if self._basic is not None:
+            if any(name.lower() == "authorization" for name in headers):
+                raise ValueError("credentials in the URL and an Authorization header together")
+            headers = {**headers, "Authorization": self._basic}
         for name, value in headers.items():
             if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
                 raise ValueError("a header may not contain a line break")

@@ -257,6 +257,17 @@ async def test_a_gzipped_answer_is_decoded(serve) -> None:  # type: ignore[no-un
     assert (await post(pool, pool.head("/x", {}), b"{}")).body == b'{"zipped":true}'
 
 
+async def test_credentials_in_the_url_are_basic_auth(serve) -> None:  # type: ignore[no-untyped-def]
+    server = await serve(always(OK))
+    pool = Pool(f"http://us%40er:p%3Ass@127.0.0.1:{server.port}/v1")
+    await post(pool, pool.head("/x", {}), b"{}")
+    sent_head = server.requests[0][0]
+    assert b"Authorization: Basic dXNAZXI6cDpzcw==\r\n" in sent_head  # us@er:p:ss
+    assert f"Host: 127.0.0.1:{server.port}\r\n".encode() in sent_head
+    with pytest.raises(ValueError):
+        pool.head("/x", {"Authorization": "Bearer k"})
+
+
 def test_a_header_with_a_line_break_is_refused() -> None:
     pool = Pool("http://127.0.0.1:9/v1")
     with pytest.raises(ValueError):
