@@ -2,7 +2,7 @@
 
 Keep-alive connections to one origin, kept per process; responses parsed by ``httptools``
 (llhttp, the parser of Node.js and uvicorn). Streams and probes stay on aiohttp
-(:mod:`.openai_compat`).
+(:mod:`.openai_compat`, :mod:`.sse`).
 
 Why not aiohttp for these too: an aiohttp ``ClientSession.post`` + ``read`` runs ~3,000 Python
 bytecodes of request and response objects, header multidicts, payload registries and stream

@@ -1,37 +1,23 @@
 """Backend for any OpenAI-compatible upstream (OpenAI, vLLM, Ollama, llama.cpp server).
 
-One backend instance per deployment (the router makes them), each with its own pooled
-``aiohttp.ClientSession`` and :class:`~chatgate.backends.deployment.Timeouts`:
+One backend instance per deployment (the router makes them), each with its own
+:class:`~chatgate.backends.deployment.Timeouts` and, per upstream base URL:
 
-* ``connect``: aiohttp's connect timeout;
-* ``first_byte``: an ``asyncio`` deadline around sending the request and reading the headers
-  (for a stream, the watchdog below extends it to the first event);
-* ``idle`` and ``total``: for a non-streamed answer, one deadline on reading the body; for a
-  stream, one watchdog timer per stream that re-arms itself lazily (at most once per idle
-  period, never per chunk) and closes the upstream response when a limit passes, which ends the
-  relay with an SSE ``upstream_timeout`` error event.
+* whole answers (non-streamed chat, embeddings): a :class:`~chatgate.backends.http1.Pool` of
+  keep-alive connections; the first-byte and total deadlines are one timer on the connection;
+* streams and probes: a pooled ``aiohttp.ClientSession`` (``connect``: aiohttp's connect
+  timeout; ``first_byte``: an ``asyncio`` deadline around sending the request and reading the
+  headers, which the stream's watchdog (:mod:`.sse`) extends to the first event);
+* one connection cap (``upstream_max_connections``) shared by both.
 
-Streams are passed through event by event, never buffered whole; ``stream_options.include_usage``
-is always asked of the upstream so usage can be metered, and the usage-only chunk is dropped when
-the client did not ask for it. Upstream HTTP errors map to the error tree
-(:func:`upstream_status_error`); every message names the public model, never a URL or a key.
-
-Error classes added here (subclasses of the tree in :mod:`chatgate.errors`, same status/code)::
-
-    UpstreamError (502)
-    ├── UpstreamUnreachable       connect refused/reset, DNS, TLS
-    └── UpstreamStatusError       an unexpected upstream status (5xx, 401, 403, ...)
+Upstream HTTP errors map to the error tree (:mod:`.upstream_errors`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import re
 import time
-from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 import orjson
@@ -40,61 +26,14 @@ from chatgate import errors
 from chatgate.backends import http1
 from chatgate.backends.base import Backend, ChatResult, ChatStream, Usage
 from chatgate.backends.deployment import ProbeResult, Timeouts
+from chatgate.backends.sse import SSEPassThrough
+from chatgate.backends.upstream_errors import (
+    Phase,
+    UpstreamUnreachable,
+    timeout_error,
+    upstream_status_error,
+)
 from chatgate.settings import ModelConfig, Settings
-
-DONE_EVENT = b"data: [DONE]\n\n"
-_UNPARSED_MAX = 256  # events held before their text is extracted anyway
-_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
-_CRLF = re.compile(rb"\r\n|\r")
-
-
-def split_events(data: bytes) -> tuple[list[bytes], bytes]:
-    """Complete SSE events in ``data`` (each ending in a blank line), and the rest.
-
-    Events come out normalised to ``\n`` line ends and one ``\n\n`` at the end; blank
-    lines between events are skipped.
-    """
-    hold = b""
-    if b"\r" in data:
-        if data.endswith(b"\r"):  # maybe half of a \r\n: decide with the next read
-            data, hold = data[:-1], b"\r"
-        data = _CRLF.sub(b"\n", data)
-    parts = data.split(b"\n\n")
-    rest = parts.pop()
-    events = [part.lstrip(b"\n") + b"\n\n" for part in parts if part.strip(b"\n")]
-    return events, (rest if rest.strip(b"\n") else b"") + hold
-
-
-_SLACK = 0.001  # timer handles may fire up to the loop's clock resolution early
-
-Phase = Literal["connect", "first_byte", "idle", "total"]
-
-
-class UpstreamUnreachable(errors.UpstreamError):
-    """No connection to the upstream (refused, reset, DNS, TLS): 502, retried elsewhere."""
-
-
-class UpstreamStatusError(errors.UpstreamError):
-    """The upstream answered an unexpected HTTP status: 502 to the client."""
-
-    def __init__(self, message: str, *, upstream_status: int) -> None:
-        super().__init__(message)
-        self.upstream_status = upstream_status
-
-
-def _secs(value: float) -> str:
-    return f"{value:g}s"
-
-
-def timeout_error(model: ModelConfig, phase: Phase, limit: float) -> errors.UpstreamTimeout:
-    """The 504 for ``phase`` (which limit passed), naming the model and the limit."""
-    text = {
-        "connect": f"could not be connected to within {_secs(limit)}",
-        "first_byte": f"did not start answering within {_secs(limit)}",
-        "idle": f"stopped sending for {_secs(limit)}",
-        "total": f"did not finish within {_secs(limit)}",
-    }[phase]
-    return errors.UpstreamTimeout(f"The upstream for model `{model.name}` {text}.")
 
 
 class OpenAICompatBackend(Backend):
@@ -337,284 +276,4 @@ class OpenAICompatBackend(Backend):
         return ProbeResult(True, "ok", latency, status, listed)
 
 
-class SSEPassThrough(ChatStream):
-    """Relays an upstream SSE response event by event, noting usage and generated text.
-
-    A transport failure or a passed time limit ends the relay with one
-    ``data: {"error": ...}`` event; ``failure`` then holds that error (the router uses it to
-    retry when nothing has reached the client yet).
-    """
-
-    def __init__(
-        self,
-        resp: aiohttp.ClientResponse,
-        model: ModelConfig,
-        *,
-        include_usage: bool,
-        timeouts: Timeouts | None = None,
-        started: float | None = None,
-        on_done: Callable[[], object] | None = None,
-    ) -> None:
-        super().__init__()
-        self._resp = resp
-        self._on_done = on_done  # called once, when the response is let go
-        self._model = model
-        self._include_usage = include_usage
-        self.failure: errors.APIError | None = None
-        self._iterator: AsyncGenerator[bytes, None] | None = None
-        self._ready: deque[bytes] = deque()  # events split from the last read, not yet relayed
-        self._unparsed: list[bytes] = []  # events whose text is not extracted yet
-        self._loop = asyncio.get_running_loop()
-        self._timeouts = timeouts
-        self._reading_since: float | None = None  # loop time a read of the upstream began
-        self._expired: Phase | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        if timeouts is not None:
-            begin = self._loop.time() if started is None else started
-            self._first_at = begin + min(timeouts.first_byte, timeouts.total)
-            self._total_at = begin + timeouts.total
-            self._timer = self._loop.call_at(self._deadline()[0], self._check)
-
-    # -- the watchdog: one timer per stream, re-armed lazily ------------------------------------
-
-    def _deadline(self) -> tuple[float, Phase]:
-        """The next instant a limit may pass, and which limit that is."""
-        assert self._timeouts is not None
-        phase: Phase
-        if self.first_byte_at is None:
-            when, phase = self._first_at, "first_byte"
-        elif self._reading_since is not None:
-            when, phase = self._reading_since + self._timeouts.idle, "idle"
-        else:  # the client is slow to take events: that is not the upstream's idleness
-            when, phase = self._loop.time() + self._timeouts.idle, "idle"
-        if self._total_at <= when:
-            return self._total_at, "total"
-        return when, phase
-
-    def _check(self) -> None:
-        self._timer = None
-        when, phase = self._deadline()
-        if self._loop.time() + _SLACK >= when:
-            self._expired = phase
-            self._resp.close()  # the pending read raises ClientConnectionError
-        else:
-            self._timer = self._loop.call_at(when, self._check)
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _timeout(self) -> errors.UpstreamTimeout:
-        assert self._timeouts is not None and self._expired is not None
-        limits = {
-            "first_byte": min(self._timeouts.first_byte, self._timeouts.total),
-            "idle": self._timeouts.idle,
-            "total": self._timeouts.total,
-            "connect": self._timeouts.connect,
-        }
-        return timeout_error(self._model, self._expired, limits[self._expired])
-
-    # -- relaying ---------------------------------------------------------------------------
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        if self._iterator is None:
-            self._iterator = self._events()
-        return self._iterator
-
-    @property
-    def buffered(self) -> bool:
-        """True when the next event is already in hand (the relay may batch its writes)."""
-        return bool(self._ready)
-
-    async def _events(self) -> AsyncGenerator[bytes, None]:
-        # The upstream is read in whatever chunks arrive (not line by line): one read often
-        # holds many events, which are split here and handed out one at a time from
-        # ``_ready``, so the relay can write them to the client together (``buffered``).
-        rest = b""
-        ready = self._ready
-        read = self._resp.content.readany
-        clock = self._loop.time
-        try:
-            while True:
-                # Idle time counts only while we wait for the upstream, not for the client.
-                self._reading_since = clock()
-                chunk = await read()
-                self._reading_since = None
-                if not chunk:
-                    break
-                events, rest = split_events(rest + chunk if rest else chunk)
-                for event in events:
-                    if self._keep(event):
-                        ready.append(event)
-                while ready:
-                    if self.first_byte_at is None:
-                        self.first_byte_at = time.perf_counter()
-                    yield ready.popleft()
-            if rest.strip():
-                event = rest if rest.endswith(b"\n") else rest + b"\n"
-                if self._keep(event + b"\n"):
-                    yield event + b"\n"
-        except (TimeoutError, aiohttp.ClientError):
-            if self._expired is not None:
-                self.failure = self._timeout()
-            else:
-                self.failure = errors.UpstreamError(
-                    f"The upstream for model `{self._model.name}` broke off the stream."
-                )
-            ready.clear()
-            yield b"data: " + self.failure.body() + b"\n\n"
-        finally:
-            self._reading_since = None
-            self._stop_timer()
-            self._resp.release()
-            self._done()
-
-    def _keep(self, event: bytes) -> bool:
-        """Note usage and text of one event; False for a usage-only chunk nobody asked for.
-
-        Only an event that carries a usage object is parsed here; the others are kept as
-        they are and parsed for their text only if it is ever asked for (a stream cut off
-        before its usage came: :attr:`completion_text`), so a normal stream parses one
-        event, not every one.
-        """
-        if not event.startswith(b"data: {"):
-            return True
-        if len(self._unparsed) >= _UNPARSED_MAX:
-            self._parse_text()  # a long stream: keep memory flat, parse what is held
-        self._unparsed.append(event)
-        if b'"usage"' not in event or _NULL_USAGE.search(event):
-            return True
-        try:
-            chunk = orjson.loads(event[6:])
-        except orjson.JSONDecodeError:
-            return True
-        if not isinstance(chunk, dict):
-            return True
-        usage = Usage.from_openai(chunk.get("usage"))
-        if usage is not None:
-            self.usage = usage
-        if chunk.get("choices"):
-            return True
-        if usage is not None and not self._include_usage:
-            self._unparsed.pop()  # dropped: nothing in it to count
-            return False
-        return True
-
-    @property
-    def completion_text(self) -> str:
-        """The text generated so far (content and tool-call arguments)."""
-        self._parse_text()
-        return "".join(self._text)
-
-    def _parse_text(self) -> None:
-        for event in self._unparsed:
-            try:
-                chunk = orjson.loads(event[6:])
-            except orjson.JSONDecodeError:
-                continue
-            choices = chunk.get("choices") if isinstance(chunk, dict) else None
-            if not choices or not isinstance(choices[0], dict):
-                continue
-            delta = choices[0].get("delta") or {}
-            content = delta.get("content")
-            if isinstance(content, str):
-                self._text.append(content)
-            for call in delta.get("tool_calls") or ():
-                args = (call.get("function") or {}).get("arguments")
-                if isinstance(args, str):
-                    self._text.append(args)
-        self._unparsed.clear()
-
-    def _done(self) -> None:
-        on_done, self._on_done = self._on_done, None
-        if on_done is not None:
-            on_done()
-
-    async def aclose(self) -> None:
-        self._stop_timer()
-        self._resp.close()
-        self._done()
-        if self._iterator is not None:
-            # Runs the relay's cleanup now; a RuntimeError means another task is inside it,
-            # and it ends by itself since the response is closed.
-            with contextlib.suppress(RuntimeError):
-                await self._iterator.aclose()
-
-
-def _retry_hint(headers: Any) -> dict[str, str]:
-    """The upstream's ``retry-after`` (seconds) as ``retry-after`` and ``retry-after-ms``."""
-    hint: dict[str, str] = {}
-    ms = headers.get("retry-after-ms")
-    secs = headers.get("retry-after")
-    try:
-        if ms is not None:
-            value = max(0.0, float(ms))
-            hint["retry-after-ms"] = str(int(value))
-            hint["retry-after"] = str(max(1, int(-(-value // 1000))))
-        elif secs is not None:
-            value = max(0.0, float(secs))
-            hint["retry-after"] = str(max(1, int(-(-value // 1))))
-            hint["retry-after-ms"] = str(int(value * 1000))
-    except ValueError:
-        if secs:  # an HTTP date: pass it on as it is
-            hint = {"retry-after": str(secs)}
-    return hint
-
-
-# What an upstream's error text may carry that a caller must never see: our upstream key (an
-# upstream echoing a bad key), any bearer token or key-shaped string, and internal URLs.
-_SECRETISH = re.compile(
-    r"(?i)bearer\s+\S+|\b(?:sk|pk|rk|key|tok)[-_][A-Za-z0-9_\-*.]{6,}|https?://\S+"
-)
-
-
-def scrub_upstream_text(text: str, secret: str | None) -> str:
-    """An upstream's error message made safe to pass on to our caller."""
-    if secret:
-        text = text.replace(secret, "[redacted]")
-    return _SECRETISH.sub("[redacted]", text)
-
-
-def upstream_status_error(
-    model: ModelConfig, status: int, raw: bytes, headers: Any, secret: str | None = None
-) -> errors.APIError:
-    """Map an upstream HTTP error: 429 stays 429 (with its retry hint), client errors pass,
-    408 is a timeout (504), the rest is 502."""
-    message = None
-    try:
-        data = orjson.loads(raw)
-        if isinstance(data, dict) and isinstance(data.get("error"), dict):
-            message = data["error"].get("message")
-    except orjson.JSONDecodeError:
-        pass
-    if status == 429:
-        hint = _retry_hint(headers)
-        when = " Please try again later."
-        if "retry-after-ms" in hint:  # a number of seconds, not an HTTP date
-            when = f" Please try again in {hint['retry-after']}s."
-        return errors.RateLimited(
-            f"The upstream for model `{model.name}` is rate limited.{when}",
-            headers=hint,
-            type="requests",
-        )
-    if status in (400, 404, 422) and isinstance(message, str):
-        safe = scrub_upstream_text(message[:500], secret)
-        return errors.InvalidRequest(f"Upstream rejected the request: {safe}")
-    if status == 408:
-        return errors.UpstreamTimeout(f"The upstream for model `{model.name}` timed out.")
-    return UpstreamStatusError(
-        f"The upstream for model `{model.name}` answered with status {status}.",
-        upstream_status=status,
-    )
-
-
-__all__ = [
-    "OpenAICompatBackend",
-    "SSEPassThrough",
-    "UpstreamStatusError",
-    "UpstreamUnreachable",
-    "scrub_upstream_text",
-    "timeout_error",
-    "upstream_status_error",
-]
+__all__ = ["OpenAICompatBackend"]

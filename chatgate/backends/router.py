@@ -37,8 +37,8 @@ set it on all tables of a model or on none), ``connect_timeout``, ``first_byte_t
 ``upstream_timeout`` and :mod:`chatgate.backends.deployment`), ``breaker_failures`` (default 5)
 and ``breaker_cooldown`` (seconds, default 30). Per model (first table): ``context_window``,
 ``retries`` (default 2), ``retry_backoff`` (default 0.25 s) and ``retry_backoff_max`` (4 s).
-The four timeouts are enforced by the ``openai_compat`` backend (see its docstring); the local
-model is bounded by its own queue and ``max_tokens`` instead.
+The four timeouts are enforced by the ``openai_compat`` backend (see its docstring and
+:mod:`.sse`); the local model is bounded by its own queue and ``max_tokens`` instead.
 
 Routing one request
 -------------------
@@ -81,12 +81,9 @@ from chatgate import errors
 from chatgate.backends.base import Backend, ChatResult, ChatStream, Usage
 from chatgate.backends.breaker import BreakerState, CircuitBreaker
 from chatgate.backends.deployment import Deployment, ModelPlan, ProbeResult, plan_models
-from chatgate.backends.openai_compat import (
-    OpenAICompatBackend,
-    SSEPassThrough,
-    UpstreamStatusError,
-    UpstreamUnreachable,
-)
+from chatgate.backends.openai_compat import OpenAICompatBackend
+from chatgate.backends.sse import SSEPassThrough
+from chatgate.backends.upstream_errors import UpstreamStatusError, UpstreamUnreachable
 from chatgate.settings import ModelConfig, Settings
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chatgate.backends.openai_compat import split_events
+from chatgate.backends.sse import split_events
 
 STREAM = b'data: {"a":1}\n\ndata: {"b":2}\n\n: keep-alive\n\n\n\ndata: [DONE]\n\n'
 EVENTS = [b'data: {"a":1}\n\n', b'data: {"b":2}\n\n', b": keep-alive\n\n", b"data: [DONE]\n\n"]

@@ -1,0 +1,259 @@
+"""Relaying an upstream's SSE stream (``/chat/completions`` with ``stream: true``).
+
+Streams are passed through event by event, never buffered whole; ``stream_options.include_usage``
+is always asked of the upstream so usage can be metered, and the usage-only chunk is dropped when
+the client did not ask for it. One watchdog timer per stream re-arms itself lazily (at most
+once per idle period, never per chunk) and closes the upstream response when a limit passes
+(first byte, idle, total), which ends the relay with an SSE ``upstream_timeout`` error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+
+import aiohttp
+import orjson
+
+from chatgate import errors
+from chatgate.backends.base import ChatStream, Usage
+from chatgate.backends.deployment import Timeouts
+from chatgate.backends.upstream_errors import Phase, timeout_error
+from chatgate.settings import ModelConfig
+
+DONE_EVENT = b"data: [DONE]\n\n"
+_UNPARSED_MAX = 256  # events held before their text is extracted anyway
+_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
+_CRLF = re.compile(rb"\r\n|\r")
+
+
+def split_events(data: bytes) -> tuple[list[bytes], bytes]:
+    """Complete SSE events in ``data`` (each ending in a blank line), and the rest.
+
+    Events come out normalised to ``\n`` line ends and one ``\n\n`` at the end; blank
+    lines between events are skipped.
+    """
+    hold = b""
+    if b"\r" in data:
+        if data.endswith(b"\r"):  # maybe half of a \r\n: decide with the next read
+            data, hold = data[:-1], b"\r"
+        data = _CRLF.sub(b"\n", data)
+    parts = data.split(b"\n\n")
+    rest = parts.pop()
+    events = [part.lstrip(b"\n") + b"\n\n" for part in parts if part.strip(b"\n")]
+    return events, (rest if rest.strip(b"\n") else b"") + hold
+
+
+_SLACK = 0.001  # timer handles may fire up to the loop's clock resolution early
+
+
+class SSEPassThrough(ChatStream):
+    """Relays an upstream SSE response event by event, noting usage and generated text.
+
+    A transport failure or a passed time limit ends the relay with one
+    ``data: {"error": ...}`` event; ``failure`` then holds that error (the router uses it to
+    retry when nothing has reached the client yet).
+    """
+
+    def __init__(
+        self,
+        resp: aiohttp.ClientResponse,
+        model: ModelConfig,
+        *,
+        include_usage: bool,
+        timeouts: Timeouts | None = None,
+        started: float | None = None,
+        on_done: Callable[[], object] | None = None,
+    ) -> None:
+        super().__init__()
+        self._resp = resp
+        self._on_done = on_done  # called once, when the response is let go
+        self._model = model
+        self._include_usage = include_usage
+        self.failure: errors.APIError | None = None
+        self._iterator: AsyncGenerator[bytes, None] | None = None
+        self._ready: deque[bytes] = deque()  # events split from the last read, not yet relayed
+        self._unparsed: list[bytes] = []  # events whose text is not extracted yet
+        self._loop = asyncio.get_running_loop()
+        self._timeouts = timeouts
+        self._reading_since: float | None = None  # loop time a read of the upstream began
+        self._expired: Phase | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        if timeouts is not None:
+            begin = self._loop.time() if started is None else started
+            self._first_at = begin + min(timeouts.first_byte, timeouts.total)
+            self._total_at = begin + timeouts.total
+            self._timer = self._loop.call_at(self._deadline()[0], self._check)
+
+    # -- the watchdog: one timer per stream, re-armed lazily ------------------------------------
+
+    def _deadline(self) -> tuple[float, Phase]:
+        """The next instant a limit may pass, and which limit that is."""
+        assert self._timeouts is not None
+        phase: Phase
+        if self.first_byte_at is None:
+            when, phase = self._first_at, "first_byte"
+        elif self._reading_since is not None:
+            when, phase = self._reading_since + self._timeouts.idle, "idle"
+        else:  # the client is slow to take events: that is not the upstream's idleness
+            when, phase = self._loop.time() + self._timeouts.idle, "idle"
+        if self._total_at <= when:
+            return self._total_at, "total"
+        return when, phase
+
+    def _check(self) -> None:
+        self._timer = None
+        when, phase = self._deadline()
+        if self._loop.time() + _SLACK >= when:
+            self._expired = phase
+            self._resp.close()  # the pending read raises ClientConnectionError
+        else:
+            self._timer = self._loop.call_at(when, self._check)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timeout(self) -> errors.UpstreamTimeout:
+        assert self._timeouts is not None and self._expired is not None
+        limits = {
+            "first_byte": min(self._timeouts.first_byte, self._timeouts.total),
+            "idle": self._timeouts.idle,
+            "total": self._timeouts.total,
+            "connect": self._timeouts.connect,
+        }
+        return timeout_error(self._model, self._expired, limits[self._expired])
+
+    # -- relaying ---------------------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._iterator is None:
+            self._iterator = self._events()
+        return self._iterator
+
+    @property
+    def buffered(self) -> bool:
+        """True when the next event is already in hand (the relay may batch its writes)."""
+        return bool(self._ready)
+
+    async def _events(self) -> AsyncGenerator[bytes, None]:
+        # The upstream is read in whatever chunks arrive (not line by line): one read often
+        # holds many events, which are split here and handed out one at a time from
+        # ``_ready``, so the relay can write them to the client together (``buffered``).
+        rest = b""
+        ready = self._ready
+        read = self._resp.content.readany
+        clock = self._loop.time
+        try:
+            while True:
+                # Idle time counts only while we wait for the upstream, not for the client.
+                self._reading_since = clock()
+                chunk = await read()
+                self._reading_since = None
+                if not chunk:
+                    break
+                events, rest = split_events(rest + chunk if rest else chunk)
+                for event in events:
+                    if self._keep(event):
+                        ready.append(event)
+                while ready:
+                    if self.first_byte_at is None:
+                        self.first_byte_at = time.perf_counter()
+                    yield ready.popleft()
+            if rest.strip():
+                event = rest if rest.endswith(b"\n") else rest + b"\n"
+                if self._keep(event + b"\n"):
+                    yield event + b"\n"
+        except (TimeoutError, aiohttp.ClientError):
+            if self._expired is not None:
+                self.failure = self._timeout()
+            else:
+                self.failure = errors.UpstreamError(
+                    f"The upstream for model `{self._model.name}` broke off the stream."
+                )
+            ready.clear()
+            yield b"data: " + self.failure.body() + b"\n\n"
+        finally:
+            self._reading_since = None
+            self._stop_timer()
+            self._resp.release()
+            self._done()
+
+    def _keep(self, event: bytes) -> bool:
+        """Note usage and text of one event; False for a usage-only chunk nobody asked for.
+
+        Only an event that carries a usage object is parsed here; the others are kept as
+        they are and parsed for their text only if it is ever asked for (a stream cut off
+        before its usage came: :attr:`completion_text`), so a normal stream parses one
+        event, not every one.
+        """
+        if not event.startswith(b"data: {"):
+            return True
+        if len(self._unparsed) >= _UNPARSED_MAX:
+            self._parse_text()  # a long stream: keep memory flat, parse what is held
+        self._unparsed.append(event)
+        if b'"usage"' not in event or _NULL_USAGE.search(event):
+            return True
+        try:
+            chunk = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(chunk, dict):
+            return True
+        usage = Usage.from_openai(chunk.get("usage"))
+        if usage is not None:
+            self.usage = usage
+        if chunk.get("choices"):
+            return True
+        if usage is not None and not self._include_usage:
+            self._unparsed.pop()  # dropped: nothing in it to count
+            return False
+        return True
+
+    @property
+    def completion_text(self) -> str:
+        """The text generated so far (content and tool-call arguments)."""
+        self._parse_text()
+        return "".join(self._text)
+
+    def _parse_text(self) -> None:
+        for event in self._unparsed:
+            try:
+                chunk = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                continue
+            choices = chunk.get("choices") if isinstance(chunk, dict) else None
+            if not choices or not isinstance(choices[0], dict):
+                continue
+            delta = choices[0].get("delta") or {}
+            content = delta.get("content")
+            if isinstance(content, str):
+                self._text.append(content)
+            for call in delta.get("tool_calls") or ():
+                args = (call.get("function") or {}).get("arguments")
+                if isinstance(args, str):
+                    self._text.append(args)
+        self._unparsed.clear()
+
+    def _done(self) -> None:
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done()
+
+    async def aclose(self) -> None:
+        self._stop_timer()
+        self._resp.close()
+        self._done()
+        if self._iterator is not None:
+            # Runs the relay's cleanup now; a RuntimeError means another task is inside it,
+            # and it ends by itself since the response is closed.
+            with contextlib.suppress(RuntimeError):
+                await self._iterator.aclose()
+
+
+__all__ = ["DONE_EVENT", "SSEPassThrough", "split_events"]
