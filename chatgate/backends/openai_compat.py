@@ -99,15 +99,19 @@ class OpenAICompatBackend(Backend):
         return cap
 
     async def _open(
-        self, model: ModelConfig, path: str, body: dict[str, Any], started: float
+        self,
+        model: ModelConfig,
+        path: str,
+        body: dict[str, Any],
+        started: float,
+        cap: asyncio.Semaphore | None,
     ) -> aiohttp.ClientResponse:
         """POST and wait for a 2xx's headers within the first-byte deadline; map failures.
 
-        The body is left to the caller (a stream), and with it the connection-cap slot this
-        takes (the stream frees it when it ends).
+        The body is left to the caller (a stream), and with it a slot of ``cap`` (the
+        upstream's connection cap, if any), which the stream frees when it ends.
         """
         t = self.timeouts
-        cap = self._cap(model.base_url)
         if cap is not None:
             try:
                 async with asyncio.timeout(t.connect):
@@ -226,8 +230,8 @@ class OpenAICompatBackend(Backend):
         options["include_usage"] = True
         body["stream_options"] = options
         started = asyncio.get_running_loop().time()
-        resp = await self._open(model, "/chat/completions", body, started)
         cap = self._cap(model.base_url)
+        resp = await self._open(model, "/chat/completions", body, started, cap)
         return SSEPassThrough(
             resp,
             model,
