@@ -65,11 +65,10 @@ class _Leases:
     expired.
     """
 
-    __slots__ = ("expires_at", "first_expiry", "leases")
+    __slots__ = ("first_expiry", "leases")
 
     def __init__(self) -> None:
         self.leases: dict[str, float] = {}
-        self.expires_at = 0.0
         self.first_expiry = math.inf
 
     def live(self, now: float) -> int:
@@ -95,7 +94,7 @@ class _Leases:
         """Hold a slot until ``expiry`` (later than every lease held: one TTL for all)."""
         if not self.leases:
             self.first_expiry = expiry
-        self.leases[lease_id] = self.expires_at = expiry
+        self.leases[lease_id] = expiry
 
 
 class _Counter:
