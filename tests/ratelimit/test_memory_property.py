@@ -103,7 +103,7 @@ class Model:
             self.quota[key] = self.quota.get(key, 0) + cost
 
     def settle(self, checks: tuple[Check, ...], lease: str, delta: int, now: Fraction) -> None:
-        for check in checks:
+        for check in dict.fromkeys(checks):  # a bucket named twice settles once
             if check.kind == "tokens":
                 interval = Fraction(check.window) / check.limit
                 tat = max(self.tat.get(check.bucket, now), now) + delta * interval
@@ -166,9 +166,14 @@ class LimiterMachine(RuleBasedStateMachine):
     def acquire(self, data: st.DataObject, tokens: int) -> None:
         order = data.draw(st.permutations(range(len(self.checks))))
         count = data.draw(st.integers(0, len(self.checks)))
-        checks: Sequence[Check] = [self.checks[i] for i in order[:count]]
+        picked = list(order[:count])
+        if picked and data.draw(st.booleans()):  # a bucket named twice: charged once
+            picked.insert(
+                data.draw(st.integers(0, count)), picked[data.draw(st.integers(0, count - 1))]
+            )
+        checks: Sequence[Check] = [self.checks[i] for i in picked]
         if data.draw(st.booleans()):  # the same tuple again, as the gateway passes a key's
-            checks = self.tuples.setdefault(tuple(order[:count]), tuple(checks))
+            checks = self.tuples.setdefault(tuple(picked), tuple(checks))
         now = self.clock.now
         costs = [c.cost(tokens) for c in checks]
         states = [self.model.state(c, now) for c in checks]
@@ -195,7 +200,7 @@ class LimiterMachine(RuleBasedStateMachine):
                 if got is not None and want is not None:
                     assert (got.limit, got.remaining) == (want.limit, want.remaining)
                     assert math.isclose(got.reset_after, want.reset_after, abs_tol=1e-6)
-            for check, cost in zip(checks, costs, strict=True):
+            for check, cost in dict(zip(resolved, costs, strict=True)).items():
                 self.model.take(check, cost, decision.reservation.lease_id, now)
             self.open.append(decision.reservation)
             return
