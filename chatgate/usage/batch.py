@@ -26,11 +26,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from chatgate.usage.record import UsageRecord
 from chatgate.usage.tables import (
-    BACKEND_LEN,
-    ENDPOINT_LEN,
-    ERROR_CODE_LEN,
-    ID_LEN,
-    MODEL_LEN,
     WIDTHS,
     to_nanos,
     usage_records,
@@ -41,7 +36,6 @@ RECORD_COLUMNS: tuple[str, ...] = tuple(c.name for c in usage_records.c)
 ROLLUP_KEY: tuple[str, ...] = tuple(c.name for c in usage_rollups.primary_key.columns)
 ROLLUP_SUMS: tuple[str, ...] = tuple(c.name for c in usage_rollups.c if not c.primary_key)
 ROLLUP_COLUMNS = ROLLUP_KEY + ROLLUP_SUMS
-_STATUS = RECORD_COLUMNS.index("status")
 _SQL: dict[tuple[str, str], str] = {}
 
 
@@ -53,16 +47,25 @@ def _check_dialect(conn: AsyncConnection) -> str:
 
 
 def _rows_from_json(dialect: str, table: sa.Table, columns: Sequence[str]) -> str:
-    """``SELECT`` of ``columns`` (typed) from the JSON array of arrays bound as the parameter."""
+    """``SELECT`` of ``columns`` (typed) from the JSON array of arrays bound as the parameter.
+
+    Text is cut to its column's length here, by the database: PostgreSQL's explicit cast to
+    ``VARCHAR(n)`` truncates (the SQL standard's rule), SQLite takes a ``substr`` (it would
+    store any length). So no value can make a batch fail for good, nor differ between the two.
+    """
     if dialect == "postgresql":
         pg = postgresql.dialect()  # type: ignore[no-untyped-call]
         values = ", ".join(
             f"(x->>{i})::{table.c[name].type.compile(dialect=pg)}" for i, name in enumerate(columns)
         )
         return f"SELECT {values} FROM json_array_elements($1::json) AS x"  # noqa: S608 - our columns
-    values = ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(columns)))
+    picks = []
+    for i, name in enumerate(columns):
+        value = f"json_extract(value, '$[{i}]')"
+        length = getattr(table.c[name].type, "length", None)
+        picks.append(f"substr({value}, 1, {length})" if length else value)
     # "WHERE true": without a WHERE, SQLite would read the ON CONFLICT as part of a join.
-    return f"SELECT {values} FROM json_each(?) WHERE true"  # noqa: S608 - our column indexes
+    return f"SELECT {', '.join(picks)} FROM json_each(?) WHERE true"  # noqa: S608 - our columns
 
 
 def _records_insert(dialect: str, returning: str) -> str:
@@ -84,11 +87,26 @@ def _rollups_upsert(source: str) -> str:
     )
 
 
+# What the insert returns of the rows it really added: what their rollups are summed from.
+_ADDED = (
+    "created_at",
+    "account_id",
+    "key_id",
+    "model",
+    "endpoint",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_nanousd",
+    "status",
+)
+
+
 def _insert_sql(dialect: str) -> str:
-    """Insert raw rows, skipping request ids already stored; returns the ids added."""
+    """Insert raw rows, skipping request ids already stored; returns :data:`_ADDED` of each
+    row added."""
     sql = _SQL.get(("records", dialect))
     if sql is None:
-        sql = _SQL["records", dialect] = _records_insert(dialect, "request_id")
+        sql = _SQL["records", dialect] = _records_insert(dialect, ", ".join(_ADDED))
     return sql
 
 
@@ -101,60 +119,53 @@ def _upsert_sql(dialect: str) -> str:
     return sql
 
 
-def _clip(text: str | None, limit: int) -> str | None:
-    if text is None:
-        return None
-    if "\x00" in text:  # PostgreSQL text cannot hold NUL: the batch would fail for good
-        text = text.replace("\x00", "")
-    return text if len(text) <= limit else text[:limit]
-
-
 def _row(rec: UsageRecord) -> tuple[Any, ...]:
-    """One ``usage_records`` row, in :data:`RECORD_COLUMNS` order.
-
-    Text is clipped to the column sizes so that no value can make a batch fail for good.
-    """
+    """One ``usage_records`` row, in :data:`RECORD_COLUMNS` order (text is cut to its column
+    by the insert itself, see :func:`_rows_from_json`)."""
     return (
-        _clip(rec.request_id, ID_LEN),
+        rec.request_id,
         int(rec.created_at),
-        _clip(rec.account_id, ID_LEN),
-        _clip(rec.key_id, ID_LEN),
-        _clip(rec.model, MODEL_LEN),
-        _clip(rec.backend, BACKEND_LEN),
-        _clip(rec.endpoint, ENDPOINT_LEN),
+        rec.account_id,
+        rec.key_id,
+        rec.model,
+        rec.backend,
+        rec.endpoint,
         int(rec.prompt_tokens),
         int(rec.completion_tokens),
         to_nanos(rec.cost),
         float(rec.latency_ms),
         None if rec.ttft_ms is None else float(rec.ttft_ms),
         int(rec.status),
-        _clip(rec.error_code, ERROR_CODE_LEN),
-        _clip(rec.conversation_id, ID_LEN),
+        rec.error_code,
+        rec.conversation_id,
         bool(rec.streamed),
     )
 
 
-def _rollups(rows: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Rollup increments (in :data:`ROLLUP_COLUMNS` order) of raw rows (:func:`_row` order).
+def _without_nul(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``row`` with NUL characters taken out of its text (PostgreSQL text cannot hold one)."""
+    return tuple(v.replace("\x00", "") if isinstance(v, str) else v for v in row)
+
+
+def _rollups(added: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    """Rollup increments (in :data:`ROLLUP_COLUMNS` order) of the rows added (each as
+    :data:`_ADDED`).
 
     Summed in memory first: one row per bucket x account x key x model x endpoint, however
     many requests a batch holds. Sorted by primary key, so concurrent writers lock rollup
-    rows in the same order (no deadlock between two processes upserting overlapping rows
-    on PostgreSQL).
+    rows in the same order (no deadlock between two processes upserting overlapping rows).
     """
     sums: dict[tuple[Any, ...], list[int]] = {}
-    for row in rows:
-        ts = row[1]
-        status = row[_STATUS]
+    for ts, account, key_id, model, endpoint, prompt, completion, cost, status in added:
         for width in WIDTHS:
-            key = (width, ts - ts % width, row[2] or "", row[3] or "", row[4], row[6])
+            key = (width, ts - ts % width, account or "", key_id or "", model, endpoint)
             acc = sums.get(key)
             if acc is None:
                 acc = sums[key] = [0, 0, 0, 0, 0, 0]
             acc[0] += 1
-            acc[1] += row[7]
-            acc[2] += row[8]
-            acc[3] += row[9]
+            acc[1] += prompt
+            acc[2] += completion
+            acc[3] += cost
             acc[4] += status >= 400
             acc[5] += status == 429
     return [k + tuple(v) for k, v in sorted(sums.items())]
@@ -164,8 +175,8 @@ async def write_batch(conn: AsyncConnection, records: Sequence[UsageRecord]) -> 
     """Insert ``records`` and add the new ones to the rollups, in the caller's transaction.
 
     Request ids already stored are skipped, and only the rows really added reach the rollups
-    (PostgreSQL: one statement; SQLite: an insert returning the ids it added, then the upsert
-    of their sums). Returns how many records were new.
+    (PostgreSQL: one statement; SQLite: an insert returning the rows it added, then the
+    upsert of their sums). Returns how many records were new.
     """
     dialect = _check_dialect(conn)
     rows: dict[str, tuple[Any, ...]] = {}
@@ -176,15 +187,17 @@ async def write_batch(conn: AsyncConnection, records: Sequence[UsageRecord]) -> 
             await asyncio.sleep(0)  # let requests through between slices of a big batch
     if not rows:
         return 0
+    payload = _json(rows.values())
+    if "\\u0000" in payload:  # a NUL (or the text of an escaped one): rare, so looked for once
+        payload = _json(_without_nul(row) for row in rows.values())
     if dialect == "postgresql":
-        result = await conn.exec_driver_sql(_batch_sql_pg(), (_json(rows.values()),))
+        result = await conn.exec_driver_sql(_batch_sql_pg(), (payload,))
         return int(result.scalar_one())
-    result = await conn.exec_driver_sql(_insert_sql(dialect), (_json(rows.values()),))
-    new_ids = set(result.scalars())
-    increments = _rollups(rows[i] for i in rows if i in new_ids)
+    added = (await conn.exec_driver_sql(_insert_sql(dialect), (payload,))).all()
+    increments = _rollups(added)
     if increments:
         await conn.exec_driver_sql(_upsert_sql(dialect), (_json(increments),))
-    return len(new_ids)
+    return len(added)
 
 
 ROWS_PER_TURN = 128
@@ -223,10 +236,7 @@ def _batch_sql_pg() -> str:
         f"FROM new_rows AS i CROSS JOIN (VALUES {widths}) AS w (width) "
         "GROUP BY 1, 2, 3, 4, 5, 6"
     )
-    returning = (
-        "created_at, account_id, key_id, model, endpoint, prompt_tokens, completion_tokens, "
-        "cost_nanousd, status"
-    )
+    returning = ", ".join(_ADDED)
     increments = f"SELECT g.* FROM ({grouped}) AS g ORDER BY {order}"  # noqa: S608
     sql = _SQL["batch", "postgresql"] = (
         f"WITH new_rows AS ({_records_insert('postgresql', returning)}), "  # noqa: S608

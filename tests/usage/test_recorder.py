@@ -21,7 +21,16 @@ from chatgate.db.engine import create_engine, migrate
 from chatgate.usage.batch import write_batch
 from chatgate.usage.record import UsageRecord
 from chatgate.usage.recorder import UsageRecorder
-from chatgate.usage.tables import DAY, HOUR, MINUTE, to_nanos, usage_records, usage_rollups
+from chatgate.usage.tables import (
+    DAY,
+    ERROR_CODE_LEN,
+    HOUR,
+    MINUTE,
+    MODEL_LEN,
+    to_nanos,
+    usage_records,
+    usage_rollups,
+)
 from tests.helpers import free_port
 from tests.usage.factory import make_record, new_account, settings_for
 from tests.usage.pgserver import PgServer
@@ -150,6 +159,38 @@ async def test_same_record_twice_is_stored_and_counted_once(
     assert len(await stored(engine, account)) == 1
     for width in (MINUTE, HOUR, DAY):
         assert list((await rollup_sums(engine, account, width)).values()) == [(1, 7, 3, 0, 0, 0)]
+
+
+async def test_text_too_long_or_with_nul_is_stored_clipped(
+    engine: AsyncEngine, spool_dir: Path
+) -> None:
+    """No value can make a batch fail for good: text is cut to its column (PostgreSQL would
+    refuse it) and loses its NUL characters (PostgreSQL text cannot hold one), in the raw
+    row and in the rollups alike; the other records of the batch land as they are."""
+    account = new_account()
+    model = "m\x00" + "x" * (MODEL_LEN + 50)
+    odd = make_record(
+        account_id=account,
+        model=model,
+        error_code="e" * (ERROR_CODE_LEN + 1),
+        conversation_id="conv_\x00\\u0000",  # a NUL, and the text of an escaped one
+        status=500,
+    )
+    plain = make_record(account_id=account)
+    recorder = UsageRecorder(engine, spool_dir, flush_interval=3600)
+    recorder.record(odd)
+    recorder.record(plain)
+    await recorder.flush()
+    await recorder.close()
+    assert recorder.written == 2
+    rows = {row.request_id: row for row in await stored(engine, account)}
+    clipped = model.replace("\x00", "")[:MODEL_LEN]
+    assert rows[odd.request_id].model == clipped
+    assert rows[odd.request_id].error_code == "e" * ERROR_CODE_LEN
+    assert rows[odd.request_id].conversation_id == "conv_\\u0000"
+    assert rows[plain.request_id].model == plain.model
+    sums = await rollup_sums(engine, account, MINUTE)
+    assert {key[-2] for key in sums} == {clipped, plain.model}, sums
 
 
 async def test_rollups_equal_raw_sums(engine: AsyncEngine, spool_dir: Path) -> None:
