@@ -55,6 +55,8 @@ class Principal:
     # principal for every request of a key until its cache entry is dropped (a plan or key
     # change drops it), so they are built once per key, not per request.
     limit_checks: tuple[Check, ...] | None = field(default=None, compare=False, repr=False)
+    # Whether one of them charges tokens (so a request's tokens must be counted), kept beside.
+    limit_tokens: bool = field(default=False, compare=False, repr=False)
 
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models

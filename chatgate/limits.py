@@ -36,12 +36,15 @@ _WINDOW_TEXT = {60.0: ("per min", "M"), 86400.0: ("per day", "D")}
 def checks_for(principal: Principal) -> tuple[Check, ...]:
     """The checks one request of ``principal`` must pass, key scope first.
 
-    Built once per principal and kept on it (see :attr:`Principal.limit_checks`).
+    Built once per principal and kept on it (see :attr:`Principal.limit_checks`), with
+    whether one charges tokens (:attr:`Principal.limit_tokens`, see :func:`needs_tokens`).
     """
     checks = principal.limit_checks
     if checks is None:
         checks = _build_checks(principal)
-        object.__setattr__(principal, "limit_checks", checks)  # a cache slot of a frozen value
+        # Cache slots of a frozen value; the tokens flag first: the checks mark both set.
+        object.__setattr__(principal, "limit_tokens", needs_tokens(checks))
+        object.__setattr__(principal, "limit_checks", checks)
     return checks
 
 
@@ -68,33 +71,27 @@ def _build_checks(principal: Principal) -> tuple[Check, ...]:
 
 def needs_tokens(checks: Sequence[Check]) -> bool:
     """True when a token count matters (a tokens or quota check is present)."""
-    for check in checks:  # noqa: SIM110 - any() over a generator costs more, per request
-        if check.charges_tokens:
-            return True
-    return False
-
-
-# Header names per kind, built once: (limit, remaining, reset).
-_REQUESTS, _TOKENS = (
-    tuple(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset"))
-    for kind in ("requests", "tokens")
-)
+    return any(check.charges_tokens for check in checks)
 
 
 def headers_for(decision: Decision) -> dict[str, str]:
     """The ``x-ratelimit-*`` headers (and ``retry-after`` on a refusal)."""
-    headers: dict[str, str] = {}
-    # Both kinds written out: every limited answer comes through here.
+    # Written out, names as literals: every limited answer comes through here.
     status = decision.requests
-    if status is not None:
-        headers[_REQUESTS[0]] = str(status.limit)
-        headers[_REQUESTS[1]] = str(status.remaining)
-        headers[_REQUESTS[2]] = reset_text(status.reset_after)
+    headers = (
+        {
+            "x-ratelimit-limit-requests": str(status.limit),
+            "x-ratelimit-remaining-requests": str(status.remaining),
+            "x-ratelimit-reset-requests": reset_text(status.reset_after),
+        }
+        if status is not None
+        else {}
+    )
     status = decision.tokens
     if status is not None:
-        headers[_TOKENS[0]] = str(status.limit)
-        headers[_TOKENS[1]] = str(status.remaining)
-        headers[_TOKENS[2]] = reset_text(status.reset_after)
+        headers["x-ratelimit-limit-tokens"] = str(status.limit)
+        headers["x-ratelimit-remaining-tokens"] = str(status.remaining)
+        headers["x-ratelimit-reset-tokens"] = reset_text(status.reset_after)
     if not decision.allowed and math.isfinite(decision.retry_after):
         headers["retry-after"] = str(max(math.ceil(decision.retry_after), 1))
         headers["retry-after-ms"] = str(max(math.ceil(decision.retry_after * 1000), 1))

@@ -27,7 +27,7 @@ from chatgate.api.schemas import (
 from chatgate.auth import Principal
 from chatgate.backends.base import Usage
 from chatgate.backends.router import Route
-from chatgate.limits import Admission, checks_for, needs_tokens
+from chatgate.limits import Admission, checks_for
 from chatgate.sessions import ChatSession, prepare_chat
 from chatgate.state import PRINCIPAL, REQUEST_ID, STATE, State
 
@@ -101,8 +101,9 @@ class Call(Generic[R]):
         ``reserve`` counts the tokens to hold (prompt + output budget); it runs only when a
         check charges tokens, so a plan with request limits only never counts.
         """
-        checks = checks_for(self.principal)
-        cost = reserve() if needs_tokens(checks) else 0
+        principal = self.principal
+        checks = principal.limit_checks or checks_for(principal)  # built once per key
+        cost = reserve() if principal.limit_tokens else 0
         return await self.state.limits.admit(checks, cost, self.req.model)
 
     async def settle(self, admission: Admission) -> None:
