@@ -146,6 +146,22 @@ def test_the_rule_piece_by_piece() -> None:
     assert tokens.count_messages([], "gpt-4o") == 3
 
 
+@pytest.mark.parametrize("encoding", [tokens.O200K, tokens.CL100K])
+def test_plain_messages_count_as_the_general_rule(encoding: str) -> None:
+    """A {role, content} message of text takes a shortcut (its role's count kept); it must
+    count as the general rule does. A key that adds no tokens sends a copy down that rule."""
+    counter = tokens.BPECounter(encoding)
+    texts = ["", "user", "assistant", "tööl", "a\ud800b", "Hello, world! " * 20, "日本語テキスト"]
+    texts += [f"role{i}" for i in range(40)]  # more roles than are kept
+    for role in texts:
+        for content in ("", "Hi", "a\udfffz", "naïve café " * 5):
+            plain = {"role": role, "content": content}
+            general = {**plain, "pad": None}
+            assert counter.count_messages([plain, plain]) == counter.count_messages(
+                [general, general]
+            ), (role, content)
+
+
 def test_content_parts_tool_calls_and_nulls() -> None:
     parts = [
         {
