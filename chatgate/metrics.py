@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import (
@@ -89,6 +89,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._models = frozenset(models)
         self._hot = _RequestCollector()
+        # A record's (endpoint, model, status) -> its label values and latency series, worked
+        # out once: a client may send any model, so only the first _LABELS_KEPT are kept.
+        self._labels: dict[tuple[str, str, int], _Labels] = {}
         r = self.registry
         r.register(self._hot)
         self.rejects = Counter(
@@ -113,6 +116,7 @@ class Metrics:
     def set_models(self, models: Iterable[str]) -> None:
         """Replace the known model names (after a configuration reload)."""
         self._models = frozenset(models)
+        self._labels.clear()
 
     def model_label(self, model: str) -> str:
         if not model:
@@ -121,25 +125,49 @@ class Metrics:
 
     def observe(self, rec: UsageRecord) -> None:
         """Count one finished request from its usage record (call next to ``record()``)."""
-        model = self.model_label(rec.model)
-        endpoint = rec.endpoint if rec.endpoint in ENDPOINTS else OTHER
         status = rec.status
+        labels = self._labels.get((rec.endpoint, rec.model, status))
+        if labels is None:
+            labels = self._labels_of(rec.endpoint, rec.model, status)
         hot = self._hot
-        key = (endpoint, model, _STATUS_TEXT.get(status) or str(int(status)))
-        hot.requests[key] = hot.requests.get(key, 0) + 1
+        requests = labels.requests
+        hot.requests[requests] = hot.requests.get(requests, 0) + 1
         if rec.prompt_tokens:
-            tokens = (model, "prompt")
+            tokens = labels.prompt
             hot.tokens[tokens] = hot.tokens.get(tokens, 0) + rec.prompt_tokens
         if rec.completion_tokens:
-            tokens = (model, "completion")
+            tokens = labels.completion
             hot.tokens[tokens] = hot.tokens.get(tokens, 0) + rec.completion_tokens
         if rec.cost:
-            hot.cost[model] = hot.cost.get(model, 0.0) + rec.cost
-        _observe(hot.latency, LATENCY_BUCKETS, (endpoint, model), rec.latency_ms / 1000.0)
+            hot.cost[labels.model] = hot.cost.get(labels.model, 0.0) + rec.cost
+        seconds = rec.latency_ms / 1000.0
+        latency = labels.latency
+        latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # "le": the first bound >= it
+        latency.total += seconds
         if rec.ttft_ms is not None:
-            _observe(hot.ttft, TTFT_BUCKETS, (model,), rec.ttft_ms / 1000.0)
+            _observe(hot.ttft, TTFT_BUCKETS, (labels.model,), rec.ttft_ms / 1000.0)
         if 400 <= status < 500:
             self.rejects.labels(_safe(rec.error_code or f"http_{int(status)}")).inc()
+
+    def _labels_of(self, endpoint: str, model: str, status: int) -> _Labels:
+        """The label values of a record's series, and its latency histogram."""
+        model_label = self.model_label(model)
+        endpoint_label = endpoint if endpoint in ENDPOINTS else OTHER
+        latency = self._hot.latency.get((endpoint_label, model_label))
+        if latency is None:
+            latency = self._hot.latency[endpoint_label, model_label] = _Histogram(
+                len(LATENCY_BUCKETS)
+            )
+        labels = _Labels(
+            (endpoint_label, model_label, _STATUS_TEXT.get(status) or str(int(status))),
+            (model_label, "prompt"),
+            (model_label, "completion"),
+            model_label,
+            latency,
+        )
+        if len(self._labels) < _LABELS_KEPT:
+            self._labels[endpoint, model, status] = labels
+        return labels
 
     def reject(self, reason: str) -> None:
         """Count a refusal that produces no usage record (if there is one, use :meth:`observe`)."""
@@ -164,6 +192,19 @@ class Metrics:
             encode, content_type = choose_encoder(accept)
             return encode(self.registry), content_type
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+
+_LABELS_KEPT = 4096
+
+
+class _Labels(NamedTuple):
+    """What :meth:`Metrics.observe` counts a record under."""
+
+    requests: tuple[str, str, str]  # endpoint, model, status
+    prompt: tuple[str, str]  # model, "prompt"
+    completion: tuple[str, str]
+    model: str
+    latency: _Histogram  # of (endpoint, model)
 
 
 class _Histogram:

@@ -47,6 +47,28 @@ def test_observe_counts_requests_tokens_latency_and_rejects() -> None:
     assert got[("chatgate_upstream_errors_total", upstream)] == 1
 
 
+def test_labels_follow_a_model_reload_and_any_number_of_unknown_models() -> None:
+    """A record's labels are worked out once per (endpoint, model, status) and kept: a
+    reload of the model list must change them, and past the kept ones (a client may send
+    any model name) each record still counts, under ``other``."""
+    metrics = Metrics(["gpt-a"])
+    metrics.observe(make_record(model="gpt-b", prompt_tokens=1))
+    metrics.set_models(["gpt-a", "gpt-b"])
+    metrics.observe(make_record(model="gpt-b", prompt_tokens=2))
+    for i in range(5_000):
+        metrics.observe(make_record(model=f"made-up-{i}", prompt_tokens=0, latency_ms=20))
+    got = samples(metrics)
+    labels = (("endpoint", "chat.completions"), ("model", "{}"), ("status", "200"))
+    for model, count in (("gpt-b", 1), ("other", 5_001)):
+        key = tuple((k, v.format(model)) for k, v in labels)
+        assert got[("chatgate_requests_total", key)] == count, model
+    assert got[("chatgate_tokens_total", (("kind", "prompt"), ("model", "other")))] == 1
+    assert got[("chatgate_tokens_total", (("kind", "prompt"), ("model", "gpt-b")))] == 2
+    latency = (("endpoint", "chat.completions"), ("model", "other"))
+    assert got[("chatgate_request_duration_seconds_count", latency)] == 5_001
+    assert got[("chatgate_request_duration_seconds_sum", latency)] == pytest.approx(100.0 + 0.0125)
+
+
 def test_labels_never_hold_a_key_or_key_id() -> None:
     metrics = Metrics(["gpt-test"])
     rec = make_record(key_id="key_0123456789abcdef01234567", model=SECRET, error_code=SECRET)
