@@ -42,7 +42,9 @@ class Bucket:
     __slots__ = ("expires_at", "level", "stamp")
 
     def __init__(self, level: float, stamp: float, rate: float) -> None:
-        self.set(level, stamp, rate)
+        self.level = level  # as set() does (written out: a new bucket is made per request)
+        self.stamp = stamp
+        self.expires_at = stamp + level / rate if rate > 0 else stamp + 86400.0
 
     def set(self, level: float, stamp: float, rate: float) -> None:
         """Move to a new state (in place: cheaper than a new object in the same dict slot)."""
