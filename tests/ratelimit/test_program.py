@@ -56,3 +56,4 @@ def test_twelve_checks_and_no_checks_compile() -> None:
     empty_admit, empty_settle = prog.compile_checks(())
     allowed = empty_admit(state, now, 0, "lease-3", now)
     assert allowed is not None and allowed.requests is None and allowed.tokens is None
+    assert empty_settle(state, "lease-3", 5, lambda: now) == 0
