@@ -1,18 +1,21 @@
-"""The in-process limiter's state, and a key's checks compiled into one admission function.
+"""The in-process limiter's state, and a key's checks compiled into an admission and a settlement.
 
 Every limited request runs :meth:`MemoryLimiter.acquire <.memory.MemoryLimiter.acquire>` over
 the same few checks of its key (a plan's five: rpm, rpd, tpm, concurrency, monthly tokens).
-Written as a loop over generic checks that cost ~100 bytecodes a check, most of it the loop
+Written as a loop over generic checks, that cost ~100 bytecodes a check, most of it the loop
 (unpacking, list appends, a second pass zipping them back). :func:`compile_checks` writes
 the same steps out straight for one *shape* of checks (their kinds, in order), the way
 :mod:`dataclasses` writes an ``__init__``: the source is built from the shape alone (no key,
 scope or limit is ever part of it; they are the closure's cells) and compiled once per shape.
+Counted by ``bench/limits_loop.py``: admit + headers + settle of the bench plan, 95.9k ->
+76.8k instructions.
 
-The compiled function does exactly what the loop did, in the same order and with the same
-float expressions: read every bucket and stop at the first that would overflow (``None``: the
+The compiled admission does what the loop did, in the same order and with the same float
+expressions: read every bucket and stop at the first that would overflow (``None``: the
 caller works the refusal out in full), then take them all, then the header values of
-:func:`.base.most_restrictive`, inline. The limiter's property test compares it with an exact
-model and with :func:`.base.decide` on every admission.
+:func:`.base.most_restrictive`, inline. The settlement frees the slot and gives back the
+unused tokens, each bucket once. The limiter's property test holds both to an exact model
+and the headers to :func:`.base.decide`, with buckets named twice among the checks.
 """
 
 from __future__ import annotations
