@@ -66,6 +66,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -98,6 +99,7 @@ from .base import (
     decide,
     month_end,
     month_of,
+    month_span,
 )
 from .resp import ReplyError, RespClient
 
@@ -137,6 +139,49 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 # kind/limit/span per bucket), and the future its settle waits on.
 _Settlement = tuple[list[str], list[Any], asyncio.Future[bool]]
 _NO_SETTLEMENTS: list[_Settlement] = []  # never appended to
+
+
+_MAX_PLANS = 20_000
+"""Check tuples kept in their wire form (two entries per key: its checks and their resolved
+form)."""
+
+
+class _Plan:
+    """A tuple of checks as the script takes them, for one quota month: KEYS, and ARGV with
+    each check's cost left to fill in (``tokens``: the slots of token costs); and the KEYS
+    and ARGV of a settlement, with and without tokens to give back."""
+
+    __slots__ = ("args", "checks", "keys", "resolved", "settle", "since", "tokens", "until")
+
+    def __init__(self, checks: Sequence[Check], now: float, prefix: str) -> None:
+        self.checks = checks
+        self.since, self.until = -math.inf, math.inf
+        if any(check.floating for check in checks):
+            self.since, self.until, _ = month_span(now)
+        self.resolved = resolved = tuple(c.resolved(now) for c in checks)
+        self.keys = [prefix + check.bucket for check in resolved]
+        self.args: list[Any] = []
+        self.tokens: list[int] = []
+        for check in resolved:
+            if check.charges_tokens:
+                self.tokens.append(len(self.args) + 3)
+            self.args += [_code(check), check.limit, _span(check), 1]
+        # A settlement names each bucket once: the slots always, token buckets when the real
+        # tokens differ from the reserved ones (index: whether they do).
+        self.settle: tuple[tuple[list[str], list[Any]], ...] = tuple(
+            self._settlement(prefix, with_tokens) for with_tokens in (False, True)
+        )
+
+    def _settlement(self, prefix: str, with_tokens: bool) -> tuple[list[str], list[Any]]:
+        keys: list[str] = []
+        args: list[Any] = []
+        for check in self.resolved:
+            key = prefix + check.bucket
+            wanted = check.kind == "concurrency" or (with_tokens and check.charges_tokens)
+            if wanted and key not in keys:
+                keys.append(key)
+                args += [_code(check), check.limit, _span(check)]
+        return keys, args
 
 
 class _Client(Protocol):
@@ -260,6 +305,7 @@ class RedisLimiter(Limiter):
         # prefix per limiter and a counter. Unique, and no system call per request.
         self._lease_prefix = secrets.token_hex(8) + "-"
         self._leases_issued = 0
+        self._plans: dict[int, _Plan] = {}  # by id() of a checks tuple (see _plan)
 
     @classmethod
     def from_url(
@@ -399,11 +445,25 @@ class RedisLimiter(Limiter):
 
     # --- the Limiter API -------------------------------------------------------------------
 
+    def _plan(self, checks: Sequence[Check], now: float) -> _Plan:
+        """``checks`` in their wire form for ``now``'s month: kept for a tuple (the gateway
+        passes the same tuple for every request of a key), built afresh for anything else.
+        (The kept one is looked up inline by :meth:`acquire` and :meth:`settle_nowait`.)"""
+        plan = _Plan(checks, now, self._prefix)
+        if isinstance(checks, tuple):  # immutable: safe to keep by identity
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()  # rebuilt on their next request: cheap
+            self._plans[id(checks)] = plan
+            self._plans[id(plan.resolved)] = plan  # for settle_nowait(), by its reservation
+        return plan
+
     async def acquire(self, checks: Sequence[Check], cost_tokens: int = 0) -> Decision:
         """Apply the queued settlements, then check and take every limit: ONE ``EVALSHA``."""
         now = self._clock()
-        resolved = tuple(c.resolved(now) for c in checks)
-        costs = [cost_tokens if c.charges_tokens else 1 for c in resolved]
+        plan = self._plans.get(id(checks))
+        if plan is None or plan.checks is not checks or not plan.since <= now < plan.until:
+            plan = self._plan(checks, now)
+        resolved = plan.resolved
         self._leases_issued += 1
         lease_id = f"{self._lease_prefix}{self._leases_issued:x}"
         batch = self._take_pending()
@@ -412,9 +472,12 @@ class RedisLimiter(Limiter):
         for settlement_keys, settlement_args, _ in batch:
             keys += settlement_keys
             args += settlement_args
-        for check, cost in zip(resolved, costs, strict=True):
-            keys.append(self._prefix + check.bucket)
-            args += [_code(check), check.limit, _span(check), cost]
+        keys += plan.keys
+        checks_args = plan.args.copy()
+        for slot in plan.tokens:
+            checks_args[slot] = cost_tokens
+        args += checks_args
+        costs = checks_args[3::4]  # each check's cost, in order
         # The outcome is awaited through a shield: if this caller is cancelled, the script (on
         # the wire already) still runs, the settlements it carries are settled, and what it
         # took for this request is given back.
@@ -463,18 +526,14 @@ class RedisLimiter(Limiter):
             future.set_result(False)
             return future
         delta = actual_tokens - reservation.tokens
-        keys: list[str] = []
-        args: list[Any] = [reservation.lease_id, delta, 0]
-        for check in reservation.checks:
-            key = self._prefix + check.bucket
-            wanted = check.kind == "concurrency" or (delta != 0 and check.charges_tokens)
-            if wanted and key not in keys:
-                keys.append(key)
-                args += [_code(check), check.limit, _span(check)]
+        plan = self._plans.get(id(reservation.checks))
+        if plan is None or plan.resolved is not reservation.checks:
+            plan = _Plan(reservation.checks, 0.0, self._prefix)  # resolved: any time will do
+        keys, static = plan.settle[delta != 0]
         if not keys:
             future.set_result(True)
             return future
-        args[2] = len(keys)
+        args = [reservation.lease_id, delta, len(keys), *static]
         self._pending.append((keys, args, future))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._flush_delay, self._on_timer)

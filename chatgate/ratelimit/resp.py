@@ -50,6 +50,8 @@ class ServerUnavailable(ConnectionError):
 def _bulk(value: Any) -> bytes:
     if isinstance(value, bytes):
         data = value
+    elif isinstance(value, (bytearray, memoryview)):
+        data = bytes(value)
     elif isinstance(value, str):
         data = value.encode()
     elif isinstance(value, float):
@@ -59,9 +61,36 @@ def _bulk(value: Any) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
+_ENCODED: dict[tuple[type, Any], bytes] = {}
+"""Short arguments already encoded, by type and value (1, 1.0 and True encode apart)."""
+_ENCODED_KEPT = 4096
+_ENCODED_SIZE = 128
+
+
 def pack(*args: Any) -> bytes:
-    """One command in RESP2: an array of bulk strings."""
-    return b"*%d\r\n" % len(args) + b"".join([_bulk(a) for a in args])
+    """One command in RESP2: an array of bulk strings.
+
+    The limiter's arguments repeat from one request to the next (bucket keys, limits,
+    windows, small costs): each short one is encoded once and looked up after (a lookup is
+    a third of an encoding). The memo is dropped when full: lease ids, each new, fill it.
+    """
+    parts = [b"*%d\r\n" % len(args)]
+    encoded = _ENCODED
+    for value in args:
+        key = (value.__class__, value)
+        try:
+            data = encoded.get(key)
+        except TypeError:  # unhashable (a bytearray): encoded each time
+            parts.append(_bulk(value))
+            continue
+        if data is None:
+            data = _bulk(value)
+            if len(data) <= _ENCODED_SIZE:
+                if len(encoded) >= _ENCODED_KEPT:
+                    encoded.clear()
+                encoded[key] = data
+        parts.append(data)
+    return b"".join(parts)
 
 
 class _Incomplete(Exception):
@@ -89,10 +118,27 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
         count = int(line)
         if count < 0:
             return None, pos
-        items = []
+        items: list[Any] = []
         for _ in range(count):
-            item, pos = _parse(buf, pos)
-            items.append(item)
+            # The limiter's replies are arrays of integers and bulk strings: those two are
+            # read here, without a call each; anything else by the general case.
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                raise _Incomplete
+            kind = buf[pos]
+            if kind == 58:  # ':' integer
+                items.append(int(buf[pos + 1 : end]))
+                pos = end + 2
+            elif kind == 36 and buf[pos + 1] != 45:  # '$' bulk string, not the null one ($-1)
+                start = end + 2
+                end = start + int(buf[pos + 1 : end])
+                if len(buf) < end + 2:
+                    raise _Incomplete
+                items.append(buf[start:end])
+                pos = end + 2
+            else:
+                item, pos = _parse(buf, pos)
+                items.append(item)
         return items, pos
     if kind == 43:  # '+' simple string
         return line.decode(), pos

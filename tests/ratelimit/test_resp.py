@@ -45,6 +45,21 @@ def test_pack_is_resp2_bulk_strings() -> None:
     )
 
 
+def test_pack_encodes_repeats_as_the_first_time() -> None:
+    """Short arguments are encoded once and looked up after: by type and value, so 1, 1.0
+    and True (equal in Python) keep their own encodings; past the memo's size it starts
+    over; long and unhashable ones are encoded each time."""
+    for _ in range(2):
+        assert pack(1, 1.0, True, "1", b"1") == (
+            b"*5\r\n$1\r\n1\r\n$3\r\n1.0\r\n$4\r\nTrue\r\n$1\r\n1\r\n$1\r\n1\r\n"
+        )
+    long = "x" * 1000
+    assert pack(long, bytearray(b"ab")) == b"*2\r\n$1000\r\n" + long.encode() + b"\r\n$2\r\nab\r\n"
+    for i in range(10_000):  # more distinct ones than are kept (lease ids do this)
+        assert pack(f"lease-{i}") == b"*1\r\n$%d\r\nlease-%d\r\n" % (6 + len(str(i)), i)
+    assert pack("é") == b"*1\r\n$2\r\n\xc3\xa9\r\n"  # the length is in bytes
+
+
 def test_parse_every_reply_type() -> None:
     reply = b"*5\r\n:1\r\n$3\r\nabc\r\n$-1\r\n*1\r\n+OK\r\n-ERR bad\r\n"
     value, end = _parse(reply, 0)
@@ -53,7 +68,10 @@ def test_parse_every_reply_type() -> None:
     assert isinstance(value[4], ReplyError) and str(value[4]) == "ERR bad"
     loading, _ = _parse(b"-LOADING Redis is loading\r\n", 0)
     assert isinstance(loading, ServerUnavailable)  # a ConnectionError: "unavailable"
-    for partial in (b"*2\r\n:1\r\n", b"$5\r\nab", b":12"):
+    inner, _ = _parse(b"*2\r\n$4\r\na\r\nb\r\n$0\r\n\r\n", 0)  # a CRLF inside a bulk string
+    assert inner == [b"a\r\nb", b""]
+    partials = (b"*2\r\n:1\r\n", b"$5\r\nab", b":12", b"*1\r\n$5\r\nab", b"*1\r\n$5", b"*1\r\n:")
+    for partial in partials:
         with pytest.raises(_Incomplete):
             _parse(partial, 0)
 
