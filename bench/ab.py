@@ -17,15 +17,19 @@ Configurations (JSON, wrk at 32 connections):
   usage    the same key, usage recording on (PostgreSQL) and metrics
   limits   in-process limits on every check, usage recording off
   all      limits and usage recording (bench/run.py's limits-mem)
+  redis    limits in Redis (a redis-server of the tool's own), usage recording off
+  all-redis  limits in Redis and usage recording (bench/run.py's limits-redis)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +48,38 @@ from run import (  # noqa: E402
     wrk,
 )
 
+BENCH_REDIS = "bench-redis"
+"""Stands for the URL of the Redis that :func:`with_redis` starts, in a configuration."""
+
 CONFIGS: dict[str, tuple[dict[str, str], bool]] = {
     "bare": ({"CHATGATE_USAGE_ENABLED": "0"}, False),
     "usage": ({}, False),
     "limits": ({"CHATGATE_USAGE_ENABLED": "0"}, True),
     "all": ({}, True),
+    "redis": ({"CHATGATE_USAGE_ENABLED": "0", "CHATGATE_REDIS_URL": BENCH_REDIS}, True),
+    "all-redis": ({"CHATGATE_REDIS_URL": BENCH_REDIS}, True),
 }
+
+Spec = tuple[str, dict[str, str], bool]
+
+
+@contextlib.contextmanager
+def with_redis(work: Path, specs: list[Spec]) -> Iterator[list[Spec]]:
+    """``specs`` with a Redis of the benchmark's own (on the other core, as bench/run.py's)
+    in place of :data:`BENCH_REDIS`: started only when a configuration names it."""
+    if not any(env.get("CHATGATE_REDIS_URL") == BENCH_REDIS for _, env, _ in specs):
+        yield specs
+        return
+    server, url = peers.start_redis(work)
+    try:
+        yield [
+            (name, {**env, "CHATGATE_REDIS_URL": url}, limited)
+            if env.get("CHATGATE_REDIS_URL") == BENCH_REDIS
+            else (name, env, limited)
+            for name, env, limited in specs
+        ]
+    finally:
+        server.stop()
 
 
 def add_target_args(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +90,7 @@ def add_target_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def target_specs(args: argparse.Namespace) -> list[tuple[str, dict[str, str], bool]]:
+def target_specs(args: argparse.Namespace) -> list[Spec]:
     """(name, gateway environment, limited key) per tree x configuration, in that order."""
     specs = []
     for tree in args.tree or [""]:
@@ -84,12 +114,14 @@ def main() -> None:
     body = STREAM_BODY if args.sse else BODY
 
     work = Path(tempfile.mkdtemp(prefix="chatgate-ab-"))
+    stack = contextlib.ExitStack()  # the benchmark's Redis, if a configuration wants one
     upstream = start_fake_upstream(work)
     pg_server = peers.start_pg()
     gateways = []
     try:
         targets: list[Target] = []
-        for name, env, limited in target_specs(args):
+        specs = stack.enter_context(with_redis(work, target_specs(args)))
+        for name, env, limited in specs:
             gw = start_gateway(work / name.replace(":", "-"), upstream, pg_server.url, env)
             gateways.append(gw)
             assert gw.proc is not None
@@ -109,6 +141,7 @@ def main() -> None:
     finally:
         for gw in gateways:
             gw.stop()
+        stack.close()
         upstream.proc.terminate()
         upstream.proc.wait(20)
         pg_server.close()

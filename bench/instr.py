@@ -21,6 +21,7 @@ minutes per target: Python under valgrind is ~50x slower.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import secrets
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
-from ab import add_target_args, target_specs  # noqa: E402
+from ab import add_target_args, target_specs, with_redis  # noqa: E402
 from run import BODY, key_for, start_fake_upstream, start_gateway, wrk  # noqa: E402
 
 from tests.helpers import BIN, free_port, wait_http  # noqa: E402
@@ -125,12 +126,13 @@ def main() -> None:
     upstream = start_fake_upstream(work)
     pg_server = peers.start_pg()
     results: list[tuple[str, int, int]] = []
+    stack = contextlib.ExitStack()  # the benchmark's Redis, if a configuration wants one
     try:
         if args.floor:
             total, answered = floor_count(work, upstream.base_url, args.requests, args.keep)
             results.append(("floor-aiohttp", total, answered))
             print(f"floor-aiohttp: {total / answered:,.0f} instructions/request", flush=True)
-        for name, env, limited in target_specs(args):
+        for name, env, limited in stack.enter_context(with_redis(work, target_specs(args))):
             gw = start_gateway(work / name.replace(":", "-"), upstream, pg_server.url, env)
             try:
                 key = key_for(gw, limited)
@@ -141,6 +143,7 @@ def main() -> None:
             results.append((name, total, answered))
             print(f"{name}: {total / answered:,.0f} instructions/request ({answered})", flush=True)
     finally:
+        stack.close()
         upstream.proc.terminate()
         upstream.proc.wait(20)
         pg_server.close()

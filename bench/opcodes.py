@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import http.client
 import json
 import os
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
-from ab import CONFIGS  # noqa: E402
+from ab import CONFIGS, with_redis  # noqa: E402
 from run import BODY, key_for, start_fake_upstream, start_gateway, wrk  # noqa: E402
 
 from tests.helpers import BIN, free_port, wait_http  # noqa: E402
@@ -57,8 +58,11 @@ def main() -> None:
     out = work / "counts.tsv"
     upstream = start_fake_upstream(work)
     pg_server = peers.start_pg()
+    stack = contextlib.ExitStack()  # the benchmark's Redis, if the configuration wants one
     try:
-        env, limited = CONFIGS[args.config]
+        [(_, env, limited)] = stack.enter_context(
+            with_redis(work, [(args.config, *CONFIGS[args.config])])
+        )
         gw = start_gateway(work / args.config, upstream, pg_server.url, env)
         try:
             key = key_for(gw, limited)
@@ -94,6 +98,7 @@ def main() -> None:
             proc.wait(30)
         rows = [line.rstrip("\n").split("\t") for line in out.open()]
     finally:
+        stack.close()
         upstream.proc.terminate()
         upstream.proc.wait(20)
         pg_server.close()
