@@ -1,10 +1,12 @@
-"""A lean HTTP/1.1 client for an upstream's whole answers (non-streamed chat, embeddings).
+"""A lean HTTP/1.1 client for an upstream's answers: chat completions, whole or streamed, and
+embeddings.
 
 Keep-alive connections to one origin, kept per process; responses parsed by ``httptools``
-(llhttp, the parser of Node.js and uvicorn). Streams and probes stay on aiohttp
-(:mod:`.openai_compat`, :mod:`.sse`).
+(llhttp, the parser of Node.js and uvicorn). Probes stay on aiohttp (:mod:`.openai_compat`).
+A stream's body is handed out as it arrives (:class:`StreamBody`), with back-pressure: past
+:data:`_HIGH_WATER` unread bytes the connection stops reading until the reader catches up.
 
-Why not aiohttp for these too: an aiohttp ``ClientSession.post`` + ``read`` runs ~3,000 Python
+Why not aiohttp: an aiohttp ``ClientSession.post`` + ``read`` runs ~3,000 Python
 bytecodes of request and response objects, header multidicts, payload registries and stream
 readers per call, a third of a whole proxied request in chatgate (measured with
 ``bench/instr.py``; ``docs/benchmarks.md``). This client writes one buffer and collects the
@@ -12,10 +14,10 @@ answer in three parser callbacks.
 
 What it does, as aiohttp did for these calls: one connection per request in flight, reused
 when the upstream keeps it alive, dropped after :data:`IDLE_TIMEOUT` idle (an upstream or a
-NAT may forget it silently); a cap on the requests in flight (a semaphore, shared with the
-upstream's streams), a request waiting for a slot counting the wait in the connect timeout;
-TLS for ``https`` with the system's certificates; ``Content-Length``, chunked and
-read-until-close bodies; a gzip or deflate body decoded (none is asked for). A POST is never
+NAT may forget it silently); a cap on the requests in flight (a semaphore, held by a stream
+until it ends), a request waiting for a slot counting the wait in the connect timeout; TLS for
+``https`` with the system's certificates; ``Content-Length``, chunked and read-until-close
+bodies; a gzip or deflate body decoded (none is asked for). A POST is never
 sent twice: a connection lost before the answer is an error for the caller (the router
 retries).
 """
@@ -29,7 +31,7 @@ import ssl
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import httptools
@@ -74,7 +76,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future[Answer] | None = None
+        self.waiter: asyncio.Future[Answer | StreamBody] | None = None
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.status_seen = False
@@ -83,6 +85,8 @@ class _Connection(asyncio.Protocol):
         self.until_close = False  # a body without length: it ends with the connection
         self.closed = False
         self.idle_since = 0.0
+        self.streaming = False  # the request in flight wants its 2xx body as it arrives
+        self.stream: StreamBody | None = None  # that body, once its headers are in
 
     # asyncio.Protocol
 
@@ -90,8 +94,8 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # a TCP (or TLS) transport
 
     def data_received(self, data: bytes) -> None:
-        if self.waiter is None:  # bytes on an idle connection: nothing we can trust after
-            self.close()
+        if self.waiter is None and self.stream is None:  # bytes on an idle connection
+            self.close()  # nothing we could trust after them
             return
         try:
             self.parser.feed_data(data)
@@ -101,7 +105,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.until_close and self.waiter is not None:
+        if self.until_close and (self.waiter is not None or self.stream is not None):
             self.on_message_complete()  # a body that runs to the end of the connection
         else:
             self._fail(
@@ -121,13 +125,30 @@ class _Connection(asyncio.Protocol):
         self.until_close = "content-length" not in headers and (
             "chunked" not in headers.get("transfer-encoding", "").lower()
         )
+        status = self.parser.get_status_code()
+        if self.streaming and 200 <= status < 400:  # the body is handed out as it arrives
+            self._stop_timer()  # from here the reader's watchdog keeps the time (.sse)
+            self.stream = StreamBody(self, status, headers)
+            waiter, self.waiter = self.waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(self.stream)
 
     def on_body(self, body: bytes) -> None:
-        self.body.append(body)
+        if self.stream is not None:
+            self.stream.feed(body)
+        else:
+            self.body.append(body)
 
     def on_message_complete(self) -> None:
         if self.parser.get_status_code() < 200:  # an interim answer (103): the real one follows
             self.headers, self.body, self.status_seen = {}, [], False
+            return
+        stream = self.stream
+        if stream is not None:
+            keep = not self.until_close and self.parser.should_keep_alive()
+            self.headers, self.status_seen, self.until_close = {}, False, False
+            self.stream, self.streaming = None, False
+            stream.feed_eof(keep)
             return
         answer = Answer(self.parser.get_status_code(), self.headers, b"".join(self.body))
         keep = not self.until_close and self.parser.should_keep_alive()
@@ -147,20 +168,29 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             exc.answered = exc.answered or self.status_seen
             waiter.set_exception(exc)
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            exc.answered = True
+            stream.fail(exc)
 
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.close()
 
-    def send(self, data: bytes, first_byte_at: float, total_at: float) -> asyncio.Future[Answer]:
-        """Write a request; its answer, failed with :class:`AnswerTimeout` past a deadline.
+    def send(
+        self, data: bytes, first_byte_at: float, total_at: float, streaming: bool = False
+    ) -> asyncio.Future[Answer | StreamBody]:
+        """Write a request; its :class:`Answer` (or, ``streaming``, a 2xx's
+        :class:`StreamBody` as soon as its headers are in), failed with
+        :class:`AnswerTimeout` past a deadline.
 
         One timer, at the first-byte deadline, moved on to the total one only if it fires
         after the status line (a plain timer handle: cheaper than a task-cancelling timeout).
         """
         assert self.transport is not None
         loop = asyncio.get_running_loop()
+        self.streaming = streaming
         self.waiter = loop.create_future()
         self.total_at = total_at
         self.timer = loop.call_at(first_byte_at, self._expire)
@@ -181,6 +211,132 @@ class _Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+_HIGH_WATER = 256 * 1024
+"""Bytes of a stream held unread before its connection stops reading (back-pressure)."""
+
+
+class StreamBody:
+    """A 2xx answer read as it arrives (an SSE stream): :meth:`readany` until ``b""``, then
+    :meth:`release`; or :meth:`close` to drop it. It holds its connection and its slot under
+    the upstream's cap until one of the two, and gives both back once.
+
+    The answer's deadlines end with its headers: from there the reader keeps the time (the
+    stream's watchdog in :mod:`.sse` closes it when a limit passes; a pending read raises).
+    """
+
+    def __init__(self, conn: _Connection, status: int, headers: dict[str, str]) -> None:
+        self.status = status
+        self.headers = headers
+        self._conn = conn
+        self._pool: Pool | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._keep = False  # the connection may serve another request after this answer
+        self._error: UpstreamConnectionError | None = None
+        self._finished = False
+        self._decoder: Any = None  # a zlib decompressor, for a compressed stream
+        coding = headers.get("content-encoding", "").strip().lower()
+        if coding == "gzip":
+            self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            self._decoder = zlib.decompressobj()
+        elif coding not in ("", "identity"):
+            self._error = UpstreamConnectionError(f"a stream in an unknown coding ({coding})")
+
+    def _attach(self, pool: Pool, slots: asyncio.Semaphore | None) -> None:
+        self._pool, self._slots = pool, slots
+
+    # fed by the connection
+
+    def feed(self, data: bytes) -> None:
+        if self._decoder is not None:
+            try:
+                data = self._decoder.decompress(data)
+            except zlib.error:
+                self.fail(UpstreamConnectionError("an undecodable compressed stream"))
+                self._conn.close()
+                return
+        if data:
+            self._chunks.append(data)
+            self._size += len(data)
+            transport = self._conn.transport
+            if self._size > _HIGH_WATER and not self._paused and transport is not None:
+                self._paused = True
+                transport.pause_reading()
+            self._wake()
+
+    def feed_eof(self, keep: bool) -> None:
+        if self._decoder is not None:
+            self.feed(b"")
+            tail = self._decoder.flush()
+            self._decoder = None
+            if tail:
+                self.feed(tail)
+        self._eof, self._keep = True, keep
+        self._wake()
+
+    def fail(self, exc: UpstreamConnectionError) -> None:
+        exc.answered = True
+        if self._error is None:
+            self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # read by the caller
+
+    async def readany(self) -> bytes:
+        """What has arrived since the last read (waiting for some); ``b""`` at the end.
+        Raises :class:`UpstreamConnectionError` when the stream broke or was closed."""
+        while True:
+            if self._chunks:
+                chunks, self._chunks, self._size = self._chunks, [], 0
+                if self._paused:
+                    self._paused = False
+                    if self._conn.transport is not None:
+                        self._conn.transport.resume_reading()
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def close(self) -> None:
+        """Drop the stream and its connection (its end unread); a pending read raises."""
+        self.fail(UpstreamConnectionError("stream closed"))
+        self._conn.close()
+        self._finish()
+
+    def release(self) -> None:
+        """Done with the stream: its connection is kept for reuse when the answer ended
+        cleanly and may be kept, closed otherwise."""
+        if self._finished:
+            return
+        if self._eof and self._keep and self._error is None and self._pool is not None:
+            self._pool._keep_idle(self._conn)
+        else:
+            self._conn.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            if self._slots is not None:
+                self._slots.release()
 
 
 class Pool:
@@ -240,6 +396,21 @@ class Pool:
         :class:`UpstreamConnectionError`; a cancellation drops the connection, whose answer
         is then unknown.
         """
+        answer = await self._request(head, body, first_byte_at, total_at, False)
+        assert isinstance(answer, Answer)
+        return answer
+
+    async def open(
+        self, head: bytes, body: bytes, first_byte_at: float, total_at: float
+    ) -> Answer | StreamBody:
+        """As :meth:`post`, but a 2xx answer comes as soon as its headers are in, its body
+        to be read as it arrives (:class:`StreamBody`, which then holds the connection and
+        the slot); any other answer comes whole, within ``total_at``."""
+        return await self._request(head, body, first_byte_at, total_at, True)
+
+    async def _request(
+        self, head: bytes, body: bytes, first_byte_at: float, total_at: float, streaming: bool
+    ) -> Answer | StreamBody:
         slots = self._slots
         if slots is not None:
             if slots.locked():  # wait for a free slot, within the deadlines
@@ -247,6 +418,7 @@ class Pool:
                     await slots.acquire()
             else:
                 await slots.acquire()  # free: taken without suspending
+        handed_over = False  # a stream frees the slot itself, when it is let go
         try:
             conn = self._reuse()
             if conn is None:
@@ -254,21 +426,29 @@ class Pool:
                     conn = await self._connect()
             data = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
             try:
-                answer = await conn.send(data, first_byte_at, total_at)
+                answer = await conn.send(data, first_byte_at, total_at, streaming)
             except BaseException:
                 conn.close()
                 raise
-            if self._closed:
-                conn.close()
-            elif not conn.closed:
-                conn.idle_since = asyncio.get_running_loop().time()
-                self._idle.append(conn)
+            if isinstance(answer, StreamBody):
+                answer._attach(self, slots)
+                handed_over = True
+                return answer
+            self._keep_idle(conn)
             if "content-encoding" in answer.headers:
                 answer.body = _decoded(answer)
             return answer
         finally:
-            if slots is not None:
+            if slots is not None and not handed_over:
                 slots.release()
+
+    def _keep_idle(self, conn: _Connection) -> None:
+        """Keep ``conn`` for the next request, unless it or the pool is closed."""
+        if self._closed:
+            conn.close()
+        elif not conn.closed:
+            conn.idle_since = asyncio.get_running_loop().time()
+            self._idle.append(conn)
 
     def _reuse(self) -> _Connection | None:
         idle = self._idle
@@ -340,5 +520,6 @@ __all__ = [
     "AnswerTimeout",
     "ConnectTimeout",
     "Pool",
+    "StreamBody",
     "UpstreamConnectionError",
 ]

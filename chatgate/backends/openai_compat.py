@@ -3,12 +3,13 @@
 One backend instance per deployment (the router makes them), each with its own
 :class:`~chatgate.backends.deployment.Timeouts` and, per upstream base URL:
 
-* whole answers (non-streamed chat, embeddings): a :class:`~chatgate.backends.http1.Pool` of
-  keep-alive connections; the first-byte and total deadlines are one timer on the connection;
-* streams and probes: a pooled ``aiohttp.ClientSession`` (``connect``: aiohttp's connect
-  timeout; ``first_byte``: an ``asyncio`` deadline around sending the request and reading the
-  headers, which the stream's watchdog (:mod:`.sse`) extends to the first event);
-* one connection cap (``upstream_max_connections``) shared by both.
+* chat completions (whole and streamed) and embeddings: a :class:`~chatgate.backends.http1.Pool`
+  of keep-alive connections; the first-byte and total deadlines are one timer on the
+  connection until the answer's headers, and a stream's body is then timed by its watchdog
+  (:mod:`.sse`: first event, idle, total);
+* probes (``GET /models``, rare): a pooled ``aiohttp.ClientSession``;
+* the connection cap (``upstream_max_connections``): the pool's slots, held by a request
+  until its answer is in, or by a stream until it ends.
 
 Upstream HTTP errors map to the error tree (:mod:`.upstream_errors`).
 """
@@ -28,7 +29,6 @@ from chatgate.backends.base import Backend, ChatResult, ChatStream, Usage
 from chatgate.backends.deployment import ProbeResult, Timeouts
 from chatgate.backends.sse import SSEPassThrough
 from chatgate.backends.upstream_errors import (
-    Phase,
     UpstreamUnreachable,
     timeout_error,
     upstream_status_error,
@@ -98,64 +98,6 @@ class OpenAICompatBackend(Backend):
             cap = self._caps[base_url] = asyncio.Semaphore(limit)
         return cap
 
-    async def _open(
-        self,
-        model: ModelConfig,
-        path: str,
-        body: dict[str, Any],
-        started: float,
-        cap: asyncio.Semaphore | None,
-    ) -> aiohttp.ClientResponse:
-        """POST and wait for a 2xx's headers within the first-byte deadline; map failures.
-
-        The body is left to the caller (a stream), and with it a slot of ``cap`` (the
-        upstream's connection cap, if any), which the stream frees when it ends.
-        """
-        t = self.timeouts
-        if cap is not None:
-            try:
-                async with asyncio.timeout(t.connect):
-                    await cap.acquire()
-            except TimeoutError as exc:
-                raise timeout_error(model, "connect", t.connect) from exc
-        try:
-            return await self._post_for_stream(model, path, body, started)
-        except BaseException:
-            if cap is not None:
-                cap.release()
-            raise
-
-    async def _post_for_stream(
-        self, model: ModelConfig, path: str, body: dict[str, Any], started: float
-    ) -> aiohttp.ClientResponse:
-        """:meth:`_open`'s request. An error's body is read within ``total`` under the same
-        timer, rescheduled (one timer per request, not one per phase)."""
-        t = self.timeouts
-        session = self._session(model.base_url)
-        phase: Phase = "first_byte"
-        try:
-            async with asyncio.timeout_at(started + min(t.first_byte, t.total)) as deadline:
-                resp = await session.post(
-                    model.base_url + path, data=orjson.dumps(body), headers=self._headers(model)
-                )
-                if resp.status < 400:
-                    return resp
-                deadline.reschedule(started + t.total)
-                phase = "total"
-                try:
-                    raw = await resp.read()
-                finally:
-                    resp.release()
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise timeout_error(model, "connect", t.connect) from exc
-        except TimeoutError as exc:
-            limit = t.total if phase == "total" else min(t.first_byte, t.total)
-            raise timeout_error(model, phase, limit) from exc
-        except aiohttp.ClientError as exc:
-            happened = "could not be reached" if phase == "first_byte" else "broke the connection"
-            raise UpstreamUnreachable(f"The upstream for model `{model.name}` {happened}.") from exc
-        raise self._status_error(model, resp.status, raw, resp.headers)
-
     def _status_error(
         self, model: ModelConfig, status: int, raw: bytes, headers: Any
     ) -> errors.APIError:
@@ -180,18 +122,23 @@ class OpenAICompatBackend(Backend):
             head = self._heads[key] = self._pool(model.base_url).head(path, self._headers(model))
         return head
 
-    async def _json(self, model: ModelConfig, path: str, body: dict[str, Any]) -> tuple[Any, bytes]:
-        """A non-streamed call: the decoded answer and its raw bytes.
+    async def _send(
+        self, model: ModelConfig, path: str, body: dict[str, Any], started: float, stream: bool
+    ) -> http1.Answer | http1.StreamBody:
+        """POST ``body``: the whole answer, or (``stream``) a 2xx's body as it arrives; a
+        failure to reach the upstream or a passed deadline as chatgate's error.
 
-        The answer's status line must arrive within the first-byte deadline, the whole answer
-        within ``total`` (deadlines the pool keeps on the connection: see :mod:`.http1`).
+        The status line must arrive within the first-byte deadline, a whole answer within
+        ``total`` (deadlines the pool keeps on the connection: see :mod:`.http1`; a stream's
+        body is then timed by its watchdog, :mod:`.sse`). An error status comes whole,
+        also for a stream.
         """
         t = self.timeouts
         pool, head = self._pool(model.base_url), self._head(model, path)
-        started = asyncio.get_running_loop().time()
         first_byte_limit = min(t.first_byte, t.total)
+        send = pool.open if stream else pool.post
         try:
-            answer = await pool.post(
+            return await send(
                 head, orjson.dumps(body), started + first_byte_limit, started + t.total
             )
         except http1.ConnectTimeout as exc:
@@ -202,6 +149,12 @@ class OpenAICompatBackend(Backend):
         except http1.UpstreamConnectionError as exc:
             happened = "broke the connection" if exc.answered else "could not be reached"
             raise UpstreamUnreachable(f"The upstream for model `{model.name}` {happened}.") from exc
+
+    async def _json(self, model: ModelConfig, path: str, body: dict[str, Any]) -> tuple[Any, bytes]:
+        """A non-streamed call: the decoded answer and its raw bytes."""
+        started = asyncio.get_running_loop().time()
+        answer = await self._send(model, path, body, started, False)
+        assert isinstance(answer, http1.Answer)
         raw = answer.body
         if answer.status >= 400:
             raise self._status_error(model, answer.status, raw, answer.headers)
@@ -230,15 +183,11 @@ class OpenAICompatBackend(Backend):
         options["include_usage"] = True
         body["stream_options"] = options
         started = asyncio.get_running_loop().time()
-        cap = self._cap(model.base_url)
-        resp = await self._open(model, "/chat/completions", body, started, cap)
+        answer = await self._send(model, "/chat/completions", body, started, True)
+        if isinstance(answer, http1.Answer):  # an error status: it came whole
+            raise self._status_error(model, answer.status, answer.body, answer.headers)
         return SSEPassThrough(
-            resp,
-            model,
-            include_usage=include_usage,
-            timeouts=self.timeouts,
-            started=started,
-            on_done=None if cap is None else cap.release,
+            answer, model, include_usage=include_usage, timeouts=self.timeouts, started=started
         )
 
     async def embeddings(self, model: ModelConfig, body: dict[str, Any]) -> dict[str, Any]:

@@ -14,14 +14,14 @@ import contextlib
 import re
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 
-import aiohttp
 import orjson
 
 from chatgate import errors
 from chatgate.backends.base import ChatStream, Usage
 from chatgate.backends.deployment import Timeouts
+from chatgate.backends.http1 import StreamBody, UpstreamConnectionError
 from chatgate.backends.upstream_errors import Phase, timeout_error
 from chatgate.settings import ModelConfig
 
@@ -61,17 +61,15 @@ class SSEPassThrough(ChatStream):
 
     def __init__(
         self,
-        resp: aiohttp.ClientResponse,
+        resp: StreamBody,
         model: ModelConfig,
         *,
         include_usage: bool,
         timeouts: Timeouts | None = None,
         started: float | None = None,
-        on_done: Callable[[], object] | None = None,
     ) -> None:
         super().__init__()
         self._resp = resp
-        self._on_done = on_done  # called once, when the response is let go
         self._model = model
         self._include_usage = include_usage
         self.failure: errors.APIError | None = None
@@ -110,7 +108,7 @@ class SSEPassThrough(ChatStream):
         when, phase = self._deadline()
         if self._loop.time() + _SLACK >= when:
             self._expired = phase
-            self._resp.close()  # the pending read raises ClientConnectionError
+            self._resp.close()  # the pending read raises UpstreamConnectionError
         else:
             self._timer = self._loop.call_at(when, self._check)
 
@@ -147,7 +145,7 @@ class SSEPassThrough(ChatStream):
         # ``_ready``, so the relay can write them to the client together (``buffered``).
         rest = b""
         ready = self._ready
-        read = self._resp.content.readany
+        read = self._resp.readany
         clock = self._loop.time
         try:
             while True:
@@ -169,7 +167,7 @@ class SSEPassThrough(ChatStream):
                 event = rest if rest.endswith(b"\n") else rest + b"\n"
                 if self._keep(event + b"\n"):
                     yield event + b"\n"
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, UpstreamConnectionError):
             if self._expired is not None:
                 self.failure = self._timeout()
             else:
@@ -182,7 +180,6 @@ class SSEPassThrough(ChatStream):
             self._reading_since = None
             self._stop_timer()
             self._resp.release()
-            self._done()
 
     def _keep(self, event: bytes) -> bool:
         """Note usage and text of one event; False for a usage-only chunk nobody asked for.
@@ -240,15 +237,9 @@ class SSEPassThrough(ChatStream):
                     self._text.append(args)
         self._unparsed.clear()
 
-    def _done(self) -> None:
-        on_done, self._on_done = self._on_done, None
-        if on_done is not None:
-            on_done()
-
     async def aclose(self) -> None:
         self._stop_timer()
         self._resp.close()
-        self._done()
         if self._iterator is not None:
             # Runs the relay's cleanup now; a RuntimeError means another task is inside it,
             # and it ends by itself since the response is closed.

@@ -27,6 +27,7 @@ from chatgate.backends.http1 import (
     AnswerTimeout,
     ConnectTimeout,
     Pool,
+    StreamBody,
     UpstreamConnectionError,
 )
 from tests.helpers import free_port
@@ -350,3 +351,173 @@ async def test_the_first_byte_and_total_deadlines(serve) -> None:  # type: ignor
     assert waited.value.phase == "first_byte"
     stalled.released.set()
     await asyncio.gather(holder, return_exceptions=True)
+
+
+# -- streamed answers (Pool.open): a 2xx's body read as it arrives --------------------------
+
+Step = bytes | asyncio.Event | None  # write, wait for the test, or close the connection
+
+
+async def stream_server(steps: list[list[Step]]) -> tuple[str, list[int]]:
+    """A server that answers its n-th request with ``steps[n]``, step by step, on the same
+    connection while it stays open; the URL and a one-item list counting connections."""
+    connections = [0]
+    queue = list(steps)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        try:
+            while queue:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                for step in queue.pop(0):
+                    if step is None:
+                        return
+                    if isinstance(step, asyncio.Event):
+                        await step.wait()
+                    else:
+                        writer.write(step)
+                        await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", connections
+
+
+async def open_stream(pool: Pool) -> Answer | StreamBody:
+    now = asyncio.get_running_loop().time()
+    return await pool.open(pool.head("/chat/completions", {}), b"{}", now + 5, now + 10)
+
+
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def test_a_stream_is_read_as_it_arrives_and_its_connection_kept() -> None:
+    gate = asyncio.Event()
+    first = [CHUNKED + chunk(b"data: 1\n\n"), gate, chunk(b"data: 2\n\n") + b"0\r\n\r\n"]
+    url, connections = await stream_server(
+        [first, [CHUNKED + chunk(b"data: x\n\n") + b"0\r\n\r\n"]]
+    )
+    slots = asyncio.Semaphore(1)
+    pool = Pool(url, slots=slots)
+    body = await open_stream(pool)
+    assert isinstance(body, StreamBody) and body.status == 200
+    assert body.headers["content-type"] == "text/event-stream"
+    assert await body.readany() == b"data: 1\n\n"  # before the rest was even written
+    assert slots.locked()  # the stream holds its slot
+    gate.set()
+    assert await body.readany() == b"data: 2\n\n"
+    assert await body.readany() == b""
+    body.release()
+    body.release()  # twice: the slot is given back once
+    assert not slots.locked()
+    again = await open_stream(pool)
+    assert isinstance(again, StreamBody)
+    assert await again.readany() == b"data: x\n\n" and await again.readany() == b""
+    again.release()
+    assert connections == [1]  # the second stream reused the first one's connection
+    pool.close()
+
+
+async def test_a_stream_that_breaks_off_or_is_closed_raises_and_frees_its_slot() -> None:
+    hold = asyncio.Event()
+    url, _ = await stream_server(
+        [
+            [CHUNKED + chunk(b"data: 1\n\n"), None],  # the upstream goes away mid-stream
+            [CHUNKED + chunk(b"data: 1\n\n"), hold],  # and this one the reader drops
+            [b'HTTP/1.1 429 Too Many\r\nContent-Length: 7\r\n\r\n{"e":1}'],
+        ]
+    )
+    slots = asyncio.Semaphore(1)
+    pool = Pool(url, slots=slots)
+    body = await open_stream(pool)
+    assert isinstance(body, StreamBody)
+    assert await body.readany() == b"data: 1\n\n"
+    with pytest.raises(UpstreamConnectionError) as broken:
+        await body.readany()
+    assert broken.value.answered
+    body.release()
+    assert not slots.locked()
+
+    body = await open_stream(pool)
+    assert isinstance(body, StreamBody)
+    assert await body.readany() == b"data: 1\n\n"
+    pending = asyncio.ensure_future(body.readany())
+    await asyncio.sleep(0.05)
+    body.close()  # what the stream's watchdog does when a limit passes
+    with pytest.raises(UpstreamConnectionError):
+        await pending
+    body.release()
+    assert not slots.locked()
+    hold.set()
+
+    error = await open_stream(pool)  # an error status comes whole, not as a stream
+    assert isinstance(error, Answer) and (error.status, error.body) == (429, b'{"e":1}')
+    assert not slots.locked()
+    pool.close()
+
+
+async def test_a_slow_reader_stops_the_connection_reading_and_loses_nothing() -> None:
+    piece = b"data: " + b"x" * 16_378 + b"\n\n"  # 16 KiB
+    url, _ = await stream_server(
+        [[CHUNKED + b"".join(chunk(piece) for _ in range(64)) + b"0\r\n\r\n"]]
+    )
+    pool = Pool(url)
+    body = await open_stream(pool)
+    assert isinstance(body, StreamBody)
+    for _ in range(100):  # 1 MiB on its way, nobody reading
+        await asyncio.sleep(0.005)
+        if body._paused:
+            break
+    assert body._paused  # past the high-water mark the transport stopped reading
+    received = b""
+    while data := await body.readany():
+        received += data
+    assert received == piece * 64
+    body.release()
+    pool.close()
+
+
+async def test_a_gzipped_stream_is_decoded_as_it_arrives() -> None:
+    packed = gzip.compress(b"data: 1\n\n" * 50)
+    head = CHUNKED.replace(b"Transfer-Encoding", b"Content-Encoding: gzip\r\nTransfer-Encoding")
+    half = len(packed) // 2
+    gate = asyncio.Event()
+    steps = [head + chunk(packed[:half]), gate, chunk(packed[half:]) + b"0\r\n\r\n"]
+    url, _ = await stream_server([steps])
+    pool = Pool(url)
+    body = await open_stream(pool)
+    assert isinstance(body, StreamBody)
+    received = await body.readany()
+    assert received and b"data: 1\n\n".startswith(received[:9])  # decoded before the end
+    gate.set()
+    while data := await body.readany():
+        received += data
+    assert received == b"data: 1\n\n" * 50
+    body.release()
+    pool.close()
+
+
+async def test_a_stream_without_length_ends_with_its_connection() -> None:
+    """An SSE answer with neither a length nor chunks (HTTP/1.0 style) runs to the close."""
+    plain = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+    url, _ = await stream_server([[plain + b"data: 1\n\n", b"data: 2\n\n", None]])
+    pool = Pool(url)
+    body = await open_stream(pool)
+    assert isinstance(body, StreamBody)
+    received = b""
+    while data := await body.readany():
+        received += data
+    assert received == b"data: 1\n\ndata: 2\n\n"
+    body.release()  # not kept: the connection is gone
+    pool.close()
