@@ -44,9 +44,9 @@ class OpenAICompatBackend(Backend):
     def __init__(self, settings: Settings, timeouts: Timeouts | None = None) -> None:
         self._settings = settings
         self.timeouts = timeouts or Timeouts.defaults(settings)
-        self._sessions: dict[str, aiohttp.ClientSession] = {}  # streams and probes
-        self._pools: dict[str, http1.Pool] = {}  # whole answers (see chatgate.backends.http1)
-        # The connection cap of each upstream, shared by its streams and its whole answers.
+        self._sessions: dict[str, aiohttp.ClientSession] = {}  # probes
+        self._pools: dict[str, http1.Pool] = {}  # answers and streams (chatgate.backends.http1)
+        # The connection cap of each upstream: its pool's slots, held by answers and streams.
         self._caps: dict[str, asyncio.Semaphore] = {}
         self._heads: dict[tuple[str, str, str | None], bytes] = {}
         # Only the connect phase is left to aiohttp; the others are deadlines of our own.
@@ -65,7 +65,7 @@ class OpenAICompatBackend(Backend):
     def _session(self, base_url: str) -> aiohttp.ClientSession:
         session = self._sessions.get(base_url)
         if session is None:
-            # No cap of aiohttp's own: streams take a slot of ``_cap`` for their lifetime.
+            # No cap: a probe (rare, an admin's) takes no slot of ``_cap``.
             connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
             session = aiohttp.ClientSession(
                 connector=connector,
