@@ -101,7 +101,7 @@ from .base import (
     month_of,
     month_span,
 )
-from .resp import ReplyError, RespClient
+from .resp import ReplyError, RespClient, encode
 
 __all__ = ["DEFAULT_FLUSH_DELAY", "DEFAULT_PREFIX", "MAX_BATCH", "RedisLimiter"]
 
@@ -137,7 +137,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 # A queued settlement: its buckets (KEYS), its arguments (lease id, delta, bucket count, then
 # kind/limit/span per bucket), and the future its settle waits on.
-_Settlement = tuple[list[str], list[Any], asyncio.Future[bool]]
+_Settlement = tuple[list[str], list[Any], asyncio.Future[bool], bytes, bytes]
+# ... and the same KEYS and ARGV already encoded (RESP bulk strings), for RespClient.
 _NO_SETTLEMENTS: list[_Settlement] = []  # never appended to
 
 
@@ -151,7 +152,19 @@ class _Plan:
     each check's cost left to fill in (``tokens``: the slots of token costs); and the KEYS
     and ARGV of a settlement, with and without tokens to give back."""
 
-    __slots__ = ("args", "checks", "keys", "resolved", "settle", "since", "tokens", "until")
+    __slots__ = (
+        "args",
+        "args_encoded",
+        "checks",
+        "keys",
+        "keys_encoded",
+        "resolved",
+        "settle",
+        "settle_encoded",
+        "since",
+        "tokens",
+        "until",
+    )
 
     def __init__(self, checks: Sequence[Check], now: float, prefix: str) -> None:
         self.checks = checks
@@ -171,6 +184,11 @@ class _Plan:
         self.settle: tuple[tuple[list[str], list[Any]], ...] = tuple(
             self._settlement(prefix, with_tokens) for with_tokens in (False, True)
         )
+        # The same, encoded once (RespClient sends them as they are): the checks' ARGV as
+        # parts, a token cost's part left to fill in (at the slots ``tokens`` names).
+        self.keys_encoded = encode(*self.keys)
+        self.args_encoded = [encode(arg) for arg in self.args]
+        self.settle_encoded = tuple((encode(*k), encode(*a)) for k, a in self.settle)
 
     def _settlement(self, prefix: str, with_tokens: bool) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
@@ -295,6 +313,7 @@ class RedisLimiter(Limiter):
         self._clock = clock
         self._owns_client = owns_client
         self._script = _Script("limiter.lua")
+        self._evalsha = encode("EVALSHA", self._script.sha)
         self._ledger = Ledger(time.monotonic)
         self._background: set[asyncio.Future[Any]] = set()
         # Settlements not sent yet, oldest first, and the timer that sends them if no
@@ -352,7 +371,7 @@ class RedisLimiter(Limiter):
     # --- sending ---------------------------------------------------------------------------
 
     def _dispatch(
-        self, keys: list[str], args: list[Any], batch: list[_Settlement]
+        self, keys: list[str], args: list[Any], batch: list[_Settlement], packed: bytes
     ) -> asyncio.Future[Any]:
         """Send one ``EVALSHA`` now; the future of its final reply, which also settles ``batch``.
 
@@ -361,14 +380,19 @@ class RedisLimiter(Limiter):
         callbacks, not by whoever awaits it, so a cancelled caller changes nothing.
         """
         outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        call = self._start(keys, args)
+        call = self._start(keys, args, packed)
         call.add_done_callback(functools.partial(self._replied, keys, args, batch, outcome, False))
         return outcome
 
-    def _start(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
-        """Run the script: sent at once when connected (a bare future), else in a task."""
+    def _start(self, keys: list[str], args: list[Any], packed: bytes) -> asyncio.Future[Any]:
+        """Run the script: sent at once when connected (a bare future), else in a task.
+
+        ``packed``: the same ``EVALSHA`` as ``keys`` and ``args`` make, already encoded
+        (built beside them from parts encoded once: see :meth:`_packed`); what a
+        :class:`RespClient` sends. redis-py, and a resend after ``SCRIPT LOAD``, take the lists.
+        """
         if isinstance(self._client, RespClient):
-            call = self._client.submit("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            call = self._client.submit_packed(packed)
             if call is not None:
                 return call
         return self._spawn(self._run(keys, args))
@@ -384,7 +408,7 @@ class RedisLimiter(Limiter):
     ) -> None:
         exc = LimiterUnavailable("redis: call cancelled") if call.cancelled() else call.exception()
         if exc is None:
-            for _, _, settled in batch:
+            for _, _, settled, _, _ in batch:
                 if not settled.done():
                     settled.set_result(True)
             if not outcome.done():
@@ -398,7 +422,7 @@ class RedisLimiter(Limiter):
             return
         if isinstance(exc, _UNAVAILABLE):
             exc = _unavailable(exc)
-        for _, _, settled in batch:
+        for _, _, settled, _, _ in batch:
             if not settled.done():
                 settled.set_exception(exc)
         if not outcome.done():
@@ -422,14 +446,41 @@ class RedisLimiter(Limiter):
     def _header(self, settlements: int, lease_id: str) -> list[Any]:
         return [settlements, QUOTA_RETENTION, lease_id, self._lease_ttl, self._concurrency_retry]
 
+    def _packed(
+        self,
+        keys: list[str],
+        args: list[Any],
+        batch: list[_Settlement],
+        lease_id: str,
+        checks_keys: bytes = b"",
+        checks_args: Sequence[bytes] = (),
+    ) -> bytes:
+        """``EVALSHA sha len(keys) *keys *args`` in RESP, from ``batch``'s encoded parts and
+        the checks' (``checks_keys``, ``checks_args``): only the header's values are
+        encoded here."""
+        return b"".join(
+            [
+                b"*%d\r\n" % (3 + len(keys) + len(args)),
+                self._evalsha,
+                encode(len(keys)),
+                *[settlement[3] for settlement in batch],
+                checks_keys,
+                encode(
+                    len(batch), QUOTA_RETENTION, lease_id, self._lease_ttl, self._concurrency_retry
+                ),
+                *[settlement[4] for settlement in batch],
+                *checks_args,
+            ]
+        )
+
     def _send_settlements(self, batch: list[_Settlement]) -> asyncio.Future[Any]:
         """One call carrying ``batch`` and no checks (kept until answered)."""
         keys: list[str] = []
         args = self._header(len(batch), "")
-        for settlement_keys, settlement_args, _ in batch:
+        for settlement_keys, settlement_args, *_ in batch:
             keys += settlement_keys
             args += settlement_args
-        outcome = self._dispatch(keys, args, batch)
+        outcome = self._dispatch(keys, args, batch, self._packed(keys, args, batch, ""))
         self._keep(outcome)
         outcome.add_done_callback(_retrieve)
         return outcome
@@ -469,19 +520,24 @@ class RedisLimiter(Limiter):
         batch = self._take_pending()
         keys: list[str] = []
         args = self._header(len(batch), lease_id)
-        for settlement_keys, settlement_args, _ in batch:
+        for settlement_keys, settlement_args, *_ in batch:
             keys += settlement_keys
             args += settlement_args
         keys += plan.keys
         checks_args = plan.args.copy()
-        for slot in plan.tokens:
-            checks_args[slot] = cost_tokens
+        checks_encoded = plan.args_encoded.copy()
+        if plan.tokens:
+            cost_encoded = encode(cost_tokens)
+            for slot in plan.tokens:
+                checks_args[slot] = cost_tokens
+                checks_encoded[slot] = cost_encoded
         args += checks_args
         costs = checks_args[3::4]  # each check's cost, in order
+        packed = self._packed(keys, args, batch, lease_id, plan.keys_encoded, checks_encoded)
         # The outcome is awaited through a shield: if this caller is cancelled, the script (on
         # the wire already) still runs, the settlements it carries are settled, and what it
         # took for this request is given back.
-        outcome = self._dispatch(keys, args, batch)
+        outcome = self._dispatch(keys, args, batch, packed)
         try:
             reply = await asyncio.shield(outcome)
         except asyncio.CancelledError:
@@ -534,7 +590,9 @@ class RedisLimiter(Limiter):
             future.set_result(True)
             return future
         args = [reservation.lease_id, delta, len(keys), *static]
-        self._pending.append((keys, args, future))
+        keys_encoded, static_encoded = plan.settle_encoded[delta != 0]
+        args_encoded = encode(reservation.lease_id, delta, len(keys)) + static_encoded
+        self._pending.append((keys, args, future, keys_encoded, args_encoded))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._flush_delay, self._on_timer)
         return future

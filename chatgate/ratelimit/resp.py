@@ -26,7 +26,7 @@ from collections import deque
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["ReplyError", "RespClient", "ServerUnavailable", "pack"]
+__all__ = ["ReplyError", "RespClient", "ServerUnavailable", "encode", "pack"]
 
 _UNAVAILABLE_PREFIXES = (
     "LOADING",
@@ -68,13 +68,18 @@ _ENCODED_SIZE = 128
 
 
 def pack(*args: Any) -> bytes:
-    """One command in RESP2: an array of bulk strings.
+    """One command in RESP2: an array of bulk strings."""
+    return b"*%d\r\n" % len(args) + encode(*args)
+
+
+def encode(*args: Any) -> bytes:
+    """``args`` as bulk strings, one after the other: a part of a command (see :func:`pack`).
 
     The limiter's arguments repeat from one request to the next (bucket keys, limits,
     windows, small costs): each short one is encoded once and looked up after (a lookup is
     a third of an encoding). The memo is dropped when full: lease ids, each new, fill it.
     """
-    parts = [b"*%d\r\n" % len(args)]
+    parts = []
     encoded = _ENCODED
     for value in args:
         key = (value.__class__, value)
@@ -244,6 +249,14 @@ class RespClient:
         if proto is None or proto.closed:
             return None
         return self._write(proto, pack(*args))
+
+    def submit_packed(self, packed: bytes) -> asyncio.Future[Any] | None:
+        """:meth:`submit` for a command already packed (:func:`pack`, or :func:`encode`d
+        parts under an array header)."""
+        proto = self._proto
+        if proto is None or proto.closed:
+            return None
+        return self._write(proto, packed)
 
     async def send(self, packed: bytes) -> Any:
         """Send one command already packed with :func:`pack`; its reply."""

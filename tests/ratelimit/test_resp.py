@@ -10,6 +10,7 @@ import asyncio
 import secrets
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -150,3 +151,43 @@ async def test_limiter_sends_one_command_per_acquire_and_settle_and_reloads_scri
     finally:
         await limiter.aclose()  # the server and its keys go with the fixture
         await admin.aclose()
+
+
+async def test_the_limiters_packed_commands_are_the_ones_its_lists_make() -> None:
+    """The Redis limiter builds each ``EVALSHA`` from parts encoded once (a key's checks,
+    each queued settlement) beside the KEYS and ARGV lists that redis-py and a resend after
+    ``SCRIPT LOAD`` take: the bytes must be exactly what packing those lists gives."""
+    limiter = RedisLimiter.from_url(
+        "redis://127.0.0.1:6379/0", prefix=f"test:pack:{secrets.token_hex(6)}:", timeout=2.0
+    )
+    sent: list[bytes] = []
+    start = limiter._start
+
+    def checked(keys: list[str], args: list[Any], packed: bytes) -> asyncio.Future[Any]:
+        assert packed == pack("EVALSHA", limiter._script.sha, len(keys), *keys, *args)
+        sent.append(packed)
+        return start(keys, args, packed)
+
+    limiter._start = checked  # type: ignore[method-assign]
+    plan = (
+        Check.rpm("key:a", 100),
+        Check.tpm("key:a", 10**6),
+        Check.concurrent("acct:x", 5),
+        Check.monthly_quota("acct:x", 10**9),
+        Check.tpm("acct:x", 10**6),
+    )
+    try:
+        open_ = []
+        for tokens in (0, 7, 300):
+            decision = await limiter.acquire(plan, tokens)
+            assert decision.allowed and decision.reservation is not None
+            open_.append(decision.reservation)
+        limiter.settle_nowait(open_[0], 0)  # no tokens to give back: the slot only
+        limiter.settle_nowait(open_[1], 2)
+        assert (await limiter.acquire(plan[:1], 0)).allowed  # carries both settlements
+        await limiter.settle(open_[2], 450)  # alone, by the timer: more than reserved
+        assert len(sent) == 5
+    finally:
+        await limiter.reset("key:a")
+        await limiter.reset("acct:x")
+        await limiter.aclose()
