@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 __all__ = [
     "DEFAULT_LEASE_TTL",
@@ -284,9 +284,10 @@ def most_restrictive(pairs: Iterable[tuple[Check, float]]) -> RateStatus | None:
     """Header values for the most restrictive of rate checks of one kind, each with its
     bucket's level: the fewest remaining, then the longest reset; the first on a tie (resets
     within :data:`RESET_TIE` of each other tie: float noise in a drained level must not
-    decide which limit the headers show).
+    decide which limit the headers show). The in-process limiter's compiled admission
+    (:mod:`.program`) works the same out inline; its property test holds the two together.
 
-    Every limited request's headers come through here, so :func:`used_units` is written out
+    Refusals and Redis admissions come through here, so :func:`used_units` is written out
     inline and a :class:`RateStatus` is built only for a check that is the most restrictive
     so far.
     """
@@ -346,6 +347,63 @@ def decide(
         requests=requests,
         tokens=tokens,
     )
+
+
+class Resolved:
+    """A tuple of checks with their quota months resolved, valid from ``since`` until
+    ``until`` (one month, or forever when no check floats with the month): what each limiter
+    compiles a key's checks into derives from it (:class:`CompiledChecks`)."""
+
+    __slots__ = ("checks", "resolved", "since", "until")
+
+    def __init__(self, checks: Sequence[Check], now: float) -> None:
+        self.checks = checks
+        self.since, self.until = -math.inf, math.inf
+        if any(check.floating for check in checks):
+            self.since, self.until, _ = month_span(now)
+        self.resolved = tuple(check.resolved(now) for check in checks)
+
+
+R = TypeVar("R", bound=Resolved)
+
+
+class CompiledChecks(Generic[R]):
+    """A limiter's compiled form of each key's checks, kept by the tuple's identity.
+
+    The gateway passes the same tuple for every request of a key (see
+    :func:`chatgate.limits.checks_for`), so it is compiled once per key and quota month; any
+    other sequence is compiled afresh. A settlement finds it again by its reservation's
+    resolved tuple. At most ``limit`` entries (two per key); when full, all are dropped and
+    rebuilt on their next request.
+    """
+
+    def __init__(self, build: Callable[[Sequence[Check], float], R], limit: int = 20_000) -> None:
+        self._build = build
+        self._limit = limit
+        self._by_id: dict[int, R] = {}
+
+    def for_checks(self, checks: Sequence[Check], now: float) -> R:
+        """The compiled form of ``checks`` valid at ``now``."""
+        compiled = self._by_id.get(id(checks))
+        if (
+            compiled is None
+            or compiled.checks is not checks
+            or not compiled.since <= now < compiled.until
+        ):
+            compiled = self._build(checks, now)
+            if isinstance(checks, tuple):  # immutable: safe to keep by identity
+                if len(self._by_id) >= self._limit:
+                    self._by_id.clear()
+                self._by_id[id(checks)] = compiled
+                self._by_id[id(compiled.resolved)] = compiled
+        return compiled
+
+    def for_resolved(self, resolved: tuple[Check, ...]) -> R:
+        """The compiled form whose resolved checks are ``resolved`` (a reservation's)."""
+        compiled = self._by_id.get(id(resolved))
+        if compiled is None or compiled.resolved is not resolved:
+            compiled = self._build(resolved, 0.0)  # resolved already: any time will do
+        return compiled
 
 
 class Ledger:

@@ -22,6 +22,7 @@ from .base import (
     DEFAULT_LEASE_TTL,
     EPS,
     Check,
+    CompiledChecks,
     Decision,
     Ledger,
     Limiter,
@@ -33,10 +34,6 @@ from .base import (
 from .program import Bucket, Counter, Entry, Leases, Program
 
 __all__ = ["MemoryLimiter"]
-
-
-_MAX_PROGRAMS = 20_000
-"""Compiled check tuples kept (two entries per key: its checks and their resolved form)."""
 
 
 _SWEEP_BATCH = 16
@@ -58,7 +55,7 @@ class MemoryLimiter(Limiter):
         self._concurrency_retry = concurrency_retry
         self._state: OrderedDict[str, Entry] = OrderedDict()
         self._ledger = Ledger(clock)
-        self._programs: dict[int, Program] = {}  # by id() of a checks tuple (see _program)
+        self._programs = CompiledChecks(Program)  # a key's checks, compiled (see .program)
         self._sweep_due = 0  # entries the admissions owe the sweep (see acquire)
         # Lease ids: a random prefix per limiter and a counter (unique, and no syscall each).
         self._lease_prefix = secrets.token_hex(6) + "-"
@@ -102,18 +99,6 @@ class MemoryLimiter(Limiter):
         assert check.month is not None
         return max(month_end(check.month) - now, 0.0)
 
-    def _program(self, checks: Sequence[Check], now: float) -> Program:
-        """``checks`` compiled for ``now``'s month: kept for a tuple (the gateway passes the
-        same tuple for every request of a key), built afresh for anything else. (The kept
-        one is looked up inline by :meth:`acquire`.)"""
-        program = Program(checks, now)
-        if isinstance(checks, tuple):  # immutable: safe to keep by identity
-            if len(self._programs) >= _MAX_PROGRAMS:
-                self._programs.clear()  # rebuilt on their next request: cheap
-            self._programs[id(checks)] = program
-            self._programs[id(program.resolved)] = program  # for settle(), by its reservation
-        return program
-
     async def acquire(self, checks: Sequence[Check], cost_tokens: int = 0) -> Decision:
         """Take every check or none; no await between check and take (atomic on one loop).
 
@@ -123,13 +108,7 @@ class MemoryLimiter(Limiter):
         again in full by :meth:`_refuse`, in the checks' own order.
         """
         now = self._clock()
-        program = self._programs.get(id(checks))
-        if (
-            program is None
-            or program.checks is not checks
-            or not program.since <= now < program.until
-        ):
-            program = self._program(checks, now)
+        program = self._programs.for_checks(checks, now)
         state = self._state
         size = len(state)
         self._leases_issued += 1
@@ -162,9 +141,7 @@ class MemoryLimiter(Limiter):
         """Move token and quota usage from reserved to actual; free the concurrency slot."""
         if not self._ledger.take(reservation.lease_id):
             return False
-        program = self._programs.get(id(reservation.checks))
-        if program is None or program.resolved is not reservation.checks:
-            program = Program(reservation.checks, 0.0)  # resolved already: any time will do
+        program = self._programs.for_resolved(reservation.checks)
         added = program.settle(
             self._state, reservation.lease_id, actual_tokens - reservation.tokens, self._clock
         )

@@ -32,8 +32,8 @@ from .base import (
     Decision,
     RateStatus,
     Reservation,
+    Resolved,
     month_end,
-    month_span,
 )
 
 __all__ = ["Admit", "Bucket", "Counter", "Entry", "Leases", "Program", "Settle", "compile_checks"]
@@ -45,12 +45,7 @@ class Bucket:
     __slots__ = ("expires_at", "level", "stamp")
 
     def __init__(self, level: float, stamp: float, rate: float) -> None:
-        self.level = level  # as set() does (written out: a new bucket is made per request)
-        self.stamp = stamp
-        self.expires_at = stamp + level / rate if rate > 0 else stamp + 86400.0
-
-    def set(self, level: float, stamp: float, rate: float) -> None:
-        """Move to a new state (in place: cheaper than a new object in the same dict slot)."""
+        # The compiled admission and settlement move a bucket in place, with these same lines.
         self.level = level
         self.stamp = stamp
         self.expires_at = stamp + level / rate if rate > 0 else stamp + 86400.0
@@ -121,18 +116,14 @@ Settle = Callable[[MutableMapping[str, Entry], str, int, Callable[[], float]], i
 the real and the reserved tokens given back (or charged); how many entries it added."""
 
 
-class Program:
+class Program(Resolved):
     """A tuple of checks as the in-process limiter reads it, for one quota month: their
     compiled admission and settlement (:func:`compile_checks`)."""
 
-    __slots__ = ("admit", "checks", "resolved", "settle", "since", "until")
+    __slots__ = ("admit", "settle")
 
     def __init__(self, checks: Sequence[Check], now: float) -> None:
-        self.checks = checks
-        self.since, self.until = -math.inf, math.inf
-        if any(check.floating for check in checks):
-            self.since, self.until, _ = month_span(now)
-        self.resolved = tuple(check.resolved(now) for check in checks)
+        super().__init__(checks, now)
         self.admit, self.settle = compile_checks(self.resolved)
 
 

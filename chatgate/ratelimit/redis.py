@@ -66,7 +66,6 @@ import asyncio
 import functools
 import hashlib
 import logging
-import math
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -91,15 +90,16 @@ from .base import (
     QUOTA_RETENTION,
     RATE_KINDS,
     Check,
+    CompiledChecks,
     Decision,
     Ledger,
     Limiter,
     LimiterUnavailable,
     Reservation,
+    Resolved,
     decide,
     month_end,
     month_of,
-    month_span,
 )
 from .resp import ReplyError, RespClient, encode
 
@@ -142,12 +142,7 @@ _Settlement = tuple[list[str], list[Any], asyncio.Future[bool], bytes, bytes]
 _NO_SETTLEMENTS: list[_Settlement] = []  # never appended to
 
 
-_MAX_PLANS = 20_000
-"""Check tuples kept in their wire form (two entries per key: its checks and their resolved
-form)."""
-
-
-class _Plan:
+class _Plan(Resolved):
     """A tuple of checks as the script takes them, for one quota month: KEYS, and ARGV with
     each check's cost left to fill in (``tokens``: the slots of token costs); and the KEYS
     and ARGV of a settlement, with and without tokens to give back."""
@@ -155,23 +150,16 @@ class _Plan:
     __slots__ = (
         "args",
         "args_encoded",
-        "checks",
         "keys",
         "keys_encoded",
-        "resolved",
         "settle",
         "settle_encoded",
-        "since",
         "tokens",
-        "until",
     )
 
     def __init__(self, checks: Sequence[Check], now: float, prefix: str) -> None:
-        self.checks = checks
-        self.since, self.until = -math.inf, math.inf
-        if any(check.floating for check in checks):
-            self.since, self.until, _ = month_span(now)
-        self.resolved = resolved = tuple(c.resolved(now) for c in checks)
+        super().__init__(checks, now)
+        resolved = self.resolved
         self.keys = [prefix + check.bucket for check in resolved]
         self.args: list[Any] = []
         self.tokens: list[int] = []
@@ -324,7 +312,8 @@ class RedisLimiter(Limiter):
         # prefix per limiter and a counter. Unique, and no system call per request.
         self._lease_prefix = secrets.token_hex(8) + "-"
         self._leases_issued = 0
-        self._plans: dict[int, _Plan] = {}  # by id() of a checks tuple (see _plan)
+        # A key's checks in their wire form (see _Plan).
+        self._plans = CompiledChecks(functools.partial(_Plan, prefix=prefix))
 
     @classmethod
     def from_url(
@@ -496,24 +485,10 @@ class RedisLimiter(Limiter):
 
     # --- the Limiter API -------------------------------------------------------------------
 
-    def _plan(self, checks: Sequence[Check], now: float) -> _Plan:
-        """``checks`` in their wire form for ``now``'s month: kept for a tuple (the gateway
-        passes the same tuple for every request of a key), built afresh for anything else.
-        (The kept one is looked up inline by :meth:`acquire` and :meth:`settle_nowait`.)"""
-        plan = _Plan(checks, now, self._prefix)
-        if isinstance(checks, tuple):  # immutable: safe to keep by identity
-            if len(self._plans) >= _MAX_PLANS:
-                self._plans.clear()  # rebuilt on their next request: cheap
-            self._plans[id(checks)] = plan
-            self._plans[id(plan.resolved)] = plan  # for settle_nowait(), by its reservation
-        return plan
-
     async def acquire(self, checks: Sequence[Check], cost_tokens: int = 0) -> Decision:
         """Apply the queued settlements, then check and take every limit: ONE ``EVALSHA``."""
         now = self._clock()
-        plan = self._plans.get(id(checks))
-        if plan is None or plan.checks is not checks or not plan.since <= now < plan.until:
-            plan = self._plan(checks, now)
+        plan = self._plans.for_checks(checks, now)
         resolved = plan.resolved
         self._leases_issued += 1
         lease_id = f"{self._lease_prefix}{self._leases_issued:x}"
@@ -582,9 +557,7 @@ class RedisLimiter(Limiter):
             future.set_result(False)
             return future
         delta = actual_tokens - reservation.tokens
-        plan = self._plans.get(id(reservation.checks))
-        if plan is None or plan.resolved is not reservation.checks:
-            plan = _Plan(reservation.checks, 0.0, self._prefix)  # resolved: any time will do
+        plan = self._plans.for_resolved(reservation.checks)
         keys, static = plan.settle[delta != 0]
         if not keys:
             future.set_result(True)
