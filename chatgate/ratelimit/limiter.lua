@@ -22,10 +22,12 @@ then       per settlement, in the order they are applied: lease id, delta (actua
            as unix time (quota)
 then       per check (the KEYS left after the settlements' ones), 4 values: kind, limit,
            window or month's end (as above), cost
-Reply      {allowed 0|1, failed index (0 = none), retry_after, level_1 .. level_n}
-           levels are each check's state before this request; retry_after -1 = never.
-           Floats go back as strings: Redis truncates Lua numbers to integers.
-           With no checks (a flush): {1, 0, "0"}.
+Reply      "allowed failed retry_after level_1 .. level_n", one string, the values apart by
+           a space: allowed 0|1, failed the index of the first failing check (0 = none),
+           retry_after -1 = never; levels are each check's state before this request.
+           One string, not an array: the caller reads it with one split instead of an
+           array's item by item; floats as %.17g (exact), which an array would need too
+           (Redis truncates Lua numbers to integers). With no checks (a flush): "1 0 0".
 
 Rate buckets (GCRA, leaky-bucket form) are hashes {l = level, t = stamp}; concurrency is a
 sorted set of lease id -> expiry; a quota is an integer counter per month.
@@ -130,7 +132,7 @@ end
 
 local reply = {0, failed, string.format('%.17g', retry)}
 for i = 1, n do reply[3 + i] = string.format('%.17g', levels[i]) end
-if failed > 0 then return reply end
+if failed > 0 then return table.concat(reply, ' ') end
 
 for i = 1, n do
   local key, kind, limit, span = KEYS[k + i], kinds[i], limits[i], spans[i]
@@ -146,4 +148,4 @@ for i = 1, n do
   end
 end
 reply[1] = 1
-return reply
+return table.concat(reply, ' ')

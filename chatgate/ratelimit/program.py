@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, MutableMapping, Sequence
+from typing import NamedTuple
 
 from .base import (
     EPS,
@@ -36,7 +37,19 @@ from .base import (
     month_end,
 )
 
-__all__ = ["Admit", "Bucket", "Counter", "Entry", "Leases", "Program", "Settle", "compile_checks"]
+__all__ = [
+    "LEVELS_AT",
+    "Admit",
+    "Bucket",
+    "Compiled",
+    "Counter",
+    "Entry",
+    "Granted",
+    "Leases",
+    "Program",
+    "Settle",
+    "compile_checks",
+]
 
 
 class Bucket:
@@ -115,6 +128,24 @@ Settle = Callable[[MutableMapping[str, Entry], str, int, Callable[[], float]], i
 """``settle(state, lease_id, tokens_delta, clock)``: the slot freed, the difference between
 the real and the reserved tokens given back (or charged); how many entries it added."""
 
+Granted = Callable[[Sequence[bytes | str | float], int, Reservation], Decision]
+"""``granted(levels, cost_tokens, reservation)``: the allowed :class:`Decision` of checks
+whose buckets stood at ``levels[LEVELS_AT + i]`` before the request (each a number, or its
+text: the Redis script's reply, split) and took it; what :func:`.base.decide` makes of
+them, worked out inline as the admission does."""
+
+LEVELS_AT = 3
+"""Where check 0's level is in the sequence :data:`Granted` reads (the Redis script's reply
+puts allowed, failed and retry_after first)."""
+
+
+class Compiled(NamedTuple):
+    """A tuple of checks compiled (:func:`compile_checks`)."""
+
+    admit: Admit
+    settle: Settle
+    granted: Granted
+
 
 class Program(Resolved):
     """A tuple of checks as the in-process limiter reads it, for one quota month: their
@@ -124,7 +155,7 @@ class Program(Resolved):
 
     def __init__(self, checks: Sequence[Check], now: float) -> None:
         super().__init__(checks, now)
-        self.admit, self.settle = compile_checks(self.resolved)
+        self.admit, self.settle, _ = compile_checks(self.resolved)
 
 
 def _kept_until(check: Check) -> float:
@@ -133,8 +164,9 @@ def _kept_until(check: Check) -> float:
     return month_end(check.month) + QUOTA_RETENTION
 
 
-def compile_checks(resolved: tuple[Check, ...]) -> tuple[Admit, Settle]:
-    """The admission and the settlement of ``resolved`` (quota months filled in), compiled.
+def compile_checks(resolved: tuple[Check, ...]) -> Compiled:
+    """The admission, the settlement and the allowed decision from levels (what the Redis
+    limiter makes of its script's reply) of ``resolved`` (quota months filled in), compiled.
 
     The source depends only on the checks' kinds, in order, and on which repeat a bucket
     (:func:`_factory` keeps one per shape); each check's key, limits and rate are bound as
@@ -152,8 +184,7 @@ def compile_checks(resolved: tuple[Check, ...]) -> tuple[Admit, Settle]:
             values += (check.rate, check.limit, check.window)
         elif check.kind == "quota":
             values.append(_kept_until(check))
-    functions: tuple[Admit, Settle] = _factory(tuple(shape))(*values)
-    return functions
+    return Compiled(*_factory(tuple(shape))(*values))
 
 
 _RATE_READ = """
@@ -239,14 +270,18 @@ _QUOTA_REFUND = """
 
 
 @functools.lru_cache(maxsize=256)
-def _factory(shape: tuple[tuple[str, bool, bool], ...]) -> Callable[..., tuple[Admit, Settle]]:
-    """A function that binds one shape's constants and returns its admission and settlement.
+def _factory(
+    shape: tuple[tuple[str, bool, bool], ...],
+) -> Callable[..., tuple[Admit, Settle, Granted]]:
+    """A function that binds one shape's constants and returns its admission, settlement and
+    allowed decision from levels (see :class:`Compiled`).
 
     ``shape``: per check, its kind, whether its limit is above zero (a zero rate never
     drains) and whether it is the first check of its bucket (a bucket settles once).
     """
     params = ["RESOLVED"]
     read: list[str] = []
+    levels: list[str] = []
     take: list[str] = []
     free: list[str] = []
     refund: list[str] = []
@@ -257,6 +292,7 @@ def _factory(shape: tuple[tuple[str, bool, bool], ...]) -> Callable[..., tuple[A
             params += (f"R{i}", f"LIMIT{i}", f"W{i}")
             cost = "cost" if kind == "tokens" else "1"
             read.append(_RATE_READ.format(i=i, cost=cost))
+            levels.append(f"\n    v{i} = float(levels[{i + LEVELS_AT}]) + {cost}")
             expires = f"now + {{level}} / R{i}" if positive else "now + 86400.0"
             take.append(_RATE_TAKE.format(i=i, expires=expires.format(level=f"v{i}")))
             if first and kind == "tokens":
@@ -295,7 +331,10 @@ def _factory(shape: tuple[tuple[str, bool, bool], ...]) -> Callable[..., tuple[A
         "    added = 0"
         f"{''.join(refund)}\n"
         "    return added\n"
-        "  return admit, settle\n"
+        "  def granted(levels, cost, reservation):"
+        f"{''.join(levels + status)}\n"
+        "    return Decision(True, reservation, None, 0, 0, 0.0, requests, tokens)\n"
+        "  return admit, settle, granted\n"
     )
     namespace: dict[str, object] = {
         "Bucket": Bucket,
@@ -309,5 +348,5 @@ def _factory(shape: tuple[tuple[str, bool, bool], ...]) -> Callable[..., tuple[A
         "ceil": math.ceil,
     }
     exec(compile(source, f"<checks {len(shape)}>", "exec"), namespace)  # noqa: S102
-    factory: Callable[..., tuple[Admit, Settle]] = namespace["factory"]  # type: ignore[assignment]
+    factory: Callable[..., tuple[Admit, Settle, Granted]] = namespace["factory"]  # type: ignore[assignment]
     return factory

@@ -70,7 +70,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from importlib import resources
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import (
@@ -101,7 +101,8 @@ from .base import (
     month_end,
     month_of,
 )
-from .resp import ReplyError, RespClient, encode
+from .program import LEVELS_AT, compile_checks
+from .resp import ReplyError, RespClient, encode, encode_int, encode_once, parse_command
 
 __all__ = ["DEFAULT_FLUSH_DELAY", "DEFAULT_PREFIX", "MAX_BATCH", "RedisLimiter"]
 
@@ -135,50 +136,52 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,  # the builtin ConnectionError and TimeoutError (RespClient raises those)
 )
 
-# A queued settlement: its buckets (KEYS), its arguments (lease id, delta, bucket count, then
-# kind/limit/span per bucket), and the future its settle waits on.
-_Settlement = tuple[list[str], list[Any], asyncio.Future[bool], bytes, bytes]
-# ... and the same KEYS and ARGV already encoded (RESP bulk strings), for RespClient.
+
+class _Part(NamedTuple):
+    """A part of an ``EVALSHA``, encoded (RESP bulk strings): its KEYS and its ARGV, and
+    how many of each it holds."""
+
+    keys: bytes
+    nkeys: int
+    args: bytes
+    nargs: int
+
+
+# A queued settlement: its part of the call (its buckets in KEYS; in ARGV the lease id, the
+# delta, the bucket count, then kind/limit/span per bucket), and the future its settle
+# waits on.
+_Settlement = tuple[_Part, asyncio.Future[bool]]
 _NO_SETTLEMENTS: list[_Settlement] = []  # never appended to
+_NO_LEASE = encode_once("")  # a call that carries settlements only
 
 
 class _Plan(Resolved):
-    """A tuple of checks as the script takes them, for one quota month: KEYS, and ARGV with
-    each check's cost left to fill in (``tokens``: the slots of token costs); and the KEYS
-    and ARGV of a settlement, with and without tokens to give back."""
+    """A tuple of checks as the script takes them, for one quota month, encoded once: KEYS,
+    and ARGV as one part per value, each check's token cost left to fill in (``tokens``:
+    the slots of token costs); a settlement's part, with and without tokens to give back;
+    and ``granted``, the allowed decision from the script's reply (compiled, see
+    :mod:`.program`)."""
 
-    __slots__ = (
-        "args",
-        "args_encoded",
-        "keys",
-        "keys_encoded",
-        "settle",
-        "settle_encoded",
-        "tokens",
-    )
+    __slots__ = ("args", "granted", "keys", "nkeys", "settle", "tokens")
 
     def __init__(self, checks: Sequence[Check], now: float, prefix: str) -> None:
         super().__init__(checks, now)
         resolved = self.resolved
-        self.keys = [prefix + check.bucket for check in resolved]
-        self.args: list[Any] = []
+        self.nkeys = len(resolved)
+        self.keys = encode(*[prefix + check.bucket for check in resolved])
+        self.args: list[bytes] = []
         self.tokens: list[int] = []
         for check in resolved:
             if check.charges_tokens:
                 self.tokens.append(len(self.args) + 3)
-            self.args += [_code(check), check.limit, _span(check), 1]
+            self.args += [encode(v) for v in (_code(check), check.limit, _span(check), 1)]
         # A settlement names each bucket once: the slots always, token buckets when the real
         # tokens differ from the reserved ones (index: whether they do).
-        self.settle: tuple[tuple[list[str], list[Any]], ...] = tuple(
-            self._settlement(prefix, with_tokens) for with_tokens in (False, True)
-        )
-        # The same, encoded once (RespClient sends them as they are): the checks' ARGV as
-        # parts, a token cost's part left to fill in (at the slots ``tokens`` names).
-        self.keys_encoded = encode(*self.keys)
-        self.args_encoded = [encode(arg) for arg in self.args]
-        self.settle_encoded = tuple((encode(*k), encode(*a)) for k, a in self.settle)
+        self.settle = tuple(self._settlement(prefix, with_tokens) for with_tokens in (False, True))
+        self.granted = compile_checks(resolved).granted
 
-    def _settlement(self, prefix: str, with_tokens: bool) -> tuple[list[str], list[Any]]:
+    def _settlement(self, prefix: str, with_tokens: bool) -> _Part:
+        """The settlement's KEYS, and its ARGV after the lease id, delta and bucket count."""
         keys: list[str] = []
         args: list[Any] = []
         for check in self.resolved:
@@ -187,15 +190,17 @@ class _Plan(Resolved):
             if wanted and key not in keys:
                 keys.append(key)
                 args += [_code(check), check.limit, _span(check)]
-        return keys, args
+        return _Part(encode(*keys), len(keys), encode(*args), len(args))
 
 
 class _Client(Protocol):
     async def call(self, *args: Any) -> Any: ...
 
+    async def send(self, packed: bytes) -> Any: ...
+
 
 class _RedisPy:
-    """A ``redis.asyncio`` client behind :class:`RespClient`'s ``call``."""
+    """A ``redis.asyncio`` client behind :class:`RespClient`'s ``call`` and ``send``."""
 
     def __init__(self, client: Redis) -> None:
         self.client = client
@@ -210,6 +215,12 @@ class _RedisPy:
                 raise
             raise ReplyError(str(exc)) from exc
 
+    async def send(self, packed: bytes) -> Any:
+        """A command the limiter packed (an array of bulk strings), as redis-py takes it."""
+        name, *args = parse_command(packed)
+        reply = await self.call(name.decode(), *args)  # by name: redis-py's reply callbacks
+        return reply.encode() if isinstance(reply, str) else reply  # decode_responses=True
+
 
 class _Script:
     """A Lua script run by ``EVALSHA``, loaded on ``NOSCRIPT``."""
@@ -219,21 +230,20 @@ class _Script:
         # SHA-1 is what Redis names scripts by (EVALSHA), not a security measure.
         self.sha = hashlib.sha1(self.body.encode(), usedforsecurity=False).hexdigest()
 
-    async def run(
-        self, client: _Client, keys: Sequence[str], args: Sequence[Any], *, load: bool = False
-    ) -> Any:
-        """``EVALSHA``; on ``NOSCRIPT`` (it did not run) ``SCRIPT LOAD`` and send it again.
+    async def run(self, client: _Client, packed: bytes, *, load: bool = False) -> Any:
+        """``packed`` (an ``EVALSHA`` of this script); on ``NOSCRIPT`` (it did not run)
+        ``SCRIPT LOAD`` and send it again.
 
         ``load``: the server answered ``NOSCRIPT`` already, so load first.
         """
         if not load:
             try:
-                return await client.call("EVALSHA", self.sha, len(keys), *keys, *args)
+                return await client.send(packed)
             except ReplyError as exc:
                 if not _noscript(exc):
                     raise
         await client.call("SCRIPT", "LOAD", self.body)
-        return await client.call("EVALSHA", self.sha, len(keys), *keys, *args)
+        return await client.send(packed)
 
 
 def _noscript(exc: BaseException | None) -> bool:
@@ -302,6 +312,9 @@ class RedisLimiter(Limiter):
         self._owns_client = owns_client
         self._script = _Script("limiter.lua")
         self._evalsha = encode("EVALSHA", self._script.sha)
+        # The header's values that never change (ARGV[2], ARGV[4] and ARGV[5]).
+        self._retention = encode(QUOTA_RETENTION)
+        self._lease_tail = encode(lease_ttl, concurrency_retry)
         self._ledger = Ledger(time.monotonic)
         self._background: set[asyncio.Future[Any]] = set()
         # Settlements not sent yet, oldest first, and the timer that sends them if no
@@ -351,17 +364,15 @@ class RedisLimiter(Limiter):
         self._background.add(future)
         future.add_done_callback(self._background.discard)
 
-    async def _run(self, keys: list[str], args: list[Any], load: bool = False) -> Any:
+    async def _run(self, packed: bytes, load: bool = False) -> Any:
         try:
-            return await self._script.run(self._client, keys, args, load=load)
+            return await self._script.run(self._client, packed, load=load)
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
 
     # --- sending ---------------------------------------------------------------------------
 
-    def _dispatch(
-        self, keys: list[str], args: list[Any], batch: list[_Settlement], packed: bytes
-    ) -> asyncio.Future[Any]:
+    def _dispatch(self, packed: bytes, batch: list[_Settlement]) -> asyncio.Future[Any]:
         """Send one ``EVALSHA`` now; the future of its final reply, which also settles ``batch``.
 
         Final: after one ``SCRIPT LOAD`` and resend on ``NOSCRIPT``; failures that mean
@@ -369,27 +380,21 @@ class RedisLimiter(Limiter):
         callbacks, not by whoever awaits it, so a cancelled caller changes nothing.
         """
         outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        call = self._start(keys, args, packed)
-        call.add_done_callback(functools.partial(self._replied, keys, args, batch, outcome, False))
+        call = self._start(packed)
+        call.add_done_callback(functools.partial(self._replied, packed, batch, outcome, False))
         return outcome
 
-    def _start(self, keys: list[str], args: list[Any], packed: bytes) -> asyncio.Future[Any]:
-        """Run the script: sent at once when connected (a bare future), else in a task.
-
-        ``packed``: the same ``EVALSHA`` as ``keys`` and ``args`` make, already encoded
-        (built beside them from parts encoded once: see :meth:`_packed`); what a
-        :class:`RespClient` sends. redis-py, and a resend after ``SCRIPT LOAD``, take the lists.
-        """
+    def _start(self, packed: bytes) -> asyncio.Future[Any]:
+        """Run the script: sent at once when connected (a bare future), else in a task."""
         if isinstance(self._client, RespClient):
             call = self._client.submit_packed(packed)
             if call is not None:
                 return call
-        return self._spawn(self._run(keys, args))
+        return self._spawn(self._run(packed))
 
     def _replied(
         self,
-        keys: list[str],
-        args: list[Any],
+        packed: bytes,
         batch: list[_Settlement],
         outcome: asyncio.Future[Any],
         reloaded: bool,
@@ -397,21 +402,19 @@ class RedisLimiter(Limiter):
     ) -> None:
         exc = LimiterUnavailable("redis: call cancelled") if call.cancelled() else call.exception()
         if exc is None:
-            for _, _, settled, _, _ in batch:
+            for _, settled in batch:
                 if not settled.done():
                     settled.set_result(True)
             if not outcome.done():
                 outcome.set_result(call.result())
             return
         if _noscript(exc) and not reloaded:  # it did not run: load the script, send it again
-            again = self._spawn(self._run(keys, args, load=True))
-            again.add_done_callback(
-                functools.partial(self._replied, keys, args, batch, outcome, True)
-            )
+            again = self._spawn(self._run(packed, load=True))
+            again.add_done_callback(functools.partial(self._replied, packed, batch, outcome, True))
             return
         if isinstance(exc, _UNAVAILABLE):
             exc = _unavailable(exc)
-        for _, _, settled, _, _ in batch:
+        for _, settled in batch:
             if not settled.done():
                 settled.set_exception(exc)
         if not outcome.done():
@@ -432,44 +435,40 @@ class RedisLimiter(Limiter):
             batch = batch[MAX_BATCH:]
         return batch
 
-    def _header(self, settlements: int, lease_id: str) -> list[Any]:
-        return [settlements, QUOTA_RETENTION, lease_id, self._lease_ttl, self._concurrency_retry]
-
     def _packed(
         self,
-        keys: list[str],
-        args: list[Any],
         batch: list[_Settlement],
-        lease_id: str,
-        checks_keys: bytes = b"",
-        checks_args: Sequence[bytes] = (),
+        lease: bytes,
+        keys: bytes = b"",
+        nkeys: int = 0,
+        args: Sequence[bytes] = (),
     ) -> bytes:
-        """``EVALSHA sha len(keys) *keys *args`` in RESP, from ``batch``'s encoded parts and
-        the checks' (``checks_keys``, ``checks_args``): only the header's values are
-        encoded here."""
+        """The ``EVALSHA`` (in RESP) carrying ``batch`` and the checks (their ``keys``, and
+        ``args`` a part per value), for the request whose lease id is ``lease`` (encoded):
+        the settlements' and the checks' parts were encoded once; only counts are here."""
+        nargs = 5 + len(args)
+        for part, _ in batch:
+            nkeys += part.nkeys
+            nargs += part.nargs
         return b"".join(
             [
-                b"*%d\r\n" % (3 + len(keys) + len(args)),
+                b"*%d\r\n" % (3 + nkeys + nargs),
                 self._evalsha,
-                encode(len(keys)),
-                *[settlement[3] for settlement in batch],
-                checks_keys,
-                encode(
-                    len(batch), QUOTA_RETENTION, lease_id, self._lease_ttl, self._concurrency_retry
-                ),
-                *[settlement[4] for settlement in batch],
-                *checks_args,
+                encode_int(nkeys),
+                *[part.keys for part, _ in batch],
+                keys,
+                encode_int(len(batch)),
+                self._retention,
+                lease,
+                self._lease_tail,
+                *[part.args for part, _ in batch],
+                *args,
             ]
         )
 
     def _send_settlements(self, batch: list[_Settlement]) -> asyncio.Future[Any]:
         """One call carrying ``batch`` and no checks (kept until answered)."""
-        keys: list[str] = []
-        args = self._header(len(batch), "")
-        for settlement_keys, settlement_args, *_ in batch:
-            keys += settlement_keys
-            args += settlement_args
-        outcome = self._dispatch(keys, args, batch, self._packed(keys, args, batch, ""))
+        outcome = self._dispatch(self._packed(batch, _NO_LEASE), batch)
         self._keep(outcome)
         outcome.add_done_callback(_retrieve)
         return outcome
@@ -487,60 +486,48 @@ class RedisLimiter(Limiter):
 
     async def acquire(self, checks: Sequence[Check], cost_tokens: int = 0) -> Decision:
         """Apply the queued settlements, then check and take every limit: ONE ``EVALSHA``."""
-        now = self._clock()
-        plan = self._plans.for_checks(checks, now)
+        plan = self._plans.for_checks(checks, self._clock())
         resolved = plan.resolved
         self._leases_issued += 1
         lease_id = f"{self._lease_prefix}{self._leases_issued:x}"
-        batch = self._take_pending()
-        keys: list[str] = []
-        args = self._header(len(batch), lease_id)
-        for settlement_keys, settlement_args, *_ in batch:
-            keys += settlement_keys
-            args += settlement_args
-        keys += plan.keys
-        checks_args = plan.args.copy()
-        checks_encoded = plan.args_encoded.copy()
+        args = plan.args
         if plan.tokens:
-            cost_encoded = encode(cost_tokens)
+            args = args.copy()
+            cost = encode_int(cost_tokens)
             for slot in plan.tokens:
-                checks_args[slot] = cost_tokens
-                checks_encoded[slot] = cost_encoded
-        args += checks_args
-        costs = checks_args[3::4]  # each check's cost, in order
-        packed = self._packed(keys, args, batch, lease_id, plan.keys_encoded, checks_encoded)
+                args[slot] = cost
+        batch = self._take_pending()
+        packed = self._packed(batch, encode_once(lease_id), plan.keys, plan.nkeys, args)
         # The outcome is awaited through a shield: if this caller is cancelled, the script (on
         # the wire already) still runs, the settlements it carries are settled, and what it
         # took for this request is given back.
-        outcome = self._dispatch(keys, args, batch, packed)
+        outcome = self._dispatch(packed, batch)
         try:
-            reply = await asyncio.shield(outcome)
+            reply = (await asyncio.shield(outcome)).split(b" ")
         except asyncio.CancelledError:
             orphan = Reservation(lease_id, resolved, cost_tokens)
             self._keep(outcome)
             outcome.add_done_callback(lambda done: self._release_orphan(done, orphan))
             raise
-        allowed, failed = int(reply[0]), int(reply[1])
-        retry = float(reply[2])
-        levels = [float(x) for x in reply[3:]]
-        reservation = None
-        if allowed:
+        if reply[0] == b"1":
             reservation = Reservation(lease_id, resolved, cost_tokens)
             self._ledger.add(lease_id)
+            return plan.granted(reply, cost_tokens, reservation)
+        retry = float(reply[2])
         return decide(
             resolved,
-            levels,
-            costs,
-            None if allowed else failed - 1,
+            [float(level) for level in reply[LEVELS_AT:]],
+            [cost_tokens if check.charges_tokens else 1 for check in resolved],
+            int(reply[1]) - 1,
             float("inf") if retry < 0 else retry,
-            reservation,
+            None,
         )
 
     def _release_orphan(self, done: asyncio.Future[Any], reservation: Reservation) -> None:
         """The caller of ``acquire`` was cancelled: give back what the script took."""
         if done.cancelled() or done.exception() is not None:
             return
-        if int(done.result()[0]):
+        if done.result().startswith(b"1 "):
             self._ledger.add(reservation.lease_id)
             self.settle_nowait(reservation, 0).add_done_callback(_log_orphan)
 
@@ -557,15 +544,14 @@ class RedisLimiter(Limiter):
             future.set_result(False)
             return future
         delta = actual_tokens - reservation.tokens
-        plan = self._plans.for_resolved(reservation.checks)
-        keys, static = plan.settle[delta != 0]
-        if not keys:
+        part = self._plans.for_resolved(reservation.checks).settle[delta != 0]
+        if not part.nkeys:
             future.set_result(True)
             return future
-        args = [reservation.lease_id, delta, len(keys), *static]
-        keys_encoded, static_encoded = plan.settle_encoded[delta != 0]
-        args_encoded = encode(reservation.lease_id, delta, len(keys)) + static_encoded
-        self._pending.append((keys, args, future, keys_encoded, args_encoded))
+        head = encode_once(reservation.lease_id) + encode_int(delta) + encode_int(part.nkeys)
+        self._pending.append(
+            (_Part(part.keys, part.nkeys, head + part.args, part.nargs + 3), future)
+        )
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._flush_delay, self._on_timer)
         return future

@@ -26,7 +26,16 @@ from collections import deque
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["ReplyError", "RespClient", "ServerUnavailable", "encode", "pack"]
+__all__ = [
+    "ReplyError",
+    "RespClient",
+    "ServerUnavailable",
+    "encode",
+    "encode_int",
+    "encode_once",
+    "pack",
+    "parse_command",
+]
 
 _UNAVAILABLE_PREFIXES = (
     "LOADING",
@@ -98,6 +107,36 @@ def encode(*args: Any) -> bytes:
     return b"".join(parts)
 
 
+_INTS = [_bulk(n) for n in range(1024)]
+
+
+def encode_int(n: int) -> bytes:
+    """An int as a bulk string: :func:`encode` of one int, a table's lookup for the small
+    ones a limiter call is made of (counts of keys and settlements, token costs)."""
+    if 0 <= n < 1024:
+        return _INTS[n]
+    text = b"%d" % n
+    return b"$%d\r\n%b\r\n" % (len(text), text)
+
+
+def encode_once(text: str) -> bytes:
+    """``text`` as a bulk string, without the memo of :func:`encode`: for a value sent once
+    (a lease id), which would only push the values that repeat out of it."""
+    data = text.encode()
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def parse_command(packed: bytes) -> list[bytes]:
+    """The arguments of a command in RESP2 (:func:`pack`'s inverse, arguments as bytes)."""
+    try:
+        command, end = _parse(packed, 0)
+    except (_Incomplete, ValueError, IndexError) as exc:
+        raise ValueError("not a whole RESP command") from exc
+    if not isinstance(command, list) or end != len(packed):
+        raise ValueError("not a RESP command: one array of bulk strings")
+    return command
+
+
 class _Incomplete(Exception):
     """The buffer does not hold a whole reply yet."""
 
@@ -125,25 +164,8 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
             return None, pos
         items: list[Any] = []
         for _ in range(count):
-            # The limiter's replies are arrays of integers and bulk strings: those two are
-            # read here, without a call each; anything else by the general case.
-            end = buf.find(b"\r\n", pos)
-            if end < 0:
-                raise _Incomplete
-            kind = buf[pos]
-            if kind == 58:  # ':' integer
-                items.append(int(buf[pos + 1 : end]))
-                pos = end + 2
-            elif kind == 36 and buf[pos + 1] != 45:  # '$' bulk string, not the null one ($-1)
-                start = end + 2
-                end = start + int(buf[pos + 1 : end])
-                if len(buf) < end + 2:
-                    raise _Incomplete
-                items.append(buf[start:end])
-                pos = end + 2
-            else:
-                item, pos = _parse(buf, pos)
-                items.append(item)
+            item, pos = _parse(buf, pos)
+            items.append(item)
         return items, pos
     if kind == 43:  # '+' simple string
         return line.decode(), pos

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,13 +17,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from chatgate.ratelimit import Check, LimiterUnavailable, RedisLimiter
+from chatgate.ratelimit.base import DEFAULT_LEASE_TTL, QUOTA_RETENTION, month_end
 from chatgate.ratelimit.resp import (
     ReplyError,
     RespClient,
     ServerUnavailable,
     _Incomplete,
     _parse,
+    encode,
+    encode_int,
+    encode_once,
     pack,
+    parse_command,
 )
 from tests.redisserver import RedisServer
 
@@ -59,6 +65,15 @@ def test_pack_encodes_repeats_as_the_first_time() -> None:
     for i in range(10_000):  # more distinct ones than are kept (lease ids do this)
         assert pack(f"lease-{i}") == b"*1\r\n$%d\r\nlease-%d\r\n" % (6 + len(str(i)), i)
     assert pack("é") == b"*1\r\n$2\r\n\xc3\xa9\r\n"  # the length is in bytes
+
+
+def test_encode_int_and_encode_once_are_encode() -> None:
+    """The limiter's shortcuts (a table of small ints, strings sent once) encode as
+    :func:`encode` does, across the table's edges."""
+    for n in (-1025, -1, 0, 1, 1023, 1024, 10**12):
+        assert encode_int(n) == encode(n) == b"$%d\r\n%d\r\n" % (len(str(n)), n)
+    for text in ("", "lease-ff", "é"):
+        assert encode_once(text) == encode(text)
 
 
 def test_parse_every_reply_type() -> None:
@@ -153,22 +168,36 @@ async def test_limiter_sends_one_command_per_acquire_and_settle_and_reloads_scri
         await admin.aclose()
 
 
-async def test_the_limiters_packed_commands_are_the_ones_its_lists_make() -> None:
+def test_parse_command_is_the_inverse_of_pack() -> None:
+    """How a command the limiter packed reaches a redis-py client: its arguments back."""
+    assert parse_command(pack("EVALSHA", "abc", 2, "k\r\n1", "é", 0.5)) == [
+        b"EVALSHA",
+        b"abc",
+        b"2",
+        b"k\r\n1",
+        "é".encode(),
+        b"0.5",
+    ]
+    for broken in (b"", b"*2\r\n$1\r\na\r\n", b"$1\r\na\r\n", pack("a") + b"x"):
+        with pytest.raises(ValueError):
+            parse_command(broken)
+
+
+async def test_the_limiters_commands_are_what_the_script_documents() -> None:
     """The Redis limiter builds each ``EVALSHA`` from parts encoded once (a key's checks,
-    each queued settlement) beside the KEYS and ARGV lists that redis-py and a resend after
-    ``SCRIPT LOAD`` take: the bytes must be exactly what packing those lists gives."""
-    limiter = RedisLimiter.from_url(
-        "redis://127.0.0.1:6379/0", prefix=f"test:pack:{secrets.token_hex(6)}:", timeout=2.0
-    )
+    each queued settlement): every command sent must be, byte for byte, what limiter.lua's
+    header documents for the calls made (KEYS: the settlements' buckets, then the checks';
+    ARGV: the header, each settlement, each check), built here from the checks alone."""
+    prefix = f"test:pack:{secrets.token_hex(6)}:"
+    limiter = RedisLimiter.from_url(REDIS_URL, prefix=prefix, timeout=2.0)
     sent: list[bytes] = []
     start = limiter._start
 
-    def checked(keys: list[str], args: list[Any], packed: bytes) -> asyncio.Future[Any]:
-        assert packed == pack("EVALSHA", limiter._script.sha, len(keys), *keys, *args)
+    def recorded(packed: bytes) -> asyncio.Future[Any]:
         sent.append(packed)
-        return start(keys, args, packed)
+        return start(packed)
 
-    limiter._start = checked  # type: ignore[method-assign]
+    limiter._start = recorded  # type: ignore[method-assign]
     plan = (
         Check.rpm("key:a", 100),
         Check.tpm("key:a", 10**6),
@@ -176,6 +205,34 @@ async def test_the_limiters_packed_commands_are_the_ones_its_lists_make() -> Non
         Check.monthly_quota("acct:x", 10**9),
         Check.tpm("acct:x", 10**6),
     )
+    now = time.time()
+
+    def wire(check: Check) -> list[Any]:
+        """A bucket as the script takes it: kind, limit, window (or the month's end)."""
+        check = check.resolved(now)
+        if check.kind == "quota":
+            assert check.month is not None
+            return ["q", check.limit, month_end(check.month)]
+        if check.kind == "concurrency":
+            return ["c", check.limit, 0.0]
+        return ["r", check.limit, check.window]
+
+    def command(
+        lease: str, settlements: list[tuple[str, int]], checks: list[Check], cost: int
+    ) -> bytes:
+        keys: list[str] = []
+        settled: list[Any] = []
+        for owner, delta in settlements:  # the slot always; token buckets when delta != 0
+            named = [c for c in plan if c.kind == "concurrency" or (delta and c.charges_tokens)]
+            buckets = list({prefix + c.resolved(now).bucket: c for c in named}.items())
+            keys += [key for key, _ in buckets]
+            settled += [owner, delta, len(buckets)] + [v for _, c in buckets for v in wire(c)]
+        keys += [prefix + c.resolved(now).bucket for c in checks]
+        costs = [cost if c.charges_tokens else 1 for c in checks]
+        argv = [len(settlements), QUOTA_RETENTION, lease, DEFAULT_LEASE_TTL, 1.0, *settled]
+        argv += [v for c, n in zip(checks, costs, strict=True) for v in (*wire(c), n)]
+        return pack("EVALSHA", limiter._script.sha, len(keys), *keys, *argv)
+
     try:
         open_ = []
         for tokens in (0, 7, 300):
@@ -184,9 +241,18 @@ async def test_the_limiters_packed_commands_are_the_ones_its_lists_make() -> Non
             open_.append(decision.reservation)
         limiter.settle_nowait(open_[0], 0)  # no tokens to give back: the slot only
         limiter.settle_nowait(open_[1], 2)
-        assert (await limiter.acquire(plan[:1], 0)).allowed  # carries both settlements
+        last = await limiter.acquire(plan[:1], 0)  # carries both settlements
+        assert last.allowed and last.reservation is not None
         await limiter.settle(open_[2], 450)  # alone, by the timer: more than reserved
-        assert len(sent) == 5
+        leases = [r.lease_id for r in open_]
+        assert len(set(leases)) == 3
+        expected = [
+            command(lease, [], list(plan), n) for lease, n in zip(leases, (0, 7, 300), strict=True)
+        ]
+        settlements = [(leases[0], 0), (leases[1], -5)]
+        expected.append(command(last.reservation.lease_id, settlements, list(plan[:1]), 0))
+        expected.append(command("", [(leases[2], 150)], [], 0))
+        assert sent == expected
     finally:
         await limiter.reset("key:a")
         await limiter.reset("acct:x")
