@@ -52,13 +52,19 @@ def _rows_from_json(dialect: str, table: sa.Table, columns: Sequence[str]) -> st
     Text is cut to its column's length here, by the database: PostgreSQL's explicit cast to
     ``VARCHAR(n)`` truncates (the SQL standard's rule), SQLite takes a ``substr`` (it would
     store any length). So no value can make a batch fail for good, nor differ between the two.
+
+    PostgreSQL reads the parameter as ``jsonb``: parsed once, each row's ``->>`` is then an
+    index into it; as ``json`` each of a row's 16 ``->>`` parsed the row's text again, and
+    the statement took twice the database's time (7.5 -> 3.9 ms a 500-row batch, measured
+    on the benchmark's PostgreSQL). ``jsonb`` cannot hold a NUL: :func:`write_batch` takes
+    NULs out first, as it must for PostgreSQL text anyway.
     """
     if dialect == "postgresql":
         pg = postgresql.dialect()  # type: ignore[no-untyped-call]
         values = ", ".join(
             f"(x->>{i})::{table.c[name].type.compile(dialect=pg)}" for i, name in enumerate(columns)
         )
-        return f"SELECT {values} FROM json_array_elements($1::json) AS x"  # noqa: S608 - our columns
+        return f"SELECT {values} FROM jsonb_array_elements($1::jsonb) AS x"  # noqa: S608 - our columns
     picks = []
     for i, name in enumerate(columns):
         value = f"json_extract(value, '$[{i}]')"
