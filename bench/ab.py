@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,36 @@ CONFIGS: dict[str, tuple[dict[str, str], bool]] = {
 }
 
 Spec = tuple[str, dict[str, str], bool]
+
+
+@dataclass
+class Peers:
+    """What a benchmark tool's gateways talk to (see :func:`bench_peers`)."""
+
+    work: Path  # a temp folder, removed on exit
+    upstream: Any  # the fake upstream (tests.helpers.Upstream)
+    pg_url: str  # the benchmark's own PostgreSQL
+    specs: list[Spec]  # the targets, the benchmark's Redis URL filled in
+
+
+@contextlib.contextmanager
+def bench_peers(prefix: str, specs: list[Spec]) -> Iterator[Peers]:
+    """A temp folder, the fake upstream and PostgreSQL on the other core, and the benchmark's
+    Redis when a configuration names it (:func:`with_redis`): what ab.py, instr.py and
+    opcodes.py start around their gateways, all stopped and removed on the way out."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    stack = contextlib.ExitStack()
+    try:
+        upstream = start_fake_upstream(work)
+        stack.callback(upstream.proc.wait, 20)
+        stack.callback(upstream.proc.terminate)
+        pg_server = peers.start_pg()
+        stack.callback(pg_server.close)
+        resolved = stack.enter_context(with_redis(work, specs))
+        yield Peers(work, upstream, pg_server.url, resolved)
+    finally:
+        stack.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -113,39 +144,31 @@ def main() -> None:
     args = parser.parse_args()
     body = STREAM_BODY if args.sse else BODY
 
-    work = Path(tempfile.mkdtemp(prefix="chatgate-ab-"))
-    stack = contextlib.ExitStack()  # the benchmark's Redis, if a configuration wants one
-    upstream = start_fake_upstream(work)
-    pg_server = peers.start_pg()
     gateways = []
-    try:
-        targets: list[Target] = []
-        specs = stack.enter_context(with_redis(work, target_specs(args)))
-        for name, env, limited in specs:
-            gw = start_gateway(work / name.replace(":", "-"), upstream, pg_server.url, env)
-            gateways.append(gw)
-            assert gw.proc is not None
-            url = gw.url + "/v1/chat/completions"
-            targets.append(Target(name, url, key_for(gw, limited), gw.proc.pid))
-        for t in targets:
-            peers.post_ok(t.url, t.key, BODY)
-            wrk(t.url, t.key, body, args.connections, 1)  # warm-up
-        conns, secs = args.connections, args.seconds
-        samples = in_rounds(
-            targets,
-            args.rounds,
-            f"{conns} conn",
-            body,
-            lambda url, key, b: wrk(url, key, b, conns, secs),
-        )
-    finally:
-        for gw in gateways:
-            gw.stop()
-        stack.close()
-        upstream.proc.terminate()
-        upstream.proc.wait(20)
-        pg_server.close()
-        shutil.rmtree(work, ignore_errors=True)
+    with bench_peers("chatgate-ab-", target_specs(args)) as bench:
+        try:
+            targets: list[Target] = []
+            for name, env, limited in bench.specs:
+                workdir = bench.work / name.replace(":", "-")
+                gw = start_gateway(workdir, bench.upstream, bench.pg_url, env)
+                gateways.append(gw)
+                assert gw.proc is not None
+                url = gw.url + "/v1/chat/completions"
+                targets.append(Target(name, url, key_for(gw, limited), gw.proc.pid))
+            for t in targets:
+                peers.post_ok(t.url, t.key, BODY)
+                wrk(t.url, t.key, body, args.connections, 1)  # warm-up
+            conns, secs = args.connections, args.seconds
+            samples = in_rounds(
+                targets,
+                args.rounds,
+                f"{conns} conn",
+                body,
+                lambda url, key, b: wrk(url, key, b, conns, secs),
+            )
+        finally:
+            for gw in gateways:
+                gw.stop()
     report(targets, samples)
 
 

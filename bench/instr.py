@@ -21,14 +21,12 @@ minutes per target: Python under valgrind is ~50x slower.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
-from ab import add_target_args, target_specs, with_redis  # noqa: E402
-from run import BODY, key_for, start_fake_upstream, start_gateway, wrk  # noqa: E402
+from ab import add_target_args, bench_peers, target_specs  # noqa: E402
+from run import BODY, key_for, start_gateway, wrk  # noqa: E402
 
 from tests.helpers import BIN, free_port, wait_http  # noqa: E402
 
@@ -122,18 +120,16 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("bench: valgrind is missing (apt-get install valgrind)")
-    work = Path(tempfile.mkdtemp(prefix="chatgate-instr-"))
-    upstream = start_fake_upstream(work)
-    pg_server = peers.start_pg()
     results: list[tuple[str, int, int]] = []
-    stack = contextlib.ExitStack()  # the benchmark's Redis, if a configuration wants one
-    try:
+    with bench_peers("chatgate-instr-", target_specs(args)) as bench:
         if args.floor:
-            total, answered = floor_count(work, upstream.base_url, args.requests, args.keep)
+            base_url = bench.upstream.base_url
+            total, answered = floor_count(bench.work, base_url, args.requests, args.keep)
             results.append(("floor-aiohttp", total, answered))
             print(f"floor-aiohttp: {total / answered:,.0f} instructions/request", flush=True)
-        for name, env, limited in stack.enter_context(with_redis(work, target_specs(args))):
-            gw = start_gateway(work / name.replace(":", "-"), upstream, pg_server.url, env)
+        for name, env, limited in bench.specs:
+            workdir = bench.work / name.replace(":", "-")
+            gw = start_gateway(workdir, bench.upstream, bench.pg_url, env)
             try:
                 key = key_for(gw, limited)
             finally:
@@ -142,12 +138,6 @@ def main() -> None:
             total, answered = count(program, gw.env, gw.workdir, key, args.requests, args.keep)
             results.append((name, total, answered))
             print(f"{name}: {total / answered:,.0f} instructions/request ({answered})", flush=True)
-    finally:
-        stack.close()
-        upstream.proc.terminate()
-        upstream.proc.wait(20)
-        pg_server.close()
-        shutil.rmtree(work, ignore_errors=True)
     base = results[0][1] / results[0][2]
     print(f"\n{'target':<20}{'instr/req':>12}{'x first':>9}")
     for name, total, answered in results:

@@ -17,24 +17,20 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import http.client
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-import peers  # noqa: E402
-from ab import CONFIGS, with_redis  # noqa: E402
-from run import BODY, key_for, start_fake_upstream, start_gateway, wrk  # noqa: E402
+from ab import CONFIGS, bench_peers  # noqa: E402
+from run import BODY, key_for, start_gateway, wrk  # noqa: E402
 
 from tests.helpers import BIN, free_port, wait_http  # noqa: E402
 
@@ -54,16 +50,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--top", type=int, default=40, help="functions to list")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="chatgate-opcodes-"))
-    out = work / "counts.tsv"
-    upstream = start_fake_upstream(work)
-    pg_server = peers.start_pg()
-    stack = contextlib.ExitStack()  # the benchmark's Redis, if the configuration wants one
-    try:
-        [(_, env, limited)] = stack.enter_context(
-            with_redis(work, [(args.config, *CONFIGS[args.config])])
-        )
-        gw = start_gateway(work / args.config, upstream, pg_server.url, env)
+    with bench_peers("chatgate-opcodes-", [(args.config, *CONFIGS[args.config])]) as bench:
+        out = bench.work / "counts.tsv"
+        [(_, env, limited)] = bench.specs
+        gw = start_gateway(bench.work / args.config, bench.upstream, bench.pg_url, env)
         try:
             key = key_for(gw, limited)
         finally:
@@ -97,12 +87,6 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
         rows = [line.rstrip("\n").split("\t") for line in out.open()]
-    finally:
-        stack.close()
-        upstream.proc.terminate()
-        upstream.proc.wait(20)
-        pg_server.close()
-        shutil.rmtree(work, ignore_errors=True)
     n = args.requests
     by_library: collections.Counter[str] = collections.Counter()
     for count, _, where in rows:
