@@ -424,6 +424,27 @@ async def test_redis_one_round_trip_per_request(harness: Harness) -> None:
     assert await limiter.quota_used("acct:x") == 10 + 4 * 42
 
 
+async def test_redis_through_a_redis_py_client_that_decodes_replies(harness: Harness) -> None:
+    """A ``redis.asyncio`` client made with ``decode_responses=True`` answers the script's
+    reply as text: the limiter reads it as from any other client (admit, refuse, settle,
+    the quota read back), and the packed command reaches it as arguments."""
+    if harness.backend != "redis":
+        pytest.skip("Redis only")
+    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    harness.clients.append(client)
+    limiter = RedisLimiter(client, prefix=harness.prefix)
+    checks = [Check.rpm("key:a", 2), Check.tpm("key:a", 1000), Check.monthly_quota("acct:x", 500)]
+    first = await limiter.acquire(checks, 100)
+    assert first.allowed and first.reservation is not None
+    assert first.tokens is not None and first.tokens.remaining == 900
+    await limiter.settle(first.reservation, 40)
+    second = await take(limiter, checks, 100)
+    refused = await limiter.acquire(checks, 100)  # the rpm of 2
+    assert not refused.allowed and refused.failed == checks[0] and refused.retry_after > 0
+    await limiter.settle(second, 100)
+    assert await limiter.quota_used("acct:x") == 140
+
+
 async def test_redis_cancelled_acquire_leaks_nothing(harness: Harness) -> None:
     """A caller cancelled mid-EVALSHA: the script still runs, and what it took is released."""
     if harness.backend != "redis":
