@@ -128,9 +128,9 @@ def start_fake_upstream(work: Path) -> Upstream:
     """bench/fake_upstream.py on the other core; its log (clients going away) to a file."""
     port = free_port()
     cmd = [sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port)]
-    with open(work / "upstream.log", "ab") as log:
+    with open(work / "upstream.log", "ab") as log:  # --no-record: see fake_upstream.py
         proc = subprocess.Popen(
-            pinned(OTHER_CORE, [*cmd, "--chunks", "20"]), stdout=log, stderr=log
+            pinned(OTHER_CORE, [*cmd, "--chunks", "20", "--no-record"]), stdout=log, stderr=log
         )
     wait_http(f"http://127.0.0.1:{port}/_requests", proc)
     return Upstream(port, proc)
