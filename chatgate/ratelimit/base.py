@@ -284,12 +284,12 @@ def most_restrictive(pairs: Iterable[tuple[Check, float]]) -> RateStatus | None:
     """Header values for the most restrictive of rate checks of one kind, each with its
     bucket's level: the fewest remaining, then the longest reset; the first on a tie (resets
     within :data:`RESET_TIE` of each other tie: float noise in a drained level must not
-    decide which limit the headers show). The in-process limiter's compiled admission
-    (:mod:`.program`) works the same out inline; its property test holds the two together.
+    decide which limit the headers show). The compiled admissions of both limiters
+    (:mod:`.program`) work the same out inline; property tests hold them to it.
 
-    Refusals and Redis admissions come through here, so :func:`used_units` is written out
-    inline and a :class:`RateStatus` is built only for a check that is the most restrictive
-    so far.
+    Refusals come through here (both limiters' admissions work the header values out in
+    compiled code, :mod:`.program`), so :func:`used_units` is written out inline and a
+    :class:`RateStatus` is built only for a check that is the most restrictive so far.
     """
     best: RateStatus | None = None
     for check, level in pairs:

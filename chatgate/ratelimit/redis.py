@@ -174,7 +174,7 @@ class _Plan(Resolved):
         for check in resolved:
             if check.charges_tokens:
                 self.tokens.append(len(self.args) + 3)
-            self.args += [encode(v) for v in (_code(check), check.limit, _span(check), 1)]
+            self.args += [encode(v) for v in (*_bucket(check), 1)]
         # A settlement names each bucket once: the slots always, token buckets when the real
         # tokens differ from the reserved ones (index: whether they do).
         self.settle = tuple(self._settlement(prefix, with_tokens) for with_tokens in (False, True))
@@ -189,7 +189,7 @@ class _Plan(Resolved):
             wanted = check.kind == "concurrency" or (with_tokens and check.charges_tokens)
             if wanted and key not in keys:
                 keys.append(key)
-                args += [_code(check), check.limit, _span(check)]
+                args += _bucket(check)
         return _Part(encode(*keys), len(keys), encode(*args), len(args))
 
 
@@ -266,6 +266,11 @@ def _span(check: Check) -> float:
         assert check.month is not None
         return month_end(check.month)
     return check.window if check.kind in RATE_KINDS else 0.0
+
+
+def _bucket(check: Check) -> tuple[str, int, float]:
+    """A bucket as the script takes it: kind code, limit, window (or the month's end)."""
+    return _code(check), check.limit, _span(check)
 
 
 def _code(check: Check) -> str:

@@ -113,17 +113,13 @@ _INTS = [_bulk(n) for n in range(1024)]
 def encode_int(n: int) -> bytes:
     """An int as a bulk string: :func:`encode` of one int, a table's lookup for the small
     ones a limiter call is made of (counts of keys and settlements, token costs)."""
-    if 0 <= n < 1024:
-        return _INTS[n]
-    text = b"%d" % n
-    return b"$%d\r\n%b\r\n" % (len(text), text)
+    return _INTS[n] if 0 <= n < 1024 else _bulk(n)
 
 
 def encode_once(text: str) -> bytes:
     """``text`` as a bulk string, without the memo of :func:`encode`: for a value sent once
     (a lease id), which would only push the values that repeat out of it."""
-    data = text.encode()
-    return b"$%d\r\n%b\r\n" % (len(data), data)
+    return _bulk(text)
 
 
 def parse_command(packed: bytes) -> list[bytes]:
@@ -262,19 +258,12 @@ class RespClient:
         """Send one command and wait for its reply (see the module for failures)."""
         return await self.send(pack(*args))
 
-    def submit(self, *args: Any) -> asyncio.Future[Any] | None:
-        """Send one command now if connected: the future of its reply (no task, no await).
-
-        ``None`` when not connected: use :meth:`call`, which connects first.
-        """
-        proto = self._proto
-        if proto is None or proto.closed:
-            return None
-        return self._write(proto, pack(*args))
-
     def submit_packed(self, packed: bytes) -> asyncio.Future[Any] | None:
-        """:meth:`submit` for a command already packed (:func:`pack`, or :func:`encode`d
-        parts under an array header)."""
+        """Send one command already packed (:func:`pack`, or :func:`encode`d parts under an
+        array header) now if connected: the future of its reply (no task, no await).
+
+        ``None`` when not connected: use :meth:`send`, which connects first.
+        """
         proto = self._proto
         if proto is None or proto.closed:
             return None
