@@ -44,6 +44,7 @@ from run import (  # noqa: E402
     Target,
     in_rounds,
     key_for,
+    open_loop,
     start_fake_upstream,
     start_gateway,
     wrk,
@@ -141,6 +142,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--sse", action="store_true", help="20-chunk streams instead of JSON")
+    parser.add_argument(
+        "--rate", type=float, help="open loop at this many requests/s instead of wrk"
+    )
     args = parser.parse_args()
     body = STREAM_BODY if args.sse else BODY
 
@@ -158,13 +162,15 @@ def main() -> None:
             for t in targets:
                 peers.post_ok(t.url, t.key, BODY)
                 wrk(t.url, t.key, body, args.connections, 1)  # warm-up
-            conns, secs = args.connections, args.seconds
+            conns, secs, rate = args.connections, args.seconds, args.rate
             samples = in_rounds(
                 targets,
                 args.rounds,
-                f"{conns} conn",
+                f"{rate:g}/s" if rate else f"{conns} conn",
                 body,
-                lambda url, key, b: wrk(url, key, b, conns, secs),
+                (lambda url, key, b: open_loop(url, key, b, rate, secs))
+                if rate
+                else (lambda url, key, b: wrk(url, key, b, conns, secs)),
             )
         finally:
             for gw in gateways:
@@ -176,16 +182,22 @@ def report(targets: list[Target], samples: dict[str, list[dict[str, Any]]]) -> N
     first = targets[0].name
     base_rps = statistics.median(s["rps"] for s in samples[first])
     base_cpu = statistics.median(s["cpu_ms_per_req"] for s in samples[first])
-    print(f"{'target':<20}{'rps':>9}{'us/req':>9}{'rps x':>8}{'cpu x':>8}  rounds (rps)")
+    print(
+        f"{'target':<20}{'rps':>9}{'us/req':>9}{'rps x':>8}{'cpu x':>8}{'p50 ms':>8}{'p99 ms':>8}"
+        "  rounds (rps)"
+    )
     for t in targets:
         rows = samples[t.name]
         rps = statistics.median(s["rps"] for s in rows)
         cpu = statistics.median(s["cpu_ms_per_req"] for s in rows)
+        p50 = statistics.median(s["p50_ms"] for s in rows)
+        p99 = statistics.median(s["p99_ms"] for s in rows)
         each = " ".join(f"{s['rps']:.0f}" for s in rows)
         errors = sum(s["errors"] for s in rows)
         print(
             f"{t.name:<20}{rps:>9.0f}{cpu * 1000:>9.1f}{rps / base_rps:>8.3f}"
-            f"{cpu / base_cpu:>8.3f}  {each}" + (f"  ERRORS {errors}" if errors else "")
+            f"{cpu / base_cpu:>8.3f}{p50:>8.2f}{p99:>8.2f}  {each}"
+            + (f"  ERRORS {errors}" if errors else "")
         )
 
 

@@ -135,11 +135,17 @@ async def test_batches_are_one_insert_each(engine: AsyncEngine, spool_dir: Path)
         await recorder.flush()
     assert recorder.queue_depth == 0
     assert len(await stored(engine, account)) == 1_200
-    # 500 + 500 + 200: one multi-row INSERT per batch, and one rollup upsert per batch; on
-    # PostgreSQL both in the same statement (the rollups read the insert's RETURNING).
-    assert statements.inserts("usage_records") == 3, statements.sent
-    assert statements.inserts("usage_rollups") == 3
-    assert len(statements.sent) == (3 if engine.dialect.name == "postgresql" else 6)
+    # 500 + 500 + 200: one rollup upsert per batch; SQLite: one multi-row INSERT per batch.
+    # PostgreSQL: each batch's rows by COPY in a savepoint (asyncpg's own protocol, not a
+    # statement SQLAlchemy sees), then the upsert: no INSERT of raw rows at all.
+    assert statements.inserts("usage_rollups") == 3, statements.sent
+    if engine.dialect.name == "postgresql":
+        assert statements.inserts("usage_records") == 0, statements.sent
+        assert sum(s.startswith("SAVEPOINT") for s in statements.sent) == 3, statements.sent
+        assert len(statements.sent) == 9  # SAVEPOINT, RELEASE, the upsert
+    else:
+        assert statements.inserts("usage_records") == 3, statements.sent
+        assert len(statements.sent) == 6
     assert recorder.written == 1_200
     await recorder.close()
 

@@ -1,0 +1,124 @@
+"""What one batch of usage records costs, on both sides of the wire: the writer's own CPU (the
+gateway's, in a real deployment) and the PostgreSQL backend's, per batch, for the two ways
+``chatgate/usage/batch.py`` writes a batch: ``COPY`` (the usual one) and the general statement
+(taken when the ``COPY`` refuses a batch).
+
+    .venv/bin/python bench/usage_batch.py [--batches 140] [--size 500] [--rounds 3]
+
+The benchmark's own PostgreSQL (bench/peers.py: on the other core); this process on the gateway
+core. The backend's CPU is read from ``/proc/<pid>/stat`` of the connection's backend process,
+so it counts the whole transaction (parse, execution, commit), not only the statement's time.
+Rounds alternate the two ways; the machine is noisy, so compare within a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import peers  # noqa: E402
+
+from chatgate.db.engine import create_engine, migrate  # noqa: E402
+from chatgate.ids import new_id  # noqa: E402
+from chatgate.settings import Settings  # noqa: E402
+from chatgate.usage import batch  # noqa: E402
+from chatgate.usage.record import UsageRecord  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def records(n: int, start: float) -> list[UsageRecord]:
+    """A benchmark-like batch: one account, key and model, fresh request ids."""
+    same = {
+        "account_id": "acc_bench",
+        "key_id": "key_bench",
+        "model": "gpt-4o-mini",
+        "backend": "openai_compat",
+        "endpoint": "chat.completions",
+        "prompt_tokens": 12,
+        "completion_tokens": 9,
+        "cost": 0.00001,
+        "latency_ms": 0.4,
+        "ttft_ms": None,
+        "status": 200,
+        "error_code": None,
+        "conversation_id": None,
+        "streamed": False,
+    }
+    return [
+        UsageRecord(request_id=new_id("req"), created_at=start + i * 0.0003, **same)  # type: ignore[arg-type]
+        for i in range(n)
+    ]
+
+
+async def general_only(conn: Any, rows: Any) -> None:
+    """Stands in for ``batch._copy_pg`` refusing every batch: the general statement writes."""
+    return None
+
+
+async def measure(url: str, batches: int, size: int, rounds: int) -> None:
+    engine = create_engine(
+        Settings(database_url=url.replace("postgresql://", "postgresql+asyncpg://"))
+    )
+    await migrate(engine)
+    copy = batch._copy_pg
+    print(f"{'way':<10}{'writer ms':>11}{'backend ms':>12}{'wall ms':>9}   a batch of {size}")
+    try:
+        for _ in range(rounds):
+            for name, way in (("copy", copy), ("statement", general_only)):
+                batch._copy_pg = way  # type: ignore[assignment]
+                start = time.time()
+                work = [records(size, start + i * 0.15) for i in range(batches + 20)]
+                async with engine.begin() as conn:
+                    pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+                for recs in work[:20]:  # warm: the pool's one connection, its caches
+                    async with engine.begin() as conn:
+                        await batch.write_batch(conn, recs)
+                mine, theirs, wall = time.process_time(), cpu_seconds(pid), time.perf_counter()
+                for recs in work[20:]:
+                    async with engine.begin() as conn:
+                        await batch.write_batch(conn, recs)
+                per = 1000 / batches
+                print(
+                    f"{name:<10}{(time.process_time() - mine) * per:>11.2f}"
+                    f"{(cpu_seconds(pid) - theirs) * per:>12.2f}"
+                    f"{(time.perf_counter() - wall) * per:>9.2f}",
+                    flush=True,
+                )
+    finally:
+        batch._copy_pg = copy  # type: ignore[assignment]
+        await engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=140)
+    parser.add_argument("--size", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    subprocess.run(["taskset", "-pc", peers.GATEWAY_CORE, str(os.getpid())], capture_output=True)
+    server = peers.start_pg()
+    try:
+        asyncio.run(measure(server.url, args.batches, args.size, args.rounds))
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()
