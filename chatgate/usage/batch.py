@@ -295,18 +295,23 @@ async def _copy_pg(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> int | 
     """PostgreSQL's fast way (see the module's docstring): the rows by binary ``COPY`` and
     their rollups upserted, in a savepoint of the caller's transaction. Returns how many rows
     were added (all of them), or ``None`` when the ``COPY`` refused the batch and nothing of
-    it was written (then the general statement must write it)."""
+    it was written (then the general statement must write it).
+
+    The savepoint is opened through SQLAlchemy (which begins the caller's transaction on the
+    connection first, if nothing has yet), the rest is sent on the asyncpg connection itself:
+    SQLAlchemy's ``begin_nested()`` cost ~400 us of CPU a savepoint and a statement through it
+    ~100 us, asyncpg's own ~35 us (measured on this machine)."""
+    await conn.exec_driver_sql("SAVEPOINT usage_copy")
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
     try:
-        async with conn.begin_nested():
-            raw = (await conn.get_raw_connection()).driver_connection
-            assert raw is not None
-            await raw.copy_records_to_table(
-                usage_records.name, records=rows, columns=RECORD_COLUMNS
-            )
+        await raw.copy_records_to_table(usage_records.name, records=rows, columns=RECORD_COLUMNS)
     except _COPY_REFUSED:
+        await raw.execute("ROLLBACK TO SAVEPOINT usage_copy")
         return None
+    await raw.execute("RELEASE SAVEPOINT usage_copy")
     increments = _rollups(map(_ADDED_OF_ROW, rows))
-    await conn.exec_driver_sql(_upsert_sql("postgresql"), (_json(increments),))
+    await raw.execute(_upsert_sql("postgresql"), _json(increments))
     return len(rows)
 
 
