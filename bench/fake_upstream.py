@@ -5,6 +5,8 @@
 Behaviour is chosen by the request's ``model``:
 - anything else: echo the last user message, ``chunks`` SSE chunks when streaming;
 - ``no-usage``: never reports usage (the gateway must count);
+- ``bad-usage``: reports nonsense usage, 2**40 prompt tokens and -3 completion tokens (the
+  gateway must count instead);
 - ``fail-500`` / ``fail-429`` / ``fail-401``: answer with that status;
 - ``slow``: wait ``delay`` seconds (JSON ``{"delay": s}`` in the body extension ``fake``);
 - ``break-stream``: send two chunks, then cut the connection;
@@ -60,7 +62,9 @@ async def _linger(request: web.Request, seconds: float) -> None:
         await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
+def _usage(prompt: int, completion: int, model: str = "") -> dict[str, int]:
+    if model == "bad-usage":
+        prompt, completion = 2**40, -3
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -153,7 +157,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             ],
         }
         if report_usage:
-            out["usage"] = _usage(prompt, len(pieces))
+            out["usage"] = _usage(prompt, len(pieces), model)
         cookie = fake.get("set_cookie")
         headers = {"Set-Cookie": cookie} if isinstance(cookie, str) else None
         return web.Response(
@@ -200,7 +204,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             "created": created,
             "model": model,
             "choices": [],
-            "usage": _usage(prompt, n),
+            "usage": _usage(prompt, n, model),
         }
         await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
     await resp.write(b"data: [DONE]\n\n")

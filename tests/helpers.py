@@ -126,6 +126,11 @@ base_url = "{upstream.base_url}"
 upstream_model = "no-usage"
 
 [[models]]
+name = "gpt-bad-usage"
+base_url = "{upstream.base_url}"
+upstream_model = "bad-usage"
+
+[[models]]
 name = "gpt-dead"
 base_url = "http://127.0.0.1:{free_port()}/v1"
 upstream_model = "dead"

@@ -25,7 +25,7 @@ from chatgate.api.schemas import (
     validate,
 )
 from chatgate.auth import Principal
-from chatgate.backends.base import Usage
+from chatgate.backends.base import Usage, reported_tokens
 from chatgate.backends.router import Route
 from chatgate.limits import Admission, checks_for
 from chatgate.sessions import ChatSession, prepare_chat
@@ -254,8 +254,8 @@ async def embeddings(request: web.Request) -> web.Response:
     try:
         answer = await route.embeddings(dict(call.body))
         usage = answer.get("usage") or {}
-        prompt = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-        used = prompt if isinstance(prompt, int) else reserve()
+        prompt = reported_tokens(usage.get("prompt_tokens")) if isinstance(usage, dict) else None
+        used = reserve() if prompt is None else prompt
         call.meter.add_usage(Usage(used, 0), route.model)
         return json_response(answer, headers=admission.headers)
     finally:

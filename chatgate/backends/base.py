@@ -15,6 +15,20 @@ from typing import Any
 
 from chatgate.settings import ModelConfig
 
+MAX_REPORTED_TOKENS = 2**31 - 1
+"""The most tokens an upstream may report for one request: what the usage tables' ``INTEGER``
+columns hold, and more than any context window."""
+
+
+def reported_tokens(value: Any) -> int | None:
+    """A token count as an upstream reported it, or ``None`` when it is not one: not an int
+    (``true`` neither), negative, or beyond :data:`MAX_REPORTED_TOKENS`. A negative count would
+    credit the account; one too big for the usage tables would make every batch of usage it
+    is in fail for good."""
+    if type(value) is int and 0 <= value <= MAX_REPORTED_TOKENS:
+        return value
+    return None
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -29,11 +43,13 @@ class Usage:
 
     @classmethod
     def from_openai(cls, data: Any) -> Usage | None:
-        """Read an OpenAI ``usage`` object; ``None`` when absent or malformed."""
+        """Read an OpenAI ``usage`` object; ``None`` when absent or malformed (then the gateway
+        counts the tokens itself), a count :func:`reported_tokens` refuses included."""
         if not isinstance(data, dict):
             return None
-        prompt, completion = data.get("prompt_tokens"), data.get("completion_tokens")
-        if not isinstance(prompt, int) or not isinstance(completion, int):
+        prompt = reported_tokens(data.get("prompt_tokens"))
+        completion = reported_tokens(data.get("completion_tokens"))
+        if prompt is None or completion is None:
             return None
         return cls(prompt, completion)
 

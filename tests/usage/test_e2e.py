@@ -100,6 +100,37 @@ def test_thousand_requests_exactly_recorded(gateway: Gateway) -> None:
     assert totals["completion_tokens"] == sum(int(r["completion_tokens"]) for r in rows)
 
 
+def test_nonsense_usage_from_an_upstream_is_counted_instead(gateway: Gateway) -> None:
+    """An upstream reporting 2**40 prompt tokens and -3 completion tokens (JSON and streamed):
+    the requests are metered with the gateway's own count, the same as for an upstream that
+    reports nothing, and usage goes on being recorded (a count beyond the tables' columns
+    would have failed, for good, every batch of usage it was in)."""
+    email, key = new_key(gateway)
+    headers = {"Authorization": f"Bearer {key}"}
+    messages = [{"role": "user", "content": "count these words yourself"}]
+    for model in ("gpt-bad-usage", "gpt-no-usage"):
+        for stream in (False, True):
+            body = {"model": model, "messages": messages, "stream": stream}
+            if stream:
+                body["stream_options"] = {"include_usage": True}
+            resp = requests.post(
+                gateway.url + "/v1/chat/completions", json=body, headers=headers, timeout=30
+            )
+            assert resp.status_code == 200, resp.text
+    resp = requests.post(gateway.url + "/v1/chat/completions", json=BODY, headers=headers)
+    assert resp.status_code == 200
+    rows = wait_records(gateway, email, 5)
+    assert len(rows) == 5
+    counted = {
+        (r["model"], r["streamed"]): (int(r["prompt_tokens"]), int(r["completion_tokens"]))
+        for r in rows
+    }
+    for streamed in {r["streamed"] for r in rows}:
+        bad, none = counted["gpt-bad-usage", streamed], counted["gpt-no-usage", streamed]
+        assert bad == none
+        assert 0 < bad[0] < 100 and 0 < bad[1] < 100
+
+
 def test_rejected_requests_are_recorded_too(gateway: Gateway) -> None:
     email, key = new_key(gateway)
     bad = requests.post(
