@@ -66,6 +66,7 @@ class UsageStats(Protocol):
 
     dropped: int
     written: int
+    rejected: int
 
 
 def _safe(value: str | None) -> str:
@@ -323,6 +324,11 @@ class _UsageCollector(Collector):
             "chatgate_usage_written_records",
             "Usage records written to the database.",
             value=rec.written,
+        )
+        yield CounterMetricFamily(
+            "chatgate_usage_rejected_records",
+            "Usage records the database refused for a value in them (logged, not stored).",
+            value=rec.rejected,
         )
 
 

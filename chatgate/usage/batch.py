@@ -282,12 +282,15 @@ def _batch_sql_pg() -> str:
 _ADDED_OF_ROW = operator.itemgetter(*(RECORD_COLUMNS.index(name) for name in _ADDED))
 
 # What makes the COPY refuse a batch that the general statement stores: a request id already
-# stored (23505), a text longer than its column (22001), a NUL (22021); asyncpg's own DataError
-# (a value it cannot encode) is a ValueError.
+# stored (23505), a text longer than its column (22001), a NUL (22021). And a value asyncpg
+# cannot encode (its own DataError is a ValueError; a number out of its column's range an
+# OverflowError): the general statement decides then, as PostgreSQL's own refusal, which the
+# recorder knows (a "data exception").
 _COPY_REFUSED = (
     asyncpg.IntegrityConstraintViolationError,
     asyncpg.exceptions.DataError,
     ValueError,
+    OverflowError,
 )
 
 

@@ -35,6 +35,10 @@ Guarantees and their limits:
 - If the queue ever holds ``max_queue`` records (database *and* disk failing, or a stuck
   flusher), new records are dropped and counted in :attr:`UsageRecorder.dropped` rather than
   letting memory grow without bound.
+- A record PostgreSQL refuses for a value in it (a "data exception": a number beyond its
+  column, which nothing chatgate records should hold) is dropped alone, logged whole and counted
+  in :attr:`UsageRecorder.rejected`; the rest of its batch is stored. Spooled, it would fail
+  every later flush and keep everything after it out of the database.
 
 Several processes may share one spool directory (``serve --workers N``): each writes its own
 file and holds an exclusive ``flock`` on it while alive. A file whose lock can be taken belongs
@@ -51,6 +55,7 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.usage.batch import write_batch
@@ -102,6 +107,7 @@ class UsageRecorder:
         self._next_prune = 0.0
         self.dropped = 0  # records refused because the queue was full
         self.written = 0  # records this recorder inserted (replays included)
+        self.rejected = 0  # records the database refused for a value in them: logged, not stored
 
     # -- what the request path and the metrics see ---------------------------------------------
 
@@ -244,9 +250,32 @@ class UsageRecorder:
                     raise
 
     async def _write(self, records: Sequence[UsageRecord]) -> None:
-        async with asyncio.timeout(self._db_timeout):
-            async with self._engine.begin() as conn:
-                added = await write_batch(conn, records)
+        """Write ``records`` in one transaction.
+
+        A batch the database refuses for a value in it (see :func:`_refused_value`) is not an
+        outage, and spooled it would fail again every time, holding up everything after it:
+        it is written in halves instead, until each refused record is alone; those are logged
+        and counted in :attr:`rejected`, and the others are stored.
+        """
+        try:
+            async with asyncio.timeout(self._db_timeout):
+                async with self._engine.begin() as conn:
+                    added = await write_batch(conn, records)
+        except Exception as exc:
+            if not _refused_value(exc):
+                raise
+            if len(records) > 1:
+                half = len(records) // 2
+                await self._write(records[:half])
+                await self._write(records[half:])
+                return
+            self.rejected += 1
+            log.error(
+                "usage: a record the database refuses was dropped (%s): %s",
+                _describe(exc),
+                records[0].to_dict(),
+            )
+            return
         self.written += added
 
     async def _replay(self) -> bool:
@@ -309,6 +338,20 @@ class UsageRecorder:
         self._db_down = True
         self._backoff = min(max(self._backoff * 2, self._interval), self._max_backoff)
         self._retry_at = time.monotonic() + self._backoff
+
+
+def _refused_value(exc: BaseException) -> bool:
+    """Whether ``exc`` is PostgreSQL refusing a value of the batch (SQLSTATE class 22, "data
+    exception": a number out of its column's range, say), found down the chain of causes
+    SQLAlchemy wraps it in; not a database that is unreachable, slow or failing."""
+    cause: BaseException | None = exc
+    for _ in range(8):  # SQLAlchemy's error, the adapter's, asyncpg's: a few links at most
+        if cause is None:
+            return False
+        if isinstance(cause, asyncpg.exceptions.DataError):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def _describe(exc: BaseException) -> str:

@@ -199,6 +199,38 @@ async def test_text_too_long_or_with_nul_is_stored_clipped(
     assert {key[-2] for key in sums} == {clipped, plain.model}, sums
 
 
+async def test_a_record_the_database_refuses_does_not_hold_up_the_others(
+    engine: AsyncEngine, spool_dir: Path
+) -> None:
+    """A value out of its column's range (2**40 tokens in an INTEGER), however it got into a
+    record: on PostgreSQL that record alone is dropped, logged and counted, the 19 others of
+    its batch are stored, nothing is spooled and the recorder goes on writing; spooled, the
+    record would have failed every later flush and kept everything after it out. SQLite
+    stores any integer: all 20 land."""
+    account = new_account()
+    recorder = UsageRecorder(engine, spool_dir, flush_interval=3600)
+    records = [make_record(account_id=account, prompt_tokens=i) for i in range(20)]
+    records[13] = make_record(account_id=account, prompt_tokens=2**40)
+    for rec in records:
+        recorder.record(rec)
+    await recorder.flush()
+    postgres = engine.dialect.name == "postgresql"
+    assert recorder.spool_size == 0
+    assert recorder.rejected == (1 if postgres else 0)
+    assert recorder.written == (19 if postgres else 20)
+    later = make_record(account_id=account, prompt_tokens=5)
+    recorder.record(later)
+    await recorder.flush()
+    await recorder.close()
+    stored_ids = {row.request_id for row in await stored(engine, account)}
+    wanted = {r.request_id for r in [*records, later]}
+    if postgres:
+        wanted.discard(records[13].request_id)
+    assert stored_ids == wanted
+    day = await rollup_sums(engine, account, DAY)
+    assert sum(v[0] for v in day.values()) == len(wanted)
+
+
 async def test_rollups_equal_raw_sums(engine: AsyncEngine, spool_dir: Path) -> None:
     account = new_account()
     rng = random.Random(5)
