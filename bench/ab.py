@@ -29,6 +29,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from run import (  # noqa: E402
     in_rounds,
     key_for,
     open_loop,
+    pg_cpu_seconds,
     start_fake_upstream,
     start_gateway,
     wrk,
@@ -73,6 +75,7 @@ class Peers:
     upstream: Any  # the fake upstream (tests.helpers.Upstream)
     pg_url: str  # the benchmark's own PostgreSQL
     specs: list[Spec]  # the targets, the benchmark's Redis URL filled in
+    pg_server: Any  # that PostgreSQL (tests.usage.pgserver.PgServer)
 
 
 @contextlib.contextmanager
@@ -89,7 +92,7 @@ def bench_peers(prefix: str, specs: list[Spec]) -> Iterator[Peers]:
         pg_server = peers.start_pg()
         stack.callback(pg_server.close)
         resolved = stack.enter_context(with_redis(work, specs))
-        yield Peers(work, upstream, pg_server.url, resolved)
+        yield Peers(work, upstream, pg_server.url, resolved, pg_server)
     finally:
         stack.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -145,6 +148,11 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, help="open loop at this many requests/s instead of wrk"
     )
+    parser.add_argument(
+        "--db",
+        action="store_true",
+        help="also the database's CPU a request (each run then waits for the last usage batch)",
+    )
     args = parser.parse_args()
     body = STREAM_BODY if args.sse else BODY
 
@@ -163,19 +171,39 @@ def main() -> None:
                 peers.post_ok(t.url, t.key, BODY)
                 wrk(t.url, t.key, body, args.connections, 1)  # warm-up
             conns, secs, rate = args.connections, args.seconds, args.rate
-            samples = in_rounds(
-                targets,
-                args.rounds,
-                f"{rate:g}/s" if rate else f"{conns} conn",
-                body,
+            run = (
                 (lambda url, key, b: open_loop(url, key, b, rate, secs))
                 if rate
-                else (lambda url, key, b: wrk(url, key, b, conns, secs)),
+                else (lambda url, key, b: wrk(url, key, b, conns, secs))
             )
+            if args.db:
+                run = with_db_cpu(run, bench.pg_server)
+            load = f"{rate:g}/s" if rate else f"{conns} conn"
+            samples = in_rounds(targets, args.rounds, load, body, run)
         finally:
             for gw in gateways:
                 gw.stop()
     report(targets, samples)
+
+
+FLUSH_SETTLE = 1.5
+"""Seconds a run waits after its load for the gateway's last usage batch (flushed every
+second) to be written, so the database's work lands in the run that caused it."""
+
+
+def with_db_cpu(run: Any, pg_server: Any) -> Any:
+    """``run``, also measuring the benchmark's PostgreSQL: its CPU (all its processes) from
+    the start of the load until :data:`FLUSH_SETTLE` after, per request answered."""
+
+    def measured(url: str, key: str, body: dict[str, Any]) -> dict[str, Any]:
+        before = pg_cpu_seconds(pg_server)
+        result: dict[str, Any] = run(url, key, body)
+        time.sleep(FLUSH_SETTLE)
+        used = pg_cpu_seconds(pg_server) - before
+        result["db_us_per_req"] = used * 1e6 / max(result["requests"], 1)
+        return result
+
+    return measured
 
 
 def report(targets: list[Target], samples: dict[str, list[dict[str, Any]]]) -> None:
@@ -194,9 +222,14 @@ def report(targets: list[Target], samples: dict[str, list[dict[str, Any]]]) -> N
         p99 = statistics.median(s["p99_ms"] for s in rows)
         each = " ".join(f"{s['rps']:.0f}" for s in rows)
         errors = sum(s["errors"] for s in rows)
+        db = (
+            f"  db {statistics.median(s['db_us_per_req'] for s in rows):.1f} us/req"
+            if "db_us_per_req" in rows[0]
+            else ""
+        )
         print(
             f"{t.name:<20}{rps:>9.0f}{cpu * 1000:>9.1f}{rps / base_rps:>8.3f}"
-            f"{cpu / base_cpu:>8.3f}{p50:>8.2f}{p99:>8.2f}  {each}"
+            f"{cpu / base_cpu:>8.3f}{p50:>8.2f}{p99:>8.2f}  {each}{db}"
             + (f"  ERRORS {errors}" if errors else "")
         )
 

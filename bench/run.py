@@ -275,6 +275,7 @@ def main() -> None:
                     wrk(t.url, t.key, body, conns, 1)  # warm-up
                 if counting:
                     peers.redis_reset_stats(redis_url)
+                    db_cpu = pg_cpu_seconds(pg_server)
                 samples = in_rounds(targets, args.rounds, load, body, _closed(conns, secs))
                 for t in targets:
                     rows.append({"kind": kind, **median(samples[t.name])})
@@ -284,6 +285,17 @@ def main() -> None:
                     answered = sum(x["requests"] for x in samples.get("limits-redis", []))
                     extras["redis_commands"] = stats
                     extras["redis_evalsha_per_request"] = stats.get("evalsha", 0) / max(answered, 1)
+                    # The database's side of usage recording, for sizing (docs/deploy.md): all
+                    # of the benchmark's PostgreSQL (backends, WAL writer, checkpointer) over
+                    # the requests the two gateways that record usage answered meanwhile.
+                    recorded = sum(
+                        x["requests"]
+                        for name in ("limits-mem", "limits-redis")
+                        for x in samples.get(name, [])
+                    )
+                    if recorded:
+                        db_us = (pg_cpu_seconds(pg_server) - db_cpu) * 1e6 / recorded
+                        extras["db_cpu_us_per_recorded_request"] = db_us
             rate = args.rate if kind == "json" else args.sse_rate
             samples = in_rounds(targets, args.rounds, f"{rate:g}/s", body, _open(rate, secs))
             for t in targets:
@@ -328,6 +340,12 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     extras["seconds_total"] = round(time.monotonic() - began, 1)
     report(rows, extras, args)
+
+
+def pg_cpu_seconds(server: Any) -> float:
+    """User + system CPU seconds of the benchmark's PostgreSQL, all its processes."""
+    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+    return peers.tree_cpu_seconds(postmaster)
 
 
 def _extra(extras: dict[str, Any], name: str, run: Any) -> None:
@@ -560,6 +578,12 @@ def report(rows: list[dict[str, Any]], extras: dict[str, Any], args: argparse.Na
     for t in targets:
         verdict = "n/a" if t["met"] is None else "ok" if t["met"] else "MISS"
         print(f"  [{verdict}] {t['target']}: {t['value']}")
+    db_us = extras.get("db_cpu_us_per_recorded_request")
+    if db_us is not None:
+        print(
+            f"\nPostgreSQL CPU per recorded request (JSON, {args.connections} connections, "
+            f"usage recording of limits-mem and limits-redis): {db_us:.1f} us"
+        )
     stamp = time.strftime("%Y-%m-%d")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"bench-{stamp}.json"
