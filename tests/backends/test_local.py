@@ -264,11 +264,12 @@ async def test_disconnected_client_stops_generation(backend: LocalBackend) -> No
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await wait_idle(backend) < 2
-    # A non-streamed request cancelled mid-way stops too.
+    # A non-streamed request cancelled mid-way stops too. Cancelled right after the check that
+    # its generation has begun, with no await in between: the task cannot have taken its
+    # answer yet (a sleep there let it finish first once, on a loaded machine).
     chat = asyncio.create_task(backend.chat(MODEL, {"messages": LONG, "max_tokens": 2000}))
-    while backend.pending == 0:
+    while not any(job.started for job in backend._jobs):
         await asyncio.sleep(0.005)
-    await asyncio.sleep(0.1)
     chat.cancel()
     with pytest.raises(asyncio.CancelledError):
         await chat
