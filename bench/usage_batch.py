@@ -29,42 +29,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 import peers  # noqa: E402
 
 from chatgate.db.engine import create_engine, migrate  # noqa: E402
-from chatgate.ids import new_id  # noqa: E402
 from chatgate.settings import Settings  # noqa: E402
 from chatgate.usage import batch  # noqa: E402
 from chatgate.usage.record import UsageRecord  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system time of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+from tests.usage.factory import make_record  # noqa: E402
 
 
 def records(n: int, start: float) -> list[UsageRecord]:
-    """A benchmark-like batch: one account, key and model, fresh request ids."""
-    same = {
-        "account_id": "acc_bench",
-        "key_id": "key_bench",
-        "model": "gpt-4o-mini",
-        "backend": "openai_compat",
-        "endpoint": "chat.completions",
-        "prompt_tokens": 12,
-        "completion_tokens": 9,
-        "cost": 0.00001,
-        "latency_ms": 0.4,
-        "ttft_ms": None,
-        "status": 200,
-        "error_code": None,
-        "conversation_id": None,
-        "streamed": False,
-    }
-    return [
-        UsageRecord(request_id=new_id("req"), created_at=start + i * 0.0003, **same)  # type: ignore[arg-type]
-        for i in range(n)
-    ]
+    """A benchmark-like batch: one account, key and model (the tests' record), fresh ids."""
+    return [make_record(created_at=start + i * 0.0003, cost=0.00001) for i in range(n)]
 
 
 async def general_only(conn: Any, rows: Any) -> None:
@@ -90,14 +63,18 @@ async def measure(url: str, batches: int, size: int, rounds: int) -> None:
                 for recs in work[:20]:  # warm: the pool's one connection, its caches
                     async with engine.begin() as conn:
                         await batch.write_batch(conn, recs)
-                mine, theirs, wall = time.process_time(), cpu_seconds(pid), time.perf_counter()
+                mine, theirs, wall = (
+                    time.process_time(),
+                    peers.tree_cpu_seconds(pid),
+                    time.perf_counter(),
+                )
                 for recs in work[20:]:
                     async with engine.begin() as conn:
                         await batch.write_batch(conn, recs)
                 per = 1000 / batches
                 print(
                     f"{name:<10}{(time.process_time() - mine) * per:>11.2f}"
-                    f"{(cpu_seconds(pid) - theirs) * per:>12.2f}"
+                    f"{(peers.tree_cpu_seconds(pid) - theirs) * per:>12.2f}"
                     f"{(time.perf_counter() - wall) * per:>9.2f}",
                     flush=True,
                 )
