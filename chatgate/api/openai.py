@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -25,7 +25,7 @@ from chatgate.api.schemas import (
     validate,
 )
 from chatgate.auth import Principal
-from chatgate.backends.base import Usage, reported_tokens
+from chatgate.backends.base import DONE_EVENT, ChatStream, Usage, reported_tokens
 from chatgate.backends.router import Route
 from chatgate.limits import Admission, checks_for
 from chatgate.sessions import ChatSession, prepare_chat
@@ -162,6 +162,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             meter.add_usage(usage, route.model)
             if session is not None:  # store the new turn and the answer
                 await session.commit(result.body)
+            if result.usage is None:  # the client sees the count it is billed for
+                return json_response({**result.body, "usage": usage.to_openai()}, headers=headers)
             if result.raw is not None:
                 return web.Response(body=result.raw, content_type=JSON, headers=headers)
             return json_response(result.body, headers=headers)
@@ -179,9 +181,25 @@ async def _relay_stream(
     meter: metering.Meter,
     session: ChatSession | None = None,
 ) -> web.StreamResponse:
-    """Relay the backend's SSE events as they come; meter what was sent, even if cut off."""
+    """Relay the backend's SSE events as they come; meter what was sent, even if cut off.
+
+    A backend that reports no usage (or one refused, see :func:`reported_tokens`) is metered by
+    the gateway's own count, and a client that asked for usage gets that count in the usage
+    chunk before ``[DONE]``: what it is shown is what it is billed for.
+    """
     include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
     stream = await route.chat_stream(upstream, include_usage=include_usage)
+
+    def counted() -> Usage:
+        model = route.model.upstream_model
+        return Usage(
+            tokens.count_messages(upstream["messages"], model, chat.tools),
+            tokens.count_text(stream.completion_text, model),
+        )
+
+    events = stream if session is None else session.relay(stream)
+    if include_usage:
+        events = _usage_before_done(events, stream, counted)
     resp = web.StreamResponse(
         headers={**SSE_HEADERS, **headers, "x-request-id": request[REQUEST_ID]}
     )
@@ -191,7 +209,7 @@ async def _relay_stream(
         # With a session, relay() stores the turn just before [DONE] reaches the client.
         # Events that arrived together leave together: one write (a system call) for all
         # those already in hand, never holding one back to wait for the upstream.
-        async for event in stream if session is None else session.relay(stream):
+        async for event in events:
             held.append(event)
             if not stream.buffered:
                 await resp.write(held[0] if len(held) == 1 else b"".join(held))
@@ -203,17 +221,22 @@ async def _relay_stream(
     finally:
         await stream.aclose()
         meter.first_byte_at = stream.first_byte_at
-        usage = stream.usage
-        if usage is None:
-            model = route.model.upstream_model
-            usage = Usage(
-                tokens.count_messages(upstream["messages"], model, chat.tools),
-                tokens.count_text(stream.completion_text, model),
-            )
-        meter.add_usage(usage, route.model)
+        meter.add_usage(stream.usage or counted(), route.model)
     with contextlib.suppress(ConnectionResetError):
         await resp.write_eof()
     return resp
+
+
+async def _usage_before_done(
+    events: AsyncIterable[bytes], stream: ChatStream, counted: Callable[[], Usage]
+) -> AsyncIterator[bytes]:
+    """``events``, with the gateway's own usage chunk just before ``[DONE]`` when the backend
+    sent none (or a refused one, which it dropped); the count becomes the stream's usage."""
+    async for event in events:
+        if event == DONE_EVENT and stream.usage is None:
+            stream.usage = counted()
+            event = stream.usage_event(stream.usage) + event  # one write for both
+        yield event
 
 
 def _counted(
@@ -257,6 +280,8 @@ async def embeddings(request: web.Request) -> web.Response:
         prompt = reported_tokens(usage.get("prompt_tokens")) if isinstance(usage, dict) else None
         used = reserve() if prompt is None else prompt
         call.meter.add_usage(Usage(used, 0), route.model)
+        if prompt is None:  # the client sees the count it is billed for
+            answer = {**answer, "usage": {"prompt_tokens": used, "total_tokens": used}}
         return json_response(answer, headers=admission.headers)
     finally:
         await call.settle(admission)

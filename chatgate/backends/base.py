@@ -13,7 +13,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from chatgate.settings import ModelConfig
+
+DONE_EVENT = b"data: [DONE]\n\n"
 
 MAX_REPORTED_TOKENS = 2**31 - 1
 """The most tokens an upstream may report for one request: what the usage tables' ``INTEGER``
@@ -90,6 +94,16 @@ class ChatStream(ABC):
     def completion_text(self) -> str:
         """The text generated so far (content and tool-call arguments)."""
         return "".join(self._text)
+
+    def envelope(self) -> dict[str, Any]:
+        """The fields every chunk of this stream repeats (``id``, ``created``, ``model``...)."""
+        return {"object": "chat.completion.chunk"}
+
+    def usage_event(self, usage: Usage) -> bytes:
+        """The usage-only chunk (``choices: []``) of this stream, for ``usage``: the last
+        event before ``[DONE]`` when the client asked for usage (``stream_options``)."""
+        chunk = {**self.envelope(), "choices": [], "usage": usage.to_openai()}
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     @property
     def buffered(self) -> bool:

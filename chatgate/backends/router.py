@@ -373,7 +373,8 @@ class Route:
 class RoutedStream(ChatStream):
     """A started stream: relays the backend's events, keeps the deployment's counters.
 
-    ``usage``, ``first_byte_at`` and ``completion_text`` are the backend stream's. An error
+    ``usage``, ``first_byte_at``, ``completion_text`` and ``envelope`` are the backend
+    stream's. An error
     event after the start counts as a failure of the deployment.
     """
 
@@ -409,6 +410,9 @@ class RoutedStream(ChatStream):
     @property
     def completion_text(self) -> str:
         return self._inner.completion_text
+
+    def envelope(self) -> dict[str, Any]:
+        return self._inner.envelope()
 
     @property
     def buffered(self) -> bool:

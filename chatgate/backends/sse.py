@@ -2,9 +2,14 @@
 
 Streams are passed through event by event, never buffered whole; ``stream_options.include_usage``
 is always asked of the upstream so usage can be metered, and the usage-only chunk is dropped when
-the client did not ask for it. One watchdog timer per stream re-arms itself lazily (at most
-once per idle period, never per chunk) and closes the upstream response when a limit passes
-(first byte, idle, total), which ends the relay with an SSE ``upstream_timeout`` error event.
+the client did not ask for it. A usage the gateway does not believe (see
+:func:`~chatgate.backends.base.reported_tokens`) never reaches the client: a usage-only chunk
+carrying one is dropped, one riding on a chunk with choices is replaced by ``null``; the API
+layer then sends its own count in its place.
+
+One watchdog timer per stream re-arms itself lazily (at most once per idle period, never per
+chunk) and closes the upstream response when a limit passes (first byte, idle, total), which
+ends the relay with an SSE ``upstream_timeout`` error event.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import orjson
 
@@ -25,7 +31,6 @@ from chatgate.backends.http1 import StreamBody, UpstreamConnectionError
 from chatgate.backends.upstream_errors import Phase, timeout_error
 from chatgate.settings import ModelConfig
 
-DONE_EVENT = b"data: [DONE]\n\n"
 _UNPARSED_MAX = 256  # events held before their text is extracted anyway
 _NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
 _CRLF = re.compile(rb"\r\n|\r")
@@ -76,6 +81,7 @@ class SSEPassThrough(ChatStream):
         self._iterator: AsyncGenerator[bytes, None] | None = None
         self._ready: deque[bytes] = deque()  # events split from the last read, not yet relayed
         self._unparsed: list[bytes] = []  # events whose text is not extracted yet
+        self._first: bytes | None = None  # the first chunk: its id, created, model...
         self._loop = asyncio.get_running_loop()
         self._timeouts = timeouts
         self._reading_since: float | None = None  # loop time a read of the upstream began
@@ -157,16 +163,18 @@ class SSEPassThrough(ChatStream):
                     break
                 events, rest = split_events(rest + chunk if rest else chunk)
                 for event in events:
-                    if self._keep(event):
-                        ready.append(event)
+                    kept = self._keep(event)
+                    if kept is not None:
+                        ready.append(kept)
                 while ready:
                     if self.first_byte_at is None:
                         self.first_byte_at = time.perf_counter()
                     yield ready.popleft()
             if rest.strip():
                 event = rest if rest.endswith(b"\n") else rest + b"\n"
-                if self._keep(event + b"\n"):
-                    yield event + b"\n"
+                kept = self._keep(event + b"\n")
+                if kept is not None:
+                    yield kept
         except (TimeoutError, UpstreamConnectionError):
             if self._expired is not None:
                 self.failure = self._timeout()
@@ -181,8 +189,9 @@ class SSEPassThrough(ChatStream):
             self._stop_timer()
             self._resp.release()
 
-    def _keep(self, event: bytes) -> bool:
-        """Note usage and text of one event; False for a usage-only chunk nobody asked for.
+    def _keep(self, event: bytes) -> bytes | None:
+        """Note usage and text of one event; the event to relay, or ``None`` for a usage-only
+        chunk nobody asked for or whose usage is refused.
 
         Only an event that carries a usage object is parsed here; the others are kept as
         they are and parsed for their text only if it is ever asked for (a stream cut off
@@ -190,27 +199,45 @@ class SSEPassThrough(ChatStream):
         event, not every one.
         """
         if not event.startswith(b"data: {"):
-            return True
+            return event
+        if self._first is None:
+            self._first = event
         if len(self._unparsed) >= _UNPARSED_MAX:
             self._parse_text()  # a long stream: keep memory flat, parse what is held
         self._unparsed.append(event)
         if b'"usage"' not in event or _NULL_USAGE.search(event):
-            return True
+            return event
         try:
             chunk = orjson.loads(event[6:])
         except orjson.JSONDecodeError:
-            return True
-        if not isinstance(chunk, dict):
-            return True
-        usage = Usage.from_openai(chunk.get("usage"))
+            return event
+        if not isinstance(chunk, dict) or chunk.get("usage") is None:
+            return event
+        usage = Usage.from_openai(chunk["usage"])
         if usage is not None:
             self.usage = usage
         if chunk.get("choices"):
-            return True
-        if usage is not None and not self._include_usage:
+            if usage is None:  # refused: the client is not shown what is not billed
+                return b"data: " + orjson.dumps({**chunk, "usage": None}) + b"\n\n"
+            return event
+        if usage is None or not self._include_usage:
             self._unparsed.pop()  # dropped: nothing in it to count
-            return False
-        return True
+            return None
+        return event
+
+    def envelope(self) -> dict[str, Any]:
+        """The first chunk's ``id``, ``object``, ``created``, ``model`` and
+        ``system_fingerprint``, as the upstream sent them."""
+        envelope = super().envelope()
+        try:
+            first = orjson.loads(self._first[6:]) if self._first is not None else None
+        except orjson.JSONDecodeError:
+            first = None
+        if isinstance(first, dict):
+            for field in ("id", "object", "created", "model", "system_fingerprint"):
+                if field in first:
+                    envelope[field] = first[field]
+        return envelope
 
     @property
     def completion_text(self) -> str:
@@ -247,4 +274,4 @@ class SSEPassThrough(ChatStream):
                 await self._iterator.aclose()
 
 
-__all__ = ["DONE_EVENT", "SSEPassThrough", "split_events"]
+__all__ = ["SSEPassThrough", "split_events"]

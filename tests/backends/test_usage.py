@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
-from chatgate.backends.base import MAX_REPORTED_TOKENS, Usage, reported_tokens
+from chatgate.backends.base import DONE_EVENT, MAX_REPORTED_TOKENS, Usage, reported_tokens
+from chatgate.backends.sse import SSEPassThrough
+from chatgate.settings import ModelConfig
 
 
 @pytest.mark.parametrize("value", [0, 1, 4096, MAX_REPORTED_TOKENS])
@@ -28,3 +31,81 @@ def test_usage_with_any_count_refused_is_none_so_the_gateway_counts() -> None:
     assert Usage.from_openai({"prompt_tokens": True, "completion_tokens": 3}) is None
     assert Usage.from_openai({"prompt_tokens": 7}) is None
     assert Usage.from_openai(None) is None
+
+
+class _Body:
+    """An upstream's stream body, read in the pieces given (what SSEPassThrough reads)."""
+
+    def __init__(self, *pieces: bytes) -> None:
+        self._pieces = list(pieces)
+
+    async def readany(self) -> bytes:
+        return self._pieces.pop(0) if self._pieces else b""
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _event(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+def _chunk(choices: list[Any], usage: Any = None) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "m",
+        "system_fingerprint": "fp",
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+async def _relay(include_usage: bool, *events: bytes) -> tuple[list[bytes], SSEPassThrough]:
+    stream = SSEPassThrough(
+        _Body(b"".join(events)),  # type: ignore[arg-type]
+        ModelConfig(name="m"),
+        include_usage=include_usage,
+    )
+    return [event async for event in stream], stream
+
+
+TEXT = {"index": 0, "delta": {"content": "hi"}, "finish_reason": None}
+NONSENSE = {"prompt_tokens": 2**40, "completion_tokens": -3, "total_tokens": 2**40 - 3}
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_a_refused_usage_chunk_is_not_relayed(include_usage: bool) -> None:
+    out, stream = await _relay(
+        include_usage, _event(_chunk([TEXT])), _event(_chunk([], NONSENSE)), DONE_EVENT
+    )
+    assert out == [_event(_chunk([TEXT])), DONE_EVENT]
+    assert stream.usage is None and stream.completion_text == "hi"
+
+
+async def test_a_believed_usage_chunk_is_relayed_when_asked_for() -> None:
+    good = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    events = (_event(_chunk([TEXT])), _event(_chunk([], good)), DONE_EVENT)
+    out, stream = await _relay(True, *events)
+    assert out == list(events) and stream.usage == Usage(5, 1)
+    out, stream = await _relay(False, *events)
+    assert out == [events[0], DONE_EVENT] and stream.usage == Usage(5, 1)
+
+
+async def test_a_refused_usage_on_a_chunk_with_choices_is_shown_as_null() -> None:
+    out, stream = await _relay(True, _event(_chunk([TEXT], NONSENSE)), DONE_EVENT)
+    assert [orjson.loads(e[6:]) for e in out[:-1]] == [_chunk([TEXT])]
+    assert stream.usage is None and stream.completion_text == "hi"
+
+
+async def test_the_gateway_usage_chunk_repeats_the_stream_envelope() -> None:
+    _, stream = await _relay(True, _event(_chunk([TEXT])), DONE_EVENT)
+    event = stream.usage_event(Usage(4, 2))
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+    assert orjson.loads(event[6:]) == _chunk(
+        [], {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    )

@@ -100,35 +100,71 @@ def test_thousand_requests_exactly_recorded(gateway: Gateway) -> None:
     assert totals["completion_tokens"] == sum(int(r["completion_tokens"]) for r in rows)
 
 
+def _shown_usage(resp: requests.Response, stream: bool) -> dict[str, int] | None:
+    """The usage a client is shown: a JSON answer's, or a stream's usage chunks' (at most one,
+    just before ``[DONE]``; no chunk with choices carries one)."""
+    if not stream:
+        usage: dict[str, int] | None = resp.json().get("usage")
+        return usage
+    data = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    with_usage = [i for i, c in enumerate(chunks) if c.get("usage") is not None]
+    assert with_usage in ([], [len(chunks) - 1]), data
+    if not with_usage:
+        return None
+    last = chunks[-1]
+    assert last["choices"] == [] and last["object"] == "chat.completion.chunk"
+    assert last["id"] == chunks[0]["id"] and last["created"] == chunks[0]["created"]
+    return dict(last["usage"])
+
+
 def test_nonsense_usage_from_an_upstream_is_counted_instead(gateway: Gateway) -> None:
     """An upstream reporting 2**40 prompt tokens and -3 completion tokens (JSON and streamed):
     the requests are metered with the gateway's own count, the same as for an upstream that
     reports nothing, and usage goes on being recorded (a count beyond the tables' columns
-    would have failed, for good, every batch of usage it was in)."""
+    would have failed, for good, every batch of usage it was in). The client is shown the
+    count it is billed for, in the JSON answer and in the usage chunk it asked for; a
+    stream whose client did not ask for usage gets no usage chunk, nonsense or counted."""
     email, key = new_key(gateway)
     headers = {"Authorization": f"Bearer {key}"}
     messages = [{"role": "user", "content": "count these words yourself"}]
-    for model in ("gpt-bad-usage", "gpt-no-usage"):
+    shown: dict[tuple[str, bool], dict[str, int] | None] = {}
+    for model in ("gpt-bad-usage", "gpt-no-usage", "gpt-test"):
         for stream in (False, True):
-            body = {"model": model, "messages": messages, "stream": stream}
+            body: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
             if stream:
                 body["stream_options"] = {"include_usage": True}
             resp = requests.post(
                 gateway.url + "/v1/chat/completions", json=body, headers=headers, timeout=30
             )
             assert resp.status_code == 200, resp.text
-    resp = requests.post(gateway.url + "/v1/chat/completions", json=BODY, headers=headers)
-    assert resp.status_code == 200
-    rows = wait_records(gateway, email, 5)
-    assert len(rows) == 5
-    counted = {
-        (r["model"], r["streamed"]): (int(r["prompt_tokens"]), int(r["completion_tokens"]))
-        for r in rows
-    }
-    for streamed in {r["streamed"] for r in rows}:
+            shown[model, stream] = _shown_usage(resp, stream)
+        quiet = requests.post(
+            gateway.url + "/v1/chat/completions",
+            json={"model": model, "messages": messages, "stream": True},
+            headers=headers,
+            timeout=30,
+        )
+        assert quiet.status_code == 200 and _shown_usage(quiet, True) is None
+    rows = wait_records(gateway, email, 9)
+    assert len(rows) == 9
+    counted: dict[tuple[str, bool], list[tuple[int, int]]] = {}
+    for r in rows:
+        key_ = (r["model"], r["streamed"] in ("True", "true", "1"))
+        counted.setdefault(key_, []).append((int(r["prompt_tokens"]), int(r["completion_tokens"])))
+    for streamed in (False, True):
         bad, none = counted["gpt-bad-usage", streamed], counted["gpt-no-usage", streamed]
-        assert bad == none
-        assert 0 < bad[0] < 100 and 0 < bad[1] < 100
+        assert bad[0] == none[0] and len(set(bad)) == 1 and len(set(none)) == 1
+        assert 0 < bad[0][0] < 100 and 0 < bad[0][1] < 100
+        for model in ("gpt-bad-usage", "gpt-no-usage", "gpt-test"):
+            usage = shown[model, streamed]
+            assert usage is not None, (model, streamed)
+            billed = counted[model, streamed][0]
+            assert (usage["prompt_tokens"], usage["completion_tokens"]) == billed
+            assert usage["total_tokens"] == sum(billed)
+    # The fake upstream's own count differs from the gateway's: the upstream's was shown.
+    assert counted["gpt-test", False][0] != counted["gpt-no-usage", False][0]
 
 
 def test_rejected_requests_are_recorded_too(gateway: Gateway) -> None:
