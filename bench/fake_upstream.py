@@ -4,9 +4,9 @@
 
 Behaviour is chosen by the request's ``model``:
 - anything else: echo the last user message, ``chunks`` SSE chunks when streaming;
-- ``no-usage``: never reports usage (the gateway must count);
+- ``no-usage``: never reports usage (the gateway must count), embeddings included;
 - ``bad-usage``: reports nonsense usage, 2**40 prompt tokens and -3 completion tokens (the
-  gateway must count instead);
+  gateway must count instead); embeddings: 2**40 prompt tokens;
 - ``fail-500`` / ``fail-429`` / ``fail-401``: answer with that status;
 - ``slow``: wait ``delay`` seconds (JSON ``{"delay": s}`` in the body extension ``fake``);
 - ``break-stream``: send two chunks, then cut the connection;
@@ -318,14 +318,11 @@ async def embeddings(request: web.Request) -> web.Response:
         {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
         for i in range(len(inputs))
     ]
-    return web.json_response(
-        {
-            "object": "list",
-            "data": data,
-            "model": body["model"],
-            "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)},
-        }
-    )
+    out: dict[str, Any] = {"object": "list", "data": data, "model": body["model"]}
+    if body["model"] != "no-usage":
+        prompt = 2**40 if body["model"] == "bad-usage" else len(inputs)
+        out["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
+    return web.json_response(out)
 
 
 async def models(request: web.Request) -> web.Response:

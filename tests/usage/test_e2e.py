@@ -167,6 +167,29 @@ def test_nonsense_usage_from_an_upstream_is_counted_instead(gateway: Gateway) ->
     assert counted["gpt-test", False][0] != counted["gpt-no-usage", False][0]
 
 
+def test_embeddings_without_a_believable_usage_show_the_counted_one(gateway: Gateway) -> None:
+    """Embeddings from an upstream that reports no usage or a nonsense one: the answer's usage
+    is the gateway's count, the one recorded; a reported count is shown and recorded as is."""
+    email, key = new_key(gateway)
+    shown = {}
+    for model in ("gpt-no-usage", "gpt-bad-usage", "gpt-test"):
+        resp = requests.post(
+            gateway.url + "/v1/embeddings",
+            json={"model": model, "input": ["count these words yourself", "and these"]},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        assert resp.status_code == 200, resp.text
+        shown[model] = resp.json()["usage"]
+    rows = {r["model"]: r for r in wait_records(gateway, email, 3)}
+    for model, usage in shown.items():
+        assert usage["prompt_tokens"] == usage["total_tokens"]
+        assert usage["prompt_tokens"] == int(rows[model]["prompt_tokens"]), model
+    assert shown["gpt-no-usage"] == shown["gpt-bad-usage"]
+    assert 6 <= shown["gpt-no-usage"]["prompt_tokens"] < 20
+    assert shown["gpt-test"]["prompt_tokens"] == 2  # the fake upstream's own: one per input
+
+
 def test_rejected_requests_are_recorded_too(gateway: Gateway) -> None:
     email, key = new_key(gateway)
     bad = requests.post(
