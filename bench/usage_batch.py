@@ -1,7 +1,8 @@
 """What one batch of usage records costs, on both sides of the wire: the writer's own CPU (the
 gateway's, in a real deployment) and the PostgreSQL backend's, per batch, for the two ways
 ``chatgate/usage/batch.py`` writes a batch: ``COPY`` (the usual one) and the general statement
-(taken when the ``COPY`` refuses a batch).
+(taken when the ``COPY`` refuses a batch); and ``COPY`` once more with request ids that are
+random instead of time-ordered (``chatgate.ids.ordered_id``), as they were before.
 
     .venv/bin/python bench/usage_batch.py [--batches 140] [--size 500] [--rounds 3]
 
@@ -29,15 +30,22 @@ sys.path.insert(0, str(ROOT / "bench"))
 import peers  # noqa: E402
 
 from chatgate.db.engine import create_engine, migrate  # noqa: E402
+from chatgate.ids import new_id  # noqa: E402
 from chatgate.settings import Settings  # noqa: E402
 from chatgate.usage import batch  # noqa: E402
 from chatgate.usage.record import UsageRecord  # noqa: E402
 from tests.usage.factory import make_record  # noqa: E402
 
 
-def records(n: int, start: float) -> list[UsageRecord]:
-    """A benchmark-like batch: one account, key and model (the tests' record), fresh ids."""
-    return [make_record(created_at=start + i * 0.0003, cost=0.00001) for i in range(n)]
+def records(n: int, start: float, ids: str) -> list[UsageRecord]:
+    """A benchmark-like batch: one account, key and model (the tests' record), fresh ids
+    (time-ordered, as the gateway makes them, or random)."""
+    return [
+        make_record(created_at=start + i * 0.0003, cost=0.00001)
+        if ids == "ordered"
+        else make_record(created_at=start + i * 0.0003, cost=0.00001, request_id=new_id("req"))
+        for i in range(n)
+    ]
 
 
 async def general_only(conn: Any, rows: Any) -> None:
@@ -51,13 +59,15 @@ async def measure(url: str, batches: int, size: int, rounds: int) -> None:
     )
     await migrate(engine)
     copy = batch._copy_pg
-    print(f"{'way':<10}{'writer ms':>11}{'backend ms':>12}{'wall ms':>9}   a batch of {size}")
+    print(f"{'way':<17}{'writer ms':>11}{'backend ms':>12}{'wall ms':>9}   a batch of {size}")
+    ways = (("copy", copy, "ordered"), ("copy random-ids", copy, "random"))
+    ways += (("statement", general_only, "ordered"),)
     try:
         for _ in range(rounds):
-            for name, way in (("copy", copy), ("statement", general_only)):
+            for name, way, ids in ways:
                 batch._copy_pg = way  # type: ignore[assignment]
                 start = time.time()
-                work = [records(size, start + i * 0.15) for i in range(batches + 20)]
+                work = [records(size, start + i * 0.15, ids) for i in range(batches + 20)]
                 async with engine.begin() as conn:
                     pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
                 for recs in work[:20]:  # warm: the pool's one connection, its caches
@@ -73,7 +83,7 @@ async def measure(url: str, batches: int, size: int, rounds: int) -> None:
                         await batch.write_batch(conn, recs)
                 per = 1000 / batches
                 print(
-                    f"{name:<10}{(time.process_time() - mine) * per:>11.2f}"
+                    f"{name:<17}{(time.process_time() - mine) * per:>11.2f}"
                     f"{(peers.tree_cpu_seconds(pid) - theirs) * per:>12.2f}"
                     f"{(time.perf_counter() - wall) * per:>9.2f}",
                     flush=True,

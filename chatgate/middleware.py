@@ -9,7 +9,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from chatgate import errors
-from chatgate.ids import new_id
+from chatgate.ids import ordered_id
 from chatgate.keys import format as keyfmt
 from chatgate.meter import METER
 from chatgate.state import REQUEST_ID, STATE
@@ -35,7 +35,7 @@ def _http_error(exc: web.HTTPException) -> errors.APIError:
 
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request_id = new_id("req")
+    request_id = ordered_id("req")
     request[REQUEST_ID] = request_id
     error_code: str | None = None
     try:

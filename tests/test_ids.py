@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
-from chatgate.ids import new_id, random_hex
+from chatgate.ids import new_id, ordered_id, random_hex
 
 
 def test_format_and_uniqueness() -> None:
     ids = [new_id("req") for _ in range(10_000)]  # crosses several blocks of the buffer
     assert all(re.fullmatch(r"req_[0-9a-f]{24}", i) for i in ids)
     assert len(set(ids)) == len(ids)
+
+
+def test_ordered_ids_sort_by_the_time_they_were_made() -> None:
+    before = int(time.time() * 1000)
+    ids = [ordered_id("req") for _ in range(5_000)]
+    after = int(time.time() * 1000)
+    assert all(re.fullmatch(r"req_[0-9a-f]{28}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+    stamps = [int(i[4:16], 16) for i in ids]
+    assert before <= stamps[0] and stamps[-1] <= after
+    assert stamps == sorted(stamps)  # ids of one millisecond differ in their random part
+    assert len({i[16:] for i in ids}) == len(ids)
 
 
 def test_a_request_larger_than_a_block() -> None:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
 import secrets
 import time
 from pathlib import Path
 from typing import Any
 
+from chatgate.ids import ordered_id
 from chatgate.settings import Settings
 from chatgate.usage.record import UsageRecord
-
-_counter = itertools.count()
 
 
 def settings_for(database_url: str, data_dir: Path) -> Settings:
@@ -26,7 +24,7 @@ def new_account() -> str:
 def make_record(**fields: Any) -> UsageRecord:
     """A successful chat completion record; override any field."""
     values: dict[str, Any] = {
-        "request_id": f"req_{secrets.token_hex(8)}{next(_counter):06d}",
+        "request_id": ordered_id("req"),  # as the gateway makes them
         "created_at": time.time(),
         "account_id": "acct_test",
         "key_id": "key_test",
