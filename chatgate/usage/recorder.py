@@ -40,6 +40,16 @@ Guarantees and their limits:
   in :attr:`UsageRecorder.rejected`; the rest of its batch is stored. Spooled, it would fail
   every later flush and keep everything after it out of the database.
 
+Raw records older than the retention are pruned hourly in a task of their own, beside the
+flusher (an hour's records of a busy deployment are millions of rows, and the flusher used to
+wait for their ``DELETE``), ``PRUNE_SLICE`` of their time a transaction (so a backlog of days
+is not one transaction, and a stop does not wait for one), each slice one range ``DELETE`` on
+the ``created_at`` index (``bench/prune.py``: one million rows over 5.5 hours, in a table
+keeping three million newer ones, 0.59-0.93 s against 0.41-0.86 s as one ``DELETE``; a stop
+during a prune waited 0.02-0.37 s). Chunks of 5,000 row ids instead took 2-7x as long as one
+``DELETE``: each walked again over the index entries of the rows the chunks before it deleted. On PostgreSQL one process prunes at a time (an advisory lock);
+the others leave it to that one.
+
 Several processes may share one spool directory (``serve --workers N``): each writes its own
 file and holds an exclusive ``flock`` on it while alive. A file whose lock can be taken belongs
 to a dead process; any recorder replays it and deletes it.
@@ -56,6 +66,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import asyncpg
+import sqlalchemy as sa
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.usage.batch import write_batch
@@ -64,6 +76,11 @@ from chatgate.usage.spool import Spool, read_chunk
 from chatgate.usage.tables import usage_records
 
 log = logging.getLogger(__name__)
+
+
+PRUNE_SLICE = 600
+"""Seconds of raw records deleted per transaction when pruning."""
+PRUNE_LOCK = 0x63676174_65707275  # PostgreSQL advisory lock key of the prune ("cgatepru")
 
 
 class UsageRecorder:
@@ -105,6 +122,7 @@ class UsageRecorder:
         self._retry_at = 0.0  # monotonic time before which the flusher goes straight to spool
         self._db_down = False
         self._next_prune = 0.0
+        self._pruning: asyncio.Task[None] | None = None
         self.dropped = 0  # records refused because the queue was full
         self.written = 0  # records this recorder inserted (replays included)
         self.rejected = 0  # records the database refused for a value in them: logged, not stored
@@ -168,6 +186,11 @@ class UsageRecorder:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._pruning is not None:  # a slice not committed yet rolls back: the next start
+            self._pruning.cancel()  # prunes it (a stop should be quick)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruning
+            self._pruning = None
         await self._flush(force=not self._db_down)
         self._closed = True
         self._spool.release()
@@ -176,14 +199,32 @@ class UsageRecorder:
         """Write out the queue now, replaying the spool first; ignores the outage backoff."""
         await self._flush(force=True)
 
-    async def prune(self, older_than_seconds: float) -> int:
-        """Delete raw records older than ``older_than_seconds``; rollups are kept. Returns rows."""
+    async def prune(self, older_than_seconds: float, *, slice_seconds: int = PRUNE_SLICE) -> int:
+        """Delete raw records older than ``older_than_seconds``, those of at most
+        ``slice_seconds`` a transaction, until none is left or the recorder closes; rollups are
+        kept. Returns rows (0 when another process holds the prune lock)."""
+        t = usage_records
         cutoff = int(time.time() - older_than_seconds)
-        async with self._engine.begin() as conn:
-            result = await conn.execute(
-                usage_records.delete().where(usage_records.c.created_at < cutoff)
-            )
-        return int(result.rowcount)
+        first = select(sa.func.min(t.c.created_at)).where(t.c.created_at < cutoff)
+        removed = 0
+        async with self._engine.connect() as conn:
+            low = (await conn.execute(first)).scalar_one_or_none()
+        while low is not None and not self._closing:
+            high = min(cutoff, low + slice_seconds)
+            async with self._engine.begin() as conn:
+                if (
+                    conn.dialect.name == "postgresql"
+                    and not (
+                        await conn.execute(select(sa.func.pg_try_advisory_xact_lock(PRUNE_LOCK)))
+                    ).scalar_one()
+                ):
+                    return removed
+                between = (t.c.created_at >= low) & (t.c.created_at < high)
+                removed += int((await conn.execute(t.delete().where(between))).rowcount)
+                # The next record's time, looked up past this slice (not over its deleted rows).
+                after = first.where(t.c.created_at >= high)
+                low = (await conn.execute(after)).scalar_one_or_none()
+        return removed
 
     async def _run(self) -> None:
         while not self._closing:
@@ -194,16 +235,24 @@ class UsageRecorder:
                 break  # close() does the final flush itself
             try:
                 await self._flush(force=False, drain=False)
-                await self._maybe_prune()
+                self._maybe_prune()
             except Exception:  # the flusher must outlive any surprise; the data stays queued
                 log.exception("usage flush failed")
 
-    async def _maybe_prune(self) -> None:
+    def _maybe_prune(self) -> None:
+        """Start a prune beside the flusher, once per ``prune_interval`` (never two at once)."""
         if self._retention is None or self._db_down or time.monotonic() < self._next_prune:
             return
+        if self._pruning is not None and not self._pruning.done():
+            return
         self._next_prune = time.monotonic() + self._prune_interval
+        self._pruning = asyncio.get_running_loop().create_task(
+            self._prune_logged(self._retention), name="usage-prune"
+        )
+
+    async def _prune_logged(self, retention: float) -> None:
         try:
-            removed = await self.prune(self._retention)
+            removed = await self.prune(retention)
         except Exception as exc:
             log.warning("usage prune failed: %s", _describe(exc))
             return

@@ -349,6 +349,70 @@ async def test_prune_keeps_rollups(engine: AsyncEngine, spool_dir: Path) -> None
     await recorder.close()
 
 
+async def _old_rows(engine: AsyncEngine, older_than: float) -> int:
+    async with engine.connect() as conn:
+        query = sa.select(sa.func.count()).where(
+            usage_records.c.created_at < int(time.time() - older_than)
+        )
+        return int((await conn.execute(query)).scalar_one())
+
+
+async def test_prune_deletes_a_slice_of_time_a_transaction(
+    engine: AsyncEngine, spool_dir: Path
+) -> None:
+    """Old records in five hours two hours apart (and whatever old ones other tests left),
+    pruned an hour a transaction: one DELETE per hour that holds records, skipping the empty
+    ones between; the new records stay."""
+    account = new_account()
+    base = time.time() - 40 * DAY
+    old = [
+        make_record(account_id=account, created_at=base - hour * 7200 - i)
+        for hour in range(5)
+        for i in range(3)
+    ]
+    new = [make_record(account_id=account) for _ in range(4)]
+    recorder = UsageRecorder(engine, spool_dir)
+    for rec in old + new:
+        recorder.record(rec)
+    await recorder.flush()
+    before = await _old_rows(engine, 30 * DAY)
+    with Statements(engine) as sql:
+        removed = await recorder.prune(30 * DAY, slice_seconds=3600)
+    assert removed == before >= 15
+    deletes = [s for s in sql.sent if s.lstrip().upper().startswith("DELETE")]
+    assert 5 <= len(deletes) <= 5 + (before - 15)  # never one for an empty hour
+    assert {r.request_id for r in await stored(engine, account)} == {r.request_id for r in new}
+    await recorder.close()
+
+
+async def test_processes_pruning_at_once_share_the_work(
+    engine: AsyncEngine, database_url: str, spool_dir: Path, tmp_path: Path
+) -> None:
+    """Two recorders on two engines (two processes' pools) prune the same old records at once:
+    neither fails, and between them (and a prune after, for what one that stopped short left)
+    every old row goes, counted once."""
+    account = new_account()
+    recorder = UsageRecorder(engine, spool_dir)
+    base = time.time() - 40 * DAY
+    for i in range(60):
+        recorder.record(make_record(account_id=account, created_at=base - i * 600))
+    await recorder.flush()
+    before = await _old_rows(engine, 30 * DAY)
+    other_engine = create_engine(settings_for(database_url, tmp_path / "other"))
+    other = UsageRecorder(other_engine, tmp_path / "other-spool")
+    try:
+        mine, theirs = await asyncio.gather(
+            recorder.prune(30 * DAY, slice_seconds=1200), other.prune(30 * DAY, slice_seconds=1200)
+        )
+        rest = await recorder.prune(30 * DAY)  # what a prune that stopped short left
+        assert mine + theirs + rest == before >= 60
+        assert await _old_rows(engine, 30 * DAY) == 0
+    finally:
+        await other.close()
+        await other_engine.dispose()
+        await recorder.close()
+
+
 # -- outages ---------------------------------------------------------------------------------
 
 
