@@ -47,8 +47,8 @@ is not one transaction, and a stop does not wait for one), each slice one range 
 the ``created_at`` index (``bench/prune.py``: one million rows over 5.5 hours, in a table
 keeping three million newer ones, 0.59-0.93 s against 0.41-0.86 s as one ``DELETE``; a stop
 during a prune waited 0.02-0.37 s). Chunks of 5,000 row ids instead took 2-7x as long as one
-``DELETE``: each walked again over the index entries of the rows the chunks before it deleted. On PostgreSQL one process prunes at a time (an advisory lock);
-the others leave it to that one.
+``DELETE``: each walked again over the index entries of the rows the chunks before it deleted.
+On PostgreSQL one process prunes at a time (an advisory lock); the others leave it to that one.
 
 Several processes may share one spool directory (``serve --workers N``): each writes its own
 file and holds an exclusive ``flock`` on it while alive. A file whose lock can be taken belongs
