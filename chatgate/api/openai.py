@@ -158,7 +158,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         if not chat.stream:
             result = await route.chat(upstream)
-            usage = result.usage or _counted(upstream, counting_model, chat, result.body)
+            usage = result.usage or _counted(upstream, chat, counting_model, _text_of(result.body))
             meter.add_usage(usage, route.model)
             if session is not None:  # store the new turn and the answer
                 await session.commit(result.body)
@@ -191,11 +191,7 @@ async def _relay_stream(
     stream = await route.chat_stream(upstream, include_usage=include_usage)
 
     def counted() -> Usage:
-        model = route.model.upstream_model
-        return Usage(
-            tokens.count_messages(upstream["messages"], model, chat.tools),
-            tokens.count_text(stream.completion_text, model),
-        )
+        return _counted(upstream, chat, route.model.upstream_model, stream.completion_text)
 
     events = stream if session is None else session.relay(stream)
     if include_usage:
@@ -240,20 +236,29 @@ async def _usage_before_done(
 
 
 def _counted(
-    upstream: dict[str, Any], model: str, chat: ChatCompletionRequest, answer: dict[str, Any]
+    upstream: dict[str, Any], chat: ChatCompletionRequest, model: str, completion: str
 ) -> Usage:
-    """Usage by counting, for upstreams that do not report it."""
-    text = []
-    for choice in answer.get("choices") or ():
-        message = choice.get("message") or {}
-        if isinstance(message.get("content"), str):
-            text.append(message["content"])
-        for call in message.get("tool_calls") or ():
-            text.append(str((call.get("function") or {}).get("arguments", "")))
+    """Usage by counting (the prompt sent, ``completion`` generated), for upstreams that do not
+    report it or report a count chatgate refuses; whole answers and streams alike."""
     return Usage(
         tokens.count_messages(upstream["messages"], model, chat.tools),
-        tokens.count_text("".join(text), model),
+        tokens.count_text(completion, model),
     )
+
+
+def message_text(message: Any) -> str:
+    """The generated text of one answer message: its content and tool-call arguments."""
+    if not isinstance(message, dict):
+        return ""
+    parts = [message.get("content") if isinstance(message.get("content"), str) else ""]
+    for call in message.get("tool_calls") or ():
+        parts.append(str((call.get("function") or {}).get("arguments", "")))
+    return "".join(p for p in parts if p)
+
+
+def _text_of(answer: dict[str, Any]) -> str:
+    """The generated text of a whole answer, all its choices."""
+    return "".join(message_text(choice.get("message")) for choice in answer.get("choices") or ())
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -318,4 +323,13 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/v1/models/{model:.+}", get_model)
 
 
-__all__ = ["Call", "authenticate", "begin", "json_response", "read_body", "route_for", "setup"]
+__all__ = [
+    "Call",
+    "authenticate",
+    "begin",
+    "json_response",
+    "message_text",
+    "read_body",
+    "route_for",
+    "setup",
+]

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from chatgate import errors, tokens
 from chatgate import meter as metering
-from chatgate.api.openai import SSE_HEADERS, authenticate, begin, json_response
+from chatgate.api.openai import SSE_HEADERS, authenticate, begin, json_response, message_text
 from chatgate.backends.base import ChatStream, Usage
 from chatgate.backends.router import Route
 from chatgate.ids import new_id
@@ -41,15 +41,6 @@ __all__ = ["list_page", "page_params", "setup"]
 
 log = logging.getLogger(__name__)
 TRUNCATION: dict[str, Policy] = {"auto": "drop_oldest", "disabled": "error"}
-
-
-def _text_of(message: Any) -> str:
-    if not isinstance(message, dict):
-        return ""
-    parts = [message.get("content") if isinstance(message.get("content"), str) else ""]
-    for call in message.get("tool_calls") or ():
-        parts.append(str((call.get("function") or {}).get("arguments", "")))
-    return "".join(p for p in parts if p)
 
 
 async def create_response(request: web.Request) -> web.StreamResponse:
@@ -109,7 +100,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             result = await route.chat(upstream)
             choices = result.body.get("choices") or [{}]
             message = choices[0].get("message") or {}
-            usage = result.usage or turn.counted(_text_of(message))
+            usage = result.usage or turn.counted(message_text(message))
             call.meter.add_usage(usage, route.model)
             incomplete = choices[0].get("finish_reason") == "length"
             outputs = output_items(message, incomplete=incomplete)

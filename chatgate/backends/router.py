@@ -374,8 +374,7 @@ class RoutedStream(ChatStream):
     """A started stream: relays the backend's events, keeps the deployment's counters.
 
     ``usage``, ``first_byte_at``, ``completion_text`` and ``envelope`` are the backend
-    stream's. An error
-    event after the start counts as a failure of the deployment.
+    stream's. An error event after the start counts as a failure of the deployment.
     """
 
     def __init__(

@@ -67,7 +67,6 @@ from pathlib import Path
 
 import asyncpg
 import sqlalchemy as sa
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.usage.batch import write_batch
@@ -205,7 +204,7 @@ class UsageRecorder:
         kept. Returns rows (0 when another process holds the prune lock)."""
         t = usage_records
         cutoff = int(time.time() - older_than_seconds)
-        first = select(sa.func.min(t.c.created_at)).where(t.c.created_at < cutoff)
+        first = sa.select(sa.func.min(t.c.created_at)).where(t.c.created_at < cutoff)
         removed = 0
         async with self._engine.connect() as conn:
             low = (await conn.execute(first)).scalar_one_or_none()
@@ -215,7 +214,7 @@ class UsageRecorder:
                 if (
                     conn.dialect.name == "postgresql"
                     and not (
-                        await conn.execute(select(sa.func.pg_try_advisory_xact_lock(PRUNE_LOCK)))
+                        await conn.execute(sa.select(sa.func.pg_try_advisory_xact_lock(PRUNE_LOCK)))
                     ).scalar_one()
                 ):
                     return removed
