@@ -148,17 +148,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         meter.conversation_id = session.conversation_id
 
     counting_model = route.model.upstream_model
+
+    @functools.cache  # counted once: the reservation and, without upstream usage, the meter
+    def prompt_tokens() -> int:
+        return tokens.count_messages(upstream["messages"], counting_model, chat.tools)
+
     admission = await call.admit(
-        lambda: (
-            tokens.count_messages(upstream["messages"], counting_model, chat.tools)
-            + (chat.output_limit or state.settings.default_max_tokens)
-        )
+        lambda: prompt_tokens() + (chat.output_limit or state.settings.default_max_tokens)
     )
     headers = admission.headers
     try:
         if not chat.stream:
             result = await route.chat(upstream)
-            usage = result.usage or _counted(upstream, chat, counting_model, _text_of(result.body))
+            usage = result.usage or _counted(prompt_tokens, counting_model, _text_of(result.body))
             meter.add_usage(usage, route.model)
             if session is not None:  # store the new turn and the answer
                 await session.commit(result.body)
@@ -167,7 +169,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if result.raw is not None:
                 return web.Response(body=result.raw, content_type=JSON, headers=headers)
             return json_response(result.body, headers=headers)
-        return await _relay_stream(request, route, upstream, chat, headers, meter, session)
+        return await _relay_stream(
+            request, route, upstream, chat, prompt_tokens, headers, meter, session
+        )
     finally:  # before the answer leaves (JSON), after it has (a stream), or on a failure
         await call.settle(admission)
 
@@ -177,6 +181,7 @@ async def _relay_stream(
     route: Route,
     upstream: dict[str, Any],
     chat: ChatCompletionRequest,
+    prompt_tokens: Callable[[], int],
     headers: dict[str, str],
     meter: metering.Meter,
     session: ChatSession | None = None,
@@ -191,7 +196,7 @@ async def _relay_stream(
     stream = await route.chat_stream(upstream, include_usage=include_usage)
 
     def counted() -> Usage:
-        return _counted(upstream, chat, route.model.upstream_model, stream.completion_text)
+        return _counted(prompt_tokens, route.model.upstream_model, stream.completion_text)
 
     events = stream if session is None else session.relay(stream)
     if include_usage:
@@ -235,15 +240,10 @@ async def _usage_before_done(
         yield event
 
 
-def _counted(
-    upstream: dict[str, Any], chat: ChatCompletionRequest, model: str, completion: str
-) -> Usage:
+def _counted(prompt_tokens: Callable[[], int], model: str, completion: str) -> Usage:
     """Usage by counting (the prompt sent, ``completion`` generated), for upstreams that do not
     report it or report a count chatgate refuses; whole answers and streams alike."""
-    return Usage(
-        tokens.count_messages(upstream["messages"], model, chat.tools),
-        tokens.count_text(completion, model),
-    )
+    return Usage(prompt_tokens(), tokens.count_text(completion, model))
 
 
 def message_text(message: Any) -> str:
