@@ -80,6 +80,7 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
                 engine,
                 settings.data_dir / "spool",
                 flush_interval=settings.usage_flush_interval,
+                batch_size=settings.usage_batch_size,
                 retention_seconds=settings.usage_retention_days * 86400,
             )
             metrics.bind_usage(recorder)

@@ -89,6 +89,7 @@ class Settings:
     redis_timeout: float = 1.0
     redis_prefix: str = "chatgate:"
     usage_flush_interval: float = 1.0
+    usage_batch_size: int = 2000
     usage_retention_days: int = 90
     signup_open: bool = True
     default_plan: str = "free"
@@ -165,6 +166,7 @@ class Settings:
             redis_timeout=float(pick("redis_timeout", 1.0)),
             redis_prefix=str(pick("redis_prefix", "chatgate:")),
             usage_flush_interval=float(pick("usage_flush_interval", 1.0)),
+            usage_batch_size=int(pick("usage_batch_size", 2000)),
             usage_retention_days=int(pick("usage_retention_days", 90)),
             signup_open=_truthy(pick("signup_open", True)),
             default_plan=str(pick("default_plan", "free")),

@@ -164,18 +164,21 @@ def _without_nul(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(v.replace("\x00", "") if isinstance(v, str) else v for v in row)
 
 
-def _rollups(added: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
+async def _rollups(added: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
     """Rollup increments (in :data:`ROLLUP_COLUMNS` order) of the rows added (each as
     :data:`_ADDED`).
 
-    Summed in memory first, per minute (one dict lookup a row), then each minute into its hour
-    and day (every width is a multiple of a minute): one row per bucket x account x key x
-    model x endpoint, however many requests a batch holds. Sorted by primary key (text in code
-    point order, as the PostgreSQL statement sorts), so concurrent writers lock rollup rows in
-    the same order (no deadlock between two processes upserting overlapping rows).
+    Summed in memory first, per minute (one dict lookup a row, letting requests through every
+    :data:`ROWS_PER_TURN` rows), then each minute into its hour and day (every width is a
+    multiple of a minute): one row per bucket x account x key x model x endpoint, however many
+    requests a batch holds. Sorted by primary key (text in code point order, as the PostgreSQL
+    statement sorts), so concurrent writers lock rollup rows in the same order (no deadlock
+    between two processes upserting overlapping rows).
     """
     minutes: dict[tuple[Any, ...], list[int]] = {}
-    for ts, account, key_id, model, endpoint, prompt, completion, cost, status in added:
+    for i, (ts, account, key_id, model, endpoint, prompt, completion, cost, status) in enumerate(
+        added
+    ):
         key = (ts - ts % MINUTE, account or "", key_id or "", model, endpoint)
         acc = minutes.get(key)
         if acc is None:
@@ -186,6 +189,8 @@ def _rollups(added: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
         acc[3] += cost
         acc[4] += status >= 400
         acc[5] += status == 429
+        if i % ROWS_PER_TURN == ROWS_PER_TURN - 1:
+            await asyncio.sleep(0)
     sums: dict[tuple[Any, ...], list[int]] = {}
     for (start, *rest), acc in minutes.items():
         for width in WIDTHS:
@@ -227,14 +232,20 @@ async def write_batch(conn: AsyncConnection, records: Sequence[UsageRecord]) -> 
         result = await conn.exec_driver_sql(_batch_sql_pg(), (payload,))
         return int(result.scalar_one())
     added = (await conn.exec_driver_sql(_insert_sql(dialect), (payload,))).all()
-    increments = _rollups(added)
+    increments = await _rollups(added)
     if increments:
         await conn.exec_driver_sql(_upsert_sql(dialect), (_json(increments),))
     return len(added)
 
 
 ROWS_PER_TURN = 128
-"""Rows a flush turns into SQL parameters between two yields to the event loop (~0.25 ms)."""
+"""Rows a flush turns into SQL parameters, or sums into rollups, between two yields to the
+event loop (~0.25 ms)."""
+ROWS_PER_COPY = 512
+"""Rows a ``COPY`` takes: asyncpg encodes them without a pause (~0.6 ms), so a big batch goes
+as several, each a round trip that lets requests through; the batch's size (how many
+transactions, savepoints and rollup upserts the database does for its records) does not set
+how long the event loop is held."""
 
 
 def _batch_sql_pg() -> str:
@@ -308,12 +319,17 @@ async def _copy_pg(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> int | 
     raw = (await conn.get_raw_connection()).driver_connection
     assert raw is not None
     try:
-        await raw.copy_records_to_table(usage_records.name, records=rows, columns=RECORD_COLUMNS)
+        for start in range(0, len(rows), ROWS_PER_COPY):
+            await raw.copy_records_to_table(
+                usage_records.name,
+                records=rows[start : start + ROWS_PER_COPY],
+                columns=RECORD_COLUMNS,
+            )
     except _COPY_REFUSED:
         await raw.execute("ROLLBACK TO SAVEPOINT usage_copy")
         return None
     await raw.execute("RELEASE SAVEPOINT usage_copy")
-    increments = _rollups(map(_ADDED_OF_ROW, rows))
+    increments = await _rollups(map(_ADDED_OF_ROW, rows))
     await raw.execute(_upsert_sql("postgresql"), _json(increments))
     return len(rows)
 
@@ -322,4 +338,4 @@ def _json(rows: Iterable[tuple[Any, ...]]) -> str:
     return orjson.dumps(list(rows)).decode()
 
 
-__all__ = ["ROWS_PER_TURN", "write_batch"]
+__all__ = ["ROWS_PER_COPY", "ROWS_PER_TURN", "write_batch"]

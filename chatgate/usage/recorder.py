@@ -91,7 +91,7 @@ class UsageRecorder:
         spool_dir: Path,
         *,
         flush_interval: float = 1.0,
-        batch_size: int = 500,
+        batch_size: int = 2000,
         max_queue: int = 100_000,
         db_timeout: float = 10.0,
         max_backoff: float = 30.0,

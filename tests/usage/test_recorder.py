@@ -18,7 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.db.engine import create_engine, migrate
-from chatgate.usage.batch import write_batch
+from chatgate.usage.batch import ROWS_PER_COPY, write_batch
 from chatgate.usage.record import UsageRecord
 from chatgate.usage.recorder import UsageRecorder
 from chatgate.usage.tables import (
@@ -148,6 +148,59 @@ async def test_batches_are_one_insert_each(engine: AsyncEngine, spool_dir: Path)
     assert sum(v[0] for v in sums.values()) == 1_200
     assert recorder.written == 1_200
     await recorder.close()
+
+
+async def test_a_big_batch_is_one_transaction_copied_in_slices(
+    engine: AsyncEngine, spool_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default batch (2,000 records) is one transaction, one savepoint and one rollup
+    upsert; on PostgreSQL its rows go by ``COPY`` at most :data:`ROWS_PER_COPY` at a time, so
+    the event loop is let go between them however big the batch."""
+    import asyncpg
+
+    copies: list[int] = []
+    real_copy = asyncpg.Connection.copy_records_to_table
+
+    async def spy(self: Any, table_name: str, *, records: Any, **kwargs: Any) -> Any:
+        copies.append(len(records))
+        return await real_copy(self, table_name, records=records, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", spy)
+    account = new_account()
+    recorder = UsageRecorder(engine, spool_dir, flush_interval=3600)
+    for i in range(1_300):
+        recorder.record(make_record(account_id=account, prompt_tokens=i % 7))
+    with Statements(engine) as statements:
+        await recorder.flush()
+    assert len(await stored(engine, account)) == 1_300
+    sums = await rollup_sums(engine, account, DAY)
+    assert sum(v[0] for v in sums.values()) == 1_300
+    assert sum(v[1] for v in sums.values()) == sum(i % 7 for i in range(1_300))
+    if engine.dialect.name == "postgresql":
+        assert statements.sent == ["SAVEPOINT usage_copy"], statements.sent
+        assert copies == [ROWS_PER_COPY, ROWS_PER_COPY, 1_300 - 2 * ROWS_PER_COPY]
+    else:
+        assert statements.inserts("usage_records") == 1 == statements.inserts("usage_rollups")
+        assert copies == []
+    await recorder.close()
+
+
+async def test_a_copy_refused_in_a_later_slice_writes_nothing_twice(
+    engine: AsyncEngine, spool_dir: Path
+) -> None:
+    """A batch whose second ``COPY`` slice holds a request id already stored: the first
+    slice is rolled back with it, the general statement writes the batch, and every record is
+    stored and counted once."""
+    account = new_account()
+    first = [make_record(account_id=account) for _ in range(ROWS_PER_COPY + 10)]
+    async with engine.begin() as conn:
+        await write_batch(conn, first[-1:])  # stored before: the batch's last record
+    async with engine.begin() as conn:
+        added = await write_batch(conn, first)
+    assert added == len(first) - 1
+    assert len(await stored(engine, account)) == len(first)
+    sums = await rollup_sums(engine, account, DAY)
+    assert sum(v[0] for v in sums.values()) == len(first)
 
 
 async def test_same_record_twice_is_stored_and_counted_once(
