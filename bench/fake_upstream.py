@@ -14,6 +14,7 @@ Behaviour is chosen by the request's ``model``:
 - ``stall-stream``: when streaming, send ``fake.after`` events (default 2; 0 = headers only),
   then go silent for ``fake.delay`` seconds (default an hour) without closing; when not
   streaming, the same as ``hang``;
+- ``fake.no_done`` (any model): end a stream without ``data: [DONE]`` (some servers do);
 - ``fake.fail_times`` = N with ``fake.key`` = K (any model): the first N requests carrying key K
   answer ``fake.status`` (default 500), later ones are served normally (with ``fake.model``,
   only requests for that model count);
@@ -207,7 +208,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             "usage": _usage(prompt, n, model),
         }
         await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
+    if not fake.get("no_done"):
+        await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
 

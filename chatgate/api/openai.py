@@ -26,7 +26,7 @@ from chatgate.api.schemas import (
 )
 from chatgate.auth import Principal
 from chatgate.backends.base import DONE_EVENT, ChatStream, Usage, reported_tokens
-from chatgate.backends.router import Route
+from chatgate.backends.router import ERROR_EVENT, Route
 from chatgate.limits import Admission, checks_for
 from chatgate.sessions import ChatSession, prepare_chat
 from chatgate.state import PRINCIPAL, REQUEST_ID, STATE, State
@@ -232,12 +232,21 @@ async def _usage_before_done(
     events: AsyncIterable[bytes], stream: ChatStream, counted: Callable[[], Usage]
 ) -> AsyncIterator[bytes]:
     """``events``, with the gateway's own usage chunk just before ``[DONE]`` when the backend
-    sent none (or a refused one, which it dropped); the count becomes the stream's usage."""
+    sent none (or a refused one, which it dropped); the count becomes the stream's usage.
+
+    A stream the backend ends without ``[DONE]`` (some servers do) gets the chunk last; one
+    that ends in an error event (broken off, timed out) gets none after the error.
+    """
+    last = b""
     async for event in events:
         if event == DONE_EVENT and stream.usage is None:
             stream.usage = counted()
             event = stream.usage_event(stream.usage) + event  # one write for both
+        last = event
         yield event
+    if stream.usage is None and not last.startswith(ERROR_EVENT):
+        stream.usage = counted()
+        yield stream.usage_event(stream.usage)
 
 
 def _counted(prompt_tokens: Callable[[], int], model: str, completion: str) -> Usage:

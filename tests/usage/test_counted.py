@@ -1,0 +1,139 @@
+"""Usage chatgate counts itself (an upstream that reports none): the prompt is counted once a
+request (the token reservation's count also meters it), and a client that asked for usage
+gets it in the stream's last chunk even when the upstream ends without ``[DONE]``; never after
+an error event."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from chatgate import tokens
+from chatgate.accounts import AccountStore
+from chatgate.app import create_app
+from chatgate.db.engine import create_engine, migrate
+from chatgate.keys.store import KeyStore
+from chatgate.settings import Settings
+from tests.helpers import Upstream, models_toml
+
+MESSAGES = [{"role": "user", "content": "count me once"}]
+
+
+@pytest.fixture
+async def served(upstream: Upstream, tmp_path: Path) -> AsyncIterator[tuple[TestServer, str]]:
+    """The app in process (SQLite) and a key on the free plan (it has token limits)."""
+    broken = f"""
+[[models]]
+name = "gpt-break"
+base_url = "{upstream.base_url}"
+upstream_model = "break-stream"
+"""
+    (tmp_path / "chatgate.toml").write_text(models_toml(upstream, broken))
+    settings = Settings.from_env(
+        {
+            "CHATGATE_DATA_DIR": str(tmp_path / "data"),
+            "CHATGATE_CONFIG": str(tmp_path / "chatgate.toml"),
+            "CHATGATE_LOCAL_MODEL": "0",
+        }
+    )
+    engine = create_engine(settings)
+    await migrate(engine)
+    account = await AccountStore(engine).create(f"c{secrets.token_hex(4)}@example.com")
+    issued = await KeyStore(engine, settings.resolved_secret()).create(account.id)
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield server, issued.key
+    finally:
+        await server.close()
+        await engine.dispose()
+
+
+async def _post(served: tuple[TestServer, str], body: dict[str, Any]) -> tuple[str, int]:
+    server, key = served
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.make_url("/v1/chat/completions"),
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+        ) as resp,
+    ):
+        text = await resp.text()
+        assert resp.status == 200, text
+        return text, int(resp.headers["x-ratelimit-remaining-tokens"])
+
+
+def _events(text: str) -> list[str]:
+    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_prompt_is_counted_once(
+    stream: bool, served: tuple[TestServer, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted: list[Any] = []
+    real = tokens.count_messages
+
+    def spy(messages: Any, *args: Any, **kwargs: Any) -> int:
+        counted.append(messages)
+        return real(messages, *args, **kwargs)
+
+    monkeypatch.setattr(tokens, "count_messages", spy)
+    body: dict[str, Any] = {"model": "gpt-no-usage", "messages": MESSAGES, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    text, remaining = await _post(served, body)
+    assert len(counted) == 1, counted  # the reservation's count, kept for the meter
+    prompt = real(MESSAGES, "no-usage")
+    assert f'"prompt_tokens":{prompt},' in text.replace(" ", "")
+    assert remaining < 40_000 - prompt  # the free plan's 40,000 a minute, reserved from
+
+
+async def test_a_stream_without_done_still_ends_with_the_usage_asked_for(
+    served: tuple[TestServer, str],
+) -> None:
+    body = {
+        "model": "gpt-no-usage",
+        "messages": MESSAGES,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "fake": {"no_done": True},
+    }
+    text, _ = await _post(served, body)
+    events = _events(text)
+    assert "[DONE]" not in events
+    chunks = [json.loads(e) for e in events]
+    last = chunks[-1]
+    assert last["choices"] == [] and last["id"] == chunks[0]["id"], last
+    assert [c for c in chunks[:-1] if c.get("usage")] == []
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
+    assert last["usage"]["prompt_tokens"] == tokens.count_messages(MESSAGES, "no-usage")
+    assert last["usage"]["completion_tokens"] == tokens.count_text(streamed, "no-usage") > 0
+    # Not asked for: no usage chunk, [DONE] or not.
+    body.pop("stream_options")
+    text, _ = await _post(served, body)
+    assert all("usage" not in json.loads(e) or not json.loads(e)["usage"] for e in _events(text))
+
+
+async def test_no_usage_chunk_after_an_error_event(served: tuple[TestServer, str]) -> None:
+    body = {
+        "model": "gpt-no-usage",
+        "messages": MESSAGES,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    text, _ = await _post(served, {**body, "model": "gpt-test", "fake": {"no_done": True}})
+    assert json.loads(_events(text)[-1])["usage"]["prompt_tokens"] > 0  # the upstream's own
+    # The upstream cuts the connection after two chunks: the stream ends in an error event.
+    text, _ = await _post(served, {**body, "model": "gpt-break"})
+    events = _events(text)
+    assert json.loads(events[-1]).get("error"), events
+    assert not any(json.loads(e).get("usage") for e in events)
