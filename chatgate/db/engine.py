@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from chatgate.settings import Settings
@@ -37,6 +37,19 @@ def create_engine(settings: Settings) -> AsyncEngine:
         max_overflow=settings.db_max_overflow,
         pool_pre_ping=True,
     )
+
+
+async def try_xact_lock(conn: AsyncConnection, key: int) -> bool:
+    """Take PostgreSQL's advisory lock ``key`` for the rest of ``conn``'s transaction, if no
+    other session holds it (False then, at once); True on SQLite (one writer at a time anyway).
+
+    For work that one process of many should do at a time (retention passes): the others
+    see False and leave it to that one.
+    """
+    if conn.dialect.name != "postgresql":
+        return True
+    taken = await conn.execute(sa.select(sa.func.pg_try_advisory_xact_lock(key)))
+    return bool(taken.scalar_one())
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from chatgate import errors
+from chatgate.db.engine import try_xact_lock
 from chatgate.sessions.tables import conversations, session_items, session_responses
 
 __all__ = [
@@ -114,6 +115,11 @@ class StoredResponse:
     created_at: int
 
 
+PRUNE_SLICE = 500
+"""Conversations (or stored responses) a retention pass deletes per transaction."""
+PRUNE_LOCK = 0x63676174_65737072  # PostgreSQL advisory lock key of the pass ("cgatespr")
+
+
 @dataclass(frozen=True, slots=True)
 class Pruned:
     """What one retention pass removed."""
@@ -121,6 +127,30 @@ class Pruned:
     conversations: int
     responses: int
     items: int
+
+
+async def _remove_conversations(conn: AsyncConnection, ids: list[str]) -> tuple[int, int]:
+    """Delete the conversations ``ids`` and their items; (conversations, items) removed."""
+    items = await conn.execute(
+        session_items.delete().where(session_items.c.conversation_id.in_(ids))
+    )
+    gone = await conn.execute(conversations.delete().where(conversations.c.id.in_(ids)))
+    return int(gone.rowcount or 0), int(items.rowcount or 0)
+
+
+async def _remove_responses(conn: AsyncConnection, ids: list[str]) -> tuple[int, int]:
+    """Delete the stored responses ``ids`` and their items that no conversation holds (those
+    that one does stay its, unlinked from the response); (responses, items) removed."""
+    items = await conn.execute(
+        session_items.delete().where(
+            session_items.c.response_id.in_(ids), session_items.c.conversation_id.is_(None)
+        )
+    )
+    await conn.execute(
+        session_items.update().where(session_items.c.response_id.in_(ids)).values(response_id=None)
+    )
+    gone = await conn.execute(session_responses.delete().where(session_responses.c.id.in_(ids)))
+    return int(gone.rowcount or 0), int(items.rowcount or 0)
 
 
 def _now() -> int:
@@ -583,41 +613,44 @@ class SessionStore:
 
     # -- retention -------------------------------------------------------------------------
 
-    async def prune(self, older_than: int) -> Pruned:
+    async def prune(self, older_than: int, *, slice_size: int = PRUNE_SLICE) -> Pruned:
         """Delete conversations idle since before ``older_than`` (unix seconds), their items,
-        and stored responses created before it (with items no conversation holds)."""
-        async with self._engine.begin() as conn:
-            old_conversations = sa.select(conversations.c.id).where(
-                conversations.c.updated_at < older_than
-            )
-            items_a = await conn.execute(
-                session_items.delete().where(session_items.c.conversation_id.in_(old_conversations))
-            )
-            convs = await conn.execute(
-                conversations.delete().where(conversations.c.updated_at < older_than)
-            )
-            old_responses = sa.select(session_responses.c.id).where(
-                session_responses.c.created_at < older_than
-            )
-            items_b = await conn.execute(
-                session_items.delete().where(
-                    session_items.c.response_id.in_(old_responses),
-                    session_items.c.conversation_id.is_(None),
-                )
-            )
-            await conn.execute(
-                session_items.update()
-                .where(session_items.c.response_id.in_(old_responses))
-                .values(response_id=None)
-            )
-            resps = await conn.execute(
-                session_responses.delete().where(session_responses.c.created_at < older_than)
-            )
-        return Pruned(
-            conversations=int(convs.rowcount or 0),
-            responses=int(resps.rowcount or 0),
-            items=int((items_a.rowcount or 0) + (items_b.rowcount or 0)),
+        and stored responses created before it (with items no conversation holds).
+
+        ``slice_size`` conversations (then responses), oldest first, a transaction, until none
+        is left: the first pass after months of use is not one transaction over millions of
+        items. On PostgreSQL one process prunes at a time (an advisory lock); the others
+        return at once, having removed nothing.
+        """
+        removed = [0, 0]  # conversations, responses
+        items = 0
+        old_conversations = (
+            sa.select(conversations.c.id)
+            .where(conversations.c.updated_at < older_than)
+            .order_by(conversations.c.updated_at)
+            .limit(slice_size)
         )
+        old_responses = (
+            sa.select(session_responses.c.id)
+            .where(session_responses.c.created_at < older_than)
+            .order_by(session_responses.c.created_at)
+            .limit(slice_size)
+        )
+        for kind, (old, remove) in enumerate(
+            ((old_conversations, _remove_conversations), (old_responses, _remove_responses))
+        ):
+            while True:
+                async with self._engine.begin() as conn:
+                    if not await try_xact_lock(conn, PRUNE_LOCK):
+                        return Pruned(removed[0], removed[1], items)
+                    ids = list((await conn.execute(old)).scalars())
+                    if ids:
+                        rows, their_items = await remove(conn, ids)
+                        removed[kind] += rows
+                        items += their_items
+                if len(ids) < slice_size:
+                    break
+        return Pruned(removed[0], removed[1], items)
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -69,6 +69,7 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chatgate.db.engine import try_xact_lock
 from chatgate.usage.batch import write_batch
 from chatgate.usage.record import UsageRecord
 from chatgate.usage.spool import Spool, read_chunk
@@ -211,12 +212,7 @@ class UsageRecorder:
         while low is not None and not self._closing:
             high = min(cutoff, low + slice_seconds)
             async with self._engine.begin() as conn:
-                if (
-                    conn.dialect.name == "postgresql"
-                    and not (
-                        await conn.execute(sa.select(sa.func.pg_try_advisory_xact_lock(PRUNE_LOCK)))
-                    ).scalar_one()
-                ):
+                if not await try_xact_lock(conn, PRUNE_LOCK):
                     return removed
                 between = (t.c.created_at >= low) & (t.c.created_at < high)
                 removed += int((await conn.execute(t.delete().where(between))).rowcount)

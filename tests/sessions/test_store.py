@@ -235,3 +235,60 @@ async def test_retention_prunes_idle_conversations_and_old_responses(
     assert await count(engine, session_items.c.conversation_id == old_conv.id) == 0
     assert await count(engine, session_items.c.response_id == old_resp) == 0
     assert texts(await store.conversation_items(alice, new_conv.id)) == ["new"]
+
+
+async def _aged(engine: AsyncEngine, table: sa.Table, ids: list[str], column: str, at: int) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(table.update().where(table.c.id.in_(ids)).values({column: at}))
+
+
+async def test_retention_goes_in_slices_oldest_first(
+    store: SessionStore, engine: AsyncEngine, two_accounts: tuple[str, str]
+) -> None:
+    """Five idle conversations and three old responses, two a transaction: all removed with
+    their items (counted exactly), the conversation a kept response's item belongs to keeps it,
+    and nothing newer is touched. The times are in 1970, so no other test's rows qualify."""
+    alice, _ = two_accounts
+    old = [
+        await store.create_conversation(alice, new_id("conv"), items=user(f"o{i}"))
+        for i in range(5)
+    ]
+    kept, _ = await store.create_conversation(alice, new_id("conv"), items=user("kept"))
+    responses = [new_id("resp") for _ in range(3)]
+    for rid in responses:
+        await store.save_response(alice, response_body(rid), inputs=user("q"), outputs=[])
+    in_kept = new_id("resp")  # an old response whose items the kept conversation holds
+    await store.save_response(
+        alice, response_body(in_kept), inputs=user("k"), outputs=[], conversation_id=kept.id
+    )
+    await _aged(engine, conversations, [c.id for c, _ in old], "updated_at", 1_000)
+    await _aged(engine, session_responses, [*responses, in_kept], "created_at", 1_000)
+    pruned = await store.prune(2_000, slice_size=2)
+    assert (pruned.conversations, pruned.responses, pruned.items) == (5, 4, 5 + 3)
+    for conv, _ in old:
+        with pytest.raises(errors.NotFound):
+            await store.get_conversation(alice, conv.id)
+    assert texts(await store.conversation_items(alice, kept.id)) == ["kept", "k"]
+    assert await count(engine, session_items.c.response_id.in_([*responses, in_kept])) == 0
+    assert await store.prune(2_000, slice_size=2) == type(pruned)(0, 0, 0)
+
+
+async def test_one_process_prunes_at_a_time(
+    store: SessionStore, engine: AsyncEngine, two_accounts: tuple[str, str]
+) -> None:
+    """PostgreSQL: while another session holds the retention's lock, a pass removes nothing
+    and returns at once; once it is free, the pass does the work."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("an advisory lock is PostgreSQL's")
+    from chatgate.sessions.store import PRUNE_LOCK
+
+    alice, _ = two_accounts
+    conv, _ = await store.create_conversation(alice, new_id("conv"), items=user("old"))
+    await _aged(engine, conversations, [conv.id], "updated_at", 1_500)
+    async with engine.begin() as other:
+        await other.execute(sa.select(sa.func.pg_advisory_xact_lock(PRUNE_LOCK)))
+        pruned = await store.prune(2_000)
+        assert (pruned.conversations, pruned.items) == (0, 0)
+        assert texts(await store.conversation_items(alice, conv.id)) == ["old"]
+    pruned = await store.prune(2_000)
+    assert (pruned.conversations, pruned.items) == (1, 1)
