@@ -24,6 +24,7 @@ statement above, after the savepoint is rolled back: what is stored is the same 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -176,21 +177,20 @@ async def _rollups(added: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
     between two processes upserting overlapping rows).
     """
     minutes: dict[tuple[Any, ...], list[int]] = {}
-    for i, (ts, account, key_id, model, endpoint, prompt, completion, cost, status) in enumerate(
-        added
-    ):
-        key = (ts - ts % MINUTE, account or "", key_id or "", model, endpoint)
-        acc = minutes.get(key)
-        if acc is None:
-            acc = minutes[key] = [0, 0, 0, 0, 0, 0]
-        acc[0] += 1
-        acc[1] += prompt
-        acc[2] += completion
-        acc[3] += cost
-        acc[4] += status >= 400
-        acc[5] += status == 429
-        if i % ROWS_PER_TURN == ROWS_PER_TURN - 1:
-            await asyncio.sleep(0)
+    rows = iter(added)
+    while turn := list(itertools.islice(rows, ROWS_PER_TURN)):  # no count kept per row
+        for ts, account, key_id, model, endpoint, prompt, completion, cost, status in turn:
+            key = (ts - ts % MINUTE, account or "", key_id or "", model, endpoint)
+            acc = minutes.get(key)
+            if acc is None:
+                acc = minutes[key] = [0, 0, 0, 0, 0, 0]
+            acc[0] += 1
+            acc[1] += prompt
+            acc[2] += completion
+            acc[3] += cost
+            acc[4] += status >= 400
+            acc[5] += status == 429
+        await asyncio.sleep(0)
     sums: dict[tuple[Any, ...], list[int]] = {}
     for (start, *rest), acc in minutes.items():
         for width in WIDTHS:
@@ -214,10 +214,11 @@ async def write_batch(conn: AsyncConnection, records: Sequence[UsageRecord]) -> 
     """
     dialect = _check_dialect(conn)
     rows: dict[str, tuple[Any, ...]] = {}
-    for i, rec in enumerate(records):  # the same id twice in one batch counts once
-        row = _row(rec)
-        rows.setdefault(row[0], row)
-        if i % ROWS_PER_TURN == ROWS_PER_TURN - 1:
+    for start in range(0, len(records), ROWS_PER_TURN):
+        for rec in records[start : start + ROWS_PER_TURN]:
+            row = _row(rec)
+            rows.setdefault(row[0], row)  # the same id twice in one batch counts once
+        if start + ROWS_PER_TURN < len(records):
             await asyncio.sleep(0)  # let requests through between slices of a big batch
     if not rows:
         return 0

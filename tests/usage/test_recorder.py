@@ -18,7 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.db.engine import create_engine, migrate
-from chatgate.usage.batch import ROWS_PER_COPY, write_batch
+from chatgate.usage.batch import ROWS_PER_COPY, ROWS_PER_TURN, write_batch
 from chatgate.usage.record import UsageRecord
 from chatgate.usage.recorder import UsageRecorder
 from chatgate.usage.tables import (
@@ -183,6 +183,49 @@ async def test_a_big_batch_is_one_transaction_copied_in_slices(
         assert statements.inserts("usage_records") == 1 == statements.inserts("usage_rollups")
         assert copies == []
     await recorder.close()
+
+
+async def test_a_batch_lets_requests_through_while_it_is_prepared(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between two turns of any other task, a batch turns at most :data:`ROWS_PER_TURN` records
+    into rows and sums at most as many into rollups (counted by calls, not by time)."""
+    from chatgate.usage import batch
+
+    made = {"rows": 0, "summed": 0}
+    real_row, real_added = batch._row, batch._ADDED_OF_ROW
+
+    def row(rec: UsageRecord) -> tuple[Any, ...]:
+        made["rows"] += 1
+        return real_row(rec)
+
+    def added(row: tuple[Any, ...]) -> Any:
+        made["summed"] += 1
+        return real_added(row)
+
+    monkeypatch.setattr(batch, "_row", row)
+    monkeypatch.setattr(batch, "_ADDED_OF_ROW", added)
+    most = {"rows": 0, "summed": 0}
+    done = False
+
+    async def other_task() -> None:
+        seen = dict(made)
+        while not done:
+            await asyncio.sleep(0)
+            for name, count in made.items():
+                most[name] = max(most[name], count - seen[name])
+            seen = dict(made)
+
+    other = asyncio.create_task(other_task())
+    await asyncio.sleep(0)
+    account = new_account()
+    async with engine.begin() as conn:
+        assert await write_batch(conn, [make_record(account_id=account) for _ in range(1_000)])
+    done = True
+    await other
+    assert made["rows"] == 1_000 and 0 < most["rows"] <= ROWS_PER_TURN, most
+    if engine.dialect.name == "postgresql":  # SQLite sums the rows its insert returns
+        assert made["summed"] == 1_000 and 0 < most["summed"] <= ROWS_PER_TURN, most
 
 
 async def test_a_copy_refused_in_a_later_slice_writes_nothing_twice(
