@@ -5,11 +5,16 @@ gateway's, in a real deployment) and the PostgreSQL backend's, per batch, for th
 random instead of time-ordered (``chatgate.ids.ordered_id``), as they were before.
 
     .venv/bin/python bench/usage_batch.py [--batches 140] [--size 500] [--rounds 3]
+    .venv/bin/python bench/usage_batch.py --hold [--size 2000] [--batches 20]
 
 The benchmark's own PostgreSQL (bench/peers.py: on the other core); this process on the gateway
 core. The backend's CPU is read from ``/proc/<pid>/stat`` of the connection's backend process,
 so it counts the whole transaction (parse, execution, commit), not only the statement's time.
 Rounds alternate the two ways; the machine is noisy, so compare within a round.
+
+``--hold``: instead, the longest time a batch keeps the event loop from anything else (a task
+beside it that only yields, timing its own turns), per batch of ``--size`` and of 500, median
+and 90th percentile over ``--batches``: what a request arriving during a flush can wait for.
 """
 
 from __future__ import annotations
@@ -93,16 +98,62 @@ async def measure(url: str, batches: int, size: int, rounds: int) -> None:
         await engine.dispose()
 
 
+async def hold(url: str, batches: int, size: int) -> None:
+    engine = create_engine(
+        Settings(database_url=url.replace("postgresql://", "postgresql+asyncpg://"))
+    )
+    await migrate(engine)
+    longest = [0.0]
+    done = False
+
+    async def beside() -> None:
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            longest[0] = max(longest[0], now - last)
+            last = now
+
+    task = asyncio.create_task(beside())
+    start = time.time()
+    try:
+        for n in sorted({500, size}) * 2:
+            holds = []
+            for i in range(batches):
+                recs = records(n, start + i * 0.15, "ordered")
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # the records' making is not the batch's hold
+                longest[0] = 0.0
+                async with engine.begin() as conn:
+                    await batch.write_batch(conn, recs)
+                holds.append(longest[0] * 1000)
+            holds.sort()
+            print(
+                f"batch of {n:>5}: longest hold of the event loop, median "
+                f"{holds[len(holds) // 2]:.2f} ms, p90 {holds[len(holds) * 9 // 10]:.2f} ms",
+                flush=True,
+            )
+            start += batches
+    finally:
+        done = True
+        await task
+        await engine.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=140)
     parser.add_argument("--size", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hold", action="store_true", help="the event loop's longest hold")
     args = parser.parse_args()
     subprocess.run(["taskset", "-pc", peers.GATEWAY_CORE, str(os.getpid())], capture_output=True)
     server = peers.start_pg()
     try:
-        asyncio.run(measure(server.url, args.batches, args.size, args.rounds))
+        if args.hold:
+            asyncio.run(hold(server.url, args.batches, args.size))
+        else:
+            asyncio.run(measure(server.url, args.batches, args.size, args.rounds))
     finally:
         server.close()
 
