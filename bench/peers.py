@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
 
@@ -28,6 +29,9 @@ sys.path.insert(0, str(ROOT))
 from tests.helpers import free_port, wait_http  # noqa: E402
 from tests.redisserver import RedisServer  # noqa: E402
 from tests.usage.pgserver import PgServer  # noqa: E402
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 BENCH = ROOT / "bench"
 FLOOR_PACKAGES = (
@@ -91,6 +95,18 @@ def start_pg() -> PgServer:
     server._as = ["taskset", "-c", OTHER_CORE, *server._as]  # the command prefix PgServer runs with
     server.start()
     return server
+
+
+async def migrated_engine(url: str) -> AsyncEngine:
+    """An engine on the benchmark's PostgreSQL at ``url`` (a plain ``postgresql://`` URL, as
+    :func:`start_pg` gives), its schema migrated as ``chatgate serve`` does. chatgate is
+    imported here, not with this module: what imports this one may run another tree's."""
+    from chatgate.db.engine import create_engine, migrate
+    from chatgate.settings import Settings
+
+    engine = create_engine(Settings(database_url=url))
+    await migrate(engine)
+    return engine
 
 
 def start_redis(workdir: Path) -> tuple[Proc, str]:

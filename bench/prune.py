@@ -25,8 +25,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 import peers  # noqa: E402
 from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
 
-from chatgate.db.engine import create_engine, migrate  # noqa: E402
-from chatgate.settings import Settings  # noqa: E402
 from chatgate.usage.recorder import UsageRecorder  # noqa: E402
 from chatgate.usage.tables import usage_records  # noqa: E402
 
@@ -58,10 +56,7 @@ async def one_delete(engine: AsyncEngine) -> int:
 
 
 async def measure(url: str, rows: int, keep: int, rounds: int, workdir: Path) -> None:
-    engine = create_engine(
-        Settings(database_url=url.replace("postgresql://", "postgresql+asyncpg://"))
-    )
-    await migrate(engine)
+    engine = await peers.migrated_engine(url)
     await store(engine, NEW, keep * rows)
     recorder = UsageRecorder(engine, workdir / "spool")
     retention = time.time() - CUTOFF  # older than that: the old group

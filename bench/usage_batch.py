@@ -34,9 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
 
-from chatgate.db.engine import create_engine, migrate  # noqa: E402
 from chatgate.ids import new_id  # noqa: E402
-from chatgate.settings import Settings  # noqa: E402
 from chatgate.usage import batch  # noqa: E402
 from chatgate.usage.record import UsageRecord  # noqa: E402
 from tests.usage.factory import make_record  # noqa: E402
@@ -59,10 +57,7 @@ async def general_only(conn: Any, rows: Any) -> None:
 
 
 async def measure(url: str, batches: int, size: int, rounds: int) -> None:
-    engine = create_engine(
-        Settings(database_url=url.replace("postgresql://", "postgresql+asyncpg://"))
-    )
-    await migrate(engine)
+    engine = await peers.migrated_engine(url)
     copy = batch._copy_pg
     print(f"{'way':<17}{'writer ms':>11}{'backend ms':>12}{'wall ms':>9}   a batch of {size}")
     ways = (("copy", copy, "ordered"), ("copy random-ids", copy, "random"))
@@ -99,10 +94,7 @@ async def measure(url: str, batches: int, size: int, rounds: int) -> None:
 
 
 async def hold(url: str, batches: int, size: int) -> None:
-    engine = create_engine(
-        Settings(database_url=url.replace("postgresql://", "postgresql+asyncpg://"))
-    )
-    await migrate(engine)
+    engine = await peers.migrated_engine(url)
     longest = [0.0]
     done = False
 
