@@ -36,6 +36,15 @@ def now() -> int:
     return int(time.time())
 
 
+def until_now() -> int:
+    """The (exclusive) end of a report that ends now: this second's records are in it.
+
+    ``now()`` itself would leave them out whenever it falls on a whole minute (rollups are
+    read by whole minutes: those of the minute starting at the end are not in the report).
+    """
+    return int(time.time()) + 1
+
+
 def iso(ts: int | None) -> str:
     """``2026-11-25 09:00Z`` for tables; ``-`` for none."""
     if ts is None:

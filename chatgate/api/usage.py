@@ -26,7 +26,7 @@ from multidict import MultiMapping
 
 from chatgate import errors
 from chatgate.api.openai import authenticate, json_response
-from chatgate.timefmt import parse_duration
+from chatgate.timefmt import parse_duration, until_now
 from chatgate.usage.queries import Group, UsageRow, key_names, total, usage_rows
 from chatgate.usage.tables import DAY, HOUR, MINUTE
 
@@ -94,7 +94,7 @@ async def _usage_api(
     start = _int(q, "start_time")
     if start is None:
         raise errors.InvalidRequest("Missing required parameter: 'start_time'.", param="start_time")
-    end = _int(q, "end_time") or int(time.time())
+    end = _int(q, "end_time") or until_now()
     if end <= start:
         raise errors.InvalidRequest("'end_time' must be after 'start_time'.", param="end_time")
     bucket = q.get("bucket_width", "1d")
@@ -207,7 +207,7 @@ async def dashboard_usage(request: web.Request) -> web.Response:
     admins may add ``account_id``. Rows per day x model x key (x account for admins)."""
     state, principal = await authenticate(request)
     q = request.query
-    end = _int(q, "end_time") or int(time.time())
+    end = _int(q, "end_time") or until_now()
     since = q.get("since")
     try:
         span = parse_duration(since) if since else DEFAULT_DASHBOARD_SPAN

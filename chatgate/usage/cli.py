@@ -24,7 +24,7 @@ from typing import IO, Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.settings import Settings
-from chatgate.timefmt import iso, now, parse_duration
+from chatgate.timefmt import iso, parse_duration, until_now
 from chatgate.usage.queries import EXPORT_COLUMNS, Report, export_records, key_names, report
 
 NUMBERS = (
@@ -87,7 +87,7 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
     from chatgate.cli import _table, _with_engine
 
     span = parse_duration(args.since)
-    end = now()
+    end = until_now()
 
     async def run(engine: AsyncEngine) -> tuple[Report, dict[str, tuple[str, str]]]:
         account_id = await _account_id(engine, args.account)
@@ -153,7 +153,7 @@ def cmd_usage_export(settings: Settings, args: argparse.Namespace) -> None:
     from chatgate.cli import _with_engine
 
     span = parse_duration(args.export_since)
-    end = now() + 1  # include this second's records
+    end = until_now()
 
     async def run(engine: AsyncEngine, out: IO[str]) -> int:
         account_id = await _account_id(engine, args.export_account)
