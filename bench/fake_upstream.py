@@ -33,6 +33,8 @@ the later the row ran (wrk at one connection, straight to this server: p99 7.7, 
 and ``GET /_cookies`` the ``Cookie`` header each carried (``null`` when none). A chat body with
 ``fake.set_cookie`` is answered with that ``Set-Cookie`` header. ``GET /_in_flight`` gives the
 most chat requests it was ever answering at once (``{"max": n}``; cleared with the rest).
+``GET /_connections`` gives how many connections (client ports) chat requests have come over
+(``{"seen": n}``; never cleared), so a test can tell a kept connection from a new one.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from aiohttp import web
 RECEIVED = web.AppKey("received", list)
 RECEIVED_AT = web.AppKey("received_at", list)
 COOKIES = web.AppKey("cookies", list)
+PEERS = web.AppKey("peers", set)  # the client ports chat requests came from: its connections
 IN_FLIGHT = web.AppKey("in_flight", list)  # [now, most ever]
 FAILURES = web.AppKey("failures", dict)
 HOUR = 3600.0
@@ -105,6 +108,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         request.app[RECEIVED].append(body)
         request.app[RECEIVED_AT].append(time.time())
         request.app[COOKIES].append(request.headers.get("Cookie"))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        request.app[PEERS].add(peer[1] if peer else None)
     model = body.get("model", "")
     chunks: int = request.app["chunks"]
     fake = body.get("fake") if isinstance(body.get("fake"), dict) else {}
@@ -351,6 +356,11 @@ async def cookies(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(request.app[COOKIES]), content_type="application/json")
 
 
+async def connections(request: web.Request) -> web.Response:
+    """How many connections chat requests have come over so far."""
+    return web.json_response({"seen": len(request.app[PEERS])})
+
+
 async def in_flight(request: web.Request) -> web.Response:
     return web.json_response({"max": request.app[IN_FLIGHT][1]})
 
@@ -360,6 +370,7 @@ def make_app(chunks: int = 20, record: bool = True) -> web.Application:
     app[RECEIVED] = []
     app[RECEIVED_AT] = []
     app[COOKIES] = []
+    app[PEERS] = set()
     app[IN_FLIGHT] = [0, 0]
     app[FAILURES] = {}
     app["chunks"] = chunks
@@ -371,6 +382,7 @@ def make_app(chunks: int = 20, record: bool = True) -> web.Application:
     app.router.add_get("/_received_at", received_at)
     app.router.add_get("/_cookies", cookies)
     app.router.add_get("/_in_flight", in_flight)
+    app.router.add_get("/_connections", connections)
     return app
 
 

@@ -150,6 +150,23 @@ def test_stream_without_usage_option_has_no_usage_chunk(gateway: Gateway) -> Non
     assert all(c["choices"] for c in chunks)  # no usage-only chunk was asked for
 
 
+def test_streams_keep_their_upstream_connection(gateway: Gateway, upstream: Any) -> None:
+    """A stream read to its end leaves its upstream connection for the next request: no new
+    connection (and, to a remote upstream, no new TLS handshake) per stream."""
+    key = new_key(gateway)["key"]
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+    def seen() -> int:
+        url = f"http://127.0.0.1:{upstream.port}/_connections"
+        return int(requests.get(url, timeout=5).json()["seen"])
+
+    assert chat(gateway, key, body).text.endswith("data: [DONE]\n\n")  # one is open now
+    before = seen()
+    for _ in range(5):
+        assert chat(gateway, key, body).text.endswith("data: [DONE]\n\n")
+    assert seen() == before
+
+
 def test_upstream_key_is_sent_upstream_not_echoed(gateway: Gateway, upstream: Any) -> None:
     key = new_key(gateway)["key"]
     assert chat(gateway, key).status_code == 200

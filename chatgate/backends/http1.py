@@ -316,7 +316,14 @@ class StreamBody:
                 self._waiter = None
 
     def close(self) -> None:
-        """Drop the stream and its connection (its end unread); a pending read raises."""
+        """Drop the stream and its connection (its end unread); a pending read raises.
+
+        Nothing once the stream was released: its connection is back in the pool, maybe
+        serving another request already (the relay closes every stream it ends, read to
+        the end or not).
+        """
+        if self._finished:
+            return
         self.fail(UpstreamConnectionError("stream closed"))
         self._conn.close()
         self._finish()

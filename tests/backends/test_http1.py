@@ -429,6 +429,22 @@ async def test_a_stream_is_read_as_it_arrives_and_its_connection_kept() -> None:
     pool.close()
 
 
+async def test_closing_a_stream_read_to_its_end_keeps_its_connection() -> None:
+    """The relay closes every stream it ends; one already released (read to its end) must
+    not take its connection, which is back in the pool, down with it."""
+    whole = CHUNKED + chunk(b"data: 1\n\n") + b"0\r\n\r\n"
+    url, connections = await stream_server([[whole], [whole], [whole]])
+    pool = Pool(url, slots=asyncio.Semaphore(1))
+    for _ in range(3):
+        body = await open_stream(pool)
+        assert isinstance(body, StreamBody)
+        assert await body.readany() == b"data: 1\n\n" and await body.readany() == b""
+        body.release()
+        body.close()
+    assert connections == [1]
+    pool.close()
+
+
 async def test_a_stream_that_breaks_off_or_is_closed_raises_and_frees_its_slot() -> None:
     hold = asyncio.Event()
     url, _ = await stream_server(
