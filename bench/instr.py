@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/instr.py                                # bare, usage, limits, all
     .venv/bin/python bench/instr.py --config all --tree new=. --tree old=/tmp/old-worktree
+    .venv/bin/python bench/instr.py --config bare --floor --sse      # 20-chunk streams
 
 This machine is a shared VM: two runs of the same gateway differ by 10-30% in requests/s, so a
 change worth a few percent cannot be seen in wall-clock figures (bench/ab.py needs many rounds,
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
 from ab import add_target_args, bench_peers, target_specs  # noqa: E402
-from run import BODY, key_for, start_gateway, wrk  # noqa: E402
+from run import KINDS, key_for, start_gateway, wrk  # noqa: E402
 
 from tests.helpers import BIN, free_port, wait_http  # noqa: E402
 
@@ -65,10 +66,13 @@ def count(
     key: str,
     requests: int,
     keep: Path | None = None,
+    kind: str = "json",
 ) -> tuple[int, int]:
     """(instructions, requests answered) of the server ``program`` (it takes ``--port P``)
-    over at least ``requests`` requests, under callgrind; its callgrind file copied to
-    ``keep``, if given (for ``callgrind_annotate``)."""
+    over at least ``requests`` requests of ``kind`` (``json`` or ``sse``, as in
+    bench/run.py), under callgrind; its callgrind file copied to ``keep``, if given (for
+    ``callgrind_annotate``)."""
+    body = KINDS[kind]
     port = free_port()
     out_file = workdir / "callgrind.out"
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no"]
@@ -81,12 +85,12 @@ def count(
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/", proc, timeout=600)  # any answer will do
         for _ in range(3):  # warm-up: imports, caches, pools
-            wrk(url + "/v1/chat/completions", key, BODY, 8, 10)
+            wrk(url + "/v1/chat/completions", key, body, 8, 10)
         _control(proc.pid, "on")
         answered = 0
         began = time.monotonic()
         while answered < requests and time.monotonic() - began < 900:
-            answered += wrk(url + "/v1/chat/completions", key, BODY, 8, 10)["requests"]
+            answered += wrk(url + "/v1/chat/completions", key, body, 8, 10)["requests"]
         _control(proc.pid, "off")
     finally:
         proc.terminate()
@@ -98,7 +102,7 @@ def count(
 
 
 def floor_count(
-    work: Path, upstream_base: str, requests: int, keep: Path | None = None
+    work: Path, upstream_base: str, requests: int, keep: Path | None = None, kind: str = "json"
 ) -> tuple[int, int]:
     """The aiohttp floor (bench/floor.py, the yardstick) counted the same way."""
     bench_bin = peers.ensure_venv(".venv-bench", peers.FLOOR_PACKAGES)
@@ -108,7 +112,7 @@ def floor_count(
     workdir.mkdir()
     program = [str(bench_bin / "python"), str(ROOT / "bench" / "floor.py")]
     env["PYTHONPATH"] = str(ROOT / "bench")
-    return count(program, env, workdir, key, requests, keep)
+    return count(program, env, workdir, key, requests, keep, kind)
 
 
 def main() -> None:
@@ -117,14 +121,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--floor", action="store_true", help="also the aiohttp floor, first")
     parser.add_argument("--keep", type=Path, help="copy each target's callgrind file here")
+    parser.add_argument("--sse", action="store_true", help="20-chunk streams instead of JSON")
     args = parser.parse_args()
+    kind = "sse" if args.sse else "json"
     if shutil.which("valgrind") is None:
         raise SystemExit("bench: valgrind is missing (apt-get install valgrind)")
     results: list[tuple[str, int, int]] = []
     with bench_peers("chatgate-instr-", target_specs(args)) as bench:
         if args.floor:
             base_url = bench.upstream.base_url
-            total, answered = floor_count(bench.work, base_url, args.requests, args.keep)
+            total, answered = floor_count(bench.work, base_url, args.requests, args.keep, kind)
             results.append(("floor-aiohttp", total, answered))
             print(f"floor-aiohttp: {total / answered:,.0f} instructions/request", flush=True)
         for name, env, limited in bench.specs:
@@ -135,7 +141,9 @@ def main() -> None:
             finally:
                 gw.stop()
             program = [str(BIN / "chatgate"), "serve"]
-            total, answered = count(program, gw.env, gw.workdir, key, args.requests, args.keep)
+            total, answered = count(
+                program, gw.env, gw.workdir, key, args.requests, args.keep, kind
+            )
             results.append((name, total, answered))
             print(f"{name}: {total / answered:,.0f} instructions/request ({answered})", flush=True)
     base = results[0][1] / results[0][2]

@@ -2,15 +2,16 @@
 
     .venv/bin/python bench/opcodes.py                  # all features on
     .venv/bin/python bench/opcodes.py --config bare --requests 500 --top 60
+    .venv/bin/python bench/opcodes.py --sse            # 20-chunk streams instead
 
 bench/instr.py says how many instructions a request costs; this says which Python code runs
 them. The gateway starts with ``bench/opcount`` on ``PYTHONPATH`` (a sitecustomize that counts
 every bytecode per code object between two signals), warms up under wrk, then answers
-``--requests`` JSON chat completions one at a time while counting. Deterministic, unlike a
-sampling profiler; blind to C (a dict lookup or orjson is one bytecode here), so read it beside
-the instruction counts. Counting starts once the warm-up's usage is flushed; the invalidation
-poll and the flush of the counted requests run at this slow pace (~1 s of them per few hundred
-requests): at full speed they weigh less than here.
+``--requests`` chat completions (JSON, or 20-chunk streams) one at a time while counting.
+Deterministic, unlike a sampling profiler; blind to C (a dict lookup or orjson is one bytecode
+here), so read it beside the instruction counts. Counting starts once the warm-up's usage is
+flushed; the invalidation poll and the flush of the counted requests run at this slow pace (~1 s
+of them per few hundred requests): at full speed they weigh less than here.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from ab import CONFIGS, bench_peers  # noqa: E402
-from run import BODY, key_for, start_gateway, wrk  # noqa: E402
+from run import KINDS, key_for, start_gateway, wrk  # noqa: E402
 
 from tests.helpers import BIN, free_port, wait_http  # noqa: E402
 
@@ -49,7 +50,9 @@ def main() -> None:
     parser.add_argument("--config", default="all", choices=sorted(CONFIGS))
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--top", type=int, default=40, help="functions to list")
+    parser.add_argument("--sse", action="store_true", help="20-chunk streams instead of JSON")
     args = parser.parse_args()
+    body = KINDS["sse" if args.sse else "json"]
     with bench_peers("chatgate-opcodes-", [(args.config, *CONFIGS[args.config])]) as bench:
         out = bench.work / "counts.tsv"
         [(_, env, limited)] = bench.specs
@@ -65,14 +68,14 @@ def main() -> None:
         proc = subprocess.Popen(cmd, env=run_env, cwd=gw.workdir)
         try:
             wait_http(f"http://127.0.0.1:{port}/", proc, timeout=120)
-            wrk(f"http://127.0.0.1:{port}/v1/chat/completions", key, BODY, 8, 3)  # warm-up
+            wrk(f"http://127.0.0.1:{port}/v1/chat/completions", key, body, 8, 3)  # warm-up
             time.sleep(2.5)  # the warm-up's usage records flushed before counting starts
             proc.send_signal(signal.SIGUSR1)
             time.sleep(0.5)
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
             for _ in range(args.requests):
-                conn.request("POST", "/v1/chat/completions", json.dumps(BODY), headers)
+                conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
                 answer = conn.getresponse()
                 answer.read()
                 if answer.status != 200:

@@ -198,25 +198,18 @@ async def _relay_stream(
     def counted() -> Usage:
         return _counted(prompt_tokens, route.model.upstream_model, stream.completion_text)
 
-    events = stream if session is None else session.relay(stream)
+    batches = stream.batches() if session is None else session.relay(stream.batches())
     if include_usage:
-        events = _usage_before_done(events, stream, counted)
+        batches = _usage_before_done(batches, stream, counted)
     resp = web.StreamResponse(
         headers={**SSE_HEADERS, **headers, "x-request-id": request[REQUEST_ID]}
     )
-    held: list[bytes] = []
     try:
         await resp.prepare(request)
         # With a session, relay() stores the turn just before [DONE] reaches the client.
-        # Events that arrived together leave together: one write (a system call) for all
-        # those already in hand, never holding one back to wait for the upstream.
-        async for event in events:
-            held.append(event)
-            if not stream.buffered:
-                await resp.write(held[0] if len(held) == 1 else b"".join(held))
-                held.clear()
-        if held:
-            await resp.write(b"".join(held))
+        # Events that arrived together leave together: one write (a system call).
+        async for batch in batches:
+            await resp.write(batch[0] if len(batch) == 1 else b"".join(batch))
     except ConnectionResetError:
         meter.error_code = "client_disconnected"  # stop the backend below; still metered
     finally:
@@ -229,24 +222,24 @@ async def _relay_stream(
 
 
 async def _usage_before_done(
-    events: AsyncIterable[bytes], stream: ChatStream, counted: Callable[[], Usage]
-) -> AsyncIterator[bytes]:
-    """``events``, with the gateway's own usage chunk just before ``[DONE]`` when the backend
+    batches: AsyncIterable[list[bytes]], stream: ChatStream, counted: Callable[[], Usage]
+) -> AsyncIterator[list[bytes]]:
+    """``batches``, with the gateway's own usage chunk just before ``[DONE]`` when the backend
     sent none (or a refused one, which it dropped); the count becomes the stream's usage.
 
     A stream the backend ends without ``[DONE]`` (some servers do) gets the chunk last; one
     that ends in an error event (broken off, timed out) gets none after the error.
     """
     last = b""
-    async for event in events:
-        if event == DONE_EVENT and stream.usage is None:
+    async for batch in batches:
+        if stream.usage is None and DONE_EVENT in batch:
             stream.usage = counted()
-            event = stream.usage_event(stream.usage) + event  # one write for both
-        last = event
-        yield event
+            batch.insert(batch.index(DONE_EVENT), stream.usage_event(stream.usage))
+        last = batch[-1]
+        yield batch
     if stream.usage is None and not last.startswith(ERROR_EVENT):
         stream.usage = counted()
-        yield stream.usage_event(stream.usage)
+        yield [stream.usage_event(stream.usage)]
 
 
 def _counted(prompt_tokens: Callable[[], int], model: str, completion: str) -> Usage:

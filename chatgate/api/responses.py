@@ -190,9 +190,13 @@ async def _relay(
     try:
         await resp.prepare(request)
         await resp.write(b"".join(sse(e) for e in translator.start()))
-        async for event in stream:
-            chunks, _ = parse_chunks(event)
-            out = [e for chunk in chunks for e in translator.feed(chunk)]
+        async for batch in stream.batches():  # events in hand together leave together
+            out: list[dict[str, Any]] = []
+            for event in batch:
+                chunks, _ = parse_chunks(event)
+                out += [e for chunk in chunks for e in translator.feed(chunk)]
+                if translator.error is not None:
+                    break
             if out:
                 await resp.write(b"".join(sse(e) for e in out))
             if translator.error is not None:

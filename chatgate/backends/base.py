@@ -77,8 +77,11 @@ class ChatResult:
 class ChatStream(ABC):
     """An open stream of SSE events (``b"data: {...}\\n\\n"``), ending with ``data: [DONE]``.
 
-    Iterate it to get the bytes to send to the client, already filtered (the usage-only chunk
-    is included only when the client asked for it). After iteration, or after the client went
+    :meth:`batches` gives the bytes to send to the client, already filtered (the usage-only
+    chunk is included only when the client asked for it), in lists of the events in hand at
+    once (one read of the upstream), which a relay writes together: one system call, and one
+    step of each layer between the backend and the client, for several events. Iterating the
+    stream itself gives the same events one by one. After iteration, or after the client went
     away, ``usage`` holds the reported usage when there was one, and ``completion_text`` what was
     generated so far, so a cut-off stream can still be metered. ``first_byte_at`` is the
     ``time.perf_counter()`` of the first event.
@@ -105,15 +108,16 @@ class ChatStream(ABC):
         chunk = {**self.envelope(), "choices": [], "usage": usage.to_openai()}
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    @property
-    def buffered(self) -> bool:
-        """True when the next event is already in hand: a relay may hold this one back and
-        write both at once (one system call for several events)."""
-        return False
-
     @abstractmethod
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        """Yield SSE events as bytes, each ending in a blank line."""
+    def batches(self) -> AsyncIterator[list[bytes]]:
+        """The SSE events as bytes, each ending in a blank line, in lists (never empty) of
+        those in hand at once; the same iterator on every call. Each list is the caller's: a
+        layer may add an event to it."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for batch in self.batches():
+            for event in batch:
+                yield event
 
     @abstractmethod
     async def aclose(self) -> None:

@@ -29,7 +29,7 @@ import base64
 import contextlib
 import ssl
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -75,10 +75,14 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[Answer | StreamBody] | None = None
         self.headers: dict[str, str] = {}
+        # The pieces of the body read so far (one per chunk of a chunked body, often many a
+        # read); the parser's on_body is this list's append, a call into C with no Python
+        # frame. A stream's pieces are handed to it together once a read is parsed.
         self.body: list[bytes] = []
+        self.on_body: Callable[[bytes], None] = self.body.append
+        self.parser = httptools.HttpResponseParser(self)  # after on_body: it looks it up once
         self.status_seen = False
         self.timer: asyncio.TimerHandle | None = None  # the answer's deadline
         self.total_at = 0.0  # loop time by which the whole answer must be in
@@ -102,6 +106,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._fail(UpstreamConnectionError("invalid HTTP answer", answered=True))
             self.close()
+            return
+        if self.body and self.stream is not None:
+            self._feed_stream(self.stream)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -133,18 +140,15 @@ class _Connection(asyncio.Protocol):
             if waiter is not None and not waiter.done():
                 waiter.set_result(self.stream)
 
-    def on_body(self, body: bytes) -> None:
-        if self.stream is not None:
-            self.stream.feed(body)
-        else:
-            self.body.append(body)
-
     def on_message_complete(self) -> None:
         if self.parser.get_status_code() < 200:  # an interim answer (103): the real one follows
-            self.headers, self.body, self.status_seen = {}, [], False
+            self.headers, self.status_seen = {}, False
+            self.body.clear()
             return
         stream = self.stream
         if stream is not None:
+            if self.body:
+                self._feed_stream(stream)
             keep = not self.until_close and self.parser.should_keep_alive()
             self.headers, self.status_seen, self.until_close = {}, False, False
             self.stream, self.streaming = None, False
@@ -152,7 +156,8 @@ class _Connection(asyncio.Protocol):
             return
         answer = Answer(self.parser.get_status_code(), self.headers, b"".join(self.body))
         keep = not self.until_close and self.parser.should_keep_alive()
-        self.headers, self.body, self.status_seen, self.until_close = {}, [], False, False
+        self.headers, self.status_seen, self.until_close = {}, False, False
+        self.body.clear()
         self._stop_timer()
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
@@ -161,6 +166,12 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     # ours
+
+    def _feed_stream(self, stream: StreamBody) -> None:
+        body = self.body
+        data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        stream.feed(data)
 
     def _fail(self, exc: UpstreamConnectionError) -> None:
         self._stop_timer()

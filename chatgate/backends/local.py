@@ -571,7 +571,7 @@ class LocalChatStream(ChatStream):
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[str | asyncio.Future[Outcome]] = asyncio.Queue()
         self._future: asyncio.Future[Outcome] | None = None
-        self._iterator: AsyncIterator[bytes] | None = None
+        self._iterator: AsyncIterator[list[bytes]] | None = None
         job.emit = self._push
 
     def attach(self, future: asyncio.Future[Outcome]) -> None:
@@ -593,9 +593,9 @@ class LocalChatStream(ChatStream):
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self._job.cancel.set()
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
+    def batches(self) -> AsyncIterator[list[bytes]]:
         if self._iterator is None:
-            self._iterator = self._events()
+            self._iterator = self._batches()
         return self._iterator
 
     def envelope(self) -> dict[str, Any]:
@@ -615,30 +615,31 @@ class LocalChatStream(ChatStream):
         }
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    async def _events(self) -> AsyncIterator[bytes]:
+    async def _batches(self) -> AsyncIterator[list[bytes]]:
+        # One token a batch: each goes to the client as soon as it is generated.
         finished = False
         try:
             item = await self._queue.get()
             # The role chunk waits for the first token, so first_byte_at is a real TTFT.
             self.first_byte_at = time.perf_counter()
-            yield self._chunk({"role": "assistant", "content": ""})
+            yield [self._chunk({"role": "assistant", "content": ""})]
             while isinstance(item, str):
                 self._text.append(item)
-                yield self._chunk({"content": item})
+                yield [self._chunk({"content": item})]
                 item = await self._queue.get()
             try:
                 outcome = item.result()
             except Exception:
                 log.exception("local model: streamed generation failed")
                 err = errors.APIError("The local model failed while generating the answer.")
-                yield b"data: " + err.body() + b"\n\n"
+                yield [b"data: " + err.body() + b"\n\n"]
                 finished = True
                 return
             reason = "length" if outcome.finish_reason == "length" else "stop"
-            yield self._chunk({}, reason)
+            last = [self._chunk({}, reason)]
             if self._include_usage and outcome.usage is not None:
-                yield self.usage_event(outcome.usage)
-            yield DONE_EVENT
+                last.append(self.usage_event(outcome.usage))
+            yield [*last, DONE_EVENT]
             finished = True
         finally:
             if not finished:  # the consumer stopped early (aclose, disconnect, cancellation)

@@ -71,6 +71,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -88,6 +89,7 @@ from chatgate.settings import ModelConfig, Settings
 
 log = logging.getLogger(__name__)
 ERROR_EVENT = b'data: {"error"'
+_is_error = operator.methodcaller("startswith", ERROR_EVENT)
 T = TypeVar("T")
 FailureHook = Callable[[Deployment, str], None]
 
@@ -341,9 +343,9 @@ class Route:
             stream = await slot.backend.chat_stream(
                 config, {**body, "model": config.upstream_model}, include_usage=include_usage
             )
-            iterator = aiter(stream)
+            batches = stream.batches()
             try:
-                first = await anext(iterator)
+                first = await anext(batches)
             except StopAsyncIteration:
                 await stream.aclose()
                 raise errors.UpstreamError(
@@ -356,7 +358,7 @@ class Route:
             if failure is not None:
                 await stream.aclose()
                 raise failure
-            return RoutedStream(stream, iterator, first, slot)
+            return RoutedStream(stream, batches, first, slot)
 
         return await self._entry.run(self, call)
 
@@ -378,16 +380,20 @@ class RoutedStream(ChatStream):
     """
 
     def __init__(
-        self, inner: ChatStream, iterator: AsyncIterator[bytes], first: bytes, slot: _Slot
+        self,
+        inner: ChatStream,
+        batches: AsyncIterator[list[bytes]],
+        first: list[bytes],
+        slot: _Slot,
     ) -> None:
         super().__init__()
         self._inner = inner
-        self._iterator = iterator
-        self._first: bytes | None = first
+        self._inner_batches = batches
+        self._first: list[bytes] | None = first
         self._slot = slot
         self._broken = False
         self._finished = False
-        self._events_gen: AsyncGenerator[bytes, None] | None = None
+        self._batches_gen: AsyncGenerator[list[bytes], None] | None = None
         slot.in_flight += 1
 
     @property
@@ -413,24 +419,20 @@ class RoutedStream(ChatStream):
     def envelope(self) -> dict[str, Any]:
         return self._inner.envelope()
 
-    @property
-    def buffered(self) -> bool:
-        return self._first is not None or self._inner.buffered
+    def batches(self) -> AsyncIterator[list[bytes]]:
+        if self._batches_gen is None:
+            self._batches_gen = self._batches()
+        return self._batches_gen
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        if self._events_gen is None:
-            self._events_gen = self._events()
-        return self._events_gen
-
-    async def _events(self) -> AsyncGenerator[bytes, None]:
+    async def _batches(self) -> AsyncGenerator[list[bytes], None]:
         try:
             if self._first is not None:
                 first, self._first = self._first, None
                 yield first
-            async for event in self._iterator:
-                if event.startswith(ERROR_EVENT):
+            async for batch in self._inner_batches:
+                if not self._broken and any(map(_is_error, batch)):
                     self._broken = True
-                yield event
+                yield batch
         finally:
             self._finish()
 
@@ -447,9 +449,9 @@ class RoutedStream(ChatStream):
     async def aclose(self) -> None:
         try:
             await self._inner.aclose()
-            if self._events_gen is not None:
+            if self._batches_gen is not None:
                 with contextlib.suppress(RuntimeError):
-                    await self._events_gen.aclose()
+                    await self._batches_gen.aclose()
         finally:
             self._finish()
 

@@ -1,11 +1,12 @@
 """Relaying an upstream's SSE stream (``/chat/completions`` with ``stream: true``).
 
-Streams are passed through event by event, never buffered whole; ``stream_options.include_usage``
-is always asked of the upstream so usage can be metered, and the usage-only chunk is dropped when
-the client did not ask for it. A usage the gateway does not believe (see
-:func:`~chatgate.backends.base.reported_tokens`) never reaches the client: a usage-only chunk
-carrying one is dropped, one riding on a chunk with choices is replaced by ``null``; the API
-layer then sends its own count in its place.
+Streams are passed through as they are read (the events of one read together, see
+:meth:`~chatgate.backends.base.ChatStream.batches`), never buffered whole;
+``stream_options.include_usage`` is always asked of the upstream so usage can be metered, and
+the usage-only chunk is dropped when the client did not ask for it. A usage the gateway does
+not believe (see :func:`~chatgate.backends.base.reported_tokens`) never reaches the client: a
+usage-only chunk carrying one is dropped, one riding on a chunk with choices is replaced by
+``null``; the API layer then sends its own count in its place.
 
 One watchdog timer per stream re-arms itself lazily (at most once per idle period, never per
 chunk) and closes the upstream response when a limit passes (first byte, idle, total), which
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import re
 import time
-from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
+from itertools import repeat
 from typing import Any
 
 import orjson
@@ -49,8 +51,32 @@ def split_events(data: bytes) -> tuple[list[bytes], bytes]:
         data = _CRLF.sub(b"\n", data)
     parts = data.split(b"\n\n")
     rest = parts.pop()
-    events = [part.lstrip(b"\n") + b"\n\n" for part in parts if part.strip(b"\n")]
+    if b"\n\n\n" in data or data.startswith(b"\n"):  # blank lines between events
+        events = [part.lstrip(b"\n") + b"\n\n" for part in parts if part.strip(b"\n")]
+    else:  # the usual case: every part is one event (in C, not a Python loop per event)
+        events = list(map(operator.add, parts, repeat(b"\n\n")))
     return events, (rest if rest.strip(b"\n") else b"") + hold
+
+
+def _usages(data: bytes) -> int:
+    """How many usage objects (``"usage"`` not followed by ``null``) ``data`` holds."""
+    if b'"usage"' not in data:
+        return 0
+    return data.count(b'"usage"') - len(_NULL_USAGE.findall(data))
+
+
+def _plain(events: list[bytes], data: bytes) -> int:
+    """How many of ``events`` (split from ``data``), from the start, carry no usage object.
+
+    Counted over the whole read in C, then from its end back: a usage chunk comes last but
+    for ``[DONE]``, so a read holding one looks at two or three events, not at all of them.
+    """
+    usages = _usages(data)
+    plain = len(events)
+    while usages > 0 and plain > 0:  # (one in a partial event left over: all are looked at)
+        plain -= 1
+        usages -= _usages(events[plain])
+    return plain
 
 
 _SLACK = 0.001  # timer handles may fire up to the loop's clock resolution early
@@ -78,8 +104,7 @@ class SSEPassThrough(ChatStream):
         self._model = model
         self._include_usage = include_usage
         self.failure: errors.APIError | None = None
-        self._iterator: AsyncGenerator[bytes, None] | None = None
-        self._ready: deque[bytes] = deque()  # events split from the last read, not yet relayed
+        self._iterator: AsyncGenerator[list[bytes], None] | None = None
         self._unparsed: list[bytes] = []  # events whose text is not extracted yet
         self._first: bytes | None = None  # the first chunk: its id, created, model...
         self._loop = asyncio.get_running_loop()
@@ -135,22 +160,15 @@ class SSEPassThrough(ChatStream):
 
     # -- relaying ---------------------------------------------------------------------------
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
+    def batches(self) -> AsyncIterator[list[bytes]]:
         if self._iterator is None:
-            self._iterator = self._events()
+            self._iterator = self._batches()
         return self._iterator
 
-    @property
-    def buffered(self) -> bool:
-        """True when the next event is already in hand (the relay may batch its writes)."""
-        return bool(self._ready)
-
-    async def _events(self) -> AsyncGenerator[bytes, None]:
+    async def _batches(self) -> AsyncGenerator[list[bytes], None]:
         # The upstream is read in whatever chunks arrive (not line by line): one read often
-        # holds many events, which are split here and handed out one at a time from
-        # ``_ready``, so the relay can write them to the client together (``buffered``).
+        # holds many events, which are split here and handed on together.
         rest = b""
-        ready = self._ready
         read = self._resp.readany
         clock = self._loop.time
         try:
@@ -161,20 +179,30 @@ class SSEPassThrough(ChatStream):
                 self._reading_since = None
                 if not chunk:
                     break
-                events, rest = split_events(rest + chunk if rest else chunk)
-                for event in events:
-                    kept = self._keep(event)
-                    if kept is not None:
-                        ready.append(kept)
-                while ready:
-                    if self.first_byte_at is None:
-                        self.first_byte_at = time.perf_counter()
-                    yield ready.popleft()
+                data = rest + chunk if rest else chunk
+                events, rest = split_events(data)
+                if self._first is None:
+                    self._first = next((e for e in events if e.startswith(b"data: {")), None)
+                # Events before the first that may carry a usage object (usually all of them,
+                # or all but the last two) need no look: held as they are, no step per event.
+                plain = _plain(events, data)
+                if plain:
+                    if len(self._unparsed) + plain > _UNPARSED_MAX:
+                        self._parse_text()  # a long stream: keep memory flat
+                    self._unparsed += events[:plain] if plain < len(events) else events
+                if plain < len(events):
+                    looked = [out for e in events[plain:] if (out := self._keep(e)) is not None]
+                    events = events[:plain] + looked if plain else looked
+                if not events:
+                    continue
+                if self.first_byte_at is None:
+                    self.first_byte_at = time.perf_counter()
+                yield events
             if rest.strip():
                 event = rest if rest.endswith(b"\n") else rest + b"\n"
                 kept = self._keep(event + b"\n")
                 if kept is not None:
-                    yield kept
+                    yield [kept]
         except (TimeoutError, UpstreamConnectionError):
             if self._expired is not None:
                 self.failure = self._timeout()
@@ -182,8 +210,7 @@ class SSEPassThrough(ChatStream):
                 self.failure = errors.UpstreamError(
                     f"The upstream for model `{self._model.name}` broke off the stream."
                 )
-            ready.clear()
-            yield b"data: " + self.failure.body() + b"\n\n"
+            yield [b"data: " + self.failure.body() + b"\n\n"]
         finally:
             self._reading_since = None
             self._stop_timer()

@@ -7,7 +7,7 @@ Used by ``POST /v1/responses`` and by chatgate's ``conversation`` extension of
     upstream["messages"] = session.messages                        # history + new turn, trimmed
     ...                                                            # call the backend
     await session.commit(result.body)                              # non-streamed, or:
-    async for event in session.relay(stream): ...                  # commits before [DONE]
+    async for batch in session.relay(stream.batches()): ...        # commits before [DONE]
 
 The model always comes from the request (checked against the key by the caller's
 ``route_for``); nothing stored in a conversation can choose or change it.
@@ -156,19 +156,25 @@ class ChatSession:
                     self._finished = True
         return done
 
-    async def relay(self, events: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-        """Pass a chat stream's events through, storing the turn just before ``[DONE]``.
+    async def relay(self, batches: AsyncIterable[list[bytes]]) -> AsyncIterator[list[bytes]]:
+        """Pass a chat stream's batches of events through (see
+        :meth:`~chatgate.backends.base.ChatStream.batches`), storing the turn just before
+        the one holding ``[DONE]``.
 
         Stored only when the stream finished normally (a finish reason, no error event), and
         before the client sees the end, so its next turn already finds this one.
         """
-        async for event in events:
-            if self._observe(event) and self._finished and not self._failed:
-                message: dict[str, Any] = {"role": "assistant", "content": "".join(self._text)}
-                if self._calls:
-                    message["tool_calls"] = [self._calls[i] for i in sorted(self._calls)]
-                await self.commit(message)
-            yield event
+        async for batch in batches:
+            for event in batch:
+                if self._observe(event) and self._finished and not self._failed:
+                    message: dict[str, Any] = {
+                        "role": "assistant",
+                        "content": "".join(self._text),
+                    }
+                    if self._calls:
+                        message["tool_calls"] = [self._calls[i] for i in sorted(self._calls)]
+                    await self.commit(message)
+            yield batch
 
 
 async def prepare_chat(

@@ -1,0 +1,191 @@
+"""A stream relayed in batches: the events of one read together, filtered as one by one.
+
+The relay looks into an event only when a usage object may be in it (counted over the whole
+read first), so these check that the batching changes nothing of what the client gets, what is
+metered or what text is counted, however the upstream's bytes are cut into reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+
+from chatgate.api.openai import _usage_before_done
+from chatgate.backends import sse
+from chatgate.backends.base import DONE_EVENT, Usage
+from chatgate.backends.http1 import StreamBody, _Connection
+from chatgate.backends.sse import SSEPassThrough
+from chatgate.settings import ModelConfig
+
+
+class _Body:
+    """An upstream's stream body, read in the pieces given."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self._pieces = pieces
+
+    async def readany(self) -> bytes:
+        return self._pieces.pop(0) if self._pieces else b""
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _event(choices: list[Any], usage: Any = None, **extra: Any) -> bytes:
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    return (
+        b"data: " + orjson.dumps({**chunk, **extra, "choices": choices, "usage": usage}) + b"\n\n"
+    )
+
+
+def _text(word: str) -> dict[str, Any]:
+    return {"index": 0, "delta": {"content": word}, "finish_reason": None}
+
+
+GOOD = {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+NONSENSE = {"prompt_tokens": 2**40, "completion_tokens": -3, "total_tokens": 2**40 - 3}
+WORDS = ["one ", "two ", "three ", "four"]
+
+# A usage on a chunk with choices mid-stream (some servers report it on every chunk), one the
+# gateway refuses on another, a comment, and the usage-only chunk before [DONE].
+STREAM = [
+    b": opening comment\n\n",
+    _event([_text(WORDS[0])]),
+    _event([_text(WORDS[1])], GOOD),
+    _event([_text(WORDS[2])], NONSENSE),
+    _event([_text(WORDS[3])]),
+    _event([], GOOD),
+    DONE_EVENT,
+]
+
+
+def _expected(include_usage: bool) -> list[bytes]:
+    """What the client gets, event by event: a refused usage shown as null, the usage-only
+    chunk only when asked for."""
+    out = [*STREAM[:3], _event([_text(WORDS[2])]), STREAM[4]]
+    return [*out, STREAM[5], DONE_EVENT] if include_usage else [*out, DONE_EVENT]
+
+
+async def _batches(pieces: list[bytes], include_usage: bool) -> tuple[list[list[bytes]], Any]:
+    stream = SSEPassThrough(_Body(pieces), ModelConfig(name="m"), include_usage=include_usage)  # type: ignore[arg-type]
+    return [batch async for batch in stream.batches()], stream
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_any_cut_into_reads_relays_meters_and_counts_the_same(include_usage: bool) -> None:
+    whole = b"".join(STREAM)
+    for size in (1, 7, 40, 97, 150, len(whole) // 2, len(whole)):
+        pieces = [whole[i : i + size] for i in range(0, len(whole), size)]
+        batches, stream = await _batches(pieces, include_usage)
+        assert all(batches), size  # never an empty batch
+        assert [e for batch in batches for e in batch] == _expected(include_usage), size
+        assert stream.usage == Usage(5, 4), size
+        assert stream.completion_text == "".join(WORDS), size
+        assert stream.envelope()["id"] == "c1", size  # from the first data event, not the comment
+
+
+async def test_the_events_of_one_read_come_as_one_batch() -> None:
+    reads = [b"".join(STREAM[:3]), b"".join(STREAM[3:5]), b"".join(STREAM[5:])]
+    batches, _ = await _batches(reads, include_usage=True)
+    assert [len(batch) for batch in batches] == [3, 2, 2]
+
+
+async def test_a_long_stream_keeps_its_text_in_order_past_the_held_events() -> None:
+    words = [f"w{i} " for i in range(sse._UNPARSED_MAX * 3 + 5)]
+    events = [_event([_text(word)]) for word in words] + [_event([], GOOD), DONE_EVENT]
+    reads = [b"".join(events[i : i + 100]) for i in range(0, len(events), 100)]
+    batches, stream = await _batches(reads, include_usage=False)
+    assert len(stream._unparsed) <= sse._UNPARSED_MAX + 100  # held events are parsed on the way
+    assert stream.completion_text == "".join(words)
+    assert [e for batch in batches for e in batch] == [*events[:-2], DONE_EVENT]
+
+
+async def test_usage_objects_are_found_wherever_they_are_in_a_read() -> None:
+    plain = _event([_text("a")])
+    assert sse._plain([plain, plain, DONE_EVENT], plain + plain + DONE_EVENT) == 3
+    usage = _event([], GOOD)
+    read = [plain, usage, plain, DONE_EVENT]
+    assert sse._plain(read, b"".join(read)) == 1  # from the usage on, each is looked at
+    assert sse._plain([plain], plain + b'data: {"usage": {"prompt_tokens"') == 0  # in the rest
+
+
+async def _gathered(batches: list[list[bytes]], usage: Usage | None) -> list[list[bytes]]:
+    class _Stream:
+        pass
+
+    stream = _Stream()
+    stream.usage = usage  # type: ignore[attr-defined]
+    stream.usage_event = lambda u: b"data: usage\n\n"  # type: ignore[attr-defined]
+
+    async def source() -> Any:
+        for batch in batches:
+            yield batch
+
+    out = _usage_before_done(source(), stream, lambda: Usage(1, 1))  # type: ignore[arg-type]
+    return [batch async for batch in out]
+
+
+async def test_the_gateway_usage_goes_just_before_done_inside_its_batch() -> None:
+    a, b = _event([_text("a")]), _event([_text("b")])
+    assert await _gathered([[a], [b, DONE_EVENT]], None) == [
+        [a],
+        [b, b"data: usage\n\n", DONE_EVENT],
+    ]
+    assert await _gathered([[a, DONE_EVENT]], Usage(2, 2)) == [[a, DONE_EVENT]]  # reported
+    assert await _gathered([[a], [b]], None) == [[a], [b], [b"data: usage\n\n"]]  # no [DONE]
+
+
+async def test_a_read_of_many_chunks_reaches_the_stream_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httptools calls on_body once per chunk of a chunked body; the stream is fed once per
+    read of the socket (seven chunks written at once: as many feeds as reads, not chunks)."""
+    head = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in STREAM) + b"0\r\n\r\n"
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head + chunks)
+        await writer.drain()
+        await reader.read()  # until the client closes
+        writer.close()
+
+    fed: list[bytes] = []
+    reads: list[bytes] = []
+    feed, data_received = StreamBody.feed, _Connection.data_received
+
+    def spy_feed(self: StreamBody, data: bytes) -> None:
+        fed.append(data)
+        feed(self, data)
+
+    def spy_data_received(self: _Connection, data: bytes) -> None:
+        reads.append(data)
+        data_received(self, data)
+
+    monkeypatch.setattr(StreamBody, "feed", spy_feed)
+    monkeypatch.setattr(_Connection, "data_received", spy_data_received)
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    try:
+        _, conn = await loop.create_connection(_Connection, "127.0.0.1", port)
+        waiter = conn.send(b"POST / HTTP/1.1\r\nhost: x\r\n\r\n", 1e12, 1e12, streaming=True)
+        body = await waiter
+        assert isinstance(body, StreamBody)
+        got = b""
+        while piece := await body.readany():
+            got += piece
+        assert got == b"".join(STREAM)
+        assert 1 <= len(fed) <= len(reads) < len(STREAM)  # here, usually one read and one feed
+        conn.close()
+    finally:
+        server.close()
+        await server.wait_closed()
