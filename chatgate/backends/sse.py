@@ -59,10 +59,14 @@ def split_events(data: bytes) -> tuple[list[bytes], bytes]:
 
 
 def _usages(data: bytes) -> int:
-    """How many usage objects (``"usage"`` not followed by ``null``) ``data`` holds."""
-    if b'"usage"' not in data:
-        return 0
-    return data.count(b'"usage"') - len(_NULL_USAGE.findall(data))
+    """How many ``"usage"`` keys in ``data`` are not followed by ``null`` as JSON encoders
+    write it (``:null``, ``: null``): byte counts, no regular expression over the read. A null
+    written otherwise counts as a usage object too: its event is then looked at, needlessly
+    but safely (:meth:`SSEPassThrough._keep` decides)."""
+    found = data.count(b'"usage"')
+    if found:
+        found -= data.count(b'"usage":null') + data.count(b'"usage": null')
+    return found
 
 
 def _plain(events: list[bytes], data: bytes) -> int:
@@ -83,7 +87,7 @@ _SLACK = 0.001  # timer handles may fire up to the loop's clock resolution early
 
 
 class SSEPassThrough(ChatStream):
-    """Relays an upstream SSE response event by event, noting usage and generated text.
+    """Relays an upstream SSE response as it is read, noting usage and generated text.
 
     A transport failure or a passed time limit ends the relay with one
     ``data: {"error": ...}`` event; ``failure`` then holds that error (the router uses it to

@@ -53,13 +53,16 @@ NONSENSE = {"prompt_tokens": 2**40, "completion_tokens": -3, "total_tokens": 2**
 WORDS = ["one ", "two ", "three ", "four"]
 
 # A usage on a chunk with choices mid-stream (some servers report it on every chunk), one the
-# gateway refuses on another, a comment, and the usage-only chunk before [DONE].
+# gateway refuses on another, a null usage spelled with unusual spaces, a comment, and the
+# usage-only chunk before [DONE].
+ODD_NULL = b'data: {"choices": [], "usage" :  null}\n\n'
 STREAM = [
     b": opening comment\n\n",
     _event([_text(WORDS[0])]),
     _event([_text(WORDS[1])], GOOD),
     _event([_text(WORDS[2])], NONSENSE),
     _event([_text(WORDS[3])]),
+    ODD_NULL,
     _event([], GOOD),
     DONE_EVENT,
 ]
@@ -68,8 +71,8 @@ STREAM = [
 def _expected(include_usage: bool) -> list[bytes]:
     """What the client gets, event by event: a refused usage shown as null, the usage-only
     chunk only when asked for."""
-    out = [*STREAM[:3], _event([_text(WORDS[2])]), STREAM[4]]
-    return [*out, STREAM[5], DONE_EVENT] if include_usage else [*out, DONE_EVENT]
+    out = [*STREAM[:3], _event([_text(WORDS[2])]), STREAM[4], ODD_NULL]
+    return [*out, STREAM[6], DONE_EVENT] if include_usage else [*out, DONE_EVENT]
 
 
 async def _batches(pieces: list[bytes], include_usage: bool) -> tuple[list[list[bytes]], Any]:
@@ -93,7 +96,7 @@ async def test_any_cut_into_reads_relays_meters_and_counts_the_same(include_usag
 async def test_the_events_of_one_read_come_as_one_batch() -> None:
     reads = [b"".join(STREAM[:3]), b"".join(STREAM[3:5]), b"".join(STREAM[5:])]
     batches, _ = await _batches(reads, include_usage=True)
-    assert [len(batch) for batch in batches] == [3, 2, 2]
+    assert [len(batch) for batch in batches] == [3, 2, 3]
 
 
 async def test_a_long_stream_keeps_its_text_in_order_past_the_held_events() -> None:
@@ -113,6 +116,10 @@ async def test_usage_objects_are_found_wherever_they_are_in_a_read() -> None:
     read = [plain, usage, plain, DONE_EVENT]
     assert sse._plain(read, b"".join(read)) == 1  # from the usage on, each is looked at
     assert sse._plain([plain], plain + b'data: {"usage": {"prompt_tokens"') == 0  # in the rest
+    nulls = [b'data: {"usage":null}\n\n', b'data: {"usage": null}\n\n', plain]
+    assert sse._plain(nulls, b"".join(nulls)) == 3  # nulls as encoders write them: no look
+    odd = [plain, ODD_NULL, plain]
+    assert sse._plain(odd, b"".join(odd)) == 1  # otherwise looked at (by _keep, which knows)
 
 
 async def _gathered(batches: list[list[bytes]], usage: Usage | None) -> list[list[bytes]]:
