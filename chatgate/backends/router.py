@@ -426,8 +426,9 @@ class RoutedStream(ChatStream):
 
     async def _batches(self) -> AsyncGenerator[list[bytes], None]:
         try:
-            if self._first is not None:
+            if self._first is not None:  # its first event was the route's to judge
                 first, self._first = self._first, None
+                self._broken = any(map(_is_error, first[1:]))
                 yield first
             async for batch in self._inner_batches:
                 if not self._broken and any(map(_is_error, batch)):
