@@ -15,6 +15,7 @@ Behaviour is chosen by the request's ``model``:
   then go silent for ``fake.delay`` seconds (default an hour) without closing; when not
   streaming, the same as ``hang``;
 - ``fake.no_done`` (any model): end a stream without ``data: [DONE]`` (some servers do);
+- ``fake.after_done`` (any model): send one more event after ``data: [DONE]``;
 - ``fake.fail_times`` = N with ``fake.key`` = K (any model): the first N requests carrying key K
   answer ``fake.status`` (default 500), later ones are served normally (with ``fake.model``,
   only requests for that model count);
@@ -215,6 +216,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
     if not fake.get("no_done"):
         await resp.write(b"data: [DONE]\n\n")
+    if fake.get("after_done"):
+        await resp.write(b'data: {"stray": "after [DONE]"}\n\n')
     await resp.write_eof()
     return resp
 

@@ -165,6 +165,12 @@ def test_streams_keep_their_upstream_connection(gateway: Gateway, upstream: Any)
     for _ in range(5):
         assert chat(gateway, key, body).text.endswith("data: [DONE]\n\n")
     assert seen() == before
+    # [DONE] ends the client's body at once; an event an upstream sends after it is read (the
+    # connection is still kept) but not relayed.
+    for _ in range(3):
+        text = chat(gateway, key, {**body, "fake": {"after_done": True}}).text
+        assert text.endswith("data: [DONE]\n\n") and "stray" not in text
+    assert seen() == before
 
 
 def test_upstream_key_is_sent_upstream_not_echoed(gateway: Gateway, upstream: Any) -> None:

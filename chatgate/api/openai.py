@@ -207,9 +207,19 @@ async def _relay_stream(
     try:
         await resp.prepare(request)
         # With a session, relay() stores the turn just before [DONE] reaches the client.
-        # Events that arrived together leave together: one write (a system call).
+        # Events that arrived together leave together: one write (a system call), which for
+        # the batch holding [DONE] also ends the body. Nothing may follow [DONE]: the rest
+        # is read (so the upstream connection is kept) but not sent.
+        ended = False
         async for batch in batches:
-            await resp.write(batch[0] if len(batch) == 1 else b"".join(batch))
+            if ended:
+                continue
+            if DONE_EVENT in batch:
+                ended = True
+                del batch[batch.index(DONE_EVENT) + 1 :]
+                await resp.write_eof(b"".join(batch))
+            else:
+                await resp.write(batch[0] if len(batch) == 1 else b"".join(batch))
     except ConnectionResetError:
         meter.error_code = "client_disconnected"  # stop the backend below; still metered
     finally:
