@@ -6,12 +6,14 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chatgate import timefmt
 from chatgate.db.engine import create_engine, migrate
 from chatgate.usage.queries import cover, export_records, report, usage_rows
 from chatgate.usage.record import UsageRecord
@@ -197,3 +199,24 @@ async def test_export_pages_through_every_record(
     first = exported[0]
     assert first["account_id"] == a
     assert first["total_tokens"] == first["prompt_tokens"] + first["completion_tokens"]
+
+
+async def test_a_report_ending_now_holds_this_seconds_records(
+    engine: AsyncEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rollups are read by whole minutes: a report whose end is the current whole second left
+    out the minute starting then, whenever ``now`` fell on one (seen as 943 of 1,000 requests
+    in the end-to-end test). ``until_now()`` ends past this second."""
+    account = new_account()
+    moment = BASE + 7 * DAY  # a whole minute
+    recorder = UsageRecorder(engine, tmp_path / "spool")
+    recorder.record(make_record(account_id=account, created_at=moment + 0.4))
+    await recorder.close()
+    monkeypatch.setattr(timefmt.time, "time", lambda: moment + 0.6)
+    assert (
+        await report(engine, start=moment - DAY, end=timefmt.now(), account_id=account)
+    ).totals.requests == 0
+    ending_now = await report(
+        engine, start=moment - DAY, end=timefmt.until_now(), account_id=account
+    )
+    assert ending_now.totals.requests == 1
