@@ -30,6 +30,7 @@ from chatgate.backends.http1 import (
     StreamBody,
     UpstreamConnectionError,
 )
+from tests.backends.upstreams import CHUNKED, chunk, stream_server
 from tests.helpers import free_port
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
@@ -355,51 +356,10 @@ async def test_the_first_byte_and_total_deadlines(serve) -> None:  # type: ignor
 
 # -- streamed answers (Pool.open): a 2xx's body read as it arrives --------------------------
 
-Step = bytes | asyncio.Event | None  # write, wait for the test, or close the connection
-
-
-async def stream_server(steps: list[list[Step]]) -> tuple[str, list[int]]:
-    """A server that answers its n-th request with ``steps[n]``, step by step, on the same
-    connection while it stays open; the URL and a one-item list counting connections."""
-    connections = [0]
-    queue = list(steps)
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections[0] += 1
-        try:
-            while queue:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
-                for step in queue.pop(0):
-                    if step is None:
-                        return
-                    if isinstance(step, asyncio.Event):
-                        await step.wait()
-                    else:
-                        writer.write(step)
-                        await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", connections
-
 
 async def open_stream(pool: Pool) -> Answer | StreamBody:
     now = asyncio.get_running_loop().time()
     return await pool.open(pool.head("/chat/completions", {}), b"{}", now + 5, now + 10)
-
-
-CHUNKED = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-)
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 async def test_a_stream_is_read_as_it_arrives_and_its_connection_kept() -> None:

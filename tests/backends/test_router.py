@@ -7,7 +7,6 @@ tested alone, with an injected clock.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +20,7 @@ from chatgate.backends.breaker import BreakerState, CircuitBreaker
 from chatgate.backends.deployment import RetryPolicy, plan_models
 from chatgate.backends.router import Router
 from chatgate.settings import ModelConfig, Settings
+from tests.backends.upstreams import stream_server
 from tests.helpers import Upstream, free_port, start_upstream, stop
 
 FAST = {
@@ -445,26 +445,13 @@ async def test_an_upstream_error_event_in_the_first_read_counts_as_a_failure(
     answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
     answer += b"content-length: %d\r\n\r\n%s" % (len(body), body)
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        await reader.readexactly(length)
-        writer.write(answer)  # the whole stream in one write
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-        router = make_router(dep("m", base_url))
-        stream = await router.resolve("m").chat_stream(chat_body(stream=True), include_usage=False)
-        assert await read_all(stream) == events
-        await stream.aclose()
-        status = state_of(router, "m#0")
-        assert status["consecutive_failures"] == 1 and status["in_flight"] == 0
-    finally:
-        server.close()
-        await server.wait_closed()
+    base_url, _ = await stream_server([[answer]])  # the whole stream in one write
+    router = make_router(dep("m", base_url))
+    stream = await router.resolve("m").chat_stream(chat_body(stream=True), include_usage=False)
+    assert await read_all(stream) == events
+    await stream.aclose()
+    status = state_of(router, "m#0")
+    assert status["consecutive_failures"] == 1 and status["in_flight"] == 0
 
 
 async def test_closing_a_stream_early_frees_the_deployment(up: Upstream, make_router: Any) -> None:

@@ -19,22 +19,7 @@ from chatgate.backends.base import DONE_EVENT, Usage
 from chatgate.backends.http1 import StreamBody, _Connection
 from chatgate.backends.sse import SSEPassThrough
 from chatgate.settings import ModelConfig
-
-
-class _Body:
-    """An upstream's stream body, read in the pieces given."""
-
-    def __init__(self, pieces: list[bytes]) -> None:
-        self._pieces = pieces
-
-    async def readany(self) -> bytes:
-        return self._pieces.pop(0) if self._pieces else b""
-
-    def release(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+from tests.backends.upstreams import CHUNKED, Reads, chunk, stream_server
 
 
 def _event(choices: list[Any], usage: Any = None, **extra: Any) -> bytes:
@@ -76,7 +61,7 @@ def _expected(include_usage: bool) -> list[bytes]:
 
 
 async def _batches(pieces: list[bytes], include_usage: bool) -> tuple[list[list[bytes]], Any]:
-    stream = SSEPassThrough(_Body(pieces), ModelConfig(name="m"), include_usage=include_usage)  # type: ignore[arg-type]
+    stream = SSEPassThrough(Reads(*pieces), ModelConfig(name="m"), include_usage=include_usage)  # type: ignore[arg-type]
     return [batch async for batch in stream.batches()], stream
 
 
@@ -153,17 +138,8 @@ async def test_a_read_of_many_chunks_reaches_the_stream_at_once(
 ) -> None:
     """httptools calls on_body once per chunk of a chunked body; the stream is fed once per
     read of the socket (seven chunks written at once: as many feeds as reads, not chunks)."""
-    head = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
-    )
-    chunks = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in STREAM) + b"0\r\n\r\n"
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(head + chunks)
-        await writer.drain()
-        await reader.read()  # until the client closes
-        writer.close()
+    url, _ = await stream_server([[CHUNKED + b"".join(map(chunk, STREAM)) + b"0\r\n\r\n"]])
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
 
     fed: list[bytes] = []
     reads: list[bytes] = []
@@ -179,20 +155,13 @@ async def test_a_read_of_many_chunks_reaches_the_stream_at_once(
 
     monkeypatch.setattr(StreamBody, "feed", spy_feed)
     monkeypatch.setattr(_Connection, "data_received", spy_data_received)
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    loop = asyncio.get_running_loop()
-    try:
-        _, conn = await loop.create_connection(_Connection, "127.0.0.1", port)
-        waiter = conn.send(b"POST / HTTP/1.1\r\nhost: x\r\n\r\n", 1e12, 1e12, streaming=True)
-        body = await waiter
-        assert isinstance(body, StreamBody)
-        got = b""
-        while piece := await body.readany():
-            got += piece
-        assert got == b"".join(STREAM)
-        assert 1 <= len(fed) <= len(reads) < len(STREAM)  # here, usually one read and one feed
-        conn.close()
-    finally:
-        server.close()
-        await server.wait_closed()
+    _, conn = await asyncio.get_running_loop().create_connection(_Connection, "127.0.0.1", port)
+    request = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
+    body = await conn.send(request, 1e12, 1e12, streaming=True)
+    assert isinstance(body, StreamBody)
+    got = b""
+    while piece := await body.readany():
+        got += piece
+    assert got == b"".join(STREAM)
+    assert 1 <= len(fed) <= len(reads) < len(STREAM)  # here, usually one read and one feed
+    conn.close()

@@ -10,6 +10,7 @@ import pytest
 from chatgate.backends.base import DONE_EVENT, MAX_REPORTED_TOKENS, Usage, reported_tokens
 from chatgate.backends.sse import SSEPassThrough
 from chatgate.settings import ModelConfig
+from tests.backends.upstreams import Reads
 
 
 @pytest.mark.parametrize("value", [0, 1, 4096, MAX_REPORTED_TOKENS])
@@ -33,22 +34,6 @@ def test_usage_with_any_count_refused_is_none_so_the_gateway_counts() -> None:
     assert Usage.from_openai(None) is None
 
 
-class _Body:
-    """An upstream's stream body, read in the pieces given (what SSEPassThrough reads)."""
-
-    def __init__(self, *pieces: bytes) -> None:
-        self._pieces = list(pieces)
-
-    async def readany(self) -> bytes:
-        return self._pieces.pop(0) if self._pieces else b""
-
-    def release(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _event(chunk: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
@@ -67,7 +52,7 @@ def _chunk(choices: list[Any], usage: Any = None) -> dict[str, Any]:
 
 async def _relay(include_usage: bool, *events: bytes) -> tuple[list[bytes], SSEPassThrough]:
     stream = SSEPassThrough(
-        _Body(b"".join(events)),  # type: ignore[arg-type]
+        Reads(b"".join(events)),  # type: ignore[arg-type]
         ModelConfig(name="m"),
         include_usage=include_usage,
     )
