@@ -322,9 +322,15 @@ class RedisLimiter(Limiter):
         self._lease_tail = encode(lease_ttl, concurrency_retry)
         self._ledger = Ledger(time.monotonic)
         self._background: set[asyncio.Future[Any]] = set()
-        # Settlements not sent yet, oldest first, and the timer that sends them if no
-        # admission comes first (armed while the list is not empty).
+        # Settlements not sent yet, oldest first; when (loop time) the oldest was queued;
+        # and the timer that sends them if no admission comes first. The timer is not
+        # cancelled when an admission takes the list: it stays armed, and when it fires it
+        # sends the list only if its oldest settlement has waited the whole delay, else it
+        # is set again for that one. So a busy process arms a timer every flush_delay, not
+        # one per request. ``_armed``: when the waiting the timer measures began.
         self._pending: list[_Settlement] = []
+        self._oldest = 0.0
+        self._armed = 0.0
         self._timer: asyncio.TimerHandle | None = None
         # Lease ids (members of the concurrency sets, shared by every process): a random
         # prefix per limiter and a counter. Unique, and no system call per request.
@@ -377,17 +383,24 @@ class RedisLimiter(Limiter):
 
     # --- sending ---------------------------------------------------------------------------
 
-    def _dispatch(self, packed: bytes, batch: list[_Settlement]) -> asyncio.Future[Any]:
-        """Send one ``EVALSHA`` now; the future of its final reply, which also settles ``batch``.
+    def _dispatch(
+        self, packed: bytes, batch: list[_Settlement], taken: Reservation | None = None
+    ) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
+        """Send one ``EVALSHA`` now: the call (the first reply), and the future of its final
+        reply, which also settles ``batch``.
 
         Final: after one ``SCRIPT LOAD`` and resend on ``NOSCRIPT``; failures that mean
         "unavailable" become :class:`LimiterUnavailable`. The outcome is decided here, in
         callbacks, not by whoever awaits it, so a cancelled caller changes nothing.
+        ``taken``: what the call's checks take when they are allowed, given back when the
+        future was cancelled (its caller went away) before the reply came.
         """
-        outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         call = self._start(packed)
-        call.add_done_callback(functools.partial(self._replied, packed, batch, outcome, False))
-        return outcome
+        outcome: asyncio.Future[Any] = call.get_loop().create_future()
+        call.add_done_callback(
+            functools.partial(self._replied, packed, batch, outcome, False, taken)
+        )
+        return call, outcome
 
     def _start(self, packed: bytes) -> asyncio.Future[Any]:
         """Run the script: sent at once when connected (a bare future), else in a task."""
@@ -403,6 +416,7 @@ class RedisLimiter(Limiter):
         batch: list[_Settlement],
         outcome: asyncio.Future[Any],
         reloaded: bool,
+        taken: Reservation | None,
         call: asyncio.Future[Any],
     ) -> None:
         exc = LimiterUnavailable("redis: call cancelled") if call.cancelled() else call.exception()
@@ -412,10 +426,14 @@ class RedisLimiter(Limiter):
                     settled.set_result(True)
             if not outcome.done():
                 outcome.set_result(call.result())
+            elif taken is not None and outcome.cancelled():
+                self._release_orphan(call.result(), taken)
             return
         if _noscript(exc) and not reloaded:  # it did not run: load the script, send it again
             again = self._spawn(self._run(packed, load=True))
-            again.add_done_callback(functools.partial(self._replied, packed, batch, outcome, True))
+            again.add_done_callback(
+                functools.partial(self._replied, packed, batch, outcome, True, taken)
+            )
             return
         if isinstance(exc, _UNAVAILABLE):
             exc = _unavailable(exc)
@@ -432,9 +450,6 @@ class RedisLimiter(Limiter):
         if not batch:
             return _NO_SETTLEMENTS
         self._pending = []
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         while len(batch) > MAX_BATCH:
             self._send_settlements(batch[:MAX_BATCH])
             batch = batch[MAX_BATCH:]
@@ -473,7 +488,7 @@ class RedisLimiter(Limiter):
 
     def _send_settlements(self, batch: list[_Settlement]) -> asyncio.Future[Any]:
         """One call carrying ``batch`` and no checks (kept until answered)."""
-        outcome = self._dispatch(self._packed(batch, _NO_LEASE), batch)
+        _, outcome = self._dispatch(self._packed(batch, _NO_LEASE), batch)
         self._keep(outcome)
         outcome.add_done_callback(_retrieve)
         return outcome
@@ -483,9 +498,19 @@ class RedisLimiter(Limiter):
         batch = self._take_pending()
         return [self._send_settlements(batch)] if batch else []
 
+    def _arm(self, loop: asyncio.AbstractEventLoop, start: float) -> None:
+        """Set the timer to fire ``flush_delay`` after ``start`` (loop time)."""
+        self._armed = start
+        self._timer = loop.call_at(start + self._flush_delay, self._on_timer)
+
     def _on_timer(self) -> None:
         self._timer = None
-        self._flush()
+        if not self._pending:
+            return
+        if self._oldest <= self._armed:  # the oldest has waited the whole delay
+            self._flush()
+        else:  # queued after an admission took the list the timer was set for
+            self._arm(asyncio.get_running_loop(), self._oldest)
 
     # --- the Limiter API -------------------------------------------------------------------
 
@@ -503,19 +528,21 @@ class RedisLimiter(Limiter):
                 args[slot] = cost
         batch = self._take_pending()
         packed = self._packed(batch, encode_once(lease_id), plan.keys, plan.nkeys, args)
-        # The outcome is awaited through a shield: if this caller is cancelled, the script (on
-        # the wire already) still runs, the settlements it carries are settled, and what it
-        # took for this request is given back.
-        outcome = self._dispatch(packed, batch)
+        # If this caller is cancelled, the script (on the wire already) still runs and the
+        # settlements it carries are settled: cancelling the outcome stops nothing but this
+        # wait. What the script took for this request is given back, by _replied when the
+        # cancel came first, here when the reply had come already.
+        reservation = Reservation(lease_id, resolved, cost_tokens)
+        call, outcome = self._dispatch(packed, batch, reservation)
         try:
-            reply = (await asyncio.shield(outcome)).split(b" ")
+            reply = (await outcome).split(b" ")
         except asyncio.CancelledError:
-            orphan = Reservation(lease_id, resolved, cost_tokens)
-            self._keep(outcome)
-            outcome.add_done_callback(lambda done: self._release_orphan(done, orphan))
+            if outcome.cancelled():
+                self._keep(call)  # aclose waits for its reply (and the release)
+            elif outcome.done() and outcome.exception() is None:
+                self._release_orphan(outcome.result(), reservation)
             raise
         if reply[0] == b"1":
-            reservation = Reservation(lease_id, resolved, cost_tokens)
             self._ledger.add(lease_id)
             return plan.granted(reply, cost_tokens, reservation)
         retry = float(reply[2])
@@ -528,11 +555,9 @@ class RedisLimiter(Limiter):
             None,
         )
 
-    def _release_orphan(self, done: asyncio.Future[Any], reservation: Reservation) -> None:
+    def _release_orphan(self, reply: bytes, reservation: Reservation) -> None:
         """The caller of ``acquire`` was cancelled: give back what the script took."""
-        if done.cancelled() or done.exception() is not None:
-            return
-        if done.result().startswith(b"1 "):
+        if reply.startswith(b"1 "):
             self._ledger.add(reservation.lease_id)
             self.settle_nowait(reservation, 0).add_done_callback(_log_orphan)
 
@@ -544,7 +569,8 @@ class RedisLimiter(Limiter):
         carrying it does; it resolves to False at once when ``reservation`` was settled
         already or is too old, and to True at once when there is nothing to adjust.
         """
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
         if not self._ledger.take(reservation.lease_id):
             future.set_result(False)
             return future
@@ -554,11 +580,13 @@ class RedisLimiter(Limiter):
             future.set_result(True)
             return future
         head = encode_once(reservation.lease_id) + encode_int(delta) + encode_int(part.nkeys)
+        if not self._pending:
+            self._oldest = loop.time()
+            if self._timer is None:
+                self._arm(loop, self._oldest)
         self._pending.append(
             (_Part(part.keys, part.nkeys, head + part.args, part.nargs + 3), future)
         )
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._flush_delay, self._on_timer)
         return future
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> bool:
@@ -618,6 +646,9 @@ class RedisLimiter(Limiter):
                 break
             # Finishing a call may queue more (an orphan's release): hence the loop.
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._owns_client:
             await self._raw_client.aclose()
 

@@ -113,13 +113,17 @@ _INTS = [_bulk(n) for n in range(1024)]
 def encode_int(n: int) -> bytes:
     """An int as a bulk string: :func:`encode` of one int, a table's lookup for the small
     ones a limiter call is made of (counts of keys and settlements, token costs)."""
-    return _INTS[n] if 0 <= n < 1024 else _bulk(n)
+    if 0 <= n < 1024:
+        return _INTS[n]
+    digits = b"%d" % n
+    return b"$%d\r\n%b\r\n" % (len(digits), digits)
 
 
 def encode_once(text: str) -> bytes:
     """``text`` as a bulk string, without the memo of :func:`encode`: for a value sent once
     (a lease id), which would only push the values that repeat out of it."""
-    return _bulk(text)
+    data = text.encode()
+    return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
 def parse_command(packed: bytes) -> list[bytes]:

@@ -272,6 +272,74 @@ async def test_cancelled_settle_and_cancelled_acquire_still_settle(make: Made) -
     assert (await other.acquire([Check.concurrent("acct:x", 2)])).allowed
 
 
+async def test_acquire_cancelled_after_its_reply_came_leaks_nothing(
+    make: Made, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel lands after the script's reply was read but before the caller resumed (the
+    reply's future is done; the caller sees CancelledError): what was taken is given back."""
+    limiter, other = make(), make()
+    checks = [Check.concurrent("acct:x", 1), Check.monthly_quota("acct:x", 1000)]
+    first = await take(limiter, checks, 1)  # connected, the script loaded
+    limiter.settle_nowait(first, 0)  # freed by the next admission
+    acquiring: asyncio.Task[object] | None = None
+    dispatch = limiter._dispatch
+
+    def cancel_on_reply(*args: object) -> object:
+        call, outcome = dispatch(*args)  # type: ignore[arg-type]
+        # Runs before the caller's own wake-up, which outcome gets when the caller awaits it.
+        outcome.add_done_callback(lambda _: acquiring.cancel() if acquiring else None)
+        return call, outcome
+
+    monkeypatch.setattr(limiter, "_dispatch", cancel_on_reply)
+    acquiring = asyncio.create_task(limiter.acquire(checks, 500))
+    with pytest.raises(asyncio.CancelledError):
+        await acquiring
+    monkeypatch.undo()
+    assert limiter.pending == 1  # the release, queued
+    await limiter.aclose()
+    assert await other.quota_used("acct:x") == 0
+    assert (await other.acquire(checks, 1000)).allowed  # the slot is free
+
+
+async def test_aclose_waits_for_the_reply_of_a_cancelled_acquire(make: Made) -> None:
+    """Cancelled with its script on the wire, then the limiter closed at once: closing waits
+    for that reply, and gives back what the script took."""
+    limiter, other = make(), make()
+    checks = [Check.concurrent("acct:x", 1), Check.monthly_quota("acct:x", 1000)]
+    limiter.settle_nowait(await take(limiter, checks, 1), 0)  # connected, the script loaded
+    acquiring = asyncio.create_task(limiter.acquire(checks, 500))
+    await asyncio.sleep(0)  # the call is written
+    acquiring.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await acquiring
+    await limiter.aclose()
+    assert await other.quota_used("acct:x") == 0
+    assert (await other.acquire(checks, 1000)).allowed
+
+
+async def test_a_busy_limiter_keeps_one_timer(make: Made) -> None:
+    """Settlements queued again and again, each taken by the next admission: the timer set for
+    the first is not cancelled and set anew each time, and when it fires it sends nothing
+    that has not waited the whole delay."""
+    limiter = make(flush_delay=1.0)
+    checks = [Check.concurrent("acct:x", 2)]
+    res = await take(limiter, checks)
+    limiter.settle_nowait(res, 0)
+    timer = limiter._timer
+    assert timer is not None
+    for _ in range(5):
+        await asyncio.sleep(0.05)
+        res = await take(limiter, checks)  # carries the queued settlement
+        assert limiter.pending == 0
+        settled = limiter.settle_nowait(res, 0)
+        assert limiter._timer is timer
+    while limiter._timer is timer:  # until it fires, ~1 s after the first settlement
+        await asyncio.sleep(0.01)
+    assert not settled.done() and limiter.pending == 1  # 0.75 s old: it waits
+    assert limiter._timer is not None  # set again, for that one
+    assert await asyncio.wait_for(settled, 5.0) is True
+
+
 async def test_noscript_resends_once_and_settles_once(make: Made, admin: aioredis.Redis) -> None:
     limiter = make()
     checks = [Check.monthly_quota("acct:x", 10_000)]
