@@ -582,8 +582,8 @@ class RedisLimiter(Limiter):
         head = encode_once(reservation.lease_id) + encode_int(delta) + encode_int(part.nkeys)
         if not self._pending:
             self._oldest = loop.time()
-            if self._timer is None:
-                self._arm(loop, self._oldest)
+        if self._timer is None:
+            self._arm(loop, self._oldest)
         self._pending.append(
             (_Part(part.keys, part.nkeys, head + part.args, part.nargs + 3), future)
         )
