@@ -391,9 +391,10 @@ class RedisLimiter(Limiter):
 
         Final: after one ``SCRIPT LOAD`` and resend on ``NOSCRIPT``; failures that mean
         "unavailable" become :class:`LimiterUnavailable`. The outcome is decided here, in
-        callbacks, not by whoever awaits it, so a cancelled caller changes nothing.
+        callbacks on the call, not by whoever awaits it: a caller that is cancelled cancels
+        the outcome future and nothing else (``batch`` is settled all the same).
         ``taken``: what the call's checks take when they are allowed, given back when the
-        future was cancelled (its caller went away) before the reply came.
+        outcome was cancelled before the reply came.
         """
         call = self._start(packed)
         outcome: asyncio.Future[Any] = call.get_loop().create_future()
