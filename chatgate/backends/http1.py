@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -73,7 +74,8 @@ class Answer:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: a transport, its parser, and the answer being read."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop  # its loop, kept: asyncio.get_running_loop() is a system call in 3.11
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[Answer | StreamBody] | None = None
         self.headers: dict[str, str] = {}
@@ -200,7 +202,7 @@ class _Connection(asyncio.Protocol):
         after the status line (a plain timer handle: cheaper than a task-cancelling timeout).
         """
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.streaming = streaming
         self.waiter = loop.create_future()
         self.total_at = total_at
@@ -211,7 +213,7 @@ class _Connection(asyncio.Protocol):
     def _expire(self) -> None:
         self.timer = None
         if self.status_seen:
-            loop = asyncio.get_running_loop()
+            loop = self.loop
             if loop.time() < self.total_at:
                 self.timer = loop.call_at(self.total_at, self._expire)
                 return
@@ -320,7 +322,7 @@ class StreamBody:
                 raise self._error
             if self._eof:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._conn.loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -465,14 +467,14 @@ class Pool:
         if self._closed:
             conn.close()
         elif not conn.closed:
-            conn.idle_since = asyncio.get_running_loop().time()
+            conn.idle_since = conn.loop.time()
             self._idle.append(conn)
 
     def _reuse(self) -> _Connection | None:
         idle = self._idle
         if not idle:
             return None
-        oldest_kept = asyncio.get_running_loop().time() - self._idle_timeout
+        oldest_kept = idle[-1].loop.time() - self._idle_timeout  # one loop for them all
         while idle:
             conn = idle.pop()  # the most recently used: the likeliest still open
             if not conn.closed and conn.idle_since > oldest_kept:
@@ -498,7 +500,7 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:
             transport, conn = await loop.create_connection(
-                _Connection,
+                functools.partial(_Connection, loop),
                 self._host,
                 self._port,
                 ssl=self._ssl,

@@ -155,7 +155,8 @@ async def test_a_read_of_many_chunks_reaches_the_stream_at_once(
 
     monkeypatch.setattr(StreamBody, "feed", spy_feed)
     monkeypatch.setattr(_Connection, "data_received", spy_data_received)
-    _, conn = await asyncio.get_running_loop().create_connection(_Connection, "127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(lambda: _Connection(loop), "127.0.0.1", port)
     request = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
     body = await conn.send(request, 1e12, 1e12, streaming=True)
     assert isinstance(body, StreamBody)
