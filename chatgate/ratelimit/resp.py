@@ -178,8 +178,9 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, client: RespClient) -> None:
+    def __init__(self, client: RespClient, loop: asyncio.AbstractEventLoop) -> None:
         self._client = client
+        self.loop = loop  # kept: asyncio.get_running_loop() is a system call in 3.11
         self.transport: asyncio.Transport | None = None
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.outbox: list[bytes] = []
@@ -281,7 +282,7 @@ class RespClient:
         return await self._write(proto, packed)
 
     def _write(self, proto: _Protocol, packed: bytes) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
+        loop = proto.loop
         future: asyncio.Future[Any] = loop.create_future()
         proto.pending.append(future)
         # Commands issued in the same turn of the event loop (concurrent requests) go out
@@ -343,10 +344,10 @@ class RespClient:
         loop = asyncio.get_running_loop()
         proto: _Protocol
         if self._unix is not None:
-            _, proto = await loop.create_unix_connection(lambda: _Protocol(self), self._unix)
+            _, proto = await loop.create_unix_connection(lambda: _Protocol(self, loop), self._unix)
         else:
             _, proto = await loop.create_connection(
-                lambda: _Protocol(self), self._host, self._port, ssl=self._ssl
+                lambda: _Protocol(self, loop), self._host, self._port, ssl=self._ssl
             )
         setup: list[tuple[Any, ...]] = []
         if self._password is not None:
