@@ -8,8 +8,9 @@ byte of a stream end the stream with an SSE error event (see :class:`ChatStream`
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,7 @@ class ChatStream(ABC):
 
     def __init__(self) -> None:
         self._text: list[str] = []
+        self._batches_gen: AsyncGenerator[list[bytes], None] | None = None
 
     @property
     def completion_text(self) -> str:
@@ -108,11 +110,25 @@ class ChatStream(ABC):
         chunk = {**self.envelope(), "choices": [], "usage": usage.to_openai()}
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    @abstractmethod
     def batches(self) -> AsyncIterator[list[bytes]]:
         """The SSE events as bytes, each ending in a blank line, in lists (never empty) of
         those in hand at once; the same iterator on every call. Each list is the caller's: a
         layer may add an event to it."""
+        if self._batches_gen is None:
+            self._batches_gen = self._batches()
+        return self._batches_gen
+
+    @abstractmethod
+    def _batches(self) -> AsyncGenerator[list[bytes], None]:
+        """The generator :meth:`batches` makes once and hands out."""
+
+    async def _close_batches(self) -> None:
+        """Run the batches' cleanup now, when they were started (for :meth:`aclose`). A
+        RuntimeError means another task is inside them: they end by themselves once what
+        they read from is closed."""
+        if self._batches_gen is not None:
+            with contextlib.suppress(RuntimeError):
+                await self._batches_gen.aclose()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for batch in self.batches():

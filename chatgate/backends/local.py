@@ -38,7 +38,7 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -571,7 +571,6 @@ class LocalChatStream(ChatStream):
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[str | asyncio.Future[Outcome]] = asyncio.Queue()
         self._future: asyncio.Future[Outcome] | None = None
-        self._iterator: AsyncIterator[list[bytes]] | None = None
         job.emit = self._push
 
     def attach(self, future: asyncio.Future[Outcome]) -> None:
@@ -593,11 +592,6 @@ class LocalChatStream(ChatStream):
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self._job.cancel.set()
 
-    def batches(self) -> AsyncIterator[list[bytes]]:
-        if self._iterator is None:
-            self._iterator = self._batches()
-        return self._iterator
-
     def envelope(self) -> dict[str, Any]:
         return {
             "id": self._id,
@@ -615,7 +609,7 @@ class LocalChatStream(ChatStream):
         }
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-    async def _batches(self) -> AsyncIterator[list[bytes]]:
+    async def _batches(self) -> AsyncGenerator[list[bytes], None]:
         # One token a batch: each goes to the client as soon as it is generated.
         finished = False
         try:
@@ -648,13 +642,7 @@ class LocalChatStream(ChatStream):
     async def aclose(self) -> None:
         """Stop the generation and wait (briefly) for the worker to let go of the model."""
         self._job.cancel.set()
-        iterator = self._iterator
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            # Another task may be inside the iterator right now; then it ends by itself, since
-            # the worker stops and the last queue item arrives.
-            with contextlib.suppress(RuntimeError):
-                await aclose()
+        await self._close_batches()  # a task inside them ends once the worker stops
         future = self._future
         if future is not None and self._job.started and not future.done():
             # Stops within one token (~15 ms); waiting makes ``usage`` final for metering.

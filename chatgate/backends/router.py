@@ -69,7 +69,6 @@ For the API layer: ``route = router.resolve(name)`` then ``route.chat(body)``,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import operator
 import random
@@ -393,7 +392,6 @@ class RoutedStream(ChatStream):
         self._slot = slot
         self._broken = False
         self._finished = False
-        self._batches_gen: AsyncGenerator[list[bytes], None] | None = None
         slot.in_flight += 1
 
     @property
@@ -418,11 +416,6 @@ class RoutedStream(ChatStream):
 
     def envelope(self) -> dict[str, Any]:
         return self._inner.envelope()
-
-    def batches(self) -> AsyncIterator[list[bytes]]:
-        if self._batches_gen is None:
-            self._batches_gen = self._batches()
-        return self._batches_gen
 
     async def _batches(self) -> AsyncGenerator[list[bytes], None]:
         try:
@@ -450,9 +443,7 @@ class RoutedStream(ChatStream):
     async def aclose(self) -> None:
         try:
             await self._inner.aclose()
-            if self._batches_gen is not None:
-                with contextlib.suppress(RuntimeError):
-                    await self._batches_gen.aclose()
+            await self._close_batches()
         finally:
             self._finish()
 

@@ -16,11 +16,10 @@ ends the relay with an SSE ``upstream_timeout`` error event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import operator
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from itertools import repeat
 from typing import Any
 
@@ -108,7 +107,6 @@ class SSEPassThrough(ChatStream):
         self._model = model
         self._include_usage = include_usage
         self.failure: errors.APIError | None = None
-        self._iterator: AsyncGenerator[list[bytes], None] | None = None
         self._unparsed: list[bytes] = []  # events whose text is not extracted yet
         self._first: bytes | None = None  # the first chunk: its id, created, model...
         self._loop = asyncio.get_running_loop()
@@ -163,11 +161,6 @@ class SSEPassThrough(ChatStream):
         return timeout_error(self._model, self._expired, limits[self._expired])
 
     # -- relaying ---------------------------------------------------------------------------
-
-    def batches(self) -> AsyncIterator[list[bytes]]:
-        if self._iterator is None:
-            self._iterator = self._batches()
-        return self._iterator
 
     async def _batches(self) -> AsyncGenerator[list[bytes], None]:
         # The upstream is read in whatever chunks arrive (not line by line): one read often
@@ -298,11 +291,7 @@ class SSEPassThrough(ChatStream):
     async def aclose(self) -> None:
         self._stop_timer()
         self._resp.close()
-        if self._iterator is not None:
-            # Runs the relay's cleanup now; a RuntimeError means another task is inside it,
-            # and it ends by itself since the response is closed.
-            with contextlib.suppress(RuntimeError):
-                await self._iterator.aclose()
+        await self._close_batches()
 
 
 __all__ = ["SSEPassThrough", "split_events"]
