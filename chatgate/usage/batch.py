@@ -24,9 +24,10 @@ statement above, after the savepoint is rolled back: what is stored is the same 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from typing import Any
 
 import asyncpg
@@ -165,32 +166,30 @@ def _without_nul(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(v.replace("\x00", "") if isinstance(v, str) else v for v in row)
 
 
-async def _rollups(added: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
-    """Rollup increments (in :data:`ROLLUP_COLUMNS` order) of the rows added (each as
-    :data:`_ADDED`).
+def _sum_minutes(minutes: dict[tuple[Any, ...], list[int]], added: Iterable[Sequence[Any]]) -> None:
+    """Add the rows ``added`` (each as :data:`_ADDED`) to ``minutes``: one dict lookup a row."""
+    for ts, account, key_id, model, endpoint, prompt, completion, cost, status in added:
+        key = (ts - ts % MINUTE, account or "", key_id or "", model, endpoint)
+        acc = minutes.get(key)
+        if acc is None:
+            acc = minutes[key] = [0, 0, 0, 0, 0, 0]
+        acc[0] += 1
+        acc[1] += prompt
+        acc[2] += completion
+        acc[3] += cost
+        acc[4] += status >= 400
+        acc[5] += status == 429
 
-    Summed in memory first, per minute (one dict lookup a row, letting requests through every
-    :data:`ROWS_PER_TURN` rows), then each minute into its hour and day (every width is a
-    multiple of a minute): one row per bucket x account x key x model x endpoint, however many
-    requests a batch holds. Sorted by primary key (text in code point order, as the PostgreSQL
-    statement sorts), so concurrent writers lock rollup rows in the same order (no deadlock
-    between two processes upserting overlapping rows).
+
+def _increments(minutes: dict[tuple[Any, ...], list[int]]) -> list[tuple[Any, ...]]:
+    """Rollup increments (in :data:`ROLLUP_COLUMNS` order) of the per-minute sums ``minutes``.
+
+    Each minute is added into its hour and day (every width is a multiple of a minute): one row
+    per bucket x account x key x model x endpoint, however many requests a batch holds. Sorted
+    by primary key (text in code point order, as the PostgreSQL statement sorts), so concurrent
+    writers lock rollup rows in the same order (no deadlock between two processes upserting
+    overlapping rows).
     """
-    minutes: dict[tuple[Any, ...], list[int]] = {}
-    rows = iter(added)
-    while turn := list(itertools.islice(rows, ROWS_PER_TURN)):  # no count kept per row
-        for ts, account, key_id, model, endpoint, prompt, completion, cost, status in turn:
-            key = (ts - ts % MINUTE, account or "", key_id or "", model, endpoint)
-            acc = minutes.get(key)
-            if acc is None:
-                acc = minutes[key] = [0, 0, 0, 0, 0, 0]
-            acc[0] += 1
-            acc[1] += prompt
-            acc[2] += completion
-            acc[3] += cost
-            acc[4] += status >= 400
-            acc[5] += status == 429
-        await asyncio.sleep(0)
     sums: dict[tuple[Any, ...], list[int]] = {}
     for (start, *rest), acc in minutes.items():
         for width in WIDTHS:
@@ -202,6 +201,17 @@ async def _rollups(added: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
                 for i, value in enumerate(acc):
                     total[i] += value
     return [k + tuple(v) for k, v in sorted(sums.items())]
+
+
+async def _rollups(added: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    """Rollup increments of the rows added (each as :data:`_ADDED`), summed per minute
+    :data:`ROWS_PER_TURN` rows a turn of the event loop (see :func:`_increments`)."""
+    minutes: dict[tuple[Any, ...], list[int]] = {}
+    rows = iter(added)
+    while turn := list(itertools.islice(rows, ROWS_PER_TURN)):  # no count kept per row
+        _sum_minutes(minutes, turn)
+        await asyncio.sleep(0)
+    return _increments(minutes)
 
 
 async def write_batch(conn: AsyncConnection, records: Sequence[UsageRecord]) -> int:
@@ -240,13 +250,9 @@ async def write_batch(conn: AsyncConnection, records: Sequence[UsageRecord]) -> 
 
 
 ROWS_PER_TURN = 128
-"""Rows a flush turns into SQL parameters, or sums into rollups, between two yields to the
-event loop (~0.25 ms)."""
-ROWS_PER_COPY = 512
-"""Rows a ``COPY`` takes: asyncpg encodes them without a pause (~0.6 ms), so a big batch goes
-as several, each a round trip that lets requests through; the batch's size (how many
-transactions, savepoints and rollup upserts the database does for its records) does not set
-how long the event loop is held."""
+"""Rows a flush makes, or copies and sums, between two yields to the event loop: the batch's
+size (how many transactions, savepoints and rollup upserts the database does for its records)
+does not set how long a request arriving during a flush waits."""
 
 
 def _batch_sql_pg() -> str:
@@ -319,24 +325,39 @@ async def _copy_pg(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> int | 
     await conn.exec_driver_sql("SAVEPOINT usage_copy")
     raw = (await conn.get_raw_connection()).driver_connection
     assert raw is not None
+    minutes: dict[tuple[Any, ...], list[int]] = {}
     try:
-        for start in range(0, len(rows), ROWS_PER_COPY):
+        async with contextlib.aclosing(_copied(rows, minutes)) as copied:
             await raw.copy_records_to_table(
-                usage_records.name,
-                records=rows[start : start + ROWS_PER_COPY],
-                columns=RECORD_COLUMNS,
+                usage_records.name, records=copied, columns=RECORD_COLUMNS
             )
     except _COPY_REFUSED:
         await raw.execute("ROLLBACK TO SAVEPOINT usage_copy")
         return None
     await raw.execute("RELEASE SAVEPOINT usage_copy")
-    increments = await _rollups(map(_ADDED_OF_ROW, rows))
-    await raw.execute(_upsert_sql("postgresql"), _json(increments))
+    await raw.execute(_upsert_sql("postgresql"), _json(_increments(minutes)))
     return len(rows)
+
+
+async def _copied(
+    rows: Sequence[tuple[Any, ...]], minutes: dict[tuple[Any, ...], list[int]]
+) -> AsyncGenerator[tuple[Any, ...], None]:
+    """``rows`` for one ``COPY``, summed into ``minutes`` as they go, with a turn of the event
+    loop every :data:`ROWS_PER_TURN`.
+
+    asyncpg encodes the rows of an iterable without a pause (a ``COPY`` of 512 held the loop
+    ~0.6 ms), and those of an asynchronous one as they come: one ``COPY`` a batch, however
+    big, and requests run between its turns."""
+    for start in range(0, len(rows), ROWS_PER_TURN):
+        turn = rows[start : start + ROWS_PER_TURN]
+        _sum_minutes(minutes, map(_ADDED_OF_ROW, turn))
+        for row in turn:
+            yield row
+        await asyncio.sleep(0)
 
 
 def _json(rows: Iterable[tuple[Any, ...]]) -> str:
     return orjson.dumps(list(rows)).decode()
 
 
-__all__ = ["ROWS_PER_COPY", "ROWS_PER_TURN", "write_batch"]
+__all__ = ["ROWS_PER_TURN", "write_batch"]

@@ -18,7 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.db.engine import create_engine, migrate
-from chatgate.usage.batch import ROWS_PER_COPY, ROWS_PER_TURN, write_batch
+from chatgate.usage.batch import ROWS_PER_TURN, write_batch
 from chatgate.usage.record import UsageRecord
 from chatgate.usage.recorder import UsageRecorder
 from chatgate.usage.tables import (
@@ -150,20 +150,25 @@ async def test_batches_are_one_insert_each(engine: AsyncEngine, spool_dir: Path)
     await recorder.close()
 
 
-async def test_a_big_batch_is_one_transaction_copied_in_slices(
+async def test_a_big_batch_is_one_transaction_and_one_copy(
     engine: AsyncEngine, spool_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The default batch (2,000 records) is one transaction, one savepoint and one rollup
-    upsert; on PostgreSQL its rows go by ``COPY`` at most :data:`ROWS_PER_COPY` at a time, so
-    the event loop is let go between them however big the batch."""
+    upsert; on PostgreSQL its rows go by one ``COPY``, however big the batch."""
     import asyncpg
 
     copies: list[int] = []
     real_copy = asyncpg.Connection.copy_records_to_table
 
     async def spy(self: Any, table_name: str, *, records: Any, **kwargs: Any) -> Any:
-        copies.append(len(records))
-        return await real_copy(self, table_name, records=records, **kwargs)
+        copies.append(0)
+
+        async def counted() -> Any:
+            async for row in records:
+                copies[-1] += 1
+                yield row
+
+        return await real_copy(self, table_name, records=counted(), **kwargs)
 
     monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", spy)
     account = new_account()
@@ -178,7 +183,7 @@ async def test_a_big_batch_is_one_transaction_copied_in_slices(
     assert sum(v[1] for v in sums.values()) == sum(i % 7 for i in range(1_300))
     if engine.dialect.name == "postgresql":
         assert statements.sent == ["SAVEPOINT usage_copy"], statements.sent
-        assert copies == [ROWS_PER_COPY, ROWS_PER_COPY, 1_300 - 2 * ROWS_PER_COPY]
+        assert copies == [1_300]
     else:
         assert statements.inserts("usage_records") == 1 == statements.inserts("usage_rollups")
         assert copies == []
@@ -189,11 +194,15 @@ async def test_a_batch_lets_requests_through_while_it_is_prepared(
     engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Between two turns of any other task, a batch turns at most :data:`ROWS_PER_TURN` records
-    into rows and sums at most as many into rollups (counted by calls, not by time)."""
+    into rows, sums at most as many into rollups, and its ``COPY`` takes at most as many
+    (counted by calls and rows, not by time)."""
+    import asyncpg
+
     from chatgate.usage import batch
 
-    made = {"rows": 0, "summed": 0}
+    made = {"rows": 0, "summed": 0, "copied": 0}
     real_row, real_added = batch._row, batch._ADDED_OF_ROW
+    real_copy = asyncpg.Connection.copy_records_to_table
 
     def row(rec: UsageRecord) -> tuple[Any, ...]:
         made["rows"] += 1
@@ -203,9 +212,18 @@ async def test_a_batch_lets_requests_through_while_it_is_prepared(
         made["summed"] += 1
         return real_added(row)
 
+    async def copy(self: Any, table_name: str, *, records: Any, **kwargs: Any) -> Any:
+        async def counted() -> Any:
+            async for row in records:
+                made["copied"] += 1
+                yield row
+
+        return await real_copy(self, table_name, records=counted(), **kwargs)
+
     monkeypatch.setattr(batch, "_row", row)
     monkeypatch.setattr(batch, "_ADDED_OF_ROW", added)
-    most = {"rows": 0, "summed": 0}
+    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", copy)
+    most = dict.fromkeys(made, 0)
     done = False
 
     async def other_task() -> None:
@@ -226,16 +244,17 @@ async def test_a_batch_lets_requests_through_while_it_is_prepared(
     assert made["rows"] == 1_000 and 0 < most["rows"] <= ROWS_PER_TURN, most
     if engine.dialect.name == "postgresql":  # SQLite sums the rows its insert returns
         assert made["summed"] == 1_000 and 0 < most["summed"] <= ROWS_PER_TURN, most
+        assert made["copied"] == 1_000 and 0 < most["copied"] <= ROWS_PER_TURN, most
 
 
-async def test_a_copy_refused_in_a_later_slice_writes_nothing_twice(
+async def test_a_copy_refused_after_many_rows_writes_nothing_twice(
     engine: AsyncEngine, spool_dir: Path
 ) -> None:
-    """A batch whose second ``COPY`` slice holds a request id already stored: the first
-    slice is rolled back with it, the general statement writes the batch, and every record is
-    stored and counted once."""
+    """A batch whose ``COPY`` meets a request id already stored only in a later turn: the rows
+    before it are rolled back with it, the general statement writes the batch, and every record
+    is stored and counted once."""
     account = new_account()
-    first = [make_record(account_id=account) for _ in range(ROWS_PER_COPY + 10)]
+    first = [make_record(account_id=account) for _ in range(2 * ROWS_PER_TURN + 10)]
     async with engine.begin() as conn:
         await write_batch(conn, first[-1:])  # stored before: the batch's last record
     async with engine.begin() as conn:
