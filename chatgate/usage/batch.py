@@ -349,11 +349,11 @@ async def _copied(
     ~0.6 ms), and those of an asynchronous one as they come: one ``COPY`` a batch, however
     big, and requests run between its turns."""
     for start in range(0, len(rows), ROWS_PER_TURN):
+        await asyncio.sleep(0)  # first too: the COPY's start is a turn of its own
         turn = rows[start : start + ROWS_PER_TURN]
         _sum_minutes(minutes, map(_ADDED_OF_ROW, turn))
         for row in turn:
             yield row
-        await asyncio.sleep(0)
 
 
 def _json(rows: Iterable[tuple[Any, ...]]) -> str:
