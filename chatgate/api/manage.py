@@ -24,6 +24,7 @@ from chatgate.accounts import LIMIT_FIELDS, Account
 from chatgate.api.openai import json_response, read_body
 from chatgate.dashboard import auth as dashboard_auth
 from chatgate.dashboard import services
+from chatgate.dashboard.auth import with_session
 from chatgate.state import STATE, State
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -224,17 +225,17 @@ async def admin_update_plan(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     """Add the ``/api/*`` routes (the dashboard's session middleware covers them)."""
-    app.router.add_get("/api/me", me)
-    app.router.add_get("/api/keys", list_keys)
-    app.router.add_post("/api/keys", create_key)
-    app.router.add_get("/api/keys/{id}", get_key)
-    app.router.add_post("/api/keys/{id}/rotate", rotate_key)
-    app.router.add_post("/api/keys/{id}/revoke", revoke_key)
-    app.router.add_get("/api/plans", list_plans)
-    app.router.add_get("/api/admin/accounts", admin_accounts)
-    app.router.add_post("/api/admin/accounts/{id}/plan", admin_set_plan)
-    app.router.add_post("/api/admin/accounts/{id}/disable", admin_disable)
-    app.router.add_patch("/api/admin/plans/{name}", admin_update_plan)
+    app.router.add_get("/api/me", with_session(me))
+    app.router.add_get("/api/keys", with_session(list_keys))
+    app.router.add_post("/api/keys", with_session(create_key))
+    app.router.add_get("/api/keys/{id}", with_session(get_key))
+    app.router.add_post("/api/keys/{id}/rotate", with_session(rotate_key))
+    app.router.add_post("/api/keys/{id}/revoke", with_session(revoke_key))
+    app.router.add_get("/api/plans", with_session(list_plans))
+    app.router.add_get("/api/admin/accounts", with_session(admin_accounts))
+    app.router.add_post("/api/admin/accounts/{id}/plan", with_session(admin_set_plan))
+    app.router.add_post("/api/admin/accounts/{id}/disable", with_session(admin_disable))
+    app.router.add_patch("/api/admin/plans/{name}", with_session(admin_update_plan))
 
 
 # -- /openapi.json ----------------------------------------------------------------------

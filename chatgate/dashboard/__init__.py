@@ -16,6 +16,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from chatgate.dashboard import auth, pages_account, pages_admin, pages_keys, pages_usage, render
+from chatgate.dashboard.auth import with_session
 
 STATIC = render.HERE / "static"
 
@@ -34,13 +35,13 @@ def setup(app: web.Application) -> None:
     auth.setup(app)
     render.setup_templates(app)
     app.router.add_get("/", _home)
-    app.router.add_get(render.PREFIX, _home)
+    app.router.add_get(render.PREFIX, with_session(_home))
     app.router.add_static(render.PREFIX + "/static", STATIC, name="dashboard-static")
     pages_account.setup(app)
     pages_keys.setup(app)
     pages_usage.setup(app)
     pages_admin.setup(app)
-    app.router.add_get(render.PREFIX + "/{tail:.*}", _missing)
+    app.router.add_get(render.PREFIX + "/{tail:.*}", with_session(_missing))
 
 
 __all__ = ["setup"]

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from chatgate import errors
 from chatgate.dashboard import auth
-from chatgate.dashboard.auth import User
+from chatgate.dashboard.auth import User, with_session
 from chatgate.dashboard.passwords import (
     HASHER,
     MIN_PASSWORD,
@@ -187,10 +187,10 @@ async def change_password(request: web.Request, user: User) -> web.StreamRespons
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get(PREFIX + "/login", login_form)
-    app.router.add_post(PREFIX + "/login", login)
-    app.router.add_get(PREFIX + "/signup", signup_form)
-    app.router.add_post(PREFIX + "/signup", signup)
-    app.router.add_post(PREFIX + "/logout", logout)
-    app.router.add_get(PREFIX + "/account", account_page)
-    app.router.add_post(PREFIX + "/account/password", change_password)
+    app.router.add_get(PREFIX + "/login", with_session(login_form))
+    app.router.add_post(PREFIX + "/login", with_session(login))
+    app.router.add_get(PREFIX + "/signup", with_session(signup_form))
+    app.router.add_post(PREFIX + "/signup", with_session(signup))
+    app.router.add_post(PREFIX + "/logout", with_session(logout))
+    app.router.add_get(PREFIX + "/account", with_session(account_page))
+    app.router.add_post(PREFIX + "/account/password", with_session(change_password))

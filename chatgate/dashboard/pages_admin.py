@@ -13,7 +13,7 @@ from aiohttp import web
 from chatgate import errors
 from chatgate.accounts import LIMIT_FIELDS
 from chatgate.dashboard import auth, services, usage_view
-from chatgate.dashboard.auth import User
+from chatgate.dashboard.auth import User, with_session
 from chatgate.dashboard.render import (
     PREFIX,
     field,
@@ -197,11 +197,11 @@ async def usage_page(request: web.Request, user: User) -> web.StreamResponse:
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get(ADMIN + "/accounts", accounts_page)
-    app.router.add_post(ADMIN + "/accounts/{id}/plan", set_plan)
-    app.router.add_post(ADMIN + "/accounts/{id}/disable", set_disabled)
-    app.router.add_get(ADMIN + "/plans", plans_page)
-    app.router.add_post(ADMIN + "/plans", create_plan)
-    app.router.add_post(ADMIN + "/plans/{name}", update_plan)
-    app.router.add_get(ADMIN + "/models", models_page)
-    app.router.add_get(ADMIN + "/usage", usage_page)
+    app.router.add_get(ADMIN + "/accounts", with_session(accounts_page))
+    app.router.add_post(ADMIN + "/accounts/{id}/plan", with_session(set_plan))
+    app.router.add_post(ADMIN + "/accounts/{id}/disable", with_session(set_disabled))
+    app.router.add_get(ADMIN + "/plans", with_session(plans_page))
+    app.router.add_post(ADMIN + "/plans", with_session(create_plan))
+    app.router.add_post(ADMIN + "/plans/{name}", with_session(update_plan))
+    app.router.add_get(ADMIN + "/models", with_session(models_page))
+    app.router.add_get(ADMIN + "/usage", with_session(usage_page))

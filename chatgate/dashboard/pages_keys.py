@@ -11,7 +11,7 @@ from aiohttp import web
 
 from chatgate import errors
 from chatgate.dashboard import services
-from chatgate.dashboard.auth import User
+from chatgate.dashboard.auth import User, with_session
 from chatgate.dashboard.render import PREFIX, field, flash, page, page_response, redirect, state
 from chatgate.keys.store import IssuedKey
 
@@ -110,9 +110,9 @@ async def revoke(request: web.Request, user: User) -> web.StreamResponse:
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get(PREFIX + "/keys", keys_page)
-    app.router.add_post(PREFIX + "/keys", create_key)
-    app.router.add_get(PREFIX + "/keys/{id}/rotate", rotate_form)
-    app.router.add_post(PREFIX + "/keys/{id}/rotate", rotate)
-    app.router.add_get(PREFIX + "/keys/{id}/revoke", revoke_form)
-    app.router.add_post(PREFIX + "/keys/{id}/revoke", revoke)
+    app.router.add_get(PREFIX + "/keys", with_session(keys_page))
+    app.router.add_post(PREFIX + "/keys", with_session(create_key))
+    app.router.add_get(PREFIX + "/keys/{id}/rotate", with_session(rotate_form))
+    app.router.add_post(PREFIX + "/keys/{id}/rotate", with_session(rotate))
+    app.router.add_get(PREFIX + "/keys/{id}/revoke", with_session(revoke_form))
+    app.router.add_post(PREFIX + "/keys/{id}/revoke", with_session(revoke))

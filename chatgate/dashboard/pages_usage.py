@@ -7,7 +7,7 @@ from typing import cast
 from aiohttp import web
 
 from chatgate.dashboard import services, usage_view
-from chatgate.dashboard.auth import User
+from chatgate.dashboard.auth import User, with_session
 from chatgate.dashboard.render import PREFIX, page, page_response, state
 
 PRESETS = (
@@ -151,8 +151,8 @@ async def playground(request: web.Request, user: User) -> web.StreamResponse:
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get(PREFIX + "/", overview)
-    app.router.add_get(PREFIX + "/usage", usage_page)
-    app.router.add_get(PREFIX + "/usage.csv", usage_csv)
-    app.router.add_get(PREFIX + "/plan", plan_page)
-    app.router.add_get(PREFIX + "/playground", playground)
+    app.router.add_get(PREFIX + "/", with_session(overview))
+    app.router.add_get(PREFIX + "/usage", with_session(usage_page))
+    app.router.add_get(PREFIX + "/usage.csv", with_session(usage_csv))
+    app.router.add_get(PREFIX + "/plan", with_session(plan_page))
+    app.router.add_get(PREFIX + "/playground", with_session(playground))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ssl
 import time
+from pathlib import Path
 
 import aiohttp_session
 import pytest
@@ -15,6 +16,7 @@ from chatgate import errors
 from chatgate.dashboard import charts, services, usage_view
 from chatgate.dashboard.auth import SessionStorage, derive_key
 from chatgate.dashboard.passwords import HASHER, hash_password, password_problem, verify_password
+from chatgate.settings import Settings
 
 
 async def _cookie(*, https: bool, force: bool | None = None) -> str:
@@ -113,3 +115,33 @@ def test_date_labels_are_utc() -> None:
     period = usage_view.Period(0, 2 * 86400, "custom")
     assert period.labels == ["01-01", "01-02"]
     assert time.strftime("%Y", time.gmtime(period.start)) == "1970"
+
+
+def test_only_the_routes_that_use_the_session_run_inside_it(tmp_path: Path) -> None:
+    """Every dashboard page and management API route is wrapped in the session (a route left
+    out would fail on its first cookie); the API's own routes are not, and the application
+    has one middleware, so a ``/v1`` request never pays for the dashboard."""
+    from chatgate import app as app_module
+    from chatgate.dashboard import auth
+    from chatgate.middleware import api_middleware
+
+    settings = Settings.from_env({"CHATGATE_DATA_DIR": str(tmp_path), "CHATGATE_LOCAL_MODEL": "0"})
+    app = app_module.create_app(settings)
+    in_session = auth.with_session(api_middleware).__code__  # every wrapper's code
+    assert list(app.middlewares) == [api_middleware]
+    seen = {"dashboard": 0, "manage": 0, "v1": 0}
+    for route in app.router.routes():
+        if isinstance(route.resource, web.StaticResource):
+            continue
+        path = route.resource.canonical if route.resource is not None else ""
+        wrapped = getattr(route.handler, "__code__", None) is in_session
+        if path.startswith("/dashboard"):
+            seen["dashboard"] += 1
+            assert wrapped, path
+        elif route.handler.__module__ == "chatgate.api.manage":
+            seen["manage"] += 1
+            assert wrapped, path
+        else:
+            seen["v1"] += path.startswith("/v1/")
+            assert not wrapped, path
+    assert seen["dashboard"] > 20 and seen["manage"] > 10 and seen["v1"] > 10, seen
