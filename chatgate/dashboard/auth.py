@@ -181,7 +181,7 @@ def with_session(handler: Handler) -> Handler:
 
     Every dashboard page and management API route (:mod:`chatgate.api.manage`) is registered
     wrapped; a test walks the routes. The session is not an application middleware: that was
-    one more coroutine on every ``/v1`` request, only to look at its path (~1% of a request's
+    one more coroutine on every ``/v1`` request, only to look at its path (0.5-1% of a request's
     instructions, callgrind).
     """
 
