@@ -456,7 +456,9 @@ class LocalBackend(Backend):
         finally:
             steps.close()
         if not stopped_by_sequence:  # what was held back as a possible stop prefix was not one
-            emit(held + decoder.decode(b"", final=True))
+            # Not decoder.decode(b"", final=True): the bytes of a character the last token only
+            # began (an emoji cut by max_tokens) would come out as U+FFFD. They are dropped.
+            emit(held)
         return Outcome("".join(pieces), finish, Usage(len(job.prompt_tokens), generated))
 
     # -- chat ------------------------------------------------------------------------------

@@ -170,6 +170,18 @@ async def test_max_completion_tokens_and_stop(backend: LocalBackend) -> None:
 
 @pytest.mark.slow
 @needs_model
+async def test_an_answer_cut_inside_a_character_drops_its_bytes(backend: LocalBackend) -> None:
+    """A token may carry only part of a UTF-8 character (SmolLM2 answers "Say hello" with star
+    emoji, four bytes in two tokens): cut there by ``max_tokens``, the answer ends before that
+    character, never with U+FFFD, and the tokens are still counted."""
+    body = {"messages": [{"role": "user", "content": "Say hello"}], "temperature": 0}
+    for limit in range(1, 9):
+        result = await backend.chat(MODEL, {**body, "max_tokens": limit})
+        text = result.body["choices"][0]["message"]["content"]
+        assert "\ufffd" not in text, (limit, text)
+        assert result.usage is not None and 1 <= result.usage.completion_tokens <= limit
+
+
 async def test_seed_makes_sampling_repeatable(backend: LocalBackend) -> None:
     body = {"messages": HELLO, "max_tokens": 6, "temperature": 1.0, "top_p": 1.0, "seed": 42}
     one = await backend.chat(MODEL, body)
