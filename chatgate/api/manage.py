@@ -224,7 +224,7 @@ async def admin_update_plan(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    """Add the ``/api/*`` routes (the dashboard's session middleware covers them)."""
+    """Add the ``/api/*`` routes, each in the dashboard's session (:func:`with_session`)."""
     app.router.add_get("/api/me", with_session(me))
     app.router.add_get("/api/keys", with_session(list_keys))
     app.router.add_post("/api/keys", with_session(create_key))

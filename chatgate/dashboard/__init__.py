@@ -31,7 +31,7 @@ async def _missing(request: web.Request) -> web.StreamResponse:
 
 
 def setup(app: web.Application) -> None:
-    """Add the dashboard's routes, session middleware and templates to ``app``."""
+    """Add the dashboard's routes (each in its session, :func:`auth.with_session`) and templates."""
     auth.setup(app)
     render.setup_templates(app)
     app.router.add_get("/", _home)
