@@ -76,22 +76,25 @@ def needs_tokens(checks: Sequence[Check]) -> bool:
 
 def headers_for(decision: Decision) -> dict[str, str]:
     """The ``x-ratelimit-*`` headers (and ``retry-after`` on a refusal)."""
-    # Written out, names as literals: every limited answer comes through here.
-    status = decision.requests
-    headers = (
-        {
+    # Every limited answer comes through here. The usual one (admitted, under limits of both
+    # kinds) is one literal, names as constants: a dict built at its size, ~0.5 us less than
+    # filling one in. Refusals and plans limiting one kind take the loop.
+    status, tokens = decision.requests, decision.tokens
+    if decision.allowed and status is not None and tokens is not None:
+        return {
             "x-ratelimit-limit-requests": str(status.limit),
             "x-ratelimit-remaining-requests": str(status.remaining),
             "x-ratelimit-reset-requests": reset_text(status.reset_after),
+            "x-ratelimit-limit-tokens": str(tokens.limit),
+            "x-ratelimit-remaining-tokens": str(tokens.remaining),
+            "x-ratelimit-reset-tokens": reset_text(tokens.reset_after),
         }
-        if status is not None
-        else {}
-    )
-    status = decision.tokens
-    if status is not None:
-        headers["x-ratelimit-limit-tokens"] = str(status.limit)
-        headers["x-ratelimit-remaining-tokens"] = str(status.remaining)
-        headers["x-ratelimit-reset-tokens"] = reset_text(status.reset_after)
+    headers: dict[str, str] = {}
+    for kind, of_kind in (("requests", status), ("tokens", tokens)):
+        if of_kind is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(of_kind.limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(of_kind.remaining)
+            headers[f"x-ratelimit-reset-{kind}"] = reset_text(of_kind.reset_after)
     if not decision.allowed and math.isfinite(decision.retry_after):
         headers["retry-after"] = str(max(math.ceil(decision.retry_after), 1))
         headers["retry-after-ms"] = str(max(math.ceil(decision.retry_after * 1000), 1))

@@ -17,10 +17,14 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2) or "s"]
 
 
+_MS_TEXT = tuple(f"{ms}ms" for ms in range(1000))
+"""``0ms`` to ``999ms``: most resets are under a second, and two are sent on each answer."""
+
+
 def reset_text(seconds: float) -> str:
     """OpenAI's reset header text: ``1s``, ``6m0s``, ``1h2m3s``, ``120ms``."""
     if seconds < 1:
-        return f"{max(int(seconds * 1000), 0)}ms"
+        return _MS_TEXT[int(seconds * 1000)] if seconds > 0 else "0ms"
     whole = int(seconds + 0.999)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
