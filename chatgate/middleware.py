@@ -59,7 +59,9 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     meter = request.get(METER)
     if meter is not None:  # an API request: one usage record, whatever the outcome
         state = request.app[STATE]
-        if state.usage is not None:
+        usage, metrics = state.usage, state.metrics
+        # The metrics count it with usage recording switched off too.
+        if usage is not None or metrics is not None:
             if not response.prepared:
                 # Send the answer first, then record it: the client does not wait for the
                 # bookkeeping, and the latency recorded runs to the last byte sent.
@@ -69,9 +71,10 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
                 except ConnectionResetError:
                     pass
             rec = meter.record(request_id, response.status, error_code)
-            state.usage.record(rec)
-            if state.metrics is not None:
-                state.metrics.observe(rec)
+            if usage is not None:
+                usage.record(rec)
+            if metrics is not None:
+                metrics.observe(rec)
     return response
 
 
