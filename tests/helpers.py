@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -11,11 +12,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
+
+if TYPE_CHECKING:
+    from aiohttp.test_utils import TestServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -216,3 +221,39 @@ def make_gateway(
         env["CHATGATE_CONFIG"] = str(workdir / "chatgate.toml")
     env.update(extra_env or {})
     return Gateway(workdir, env)
+
+
+@contextlib.asynccontextmanager
+async def served_app(
+    workdir: Path, upstream: Upstream, *, env: dict[str, str] | None = None, extra_toml: str = ""
+) -> AsyncIterator[tuple[TestServer, str]]:
+    """The app in process (SQLite in ``workdir``) with the fake upstream's models, and a key
+    of a new account on the default plan (the free one: it has token limits)."""
+    from aiohttp.test_utils import TestServer
+
+    from chatgate.accounts import AccountStore
+    from chatgate.app import create_app
+    from chatgate.db.engine import create_engine, migrate
+    from chatgate.keys.store import KeyStore
+    from chatgate.settings import Settings
+
+    (workdir / "chatgate.toml").write_text(models_toml(upstream, extra_toml))
+    settings = Settings.from_env(
+        {
+            "CHATGATE_DATA_DIR": str(workdir / "data"),
+            "CHATGATE_CONFIG": str(workdir / "chatgate.toml"),
+            "CHATGATE_LOCAL_MODEL": "0",
+            **(env or {}),
+        }
+    )
+    engine = create_engine(settings)
+    await migrate(engine)
+    account = await AccountStore(engine).create(f"t{secrets.token_hex(4)}@example.com")
+    issued = await KeyStore(engine, settings.resolved_secret()).create(account.id)
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield server, issued.key
+    finally:
+        await server.close()
+        await engine.dispose()

@@ -6,7 +6,6 @@ an error event."""
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from chatgate import tokens
-from chatgate.accounts import AccountStore
-from chatgate.app import create_app
-from chatgate.db.engine import create_engine, migrate
-from chatgate.keys.store import KeyStore
-from chatgate.settings import Settings
-from tests.helpers import Upstream, models_toml
+from tests.helpers import Upstream, served_app
 
 MESSAGES = [{"role": "user", "content": "count me once"}]
 
@@ -35,25 +29,8 @@ name = "gpt-break"
 base_url = "{upstream.base_url}"
 upstream_model = "break-stream"
 """
-    (tmp_path / "chatgate.toml").write_text(models_toml(upstream, broken))
-    settings = Settings.from_env(
-        {
-            "CHATGATE_DATA_DIR": str(tmp_path / "data"),
-            "CHATGATE_CONFIG": str(tmp_path / "chatgate.toml"),
-            "CHATGATE_LOCAL_MODEL": "0",
-        }
-    )
-    engine = create_engine(settings)
-    await migrate(engine)
-    account = await AccountStore(engine).create(f"c{secrets.token_hex(4)}@example.com")
-    issued = await KeyStore(engine, settings.resolved_secret()).create(account.id)
-    server = TestServer(create_app(settings), host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield server, issued.key
-    finally:
-        await server.close()
-        await engine.dispose()
+    async with served_app(tmp_path, upstream, extra_toml=broken) as served:
+        yield served
 
 
 async def _post(served: tuple[TestServer, str], body: dict[str, Any]) -> tuple[str, int]:

@@ -2,36 +2,37 @@
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatgate.accounts import AccountStore
-from chatgate.app import create_app
-from chatgate.db.engine import create_engine, migrate
-from chatgate.keys.store import KeyStore
 from chatgate.metrics import Metrics
-from chatgate.settings import Settings
 from chatgate.usage.recorder import UsageRecorder
-from tests.helpers import Upstream, models_toml
+from tests.helpers import Upstream, served_app
 from tests.usage.factory import make_record
 
 SECRET = "sk-cg-AbCdEfGhIjKlMnOpQrStUvWxYz012345Ab3dEf"
 
 
-def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    body, content_type = metrics.render()
-    assert content_type.startswith("text/plain")
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    """Each sample of a Prometheus text exposition, by name and sorted labels."""
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body.decode())
+        for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def samples(metrics: Metrics) -> Samples:
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain")
+    return parse(body.decode())
 
 
 def test_observe_counts_requests_tokens_latency_and_rejects() -> None:
@@ -158,39 +159,19 @@ async def test_requests_are_counted_with_usage_recording_off(
 ) -> None:
     """``CHATGATE_USAGE_ENABLED=0`` stops the usage records, not the Prometheus counters: an
     answer and a refusal each count, and there is no recorder to report on."""
-    (tmp_path / "chatgate.toml").write_text(models_toml(upstream))
-    settings = Settings.from_env(
-        {
-            "CHATGATE_DATA_DIR": str(tmp_path / "data"),
-            "CHATGATE_CONFIG": str(tmp_path / "chatgate.toml"),
-            "CHATGATE_LOCAL_MODEL": "0",
-            "CHATGATE_USAGE_ENABLED": "0",
-        }
-    )
-    engine = create_engine(settings)
-    await migrate(engine)
-    account = await AccountStore(engine).create(f"m{secrets.token_hex(4)}@example.com")
-    issued = await KeyStore(engine, settings.resolved_secret()).create(account.id)
-    server = TestServer(create_app(settings), host="127.0.0.1")
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession() as session:
-            url = server.make_url("/v1/chat/completions")
-            body = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
-            for key, status in ((issued.key, 200), ("sk-cg-" + "x" * 40, 401)):
-                headers = {"Authorization": f"Bearer {key}"}
-                async with session.post(url, json=body, headers=headers) as resp:
-                    assert resp.status == status, await resp.text()
-            async with session.get(server.make_url("/metrics")) as resp:
-                text = await resp.text()
-    finally:
-        await server.close()
-        await engine.dispose()
-    got = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    off = {"CHATGATE_USAGE_ENABLED": "0"}
+    async with (
+        served_app(tmp_path, upstream, env=off) as (server, key),
+        aiohttp.ClientSession() as session,
+    ):
+        url = server.make_url("/v1/chat/completions")
+        body = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+        for bearer, status in ((key, 200), ("sk-cg-" + "x" * 40, 401)):
+            headers = {"Authorization": f"Bearer {bearer}"}
+            async with session.post(url, json=body, headers=headers) as resp:
+                assert resp.status == status, await resp.text()
+        async with session.get(server.make_url("/metrics")) as resp:
+            got = parse(await resp.text())
     ok = (("endpoint", "chat.completions"), ("model", "gpt-test"), ("status", "200"))
     assert got[("chatgate_requests_total", ok)] == 1
     assert got[("chatgate_rejects_total", (("reason", "invalid_api_key"),))] == 1
