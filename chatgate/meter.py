@@ -44,8 +44,9 @@ class Meter:
         self.prompt_tokens = usage.prompt_tokens
         self.completion_tokens = usage.completion_tokens
         if model is not None:
-            per_input = float(model.options.get("input_price_per_mtok", 0.0))
-            per_output = float(model.options.get("output_price_per_mtok", 0.0))
+            prices = model.options  # validated numbers (chatgate.backends.deployment)
+            per_input = prices.get("input_price_per_mtok", 0.0)
+            per_output = prices.get("output_price_per_mtok", 0.0)
             self.cost = (
                 usage.prompt_tokens * per_input + usage.completion_tokens * per_output
             ) / 1e6

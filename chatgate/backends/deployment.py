@@ -21,6 +21,7 @@ DEFAULT_RETRIES = 2
 DEFAULT_RETRY_BACKOFF = 0.25
 DEFAULT_RETRY_BACKOFF_MAX = 4.0
 BACKEND_KINDS = ("openai_compat", "local")
+PRICE_KEYS = ("input_price_per_mtok", "output_price_per_mtok")  # model-level, US dollars
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +135,13 @@ def _integer(table: Mapping[str, Any], key: str, default: int, *, low: int, wher
     return value
 
 
+def _price(table: Mapping[str, Any], key: str, *, where: str) -> float:
+    value = table.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
+        raise ValueError(f"{where}: `{key}` must be US dollars per million tokens, not {value!r}")
+    return float(value)
+
+
 def deployment_from_config(config: ModelConfig, index: int, defaults: Timeouts) -> Deployment:
     """Validate one ``[[models]]`` table's routing keys (from ``config.options``)."""
     where = f"model {config.name!r} (deployment #{index})"
@@ -187,14 +195,17 @@ def plan_models(settings: Settings, configs: Sequence[ModelConfig]) -> list[Mode
         deployments = tuple(
             deployment_from_config(config, i, defaults) for i, config in enumerate(group)
         )
-        # What the API layer sees: name, context window; no URL, key name or options.
-        public = replace(first, base_url="", api_key_env=None, options={})
+        # What the API layer sees: name, context window and prices; no URL, key name or
+        # routing options.
+        prices = {key: _price(first.options, key, where=where) for key in PRICE_KEYS}
+        public = replace(first, base_url="", api_key_env=None, options=prices)
         plans.append(ModelPlan(public, deployments, retry))
     return plans
 
 
 __all__ = [
     "BACKEND_KINDS",
+    "PRICE_KEYS",
     "Deployment",
     "ModelPlan",
     "ProbeResult",

@@ -36,7 +36,9 @@ set it on all tables of a model or on none), ``connect_timeout``, ``first_byte_t
 ``idle_timeout``, ``total_timeout`` (seconds; defaults from ``upstream_connect_timeout``,
 ``upstream_timeout`` and :mod:`chatgate.backends.deployment`), ``breaker_failures`` (default 5)
 and ``breaker_cooldown`` (seconds, default 30). Per model (first table): ``context_window``,
-``retries`` (default 2), ``retry_backoff`` (default 0.25 s) and ``retry_backoff_max`` (4 s).
+``retries`` (default 2), ``retry_backoff`` (default 0.25 s), ``retry_backoff_max`` (4 s), and
+``input_price_per_mtok`` / ``output_price_per_mtok`` (US dollars per million prompt / completion
+tokens, default 0: the cost each usage record carries, whichever deployment answered).
 The four timeouts are enforced by the ``openai_compat`` backend (see its docstring and
 :mod:`.sse`); the local model is bounded by its own queue and ``max_tokens`` instead.
 

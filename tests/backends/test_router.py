@@ -121,7 +121,8 @@ def test_repeated_names_form_one_model_with_ordered_deployments() -> None:
     assert [d.priority for d in a.deployments] == [0, 0, 2]  # default: the position
     assert [d.weight for d in a.deployments] == [1.0, 2.0, 1.0]
     assert a.model.context_window == 1000
-    assert a.model.base_url == "" and a.model.options == {}  # the public face has no URL
+    assert a.model.base_url == ""  # the public face has no URL, and of the options only prices
+    assert a.model.options == {"input_price_per_mtok": 0.0, "output_price_per_mtok": 0.0}
     assert a.deployments[1].id == "a#1"
 
 
@@ -145,13 +146,35 @@ def test_timeouts_default_from_settings_and_are_overridable() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"weight": -1}, {"priority": "high"}, {"idle_timeout": 0}, {"breaker_failures": 0}],
+    [
+        {"weight": -1},
+        {"priority": "high"},
+        {"idle_timeout": 0},
+        {"breaker_failures": 0},
+        {"input_price_per_mtok": -1},
+        {"output_price_per_mtok": "0.6"},
+    ],
 )
 def test_invalid_routing_options_are_rejected_with_the_model_named(
     options: dict[str, Any],
 ) -> None:
     with pytest.raises(ValueError, match="model 'a'"):
         plan_models(Settings(), [ModelConfig(name="a", base_url="http://x/v1", options=options)])
+
+
+def test_prices_are_the_models_read_from_its_first_table() -> None:
+    [plan] = plan_models(
+        Settings(),
+        [
+            ModelConfig(
+                name="a",
+                base_url="http://x/v1",
+                options={"input_price_per_mtok": 2.5, "output_price_per_mtok": 10, "weight": 2},
+            ),
+            ModelConfig(name="a", base_url="http://y/v1", options={"input_price_per_mtok": 99}),
+        ],
+    )
+    assert plan.model.options == {"input_price_per_mtok": 2.5, "output_price_per_mtok": 10.0}
 
 
 def test_openai_compat_needs_a_base_url() -> None:
