@@ -170,8 +170,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     prompt_tokens = _Once(
         lambda: tokens.count_messages(upstream["messages"], counting_model, chat.tools)
     )
+    # Each of the ``n`` choices may write the whole output budget.
     admission = await call.admit(
-        lambda: prompt_tokens() + (chat.output_limit or state.settings.default_max_tokens)
+        lambda: (
+            prompt_tokens()
+            + (chat.n or 1) * (chat.output_limit or state.settings.default_max_tokens)
+        )
     )
     headers = admission.headers
     try:

@@ -114,3 +114,25 @@ async def test_no_usage_chunk_after_an_error_event(served: tuple[TestServer, str
     events = _events(text)
     assert json.loads(events[-1]).get("error"), events
     assert not any(json.loads(e).get("usage") for e in events)
+
+
+async def test_the_reservation_holds_the_output_budget_of_every_choice(
+    served: tuple[TestServer, str],
+) -> None:
+    """``n`` choices may each write ``max_tokens``: the free plan's 40,000 tokens a minute hold
+    40 choices of 1,000 but not 50, and 3 choices reserve 3,000."""
+    base = {"model": "gpt-test", "messages": MESSAGES, "max_tokens": 1_000}
+    _, remaining = await _post(served, {**base, "n": 3})
+    prompt = tokens.count_messages(MESSAGES, "fake-model")
+    assert remaining <= 40_000 - prompt - 3_000 + 100  # 100: what refills meanwhile
+    server, key = served
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.make_url("/v1/chat/completions"),
+            json={**base, "n": 50},
+            headers={"Authorization": f"Bearer {key}"},
+        ) as resp,
+    ):
+        assert resp.status == 429, await resp.text()
+        assert (await resp.json())["error"]["code"] == "rate_limit_exceeded"
