@@ -145,6 +145,13 @@ class SSEPassThrough(ChatStream):
         else:
             self._timer = self._loop.call_at(when, self._check)
 
+    def _rearm(self) -> None:
+        """Set the timer for the next deadline now. Moved later, a limit waits for the timer
+        (lazily); moved earlier (from the first-byte limit to a shorter idle one), it must not."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._loop.call_at(self._deadline()[0], self._check)
+
     def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -194,6 +201,7 @@ class SSEPassThrough(ChatStream):
                     continue
                 if self.first_byte_at is None:
                     self.first_byte_at = time.perf_counter()
+                    self._rearm()  # the first-byte limit is met: the idle limit is next
                 yield events
             if rest.strip():
                 event = rest if rest.endswith(b"\n") else rest + b"\n"

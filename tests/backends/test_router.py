@@ -7,6 +7,7 @@ tested alone, with an injected clock.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -451,6 +452,20 @@ async def test_stream_broken_after_its_start_ends_with_an_error_event(
     status = state_of(router, "m#0")
     assert status["consecutive_failures"] == 1 and status["in_flight"] == 0
     assert status["last_error"] == ("timeout" if code == "upstream_timeout" else "upstream_error")
+
+
+async def test_the_idle_limit_holds_from_the_first_event_under_a_longer_first_byte_one(
+    up: Upstream, make_router: Any
+) -> None:
+    """The watchdog first waits for the first-byte limit; once the first event is in, a
+    shorter idle limit must not wait for that (an hour here) to end a stalled stream."""
+    model = dep("m", up.base_url, "stall-stream", first_byte_timeout=3600, total_timeout=7200)
+    router = make_router(model)
+    stream = await router.resolve("m").chat_stream(chat_body(stream=True), include_usage=False)
+    async with asyncio.timeout(60):  # a failure, not a hang, if the idle limit waits
+        events = await read_all(stream)
+    error = orjson.loads(events[-1][6:])["error"]
+    assert error["code"] == "upstream_timeout" and "0.5s" in error["message"]
 
 
 async def test_an_upstream_error_event_in_the_first_read_counts_as_a_failure(
