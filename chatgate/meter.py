@@ -14,6 +14,7 @@ from aiohttp import web
 
 from chatgate.auth import Principal
 from chatgate.backends.base import Usage
+from chatgate.errors import APIError
 from chatgate.settings import ModelConfig
 from chatgate.usage.record import UsageRecord
 
@@ -34,6 +35,7 @@ class Meter:
     streamed: bool = False
     conversation_id: str | None = None
     error_code: str | None = None
+    status: int = 0  # the outcome's status where it is not the response's (see broken())
 
     def identify(self, principal: Principal) -> None:
         self.account_id = principal.account_id
@@ -50,6 +52,13 @@ class Meter:
             self.cost = (
                 usage.prompt_tokens * per_input + usage.completion_tokens * per_output
             ) / 1e6
+
+    def broken(self, failure: APIError) -> None:
+        """A stream the upstream broke after its start: the client saw a 200 and then an error
+        event, and the record keeps the failure's status and code, so the rollups and the
+        metrics count it among the errors. A client gone first is what ended it instead."""
+        if self.error_code is None:
+            self.error_code, self.status = failure.code, failure.status
 
     @property
     def total_tokens(self) -> int:
@@ -71,7 +80,7 @@ class Meter:
             self.cost,
             (now - self.started) * 1000.0,
             None if first_byte_at is None else (first_byte_at - self.started) * 1000.0,
-            status,
+            self.status or status,
             error_code or self.error_code,
             self.conversation_id,
             self.streamed,

@@ -257,3 +257,26 @@ async def served_app(
     finally:
         await server.close()
         await engine.dispose()
+
+
+async def stored_usage(
+    workdir: Path, *columns: str
+) -> tuple[list[Any], dict[str, tuple[int, int]]]:
+    """``columns`` of every usage record a :func:`served_app` in ``workdir`` stored (read after
+    it stopped, which flushes them), and the rollups' request and error sums a model."""
+    import sqlalchemy as sa
+
+    from chatgate.db.engine import create_engine
+    from chatgate.settings import Settings
+    from chatgate.usage.tables import MINUTE, usage_records, usage_rollups
+
+    engine = create_engine(Settings.from_env({"CHATGATE_DATA_DIR": str(workdir / "data")}))
+    try:
+        async with engine.connect() as conn:
+            records = (await conn.execute(sa.select(*(usage_records.c[c] for c in columns)))).all()
+            r = usage_rollups.c
+            sums = sa.select(r.model, sa.func.sum(r.requests), sa.func.sum(r.errors))
+            rollups = await conn.execute(sums.where(r.width == MINUTE).group_by(r.model))
+            return records, {model: (n, errors) for model, n, errors in rollups}
+    finally:
+        await engine.dispose()

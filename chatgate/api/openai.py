@@ -247,6 +247,8 @@ async def _relay_stream(
         await stream.aclose()
         meter.first_byte_at = stream.first_byte_at
         meter.add_usage(stream.usage or counted(), route.model)
+        if stream.failure is not None:
+            meter.broken(stream.failure)
     with contextlib.suppress(ConnectionResetError):
         await resp.write_eof()
     return resp

@@ -228,7 +228,7 @@ async def _relay(
                 )
         else:
             message = str(translator.error.get("message") or "The upstream failed.")
-            meter.error_code = str(translator.error.get("code") or "upstream_error")
+            meter.broken(stream.failure or errors.UpstreamError(message))
             last = translator.failed(
                 turn.response(
                     "failed", translator.output, usage, {"code": "server_error", "message": message}

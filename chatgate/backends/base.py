@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from chatgate.errors import APIError
 from chatgate.settings import ModelConfig
 
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -90,6 +91,7 @@ class ChatStream(ABC):
 
     usage: Usage | None = None
     first_byte_at: float | None = None
+    failure: APIError | None = None  # what ended the stream in an error event, if anything
 
     def __init__(self) -> None:
         self._text: list[str] = []

@@ -84,7 +84,6 @@ from chatgate.backends.base import Backend, ChatResult, ChatStream, Usage
 from chatgate.backends.breaker import BreakerState, CircuitBreaker
 from chatgate.backends.deployment import Deployment, ModelPlan, ProbeResult, plan_models
 from chatgate.backends.openai_compat import OpenAICompatBackend
-from chatgate.backends.sse import SSEPassThrough
 from chatgate.backends.upstream_errors import UpstreamStatusError, UpstreamUnreachable
 from chatgate.settings import ModelConfig, Settings
 
@@ -355,10 +354,9 @@ class Route:
             except BaseException:
                 await stream.aclose()
                 raise
-            failure = stream.failure if isinstance(stream, SSEPassThrough) else None
-            if failure is not None:
+            if stream.failure is not None:
                 await stream.aclose()
-                raise failure
+                raise stream.failure
             return RoutedStream(stream, batches, first, slot)
 
         return await self._entry.run(self, call)
@@ -416,6 +414,21 @@ class RoutedStream(ChatStream):
     def completion_text(self) -> str:
         return self._inner.completion_text
 
+    @property
+    def failure(self) -> errors.APIError | None:
+        """What broke the stream after its start: the backend's failure (the connection, a
+        time limit), or a 502 for an error event the upstream sent itself; ``None`` if none."""
+        if not self._broken:
+            return None
+        return self._inner.failure or errors.UpstreamError(
+            f"The upstream for model `{self._slot.deployment.config.name}` ended the stream "
+            "with an error."
+        )
+
+    @failure.setter
+    def failure(self, value: errors.APIError | None) -> None:
+        self._inner.failure = value
+
     def envelope(self) -> dict[str, Any]:
         return self._inner.envelope()
 
@@ -438,7 +451,7 @@ class RoutedStream(ChatStream):
         self._finished = True
         self._slot.in_flight -= 1
         if self._broken:
-            failure = self._inner.failure if isinstance(self._inner, SSEPassThrough) else None
+            failure = self._inner.failure
             reason = failure_reason(failure) if failure is not None else "stream"
             self._slot.failed(reason, counts=True)
 

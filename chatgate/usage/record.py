@@ -25,7 +25,8 @@ class UsageRecord:
     cost: float  # in USD; 0.0 when unpriced
     latency_ms: float
     ttft_ms: float | None  # time to first token (streams)
-    status: int  # HTTP status returned to the client
+    status: int  # HTTP status returned to the client; for a stream the upstream broke after
+    # its 200, the failure's (502, 504), so that it counts among the errors
     error_code: str | None  # e.g. "rate_limit_exceeded", "upstream_error"
     conversation_id: str | None
     streamed: bool

@@ -8,12 +8,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import sqlalchemy as sa
 
-from chatgate.db.engine import create_engine
-from chatgate.settings import Settings
-from chatgate.usage.tables import usage_records
-from tests.helpers import Upstream, served_app
+from tests.helpers import Upstream, served_app, stored_usage
 from tests.usage.test_metrics import parse
 
 PRICED = """
@@ -43,19 +39,9 @@ async def test_each_record_costs_its_tokens_at_the_models_prices(
                 await resp.read()
         async with session.get(server.make_url("/metrics")) as resp:
             metered = parse(await resp.text())
-    # The app has stopped, which flushes its usage records.
-    settings = Settings.from_env({"CHATGATE_DATA_DIR": str(tmp_path / "data")})
-    engine = create_engine(settings)
-    try:
-        async with engine.connect() as conn:
-            t = usage_records.c
-            rows = (
-                await conn.execute(
-                    sa.select(t.model, t.prompt_tokens, t.completion_tokens, t.cost_nanousd)
-                )
-            ).all()
-    finally:
-        await engine.dispose()
+    rows, _ = await stored_usage(
+        tmp_path, "model", "prompt_tokens", "completion_tokens", "cost_nanousd"
+    )
     priced = [r for r in rows if r.model == "gpt-priced"]
     assert len(priced) == 2 and len(rows) == 3
     for row in priced:
