@@ -35,7 +35,7 @@ class Meter:
     streamed: bool = False
     conversation_id: str | None = None
     error_code: str | None = None
-    status: int = 0  # the outcome's status where it is not the response's (see broken())
+    status: int = 0  # a stream's status once sent, or the outcome's where it differs (broken())
 
     def identify(self, principal: Principal) -> None:
         self.account_id = principal.account_id

@@ -39,7 +39,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
 from prometheus_client.registry import Collector
 
-from chatgate.usage.record import UsageRecord
+from chatgate.usage.record import CLIENT_CLOSED, UsageRecord
 
 # Seconds; proxied completions range from a few ms (errors, cache) to minutes (long streams).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -147,7 +147,7 @@ class Metrics:
         latency.total += seconds
         if rec.ttft_ms is not None:
             _observe(hot.ttft, TTFT_BUCKETS, (labels.model,), rec.ttft_ms / 1000.0)
-        if 400 <= status < 500:
+        if 400 <= status < 500 and status != CLIENT_CLOSED:  # refusals: not a client gone
             self.rejects.labels(_safe(rec.error_code or f"http_{int(status)}")).inc()
 
     def _labels_of(self, endpoint: str, model: str, status: int) -> _Labels:

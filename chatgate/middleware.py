@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 
@@ -12,7 +13,8 @@ from chatgate import errors
 from chatgate.ids import ordered_id
 from chatgate.keys import format as keyfmt
 from chatgate.meter import METER
-from chatgate.state import REQUEST_ID, STATE
+from chatgate.state import REQUEST_ID, STATE, State
+from chatgate.usage.record import CLIENT_CLOSED, UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +56,16 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         response = error_response(
             errors.APIError("The server had an error while processing your request.")
         )
+    except asyncio.CancelledError:
+        _cancelled(request, request_id, CLIENT_CLOSED)
+        raise
     if not response.prepared:
         response.headers["x-request-id"] = request_id
     meter = request.get(METER)
     if meter is not None:  # an API request: one usage record, whatever the outcome
         state = request.app[STATE]
-        usage, metrics = state.usage, state.metrics
         # The metrics count it with usage recording switched off too.
-        if usage is not None or metrics is not None:
+        if state.usage is not None or state.metrics is not None:
             if not response.prepared:
                 # Send the answer first, then record it: the client does not wait for the
                 # bookkeeping, and the latency recorded runs to the last byte sent.
@@ -70,12 +74,32 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
                     await response.write_eof()
                 except ConnectionResetError:
                     pass
-            rec = meter.record(request_id, response.status, error_code)
-            if usage is not None:
-                usage.record(rec)
-            if metrics is not None:
-                metrics.observe(rec)
+                except asyncio.CancelledError:
+                    _cancelled(request, request_id, response.status)
+                    raise
+            _record(state, meter.record(request_id, response.status, error_code))
     return response
+
+
+def _record(state: State, rec: UsageRecord) -> None:
+    if state.usage is not None:
+        state.usage.record(rec)
+    if state.metrics is not None:
+        state.metrics.observe(rec)
+
+
+def _cancelled(request: web.Request, request_id: str, status: int) -> None:
+    """Record an API request whose handler was cancelled: the client went away (the server
+    cancels a handler when its connection is lost) or the server is stopping. Its tokens were
+    metered on the way out (the handlers' ``finally``); a stream already started keeps its
+    status (``Meter.status``), an answer never begun is a 499. After the recorder has closed
+    (a stop), the record goes to the spool."""
+    meter = request.get(METER)
+    if meter is None:
+        return
+    if meter.error_code is None:
+        meter.error_code = "client_disconnected" if request.transport is None else "cancelled"
+    _record(request.app[STATE], meter.record(request_id, status, None))
 
 
 # Anything shaped like a chatgate key (a typo'd or cut one too) in an error message or param.

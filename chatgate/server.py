@@ -110,6 +110,9 @@ def _run(settings: Settings, *, reuse_port: bool) -> None:
         print=lambda text: log.info("%s", text.strip()),
         loop=loop,
         shutdown_timeout=10.0,
+        # A client gone cancels its handler: a stream stops reading its upstream and frees its
+        # limits at once, not at its next write (or idle timeout) while the upstream is silent.
+        handler_cancellation=True,
         reuse_port=reuse_port,
         # aiohttp's default of 128 pending connections drops SYNs in a burst of new clients,
         # and each dropped one costs that client a 1 s retransmission.

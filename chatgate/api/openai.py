@@ -227,6 +227,7 @@ async def _relay_stream(
     )
     try:
         await resp.prepare(request)
+        meter.status = resp.status  # sent: a cancel from here on does not change it
         # With a session, relay() stores the turn just before [DONE] reaches the client.
         # Events that arrived together leave together: one write (a system call), which for
         # the batch holding [DONE] also ends the body. Nothing may follow [DONE]: the rest

@@ -189,6 +189,7 @@ async def _relay(
     usage: Usage | None = None
     try:
         await resp.prepare(request)
+        meter.status = resp.status  # sent: a cancel from here on does not change it
         await resp.write(b"".join(sse(e) for e in translator.start()))
         async for batch in stream.batches():  # events in hand together leave together
             out: list[dict[str, Any]] = []

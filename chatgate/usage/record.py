@@ -7,6 +7,9 @@ from typing import Any
 
 # Status codes that count as "rate limited" in the rollups (a 429 for rpm/tpm/rpd or quota).
 RATE_LIMITED_STATUS = 429
+# The status of a request whose client went away (or whose server stopped) before its answer
+# began, as nginx logs it: no answer was sent. Counted among the errors, never as a refusal.
+CLIENT_CLOSED = 499
 
 
 @dataclass(slots=True)  # not frozen: one per request, and 3x cheaper to build so
@@ -54,4 +57,4 @@ class UsageRecord:
         return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
-__all__ = ["RATE_LIMITED_STATUS", "UsageRecord"]
+__all__ = ["CLIENT_CLOSED", "RATE_LIMITED_STATUS", "UsageRecord"]

@@ -1,0 +1,85 @@
+"""A client that goes away: its handler is cancelled at once (``chatgate serve`` runs with
+aiohttp's handler cancellation), so a stream stops reading its upstream and frees its limits
+even while the upstream is silent, and the request is still recorded, with what it used."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+import requests
+
+from tests.helpers import Upstream, make_gateway, served_app, stored_usage
+
+SLOW = """
+[[models]]
+name = "gpt-stall"
+base_url = "{base}"
+upstream_model = "stall-stream"
+
+[[models]]
+name = "gpt-slow"
+base_url = "{base}"
+upstream_model = "slow"
+"""
+MESSAGES = [{"role": "user", "content": "say something and then nothing"}]
+
+
+def test_a_client_gone_from_a_silent_stream_frees_its_slot_and_is_recorded(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    gw = make_gateway(tmp_path, upstream=upstream, extra_toml=SLOW.format(base=upstream.base_url))
+    gw.start()
+    try:
+        gw.cli("plans", "create", "single", "--concurrency=1")
+        gw.cli("accounts", "create", "solo@example.com", "--plan", "single")
+        key = gw.cli_json("keys", "create", "--account", "solo@example.com")["key"]
+        url = gw.url + "/v1/chat/completions"
+        headers = {"Authorization": f"Bearer {key}"}
+        # Two events, then the upstream says nothing for an hour (the idle limit: 120 s).
+        stalled = {"model": "gpt-stall", "messages": MESSAGES, "stream": True}
+        with requests.post(url, json=stalled, headers=headers, stream=True, timeout=30) as resp:
+            assert resp.status_code == 200
+            assert next(resp.iter_lines()).startswith(b"data: {")
+        # The connection is closed: the slot must come free long before the idle limit.
+        body = {"model": "gpt-test", "messages": MESSAGES}
+        deadline = time.monotonic() + 30
+        while (answer := requests.post(url, json=body, headers=headers, timeout=30)).status_code:
+            if answer.status_code == 200:
+                break
+            assert answer.status_code == 429 and "in flight" in answer.text.lower(), answer.text
+            assert time.monotonic() < deadline, "the gone client's slot was not freed"
+            time.sleep(0.1)
+    finally:
+        gw.stop()
+    records, _ = asyncio.run(
+        stored_usage(tmp_path, "model", "status", "error_code", "completion_tokens")
+    )
+    [gone] = [r for r in records if r.model == "gpt-stall"]
+    assert (gone.status, gone.error_code) == (200, "client_disconnected")
+    assert gone.completion_tokens > 0  # what it was sent is billed
+
+
+async def test_a_client_gone_before_its_answer_is_recorded(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    extra = SLOW.format(base=upstream.base_url)
+    async with (
+        served_app(tmp_path, upstream, extra_toml=extra) as (server, key),
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session,
+    ):
+        body = {"model": "gpt-slow", "messages": MESSAGES, "fake": {"delay": 3}}
+        url = server.make_url("/v1/chat/completions")
+        try:
+            async with asyncio.timeout(0.5):  # the client gives up and closes its connection
+                await session.post(url, json=body)
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("the slow upstream answered within 0.5 s")
+        await asyncio.sleep(0.2)  # the server notices the connection gone
+    records, rollups = await stored_usage(tmp_path, "model", "status", "error_code")
+    assert [tuple(r) for r in records] == [("gpt-slow", 499, "client_disconnected")]
+    assert rollups["gpt-slow"] == (1, 1)  # not a success
