@@ -90,15 +90,15 @@ def _record(state: State, rec: UsageRecord) -> None:
 
 def _cancelled(request: web.Request, request_id: str, status: int) -> None:
     """Record an API request whose handler was cancelled: the client went away (the server
-    cancels a handler when its connection is lost) or the server is stopping. Its tokens were
-    metered on the way out (the handlers' ``finally``); a stream already started keeps its
-    status (``Meter.status``), an answer never begun is a 499. After the recorder has closed
-    (a stop), the record goes to the spool."""
+    cancels a handler when its connection is lost) or a stop cut it off (after
+    ``shutdown_timeout``). Its tokens were metered on the way out (the handlers' ``finally``);
+    a stream already begun keeps its status (``Meter.status``), an answer never begun is a
+    499. After the recorder has closed (a stop), the record goes to the spool."""
     meter = request.get(METER)
     if meter is None:
         return
-    if meter.error_code is None:
-        meter.error_code = "client_disconnected" if request.transport is None else "cancelled"
+    if meter.error_code is None:  # the connection ended first, whichever side closed it
+        meter.error_code = "client_disconnected"
     _record(request.app[STATE], meter.record(request_id, status, None))
 
 

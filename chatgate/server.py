@@ -109,7 +109,7 @@ def _run(settings: Settings, *, reuse_port: bool) -> None:
         access_log=None,
         print=lambda text: log.info("%s", text.strip()),
         loop=loop,
-        shutdown_timeout=10.0,
+        shutdown_timeout=settings.shutdown_timeout,
         # A client gone cancels its handler: a stream stops reading its upstream and frees its
         # limits at once, not at its next write (or idle timeout) while the upstream is silent.
         handler_cancellation=True,

@@ -105,6 +105,9 @@ class Settings:
     local_preload: bool = True
     local_embeddings: str = "auto"
     usage_enabled: bool = True
+    # On SIGTERM, requests in flight get this long to finish; then they are cancelled (and
+    # recorded as cut off by the stop) and get as long again to end.
+    shutdown_timeout: float = 10.0
     # PostgreSQL connections per process: the request path uses none in steady state (keys
     # are cached, usage is written in batches), so a small pool serves a busy process; the
     # dashboard, the management API, sessions and the feed share it.
@@ -182,6 +185,7 @@ class Settings:
             local_preload=_truthy(pick("local_preload", True)),
             local_embeddings=str(pick("local_embeddings", "auto")),
             usage_enabled=_truthy(pick("usage_enabled", True)),
+            shutdown_timeout=float(pick("shutdown_timeout", 10.0)),
             db_pool_size=int(pick("db_pool_size", 5)),
             db_max_overflow=int(pick("db_max_overflow", 10)),
             upstream_keys={k: Secret(env[k]) for k in key_envs if env.get(k)},

@@ -83,3 +83,35 @@ async def test_a_client_gone_before_its_answer_is_recorded(
     records, rollups = await stored_usage(tmp_path, "model", "status", "error_code")
     assert [tuple(r) for r in records] == [("gpt-slow", 499, "client_disconnected")]
     assert rollups["gpt-slow"] == (1, 1)  # not a success
+
+
+def test_a_stream_a_stop_cuts_off_is_recorded(upstream: Upstream, tmp_path: Path) -> None:
+    """SIGTERM gives requests in flight ``CHATGATE_SHUTDOWN_TIMEOUT`` to finish, then cuts
+    them off: a stream that would not end is recorded all the same, with what it was sent."""
+    extra = SLOW.format(base=upstream.base_url)
+    gw = make_gateway(
+        tmp_path, upstream=upstream, extra_toml=extra, extra_env={"CHATGATE_SHUTDOWN_TIMEOUT": "1"}
+    )
+    gw.start()
+    try:
+        gw.cli("accounts", "create", "cut@example.com")
+        key = gw.cli_json("keys", "create", "--account", "cut@example.com")["key"]
+        stalled = {"model": "gpt-stall", "messages": MESSAGES, "stream": True}
+        with requests.post(
+            gw.url + "/v1/chat/completions",
+            json=stalled,
+            headers={"Authorization": f"Bearer {key}"},
+            stream=True,
+            timeout=60,
+        ) as resp:
+            assert next(resp.iter_lines()).startswith(b"data: {")
+            assert gw.stop() == 0  # SIGTERM, with the stream still open
+    finally:
+        if gw.proc is not None and gw.proc.poll() is None:
+            gw.stop()
+    records, _ = asyncio.run(
+        stored_usage(tmp_path, "model", "status", "error_code", "completion_tokens")
+    )
+    [cut] = [r for r in records if r.model == "gpt-stall"]
+    assert (cut.status, cut.error_code) == (200, "client_disconnected")  # the server closed it
+    assert cut.completion_tokens > 0
