@@ -382,6 +382,47 @@ def test_bad_requests_are_rejected_and_change_nothing(
     assert stored_state(gateway) == before
 
 
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    ("path", "template"),
+    [
+        ("/v1/chat/completions", '{"model":"gpt-test","messages":MSGS,"extra":DEEP}'),
+        ("/v1/chat/completions", '{"model":"gpt-test","stream":true,"messages":MSGS,"x":DEEP}'),
+        (
+            "/v1/chat/completions",
+            '{"model":"gpt-test","messages":MSGS,'
+            '"tools":[{"type":"function","function":{"name":"f","parameters":{"a":DEEP}}}]}',
+        ),
+        ("/v1/embeddings", '{"model":"gpt-test","input":"hi","extra":DEEP}'),
+        ("/v1/embeddings", '{"model":"gpt-test","input":[DEEP]}'),
+        ("/v1/responses", '{"model":"gpt-test","input":"hi","metadata_x":DEEP}'),
+    ],
+)
+def test_json_nested_beyond_what_can_be_forwarded_is_400(
+    gateway: Gateway, upstream: Any, path: str, template: str
+) -> None:
+    """orjson parses 1,024 levels but writes 254: a body between the two was a 500 when it
+    was forwarded; it is a 400 before anything is sent, and a little less still goes through."""
+    key = new_key(gateway)["key"]
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+
+    def post(depth: int) -> requests.Response:
+        body = template.replace("MSGS", '[{"role":"user","content":"hi"}]')
+        body = body.replace("DEEP", _nested(depth))
+        return requests.post(gateway.url + path, data=body, headers=headers, timeout=30)
+
+    upstream.clear()
+    for depth in (255, 300, 1000):
+        error = assert_error(post(depth), 400, "invalid_json", type_="invalid_request_error")
+        assert "nested too deeply" in error["message"]
+    assert upstream.received() == []
+    assert post(240).status_code == 200  # 240 in a field: under 254 in all
+    assert len(upstream.received()) == 1
+
+
 def test_body_too_large_is_413(gateway: Gateway) -> None:
     key = new_key(gateway)["key"]
     huge = json.dumps(

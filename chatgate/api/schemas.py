@@ -120,11 +120,20 @@ _AT = re.compile(r" - at `\$\.?(.*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
+# orjson reads up to 1,024 levels of arrays and objects but writes at most 254, so a body
+# nested deeper than that parsed and then failed where it was forwarded or stored (a 500).
+MAX_DEPTH = 254
+# The fewest bytes a body nested MAX_DEPTH + 1 deep can have: that many "[" and "]".
+_DEEP_BYTES = 2 * (MAX_DEPTH + 1)
+
+
 def decode_json(body: bytes) -> dict[str, Any]:
-    """Parse a JSON object body; 400 for anything else."""
+    """Parse a JSON object body; 400 for anything else, or nested beyond :data:`MAX_DEPTH`."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if exc.msg == "depth limit exceeded":
+            raise _too_deep() from exc
         raise errors.InvalidRequest(
             "We could not parse the JSON body of your request. (HINT: This likely means you "
             "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)",
@@ -132,7 +141,23 @@ def decode_json(body: bytes) -> dict[str, Any]:
         ) from exc
     if not isinstance(data, dict):
         raise errors.InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    if len(body) >= _DEEP_BYTES:
+        # Only a body this long can be too deep. Writing it is the check (orjson fails where
+        # the forwarding would): 0.7 us for 3 kB, 8 us for 100 kB, a fifth to a quarter of
+        # the parse; counting its brackets (bytes.count) would cost more than that.
+        try:
+            orjson.dumps(data)
+        except TypeError as exc:  # orjson.JSONEncodeError: only depth, for what loads made
+            raise _too_deep() from exc
     return data
+
+
+def _too_deep() -> errors.InvalidRequest:
+    return errors.InvalidRequest(
+        f"The JSON body of your request is nested too deeply: at most {MAX_DEPTH} levels of "
+        "arrays and objects are accepted.",
+        code="invalid_json",
+    )
 
 
 def validate(data: dict[str, Any], model: type[T]) -> T:
