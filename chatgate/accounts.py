@@ -24,6 +24,8 @@ from chatgate.notify import Notifier
 from chatgate.timefmt import now
 
 LIMIT_FIELDS = ("rpm", "tpm", "rpd", "concurrency", "monthly_tokens")
+LIMIT_MAX = {f: 2**31 - 1 for f in LIMIT_FIELDS} | {"monthly_tokens": 2**63 - 1}
+"""The most each limit's column holds (INTEGER is 32 bits on PostgreSQL; a BIGINT 64)."""
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 _PLAN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -122,7 +124,7 @@ class PlanStore:
             raise errors.InvalidRequest(
                 "A plan name is 1-64 letters, digits, '.', '_' or '-'.", param="name"
             )
-        values = _check_limits(limits)
+        values = check_limits(limits)
         try:
             async with self._engine.begin() as conn:
                 await conn.execute(plans.insert().values(name=name, created_at=now(), **values))
@@ -134,7 +136,7 @@ class PlanStore:
 
     async def update(self, name: str, **limits: int | None) -> Plan:
         """Set the given limits (``None`` = unlimited); limits not given stay as they are."""
-        values = _check_limits(limits)
+        values = check_limits(limits)
         plan = await self.get(name)
         if values:
             async with changing(self._engine, self._notifier) as conn:
@@ -143,15 +145,19 @@ class PlanStore:
         return await self.get(name)
 
 
-def _check_limits(limits: dict[str, int | None]) -> dict[str, int | None]:
+def check_limits(limits: dict[str, int | None]) -> dict[str, int | None]:
+    """``limits`` when each is a known limit, ``None`` or a whole number its column holds."""
     for name, value in limits.items():
         if name not in LIMIT_FIELDS:
             raise errors.InvalidRequest(f"Unknown limit `{name}`.", param=name)
         if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 0
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not 0 <= value <= LIMIT_MAX[name]
         ):
             raise errors.InvalidRequest(
-                f"The limit `{name}` must be a whole number >= 0.", param=name
+                f"The limit `{name}` must be a whole number from 0 to {LIMIT_MAX[name]}.",
+                param=name,
             )
     return limits
 

@@ -7,14 +7,22 @@ import time
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+MAX_DURATION = 36500 * 86400
+"""100 years, the longest duration taken (an expiry, a report's span): more is a mistake, and
+added to a time it overflowed the databases' 64-bit integers."""
 
 
 def parse_duration(text: str) -> int:
-    """Seconds in ``text`` (``"30d"``, ``"24h"``, ``"0"``); ``ValueError`` when unreadable."""
+    """Seconds in ``text`` (``"30d"``, ``"24h"``, ``"0"``); ``ValueError`` when unreadable or
+    longer than :data:`MAX_DURATION`."""
     match = _DURATION.match(text)
     if not match:
         raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 24h, 30d)")
-    return int(match.group(1)) * _UNITS[match.group(2) or "s"]
+    digits = match.group(1)
+    seconds = int(digits) * _UNITS[match.group(2) or "s"] if len(digits) <= 12 else None
+    if seconds is None or seconds > MAX_DURATION:
+        raise ValueError(f"a duration is at most 100 years (36500d): {text[:40]!r}")
+    return seconds
 
 
 _MS_TEXT = tuple(f"{ms}ms" for ms in range(1000))

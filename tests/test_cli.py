@@ -45,3 +45,27 @@ def test_plans_accounts_keys_round_trip(gw: Gateway) -> None:
     key = table.split("shown once, store it now):")[1].split()[0]
     assert key not in listing  # only the hint is ever listed
     assert "table" not in gw.cli("accounts", "list").stdout.lower() or True
+
+
+def test_numbers_beyond_the_database_are_one_line_errors(database_url: str, tmp_path: Path) -> None:
+    """Each was an OverflowError traceback (SQLite) or a database error (PostgreSQL's 32-bit
+    INTEGER); the same checks as the API's answer them."""
+    gw = make_gateway(tmp_path, database_url=database_url)
+    name = "big-" + tmp_path.name[-8:].replace("_", "")
+    email = f"{name}@example.com"
+    gw.cli("accounts", "create", email)
+    for args in (
+        ("plans", "create", name, "--rpm", "9" * 20),
+        ("plans", "create", name, "--tpm", str(2**31)),
+        ("plans", "create", name, "--monthly-tokens", str(2**63)),
+        ("keys", "create", "--account", email, "--expires-in", "9" * 20 + "d"),
+        ("keys", "create", "--account", email, "--expires-in", "36501d"),
+        ("usage", "--since", "9" * 20 + "d"),
+    ):
+        result = gw.cli(*args, check=False)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.strip().count("\n") == 0 and "error" in result.stderr, args
+    made = gw.cli_json("plans", "create", name, "--rpm", str(2**31 - 1))
+    assert made["rpm"] == 2**31 - 1
+    key = gw.cli_json("keys", "create", "--account", email, "--expires-in", "36500d")
+    assert key["expires_at"] > 4_000_000_000

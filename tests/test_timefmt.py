@@ -60,3 +60,10 @@ def test_parse_duration(text: str, seconds: int) -> None:
 def test_parse_duration_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["36501d", "5215w", "9" * 20 + "d", "9" * 5000])
+def test_parse_duration_refuses_more_than_100_years(text: str) -> None:
+    with pytest.raises(ValueError, match="at most 100 years"):
+        parse_duration(text)
+    assert parse_duration("36500d") == 36500 * 86400

@@ -40,6 +40,8 @@ GROUP_FIELDS: Mapping[str, Group] = {"model": "model", "api_key_id": "key"}
 COMPLETION_ENDPOINTS = ("chat.completions", "responses")
 EMBEDDING_ENDPOINTS = ("embeddings",)
 DEFAULT_DASHBOARD_SPAN = 30 * DAY
+MAX_TIME = 253_402_300_799
+"""9999-12-31T23:59:59Z: a later unix time is a mistake (and overflowed the databases)."""
 
 
 def _list(query: MultiMapping[str], name: str) -> list[str] | None:
@@ -50,7 +52,8 @@ def _list(query: MultiMapping[str], name: str) -> list[str] | None:
     return [v.strip() for item in raw for v in item.split(",") if v.strip()]
 
 
-def _int(query: MultiMapping[str], name: str) -> int | None:
+def _int(query: MultiMapping[str], name: str, most: int | None = None) -> int | None:
+    """A whole number from 0 (to ``most``, when given: :data:`MAX_TIME` for a time)."""
     value = query.get(name)
     if value is None or value == "":
         return None
@@ -62,6 +65,10 @@ def _int(query: MultiMapping[str], name: str) -> int | None:
         ) from None
     if number < 0:
         raise errors.InvalidRequest(f"Invalid value for '{name}': must be >= 0.", param=name)
+    if most is not None and number > most:
+        raise errors.InvalidRequest(
+            f"Invalid value for '{name}': must be at most {most}.", param=name
+        )
     return number
 
 
@@ -91,10 +98,10 @@ async def _usage_api(
 ) -> web.Response:
     state, principal = await authenticate(request)
     q = request.query
-    start = _int(q, "start_time")
+    start = _int(q, "start_time", MAX_TIME)
     if start is None:
         raise errors.InvalidRequest("Missing required parameter: 'start_time'.", param="start_time")
-    end = _int(q, "end_time") or until_now()
+    end = _int(q, "end_time", MAX_TIME) or until_now()
     if end <= start:
         raise errors.InvalidRequest("'end_time' must be after 'start_time'.", param="end_time")
     bucket = q.get("bucket_width", "1d")
@@ -207,13 +214,13 @@ async def dashboard_usage(request: web.Request) -> web.Response:
     admins may add ``account_id``. Rows per day x model x key (x account for admins)."""
     state, principal = await authenticate(request)
     q = request.query
-    end = _int(q, "end_time") or until_now()
+    end = _int(q, "end_time", MAX_TIME) or until_now()
     since = q.get("since")
     try:
         span = parse_duration(since) if since else DEFAULT_DASHBOARD_SPAN
     except ValueError as exc:
         raise errors.InvalidRequest(str(exc), param="since") from None
-    start = _int(q, "start_time")
+    start = _int(q, "start_time", MAX_TIME)
     start = end - span if start is None else start
     if end <= start:
         raise errors.InvalidRequest("'end_time' must be after 'start_time'.", param="end_time")

@@ -9,12 +9,13 @@ that does not exist, so ids cannot be probed.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from chatgate import errors
-from chatgate.accounts import LIMIT_FIELDS, Account, Plan
+from chatgate.accounts import LIMIT_FIELDS, LIMIT_MAX, Account, Plan
 from chatgate.keys.store import IssuedKey, KeyRecord
 from chatgate.state import State
 from chatgate.timefmt import parse_duration
@@ -22,6 +23,7 @@ from chatgate.timefmt import parse_duration
 EXPIRY_CHOICES = (("", "Never"), ("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days"))
 GRACE_CHOICES = (("0", "Immediately"), ("1h", "1 hour"), ("24h", "24 hours"), ("7d", "7 days"))
 MAX_KEY_NAME = 200
+_DIGITS = re.compile(r"[0-9]{1,20}")  # ASCII only: "²" is a digit to isdigit, not int
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +44,9 @@ def parse_expiry(text: str | None, *, now: float | None = None) -> int | None:
         seconds = parse_duration(text)
     except ValueError as exc:
         raise errors.InvalidRequest(
-            "Expiry must look like 30d, 12h or 90m, or be empty for never.", param="expires_in"
+            "Expiry must look like 30d, 12h or 90m, at most 100 years (36500d), or be empty "
+            "for never.",
+            param="expires_in",
         ) from exc
     return int(now if now is not None else time.time()) + seconds
 
@@ -129,11 +133,12 @@ def parse_limits(values: dict[str, object]) -> dict[str, int | None]:
             out[field] = None
         elif isinstance(raw, int) and not isinstance(raw, bool):
             out[field] = raw
-        elif isinstance(raw, str) and raw.strip().isdigit():
-            out[field] = int(raw.strip())
+        elif isinstance(raw, str) and _DIGITS.fullmatch(raw.strip()):
+            out[field] = int(raw.strip())  # its range is the stores' check (check_limits)
         else:
             raise errors.InvalidRequest(
-                f"The limit `{field}` must be a whole number >= 0, or empty for unlimited.",
+                f"The limit `{field}` must be a whole number from 0 to {LIMIT_MAX[field]}, "
+                "or empty for unlimited.",
                 param=field,
             )
     return out

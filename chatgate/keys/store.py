@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate import errors
-from chatgate.accounts import LIMIT_FIELDS, changing, invalidate
+from chatgate.accounts import LIMIT_FIELDS, changing, check_limits, invalidate
 from chatgate.db.tables import accounts, api_keys, plans
 from chatgate.ids import new_id
 from chatgate.keys import format as keyfmt
@@ -200,10 +200,7 @@ class KeyStore:
         _check_rotation_period(rotation_period)
         if len(name) > 200:
             raise errors.InvalidRequest("A key name is at most 200 characters.", param="name")
-        limits = {k: v for k, v in (limits or {}).items() if v is not None}
-        for field in limits:
-            if field not in LIMIT_FIELDS:
-                raise errors.InvalidRequest(f"Unknown limit `{field}`.", param=field)
+        limits = check_limits({k: v for k, v in (limits or {}).items() if v is not None})
         key = keyfmt.generate()
         key_id = new_id("key")
         created = now()

@@ -132,6 +132,36 @@ def test_plans_and_admin_api(dash: Gateway) -> None:
     assert resp.status_code == 400  # not yourself
 
 
+def test_numbers_beyond_their_column_are_400_naming_the_field(dash: Gateway) -> None:
+    """Each was a 500 (OverflowError: Python int too large to convert to SQLite INTEGER)."""
+    user = make_user(dash)
+    for expiry in ("9" * 20 + "d", "100000000000d", "36501d"):
+        resp = user.api("POST", "/api/keys", json={"name": "x", "expires_in": expiry})
+        assert resp.status_code == 400, (expiry, resp.text)
+        assert resp.json()["error"]["param"] == "expires_in"
+    made = user.new_key(expires_in="36500d")  # 100 years is the most
+    assert made["expires_at"] - time.time() > 36499 * 86400
+
+    h = bearer(admin_key(dash))
+    name = "big" + str(int(time.time() * 1000) % 100000)
+    dash.cli("plans", "create", name)
+    url = dash.url + f"/api/admin/plans/{name}"
+    for limits in (
+        {"rpm": 2**63},
+        {"rpm": "9" * 30},
+        {"tpm": 2**31},  # INTEGER columns are 32 bits on PostgreSQL
+        {"monthly_tokens": 2**63},
+        {"rpd": "\u00b2"},  # a digit to str.isdigit, not to int()
+    ):
+        resp = requests.patch(url, json=limits, headers=h, timeout=10)
+        assert resp.status_code == 400, (limits, resp.text)
+        error = resp.json()["error"]
+        assert error["param"] == next(iter(limits)) and error["type"] == "invalid_request_error"
+    most = {"rpm": 2**31 - 1, "monthly_tokens": 2**63 - 1}
+    resp = requests.patch(url, json=most, headers=h, timeout=10)
+    assert resp.status_code == 200 and resp.json()["monthly_tokens"] == 2**63 - 1
+
+
 def test_openapi_documents_the_management_api(dash: Gateway) -> None:
     doc = requests.get(dash.url + "/openapi.json", timeout=10).json()
     for path in (

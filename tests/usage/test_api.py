@@ -278,12 +278,35 @@ async def test_embeddings_are_reported_apart(world: World) -> None:
         ({"start_time": BASE, "bucket_width": "1h", "limit": 169}, "limit"),
         ({"start_time": BASE, "group_by": "project_id"}, "group_by"),
         ({"start_time": BASE, "page": "bm90LWEtY3Vyc29y"}, "page"),
+        # beyond a database's 64-bit integers: were 500s (OverflowError on SQLite)
+        ({"start_time": "9" * 20, "end_time": "1" + "0" * 20}, "start_time"),
+        ({"start_time": 0, "end_time": "9" * 20}, "end_time"),
+        ({"start_time": 0, "end_time": 253_402_300_800}, "end_time"),  # the year 10000
     ],
 )
 async def test_bad_parameters_are_400(world: World, params: dict[str, Any], param: str) -> None:
     status, body = await world.get(COMPLETIONS, world.a_key, **params)
     assert status == 400
     assert body["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"since": "9" * 20 + "d"}, "since"),
+        ({"since": "36501d"}, "since"),  # more than 100 years
+        ({"start_time": "9" * 20, "end_time": "9" * 21}, "end_time"),
+        ({"start_time": "9" * 20}, "start_time"),
+    ],
+)
+async def test_dashboard_usage_bad_parameters_are_400(
+    world: World, params: dict[str, Any], param: str
+) -> None:
+    status, body = await world.get("/api/usage", world.a_key, **params)
+    assert status == 400, body
+    assert body["error"]["param"] == param
+    status, _ = await world.get("/api/usage", world.a_key, since="36500d")
+    assert status == 200
 
 
 async def test_needs_a_key(world: World) -> None:
