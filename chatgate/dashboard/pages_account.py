@@ -23,12 +23,12 @@ from chatgate.dashboard.passwords import (
 )
 from chatgate.dashboard.render import (
     PREFIX,
-    csrf_failed,
     field,
     flash,
-    form_csrf_ok,
+    form_problem,
     page,
     page_response,
+    read_form,
     redirect,
     safe_next,
     signup_open,
@@ -57,9 +57,10 @@ async def login_form(request: web.Request) -> web.StreamResponse:
 
 async def login(request: web.Request) -> web.StreamResponse:
     """POST /dashboard/login: throttled, constant-time for unknown emails, generic answers."""
-    if not await form_csrf_ok(request):
-        return await csrf_failed(request, None)
-    form = await request.post()
+    refused = await form_problem(request, None)
+    if refused is not None:
+        return refused
+    form = await read_form(request)
     email = field(form, "email").strip().lower()
     password = field(form, "password", 1024)
     target = safe_next(field(form, "next", 2000))
@@ -105,9 +106,10 @@ async def signup(request: web.Request) -> web.StreamResponse:
     if not signup_open(request):
         context["email"] = ""
         return await page_response(request, None, "signup.html", context, status=403)
-    if not await form_csrf_ok(request):
-        return await csrf_failed(request, None)
-    form = await request.post()
+    refused = await form_problem(request, None)
+    if refused is not None:
+        return refused
+    form = await read_form(request)
     email = field(form, "email").strip().lower()
     password = field(form, "password", 1024)
     context["email"] = email
@@ -159,7 +161,7 @@ async def account_page(request: web.Request, user: User) -> web.StreamResponse:
 @page()
 async def change_password(request: web.Request, user: User) -> web.StreamResponse:
     """POST /dashboard/account/password: ends every other session of the account."""
-    form = await request.post()
+    form = await read_form(request)
     current = field(form, "current", 1024)
     new = field(form, "password", 1024)
     context: dict[str, object] = {"title": "Account", "min_password": MIN_PASSWORD}

@@ -20,6 +20,7 @@ from chatgate.dashboard.render import (
     flash,
     page,
     page_response,
+    read_form,
     redirect,
     state,
 )
@@ -58,7 +59,7 @@ def _back(form: Mapping[str, object], default: str) -> str:
 @page(admin=True)
 async def set_plan(request: web.Request, user: User) -> web.StreamResponse:
     """POST /dashboard/admin/accounts/{id}/plan."""
-    form = await request.post()
+    form = await read_form(request)
     account = await state(request).accounts.set_plan(
         request.match_info["id"], field(form, "plan", 64)
     )
@@ -69,7 +70,7 @@ async def set_plan(request: web.Request, user: User) -> web.StreamResponse:
 @page(admin=True)
 async def set_disabled(request: web.Request, user: User) -> web.StreamResponse:
     """POST /dashboard/admin/accounts/{id}/disable (``disabled=1`` or ``0``)."""
-    form = await request.post()
+    form = await read_form(request)
     account_id = request.match_info["id"]
     disabled = field(form, "disabled", 5) == "1"
     if account_id == user.account.id and disabled:
@@ -103,7 +104,7 @@ def _limits_from(form: Mapping[str, object]) -> dict[str, int | None]:
 @page(admin=True)
 async def update_plan(request: web.Request, user: User) -> web.StreamResponse:
     """POST /dashboard/admin/plans/{name}: empty = unlimited."""
-    form = await request.post()
+    form = await read_form(request)
     plan = await services.set_plan_limits(
         state(request), request.match_info["name"], _limits_from(form)
     )
@@ -114,7 +115,7 @@ async def update_plan(request: web.Request, user: User) -> web.StreamResponse:
 @page(admin=True)
 async def create_plan(request: web.Request, user: User) -> web.StreamResponse:
     """POST /dashboard/admin/plans: a new plan."""
-    form = await request.post()
+    form = await read_form(request)
     plan = await state(request).plans.create(field(form, "name", 64).strip(), **_limits_from(form))
     await flash(request, f"Plan {plan.name} created.")
     raise redirect(ADMIN + "/plans")

@@ -12,7 +12,16 @@ from aiohttp import web
 from chatgate import errors
 from chatgate.dashboard import services
 from chatgate.dashboard.auth import User, with_session
-from chatgate.dashboard.render import PREFIX, field, flash, page, page_response, redirect, state
+from chatgate.dashboard.render import (
+    PREFIX,
+    field,
+    flash,
+    page,
+    page_response,
+    read_form,
+    redirect,
+    state,
+)
 from chatgate.keys.store import IssuedKey
 
 
@@ -43,7 +52,7 @@ def _issued(request: web.Request, user: User, issued: IssuedKey, action: str) ->
 @page()
 async def create_key(request: web.Request, user: User) -> web.StreamResponse:
     """POST /dashboard/keys: the full key is shown on this page only."""
-    form = await request.post()
+    form = await read_form(request)
     models = [m for m in form.getall("models", []) if isinstance(m, str)]
     st = state(request)
     try:
@@ -83,7 +92,7 @@ async def rotate_form(request: web.Request, user: User) -> web.StreamResponse:
 @page()
 async def rotate(request: web.Request, user: User) -> web.StreamResponse:
     """POST /dashboard/keys/{id}/rotate: the new secret is shown on this page only."""
-    form = await request.post()
+    form = await read_form(request)
     st = state(request)
     grace = services.parse_grace(field(form, "grace", 20), st.settings.rotation_grace)
     issued = await services.rotate_key(st, user.account, request.match_info["id"], grace)

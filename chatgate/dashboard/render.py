@@ -3,7 +3,9 @@
 Every page handler is wrapped by :func:`page`, which
 - sends a visitor without a session to the login page (303), and a non-admin on an admin
   page to a 404 page (the same as for a page that does not exist);
-- rejects a POST whose ``csrf_token`` field is missing or wrong (403), before the handler runs;
+- rejects a POST whose form cannot be read (400) or whose ``csrf_token`` field is missing or
+  wrong (403), before the handler runs (:func:`form_problem`; the log-in and sign-up pages,
+  outside the wrapper, call it too), and every handler reads the form with :func:`read_form`;
 - turns an :class:`~chatgate.errors.APIError` from the shared services into an HTML page with
   the same status (the API middleware would answer JSON);
 - adds the security headers (CSP without inline scripts, no framing, no caching).
@@ -22,7 +24,10 @@ import aiohttp_jinja2
 import aiohttp_session
 import jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
+from aiohttp.web_request import FileField
+from multidict import MultiDictProxy
 
 from chatgate import errors
 from chatgate.dashboard.auth import CSRF_FIELD, User, anonymous_csrf, csrf_ok, current_user
@@ -195,8 +200,10 @@ def page(*, admin: bool = False) -> Callable[[PageHandler], Handler]:
                 raise redirect(f"{PREFIX}/login")
             if admin and not user.is_admin:
                 return await not_found(request, user)
-            if request.method == "POST" and not await form_csrf_ok(request):
-                return await csrf_failed(request, user)
+            if request.method == "POST":
+                refused = await form_problem(request, user)
+                if refused is not None:
+                    return refused
             try:
                 response = await fn(request, user)
             except errors.APIError as exc:
@@ -210,10 +217,37 @@ def page(*, admin: bool = False) -> Callable[[PageHandler], Handler]:
     return wrap
 
 
-async def form_csrf_ok(request: web.Request) -> bool:
-    """True when the posted form carries the session's CSRF token."""
-    form = await request.post()
-    return await csrf_ok(request, form.get(CSRF_FIELD))
+# What aiohttp raises on a form body it cannot read: a byte outside the charset
+# (UnicodeDecodeError), an unknown charset (LookupError), multipart without a boundary, with a
+# part without a name or cut short (ValueError), with broken part headers (its parser's
+# BadHttpMessage) or an unknown transfer encoding (RuntimeError). Each was a 500.
+_UNREADABLE = (ValueError, LookupError, RuntimeError, HttpProcessingError)
+UNREADABLE_FORM = (
+    "This form could not be read: its encoding or format is broken. Go back, reload the page "
+    "and try again."
+)
+
+
+async def read_form(
+    request: web.Request,
+) -> MultiDictProxy[str | bytes | bytearray | FileField]:
+    """The posted form (parsed once, aiohttp keeps it); a 400 when its body cannot be read."""
+    try:
+        return await request.post()
+    except _UNREADABLE as exc:
+        raise errors.InvalidRequest(UNREADABLE_FORM, code="invalid_form") from exc
+
+
+async def form_problem(request: web.Request, user: User | None) -> web.Response | None:
+    """The error page for a POST whose form cannot be read (400) or does not carry the
+    session's CSRF token (403); ``None`` when the form is fine."""
+    try:
+        form = await read_form(request)
+    except errors.InvalidRequest as exc:
+        return await error_page(request, user, exc.status, "Form not readable", exc.message)
+    if not await csrf_ok(request, form.get(CSRF_FIELD)):
+        return await csrf_failed(request, user)
+    return None
 
 
 async def csrf_failed(request: web.Request, user: User | None) -> web.Response:

@@ -111,6 +111,56 @@ def test_post_without_csrf_is_rejected(alice: User) -> None:
     assert alice.api("POST", "/api/keys", json={"name": "x"}).status_code == 201
 
 
+UNREADABLE_FORMS = [
+    (b"csrf_token=x&email=\xff", "application/x-www-form-urlencoded"),
+    (b"csrf_token=x&email=a", "application/x-www-form-urlencoded; charset=bogus"),
+    (b"--x\r\nbroken", "multipart/form-data; boundary=x"),
+    (b"xx", "multipart/form-data"),
+    (b"--x\r\n\r\nv\r\n--x--\r\n", "multipart/form-data; boundary=x"),
+    (
+        b'--x\r\nContent-Disposition: form-data; name="csrf_token"\r\n'
+        b"Content-Transfer-Encoding: bogus\r\n\r\nv\r\n--x--\r\n",
+        "multipart/form-data; boundary=x",
+    ),
+]
+
+
+def test_unreadable_forms_are_a_400_page(dash: Gateway, alice: User) -> None:
+    """Each was a 500 (UnicodeDecodeError, LookupError, ValueError, a parser's errors), some
+    before logging in; now the dashboard's error page, and nothing changes."""
+    admin = make_user(dash, admin=True)
+    key_id = alice.new_key(name="kept")["id"]
+    before = alice.api("GET", "/api/keys").json()["data"]
+    anonymous = requests.Session()
+    posts = [
+        (anonymous, "/dashboard/login"),
+        (anonymous, "/dashboard/signup"),
+        (alice.http, "/dashboard/logout"),
+        (alice.http, "/dashboard/account/password"),
+        (alice.http, "/dashboard/keys"),
+        (alice.http, f"/dashboard/keys/{key_id}/rotate"),
+        (alice.http, f"/dashboard/keys/{key_id}/revoke"),
+        (admin.http, "/dashboard/admin/plans"),
+        (admin.http, "/dashboard/admin/plans/free"),
+        (admin.http, "/dashboard/admin/accounts/nobody/plan"),
+    ]
+    problems = []
+    for http, path in posts:
+        for body, ctype in UNREADABLE_FORMS:
+            resp = http.post(
+                dash.url + path, data=body, headers={"Content-Type": ctype}, timeout=10
+            )
+            if not (
+                resp.status_code == 400
+                and resp.headers["Content-Type"].startswith("text/html")
+                and "could not be read" in resp.text
+            ):
+                problems.append(f"{path} {body[:20]!r} {ctype}: {resp.status_code}")
+    assert not problems, "\n".join(problems)
+    assert alice.api("GET", "/api/keys").json()["data"] == before
+    assert alice.http.get(alice.url("/dashboard/keys"), timeout=10).status_code == 200
+
+
 def test_another_accounts_key_is_404(dash: Gateway, alice: User, bob: User) -> None:
     bobs = bob.new_key(name="bob's")
     key_id = bobs["id"]
