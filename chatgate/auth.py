@@ -50,6 +50,9 @@ class Principal:
     models: frozenset[str] | None
     limits: dict[str, int | None]
     key_limits: dict[str, int | None]
+    # The secret presented is the one a rotation replaced, accepted only in its grace period:
+    # it may call the API (/v1) but not manage keys (:func:`chatgate.api.manage.caller`).
+    previous_secret: bool = False
     # The limiter checks of this key and account, built on first use by
     # :func:`chatgate.limits.checks_for` and kept here: the authenticator hands out the same
     # principal for every request of a key until its cache entry is dropped (a plan or key
@@ -126,6 +129,7 @@ class Authenticator:
                 models=lookup.models,
                 limits=lookup.plan,
                 key_limits=lookup.overrides,
+                previous_secret=lookup.matched_previous,
             )
         return principal
 

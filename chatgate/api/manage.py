@@ -7,6 +7,9 @@ returns it), so another site cannot drive the API through a logged-in browser.
 
 A key limited to some models, or one that expires, may list and revoke keys but not create or
 rotate them: otherwise a narrow key could mint (or take over) a broader, longer-lived one.
+The secret a rotation replaced, still accepted in its grace period, calls the API (``/v1``)
+but none of these routes (403 ``current_key_required``): whoever holds a leaked old secret must
+not rotate the key away from its owner, mint keys or revoke them.
 Keys of other accounts answer 404 like keys that do not exist; ``/api/admin/*`` answers a
 non-admin with the same 404 as an unknown URL. Errors are OpenAI-shaped (the API middleware).
 The handlers call the same services as the pages (:mod:`chatgate.dashboard.services`).
@@ -33,6 +36,11 @@ LOGIN_NEEDED = (
     "You need to be logged in to the dashboard, or to provide an API key in an Authorization "
     "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
 )
+CURRENT_KEY_NEEDED = (
+    "This API key has been rotated: its previous secret works for API calls until its grace "
+    "period ends, but managing keys and the account needs the key's current secret (or the "
+    "dashboard)."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,8 @@ async def caller(request: web.Request, *, admin: bool = False) -> tuple[State, C
     header = request.headers.get("Authorization")
     if header:
         principal = await state.auth.authenticate(header)
+        if principal.previous_secret:
+            raise errors.PermissionDenied(CURRENT_KEY_NEEDED, code="current_key_required")
         who = Caller(await state.accounts.get(principal.account_id), "key", principal.key_id)
     else:
         user = await dashboard_auth.current_user(request)
@@ -304,7 +314,7 @@ def _op(
     schema: dict[str, Any],
     *,
     status: int = 200,
-    errors_: tuple[int, ...] = (401,),
+    errors_: tuple[int, ...] = (401, 403),
     body: dict[str, Any] | None = None,
     params: tuple[str, ...] = (),
     query: tuple[str, ...] = (),
@@ -387,7 +397,7 @@ def openapi_paths() -> dict[str, Any]:
         },
         "/api/keys/{id}": {
             "get": _op(
-                "getKey", "One of your keys", _KEY_RECORD, errors_=(401, 404), params=("id",)
+                "getKey", "One of your keys", _KEY_RECORD, errors_=(401, 403, 404), params=("id",)
             )
         },
         "/api/keys/{id}/rotate": {
@@ -411,7 +421,7 @@ def openapi_paths() -> dict[str, Any]:
                 "adminListAccounts",
                 "Search accounts by email (admin)",
                 _list_of(_ACCOUNT),
-                errors_=(401, 404),
+                errors_=(401, 403, 404),
                 query=("q",),
             )
         },

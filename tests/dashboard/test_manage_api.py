@@ -196,3 +196,48 @@ def test_a_narrow_key_cannot_mint_a_broader_one(dash: Gateway) -> None:
         assert resp.status_code == 403
         assert requests.get(dash.url + "/api/keys", headers=h, timeout=10).status_code == 200
     assert chat(dash, wide["key"]).status_code == 200  # not rotated away
+
+
+def test_a_replaced_secret_in_its_grace_cannot_manage_keys(dash: Gateway) -> None:
+    """A rotated key's old secret (the one that leaked, say) keeps working for API calls in its
+    grace period, but cannot take the key back, mint keys or revoke: that needs the current
+    secret or the dashboard."""
+    user = make_user(dash)
+    victim = user.new_key(name="victim")
+    other = user.new_key(name="other")
+    resp = user.api("POST", f"/api/keys/{victim['id']}/rotate", json={"grace": "1h"})
+    assert resp.status_code == 200
+    current = resp.json()["key"]
+    old = bearer(victim["key"])
+    assert wait_status(dash, victim["key"], 200) == 200  # in its grace hour
+
+    for method, path, body in (
+        ("POST", f"/api/keys/{victim['id']}/rotate", {"grace": "0"}),
+        ("POST", "/api/keys", {"name": "backdoor"}),
+        ("POST", f"/api/keys/{other['id']}/revoke", None),
+        ("POST", f"/api/keys/{victim['id']}/revoke", None),
+        ("GET", "/api/keys", None),
+        ("GET", "/api/me", None),
+    ):
+        resp = requests.request(method, dash.url + path, json=body, headers=old, timeout=10)
+        assert resp.status_code == 403, (path, resp.status_code, resp.text)
+        error = resp.json()["error"]
+        assert error["type"] == "permission_error" and error["code"] == "current_key_required"
+        assert "current" in error["message"] and victim["key"] not in resp.text
+
+    names = {k["name"] for k in user.api("GET", "/api/keys").json()["data"]}
+    assert names == {"victim", "other"}  # nothing minted
+    assert all(k["status"] == "active" for k in user.api("GET", "/api/keys").json()["data"])
+    assert chat(dash, current).status_code == 200  # the owner's new secret: not rotated away
+    assert chat(dash, victim["key"]).status_code == 200  # the old one: still in its grace
+    # The current secret manages the key as before.
+    resp = requests.post(
+        dash.url + f"/api/keys/{victim['id']}/rotate",
+        json={"grace": "0"},
+        headers=bearer(current),
+        timeout=10,
+    )
+    assert resp.status_code == 200
+    assert wait_status(dash, victim["key"], 401) == 401
+    assert wait_status(dash, current, 401) == 401
+    assert chat(dash, resp.json()["key"]).status_code == 200
