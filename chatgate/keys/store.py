@@ -269,20 +269,27 @@ class KeyStore:
         key = keyfmt.generate()
         stamp = now()
         async with changing(self._engine, self._notifier) as conn:
-            current = (
-                await conn.execute(sa.select(api_keys.c.key_hash).where(api_keys.c.id == key_id))
-            ).scalar_one()
-            await conn.execute(
+            # One statement moves the current hash to ``prev_hash``: the database serializes
+            # rotations of a key (a row lock on PostgreSQL, the one writer on SQLite), so a
+            # second one keeps the first one's secret as previous. Read first and written
+            # after, both kept the original and one secret handed out never worked.
+            changed = await conn.execute(
                 api_keys.update()
-                .where(api_keys.c.id == key_id)
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                 .values(
                     key_hash=self.hash(key),
                     hint=keyfmt.hint(key),
-                    prev_hash=current if grace_seconds > 0 else None,
+                    prev_hash=api_keys.c.key_hash if grace_seconds > 0 else None,
                     prev_valid_until=stamp + grace_seconds if grace_seconds > 0 else None,
                     rotated_at=stamp,
                 )
             )
+            if changed.rowcount != 1:  # revoked meanwhile
+                raise errors.InvalidRequest(
+                    "The API key is revoked; only active keys can be rotated.",
+                    param="key_id",
+                    code="key_not_active",
+                )
             await invalidate(conn, "key", key_id)
             await invalidate(conn, "key_new", self.hash(key))
         return IssuedKey(await self.get(key_id), key)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -97,6 +98,30 @@ async def test_revoke_by_key_unknown_and_malformed(store: KeyStore, account: str
     other = KeyStore(store._engine, Secret("another-secret"))  # a different server's secret
     assert (await other.revoke_by_key(issued.key)).outcome == "unknown"
     assert (await store.get(issued.record.id)).status == "active"
+
+
+async def test_concurrent_rotations_hand_out_only_working_secrets(
+    store: KeyStore, account: str
+) -> None:
+    """Two rotations at once end as if one ran after the other: the first's secret is the
+    second's previous one (in its grace), the second's is current, the original stops. Before,
+    both read the original hash and wrote it as the previous one: one secret handed out never
+    worked and the original kept working."""
+    for _ in range(10):
+        issued = await store.create(account)
+        outcomes = await asyncio.gather(
+            *(store.rotate(issued.record.id, grace_seconds=3600) for _ in range(2)),
+            return_exceptions=True,
+        )
+        rotated = [o for o in outcomes if not isinstance(o, BaseException)]
+        assert rotated, outcomes
+        for new in rotated:
+            found = await store.lookup(store.hash(new.key))
+            assert found is not None and found.key_id == issued.record.id, outcomes
+        assert await store.lookup(store.hash(issued.key)) is None
+        if len(rotated) == 2:
+            matched = [(await store.lookup(store.hash(r.key))) for r in rotated]
+            assert sorted(m is not None and m.matched_previous for m in matched) == [False, True]
 
 
 async def test_rotation_period_and_due(store: KeyStore, account: str) -> None:
