@@ -98,7 +98,9 @@ class Authenticator:
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             raise errors.AuthenticationError(MISSING_KEY)
-        if len(key) != keyfmt.KEY_LEN:
+        # isascii() is O(1) in CPython (a flag of the string): a header that is not ASCII
+        # (aiohttp reads bytes that are not UTF-8 as lone surrogates) cannot be hashed.
+        if len(key) != keyfmt.KEY_LEN or not key.isascii():
             raise errors.AuthenticationError(BAD_KEY)
         digest = self._store.hash(key)
         entry = self._fresh(digest)

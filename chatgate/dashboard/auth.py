@@ -46,6 +46,12 @@ class SessionStorage(EncryptedCookieStorage):
         )
         self._force_secure = force_secure
 
+    def load_cookie(self, request: web.Request) -> str | None:
+        """The cookie's value; one that is not ASCII (a Fernet token is) reads as none: bytes
+        that are not UTF-8 arrive as lone surrogates, which the storage cannot encode."""
+        cookie = super().load_cookie(request)
+        return cookie if cookie is None or cookie.isascii() else None
+
     async def save_session(
         self,
         request: web.Request,
@@ -164,13 +170,18 @@ async def anonymous_csrf(request: web.Request) -> str:
 
 
 async def csrf_ok(request: web.Request, supplied: Any) -> bool:
-    """True when ``supplied`` equals the session's CSRF token (constant-time)."""
+    """True when ``supplied`` equals the session's CSRF token (constant-time).
+
+    Tokens are ASCII; anything else (a header's bytes that are not UTF-8 arrive as lone
+    surrogates, which do not encode) is simply wrong.
+    """
     session = await aiohttp_session.get_session(request)
     expected = session.get("csrf")
     return (
         isinstance(expected, str)
         and bool(expected)
         and isinstance(supplied, str)
+        and supplied.isascii()
         and hmac.compare_digest(expected.encode(), supplied.encode())
     )
 

@@ -63,6 +63,17 @@ def test_api_needs_a_session_or_key(dash: Gateway) -> None:
         assert resp.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_a_session_cookie_that_is_not_utf8_is_no_session(dash: Gateway) -> None:
+    """Bytes that are not UTF-8 in the cookie read as no session (they were a 500: the cookie
+    storage failed to encode them), on the pages and on the API."""
+    garbage = {"Cookie": b"chatgate_session=\xff\xfe" + b"A" * 40}
+    resp = requests.get(dash.url + "/api/me", headers=garbage, timeout=10)
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+    for path in ("/dashboard/keys", "/dashboard/login"):
+        resp = requests.get(dash.url + path, headers=garbage, allow_redirects=False, timeout=10)
+        assert resp.status_code == (200 if path.endswith("login") else 303), path
+
+
 def test_session_cookie_flags(dash: Gateway) -> None:
     user = make_user(dash, login=False)
     token = csrf_of(user.http, user.url("/dashboard/login"))
@@ -108,6 +119,14 @@ def test_post_without_csrf_is_rejected(alice: User) -> None:
         alice.url("/api/keys"), json={"name": "x"}, headers={"X-CSRF-Token": "nope"}, timeout=10
     )
     assert resp.status_code == 403
+    # A header that is not UTF-8 is just a wrong token (it was a 500: encoding it failed).
+    for token in (b"\xff" * 43, b"\xe9", "\u00e9".encode()):
+        resp = alice.http.post(
+            alice.url("/api/keys"), json={"name": "x"}, headers={"X-CSRF-Token": token}, timeout=10
+        )
+        assert resp.status_code == 403, (token, resp.status_code)
+        assert resp.json()["error"]["code"] == "csrf_failed"
+    assert len(alice.api("GET", "/api/keys").json()["data"]) == before
     assert alice.api("POST", "/api/keys", json={"name": "x"}).status_code == 201
 
 

@@ -28,6 +28,7 @@ from schemathesis import checks as st_checks
 
 from tests.helpers import Gateway
 from tests.security.conftest import (
+    CHAT,
     admin_key,
     assert_openai_error,
     call,
@@ -243,6 +244,43 @@ def test_hostile_bodies_are_clear_4xx_and_change_nothing(sec: Gateway, fuzz_key:
                 problems.append(f"{name} -> {path}: {exc}")
     assert not problems, "\n".join(problems)
     assert stored_state(sec) == before
+
+
+# Header values are bytes on the wire; aiohttp reads what is not UTF-8 as lone surrogates.
+HOSTILE_AUTHORIZATION: list[tuple[str, bytes]] = [
+    ("not utf-8, key length", b"Bearer sk-cg-" + b"\xff" * 38),
+    ("latin-1, key length", b"Bearer sk-cg-" + b"\xe9" * 38),
+    ("utf-8, key length", b"Bearer sk-cg-" + "\u00e9".encode() * 38),
+    ("not utf-8 inside", b"Bearer sk-cg-" + b"A" * 20 + b"\xff" + b"B" * 17),
+    ("not utf-8 scheme", b"B\xffarer sk-cg-" + b"A" * 38),
+]
+
+
+def test_hostile_authorization_bytes_are_401(sec: Gateway) -> None:
+    """A key header that is not ASCII (let alone UTF-8) is a wrong key: 401 invalid_api_key,
+    on /v1 and /api alike (it was a 500: hashing it failed to encode it)."""
+    problems = []
+    for name, value in HOSTILE_AUTHORIZATION:
+        for method, path in (
+            ("GET", "/v1/models"),
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/api/keys"),
+            ("POST", "/api/keys"),
+        ):
+            body = json.dumps(CHAT) if method == "POST" else None
+            resp = requests.request(
+                method,
+                sec.url + path,
+                data=body,
+                headers={"Authorization": value, "Content-Type": "application/json"},
+                timeout=TIMEOUT,
+            )
+            try:
+                error = assert_openai_error(resp, 401)
+                assert error["code"] == "invalid_api_key", error
+            except AssertionError as exc:
+                problems.append(f"{name} -> {method} {path}: {exc}")
+    assert not problems, "\n".join(problems)
 
 
 def test_absurd_numbers_are_400_naming_the_field(sec: Gateway, fuzz_key: str) -> None:
