@@ -1,11 +1,13 @@
 """Who is logged in to the dashboard: the session cookie, CSRF tokens, log in and log out.
 
 The session lives in an encrypted cookie (aiohttp-session's ``EncryptedCookieStorage``, Fernet
-with a key derived from the server secret), so any server process can read it and nothing is
-stored server-side. The cookie is HttpOnly, SameSite=Lax, and Secure when the request came
-over HTTPS (or always, with ``cookie_secure``). It holds the account id, a CSRF token, and a
-fingerprint of the account's password hash: changing the password ends every other session,
-and a disabled account is logged out on its next page.
+with a key derived from the server secret), so any server process can read it. The cookie is
+HttpOnly, SameSite=Lax, and Secure when the request came over HTTPS (or always, with
+``cookie_secure``). It holds the account id, a CSRF token, a fingerprint of the account's
+password hash (changing the password ends every other session) and the account's session epoch
+when it began: logging out moves the epoch on (``accounts.session_epoch``, read in the same
+query as the password hash), which ends that cookie and any copy of it server-side, and with
+them the account's other sessions. A disabled account is logged out on its next page.
 
 The session wraps only the routes that use it, the dashboard's pages and the management API
 (:func:`with_session`): the ``/v1`` hot path never touches a cookie.
@@ -90,10 +92,11 @@ DASHBOARD = web.AppKey("chatgate_dashboard", Dashboard)
 
 @dataclass(frozen=True, slots=True)
 class User:
-    """A logged-in person: the account and the session's CSRF token."""
+    """A logged-in person: the account, the session's CSRF token and its epoch."""
 
     account: Account
     csrf: str
+    epoch: int = 0
 
     @property
     def is_admin(self) -> bool:
@@ -128,33 +131,45 @@ def _fingerprint(request: web.Request, password_hash: str | None) -> str:
 
 
 async def current_user(request: web.Request) -> User | None:
-    """The logged-in user, or ``None``; a stale session (password changed, disabled) is ended."""
+    """The logged-in user, or ``None``; a stale session (password changed, logged out,
+    disabled) is ended."""
     session = await aiohttp_session.get_session(request)
     account_id = session.get("account")
     if not isinstance(account_id, str):
         return None
     found = await passwords(request).session_account(account_id)
     if found is not None:
-        account, password_hash = found
-        if not account.disabled and hmac.compare_digest(
-            str(session.get("auth", "")), _fingerprint(request, password_hash)
+        account, password_hash, epoch = found
+        # A cookie made before sessions had epochs has none: the first one, 0.
+        if (
+            not account.disabled
+            and session.get("epoch", 0) == epoch
+            and hmac.compare_digest(
+                str(session.get("auth", "")), _fingerprint(request, password_hash)
+            )
         ):
-            return User(account, str(session.get("csrf", "")))
+            return User(account, str(session.get("csrf", "")), epoch)
     session.invalidate()
     return None
 
 
-async def log_in(request: web.Request, account_id: str, password_hash: str | None) -> None:
-    """Start a fresh session for ``account_id`` (a new cookie and a new CSRF token)."""
+async def log_in(
+    request: web.Request, account_id: str, password_hash: str | None, epoch: int
+) -> None:
+    """Start a fresh session for ``account_id`` (a new cookie and a new CSRF token) in the
+    account's session ``epoch``."""
     session = await aiohttp_session.new_session(request)
     session["account"] = account_id
     session["auth"] = _fingerprint(request, password_hash)
     session["csrf"] = secrets.token_urlsafe(32)
+    session["epoch"] = epoch
     session["at"] = int(time.time())
 
 
-async def log_out(request: web.Request) -> None:
-    """End the session (the cookie is deleted)."""
+async def log_out(request: web.Request, user: User) -> None:
+    """End the user's session, server-side: the cookie is deleted and the account's session
+    epoch moves on, so no copy of it works any more (nor do the account's other sessions)."""
+    await passwords(request).end_sessions(user.account.id)
     session = await aiohttp_session.get_session(request)
     session.invalidate()
 

@@ -82,7 +82,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     if stored is not None and HASHER.check_needs_rehash(stored):
         stored = await hash_password(password)
         await auth.passwords(request).set_password_hash(creds.account_id, stored)
-    await auth.log_in(request, creds.account_id, stored)
+    await auth.log_in(request, creds.account_id, stored, creds.session_epoch)
     raise redirect(target)
 
 
@@ -138,7 +138,7 @@ async def signup(request: web.Request) -> web.StreamResponse:
         )
         return await page_response(request, None, "signup.html", context, status=400)
     await signups.hit(address)
-    await auth.log_in(request, account.id, password_hash)
+    await auth.log_in(request, account.id, password_hash, 0)  # a new account's first epoch
     await flash(request, "Welcome to chatgate. Create your first API key to get started.")
     raise redirect(PREFIX + "/")
 
@@ -146,7 +146,7 @@ async def signup(request: web.Request) -> web.StreamResponse:
 @page()
 async def logout(request: web.Request, user: User) -> web.StreamResponse:
     """POST /dashboard/logout."""
-    await auth.log_out(request)
+    await auth.log_out(request, user)
     raise redirect(PREFIX + "/login")
 
 
@@ -183,7 +183,7 @@ async def change_password(request: web.Request, user: User) -> web.StreamRespons
         return await page_response(request, user, "account.html", context, status=400)
     password_hash = await hash_password(new)
     await store.set_password_hash(user.account.id, password_hash)
-    await auth.log_in(request, user.account.id, password_hash)
+    await auth.log_in(request, user.account.id, password_hash, user.epoch)
     await flash(request, "Password changed. Your other sessions were logged out.")
     raise redirect(PREFIX + "/account")
 

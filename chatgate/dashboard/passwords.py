@@ -61,6 +61,7 @@ class Credentials:
     account_id: str
     password_hash: str | None
     disabled: bool
+    session_epoch: int
 
 
 class PasswordStore:
@@ -71,12 +72,12 @@ class PasswordStore:
 
     async def credentials(self, email: str) -> Credentials | None:
         """The stored hash of the account with ``email``, or ``None``."""
-        query = sa.select(accounts.c.id, accounts.c.password_hash, accounts.c.disabled).where(
-            accounts.c.email == email.strip().lower()
-        )
+        query = sa.select(
+            accounts.c.id, accounts.c.password_hash, accounts.c.disabled, accounts.c.session_epoch
+        ).where(accounts.c.email == email.strip().lower())
         async with self._engine.connect() as conn:
             row = (await conn.execute(query)).first()
-        return None if row is None else Credentials(row[0], row[1], bool(row[2]))
+        return None if row is None else Credentials(row[0], row[1], bool(row[2]), row[3])
 
     async def password_hash(self, account_id: str) -> str | None:
         """The stored hash of account ``account_id`` (``None`` when it has no password)."""
@@ -119,8 +120,9 @@ class PasswordStore:
         async with self._engine.connect() as conn:
             return [Account(*row) for row in await conn.execute(query)]
 
-    async def session_account(self, account_id: str) -> tuple[Account, str | None] | None:
-        """The account and its password hash in one query (checked on every dashboard page)."""
+    async def session_account(self, account_id: str) -> tuple[Account, str | None, int] | None:
+        """The account, its password hash and session epoch in one query (checked on every
+        dashboard page)."""
         query = (
             sa.select(
                 accounts.c.id,
@@ -130,6 +132,7 @@ class PasswordStore:
                 accounts.c.disabled,
                 accounts.c.created_at,
                 accounts.c.password_hash,
+                accounts.c.session_epoch,
             )
             .join(plans, plans.c.id == accounts.c.plan_id)
             .where(accounts.c.id == account_id)
@@ -138,4 +141,13 @@ class PasswordStore:
             row = (await conn.execute(query)).first()
         if row is None:
             return None
-        return Account(*row[:6]), row[6]
+        return Account(*row[:6]), row[6], row[7]
+
+    async def end_sessions(self, account_id: str) -> None:
+        """End every dashboard session of the account: move its session epoch on."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                accounts.update()
+                .where(accounts.c.id == account_id)
+                .values(session_epoch=accounts.c.session_epoch + 1)
+            )

@@ -51,6 +51,9 @@ accounts = Table(
     Column("disabled", Boolean, nullable=False, default=False),
     Column("password_hash", String(256)),
     Column("created_at", BigInteger, nullable=False),
+    # Dashboard sessions carry the epoch they began in; logging out moves it on, which ends
+    # every session of the account (the cookie itself is stateless).
+    Column("session_epoch", Integer, nullable=False, default=0, server_default="0"),
 )
 
 # Never the key itself: ``key_hash`` is HMAC-SHA256(server secret, key). ``prev_hash`` is the

@@ -312,19 +312,46 @@ def test_login_next_is_not_an_open_redirect(dash: Gateway) -> None:
 
 
 def test_logout_ends_the_session(dash: Gateway) -> None:
+    """Logging out ends the session server-side: a copy of the cookie taken before no longer
+    works (the cookie is stateless; the account's session epoch moved on), and neither do the
+    account's other sessions. Logging in again starts a working one."""
     user = make_user(dash)
+    other = User(dash, user.email)
+    assert other.login().status_code == 200
     cookies = user.http.cookies.copy()
+    csrf = user.api("GET", "/api/me").json()["csrf_token"]
     resp = user.post("/dashboard/logout", allow_redirects=False)
     assert resp.status_code == 303 and resp.headers["Location"] == "/dashboard/login"
     assert (
         user.http.get(user.url("/dashboard/keys"), allow_redirects=False, timeout=10).status_code
         == 303
     )
-    # The cookie is encrypted, not stored server-side: a copy taken before logout still works
-    # until it expires. Changing the password ends every copy (next test).
-    assert (
-        requests.get(dash.url + "/dashboard/keys", cookies=cookies, timeout=10).status_code == 200
+    copied = requests.get(
+        dash.url + "/dashboard/keys", cookies=cookies, allow_redirects=False, timeout=10
     )
+    assert copied.status_code == 303
+    resp = requests.post(
+        dash.url + "/api/keys",
+        json={"name": "replayed"},
+        cookies=cookies,
+        headers={"X-CSRF-Token": csrf},
+        timeout=10,
+    )
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+    stale = other.http.get(other.url("/dashboard/keys"), allow_redirects=False, timeout=10)
+    assert stale.status_code == 303
+    # A new login works, and a stale copy logging out does not end it.
+    assert user.login().url.endswith("/dashboard/")
+    token = csrf_of(requests.Session(), dash.url + "/dashboard/login")
+    requests.post(
+        dash.url + "/dashboard/logout",
+        data={"csrf_token": token},
+        cookies=cookies,
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert user.http.get(user.url("/dashboard/keys"), timeout=10).status_code == 200
+    assert user.api("POST", "/api/keys", json={"name": "after"}).status_code == 201
 
 
 def test_password_change_ends_other_sessions(dash: Gateway) -> None:
