@@ -150,7 +150,9 @@ class RedisWindow:
         self._failing = False
 
     def _key(self, key: str) -> str:
-        return self._prefix + hashlib.sha256(key.encode()).hexdigest()[:32]
+        # surrogatepass: an address from X-Forwarded-For may hold bytes that are not UTF-8
+        # (aiohttp reads them as lone surrogates); they are a key like any other.
+        return self._prefix + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
     async def _run(self, key: str, mode: str) -> float | None:
         """The script's answer, or None when Redis failed (the caller then asks ``local``)."""

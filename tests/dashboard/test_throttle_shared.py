@@ -63,6 +63,20 @@ async def test_two_clients_share_one_budget(prefix: str) -> None:
         await second.aclose()
 
 
+async def test_a_key_that_is_not_utf8_is_counted(prefix: str) -> None:
+    """An address from ``X-Forwarded-For`` with bytes that are not UTF-8 (aiohttp reads them
+    as lone surrogates) is counted like any other, not a 500."""
+    client = connect(settings_for(REDIS_URL, prefix))
+    assert client is not None
+    try:
+        window = RedisWindow(client, "signup", 1, 60.0, prefix=prefix)
+        assert await window.take("10.0.0.\udcff") == 0
+        assert await window.take("10.0.0.\udcff") > 0
+        assert await window.take("10.0.0.\udcfe") == 0
+    finally:
+        await client.aclose()
+
+
 async def test_redis_down_counts_in_process(
     own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
