@@ -22,5 +22,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("accounts") as batch:
+    # Not by copying the table (batch mode's way on SQLite): api_keys and the sessions refer to
+    # accounts, and SQLite refuses to drop a table that rows refer to. SQLite drops a plain
+    # column itself (3.35 and later), as PostgreSQL does.
+    with op.batch_alter_table("accounts", recreate="never") as batch:
         batch.drop_column("session_epoch")
