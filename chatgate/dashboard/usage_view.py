@@ -231,9 +231,7 @@ async def csv_text(engine: AsyncEngine, period: Period, *, account_id: str | Non
     return out.getvalue()
 
 
-def _csv_safe(text: str) -> str:
-    """Neutralise spreadsheet formulas in user-chosen text (CSV injection)."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+_csv_safe = queries.csv_safe  # user-chosen text: a key's name, a model's
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.settings import Settings
 from chatgate.timefmt import iso, parse_duration, until_now
-from chatgate.usage.queries import EXPORT_COLUMNS, Report, export_records, key_names, report
+from chatgate.usage.queries import (
+    EXPORT_COLUMNS,
+    Report,
+    csv_safe,
+    export_records,
+    key_names,
+    report,
+)
 
 NUMBERS = (
     "requests",
@@ -109,7 +116,8 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows([*rows, totals])
+        # Names and models are user-chosen: none may be a spreadsheet formula.
+        writer.writerows([*({k: _cell(v) for k, v in r.items()} for r in rows), totals])
         sys.stdout.write(out.getvalue())
         return
     shown = [{**r, "cost": f"{r['cost']:.4f}"} for r in [*rows, totals]]
@@ -163,7 +171,8 @@ def cmd_usage_export(settings: Settings, args: argparse.Namespace) -> None:
         async for rec in export_records(
             engine, start=end - 1 - span, end=end, account_id=account_id
         ):
-            writer.writerow({"time": _iso_seconds(rec["created_at"]), **rec})
+            cells = {k: _cell(v) for k, v in rec.items()}  # model, ids: user-chosen text
+            writer.writerow({"time": _iso_seconds(rec["created_at"]), **cells})
             count += 1
         return count
 
@@ -185,6 +194,12 @@ def cmd_usage_export(settings: Settings, args: argparse.Namespace) -> None:
     finally:
         partial.unlink(missing_ok=True)
     _out(f"{count} usage records written to {target}")
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell: text that a spreadsheet would run as a formula is escaped (numbers are not;
+    ``-``, the report's "none", is no formula)."""
+    return csv_safe(value) if isinstance(value, str) and value != "-" else value
 
 
 def _iso_seconds(ts: int) -> str:

@@ -52,6 +52,15 @@ _GROUP_COLUMNS = {
 }
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(text: str) -> str:
+    """``text`` as a CSV cell a spreadsheet shows as text: one beginning like a formula
+    (``=``, ``+``, ``-``, ``@``, tab, CR; OWASP's CSV injection) gets a leading ``'``."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRow:
     """Sums for one group; a field not grouped by is ``None``."""
@@ -310,6 +319,7 @@ __all__ = [
     "Report",
     "UsageRow",
     "cover",
+    "csv_safe",
     "export_records",
     "key_names",
     "report",

@@ -161,3 +161,44 @@ async def test_errors_are_one_line_exit_2(
     code, _, err = await run(capsys, *argv)
     assert code == 2
     assert err.startswith("chatgate: error: ") and err.count("\n") == 1
+
+
+async def test_csv_cells_cannot_be_formulas(
+    data: Data,
+    engine: AsyncEngine,
+    database_url: str,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    # OWASP CSV injection: a spreadsheet runs a cell beginning with = + - @ as a formula.
+    account = await AccountStore(engine).by_email(data.email)
+    keys = KeyStore(engine, settings_for(database_url, tmp_path / "data").resolved_secret())
+    key = await keys.create(account.id, name='=HYPERLINK("http://evil","x")')
+    recorder = UsageRecorder(engine, tmp_path / "spool2")
+    recorder.record(
+        make_record(
+            account_id=account.id,
+            key_id=key.record.id,
+            model="=cmd|' /C calc'!A0",
+            conversation_id="+conv",
+            error_code="@bad",
+            created_at=time.time() - 60,
+        )
+    )
+    await recorder.close()
+    evil = ("=", "+", "-", "@")
+    code, out, err = await run(
+        capsys, "usage", "export", "--since", "1d", "--account", data.email, "--output", "-"
+    )
+    assert code == 0, err
+    cells = [v for row in csv.DictReader(io.StringIO(out)) for v in row.values()]
+    assert "'=cmd|' /C calc'!A0" in cells and "'+conv" in cells and "'@bad" in cells
+    assert not [v for v in cells if v.startswith(evil)]
+    for by, shown in (("key", '\'=HYPERLINK("http://evil","x")'), ("model", "'=cmd|")):
+        code, out, err = await run(
+            capsys, "usage", "--account", data.email, "--by", by, "--format", "csv"
+        )
+        assert code == 0, err
+        cells = [v for row in csv.DictReader(io.StringIO(out)) for v in row.values()]
+        assert not [v for v in cells if v.startswith(evil)], cells
+        assert [v for v in cells if v.startswith(shown)], cells
