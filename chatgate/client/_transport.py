@@ -91,7 +91,11 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
         parsed = email.utils.parsedate_tz(text)
         if parsed is None:
             return None
-        return max(email.utils.mktime_tz(parsed) - time.time(), 0.0)
+        try:
+            at = email.utils.mktime_tz(parsed)
+        except (ValueError, OverflowError):  # a date past 9999, a day 0: unreadable too
+            return None
+        return max(at - time.time(), 0.0)
     return value if math.isfinite(value) and value >= 0 else None
 
 

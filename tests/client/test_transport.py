@@ -124,6 +124,19 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after({"retry-after": "-1"}) is None
 
 
+@pytest.mark.parametrize(
+    "date", ["Fri, 01 Jan 10000 00:00:00 GMT", "Mon, 01 Jan 99999 00:00:00 GMT"]
+)
+def test_an_unreadable_retry_after_date_is_no_hint(date: str) -> None:
+    assert parse_retry_after({"retry-after": date}) is None
+    script = Script(error(503, None, "server_error", **{"retry-after": date}), completion())
+    assert ask(sdk(script)).choices[0].message.content == "ok"  # backed off, retried
+    script = Script(error(503, None, "server_error", **{"retry-after": date}))
+    with pytest.raises(openai.InternalServerError):  # the SDK's error, not a ValueError
+        ask(sdk(script))
+    assert script.attempts == 4
+
+
 def test_estimate_tokens() -> None:
     body = json.dumps({**CHAT, "max_tokens": 50}).encode()
     request = httpx.Request(
