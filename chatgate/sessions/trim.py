@@ -9,7 +9,7 @@ tool definitions).
 Some messages are *pinned* and never dropped: every system/developer message (and the
 Responses ``instructions``) and every message of the current request. The rest is grouped into
 turns (a user message and the assistant/tool messages that follow it), so a tool call is never
-separated from its result.
+separated from its result; a request that brings a tool result keeps the turn holding its call.
 
 The policy is the setting ``context_trim`` (``CHATGATE_CONTEXT_TRIM``):
 
@@ -135,6 +135,14 @@ def trim_messages(
     total = base + sum(costs)
     keep = [True] * len(messages)
     turns = _turns(pinned, messages)
+    # A tool result of the request answers a call in the history's turn just before it:
+    # that turn stays (or the request is a 400), as an orphaned result is refused upstream.
+    answered = {
+        max((n for n, turn in enumerate(turns) if turn[0] < index), default=-1)
+        for index, message in enumerate(messages)
+        if pinned[index] and message.get("role") == "tool"
+    }
+    turns = [turn for n, turn in enumerate(turns) if n not in answered]
     if total > budget and policy == "drop_oldest":
         for turn in turns:
             if total <= budget:

@@ -82,6 +82,27 @@ def test_a_tool_call_is_dropped_with_its_result() -> None:
     assert kept[0]["role"] == "user"
 
 
+def test_a_tool_result_in_the_request_keeps_its_call() -> None:
+    # The request answers the call the history's last turn made: dropping that turn would
+    # send the result alone, which OpenAI refuses (a 'tool' message must follow its call).
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ],
+    }
+    asked = {"role": "user", "content": "use the tool " + "words " * 40}
+    result = {"role": "tool", "tool_call_id": "c1", "content": "result"}
+    messages = [SYSTEM, *history(3), asked, call, result]
+    pinned = [True] + [False] * (len(messages) - 2) + [True]
+    kept, used = run(messages, pinned, budget=100)
+    assert kept == [SYSTEM, asked, call, result] and used <= 100
+    with pytest.raises(errors.InvalidRequest) as info:  # the call's turn does not fit
+        run(messages, pinned, budget=60)
+    assert info.value.code == "context_length_exceeded"
+
+
 def test_pinned_messages_that_cannot_fit_are_a_400() -> None:
     huge = {"role": "user", "content": "word " * 500}
     with pytest.raises(errors.InvalidRequest) as info:
