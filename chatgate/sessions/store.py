@@ -373,7 +373,14 @@ class SessionStore:
                 session_items.c.conversation_id == conversation_id,
                 session_items.c.account_id == account_id,
             )
-            query = await self._after(conn, query, account_id, after, order)
+            query = await self._after(
+                conn,
+                query,
+                account_id,
+                after,
+                order,
+                session_items.c.conversation_id == conversation_id,
+            )
             seq = session_items.c.seq
             query = query.order_by(seq.asc() if order == "asc" else seq.desc()).limit(limit + 1)
             rows = (await conn.execute(query)).all()
@@ -605,7 +612,15 @@ class SessionStore:
                 session_items.c.account_id == account_id,
                 session_items.c.output.is_(False),
             )
-            query = await self._after(conn, query, account_id, after, order)
+            query = await self._after(
+                conn,
+                query,
+                account_id,
+                after,
+                order,
+                session_items.c.response_id == response_id,
+                session_items.c.output.is_(False),
+            )
             seq = session_items.c.seq
             query = query.order_by(seq.asc() if order == "asc" else seq.desc()).limit(limit + 1)
             rows = (await conn.execute(query)).all()
@@ -698,14 +713,18 @@ class SessionStore:
         account_id: str,
         after: str | None,
         order: Order,
+        *listed: sa.ColumnElement[bool],
     ) -> sa.Select[Any]:
-        """Continue a listing after the item ``after`` (a cursor, as OpenAI's pagination)."""
+        """Continue a listing after the item ``after`` (a cursor, as OpenAI's pagination).
+
+        ``listed`` are the listing's own conditions: a cursor must be one of its items (one
+        of another conversation would set the page by an unrelated position)."""
         if after is None:
             return query
         seq = (
             await conn.execute(
                 sa.select(session_items.c.seq).where(
-                    session_items.c.id == after, session_items.c.account_id == account_id
+                    session_items.c.id == after, session_items.c.account_id == account_id, *listed
                 )
             )
         ).scalar()

@@ -74,6 +74,12 @@ async def test_conversation_items_and_ownership(
     asc = await store.list_items(alice, conv.id, order="asc")
     assert texts(asc.items) == ["one", "two", "three"]
 
+    # A cursor must be an item of the listing: one of another conversation is a 400.
+    other, _ = await store.create_conversation(alice, new_id("conv"), items=user("elsewhere"))
+    with pytest.raises(errors.InvalidRequest) as bad:
+        await store.list_items(alice, other.id, after=first[0].id, order="desc")
+    assert bad.value.param == "after"
+
     # Another account: every operation is a 404, exactly as for an unknown id.
     for call in (
         store.get_conversation(bob, conv.id),
