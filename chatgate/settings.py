@@ -105,8 +105,8 @@ class Settings:
     local_preload: bool = True
     local_embeddings: str = "auto"
     usage_enabled: bool = True
-    # On SIGTERM, requests in flight get this long to finish; then they are cancelled (and
-    # recorded as cut off by the stop) and get as long again to end.
+    # On SIGTERM, requests in flight get twice this long to finish (aiohttp waits for them
+    # twice); then those left are cancelled, and recorded with what they used.
     shutdown_timeout: float = 10.0
     # PostgreSQL connections per process: the request path uses none in steady state (keys
     # are cached, usage is written in batches), so a small pool serves a busy process; the
