@@ -366,26 +366,10 @@ class SessionStore:
         order: Order = "desc",
     ) -> ItemPage:
         """A page of a conversation's items (newest first by default, as OpenAI)."""
-        limit = max(1, min(limit, MAX_PAGE))
         async with self._engine.connect() as conn:
             await self._conversation(conn, account_id, conversation_id)
-            query = sa.select(session_items).where(
-                session_items.c.conversation_id == conversation_id,
-                session_items.c.account_id == account_id,
-            )
-            query = await self._after(
-                conn,
-                query,
-                account_id,
-                after,
-                order,
-                session_items.c.conversation_id == conversation_id,
-            )
-            seq = session_items.c.seq
-            query = query.order_by(seq.asc() if order == "asc" else seq.desc()).limit(limit + 1)
-            rows = (await conn.execute(query)).all()
-        items = [_item(r) for r in rows[:limit]]
-        return ItemPage(items, len(rows) > limit)
+            listed = session_items.c.conversation_id == conversation_id
+            return await self._page(conn, account_id, (listed,), after, limit, order)
 
     async def get_item(self, account_id: str, conversation_id: str, item_id: str) -> Item:
         """One item of a conversation."""
@@ -605,26 +589,9 @@ class SessionStore:
     ) -> ItemPage:
         """A page of the input items one stored response was given."""
         await self.get_response(account_id, response_id)
-        limit = max(1, min(limit, MAX_PAGE))
+        listed = (session_items.c.response_id == response_id, session_items.c.output.is_(False))
         async with self._engine.connect() as conn:
-            query = sa.select(session_items).where(
-                session_items.c.response_id == response_id,
-                session_items.c.account_id == account_id,
-                session_items.c.output.is_(False),
-            )
-            query = await self._after(
-                conn,
-                query,
-                account_id,
-                after,
-                order,
-                session_items.c.response_id == response_id,
-                session_items.c.output.is_(False),
-            )
-            seq = session_items.c.seq
-            query = query.order_by(seq.asc() if order == "asc" else seq.desc()).limit(limit + 1)
-            rows = (await conn.execute(query)).all()
-        return ItemPage([_item(r) for r in rows[:limit]], len(rows) > limit)
+            return await self._page(conn, account_id, listed, after, limit, order)
 
     # -- retention -------------------------------------------------------------------------
 
@@ -706,35 +673,34 @@ class SessionStore:
         ).scalar()
         return None if value is None else int(value)
 
-    async def _after(
+    async def _page(
         self,
         conn: AsyncConnection,
-        query: sa.Select[Any],
         account_id: str,
+        listed: tuple[sa.ColumnElement[bool], ...],
         after: str | None,
+        limit: int,
         order: Order,
-        *listed: sa.ColumnElement[bool],
-    ) -> sa.Select[Any]:
-        """Continue a listing after the item ``after`` (a cursor, as OpenAI's pagination).
-
-        ``listed`` are the listing's own conditions: a cursor must be one of its items (one
-        of another conversation would set the page by an unrelated position)."""
-        if after is None:
-            return query
-        seq = (
-            await conn.execute(
-                sa.select(session_items.c.seq).where(
-                    session_items.c.id == after, session_items.c.account_id == account_id, *listed
+    ) -> ItemPage:
+        """A page of the account's items that meet ``listed``, after the item ``after`` (a
+        cursor, as OpenAI's pagination), which must be one of them: one of another
+        conversation would set the page by an unrelated position."""
+        limit = max(1, min(limit, MAX_PAGE))
+        mine = (session_items.c.account_id == account_id, *listed)
+        seq = session_items.c.seq
+        query = sa.select(session_items).where(*mine)
+        if after is not None:
+            cursor = (
+                await conn.execute(sa.select(seq).where(session_items.c.id == after, *mine))
+            ).scalar()
+            if cursor is None:
+                raise errors.InvalidRequest(
+                    f"Invalid 'after': no item with id '{after[:80]}'.", param="after"
                 )
-            )
-        ).scalar()
-        if seq is None:
-            raise errors.InvalidRequest(
-                f"Invalid 'after': no item with id '{after[:80]}'.", param="after"
-            )
-        return query.where(
-            session_items.c.seq > seq if order == "asc" else session_items.c.seq < seq
-        )
+            query = query.where(seq > cursor if order == "asc" else seq < cursor)
+        query = query.order_by(seq.asc() if order == "asc" else seq.desc()).limit(limit + 1)
+        rows = (await conn.execute(query)).all()
+        return ItemPage([_item(r) for r in rows[:limit]], len(rows) > limit)
 
     async def _insert_items(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[Item]:
         if not rows:

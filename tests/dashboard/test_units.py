@@ -5,25 +5,18 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp_session
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
-from sqlalchemy.engine import Connection
 
 from chatgate import errors
 from chatgate.dashboard import charts, services, usage_view
 from chatgate.dashboard.auth import SessionStorage, derive_key
 from chatgate.dashboard.passwords import HASHER, hash_password, password_problem, verify_password
-from chatgate.db.engine import create_engine, migrate
-from chatgate.db.tables import accounts, metadata
 from chatgate.settings import Settings
-from tests.helpers import create_pg_database, drop_pg_database
 
 
 async def _cookie(*, https: bool, force: bool | None = None) -> str:
@@ -152,33 +145,3 @@ def test_only_the_routes_that_use_the_session_run_inside_it(tmp_path: Path) -> N
             seen["v1"] += path.startswith("/v1/")
             assert not wrapped, path
     assert seen["dashboard"] > 20 and seen["manage"] > 10 and seen["v1"] > 10, seen
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
-    """The settings of a new, empty database of each kind."""
-    env = {"CHATGATE_DATA_DIR": str(tmp_path)}
-    if request.param == "sqlite":
-        yield env
-        return
-    url = create_pg_database()
-    yield {**env, "CHATGATE_DATABASE_URL": url}
-    drop_pg_database(url)
-
-
-async def test_migrations_match_the_accounts_table(fresh_database: dict[str, str]) -> None:
-    """The migrations build ``accounts`` as ``chatgate/db/tables.py`` defines it (0005 added
-    the session epoch that logging out moves on)."""
-
-    def compare(conn: Connection) -> list[object]:
-        context = MigrationContext.configure(conn, opts={"compare_type": True})
-        return [d for d in compare_metadata(context, metadata) if accounts.name in repr(d)]
-
-    engine = create_engine(Settings.from_env(fresh_database))
-    try:
-        await migrate(engine)
-        async with engine.connect() as conn:
-            assert await conn.run_sync(compare) == []
-        assert "session_epoch" in accounts.c
-    finally:
-        await engine.dispose()

@@ -1,5 +1,5 @@
 """KeyStore additions: revoke by the leaked secret, scheduled rotation (``due``), and the
-0004 migration. Runs on SQLite and PostgreSQL."""
+0004 and 0005 migrations. Runs on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.engine import Connection
@@ -17,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from chatgate import errors
 from chatgate.accounts import AccountStore
 from chatgate.db.engine import create_engine, migrate
-from chatgate.db.tables import api_keys, metadata
+from chatgate.db.tables import accounts, api_keys, metadata
 from chatgate.keys import format as keyfmt
 from chatgate.keys.store import KeyStore
 from chatgate.settings import Secret, Settings
@@ -59,14 +60,23 @@ async def account(engine: AsyncEngine) -> str:
     return created.id
 
 
-async def test_migration_adds_rotation_period(engine: AsyncEngine) -> None:
+@pytest.mark.parametrize(
+    ("table", "column"),
+    [(api_keys, "rotation_period"), (accounts, "session_epoch")],  # 0004, 0005
+)
+async def test_migrations_build_the_table_as_defined(
+    engine: AsyncEngine, table: sa.Table, column: str
+) -> None:
+    """The migrations build ``table`` as ``chatgate/db/tables.py`` defines it, with the
+    column its latest migration added (0005: the session epoch that logging out moves on)."""
+
     def compare(conn: Connection) -> list[Any]:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
-        return [d for d in compare_metadata(context, metadata) if api_keys.name in repr(d)]
+        return [d for d in compare_metadata(context, metadata) if table.name in repr(d)]
 
     async with engine.connect() as conn:
         assert await conn.run_sync(compare) == []
-    assert "rotation_period" in api_keys.c
+    assert column in table.c
 
 
 async def test_revoke_by_key_current_secret(store: KeyStore, account: str) -> None:
