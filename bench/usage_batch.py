@@ -2,7 +2,10 @@
 gateway's, in a real deployment) and the PostgreSQL backend's, per batch, for the two ways
 ``chatgate/usage/batch.py`` writes a batch: ``COPY`` (the usual one) and the general statement
 (taken when the ``COPY`` refuses a batch); and ``COPY`` once more with request ids that are
-random instead of time-ordered (``chatgate.ids.ordered_id``), as they were before.
+random instead of time-ordered (``chatgate.ids.ordered_id``), as they were before. Beside them,
+for scale, what handing the same batch to another process would cost this one (``hand-off``:
+each record as a tuple of its fields, the batch pickled; a writer process of its own would take
+the rest off the event loop).
 
     .venv/bin/python bench/usage_batch.py [--batches 140] [--size 500] [--rounds 3]
     .venv/bin/python bench/usage_batch.py --hold [--size 2000] [--batches 20]
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import operator
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -62,8 +67,15 @@ async def measure(url: str, batches: int, size: int, rounds: int) -> None:
     print(f"{'way':<17}{'writer ms':>11}{'backend ms':>12}{'wall ms':>9}   a batch of {size}")
     ways = (("copy", copy, "ordered"), ("copy random-ids", copy, "random"))
     ways += (("statement", general_only, "ordered"),)
+    fields = operator.attrgetter(*UsageRecord.__slots__)
     try:
         for _ in range(rounds):
+            work = [records(size, time.time() + i * 0.15, "ordered") for i in range(batches)]
+            mine = time.process_time()
+            for recs in work:
+                pickle.dumps([fields(r) for r in recs], pickle.HIGHEST_PROTOCOL)
+            mine = (time.process_time() - mine) * 1000 / batches
+            print(f"{'hand-off':<17}{mine:>11.2f}{0:>12.2f}{mine:>9.2f}", flush=True)
             for name, way, ids in ways:
                 batch._copy_pg = way  # type: ignore[assignment]
                 start = time.time()
