@@ -57,7 +57,13 @@ from chatgate.backends.local_embed import (
     embedding_inputs,
     resolve_embeddings_kind,
 )
-from chatgate.backends.local_params import Sampling, parse_params, split_at_stop, with_defaults
+from chatgate.backends.local_params import (
+    DEFAULT_REPEAT_PENALTY,
+    Sampling,
+    parse_params,
+    split_at_stop,
+    with_defaults,
+)
 from chatgate.settings import ModelConfig, Settings
 
 log = logging.getLogger(__name__)
@@ -434,7 +440,7 @@ class LocalBackend(Backend):
             top_p=job.sampling.top_p,
             presence_penalty=job.sampling.presence_penalty,
             frequency_penalty=job.sampling.frequency_penalty,
-            repeat_penalty=1.0,
+            repeat_penalty=DEFAULT_REPEAT_PENALTY,
         )
         try:
             for token in steps:

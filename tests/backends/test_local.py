@@ -191,6 +191,21 @@ async def test_seed_makes_sampling_repeatable(backend: LocalBackend) -> None:
 
 @pytest.mark.slow
 @needs_model
+@pytest.mark.parametrize("seed", [1000, 1010])
+async def test_the_default_sampling_does_not_loop_to_the_end_of_the_context(
+    backend: LocalBackend, seed: int
+) -> None:
+    # The README's first request. Without a repeat penalty these seeds fall into one emoji
+    # over and over, to the end of the context (4,064 tokens, two minutes of the only worker).
+    body = {"messages": [{"role": "user", "content": "Say hello"}], "seed": seed}
+    result = await backend.chat(MODEL, {**body, "max_tokens": 250})
+    choice = result.body["choices"][0]
+    assert choice["finish_reason"] == "stop", choice["message"]["content"][:80]
+    assert result.body["usage"]["completion_tokens"] < 250
+
+
+@pytest.mark.slow
+@needs_model
 async def test_stream_token_by_token_with_usage_chunk(backend: LocalBackend) -> None:
     body = {"messages": HELLO, "max_tokens": 6, "temperature": 0}
     plain = await backend.chat(MODEL, body)
