@@ -15,7 +15,10 @@ with :class:`ConnectionError` (a late reply could no longer be matched) and clos
 connection; the next command reconnects. Nothing is ever retried here: a command whose reply
 was lost may have run. Error replies raise :class:`ReplyError`; those that mean "the server
 cannot serve now" (``LOADING``, ``READONLY``, ``MASTERDOWN``, ``OOM``, ``BUSY``,
-``CLUSTERDOWN``, ``TRYAGAIN``) raise :class:`ServerUnavailable`, a :class:`ConnectionError`.
+``CLUSTERDOWN``, ``TRYAGAIN``; ``MISCONF``: writes refused while a snapshot cannot be saved;
+``NOAUTH``, or ``ERR Protocol error`` for a longer command, after which the server closes the
+connection: a password required and none sent) raise :class:`ServerUnavailable`, a
+:class:`ConnectionError`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ _UNAVAILABLE_PREFIXES = (
     "BUSY",
     "CLUSTERDOWN",
     "TRYAGAIN",
+    "MISCONF",
+    "NOAUTH",
+    "ERR Protocol error",
 )
 
 

@@ -388,3 +388,43 @@ async def test_dead_redis_fails_the_settlements_it_was_sent(
         assert failover.settle_failures == 2
     finally:
         await limiter.aclose()
+
+
+async def test_a_redis_refusing_writes_is_unavailable_not_an_error(
+    own_redis: RedisServer,
+) -> None:
+    """A Redis that cannot save its snapshot refuses every write (``-MISCONF``, as when its
+    disk is full), and one restarted with a password refuses a connection that sent none
+    (``-NOAUTH``): the store cannot be used, so the limiter is unavailable and the failover
+    answers as the policy says, instead of each request failing with a 500."""
+    admin = aioredis.Redis.from_url(own_redis.url)
+    limiter = RedisLimiter.from_url(own_redis.url, prefix="t:", timeout=2.0)
+    failover = FailoverLimiter(limiter, MemoryLimiter())
+    checks = [Check.rpm("key:a", 100)]
+    try:
+        await take(limiter, checks)
+        shutil.rmtree(own_redis.dir)  # nowhere to write a snapshot
+        await admin.config_set("save", "3600 1")
+        await admin.bgsave()
+        for _ in range(100):
+            if (await admin.info("persistence"))["rdb_last_bgsave_status"] == "err":
+                break
+            await asyncio.sleep(0.05)
+        with pytest.raises(LimiterUnavailable):
+            await limiter.acquire(checks)
+        assert (await failover.acquire(checks)).allowed
+        assert failover.fallbacks == 1
+        await admin.config_set("save", "")  # writes accepted again
+        await take(limiter, checks)
+        await admin.config_set("requirepass", "p" + secrets.token_hex(8))
+        fresh = RedisLimiter.from_url(own_redis.url, prefix="t:", timeout=2.0)
+        try:
+            with pytest.raises(LimiterUnavailable):  # -ERR Protocol error (a long command)
+                await fresh.acquire(checks)
+            with pytest.raises(LimiterUnavailable):  # -NOAUTH
+                await fresh.quota_used("acct:x")
+        finally:
+            await fresh.aclose()
+    finally:
+        await limiter.aclose()
+        await admin.aclose()
