@@ -87,6 +87,7 @@ class Authenticator:
         self._last_event = 0
         self._gaps: dict[int, float] = {}  # feed ids skipped over -> when first missed
         self._wake = asyncio.Event()  # set by wake(): poll now, not at the next tick
+        self._applied = 0  # feed events applied so far (see _load)
         self.last_used: dict[str, int] = {}
         self.db_lookups = 0
 
@@ -154,6 +155,7 @@ class Authenticator:
             return await asyncio.shield(pending)
         future: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = future
+        applied = self._applied
         try:
             self.db_lookups += 1
             lookup = await self._store.lookup(digest)
@@ -179,7 +181,11 @@ class Authenticator:
             self._inflight.pop(digest, None)
         entry = _Entry(lookup, time.monotonic())
         future.set_result(entry)
-        if lookup is not None or len(self._cache) < NEGATIVE_CACHE_LIMIT:
+        # A change applied while the row was being read may be newer than what was read: then
+        # it answers the requests that waited for it, and the next request reads again.
+        if applied == self._applied and (
+            lookup is not None or len(self._cache) < NEGATIVE_CACHE_LIMIT
+        ):
             self._cache[digest] = entry
         return entry
 
@@ -250,6 +256,7 @@ class Authenticator:
 
     def apply(self, kind: str, ref: str) -> None:
         """Drop cached entries a change makes stale."""
+        self._applied += 1
         if kind == "key_new":  # a new secret: forget only that it was unknown
             entry = self._cache.get(ref)
             if entry is not None and entry.lookup is None:

@@ -150,3 +150,42 @@ async def test_a_change_committed_out_of_id_order_still_reaches_the_cache(
             await auth.authenticate(f"Bearer {first.key}")
     finally:
         await engine.dispose()
+
+
+async def test_a_change_applied_while_its_key_is_read_is_not_cached_over(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A cache miss reads the key while a revocation commits and the feed applies it (with
+    Redis, milliseconds after the commit): the row read before the commit must not be cached
+    after it, or the revoked key would keep working on this server until ``key_cache_ttl``."""
+    settings = Settings.from_env(
+        {"CHATGATE_DATA_DIR": str(tmp_path / "data"), "CHATGATE_DATABASE_URL": pg_url}
+    )
+    engine = create_engine(settings)
+    await migrate(engine)
+    try:
+        keys = KeyStore(engine, Secret("s-" + secrets.token_hex(8)))
+        account = await AccountStore(engine).create(f"r-{secrets.token_hex(4)}@example.com")
+        issued = await keys.create(account.id)
+        auth = Authenticator(keys, engine, ttl=600, poll_interval=30)
+        await auth.start_feed()
+        read, go_on = asyncio.Event(), asyncio.Event()
+        lookup = keys.lookup
+
+        async def slow_lookup(key_hash: str) -> Any:  # a database slow to answer
+            found = await lookup(key_hash)
+            read.set()
+            await go_on.wait()
+            return found
+
+        keys.lookup = slow_lookup  # type: ignore[method-assign]
+        first = asyncio.create_task(auth.authenticate(f"Bearer {issued.key}"))
+        await read.wait()
+        await keys.revoke(issued.record.id)
+        await auth.poll_once()
+        go_on.set()
+        assert (await first).key_id == issued.record.id  # under way when it was revoked
+        with pytest.raises(errors.AuthenticationError):
+            await auth.authenticate(f"Bearer {issued.key}")
+    finally:
+        await engine.dispose()
