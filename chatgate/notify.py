@@ -51,6 +51,14 @@ def feed_channel(settings: Settings) -> str:
     return settings.redis_prefix + CHANNEL
 
 
+def _stop_requested() -> bool:
+    """Whether this task has been cancelled and goes on all the same: redis-py connects and
+    writes through ``asyncio.wait_for``, which on Python 3.11 swallows a cancel that comes as
+    the write completes. A listener that went on would listen forever, and a stop wait for it."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _describe(exc: BaseException) -> str:
     """A log-safe description (redis-py's messages name host and port, never a password)."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -140,6 +148,8 @@ class Listener:
                         "their next feed poll until Redis is back",
                         _describe(exc),
                     )
+            if _stop_requested():
+                raise asyncio.CancelledError
             # Jitter keeps a fleet of servers from reconnecting in lockstep after an outage.
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(backoff * 2, BACKOFF_MAX)
@@ -176,6 +186,8 @@ class Listener:
 
         pinged = False
         while True:
+            if _stop_requested():  # a cancel lost in subscribe() or ping()
+                raise asyncio.CancelledError
             message = await pubsub.get_message(timeout=self._timeout if pinged else self._keepalive)
             if message is None:
                 if pinged:

@@ -92,6 +92,27 @@ def test_without_redis_url_there_is_nothing_to_run() -> None:
     assert feed_channel(Settings(redis_prefix="x:")) == "x:invalidations"
 
 
+async def test_a_listener_cancelled_as_it_connects_stops() -> None:
+    """Cancelled at any moment of its start (a server stopped as it starts, or while it
+    reconnects), the listener ends. redis-py connects and writes through ``asyncio.wait_for``,
+    which on Python 3.11 swallows a cancel that comes as the write completes: the listener
+    went on listening, and a stop waited for it forever (``chatgate serve`` with Redis on a
+    port in use hung instead of reporting it)."""
+    settings = _settings()
+    for step in range(40):
+        listener = Listener.from_settings(settings)
+        assert listener is not None
+        task = asyncio.create_task(listener.run(Wakes()))
+        await asyncio.sleep(step * 0.0005)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2.0)
+        if not done:  # cancel it for good, then fail
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=0.1)
+        assert done, f"the listener ran on after a cancel {step * 0.5} ms into its start"
+
+
 async def test_publish_to_a_dead_redis_neither_raises_nor_waits_and_logs_once(
     own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
