@@ -91,13 +91,17 @@ def serve(
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    failed = 0
     for child in children:
         while True:
             try:
-                os.waitpid(child, 0)
+                _, status = os.waitpid(child, 0)
                 break
             except InterruptedError:
                 continue
+        failed += os.waitstatus_to_exitcode(status) != 0
+    if failed:  # as one process's failure: a supervisor must not read it as a clean stop
+        raise ServeError(f"{failed} of {workers} workers failed (see the log above)")
 
 
 def _run(settings: Settings, *, reuse_port: bool) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,3 +97,20 @@ def test_workers_without_redis_refuse(tmp_path: Path) -> None:
     gw = make_gateway(tmp_path / "nr")
     result = gw.cli("serve", "--workers", "2", check=False)
     assert result.returncode == 2 and "CHATGATE_REDIS_URL" in result.stderr
+
+
+def test_workers_that_cannot_serve_fail_the_command(
+    shared_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Every worker failing (here: the port is taken) is a failed start, as with one process:
+    a one-line error and exit status 2, not 0, which a supervisor would read as a clean stop."""
+    gw = make_gateway(tmp_path / "busy", extra_env=shared_env)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        alone = gw.cli("serve", "--port", port, check=False)
+        result = gw.cli("serve", "--workers", "2", "--port", port, check=False)
+    assert alone.returncode == 2 and "address already in use" in alone.stderr
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "chatgate: error: 2 of 2 workers failed" in result.stderr
