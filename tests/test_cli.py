@@ -69,3 +69,15 @@ def test_numbers_beyond_the_database_are_one_line_errors(database_url: str, tmp_
     assert made["rpm"] == 2**31 - 1
     key = gw.cli_json("keys", "create", "--account", email, "--expires-in", "36500d")
     assert key["expires_at"] > 4_000_000_000
+
+
+@pytest.mark.parametrize("url", ["mysql://ann:hunter2@db.internal/chatgate", "oracle://x/y"])
+def test_a_database_url_of_another_kind_is_a_one_line_error(gw: Gateway, url: str) -> None:
+    """chatgate runs on SQLite and PostgreSQL: any other URL is refused in one line (naming
+    neither its password), not with a traceback from a driver it does not have."""
+    gw.env["CHATGATE_DATABASE_URL"] = url
+    for args in (("keys", "list"), ("serve", "--port", "1")):
+        result = gw.cli(*args, check=False)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert "postgresql://" in result.stderr and "hunter2" not in result.stderr

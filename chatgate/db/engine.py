@@ -31,6 +31,13 @@ def create_engine(settings: Settings) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
+    if not url.startswith("postgresql+asyncpg://"):
+        # Any other database failed deep in SQLAlchemy (a traceback naming a missing driver);
+        # the scheme alone is named: the rest of the URL may hold a password.
+        raise ValueError(
+            "CHATGATE_DATABASE_URL must be a postgresql:// or sqlite:/// URL, not "
+            f"{url.partition(':')[0]}:"
+        )
     return create_async_engine(
         url,
         pool_size=settings.db_pool_size,
