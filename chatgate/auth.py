@@ -38,6 +38,7 @@ BAD_KEY = "Incorrect API key provided. You can find your API keys in the chatgat
 NEGATIVE_CACHE_LIMIT = 100_000
 FEED_GAP_WAIT = 30.0  # seconds a feed id skipped over is looked for (see poll_once)
 FEED_MAX_GAPS = 1_000
+LOOKUP_TIMEOUT = 5.0  # seconds a key's database read may take (on a cache miss only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,12 +159,17 @@ class Authenticator:
         applied = self._applied
         try:
             self.db_lookups += 1
-            lookup = await self._store.lookup(digest)
+            # Bounded: a database that stops answering (a frozen host, a failover moving its
+            # address) would hold every request of the key for as long as it keeps silent.
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                lookup = await self._store.lookup(digest)
         except Exception as exc:
             if entry is not None:
                 # The database is down and the TTL ran out: keep trusting what we knew (the
-                # feed catches up when it returns) rather than failing every request.
+                # feed catches up when it returns) rather than failing every request, for
+                # another TTL: not a failed read (or a timeout's wait) on every request.
                 log.warning("key lookup failed; serving the cached entry: %s", type(exc).__name__)
+                entry.fetched_at = time.monotonic()
                 future.set_result(entry)
                 return entry
             error = errors.ServiceUnavailable(

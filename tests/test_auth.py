@@ -4,7 +4,11 @@ elsewhere (another process, the CLI) reach it within a second. Runs on SQLite an
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import signal
+import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from sqlalchemy import event
 
+from chatgate import auth as auth_module
 from chatgate import errors
 from chatgate.accounts import AccountStore, PlanStore, invalidate
 from chatgate.app import create_app
@@ -24,6 +29,7 @@ from chatgate.keys.store import KeyStore
 from chatgate.settings import Secret, Settings
 from chatgate.state import STATE
 from tests.helpers import Upstream, models_toml
+from tests.usage.pgserver import PgServer
 
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -189,3 +195,48 @@ async def test_a_change_applied_while_its_key_is_read_is_not_cached_over(
             await auth.authenticate(f"Bearer {issued.key}")
     finally:
         await engine.dispose()
+
+
+async def test_a_database_that_stops_answering_does_not_hold_up_known_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL frozen (a host that stops answering; here its processes are stopped): a key
+    whose cache entry is past ``key_cache_ttl`` is served from what was known once the lookup
+    times out, and not looked up again on the next request. The lookup used to wait for the
+    database forever, and every request of the key with it."""
+    try:
+        pg = PgServer()
+    except (RuntimeError, OSError, KeyError) as exc:
+        pytest.skip(f"cannot run a test-owned PostgreSQL here: {exc}")
+    monkeypatch.setattr(auth_module, "LOOKUP_TIMEOUT", 1.0, raising=False)
+    pg.start()
+    settings = Settings.from_env(
+        {"CHATGATE_DATA_DIR": str(tmp_path / "data"), "CHATGATE_DATABASE_URL": pg.url}
+    )
+    engine = create_engine(settings)
+    frozen: list[int] = []
+    try:
+        await migrate(engine)
+        keys = KeyStore(engine, Secret("s-" + secrets.token_hex(8)))
+        account = await AccountStore(engine).create(f"h-{secrets.token_hex(4)}@example.com")
+        issued = await keys.create(account.id)
+        auth = Authenticator(keys, engine, ttl=0.5, poll_interval=30)
+        await auth.authenticate(f"Bearer {issued.key}")  # cached
+        postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(
+            ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        for pid in [postmaster, *map(int, children)]:
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+        await asyncio.sleep(0.6)  # past the TTL
+        async with asyncio.timeout(5):
+            assert (await auth.authenticate(f"Bearer {issued.key}")).key_id == issued.record.id
+        start = time.monotonic()
+        await auth.authenticate(f"Bearer {issued.key}")
+        assert time.monotonic() - start < 0.1
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        await engine.dispose()
+        pg.close()
