@@ -153,6 +153,22 @@ class UpstreamTimeout(APIError):
     code = "upstream_timeout"
 
 
+NUL_IN_TEXT = "22021"
+"""PostgreSQL's SQLSTATE for a character its text cannot hold: a NUL (U+0000)."""
+
+
+def refused_text(exc: BaseException) -> InvalidRequest | None:
+    """The 400 for a database error that is the request's own fault: PostgreSQL refuses a NUL
+    in any text it is given, a lookup's value too (a key id in a URL, a usage filter, an
+    email), where SQLite simply finds nothing; ``None`` for any other error."""
+    if getattr(getattr(exc, "orig", None), "sqlstate", None) != NUL_IN_TEXT:
+        return None
+    return InvalidRequest(
+        "The request contains a NUL character (\\u0000), which no value may hold.",
+        code="invalid_text",
+    )
+
+
 def _clip(text: str, limit: int = 80) -> str:
     """Bound user text echoed in messages (never a key: keys are not echoed at all)."""
     return text if len(text) <= limit else text[:limit] + "…"

@@ -50,12 +50,17 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             exc.headers["x-request-id"] = request_id
             raise
         response = error_response(_http_error(exc))
-    except Exception:
-        # Logged without the request's headers or body: they may hold a key.
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        response = error_response(
-            errors.APIError("The server had an error while processing your request.")
-        )
+    except Exception as exc:
+        refused = errors.refused_text(exc)
+        if refused is not None:
+            error_code = refused.code
+            response = error_response(refused)
+        else:
+            # Logged without the request's headers or body: they may hold a key.
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            response = error_response(
+                errors.APIError("The server had an error while processing your request.")
+            )
     except asyncio.CancelledError:
         _cancelled(request, request_id, CLIENT_CLOSED)
         raise

@@ -208,6 +208,11 @@ def page(*, admin: bool = False) -> Callable[[PageHandler], Handler]:
                 response = await fn(request, user)
             except errors.APIError as exc:
                 return await error_page(request, user, exc.status, "Not possible", exc.message)
+            except Exception as exc:
+                bad = errors.refused_text(exc)  # a NUL in a URL's id (PostgreSQL)
+                if bad is None:
+                    raise
+                return await error_page(request, user, bad.status, "Not possible", bad.message)
             for name, value in SECURITY_HEADERS.items():
                 response.headers.setdefault(name, value)
             return response
@@ -231,11 +236,16 @@ UNREADABLE_FORM = (
 async def read_form(
     request: web.Request,
 ) -> MultiDictProxy[str | bytes | bytearray | FileField]:
-    """The posted form (parsed once, aiohttp keeps it); a 400 when its body cannot be read."""
+    """The posted form (parsed once, aiohttp keeps it); a 400 when its body cannot be read or
+    a field holds a NUL character."""
     try:
-        return await request.post()
+        form = await request.post()
     except _UNREADABLE as exc:
         raise errors.InvalidRequest(UNREADABLE_FORM, code="invalid_form") from exc
+    # No field takes a NUL, and PostgreSQL refuses one even in a lookup (a login's email).
+    if any(isinstance(value, str) and "\x00" in value for value in form.values()):
+        raise errors.InvalidRequest(UNREADABLE_FORM, code="invalid_form")
+    return form
 
 
 async def form_problem(request: web.Request, user: User | None) -> web.Response | None:

@@ -3,6 +3,7 @@ accounts' keys, admin-only pages, cookie flags, sessions, generic messages."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -178,6 +179,48 @@ def test_unreadable_forms_are_a_400_page(dash: Gateway, alice: User) -> None:
     assert not problems, "\n".join(problems)
     assert alice.api("GET", "/api/keys").json()["data"] == before
     assert alice.http.get(alice.url("/dashboard/keys"), timeout=10).status_code == 200
+
+
+def test_a_nul_character_is_never_a_500(gateway: Gateway) -> None:
+    """PostgreSQL's text cannot hold a NUL (U+0000) and it refuses one even in a lookup: a NUL
+    in a form field (before logging in, too), a key id in a URL or a usage filter was a 500
+    there. Now a 4xx on both databases (the dashboard's HTML page for its pages and forms,
+    OpenAI's error shape for the APIs), and nothing is stored."""
+    user = make_user(gateway)
+    key = user.new_key(name="kept")["key"]
+    before = user.api("GET", "/api/keys").json()["data"]
+    anonymous = requests.Session()
+    form = {
+        "csrf_token": csrf_of(anonymous, gateway.url + "/dashboard/login"),
+        "email": "nul\x00@example.com",
+        "password": PASSWORD,
+        "password2": PASSWORD,
+    }
+    pages = [
+        anonymous.post(gateway.url + "/dashboard/login", data=form, timeout=30),
+        anonymous.post(gateway.url + "/dashboard/signup", data=form, timeout=30),
+        user.post("/dashboard/keys", {"name": "nul\x00name"}),
+        user.http.get(user.url("/dashboard/keys/key_%00/rotate"), timeout=10),
+        user.post("/dashboard/keys/key_%00/revoke"),
+    ]
+    for resp in pages:
+        assert 400 <= resp.status_code < 500, (resp.request.url, resp.status_code)
+        assert resp.headers["Content-Type"].startswith("text/html"), resp.request.url
+    bearer = {"Authorization": f"Bearer {key}"}
+    usage = "/v1/organization/usage/completions?start_time=0&"
+    apis = [
+        user.api("GET", "/api/keys/key_%00"),
+        user.api("POST", "/api/keys/key_%00/rotate"),
+        requests.get(gateway.url + "/api/usage?api_key_id=%00", headers=bearer, timeout=10),
+        requests.get(gateway.url + usage + "models=%00", headers=bearer, timeout=10),
+        requests.get(gateway.url + usage + "api_key_ids=%00", headers=bearer, timeout=10),
+    ]
+    for resp in apis:
+        assert resp.status_code < 500, (resp.request.url, resp.status_code, resp.text[:200])
+        if resp.status_code >= 400:
+            assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert user.api("GET", "/api/keys").json()["data"] == before
+    assert "nul\x00" not in json.dumps(gateway.cli_json("accounts", "list"))
 
 
 def test_another_accounts_key_is_404(dash: Gateway, alice: User, bob: User) -> None:
