@@ -210,6 +210,36 @@ def test_playground_streams_with_your_key(browser: Browser, dash: Gateway) -> No
     context.close()
 
 
+def test_logging_out_forgets_the_playground_key(browser: Browser, dash: Gateway) -> None:
+    """A key handed to the playground (or pasted into it) is kept in the tab's
+    ``sessionStorage``; it outlived the session, and the next person to log in in that tab,
+    as another account, found the first one's key filled in. A page for a visitor who is not
+    logged in (the log-in page after logging out, or after a session ended) forgets it."""
+    first = make_user(dash, login=False)
+    second = make_user(dash, login=False)
+    context = new_context(browser, dash)
+    page = context.new_page()
+    page.goto("/dashboard/login")
+    page.get_by_label("Email").fill(first.email)
+    page.get_by_label("Password").fill(PASSWORD)
+    submit(page, "Log in")
+    page.goto("/dashboard/keys")
+    page.get_by_label("Name").fill("handed over")
+    submit(page, "Create key")
+    key = page.locator("#new-key").input_value()
+    with page.expect_navigation():
+        page.get_by_role("link", name="Try it in the playground").click()
+    expect(page.get_by_label("API key")).to_have_value(key)
+    submit(page, "Log out")
+    page.get_by_label("Email").fill(second.email)
+    page.get_by_label("Password").fill(PASSWORD)
+    submit(page, "Log in")
+    page.goto("/dashboard/playground")
+    expect(page.get_by_label("API key")).to_have_value("")
+    assert key not in page.evaluate("JSON.stringify(sessionStorage)")
+    context.close()
+
+
 def test_pages_at_phone_width_and_admin(browser: Browser, dash: Gateway) -> None:
     """Every page renders at phone width with no horizontal scroll; admin pages work."""
     admin = make_user(dash, admin=True)

@@ -22,6 +22,12 @@ function copyText(text) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  // A key handed to the playground belongs to the session it was handed over in: a page for
+  // a visitor who is not logged in (after logging out, or once the session ended) forgets it,
+  // so the next person to log in in this tab does not find it filled in.
+  if (!document.querySelector('form[action="/dashboard/logout"]')) {
+    sessionStorage.removeItem(PLAYGROUND_KEY);
+  }
   // Copy buttons: <button data-copy="#input-id"> (hidden until this script shows them).
   for (const button of document.querySelectorAll("[data-copy]")) {
     const source = document.querySelector(button.dataset.copy);
