@@ -42,10 +42,12 @@ def parse_expiry(text: str | None, *, now: float | None = None) -> int | None:
         return None
     try:
         seconds = parse_duration(text)
+        if seconds == 0:  # "0d": a key expired before its first call
+            raise ValueError(text)
     except ValueError as exc:
         raise errors.InvalidRequest(
-            "Expiry must look like 30d, 12h or 90m, at most 100 years (36500d), or be empty "
-            "for never.",
+            "Expiry must look like 30d, 12h or 90m, more than 0 and at most 100 years (36500d), "
+            "or be empty for never.",
             param="expires_in",
         ) from exc
     return int(now if now is not None else time.time()) + seconds

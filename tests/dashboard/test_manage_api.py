@@ -66,11 +66,15 @@ def test_bad_input_is_a_400_naming_the_field(dash: Gateway) -> None:
         ({"models": ["no-such-model"]}, "models"),
         ({"models": "gpt-test"}, "models"),
         ({"expires_in": "soon"}, "expires_in"),
+        # A key expiring as it is made (it was a 201: a key that failed its first call).
+        ({"expires_in": "0d"}, "expires_in"),
+        ({"expires_in": "0s"}, "expires_in"),
         ({"name": "x" * 201}, "name"),
     ):
         resp = user.api("POST", "/api/keys", json=body)
         assert resp.status_code == 400, body
         assert resp.json()["error"]["param"] == param
+    assert user.api("GET", "/api/keys").json()["data"] == []
     key_id = user.new_key()["id"]
     resp = user.api("POST", f"/api/keys/{key_id}/rotate", json={"grace": "forever"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "grace"

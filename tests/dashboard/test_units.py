@@ -72,8 +72,10 @@ def test_periods() -> None:
 def test_parsing() -> None:
     assert services.parse_expiry("") is None and services.parse_expiry("never") is None
     assert services.parse_expiry("30d", now=1000) == 1000 + 30 * 86400
-    with pytest.raises(errors.InvalidRequest):
-        services.parse_expiry("tomorrow")
+    assert services.parse_expiry("0") is None  # 0 alone is "never"; "0d" expires at once
+    for bad in ("tomorrow", "0d", "0s"):
+        with pytest.raises(errors.InvalidRequest):
+            services.parse_expiry(bad)
     assert services.parse_grace(None, 99) == 99
     assert services.parse_grace("0", 99) == 0
     assert services.parse_grace("24h", 99) == 86400
