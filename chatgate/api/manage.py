@@ -28,6 +28,7 @@ from chatgate.api.openai import json_response, read_body
 from chatgate.dashboard import auth as dashboard_auth
 from chatgate.dashboard import services
 from chatgate.dashboard.auth import with_session
+from chatgate.dashboard.passwords import LISTED
 from chatgate.state import STATE, State
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -196,10 +197,14 @@ async def list_plans(request: web.Request) -> web.Response:
 
 
 async def admin_accounts(request: web.Request) -> web.Response:
-    """GET /api/admin/accounts?q=text: accounts whose email contains ``q``."""
+    """GET /api/admin/accounts?q=text: the newest 100 accounts whose email contains ``q``
+    (``has_more`` when more do)."""
     await caller(request, admin=True)
-    found = await dashboard_auth.passwords(request).search(request.query.get("q", "")[:200])
-    return json_response(_list([a.to_dict() for a in found]))
+    query = request.query.get("q", "")[:200]
+    found = await dashboard_auth.passwords(request).search(query, limit=LISTED + 1)
+    return json_response(
+        {**_list([a.to_dict() for a in found[:LISTED]]), "has_more": len(found) > LISTED}
+    )
 
 
 async def admin_set_plan(request: web.Request) -> web.Response:
@@ -348,6 +353,15 @@ def _op(
     return op
 
 
+def _accounts_page() -> dict[str, Any]:
+    schema = _list_of(_ACCOUNT)
+    schema["properties"]["has_more"] = {
+        "type": "boolean",
+        "description": "More accounts match than the 100 listed: narrow the search.",
+    }
+    return schema
+
+
 def openapi_paths() -> dict[str, Any]:
     """The ``/api/*`` part of ``/openapi.json`` (paths; security schemes in
     :func:`openapi_security_schemes`)."""
@@ -419,8 +433,8 @@ def openapi_paths() -> dict[str, Any]:
         "/api/admin/accounts": {
             "get": _op(
                 "adminListAccounts",
-                "Search accounts by email (admin)",
-                _list_of(_ACCOUNT),
+                "Search accounts by email, the newest 100 (admin)",
+                _accounts_page(),
                 errors_=(401, 403, 404),
                 query=("q",),
             )

@@ -14,6 +14,7 @@ from chatgate import errors
 from chatgate.accounts import LIMIT_FIELDS
 from chatgate.dashboard import auth, services, usage_view
 from chatgate.dashboard.auth import User, with_session
+from chatgate.dashboard.passwords import LISTED
 from chatgate.dashboard.render import (
     PREFIX,
     field,
@@ -40,13 +41,19 @@ LIMIT_LABELS = {
 async def accounts_page(request: web.Request, user: User) -> web.StreamResponse:
     """GET /dashboard/admin/accounts?q=text."""
     query = request.query.get("q", "")[:200]
-    found = await auth.passwords(request).search(query)
+    found = await auth.passwords(request).search(query, limit=LISTED + 1)
     plans = await state(request).plans.list()
     return await page_response(
         request,
         user,
         "admin_accounts.html",
-        {"title": "Accounts", "accounts": found, "q": query, "plans": plans},
+        {
+            "title": "Accounts",
+            "accounts": found[:LISTED],
+            "more": len(found) > LISTED,
+            "q": query,
+            "plans": plans,
+        },
     )
 
 

@@ -21,6 +21,9 @@ from chatgate.db.tables import accounts, plans
 
 MIN_PASSWORD = 10
 MAX_PASSWORD = 256
+LISTED = 100
+"""Accounts an admin search lists (the newest); its callers ask for one more, to tell that
+more match."""
 
 HASHER = PasswordHasher(
     time_cost=2, memory_cost=19 * 1024, parallelism=1, hash_len=32, salt_len=16, type=Type.ID
@@ -98,7 +101,7 @@ class PasswordStore:
         """Hash ``password`` and store it (for a CLI ``accounts set-password`` too)."""
         await self.set_password_hash(account_id, await hash_password(password))
 
-    async def search(self, text: str = "", *, limit: int = 100) -> list[Account]:
+    async def search(self, text: str = "", *, limit: int = LISTED) -> list[Account]:
         """Accounts whose email contains ``text`` (case-insensitive), newest first."""
         query = (
             sa.select(

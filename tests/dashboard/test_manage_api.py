@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import time
 
 import requests
 
+from chatgate.accounts import AccountStore
+from chatgate.db.engine import create_engine
 from chatgate.keys import format as keyfmt
+from chatgate.settings import Settings
 from tests.dashboard.conftest import admin_key, chat, make_user
 from tests.dashboard.test_security import wait_status
 from tests.helpers import Gateway
@@ -134,6 +139,43 @@ def test_plans_and_admin_api(dash: Gateway) -> None:
         timeout=10,
     )
     assert resp.status_code == 400  # not yourself
+
+
+def _create_accounts(gw: Gateway, emails: list[str]) -> None:
+    """Many accounts at once, straight into the database (the CLI is a process each)."""
+
+    async def go() -> None:
+        engine = create_engine(Settings.from_env(gw.env))
+        try:
+            store = AccountStore(engine)
+            for email in emails:
+                await store.create(email)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(go())
+
+
+def test_admin_accounts_say_when_more_match(dash: Gateway) -> None:
+    """The accounts page and /api/admin/accounts show the newest 100 matches; past 100 they
+    said nothing (an operator saw 100 accounts and took them for all); now the page says
+    more match and to narrow the search, and the API answers ``has_more``."""
+    admin = make_user(dash, admin=True)
+    tag = f"many-{secrets.token_hex(4)}"
+    _create_accounts(dash, [f"{tag}-{i:03}@example.com" for i in range(101)])
+    page = admin.http.get(admin.url(f"/dashboard/admin/accounts?q={tag}"), timeout=10).text
+    assert page.count(f'aria-label="Plan of {tag}-') == 100  # one a row
+    assert "More accounts match" in page
+    found = requests.get(
+        dash.url + f"/api/admin/accounts?q={tag}", headers=bearer(admin_key(dash)), timeout=10
+    ).json()
+    assert len(found["data"]) == 100 and found["has_more"] is True
+    few = admin.http.get(admin.url(f"/dashboard/admin/accounts?q={tag}-01"), timeout=10).text
+    assert "More accounts match" not in few
+    found = requests.get(
+        dash.url + f"/api/admin/accounts?q={tag}-01", headers=bearer(admin_key(dash)), timeout=10
+    ).json()
+    assert len(found["data"]) == 10 and found["has_more"] is False
 
 
 def test_numbers_beyond_their_column_are_400_naming_the_field(dash: Gateway) -> None:
