@@ -52,7 +52,8 @@ Routing one request
    other unexpected statuses (a wrong upstream key will not heal by retrying). An upstream's
    verdict on the request itself (400/404/422 with a message) goes back to the client at once.
 3. A stream is retried only until its first event is in hand: :meth:`Route.chat_stream` waits
-   for it before returning, so nothing has reached the client while it may still fall back.
+   for it before returning, so nothing has reached the client while it may still fall back
+   (a first event that is the upstream's own ``data: {"error": ...}`` is a 502 failure too).
    After that a failure ends the stream with a ``data: {"error": ...}`` event.
 4. When nothing is left: any upstream 429 -> 429 with the upstream's ``retry-after``; else the
    last failure (502 ``upstream_error``, 504 ``upstream_timeout``); all breakers open -> 502
@@ -357,6 +358,11 @@ class Route:
             if stream.failure is not None:
                 await stream.aclose()
                 raise stream.failure
+            if _is_error(first[0]):  # the upstream's own error event, before anything else
+                await stream.aclose()
+                raise errors.UpstreamError(
+                    f"The upstream for model `{config.name}` answered the stream with an error."
+                )
             return RoutedStream(stream, batches, first, slot)
 
         return await self._entry.run(self, call)

@@ -525,3 +525,24 @@ async def test_check_probes_every_deployment(up: Upstream, make_router: Any) -> 
     assert results["m#0"].ok and results["m#0"].latency_ms is not None
     assert results["m#0"].listed is False and results["n#0"].listed is True
     assert not results["m#1"].ok and results["m#1"].detail == "unreachable"
+
+
+async def test_a_stream_that_opens_with_an_error_event_falls_back(
+    up: Upstream, make_router: Any
+) -> None:
+    """An upstream that answers a stream with an error as its very first event (vLLM and
+    others do, with a 200) has sent the client nothing yet: the next deployment answers, and
+    the one that failed counts it."""
+    body = b'data: {"error":{"message":"engine dead","type":"server_error"}}\n\ndata: [DONE]\n\n'
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+    answer += b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    base_url, _ = await stream_server([[answer]])
+    router = make_router(dep("m", base_url), dep("m", up.base_url))
+    route = router.resolve("m")
+    stream = await route.chat_stream(chat_body(stream=True), include_usage=False)
+    events = await read_all(stream)
+    assert route.served_by is not None and route.served_by.index == 1
+    assert events[-1] == b"data: [DONE]\n\n"
+    assert not any(e.startswith(b'data: {"error"') for e in events)
+    status = state_of(router, "m#0")
+    assert status["consecutive_failures"] == 1 and status["in_flight"] == 0
