@@ -135,7 +135,7 @@ class _Connection(asyncio.Protocol):
             "chunked" not in headers.get("transfer-encoding", "").lower()
         )
         status = self.parser.get_status_code()
-        if self.streaming and 200 <= status < 400:  # the body is handed out as it arrives
+        if self.streaming and 200 <= status < 300:  # the body is handed out as it arrives
             self._stop_timer()  # from here the reader's watchdog keeps the time (.sse)
             self.stream = StreamBody(self, status, headers)
             waiter, self.waiter = self.waiter, None

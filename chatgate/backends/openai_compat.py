@@ -156,7 +156,7 @@ class OpenAICompatBackend(Backend):
         answer = await self._send(model, path, body, started, False)
         assert isinstance(answer, http1.Answer)
         raw = answer.body
-        if answer.status >= 400:
+        if answer.status >= 300:  # an error, or a redirect (not followed: a POST)
             raise self._status_error(model, answer.status, raw, answer.headers)
         try:
             data = orjson.loads(raw)

@@ -546,3 +546,27 @@ async def test_a_stream_that_opens_with_an_error_event_falls_back(
     assert not any(e.startswith(b'data: {"error"') for e in events)
     status = state_of(router, "m#0")
     assert status["consecutive_failures"] == 1 and status["in_flight"] == 0
+
+
+async def test_a_redirect_is_a_failure_for_a_stream_as_for_a_whole_answer(
+    up: Upstream, make_router: Any
+) -> None:
+    """A redirect (an ``http://`` base URL whose server moved to ``https://``) is not a stream
+    to relay: both kinds of request fall back past it, and with nothing left it is a 502."""
+    moved = b"<html><body>301 Moved Permanently</body></html>"
+    answer = b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://example.invalid/v1\r\n"
+    answer += b"Content-Type: text/html\r\nContent-Length: %d\r\n\r\n%s" % (len(moved), moved)
+    base_url, _ = await stream_server([[answer]] * 4)
+    router = make_router(dep("m", base_url), dep("m", up.base_url))
+    route = router.resolve("m")
+    stream = await route.chat_stream(chat_body(stream=True), include_usage=False)
+    events = await read_all(stream)
+    assert route.served_by is not None and route.served_by.index == 1
+    assert events[0].startswith(b"data: {") and events[-1] == b"data: [DONE]\n\n"
+    route = router.resolve("m")
+    await route.chat(chat_body())
+    assert route.served_by is not None and route.served_by.index == 1
+    alone = make_router(dep("m", base_url, retries=0)).resolve("m")
+    with pytest.raises(errors.UpstreamError) as caught:
+        await alone.chat_stream(chat_body(stream=True), include_usage=False)
+    assert caught.value.status == 502 and "301" in caught.value.message
