@@ -35,19 +35,23 @@ from chatgate.settings import ModelConfig
 _UNPARSED_MAX = 256  # events held before their text is extracted anyway
 _NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
 _CRLF = re.compile(rb"\r\n|\r")
+_NO_SPACE = re.compile(rb"^data:(?=[{\[])", re.MULTILINE)  # at a line's start, never in JSON
 
 
 def split_events(data: bytes) -> tuple[list[bytes], bytes]:
     """Complete SSE events in ``data`` (each ending in a blank line), and the rest.
 
-    Events come out normalised to ``\n`` line ends and one ``\n\n`` at the end; blank
-    lines between events are skipped.
+    Events come out normalised to ``\n`` line ends, ``data: `` with its space (optional in
+    SSE, and left out by some servers: usage, ``[DONE]`` and error events are looked for
+    with it) and one ``\n\n`` at the end; blank lines between events are skipped.
     """
     hold = b""
     if b"\r" in data:
         if data.endswith(b"\r"):  # maybe half of a \r\n: decide with the next read
             data, hold = data[:-1], b"\r"
         data = _CRLF.sub(b"\n", data)
+    if b"data:{" in data or b"data:[" in data:
+        data = _NO_SPACE.sub(b"data: ", data)
     parts = data.split(b"\n\n")
     rest = parts.pop()
     if b"\n\n\n" in data or data.startswith(b"\n"):  # blank lines between events

@@ -78,6 +78,24 @@ async def test_any_cut_into_reads_relays_meters_and_counts_the_same(include_usag
         assert stream.envelope()["id"] == "c1", size  # from the first data event, not the comment
 
 
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_data_without_its_space_relays_meters_and_counts_the_same(
+    include_usage: bool,
+) -> None:
+    """``data:{...}`` is SSE as much as ``data: {...}`` (the space is optional, and some
+    servers leave it out): the usage is still read, the text still counted, an unasked usage
+    chunk still dropped, and ``[DONE]`` still recognised."""
+    whole = b"".join(event.replace(b"data: ", b"data:", 1) for event in STREAM)
+    assert b"data: " not in whole
+    for size in (1, 7, 97, len(whole)):
+        pieces = [whole[i : i + size] for i in range(0, len(whole), size)]
+        batches, stream = await _batches(pieces, include_usage)
+        assert stream.usage == Usage(5, 4), size
+        assert stream.completion_text == "".join(WORDS), size
+        assert [e for batch in batches for e in batch] == _expected(include_usage), size
+        assert stream.envelope()["id"] == "c1", size
+
+
 async def test_the_events_of_one_read_come_as_one_batch() -> None:
     reads = [b"".join(STREAM[:3]), b"".join(STREAM[3:5]), b"".join(STREAM[5:])]
     batches, _ = await _batches(reads, include_usage=True)

@@ -33,3 +33,11 @@ def test_crlf_upstreams_are_normalised_even_split_between_cr_and_lf() -> None:
 def test_an_unfinished_event_stays_for_the_next_read() -> None:
     events, rest = split_events(b'data: {"a":1}\n\ndata: {"b"')
     assert events == [b'data: {"a":1}\n\n'] and rest == b'data: {"b"'
+
+
+def test_data_without_its_space_gets_it_and_json_text_is_left_alone() -> None:
+    raw = b'data:{"c":"\\ndata:{x} data:[y]"}\n\ndata:[DONE]\n\n'
+    assert feed([raw[:5], raw[5:]]) == (
+        [b'data: {"c":"\\ndata:{x} data:[y]"}\n\n', b"data: [DONE]\n\n"],
+        b"",
+    )
