@@ -168,6 +168,10 @@ class OpenAICompatBackend(Backend):
             raise errors.UpstreamError(
                 f"The upstream for model `{model.name}` sent an invalid answer."
             )
+        if data.get("error"):  # an error with a 200 (some servers and proxies): no answer
+            raise errors.UpstreamError(
+                f"The upstream for model `{model.name}` answered with an error."
+            )
         return data, raw
 
     async def chat(self, model: ModelConfig, body: dict[str, Any]) -> ChatResult:

@@ -570,3 +570,25 @@ async def test_a_redirect_is_a_failure_for_a_stream_as_for_a_whole_answer(
     with pytest.raises(errors.UpstreamError) as caught:
         await alone.chat_stream(chat_body(stream=True), include_usage=False)
     assert caught.value.status == 502 and "301" in caught.value.message
+
+
+async def test_a_200_whose_body_is_an_error_is_a_failure(up: Upstream, make_router: Any) -> None:
+    """Some servers and proxies answer an error with a 200 and ``{"error": ...}``: that is no
+    completion (nor embeddings) to hand back as a success; the next deployment answers, and
+    with nothing left it is a 502."""
+    error = b'{"error":{"message":"model overloaded","type":"server_error","code":null}}'
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+    answer += b"content-length: %d\r\n\r\n%s" % (len(error), error)
+    base_url, _ = await stream_server([[answer]] * 3)
+    router = make_router(dep("m", base_url, retries=0), dep("m", up.base_url))
+    route = router.resolve("m")
+    result = await route.chat(chat_body())
+    assert route.served_by is not None and route.served_by.index == 1
+    assert result.body["choices"][0]["message"]["content"]
+    assert state_of(router, "m#0")["consecutive_failures"] == 1
+    alone = make_router(dep("m", base_url, retries=0)).resolve("m")
+    with pytest.raises(errors.UpstreamError) as caught:
+        await alone.chat(chat_body())
+    assert caught.value.status == 502 and "`m`" in caught.value.message
+    with pytest.raises(errors.UpstreamError):
+        await alone.embeddings({"model": "m", "input": "hello"})
