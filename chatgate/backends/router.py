@@ -60,8 +60,10 @@ Routing one request
    with ``retry-after`` = time to the next probe. Messages name the model, never a URL or key.
 
 Breaker accounting (see :mod:`chatgate.backends.breaker`): connect errors, 5xx, 408, 401/403,
-timeouts and streams broken after their start are failures; any other answer, a 4xx included,
-is a success; 429s, a busy local model and cancelled requests count as neither.
+404/405 without a message (a wrong key or URL), redirects, timeouts and streams broken after
+their start are failures; any other answer, a 4xx included (one that moves on, such as a
+proxy's 413, too), is a success; 429s, a busy local model and cancelled requests count as
+neither.
 
 For the API layer: ``route = router.resolve(name)`` then ``route.chat(body)``,
 ``route.chat_stream(body, include_usage=...)`` or ``route.embeddings(body)``; afterwards
@@ -274,11 +276,17 @@ class _Model:
                     raise
                 # 502, 504, or another server-side error (a backend's own 500)
                 reason = failure_reason(exc)
-                slot.failed(reason, counts=True)
+                status = exc.upstream_status if isinstance(exc, UpstreamStatusError) else 500
+                # A 4xx but 401/403/404/405 (a wrong key or URL) refused this request (a
+                # proxy's 413, a 400 without a message), not the deployment: a breaker success.
+                refused = 400 <= status < 500 and status not in (401, 403, 404, 405)
+                slot.failed(reason, counts=not refused)
+                if refused:
+                    slot.succeeded()
                 failures.append(exc)
                 log.debug("deployment %s failed: %s", slot.deployment.id, reason)
-                if isinstance(exc, UpstreamStatusError) and exc.upstream_status < 500:
-                    skip.add(key)  # 401, 403...: retrying the same place will not help
+                if status < 500:
+                    skip.add(key)  # 401, 403, 413...: retrying the same place will not help
             except BaseException:
                 slot.breaker.record_abandoned()
                 raise

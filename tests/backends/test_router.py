@@ -592,3 +592,23 @@ async def test_a_200_whose_body_is_an_error_is_a_failure(up: Upstream, make_rout
     assert caught.value.status == 502 and "`m`" in caught.value.message
     with pytest.raises(errors.UpstreamError):
         await alone.embeddings({"model": "m", "input": "hello"})
+
+
+async def test_a_request_the_upstream_refuses_without_a_message_is_no_breaker_failure(
+    make_router: Any,
+) -> None:
+    """A 413 from a proxy in front of the upstream (HTML, no OpenAI message) is about that
+    request, not the deployment's health: however many clients send one, the breaker stays
+    closed and the next request is served."""
+    page = b"<html><body>413 Request Entity Too Large</body></html>"
+    too_large = b"HTTP/1.1 413 Request Entity Too Large\r\ncontent-type: text/html\r\n"
+    too_large += b"content-length: %d\r\n\r\n%s" % (len(page), page)
+    base_url, _ = await stream_server([[too_large]] * 3)
+    router = make_router(dep("m", base_url, retries=0, breaker_failures=2))
+    for _ in range(3):
+        with pytest.raises(errors.UpstreamError) as caught:
+            await router.resolve("m").chat(chat_body())
+        assert "status 413" in caught.value.message
+    status = state_of(router, "m#0")
+    assert status["state"] == "closed" and status["consecutive_failures"] == 0
+    assert status["last_error"] == "413"
