@@ -94,8 +94,14 @@ def upstream_status_error(
     message = None
     try:
         data = orjson.loads(raw)
-        if isinstance(data, dict) and isinstance(data.get("error"), dict):
-            message = data["error"].get("message")
+        if isinstance(data, dict):
+            error = data.get("error")
+            if isinstance(error, dict):  # OpenAI's shape
+                message = error.get("message")
+            elif isinstance(error, str):  # text-generation-inference
+                message = error
+            elif data.get("object") == "error":  # vLLM before it took OpenAI's shape
+                message = data.get("message")
     except orjson.JSONDecodeError:
         pass
     if status == 429:

@@ -612,3 +612,25 @@ async def test_a_request_the_upstream_refuses_without_a_message_is_no_breaker_fa
     status = state_of(router, "m#0")
     assert status["state"] == "closed" and status["consecutive_failures"] == 0
     assert status["last_error"] == "413"
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        # vLLM before its errors were wrapped in "error"
+        (400, {"object": "error", "message": "prompt too long", "type": "BadRequestError"}),
+        # text-generation-inference
+        (422, {"error": "prompt too long", "error_type": "validation"}),
+    ],
+)
+async def test_an_upstream_verdict_in_another_error_shape_is_the_clients_400(
+    make_router: Any, status: int, body: dict[str, Any]
+) -> None:
+    raw = orjson.dumps(body)
+    answer = b"HTTP/1.1 %d Bad Request\r\ncontent-type: application/json\r\n" % status
+    answer += b"content-length: %d\r\n\r\n%s" % (len(raw), raw)
+    base_url, _ = await stream_server([[answer]])
+    router = make_router(dep("m", base_url, retries=0))
+    with pytest.raises(errors.InvalidRequest) as caught:
+        await router.resolve("m").chat(chat_body())
+    assert caught.value.status == 400 and caught.value.message.endswith("prompt too long")
