@@ -190,6 +190,12 @@ class OpenAICompatBackend(Backend):
         answer = await self._send(model, "/chat/completions", body, started, True)
         if isinstance(answer, http1.Answer):  # an error status: it came whole
             raise self._status_error(model, answer.status, answer.body, answer.headers)
+        if answer.headers.get("content-type", "").startswith("application/json"):
+            # No stream (``stream`` ignored, or an error with a 200): nothing to relay.
+            answer.close()
+            raise errors.UpstreamError(
+                f"The upstream for model `{model.name}` did not answer with a stream."
+            )
         return SSEPassThrough(
             answer, model, include_usage=include_usage, timeouts=self.timeouts, started=started
         )

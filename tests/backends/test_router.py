@@ -634,3 +634,32 @@ async def test_an_upstream_verdict_in_another_error_shape_is_the_clients_400(
     with pytest.raises(errors.InvalidRequest) as caught:
         await router.resolve("m").chat(chat_body())
     assert caught.value.status == 400 and caught.value.message.endswith("prompt too long")
+
+
+async def test_a_whole_json_answer_to_a_stream_is_a_failure(up: Upstream, make_router: Any) -> None:
+    """An upstream that ignores ``stream: true`` (or reports an error as a 200) answers JSON:
+    relayed as events, the client would get a stream of no chunks billed as nothing; it is
+    a failure of that deployment, before anything is sent."""
+    whole = orjson.dumps(
+        {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "x",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+    )
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+    answer += b"content-length: %d\r\n\r\n%s" % (len(whole), whole)
+    base_url, _ = await stream_server([[answer]] * 2)
+    router = make_router(dep("m", base_url, retries=0), dep("m", up.base_url))
+    route = router.resolve("m")
+    stream = await route.chat_stream(chat_body(stream=True), include_usage=False)
+    events = await read_all(stream)
+    assert route.served_by is not None and route.served_by.index == 1
+    assert events[0].startswith(b"data: {") and events[-1] == b"data: [DONE]\n\n"
+    alone = make_router(dep("m", base_url, retries=0)).resolve("m")
+    with pytest.raises(errors.UpstreamError) as caught:
+        await alone.chat_stream(chat_body(stream=True), include_usage=False)
+    assert caught.value.status == 502 and "`m`" in caught.value.message
