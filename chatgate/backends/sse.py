@@ -285,19 +285,21 @@ class SSEPassThrough(ChatStream):
         for event in self._unparsed:
             try:
                 chunk = orjson.loads(event[6:])
-            except orjson.JSONDecodeError:
+                choices = chunk.get("choices") if isinstance(chunk, dict) else None
+                if not choices or not isinstance(choices[0], dict):
+                    continue
+                delta = choices[0].get("delta") or {}
+                content = delta.get("content")
+                if isinstance(content, str):
+                    self._text.append(content)
+                for call in delta.get("tool_calls") or ():
+                    args = (call.get("function") or {}).get("arguments")
+                    if isinstance(args, str):
+                        self._text.append(args)
+            # A chunk of another shape (choices, delta or a tool call not an object) has no
+            # text to count; it must not end the relay, nor the metering of what was sent.
+            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
                 continue
-            choices = chunk.get("choices") if isinstance(chunk, dict) else None
-            if not choices or not isinstance(choices[0], dict):
-                continue
-            delta = choices[0].get("delta") or {}
-            content = delta.get("content")
-            if isinstance(content, str):
-                self._text.append(content)
-            for call in delta.get("tool_calls") or ():
-                args = (call.get("function") or {}).get("arguments")
-                if isinstance(args, str):
-                    self._text.append(args)
         self._unparsed.clear()
 
     async def aclose(self) -> None:

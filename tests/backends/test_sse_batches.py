@@ -112,6 +112,26 @@ async def test_a_long_stream_keeps_its_text_in_order_past_the_held_events() -> N
     assert [e for batch in batches for e in batch] == [*events[:-2], DONE_EVENT]
 
 
+async def test_a_chunk_of_an_unexpected_shape_is_relayed_and_counts_no_text() -> None:
+    """A chunk whose choices, delta or tool calls are not the objects OpenAI sends is passed
+    on as it is; reading the text of a long stream (or of one cut off) never fails on it."""
+    odd = [
+        b'data: {"choices": {"0": {"delta": {"content": "x"}}}}\n\n',
+        b'data: {"choices": 7}\n\n',
+        b'data: {"choices": [{"index": 0, "delta": "x"}]}\n\n',
+        b'data: {"choices": [{"index": 0, "delta": {"tool_calls": [7, {"function": "f"}]}}]}\n\n',
+    ]
+    words = [f"w{i} " for i in range(sse._UNPARSED_MAX + 5)]
+    events = [_event([_text(word)]) for word in words[:3]] + odd
+    events += [_event([_text(word)]) for word in words[3:]] + [_event([], GOOD), DONE_EVENT]
+    batches, stream = await _batches([b"".join(events)], include_usage=True)
+    assert [e for batch in batches for e in batch] == events
+    assert stream.usage == Usage(5, 4)
+    assert stream.completion_text == "".join(words)
+    _, cut = await _batches([b"".join(events[:5])], include_usage=False)
+    assert cut.usage is None and cut.completion_text == "".join(words[:3])
+
+
 async def test_usage_objects_are_found_wherever_they_are_in_a_read() -> None:
     plain = _event([_text("a")])
     assert sse._plain([plain, plain, DONE_EVENT], plain + plain + DONE_EVENT) == 3
