@@ -41,13 +41,19 @@ class OpenAICompatBackend(Backend):
 
     name = "openai_compat"
 
-    def __init__(self, settings: Settings, timeouts: Timeouts | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        timeouts: Timeouts | None = None,
+        caps: dict[str, asyncio.Semaphore] | None = None,
+    ) -> None:
         self._settings = settings
         self.timeouts = timeouts or Timeouts.defaults(settings)
         self._sessions: dict[str, aiohttp.ClientSession] = {}  # probes
         self._pools: dict[str, http1.Pool] = {}  # answers and streams (chatgate.backends.http1)
-        # The connection cap of each upstream: its pool's slots, held by answers and streams.
-        self._caps: dict[str, asyncio.Semaphore] = {}
+        # The connection cap of each upstream: its pool's slots, held by answers and streams;
+        # ``caps`` shares them with the other backends (deployments) of the process.
+        self._caps: dict[str, asyncio.Semaphore] = {} if caps is None else caps
         self._heads: dict[tuple[str, str, str | None], bytes] = {}
         # Only the connect phase is left to aiohttp; the others are deadlines of our own.
         self._client_timeout = aiohttp.ClientTimeout(

@@ -492,6 +492,8 @@ class Router:
         self._local: Backend | None = None
         self._models: dict[str, _Model] = {}
         self._hooks: list[FailureHook] = []
+        # Each upstream base URL's connection cap, shared by every deployment that uses it.
+        self._caps: dict[str, asyncio.Semaphore] = {}
         configs = list(settings.models)
         if settings.local_model and all(m.name != settings.local_model_name for m in configs):
             configs.insert(
@@ -527,7 +529,7 @@ class Router:
                 self._local = LocalBackend(self._settings)
                 self._backends.append(self._local)
             return self._local
-        backend = OpenAICompatBackend(self._settings, deployment.timeouts)
+        backend = OpenAICompatBackend(self._settings, deployment.timeouts, self._caps)
         self._backends.append(backend)
         return backend
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+import requests
 
 from chatgate import errors
 from chatgate.backends.breaker import BreakerState, CircuitBreaker
@@ -663,3 +664,27 @@ async def test_a_whole_json_answer_to_a_stream_is_a_failure(up: Upstream, make_r
     with pytest.raises(errors.UpstreamError) as caught:
         await alone.chat_stream(chat_body(stream=True), include_usage=False)
     assert caught.value.status == 502 and "`m`" in caught.value.message
+
+
+async def test_the_connection_cap_is_per_upstream_not_per_model(up: Upstream) -> None:
+    """``upstream_max_connections`` holds per upstream base URL: two models served by one
+    upstream share its slots (the requests wait their turn, and both are answered)."""
+    settings = Settings(
+        models=(dep("a", up.base_url, "slow"), dep("b", up.base_url, "slow")),
+        local_model=False,
+        upstream_max_connections=1,
+    )
+    router = Router(settings)
+    try:
+        up.clear()
+        body = chat_body(fake={"delay": 0.2})  # the wait for the slot: within 0.5 s
+        answers = await asyncio.gather(
+            router.resolve("a").chat(body), router.resolve("b").chat(body)
+        )
+        assert len(answers) == 2
+        seen = await asyncio.to_thread(
+            lambda: requests.get(f"http://127.0.0.1:{up.port}/_in_flight", timeout=10).json()
+        )
+        assert seen["max"] == 1
+    finally:
+        await router.close()
