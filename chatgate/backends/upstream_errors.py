@@ -66,7 +66,7 @@ def _retry_hint(headers: Any) -> dict[str, str]:
             value = max(0.0, float(secs))
             hint["retry-after"] = str(max(1, int(-(-value // 1))))
             hint["retry-after-ms"] = str(int(value * 1000))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "1e400", "inf", no hint of ours
         if secs:  # an HTTP date: pass it on as it is
             hint = {"retry-after": str(secs)}
     return hint

@@ -367,6 +367,21 @@ async def test_429_with_nothing_left_is_429_with_the_retry_hint(
     assert len(up.received()) == 1  # a 429 is not retried on the same deployment
 
 
+@pytest.mark.parametrize("hint", [b"retry-after-ms: 1e400", b"retry-after: inf"])
+async def test_a_429_with_an_endless_retry_hint_is_still_a_429(
+    make_router: Any, hint: bytes
+) -> None:
+    """The hint is the upstream's text: one too large for a number is no hint, not a 500."""
+    body = b'{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}'
+    answer = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n" + hint
+    answer += b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    base_url, _ = await stream_server([[answer]])
+    router = make_router(dep("m", base_url, retries=0))
+    with pytest.raises(errors.RateLimited) as caught:
+        await router.resolve("m").chat(chat_body())
+    assert caught.value.status == 429
+
+
 async def test_hang_times_out_as_504_then_falls_back(up: Upstream, make_router: Any) -> None:
     alone = make_router(dep("m", up.base_url, "hang", retries=0, first_byte_timeout=0.3))
     with pytest.raises(errors.UpstreamTimeout) as caught:
