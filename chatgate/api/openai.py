@@ -283,18 +283,27 @@ def _counted(prompt_tokens: Callable[[], int], model: str, completion: str) -> U
 
 
 def message_text(message: Any) -> str:
-    """The generated text of one answer message: its content and tool-call arguments."""
+    """The generated text of one answer message: its content and tool-call arguments (what
+    an upstream sent in another shape counts no text, as in a stream: .backends.sse)."""
     if not isinstance(message, dict):
         return ""
-    parts = [message.get("content") if isinstance(message.get("content"), str) else ""]
-    for call in message.get("tool_calls") or ():
-        parts.append(str((call.get("function") or {}).get("arguments", "")))
-    return "".join(p for p in parts if p)
+    content = message.get("content")
+    parts = [content] if isinstance(content, str) else []
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if arguments is not None:
+            parts.append(str(arguments))
+    return "".join(parts)
 
 
 def _text_of(answer: dict[str, Any]) -> str:
     """The generated text of a whole answer, all its choices."""
-    return "".join(message_text(choice.get("message")) for choice in answer.get("choices") or ())
+    choices = answer.get("choices")
+    if not isinstance(choices, list):
+        return ""
+    return "".join(message_text(c.get("message")) for c in choices if isinstance(c, dict))
 
 
 async def embeddings(request: web.Request) -> web.Response:

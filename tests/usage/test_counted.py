@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from chatgate import tokens
-from tests.helpers import Upstream, served_app
+from tests.helpers import Upstream, served_app, stored_usage
 
 MESSAGES = [{"role": "user", "content": "count me once"}]
 
@@ -136,3 +136,33 @@ async def test_the_reservation_holds_the_output_budget_of_every_choice(
     ):
         assert resp.status == 429, await resp.text()
         assert (await resp.json())["error"]["code"] == "rate_limit_exceeded"
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [
+        [{"message": {"content": "odd but fine", "tool_calls": ["not a call"]}}],
+        [{"message": {"content": "odd but fine", "tool_calls": [{"function": "f"}]}}],
+        [{"message": {"content": "odd but fine"}}, "not a choice"],
+        "not a list",
+    ],
+)
+async def test_a_whole_answer_of_an_odd_shape_is_relayed_and_counts_what_it_can(
+    upstream: Upstream, tmp_path: Path, choices: Any
+) -> None:
+    """An upstream that reports no usage, with choices or tool calls that are not objects:
+    its answer is relayed as it came (as a stream's odd chunk is), and its text is counted
+    where there is some, never a 500 on the way."""
+    from tests.backends.upstreams import stream_server
+
+    odd = json.dumps({"id": "chatcmpl-odd", "object": "chat.completion", "choices": choices})
+    raw = odd.encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+    base_url, _ = await stream_server([[head + b"content-length: %d\r\n\r\n%s" % (len(raw), raw)]])
+    toml = f'[[models]]\nname = "odd"\nbase_url = "{base_url}"\nupstream_model = "odd"\n'
+    async with served_app(tmp_path, upstream, extra_toml=toml) as served:
+        text, _ = await _post(served, {"model": "odd", "messages": MESSAGES})
+    assert json.loads(text)["choices"] == choices
+    records, _ = await stored_usage(tmp_path, "status", "completion_tokens")
+    text_tokens = 0 if isinstance(choices, str) else tokens.count_text("odd but fine", "odd")
+    assert [tuple(r) for r in records] == [(200, text_tokens)]
