@@ -295,5 +295,7 @@ class Authenticator:
             await self.flush_last_used()
 
     async def close(self) -> None:
+        # Bounded: a stop must end even with the database frozen (the stamps are not worth it).
         with contextlib.suppress(Exception):
-            await self.flush_last_used()
+            async with asyncio.timeout(LOOKUP_TIMEOUT):
+                await self.flush_last_used()

@@ -4,10 +4,7 @@ elsewhere (another process, the CLI) reach it within a second. Runs on SQLite an
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
-import signal
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -213,7 +210,6 @@ async def test_a_database_that_stops_answering_does_not_hold_up_known_keys(
         {"CHATGATE_DATA_DIR": str(tmp_path / "data"), "CHATGATE_DATABASE_URL": pg.url}
     )
     engine = create_engine(settings)
-    frozen: list[int] = []
     try:
         await migrate(engine)
         keys = KeyStore(engine, Secret("s-" + secrets.token_hex(8)))
@@ -221,13 +217,7 @@ async def test_a_database_that_stops_answering_does_not_hold_up_known_keys(
         issued = await keys.create(account.id)
         auth = Authenticator(keys, engine, ttl=0.5, poll_interval=30)
         await auth.authenticate(f"Bearer {issued.key}")  # cached
-        postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
-        children = subprocess.run(
-            ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
-        ).stdout.split()
-        for pid in [postmaster, *map(int, children)]:
-            os.kill(pid, signal.SIGSTOP)
-            frozen.append(pid)
+        pg.freeze()
         await asyncio.sleep(0.6)  # past the TTL
         async with asyncio.timeout(5):
             assert (await auth.authenticate(f"Bearer {issued.key}")).key_id == issued.record.id
@@ -236,7 +226,6 @@ async def test_a_database_that_stops_answering_does_not_hold_up_known_keys(
             await auth.authenticate(f"Bearer {issued.key}")
         assert auth.db_lookups == lookups  # trusted for another TTL, not read again
     finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+        pg.thaw()
         await engine.dispose()
         pg.close()

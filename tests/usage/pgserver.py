@@ -7,6 +7,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -42,6 +43,7 @@ class PgServer:
             os.chown(self.root, user.pw_uid, user.pw_gid)
             self._as = ["runuser", "-u", "postgres", "--"]
         self._run(initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self._frozen: list[int] = []
 
     @property
     def url(self) -> str:
@@ -72,7 +74,25 @@ class PgServer:
     def stop(self) -> None:
         self._run(self._pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop")
 
+    def freeze(self) -> None:
+        """Stop every process of the server (SIGSTOP): a host that stops answering, its
+        connections open and silent; :meth:`thaw` lets it go on."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(
+            ["pgrep", "-P", str(postmaster)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        for pid in [postmaster, *map(int, children)]:
+            os.kill(pid, signal.SIGSTOP)
+            self._frozen.append(pid)
+
+    def thaw(self) -> None:
+        for pid in self._frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self._frozen.clear()
+
     def close(self) -> None:
+        self.thaw()
         with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
             self.stop()
         shutil.rmtree(self.root, ignore_errors=True)

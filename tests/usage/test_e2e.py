@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import requests
 
-from tests.helpers import Gateway, Upstream, make_gateway
+from tests.helpers import Gateway, Upstream, make_gateway, stop
 from tests.usage.pgserver import PgServer
 
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "count me"}]}
@@ -238,6 +238,42 @@ def test_database_outage_loses_nothing(upstream: Upstream, tmp_path: Path) -> No
             rows = wait_records(gw, email, 100)
             assert len(rows) == 100
             assert len({r["request_id"] for r in rows}) == 100
+        finally:
+            gw.stop()
+    finally:
+        pg.close()
+
+
+def test_sigterm_with_the_database_frozen_stops_and_spools(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """A database that stops answering (a frozen host) while the gateway stops: the stop still
+    ends, with status 0, its queued records in the spool; the next start replays them. The
+    last-used stamps' final write used to wait for the database for ever."""
+    pg = PgServer()
+    try:
+        pg.start()
+        gw = make_gateway(
+            tmp_path / "gw",
+            database_url=pg.url,
+            upstream=upstream,
+            extra_env={"CHATGATE_USAGE_FLUSH_INTERVAL": "3600", "CHATGATE_SECRET": "f" * 40},
+        ).start()
+        email, key = new_key(gw)
+        headers = {"Authorization": f"Bearer {key}"}
+        for _ in range(5):
+            ok = requests.post(gw.url + "/v1/chat/completions", json=BODY, headers=headers)
+            assert ok.status_code == 200
+        pg.freeze()
+        assert gw.proc is not None
+        assert stop(gw.proc, timeout=120) == 0  # not killed after waiting
+        spooled = [p.read_text() for p in (tmp_path / "gw" / "data" / "spool").glob("*.spool")]
+        assert sum(text.count("\n") for text in spooled) == 5
+        pg.thaw()
+        gw.env["CHATGATE_USAGE_FLUSH_INTERVAL"] = "1"  # a flush replays the spool
+        gw.start()
+        try:
+            assert len(wait_records(gw, email, 5)) == 5
         finally:
             gw.stop()
     finally:
