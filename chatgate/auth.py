@@ -208,8 +208,10 @@ class Authenticator:
         """Poll the invalidation table every ``poll_interval`` seconds, and at once after
         :meth:`wake`; forever (cancel to stop); survives database outages.
 
-        Polls never overlap: wake-ups that arrive during a poll add up to one more poll.
+        Polls never overlap: wake-ups that arrive during a poll add up to one more poll. An
+        outage is logged once, when the first poll fails, and again when one succeeds.
         """
+        failing = False
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll):
@@ -218,7 +220,13 @@ class Authenticator:
             try:
                 await self.poll_once()
             except Exception:  # the database may be down; the TTL backstop still holds
-                log.warning("invalidation feed: poll failed", exc_info=True)
+                if not failing:
+                    log.warning("invalidation feed: poll failed", exc_info=True)
+                failing = True
+                continue
+            if failing:
+                log.warning("invalidation feed: polling again")
+            failing = False
 
     def wake(self) -> None:
         """Make :meth:`run_feed` poll now: the table has news (a Redis message said so, see

@@ -4,6 +4,8 @@ elsewhere (another process, the CLI) reach it within a second. Runs on SQLite an
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -227,5 +229,59 @@ async def test_a_database_that_stops_answering_does_not_hold_up_known_keys(
         assert auth.db_lookups == lookups  # trusted for another TTL, not read again
     finally:
         pg.thaw()
+        await engine.dispose()
+        pg.close()
+
+
+async def test_a_database_outage_is_logged_once_by_the_feed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The invalidation feed polls every ``poll_interval`` (a second by default): an outage is
+    one warning when it begins and one when the feed reads again, not a traceback a poll."""
+    try:
+        pg = PgServer()
+    except (RuntimeError, OSError, KeyError) as exc:
+        pytest.skip(f"cannot run a test-owned PostgreSQL here: {exc}")
+    pg.start()
+    settings = Settings.from_env(
+        {"CHATGATE_DATA_DIR": str(tmp_path / "data"), "CHATGATE_DATABASE_URL": pg.url}
+    )
+    engine = create_engine(settings)
+    try:
+        await migrate(engine)
+        auth = Authenticator(KeyStore(engine, Secret("s" * 40)), engine, ttl=60, poll_interval=0.02)
+        await auth.start_feed()
+        polls = {"ok": 0, "failed": 0}
+        poll = auth.poll_once
+
+        async def counted() -> None:
+            try:
+                await poll()
+            except Exception:
+                polls["failed"] += 1
+                raise
+            polls["ok"] += 1
+
+        auth.poll_once = counted  # type: ignore[method-assign]
+
+        async def until(kind: str, n: int) -> None:
+            target = polls[kind] + n
+            async with asyncio.timeout(60):
+                while polls[kind] < target:
+                    await asyncio.sleep(0.01)
+
+        with caplog.at_level(logging.WARNING, logger="chatgate.auth"):
+            feed = asyncio.create_task(auth.run_feed())
+            await until("ok", 1)
+            pg.stop()
+            await until("failed", 5)
+            pg.start()
+            await until("ok", 1)
+            feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feed
+        said = [r.getMessage() for r in caplog.records if r.name == "chatgate.auth"]
+        assert said == ["invalidation feed: poll failed", "invalidation feed: polling again"]
+    finally:
         await engine.dispose()
         pg.close()
