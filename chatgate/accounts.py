@@ -252,9 +252,14 @@ class AccountStore:
         return await self.get(account_id)
 
     async def set_disabled(self, account_id: str, disabled: bool) -> Account:
+        # Disabling ends the account's dashboard sessions for good (their epoch moves on): a
+        # copy of a session cookie must not work again once the account is enabled.
+        ended = {"session_epoch": accounts.c.session_epoch + 1} if disabled else {}
         async with changing(self._engine, self._notifier) as conn:
             result = await conn.execute(
-                accounts.update().where(accounts.c.id == account_id).values(disabled=disabled)
+                accounts.update()
+                .where(accounts.c.id == account_id)
+                .values(disabled=disabled, **ended)
             )
             if result.rowcount == 0:
                 raise errors.NotFound("No such account.", param="account")

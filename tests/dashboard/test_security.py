@@ -420,18 +420,29 @@ def test_disabled_account_is_logged_out_and_its_keys_stop(dash: Gateway) -> None
     user = make_user(dash)
     key = user.new_key()["key"]
     account_id = user.api("GET", "/api/me").json()["id"]
-    resp = requests.post(
-        dash.url + f"/api/admin/accounts/{account_id}/disable",
-        json={"disabled": True},
-        headers={"Authorization": f"Bearer {admin_key(dash)}"},
-        timeout=10,
-    )
-    assert resp.status_code == 200 and resp.json()["disabled"] is True
+    copied = requests.Session()  # the session cookie, kept elsewhere (another tab, a thief)
+    copied.cookies.update(user.http.cookies)
+
+    def disable(disabled: bool) -> None:
+        resp = requests.post(
+            dash.url + f"/api/admin/accounts/{account_id}/disable",
+            json={"disabled": disabled},
+            headers={"Authorization": f"Bearer {admin_key(dash)}"},
+            timeout=10,
+        )
+        assert resp.status_code == 200 and resp.json()["disabled"] is disabled
+
+    disable(True)
     assert (
         user.http.get(user.url("/dashboard/"), allow_redirects=False, timeout=10).status_code == 303
     )
     assert user.login().status_code == 401  # the same generic answer
     assert wait_status(dash, key, 401) == 401
+    # Enabled again, the account logs in afresh: the sessions it had stay ended.
+    disable(False)
+    stale = copied.get(user.url("/dashboard/"), allow_redirects=False, timeout=10)
+    assert stale.status_code == 303
+    assert user.login().url.endswith("/dashboard/")
 
 
 def test_key_is_never_in_a_list_or_a_later_page(dash: Gateway, alice: User) -> None:
