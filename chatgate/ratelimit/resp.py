@@ -8,7 +8,8 @@ redis-py stays the client for everything else in chatgate.
 What it does: every command is written at once to one connection and its future is queued;
 Redis answers in order, so replies are matched first-in first-out (pipelining: any number of
 requests share the connection without waiting for each other). URLs: ``redis://``,
-``rediss://`` (TLS), ``unix://``, with a user/password and a database number.
+``rediss://`` (TLS, with redis-py's ``ssl_*`` query options), ``unix://``, with a user/password and
+a database number.
 
 Failures: no reply within ``timeout`` or a broken connection fails *every* pending command
 with :class:`ConnectionError` (a late reply could no longer be matched) and closes the
@@ -241,6 +242,30 @@ class _Protocol(asyncio.Protocol):
             self.transport.close()
 
 
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def _tls(query: dict[str, list[str]]) -> ssl.SSLContext:
+    """The TLS context of a ``rediss://`` URL, from the query options redis-py reads too:
+    ``ssl_ca_certs`` (a CA file; else the system's), ``ssl_cert_reqs`` (``none``, ``optional``,
+    ``required``: the default), ``ssl_check_hostname`` and ``ssl_certfile`` / ``ssl_keyfile``
+    (a client certificate)."""
+
+    def option(name: str) -> str:
+        return query.get(name, [""])[0]
+
+    context = ssl.create_default_context(cafile=option("ssl_ca_certs") or None)
+    reqs = option("ssl_cert_reqs").lower() or "required"
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"unsupported ssl_cert_reqs {reqs!r}: none, optional or required")
+    if reqs != "required" or option("ssl_check_hostname").lower() in ("false", "0", "no"):
+        context.check_hostname = False  # before verify_mode: ssl refuses CERT_NONE with it
+    context.verify_mode = _CERT_REQS[reqs]
+    if option("ssl_certfile"):
+        context.load_cert_chain(option("ssl_certfile"), option("ssl_keyfile") or None)
+    return context
+
+
 class RespClient:
     """Commands over one pipelined connection to the Redis named by a URL (see the module)."""
 
@@ -252,7 +277,7 @@ class RespClient:
         self._unix = parts.path if parts.scheme == "unix" else None
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or 6379
-        self._ssl = ssl.create_default_context() if parts.scheme == "rediss" else None
+        self._ssl = _tls(query) if parts.scheme == "rediss" else None
         self._username = unquote(parts.username) if parts.username else None
         self._password = unquote(parts.password) if parts.password else None
         db = query.get("db", [""])[0] or (parts.path.strip("/") if parts.scheme != "unix" else "")

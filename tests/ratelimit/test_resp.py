@@ -10,7 +10,8 @@ import asyncio
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -257,3 +258,74 @@ async def test_the_limiters_commands_are_what_the_script_documents() -> None:
         await limiter.reset("key:a")
         await limiter.reset("acct:x")
         await limiter.aclose()
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """A redis-server speaking only TLS, its certificate signed by a CA of the test's own:
+    the port and the CA's file."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make certificates")
+    work = tmp_path_factory.mktemp("tls-redis")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=work, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=ca",
+            "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", "server.key", "-out", "server.csr")  # fmt: skip
+    (work / "san.txt").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-days",
+            "1", "-CAcreateserial", "-extfile", "san.txt", "-out", "server.crt")  # fmt: skip
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    tls_port = port.getsockname()[1]
+    port.close()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(tls_port), "--bind", "127.0.0.1",
+         "--tls-cert-file", "server.crt", "--tls-key-file", "server.key",
+         "--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no",
+         "--save", "", "--appendonly", "no", "--dir", str(work)],
+        cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", tls_port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.skip("this redis-server does not serve TLS")
+                time.sleep(0.05)
+        yield tls_port, work / "ca.crt"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_a_rediss_url_takes_redis_py_s_tls_options(tls_redis: tuple[int, Path]) -> None:
+    """``rediss://`` verifies the server against the system's CAs, as redis-py does; the URL's
+    ``ssl_ca_certs`` names a private CA, ``ssl_cert_reqs=none`` skips the check, as redis-py
+    reads them (limits used to fail open on such a Redis while /readyz, on redis-py, was
+    green)."""
+    port, ca = tls_redis
+    base = f"rediss://127.0.0.1:{port}/0"
+    for url in (f"{base}?ssl_ca_certs={ca}", f"{base}?ssl_cert_reqs=none"):
+        client = RespClient(url)
+        try:
+            assert await client.call("PING") == "PONG", url
+        finally:
+            await client.aclose()
+    unverified = RespClient(base)
+    try:
+        with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):  # the limiter: unavailable
+            await unverified.call("PING")
+    finally:
+        await unverified.aclose()
+    with pytest.raises(ValueError, match="ssl_cert_reqs"):
+        RespClient(f"{base}?ssl_cert_reqs=sometimes")
