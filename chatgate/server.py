@@ -52,6 +52,8 @@ def serve(
     """
     if workers < 1:
         raise ServeError("--workers must be at least 1")
+    if not 0 <= settings.port <= 65535:  # uvloop would bind the number modulo 65536
+        raise ServeError(f"the port must be a number from 0 to 65535, not {settings.port}")
     if workers > 1 and not settings.redis_url:
         raise ServeError(
             "--workers N > 1 needs CHATGATE_REDIS_URL: in-process rate limits would be "

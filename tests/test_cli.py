@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Gateway, make_gateway
+from tests.helpers import BIN, Gateway, make_gateway
 
 
 @pytest.fixture
@@ -81,3 +82,22 @@ def test_a_database_url_of_another_kind_is_a_one_line_error(gw: Gateway, url: st
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().count("\n") == 0, result.stderr
         assert "postgresql://" in result.stderr and "hunter2" not in result.stderr
+
+
+def test_serve_refuses_a_port_that_does_not_exist(gw: Gateway) -> None:
+    """uvloop took the number modulo 65536: ``serve --port 99999`` listened on 34463."""
+    for args, env in (
+        (("--port", "99999"), {}),
+        (("--port", "-1"), {}),
+        ((), {"CHATGATE_PORT": "70000"}),
+    ):
+        result = subprocess.run(
+            [str(BIN / "chatgate"), "serve", *args],
+            env={**gw.env, **env},
+            cwd=gw.workdir,
+            capture_output=True,
+            text=True,
+            timeout=30,  # a server that started instead keeps running: this fails the test
+        )
+        assert result.returncode == 2, (args, env, result.stderr)
+        assert result.stderr.strip().count("\n") == 0 and "65535" in result.stderr, result.stderr
