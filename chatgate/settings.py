@@ -132,6 +132,11 @@ class Settings:
             with open(config_path, "rb") as fh:
                 file_cfg = tomllib.load(fh)
         server = file_cfg.get("server", {})
+        tables = file_cfg.get("models", [])
+        if not isinstance(server, dict):
+            raise ValueError(f"{config_path}: `server` must be a [server] table")
+        if not isinstance(tables, list) or not all(isinstance(m, dict) for m in tables):
+            raise ValueError(f"{config_path}: each model must be a [[models]] table")
 
         def pick(name: str, default: Any) -> Any:
             value = env.get("CHATGATE_" + name.upper())
@@ -139,7 +144,7 @@ class Settings:
                 return value
             return server.get(name, default)
 
-        models = tuple(_model_from_table(m) for m in file_cfg.get("models", []))
+        models = tuple(_model_from_table(m) for m in tables)
         key_envs = {m.api_key_env for m in models if m.api_key_env}
         settings = cls(
             data_dir=data_dir,
@@ -253,6 +258,8 @@ def _optional_float(value: Any) -> float | None:
 
 def _model_from_table(table: Mapping[str, Any]) -> ModelConfig:
     known = {"name", "backend", "base_url", "upstream_model", "api_key_env", "context_window"}
+    if not table.get("name"):
+        raise ValueError("every [[models]] table needs a `name` (the model's public name)")
     return ModelConfig(
         name=str(table["name"]),
         backend=str(table.get("backend", "openai_compat")),

@@ -101,3 +101,24 @@ def test_serve_refuses_a_port_that_does_not_exist(gw: Gateway) -> None:
         )
         assert result.returncode == 2, (args, env, result.stderr)
         assert result.stderr.strip().count("\n") == 0 and "65535" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("toml", "said"),
+    [
+        ('[[models]]\nbase_url = "http://127.0.0.1:9/v1"\n', "name"),
+        ("server = 3\n", "[server]"),
+        ('models = ["gpt-test"]\n', "[[models]]"),
+        ("models = 3\n", "[[models]]"),
+    ],
+)
+def test_a_config_file_of_the_wrong_shape_is_a_one_line_error(
+    gw: Gateway, toml: str, said: str
+) -> None:
+    """Each was a traceback (KeyError: 'name', AttributeError, TypeError) from every command."""
+    config = gw.workdir / "bad.toml"
+    config.write_text(toml)
+    gw.env["CHATGATE_CONFIG"] = str(config)
+    result = gw.cli("accounts", "list", check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and said in result.stderr, result.stderr
