@@ -26,7 +26,7 @@ from chatgate.keys.cli_scan import add_parser as add_scan_parser
 from chatgate.keys.store import KeyStore
 from chatgate.notify import Notifier
 from chatgate.settings import Settings
-from chatgate.timefmt import iso, now, parse_duration
+from chatgate.timefmt import iso, parse_duration
 from chatgate.usage.cli import add_parser as add_usage_parser
 
 
@@ -162,8 +162,10 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
         keys = KeyStore.from_settings(engine, settings)
         accounts = AccountStore(engine)
         if args.action == "create":
+            from chatgate.dashboard.services import parse_expiry  # read as the API reads it
+
             account = await accounts.by_email(args.account)
-            expires = now() + parse_duration(args.expires_in) if args.expires_in else None
+            expires = parse_expiry(args.expires_in)  # "0", "never": no expiry
             models = (
                 [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
             )
@@ -296,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ks.add_parser("create")
     p.add_argument("--account", required=True, help="the owner's email")
     p.add_argument("--name", default="")
-    p.add_argument("--expires-in", help="e.g. 30d, 12h")
+    p.add_argument("--expires-in", help="e.g. 30d, 12h; 0 or never: no expiry (the default)")
     p.add_argument("--models", help="comma-separated model names this key may use")
     p.add_argument("--rotate-every", help="scheduled rotation period, e.g. 90d")
     p = ks.add_parser("list")

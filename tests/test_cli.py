@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,13 @@ def test_a_config_file_of_the_wrong_shape_is_a_one_line_error(
     result = gw.cli("accounts", "list", check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0 and said in result.stderr, result.stderr
+
+
+def test_keys_create_expires_in_0_is_a_key_that_does_not_expire(gw: Gateway) -> None:
+    """As in the API and the dashboard; the CLI made a key expired at birth (shown once, dead)."""
+    gw.cli("accounts", "create", "zero@example.com")
+    for text in ("0", "never"):
+        key = gw.cli_json("keys", "create", "--account", "zero@example.com", "--expires-in", text)
+        assert key["expires_at"] is None and key["status"] == "active", (text, key)
+    soon = gw.cli_json("keys", "create", "--account", "zero@example.com", "--expires-in", "1h")
+    assert soon["expires_at"] > time.time() + 3500 and soon["status"] == "active"
