@@ -45,6 +45,10 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     except errors.APIError as exc:
         error_code = exc.code
         response = error_response(exc)
+        if error_code == "model_not_found" and METER in request:
+            # No model is named like a key: a key sent as the model is recorded as its hint,
+            # as the message shows it (usage reports and exports show the model recorded).
+            request[METER].model = _unkeyed(request[METER].model) or ""
     except web.HTTPException as exc:
         if exc.status < 400:  # redirects from the dashboard
             exc.headers["x-request-id"] = request_id

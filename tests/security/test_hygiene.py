@@ -366,6 +366,12 @@ def run_scenario(gw: Gateway, rec: Recorder) -> None:
     rec.cli("scan", str(leak_file), "--revoke", "--json", check=False)
     time.sleep(0.5)
 
+    # Usage, by model too (a key sent as the model above is in it), from the CLI and the API.
+    rec.cli("usage", "--by", "model")
+    rec.cli("usage", "--by", "model", "--format", "json")
+    rec.cli("usage", "export", "--output", "-")
+    rec.http("GET", "/api/usage", headers=auth)  # the admin: every account
+
     # Metrics and the OpenAPI document, last, after everything above was counted.
     rec.http("GET", "/metrics")
     rec.http("GET", "/openapi.json")
