@@ -140,9 +140,18 @@ class Settings:
 
         def pick(name: str, default: Any) -> Any:
             value = env.get("CHATGATE_" + name.upper())
-            if value is not None:
-                return value
-            return server.get(name, default)
+            if value is None:
+                value = server.get(name, default)
+            if type(default) in (int, float) and value is not default:  # a number: or say which
+                try:
+                    return type(default)(value)
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"CHATGATE_{name.upper()} (or {name} in [server]) must be "
+                        f"{'a whole number' if type(default) is int else 'a number'}, "
+                        f"not {str(value)[:40]!r}"
+                    ) from None
+            return value
 
         models = tuple(_model_from_table(m) for m in tables)
         key_envs = {m.api_key_env for m in models if m.api_key_env}

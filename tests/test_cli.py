@@ -133,3 +133,24 @@ def test_keys_create_expires_in_0_is_a_key_that_does_not_expire(gw: Gateway) -> 
         assert key["expires_at"] is None and key["status"] == "active", (text, key)
     soon = gw.cli_json("keys", "create", "--account", "zero@example.com", "--expires-in", "1h")
     assert soon["expires_at"] > time.time() + 3500 and soon["status"] == "active"
+
+
+def test_a_setting_that_is_not_a_number_is_named(gw: Gateway) -> None:
+    """The message was Python's alone (invalid literal for int() with base 10: '2k'), with no
+    word of which of some thirty settings held it."""
+    for name, value in (("CHATGATE_USAGE_BATCH_SIZE", "2k"), ("CHATGATE_REDIS_TIMEOUT", "1s")):
+        result = subprocess.run(
+            [str(BIN / "chatgate"), "accounts", "list"],
+            env={**gw.env, name: value},
+            cwd=gw.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().count("\n") == 0 and name in result.stderr, result.stderr
+    config = gw.workdir / "port.toml"
+    config.write_text('[server]\nport = "eighty"\n')
+    gw.env["CHATGATE_CONFIG"] = str(config)
+    result = gw.cli("accounts", "list", check=False)
+    assert result.returncode == 2 and "port" in result.stderr, result.stderr
