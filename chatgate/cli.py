@@ -330,6 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.command != "serve":  # migrations are checked on every command: keep it quiet
             logging.getLogger("alembic").setLevel(logging.WARNING)
+        # Never the SQLite driver's DEBUG: it logs every statement with its values (stored key
+        # hashes, password hashes, conversations). DEBUG is chatgate's own detail.
+        logging.getLogger("aiosqlite").setLevel(logging.INFO)
         args.func(settings, args)
     except errors.APIError as exc:
         print(f"chatgate: error: {exc.message}", file=sys.stderr)
