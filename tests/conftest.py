@@ -47,6 +47,22 @@ def database_url(
         drop_pg_database(url)
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def own_database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """A fresh database of each kind, of its own: the shared ``database_url`` one is where
+    the session gateways keep serving from it (tests that make accounts, or take the schema
+    down and up again, use this one)."""
+    env = {"CHATGATE_DATA_DIR": str(tmp_path_factory.mktemp("keys-data"))}
+    if request.param == "sqlite":
+        yield env
+        return
+    url = create_pg_database()
+    yield {**env, "CHATGATE_DATABASE_URL": url}
+    drop_pg_database(url)
+
+
 @pytest.fixture(scope="session")
 def gateway(
     database_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory

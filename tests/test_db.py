@@ -47,17 +47,17 @@ def test_pool_is_sized_by_settings(pg_url: str, tmp_path: Path) -> None:
     assert size == 2 and checked_out == 3 and exhausted
 
 
-def test_migrate_knows_the_head_without_alembic(database_url: str, tmp_path: Path) -> None:
+def test_migrate_knows_the_head_without_alembic(own_database: dict[str, str]) -> None:
     """``at_head`` reads the newest revision from the migration files; a database behind it (a
-    new one, or one a migration short) is upgraded by Alembic, one at the head is left alone."""
+    new one, or one a migration short) is upgraded by Alembic, one at the head is left alone.
+    On a database of its own: taken down to nothing under the session's gateways, the shared
+    one lost their keys, and its invalidation feed started over below what they had read."""
     from alembic import command
     from alembic.script import ScriptDirectory
 
     from chatgate.db.engine import _alembic_config
 
-    settings = Settings.from_env(
-        {"CHATGATE_DATA_DIR": str(tmp_path), "CHATGATE_DATABASE_URL": database_url}
-    )
+    settings = Settings.from_env(own_database)
 
     async def go() -> list[bool]:
         engine = create_engine(settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -23,22 +23,6 @@ from chatgate.keys import format as keyfmt
 from chatgate.keys.store import KeyStore
 from chatgate.settings import Secret, Settings
 from chatgate.timefmt import now
-from tests.helpers import create_pg_database, drop_pg_database
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def own_database(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, str]]:
-    """A fresh database of each kind, of its own: the shared ``database_url`` one is where
-    the gateway tests expect a first start (no account yet)."""
-    env = {"CHATGATE_DATA_DIR": str(tmp_path_factory.mktemp("keys-data"))}
-    if request.param == "sqlite":
-        yield env
-        return
-    url = create_pg_database()
-    yield {**env, "CHATGATE_DATABASE_URL": url}
-    drop_pg_database(url)
 
 
 @pytest.fixture(scope="module")
