@@ -1,6 +1,7 @@
 """Where the client finds its API key and base URL.
 
-Resolution order for each value, first found wins (empty strings count as unset):
+Resolution order for each value, first found wins (blank strings count as unset, and
+surrounding whitespace, such as the newline of a key read from a file, is dropped):
 
 1. the argument given in code;
 2. ``CHATGATE_API_KEY`` / ``CHATGATE_BASE_URL``;
@@ -71,12 +72,15 @@ def resolve_config(
     """Resolve the key and base URL: argument > ``CHATGATE_*`` > ``OPENAI_*`` > default.
 
     A base URL without a path (``http://host:8000``) gets ``/v1`` appended. Raises
-    :class:`MissingAPIKeyError` when no key is found anywhere.
+    :class:`MissingAPIKeyError` when no key is found anywhere, and ``openai.OpenAIError``
+    when the key has a character no HTTP header can carry (before any request is made).
     """
     env = os.environ if environ is None else environ
     key, source = _first(api_key, env, API_KEY_VARS)
     if not key:
         raise MissingAPIKeyError()
+    if not (key.isascii() and key.isprintable()):
+        raise _unsendable_key(key, source)
     url, _ = _first(base_url, env, BASE_URL_VARS)
     return ClientConfig(key, normalize_base_url(url or DEFAULT_BASE_URL), source)
 
@@ -90,7 +94,20 @@ def normalize_base_url(url: str) -> str:
     return url
 
 
+def _unsendable_key(key: str, source: str) -> openai.OpenAIError:
+    """The error for a key no HTTP header can carry; it names where the key came from and
+    where the bad character is, never the key (httpx's own error would show it whole)."""
+    where = "passed as api_key=" if source == "argument" else f"in {source}"
+    position = next(i for i, c in enumerate(key) if not (c.isascii() and c.isprintable()))
+    return openai.OpenAIError(
+        f"The API key {where} has a character that cannot be sent in an HTTP header at "
+        f"position {position + 1} of {len(key)} (a line break, a control character, or a "
+        "non-ASCII one such as a curly quote or an ellipsis): copy the key again"
+    )
+
+
 def _first(value: str | None, env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str]:
+    value = (value or "").strip()
     if value:
         return value, "argument"
     for name in names:

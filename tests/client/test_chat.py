@@ -88,6 +88,16 @@ def test_missing_key_is_a_clear_error(client_env: dict[str, str]) -> None:
     assert "CHATGATE_API_KEY" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_key_pasted_with_curly_quotes_is_a_clear_error(client_env: dict[str, str]) -> None:
+    key = client_env["CHATGATE_API_KEY"]
+    env = {**client_env, "CHATGATE_API_KEY": f"\u201c{key}\u201d"}
+    result = chat(env, ["hi"], "--model", "gpt-test")
+    assert result.returncode == 1
+    assert "CHATGATE_API_KEY" in result.stderr and "HTTP header" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert key[6:] not in result.stderr + result.stdout
+
+
 def test_bad_key_ends_the_chat(client_env: dict[str, str]) -> None:
     env = {**client_env, "CHATGATE_API_KEY": "sk-cg-wrong"}
     result = chat(env, ["hi"], "--model", "gpt-test")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import traceback
+
+import httpx
 import openai
 import pytest
 
@@ -77,3 +80,48 @@ def test_factory_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CHATGATE_API_KEY")
     with pytest.raises(MissingAPIKeyError):
         OpenAI()
+
+
+def test_a_key_read_from_a_file_loses_its_newline() -> None:
+    assert resolve_config(KEY + "\n", environ={}).api_key == KEY
+    with pytest.raises(MissingAPIKeyError):
+        resolve_config(" \n", environ={})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        KEY + "\u2026",
+        f"\u201c{KEY}\u201d",
+        KEY[:12] + "\n" + KEY[12:],
+        KEY[:12] + "\x1b" + KEY[12:],
+    ],
+    ids=["ellipsis", "curly-quotes", "line-break", "escape"],
+)
+@pytest.mark.parametrize("source", ["argument", "CHATGATE_API_KEY"])
+def test_a_key_no_header_can_carry_is_a_clear_error_before_any_request(
+    bad: str, source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("CHATGATE_API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    if source != "argument":
+        monkeypatch.setenv(source, bad)
+    sent: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, json={"object": "list", "data": []})
+
+    with pytest.raises(openai.OpenAIError) as info:
+        client = OpenAI(
+            api_key=bad if source == "argument" else None,
+            base_url="http://gw.example/v1",
+            transport=httpx.MockTransport(answer),
+        )
+        client.models.list()
+    assert sent == []
+    message = str(info.value)
+    assert ("api_key=" if source == "argument" else source) in message
+    assert "HTTP header" in message
+    shown = "".join(traceback.format_exception(info.value))
+    assert KEY[6:] not in shown and KEY[12:] not in shown
