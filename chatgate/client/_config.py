@@ -73,7 +73,8 @@ def resolve_config(
 
     A base URL without a path (``http://host:8000``) gets ``/v1`` appended. Raises
     :class:`MissingAPIKeyError` when no key is found anywhere, and ``openai.OpenAIError``
-    when the key has a character no HTTP header can carry (before any request is made).
+    when the key has a character no HTTP header can carry or the base URL is not an
+    ``http(s)://host...`` URL (both before any request is made).
     """
     env = os.environ if environ is None else environ
     key, source = _first(api_key, env, API_KEY_VARS)
@@ -81,8 +82,12 @@ def resolve_config(
         raise MissingAPIKeyError()
     if not (key.isascii() and key.isprintable()):
         raise _unsendable_key(key, source)
-    url, _ = _first(base_url, env, BASE_URL_VARS)
-    return ClientConfig(key, normalize_base_url(url or DEFAULT_BASE_URL), source)
+    url, url_source = _first(base_url, env, BASE_URL_VARS)
+    url = normalize_base_url(url or DEFAULT_BASE_URL)
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise _unusable_url(url, url_source)
+    return ClientConfig(key, url, source)
 
 
 def normalize_base_url(url: str) -> str:
@@ -103,6 +108,16 @@ def _unsendable_key(key: str, source: str) -> openai.OpenAIError:
         f"The API key {where} has a character that cannot be sent in an HTTP header at "
         f"position {position + 1} of {len(key)} (a line break, a control character, or a "
         "non-ASCII one such as a curly quote or an ellipsis): copy the key again"
+    )
+
+
+def _unusable_url(url: str, source: str) -> openai.OpenAIError:
+    """The error for a base URL no request can go to (``localhost:8000``, ``htp://...``)."""
+    shown = "" if "@" in url else f" {url!r}"  # user:password@host: not repeated
+    where = "" if source == "argument" else f" (from {source})"
+    return openai.OpenAIError(
+        f"The base URL{shown}{where} is not an http:// or https:// URL with a host; "
+        f"it should look like {DEFAULT_BASE_URL}"
     )
 
 

@@ -125,3 +125,31 @@ def test_a_key_no_header_can_carry_is_a_clear_error_before_any_request(
     assert "HTTP header" in message
     shown = "".join(traceback.format_exception(info.value))
     assert KEY[6:] not in shown and KEY[12:] not in shown
+
+
+@pytest.mark.parametrize(
+    "bad", ["localhost:8000", "127.0.0.1:8000/v1", "htp://gw.example/v1", "http://", "/v1"]
+)
+@pytest.mark.parametrize("source", ["argument", "CHATGATE_BASE_URL", "OPENAI_BASE_URL"])
+def test_a_base_url_no_request_can_go_to_is_a_clear_error_at_once(bad: str, source: str) -> None:
+    env = {} if source == "argument" else {source: bad}
+    with pytest.raises(openai.OpenAIError) as info:
+        resolve_config(KEY, bad if source == "argument" else None, environ=env)
+    message = str(info.value)
+    assert repr(bad.rstrip("/")) in message and "http://" in message
+    assert source == "argument" or source in message
+    assert KEY not in message
+
+
+def test_a_base_url_with_credentials_is_not_repeated_in_the_error() -> None:
+    with pytest.raises(openai.OpenAIError) as info:
+        resolve_config(KEY, "admin:hunter2@gw.example:8000/v1", environ={})
+    assert "hunter2" not in str(info.value) and "http://" in str(info.value)
+
+
+def test_the_factory_refuses_a_bad_base_url_before_any_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CHATGATE_BASE_URL", "localhost:8000")
+    with pytest.raises(openai.OpenAIError, match="CHATGATE_BASE_URL"):
+        OpenAI(api_key=KEY)  # nothing sent yet: no retries, no "Connection error." later
