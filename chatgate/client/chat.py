@@ -223,6 +223,9 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
     stdin = stdin or sys.stdin
     out = out or sys.stdout
     err = sys.stderr
+    if args.conversation is not None and not args.conversation.strip():
+        print("chatgate chat: error: --conversation needs an ID (conv_...)", file=err)
+        return 2
     limiter = RateLimiter()
     try:
         client = OpenAI(base_url=args.base_url, limiter=limiter)

@@ -81,6 +81,19 @@ def test_unknown_conversation(client_env: dict[str, str]) -> None:
     assert "no such conversation conv_nope" in result.stderr
 
 
+def test_an_empty_conversation_id_is_a_clear_error(client_env: dict[str, str]) -> None:
+    """``--conversation "$CONV"`` with CONV unset: no traceback, and no new conversation."""
+    args = ["--model", "gpt-test", "--conversation", ""]
+    alone = [sys.executable, "-m", "chatgate.client.chat", *args]  # only the client installed
+    for result in (
+        chat(client_env, ["hi"], *args),
+        subprocess.run(alone, input="hi\n", env=client_env, capture_output=True, text=True),
+    ):
+        assert result.returncode == 2
+        assert "--conversation" in result.stderr and "Traceback" not in result.stderr
+        assert "assistant>" not in result.stdout
+
+
 def test_missing_key_is_a_clear_error(client_env: dict[str, str]) -> None:
     env = {k: v for k, v in client_env.items() if k != "CHATGATE_API_KEY"}
     result = chat(env, ["hi"], "--model", "gpt-test")
