@@ -331,6 +331,12 @@ class RateLimiter:
             for spend in (permit._request, permit._token):
                 if spend is not None:
                     spend.cost = 0
+            if permit.at >= self._last_at:
+                # It was the latest slot: the next request queues behind the ones still booked,
+                # not behind this one (a big request's slot may be a minute away).
+                self._last_at = max(
+                    (s.at for s in self._requests.spends if s.cost > 0), default=-math.inf
+                )
 
     def settle(self, permit: Permit, tokens: int) -> None:
         """Charge the request's real token usage instead of the estimate it booked."""

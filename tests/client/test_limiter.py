@@ -232,3 +232,29 @@ async def test_a_cancelled_task_gives_its_slot_back() -> None:
         await waiting
     assert limiter.state().requests.remaining == 0  # only the first one counts
     assert limiter.reserve().delay == pytest.approx(30, abs=0.1)
+
+
+def test_a_slot_given_back_does_not_hold_up_the_next_request() -> None:
+    """The next request queues behind the requests still booked, not behind a cancelled one."""
+    clock = Clock()
+    limiter = RateLimiter(tpm=1000, window=60, slack=0, clock=clock)
+    limiter.reserve(900)
+    big = limiter.reserve(500)  # 900 + 500 > 1000: booked a minute later
+    assert big.delay == pytest.approx(60)
+    limiter.cancel(big)  # e.g. its task was cancelled by asyncio.wait_for while it waited
+    clock.now += 1
+    assert limiter.reserve(50).delay == 0  # 900 + 50 fit now
+
+    kept = limiter.reserve(500)  # booked a minute after the first, like big was
+    later = limiter.reserve(10)
+    assert later.delay >= kept.delay > 0  # first come, first served still
+    limiter.cancel(later)
+    assert limiter.reserve(10).delay == pytest.approx(kept.delay)
+
+
+async def test_a_request_timed_out_in_the_queue_does_not_hold_up_the_next() -> None:
+    limiter = RateLimiter(tpm=1000, window=30, slack=0)
+    await limiter.aacquire(900)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(limiter.aacquire(500), timeout=0.05)
+    assert limiter.reserve(50).delay == 0
