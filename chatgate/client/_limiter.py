@@ -308,10 +308,14 @@ class RateLimiter:
             return Permit(self._seq, t, max(t - now, 0.0), request, token)
 
     def acquire(self, tokens: int = 0) -> Permit:
-        """Book a slot and sleep until it (for threads)."""
+        """Book a slot and sleep until it (for threads); interrupted means given back."""
         permit = self.reserve(tokens)
         if permit.delay > 0:
-            time.sleep(permit.delay)
+            try:
+                time.sleep(permit.delay)
+            except BaseException:  # KeyboardInterrupt, or a signal handler's exception
+                self.cancel(permit)
+                raise
         return permit
 
     async def aacquire(self, tokens: int = 0) -> Permit:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 
@@ -258,3 +259,26 @@ async def test_a_request_timed_out_in_the_queue_does_not_hold_up_the_next() -> N
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(limiter.aacquire(500), timeout=0.05)
     assert limiter.reserve(50).delay == 0
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_wait_gives_the_slot_back() -> None:
+    """Ctrl-C in ``chatgate chat`` while the limiter waits: the twin of a cancelled task."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    limiter = RateLimiter(rpm=1, window=30, slack=0)
+    limiter.acquire()
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+    try:
+        with pytest.raises(Interrupted):
+            limiter.acquire()  # would wait 30 s
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert limiter.reserve().delay == pytest.approx(30, abs=0.5)  # not 60: one request counts
