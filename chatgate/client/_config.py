@@ -8,6 +8,10 @@ surrounding whitespace, such as the newline of a key read from a file, is droppe
 3. ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` (so code written for OpenAI runs unchanged);
 4. :data:`DEFAULT_BASE_URL` (there is no default key: :class:`MissingAPIKeyError`).
 
+Except that a key found in ``CHATGATE_API_KEY`` is never sent to ``OPENAI_BASE_URL``: that
+variable is often set for another provider, and the chatgate key would go there. It goes to
+``CHATGATE_BASE_URL``, the argument, or the default.
+
 This is the only place in :mod:`chatgate.client` that reads the environment.
 """
 
@@ -82,7 +86,10 @@ def resolve_config(
         raise MissingAPIKeyError()
     if not (key.isascii() and key.isprintable()):
         raise _unsendable_key(key, source)
-    url, url_source = _first(base_url, env, BASE_URL_VARS)
+    # A chatgate key from CHATGATE_API_KEY goes to CHATGATE_BASE_URL (or the default), never
+    # to OPENAI_BASE_URL: that one may name another provider, which would be sent the key.
+    url_vars = BASE_URL_VARS[:1] if source == API_KEY_VARS[0] else BASE_URL_VARS
+    url, url_source = _first(base_url, env, url_vars)
     url = normalize_base_url(url or DEFAULT_BASE_URL)
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:

@@ -53,6 +53,20 @@ def test_base_url_order(arg: str | None, env: dict[str, str], expected: str) -> 
     assert resolve_config("k", arg, environ={**env}).base_url == expected
 
 
+def test_a_chatgate_key_is_never_sent_to_another_providers_url() -> None:
+    """OPENAI_BASE_URL is often set for another provider: a key from CHATGATE_API_KEY goes to
+    CHATGATE_BASE_URL or the default, never there (it went there before); an OpenAI-style
+    setup, both values in OPENAI_*, still works unchanged."""
+    other = {"OPENAI_BASE_URL": "https://api.other.example/v1"}
+    config = resolve_config(environ={"CHATGATE_API_KEY": KEY, **other})
+    assert config.base_url == DEFAULT_BASE_URL
+    both = {"CHATGATE_API_KEY": KEY, "CHATGATE_BASE_URL": "http://gw:8000/v1", **other}
+    assert resolve_config(environ=both).base_url == "http://gw:8000/v1"
+    openai_style = resolve_config(environ={"OPENAI_API_KEY": KEY, **other})
+    assert openai_style.base_url == "https://api.other.example/v1"
+    assert resolve_config(KEY, environ=other).base_url == "https://api.other.example/v1"
+
+
 def test_no_key_is_a_clear_error_without_secrets() -> None:
     env = {"CHATGATE_BASE_URL": "http://gw/v1", "SOME_TOKEN": KEY}
     with pytest.raises(MissingAPIKeyError) as info:
