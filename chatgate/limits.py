@@ -106,11 +106,11 @@ def refusal(decision: Decision, model: str) -> errors.APIError:
     check = decision.failed
     assert check is not None
     headers = headers_for(decision)
-    wait = (
-        f" Please try again in {reset_text(decision.retry_after)}."
-        if math.isfinite(decision.retry_after)
-        else ""
-    )
+    wait = ""
+    if math.isfinite(decision.retry_after):
+        wait = f" Please try again in {reset_text(decision.retry_after)}."
+    else:  # it can never pass (more than the limit, or a limit of 0): retrying cannot help
+        headers["x-should-retry"] = "false"
     if check.kind == "quota":
         headers["x-should-retry"] = "false"
         return errors.InsufficientQuota(
@@ -129,8 +129,7 @@ def refusal(decision: Decision, model: str) -> errors.APIError:
     per, letter = _WINDOW_TEXT.get(check.window, (f"per {check.window:g}s", "W"))
     unit = "requests" if check.kind == "requests" else "tokens"
     abbrev = f"{'R' if unit == 'requests' else 'T'}P{letter}"
-    if not math.isfinite(decision.retry_after):
-        headers["x-should-retry"] = "false"
+    if unit == "tokens" and not math.isfinite(decision.retry_after):
         return errors.RateLimited(
             f"Request too large for {model} on {unit} {per} ({abbrev}): Limit {check.limit}, "
             f"Requested {decision.requested}. The input or output tokens must be reduced.",

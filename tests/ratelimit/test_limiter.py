@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import chatgate.ratelimit as rl
+from chatgate.limits import refusal
 from chatgate.ratelimit import (
     Check,
     FailoverLimiter,
@@ -155,6 +156,23 @@ async def test_request_larger_than_limit_can_never_pass(limiter: Limiter) -> Non
     assert d.retry_after == math.inf
     d = await limiter.acquire([Check.concurrent("key:a", 0)])
     assert not d.allowed and d.retry_after == math.inf
+
+
+async def test_a_limit_of_0_is_refused_for_good_in_its_own_words(limiter: Limiter) -> None:
+    # A plan (or key) with rpm, rpd or concurrency 0 admits nothing, ever: the 429 says
+    # which limit and tells the client not to retry; only a token limit asks for fewer
+    # tokens.
+    for check in (Check.rpm("key:a", 0), Check.rpd("key:a", 0), Check.concurrent("key:a", 0)):
+        error = refusal(await limiter.acquire([check], 10), "gpt-test")
+        assert error.headers["x-should-retry"] == "false", check
+        assert "retry-after" not in error.headers
+        assert "tokens must be reduced" not in error.message, error.message
+        assert "Limit 0" in error.message
+    error = refusal(await limiter.acquire([Check.rpd("key:a", 0)], 10), "gpt-test")
+    assert error.message.startswith("Rate limit reached for gpt-test on requests per day (RPD)")
+    error = refusal(await limiter.acquire([Check.tpm("key:a", 0)], 10), "gpt-test")
+    assert error.message.startswith("Request too large for gpt-test on tokens per min (TPM)")
+    assert error.headers["x-should-retry"] == "false"
 
 
 async def test_all_or_nothing(limiter: Limiter) -> None:
