@@ -176,6 +176,7 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
                     name=args.name,
                     expires_at=expires,
                     models=models,
+                    limits={f: getattr(args, f) for f in LIMIT_FIELDS},
                     rotation_period=period,
                 )
             ).to_dict()
@@ -301,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires-in", help="e.g. 30d, 12h; 0 or never: no expiry (the default)")
     p.add_argument("--models", help="comma-separated model names this key may use")
     p.add_argument("--rotate-every", help="scheduled rotation period, e.g. 90d")
+    for field in LIMIT_FIELDS:  # held beside the account's plan, which binds still
+        p.add_argument(
+            "--" + field.replace("_", "-"),
+            dest=field,
+            type=_limit,
+            metavar="N",
+            help="a limit of this key's own (default: its plan's alone)",
+        )
     p = ks.add_parser("list")
     p.add_argument("--account", help="only this account's keys (email)")
     p = ks.add_parser("due", help="active keys past their rotation period")

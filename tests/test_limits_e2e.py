@@ -215,3 +215,47 @@ def test_redis_outage_fail_open_and_closed(
     finally:
         for gw in gws.values():
             gw.stop()
+
+
+def test_a_key_carries_tighter_limits_of_its_own(pair: list[Gateway]) -> None:
+    """README: "a key may carry tighter ones". The operator gives them with ``keys create``,
+    the account with ``POST /api/keys``; the key is held to them and its plan binds still."""
+    plan = "p" + secrets.token_hex(4)
+    pair[0].cli("plans", "create", plan, "--rpm=100", "--rpd=3")
+    email = f"{plan}@example.com"
+    pair[0].cli("accounts", "create", email, "--plan", plan)
+    tight = pair[0].cli_json("keys", "create", "--account", email, "--rpm", "2")
+    assert tight["rpm"] == 2 and tight["tpm"] is None  # the record shows the key's own limits
+    loose = pair[0].cli_json("keys", "create", "--account", email, "--rpd", "1000")
+    url = pair[1].url + "/v1/chat/completions"
+
+    def post(key: str) -> requests.Response:
+        return requests.post(url, json=BODY, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+
+    answers = [post(tight["key"]) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[0].headers["x-ratelimit-limit-requests"] == "2"  # the key's, the tighter
+    assert "Limit 2, Used 2, Requested 1" in answers[2].json()["error"]["message"]
+    # Another key of the account is not held to it; the plan's rpd (3) binds a looser key.
+    assert post(loose["key"]).status_code == 200
+    refused = post(loose["key"])
+    assert refused.status_code == 429 and "requests per day (RPD): Limit 3" in refused.text
+
+    # The account gives a new key a limit of its own through the API.
+    other = account_with_plan(pair[0], rpm=100)
+    made = requests.post(
+        pair[0].url + "/api/keys",
+        json={"name": "script", "rpm": 1},
+        headers={"Authorization": f"Bearer {other}"},
+        timeout=10,
+    )
+    assert made.status_code == 201, made.text
+    assert made.json()["rpm"] == 1
+    assert [post(made.json()["key"]).status_code for _ in range(2)] == [200, 429]
+    bad = requests.post(
+        pair[0].url + "/api/keys",
+        json={"rpm": -1},
+        headers={"Authorization": f"Bearer {other}"},
+        timeout=10,
+    )
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm"

@@ -146,7 +146,8 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def create_key(request: web.Request) -> web.Response:
-    """POST /api/keys ``{"name", "expires_in": "30d", "models": [...]}``: the key, once."""
+    """POST /api/keys ``{"name", "expires_in": "30d", "models": [...], "rpm": 10, ...}``: the
+    key, once; ``rpm``, ``tpm``, ``rpd``, ``concurrency``, ``monthly_tokens``: its own limits."""
     state, who = await caller(request)
     await _may_issue(state, who)
     body = await _body(request)
@@ -155,6 +156,7 @@ async def create_key(request: web.Request) -> web.Response:
         name=_text(body, "name") or "",
         expires_in=_text(body, "expires_in"),
         models=_names(body, "models"),
+        limits={f: body[f] for f in LIMIT_FIELDS if f in body},
     )
     issued = await services.create_key(state, who.account, wanted)
     return json_response(issued.to_dict(), status=201, headers={"Cache-Control": "no-store"})
@@ -258,6 +260,7 @@ def setup(app: web.Application) -> None:
 _ERROR = {"$ref": "#/components/schemas/ErrorResponse"}
 _ANY = {"type": "object", "additionalProperties": True}
 _SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"sessionCookie": []}]
+_LIMIT = {"type": ["integer", "null"], "minimum": 0, "description": "null = unlimited"}
 _KEY_RECORD = {
     "type": "object",
     "properties": {
@@ -273,6 +276,7 @@ _KEY_RECORD = {
         "revoked_at": {"type": ["integer", "null"]},
         "prev_valid_until": {"type": ["integer", "null"]},
         "status": {"enum": ["active", "expired", "revoked"]},
+        **{f: _LIMIT for f in LIMIT_FIELDS},
     },
 }
 _ISSUED = {
@@ -295,7 +299,6 @@ _ACCOUNT = {
         "created_at": {"type": "integer"},
     },
 }
-_LIMIT = {"type": ["integer", "null"], "minimum": 0, "description": "null = unlimited"}
 _PLAN = {
     "type": "object",
     "properties": {
@@ -371,6 +374,7 @@ def openapi_paths() -> dict[str, Any]:
             "name": {"type": "string", "maxLength": 200},
             "expires_in": {"type": ["string", "null"], "examples": ["30d", "12h"]},
             "models": {"type": ["array", "null"], "items": {"type": "string"}},
+            **{f: _LIMIT for f in LIMIT_FIELDS},
         },
     }
     grace_body = {

@@ -33,6 +33,7 @@ class KeyRequest:
     name: str
     expires_at: int | None
     models: list[str] | None
+    limits: dict[str, int | None] | None = None  # the key's own (overrides of its plan's)
 
 
 def parse_expiry(text: str | None, *, now: float | None = None) -> int | None:
@@ -95,15 +96,22 @@ def check_models(state: State, models: Iterable[str] | None) -> list[str] | None
 
 
 def key_request(
-    state: State, *, name: str, expires_in: str | None, models: Iterable[str] | None
+    state: State,
+    *,
+    name: str,
+    expires_in: str | None,
+    models: Iterable[str] | None,
+    limits: dict[str, object] | None = None,
 ) -> KeyRequest:
-    """Check a create-key request from a form or JSON."""
+    """Check a create-key request from a form or JSON (``limits``: the key's own, as
+    :func:`parse_limits` reads them)."""
     name = name.strip()
     if len(name) > MAX_KEY_NAME:
         raise errors.InvalidRequest(
             f"A key name is at most {MAX_KEY_NAME} characters.", param="name"
         )
-    return KeyRequest(name, parse_expiry(expires_in), check_models(state, models))
+    own = parse_limits(limits or {})  # their range: the store's check (check_limits)
+    return KeyRequest(name, parse_expiry(expires_in), check_models(state, models), own)
 
 
 async def create_key(state: State, account: Account, request: KeyRequest) -> IssuedKey:
@@ -111,7 +119,11 @@ async def create_key(state: State, account: Account, request: KeyRequest) -> Iss
     if account.disabled:
         raise errors.PermissionDenied("This account is disabled.")
     return await state.keys.create(
-        account.id, name=request.name, expires_at=request.expires_at, models=request.models
+        account.id,
+        name=request.name,
+        expires_at=request.expires_at,
+        models=request.models,
+        limits=request.limits,
     )
 
 

@@ -53,6 +53,12 @@ class KeyRecord:
     revoked_at: int | None
     prev_valid_until: int | None
     rotation_period: int | None  # seconds; None = no scheduled rotation
+    # The key's own limits (None: only its plan's), held beside its account's plan.
+    rpm: int | None = None
+    tpm: int | None = None
+    rpd: int | None = None
+    concurrency: int | None = None
+    monthly_tokens: int | None = None
 
     @property
     def status(self) -> str:
