@@ -225,10 +225,17 @@ def make_gateway(
 
 @contextlib.asynccontextmanager
 async def served_app(
-    workdir: Path, upstream: Upstream, *, env: dict[str, str] | None = None, extra_toml: str = ""
+    workdir: Path,
+    upstream: Upstream,
+    *,
+    env: dict[str, str] | None = None,
+    extra_toml: str = "",
+    shutdown_timeout: float = 60.0,
 ) -> AsyncIterator[tuple[TestServer, str]]:
     """The app in process (SQLite in ``workdir``) with the fake upstream's models, and a key
-    of a new account on the default plan (the free one: it has token limits)."""
+    of a new account on the default plan (the free one: it has token limits). Leaving it stops
+    the server as SIGTERM does ``chatgate serve``: ``shutdown_timeout`` for requests in flight
+    (twice), then they are cancelled."""
     from aiohttp.test_utils import TestServer
 
     from chatgate.accounts import AccountStore
@@ -251,7 +258,7 @@ async def served_app(
     account = await AccountStore(engine).create(f"t{secrets.token_hex(4)}@example.com")
     issued = await KeyStore(engine, settings.resolved_secret()).create(account.id)
     server = TestServer(create_app(settings), host="127.0.0.1")
-    await server.start_server()
+    await server.start_server(shutdown_timeout=shutdown_timeout)
     try:
         yield server, issued.key
     finally:

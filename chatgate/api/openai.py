@@ -245,11 +245,13 @@ async def _relay_stream(
     except ConnectionResetError:
         meter.error_code = "client_disconnected"  # stop the backend below; still metered
     finally:
-        await stream.aclose()
-        meter.first_byte_at = stream.first_byte_at
-        meter.add_usage(stream.usage or counted(), route.model)
-        if stream.failure is not None:
-            meter.broken(stream.failure)
+        try:
+            await stream.aclose()
+        finally:  # metered also when a second cancel (a stop, then its closed connection) cuts
+            meter.first_byte_at = stream.first_byte_at  # the close short
+            meter.add_usage(stream.usage or counted(), route.model)
+            if stream.failure is not None:
+                meter.broken(stream.failure)
     with contextlib.suppress(ConnectionResetError):
         await resp.write_eof()
     return resp

@@ -239,10 +239,13 @@ async def _relay(
     except ConnectionResetError:
         meter.error_code = "client_disconnected"  # stop the backend below; still metered
     finally:
-        await stream.aclose()
-        meter.first_byte_at = stream.first_byte_at
-        if usage is None:  # cut off: meter what the model produced so far
-            meter.add_usage(stream.usage or turn.counted(stream.completion_text), turn.route.model)
+        try:
+            await stream.aclose()
+        finally:  # metered also when a second cancel cuts the close short (as chat's relay)
+            meter.first_byte_at = stream.first_byte_at
+            if usage is None:  # cut off: meter what the model produced so far
+                u = stream.usage or turn.counted(stream.completion_text)
+                meter.add_usage(u, turn.route.model)
     with contextlib.suppress(ConnectionResetError):
         await resp.write_eof()
     return resp

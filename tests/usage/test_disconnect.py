@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 import requests
 
 from tests.helpers import Upstream, make_gateway, served_app, stored_usage
@@ -114,4 +115,46 @@ def test_a_stream_a_stop_cuts_off_is_recorded(upstream: Upstream, tmp_path: Path
     )
     [cut] = [r for r in records if r.model == "gpt-stall"]
     assert (cut.status, cut.error_code) == (200, "client_disconnected")  # the server closed it
+    assert cut.completion_tokens > 0
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+async def test_a_stream_cancelled_twice_is_still_metered(
+    upstream: Upstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """A stop cancels a stream's handler, and closing its connection cancels it once more,
+    maybe while it still closes the upstream: the tokens the client was sent are metered all
+    the same. They were metered only after the upstream had closed, so the second cancel lost
+    them (the test above failed so now and then under load: 0 completion tokens)."""
+    from chatgate.backends.sse import SSEPassThrough
+
+    close = SSEPassThrough.aclose
+
+    async def slow_close(self: SSEPassThrough) -> None:  # a close that takes its time
+        await asyncio.sleep(1.0)
+        await close(self)
+
+    monkeypatch.setattr(SSEPassThrough, "aclose", slow_close)
+    extra = SLOW.format(base=upstream.base_url)
+    stalled: dict[str, object] = {"model": "gpt-stall", "stream": True}
+    if path.endswith("responses"):
+        stalled["input"] = MESSAGES[0]["content"]
+    else:
+        stalled["messages"] = MESSAGES
+    async with aiohttp.ClientSession() as session:
+        async with served_app(tmp_path, upstream, extra_toml=extra, shutdown_timeout=0.2) as (
+            server,
+            key,
+        ):
+            resp = await session.post(
+                server.make_url(path), json=stalled, headers={"Authorization": f"Bearer {key}"}
+            )
+            assert resp.status == 200
+            async for line in resp.content:  # up to the first of the model's words
+                if b"delta" in line:
+                    break
+        resp.close()  # the server stopped with the stream open (it would never end)
+    records, _ = await stored_usage(tmp_path, "model", "status", "error_code", "completion_tokens")
+    [cut] = [r for r in records if r.model == "gpt-stall"]
+    assert (cut.status, cut.error_code) == (200, "client_disconnected")
     assert cut.completion_tokens > 0
