@@ -162,19 +162,27 @@ class ChatSession:
         the one holding ``[DONE]``.
 
         Stored only when the stream finished normally (a finish reason, no error event), and
-        before the client sees the end, so its next turn already finds this one.
+        before the client sees the end, so its next turn already finds this one. A stream the
+        backend ends without ``[DONE]`` (some servers do) is stored when it ends.
         """
+        done = False
         async for batch in batches:
             for event in batch:
-                if self._observe(event) and self._finished and not self._failed:
-                    message: dict[str, Any] = {
-                        "role": "assistant",
-                        "content": "".join(self._text),
-                    }
-                    if self._calls:
-                        message["tool_calls"] = [self._calls[i] for i in sorted(self._calls)]
-                    await self.commit(message)
+                if self._observe(event):
+                    done = True
+                    await self._commit_answer()
             yield batch
+        if not done:
+            await self._commit_answer()
+
+    async def _commit_answer(self) -> None:
+        """Store the streamed answer, if the stream finished normally."""
+        if not self._finished or self._failed:
+            return
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self._text)}
+        if self._calls:
+            message["tool_calls"] = [self._calls[i] for i in sorted(self._calls)]
+        await self.commit(message)
 
 
 async def prepare_chat(

@@ -164,6 +164,34 @@ def test_conversation_turns_through_responses_and_chat(
         )
 
 
+def test_a_chat_stream_ended_without_done_is_stored(
+    alice: openai.OpenAI, upstream: Upstream
+) -> None:
+    """Some servers end a stream without ``data: [DONE]``; its turn is stored all the same."""
+    conv = alice.conversations.create()
+    stream = alice.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "first turn"}],
+        stream=True,
+        extra_body={"conversation": conv.id, "fake": {"no_done": True}},
+    )
+    answer = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert "first" in answer
+    items = list(alice.conversations.items.list(conv.id, order="asc"))
+    assert [getattr(i, "role", None) for i in items] == ["user", "assistant"]
+
+    alice.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "second turn"}],
+        extra_body={"conversation": conv.id},
+    )
+    assert sent(upstream)["messages"] == [
+        {"role": "user", "content": "first turn"},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "second turn"},
+    ]
+
+
 def test_streaming_responses(alice: openai.OpenAI, upstream: Upstream) -> None:
     events = list(alice.responses.create(model="gpt-test", input="stream this", stream=True))
     kinds = [e.type for e in events]
