@@ -47,6 +47,7 @@ Metadata = Annotated[dict[MetadataKey, MetadataValue], msgspec.Meta(max_length=1
 PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 INPUT_ROLES = frozenset({"user", "system", "developer", "assistant"})
 TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
+CHAT_PARTS = frozenset({"text", "image_url", "refusal"})  # chat parts a conversation stores
 
 
 class ConversationRef(msgspec.Struct, kw_only=True):
@@ -293,10 +294,21 @@ def _chat_parts(content: Any) -> list[dict[str, Any]]:
 def chat_message_to_items(
     message: Mapping[str, Any], param: str = "messages"
 ) -> list[dict[str, Any]]:
-    """One chat message as stored items (the chat ``conversation`` extension stores turns so)."""
+    """One chat message as stored items (the chat ``conversation`` extension stores turns so).
+
+    A content part that cannot be stored (audio, a file) is a 400 naming it, rather than being
+    dropped: the message would be stored without it, and replayed so in every later turn.
+    """
     role = message.get("role")
+    content = message.get("content")
+    for index, part in enumerate(content if isinstance(content, list) else ()):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind not in CHAT_PARTS:
+            raise _invalid(
+                f"Content part type '{str(kind)[:40]}' cannot be stored in a conversation.",
+                f"{param}.content[{index}].type",
+            )
     if role == "tool":
-        content = message.get("content")
         output = content if isinstance(content, str) else _flatten(_chat_parts(content))
         return [
             {

@@ -192,6 +192,29 @@ def test_a_chat_stream_ended_without_done_is_stored(
     ]
 
 
+def test_a_chat_part_a_conversation_cannot_store_is_a_400(
+    alice: openai.OpenAI, upstream: Upstream
+) -> None:
+    """Audio or a file in a chat turn would be stored as an empty message, which every later
+    turn would then send upstream: it is refused, naming the part, and nothing is stored."""
+    conv = alice.conversations.create()
+    upstream.clear()
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    with pytest.raises(openai.BadRequestError) as info:
+        alice.chat.completions.create(
+            model="gpt-test",
+            messages=[
+                {"role": "user", "content": [{"type": "text", "text": "hear this"}, audio]}  # type: ignore[list-item]
+            ],
+            extra_body={"conversation": conv.id},
+        )
+    assert info.value.status_code == 400
+    assert info.value.param == "messages[0].content[1].type"
+    assert "input_audio" in info.value.message
+    assert not [b for b in upstream.received() if "messages" in b]
+    assert list(alice.conversations.items.list(conv.id)) == []
+
+
 def test_streaming_responses(alice: openai.OpenAI, upstream: Upstream) -> None:
     events = list(alice.responses.create(model="gpt-test", input="stream this", stream=True))
     kinds = [e.type for e in events]
