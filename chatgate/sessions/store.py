@@ -533,7 +533,8 @@ class SessionStore:
         """The items a response continues from: its chain of previous responses, oldest first.
 
         The chain is followed with one recursive query. When its first response was made in a
-        conversation, the conversation's items up to that response come first.
+        conversation, the conversation's items up to that response come first; a 404 when that
+        conversation was deleted since (its items, the response's own, went with it).
         """
         responses = session_responses.c
         async with self._engine.connect() as conn:
@@ -562,6 +563,15 @@ class SessionStore:
                 raise response_not_found(response_id, param)
             ids = [link.id for link in links]
             root = links[-1]
+            if root.conversation_id is not None and not await self._exists(
+                conn, account_id, root.conversation_id
+            ):
+                # Its items went with the conversation: the chain would go on without them.
+                raise errors.NotFound(
+                    f"Response with id '{response_id[:80]}' continues conversation "
+                    f"'{root.conversation_id}', which was deleted.",
+                    param=param,
+                )
             condition: sa.ColumnElement[bool] = session_items.c.response_id.in_(ids)
             if root.conversation_id is not None and root.last_seq is not None:
                 condition = sa.or_(
@@ -647,6 +657,14 @@ class SessionStore:
             lambda: conversation_not_found(conversation_id),
         )
         return _conversation(row)
+
+    async def _exists(self, conn: AsyncConnection, account_id: str, conversation_id: str) -> bool:
+        row = await conn.execute(
+            sa.select(conversations.c.id).where(
+                conversations.c.id == conversation_id, conversations.c.account_id == account_id
+            )
+        )
+        return row.first() is not None
 
     async def _touch(
         self, conn: AsyncConnection, account_id: str, conversation_id: str, now: int

@@ -212,6 +212,38 @@ async def test_response_in_conversation_then_chained(
     assert texts(await store.conversation_items(alice, conv.id)) == ["c0", "q1", "a1", "later"]
 
 
+async def test_a_response_of_a_deleted_conversation_cannot_be_continued(
+    store: SessionStore, two_accounts: tuple[str, str]
+) -> None:
+    """Deleting a conversation deletes its items, those of its responses too: continuing one
+    of them is a 404, not a turn that silently goes out without any of its history."""
+    alice, _ = two_accounts
+    conv, _ = await store.create_conversation(alice, new_id("conv"), items=user("c0"))
+    r1, r2 = new_id("resp"), new_id("resp")
+    await store.save_response(
+        alice,
+        response_body(r1),
+        inputs=user("q1"),
+        outputs=assistant("a1"),
+        conversation_id=conv.id,
+    )
+    await store.save_response(
+        alice,
+        response_body(r2),
+        inputs=user("q2"),
+        outputs=assistant("a2"),
+        previous_response_id=r1,
+    )
+    assert texts(await store.response_history(alice, r2)) == ["c0", "q1", "a1", "q2", "a2"]
+    await store.delete_conversation(alice, conv.id)
+    assert (await store.get_response(alice, r1)).id == r1  # still readable
+    for continued in (r1, r2):
+        with pytest.raises(errors.NotFound) as info:
+            await store.response_history(alice, continued)
+        assert info.value.param == "previous_response_id"
+        assert conv.id in info.value.message
+
+
 async def test_retention_prunes_idle_conversations_and_old_responses(
     store: SessionStore, engine: AsyncEngine, two_accounts: tuple[str, str]
 ) -> None:
