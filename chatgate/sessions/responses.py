@@ -400,14 +400,20 @@ def chat_body(
     body: dict[str, Any] = {"model": upstream_model, "messages": messages}
     if req.max_output_tokens is not None:
         body["max_tokens"] = req.max_output_tokens
-    for name in ("temperature", "top_p", "user", "parallel_tool_calls"):
+    for name in ("temperature", "top_p", "user"):
         value = getattr(req, name)
         if value is not None:
             body[name] = value
+    # A chat upstream refuses parallel_tool_calls, and a tool_choice, without tools; the
+    # Responses API takes them (its response object always carries parallel_tool_calls).
     if req.tools:
         body["tools"] = _chat_tools(req.tools)
+        if req.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = req.parallel_tool_calls
     if req.tool_choice is not None:
-        body["tool_choice"] = _chat_tool_choice(req.tool_choice)
+        choice = _chat_tool_choice(req.tool_choice)
+        if req.tools or choice not in ("auto", "none"):  # without tools, those two say nothing
+            body["tool_choice"] = choice
     if req.text:
         fmt = _response_format(req.text)
         if fmt is not None:

@@ -132,6 +132,28 @@ def test_chat_body_translates_the_options() -> None:
     assert body["response_format"]["json_schema"]["name"] == "s"
 
 
+def test_tool_options_without_tools_are_not_sent_to_the_chat_upstream() -> None:
+    """OpenAI's chat completions refuse parallel_tool_calls or tool_choice without tools (400
+    'only allowed when tools are specified'); the Responses API takes them, as SDKs send them."""
+    req = ResponsesRequest(model="m", parallel_tool_calls=False, tool_choice="auto")
+    body = chat_body(req, [{"role": "user", "content": "x"}], "up")
+    assert "parallel_tool_calls" not in body and "tool_choice" not in body
+    assert chat_body(ResponsesRequest(model="m", tools=[], tool_choice="none"), [], "up") == {
+        "model": "up",
+        "messages": [],
+    }
+    # With tools they go along; a choice that needs a tool still goes, to be refused upstream.
+    tools = [{"type": "function", "name": "f"}]
+    body = chat_body(
+        ResponsesRequest(model="m", tools=tools, parallel_tool_calls=False, tool_choice="none"),
+        [],
+        "up",
+    )
+    assert body["parallel_tool_calls"] is False and body["tool_choice"] == "none"
+    body = chat_body(ResponsesRequest(model="m", tool_choice="required"), [], "up")
+    assert body["tool_choice"] == "required"
+
+
 def test_response_object_is_a_valid_sdk_response() -> None:
     output = output_items({"role": "assistant", "content": "hello there"})
     body = response_object(
