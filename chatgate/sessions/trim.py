@@ -74,26 +74,29 @@ def output_reserve(model: ModelConfig, requested: int | None, settings: Settings
     return max(0, min(default, model.context_window // 4))
 
 
-def prompt_budget(model: ModelConfig, requested: int | None, settings: Settings) -> int:
-    """Tokens the prompt may use; 400 when the requested output alone fills the window."""
+def prompt_budget(
+    model: ModelConfig, requested: int | None, settings: Settings, param: str = "max_tokens"
+) -> int:
+    """Tokens the prompt may use; 400 when the requested output alone fills the window
+    (``param`` names the field that requested it)."""
     reserve = output_reserve(model, requested, settings)
     budget = model.context_window - reserve
     if budget <= 0:
         raise errors.InvalidRequest(
             f"This model's maximum context length is {model.context_window} tokens, and "
             f"{reserve} were requested for the output. Please reduce the output length.",
-            param="max_tokens",
+            param=param,
             code="context_length_exceeded",
         )
     return budget
 
 
-def _too_long(model: ModelConfig, used: int, budget: int) -> errors.InvalidRequest:
+def _too_long(model: ModelConfig, used: int, budget: int, param: str) -> errors.InvalidRequest:
     return errors.InvalidRequest(
         f"This model's maximum context length is {model.context_window} tokens. However, your "
         f"messages resulted in {used} tokens, and {model.context_window - budget} are reserved "
         "for the output. Please reduce the length of the messages.",
-        param="messages",
+        param=param,
         code="context_length_exceeded",
     )
 
@@ -118,10 +121,12 @@ def trim_messages(
     budget: int,
     policy: Policy = DEFAULT_POLICY,
     tools: Sequence[Mapping[str, Any]] | None = None,
+    param: str = "messages",
 ) -> Trimmed:
     """Keep the pinned messages and the newest turns that fit in ``budget`` prompt tokens.
 
-    ``pinned[i]`` marks ``messages[i]`` as never dropped. Order is preserved.
+    ``pinned[i]`` marks ``messages[i]`` as never dropped. Order is preserved. ``param`` names
+    the request's field in the 400 when they do not fit.
     """
     if len(pinned) != len(messages):
         raise ValueError("pinned must mark every message")
@@ -151,7 +156,7 @@ def trim_messages(
                 keep[index] = False
                 total -= costs[index]
     if total > budget:
-        raise _too_long(model, total, budget)
+        raise _too_long(model, total, budget, param)
     kept = [dict(m) for m, k in zip(messages, keep, strict=True) if k]
     # Counted per message above; confirm on the whole list, as a counter need not be additive
     # (a chat template may merge messages), and drop on until it really fits.
@@ -163,5 +168,5 @@ def trim_messages(
         kept = [dict(m) for m, k in zip(messages, keep, strict=True) if k]
         exact = counter.count_messages(kept, tools)
     if exact > budget:
-        raise _too_long(model, exact, budget)
+        raise _too_long(model, exact, budget, param)
     return Trimmed(kept, exact, keep.count(False))

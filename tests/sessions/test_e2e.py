@@ -295,6 +295,51 @@ def test_trimming_keeps_system_and_newest_turns_within_the_window(
     assert info.value.code == "context_length_exceeded"
 
 
+def test_a_context_too_long_names_the_field_the_request_used(alice: openai.OpenAI) -> None:
+    """The 400 context_length_exceeded names the request's own field: the Responses API has
+    ``input`` and ``max_output_tokens``, a chat request may use ``max_completion_tokens``."""
+    conv = alice.conversations.create()
+    long = [{"role": "user", "content": "lorem ipsum " * 300}]  # more than the window
+    alice.conversations.items.create(conv.id, items=long)  # type: ignore[arg-type]
+    calls: list[tuple[str, Any]] = [
+        (
+            "max_output_tokens",
+            lambda: alice.responses.create(
+                model="gpt-small", input="x", conversation=conv.id, max_output_tokens=1000
+            ),
+        ),
+        (
+            "input",
+            lambda: alice.responses.create(
+                model="gpt-small", input="x", conversation=conv.id, truncation="disabled"
+            ),
+        ),
+        (
+            "max_completion_tokens",
+            lambda: alice.chat.completions.create(
+                model="gpt-small",
+                messages=[{"role": "user", "content": "x"}],
+                max_completion_tokens=1000,
+                extra_body={"conversation": conv.id},
+            ),
+        ),
+        (
+            "max_tokens",
+            lambda: alice.chat.completions.create(
+                model="gpt-small",
+                messages=[{"role": "user", "content": "x"}],
+                max_tokens=1000,
+                extra_body={"conversation": conv.id},
+            ),
+        ),
+    ]
+    for param, call in calls:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.code == "context_length_exceeded"
+        assert info.value.param == param
+
+
 def test_other_accounts_get_404(sgw: Gateway, alice: openai.OpenAI) -> None:
     bob = client(sgw, new_key(sgw))
     conv = alice.conversations.create(items=[{"role": "user", "content": "private"}])
