@@ -184,7 +184,10 @@ class StreamTranslator:
         return events
 
     def _status(self) -> str:
-        return "incomplete" if self.finish_reason == "length" else "completed"
+        # An item the upstream broke off is incomplete, as one cut at the output limit.
+        if self.finish_reason == "length" or self.error is not None:
+            return "incomplete"
+        return "completed"
 
     def _close_text(self) -> list[dict[str, Any]]:
         item, self._text = self._text, None

@@ -221,6 +221,33 @@ def test_stream_events_are_valid_sdk_events_in_order() -> None:
     assert parsed[2].item.content == []  # the item as it was when added
 
 
+def test_an_item_the_upstream_broke_off_is_incomplete() -> None:
+    """A stream broken after some text ends in response.failed; the item it was writing is
+    closed as incomplete (in its done event and in the failed response), not completed."""
+    tr = StreamTranslator(
+        response_object(response_id="r", created_at=1, req=REQ, model="m", truncation="auto")
+    )
+    events = tr.start()
+    events += tr.feed(chunk({"content": "Hal"}))
+    events += tr.feed({"error": {"message": "broke off", "code": "upstream_error"}})
+    events += tr.close()
+    failed = response_object(
+        response_id="r",
+        created_at=1,
+        req=REQ,
+        model="m",
+        truncation="auto",
+        status="failed",
+        output=tr.output,
+        error={"code": "server_error", "message": "broke off"},
+    )
+    events.append(tr.failed(failed))
+    parsed = [EVENTS.validate_python(e) for e in events]
+    assert [e.type for e in parsed][-2:] == ["response.output_item.done", "response.failed"]
+    assert parsed[-2].item.status == "incomplete"  # type: ignore[union-attr]
+    assert [item.status for item in parsed[-1].response.output] == ["incomplete"]  # type: ignore[union-attr]
+
+
 def test_stream_tool_calls_and_length_limit() -> None:
     tr = StreamTranslator(
         response_object(response_id="r", created_at=1, req=REQ, model="m", truncation="auto")
