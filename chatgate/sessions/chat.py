@@ -107,6 +107,7 @@ class ChatSession:
     account_id: str
     new_items: list[dict[str, Any]]
     _text: list[str] = field(default_factory=list)
+    _refusal: list[str] = field(default_factory=list)
     _calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     _finished: bool = False
     _failed: bool = False
@@ -146,6 +147,8 @@ class ChatSession:
                 delta = choice.get("delta") or {}
                 if isinstance(delta.get("content"), str):
                     self._text.append(delta["content"])
+                if isinstance(delta.get("refusal"), str):
+                    self._refusal.append(delta["refusal"])
                 for call in delta.get("tool_calls") or ():
                     slot = self._calls.setdefault(
                         int(call.get("index", 0)),
@@ -183,6 +186,10 @@ class ChatSession:
         if not self._finished or self._failed:
             return
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self._text)}
+        refusal = "".join(self._refusal)
+        if refusal:  # kept as a whole answer's is (an empty text beside it would hide it)
+            message["refusal"] = refusal
+            message["content"] = message["content"] or None
         if self._calls:
             message["tool_calls"] = [self._calls[i] for i in sorted(self._calls)]
         await self.commit(message)
