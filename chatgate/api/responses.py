@@ -207,7 +207,7 @@ async def _relay(
         text = "".join(
             str(item.get("arguments") or "")
             if item["type"] == "function_call"
-            else "".join(p.get("text", "") for p in item.get("content") or ())
+            else "".join(p.get("text") or p.get("refusal") or "" for p in item.get("content") or ())
             for item in translator.output
         )
         usage = translator.usage or stream.usage or turn.counted(text)

@@ -3,7 +3,8 @@
 
 The events are those the official SDK parses: ``response.created``, ``response.in_progress``,
 ``response.output_item.added``, ``response.content_part.added``,
-``response.output_text.delta``/``.done``, ``response.content_part.done``,
+``response.output_text.delta``/``.done`` (``response.refusal.delta``/``.done`` for a refusal),
+``response.content_part.done``,
 ``response.output_item.done``, ``response.function_call_arguments.delta``/``.done``, then
 ``response.completed``, ``response.incomplete`` or ``response.failed``. The items they carry
 are built as :mod:`chatgate.sessions.responses` builds a non-streamed answer's.
@@ -93,11 +94,11 @@ class StreamTranslator:
             if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
-            text = delta.get("content")
-            if not isinstance(text, str) or not text:
-                text = delta.get("refusal") if isinstance(delta.get("refusal"), str) else None
-            if text:
+            text, refusal = delta.get("content"), delta.get("refusal")
+            if isinstance(text, str) and text:
                 events += self._text_delta(text)
+            if isinstance(refusal, str) and refusal:  # a refusal part, as a whole answer's
+                events += self._text_delta(refusal, refusal=True)
             for call in delta.get("tool_calls") or ():
                 if isinstance(call, Mapping):
                     events += self._call_delta(call)
@@ -105,7 +106,9 @@ class StreamTranslator:
                 self.finish_reason = str(choice["finish_reason"])
         return events
 
-    def _text_delta(self, text: str) -> list[dict[str, Any]]:
+    def _text_delta(self, text: str, refusal: bool = False) -> list[dict[str, Any]]:
+        """Text (or, with ``refusal``, a refusal) of the message item, opened on first use;
+        its one content part is of the kind its first delta was."""
         events = []
         if self._text is None:
             events += self._close_calls()
@@ -123,27 +126,27 @@ class StreamTranslator:
                     "response.output_item.added", output_index=self._text_index, item=dict(item)
                 )
             )
-            item["content"] = [output_text("")]
+            part = {"type": "refusal", "refusal": ""} if refusal else output_text("")
+            item["content"] = [part]
             events.append(
                 self._event(
                     "response.content_part.added",
                     item_id=item["id"],
                     output_index=self._text_index,
                     content_index=0,
-                    part=output_text(""),
+                    part=dict(part),
                 )
             )
-        self._text["content"][0]["text"] += text
-        events.append(
-            self._event(
-                "response.output_text.delta",
-                item_id=self._text["id"],
-                output_index=self._text_index,
-                content_index=0,
-                delta=text,
-                logprobs=[],
+        part = self._text["content"][0]
+        common = {"item_id": self._text["id"], "output_index": self._text_index, "content_index": 0}
+        if part["type"] == "refusal":
+            part["refusal"] += text
+            events.append(self._event("response.refusal.delta", **common, delta=text))
+        else:
+            part["text"] += text
+            events.append(
+                self._event("response.output_text.delta", **common, delta=text, logprobs=[])
             )
-        )
         return events
 
     def _call_delta(self, call: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -196,8 +199,14 @@ class StreamTranslator:
         part = item["content"][0]
         item["status"] = self._status()
         common = {"item_id": item["id"], "output_index": self._text_index, "content_index": 0}
+        if part["type"] == "refusal":
+            done = self._event("response.refusal.done", **common, refusal=part["refusal"])
+        else:
+            done = self._event(
+                "response.output_text.done", **common, text=part["text"], logprobs=[]
+            )
         return [
-            self._event("response.output_text.done", **common, text=part["text"], logprobs=[]),
+            done,
             self._event("response.content_part.done", **common, part=part),
             self._event("response.output_item.done", output_index=self._text_index, item=item),
         ]

@@ -248,6 +248,40 @@ def test_an_item_the_upstream_broke_off_is_incomplete() -> None:
     assert [item.status for item in parsed[-1].response.output] == ["incomplete"]  # type: ignore[union-attr]
 
 
+def test_a_streamed_refusal_is_a_refusal_part() -> None:
+    """A refusal streamed in ``delta.refusal`` comes out as OpenAI streams one (refusal events,
+    a refusal part), as a whole answer's does: not as output_text, which a client would take
+    for the answer (and parse as the JSON its text.format asked for)."""
+    tr = StreamTranslator(
+        response_object(response_id="r", created_at=1, req=REQ, model="m", truncation="auto")
+    )
+    events = tr.start()
+    events += tr.feed(chunk({"role": "assistant", "content": None, "refusal": ""}))
+    for piece in ("I can't ", "help."):
+        events += tr.feed(chunk({"refusal": piece}))
+    events += tr.feed(chunk({}, "stop"))
+    events += tr.close()
+    final = response_object(
+        response_id="r", created_at=1, req=REQ, model="m", truncation="auto", output=tr.output
+    )
+    events.append(tr.completed(final))
+    parsed = [EVENTS.validate_python(e) for e in events]
+    assert [e.type for e in parsed][2:] == [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.refusal.delta",
+        "response.refusal.delta",
+        "response.refusal.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert parsed[6].refusal == "I can't help."  # type: ignore[union-attr]
+    whole = output_items({"role": "assistant", "content": None, "refusal": "I can't help."})
+    assert tr.output[0]["content"] == whole[0]["content"]
+    assert parsed[-1].response.output_text == ""  # type: ignore[union-attr]
+
+
 def test_stream_tool_calls_and_length_limit() -> None:
     tr = StreamTranslator(
         response_object(response_id="r", created_at=1, req=REQ, model="m", truncation="auto")
