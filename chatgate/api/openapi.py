@@ -21,6 +21,21 @@ _MODELS = (
 _REF = "#/components/schemas/{name}"
 
 
+# One event of a stream (before OpenAPI 3.2 a stream's ``schema`` describes each of its events):
+# ``data`` is a ``chat.completion.chunk`` as JSON, an ``{"error": ...}`` after a failure, or
+# ``[DONE]`` last.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+
+
 def _ref(model: type) -> dict[str, str]:
     return {"$ref": _REF.format(name=model.__name__)}
 
@@ -69,7 +84,7 @@ def openapi_document() -> dict[str, Any]:
                             "description": "A completion, or an SSE stream when `stream` is true",
                             "content": {
                                 "application/json": {"schema": _ref(schemas.ChatCompletion)},
-                                "text/event-stream": {"schema": {"type": "string"}},
+                                "text/event-stream": {"schema": _SSE_EVENT},
                             },
                         },
                         **_errors(400, 401, 403, 404, 413, 429, 502, 503, 504),
