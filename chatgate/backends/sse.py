@@ -38,19 +38,20 @@ _CRLF = re.compile(rb"\r\n|\r")
 _NO_SPACE = re.compile(rb"^data:(?=[{\[])", re.MULTILINE)  # at a line's start, never in JSON
 
 
-def split_events(data: bytes) -> tuple[list[bytes], bytes]:
+def split_events(data: bytes, spaced: bool = False) -> tuple[list[bytes], bytes]:
     """Complete SSE events in ``data`` (each ending in a blank line), and the rest.
 
     Events come out normalised to ``\n`` line ends, ``data: `` with its space (optional in
     SSE, and left out by some servers: usage, ``[DONE]`` and error events are looked for
-    with it) and one ``\n\n`` at the end; blank lines between events are skipped.
+    with it; ``spaced``: the upstream is known to write it, nothing to look for) and one
+    ``\n\n`` at the end; blank lines between events are skipped.
     """
     hold = b""
     if b"\r" in data:
         if data.endswith(b"\r"):  # maybe half of a \r\n: decide with the next read
             data, hold = data[:-1], b"\r"
         data = _CRLF.sub(b"\n", data)
-    if b"data:{" in data or b"data:[" in data:
+    if not spaced and (b"data:{" in data or b"data:[" in data):
         data = _NO_SPACE.sub(b"data: ", data)
     parts = data.split(b"\n\n")
     rest = parts.pop()
@@ -59,6 +60,17 @@ def split_events(data: bytes) -> tuple[list[bytes], bytes]:
     else:  # the usual case: every part is one event (in C, not a Python loop per event)
         events = list(map(operator.add, parts, repeat(b"\n\n")))
     return events, (rest if rest.strip(b"\n") else b"") + hold
+
+
+def _writes_space(chunk: bytes) -> bool | None:
+    """Whether an upstream writes ``data: `` with its space, told by the first ``data:`` at a
+    line's start of a read as it came (never of text already normalised); ``None`` when the
+    read holds none to tell by."""
+    at = 0 if chunk.startswith(b"data:") else chunk.find(b"\ndata:") + 1
+    if not at and not chunk.startswith(b"data:"):
+        return None
+    after = chunk[at + 5 : at + 6]
+    return after == b" " if after else None
 
 
 def _usages(data: bytes) -> int:
@@ -177,6 +189,7 @@ class SSEPassThrough(ChatStream):
         # The upstream is read in whatever chunks arrive (not line by line): one read often
         # holds many events, which are split here and handed on together.
         rest = b""
+        spaced: bool | None = None  # whether its "data:" has a space: seen on the first read
         read = self._resp.readany
         clock = self._loop.time
         try:
@@ -188,7 +201,9 @@ class SSEPassThrough(ChatStream):
                 if not chunk:
                     break
                 data = rest + chunk if rest else chunk
-                events, rest = split_events(data)
+                if spaced is None:  # an upstream writes it one way: looked at until seen
+                    spaced = _writes_space(chunk)
+                events, rest = split_events(data, bool(spaced))
                 if self._first is None:
                     self._first = next((e for e in events if e.startswith(b"data: {")), None)
                 # Events before the first that may carry a usage object (usually all of them,
