@@ -681,9 +681,12 @@ async def test_a_whole_json_answer_to_a_stream_is_a_failure(up: Upstream, make_r
     assert caught.value.status == 502 and "`m`" in caught.value.message
 
 
-async def test_the_connection_cap_is_per_upstream_not_per_model(up: Upstream) -> None:
+async def test_the_connection_cap_is_per_upstream_not_per_model() -> None:
     """``upstream_max_connections`` holds per upstream base URL: two models served by one
-    upstream share its slots (the requests wait their turn, and both are answered)."""
+    upstream share its slots (the requests wait their turn, and both are answered). An
+    upstream of its own: the module's may still serve an earlier test's hung request, which
+    the count of requests in flight would include."""
+    up = await asyncio.to_thread(start_upstream, 5)
     settings = Settings(
         models=(dep("a", up.base_url, "slow"), dep("b", up.base_url, "slow")),
         local_model=False,
@@ -691,7 +694,6 @@ async def test_the_connection_cap_is_per_upstream_not_per_model(up: Upstream) ->
     )
     router = Router(settings)
     try:
-        up.clear()
         body = chat_body(fake={"delay": 0.2})  # the wait for the slot: within 0.5 s
         answers = await asyncio.gather(
             router.resolve("a").chat(body), router.resolve("b").chat(body)
@@ -703,3 +705,4 @@ async def test_the_connection_cap_is_per_upstream_not_per_model(up: Upstream) ->
         assert seen["max"] == 1
     finally:
         await router.close()
+        stop(up.proc)
