@@ -563,14 +563,18 @@ class SessionStore:
                 raise response_not_found(response_id, param)
             ids = [link.id for link in links]
             root = links[-1]
-            if root.conversation_id is not None and not await self._exists(
-                conn, account_id, root.conversation_id
-            ):
-                # Its items went with the conversation: the chain would go on without them.
-                raise errors.NotFound(
-                    f"Response with id '{response_id[:80]}' continues conversation "
-                    f"'{root.conversation_id}', which was deleted.",
-                    param=param,
+            if root.conversation_id is not None:
+                # Its items went with a deleted conversation: the chain would go on without them.
+                await _owned(
+                    conn,
+                    conversations,
+                    root.conversation_id,
+                    account_id,
+                    lambda: errors.NotFound(
+                        f"Response with id '{response_id[:80]}' continues conversation "
+                        f"'{root.conversation_id}', which was deleted.",
+                        param=param,
+                    ),
                 )
             condition: sa.ColumnElement[bool] = session_items.c.response_id.in_(ids)
             if root.conversation_id is not None and root.last_seq is not None:
@@ -657,14 +661,6 @@ class SessionStore:
             lambda: conversation_not_found(conversation_id),
         )
         return _conversation(row)
-
-    async def _exists(self, conn: AsyncConnection, account_id: str, conversation_id: str) -> bool:
-        row = await conn.execute(
-            sa.select(conversations.c.id).where(
-                conversations.c.id == conversation_id, conversations.c.account_id == account_id
-            )
-        )
-        return row.first() is not None
 
     async def _touch(
         self, conn: AsyncConnection, account_id: str, conversation_id: str, now: int
