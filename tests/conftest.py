@@ -18,6 +18,7 @@ from tests.helpers import (
     stop,
 )
 from tests.redisserver import RedisServer
+from tests.usage.pgserver import PgServer
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +75,18 @@ def gateway(
     gw.start()
     yield gw
     gw.stop()
+
+
+@pytest.fixture
+def own_pg() -> Iterator[PgServer]:
+    """A PostgreSQL server of the test's own, started: to stop, start, freeze and thaw."""
+    try:
+        server = PgServer()
+    except (RuntimeError, OSError, KeyError) as exc:
+        pytest.skip(f"cannot run a test-owned PostgreSQL here: {exc}")
+    server.start()
+    yield server
+    server.close()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate import auth as auth_module
 from chatgate import errors
@@ -120,18 +121,28 @@ async def test_plan_change_invalidates(served: Any) -> None:
     assert principal.limits["rpm"] is None
 
 
+@contextlib.asynccontextmanager
+async def migrated(database_url: str, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    """An engine on ``database_url``, migrated; disposed on the way out."""
+    engine = create_engine(
+        Settings.from_env(
+            {"CHATGATE_DATA_DIR": str(tmp_path / "data"), "CHATGATE_DATABASE_URL": database_url}
+        )
+    )
+    try:
+        await migrate(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
 async def test_a_change_committed_out_of_id_order_still_reaches_the_cache(
     pg_url: str, tmp_path: Path
 ) -> None:
     """PostgreSQL hands out feed ids at insert, not at commit: when a later-numbered change
     commits first and a poll passes its id, the earlier one, committed afterwards, must still
     be applied (with Redis, servers poll right after every commit, so this is no rarity)."""
-    settings = Settings.from_env(
-        {"CHATGATE_DATA_DIR": str(tmp_path / "data"), "CHATGATE_DATABASE_URL": pg_url}
-    )
-    engine = create_engine(settings)
-    await migrate(engine)
-    try:
+    async with migrated(pg_url, tmp_path) as engine:
         keys = KeyStore(engine, Secret("s-" + secrets.token_hex(8)))
         account = await AccountStore(engine).create(f"g-{secrets.token_hex(4)}@example.com")
         first, second = await keys.create(account.id), await keys.create(account.id)
@@ -152,8 +163,6 @@ async def test_a_change_committed_out_of_id_order_still_reaches_the_cache(
         await auth.poll_once()
         with pytest.raises(errors.AuthenticationError):
             await auth.authenticate(f"Bearer {first.key}")
-    finally:
-        await engine.dispose()
 
 
 async def test_a_change_applied_while_its_key_is_read_is_not_cached_over(
@@ -162,12 +171,7 @@ async def test_a_change_applied_while_its_key_is_read_is_not_cached_over(
     """A cache miss reads the key while a revocation commits and the feed applies it (with
     Redis, milliseconds after the commit): the row read before the commit must not be cached
     after it, or the revoked key would keep working on this server until ``key_cache_ttl``."""
-    settings = Settings.from_env(
-        {"CHATGATE_DATA_DIR": str(tmp_path / "data"), "CHATGATE_DATABASE_URL": pg_url}
-    )
-    engine = create_engine(settings)
-    await migrate(engine)
-    try:
+    async with migrated(pg_url, tmp_path) as engine:
         keys = KeyStore(engine, Secret("s-" + secrets.token_hex(8)))
         account = await AccountStore(engine).create(f"r-{secrets.token_hex(4)}@example.com")
         issued = await keys.create(account.id)
@@ -191,64 +195,41 @@ async def test_a_change_applied_while_its_key_is_read_is_not_cached_over(
         assert (await first).key_id == issued.record.id  # under way when it was revoked
         with pytest.raises(errors.AuthenticationError):
             await auth.authenticate(f"Bearer {issued.key}")
-    finally:
-        await engine.dispose()
 
 
 async def test_a_database_that_stops_answering_does_not_hold_up_known_keys(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    own_pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """PostgreSQL frozen (a host that stops answering; here its processes are stopped): a key
     whose cache entry is past ``key_cache_ttl`` is served from what was known once the lookup
     times out, and not looked up again on the next request. The lookup used to wait for the
     database forever, and every request of the key with it."""
-    try:
-        pg = PgServer()
-    except (RuntimeError, OSError, KeyError) as exc:
-        pytest.skip(f"cannot run a test-owned PostgreSQL here: {exc}")
     monkeypatch.setattr(auth_module, "LOOKUP_TIMEOUT", 1.0, raising=False)
-    pg.start()
-    settings = Settings.from_env(
-        {"CHATGATE_DATA_DIR": str(tmp_path / "data"), "CHATGATE_DATABASE_URL": pg.url}
-    )
-    engine = create_engine(settings)
-    try:
-        await migrate(engine)
-        keys = KeyStore(engine, Secret("s-" + secrets.token_hex(8)))
-        account = await AccountStore(engine).create(f"h-{secrets.token_hex(4)}@example.com")
-        issued = await keys.create(account.id)
-        auth = Authenticator(keys, engine, ttl=0.5, poll_interval=30)
-        await auth.authenticate(f"Bearer {issued.key}")  # cached
-        pg.freeze()
-        await asyncio.sleep(0.6)  # past the TTL
-        async with asyncio.timeout(5):
-            assert (await auth.authenticate(f"Bearer {issued.key}")).key_id == issued.record.id
-        lookups = auth.db_lookups
-        async with asyncio.timeout(5):
-            await auth.authenticate(f"Bearer {issued.key}")
-        assert auth.db_lookups == lookups  # trusted for another TTL, not read again
-    finally:
-        pg.thaw()
-        await engine.dispose()
-        pg.close()
+    async with migrated(own_pg.url, tmp_path) as engine:
+        try:
+            keys = KeyStore(engine, Secret("s-" + secrets.token_hex(8)))
+            account = await AccountStore(engine).create(f"h-{secrets.token_hex(4)}@example.com")
+            issued = await keys.create(account.id)
+            auth = Authenticator(keys, engine, ttl=0.5, poll_interval=30)
+            await auth.authenticate(f"Bearer {issued.key}")  # cached
+            own_pg.freeze()
+            await asyncio.sleep(0.6)  # past the TTL
+            async with asyncio.timeout(5):
+                assert (await auth.authenticate(f"Bearer {issued.key}")).key_id == issued.record.id
+            lookups = auth.db_lookups
+            async with asyncio.timeout(5):
+                await auth.authenticate(f"Bearer {issued.key}")
+            assert auth.db_lookups == lookups  # trusted for another TTL, not read again
+        finally:
+            own_pg.thaw()
 
 
 async def test_a_database_outage_is_logged_once_by_the_feed(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    own_pg: PgServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The invalidation feed polls every ``poll_interval`` (a second by default): an outage is
     one warning when it begins and one when the feed reads again, not a traceback a poll."""
-    try:
-        pg = PgServer()
-    except (RuntimeError, OSError, KeyError) as exc:
-        pytest.skip(f"cannot run a test-owned PostgreSQL here: {exc}")
-    pg.start()
-    settings = Settings.from_env(
-        {"CHATGATE_DATA_DIR": str(tmp_path / "data"), "CHATGATE_DATABASE_URL": pg.url}
-    )
-    engine = create_engine(settings)
-    try:
-        await migrate(engine)
+    async with migrated(own_pg.url, tmp_path) as engine:
         auth = Authenticator(KeyStore(engine, Secret("s" * 40)), engine, ttl=60, poll_interval=0.02)
         await auth.start_feed()
         polls = {"ok": 0, "failed": 0}
@@ -273,15 +254,12 @@ async def test_a_database_outage_is_logged_once_by_the_feed(
         with caplog.at_level(logging.WARNING, logger="chatgate.auth"):
             feed = asyncio.create_task(auth.run_feed())
             await until("ok", 1)
-            pg.stop()
+            own_pg.stop()
             await until("failed", 5)
-            pg.start()
+            own_pg.start()
             await until("ok", 1)
             feed.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feed
         said = [r.getMessage() for r in caplog.records if r.name == "chatgate.auth"]
         assert said == ["invalidation feed: poll failed", "invalidation feed: polling again"]
-    finally:
-        await engine.dispose()
-        pg.close()

@@ -204,80 +204,72 @@ def test_rejected_requests_are_recorded_too(gateway: Gateway) -> None:
     assert rows[0]["request_id"] == bad.headers["x-request-id"]
 
 
-def test_database_outage_loses_nothing(upstream: Upstream, tmp_path: Path) -> None:
-    pg = PgServer()
+def test_database_outage_loses_nothing(
+    upstream: Upstream, own_pg: PgServer, tmp_path: Path
+) -> None:
+    gw = make_gateway(
+        tmp_path / "gw",
+        database_url=own_pg.url,
+        upstream=upstream,
+        extra_env={"CHATGATE_SECRET": "o" * 40},
+    ).start()
     try:
-        pg.start()
-        gw = make_gateway(
-            tmp_path / "gw",
-            database_url=pg.url,
-            upstream=upstream,
-            extra_env={"CHATGATE_SECRET": "o" * 40},
-        ).start()
-        try:
-            email, key = new_key(gw)
-            headers = {"Authorization": f"Bearer {key}"}
-            url = gw.url + "/v1/chat/completions"
-            statuses = [
-                requests.post(url, json=BODY, headers=headers, timeout=10).status_code
-                for _ in range(20)
-            ]
-            pg.stop()  # the database goes away mid-run
-            statuses += [
-                requests.post(url, json=BODY, headers=headers, timeout=10).status_code
-                for _ in range(60)
-            ]
-            time.sleep(2)  # at least one flush while the database is down: to the spool
-            assert "chatgate_usage_spool" in requests.get(gw.url + "/metrics", timeout=10).text
-            pg.start()
-            statuses += [
-                requests.post(url, json=BODY, headers=headers, timeout=10).status_code
-                for _ in range(20)
-            ]
-            assert statuses == [200] * 100  # no request failed because of the database
-            rows = wait_records(gw, email, 100)
-            assert len(rows) == 100
-            assert len({r["request_id"] for r in rows}) == 100
-        finally:
-            gw.stop()
+        email, key = new_key(gw)
+        headers = {"Authorization": f"Bearer {key}"}
+        url = gw.url + "/v1/chat/completions"
+        statuses = [
+            requests.post(url, json=BODY, headers=headers, timeout=10).status_code
+            for _ in range(20)
+        ]
+        own_pg.stop()  # the database goes away mid-run
+        statuses += [
+            requests.post(url, json=BODY, headers=headers, timeout=10).status_code
+            for _ in range(60)
+        ]
+        time.sleep(2)  # at least one flush while the database is down: to the spool
+        assert "chatgate_usage_spool" in requests.get(gw.url + "/metrics", timeout=10).text
+        own_pg.start()
+        statuses += [
+            requests.post(url, json=BODY, headers=headers, timeout=10).status_code
+            for _ in range(20)
+        ]
+        assert statuses == [200] * 100  # no request failed because of the database
+        rows = wait_records(gw, email, 100)
+        assert len(rows) == 100
+        assert len({r["request_id"] for r in rows}) == 100
     finally:
-        pg.close()
+        gw.stop()
 
 
 def test_sigterm_with_the_database_frozen_stops_and_spools(
-    upstream: Upstream, tmp_path: Path
+    upstream: Upstream, own_pg: PgServer, tmp_path: Path
 ) -> None:
     """A database that stops answering (a frozen host) while the gateway stops: the stop still
     ends, with status 0, its queued records in the spool; the next start replays them. The
     last-used stamps' final write used to wait for the database for ever."""
-    pg = PgServer()
+    gw = make_gateway(
+        tmp_path / "gw",
+        database_url=own_pg.url,
+        upstream=upstream,
+        extra_env={"CHATGATE_USAGE_FLUSH_INTERVAL": "3600", "CHATGATE_SECRET": "f" * 40},
+    ).start()
+    email, key = new_key(gw)
+    headers = {"Authorization": f"Bearer {key}"}
+    for _ in range(5):
+        ok = requests.post(gw.url + "/v1/chat/completions", json=BODY, headers=headers)
+        assert ok.status_code == 200
+    own_pg.freeze()
+    assert gw.proc is not None
+    assert stop(gw.proc, timeout=120) == 0  # not killed after waiting
+    spooled = [p.read_text() for p in (tmp_path / "gw" / "data" / "spool").glob("*.spool")]
+    assert sum(text.count("\n") for text in spooled) == 5
+    own_pg.thaw()
+    gw.env["CHATGATE_USAGE_FLUSH_INTERVAL"] = "1"  # a flush replays the spool
+    gw.start()
     try:
-        pg.start()
-        gw = make_gateway(
-            tmp_path / "gw",
-            database_url=pg.url,
-            upstream=upstream,
-            extra_env={"CHATGATE_USAGE_FLUSH_INTERVAL": "3600", "CHATGATE_SECRET": "f" * 40},
-        ).start()
-        email, key = new_key(gw)
-        headers = {"Authorization": f"Bearer {key}"}
-        for _ in range(5):
-            ok = requests.post(gw.url + "/v1/chat/completions", json=BODY, headers=headers)
-            assert ok.status_code == 200
-        pg.freeze()
-        assert gw.proc is not None
-        assert stop(gw.proc, timeout=120) == 0  # not killed after waiting
-        spooled = [p.read_text() for p in (tmp_path / "gw" / "data" / "spool").glob("*.spool")]
-        assert sum(text.count("\n") for text in spooled) == 5
-        pg.thaw()
-        gw.env["CHATGATE_USAGE_FLUSH_INTERVAL"] = "1"  # a flush replays the spool
-        gw.start()
-        try:
-            assert len(wait_records(gw, email, 5)) == 5
-        finally:
-            gw.stop()
+        assert len(wait_records(gw, email, 5)) == 5
     finally:
-        pg.close()
+        gw.stop()
 
 
 def test_sigterm_flushes_a_full_queue(upstream: Upstream, pg_url: str, tmp_path: Path) -> None:

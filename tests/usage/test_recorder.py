@@ -8,7 +8,7 @@ import asyncio
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -617,21 +617,10 @@ async def test_live_recorders_spool_is_not_taken(
     await other.close()
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    try:
-        server = PgServer()
-    except (RuntimeError, OSError, KeyError) as exc:
-        pytest.skip(f"cannot run a test-owned PostgreSQL here: {exc}")
-    server.start()
-    yield server
-    server.close()
-
-
-async def test_postgres_stopped_and_started(pg_server: PgServer, tmp_path: Path) -> None:
+async def test_postgres_stopped_and_started(own_pg: PgServer, tmp_path: Path) -> None:
     """A real outage: the server is stopped mid-run, records keep coming, and after it is
     back every record is in the database exactly once."""
-    eng = create_engine(settings_for(pg_server.url, tmp_path / "data"))
+    eng = create_engine(settings_for(own_pg.url, tmp_path / "data"))
     spool_dir = tmp_path / "spool"
     account = new_account()
     recorder = UsageRecorder(eng, spool_dir, flush_interval=0.05, db_timeout=5, max_backoff=0.2)
@@ -643,7 +632,7 @@ async def test_postgres_stopped_and_started(pg_server: PgServer, tmp_path: Path)
             recorder.record(rec)
         await recorder.flush()
 
-        await asyncio.to_thread(pg_server.stop)
+        await asyncio.to_thread(own_pg.stop)
         during = [make_record(account_id=account) for _ in range(300)]
         for i, rec in enumerate(during):
             recorder.record(rec)
@@ -653,7 +642,7 @@ async def test_postgres_stopped_and_started(pg_server: PgServer, tmp_path: Path)
         assert recorder.spool_size == 300
         assert spooled_lines(spool_dir) == 300
 
-        await asyncio.to_thread(pg_server.start)
+        await asyncio.to_thread(own_pg.start)
         after = [make_record(account_id=account) for _ in range(50)]
         for rec in after:
             recorder.record(rec)
