@@ -23,22 +23,27 @@ def _sse(delta: dict[str, object], finish: str | None = None) -> bytes:
     return chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
 
 
-async def test_a_streamed_refusal_is_kept_in_the_conversation(
-    upstream: Upstream, tmp_path: Path
-) -> None:
-    """A model that refuses says so in ``delta.refusal``; streamed, the turn's stored answer
-    keeps the refusal (as a whole answer's does), not an empty message."""
+async def refusing_model(*refusals: str) -> str:
+    """The ``[[models]]`` table of a model ``refuser`` whose upstream streams ``refusals`` as
+    ``delta.refusal`` (and reports no usage), once."""
     steps = [
         CHUNKED,
         _sse({"role": "assistant", "content": None, "refusal": ""}),
-        _sse({"refusal": "I can't help "}),
-        _sse({"refusal": "with that."}),
+        *(_sse({"refusal": refusal}) for refusal in refusals),
         _sse({}, "stop"),
         chunk(b"data: [DONE]\n\n"),
         b"0\r\n\r\n",
     ]
     base_url, _ = await stream_server([steps])
-    toml = f'[[models]]\nname = "refuser"\nbase_url = "{base_url}"\nupstream_model = "refuser"\n'
+    return f'[[models]]\nname = "refuser"\nbase_url = "{base_url}"\nupstream_model = "refuser"\n'
+
+
+async def test_a_streamed_refusal_is_kept_in_the_conversation(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """A model that refuses says so in ``delta.refusal``; streamed, the turn's stored answer
+    keeps the refusal (as a whole answer's does), not an empty message."""
+    toml = await refusing_model("I can't help ", "with that.")
     async with served_app(tmp_path, upstream, extra_toml=toml) as (server, key):
         base = f"http://127.0.0.1:{server.port}/v1"
         headers = {"Authorization": f"Bearer {key}"}

@@ -5,6 +5,7 @@ upstream (``GET /_requests``)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 from typing import Any
@@ -314,25 +315,16 @@ def test_a_context_too_long_names_the_field_the_request_used(alice: openai.OpenA
                 model="gpt-small", input="x", conversation=conv.id, truncation="disabled"
             ),
         ),
-        (
-            "max_completion_tokens",
-            lambda: alice.chat.completions.create(
-                model="gpt-small",
-                messages=[{"role": "user", "content": "x"}],
-                max_completion_tokens=1000,
-                extra_body={"conversation": conv.id},
-            ),
-        ),
-        (
-            "max_tokens",
-            lambda: alice.chat.completions.create(
-                model="gpt-small",
-                messages=[{"role": "user", "content": "x"}],
-                max_tokens=1000,
-                extra_body={"conversation": conv.id},
-            ),
-        ),
     ]
+    for field in ("max_completion_tokens", "max_tokens"):
+        chat = functools.partial(
+            alice.chat.completions.create,
+            model="gpt-small",
+            messages=[{"role": "user", "content": "x"}],
+            extra_body={"conversation": conv.id},
+            **{field: 1000},
+        )
+        calls.append((field, chat))
     for param, call in calls:
         with pytest.raises(openai.BadRequestError) as info:
             call()

@@ -8,9 +8,8 @@ from pathlib import Path
 import aiohttp
 
 from chatgate import tokens
-from tests.backends.upstreams import CHUNKED, chunk, stream_server
 from tests.helpers import Upstream, served_app, stored_usage
-from tests.sessions.test_chat import _sse
+from tests.sessions.test_chat import refusing_model
 
 
 async def test_a_streamed_refusal_is_stored_and_metered_as_one(
@@ -18,16 +17,7 @@ async def test_a_streamed_refusal_is_stored_and_metered_as_one(
 ) -> None:
     """An upstream that refuses in ``delta.refusal`` and reports no usage: the stored response
     holds the refusal part that was streamed, and the refusal's tokens are metered."""
-    steps = [
-        CHUNKED,
-        _sse({"role": "assistant", "content": None, "refusal": ""}),
-        _sse({"refusal": "I can't help with that."}),
-        _sse({}, "stop"),
-        chunk(b"data: [DONE]\n\n"),
-        b"0\r\n\r\n",
-    ]
-    base_url, _ = await stream_server([steps])
-    toml = f'[[models]]\nname = "refuser"\nbase_url = "{base_url}"\nupstream_model = "refuser"\n'
+    toml = await refusing_model("I can't help with that.")
     async with served_app(tmp_path, upstream, extra_toml=toml) as (server, key):
         base = f"http://127.0.0.1:{server.port}/v1"
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
