@@ -56,7 +56,8 @@ _ID_LIKE = re.compile(r"^(key|acct|req|resp|conv)_|[0-9a-f]{12}")
 
 
 class UsageStats(Protocol):
-    """What the metrics read from the usage recorder (:class:`~chatgate.usage.UsageRecorder`)."""
+    """What the metrics read from the usage recorder (:class:`~chatgate.usage.UsageRecorder`,
+    or :class:`~chatgate.usage.writer.UsageWriter` in front of one in its own process)."""
 
     @property
     def queue_depth(self) -> int: ...
@@ -64,9 +65,14 @@ class UsageStats(Protocol):
     @property
     def spool_size(self) -> int: ...
 
-    dropped: int
-    written: int
-    rejected: int
+    @property
+    def dropped(self) -> int: ...
+
+    @property
+    def written(self) -> int: ...
+
+    @property
+    def rejected(self) -> int: ...
 
 
 def _safe(value: str | None) -> str:
