@@ -25,7 +25,6 @@ from chatgate.notify import Listener, Notifier
 from chatgate.settings import Settings
 from chatgate.state import STATE, State
 from chatgate.usage.recorder import UsageRecorder
-from chatgate.usage.writer import UsageWriter
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -75,8 +74,8 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
         router.on_failure(
             lambda d, reason: metrics.upstream_error(d.config.backend, d.config.name, reason)
         )
-        recorder: UsageRecorder | UsageWriter | None = None
-        if settings.usage_enabled and settings.usage_writer == "inline":
+        recorder: UsageRecorder | None = None
+        if settings.usage_enabled:
             recorder = UsageRecorder(
                 engine,
                 settings.data_dir / "spool",
@@ -84,8 +83,6 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
                 batch_size=settings.usage_batch_size,
                 retention_seconds=settings.usage_retention_days * 86400,
             )
-        elif settings.usage_enabled:
-            recorder = UsageWriter(settings)  # the same recorder, in a process of its own
             metrics.bind_usage(recorder)
             state.usage = recorder
         app[STATE] = state

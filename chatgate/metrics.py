@@ -56,8 +56,7 @@ _ID_LIKE = re.compile(r"^(key|acct|req|resp|conv)_|[0-9a-f]{12}")
 
 
 class UsageStats(Protocol):
-    """What the metrics read from the usage recorder (:class:`~chatgate.usage.UsageRecorder`,
-    or :class:`~chatgate.usage.writer.UsageWriter` in front of one in its own process)."""
+    """What the metrics read from the usage recorder (:class:`~chatgate.usage.UsageRecorder`)."""
 
     @property
     def queue_depth(self) -> int: ...
@@ -65,14 +64,9 @@ class UsageStats(Protocol):
     @property
     def spool_size(self) -> int: ...
 
-    @property
-    def dropped(self) -> int: ...
-
-    @property
-    def written(self) -> int: ...
-
-    @property
-    def rejected(self) -> int: ...
+    dropped: int
+    written: int
+    rejected: int
 
 
 def _safe(value: str | None) -> str:

@@ -62,9 +62,6 @@ class ModelConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-USAGE_WRITERS = ("process", "inline")
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the server, the CLI and the tests need to know, read once."""
@@ -108,9 +105,6 @@ class Settings:
     local_preload: bool = True
     local_embeddings: str = "auto"
     usage_enabled: bool = True
-    # "process": usage is written by a process of its own (chatgate.usage.writer), off the
-    # event loop; "inline": by the gateway's own process, as one process fewer.
-    usage_writer: str = "process"
     # On SIGTERM, requests in flight get twice this long to finish (aiohttp waits for them
     # twice); then those left are cancelled, and recorded with what they used.
     shutdown_timeout: float = 10.0
@@ -205,19 +199,12 @@ class Settings:
             local_preload=_truthy(pick("local_preload", True)),
             local_embeddings=str(pick("local_embeddings", "auto")),
             usage_enabled=_truthy(pick("usage_enabled", True)),
-            usage_writer=str(pick("usage_writer", "process")).strip().lower(),
             shutdown_timeout=float(pick("shutdown_timeout", 10.0)),
             db_pool_size=int(pick("db_pool_size", 5)),
             db_max_overflow=int(pick("db_max_overflow", 10)),
             upstream_keys={k: Secret(env[k]) for k in key_envs if env.get(k)},
         )
-        settings = replace(settings, **overrides) if overrides else settings
-        if settings.usage_writer not in USAGE_WRITERS:
-            raise ValueError(
-                f"CHATGATE_USAGE_WRITER must be one of {', '.join(USAGE_WRITERS)}, "
-                f"not {settings.usage_writer!r}"
-            )
-        return settings
+        return replace(settings, **overrides) if overrides else settings
 
     @property
     def effective_database_url(self) -> str:

@@ -195,10 +195,9 @@ class UsageRecorder:
         self._closed = True
         self._spool.release()
 
-    async def flush(self, *, force: bool = True) -> None:
-        """Write out the queue now, replaying the spool first. ``force``: try the database even
-        during the outage backoff (else, in it, the queue goes straight to the spool)."""
-        await self._flush(force=force)
+    async def flush(self) -> None:
+        """Write out the queue now, replaying the spool first; ignores the outage backoff."""
+        await self._flush(force=True)
 
     async def prune(self, older_than_seconds: float, *, slice_seconds: int = PRUNE_SLICE) -> int:
         """Delete raw records older than ``older_than_seconds``, those of at most
