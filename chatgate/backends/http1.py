@@ -17,9 +17,11 @@ when the upstream keeps it alive, dropped after :data:`IDLE_TIMEOUT` idle (an up
 NAT may forget it silently); a cap on the requests in flight (a semaphore, held by a stream
 until it ends), a request waiting for a slot counting the wait in the connect timeout; TLS for
 ``https`` with the system's certificates; ``Content-Length``, chunked and read-until-close
-bodies; a gzip or deflate body decoded (none is asked for). A POST is never
-sent twice: a connection lost before the answer is an error for the caller (the router
-retries).
+bodies; a gzip or deflate body decoded (none is asked for). A POST is sent twice only when a
+kept-alive connection is closed with not a byte of its answer: the upstream's keep-alive
+timeout running out as the request went out (the router's retry would resend it anyway, after
+its backoff and as a failure of the upstream). Any other connection lost before the answer is
+an error for the caller (the router retries).
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class _Connection(asyncio.Protocol):
         self.total_at = 0.0  # loop time by which the whole answer must be in
         self.until_close = False  # a body without length: it ends with the connection
         self.closed = False
+        self.heard = False  # a byte of the answer to the request in flight has arrived
+        self.lost_unheard = False  # the upstream closed it with not a byte of that answer
         self.idle_since = 0.0
         self.streaming = False  # the request in flight wants its 2xx body as it arrives
         self.stream: StreamBody | None = None  # that body, once its headers are in
@@ -103,6 +107,7 @@ class _Connection(asyncio.Protocol):
         if self.waiter is None and self.stream is None:  # bytes on an idle connection
             self.close()  # nothing we could trust after them
             return
+        self.heard = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -114,6 +119,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost_unheard = self.waiter is not None and not self.heard
         if self.until_close and (self.waiter is not None or self.stream is not None):
             self.on_message_complete()  # a body that runs to the end of the connection
         else:
@@ -204,6 +210,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         loop = self.loop
         self.streaming = streaming
+        self.heard = False
         self.waiter = loop.create_future()
         self.total_at = total_at
         self.timer = loop.call_at(first_byte_at, self._expire)
@@ -440,16 +447,27 @@ class Pool:
                 await slots.acquire()  # free: taken without suspending
         handed_over = False  # a stream frees the slot itself, when it is let go
         try:
-            conn = self._reuse()
-            if conn is None:
-                async with self._connect_deadline(first_byte_at, "connect timed out"):
-                    conn = await self._connect()
             data = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
-            try:
-                answer = await conn.send(data, first_byte_at, total_at, streaming)
-            except BaseException:
-                conn.close()
-                raise
+            conn = self._reuse()
+            while True:
+                reused = conn is not None
+                if conn is None:
+                    async with self._connect_deadline(first_byte_at, "connect timed out"):
+                        conn = await self._connect()
+                try:
+                    answer = await conn.send(data, first_byte_at, total_at, streaming)
+                    break
+                except UpstreamConnectionError:
+                    conn.close()
+                    if not (reused and conn.lost_unheard):
+                        raise
+                    # An idle connection the upstream closed as this request went out on it
+                    # (its keep-alive timeout, 5 s in uvicorn and llama.cpp, ran out as ours,
+                    # 15 s, had not), with not a byte answered: sent once more, on a new one.
+                    conn = None
+                except BaseException:
+                    conn.close()
+                    raise
             if isinstance(answer, StreamBody):
                 answer._attach(self, slots)
                 handed_over = True

@@ -179,6 +179,39 @@ async def test_a_connection_the_upstream_closed_while_idle_is_not_used(serve) ->
     assert server.connections == 2
 
 
+async def test_a_kept_connection_closed_as_a_request_goes_out_is_sent_again_once(serve) -> None:  # type: ignore[no-untyped-def]
+    """The upstream's keep-alive timeout (5 s in uvicorn) running out as a request is sent on
+    the connection: closed with not a byte answered. Sent once more on a new connection; a
+    second such close, or one on a new connection, is the caller's error."""
+    replies = iter([OK, None, OK])  # None: read the request, close without a word
+    server = await serve(lambda head, body: next(replies))
+    pool = Pool(server.url())
+    head = pool.head("/x", {})
+    await post(pool, head, b"{}")
+    assert (await post(pool, head, b'{"n":2}')).body == b'{"ok":true}'
+    assert server.connections == 2
+    assert [body for _, body in server.requests] == [b"{}", b'{"n":2}', b'{"n":2}']
+
+    replies = iter([OK, None, None])
+    server = await serve(lambda head, body: next(replies))
+    pool = Pool(server.url())
+    await post(pool, head, b"{}")
+    with pytest.raises(UpstreamConnectionError) as twice:
+        await post(pool, head, b"{}")
+    assert not twice.value.answered
+    assert len(server.requests) == 3  # the request, and one more: not a loop
+
+    cut = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 100\r\n\r\n{"
+    replies = iter([OK, cut, OK])
+    server = await serve(lambda head, body: next(replies))
+    pool = Pool(server.url())
+    await post(pool, head, b"{}")
+    with pytest.raises(UpstreamConnectionError) as broken:
+        await post(pool, head, b"{}")  # an answer began, then the connection ended
+    assert broken.value.answered
+    assert len(server.requests) == 2  # never sent again
+
+
 async def test_idle_connections_expire(serve) -> None:  # type: ignore[no-untyped-def]
     server = await serve(always(OK))
     pool = Pool(server.url(), idle_timeout=0.05)
@@ -200,6 +233,7 @@ async def test_unreachable_broken_and_invalid_answers_are_errors(serve) -> None:
     with pytest.raises(UpstreamConnectionError) as silent:
         await post(pool, pool.head("/x", {}), b"{}")
     assert not silent.value.answered
+    assert len(server.requests) == 1  # a new connection: not sent again
 
     cut = b'HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 100\r\n\r\n{"partial'
     server = await serve(always(cut))  # 9 bytes of 100, then the end of the connection
