@@ -13,7 +13,7 @@ from aiohttp import web
 
 from chatgate.accounts import AccountStore
 from chatgate.app import create_app
-from chatgate.db.engine import create_engine, migrate
+from chatgate.db.engine import create_engine, migrate, schema
 from chatgate.keys.store import IssuedKey, KeyStore
 from chatgate.settings import Settings
 
@@ -22,11 +22,20 @@ ADMIN_EMAIL = "admin@localhost"
 
 
 async def prepare(settings: Settings, *, migrate_first: bool, bootstrap: bool) -> IssuedKey | None:
-    """Migrate, and on the very first start create the admin account and one key."""
+    """Migrate (or, with ``migrate_first`` off, refuse a database behind this code's
+    migrations), and on the very first start create the admin account and one key."""
     engine = create_engine(settings)
     try:
         if migrate_first:
             await migrate(engine)
+        else:
+            found = await schema(engine)
+            if found.state == "behind":  # every query needing the new schema would fail
+                where = f"at migration {found.revision}" if found.revision else "empty"
+                raise ServeError(
+                    f"the database is {where}; this chatgate needs migration {found.head}: "
+                    "run `chatgate migrate` first (or serve without --no-migrate)"
+                )
         if not bootstrap:
             return None
         accounts = AccountStore(engine)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.helpers import BIN, Gateway, make_gateway
 
@@ -168,3 +169,65 @@ def test_a_setting_that_is_not_a_number_is_named(gw: Gateway) -> None:
     gw.env["CHATGATE_CONFIG"] = str(config)
     result = gw.cli("accounts", "list", check=False)
     assert result.returncode == 2 and "port" in result.stderr, result.stderr
+
+
+def _downgrade_one(gw: Gateway) -> None:
+    """Take ``gw``'s database one migration back, as an older chatgate left it."""
+    import asyncio
+
+    from alembic import command
+
+    from chatgate.db.engine import _alembic_config, create_engine
+    from chatgate.settings import Settings
+
+    async def go() -> None:
+        engine = create_engine(Settings.from_env(gw.env))
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(lambda c: command.downgrade(_alembic_config(c), "-1"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(go())
+
+
+def test_a_database_behind_the_code_is_refused_by_serve_and_fails_readiness(gw: Gateway) -> None:
+    """``serve --no-migrate`` (the deployment guide's, after ``chatgate migrate``) on a database
+    nobody migrated served, and failed every query that needed the new schema; ``/readyz`` said
+    ready all along (``SELECT 1``)."""
+    from chatgate.db.engine import head_revision
+
+    def no_migrate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "chatgate"), "serve", "--no-migrate", "--port", "1"],
+            env=gw.env,
+            cwd=gw.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,  # a server that started instead keeps running: this fails the test
+        )
+
+    empty = no_migrate()
+    assert empty.returncode == 2, empty.stderr
+    assert empty.stderr.strip().count("\n") == 0, empty.stderr
+    assert "database is empty" in empty.stderr and "chatgate migrate" in empty.stderr
+
+    gw.cli("migrate")
+    _downgrade_one(gw)
+    behind = no_migrate()
+    assert behind.returncode == 2, behind.stderr
+    head = head_revision()
+    assert head is not None and f"needs migration {head}" in behind.stderr
+
+    gw.start()  # migrates first, as by default
+    try:
+        ready = requests.get(gw.url + "/readyz", timeout=10)
+        assert ready.status_code == 200 and ready.json()["checks"]["database"]["ok"]
+        _downgrade_one(gw)  # an older chatgate's migrations, run by hand under this node
+        unready = requests.get(gw.url + "/readyz", timeout=10)
+        assert unready.status_code == 503, unready.text
+        assert unready.json()["checks"]["database"] == {"ok": False, "error": "SchemaBehind"}
+        gw.cli("migrate")
+        assert requests.get(gw.url + "/readyz", timeout=10).status_code == 200
+    finally:
+        gw.stop()

@@ -119,3 +119,36 @@ def test_a_database_with_accounts_and_keys_downgrades(tmp_path: Path) -> None:
             await engine.dispose()
 
     assert set(asyncio.run(go())) <= {"alembic_version"}
+
+
+def test_schema_tells_behind_current_and_ahead(tmp_path: Path) -> None:
+    """What ``serve --no-migrate`` and ``/readyz`` go by: a database with no chatgate tables or
+    an older migration is behind; one a newer chatgate migrated (a revision these files do
+    not know) is ahead, and usable by this one while it rolls out."""
+    from alembic import command
+
+    from chatgate.db.engine import _alembic_config, schema
+
+    settings = Settings.from_env({"CHATGATE_DATA_DIR": str(tmp_path)})
+
+    async def go() -> list[tuple[str, str | None]]:
+        engine = create_engine(settings)
+        seen = []
+        try:
+            seen.append((await schema(engine))[:2])
+            await migrate(engine)
+            seen.append((await schema(engine))[:2])
+            async with engine.begin() as conn:
+                await conn.run_sync(lambda c: command.downgrade(_alembic_config(c), "-1"))
+            seen.append((await schema(engine))[:2])
+            async with engine.begin() as conn:
+                await conn.execute(sa.text("UPDATE alembic_version SET version_num = '9001'"))
+            seen.append((await schema(engine))[:2])
+        finally:
+            await engine.dispose()
+        return seen
+
+    head = head_revision()
+    empty, current, older, newer = asyncio.run(go())
+    assert (empty, current, newer) == (("behind", None), ("current", head), ("ahead", "9001"))
+    assert older[0] == "behind" and older[1] not in (None, head)

@@ -6,7 +6,8 @@ in-flight requests (:meth:`chatgate.backends.router.Router.status`). No URLs, no
 
 ``/readyz`` needs no key (load balancers call it) and says whether this process can serve:
 
-* ``database``: ``SELECT 1`` within :data:`DB_TIMEOUT` seconds;
+* ``database``: its migration read within :data:`DB_TIMEOUT` seconds, and not behind this
+  code's (``SchemaBehind``: run ``chatgate migrate``);
 * ``redis`` (only when ``CHATGATE_REDIS_URL`` is set): ``PING`` within ``redis_timeout``;
 * ``backends``: per public model, how many deployments are usable (breaker not open).
 
@@ -24,10 +25,10 @@ from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy import text
 
 from chatgate import errors
 from chatgate.api.openai import authenticate, json_response
+from chatgate.db.engine import SchemaBehind, schema
 from chatgate.settings import Settings
 from chatgate.state import STATE, State
 
@@ -83,8 +84,12 @@ async def _timed(check: Awaitable[object]) -> dict[str, Any]:
 
 
 async def _database(state: State) -> None:
-    async with asyncio.timeout(DB_TIMEOUT), state.engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))
+    """The database answers, at this code's migration or a newer one (a node started before
+    ``chatgate migrate`` would fail every query that needs the new schema)."""
+    async with asyncio.timeout(DB_TIMEOUT):
+        found = await schema(state.engine)
+    if found.state == "behind":
+        raise SchemaBehind(f"database at {found.revision}, this chatgate needs {found.head}")
 
 
 def _backends(state: State) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -81,29 +81,62 @@ _REVISION = re.compile(r'^(down_revision|revision)\b[^=\n]*=\s*"([^"]+)"', re.MU
 
 
 @functools.cache
-def head_revision() -> str | None:
-    """The newest migration's id, read from the files without importing Alembic: the revision
-    that no other names as its ``down_revision`` (None if that is not exactly one)."""
+def _migrations() -> tuple[frozenset[str], str | None]:
+    """Every migration's id, and the newest one, read from the files without importing
+    Alembic: the newest is the revision no other names as its ``down_revision`` (None if that
+    is not exactly one)."""
     revisions: set[str] = set()
     downs: set[str] = set()
     for path in (MIGRATIONS / "versions").glob("*.py"):
         for field, value in _REVISION.findall(path.read_text(encoding="utf-8")):
             (downs if field == "down_revision" else revisions).add(value)
     heads = revisions - downs
-    return next(iter(heads)) if len(heads) == 1 else None
+    return frozenset(revisions), next(iter(heads)) if len(heads) == 1 else None
+
+
+def head_revision() -> str | None:
+    """The newest migration's id (see :func:`_migrations`)."""
+    return _migrations()[1]
+
+
+class Schema(NamedTuple):
+    """Where a database's schema stands against this code's migrations."""
+
+    state: Literal["current", "behind", "ahead"]
+    # "behind": at an older migration, or none (``chatgate migrate`` brings it up);
+    # "ahead": at a migration this code does not know (a newer chatgate migrated it)
+    revision: str | None  # the database's, None when it has no chatgate tables
+    head: str | None  # this code's newest
+
+
+class SchemaBehind(Exception):
+    """The database needs ``chatgate migrate`` before this version of chatgate can use it."""
+
+
+async def schema(engine: AsyncEngine) -> Schema:
+    """The database's migration against this code's (one small query). A database that cannot
+    be reached raises, as :meth:`AsyncEngine.connect` does."""
+    known, head = _migrations()
+    async with engine.connect() as conn:
+        try:
+            rows = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).all()
+        except sa.exc.DBAPIError:  # no such table: a new database
+            rows = []
+    versions = [row[0] for row in rows]
+    revision = versions[0] if len(versions) == 1 else None
+    if head is not None and versions == [head]:
+        return Schema("current", revision, head)
+    if versions and not set(versions) <= known:
+        return Schema("ahead", revision, head)
+    return Schema("behind", revision, head)
 
 
 async def at_head(engine: AsyncEngine) -> bool:
     """True when the database already carries the newest migration (one small query)."""
-    head = head_revision()
-    if head is None:
-        return False
     try:
-        async with engine.connect() as conn:
-            version = (await conn.execute(sa.text("SELECT version_num FROM alembic_version"))).all()
-    except sa.exc.DBAPIError:  # no such table: a new database
+        return (await schema(engine)).state == "current"
+    except sa.exc.DBAPIError:  # unreachable: migrate() then reports it
         return False
-    return [row[0] for row in version] == [head]
 
 
 async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
