@@ -7,7 +7,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from chatgate.db.engine import at_head, create_engine, head_revision, migrate
+from chatgate.db.engine import create_engine, head_revision, migrate, schema
 from chatgate.settings import Settings
 
 
@@ -48,7 +48,7 @@ def test_pool_is_sized_by_settings(pg_url: str, tmp_path: Path) -> None:
 
 
 def test_migrate_knows_the_head_without_alembic(own_database: dict[str, str]) -> None:
-    """``at_head`` reads the newest revision from the migration files; a database behind it (a
+    """``schema`` reads the newest revision from the migration files; a database behind it (a
     new one, or one a migration short) is upgraded by Alembic, one at the head is left alone.
     On a database of its own: taken down to nothing under the session's gateways, the shared
     one lost their keys, and its invalidation feed started over below what they had read."""
@@ -65,14 +65,14 @@ def test_migrate_knows_the_head_without_alembic(own_database: dict[str, str]) ->
         try:
             async with engine.begin() as conn:  # start from an empty database
                 await conn.run_sync(lambda c: command.downgrade(_alembic_config(c), "base"))
-            seen.append(await at_head(engine))
+            seen.append((await schema(engine)).state == "current")
             await migrate(engine)
-            seen.append(await at_head(engine))
+            seen.append((await schema(engine)).state == "current")
             async with engine.begin() as conn:  # one migration short of the head
                 await conn.run_sync(lambda c: command.downgrade(_alembic_config(c), "-1"))
-            seen.append(await at_head(engine))
+            seen.append((await schema(engine)).state == "current")
             await migrate(engine)
-            seen.append(await at_head(engine))
+            seen.append((await schema(engine)).state == "current")
             async with engine.connect() as conn:
                 names = await conn.run_sync(lambda c: sa.inspect(c).get_table_names())
             seen.append("usage_records" in names and "api_keys" in names)
@@ -127,7 +127,7 @@ def test_schema_tells_behind_current_and_ahead(tmp_path: Path) -> None:
     not know) is ahead, and usable by this one while it rolls out."""
     from alembic import command
 
-    from chatgate.db.engine import _alembic_config, schema
+    from chatgate.db.engine import _alembic_config
 
     settings = Settings.from_env({"CHATGATE_DATA_DIR": str(tmp_path)})
 
@@ -144,11 +144,14 @@ def test_schema_tells_behind_current_and_ahead(tmp_path: Path) -> None:
             async with engine.begin() as conn:
                 await conn.execute(sa.text("UPDATE alembic_version SET version_num = '9001'"))
             seen.append((await schema(engine))[:2])
+            await migrate(engine)  # an older node's start: left alone (Alembic would refuse it)
+            seen.append((await schema(engine))[:2])
         finally:
             await engine.dispose()
         return seen
 
     head = head_revision()
-    empty, current, older, newer = asyncio.run(go())
+    empty, current, older, newer, kept = asyncio.run(go())
     assert (empty, current, newer) == (("behind", None), ("current", head), ("ahead", "9001"))
+    assert kept == newer
     assert older[0] == "behind" and older[1] not in (None, head)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -15,6 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from chatgate.settings import Settings
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # Alembic is imported only to migrate: most runs find the schema current
     from alembic.config import Config
@@ -131,20 +134,29 @@ async def schema(engine: AsyncEngine) -> Schema:
     return Schema("behind", revision, head)
 
 
-async def at_head(engine: AsyncEngine) -> bool:
-    """True when the database already carries the newest migration (one small query)."""
-    try:
-        return (await schema(engine)).state == "current"
-    except sa.exc.DBAPIError:  # unreachable: migrate() then reports it
-        return False
-
-
 async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
     """Bring the database to ``revision`` (idempotent). Every command and every server start
     calls this, so a database already at the head is recognised with one query, without
-    loading Alembic and the migration scripts (~0.35 s a CLI command)."""
-    if revision == "head" and await at_head(engine):
-        return
+    loading Alembic and the migration scripts (~0.35 s a CLI command).
+
+    A database a newer chatgate migrated is left as it is, with a warning: this version runs on
+    it (the migrations add, never take away) while a rolling upgrade replaces it; Alembic
+    would refuse it ("Can't locate revision"), and the node with it.
+    """
+    if revision == "head":
+        try:
+            found = await schema(engine)
+        except sa.exc.DBAPIError:  # unreachable: Alembic's attempt below reports it
+            found = None
+        if found is not None and found.state == "current":
+            return
+        if found is not None and found.state == "ahead":
+            log.warning(
+                "the database is at migration %s, newer than this chatgate's %s: left as it is",
+                found.revision,
+                found.head,
+            )
+            return
 
     def run(connection: Connection) -> None:
         from alembic import command
