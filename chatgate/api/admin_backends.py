@@ -8,7 +8,8 @@ in-flight requests (:meth:`chatgate.backends.router.Router.status`). No URLs, no
 
 * ``database``: its migration read within :data:`DB_TIMEOUT` seconds, and not behind this
   code's (``SchemaBehind``: run ``chatgate migrate``);
-* ``redis`` (only when ``CHATGATE_REDIS_URL`` is set): ``PING`` within ``redis_timeout``;
+* ``redis`` (only when ``CHATGATE_REDIS_URL`` is set): a write (``SET <prefix>readyz``, which
+  expires) within ``redis_timeout``: a read-only replica fails it (``ReadOnlyError``);
 * ``backends``: per public model, how many deployments are usable (breaker not open).
 
 It answers 200 ``{"status": "ok"}`` when the database (and Redis, when configured) answer,
@@ -33,6 +34,7 @@ from chatgate.settings import Settings
 from chatgate.state import STATE, State
 
 DB_TIMEOUT = 1.0
+READY_KEY_TTL_MS = 60_000  # the readiness probe's own key expires on its own
 
 
 class _RedisProbe:
@@ -52,7 +54,9 @@ class _RedisProbe:
                 retry_on_timeout=False,
             )
         async with asyncio.timeout(settings.redis_timeout * 2):
-            await self._client.ping()
+            # A write, not a PING: a read-only replica (a failover that went the wrong way, a
+            # replica's URL) answers PING, and refuses every limit's script.
+            await self._client.set(settings.redis_prefix + "readyz", b"1", px=READY_KEY_TTL_MS)
 
     async def close(self, app: web.Application) -> None:
         if self._client is not None:

@@ -317,6 +317,29 @@ def test_readyz_checks_redis_when_configured(tmp_path: Path, reachable: bool) ->
         gw.stop()
 
 
+def test_readyz_fails_on_a_read_only_redis(tmp_path: Path) -> None:
+    """A replica answers PING (readiness was green) and refuses every write, so every limit's
+    script: limits fell open on every node while each said it was ready."""
+    import redis
+
+    from tests.redisserver import RedisServer
+
+    with RedisServer() as replica:
+        client = redis.Redis.from_url(replica.url)
+        client.replicaof("127.0.0.1", str(free_port()))  # a master that is gone: read-only
+        assert client.ping()
+        with pytest.raises(redis.exceptions.ReadOnlyError):
+            client.set("x", "1")
+        client.close()
+        gw = make_gateway(tmp_path, extra_env={"CHATGATE_REDIS_URL": replica.url}).start()
+        try:
+            resp = requests.get(gw.url + "/readyz", timeout=10)
+            assert resp.status_code == 503, resp.text
+            assert resp.json()["checks"]["redis"] == {"ok": False, "error": "ReadOnlyError"}
+        finally:
+            gw.stop()
+
+
 def test_models_check_prints_a_table_and_fails_on_a_dead_deployment(world: World) -> None:
     result = world.gw.cli("models", "check", check=False)
     assert result.returncode == 1, result.stderr
