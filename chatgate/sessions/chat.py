@@ -23,7 +23,7 @@ from typing import Any
 from chatgate import errors
 from chatgate.auth import Principal
 from chatgate.backends.router import Route
-from chatgate.sessions.response_stream import parse_chunks
+from chatgate.sessions.response_stream import CallIndex, first_choice, parse_chunks, tool_calls
 from chatgate.sessions.responses import chat_message_to_items, items_to_messages
 from chatgate.sessions.store import SessionStore
 from chatgate.sessions.trim import (
@@ -109,6 +109,7 @@ class ChatSession:
     _text: list[str] = field(default_factory=list)
     _refusal: list[str] = field(default_factory=list)
     _calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _call_index: CallIndex = field(default_factory=CallIndex)
     _finished: bool = False
     _failed: bool = False
     committed: bool = False
@@ -141,24 +142,28 @@ class ChatSession:
         for chunk in chunks:
             if "error" in chunk:
                 self._failed = True
-            for choice in chunk.get("choices") or ():
-                if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
-                    continue
-                delta = choice.get("delta") or {}
+            for delta, finish_reason in first_choice(chunk):
                 if isinstance(delta.get("content"), str):
                     self._text.append(delta["content"])
                 if isinstance(delta.get("refusal"), str):
                     self._refusal.append(delta["refusal"])
-                for call in delta.get("tool_calls") or ():
+                for call in tool_calls(delta):
                     slot = self._calls.setdefault(
-                        int(call.get("index", 0)),
+                        self._call_index.of(call),
                         {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
                     )
-                    function = call.get("function") or {}
-                    slot["id"] = slot["id"] or call.get("id") or ""
-                    slot["function"]["name"] += function.get("name") or ""
-                    slot["function"]["arguments"] += function.get("arguments") or ""
-                if choice.get("finish_reason"):
+                    function = call.get("function")
+                    if not isinstance(function, Mapping):
+                        function = {}
+                    call_id, name, arguments = (
+                        call.get("id"),
+                        function.get("name"),
+                        function.get("arguments"),
+                    )
+                    slot["id"] = slot["id"] or (call_id if isinstance(call_id, str) else "")
+                    slot["function"]["name"] += name if isinstance(name, str) else ""
+                    slot["function"]["arguments"] += arguments if isinstance(arguments, str) else ""
+                if finish_reason:
                     self._finished = True
         return done
 

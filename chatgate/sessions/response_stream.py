@@ -12,7 +12,7 @@ are built as :mod:`chatgate.sessions.responses` builds a non-streamed answer's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -49,6 +49,46 @@ def parse_chunks(event: bytes) -> tuple[list[dict[str, Any]], bool]:
     return chunks, done
 
 
+def first_choice(chunk: Mapping[str, Any]) -> Iterator[tuple[Mapping[str, Any], Any]]:
+    """The delta and finish reason of a chat chunk's first choice (index 0; the others are
+    not kept); a part not shaped as the spec has it counts as absent."""
+    choices = chunk.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
+            continue
+        delta = choice.get("delta")
+        yield (delta if isinstance(delta, Mapping) else {}), choice.get("finish_reason")
+
+
+def tool_calls(delta: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A delta's tool-call deltas (objects only)."""
+    calls = delta.get("tool_calls")
+    return [c for c in calls if isinstance(c, Mapping)] if isinstance(calls, list) else []
+
+
+class CallIndex:
+    """Which tool call a streamed tool-call delta belongs to: its ``index``, as the spec has it;
+    for a server that sends none (each call whole in one delta, as some Ollama and llama.cpp
+    versions do), a new call for each new ``id``, and the last call for a delta without one."""
+
+    __slots__ = ("_last", "_last_id")
+
+    def __init__(self) -> None:
+        self._last = -1
+        self._last_id: object = None
+
+    def of(self, call: Mapping[str, Any]) -> int:
+        index = call.get("index")
+        call_id = call.get("id")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            fresh = self._last < 0 or (call_id and call_id != self._last_id)
+            index = self._last + 1 if fresh else self._last
+        self._last = max(self._last, index)
+        if call_id:
+            self._last_id = call_id
+        return index
+
+
 class StreamTranslator:
     """Chat completion chunks in, Responses stream events out (each with its sequence number).
 
@@ -67,6 +107,7 @@ class StreamTranslator:
         self._text: dict[str, Any] | None = None  # the open message item
         self._text_index = 0
         self._calls: dict[int, tuple[int, dict[str, Any]]] = {}  # chat index -> output index
+        self._call_index = CallIndex()
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self._seq, **fields}
@@ -90,20 +131,16 @@ class StreamTranslator:
         if usage is not None:
             self.usage = usage
         events: list[dict[str, Any]] = []
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
+        for delta, finish_reason in first_choice(chunk):
             text, refusal = delta.get("content"), delta.get("refusal")
             if isinstance(text, str) and text:
                 events += self._text_delta(text)
             if isinstance(refusal, str) and refusal:  # a refusal part, as a whole answer's
                 events += self._text_delta(refusal, refusal=True)
-            for call in delta.get("tool_calls") or ():
-                if isinstance(call, Mapping):
-                    events += self._call_delta(call)
-            if choice.get("finish_reason"):
-                self.finish_reason = str(choice["finish_reason"])
+            for call in tool_calls(delta):
+                events += self._call_delta(call)
+            if finish_reason:
+                self.finish_reason = str(finish_reason)
         return events
 
     def _text_delta(self, text: str, refusal: bool = False) -> list[dict[str, Any]]:
@@ -151,8 +188,10 @@ class StreamTranslator:
 
     def _call_delta(self, call: Mapping[str, Any]) -> list[dict[str, Any]]:
         events = []
-        index = int(call.get("index", 0))
-        function = call.get("function") or {}
+        index = self._call_index.of(call)
+        function = call.get("function")
+        if not isinstance(function, Mapping):
+            function = {}
         if index not in self._calls:
             events += self._close_text()
             item: dict[str, Any] = {

@@ -4,10 +4,15 @@ answer in shapes the fake upstream does not: the app in process, the upstream a 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import orjson
 
+from chatgate.ids import new_id
+from chatgate.sessions.chat import ChatSession
+from chatgate.sessions.store import SessionStore
 from tests.backends.upstreams import CHUNKED, chunk, stream_server
 from tests.helpers import Upstream, served_app
 
@@ -64,3 +69,36 @@ async def test_a_streamed_refusal_is_kept_in_the_conversation(
                 items = (await resp.json())["data"]
     assert [item["role"] for item in items] == ["user", "assistant"]
     assert items[1]["content"] == [{"type": "refusal", "refusal": "I can't help with that."}]
+
+
+async def test_streamed_tool_calls_without_index_are_stored_apart(
+    store: SessionStore, two_accounts: tuple[str, str]
+) -> None:
+    """The stored turn of a stream whose tool calls come whole and without ``index``: two
+    calls, not one named ``weathertime`` (see the translator's test); odd shapes are skipped,
+    not a crash of the relay."""
+    account, _ = two_accounts
+    conversation = new_id("conv")
+    await store.create_conversation(account, conversation)
+    session = ChatSession(conversation, [], 0, 0, store, account, [])
+
+    def event(delta: object, finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n"
+
+    batch = [
+        event({"tool_calls": [{"id": "c1", "function": {"name": "weather", "arguments": "{}"}}]}),
+        event({"tool_calls": [{"id": "c2", "function": {"name": "time", "arguments": "{}"}}]}),
+        event({"tool_calls": 7}),
+        event("not an object"),
+        event({}, "tool_calls"),
+        b"data: [DONE]\n\n",
+    ]
+
+    async def batches() -> AsyncIterator[list[bytes]]:
+        yield batch
+
+    assert [b async for b in session.relay(batches())] == [batch]
+    page = await store.list_items(account, conversation, order="asc")
+    calls = [i.data for i in page.items if i.type == "function_call"]
+    assert [(c["call_id"], c["name"]) for c in calls] == [("c1", "weather"), ("c2", "time")]

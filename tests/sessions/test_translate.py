@@ -323,3 +323,28 @@ def test_empty_answer_still_has_a_message() -> None:
         "response.content_part.done",
         "response.output_item.done",
     ]
+
+
+def test_stream_tool_calls_without_index_are_told_apart() -> None:
+    """Servers that send each tool call whole in one delta, without ``index`` (some Ollama and
+    llama.cpp versions): each call with a new ``id`` is a call of its own, a delta without an
+    ``id`` continues the last. They were merged into one call, names and arguments joined."""
+    tr = StreamTranslator(
+        response_object(response_id="r", created_at=1, req=REQ, model="m", truncation="auto")
+    )
+    tr.start()
+    weather = {"id": "c1", "function": {"name": "weather", "arguments": '{"city":'}}
+    tr.feed(chunk({"tool_calls": [weather]}))
+    tr.feed(chunk({"tool_calls": [{"function": {"arguments": '"Paris"}'}}]}))
+    both = [
+        {"id": "c2", "function": {"name": "time", "arguments": "{}"}},
+        {"id": "c3", "function": "not an object", "index": "x"},
+        "not a call",
+    ]
+    tr.feed(chunk({"tool_calls": both}))
+    tr.feed({"choices": [{"index": 0, "delta": "not an object"}, 7]})
+    tr.feed({"choices": 7})
+    tr.feed(chunk({}, "tool_calls"))
+    tr.close()
+    calls = [(o["call_id"], o["name"], o["arguments"]) for o in tr.output]
+    assert calls == [("c1", "weather", '{"city":"Paris"}'), ("c2", "time", "{}"), ("c3", "", "")]
