@@ -21,7 +21,7 @@ from chatgate import errors
 from chatgate.accounts import LIMIT_FIELDS, AccountStore, PlanStore
 from chatgate.backends.cli import add_parser as add_models_parser
 from chatgate.client.chat import add_parser as add_chat_parser
-from chatgate.db.engine import create_engine, migrate
+from chatgate.db.engine import create_engine, migrate, schema
 from chatgate.keys.cli_scan import add_parser as add_scan_parser
 from chatgate.keys.store import KeyStore
 from chatgate.notify import Notifier
@@ -100,7 +100,13 @@ ACCOUNT_COLUMNS = ("id", "email", "plan", "is_admin", "disabled", "created_at")
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
-    asyncio.run(_with_engine(settings, lambda engine: asyncio.sleep(0)))
+    found = asyncio.run(_with_engine(settings, schema))
+    if found.state == "ahead":  # a newer chatgate migrated it: left alone (see migrate)
+        print(
+            f"database is at migration {found.revision}, newer than this chatgate's "
+            f"{found.head}: left as it is ({_safe_url(settings)})"
+        )
+        return
     print(f"database is up to date ({_safe_url(settings)})")
 
 

@@ -231,3 +231,29 @@ def test_a_database_behind_the_code_is_refused_by_serve_and_fails_readiness(gw: 
         assert requests.get(gw.url + "/readyz", timeout=10).status_code == 200
     finally:
         gw.stop()
+
+
+def test_migrate_leaves_a_database_a_newer_chatgate_migrated(gw: Gateway) -> None:
+    """An older node during a rolling upgrade (or a rollback): Alembic refused the database
+    ("Can't locate revision"), so every command and the server's start failed."""
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from chatgate.db.engine import create_engine
+    from chatgate.settings import Settings
+
+    gw.cli("migrate")
+
+    async def newer() -> None:
+        engine = create_engine(Settings.from_env(gw.env))
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(sa.text("UPDATE alembic_version SET version_num = '9001'"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(newer())
+    result = gw.cli("migrate")
+    assert "at migration 9001, newer than this chatgate's" in result.stdout, result.stdout
+    assert gw.cli("accounts", "create", "rolling@example.com").returncode == 0
