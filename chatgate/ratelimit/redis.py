@@ -102,7 +102,16 @@ from .base import (
     month_of,
 )
 from .program import LEVELS_AT, compile_checks
-from .resp import ReplyError, RespClient, encode, encode_int, encode_once, parse_command
+from .resp import (
+    NotSent,
+    ReplyError,
+    RespClient,
+    ServerUnavailable,
+    encode,
+    encode_int,
+    encode_once,
+    parse_command,
+)
 
 __all__ = ["DEFAULT_FLUSH_DELAY", "DEFAULT_PREFIX", "MAX_BATCH", "RedisLimiter"]
 
@@ -126,6 +135,9 @@ worth saving.
 MAX_BATCH = 64
 """Settlements carried by one call at most: Redis runs nothing else while a script runs, and
 64 settlements (a few hundred key updates) keep one call near a millisecond."""
+RETRY_DELAY = 1.0
+"""Seconds before settlements whose call did not run (Redis unreachable or refusing) are sent
+again; again and again, until they apply or their leases have expired."""
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     ConnectionError,  # redis-py's; also BusyLoadingError (LOADING), AuthenticationError
@@ -278,6 +290,20 @@ def _code(check: Check) -> str:
     return "r" if check.kind in RATE_KINDS else KIND_CODE[check.kind]
 
 
+def _never_ran(exc: BaseException) -> bool:
+    """Whether a failed call certainly did not run: no connection could be made, or the
+    server refused it before running it (``LOADING``, ``READONLY``, ...). A call lost after it
+    was written may have run: its settlements are not sent again (not idempotent)."""
+    cause: BaseException | None = exc
+    for _ in range(4):  # LimiterUnavailable from the client's error: a link or two
+        if cause is None:
+            return False
+        if isinstance(cause, NotSent | ServerUnavailable):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a background call's error as seen: its settlements' futures carry it."""
     if not future.cancelled():
@@ -332,6 +358,12 @@ class RedisLimiter(Limiter):
         self._oldest = 0.0
         self._armed = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        # Settlements whose call certainly did not run (no connection, or the server refused
+        # it: see _never_ran), held for RETRY_DELAY and sent again; when each first failed,
+        # to give up on it once its lease has expired anyway.
+        self._held: list[_Settlement] = []
+        self._failed_at: dict[_Part, float] = {}
+        self._retry_timer: asyncio.TimerHandle | None = None
         # Lease ids (members of the concurrency sets, shared by every process): a random
         # prefix per limiter and a counter. Unique, and no system call per request.
         self._lease_prefix = secrets.token_hex(8) + "-"
@@ -422,6 +454,9 @@ class RedisLimiter(Limiter):
     ) -> None:
         exc = LimiterUnavailable("redis: call cancelled") if call.cancelled() else call.exception()
         if exc is None:
+            if self._failed_at:  # settlements sent again after an outage: applied now
+                for part, _ in batch:
+                    self._failed_at.pop(part, None)
             for _, settled in batch:
                 if not settled.done():
                     settled.set_result(True)
@@ -436,6 +471,8 @@ class RedisLimiter(Limiter):
                 functools.partial(self._replied, packed, batch, outcome, True, taken)
             )
             return
+        if batch and _never_ran(exc):
+            self._hold(batch)
         if isinstance(exc, _UNAVAILABLE):
             exc = _unavailable(exc)
         for _, settled in batch:
@@ -443,6 +480,30 @@ class RedisLimiter(Limiter):
                 settled.set_exception(exc)
         if not outcome.done():
             outcome.set_exception(exc)
+
+    def _hold(self, batch: list[_Settlement]) -> None:
+        """Keep settlements whose call did not run, to send again after RETRY_DELAY: a Redis
+        outage would otherwise leave their concurrency slots taken until the leases expire,
+        and their unused reserved tokens charged. Their callers still see the failure (they
+        must not wait on an outage); one whose lease has expired since is let go."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for part, _ in batch:
+            if now - self._failed_at.setdefault(part, now) < self._lease_ttl:
+                retry: asyncio.Future[bool] = loop.create_future()
+                retry.add_done_callback(_retrieve)
+                self._held.append((part, retry))
+            else:
+                del self._failed_at[part]
+        if self._held and self._retry_timer is None:
+            self._retry_timer = loop.call_later(RETRY_DELAY, self._retry_held)
+
+    def _retry_held(self) -> None:
+        self._retry_timer = None
+        batch, self._held = self._held, []
+        while batch:
+            self._send_settlements(batch[:MAX_BATCH])
+            batch = batch[MAX_BATCH:]
 
     def _take_pending(self) -> list[_Settlement]:
         """The queued settlements for the call about to go, oldest first; at most
@@ -641,6 +702,11 @@ class RedisLimiter(Limiter):
     async def aclose(self) -> None:
         """Send the queued settlements and wait for every call in flight; then close the
         client when this limiter created it."""
+        if self._retry_timer is not None:  # one more try for the held ones, now
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        self._pending.extend(self._held)
+        self._held = []
         while True:
             self._flush()
             if not self._background:
@@ -650,6 +716,17 @@ class RedisLimiter(Limiter):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        if self._held:
+            log.warning(
+                "rate limiter: %d settlements not applied, Redis unavailable at stop "
+                "(their leases expire on their own)",
+                len(self._held),
+            )
+            self._held = []
+            self._failed_at.clear()
         if self._owns_client:
             await self._raw_client.aclose()
 

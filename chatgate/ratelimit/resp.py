@@ -19,7 +19,9 @@ cannot serve now" (``LOADING``, ``READONLY``, ``MASTERDOWN``, ``OOM``, ``BUSY``,
 ``CLUSTERDOWN``, ``TRYAGAIN``; ``MISCONF``: writes refused while a snapshot cannot be saved;
 ``NOAUTH``, or ``ERR Protocol error`` for a longer command, after which the server closes the
 connection: a password required and none sent) raise :class:`ServerUnavailable`, a
-:class:`ConnectionError`.
+:class:`ConnectionError`. A command that could not be sent at all (no connection) raises
+:class:`NotSent`, also a :class:`ConnectionError`: of the failures, only these two say the
+command did not run.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = [
+    "NotSent",
     "ReplyError",
     "RespClient",
     "ServerUnavailable",
@@ -61,6 +64,10 @@ class ReplyError(Exception):
 
 class ServerUnavailable(ConnectionError):
     """An error reply meaning the server cannot serve commands right now."""
+
+
+class NotSent(ConnectionError):
+    """No connection could be made: the command was never sent (so it did not run)."""
 
 
 def _bulk(value: Any) -> bytes:
@@ -306,10 +313,14 @@ class RespClient:
         return self._write(proto, packed)
 
     async def send(self, packed: bytes) -> Any:
-        """Send one command already packed with :func:`pack`; its reply."""
+        """Send one command already packed with :func:`pack`; its reply. :class:`NotSent`
+        when no connection could be made (the command certainly did not run)."""
         proto = self._proto
         if proto is None or proto.closed:
-            proto = await self._connect()
+            try:
+                proto = await self._connect()
+            except OSError as exc:
+                raise NotSent(str(exc)) from exc
         return await self._write(proto, packed)
 
     def _write(self, proto: _Protocol, packed: bytes) -> asyncio.Future[Any]:

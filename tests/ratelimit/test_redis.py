@@ -30,6 +30,7 @@ from chatgate.ratelimit import (
 )
 from chatgate.ratelimit.redis import MAX_BATCH
 from chatgate.ratelimit.resp import RespClient
+from tests.helpers import free_port
 from tests.redisserver import RedisServer
 
 pytestmark = pytest.mark.skipif(
@@ -427,4 +428,47 @@ async def test_a_redis_refusing_writes_is_unavailable_not_an_error(
             await fresh.aclose()
     finally:
         await limiter.aclose()
+        await admin.aclose()
+
+
+async def _admitted_within(limiter: RedisLimiter, checks: list[Check], tokens: int) -> bool:
+    """Whether ``limiter`` admits the request within 10 s (polling; no time is asserted)."""
+    for _ in range(50):
+        if (await limiter.acquire(checks, tokens)).allowed:
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("outage", ["read-only", "down"])
+async def test_settlements_that_did_not_run_are_sent_again(
+    own_redis: RedisServer, outage: str
+) -> None:
+    """Settlements whose call certainly did not run (Redis refusing it as a read-only replica,
+    or not reachable at all) are sent again once it is back: they were dropped, so the
+    request's concurrency slot stayed taken until its lease expired (15 minutes) and its
+    unused reserved tokens stayed charged. Here the slot (a limit of 1) and 700 of 1,000
+    tokens come back, and another process is admitted."""
+    admin = aioredis.Redis.from_url(own_redis.url)
+    limiter = RedisLimiter.from_url(own_redis.url, prefix="t:", flush_delay=0.01, timeout=2.0)
+    other = RedisLimiter.from_url(own_redis.url, prefix="t:", timeout=2.0)
+    checks = [Check.concurrent("acct:x", 1), Check.tpm("acct:x", 1000)]
+    try:
+        held = await take(limiter, checks, 800)
+        assert not (await other.acquire(checks, 800)).allowed
+        if outage == "read-only":
+            await admin.replicaof("127.0.0.1", str(free_port()))  # a master that is gone
+        else:
+            await admin.save()  # the lease and the tokens survive the restart below
+            own_redis.stop()
+        with pytest.raises(LimiterUnavailable):  # the caller still hears of the outage
+            await limiter.settle(held, 100)
+        if outage == "read-only":
+            await admin.replicaof("NO", "ONE")
+        else:
+            own_redis.start()
+        assert await _admitted_within(other, checks, 800)
+    finally:
+        await limiter.aclose()
+        await other.aclose()
         await admin.aclose()
