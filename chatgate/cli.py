@@ -224,7 +224,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
 
     if args.host:
         settings = _replace(settings, host=args.host)
-    if args.port:
+    if args.port is not None:  # 0 too: any free port (the log says which)
         settings = _replace(settings, port=args.port)
     from chatgate.server import ServeError
 

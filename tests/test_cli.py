@@ -257,3 +257,32 @@ def test_migrate_leaves_a_database_a_newer_chatgate_migrated(gw: Gateway) -> Non
     result = gw.cli("migrate")
     assert "at migration 9001, newer than this chatgate's" in result.stdout, result.stdout
     assert gw.cli("accounts", "create", "rolling@example.com").returncode == 0
+
+
+def test_serve_port_0_takes_a_free_port_and_says_which(gw: Gateway) -> None:
+    """``--port 0`` was read as "not given": the server took 8000 (or failed, if taken)."""
+    import re
+
+    log = gw.workdir / "port0.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "chatgate"), "serve", "--port", "0"],
+            env={**gw.env, "CHATGATE_PORT": "1"},  # the flag wins over the environment
+            cwd=gw.workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        found = None
+        for _ in range(300):
+            found = re.search(rb"Running on http://127\.0\.0\.1:(\d+)", log.read_bytes())
+            if found or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert found, log.read_text()
+        port = int(found.group(1))
+        assert port not in (0, 1, 8000)
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
