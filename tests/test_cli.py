@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import requests
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tests.helpers import BIN, Gateway, make_gateway
 
@@ -171,24 +174,31 @@ def test_a_setting_that_is_not_a_number_is_named(gw: Gateway) -> None:
     assert result.returncode == 2 and "port" in result.stderr, result.stderr
 
 
-def _downgrade_one(gw: Gateway) -> None:
-    """Take ``gw``'s database one migration back, as an older chatgate left it."""
-    import asyncio
-
-    from alembic import command
-
-    from chatgate.db.engine import _alembic_config, create_engine
+def _in_database(gw: Gateway, step: Callable[[AsyncConnection], Awaitable[object]]) -> None:
+    """Run ``step`` in a transaction on ``gw``'s database."""
+    from chatgate.db.engine import create_engine
     from chatgate.settings import Settings
 
     async def go() -> None:
         engine = create_engine(Settings.from_env(gw.env))
         try:
             async with engine.begin() as conn:
-                await conn.run_sync(lambda c: command.downgrade(_alembic_config(c), "-1"))
+                await step(conn)
         finally:
             await engine.dispose()
 
     asyncio.run(go())
+
+
+def _downgrade_one(gw: Gateway) -> None:
+    """Take ``gw``'s database one migration back, as an older chatgate left it."""
+    from alembic import command
+
+    from chatgate.db.engine import _alembic_config
+
+    _in_database(
+        gw, lambda conn: conn.run_sync(lambda c: command.downgrade(_alembic_config(c), "-1"))
+    )
 
 
 def test_a_database_behind_the_code_is_refused_by_serve_and_fails_readiness(gw: Gateway) -> None:
@@ -236,24 +246,11 @@ def test_a_database_behind_the_code_is_refused_by_serve_and_fails_readiness(gw: 
 def test_migrate_leaves_a_database_a_newer_chatgate_migrated(gw: Gateway) -> None:
     """An older node during a rolling upgrade (or a rollback): Alembic refused the database
     ("Can't locate revision"), so every command and the server's start failed."""
-    import asyncio
-
     import sqlalchemy as sa
 
-    from chatgate.db.engine import create_engine
-    from chatgate.settings import Settings
-
     gw.cli("migrate")
-
-    async def newer() -> None:
-        engine = create_engine(Settings.from_env(gw.env))
-        try:
-            async with engine.begin() as conn:
-                await conn.execute(sa.text("UPDATE alembic_version SET version_num = '9001'"))
-        finally:
-            await engine.dispose()
-
-    asyncio.run(newer())
+    newer = sa.text("UPDATE alembic_version SET version_num = '9001'")
+    _in_database(gw, lambda conn: conn.execute(newer))
     result = gw.cli("migrate")
     assert "at migration 9001, newer than this chatgate's" in result.stdout, result.stdout
     assert gw.cli("accounts", "create", "rolling@example.com").returncode == 0

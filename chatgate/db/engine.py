@@ -148,14 +148,13 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
             found = await schema(engine)
         except sa.exc.DBAPIError:  # unreachable: Alembic's attempt below reports it
             found = None
-        if found is not None and found.state == "current":
-            return
-        if found is not None and found.state == "ahead":
-            log.warning(
-                "the database is at migration %s, newer than this chatgate's %s: left as it is",
-                found.revision,
-                found.head,
-            )
+        if found is not None and found.state != "behind":
+            if found.state == "ahead":
+                log.warning(
+                    "the database is at migration %s, newer than this chatgate's %s: left as it is",
+                    found.revision,
+                    found.head,
+                )
             return
 
     def run(connection: Connection) -> None:

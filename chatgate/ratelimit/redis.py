@@ -499,11 +499,13 @@ class RedisLimiter(Limiter):
             self._retry_timer = loop.call_later(RETRY_DELAY, self._retry_held)
 
     def _retry_held(self) -> None:
-        self._retry_timer = None
-        batch, self._held = self._held, []
-        while batch:
-            self._send_settlements(batch[:MAX_BATCH])
-            batch = batch[MAX_BATCH:]
+        """Send the held settlements again, now (the retry timer, or a stop)."""
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        self._pending.extend(self._held)
+        self._held = []
+        self._flush()
 
     def _take_pending(self) -> list[_Settlement]:
         """The queued settlements for the call about to go, oldest first; at most
@@ -702,11 +704,7 @@ class RedisLimiter(Limiter):
     async def aclose(self) -> None:
         """Send the queued settlements and wait for every call in flight; then close the
         client when this limiter created it."""
-        if self._retry_timer is not None:  # one more try for the held ones, now
-            self._retry_timer.cancel()
-            self._retry_timer = None
-        self._pending.extend(self._held)
-        self._held = []
+        self._retry_held()  # one more try for the held ones
         while True:
             self._flush()
             if not self._background:

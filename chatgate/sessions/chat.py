@@ -23,7 +23,13 @@ from typing import Any
 from chatgate import errors
 from chatgate.auth import Principal
 from chatgate.backends.router import Route
-from chatgate.sessions.response_stream import CallIndex, first_choice, parse_chunks, tool_calls
+from chatgate.sessions.response_stream import (
+    CallIndex,
+    first_choice,
+    function_of,
+    parse_chunks,
+    tool_calls,
+)
 from chatgate.sessions.responses import chat_message_to_items, items_to_messages
 from chatgate.sessions.store import SessionStore
 from chatgate.sessions.trim import (
@@ -152,9 +158,7 @@ class ChatSession:
                         self._call_index.of(call),
                         {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
                     )
-                    function = call.get("function")
-                    if not isinstance(function, Mapping):
-                        function = {}
+                    function = function_of(call)
                     call_id, name, arguments = (
                         call.get("id"),
                         function.get("name"),

@@ -66,6 +66,12 @@ def tool_calls(delta: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [c for c in calls if isinstance(c, Mapping)] if isinstance(calls, list) else []
 
 
+def function_of(call: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A tool-call delta's ``function`` object (empty when it is missing or not an object)."""
+    function = call.get("function")
+    return function if isinstance(function, Mapping) else {}
+
+
 class CallIndex:
     """Which tool call a streamed tool-call delta belongs to: its ``index``, as the spec has it;
     for a server that sends none (each call whole in one delta, as some Ollama and llama.cpp
@@ -189,9 +195,7 @@ class StreamTranslator:
     def _call_delta(self, call: Mapping[str, Any]) -> list[dict[str, Any]]:
         events = []
         index = self._call_index.of(call)
-        function = call.get("function")
-        if not isinstance(function, Mapping):
-            function = {}
+        function = function_of(call)
         if index not in self._calls:
             events += self._close_text()
             item: dict[str, Any] = {
