@@ -92,6 +92,7 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
         tasks = [
             asyncio.create_task(auth.run_feed(), name="invalidation-feed"),
             asyncio.create_task(auth.run_last_used(), name="last-used"),
+            asyncio.create_task(state.limits.run_renewal(), name="lease-renewal"),
         ]
         listener = Listener.from_settings(settings)
         if listener is not None:

@@ -227,6 +227,18 @@ class Limits:
         if not future.cancelled() and (exc := future.exception()) is not None:
             log.warning("could not settle a rate-limit reservation", exc_info=exc)
 
+    async def run_renewal(self) -> None:
+        """Renew the concurrency leases of requests still running, every third of the lease
+        TTL, until cancelled: those admitted more than that long ago, so each is renewed at
+        least a third of the TTL before it would expire (see :meth:`Limiter.renew_leases`)."""
+        every = self.limiter.lease_ttl / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                self.limiter.renew_leases(every)
+            except Exception:  # the next pass tries again; the leases have a third left
+                log.warning("could not renew rate-limit leases", exc_info=True)
+
     async def close(self) -> None:
         """Close the limiter, which sends the settlements :meth:`settle_soon` queued and waits
         for them (not a flush delay later), then see each one finished."""

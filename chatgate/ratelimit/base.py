@@ -10,7 +10,9 @@ Algorithms (the same in :mod:`.memory` and in the Redis Lua scripts):
   instant add up exactly, with no float drift at the boundary. A full bucket admits
   ``limit`` at once, then one unit every ``window / limit`` seconds.
 - ``concurrency``: a set of leases (lease id -> expiry). A slot is held until the request
-  settles, or until its lease expires, so a crashed process cannot leak slots.
+  settles, or until its lease expires, so a crashed process cannot leak slots. A live
+  process renews the leases of its requests still running (:meth:`Limiter.renew_leases`,
+  every third of the TTL), so a request longer than the TTL keeps its slot.
 - ``quota`` (monthly tokens): a counter per scope and calendar month in UTC (``"2026-11"``).
 
 A request passes a list of :class:`Check`; :meth:`Limiter.acquire` takes all of them or none.
@@ -57,7 +59,8 @@ RATE_KINDS: frozenset[str] = frozenset({"requests", "tokens"})
 KIND_CODE: dict[str, str] = {"requests": "r", "tokens": "t", "concurrency": "c", "quota": "q"}
 
 DEFAULT_LEASE_TTL = 900.0
-"""Seconds a concurrency slot is held when its request never settles (a crash)."""
+"""Seconds a concurrency slot is held when its request never settles (a crash) and nothing
+renews its lease."""
 DEFAULT_CONCURRENCY_RETRY = 1.0
 """retry_after hint for a full concurrency limit: a slot frees when any request ends."""
 QUOTA_RETENTION = 40 * 86400.0
@@ -407,7 +410,8 @@ class CompiledChecks(Generic[R]):
 
 
 class Ledger:
-    """Open reservations by lease id, oldest first, so each settles at most once.
+    """Open reservations by lease id, oldest first, so each settles at most once, and the
+    old ones can be found to renew their leases.
 
     Entries older than ``max_age`` are forgotten (amortised O(1)), so a caller that never
     settles cannot grow it without bound.
@@ -416,15 +420,15 @@ class Ledger:
     def __init__(self, clock: Callable[[], float], max_age: float = SETTLE_DEADLINE) -> None:
         self._clock = clock
         self._max_age = max_age
-        self._open: OrderedDict[str, float] = OrderedDict()
+        self._open: OrderedDict[str, tuple[float, Reservation]] = OrderedDict()
 
-    def add(self, lease_id: str, now: float | None = None) -> None:
+    def add(self, reservation: Reservation, now: float | None = None) -> None:
         """Remember an open reservation (``now``: the clock's time, when the caller has it)."""
         if now is None:
             now = self._clock()
-        self._open[lease_id] = now
+        self._open[reservation.lease_id] = (now, reservation)
         while self._open:
-            oldest, at = next(iter(self._open.items()))
+            oldest, (at, _) = next(iter(self._open.items()))
             if now - at < self._max_age:
                 break
             del self._open[oldest]
@@ -433,12 +437,25 @@ class Ledger:
         """Forget ``lease_id``; True when it was open (the first settle)."""
         return self._open.pop(lease_id, None) is not None
 
+    def older_than(self, age: float) -> list[Reservation]:
+        """The open reservations added more than ``age`` seconds ago, oldest first."""
+        cutoff = self._clock() - age
+        found: list[Reservation] = []
+        for at, reservation in self._open.values():
+            if at > cutoff:
+                break
+            found.append(reservation)
+        return found
+
     def __len__(self) -> int:
         return len(self._open)
 
 
 class Limiter(ABC):
     """Checks and takes the limits of one request, atomically, and settles them after."""
+
+    lease_ttl: float = DEFAULT_LEASE_TTL
+    """Seconds a concurrency slot is held when nothing settles or renews it."""
 
     @abstractmethod
     async def acquire(self, checks: Sequence[Check], cost_tokens: int = 0) -> Decision:
@@ -473,6 +490,19 @@ class Limiter(ABC):
     async def release(self, reservation: Reservation) -> bool:
         """Settle a request that produced nothing (failed upstream, rejected later)."""
         return await self.settle(reservation, 0)
+
+    def renew_leases(self, age: float) -> int:
+        """Hold the concurrency slots of the reservations still open that were admitted more
+        than ``age`` seconds ago for a full :attr:`lease_ttl` from now; how many there were.
+
+        The gateway calls it every third of the TTL (:meth:`chatgate.limits.Limits.run_renewal`):
+        a request that runs longer than the TTL (a long stream, retries of a slow upstream)
+        keeps its slot, and a process that dies stops renewing, so its slots still free within
+        one TTL. It never waits on the store: a remote limiter queues the renewals like
+        settlements (a renewal is idempotent, so one whose call may have failed is sent again
+        on the next pass).
+        """
+        return 0
 
     @abstractmethod
     async def quota_used(self, scope: str, month: str | None = None) -> int:
@@ -514,6 +544,7 @@ class FailoverLimiter(Limiter):
         self._clock = clock
         self._down_until = -math.inf
         self._from_fallback = Ledger(clock)
+        self.lease_ttl = primary.lease_ttl
 
     @property
     def degraded(self) -> bool:
@@ -544,7 +575,7 @@ class FailoverLimiter(Limiter):
         self.fallbacks += 1
         decision = await self.fallback.acquire(checks, cost_tokens)
         if decision.reservation is not None:
-            self._from_fallback.add(decision.reservation.lease_id)
+            self._from_fallback.add(decision.reservation)
         return decision
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> bool:
@@ -585,6 +616,10 @@ class FailoverLimiter(Limiter):
         self.settle_failures += 1
         self._mark_down(exc)
         return False
+
+    def renew_leases(self, age: float) -> int:
+        """Renew in both limiters: each holds the leases it issued."""
+        return self.primary.renew_leases(age) + self.fallback.renew_leases(age)
 
     async def quota_used(self, scope: str, month: str | None = None) -> int:
         """Read from the primary; from the fallback when failing open."""

@@ -18,8 +18,9 @@ ARGV[5]    retry hint for a full concurrency limit, seconds
 then       per settlement, in the order they are applied: lease id, delta (actual - reserved
            tokens: negative gives back, positive may go into debt), k (its number of
            buckets, each passed once), then per bucket 3 values: kind ("r" rate |
-           "c" concurrency | "q" quota), limit, window in seconds (rate) or the month's end
-           as unix time (quota)
+           "c" concurrency | "q" quota | "n" renew the lease in this concurrency set for
+           ARGV[4] from now, if it is still there), limit, window in seconds (rate) or the
+           month's end as unix time (quota)
 then       per check (the KEYS left after the settlements' ones), 4 values: kind, limit,
            window or month's end (as above), cost
 Reply      "allowed failed retry_after level_1 .. level_n", one string, the values apart by
@@ -74,6 +75,11 @@ for _ = 1, settlements do
     a = a + 3
     if kind == 'c' then
       redis.call('ZREM', key, owner)
+    elseif kind == 'n' then
+      if redis.call('ZSCORE', key, owner) then
+        redis.call('ZADD', key, string.format('%.17g', now + ttl), owner)
+        redis.call('PEXPIRE', key, math.ceil(ttl * 1000))
+      end
     elseif kind == 'r' then
       local level = drained(key, limit, span) + delta
       if level > 0 then

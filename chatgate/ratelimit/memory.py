@@ -51,7 +51,7 @@ class MemoryLimiter(Limiter):
         concurrency_retry: float = DEFAULT_CONCURRENCY_RETRY,
     ) -> None:
         self._clock = clock
-        self._lease_ttl = lease_ttl
+        self.lease_ttl = lease_ttl
         self._concurrency_retry = concurrency_retry
         self._state: OrderedDict[str, Entry] = OrderedDict()
         self._ledger = Ledger(clock)
@@ -113,10 +113,10 @@ class MemoryLimiter(Limiter):
         size = len(state)
         self._leases_issued += 1
         lease_id = f"{self._lease_prefix}{self._leases_issued:x}"
-        decision = program.admit(state, now, cost_tokens, lease_id, now + self._lease_ttl)
+        decision = program.admit(state, now, cost_tokens, lease_id, now + self.lease_ttl)
         if decision is None:
             return self._refuse(program.resolved, cost_tokens, now)
-        self._ledger.add(lease_id, now)
+        self._ledger.add(decision.reservation, now)  # type: ignore[arg-type]  # granted: set
         # Look at two more entries than this call added (in batches: one call per few
         # admissions): stale ones are found within a pass, itself done in len(state) / 2
         # admissions (settlements sweep only what they add).
@@ -148,6 +148,19 @@ class MemoryLimiter(Limiter):
         if added:  # the admissions' sweep covers the rest
             self._sweep(self._clock(), added + 1)
         return True
+
+    def renew_leases(self, age: float) -> int:
+        """Hold the slots of the reservations open for more than ``age`` seconds a full TTL
+        from now (see :meth:`.Limiter.renew_leases`)."""
+        held = self._ledger.older_than(age)
+        expiry = self._clock() + self.lease_ttl
+        for reservation in held:
+            for check in reservation.checks:
+                if check.kind == "concurrency":
+                    entry = self._state.get(check.key)
+                    if isinstance(entry, Leases):
+                        entry.renew(reservation.lease_id, expiry)
+        return len(held)
 
     async def quota_used(self, scope: str, month: str | None = None) -> int:
         """Tokens charged to ``scope``'s quota in ``month`` (default: the clock's month)."""

@@ -107,6 +107,12 @@ class Leases:
             self.first_expiry = expiry
         self.leases[lease_id] = expiry
 
+    def renew(self, lease_id: str, expiry: float) -> None:
+        """Hold a live lease until ``expiry`` (as :meth:`add`: later than every lease held,
+        so it moves to the back). ``first_expiry`` stays a lower bound."""
+        if self.leases.pop(lease_id, None) is not None:
+            self.leases[lease_id] = expiry
+
 
 class Counter:
     """A month's quota counter."""

@@ -174,7 +174,7 @@ class _Plan(Resolved):
     and ``granted``, the allowed decision from the script's reply (compiled, see
     :mod:`.program`)."""
 
-    __slots__ = ("args", "granted", "keys", "nkeys", "settle", "tokens")
+    __slots__ = ("args", "granted", "keys", "nkeys", "renew", "settle", "tokens")
 
     def __init__(self, checks: Sequence[Check], now: float, prefix: str) -> None:
         super().__init__(checks, now)
@@ -190,10 +190,12 @@ class _Plan(Resolved):
         # A settlement names each bucket once: the slots always, token buckets when the real
         # tokens differ from the reserved ones (index: whether they do).
         self.settle = tuple(self._settlement(prefix, with_tokens) for with_tokens in (False, True))
+        self.renew = self._settlement(prefix, False, renew=True)
         self.granted = compile_checks(resolved).granted
 
-    def _settlement(self, prefix: str, with_tokens: bool) -> _Part:
-        """The settlement's KEYS, and its ARGV after the lease id, delta and bucket count."""
+    def _settlement(self, prefix: str, with_tokens: bool, renew: bool = False) -> _Part:
+        """The settlement's KEYS, and its ARGV after the lease id, delta and bucket count;
+        ``renew``: a lease renewal's instead (the slots, each with the code ``n``)."""
         keys: list[str] = []
         args: list[Any] = []
         for check in self.resolved:
@@ -201,7 +203,7 @@ class _Plan(Resolved):
             wanted = check.kind == "concurrency" or (with_tokens and check.charges_tokens)
             if wanted and key not in keys:
                 keys.append(key)
-                args += _bucket(check)
+                args += ("n", check.limit, 0.0) if renew else _bucket(check)
         return _Part(encode(*keys), len(keys), encode(*args), len(args))
 
 
@@ -336,7 +338,7 @@ class RedisLimiter(Limiter):
         self._raw_client = client
         self._client: _Client = client if isinstance(client, RespClient) else _RedisPy(client)
         self._prefix = prefix
-        self._lease_ttl = lease_ttl
+        self.lease_ttl = lease_ttl
         self._concurrency_retry = concurrency_retry
         self._flush_delay = flush_delay
         self._clock = clock
@@ -489,7 +491,7 @@ class RedisLimiter(Limiter):
         loop = asyncio.get_running_loop()
         now = loop.time()
         for part, _ in batch:
-            if now - self._failed_at.setdefault(part, now) < self._lease_ttl:
+            if now - self._failed_at.setdefault(part, now) < self.lease_ttl:
                 retry: asyncio.Future[bool] = loop.create_future()
                 retry.add_done_callback(_retrieve)
                 self._held.append((part, retry))
@@ -607,7 +609,7 @@ class RedisLimiter(Limiter):
                 self._release_orphan(outcome.result(), reservation)
             raise
         if reply[0] == b"1":
-            self._ledger.add(lease_id)
+            self._ledger.add(reservation)
             return plan.granted(reply, cost_tokens, reservation)
         retry = float(reply[2])
         return decide(
@@ -622,7 +624,7 @@ class RedisLimiter(Limiter):
     def _release_orphan(self, reply: bytes, reservation: Reservation) -> None:
         """The caller of ``acquire`` was cancelled: give back what the script took."""
         if reply.startswith(b"1 "):
-            self._ledger.add(reservation.lease_id)
+            self._ledger.add(reservation)
             self.settle_nowait(reservation, 0).add_done_callback(_log_orphan)
 
     def settle_nowait(self, reservation: Reservation, actual_tokens: int) -> asyncio.Future[bool]:
@@ -643,7 +645,20 @@ class RedisLimiter(Limiter):
         if not part.nkeys:
             future.set_result(True)
             return future
-        head = encode_once(reservation.lease_id) + encode_int(delta) + encode_int(part.nkeys)
+        self._queue(loop, part, reservation.lease_id, delta, future)
+        return future
+
+    def _queue(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        part: _Part,
+        lease_id: str,
+        delta: int,
+        future: asyncio.Future[bool],
+    ) -> None:
+        """Queue ``part`` of a plan for ``lease_id`` (a settlement or a renewal) for the next
+        call, and make sure the timer will send it if no admission does."""
+        head = encode_once(lease_id) + encode_int(delta) + encode_int(part.nkeys)
         if not self._pending:
             self._oldest = loop.time()
         if self._timer is None:
@@ -651,7 +666,23 @@ class RedisLimiter(Limiter):
         self._pending.append(
             (_Part(part.keys, part.nkeys, head + part.args, part.nargs + 3), future)
         )
-        return future
+
+    def renew_leases(self, age: float) -> int:
+        """Queue a renewal of the slots of each reservation open for more than ``age``
+        seconds (see :meth:`.Limiter.renew_leases`): it rides on the next call like a
+        settlement, and, idempotent, is queued again by the next pass whatever became of it.
+        A renewal that reaches Redis after its request's settlement finds no lease to renew."""
+        held = self._ledger.older_than(age)
+        if not held:
+            return 0
+        loop = asyncio.get_running_loop()
+        for reservation in held:
+            part = self._plans.for_resolved(reservation.checks).renew
+            if part.nkeys:
+                renewed: asyncio.Future[bool] = loop.create_future()
+                renewed.add_done_callback(_retrieve)
+                self._queue(loop, part, reservation.lease_id, 0, renewed)
+        return len(held)
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> bool:
         """Queue the settlement and wait until the call carrying it has been answered.

@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import chatgate.ratelimit as rl
-from chatgate.limits import refusal
+from chatgate.limits import Admission, Limits, refusal
 from chatgate.ratelimit import (
     Check,
     FailoverLimiter,
@@ -289,6 +289,59 @@ async def test_concurrency_lease_expires(harness: Harness) -> None:
     else:
         await asyncio.sleep(0.1)  # the server's clock decides; only waits, asserts no time
     await take(limiter, checks)
+
+
+async def test_concurrency_lease_renewed_while_open(harness: Harness) -> None:
+    """A request still running when its lease would expire keeps its slot once renewed; only
+    open reservations old enough are renewed, and a settled one frees its slot as before."""
+    ttl = 2.0
+    limiter = harness.make(lease_ttl=ttl)
+    checks = [Check.concurrent("key:k", 1), Check.concurrent("acct:x", 1)]
+    held = await take(limiter, checks)
+
+    async def wait(seconds: float) -> None:
+        if harness.clock is not None:
+            harness.clock.now += seconds
+        else:
+            await asyncio.sleep(seconds)  # the server's clock decides; only waits
+
+    assert limiter.renew_leases(ttl / 2) == 0  # admitted just now: not due
+    await wait(ttl / 2)
+    assert limiter.renew_leases(ttl / 3) == 1
+    await wait(ttl * 0.7)  # past the first expiry, well before the renewed one
+    assert not (await limiter.acquire(checks)).allowed  # (carries the renewal to Redis)
+    assert await limiter.settle(held, 0)
+    assert limiter.renew_leases(0.0) == 0  # settled: nothing left to renew
+    await take(limiter, checks)
+
+
+async def test_renewal_after_settlement_frees_the_slot(harness: Harness) -> None:
+    """A renewal queued before the settlement, both in one call, leaves the slot free."""
+    limiter = harness.make(lease_ttl=30.0)
+    checks = [Check.concurrent("acct:x", 1)]
+    held = await take(limiter, checks)
+    assert limiter.renew_leases(0.0) == 1
+    assert await limiter.settle(held, 0)  # (Redis: one call carries both, renewal first)
+    await take(limiter, checks)
+
+
+async def test_gateway_renews_running_requests_leases(harness: Harness) -> None:
+    """Limits.run_renewal (a task of every gateway process) keeps a running request's slot
+    past its lease TTL, on the real clock; stopped, it renews nothing more."""
+    ttl = 1.5
+    limiter = MemoryLimiter(lease_ttl=ttl) if harness.clock else harness.make(lease_ttl=ttl)
+    limits = Limits(limiter, remote=harness.clock is None)
+    checks = [Check.concurrent("acct:x", 1)]
+    renewing = asyncio.create_task(limits.run_renewal())
+    try:
+        admission = await limits.admit(checks, 0, "m")
+        await asyncio.sleep(ttl * 1.7)  # only waits: two passes renew it, each a TTL ahead
+        assert not (await limiter.acquire(checks)).allowed
+        await limits.settle_soon(admission, 0)
+        await limits.settle_soon(Admission(await take(limiter, checks), {}), 0)
+    finally:
+        renewing.cancel()
+    await limits.close()
 
 
 # --- quota -----------------------------------------------------------------------------
