@@ -22,6 +22,7 @@ from chatgate.accounts import LIMIT_FIELDS, AccountStore, PlanStore
 from chatgate.backends.cli import add_parser as add_models_parser
 from chatgate.client.chat import add_parser as add_chat_parser
 from chatgate.db.engine import create_engine, migrate, schema
+from chatgate.db.instance import SecretMismatch, adopt_secret, check_secret
 from chatgate.keys.cli_scan import add_parser as add_scan_parser
 from chatgate.keys.store import KeyStore
 from chatgate.notify import Notifier
@@ -110,6 +111,18 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
     print(f"database is up to date ({_safe_url(settings)})")
 
 
+def cmd_secret(settings: Settings, args: argparse.Namespace) -> None:
+    async def run(engine: AsyncEngine) -> None:
+        await adopt_secret(engine, settings.resolved_secret())
+
+    asyncio.run(_with_engine(settings, run))
+    print(
+        "the database now takes this CHATGATE_SECRET; nodes with another refuse to start, and "
+        "keys hashed under the old one no longer match (re-issue them: chatgate keys rotate "
+        "KEY_ID --grace 0)"
+    )
+
+
 def cmd_accounts(settings: Settings, args: argparse.Namespace) -> None:
     password = ""
     if args.action == "set-password":
@@ -165,6 +178,8 @@ def cmd_plans(settings: Settings, args: argparse.Namespace) -> None:
 
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
     async def run(engine: AsyncEngine) -> Any:
+        # A key made here must work on the servers: the same secret as the database's.
+        await check_secret(engine, settings.resolved_secret(), settings.secret_previous)
         keys = KeyStore.from_settings(engine, settings)
         accounts = AccountStore(engine)
         if args.action == "create":
@@ -200,7 +215,7 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
 
     try:
         data = asyncio.run(_with_engine(settings, run))
-    except ValueError as exc:
+    except (ValueError, SecretMismatch) as exc:
         raise CLIError(str(exc)) from None
     if args.action in ("create", "rotate") and not args.json:
         print(_table([{**data, **{t: iso(data.get(t)) for t in KEY_TIMES}}], KEY_COLUMNS))
@@ -300,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     for p in pl.choices.values():
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_plans)
+
+    sc = sub.add_parser("secret", help="the server secret").add_subparsers(
+        dest="action", required=True
+    )
+    sc.add_parser(
+        "adopt", help="make this CHATGATE_SECRET the database's (after a clean break)"
+    ).set_defaults(func=cmd_secret)
 
     ks = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     p = ks.add_parser("create")

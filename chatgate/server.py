@@ -14,6 +14,7 @@ from aiohttp import web
 from chatgate.accounts import AccountStore
 from chatgate.app import create_app
 from chatgate.db.engine import create_engine, migrate, schema
+from chatgate.db.instance import SecretMismatch, check_secret
 from chatgate.keys.store import IssuedKey, KeyStore
 from chatgate.settings import Settings
 
@@ -23,7 +24,8 @@ ADMIN_EMAIL = "admin@localhost"
 
 async def prepare(settings: Settings, *, migrate_first: bool, bootstrap: bool) -> IssuedKey | None:
     """Migrate (or, with ``migrate_first`` off, refuse a database behind this code's
-    migrations), and on the very first start create the admin account and one key."""
+    migrations), refuse a server secret other than the database's (:mod:`chatgate.db.instance`),
+    and on the very first start create the admin account and one key."""
     engine = create_engine(settings)
     try:
         if migrate_first:
@@ -36,6 +38,10 @@ async def prepare(settings: Settings, *, migrate_first: bool, bootstrap: bool) -
                     f"the database is {where}; this chatgate needs migration {found.head}: "
                     "run `chatgate migrate` first (or serve without --no-migrate)"
                 )
+        try:
+            await check_secret(engine, settings.resolved_secret(), settings.secret_previous)
+        except SecretMismatch as exc:
+            raise ServeError(str(exc)) from None
         if not bootstrap:
             return None
         accounts = AccountStore(engine)

@@ -7,6 +7,8 @@ Secrets are wrapped in :class:`Secret` so they never show up in a ``repr`` or a 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 import tomllib
@@ -47,6 +49,11 @@ class Secret:
 
     def __bool__(self) -> bool:
         return bool(self._value)
+
+
+def derive_key(secret: str, purpose: str) -> bytes:
+    """A 32-byte key for ``purpose`` derived from the server secret (HMAC-SHA256)."""
+    return hmac.new(secret.encode(), b"chatgate/" + purpose.encode(), hashlib.sha256).digest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,7 +107,6 @@ def pair(
     env = {
         "CHATGATE_REDIS_URL": REDIS_URL,
         "CHATGATE_REDIS_PREFIX": prefix,
-        "CHATGATE_SECRET": secrets.token_urlsafe(32),
     }
     root = Path(tmp_path_factory.mktemp("pair"))
     gws = [

@@ -197,6 +197,11 @@ class Gateway:
         return self.log.read_text(errors="replace")
 
 
+SHARED_DB_SECRET = "test-session-secret-" + secrets.token_urlsafe(24)
+"""The server secret of gateways given a database (one per test session, as one per
+deployment): a gateway of its own data directory's database makes its own."""
+
+
 def make_gateway(
     workdir: Path,
     *,
@@ -216,6 +221,9 @@ def make_gateway(
     )
     if database_url:
         env["CHATGATE_DATABASE_URL"] = database_url
+        # Every node of one database shares its server secret (a node with another refuses
+        # to start): the test session's databases are shared by many gateways.
+        env["CHATGATE_SECRET"] = SHARED_DB_SECRET
     if upstream is not None:
         (workdir / "chatgate.toml").write_text(models_toml(upstream, extra_toml))
         env["CHATGATE_CONFIG"] = str(workdir / "chatgate.toml")

@@ -12,7 +12,14 @@ import pytest
 import requests
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tests.helpers import BIN, Gateway, make_gateway
+from tests.helpers import (
+    BIN,
+    Gateway,
+    Upstream,
+    create_pg_database,
+    drop_pg_database,
+    make_gateway,
+)
 
 
 @pytest.fixture
@@ -241,6 +248,66 @@ def test_a_database_behind_the_code_is_refused_by_serve_and_fails_readiness(gw: 
         assert requests.get(gw.url + "/readyz", timeout=10).status_code == 200
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_node_with_another_secret_refuses_to_start(
+    kind: str, tmp_path: Path, upstream: Upstream
+) -> None:
+    """Nodes of one database with different server secrets (CHATGATE_SECRET unset: each made
+    its own in its data directory) each refused the other's keys: behind a load balancer, a
+    key that failed on every other request, and nothing said why."""
+    import secrets
+
+    url = create_pg_database() if kind == "postgresql" else f"sqlite:///{tmp_path / 'one.db'}"
+    first_secret, other_secret = (f"s{i}-" + secrets.token_urlsafe(24) for i in range(2))
+
+    def node(name: str, secret: str) -> Gateway:
+        return make_gateway(
+            tmp_path / name, database_url=url, upstream=upstream,
+            extra_env={"CHATGATE_SECRET": secret},
+        )  # fmt: skip
+
+    try:
+        first = node("first", first_secret)
+        first.cli("accounts", "create", "lb@example.com")
+        key = first.cli_json("keys", "create", "--account", "lb@example.com")["key"]
+
+        other = node("other", other_secret)
+        for args in (("serve", "--port", "1"), ("keys", "list")):
+            refused = other.cli(*args, check=False)
+            assert refused.returncode == 2, refused.stderr
+            assert refused.stderr.strip().count("\n") == 0, refused.stderr
+            assert "CHATGATE_SECRET is not the secret this database" in refused.stderr
+            assert first_secret not in refused.stderr and other_secret not in refused.stderr
+
+        same = node("same", first_secret).start()  # a second node done right
+        try:
+            answer = requests.post(
+                same.url + "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=30,
+            )
+            assert answer.status_code == 200, answer.text
+        finally:
+            same.stop()
+
+        def works(gw: Gateway) -> bool:
+            return gw.cli("keys", "list", check=False).returncode == 0
+
+        # Rotating on purpose (SECURITY.md): with the old secret as the previous one, the
+        # database moves to the new; a node still on the old one is then refused.
+        rotated = node("rotated", "s2-" + secrets.token_urlsafe(24))
+        rotated.env["CHATGATE_SECRET_PREVIOUS"] = first_secret
+        assert works(rotated) and not works(first)
+        # A clean break (no previous secret): refused until adopted.
+        assert not works(other)
+        assert "now takes this CHATGATE_SECRET" in other.cli("secret", "adopt").stdout
+        assert works(other) and not works(rotated)
+    finally:
+        if kind == "postgresql":
+            drop_pg_database(url)
 
 
 def test_migrate_leaves_a_database_a_newer_chatgate_migrated(gw: Gateway) -> None:

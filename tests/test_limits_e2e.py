@@ -188,7 +188,6 @@ def test_redis_outage_fail_open_and_closed(
             extra_env={
                 "CHATGATE_REDIS_URL": url,
                 "CHATGATE_RATELIMIT_FAIL_OPEN": flag,
-                "CHATGATE_SECRET": "s" * 40,
             },
         ).start()
         for mode, flag in (("open", "1"), ("closed", "0"))

@@ -259,7 +259,6 @@ def test_changes_reach_the_other_process_by_pubsub_within_a_second(
     env = {
         "CHATGATE_REDIS_URL": REDIS_URL,
         "CHATGATE_REDIS_PREFIX": prefix,
-        "CHATGATE_SECRET": secrets.token_urlsafe(32),
         "CHATGATE_INVALIDATION_POLL": "30",  # the feed alone would take up to 30 s
         "CHATGATE_KEY_CACHE_TTL": "600",  # and the cache TTL far longer
     }
@@ -325,7 +324,6 @@ def test_redis_down_requests_served_and_changes_arrive_by_the_poll(
     poll = 3.0
     env = {
         "CHATGATE_REDIS_URL": own_redis.url,
-        "CHATGATE_SECRET": secrets.token_urlsafe(32),
         "CHATGATE_INVALIDATION_POLL": str(poll),
         "CHATGATE_KEY_CACHE_TTL": "600",
     }

@@ -24,7 +24,6 @@ def shared_env() -> Iterator[dict[str, str]]:
     yield {
         "CHATGATE_REDIS_URL": REDIS_URL,
         "CHATGATE_REDIS_PREFIX": prefix,
-        "CHATGATE_SECRET": secrets.token_urlsafe(32),
     }
     import redis
 

@@ -31,7 +31,7 @@ from aiohttp_session.cookie_storage import EncryptedCookieStorage
 from chatgate.accounts import Account
 from chatgate.dashboard.passwords import PasswordStore
 from chatgate.dashboard.throttle import LoginThrottle
-from chatgate.settings import Settings
+from chatgate.settings import Settings, derive_key
 from chatgate.state import STATE, State
 
 COOKIE_NAME = "chatgate_session"
@@ -101,11 +101,6 @@ class User:
     @property
     def is_admin(self) -> bool:
         return self.account.is_admin
-
-
-def derive_key(secret: str, purpose: str) -> bytes:
-    """A 32-byte key for ``purpose`` derived from the server secret (HMAC-SHA256)."""
-    return hmac.new(secret.encode(), b"chatgate/" + purpose.encode(), hashlib.sha256).digest()
 
 
 def dashboard(request: web.Request) -> Dashboard:

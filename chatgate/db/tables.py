@@ -95,3 +95,14 @@ invalidations = Table(
 )
 
 Index("ix_invalidations_created_at", invalidations.c.created_at)
+
+# Facts about this installation that every node must agree on, by name. ``secret_check``: a
+# key derived from the server secret (never the secret), recorded by the first start, so that
+# a node started with another secret refuses to serve (see chatgate.db.instance).
+instance = Table(
+    "instance",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(256), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+)

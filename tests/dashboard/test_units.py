@@ -14,9 +14,9 @@ from aiohttp.test_utils import make_mocked_request
 
 from chatgate import errors
 from chatgate.dashboard import charts, services, usage_view
-from chatgate.dashboard.auth import SessionStorage, derive_key
+from chatgate.dashboard.auth import SessionStorage
 from chatgate.dashboard.passwords import HASHER, hash_password, password_problem, verify_password
-from chatgate.settings import Settings
+from chatgate.settings import Settings, derive_key
 
 
 async def _cookie(*, https: bool, force: bool | None = None) -> str:

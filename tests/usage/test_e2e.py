@@ -277,7 +277,7 @@ def test_sigterm_flushes_a_full_queue(upstream: Upstream, pg_url: str, tmp_path:
         tmp_path / "gw",
         database_url=pg_url,
         upstream=upstream,
-        extra_env={"CHATGATE_USAGE_FLUSH_INTERVAL": "3600", "CHATGATE_SECRET": "t" * 40},
+        extra_env={"CHATGATE_USAGE_FLUSH_INTERVAL": "3600"},
     ).start()
     email, key = new_key(gw)
     results = asyncio.run(mixed_load(gw.url, key, 300))
@@ -294,7 +294,7 @@ def test_sigkill_loses_at_most_the_last_flush_interval(
         tmp_path / "gw",
         database_url=pg_url,
         upstream=upstream,
-        extra_env={"CHATGATE_USAGE_FLUSH_INTERVAL": "0.2", "CHATGATE_SECRET": "k" * 40},
+        extra_env={"CHATGATE_USAGE_FLUSH_INTERVAL": "0.2"},
     ).start()
     email, key = new_key(gw)
     headers = {"Authorization": f"Bearer {key}"}
