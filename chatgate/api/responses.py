@@ -231,11 +231,14 @@ async def _relay(
         else:
             message = str(translator.error.get("message") or "The upstream failed.")
             meter.broken(stream.failure or errors.UpstreamError(message))
-            last = translator.failed(
-                turn.response(
-                    "failed", translator.output, usage, {"code": "server_error", "message": message}
-                )
+            response = turn.response(
+                "failed", translator.output, usage, {"code": "server_error", "message": message}
             )
+            try:  # announced by response.created: retrievable, as failed, with what it wrote
+                await turn.save(response, translator.output)
+            except Exception:
+                log.exception("could not store failed response %s", turn.response_id)
+            last = translator.failed(response)
         await resp.write(b"".join(sse(e) for e in [*closing, last]))
     except ConnectionResetError:
         meter.error_code = "client_disconnected"  # stop the backend below; still metered

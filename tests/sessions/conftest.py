@@ -63,6 +63,11 @@ upstream_model = "fake-model"
 context_window = {SMALL_WINDOW}
 
 [[models]]
+name = "gpt-break"
+base_url = "{upstream.base_url}"
+upstream_model = "break-stream"
+
+[[models]]
 name = "gpt-tools"
 base_url = "{upstream.base_url}"
 upstream_model = "tools"

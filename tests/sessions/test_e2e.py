@@ -252,6 +252,27 @@ def test_streaming_responses(alice: openai.OpenAI, upstream: Upstream) -> None:
     assert len(list(alice.conversations.items.list(conv.id))) == 2
 
 
+def test_a_broken_stream_is_stored_as_failed(alice: openai.OpenAI, upstream: Upstream) -> None:
+    """A stream the upstream broke ended in response.failed, but the response its
+    response.created announced was not kept: retrieving it was a 404, and so was continuing
+    from it."""
+    events = list(alice.responses.create(model="gpt-break", input="break here", stream=True))
+    assert events[-1].type == "response.failed"
+    failed = events[-1].response  # type: ignore[union-attr]
+    partial = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert partial  # the upstream wrote two chunks before it broke
+
+    kept = alice.responses.retrieve(failed.id)
+    assert kept.status == "failed" and kept.error is not None
+    assert kept.error.code == "server_error" and kept.output_text == partial
+
+    alice.responses.create(model="gpt-test", input="again", previous_response_id=failed.id)
+    assert sent(upstream)["messages"][:2] == [
+        {"role": "user", "content": "break here"},
+        {"role": "assistant", "content": partial},
+    ]
+
+
 def test_trimming_keeps_system_and_newest_turns_within_the_window(
     alice: openai.OpenAI, upstream: Upstream
 ) -> None:
