@@ -17,7 +17,7 @@ ARGV[4]    lease ttl, seconds
 ARGV[5]    retry hint for a full concurrency limit, seconds
 then       per settlement, in the order they are applied: lease id, delta (actual - reserved
            tokens: negative gives back, positive may go into debt), k (its number of
-           buckets, each passed once), then per bucket 3 values: kind ("r" rate |
+           buckets, each passed once, concurrency sets first), then per bucket 3 values: kind ("r" rate |
            "c" concurrency | "q" quota | "n" renew the lease in this concurrency set for
            ARGV[4] from now, if it is still there), limit, window in seconds (rate) or the
            month's end as unix time (quota)
@@ -63,10 +63,13 @@ local function store(key, level, limit, span)
 end
 
 -- 1. Settlements, in order: charge the real tokens instead of the reserved ones and free
--- the concurrency slot of each finished request.
+-- the concurrency slot of each finished request. A settlement's slots come first: when it
+-- holds one, its tokens are moved only if one was still there to free, so a settlement sent
+-- again (its first call may have run) applies once.
 local k, a = 0, 5
 for _ = 1, settlements do
   local owner, delta, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local leased, freed = false, false
   a = a + 3
   for _ = 1, count do
     k = k + 1
@@ -74,12 +77,15 @@ for _ = 1, settlements do
     local kind, limit, span = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
     a = a + 3
     if kind == 'c' then
-      redis.call('ZREM', key, owner)
+      leased = true
+      if redis.call('ZREM', key, owner) == 1 then freed = true end
     elseif kind == 'n' then
       if redis.call('ZSCORE', key, owner) then
         redis.call('ZADD', key, string.format('%.17g', now + ttl), owner)
         redis.call('PEXPIRE', key, math.ceil(ttl * 1000))
       end
+    elseif leased and not freed then
+      -- applied before (or its lease expired): its tokens were settled then
     elseif kind == 'r' then
       local level = drained(key, limit, span) + delta
       if level > 0 then

@@ -45,9 +45,12 @@ few milliseconds at a month boundary does not matter.
 
 Every Redis failure that means "cannot reach or write the store" becomes
 :class:`~chatgate.ratelimit.base.LimiterUnavailable`. Commands are never retried: a timed-out
-``EVALSHA`` may have run, and running it twice would double-charge. That includes the
-settlements it carried: they are not queued again, and their ``settle`` raises
-:class:`~chatgate.ratelimit.base.LimiterUnavailable` (leases expire; reserved tokens drain).
+``EVALSHA`` may have run, and running it twice would double-charge. The settlements it
+carried fail (their ``settle`` raises :class:`~chatgate.ratelimit.base.LimiterUnavailable`)
+and are sent again, every :data:`RETRY_DELAY`, when that cannot count twice: when the call
+certainly did not run, and otherwise when they free a concurrency slot (the script moves a
+settlement's tokens only if its slot was still held). Only a settlement of checks without a
+concurrency limit, in a call that may have run, is dropped: its reserved tokens drain.
 
 Cancellation: a request cancelled while its ``EVALSHA`` is in flight (the client went away)
 does not cancel the call (it is on the wire already); its reply is still read, and whatever
@@ -136,8 +139,9 @@ MAX_BATCH = 64
 """Settlements carried by one call at most: Redis runs nothing else while a script runs, and
 64 settlements (a few hundred key updates) keep one call near a millisecond."""
 RETRY_DELAY = 1.0
-"""Seconds before settlements whose call did not run (Redis unreachable or refusing) are sent
-again; again and again, until they apply or their leases have expired."""
+"""Seconds before settlements whose call failed (Redis unreachable or refusing, or the call
+lost) are sent again, where that cannot count twice; again and again, until they apply or
+their leases have expired."""
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     ConnectionError,  # redis-py's; also BusyLoadingError (LOADING), AuthenticationError
@@ -151,12 +155,14 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 class _Part(NamedTuple):
     """A part of an ``EVALSHA``, encoded (RESP bulk strings): its KEYS and its ARGV, and
-    how many of each it holds."""
+    how many of each it holds; ``again``: whether it may be sent again after a call that may
+    have run (it applies once whatever: a settlement that frees a slot, a renewal)."""
 
     keys: bytes
     nkeys: int
     args: bytes
     nargs: int
+    again: bool = False
 
 
 # A queued settlement: its part of the call (its buckets in KEYS; in ARGV the lease id, the
@@ -198,13 +204,15 @@ class _Plan(Resolved):
         ``renew``: a lease renewal's instead (the slots, each with the code ``n``)."""
         keys: list[str] = []
         args: list[Any] = []
-        for check in self.resolved:
+        # The slots first: the script moves a settlement's tokens only if it freed one.
+        for check in sorted(self.resolved, key=lambda check: check.kind != "concurrency"):
             key = prefix + check.bucket
             wanted = check.kind == "concurrency" or (with_tokens and check.charges_tokens)
             if wanted and key not in keys:
                 keys.append(key)
                 args += ("n", check.limit, 0.0) if renew else _bucket(check)
-        return _Part(encode(*keys), len(keys), encode(*args), len(args))
+        leased = any(check.kind == "concurrency" for check in self.resolved)
+        return _Part(encode(*keys), len(keys), encode(*args), len(args), leased)
 
 
 class _Client(Protocol):
@@ -295,7 +303,7 @@ def _code(check: Check) -> str:
 def _never_ran(exc: BaseException) -> bool:
     """Whether a failed call certainly did not run: no connection could be made, or the
     server refused it before running it (``LOADING``, ``READONLY``, ...). A call lost after it
-    was written may have run: its settlements are not sent again (not idempotent)."""
+    was written may have run: only its settlements that apply once are sent again."""
     cause: BaseException | None = exc
     for _ in range(4):  # LimiterUnavailable from the client's error: a link or two
         if cause is None:
@@ -473,8 +481,8 @@ class RedisLimiter(Limiter):
                 functools.partial(self._replied, packed, batch, outcome, True, taken)
             )
             return
-        if batch and _never_ran(exc):
-            self._hold(batch)
+        if batch:  # what may have run is sent again only where it applies once
+            self._hold(batch if _never_ran(exc) else [s for s in batch if s[0].again])
         if isinstance(exc, _UNAVAILABLE):
             exc = _unavailable(exc)
         for _, settled in batch:
@@ -484,10 +492,11 @@ class RedisLimiter(Limiter):
             outcome.set_exception(exc)
 
     def _hold(self, batch: list[_Settlement]) -> None:
-        """Keep settlements whose call did not run, to send again after RETRY_DELAY: a Redis
+        """Keep settlements whose call failed, to send again after RETRY_DELAY: a Redis
         outage would otherwise leave their concurrency slots taken until the leases expire,
-        and their unused reserved tokens charged. Their callers still see the failure (they
-        must not wait on an outage); one whose lease has expired since is let go."""
+        and their unused reserved tokens charged. The caller passes only those that cannot
+        count twice. Their callers still see the failure (they must not wait on an outage);
+        one whose lease has expired since is let go."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         for part, _ in batch:
@@ -664,7 +673,7 @@ class RedisLimiter(Limiter):
         if self._timer is None:
             self._arm(loop, self._oldest)
         self._pending.append(
-            (_Part(part.keys, part.nkeys, head + part.args, part.nargs + 3), future)
+            (_Part(part.keys, part.nkeys, head + part.args, part.nargs + 3, part.again), future)
         )
 
     def renew_leases(self, age: float) -> int:

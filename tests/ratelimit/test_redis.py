@@ -472,3 +472,85 @@ async def test_settlements_that_did_not_run_are_sent_again(
         await limiter.aclose()
         await other.aclose()
         await admin.aclose()
+
+
+class LossyProxy:
+    """A TCP proxy in front of a real redis-server that loses the next ``EVALSHA`` on demand,
+    closing the client's connection after it was written: ``lose = "request"``, and Redis
+    never gets it; ``lose = "reply"``, and Redis runs it but its answer never comes back. The
+    client cannot tell the two apart (a call lost after it was written may have run)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.lose: str | None = None
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> LossyProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        drop_reply = asyncio.Event()
+
+        async def replies() -> None:
+            while data := await up_reader.read(65536):
+                if drop_reply.is_set():
+                    break
+                writer.write(data)
+            writer.close()
+
+        relay = asyncio.create_task(replies())
+        try:
+            while data := await reader.read(65536):
+                if self.lose is not None and b"EVALSHA" in data:
+                    lost, self.lose = self.lose, None
+                    if lost == "request":
+                        break
+                    drop_reply.set()
+                up_writer.write(data)
+        finally:
+            if not drop_reply.is_set():
+                relay.cancel()
+                writer.close()
+            await asyncio.sleep(0.1)  # a dropped reply: Redis has answered by then
+            up_writer.close()
+
+
+@pytest.mark.parametrize("lost", ["request", "reply"])
+async def test_a_lost_settlement_that_frees_a_slot_is_sent_again_and_applies_once(
+    server: RedisServer, lost: str
+) -> None:
+    """A settlement whose call was lost after it was written may have run, so it was not sent
+    again: when it had not run, its request's concurrency slot stayed taken until its lease
+    expired (15 minutes). A settlement that frees a slot is now sent again, and applies once
+    (its tokens move only with the slot): here the slot (a limit of 1) comes back, and the
+    quota holds the real 100 tokens, not the 800 reserved (the request lost) nor 100 - 700
+    again (the reply lost: the first call ran)."""
+    proxy = await LossyProxy(server.port).start()
+    prefix = f"test:lossy:{secrets.token_hex(4)}:"
+    limiter = RedisLimiter.from_url(proxy.url, prefix=prefix, flush_delay=0.01, timeout=2.0)
+    other = RedisLimiter.from_url(server.url, prefix=prefix, timeout=2.0)
+    checks = [Check.concurrent("acct:x", 1), Check.monthly_quota("acct:x", 10**6)]
+    try:
+        held = await take(limiter, checks, 800)
+        proxy.lose = lost
+        with pytest.raises(LimiterUnavailable):  # the caller hears of it, and goes on
+            await limiter.settle(held, 100)
+        assert await _admitted_within(other, checks, 0)
+        await asyncio.sleep(2.5)  # only waits: the resend (every second) has gone by then
+        assert await other.quota_used("acct:x") == 100
+    finally:
+        await limiter.aclose()
+        await other.aclose()
+        await proxy.close()

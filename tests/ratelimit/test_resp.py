@@ -223,8 +223,9 @@ async def test_the_limiters_commands_are_what_the_script_documents() -> None:
     ) -> bytes:
         keys: list[str] = []
         settled: list[Any] = []
-        for owner, delta in settlements:  # the slot always; token buckets when delta != 0
-            named = [c for c in plan if c.kind == "concurrency" or (delta and c.charges_tokens)]
+        for owner, delta in settlements:  # the slot always, first; tokens when delta != 0
+            named = [c for c in plan if c.kind == "concurrency"]
+            named += [c for c in plan if delta and c.charges_tokens and c.kind != "concurrency"]
             buckets = list({prefix + c.resolved(now).bucket: c for c in named}.items())
             keys += [key for key, _ in buckets]
             settled += [owner, delta, len(buckets)] + [v for _, c in buckets for v in wire(c)]
