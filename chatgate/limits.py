@@ -113,10 +113,17 @@ def refusal(decision: Decision, model: str) -> errors.APIError:
         headers["x-should-retry"] = "false"
     if check.kind == "quota":
         headers["x-should-retry"] = "false"
+        left = check.limit - decision.used
+        fits = (  # a reservation over what is left: the quota is not used up
+            f" {left} tokens are left this month; a request holds its prompt plus max_tokens "
+            "(a default when not set) until it ends, so a smaller max_tokens may fit."
+            if left > 0
+            else ""
+        )
         return errors.InsufficientQuota(
             "You exceeded your current quota, please check your plan and billing details. "
             f"Monthly token quota: Limit {check.limit}, Used {decision.used}, "
-            f"Requested {decision.requested}.",
+            f"Requested {decision.requested}.{fits}",
             headers=headers,
         )
     if check.kind == "concurrency":

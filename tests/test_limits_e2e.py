@@ -113,6 +113,10 @@ def test_tokens_and_quota(pair: list[Gateway]) -> None:
     assert refused.json()["error"]["code"] == "insufficient_quota"
     assert refused.json()["error"]["type"] == "insufficient_quota"
     assert refused.headers["x-should-retry"] == "false"
+    # Nothing used yet: the message says what would fit, not only "exceeded".
+    message = refused.json()["error"]["message"]
+    assert "Used 0," in message and "10 tokens are left this month" in message
+    assert "smaller max_tokens" in message
 
 
 async def stream_burst(urls: list[str], key: str, n: int) -> list[int | None]:

@@ -173,6 +173,14 @@ async def test_a_limit_of_0_is_refused_for_good_in_its_own_words(limiter: Limite
     error = refusal(await limiter.acquire([Check.tpm("key:a", 0)], 10), "gpt-test")
     assert error.message.startswith("Request too large for gpt-test on tokens per min (TPM)")
     assert error.headers["x-should-retry"] == "false"
+    # A quota used up says so; one with tokens left, smaller than the request, says how many.
+    quota = [Check.monthly_quota("acct:q", 100)]
+    await take(limiter, quota, 70)
+    error = refusal(await limiter.acquire(quota, 50), "gpt-test")
+    assert "Used 70, Requested 50. 30 tokens are left this month" in error.message
+    await take(limiter, quota, 30)
+    error = refusal(await limiter.acquire(quota, 1), "gpt-test")
+    assert error.message.endswith("Used 100, Requested 1.") and "left" not in error.message
 
 
 async def test_all_or_nothing(limiter: Limiter) -> None:
