@@ -24,10 +24,9 @@ statement above, after the savepoint is rolled back: what is stored is the same 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import operator
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
@@ -252,7 +251,16 @@ async def write_batch(conn: AsyncConnection, records: Sequence[UsageRecord]) -> 
 ROWS_PER_TURN = 128
 """Rows a flush makes, or copies and sums, between two yields to the event loop: the batch's
 size (how many transactions, savepoints and rollup upserts the database does for its records)
-does not set how long a request arriving during a flush waits."""
+does not set how long a request arriving during a flush waits.
+
+On PostgreSQL it is also the rows of one ``COPY``: a batch goes as several, one after the
+other, so the database works on it in bursts of ~0.5 ms, and between two it waits for the
+next. A whole batch in one ``COPY`` kept its backend busy for several milliseconds without a
+break (asyncpg sends an asynchronous iterable's rows in one piece below 512 KiB). Where the
+database shares cores with other processes (the gateway's host, a load generator, an
+upstream), one woken then waited that long, often to the scheduler's next tick: the tail of
+every request in flight at a flush (bench/ab.py at one connection: p99 1.78 against 2.61 ms
+with all features; docs/benchmarks.md, "This round (2026-12-06, evening)")."""
 
 
 def _batch_sql_pg() -> str:
@@ -327,9 +335,12 @@ async def _copy_pg(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> int | 
     assert raw is not None
     minutes: dict[tuple[Any, ...], list[int]] = {}
     try:
-        async with contextlib.aclosing(_copied(rows, minutes)) as copied:
+        # A COPY of ROWS_PER_TURN rows at a time, each its own statement: see the constant.
+        for start in range(0, len(rows), ROWS_PER_TURN):
+            part = rows[start : start + ROWS_PER_TURN]
+            _sum_minutes(minutes, map(_ADDED_OF_ROW, part))
             await raw.copy_records_to_table(
-                usage_records.name, records=copied, columns=RECORD_COLUMNS
+                usage_records.name, records=part, columns=RECORD_COLUMNS
             )
     except _COPY_REFUSED:
         await raw.execute("ROLLBACK TO SAVEPOINT usage_copy")
@@ -337,23 +348,6 @@ async def _copy_pg(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> int | 
     await raw.execute("RELEASE SAVEPOINT usage_copy")
     await raw.execute(_upsert_sql("postgresql"), _json(_increments(minutes)))
     return len(rows)
-
-
-async def _copied(
-    rows: Sequence[tuple[Any, ...]], minutes: dict[tuple[Any, ...], list[int]]
-) -> AsyncGenerator[tuple[Any, ...], None]:
-    """``rows`` for one ``COPY``, summed into ``minutes`` as they go, with a turn of the event
-    loop every :data:`ROWS_PER_TURN`.
-
-    asyncpg encodes the rows of an iterable without a pause (a ``COPY`` of 512 held the loop
-    ~0.6 ms), and those of an asynchronous one as they come: one ``COPY`` a batch, however
-    big, and requests run between its turns."""
-    for start in range(0, len(rows), ROWS_PER_TURN):
-        await asyncio.sleep(0)  # first too: the COPY's start is a turn of its own
-        turn = rows[start : start + ROWS_PER_TURN]
-        _sum_minutes(minutes, map(_ADDED_OF_ROW, turn))
-        for row in turn:
-            yield row
 
 
 def _json(rows: Iterable[tuple[Any, ...]]) -> str:
