@@ -17,10 +17,10 @@ ARGV[4]    lease ttl, seconds
 ARGV[5]    retry hint for a full concurrency limit, seconds
 then       per settlement, in the order they are applied: lease id, delta (actual - reserved
            tokens: negative gives back, positive may go into debt), k (its number of
-           buckets, each passed once, concurrency sets first), then per bucket 3 values: kind ("r" rate |
-           "c" concurrency | "q" quota | "n" renew the lease in this concurrency set for
-           ARGV[4] from now, if it is still there), limit, window in seconds (rate) or the
-           month's end as unix time (quota)
+           buckets, each passed once, concurrency sets first), then per bucket 3 values:
+           kind ("r" rate | "c" concurrency | "q" quota | "n" renew the lease in this
+           concurrency set for ARGV[4] from now, if it is still there), limit, window in
+           seconds (rate) or the month's end as unix time (quota)
 then       per check (the KEYS left after the settlements' ones), 4 values: kind, limit,
            window or month's end (as above), cost
 Reply      "allowed failed retry_after level_1 .. level_n", one string, the values apart by

@@ -162,7 +162,7 @@ class _Part(NamedTuple):
     nkeys: int
     args: bytes
     nargs: int
-    again: bool = False
+    again: bool
 
 
 # A queued settlement: its part of the call (its buckets in KEYS; in ARGV the lease id, the
@@ -368,9 +368,10 @@ class RedisLimiter(Limiter):
         self._oldest = 0.0
         self._armed = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        # Settlements whose call certainly did not run (no connection, or the server refused
-        # it: see _never_ran), held for RETRY_DELAY and sent again; when each first failed,
-        # to give up on it once its lease has expired anyway.
+        # Settlements (and renewals) whose call failed and that cannot count twice if sent
+        # again (the call certainly did not run, see _never_ran, or the part applies once,
+        # _Part.again), held for RETRY_DELAY and sent again; when each first failed, to give
+        # up on it once its lease has expired anyway.
         self._held: list[_Settlement] = []
         self._failed_at: dict[_Part, float] = {}
         self._retry_timer: asyncio.TimerHandle | None = None
