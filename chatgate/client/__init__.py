@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     )
     from chatgate.client._openai import AsyncOpenAI, OpenAI
     from chatgate.client._transport import (
+        RETRIES_HEADER,
         AsyncTransport,
         RetryPolicy,
         Transport,
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "RETRIES_HEADER",
     "AsyncOpenAI",
     "AsyncTransport",
     "BudgetState",
@@ -83,6 +85,7 @@ _HOME = {
     "_limiter": ("BudgetState", "LimiterState", "Permit", "RateLimiter", "parse_reset"),
     "_openai": ("AsyncOpenAI", "OpenAI"),
     "_transport": (
+        "RETRIES_HEADER",
         "AsyncTransport",
         "RetryPolicy",
         "Transport",

@@ -1,10 +1,16 @@
 """``OpenAI(...)`` and ``AsyncOpenAI(...)``: the official clients, configured for chatgate.
 
-They return real ``openai.OpenAI`` / ``openai.AsyncOpenAI`` objects, so every method, type
-and error is the ``openai`` package's own. What changes is underneath: the key and base URL
-come from the environment (see :mod:`chatgate.client._config`), and the HTTP client's
-transport waits for a client-side :class:`RateLimiter` and does the retries. The SDK's own
-retries are switched off (``max_retries=0``) so that a failure is not retried twice over.
+They return ``openai.OpenAI`` / ``openai.AsyncOpenAI`` objects, so every method, type and
+error is the ``openai`` package's own. What changes is underneath: the key and base URL come
+from the environment (see :mod:`chatgate.client._config`), and the HTTP client's transport
+waits for a client-side :class:`RateLimiter` and does the retries. The SDK's own retries are
+switched off (``max_retries=0``) so that a failure is not retried twice over.
+
+The objects are of a subclass that changes one method, ``copy`` (alias ``with_options``): the
+SDK's ``with_options(max_retries=N)`` would add N retries of its own around the transport's,
+so the subclass keeps the SDK's at 0 and hands N to the transport instead, in a request header
+(:data:`~chatgate.client._transport.RETRIES_HEADER`) that the transport takes off before
+sending. Everything else about the copy is the SDK's.
 
 Note: ``openai`` 3.x is built on ``httpx2`` and accepts a legacy ``httpx.Client`` as
 ``http_client`` (it converts timeouts and exceptions); that is what these factories pass.
@@ -12,6 +18,7 @@ Note: ``openai`` 3.x is built on ``httpx2`` and accepts a legacy ``httpx.Client`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -19,7 +26,7 @@ import openai
 
 from chatgate.client._config import resolve_config
 from chatgate.client._limiter import RateLimiter
-from chatgate.client._transport import AsyncTransport, RetryPolicy, Transport
+from chatgate.client._transport import RETRIES_HEADER, AsyncTransport, RetryPolicy, Transport
 
 __all__ = ["DEFAULT_LIMITS", "DEFAULT_TIMEOUT", "AsyncOpenAI", "OpenAI"]
 
@@ -27,6 +34,46 @@ DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
 """The ``openai`` package's default: ten minutes to answer, five seconds to connect."""
 DEFAULT_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
 """The ``openai`` package's connection pool limits."""
+
+
+def _retries_to_transport(
+    current: Mapping[str, str], kwargs: dict[str, Any], max_retries: object
+) -> dict[str, Any]:
+    """``copy()``'s arguments, the SDK's retries kept at 0 and ``max_retries`` in a header.
+
+    ``current`` is the client's own default headers: a ``set_default_headers`` that replaces
+    them keeps the retry count they held, since the caller did not ask to change it.
+    """
+    if isinstance(max_retries, openai.NotGiven):
+        count = current.get(RETRIES_HEADER)
+        if count is None or kwargs.get("set_default_headers") is None:
+            return {**kwargs, "max_retries": 0}
+    elif isinstance(max_retries, int) and not isinstance(max_retries, bool) and max_retries >= 0:
+        count = str(max_retries)
+    else:
+        raise ValueError(f"max_retries must be a whole number from 0 up, not {max_retries!r}")
+    replaced = kwargs.get("set_default_headers") is not None
+    field = "set_default_headers" if replaced else "default_headers"
+    headers = {**(kwargs.get(field) or {}), RETRIES_HEADER: count}
+    return {**kwargs, field: headers, "max_retries": 0}
+
+
+class _OpenAI(openai.OpenAI):
+    """``openai.OpenAI`` whose ``with_options(max_retries=N)`` sets the transport's retries."""
+
+    def copy(self, *, max_retries: Any = openai.NOT_GIVEN, **kwargs: Any) -> _OpenAI:
+        return super().copy(**_retries_to_transport(self._custom_headers, kwargs, max_retries))
+
+    with_options = copy
+
+
+class _AsyncOpenAI(openai.AsyncOpenAI):
+    """``openai.AsyncOpenAI`` whose ``with_options(max_retries=N)`` sets the transport's."""
+
+    def copy(self, *, max_retries: Any = openai.NOT_GIVEN, **kwargs: Any) -> _AsyncOpenAI:
+        return super().copy(**_retries_to_transport(self._custom_headers, kwargs, max_retries))
+
+    with_options = copy
 
 
 def _pick_limiter(
@@ -71,7 +118,7 @@ def OpenAI(  # named like the class it stands in for
     )
     # Typed as httpx2.Client in openai 3.x, which accepts httpx.Client at run time.
     http_client: Any = httpx.Client(transport=wrapped, timeout=timeout, follow_redirects=True)
-    return openai.OpenAI(
+    return _OpenAI(
         api_key=config.api_key,
         base_url=config.base_url,
         max_retries=0,
@@ -102,7 +149,7 @@ def AsyncOpenAI(  # named like the class it stands in for
         retry=retry or RetryPolicy(max_retries=max_retries),
     )
     http_client: Any = httpx.AsyncClient(transport=wrapped, timeout=timeout, follow_redirects=True)
-    return openai.AsyncOpenAI(
+    return _AsyncOpenAI(
         api_key=config.api_key,
         base_url=config.base_url,
         max_retries=0,

@@ -26,7 +26,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
@@ -35,6 +35,7 @@ from chatgate.client._limiter import Permit, RateLimiter
 __all__ = [
     "DEFAULT_COMPLETION_TOKENS",
     "NEVER_RETRY_CODES",
+    "RETRIES_HEADER",
     "AsyncTransport",
     "RetryPolicy",
     "Transport",
@@ -53,6 +54,11 @@ NEVER_RETRY_CODES = frozenset(
     {"insufficient_quota", "invalid_api_key", "expired_api_key", "model_not_allowed"}
 )
 """Error codes (or types) that retrying cannot fix."""
+RETRIES_HEADER = "x-chatgate-max-retries"
+"""A request header that sets ``max_retries`` for that request alone; taken off before sending.
+
+The ``openai`` clients of :mod:`chatgate.client` set it for ``with_options(max_retries=N)``.
+"""
 _MAX_ERROR_BODY = 1 << 20
 _MAX_SNIFF_JSON = 8 << 20
 
@@ -293,8 +299,23 @@ class _Core:
             return 0
         return self.estimate(request)
 
+    def policy(self, request: httpx.Request) -> RetryPolicy:
+        """The retry policy of ``request``: this transport's, or its :data:`RETRIES_HEADER`'s.
+
+        The header is taken off the request either way: it is never sent. A value that is not
+        a whole number from 0 up is ignored (the SDK's ``with_options`` refuses those first).
+        """
+        text = request.headers.pop(RETRIES_HEADER, None)
+        if text is None:
+            return self.retry
+        try:
+            count = int(text)
+        except ValueError:
+            return self.retry
+        return replace(self.retry, max_retries=count) if count >= 0 else self.retry
+
     def after_connection_error(
-        self, exc: httpx.TransportError, permit: Permit | None, attempt: int
+        self, exc: httpx.TransportError, permit: Permit | None, attempt: int, policy: RetryPolicy
     ) -> float | None:
         """Seconds to wait before retrying after ``exc``, or ``None`` to raise it."""
         if permit is not None and self.limiter is not None:
@@ -302,20 +323,25 @@ class _Core:
                 self.limiter.cancel(permit)  # it never reached the server
             else:
                 self.limiter.settle(permit, 0)
-        if attempt >= self.retry.max_retries or not should_retry(None, {}):
+        if attempt >= policy.max_retries or not should_retry(None, {}):
             return None
-        delay = retry_delay(attempt, None, self.retry, self.rng())
+        delay = retry_delay(attempt, None, policy, self.rng())
         log.info(
             "%s; retry %d/%d in %.2fs",
             type(exc).__name__,
             attempt + 1,
-            self.retry.max_retries,
+            policy.max_retries,
             delay or 0.0,
         )
         return delay
 
     def after_error_status(
-        self, response: httpx.Response, body: bytes, permit: Permit | None, attempt: int
+        self,
+        response: httpx.Response,
+        body: bytes,
+        permit: Permit | None,
+        attempt: int,
+        policy: RetryPolicy,
     ) -> float | None:
         """Seconds to wait before retrying an error answer, or ``None`` to return it."""
         status, headers = response.status_code, response.headers
@@ -327,9 +353,9 @@ class _Core:
             self.limiter.observe(headers, permit=permit, retry_after=pause)
             if permit is not None:
                 self.limiter.settle(permit, 0)  # refused: the server charged no tokens
-        if attempt >= self.retry.max_retries or not should_retry(status, headers, code):
+        if attempt >= policy.max_retries or not should_retry(status, headers, code):
             return None
-        delay = retry_delay(attempt, headers, self.retry, self.rng())
+        delay = retry_delay(attempt, headers, policy, self.rng())
         if delay is None:
             log.info("status %d, the server asks to wait too long: not retrying", status)
             return None
@@ -338,7 +364,7 @@ class _Core:
             status,
             code or "-",
             attempt + 1,
-            self.retry.max_retries,
+            policy.max_retries,
             delay,
         )
         return delay
@@ -417,6 +443,7 @@ class Transport(httpx.BaseTransport):
         """Send ``request`` when the limiter allows, retrying per the policy."""
         core = self._core
         request.read()  # a body sent more than once must be in memory
+        policy = core.policy(request)
         cost = core.cost(request)
         attempt = 0
         while True:
@@ -424,14 +451,14 @@ class Transport(httpx.BaseTransport):
             try:
                 response = self._inner.handle_request(request)
             except httpx.TransportError as exc:
-                delay = core.after_connection_error(exc, permit, attempt)
+                delay = core.after_connection_error(exc, permit, attempt, policy)
                 if delay is None:
                     raise
             else:
                 if response.status_code < 400:
                     return core.success(response, permit)
                 response, body = self._buffer(response)
-                delay = core.after_error_status(response, body, permit, attempt)
+                delay = core.after_error_status(response, body, permit, attempt, policy)
                 if delay is None:
                     return response
             attempt += 1
@@ -475,6 +502,7 @@ class AsyncTransport(httpx.AsyncBaseTransport):
         """Send ``request`` when the limiter allows, retrying per the policy."""
         core = self._core
         await request.aread()
+        policy = core.policy(request)
         cost = core.cost(request)
         attempt = 0
         while True:
@@ -482,7 +510,7 @@ class AsyncTransport(httpx.AsyncBaseTransport):
             try:
                 response = await self._inner.handle_async_request(request)
             except httpx.TransportError as exc:
-                delay = core.after_connection_error(exc, permit, attempt)
+                delay = core.after_connection_error(exc, permit, attempt, policy)
                 if delay is None:
                     raise
             except asyncio.CancelledError:
@@ -493,7 +521,7 @@ class AsyncTransport(httpx.AsyncBaseTransport):
                 if response.status_code < 400:
                     return core.success(response, permit)
                 response, body = await self._buffer(response)
-                delay = core.after_error_status(response, body, permit, attempt)
+                delay = core.after_error_status(response, body, permit, attempt, policy)
                 if delay is None:
                     return response
             attempt += 1

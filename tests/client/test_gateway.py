@@ -106,6 +106,20 @@ def test_too_many_failures_raise_the_sdks_error(
     assert len(seen_by_upstream(upstream, extra["fake"]["key"])) == 2
 
 
+def test_with_options_max_retries_is_the_number_of_retries(
+    base_url: str, api_key: str, upstream: Upstream
+) -> None:
+    counting = Counting()
+    client = OpenAI(api_key=api_key, base_url=base_url, retry=FAST, transport=counting)
+    extra = flaky(5, 503)
+    with pytest.raises(openai.InternalServerError):
+        client.with_options(max_retries=1).chat.completions.create(
+            model="gpt-flaky", messages=[{"role": "user", "content": "x"}], extra_body=extra
+        )
+    assert counting.statuses == [502, 502]  # one retry: not the SDK's around the transport's
+    assert len(seen_by_upstream(upstream, extra["fake"]["key"])) == 2
+
+
 def test_insufficient_quota_from_the_server_is_not_retried(base_url: str, keys: Keys) -> None:
     key = keys.key(keys.plan("--monthly-tokens", "1"))
     counting = Counting()

@@ -97,7 +97,7 @@ def test_client_imports_nothing_of_the_server() -> None:
 
 def test_factories_return_the_sdks_own_clients() -> None:
     client = OpenAI(api_key="sk-cg-test", base_url="http://127.0.0.1:9/v1", rpm=30)
-    assert type(client) is openai.OpenAI
+    assert isinstance(client, openai.OpenAI)  # a subclass that changes only copy()
     assert client.max_retries == 0  # the transport retries; the SDK must not retry again
     assert str(client.base_url) == "http://127.0.0.1:9/v1/"
     http_client = client._client
@@ -108,7 +108,7 @@ def test_factories_return_the_sdks_own_clients() -> None:
     client.close()
 
     aclient = AsyncOpenAI(api_key="sk-cg-test", base_url="http://127.0.0.1:9/v1")
-    assert type(aclient) is openai.AsyncOpenAI
+    assert isinstance(aclient, openai.AsyncOpenAI)
     assert aclient.max_retries == 0
     assert isinstance(aclient._client._transport, AsyncTransport)
 

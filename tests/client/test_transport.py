@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from chatgate.client import (
+    RETRIES_HEADER,
     AsyncOpenAI,
     OpenAI,
     RateLimiter,
@@ -60,9 +61,11 @@ class Script:
     def __init__(self, *answers: httpx.Response | Exception) -> None:
         self.answers = list(answers)
         self.attempts = 0
+        self.headers: list[httpx.Headers] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.attempts += 1
+        self.headers.append(request.headers)
         answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
         if isinstance(answer, Exception):
             raise answer
@@ -209,6 +212,52 @@ def test_gives_up_after_max_retries_with_the_sdks_own_error() -> None:
     assert script.attempts == 3
 
 
+@pytest.mark.parametrize(("retries", "attempts"), [(0, 1), (1, 2), (5, 6)])
+def test_with_options_max_retries_sets_the_transports_not_the_sdks(
+    retries: int, attempts: int
+) -> None:
+    script = Script(error(500, None, "server_error"))
+    client = sdk(script)  # the transport's own policy: 3 retries
+    copy = client.with_options(max_retries=retries)
+    assert isinstance(copy, openai.OpenAI) and copy.max_retries == 0
+    with pytest.raises(openai.InternalServerError):
+        ask(copy)
+    assert script.attempts == attempts  # not (retries + 1) * 4, the SDK's around the transport's
+    assert all(RETRIES_HEADER not in headers for headers in script.headers)  # never sent
+
+    script.attempts = 0
+    with pytest.raises(openai.InternalServerError):
+        ask(client)  # the original keeps its own
+    assert script.attempts == 4
+
+    script.attempts = 0
+    kept = copy.with_options(timeout=5).copy(set_default_headers={"x-team": "a"})
+    with pytest.raises(openai.InternalServerError):
+        ask(kept)  # a copy of the copy keeps its count, even when its headers are replaced
+    assert script.attempts == attempts
+    assert script.headers[-1]["x-team"] == "a"
+
+
+def test_with_options_refuses_a_retry_count_below_zero() -> None:
+    client = sdk(Script(completion()))
+    for bad in (-1, None, 1.5, True):
+        with pytest.raises(ValueError, match="max_retries"):
+            client.with_options(max_retries=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("value", "attempts"), [("0", 1), ("2", 3), ("-1", 4), ("many", 4)])
+def test_the_retries_header_sets_one_requests_retries(value: str, attempts: int) -> None:
+    script = Script(error(503, None))
+    transport = Transport(httpx.MockTransport(script), retry=FAST)
+    with httpx.Client(transport=transport) as client:
+        answer = client.post(
+            "http://gw/v1/chat/completions", json=CHAT, headers={RETRIES_HEADER: value}
+        )
+    assert answer.status_code == 503
+    assert script.attempts == attempts  # a value that is not a count leaves the policy's 3
+    assert all(RETRIES_HEADER not in headers for headers in script.headers)
+
+
 def test_429_waits_what_the_server_asks() -> None:
     slept: list[float] = []
     script = Script(error(429, "rate_limit_exceeded", **{"retry-after-ms": "250"}), completion())
@@ -339,3 +388,14 @@ async def test_async_client_retries_and_keeps_the_sdks_errors() -> None:
     with pytest.raises(openai.RateLimitError):
         await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     assert quota.attempts == 1
+
+    failing = Script(error(503, None))
+    client = AsyncOpenAI(
+        api_key="k", base_url="http://gw/v1", retry=FAST, transport=httpx.MockTransport(failing)
+    )
+    with pytest.raises(openai.InternalServerError):
+        await client.with_options(max_retries=1).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}]
+        )
+    assert failing.attempts == 2
+    assert all(RETRIES_HEADER not in headers for headers in failing.headers)
