@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate import errors
 from chatgate.auth import Principal
@@ -25,12 +28,17 @@ from chatgate.ratelimit import (
     MemoryLimiter,
     Reservation,
 )
+from chatgate.ratelimit.base import month_span
 from chatgate.settings import Settings
 from chatgate.timefmt import reset_text
+from chatgate.usage.queries import quota_usage
 
 log = logging.getLogger(__name__)
 
 _WINDOW_TEXT = {60.0: ("per min", "M"), 86400.0: ("per day", "D")}
+SEED_INTERVAL = 5.0
+"""Seconds between checks that the limiter's quota counters are seeded (see
+:meth:`Limits.seed_quotas`): how long a Redis that lost its data counts quotas from 0."""
 
 
 def checks_for(principal: Principal) -> tuple[Check, ...]:
@@ -48,11 +56,21 @@ def checks_for(principal: Principal) -> tuple[Check, ...]:
     return checks
 
 
+def key_scope(key_id: str) -> str:
+    """The limiter scope of an API key's own limits."""
+    return f"key:{key_id}"
+
+
+def account_scope(account_id: str) -> str:
+    """The limiter scope of an account's plan."""
+    return f"acct:{account_id}"
+
+
 def _build_checks(principal: Principal) -> tuple[Check, ...]:
     checks: list[Check] = []
     for scope, limits in (
-        (f"key:{principal.key_id}", principal.key_limits),
-        (f"acct:{principal.account_id}", principal.limits),
+        (key_scope(principal.key_id), principal.key_limits),
+        (account_scope(principal.account_id), principal.limits),
     ):
         rpm, tpm, rpd = limits.get("rpm"), limits.get("tpm"), limits.get("rpd")
         concurrency, monthly = limits.get("concurrency"), limits.get("monthly_tokens")
@@ -245,6 +263,37 @@ class Limits:
                 self.limiter.renew_leases(every)
             except Exception:  # the next pass tries again; the leases have a third left
                 log.warning("could not renew rate-limit leases", exc_info=True)
+
+    async def seed_quotas(self, engine: AsyncEngine) -> bool:
+        """Seed this month's quota counters from the usage records, if the limiter's store
+        has not been seeded since it last lost them (a process's first start, a Redis restart
+        without persistence, the fallback at the start of a Redis outage); whether it did.
+
+        The counters live only in the limiter: without this, every account would get its
+        whole month's quota back at each restart. Counters are only ever raised to what the
+        database holds (see :meth:`Limiter.seed_quotas`), so seeding twice is harmless.
+        """
+        start, _, month = month_span(time.time())
+        if await self.limiter.quotas_seeded(month):
+            return False
+        used = await quota_usage(engine, int(start))
+        scopes = {account_scope(a): n for a, n in used.accounts.items()}
+        scopes.update((key_scope(k), n) for k, n in used.keys.items())
+        await self.limiter.seed_quotas(month, scopes)
+        log.info(
+            "quota counters of %s seeded from the usage records (%d scopes)", month, len(scopes)
+        )
+        return True
+
+    async def run_seeding(self, engine: AsyncEngine, every: float = SEED_INTERVAL) -> None:
+        """:meth:`seed_quotas` every ``every`` seconds until cancelled (with Redis one
+        ``EXISTS`` a pass while nothing was lost; in process a set lookup)."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.seed_quotas(engine)
+            except Exception:  # the database or Redis is down: the next pass tries again
+                log.warning("could not seed the quota counters", exc_info=True)
 
     async def close(self) -> None:
         """Close the limiter, which sends the settlements :meth:`settle_soon` queued and waits

@@ -262,3 +262,73 @@ def test_a_key_carries_tighter_limits_of_its_own(pair: list[Gateway]) -> None:
         timeout=10,
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm"
+
+
+def quota_answer(gw: Gateway, key: str) -> requests.Response:
+    return requests.post(
+        gw.url + "/v1/chat/completions",
+        json={**BODY, "max_tokens": 5},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+
+
+def use_up(gw: Gateway, key: str) -> int:
+    """Spend a quota sized for four requests; the tokens charged (the fifth is refused)."""
+    used = 0
+    for _ in range(4):
+        answer = quota_answer(gw, key)
+        assert answer.status_code == 200, answer.text
+        used += answer.json()["usage"]["total_tokens"]
+    refused = quota_answer(gw, key)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+    assert f"Used {used}," in refused.json()["error"]["message"]
+    return used
+
+
+def test_a_restart_keeps_the_months_quota_used(upstream: Upstream, tmp_path: Path) -> None:
+    """The default install (one process, SQLite, in-process limits): the quota counters live
+    in the process, and a new one starts them from the usage records, not from 0."""
+    gw = make_gateway(tmp_path / "gw", upstream=upstream).start()
+    try:
+        key = account_with_plan(gw, monthly_tokens=60)  # 12 tokens a request: 4 fit, not 5
+        used = use_up(gw, key)
+        gw.stop()
+        gw.start()
+        refused = quota_answer(gw, key)
+        assert refused.status_code == 429, "a restart gave the month's quota back"
+        assert f"Used {used}," in refused.json()["error"]["message"]
+    finally:
+        gw.stop()
+
+
+def test_a_redis_that_lost_its_data_gets_the_quotas_back(
+    own_redis: RedisServer, pg_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Redis without persistence restarts empty: the gateways see the month's marker gone
+    and seed the counters again from PostgreSQL's usage records."""
+    gw = make_gateway(
+        tmp_path / "gw",
+        database_url=pg_url,
+        upstream=upstream,
+        extra_env={"CHATGATE_REDIS_URL": own_redis.url, "CHATGATE_USAGE_FLUSH_INTERVAL": "0.2"},
+    ).start()
+    try:
+        key = account_with_plan(gw, monthly_tokens=60)
+        used = use_up(gw, key)
+        time.sleep(1.0)  # the usage records reach the database (flushed every 0.2 s)
+        own_redis.stop()
+        own_redis.start()  # empty: every counter is gone
+        import redis
+
+        marker = f"chatgate:rl:quotas-seeded|{time.strftime('%Y-%m', time.gmtime())}"
+        client = redis.Redis.from_url(own_redis.url)
+        deadline = time.monotonic() + 60
+        while not client.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)  # a seeding pass every 5 s finds the marker gone
+        client.close()
+        refused = quota_answer(gw, key)
+        assert refused.status_code == 429, "Redis restarted empty gave the month's quota back"
+        assert f"Used {used}," in refused.json()["error"]["message"]
+    finally:
+        gw.stop()

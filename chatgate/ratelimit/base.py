@@ -30,7 +30,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
@@ -509,6 +509,25 @@ class Limiter(ABC):
         """Tokens charged to ``scope``'s monthly quota in ``month`` (default: this month)."""
 
     @abstractmethod
+    async def quotas_seeded(self, month: str) -> bool:
+        """Whether the quota counters of ``month`` hold the usage recorded before this store
+        began counting (:meth:`seed_quotas` ran since the counters were last lost).
+
+        A new process's memory, or a Redis that restarted without persistence, starts every
+        counter at 0: without a seed, every account would get its month's quota back.
+        Raises :class:`LimiterUnavailable`.
+        """
+
+    @abstractmethod
+    async def seed_quotas(self, month: str, used: Mapping[str, int]) -> None:
+        """Raise the quota counter of ``month`` of each scope in ``used`` to at least its value
+        (tokens recorded this month), and note the month as seeded.
+
+        Never lowers a counter: what this store counted since it lost them is the usage of
+        requests that may not be recorded yet. Raises :class:`LimiterUnavailable`.
+        """
+
+    @abstractmethod
     async def reset(self, scope: str) -> None:
         """Forget every bucket of ``scope`` (admin and tests)."""
 
@@ -544,6 +563,7 @@ class FailoverLimiter(Limiter):
         self._clock = clock
         self._down_until = -math.inf
         self._from_fallback = Ledger(clock)
+        self._fallback_seeded: set[str] = set()  # months seeded since the last outage began
         self.lease_ttl = primary.lease_ttl
 
     @property
@@ -553,6 +573,8 @@ class FailoverLimiter(Limiter):
 
     def _mark_down(self, exc: LimiterUnavailable) -> None:
         if not self.degraded:
+            # The fallback's quota counters missed what the primary counted: seed them again.
+            self._fallback_seeded.clear()
             log.warning(
                 "rate limiter store unavailable (%s); failing %s for %.1fs",
                 exc,
@@ -629,6 +651,27 @@ class FailoverLimiter(Limiter):
             if not self.fail_open:
                 raise
             return await self.fallback.quota_used(scope, month)
+
+    async def quotas_seeded(self, month: str) -> bool:
+        """The primary's answer; while it is down and failing open, whether the fallback was
+        seeded since the outage began (its counters were stale from before)."""
+        if not self.degraded:
+            try:
+                return await self.primary.quotas_seeded(month)
+            except LimiterUnavailable as exc:
+                self._mark_down(exc)
+        return not self.fail_open or month in self._fallback_seeded
+
+    async def seed_quotas(self, month: str, used: Mapping[str, int]) -> None:
+        """Seed the primary unless it is down, and the fallback always (it answers the next
+        outage); never raises unavailability."""
+        if not self.degraded:
+            try:
+                await self.primary.seed_quotas(month, used)
+            except LimiterUnavailable as exc:
+                self._mark_down(exc)
+        await self.fallback.seed_quotas(month, used)
+        self._fallback_seeded.add(month)
 
     async def reset(self, scope: str) -> None:
         """Reset ``scope`` in both limiters."""

@@ -15,12 +15,13 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from .base import (
     DEFAULT_CONCURRENCY_RETRY,
     DEFAULT_LEASE_TTL,
     EPS,
+    QUOTA_RETENTION,
     Check,
     CompiledChecks,
     Decision,
@@ -60,6 +61,7 @@ class MemoryLimiter(Limiter):
         # Lease ids: a random prefix per limiter and a counter (unique, and no syscall each).
         self._lease_prefix = secrets.token_hex(6) + "-"
         self._leases_issued = 0
+        self._seeded: set[str] = set()  # months whose quota counters were seeded
 
     def __len__(self) -> int:
         """Number of buckets held (for tests of boundedness)."""
@@ -167,6 +169,24 @@ class MemoryLimiter(Limiter):
         check = Check.monthly_quota(scope, 0, month or month_of(self._clock()))
         entry = self._state.get(check.key)
         return entry.used if isinstance(entry, Counter) else 0
+
+    async def quotas_seeded(self, month: str) -> bool:
+        """Whether :meth:`seed_quotas` ran for ``month`` in this limiter (its memory began
+        empty)."""
+        return month in self._seeded
+
+    async def seed_quotas(self, month: str, used: Mapping[str, int]) -> None:
+        """Raise each scope's counter of ``month`` to at least its recorded usage."""
+        state = self._state
+        kept = month_end(month) + QUOTA_RETENTION
+        for scope, tokens in used.items():
+            key = Check.monthly_quota(scope, 0, month).key
+            entry = state.get(key)
+            if isinstance(entry, Counter):
+                entry.used = max(entry.used, tokens)
+            else:
+                state[key] = Counter(tokens, kept)
+        self._seeded.add(month)
 
     async def reset(self, scope: str) -> None:
         """Forget every bucket of ``scope`` (O(number of buckets); admin and tests)."""

@@ -71,7 +71,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from importlib import resources
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -135,6 +135,9 @@ finds no admission within the delay with probability about ``exp(-r * 0.02)``, u
 200 requests/s per process; below that rate a second command per request costs Redis nothing
 worth saving.
 """
+SEED_BATCH = 500
+"""Quota counters raised by one call of ``seed.lua`` at most (Redis runs nothing else
+meanwhile)."""
 MAX_BATCH = 64
 """Settlements carried by one call at most: Redis runs nothing else while a script runs, and
 64 settlements (a few hundred key updates) keep one call near a millisecond."""
@@ -352,6 +355,7 @@ class RedisLimiter(Limiter):
         self._clock = clock
         self._owns_client = owns_client
         self._script = _Script("limiter.lua")
+        self._seed = _Script("seed.lua")
         self._evalsha = encode("EVALSHA", self._script.sha)
         # The header's values that never change (ARGV[2], ARGV[4] and ARGV[5]).
         self._retention = encode(QUOTA_RETENTION)
@@ -721,6 +725,41 @@ class RedisLimiter(Limiter):
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
         return int(value) if value is not None else 0
+
+    def _seeded_key(self, month: str) -> str:
+        return f"{self._prefix}quotas-seeded|{month}"  # no scope is "quotas-seeded": no clash
+
+    async def quotas_seeded(self, month: str) -> bool:
+        """Whether the month's marker, set by the last :meth:`seed_quotas`, is still there:
+        a Redis that lost its data lost the marker with the counters."""
+        try:
+            return bool(await self._client.call("EXISTS", self._seeded_key(month)))
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
+
+    async def seed_quotas(self, month: str, used: Mapping[str, int]) -> None:
+        """Raise each scope's counter of ``month`` to at least its recorded usage (``seed.lua``,
+        :data:`SEED_BATCH` counters a call), then set the month's marker (only then: a seed cut
+        short is done again)."""
+        expires = month_end(month) + QUOTA_RETENTION
+        items = [
+            (self._prefix + Check.monthly_quota(scope, 0, month).key, tokens)
+            for scope, tokens in used.items()
+        ]
+        try:
+            for at in range(0, len(items), SEED_BATCH):
+                batch = items[at : at + SEED_BATCH]
+                await self._client.call(
+                    "EVAL",
+                    self._seed.body,
+                    len(batch),
+                    *(key for key, _ in batch),
+                    expires,
+                    *(tokens for _, tokens in batch),
+                )
+            await self._client.call("SET", self._seeded_key(month), "1", "EXAT", int(expires))
+        except _UNAVAILABLE as exc:
+            raise _unavailable(exc) from exc
 
     async def reset(self, scope: str) -> None:
         """Delete every bucket of ``scope`` (SCAN + DEL; admin and tests).

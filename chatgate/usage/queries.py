@@ -19,7 +19,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatgate.db.tables import api_keys
+from chatgate.db.tables import accounts, api_keys, plans
 from chatgate.usage.tables import DAY, MINUTE, WIDTHS, to_usd, usage_records, usage_rollups
 
 Group = Literal["bucket", "account", "key", "model", "endpoint"]
@@ -239,6 +239,44 @@ async def usage_rows(
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class QuotaUsage:
+    """Tokens recorded since a time, of the accounts whose plan has a monthly quota and of the
+    keys with one of their own (what the quota counters must hold)."""
+
+    accounts: dict[str, int]
+    keys: dict[str, int]
+
+
+async def quota_usage(engine: AsyncEngine, start: int) -> QuotaUsage:
+    """Prompt plus completion tokens recorded since ``start`` (a month's first second: whole
+    days of the rollups), per account on a plan with a monthly quota and per key with a quota
+    of its own; two grouped queries over the daily rollups."""
+    t = usage_rollups
+    used = sa.func.sum(t.c.prompt_tokens + t.c.completion_tokens)
+    recent = sa.and_(t.c.width == DAY, t.c.bucket_start >= start)
+    by_account = (
+        sa.select(t.c.account_id, used)
+        .join(accounts, accounts.c.id == t.c.account_id)
+        .join(plans, plans.c.id == accounts.c.plan_id)
+        .where(recent, plans.c.monthly_tokens.is_not(None))
+        .group_by(t.c.account_id)
+    )
+    by_key = (
+        sa.select(t.c.key_id, used)
+        .join(api_keys, api_keys.c.id == t.c.key_id)
+        .where(recent, api_keys.c.monthly_tokens.is_not(None))
+        .group_by(t.c.key_id)
+    )
+    async with engine.connect() as conn:
+        account_rows = (await conn.execute(by_account)).all()
+        key_rows = (await conn.execute(by_key)).all()
+    return QuotaUsage(
+        {str(row[0]): int(row[1]) for row in account_rows},
+        {str(row[0]): int(row[1]) for row in key_rows},
+    )
+
+
 async def report(
     engine: AsyncEngine,
     *,
@@ -316,12 +354,14 @@ async def export_records(
 
 __all__ = [
     "EXPORT_COLUMNS",
+    "QuotaUsage",
     "Report",
     "UsageRow",
     "cover",
     "csv_safe",
     "export_records",
     "key_names",
+    "quota_usage",
     "report",
     "total",
     "usage_rows",

@@ -11,6 +11,7 @@ import asyncio
 import math
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -387,6 +388,46 @@ async def test_quota_month_derived_from_clock(harness: Harness) -> None:
     assert await limiter.quota_used("acct:x", "2026-11") == 40
 
 
+async def test_seeding_raises_quota_counters_and_never_lowers_them(limiter: Limiter) -> None:
+    month = "2026-11"
+    quota = Check.monthly_quota("acct:x", 1000, month)
+    assert not await limiter.quotas_seeded(month)
+    await take(limiter, [quota], 300)  # counted before the seed: kept when above it
+    await limiter.seed_quotas(month, {"acct:x": 200, "acct:y": 950, "key:k": 40})
+    assert await limiter.quotas_seeded(month)
+    assert not await limiter.quotas_seeded("2026-12")  # another month's counters are not
+    assert await limiter.quota_used("acct:x", month) == 300
+    assert await limiter.quota_used("acct:y", month) == 950
+    assert await limiter.quota_used("key:k", month) == 40
+    assert await limiter.quota_used("acct:y", "2026-12") == 0
+    d = await limiter.acquire([Check.monthly_quota("acct:y", 1000, month)], 51)
+    assert not d.allowed and d.used == 950  # the seeded usage is held to the quota
+    await take(limiter, [Check.monthly_quota("acct:y", 1000, month)], 50)
+    await limiter.seed_quotas(month, {"acct:x": 500, "acct:y": 10})  # seeding again: raises
+    assert await limiter.quota_used("acct:x", month) == 500
+    assert await limiter.quota_used("acct:y", month) == 1000
+
+
+async def test_redis_seeds_many_counters_in_batches(harness: Harness) -> None:
+    if harness.backend == "memory":
+        pytest.skip("the batches are Redis calls")
+    from chatgate.ratelimit.redis import SEED_BATCH
+
+    limiter = harness.make()
+    used = {f"key:{i}": i + 1 for i in range(SEED_BATCH * 2 + 7)}
+    await limiter.seed_quotas("2026-11", used)
+    for i in (0, SEED_BATCH - 1, SEED_BATCH, SEED_BATCH * 2 + 6):
+        assert await limiter.quota_used(f"key:{i}", "2026-11") == i + 1
+    client = aioredis.Redis.from_url(REDIS_URL)
+    harness.clients.append(client)
+    ttl = await client.ttl(harness.prefix + Check.monthly_quota("key:0", 1, "2026-11").key)
+    # Kept as long as a counter the limiter makes: the month's end plus the retention.
+    expected = month_end("2026-11") + rl.base.QUOTA_RETENTION - time.time()
+    assert abs(ttl - expected) < 60
+    marker_ttl = await client.ttl(harness.prefix + "quotas-seeded|2026-11")
+    assert abs(marker_ttl - expected) < 60
+
+
 # --- concurrency of callers ------------------------------------------------------------
 
 
@@ -623,6 +664,16 @@ class _Flaky(MemoryLimiter):
             raise LimiterUnavailable("down")
         return await super().settle(reservation, actual_tokens)
 
+    async def quotas_seeded(self, month: str) -> bool:
+        if not self.up:
+            raise LimiterUnavailable("down")
+        return await super().quotas_seeded(month)
+
+    async def seed_quotas(self, month: str, used: Any) -> None:
+        if not self.up:
+            raise LimiterUnavailable("down")
+        await super().seed_quotas(month, used)
+
 
 async def test_failover_cooldown_and_recovery() -> None:
     clock = FakeClock()
@@ -640,6 +691,34 @@ async def test_failover_cooldown_and_recovery() -> None:
     clock.now += 1.0
     await take(limiter, checks)
     assert (primary.calls, limiter.fallbacks) == (3, 5) and not limiter.degraded
+
+
+async def test_failover_seeds_its_fallback_again_when_an_outage_begins() -> None:
+    clock = FakeClock()
+    primary = _Flaky(clock)
+    fallback = MemoryLimiter(clock=clock)
+    limiter = FailoverLimiter(primary, fallback, cooldown=1.0, clock=clock)
+    month = month_of(clock.now)
+    assert not await limiter.quotas_seeded(month)
+    await limiter.seed_quotas(month, {"acct:x": 100})
+    assert await limiter.quotas_seeded(month)
+    assert await primary.quota_used("acct:x") == 100 and await fallback.quota_used("acct:x") == 100
+    quota = [Check.monthly_quota("acct:x", 1000)]
+    await take(limiter, quota, 400)  # counted by the primary only
+    primary.up = False
+    await take(limiter, quota, 10)  # the outage begins: the fallback answers, its count stale
+    assert not await limiter.quotas_seeded(month)  # so it wants seeding again
+    await limiter.seed_quotas(month, {"acct:x": 500})  # what the records say by now
+    assert await limiter.quotas_seeded(month)
+    # Raised from 110 (its seed, then the request of the outage) to the records' 500, which
+    # may hold that request already: never the sum, which could count it twice.
+    assert await fallback.quota_used("acct:x") == 500
+    assert await primary.quota_used("acct:x") == 500  # not touched while down
+    closed = FailoverLimiter(_Flaky(clock), MemoryLimiter(clock=clock), fail_open=False)
+    closed.primary.up = False  # type: ignore[attr-defined]
+    with pytest.raises(LimiterUnavailable):
+        await closed.acquire(quota, 1)
+    assert await closed.quotas_seeded(month)  # failing closed, no fallback answers: no seed
 
 
 # --- the package surface ---------------------------------------------------------------
