@@ -92,15 +92,15 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
         tokens.preload()  # build the tokenizers now, not on the first request
         await auth.start_feed()
         await router.start()
-        try:  # before the first request: the month's quotas as the usage records left them
-            await state.limits.seed_quotas(engine)
+        try:  # before the first request: the quotas and daily limits as the records left them
+            await state.limits.seed(engine)
         except Exception:  # the database or Redis is down: run_seeding tries again
-            log.warning("could not seed the quota counters at start", exc_info=True)
+            log.warning("could not seed the limits at start", exc_info=True)
         tasks = [
             asyncio.create_task(auth.run_feed(), name="invalidation-feed"),
             asyncio.create_task(auth.run_last_used(), name="last-used"),
             asyncio.create_task(state.limits.run_renewal(), name="lease-renewal"),
-            asyncio.create_task(state.limits.run_seeding(engine), name="quota-seeding"),
+            asyncio.create_task(state.limits.run_seeding(engine), name="limit-seeding"),
         ]
         listener = Listener.from_settings(settings)
         if listener is not None:

@@ -28,17 +28,18 @@ from chatgate.ratelimit import (
     MemoryLimiter,
     Reservation,
 )
-from chatgate.ratelimit.base import month_span
+from chatgate.ratelimit.base import Seed, level_from_counts, month_span
 from chatgate.settings import Settings
 from chatgate.timefmt import reset_text
-from chatgate.usage.queries import quota_usage
+from chatgate.usage.queries import hourly_requests, quota_usage
+from chatgate.usage.tables import DAY, HOUR
 
 log = logging.getLogger(__name__)
 
 _WINDOW_TEXT = {60.0: ("per min", "M"), 86400.0: ("per day", "D")}
 SEED_INTERVAL = 5.0
-"""Seconds between checks that the limiter's quota counters are seeded (see
-:meth:`Limits.seed_quotas`): how long a Redis that lost its data counts quotas from 0."""
+"""Seconds between checks that the limiter is seeded (see :meth:`Limits.seed`): how long a
+Redis that lost its data counts quotas and daily limits from 0."""
 
 
 def checks_for(principal: Principal) -> tuple[Check, ...]:
@@ -264,36 +265,50 @@ class Limits:
             except Exception:  # the next pass tries again; the leases have a third left
                 log.warning("could not renew rate-limit leases", exc_info=True)
 
-    async def seed_quotas(self, engine: AsyncEngine) -> bool:
-        """Seed this month's quota counters from the usage records, if the limiter's store
-        has not been seeded since it last lost them (a process's first start, a Redis restart
-        without persistence, the fallback at the start of a Redis outage); whether it did.
+    async def seed(self, engine: AsyncEngine) -> bool:
+        """Seed the limiter from the usage records, if its store has not been seeded since it
+        last lost its buckets (a process's first start, a Redis restarted without persistence,
+        the fallback when a Redis outage begins); whether it did.
 
-        The counters live only in the limiter: without this, every account would get its
-        whole month's quota back at each restart. Counters are only ever raised to what the
-        database holds (see :meth:`Limiter.seed_quotas`), so seeding twice is harmless.
+        The limits live only in the limiter: without this, each restart gave every account its
+        whole month's quota and its day's requests back. What it seeds: this month's tokens of
+        the quotas, and the level of the requests-per-day buckets worked out from the last 24
+        hours' hourly sums (:func:`level_from_counts`). Buckets are only ever raised to what
+        the records say (see :meth:`Limiter.seed`), so seeding twice is harmless.
         """
-        start, _, month = month_span(time.time())
-        if await self.limiter.quotas_seeded(month):
+        now = time.time()
+        start, _, month = month_span(now)
+        if await self.limiter.seeded(month):
             return False
-        used = await quota_usage(engine, int(start))
-        scopes = {account_scope(a): n for a, n in used.accounts.items()}
-        scopes.update((key_scope(k), n) for k, n in used.keys.items())
-        await self.limiter.seed_quotas(month, scopes)
+        tokens = await quota_usage(engine, int(start))
+        quotas = {account_scope(a): n for a, n in tokens.accounts.items()}
+        quotas.update((key_scope(k), n) for k, n in tokens.keys.items())
+        hourly = await hourly_requests(engine, int(now - DAY) // HOUR * HOUR)
+        rates: list[tuple[Check, float]] = []
+        for scope_of, per_id in ((account_scope, hourly.accounts), (key_scope, hourly.keys)):
+            for ident, (limit, counts) in per_id.items():
+                check = Check.rpd(scope_of(ident), limit)
+                level = level_from_counts(counts, now, check.rate)
+                if level > 0:
+                    rates.append((check, level))
+        await self.limiter.seed(Seed(month, quotas, rates))
         log.info(
-            "quota counters of %s seeded from the usage records (%d scopes)", month, len(scopes)
+            "limits of %s seeded from the usage records (%d quotas, %d daily limits)",
+            month,
+            len(quotas),
+            len(rates),
         )
         return True
 
     async def run_seeding(self, engine: AsyncEngine, every: float = SEED_INTERVAL) -> None:
-        """:meth:`seed_quotas` every ``every`` seconds until cancelled (with Redis one
-        ``EXISTS`` a pass while nothing was lost; in process a set lookup)."""
+        """:meth:`seed` every ``every`` seconds until cancelled (with Redis one ``EXISTS`` a
+        pass while nothing was lost; in process a set lookup)."""
         while True:
             await asyncio.sleep(every)
             try:
-                await self.seed_quotas(engine)
+                await self.seed(engine)
             except Exception:  # the database or Redis is down: the next pass tries again
-                log.warning("could not seed the quota counters", exc_info=True)
+                log.warning("could not seed the limits from the usage records", exc_info=True)
 
     async def close(self) -> None:
         """Close the limiter, which sends the settlements :meth:`settle_soon` queued and waits

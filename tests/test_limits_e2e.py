@@ -286,18 +286,25 @@ def use_up(gw: Gateway, key: str) -> int:
     return used
 
 
-def test_a_restart_keeps_the_months_quota_used(upstream: Upstream, tmp_path: Path) -> None:
-    """The default install (one process, SQLite, in-process limits): the quota counters live
-    in the process, and a new one starts them from the usage records, not from 0."""
+def test_a_restart_keeps_the_months_quota_and_the_days_requests(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """The default install (one process, SQLite, in-process limits): the limits live in the
+    process, and a new one starts them from the usage records, not from 0."""
     gw = make_gateway(tmp_path / "gw", upstream=upstream).start()
     try:
         key = account_with_plan(gw, monthly_tokens=60)  # 12 tokens a request: 4 fit, not 5
         used = use_up(gw, key)
+        daily = account_with_plan(gw, rpd=3)
+        assert [quota_answer(gw, daily).status_code for _ in range(4)] == [200, 200, 200, 429]
         gw.stop()
         gw.start()
         refused = quota_answer(gw, key)
         assert refused.status_code == 429, "a restart gave the month's quota back"
         assert f"Used {used}," in refused.json()["error"]["message"]
+        refused = quota_answer(gw, daily)
+        assert refused.status_code == 429, "a restart gave the day's requests back"
+        assert "requests per day (RPD): Limit 3, Used 3" in refused.json()["error"]["message"]
     finally:
         gw.stop()
 
@@ -321,7 +328,7 @@ def test_a_redis_that_lost_its_data_gets_the_quotas_back(
         own_redis.start()  # empty: every counter is gone
         import redis
 
-        marker = f"chatgate:rl:quotas-seeded|{time.strftime('%Y-%m', time.gmtime())}"
+        marker = f"chatgate:rl:seeded|{time.strftime('%Y-%m', time.gmtime())}"
         client = redis.Redis.from_url(own_redis.url)
         deadline = time.monotonic() + 60
         while not client.exists(marker) and time.monotonic() < deadline:

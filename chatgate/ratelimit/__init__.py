@@ -26,6 +26,8 @@ from .base import (
     LimiterUnavailable,
     RateStatus,
     Reservation,
+    Seed,
+    level_from_counts,
     month_end,
     month_of,
 )
@@ -45,6 +47,8 @@ __all__ = [
     "RateStatus",
     "RedisLimiter",
     "Reservation",
+    "Seed",
+    "level_from_counts",
     "month_end",
     "month_of",
     "open_limiter",

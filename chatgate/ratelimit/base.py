@@ -44,6 +44,8 @@ __all__ = [
     "LimiterUnavailable",
     "RateStatus",
     "Reservation",
+    "Seed",
+    "level_from_counts",
     "month_end",
     "month_of",
     "month_span",
@@ -451,6 +453,36 @@ class Ledger:
         return len(self._open)
 
 
+@dataclass(frozen=True, slots=True)
+class Seed:
+    """What the usage records say a limiter's buckets hold at least (:meth:`Limiter.seed`).
+
+    ``quotas``: tokens of ``month`` per scope; ``rates``: rate checks (requests per day) and
+    their buckets' level now (:func:`level_from_counts`).
+    """
+
+    month: str
+    quotas: Mapping[str, int]
+    rates: Sequence[tuple[Check, float]] = ()
+
+
+def level_from_counts(counts: Iterable[tuple[float, int]], now: float, rate: float) -> float:
+    """The level at ``now`` of a GCRA bucket draining ``rate`` a second that took ``counts``
+    (time bucket start, units taken in it), empty before them.
+
+    A bucket's level is the most, over every earlier time ``t``, of what it took since ``t``
+    less what drained since (Lindley's recursion unrolled). Known only at the buckets' starts,
+    this is that most over those ``t``: exact when each bucket's units came at its start, never
+    above the true level otherwise.
+    """
+    level = 0.0
+    taken = 0
+    for start, units in sorted(counts, reverse=True):
+        taken += units
+        level = max(level, taken - max(now - start, 0.0) * rate)
+    return level
+
+
 class Limiter(ABC):
     """Checks and takes the limits of one request, atomically, and settles them after."""
 
@@ -509,22 +541,22 @@ class Limiter(ABC):
         """Tokens charged to ``scope``'s monthly quota in ``month`` (default: this month)."""
 
     @abstractmethod
-    async def quotas_seeded(self, month: str) -> bool:
-        """Whether the quota counters of ``month`` hold the usage recorded before this store
-        began counting (:meth:`seed_quotas` ran since the counters were last lost).
+    async def seeded(self, month: str) -> bool:
+        """Whether this store's counters hold the usage recorded before it began counting
+        (:meth:`seed` ran for ``month`` since the store last lost them).
 
         A new process's memory, or a Redis that restarted without persistence, starts every
-        counter at 0: without a seed, every account would get its month's quota back.
-        Raises :class:`LimiterUnavailable`.
+        bucket empty: without a seed, every account would get its month's quota and its day's
+        requests back. Raises :class:`LimiterUnavailable`.
         """
 
     @abstractmethod
-    async def seed_quotas(self, month: str, used: Mapping[str, int]) -> None:
-        """Raise the quota counter of ``month`` of each scope in ``used`` to at least its value
-        (tokens recorded this month), and note the month as seeded.
+    async def seed(self, seed: Seed) -> None:
+        """Raise each counter and bucket of ``seed`` to at least its value, and note its month
+        as seeded.
 
-        Never lowers a counter: what this store counted since it lost them is the usage of
-        requests that may not be recorded yet. Raises :class:`LimiterUnavailable`.
+        Never lowers one: what this store counted since it lost them may not all be recorded
+        yet. Raises :class:`LimiterUnavailable`.
         """
 
     @abstractmethod
@@ -573,7 +605,7 @@ class FailoverLimiter(Limiter):
 
     def _mark_down(self, exc: LimiterUnavailable) -> None:
         if not self.degraded:
-            # The fallback's quota counters missed what the primary counted: seed them again.
+            # The fallback's buckets missed what the primary counted: seed them again.
             self._fallback_seeded.clear()
             log.warning(
                 "rate limiter store unavailable (%s); failing %s for %.1fs",
@@ -652,26 +684,26 @@ class FailoverLimiter(Limiter):
                 raise
             return await self.fallback.quota_used(scope, month)
 
-    async def quotas_seeded(self, month: str) -> bool:
+    async def seeded(self, month: str) -> bool:
         """The primary's answer; while it is down and failing open, whether the fallback was
-        seeded since the outage began (its counters were stale from before)."""
+        seeded since the outage began (its buckets were stale from before)."""
         if not self.degraded:
             try:
-                return await self.primary.quotas_seeded(month)
+                return await self.primary.seeded(month)
             except LimiterUnavailable as exc:
                 self._mark_down(exc)
         return not self.fail_open or month in self._fallback_seeded
 
-    async def seed_quotas(self, month: str, used: Mapping[str, int]) -> None:
+    async def seed(self, seed: Seed) -> None:
         """Seed the primary unless it is down, and the fallback always (it answers the next
         outage); never raises unavailability."""
         if not self.degraded:
             try:
-                await self.primary.seed_quotas(month, used)
+                await self.primary.seed(seed)
             except LimiterUnavailable as exc:
                 self._mark_down(exc)
-        await self.fallback.seed_quotas(month, used)
-        self._fallback_seeded.add(month)
+        await self.fallback.seed(seed)
+        self._fallback_seeded.add(seed.month)
 
     async def reset(self, scope: str) -> None:
         """Reset ``scope`` in both limiters."""

@@ -19,7 +19,8 @@ then       per settlement, in the order they are applied: lease id, delta (actua
            tokens: negative gives back, positive may go into debt), k (its number of
            buckets, each passed once, concurrency sets first), then per bucket 3 values:
            kind ("r" rate | "c" concurrency | "q" quota | "n" renew the lease in this
-           concurrency set for ARGV[4] from now, if it is still there), limit, window in
+           concurrency set for ARGV[4] from now, if it is still there | "R", "Q" a seed: raise
+           the rate bucket's level or the quota counter to at least delta), limit, window in
            seconds (rate) or the month's end as unix time (quota)
 then       per check (the KEYS left after the settlements' ones), 4 values: kind, limit,
            window or month's end (as above), cost
@@ -83,6 +84,13 @@ for _ = 1, settlements do
       if redis.call('ZSCORE', key, owner) then
         redis.call('ZADD', key, string.format('%.17g', now + ttl), owner)
         redis.call('PEXPIRE', key, math.ceil(ttl * 1000))
+      end
+    elseif kind == 'R' then
+      if delta > drained(key, limit, span) then store(key, delta, limit, span) end
+    elseif kind == 'Q' then
+      if delta > tonumber(redis.call('GET', key) or '0') then
+        redis.call('SET', key, string.format('%d', delta))
+        redis.call('EXPIREAT', key, math.ceil(span + keep))
       end
     elseif leased and not freed then
       -- applied before (or its lease expired): its tokens were settled then

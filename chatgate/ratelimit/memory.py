@@ -15,7 +15,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 from .base import (
     DEFAULT_CONCURRENCY_RETRY,
@@ -28,6 +28,7 @@ from .base import (
     Ledger,
     Limiter,
     Reservation,
+    Seed,
     decide,
     month_end,
     month_of,
@@ -170,23 +171,27 @@ class MemoryLimiter(Limiter):
         entry = self._state.get(check.key)
         return entry.used if isinstance(entry, Counter) else 0
 
-    async def quotas_seeded(self, month: str) -> bool:
-        """Whether :meth:`seed_quotas` ran for ``month`` in this limiter (its memory began
-        empty)."""
+    async def seeded(self, month: str) -> bool:
+        """Whether :meth:`seed` ran for ``month`` in this limiter (its memory began empty)."""
         return month in self._seeded
 
-    async def seed_quotas(self, month: str, used: Mapping[str, int]) -> None:
-        """Raise each scope's counter of ``month`` to at least its recorded usage."""
+    async def seed(self, seed: Seed) -> None:
+        """Raise each quota counter and rate bucket of ``seed`` to at least its value."""
         state = self._state
-        kept = month_end(month) + QUOTA_RETENTION
-        for scope, tokens in used.items():
-            key = Check.monthly_quota(scope, 0, month).key
+        kept = month_end(seed.month) + QUOTA_RETENTION
+        for scope, tokens in seed.quotas.items():
+            key = Check.monthly_quota(scope, 0, seed.month).key
             entry = state.get(key)
             if isinstance(entry, Counter):
                 entry.used = max(entry.used, tokens)
             else:
                 state[key] = Counter(tokens, kept)
-        self._seeded.add(month)
+        now = self._clock()
+        for check, level in seed.rates:
+            entry = state.get(check.key)
+            if level > (entry.at(now, check.rate) if isinstance(entry, Bucket) else 0.0):
+                state[check.key] = Bucket(level, now, check.rate)
+        self._seeded.add(seed.month)
 
     async def reset(self, scope: str) -> None:
         """Forget every bucket of ``scope`` (O(number of buckets); admin and tests)."""

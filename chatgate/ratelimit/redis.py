@@ -71,7 +71,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from importlib import resources
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -100,6 +100,7 @@ from .base import (
     LimiterUnavailable,
     Reservation,
     Resolved,
+    Seed,
     decide,
     month_end,
     month_of,
@@ -113,6 +114,7 @@ from .resp import (
     encode,
     encode_int,
     encode_once,
+    pack,
     parse_command,
 )
 
@@ -136,8 +138,7 @@ finds no admission within the delay with probability about ``exp(-r * 0.02)``, u
 worth saving.
 """
 SEED_BATCH = 500
-"""Quota counters raised by one call of ``seed.lua`` at most (Redis runs nothing else
-meanwhile)."""
+"""Buckets raised by one call of a seed at most (Redis runs nothing else meanwhile)."""
 MAX_BATCH = 64
 """Settlements carried by one call at most: Redis runs nothing else while a script runs, and
 64 settlements (a few hundred key updates) keep one call near a millisecond."""
@@ -355,7 +356,6 @@ class RedisLimiter(Limiter):
         self._clock = clock
         self._owns_client = owns_client
         self._script = _Script("limiter.lua")
-        self._seed = _Script("seed.lua")
         self._evalsha = encode("EVALSHA", self._script.sha)
         # The header's values that never change (ARGV[2], ARGV[4] and ARGV[5]).
         self._retention = encode(QUOTA_RETENTION)
@@ -727,37 +727,46 @@ class RedisLimiter(Limiter):
         return int(value) if value is not None else 0
 
     def _seeded_key(self, month: str) -> str:
-        return f"{self._prefix}quotas-seeded|{month}"  # no scope is "quotas-seeded": no clash
+        return f"{self._prefix}seeded|{month}"  # no scope is "seeded": no bucket's name
 
-    async def quotas_seeded(self, month: str) -> bool:
-        """Whether the month's marker, set by the last :meth:`seed_quotas`, is still there:
-        a Redis that lost its data lost the marker with the counters."""
+    async def seeded(self, month: str) -> bool:
+        """Whether the month's marker, set by the last :meth:`seed`, is still there: a Redis
+        that lost its data lost the marker with the buckets."""
         try:
             return bool(await self._client.call("EXISTS", self._seeded_key(month)))
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
 
-    async def seed_quotas(self, month: str, used: Mapping[str, int]) -> None:
-        """Raise each scope's counter of ``month`` to at least its recorded usage (``seed.lua``,
-        :data:`SEED_BATCH` counters a call), then set the month's marker (only then: a seed cut
-        short is done again)."""
-        expires = month_end(month) + QUOTA_RETENTION
-        items = [
-            (self._prefix + Check.monthly_quota(scope, 0, month).key, tokens)
-            for scope, tokens in used.items()
+    async def seed(self, seed: Seed) -> None:
+        """Raise each counter and bucket of ``seed`` to at least its value, then set the
+        month's marker (only then: a seed cut short is done again).
+
+        The values go as settlements of the kinds ``Q`` and ``R`` ("raise to at least") of the
+        limiter's own script, :data:`SEED_BATCH` a call: one body of Lua for buckets.
+        """
+        parts: list[tuple[str, Any, tuple[str, int, float]]] = [
+            (Check.monthly_quota(scope, 0, seed.month).key, tokens, ("Q", 0, month_end(seed.month)))
+            for scope, tokens in seed.quotas.items()
         ]
+        parts += [(check.key, level, ("R", *_bucket(check)[1:])) for check, level in seed.rates]
         try:
-            for at in range(0, len(items), SEED_BATCH):
-                batch = items[at : at + SEED_BATCH]
-                await self._client.call(
-                    "EVAL",
-                    self._seed.body,
+            for at in range(0, len(parts), SEED_BATCH):
+                batch = parts[at : at + SEED_BATCH]
+                packed = pack(
+                    "EVALSHA",
+                    self._script.sha,
                     len(batch),
-                    *(key for key, _ in batch),
-                    expires,
-                    *(tokens for _, tokens in batch),
+                    *(self._prefix + key for key, _, _ in batch),
+                    len(batch),
+                    QUOTA_RETENTION,
+                    "",
+                    self.lease_ttl,
+                    self._concurrency_retry,
+                    *(v for _, value, bucket in batch for v in ("", value, 1, *bucket)),
                 )
-            await self._client.call("SET", self._seeded_key(month), "1", "EXAT", int(expires))
+                await self._script.run(self._client, packed)
+            expires = int(month_end(seed.month) + QUOTA_RETENTION)
+            await self._client.call("SET", self._seeded_key(seed.month), "1", "EXAT", expires)
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
 

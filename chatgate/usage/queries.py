@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.db.tables import accounts, api_keys, plans
-from chatgate.usage.tables import DAY, MINUTE, WIDTHS, to_usd, usage_records, usage_rollups
+from chatgate.usage.tables import DAY, HOUR, MINUTE, WIDTHS, to_usd, usage_records, usage_rollups
 
 Group = Literal["bucket", "account", "key", "model", "endpoint"]
 By = Literal["day", "key", "model"]
@@ -277,6 +277,45 @@ async def quota_usage(engine: AsyncEngine, start: int) -> QuotaUsage:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class HourlyRequests:
+    """Requests admitted per hour since a time, of the accounts whose plan has a daily limit
+    and of the keys with one of their own: per id, the limit and (hour start, requests)."""
+
+    accounts: dict[str, tuple[int, list[tuple[int, int]]]]
+    keys: dict[str, tuple[int, list[tuple[int, int]]]]
+
+
+async def hourly_requests(engine: AsyncEngine, start: int) -> HourlyRequests:
+    """Requests recorded per hour since ``start`` (an hour's first second), less those refused
+    with a 429 (a limit that refused one took nothing), per account on a plan with a daily
+    limit and per key with one of its own; two grouped queries over the hourly rollups."""
+    t = usage_rollups
+    taken = sa.func.sum(t.c.requests - t.c.rate_limited)
+    recent = sa.and_(t.c.width == HOUR, t.c.bucket_start >= start)
+    by_account = (
+        sa.select(t.c.account_id, plans.c.rpd, t.c.bucket_start, taken)
+        .join(accounts, accounts.c.id == t.c.account_id)
+        .join(plans, plans.c.id == accounts.c.plan_id)
+        .where(recent, plans.c.rpd.is_not(None))
+        .group_by(t.c.account_id, plans.c.rpd, t.c.bucket_start)
+    )
+    by_key = (
+        sa.select(t.c.key_id, api_keys.c.rpd, t.c.bucket_start, taken)
+        .join(api_keys, api_keys.c.id == t.c.key_id)
+        .where(recent, api_keys.c.rpd.is_not(None))
+        .group_by(t.c.key_id, api_keys.c.rpd, t.c.bucket_start)
+    )
+    found: list[dict[str, tuple[int, list[tuple[int, int]]]]] = []
+    async with engine.connect() as conn:
+        for stmt in (by_account, by_key):
+            per_id: dict[str, tuple[int, list[tuple[int, int]]]] = {}
+            for ident, limit, hour, count in await conn.execute(stmt):
+                per_id.setdefault(str(ident), (int(limit), []))[1].append((int(hour), int(count)))
+            found.append(per_id)
+    return HourlyRequests(*found)
+
+
 async def report(
     engine: AsyncEngine,
     *,
@@ -354,12 +393,14 @@ async def export_records(
 
 __all__ = [
     "EXPORT_COLUMNS",
+    "HourlyRequests",
     "QuotaUsage",
     "Report",
     "UsageRow",
     "cover",
     "csv_safe",
     "export_records",
+    "hourly_requests",
     "key_names",
     "quota_usage",
     "report",

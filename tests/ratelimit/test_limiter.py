@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import secrets
 import socket
 import time
@@ -29,6 +30,7 @@ from chatgate.ratelimit import (
     MemoryLimiter,
     RedisLimiter,
     Reservation,
+    Seed,
     month_end,
     month_of,
 )
@@ -391,11 +393,11 @@ async def test_quota_month_derived_from_clock(harness: Harness) -> None:
 async def test_seeding_raises_quota_counters_and_never_lowers_them(limiter: Limiter) -> None:
     month = "2026-11"
     quota = Check.monthly_quota("acct:x", 1000, month)
-    assert not await limiter.quotas_seeded(month)
+    assert not await limiter.seeded(month)
     await take(limiter, [quota], 300)  # counted before the seed: kept when above it
-    await limiter.seed_quotas(month, {"acct:x": 200, "acct:y": 950, "key:k": 40})
-    assert await limiter.quotas_seeded(month)
-    assert not await limiter.quotas_seeded("2026-12")  # another month's counters are not
+    await limiter.seed(Seed(month, {"acct:x": 200, "acct:y": 950, "key:k": 40}))
+    assert await limiter.seeded(month)
+    assert not await limiter.seeded("2026-12")  # another month's counters are not
     assert await limiter.quota_used("acct:x", month) == 300
     assert await limiter.quota_used("acct:y", month) == 950
     assert await limiter.quota_used("key:k", month) == 40
@@ -403,29 +405,65 @@ async def test_seeding_raises_quota_counters_and_never_lowers_them(limiter: Limi
     d = await limiter.acquire([Check.monthly_quota("acct:y", 1000, month)], 51)
     assert not d.allowed and d.used == 950  # the seeded usage is held to the quota
     await take(limiter, [Check.monthly_quota("acct:y", 1000, month)], 50)
-    await limiter.seed_quotas(month, {"acct:x": 500, "acct:y": 10})  # seeding again: raises
+    await limiter.seed(Seed(month, {"acct:x": 500, "acct:y": 10}))  # seeding again: raises
     assert await limiter.quota_used("acct:x", month) == 500
     assert await limiter.quota_used("acct:y", month) == 1000
 
 
-async def test_redis_seeds_many_counters_in_batches(harness: Harness) -> None:
+async def test_seeding_raises_daily_buckets_and_never_lowers_them(limiter: Limiter) -> None:
+    a, b = Check.rpd("acct:a", 10), Check.rpd("acct:b", 10)
+    for _ in range(6):
+        await take(limiter, [a])
+    await limiter.seed(Seed("2026-11", {}, [(a, 3.0), (b, 8.0)]))
+    d = await limiter.acquire([a])  # 6 taken, above the seed's 3: kept
+    assert d.allowed and d.requests is not None and d.requests.remaining in (3, 4)
+    for _ in range(2):
+        await take(limiter, [b])
+    refused = await limiter.acquire([b])  # 8 seeded + 2 taken: the day's 10 are used
+    assert not refused.allowed and refused.failed == b and refused.used == 10
+
+
+async def test_redis_seeds_many_buckets_in_batches(harness: Harness) -> None:
     if harness.backend == "memory":
         pytest.skip("the batches are Redis calls")
     from chatgate.ratelimit.redis import SEED_BATCH
 
     limiter = harness.make()
     used = {f"key:{i}": i + 1 for i in range(SEED_BATCH * 2 + 7)}
-    await limiter.seed_quotas("2026-11", used)
+    await limiter.seed(Seed("2026-11", used, [(Check.rpd("key:r", 5), 5.0)]))
     for i in (0, SEED_BATCH - 1, SEED_BATCH, SEED_BATCH * 2 + 6):
         assert await limiter.quota_used(f"key:{i}", "2026-11") == i + 1
+    assert not (await limiter.acquire([Check.rpd("key:r", 5)])).allowed
     client = aioredis.Redis.from_url(REDIS_URL)
     harness.clients.append(client)
     ttl = await client.ttl(harness.prefix + Check.monthly_quota("key:0", 1, "2026-11").key)
     # Kept as long as a counter the limiter makes: the month's end plus the retention.
     expected = month_end("2026-11") + rl.base.QUOTA_RETENTION - time.time()
     assert abs(ttl - expected) < 60
-    marker_ttl = await client.ttl(harness.prefix + "quotas-seeded|2026-11")
-    assert abs(marker_ttl - expected) < 60
+    assert abs(await client.ttl(harness.prefix + "seeded|2026-11") - expected) < 60
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_level_from_counts_is_the_buckets_level(seed: int) -> None:
+    """Requests taken at hour starts: the level worked out from the hourly counts is the
+    level the limiter's own bucket reached (exact); a limit high enough that none is refused."""
+    rng = random.Random(seed)
+    clock = FakeClock(1795000000.0)
+    limiter = MemoryLimiter(clock=clock)
+    check = Check.rpd("acct:x", rng.choice([24, 100, 1000]))
+    counts: list[tuple[float, int]] = []
+    start = clock.now
+    for hour in range(rng.randint(1, 30)):
+        clock.now = start + hour * 3600
+        n = rng.randint(0, 3) if check.limit == 24 else rng.randint(0, 60)
+        taken = 0
+        for _ in range(n):
+            taken += (await limiter.acquire([check])).allowed
+        counts.append((clock.now, taken))
+    clock.now += rng.uniform(0, 7200)
+    expected = limiter._level(check, clock.now)  # the bucket's own level, read without taking
+    level = rl.level_from_counts(counts, clock.now, check.rate)
+    assert math.isclose(level, expected, rel_tol=1e-9, abs_tol=1e-9)
 
 
 # --- concurrency of callers ------------------------------------------------------------
@@ -664,15 +702,15 @@ class _Flaky(MemoryLimiter):
             raise LimiterUnavailable("down")
         return await super().settle(reservation, actual_tokens)
 
-    async def quotas_seeded(self, month: str) -> bool:
+    async def seeded(self, month: str) -> bool:
         if not self.up:
             raise LimiterUnavailable("down")
-        return await super().quotas_seeded(month)
+        return await super().seeded(month)
 
-    async def seed_quotas(self, month: str, used: Any) -> None:
+    async def seed(self, seed: Seed) -> None:
         if not self.up:
             raise LimiterUnavailable("down")
-        await super().seed_quotas(month, used)
+        await super().seed(seed)
 
 
 async def test_failover_cooldown_and_recovery() -> None:
@@ -699,17 +737,17 @@ async def test_failover_seeds_its_fallback_again_when_an_outage_begins() -> None
     fallback = MemoryLimiter(clock=clock)
     limiter = FailoverLimiter(primary, fallback, cooldown=1.0, clock=clock)
     month = month_of(clock.now)
-    assert not await limiter.quotas_seeded(month)
-    await limiter.seed_quotas(month, {"acct:x": 100})
-    assert await limiter.quotas_seeded(month)
+    assert not await limiter.seeded(month)
+    await limiter.seed(Seed(month, {"acct:x": 100}))
+    assert await limiter.seeded(month)
     assert await primary.quota_used("acct:x") == 100 and await fallback.quota_used("acct:x") == 100
     quota = [Check.monthly_quota("acct:x", 1000)]
     await take(limiter, quota, 400)  # counted by the primary only
     primary.up = False
     await take(limiter, quota, 10)  # the outage begins: the fallback answers, its count stale
-    assert not await limiter.quotas_seeded(month)  # so it wants seeding again
-    await limiter.seed_quotas(month, {"acct:x": 500})  # what the records say by now
-    assert await limiter.quotas_seeded(month)
+    assert not await limiter.seeded(month)  # so it wants seeding again
+    await limiter.seed(Seed(month, {"acct:x": 500}))  # what the records say by now
+    assert await limiter.seeded(month)
     # Raised from 110 (its seed, then the request of the outage) to the records' 500, which
     # may hold that request already: never the sum, which could count it twice.
     assert await fallback.quota_used("acct:x") == 500
@@ -718,7 +756,7 @@ async def test_failover_seeds_its_fallback_again_when_an_outage_begins() -> None
     closed.primary.up = False  # type: ignore[attr-defined]
     with pytest.raises(LimiterUnavailable):
         await closed.acquire(quota, 1)
-    assert await closed.quotas_seeded(month)  # failing closed, no fallback answers: no seed
+    assert await closed.seeded(month)  # failing closed, no fallback answers: no seed
 
 
 # --- the package surface ---------------------------------------------------------------

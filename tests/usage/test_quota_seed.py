@@ -1,7 +1,7 @@
-"""The month's quota counters come back from the usage records (SQLite and PostgreSQL): the
-query reads the accounts whose plan has a quota and the keys with one of their own, this
-month only; :meth:`Limits.seed_quotas` puts them in the limiter once, under the scopes the
-checks use."""
+"""The limits come back from the usage records (SQLite and PostgreSQL): the queries read the
+accounts whose plan has a quota or a daily limit and the keys with one of their own, this
+month's tokens and the last day's hourly requests; :meth:`Limits.seed` puts them in the limiter
+once, under the scopes the checks use."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from chatgate.limits import Limits, account_scope, checks_for, key_scope
 from chatgate.ratelimit import MemoryLimiter
 from chatgate.ratelimit.base import month_span
 from chatgate.settings import Secret
-from chatgate.usage.queries import quota_usage
+from chatgate.usage.queries import hourly_requests, quota_usage
 from chatgate.usage.recorder import UsageRecorder
 from tests.usage.factory import make_record
 
@@ -64,8 +64,8 @@ async def test_quota_usage_reads_this_months_tokens_of_scopes_with_quotas(
     assert plain.record.id not in used.keys and "key_" + tag not in used.keys
 
     limits = Limits(MemoryLimiter())
-    assert await limits.seed_quotas(engine)
-    assert not await limits.seed_quotas(engine)  # once: the limiter holds them now
+    assert await limits.seed(engine)
+    assert not await limits.seed(engine)  # once: the limiter holds them now
     limiter = limits.limiter
     assert await limiter.quota_used(account_scope(capped.id)) == 135
     assert await limiter.quota_used(key_scope(own.record.id)) == 33
@@ -74,3 +74,46 @@ async def test_quota_usage_reads_this_months_tokens_of_scopes_with_quotas(
     refused = await limiter.acquire(checks_for(principal), 468)
     assert not refused.allowed and refused.used == 33
     assert (await limiter.acquire(checks_for(principal), 467)).allowed
+
+
+async def test_hourly_requests_seed_the_daily_limits(engine: AsyncEngine, tmp_path: Path) -> None:
+    tag = secrets.token_hex(4)
+    plans, accounts = PlanStore(engine), AccountStore(engine)
+    keys = KeyStore(engine, Secret("s-" + secrets.token_hex(8)))
+    await plans.create(f"daily-{tag}", rpd=10)
+    await plans.create(f"free-{tag}", rpm=100)
+    daily = await accounts.create(f"daily-{tag}@example.com", plan=f"daily-{tag}")
+    other = await accounts.create(f"other-{tag}@example.com", plan=f"free-{tag}")
+    plain = await keys.create(daily.id)
+    own = await keys.create(other.id, limits={"rpd": 4})
+
+    now = time.time()
+    recorder = UsageRecorder(engine, tmp_path / "spool")
+    for account, key, at, status in [
+        *[(daily.id, plain.record.id, now - 60, 200)] * 6,
+        (daily.id, plain.record.id, now - 60, 429),  # refused: took nothing
+        (daily.id, plain.record.id, now - 3 * 86400, 200),  # days ago: drained
+        *[(other.id, own.record.id, now - 30, 500)] * 3,  # failed after admission: taken
+    ]:
+        recorder.record(make_record(account_id=account, key_id=key, created_at=at, status=status))
+    await recorder.close()
+
+    hour = int(now - 86400) // 3600 * 3600
+    found = await hourly_requests(engine, hour)
+    limit, counts = found.accounts[daily.id]
+    assert limit == 10 and sum(n for _, n in counts) == 6
+    assert other.id not in found.accounts
+    assert found.keys[own.record.id][0] == 4
+    assert sum(n for _, n in found.keys[own.record.id][1]) == 3
+    assert plain.record.id not in found.keys
+
+    limits = Limits(MemoryLimiter())
+    assert await limits.seed(engine)
+    account = Principal(plain.record.id, daily.id, False, None, {"rpd": 10}, {})
+    for _ in range(4):  # 6 of 10 taken, less at most what drained in a minute or two
+        assert (await limits.limiter.acquire(checks_for(account))).allowed
+    refused = await limits.limiter.acquire(checks_for(account))
+    assert not refused.allowed and refused.used == 10
+    key = Principal(own.record.id, other.id, False, None, {}, {"rpd": 4})
+    assert (await limits.limiter.acquire(checks_for(key))).allowed
+    assert not (await limits.limiter.acquire(checks_for(key))).allowed
