@@ -21,19 +21,9 @@ _MODELS = (
 _REF = "#/components/schemas/{name}"
 
 
-# One event of a stream (before OpenAPI 3.2 a stream's ``schema`` describes each of its events):
-# ``data`` is a ``chat.completion.chunk`` as JSON, an ``{"error": ...}`` after a failure, or
-# ``[DONE]`` last.
-_SSE_EVENT = {
-    "type": "object",
-    "required": ["data"],
-    "properties": {
-        "data": {"type": "string"},
-        "event": {"type": "string"},
-        "id": {"type": "string"},
-        "retry": {"type": "integer"},
-    },
-}
+# A stream's events (openapi_extra.SSE_EVENT): ``data`` is a ``chat.completion.chunk`` as JSON,
+# an ``{"error": ...}`` after a failure, or ``[DONE]`` last.
+_SSE_EVENT = openapi_extra.SSE_EVENT
 
 
 def _ref(model: type) -> dict[str, str]:

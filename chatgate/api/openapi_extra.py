@@ -19,6 +19,17 @@ _ERROR: dict[str, Any] = {
     "content": {"application/json": {"schema": {"$ref": _REF.format(name="ErrorResponse")}}},
 }
 _SECURED: list[dict[str, list[str]]] = [{"bearerAuth": []}]
+# One event of a stream (before OpenAPI 3.2 a stream's ``schema`` describes each of its events).
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
 
 
 def _op(
@@ -28,11 +39,14 @@ def _op(
     params: tuple[str, ...] = (),
     query: tuple[tuple[str, dict[str, Any]], ...] = (),
     secured: bool = True,
+    streams: bool = False,
 ) -> dict[str, Any]:
+    """An operation; ``streams``: its 200 may be an SSE stream too (``stream: true``)."""
+    ok = {**_OBJECT, "text/event-stream": {"schema": SSE_EVENT}} if streams else _OBJECT
     operation: dict[str, Any] = {
         "operationId": op_id,
         "responses": {
-            "200": {"description": "OK", "content": _OBJECT},
+            "200": {"description": "OK", "content": ok},
             **{str(status): _ERROR for status in errors},
         },
     }
@@ -72,7 +86,10 @@ def paths() -> dict[str, Any]:
     return {
         "/v1/responses": {
             "post": _op(
-                "createResponse", 400, 401, 403, 404, 413, 429, 502, 503, 504, body=ResponsesRequest
+                "createResponse",
+                *(400, 401, 403, 404, 413, 429, 502, 503, 504),
+                body=ResponsesRequest,
+                streams=True,
             )
         },
         "/v1/responses/{response_id}": {
