@@ -189,8 +189,9 @@ class Limits:
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
         """In-process limits, or Redis (one Lua call per request) with fail-open/closed."""
+        ttl = settings.lease_ttl
         if not settings.redis_url:
-            return cls(MemoryLimiter())
+            return cls(MemoryLimiter(lease_ttl=ttl))
         from chatgate.ratelimit.redis import RedisLimiter
 
         # Never retried (a retried acquire could charge twice); one pipelined connection.
@@ -199,9 +200,11 @@ class Limits:
             prefix=settings.redis_prefix + "rl:",
             connect_timeout=settings.redis_timeout,
             timeout=settings.redis_timeout,
+            lease_ttl=ttl,
         )
+        fallback = MemoryLimiter(lease_ttl=ttl)
         return cls(
-            FailoverLimiter(primary, MemoryLimiter(), fail_open=settings.ratelimit_fail_open),
+            FailoverLimiter(primary, fallback, fail_open=settings.ratelimit_fail_open),
             remote=True,
         )
 

@@ -22,6 +22,7 @@ DEFAULT_PORT = 8000
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 DEFAULT_KEY_CACHE_TTL = 60.0
+LEASE_TTL_MIN = 3.0
 DEFAULT_INVALIDATION_POLL = 0.25  # seconds; without Redis (see effective_invalidation_poll)
 DEFAULT_INVALIDATION_POLL_REDIS = 1.0  # seconds; with Redis pub/sub waking the servers
 DEFAULT_ROTATION_GRACE = 24 * 3600
@@ -93,6 +94,8 @@ class Settings:
     models: tuple[ModelConfig, ...] = ()
     log_level: str = "INFO"
     ratelimit_fail_open: bool = True
+    # Seconds a concurrency slot outlives a process that died holding it (renewed meanwhile).
+    lease_ttl: float = 60.0
     redis_timeout: float = 1.0
     redis_prefix: str = "chatgate:"
     usage_flush_interval: float = 1.0
@@ -187,6 +190,7 @@ class Settings:
             models=models,
             log_level=str(pick("log_level", "INFO")).upper(),
             ratelimit_fail_open=_truthy(pick("ratelimit_fail_open", True)),
+            lease_ttl=float(pick("lease_ttl", 60.0)),
             redis_timeout=float(pick("redis_timeout", 1.0)),
             redis_prefix=str(pick("redis_prefix", "chatgate:")),
             usage_flush_interval=float(pick("usage_flush_interval", 1.0)),
@@ -211,6 +215,11 @@ class Settings:
             db_max_overflow=int(pick("db_max_overflow", 10)),
             upstream_keys={k: Secret(env[k]) for k in key_envs if env.get(k)},
         )
+        if not settings.lease_ttl >= LEASE_TTL_MIN:  # renewed every third: once a second
+            raise ValueError(
+                f"CHATGATE_LEASE_TTL (or lease_ttl in [server]) must be at least "
+                f"{LEASE_TTL_MIN:g} seconds, not {settings.lease_ttl:g}"
+            )
         return replace(settings, **overrides) if overrides else settings
 
     @property

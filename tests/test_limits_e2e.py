@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import openai
 import pytest
 import requests
 
-from tests.helpers import Gateway, Upstream, make_gateway
+from tests.helpers import REDIS_URL, Gateway, Upstream, make_gateway
 from tests.redisserver import RedisServer
 
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
@@ -339,3 +340,77 @@ def test_a_redis_that_lost_its_data_gets_the_quotas_back(
         assert f"Used {used}," in refused.json()["error"]["message"]
     finally:
         gw.stop()
+
+
+STALL = """
+[[models]]
+name = "gpt-stall"
+base_url = "{base}"
+upstream_model = "stall-stream"
+"""
+
+
+def test_a_killed_gateways_slots_free_within_the_lease_ttl(
+    pg_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    """A stream running longer than the lease TTL keeps its slot (its process renews the
+    lease); a gateway killed with it in flight lets the slot go one TTL later, for every
+    other gateway sharing Redis (the TTL is 3 s here, 60 s by default; it was 15 minutes)."""
+    env = {
+        "CHATGATE_REDIS_URL": REDIS_URL,
+        "CHATGATE_REDIS_PREFIX": f"cgtest-{secrets.token_hex(4)}:",
+        "CHATGATE_LEASE_TTL": "3",
+    }
+    extra = STALL.format(base=upstream.base_url)
+    gws = [
+        make_gateway(
+            tmp_path / f"gw{i}",
+            database_url=pg_url,
+            upstream=upstream,
+            extra_env=env,
+            extra_toml=extra,
+        ).start()
+        for i in range(2)
+    ]
+    doomed, survivor = gws
+    try:
+        key = account_with_plan(survivor, concurrency=1)
+        headers = {"Authorization": f"Bearer {key}"}
+        stalled = {"model": "gpt-stall", "messages": BODY["messages"], "stream": True}
+        with requests.post(
+            doomed.url + "/v1/chat/completions",
+            json=stalled,
+            headers=headers,
+            stream=True,
+            timeout=60,
+        ) as stream:
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the connection
+            assert next(lines).startswith(b"data: {")
+            time.sleep(5)  # past the TTL: only the renewals keep the slot
+            held = requests.post(
+                survivor.url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
+            )
+            assert held.status_code == 429, "a running stream lost its slot after one TTL"
+            assert "concurrent requests" in held.json()["error"]["message"]
+            doomed.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        statuses = []
+        while time.monotonic() < deadline:
+            answer = requests.post(
+                survivor.url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
+            )
+            statuses.append(answer.status_code)
+            if answer.status_code == 200:
+                break
+            time.sleep(0.5)
+        assert statuses[-1] == 200, f"the dead gateway's slot was still held: {statuses}"
+    finally:
+        for gw in gws:
+            if gw.proc is not None and gw.proc.poll() is None:
+                gw.stop()
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        for name in client.scan_iter(match=env["CHATGATE_REDIS_PREFIX"] + "*"):
+            client.delete(name)
+        client.close()

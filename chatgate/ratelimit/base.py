@@ -60,9 +60,11 @@ RATE_KINDS: frozenset[str] = frozenset({"requests", "tokens"})
 # One-letter codes used in storage keys and in the Lua scripts.
 KIND_CODE: dict[str, str] = {"requests": "r", "tokens": "t", "concurrency": "c", "quota": "q"}
 
-DEFAULT_LEASE_TTL = 900.0
-"""Seconds a concurrency slot is held when its request never settles (a crash) and nothing
-renews its lease."""
+DEFAULT_LEASE_TTL = 60.0
+"""Seconds a concurrency slot is held when its request never settles and nothing renews its
+lease: how long a process that died (with Redis) keeps its requests' slots taken. A running
+request's process renews its lease every third of this (:meth:`Limiter.renew_leases`), so a
+request may run for any length of time."""
 DEFAULT_CONCURRENCY_RETRY = 1.0
 """retry_after hint for a full concurrency limit: a slot frees when any request ends."""
 QUOTA_RETENTION = 40 * 86400.0

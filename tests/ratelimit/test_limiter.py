@@ -785,3 +785,18 @@ def test_check_validation_and_months() -> None:
     assert month_end("2026-11") == NOV_30_LATE + 60
     assert month_end("2026-12") == 1798761600.0  # 2027-01-01
     assert Check.rpm("k", 1).bucket != Check.rpd("k", 1).bucket != Check.tpm("k", 1).bucket
+
+
+async def test_the_gateways_lease_ttl_is_a_setting(tmp_path: Any) -> None:
+    from chatgate.settings import Settings
+
+    assert rl.DEFAULT_LEASE_TTL == 60.0  # a dead process's slots: a minute, not 15
+    plain = Limits.from_settings(Settings(data_dir=tmp_path))
+    assert plain.limiter.lease_ttl == rl.DEFAULT_LEASE_TTL
+    shared = Limits.from_settings(Settings(data_dir=tmp_path, redis_url=REDIS_URL, lease_ttl=7.0))
+    limiter = shared.limiter
+    assert isinstance(limiter, FailoverLimiter)
+    assert limiter.lease_ttl == limiter.primary.lease_ttl == limiter.fallback.lease_ttl == 7.0
+    await shared.close()
+    with pytest.raises(ValueError, match="CHATGATE_LEASE_TTL"):
+        Settings.from_env({"CHATGATE_DATA_DIR": str(tmp_path), "CHATGATE_LEASE_TTL": "2"})
