@@ -145,7 +145,12 @@ MAX_BATCH = 64
 RETRY_DELAY = 1.0
 """Seconds before settlements whose call failed (Redis unreachable or refusing, or the call
 lost) are sent again, where that cannot count twice; again and again, until they apply or
-their leases have expired."""
+:data:`HOLD_LIMIT` (or the lease TTL, if longer) has passed."""
+HOLD_LIMIT = 900.0
+"""Seconds a failed settlement is sent again at most: its lease may have expired by then, but
+one with tokens to give back (a quota's unused reservation) still applies them when the
+lease's slot has not been pruned yet, or when it holds no slot; and a Redis outage rarely
+lasts longer."""
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     ConnectionError,  # redis-py's; also BusyLoadingError (LOADING), AuthenticationError
@@ -375,7 +380,7 @@ class RedisLimiter(Limiter):
         # Settlements (and renewals) whose call failed and that cannot count twice if sent
         # again (the call certainly did not run, see _never_ran, or the part applies once,
         # _Part.again), held for RETRY_DELAY and sent again; when each first failed, to give
-        # up on it once its lease has expired anyway.
+        # up on it after HOLD_LIMIT.
         self._held: list[_Settlement] = []
         self._failed_at: dict[_Part, float] = {}
         self._retry_timer: asyncio.TimerHandle | None = None
@@ -501,11 +506,12 @@ class RedisLimiter(Limiter):
         outage would otherwise leave their concurrency slots taken until the leases expire,
         and their unused reserved tokens charged. The caller passes only those that cannot
         count twice. Their callers still see the failure (they must not wait on an outage);
-        one whose lease has expired since is let go."""
+        one that first failed longer ago than :data:`HOLD_LIMIT` is let go."""
         loop = asyncio.get_running_loop()
         now = loop.time()
+        limit = max(HOLD_LIMIT, self.lease_ttl)
         for part, _ in batch:
-            if now - self._failed_at.setdefault(part, now) < self.lease_ttl:
+            if now - self._failed_at.setdefault(part, now) < limit:
                 retry: asyncio.Future[bool] = loop.create_future()
                 retry.add_done_callback(_retrieve)
                 self._held.append((part, retry))

@@ -474,6 +474,33 @@ async def test_settlements_that_did_not_run_are_sent_again(
         await admin.aclose()
 
 
+async def test_a_failed_settlement_outlives_a_short_lease(own_redis: RedisServer) -> None:
+    """Failed settlements are sent again for HOLD_LIMIT (15 minutes), not only for the lease
+    TTL (now 60 s by default; 3 s here): a quota's unused reservation still comes back after
+    an outage longer than the TTL."""
+    admin = aioredis.Redis.from_url(own_redis.url)
+    limiter = RedisLimiter.from_url(
+        own_redis.url, prefix="h:", flush_delay=0.01, timeout=1.0, lease_ttl=3.0
+    )
+    checks = [Check.monthly_quota("acct:x", 1000)]
+    try:
+        held = await take(limiter, checks, 800)
+        await admin.save()  # the counter survives the restart below
+        own_redis.stop()
+        with pytest.raises(LimiterUnavailable):
+            await limiter.settle(held, 100)
+        await asyncio.sleep(4.5)  # longer than the lease TTL; sent again every second meanwhile
+        own_redis.start()
+        for _ in range(50):  # the next resend applies it (polling; no time is asserted)
+            if await limiter.quota_used("acct:x") == 100:
+                break
+            await asyncio.sleep(0.2)
+        assert await limiter.quota_used("acct:x") == 100  # 700 unused tokens given back
+    finally:
+        await limiter.aclose()
+        await admin.aclose()
+
+
 class LossyProxy:
     """A TCP proxy in front of a real redis-server that loses the next ``EVALSHA`` on demand,
     closing the client's connection after it was written: ``lose = "request"``, and Redis
