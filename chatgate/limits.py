@@ -306,12 +306,17 @@ class Limits:
     async def run_seeding(self, engine: AsyncEngine, every: float = SEED_INTERVAL) -> None:
         """:meth:`seed` every ``every`` seconds until cancelled (with Redis one ``EXISTS`` a
         pass while nothing was lost; in process a set lookup)."""
+        failing = False
         while True:
             await asyncio.sleep(every)
             try:
                 await self.seed(engine)
             except Exception:  # the database or Redis is down: the next pass tries again
-                log.warning("could not seed the limits from the usage records", exc_info=True)
+                if not failing:  # once an outage, not every pass of it
+                    log.warning("could not seed the limits from the usage records", exc_info=True)
+                failing = True
+            else:
+                failing = False
 
     async def close(self) -> None:
         """Close the limiter, which sends the settlements :meth:`settle_soon` queued and waits
