@@ -18,7 +18,6 @@ Note: ``openai`` 3.x is built on ``httpx2`` and accepts a legacy ``httpx.Client`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -37,15 +36,19 @@ DEFAULT_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=10
 
 
 def _retries_to_transport(
-    current: Mapping[str, str], kwargs: dict[str, Any], max_retries: object
+    client: openai.OpenAI | openai.AsyncOpenAI, kwargs: dict[str, Any], max_retries: object
 ) -> dict[str, Any]:
     """``copy()``'s arguments, the SDK's retries kept at 0 and ``max_retries`` in a header.
 
-    ``current`` is the client's own default headers: a ``set_default_headers`` that replaces
-    them keeps the retry count they held, since the caller did not ask to change it.
+    A ``set_default_headers`` that replaces ``client``'s default headers keeps the retry
+    count they held, since the caller did not ask to change it. A copy on an ``http_client``
+    of another transport (given now or before) is the SDK's own: its retries are the SDK's.
     """
+    http_client = kwargs.get("http_client") or client._client
+    if not isinstance(getattr(http_client, "_transport", None), Transport | AsyncTransport):
+        return {**kwargs, "max_retries": max_retries}
     if isinstance(max_retries, openai.NotGiven):
-        count = current.get(RETRIES_HEADER)
+        count = client._custom_headers.get(RETRIES_HEADER)
         if count is None or kwargs.get("set_default_headers") is None:
             return {**kwargs, "max_retries": 0}
     elif isinstance(max_retries, int) and not isinstance(max_retries, bool) and max_retries >= 0:
@@ -62,7 +65,7 @@ class _OpenAI(openai.OpenAI):
     """``openai.OpenAI`` whose ``with_options(max_retries=N)`` sets the transport's retries."""
 
     def copy(self, *, max_retries: Any = openai.NOT_GIVEN, **kwargs: Any) -> _OpenAI:
-        return super().copy(**_retries_to_transport(self._custom_headers, kwargs, max_retries))
+        return super().copy(**_retries_to_transport(self, kwargs, max_retries))
 
     with_options = copy
 
@@ -71,7 +74,7 @@ class _AsyncOpenAI(openai.AsyncOpenAI):
     """``openai.AsyncOpenAI`` whose ``with_options(max_retries=N)`` sets the transport's."""
 
     def copy(self, *, max_retries: Any = openai.NOT_GIVEN, **kwargs: Any) -> _AsyncOpenAI:
-        return super().copy(**_retries_to_transport(self._custom_headers, kwargs, max_retries))
+        return super().copy(**_retries_to_transport(self, kwargs, max_retries))
 
     with_options = copy
 

@@ -238,6 +238,17 @@ def test_with_options_max_retries_sets_the_transports_not_the_sdks(
     assert script.headers[-1]["x-team"] == "a"
 
 
+def test_a_copy_on_an_http_client_of_its_own_keeps_the_sdks_retries() -> None:
+    script = Script(error(500, None, "server_error"))
+    plain = httpx.Client(transport=httpx.MockTransport(script))  # no chatgate transport
+    copy = sdk(Script(completion())).with_options(http_client=plain, max_retries=1)
+    assert copy.max_retries == 1  # nothing else would retry
+    with pytest.raises(openai.InternalServerError):
+        ask(copy.with_options(timeout=5))
+    assert script.attempts == 2
+    assert all(RETRIES_HEADER not in headers for headers in script.headers)
+
+
 def test_with_options_refuses_a_retry_count_below_zero() -> None:
     client = sdk(Script(completion()))
     for bad in (-1, None, 1.5, True):
