@@ -13,6 +13,7 @@ from tests.helpers import (
     Upstream,
     create_pg_database,
     drop_pg_database,
+    drop_redis_prefix,
     make_gateway,
     start_upstream,
     stop,
@@ -118,8 +119,4 @@ def pair(
     yield gws
     for gw in gws:
         gw.stop()
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=prefix + "*"):
-        client.delete(key)
+    drop_redis_prefix(prefix)

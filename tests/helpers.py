@@ -112,6 +112,18 @@ def drop_pg_database(url: str) -> None:
     asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+def drop_redis_prefix(prefix: str, url: str = REDIS_URL) -> None:
+    """Delete every key under ``prefix`` in the shared Redis: a test's own, when it is done."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        for key in client.scan_iter(match=prefix + "*", count=1000):
+            client.delete(key)
+    finally:
+        client.close()
+
+
 def models_toml(upstream: Upstream, extra: str = "") -> str:
     return f"""
 [[models]]

@@ -17,7 +17,7 @@ import openai
 import pytest
 import requests
 
-from tests.helpers import REDIS_URL, Gateway, Upstream, make_gateway
+from tests.helpers import REDIS_URL, Gateway, Upstream, drop_redis_prefix, make_gateway
 from tests.redisserver import RedisServer
 
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
@@ -408,9 +408,4 @@ def test_a_killed_gateways_slots_free_within_the_lease_ttl(
         for gw in gws:
             if gw.proc is not None and gw.proc.poll() is None:
                 gw.stop()
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL)
-        for name in client.scan_iter(match=env["CHATGATE_REDIS_PREFIX"] + "*"):
-            client.delete(name)
-        client.close()
+        drop_redis_prefix(env["CHATGATE_REDIS_PREFIX"])

@@ -26,7 +26,7 @@ from chatgate.keys import format as keyfmt
 from chatgate.keys.store import KeyStore
 from chatgate.notify import Listener, Notifier, feed_channel
 from chatgate.settings import Secret, Settings
-from tests.helpers import REDIS_URL, Gateway, Upstream, make_gateway
+from tests.helpers import REDIS_URL, Gateway, Upstream, drop_redis_prefix, make_gateway
 from tests.redisserver import RedisServer
 from tests.test_limits_e2e import BODY
 
@@ -315,6 +315,7 @@ def test_changes_reach_the_other_process_by_pubsub_within_a_second(
     finally:
         for node in nodes:
             node.stop()
+        drop_redis_prefix(prefix)
     print("\n" + "\n".join(f"{what}: {sec * 1000:.0f} ms" for what, sec in timings.items()))
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import REDIS_URL, Gateway, Upstream, make_gateway
+from tests.helpers import REDIS_URL, Gateway, Upstream, drop_redis_prefix, make_gateway
 from tests.test_limits_e2e import BODY, account_with_plan, burst
 
 
@@ -25,11 +25,7 @@ def shared_env() -> Iterator[dict[str, str]]:
         "CHATGATE_REDIS_URL": REDIS_URL,
         "CHATGATE_REDIS_PREFIX": prefix,
     }
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match=prefix + "*"):
-        client.delete(key)
+    drop_redis_prefix(prefix)
 
 
 def test_revoke_and_plan_change_reach_every_node(

@@ -9,6 +9,7 @@ error code, SSE error event), never how long it took.
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import requests
 from tests.helpers import (
     REDIS_URL,
     ROOT,
+    drop_redis_prefix,
     free_port,
     make_gateway,
     start_upstream,
@@ -305,7 +307,9 @@ def test_readyz_reports_database_and_backends(world: World) -> None:
 @pytest.mark.parametrize("reachable", [True, False])
 def test_readyz_checks_redis_when_configured(tmp_path: Path, reachable: bool) -> None:
     url = REDIS_URL if reachable else f"redis://127.0.0.1:{free_port()}/0"
-    gw = make_gateway(tmp_path, extra_env={"CHATGATE_REDIS_URL": url}).start()
+    prefix = f"readyz-{secrets.token_hex(4)}:"  # not the default: the shared Redis is not ours
+    env = {"CHATGATE_REDIS_URL": url, "CHATGATE_REDIS_PREFIX": prefix}
+    gw = make_gateway(tmp_path, extra_env=env).start()
     try:
         resp = requests.get(gw.url + "/readyz", timeout=10)
         data = resp.json()
@@ -315,6 +319,8 @@ def test_readyz_checks_redis_when_configured(tmp_path: Path, reachable: bool) ->
         assert data["checks"]["redis"]["ok"] is reachable
     finally:
         gw.stop()
+        if reachable:
+            drop_redis_prefix(prefix)
 
 
 def test_readyz_fails_on_a_read_only_redis(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ from tests.helpers import (
     Upstream,
     create_pg_database,
     drop_pg_database,
+    drop_redis_prefix,
     make_gateway,
 )
 from tests.security.conftest import admin_key
@@ -171,6 +172,7 @@ base_url = "http://127.0.0.1:{leaky.port}/v1"
 upstream_model = "leaky-{status}"
 api_key_env = "FAKE_UPSTREAM_KEY"
 """
+    prefix = f"hygiene-{secrets.token_hex(4)}:"
     gw = make_gateway(
         Path(tmp_path_factory.mktemp("hygiene")),
         database_url=url,
@@ -180,7 +182,7 @@ api_key_env = "FAKE_UPSTREAM_KEY"
             "CHATGATE_LOG_LEVEL": "DEBUG",
             "CHATGATE_SECRET": "server-secret-" + secrets.token_urlsafe(24),
             "CHATGATE_REDIS_URL": REDIS_URL,
-            "CHATGATE_REDIS_PREFIX": f"hygiene-{secrets.token_hex(4)}:",
+            "CHATGATE_REDIS_PREFIX": prefix,
             "CHATGATE_INVALIDATION_POLL": "0.2",
         },
     )
@@ -189,6 +191,7 @@ api_key_env = "FAKE_UPSTREAM_KEY"
     if gw.proc is not None and gw.proc.poll() is None:
         gw.stop()
     drop_pg_database(url)
+    drop_redis_prefix(prefix)
 
 
 def chat_body(model: str = "gpt-test", **extra: Any) -> dict[str, Any]:
