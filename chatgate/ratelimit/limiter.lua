@@ -17,7 +17,9 @@ ARGV[4]    lease ttl, seconds
 ARGV[5]    retry hint for a full concurrency limit, seconds
 then       per settlement, in the order they are applied: lease id, delta (actual - reserved
            tokens: negative gives back, positive may go into debt), k (its number of
-           buckets, each passed once, concurrency sets first), then per bucket 3 values:
+           buckets, each passed once, concurrency sets first; -k when no call that carried
+           it before can have run, so its tokens move whatever became of its lease), then
+           per bucket 3 values:
            kind ("r" rate | "c" concurrency | "q" quota | "n" renew the lease in this
            concurrency set for ARGV[4] from now, if it is still there | "R", "Q" a seed: raise
            the rate bucket's level or the quota counter to at least delta), limit, window in
@@ -65,12 +67,13 @@ end
 
 -- 1. Settlements, in order: charge the real tokens instead of the reserved ones and free
 -- the concurrency slot of each finished request. A settlement's slots come first: when it
--- holds one, its tokens are moved only if one was still there to free, so a settlement sent
--- again (its first call may have run) applies once.
+-- holds one and a call that carried it before may have run, its tokens are moved only if a
+-- slot was still there to free, so it applies once.
 local k, a = 0, 5
 for _ = 1, settlements do
   local owner, delta, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local leased, freed = false, false
+  local leased, freed, sure = false, false, count < 0
+  if sure then count = -count end
   a = a + 3
   for _ = 1, count do
     k = k + 1
@@ -92,7 +95,7 @@ for _ = 1, settlements do
         redis.call('SET', key, string.format('%d', delta))
         redis.call('EXPIREAT', key, math.ceil(span + keep))
       end
-    elseif leased and not freed then
+    elseif leased and not freed and not sure then
       -- applied before (or its lease expired): its tokens were settled then
     elseif kind == 'r' then
       local level = drained(key, limit, span) + delta

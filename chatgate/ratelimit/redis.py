@@ -48,9 +48,11 @@ Every Redis failure that means "cannot reach or write the store" becomes
 ``EVALSHA`` may have run, and running it twice would double-charge. The settlements it
 carried fail (their ``settle`` raises :class:`~chatgate.ratelimit.base.LimiterUnavailable`)
 and are sent again, every :data:`RETRY_DELAY`, when that cannot count twice: when the call
-certainly did not run, and otherwise when they free a concurrency slot (the script moves a
-settlement's tokens only if its slot was still held). Only a settlement of checks without a
-concurrency limit, in a call that may have run, is dropped: its reserved tokens drain.
+certainly did not run, and otherwise when they free a concurrency slot (the script then
+moves a settlement's tokens only if its slot was still held; while no call that carried it
+can have run, whatever became of the slot: ``_Part.k``). Checks with a quota and no
+concurrency limit hold a marker lease for that (:func:`_marker`). Only a settlement of rate
+checks alone, in a call that may have run, is dropped: its reserved tokens drain.
 
 Cancellation: a request cancelled while its ``EVALSHA`` is in flight (the client went away)
 does not cancel the call (it is on the wire already); its reply is still read, and whatever
@@ -165,13 +167,29 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 class _Part(NamedTuple):
     """A part of an ``EVALSHA``, encoded (RESP bulk strings): its KEYS and its ARGV, and
     how many of each it holds; ``again``: whether it may be sent again after a call that may
-    have run (it applies once whatever: a settlement that frees a slot, a renewal)."""
+    have run (it applies once whatever: a settlement that frees a slot, a renewal).
+    ``k``: its bucket count as the script takes it, ``-nkeys`` while no call that carried it
+    can have run (its tokens then move even when its lease is gone), else ``nkeys``."""
 
     keys: bytes
     nkeys: int
     args: bytes
     nargs: int
     again: bool
+    k: bytes
+
+
+def _unsure(part: _Part) -> _Part:
+    """A queued settlement whose call may have run: its count made positive again, so the
+    script moves its tokens only if it still frees a slot (it applies once)."""
+    at = 0
+    for _ in range(2):  # past the lease id and the delta (bulk strings: $n, data)
+        line = part.args.index(b"\r\n", at)
+        at = line + 2 + int(part.args[at + 1 : line]) + 2
+    line = part.args.index(b"\r\n", at)
+    end = line + 2 + int(part.args[at + 1 : line]) + 2
+    k = encode_int(part.nkeys)
+    return part._replace(args=part.args[:at] + k + part.args[end:], k=k)
 
 
 # A queued settlement: its part of the call (its buckets in KEYS; in ARGV the lease id, the
@@ -182,23 +200,41 @@ _NO_SETTLEMENTS: list[_Settlement] = []  # never appended to
 _NO_LEASE = encode_once("")  # a call that carries settlements only
 
 
+MARKER_LIMIT = 2**31 - 1
+"""The limit of a marker lease (:func:`_marker`): never reached."""
+
+
+def _marker(resolved: tuple[Check, ...]) -> tuple[Check, ...]:
+    """A concurrency check no request can fail, for checks with a quota and no concurrency
+    limit: its lease marks the request in Redis, so that a settlement lost after it was
+    written is sent again and applies once (the script then moves its tokens only if it frees
+    the lease), as one with a real concurrency limit is. Without it the quota kept the whole
+    reservation charged. It costs such a request a lease in a sorted set while it runs."""
+    if any(check.kind == "concurrency" for check in resolved):
+        return ()
+    quota = next((check for check in resolved if check.kind == "quota"), None)
+    return () if quota is None else (Check.concurrent(quota.scope, MARKER_LIMIT),)
+
+
 class _Plan(Resolved):
     """A tuple of checks as the script takes them, for one quota month, encoded once: KEYS,
     and ARGV as one part per value, each check's token cost left to fill in (``tokens``:
     the slots of token costs); a settlement's part, with and without tokens to give back;
     and ``granted``, the allowed decision from the script's reply (compiled, see
-    :mod:`.program`)."""
+    :mod:`.program`). ``wire``: the checks the script sees, a :func:`_marker` after the
+    resolved ones (the reply's levels hold one more then; the decisions read the resolved)."""
 
-    __slots__ = ("args", "granted", "keys", "nkeys", "renew", "settle", "tokens")
+    __slots__ = ("args", "granted", "keys", "nkeys", "renew", "settle", "tokens", "wire")
 
     def __init__(self, checks: Sequence[Check], now: float, prefix: str) -> None:
         super().__init__(checks, now)
         resolved = self.resolved
-        self.nkeys = len(resolved)
-        self.keys = encode(*[prefix + check.bucket for check in resolved])
+        self.wire = resolved + _marker(resolved)
+        self.nkeys = len(self.wire)
+        self.keys = encode(*[prefix + check.bucket for check in self.wire])
         self.args: list[bytes] = []
         self.tokens: list[int] = []
-        for check in resolved:
+        for check in self.wire:
             if check.charges_tokens:
                 self.tokens.append(len(self.args) + 3)
             self.args += [encode(v) for v in (*_bucket(check), 1)]
@@ -214,14 +250,15 @@ class _Plan(Resolved):
         keys: list[str] = []
         args: list[Any] = []
         # The slots first: the script moves a settlement's tokens only if it freed one.
-        for check in sorted(self.resolved, key=lambda check: check.kind != "concurrency"):
+        for check in sorted(self.wire, key=lambda check: check.kind != "concurrency"):
             key = prefix + check.bucket
             wanted = check.kind == "concurrency" or (with_tokens and check.charges_tokens)
             if wanted and key not in keys:
                 keys.append(key)
                 args += ("n", check.limit, 0.0) if renew else _bucket(check)
-        leased = any(check.kind == "concurrency" for check in self.resolved)
-        return _Part(encode(*keys), len(keys), encode(*args), len(args), leased)
+        leased = any(check.kind == "concurrency" for check in self.wire)
+        sure = encode(-len(keys)) if keys else encode_int(0)
+        return _Part(encode(*keys), len(keys), encode(*args), len(args), leased, sure)
 
 
 class _Client(Protocol):
@@ -492,7 +529,10 @@ class RedisLimiter(Limiter):
             )
             return
         if batch:  # what may have run is sent again only where it applies once
-            self._hold(batch if _never_ran(exc) else [s for s in batch if s[0].again])
+            if _never_ran(exc):
+                self._hold(batch)
+            else:
+                self._hold([(self._unsure(part), done) for part, done in batch if part.again])
         if isinstance(exc, _UNAVAILABLE):
             exc = _unavailable(exc)
         for _, settled in batch:
@@ -500,6 +540,13 @@ class RedisLimiter(Limiter):
                 settled.set_exception(exc)
         if not outcome.done():
             outcome.set_exception(exc)
+
+    def _unsure(self, part: _Part) -> _Part:
+        """:func:`_unsure`, keeping when the part first failed."""
+        unsure = _unsure(part)
+        if part in self._failed_at:
+            self._failed_at[unsure] = self._failed_at.pop(part)
+        return unsure
 
     def _hold(self, batch: list[_Settlement]) -> None:
         """Keep settlements whose call failed, to send again after RETRY_DELAY: a Redis
@@ -634,7 +681,7 @@ class RedisLimiter(Limiter):
         retry = float(reply[2])
         return decide(
             resolved,
-            [float(level) for level in reply[LEVELS_AT:]],
+            [float(level) for level in reply[LEVELS_AT : LEVELS_AT + len(resolved)]],
             [cost_tokens if check.charges_tokens else 1 for check in resolved],
             int(reply[1]) - 1,
             float("inf") if retry < 0 else retry,
@@ -678,14 +725,13 @@ class RedisLimiter(Limiter):
     ) -> None:
         """Queue ``part`` of a plan for ``lease_id`` (a settlement or a renewal) for the next
         call, and make sure the timer will send it if no admission does."""
-        head = encode_once(lease_id) + encode_int(delta) + encode_int(part.nkeys)
+        head = encode_once(lease_id) + encode_int(delta) + part.k
         if not self._pending:
             self._oldest = loop.time()
         if self._timer is None:
             self._arm(loop, self._oldest)
-        self._pending.append(
-            (_Part(part.keys, part.nkeys, head + part.args, part.nargs + 3, part.again), future)
-        )
+        queued = _Part(part.keys, part.nkeys, head + part.args, part.nargs + 3, part.again, part.k)
+        self._pending.append((queued, future))
 
     def renew_leases(self, age: float) -> int:
         """Queue a renewal of the slots of each reservation open for more than ``age``

@@ -228,7 +228,8 @@ async def test_the_limiters_commands_are_what_the_script_documents() -> None:
             named += [c for c in plan if delta and c.charges_tokens and c.kind != "concurrency"]
             buckets = list({prefix + c.resolved(now).bucket: c for c in named}.items())
             keys += [key for key, _ in buckets]
-            settled += [owner, delta, len(buckets)] + [v for _, c in buckets for v in wire(c)]
+            # -k: a first send, which no earlier call can have applied (see limiter.lua)
+            settled += [owner, delta, -len(buckets)] + [v for _, c in buckets for v in wire(c)]
         keys += [prefix + c.resolved(now).bucket for c in checks]
         costs = [cost if c.charges_tokens else 1 for c in checks]
         argv = [len(settlements), QUOTA_RETENTION, lease, DEFAULT_LEASE_TTL, 1.0, *settled]
