@@ -239,6 +239,38 @@ async def usage_rows(
     return out
 
 
+async def _limited_sums(
+    engine: AsyncEngine,
+    limit: str,
+    width: int,
+    start: int,
+    total: sa.ColumnElement[Any],
+    *by: sa.ColumnElement[Any],
+) -> tuple[list[Any], list[Any]]:
+    """``total`` summed over the rollups of ``width`` since ``start``, grouped also ``by``:
+    rows (id, the limit, *by, sum) of the accounts whose plan sets ``limit`` (a column of
+    ``plans``), and of the keys that set it themselves (the same column of ``api_keys``)."""
+    t = usage_rollups
+    recent = (t.c.width == width, t.c.bucket_start >= start)
+    by_account = (
+        sa.select(t.c.account_id, plans.c[limit], *by, total)
+        .join(accounts, accounts.c.id == t.c.account_id)
+        .join(plans, plans.c.id == accounts.c.plan_id)
+        .where(*recent, plans.c[limit].is_not(None))
+        .group_by(t.c.account_id, plans.c[limit], *by)
+    )
+    by_key = (
+        sa.select(t.c.key_id, api_keys.c[limit], *by, total)
+        .join(api_keys, api_keys.c.id == t.c.key_id)
+        .where(*recent, api_keys.c[limit].is_not(None))
+        .group_by(t.c.key_id, api_keys.c[limit], *by)
+    )
+    async with engine.connect() as conn:
+        account_rows = list(await conn.execute(by_account))
+        key_rows = list(await conn.execute(by_key))
+    return account_rows, key_rows
+
+
 @dataclass(frozen=True, slots=True)
 class QuotaUsage:
     """Tokens recorded since a time, of the accounts whose plan has a monthly quota and of the
@@ -254,27 +286,8 @@ async def quota_usage(engine: AsyncEngine, start: int) -> QuotaUsage:
     of its own; two grouped queries over the daily rollups."""
     t = usage_rollups
     used = sa.func.sum(t.c.prompt_tokens + t.c.completion_tokens)
-    recent = sa.and_(t.c.width == DAY, t.c.bucket_start >= start)
-    by_account = (
-        sa.select(t.c.account_id, used)
-        .join(accounts, accounts.c.id == t.c.account_id)
-        .join(plans, plans.c.id == accounts.c.plan_id)
-        .where(recent, plans.c.monthly_tokens.is_not(None))
-        .group_by(t.c.account_id)
-    )
-    by_key = (
-        sa.select(t.c.key_id, used)
-        .join(api_keys, api_keys.c.id == t.c.key_id)
-        .where(recent, api_keys.c.monthly_tokens.is_not(None))
-        .group_by(t.c.key_id)
-    )
-    async with engine.connect() as conn:
-        account_rows = (await conn.execute(by_account)).all()
-        key_rows = (await conn.execute(by_key)).all()
-    return QuotaUsage(
-        {str(row[0]): int(row[1]) for row in account_rows},
-        {str(row[0]): int(row[1]) for row in key_rows},
-    )
+    found = await _limited_sums(engine, "monthly_tokens", DAY, start, used)
+    return QuotaUsage(*({str(ident): int(n) for ident, _, n in rows} for rows in found))
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,27 +305,12 @@ async def hourly_requests(engine: AsyncEngine, start: int) -> HourlyRequests:
     limit and per key with one of its own; two grouped queries over the hourly rollups."""
     t = usage_rollups
     taken = sa.func.sum(t.c.requests - t.c.rate_limited)
-    recent = sa.and_(t.c.width == HOUR, t.c.bucket_start >= start)
-    by_account = (
-        sa.select(t.c.account_id, plans.c.rpd, t.c.bucket_start, taken)
-        .join(accounts, accounts.c.id == t.c.account_id)
-        .join(plans, plans.c.id == accounts.c.plan_id)
-        .where(recent, plans.c.rpd.is_not(None))
-        .group_by(t.c.account_id, plans.c.rpd, t.c.bucket_start)
-    )
-    by_key = (
-        sa.select(t.c.key_id, api_keys.c.rpd, t.c.bucket_start, taken)
-        .join(api_keys, api_keys.c.id == t.c.key_id)
-        .where(recent, api_keys.c.rpd.is_not(None))
-        .group_by(t.c.key_id, api_keys.c.rpd, t.c.bucket_start)
-    )
     found: list[dict[str, tuple[int, list[tuple[int, int]]]]] = []
-    async with engine.connect() as conn:
-        for stmt in (by_account, by_key):
-            per_id: dict[str, tuple[int, list[tuple[int, int]]]] = {}
-            for ident, limit, hour, count in await conn.execute(stmt):
-                per_id.setdefault(str(ident), (int(limit), []))[1].append((int(hour), int(count)))
-            found.append(per_id)
+    for rows in await _limited_sums(engine, "rpd", HOUR, start, taken, t.c.bucket_start):
+        per_id: dict[str, tuple[int, list[tuple[int, int]]]] = {}
+        for ident, limit, hour, count in rows:
+            per_id.setdefault(str(ident), (int(limit), []))[1].append((int(hour), int(count)))
+        found.append(per_id)
     return HourlyRequests(*found)
 
 
