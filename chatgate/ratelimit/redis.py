@@ -116,7 +116,6 @@ from .resp import (
     encode,
     encode_int,
     encode_once,
-    pack,
     parse_command,
 )
 
@@ -257,7 +256,7 @@ class _Plan(Resolved):
                 keys.append(key)
                 args += ("n", check.limit, 0.0) if renew else _bucket(check)
         leased = any(check.kind == "concurrency" for check in self.wire)
-        sure = encode(-len(keys)) if keys else encode_int(0)
+        sure = encode(-len(keys))  # no call has carried it yet (see _Part)
         return _Part(encode(*keys), len(keys), encode(*args), len(args), leased, sure)
 
 
@@ -590,7 +589,7 @@ class RedisLimiter(Limiter):
 
     def _packed(
         self,
-        batch: list[_Settlement],
+        batch: Sequence[tuple[_Part, object]],
         lease: bytes,
         keys: bytes = b"",
         nkeys: int = 0,
@@ -796,27 +795,22 @@ class RedisLimiter(Limiter):
         The values go as settlements of the kinds ``Q`` and ``R`` ("raise to at least") of the
         limiter's own script, :data:`SEED_BATCH` a call: one body of Lua for buckets.
         """
-        parts: list[tuple[str, Any, tuple[str, int, float]]] = [
+        buckets: list[tuple[str, Any, tuple[str, int, float]]] = [
             (Check.monthly_quota(scope, 0, seed.month).key, tokens, ("Q", 0, month_end(seed.month)))
             for scope, tokens in seed.quotas.items()
         ]
-        parts += [(check.key, level, ("R", *_bucket(check)[1:])) for check, level in seed.rates]
+        buckets += [(check.key, level, ("R", *_bucket(check)[1:])) for check, level in seed.rates]
+        one = encode_int(1)
+        parts = [  # a settlement each, of one bucket, as _queue would make it (none is held)
+            (
+                _Part(encode(self._prefix + key), 1, encode("", value, 1, *bucket), 6, False, one),
+                None,
+            )
+            for key, value, bucket in buckets
+        ]
         try:
             for at in range(0, len(parts), SEED_BATCH):
-                batch = parts[at : at + SEED_BATCH]
-                packed = pack(
-                    "EVALSHA",
-                    self._script.sha,
-                    len(batch),
-                    *(self._prefix + key for key, _, _ in batch),
-                    len(batch),
-                    QUOTA_RETENTION,
-                    "",
-                    self.lease_ttl,
-                    self._concurrency_retry,
-                    *(v for _, value, bucket in batch for v in ("", value, 1, *bucket)),
-                )
-                await self._script.run(self._client, packed)
+                await self._run(self._packed(parts[at : at + SEED_BATCH], _NO_LEASE))
             expires = int(month_end(seed.month) + QUOTA_RETENTION)
             await self._client.call("SET", self._seeded_key(seed.month), "1", "EXAT", expires)
         except _UNAVAILABLE as exc:
