@@ -11,9 +11,9 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatgate.accounts import AccountStore, PlanStore
+from chatgate.accounts import Account, AccountStore, PlanStore
 from chatgate.auth import Principal
-from chatgate.keys.store import KeyStore
+from chatgate.keys.store import IssuedKey, KeyStore
 from chatgate.limits import Limits, account_scope, checks_for, key_scope
 from chatgate.ratelimit import MemoryLimiter
 from chatgate.ratelimit.base import month_span
@@ -23,18 +23,28 @@ from chatgate.usage.recorder import UsageRecorder
 from tests.usage.factory import make_record
 
 
-async def test_quota_usage_reads_this_months_tokens_of_scopes_with_quotas(
-    engine: AsyncEngine, tmp_path: Path
-) -> None:
+async def limited_and_not(
+    engine: AsyncEngine, limit: str, on_plan: int, on_key: int
+) -> tuple[Account, Account, IssuedKey, IssuedKey]:
+    """Two new accounts: one on a plan setting ``limit`` to ``on_plan``, with a key of no limit
+    of its own; one on a plan without it, with a key setting it to ``on_key``."""
     tag = secrets.token_hex(4)
     plans, accounts = PlanStore(engine), AccountStore(engine)
     keys = KeyStore(engine, Secret("s-" + secrets.token_hex(8)))
-    await plans.create(f"quota-{tag}", monthly_tokens=1000)
-    await plans.create(f"open-{tag}", rpm=10)
-    capped = await accounts.create(f"capped-{tag}@example.com", plan=f"quota-{tag}")
-    open_ = await accounts.create(f"open-{tag}@example.com", plan=f"open-{tag}")
-    plain = await keys.create(capped.id)
-    own = await keys.create(open_.id, limits={"monthly_tokens": 500})
+    await plans.create(f"limited-{tag}", **{limit: on_plan})
+    await plans.create(f"open-{tag}", rpm=100)
+    limited = await accounts.create(f"limited-{tag}@example.com", plan=f"limited-{tag}")
+    other = await accounts.create(f"open-{tag}@example.com", plan=f"open-{tag}")
+    plain = await keys.create(limited.id)
+    own = await keys.create(other.id, limits={limit: on_key})
+    return limited, other, plain, own
+
+
+async def test_quota_usage_reads_this_months_tokens_of_scopes_with_quotas(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    capped, open_, plain, own = await limited_and_not(engine, "monthly_tokens", 1000, 500)
+    stray = "key_" + secrets.token_hex(4)  # a key of no quota, of an account of none
 
     start, _, _ = month_span(time.time())
     now = time.time()
@@ -44,7 +54,7 @@ async def test_quota_usage_reads_this_months_tokens_of_scopes_with_quotas(
         (capped.id, plain.record.id, 100, 20, now),
         (capped.id, plain.record.id, 7000, 7000, start - 1),  # last month: not counted
         (open_.id, own.record.id, 30, 3, now),
-        (open_.id, "key_" + tag, 1, 1, now),  # a key of no quota, of an account of none
+        (open_.id, stray, 1, 1, now),
     ]:
         recorder.record(
             make_record(
@@ -61,7 +71,7 @@ async def test_quota_usage_reads_this_months_tokens_of_scopes_with_quotas(
     assert used.accounts.get(capped.id) == 135
     assert open_.id not in used.accounts  # its plan has no quota
     assert used.keys.get(own.record.id) == 33
-    assert plain.record.id not in used.keys and "key_" + tag not in used.keys
+    assert plain.record.id not in used.keys and stray not in used.keys
 
     limits = Limits(MemoryLimiter())
     assert await limits.seed(engine)
@@ -77,15 +87,7 @@ async def test_quota_usage_reads_this_months_tokens_of_scopes_with_quotas(
 
 
 async def test_hourly_requests_seed_the_daily_limits(engine: AsyncEngine, tmp_path: Path) -> None:
-    tag = secrets.token_hex(4)
-    plans, accounts = PlanStore(engine), AccountStore(engine)
-    keys = KeyStore(engine, Secret("s-" + secrets.token_hex(8)))
-    await plans.create(f"daily-{tag}", rpd=10)
-    await plans.create(f"free-{tag}", rpm=100)
-    daily = await accounts.create(f"daily-{tag}@example.com", plan=f"daily-{tag}")
-    other = await accounts.create(f"other-{tag}@example.com", plan=f"free-{tag}")
-    plain = await keys.create(daily.id)
-    own = await keys.create(other.id, limits={"rpd": 4})
+    daily, other, plain, own = await limited_and_not(engine, "rpd", 10, 4)
 
     now = time.time()
     recorder = UsageRecorder(engine, tmp_path / "spool")
