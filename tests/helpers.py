@@ -100,16 +100,21 @@ async def _pg(sql: str) -> None:
         await conn.close()
 
 
+def pg_admin(sql: str) -> None:
+    """Run one statement on the shared PostgreSQL as its superuser (not in a test database)."""
+    asyncio.run(_pg(sql))
+
+
 def create_pg_database() -> str:
     """A fresh PostgreSQL database for this run; returns its URL."""
     name = "chatgate_test_" + secrets.token_hex(6)
-    asyncio.run(_pg(f'CREATE DATABASE "{name}"'))
+    pg_admin(f'CREATE DATABASE "{name}"')
     return f"postgresql://postgres@127.0.0.1:5432/{name}"
 
 
 def drop_pg_database(url: str) -> None:
     name = url.rsplit("/", 1)[1]
-    asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def drop_redis_prefix(prefix: str, url: str = REDIS_URL) -> None:

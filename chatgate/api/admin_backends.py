@@ -6,8 +6,9 @@ in-flight requests (:meth:`chatgate.backends.router.Router.status`). No URLs, no
 
 ``/readyz`` needs no key (load balancers call it) and says whether this process can serve:
 
-* ``database``: its migration read within :data:`DB_TIMEOUT` seconds, and not behind this
-  code's (``SchemaBehind``: run ``chatgate migrate``);
+* ``database``: its migration read within :data:`DB_TIMEOUT` seconds, not behind this
+  code's (``SchemaBehind``: run ``chatgate migrate``), and writable (``ReadOnlyDatabase``: a
+  PostgreSQL standby answers every read and refuses every usage flush);
 * ``redis`` (only when ``CHATGATE_REDIS_URL`` is set): a write (``SET <prefix>readyz``, which
   expires) within ``redis_timeout``: a read-only replica fails it (``ReadOnlyError``);
 * ``backends``: per public model, how many deployments are usable (breaker not open).
@@ -29,7 +30,7 @@ from aiohttp import web
 
 from chatgate import errors
 from chatgate.api.openai import authenticate, json_response
-from chatgate.db.engine import SchemaBehind, schema
+from chatgate.db.engine import ReadOnlyDatabase, SchemaBehind, read_only, schema
 from chatgate.settings import Settings
 from chatgate.state import STATE, State
 
@@ -89,11 +90,13 @@ async def _timed(check: Awaitable[object]) -> dict[str, Any]:
 
 async def _database(state: State) -> None:
     """The database answers, at this code's migration or a newer one (a node started before
-    ``chatgate migrate`` would fail every query that needs the new schema)."""
+    ``chatgate migrate`` would fail every query that needs the new schema), and takes writes."""
     async with asyncio.timeout(DB_TIMEOUT):
         found = await schema(state.engine)
-    if found.state == "behind":
-        raise SchemaBehind(f"database at {found.revision}, this chatgate needs {found.head}")
+        if found.state == "behind":
+            raise SchemaBehind(f"database at {found.revision}, this chatgate needs {found.head}")
+        if await read_only(state.engine):
+            raise ReadOnlyDatabase("the database takes reads only")
 
 
 def _backends(state: State) -> dict[str, Any]:

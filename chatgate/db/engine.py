@@ -116,6 +116,22 @@ class SchemaBehind(Exception):
     """The database needs ``chatgate migrate`` before this version of chatgate can use it."""
 
 
+class ReadOnlyDatabase(Exception):
+    """The database takes reads only: usage, keys and accounts cannot be written to it."""
+
+
+async def read_only(engine: AsyncEngine) -> bool:
+    """Whether the database refuses writes: a PostgreSQL hot standby (a failover that went the
+    wrong way, a replica's URL) or one set ``default_transaction_read_only``. It answers every
+    read, so a node on it served while every usage flush, key and sign-up failed. SQLite:
+    False (a file this process cannot write fails at start-up)."""
+    if engine.dialect.name != "postgresql":
+        return False
+    async with engine.connect() as conn:
+        value = (await conn.execute(sa.text("SHOW transaction_read_only"))).scalar_one()
+    return bool(value == "on")
+
+
 async def schema(engine: AsyncEngine) -> Schema:
     """The database's migration against this code's (one small query). A database that cannot
     be reached raises, as :meth:`AsyncEngine.connect` does."""

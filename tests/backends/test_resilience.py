@@ -25,9 +25,12 @@ import requests
 from tests.helpers import (
     REDIS_URL,
     ROOT,
+    create_pg_database,
+    drop_pg_database,
     drop_redis_prefix,
     free_port,
     make_gateway,
+    pg_admin,
     start_upstream,
     stop,
     wait_http,
@@ -344,6 +347,35 @@ def test_readyz_fails_on_a_read_only_redis(tmp_path: Path) -> None:
             assert resp.json()["checks"]["redis"] == {"ok": False, "error": "ReadOnlyError"}
         finally:
             gw.stop()
+
+
+def test_readyz_fails_on_a_read_only_database(tmp_path: Path) -> None:
+    """A PostgreSQL that takes reads only (a hot standby: a failover that went the wrong way, a
+    replica's URL) answered readiness, so a node on it stayed in the load balancer while every
+    usage flush, key and sign-up failed. Set read-only here as a standby is, for new sessions;
+    the node's pooled connections are cut so that it opens new ones."""
+    url = create_pg_database()
+    name = url.rsplit("/", 1)[1]
+    gw = make_gateway(tmp_path, database_url=url).start()
+
+    def reconnected(setting: str) -> dict[str, Any]:
+        pg_admin(f'ALTER DATABASE "{name}" {setting}')
+        pg_admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        )
+        resp = requests.get(gw.url + "/readyz", timeout=10)
+        assert resp.status_code in (200, 503), resp.text
+        return {"status": resp.status_code, **resp.json()["checks"]["database"]}
+
+    try:
+        assert requests.get(gw.url + "/readyz", timeout=10).status_code == 200
+        unready = reconnected("SET default_transaction_read_only = on")
+        assert unready == {"status": 503, "ok": False, "error": "ReadOnlyDatabase"}
+        assert reconnected("RESET default_transaction_read_only")["status"] == 200
+    finally:
+        gw.stop()
+        drop_pg_database(url)
 
 
 def test_models_check_prints_a_table_and_fails_on_a_dead_deployment(world: World) -> None:
