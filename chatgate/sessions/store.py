@@ -53,6 +53,19 @@ def response_not_found(response_id: str, param: str = "response_id") -> errors.N
     return errors.NotFound(f"Response with id '{response_id[:80]}' not found.", param=param)
 
 
+def previous_response_not_found(
+    response_id: str, message: str | None = None
+) -> errors.InvalidRequest:
+    """OpenAI's answer to a ``previous_response_id`` it cannot continue: a 400 with code
+    ``previous_response_not_found`` (not the 404 of ``GET /v1/responses/{id}``). Clients know
+    it: on it they send the whole conversation again instead of the id."""
+    return errors.InvalidRequest(
+        message or f"Previous response with id '{response_id[:80]}' not found.",
+        param="previous_response_id",
+        code="previous_response_not_found",
+    )
+
+
 def item_not_found(item_id: str) -> errors.NotFound:
     return errors.NotFound(f"Item with id '{item_id[:80]}' not found.", param="item_id")
 
@@ -184,7 +197,7 @@ async def _owned(
     table: sa.Table,
     row_id: str,
     account_id: str,
-    not_found: Callable[[], errors.NotFound],
+    not_found: Callable[[], errors.InvalidRequest],
     *where: sa.ColumnElement[bool],
 ) -> sa.Row[Any]:
     """The row of ``table`` with this id that ``account_id`` owns (and matches ``where``);
@@ -527,14 +540,14 @@ class SessionStore:
                 .values(response_id=None)
             )
 
-    async def response_history(
-        self, account_id: str, response_id: str, *, param: str = "previous_response_id"
-    ) -> list[Item]:
+    async def response_history(self, account_id: str, response_id: str) -> list[Item]:
         """The items a response continues from: its chain of previous responses, oldest first.
 
         The chain is followed with one recursive query. When its first response was made in a
-        conversation, the conversation's items up to that response come first; a 404 when that
-        conversation was deleted since (its items, the response's own, went with it).
+        conversation, the conversation's items up to that response come first. A chain that
+        cannot be followed whole is ``previous_response_not_found``: the response is not this
+        account's, or one it continues from was deleted (or pruned), or so was the conversation
+        it began in. Continuing with what is left would answer without part of the history.
         """
         responses = session_responses.c
         async with self._engine.connect() as conn:
@@ -560,9 +573,15 @@ class SessionStore:
             )
             links = (await conn.execute(sa.select(chain))).all()
             if not links:
-                raise response_not_found(response_id, param)
+                raise previous_response_not_found(response_id)
             ids = [link.id for link in links]
-            root = links[-1]
+            root = next(link for link in links if link.previous_response_id not in ids)
+            if root.previous_response_id is not None:
+                raise previous_response_not_found(
+                    response_id,
+                    f"Response with id '{response_id[:80]}' continues from response "
+                    f"'{root.previous_response_id[:80]}', which was deleted.",
+                )
             if root.conversation_id is not None:
                 # Its items went with a deleted conversation: the chain would go on without them.
                 await _owned(
@@ -570,10 +589,10 @@ class SessionStore:
                     conversations,
                     root.conversation_id,
                     account_id,
-                    lambda: errors.NotFound(
+                    lambda: previous_response_not_found(
+                        response_id,
                         f"Response with id '{response_id[:80]}' continues conversation "
                         f"'{root.conversation_id}', which was deleted.",
-                        param=param,
                     ),
                 )
             condition: sa.ColumnElement[bool] = session_items.c.response_id.in_(ids)

@@ -146,7 +146,14 @@ def assert_no_data(resp: requests.Response, a: Owner) -> None:
 
 
 def assert_not_found(resp: requests.Response, a: Owner, what: str) -> None:
-    assert resp.status_code == 404, (what, resp.status_code, resp.text[:300])
+    """What an id that does not exist gets: a 404, or for a ``previous_response_id``, OpenAI's
+    400 ``previous_response_not_found``."""
+    sent = resp.request.body or b""
+    if b'"previous_response_id"' in (sent if isinstance(sent, bytes) else sent.encode()):
+        assert resp.status_code == 400, (what, resp.status_code, resp.text[:300])
+        assert resp.json()["error"]["code"] == "previous_response_not_found", what
+    else:
+        assert resp.status_code == 404, (what, resp.status_code, resp.text[:300])
     assert_no_data(resp, a)
 
 

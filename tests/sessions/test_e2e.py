@@ -77,8 +77,10 @@ def test_previous_response_id_carries_the_first_turn(
     alice.responses.delete(second.id)
     with pytest.raises(openai.NotFoundError):
         alice.responses.retrieve(second.id)
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.BadRequestError) as info:  # as OpenAI: 400, not 404
         alice.responses.create(model="gpt-test", input="x", previous_response_id=second.id)
+    assert info.value.code == "previous_response_not_found"
+    assert info.value.param == "previous_response_id"
 
 
 def test_store_false_is_not_kept(alice: openai.OpenAI) -> None:
@@ -369,7 +371,6 @@ def test_other_accounts_get_404(sgw: Gateway, alice: openai.OpenAI) -> None:
         lambda: bob.responses.retrieve(resp.id),
         lambda: bob.responses.delete(resp.id),
         lambda: bob.responses.input_items.list(resp.id),
-        lambda: bob.responses.create(model="gpt-test", input="x", previous_response_id=resp.id),
         lambda: bob.responses.create(model="gpt-test", input="x", conversation=conv.id),
         lambda: bob.chat.completions.create(
             model="gpt-test",
@@ -381,6 +382,9 @@ def test_other_accounts_get_404(sgw: Gateway, alice: openai.OpenAI) -> None:
         with pytest.raises(openai.NotFoundError) as info:
             attempt()
         assert info.value.status_code == 404
+    with pytest.raises(openai.BadRequestError) as continued:  # what a missing one gets
+        bob.responses.create(model="gpt-test", input="x", previous_response_id=resp.id)
+    assert continued.value.code == "previous_response_not_found"
     # Nothing of Alice's changed.
     assert alice.conversations.retrieve(conv.id).id == conv.id
     assert [i.id for i in alice.conversations.items.list(conv.id)] == [item_id]

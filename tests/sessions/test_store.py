@@ -151,8 +151,9 @@ async def test_response_chain_stores_each_item_once(
     owned = session_items.c.response_id.in_([r1, r2, r3])
     assert await count(engine, owned) == 6
 
-    with pytest.raises(errors.NotFound) as info:
+    with pytest.raises(errors.InvalidRequest) as info:
         await store.response_history(bob, r3)
+    assert (info.value.status, info.value.code) == (400, "previous_response_not_found")
     assert info.value.param == "previous_response_id"
     with pytest.raises(errors.NotFound):
         await store.get_response(bob, r1)
@@ -168,6 +169,31 @@ async def test_response_chain_stores_each_item_once(
     with pytest.raises(errors.NotFound):
         await store.get_response(alice, r3)
     assert await count(engine, session_items.c.response_id == r3) == 0
+
+
+async def test_a_chain_with_a_response_deleted_is_not_continued(
+    store: SessionStore, two_accounts: tuple[str, str]
+) -> None:
+    """Deleting a response in the middle of a chain left the later ones continuing from what
+    was after it: a turn answered without the start of its history, and no error said so."""
+    alice, _ = two_accounts
+    r1, r2, r3 = new_id("resp"), new_id("resp"), new_id("resp")
+    await store.save_response(alice, response_body(r1), inputs=user("q1"), outputs=assistant("a1"))
+    for rid, previous, n in ((r2, r1, 2), (r3, r2, 3)):
+        await store.save_response(
+            alice,
+            response_body(rid),
+            inputs=user(f"q{n}"),
+            outputs=assistant(f"a{n}"),
+            previous_response_id=previous,
+        )
+    await store.delete_response(alice, r1)
+    for continued in (r2, r3):
+        with pytest.raises(errors.InvalidRequest) as info:
+            await store.response_history(alice, continued)
+        assert (info.value.status, info.value.code) == (400, "previous_response_not_found")
+        assert r1 in info.value.message and continued in info.value.message
+    assert (await store.get_response(alice, r3)).id == r3  # still readable, as a conversation's
 
 
 async def test_unstored_response_writes_nothing(
@@ -238,8 +264,9 @@ async def test_a_response_of_a_deleted_conversation_cannot_be_continued(
     await store.delete_conversation(alice, conv.id)
     assert (await store.get_response(alice, r1)).id == r1  # still readable
     for continued in (r1, r2):
-        with pytest.raises(errors.NotFound) as info:
+        with pytest.raises(errors.InvalidRequest) as info:
             await store.response_history(alice, continued)
+        assert (info.value.status, info.value.code) == (400, "previous_response_not_found")
         assert info.value.param == "previous_response_id"
         assert conv.id in info.value.message
 
