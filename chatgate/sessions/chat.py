@@ -23,13 +23,7 @@ from typing import Any
 from chatgate import errors
 from chatgate.auth import Principal
 from chatgate.backends.router import Route
-from chatgate.sessions.response_stream import (
-    CallIndex,
-    first_choice,
-    function_of,
-    parse_chunks,
-    tool_calls,
-)
+from chatgate.sessions.response_stream import CallGatherer, first_choice, parse_chunks, tool_calls
 from chatgate.sessions.responses import chat_message_to_items, items_to_messages
 from chatgate.sessions.store import SessionStore
 from chatgate.sessions.trim import (
@@ -114,8 +108,7 @@ class ChatSession:
     new_items: list[dict[str, Any]]
     _text: list[str] = field(default_factory=list)
     _refusal: list[str] = field(default_factory=list)
-    _calls: dict[int, dict[str, Any]] = field(default_factory=dict)
-    _call_index: CallIndex = field(default_factory=CallIndex)
+    _calls: CallGatherer = field(default_factory=CallGatherer)
     _finished: bool = False
     _failed: bool = False
     committed: bool = False
@@ -154,19 +147,7 @@ class ChatSession:
                 if isinstance(delta.get("refusal"), str):
                     self._refusal.append(delta["refusal"])
                 for call in tool_calls(delta):
-                    slot = self._calls.setdefault(
-                        self._call_index.of(call),
-                        {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
-                    )
-                    function = function_of(call)
-                    call_id, name, arguments = (
-                        call.get("id"),
-                        function.get("name"),
-                        function.get("arguments"),
-                    )
-                    slot["id"] = slot["id"] or (call_id if isinstance(call_id, str) else "")
-                    slot["function"]["name"] += name if isinstance(name, str) else ""
-                    slot["function"]["arguments"] += arguments if isinstance(arguments, str) else ""
+                    self._calls.add(call)
                 if finish_reason:
                     self._finished = True
         return done
@@ -199,8 +180,8 @@ class ChatSession:
         if refusal:  # kept as a whole answer's is (an empty text beside it would hide it)
             message["refusal"] = refusal
             message["content"] = message["content"] or None
-        if self._calls:
-            message["tool_calls"] = [self._calls[i] for i in sorted(self._calls)]
+        if self._calls.calls:
+            message["tool_calls"] = self._calls.chat_tool_calls()
         await self.commit(message)
 
 

@@ -13,6 +13,7 @@ are built as :mod:`chatgate.sessions.responses` builds a non-streamed answer's.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -95,6 +96,55 @@ class CallIndex:
         return index
 
 
+@dataclass(slots=True)
+class Call:
+    """One tool call, as much of it as its deltas have brought."""
+
+    call_id: str
+    name: str = ""
+    arguments: str = ""
+
+
+class CallGatherer:
+    """A stream's tool-call deltas gathered into whole calls, by one rule for both readers (the
+    Responses stream and a conversation's stored turn). :class:`CallIndex` tells the calls
+    apart. A call's id is its first delta's, or a new ``call_...`` when the server sends none
+    (as for a whole answer); its name is the first one sent (some servers repeat it in every
+    delta); its arguments are every delta's, joined."""
+
+    __slots__ = ("_index", "calls")
+
+    def __init__(self) -> None:
+        self.calls: dict[int, Call] = {}
+        self._index = CallIndex()
+
+    def add(self, delta: Mapping[str, Any]) -> tuple[int, Call, str]:
+        """The call a tool-call delta belongs to (its index, and the call so far), and the
+        arguments this delta added."""
+        index = self._index.of(delta)
+        call = self.calls.get(index)
+        if call is None:
+            call = self.calls[index] = Call(str(delta.get("id") or new_id("call")))
+        function = function_of(delta)
+        name, arguments = function.get("name"), function.get("arguments")
+        if isinstance(name, str) and not call.name:
+            call.name = name
+        added = arguments if isinstance(arguments, str) else ""
+        call.arguments += added
+        return index, call, added
+
+    def chat_tool_calls(self) -> list[dict[str, Any]]:
+        """The calls as a chat message's ``tool_calls``, in order."""
+        return [
+            {
+                "id": call.call_id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for _, call in sorted(self.calls.items())
+        ]
+
+
 class StreamTranslator:
     """Chat completion chunks in, Responses stream events out (each with its sequence number).
 
@@ -113,7 +163,7 @@ class StreamTranslator:
         self._text: dict[str, Any] | None = None  # the open message item
         self._text_index = 0
         self._calls: dict[int, tuple[int, dict[str, Any]]] = {}  # chat index -> output index
-        self._call_index = CallIndex()
+        self._gathered = CallGatherer()
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self._seq, **fields}
@@ -192,18 +242,17 @@ class StreamTranslator:
             )
         return events
 
-    def _call_delta(self, call: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def _call_delta(self, delta: Mapping[str, Any]) -> list[dict[str, Any]]:
         events = []
-        index = self._call_index.of(call)
-        function = function_of(call)
+        index, call, added = self._gathered.add(delta)
         if index not in self._calls:
             events += self._close_text()
             item: dict[str, Any] = {
                 "id": new_id("fc"),
                 "type": "function_call",
                 "status": "in_progress",
-                "call_id": str(call.get("id") or new_id("call")),
-                "name": str(function.get("name") or ""),
+                "call_id": call.call_id,
+                "name": call.name,
                 "arguments": "",
             }
             self._calls[index] = (len(self.output), item)
@@ -214,17 +263,15 @@ class StreamTranslator:
                 )
             )
         output_index, item = self._calls[index]
-        if isinstance(function.get("name"), str) and not item["name"]:
-            item["name"] = function["name"]
-        arguments = function.get("arguments")
-        if isinstance(arguments, str) and arguments:
-            item["arguments"] += arguments
+        item["name"] = call.name
+        if added:
+            item["arguments"] = call.arguments
             events.append(
                 self._event(
                     "response.function_call_arguments.delta",
                     item_id=item["id"],
                     output_index=output_index,
-                    delta=arguments,
+                    delta=added,
                 )
             )
         return events

@@ -12,6 +12,8 @@ import orjson
 
 from chatgate.ids import new_id
 from chatgate.sessions.chat import ChatSession
+from chatgate.sessions.response_stream import StreamTranslator
+from chatgate.sessions.responses import ResponsesRequest, response_object
 from chatgate.sessions.store import SessionStore
 from tests.backends.upstreams import CHUNKED, chunk, stream_server
 from tests.helpers import Upstream, served_app
@@ -102,3 +104,47 @@ async def test_streamed_tool_calls_without_index_are_stored_apart(
     page = await store.list_items(account, conversation, order="asc")
     calls = [i.data for i in page.items if i.type == "function_call"]
     assert [(c["call_id"], c["name"]) for c in calls] == [("c1", "weather"), ("c2", "time")]
+
+
+async def test_a_stored_turn_gathers_tool_calls_as_the_responses_stream_does(
+    store: SessionStore, two_accounts: tuple[str, str]
+) -> None:
+    """The same deltas, read by a conversation's stored turn and by the Responses stream, give
+    the same calls. They did not: a server that repeats a call's name in every delta had it
+    stored as ``weatherweather``, and a call without an id was stored with an empty one (which
+    an upstream refuses in the next turn's history); the stream had ``weather`` and a new id."""
+    account, _ = two_accounts
+    conversation = new_id("conv")
+    await store.create_conversation(account, conversation)
+    session = ChatSession(conversation, [], 0, 0, store, account, [])
+    request = ResponsesRequest(model="m", input="hi")
+    translator = StreamTranslator(
+        response_object(response_id="r", created_at=1, req=request, model="m", truncation="auto")
+    )
+    deltas: list[dict[str, object]] = [
+        {"tool_calls": [{"index": 0, "function": {"name": "weather", "arguments": '{"city":'}}]},
+        {"tool_calls": [{"index": 0, "function": {"name": "weather", "arguments": '"Oslo"}'}}]},
+        {"tool_calls": [{"index": 1, "id": "c2", "function": {"name": "time", "arguments": ""}}]},
+        {"tool_calls": [{"index": 1, "function": {"name": "time", "arguments": "{}"}}]},
+    ]
+    events = []
+    for delta in [*deltas, None]:
+        chunk = {"choices": [{"index": 0, "delta": delta or {}, "finish_reason": None}]}
+        if delta is None:
+            chunk["choices"][0]["finish_reason"] = "tool_calls"  # type: ignore[index]
+        translator.feed(chunk)
+        events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    translator.close()
+
+    async def batches() -> AsyncIterator[list[bytes]]:
+        yield events
+
+    assert [b async for b in session.relay(batches())] == [events]
+    page = await store.list_items(account, conversation, order="asc")
+    calls = [i.data for i in page.items if i.type == "function_call"]
+    stored = [(c["name"], c["arguments"], c["call_id"]) for c in calls]
+    streamed = [(o["name"], o["arguments"], o["call_id"]) for o in translator.output]
+    assert [s[:2] for s in stored] == [s[:2] for s in streamed]
+    assert [s[:2] for s in stored] == [("weather", '{"city":"Oslo"}'), ("time", "{}")]
+    assert stored[0][2].startswith("call_") and stored[1][2] == streamed[1][2] == "c2"
