@@ -105,7 +105,8 @@ def test_a_stream_a_stop_cuts_off_is_recorded(upstream: Upstream, tmp_path: Path
             stream=True,
             timeout=60,
         ) as resp:
-            assert next(resp.iter_lines()).startswith(b"data: {")
+            lines = resp.iter_lines()  # kept: an iterator dropped closes the connection
+            assert next(lines).startswith(b"data: {")
             assert gw.stop() == 0  # SIGTERM, with the stream still open
     finally:
         if gw.proc is not None and gw.proc.poll() is None:
