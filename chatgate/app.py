@@ -91,6 +91,7 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
         app[STATE] = state
         tokens.preload()  # build the tokenizers now, not on the first request
         await auth.start_feed()
+        auth.on_change = state.limits.changed  # a limit begun mid-month counts from the records
         await router.start()
         try:  # before the first request: the quotas and daily limits as the records left them
             await state.limits.seed(engine)

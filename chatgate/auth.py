@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -91,6 +92,8 @@ class Authenticator:
         self._applied = 0  # feed events applied so far (see _load)
         self.last_used: dict[str, int] = {}
         self.db_lookups = 0
+        self.on_change: Callable[[str, str], None] | None = None
+        """Told of each feed event applied (kind, ref): the limits seed what it changed."""
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal for an ``Authorization`` header value, or a 401 ``APIError``."""
@@ -269,8 +272,10 @@ class Authenticator:
                 del self._gaps[event_id]
 
     def apply(self, kind: str, ref: str) -> None:
-        """Drop cached entries a change makes stale."""
+        """Drop cached entries a change makes stale (and tell :attr:`on_change`)."""
         self._applied += 1
+        if self.on_change is not None:
+            self.on_change(kind, ref)
         if kind == "key_new":  # a new secret: forget only that it was unknown
             entry = self._cache.get(ref)
             if entry is not None and entry.lookup is None:

@@ -9,6 +9,7 @@ before the call and settle to the real usage after (:meth:`Limits.settle_soon`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -31,7 +32,7 @@ from chatgate.ratelimit import (
 from chatgate.ratelimit.base import Seed, level_from_counts, month_span
 from chatgate.settings import Settings
 from chatgate.timefmt import reset_text
-from chatgate.usage.queries import hourly_requests, quota_usage
+from chatgate.usage.queries import Change, hourly_requests, quota_usage
 from chatgate.usage.tables import DAY, HOUR
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,8 @@ class Limits:
         self.limiter = limiter
         self._remote = remote  # the limiter is across the network (Redis)
         self._settling: set[asyncio.Future[bool]] = set()
+        self._changes: set[Change] = set()  # to seed again (see changed)
+        self._wake = asyncio.Event()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -268,7 +271,7 @@ class Limits:
             except Exception:  # the next pass tries again; the leases have a third left
                 log.warning("could not renew rate-limit leases", exc_info=True)
 
-    async def seed(self, engine: AsyncEngine) -> bool:
+    async def seed(self, engine: AsyncEngine, change: Change | None = None) -> bool:
         """Seed the limiter from the usage records, if its store has not been seeded since it
         last lost its buckets (a process's first start, a Redis restarted without persistence,
         the fallback when a Redis outage begins); whether it did.
@@ -278,15 +281,19 @@ class Limits:
         the quotas, and the level of the requests-per-day buckets worked out from the last 24
         hours' hourly sums (:func:`level_from_counts`). Buckets are only ever raised to what
         the records say (see :meth:`Limiter.seed`), so seeding twice is harmless.
+
+        With ``change`` (see :meth:`changed`), only the scopes it touches, always: a limit that
+        begins to apply mid-month (a plan given a quota, an account moved to one) starts from
+        the month's records, as it would in a process started after.
         """
         now = time.time()
         start, _, month = month_span(now)
-        if await self.limiter.seeded(month):
+        if change is None and await self.limiter.seeded(month):
             return False
-        tokens = await quota_usage(engine, int(start))
+        tokens = await quota_usage(engine, int(start), change)
         quotas = {account_scope(a): n for a, n in tokens.accounts.items()}
         quotas.update((key_scope(k), n) for k, n in tokens.keys.items())
-        hourly = await hourly_requests(engine, int(now - DAY) // HOUR * HOUR)
+        hourly = await hourly_requests(engine, int(now - DAY) // HOUR * HOUR, change)
         rates: list[tuple[Check, float]] = []
         for scope_of, per_id in ((account_scope, hourly.accounts), (key_scope, hourly.keys)):
             for ident, (limit, counts) in per_id.items():
@@ -294,24 +301,42 @@ class Limits:
                 level = level_from_counts(counts, now, check.rate)
                 if level > 0:
                     rates.append((check, level))
-        await self.limiter.seed(Seed(month, quotas, rates))
-        log.info(
-            "limits of %s seeded from the usage records (%d quotas, %d daily limits)",
-            month,
-            len(quotas),
-            len(rates),
-        )
+        await self.limiter.seed(Seed(month, quotas, rates, whole=change is None))
+        if change is None:
+            log.info(
+                "limits of %s seeded from the usage records (%d quotas, %d daily limits)",
+                month,
+                len(quotas),
+                len(rates),
+            )
         return True
+
+    def changed(self, kind: str, ref: str) -> None:
+        """An account or a plan changed (the invalidation feed, on every process): seed its
+        scopes again soon (:meth:`run_seeding`). No I/O here. A key's own limits are set when
+        it is made, so its changes (revoked, rotated) begin no limit."""
+        if kind in ("account", "plan"):
+            self._changes.add((kind, ref))
+            self._wake.set()
 
     async def run_seeding(self, engine: AsyncEngine, every: float = SEED_INTERVAL) -> None:
         """:meth:`seed` every ``every`` seconds until cancelled (with Redis one ``EXISTS`` a
-        pass while nothing was lost; in process a set lookup)."""
+        pass while nothing was lost; in process a set lookup), and at once for the changes
+        :meth:`changed` was told of."""
         failing = False
         while True:
-            await asyncio.sleep(every)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await self._wake.wait()
+            self._wake.clear()
+            changes, self._changes = self._changes, set()
             try:
                 await self.seed(engine)
+                for change in sorted(changes):
+                    await self.seed(engine, change)
+                    changes.discard(change)
             except Exception:  # the database or Redis is down: the next pass tries again
+                self._changes |= changes
                 if not failing:  # once an outage, not every pass of it
                     log.warning("could not seed the limits from the usage records", exc_info=True)
                 failing = True

@@ -310,6 +310,43 @@ def test_a_restart_keeps_the_months_quota_and_the_days_requests(
         gw.stop()
 
 
+def test_an_account_moved_onto_a_quota_mid_month_is_held_to_the_months_usage(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """An account that had used its new plan's whole quota on its old plan was given all of it
+    again by the running process (its counter began at 0 with the change), and none of it by
+    a process started after (seeded from the month's records). Now the change seeds it."""
+    gw = make_gateway(
+        tmp_path / "gw", upstream=upstream, extra_env={"CHATGATE_USAGE_FLUSH_INTERVAL": "0.2"}
+    ).start()
+    try:
+        tag = secrets.token_hex(4)
+        gw.cli("plans", "create", f"roomy-{tag}", "--rpm=1000")
+        gw.cli("plans", "create", f"tight-{tag}", "--rpm=999", "--monthly-tokens=60")
+        email = f"moved-{tag}@example.com"
+        gw.cli("accounts", "create", email, "--plan", f"roomy-{tag}")
+        key = str(gw.cli_json("keys", "create", "--account", email)["key"])
+        used = 0
+        while used < 60:  # the new plan's whole quota, spent on the old plan
+            answer = quota_answer(gw, key)
+            assert answer.status_code == 200, answer.text
+            used += answer.json()["usage"]["total_tokens"]
+        time.sleep(1.0)  # the usage records reach the database (flushed every 0.2 s)
+        gw.cli("accounts", "set-plan", email, f"tight-{tag}")
+        admitted_on_the_new_plan = 0
+        deadline = time.monotonic() + 30
+        while (answer := quota_answer(gw, key)).status_code == 200:
+            if answer.headers["x-ratelimit-limit-requests"] == "999":
+                admitted_on_the_new_plan += 1
+            assert time.monotonic() < deadline, "the quota was never applied"
+        assert answer.json()["error"]["code"] == "insufficient_quota", answer.text
+        # One may pass between the change reaching the process and its seed (milliseconds);
+        # with the counter at 0 the new plan let five through.
+        assert admitted_on_the_new_plan <= 1, admitted_on_the_new_plan
+    finally:
+        gw.stop()
+
+
 def test_a_redis_that_lost_its_data_gets_the_quotas_back(
     own_redis: RedisServer, pg_url: str, upstream: Upstream, tmp_path: Path
 ) -> None:

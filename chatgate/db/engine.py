@@ -123,8 +123,8 @@ class ReadOnlyDatabase(Exception):
 async def read_only(engine: AsyncEngine) -> bool:
     """Whether the database refuses writes: a PostgreSQL hot standby (a failover that went the
     wrong way, a replica's URL) or one set ``default_transaction_read_only``. It answers every
-    read, so a node on it served while every usage flush, key and sign-up failed. SQLite:
-    False (a file this process cannot write fails at start-up)."""
+    read, so a node on it served while every usage flush, key and sign-up failed. SQLite is not
+    checked (False): its file is the process's own."""
     if engine.dialect.name != "postgresql":
         return False
     async with engine.connect() as conn:

@@ -460,12 +460,15 @@ class Seed:
     """What the usage records say a limiter's buckets hold at least (:meth:`Limiter.seed`).
 
     ``quotas``: tokens of ``month`` per scope; ``rates``: rate checks (requests per day) and
-    their buckets' level now (:func:`level_from_counts`).
+    their buckets' level now (:func:`level_from_counts`). ``whole``: every scope with a limit
+    is in it, so the store counts as seeded for ``month`` after it; False for the scopes of
+    one change (a plan, an account, a key), which must not stand in for the whole seed.
     """
 
     month: str
     quotas: Mapping[str, int]
     rates: Sequence[tuple[Check, float]] = ()
+    whole: bool = True
 
 
 def level_from_counts(counts: Iterable[tuple[float, int]], now: float, rate: float) -> float:
@@ -555,7 +558,7 @@ class Limiter(ABC):
     @abstractmethod
     async def seed(self, seed: Seed) -> None:
         """Raise each counter and bucket of ``seed`` to at least its value, and note its month
-        as seeded.
+        as seeded (if the seed is whole).
 
         Never lowers one: what this store counted since it lost them may not all be recorded
         yet. Raises :class:`LimiterUnavailable`.
@@ -705,7 +708,8 @@ class FailoverLimiter(Limiter):
             except LimiterUnavailable as exc:
                 self._mark_down(exc)
         await self.fallback.seed(seed)
-        self._fallback_seeded.add(seed.month)
+        if seed.whole:
+            self._fallback_seeded.add(seed.month)
 
     async def reset(self, scope: str) -> None:
         """Reset ``scope`` in both limiters."""

@@ -191,7 +191,8 @@ class MemoryLimiter(Limiter):
             entry = state.get(check.key)
             if level > (entry.at(now, check.rate) if isinstance(entry, Bucket) else 0.0):
                 state[check.key] = Bucket(level, now, check.rate)
-        self._seeded.add(seed.month)
+        if seed.whole:
+            self._seeded.add(seed.month)
 
     async def reset(self, scope: str) -> None:
         """Forget every bucket of ``scope`` (O(number of buckets); admin and tests)."""

@@ -790,7 +790,7 @@ class RedisLimiter(Limiter):
 
     async def seed(self, seed: Seed) -> None:
         """Raise each counter and bucket of ``seed`` to at least its value, then set the
-        month's marker (only then: a seed cut short is done again).
+        month's marker if the seed is whole (only then: a seed cut short is done again).
 
         The values go as settlements of the kinds ``Q`` and ``R`` ("raise to at least") of the
         limiter's own script, :data:`SEED_BATCH` a call: one body of Lua for buckets.
@@ -811,8 +811,9 @@ class RedisLimiter(Limiter):
         try:
             for at in range(0, len(parts), SEED_BATCH):
                 await self._run(self._packed(parts[at : at + SEED_BATCH], _NO_LEASE))
-            expires = int(month_end(seed.month) + QUOTA_RETENTION)
-            await self._client.call("SET", self._seeded_key(seed.month), "1", "EXAT", expires)
+            if seed.whole:
+                expires = int(month_end(seed.month) + QUOTA_RETENTION)
+                await self._client.call("SET", self._seeded_key(seed.month), "1", "EXAT", expires)
         except _UNAVAILABLE as exc:
             raise _unavailable(exc) from exc
 

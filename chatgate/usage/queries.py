@@ -239,6 +239,22 @@ async def usage_rows(
     return out
 
 
+Change = tuple[str, str]
+"""An invalidation feed event that can change limits: ``("account", id)`` or ``("plan", id)``
+(a key's own limits are set once, when it is made)."""
+
+
+def _accounts_changed(change: Change) -> sa.ColumnElement[bool]:
+    """The rollup rows of the accounts a change touches: the account, or every account on the
+    plan (each an index range of the rollups, by account)."""
+    kind, ref = change
+    t = usage_rollups
+    if kind == "plan":
+        plan_id = int(ref) if ref.isdigit() else -1
+        return t.c.account_id.in_(sa.select(accounts.c.id).where(accounts.c.plan_id == plan_id))
+    return t.c.account_id == ref
+
+
 async def _limited_sums(
     engine: AsyncEngine,
     limit: str,
@@ -246,12 +262,16 @@ async def _limited_sums(
     start: int,
     total: sa.ColumnElement[Any],
     *by: sa.ColumnElement[Any],
+    change: Change | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """``total`` summed over the rollups of ``width`` since ``start``, grouped also ``by``:
     rows (id, the limit, *by, sum) of the accounts whose plan sets ``limit`` (a column of
-    ``plans``), and of the keys that set it themselves (the same column of ``api_keys``)."""
+    ``plans``), and of the keys that set it themselves (the same column of ``api_keys``); with
+    ``change``, only those of the accounts it touches."""
     t = usage_rollups
-    recent = (t.c.width == width, t.c.bucket_start >= start)
+    recent = [t.c.width == width, t.c.bucket_start >= start]
+    if change is not None:
+        recent.append(_accounts_changed(change))
     by_account = (
         sa.select(t.c.account_id, plans.c[limit], *by, total)
         .join(accounts, accounts.c.id == t.c.account_id)
@@ -280,13 +300,14 @@ class QuotaUsage:
     keys: dict[str, int]
 
 
-async def quota_usage(engine: AsyncEngine, start: int) -> QuotaUsage:
+async def quota_usage(engine: AsyncEngine, start: int, change: Change | None = None) -> QuotaUsage:
     """Prompt plus completion tokens recorded since ``start`` (a month's first second: whole
     days of the rollups), per account on a plan with a monthly quota and per key with a quota
-    of its own; two grouped queries over the daily rollups."""
+    of its own (with ``change``, of what it touches); two grouped queries over the daily
+    rollups."""
     t = usage_rollups
     used = sa.func.sum(t.c.prompt_tokens + t.c.completion_tokens)
-    found = await _limited_sums(engine, "monthly_tokens", DAY, start, used)
+    found = await _limited_sums(engine, "monthly_tokens", DAY, start, used, change=change)
     return QuotaUsage(*({str(ident): int(n) for ident, _, n in rows} for rows in found))
 
 
@@ -299,14 +320,18 @@ class HourlyRequests:
     keys: dict[str, tuple[int, list[tuple[int, int]]]]
 
 
-async def hourly_requests(engine: AsyncEngine, start: int) -> HourlyRequests:
+async def hourly_requests(
+    engine: AsyncEngine, start: int, change: Change | None = None
+) -> HourlyRequests:
     """Requests recorded per hour since ``start`` (an hour's first second), less those refused
     with a 429 (a limit that refused one took nothing), per account on a plan with a daily
-    limit and per key with one of its own; two grouped queries over the hourly rollups."""
+    limit and per key with one of its own (with ``change``, of what it touches); two grouped
+    queries over the hourly rollups."""
     t = usage_rollups
     taken = sa.func.sum(t.c.requests - t.c.rate_limited)
     found: list[dict[str, tuple[int, list[tuple[int, int]]]]] = []
-    for rows in await _limited_sums(engine, "rpd", HOUR, start, taken, t.c.bucket_start):
+    sums = await _limited_sums(engine, "rpd", HOUR, start, taken, t.c.bucket_start, change=change)
+    for rows in sums:
         per_id: dict[str, tuple[int, list[tuple[int, int]]]] = {}
         for ident, limit, hour, count in rows:
             per_id.setdefault(str(ident), (int(limit), []))[1].append((int(hour), int(count)))
@@ -391,6 +416,7 @@ async def export_records(
 
 __all__ = [
     "EXPORT_COLUMNS",
+    "Change",
     "HourlyRequests",
     "QuotaUsage",
     "Report",

@@ -395,6 +395,9 @@ async def test_seeding_raises_quota_counters_and_never_lowers_them(limiter: Limi
     quota = Check.monthly_quota("acct:x", 1000, month)
     assert not await limiter.seeded(month)
     await take(limiter, [quota], 300)  # counted before the seed: kept when above it
+    await limiter.seed(Seed(month, {"acct:y": 700}, whole=False))  # one change's scopes
+    assert await limiter.quota_used("acct:y", month) == 700
+    assert not await limiter.seeded(month)  # the whole seed is still to come
     await limiter.seed(Seed(month, {"acct:x": 200, "acct:y": 950, "key:k": 40}))
     assert await limiter.seeded(month)
     assert not await limiter.seeded("2026-12")  # another month's counters are not
@@ -746,6 +749,8 @@ async def test_failover_seeds_its_fallback_again_when_an_outage_begins() -> None
     primary.up = False
     await take(limiter, quota, 10)  # the outage begins: the fallback answers, its count stale
     assert not await limiter.seeded(month)  # so it wants seeding again
+    await limiter.seed(Seed(month, {"acct:z": 5}, whole=False))  # one change: not enough
+    assert not await limiter.seeded(month)
     await limiter.seed(Seed(month, {"acct:x": 500}))  # what the records say by now
     assert await limiter.seeded(month)
     # Raised from 110 (its seed, then the request of the outage) to the records' 500, which

@@ -119,3 +119,58 @@ async def test_hourly_requests_seed_the_daily_limits(engine: AsyncEngine, tmp_pa
     key = Principal(own.record.id, other.id, False, None, {}, {"rpd": 4})
     assert (await limits.limiter.acquire(checks_for(key))).allowed
     assert not (await limits.limiter.acquire(checks_for(key))).allowed
+
+
+async def test_a_change_seeds_the_limits_it_begins(engine: AsyncEngine, tmp_path: Path) -> None:
+    """A quota or daily limit that begins to apply mid-month (the account moved to a plan with
+    one, or its plan given one) counted from 0 in a running process, and from the month's
+    records in one started after it: the feed's change seeds the scopes it touches, and only
+    those, and does not count as the whole seed."""
+    first, second, first_key, second_key = await limited_and_not(engine, "rpm", 100, 100)
+    bystander, _, bystander_key, _ = await limited_and_not(engine, "rpm", 100, 100)
+    now = time.time()
+    recorder = UsageRecorder(engine, tmp_path / "spool")
+    for account, key, tokens in [
+        (first.id, first_key.record.id, 40),
+        (second.id, second_key.record.id, 30),
+        (bystander.id, bystander_key.record.id, 20),
+    ]:
+        for _ in range(3):
+            recorder.record(
+                make_record(
+                    account_id=account,
+                    key_id=key,
+                    prompt_tokens=tokens,
+                    completion_tokens=0,
+                    created_at=now,
+                )
+            )
+    await recorder.close()
+    plans, accounts = PlanStore(engine), AccountStore(engine)
+    limits = Limits(MemoryLimiter())
+    used = limits.limiter.quota_used
+
+    # An account moved to a plan with a quota and a daily limit: its scope, not the others.
+    tag = secrets.token_hex(4)
+    await plans.create(f"capped-{tag}", monthly_tokens=1000, rpd=10)
+    await accounts.set_plan(first.id, f"capped-{tag}")
+    assert await limits.seed(engine, ("account", first.id))
+    assert await used(account_scope(first.id)) == 120
+    assert await used(account_scope(bystander.id)) == 0
+    daily = Principal(first_key.record.id, first.id, False, None, {"rpd": 10}, {})
+    taken = await limits.limiter.acquire(checks_for(daily))
+    assert taken.allowed and taken.requests is not None and taken.requests.remaining <= 6
+    assert not await limits.limiter.seeded(month_span(now)[2])
+
+    # The other account's plan given a quota: every account on it.
+    other_plan = (await accounts.get(second.id)).plan
+    await plans.update(other_plan, monthly_tokens=500)
+    plan_id = next(p.id for p in await plans.list() if p.name == other_plan)
+    assert await limits.seed(engine, ("plan", str(plan_id)))
+    assert await used(account_scope(second.id)) == 90
+    assert await used(account_scope(bystander.id)) == 0
+
+    # Unknown ids seed nothing and fail nothing.
+    for change in [("account", "acct_nope"), ("plan", "nope"), ("plan", "12345678")]:
+        assert await limits.seed(engine, change)
+    assert await used(account_scope(bystander.id)) == 0
