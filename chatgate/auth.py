@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from chatgate import errors
 from chatgate.db.tables import invalidations
 from chatgate.keys import format as keyfmt
-from chatgate.keys.store import KeyLookup, KeyStore
+from chatgate.keys.store import KeyLookup, KeyRecord, KeyStore
 from chatgate.ratelimit import Check
 
 log = logging.getLogger(__name__)
@@ -291,6 +291,14 @@ class Authenticator:
             ]
             for digest in stale:
                 del self._cache[digest]
+
+    def seen(self, record: KeyRecord) -> KeyRecord:
+        """``record`` with its last use in this process, if that is not written yet (the stamps
+        are written every 10 s): a key used a moment ago is not shown as never used."""
+        stamp = self.last_used.get(record.id)
+        if stamp is None or stamp <= (record.last_used_at or 0):
+            return record
+        return replace(record, last_used_at=stamp)
 
     async def flush_last_used(self) -> None:
         """Write the ``last_used_at`` stamps gathered since the last flush."""

@@ -142,7 +142,8 @@ async def me(request: web.Request) -> web.Response:
 async def list_keys(request: web.Request) -> web.Response:
     """GET /api/keys: the caller's keys (hints only)."""
     state, who = await caller(request)
-    return json_response(_list([k.to_dict() for k in await state.keys.list(who.account.id)]))
+    keys = await state.keys.list(who.account.id)
+    return json_response(_list([state.auth.seen(k).to_dict() for k in keys]))
 
 
 async def create_key(request: web.Request) -> web.Response:
@@ -166,7 +167,7 @@ async def get_key(request: web.Request) -> web.Response:
     """GET /api/keys/{id}."""
     state, who = await caller(request)
     record = await state.keys.get(request.match_info["id"], account_id=who.account.id)
-    return json_response(record.to_dict())
+    return json_response(state.auth.seen(record).to_dict())
 
 
 async def rotate_key(request: web.Request) -> web.Response:

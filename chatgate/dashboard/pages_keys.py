@@ -27,7 +27,7 @@ from chatgate.keys.store import IssuedKey
 
 async def _list_context(request: web.Request, user: User) -> dict[str, object]:
     st = state(request)
-    keys = await st.keys.list(user.account.id)
+    keys = [st.auth.seen(k) for k in await st.keys.list(user.account.id)]
     keys.sort(key=lambda k: (k.status != "active", -k.created_at))
     return {
         "title": "API keys",

@@ -127,6 +127,7 @@ def test_sign_up_to_revoked_key(browser: Browser, dash: Gateway) -> None:
     expect(row).to_contain_text(keyfmt.hint(key))
     expect(row).to_contain_text("gpt-test")
     expect(row).to_contain_text("active")
+    expect(row).not_to_contain_text("never")  # used a moment ago
     assert key not in page.content()
     shot(page, "07-keys")
 

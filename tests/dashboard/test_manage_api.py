@@ -51,6 +51,10 @@ def test_key_lifecycle_with_a_bearer_key(dash: Gateway) -> None:
     assert all("key" not in k for k in listed["data"])
     got = requests.get(dash.url + f"/api/keys/{made['id']}", headers=h, timeout=10).json()
     assert got["status"] == "active" and "key" not in got
+    # Used a moment ago: not "never" (the stamps reach the database every 10 s).
+    [used] = [k for k in listed["data"] if k["id"] == made["id"]]
+    assert used["last_used_at"] is not None and used["last_used_at"] >= made["created_at"]
+    assert got["last_used_at"] == used["last_used_at"]
 
     rotated = requests.post(
         dash.url + f"/api/keys/{made['id']}/rotate", json={"grace": "1h"}, headers=h, timeout=10
