@@ -575,7 +575,8 @@ class SessionStore:
             if not links:
                 raise previous_response_not_found(response_id)
             ids = [link.id for link in links]
-            root = next(link for link in links if link.previous_response_id not in ids)
+            known = set(ids)  # the root: the link whose previous is not in the chain
+            root = next(link for link in links if link.previous_response_id not in known)
             if root.previous_response_id is not None:
                 raise previous_response_not_found(
                     response_id,
