@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import time
@@ -91,7 +92,8 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
         app[STATE] = state
         tokens.preload()  # build the tokenizers now, not on the first request
         await auth.start_feed()
-        auth.on_change = state.limits.changed  # a limit begun mid-month counts from the records
+        # A limit begun mid-month counts from the month's records, from its first request on.
+        auth.before_change = functools.partial(state.limits.seed_changes, engine)
         await router.start()
         try:  # before the first request: the quotas and daily limits as the records left them
             await state.limits.seed(engine)

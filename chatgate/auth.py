@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 import sqlalchemy as sa
@@ -92,8 +92,9 @@ class Authenticator:
         self._applied = 0  # feed events applied so far (see _load)
         self.last_used: dict[str, int] = {}
         self.db_lookups = 0
-        self.on_change: Callable[[str, str], None] | None = None
-        """Told of each feed event applied (kind, ref): the limits seed what it changed."""
+        self.before_change: Callable[[list[tuple[str, str]]], Awaitable[None]] | None = None
+        """Awaited with a poll's events (kind, ref) before they are applied: the limits seed
+        what a change begins, so that the first request under it finds them seeded."""
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal for an ``Authorization`` header value, or a 401 ``APIError``."""
@@ -256,6 +257,8 @@ class Authenticator:
                 )
             ).all()
         clock = time.monotonic()
+        if self.before_change is not None and rows:
+            await self.before_change([(kind, ref) for _, kind, ref in rows])
         for event_id, kind, ref in rows:
             self.apply(kind, ref)
             if event_id <= self._last_event:  # a gap filled in: a late commit
@@ -272,10 +275,8 @@ class Authenticator:
                 del self._gaps[event_id]
 
     def apply(self, kind: str, ref: str) -> None:
-        """Drop cached entries a change makes stale (and tell :attr:`on_change`)."""
+        """Drop cached entries a change makes stale."""
         self._applied += 1
-        if self.on_change is not None:
-            self.on_change(kind, ref)
         if kind == "key_new":  # a new secret: forget only that it was unknown
             entry = self._cache.get(ref)
             if entry is not None and entry.lookup is None:

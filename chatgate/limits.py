@@ -38,6 +38,10 @@ from chatgate.usage.tables import DAY, HOUR
 log = logging.getLogger(__name__)
 
 _WINDOW_TEXT = {60.0: ("per min", "M"), 86400.0: ("per day", "D")}
+CHANGE_SEED_WAIT = 0.5
+"""Seconds the invalidation feed waits for changes' seeds before it applies the changes
+anyway (see :meth:`Limits.seed_changes`): revocations and disables stay within a second."""
+
 SEED_INTERVAL = 5.0
 """Seconds between checks that the limiter is seeded (see :meth:`Limits.seed`): how long a
 Redis that lost its data counts quotas and daily limits from 0."""
@@ -186,7 +190,8 @@ class Limits:
         self.limiter = limiter
         self._remote = remote  # the limiter is across the network (Redis)
         self._settling: set[asyncio.Future[bool]] = set()
-        self._changes: set[Change] = set()  # to seed again (see changed)
+        self._changes: set[Change] = set()  # to seed in the background (see seed_changes)
+        self._seeding: set[asyncio.Task[None]] = set()  # seeds of changes still running
         self._wake = asyncio.Event()
 
     @classmethod
@@ -282,7 +287,7 @@ class Limits:
         hours' hourly sums (:func:`level_from_counts`). Buckets are only ever raised to what
         the records say (see :meth:`Limiter.seed`), so seeding twice is harmless.
 
-        With ``change`` (see :meth:`changed`), only the scopes it touches, always: a limit that
+        With ``change`` (see :meth:`seed_changes`), only the scopes it touches, always: a limit that
         begins to apply mid-month (a plan given a quota, an account moved to one) starts from
         the month's records, as it would in a process started after.
         """
@@ -311,18 +316,38 @@ class Limits:
             )
         return True
 
-    def changed(self, kind: str, ref: str) -> None:
-        """An account or a plan changed (the invalidation feed, on every process): seed its
-        scopes again soon (:meth:`run_seeding`). No I/O here. A key's own limits are set when
-        it is made, so its changes (revoked, rotated) begin no limit."""
-        if kind in ("account", "plan"):
-            self._changes.add((kind, ref))
-            self._wake.set()
+    async def seed_changes(self, engine: AsyncEngine, events: list[tuple[str, str]]) -> None:
+        """Seed the scopes that accounts' and plans' changes touch (the invalidation feed
+        awaits this on every process before it drops the cached principals, see
+        :attr:`Authenticator.before_change`), so the first request under a new plan finds
+        them seeded. A key's own limits are set when it is made: its changes begin none.
+
+        Waits at most :data:`CHANGE_SEED_WAIT` seconds in all (a plan's change seeds every
+        account on it): then the changes are applied and the seeds go on in the background
+        (not cancelled mid-query). A seed that fails is left to :meth:`run_seeding`. Never
+        raises.
+        """
+        changes = sorted({(kind, ref) for kind, ref in events if kind in ("account", "plan")})
+        if not changes:
+            return
+        task = asyncio.create_task(self._seed_each(engine, changes), name="limit-change-seed")
+        self._seeding.add(task)
+        task.add_done_callback(self._seeding.discard)
+        await asyncio.wait({task}, timeout=CHANGE_SEED_WAIT)
+
+    async def _seed_each(self, engine: AsyncEngine, changes: list[Change]) -> None:
+        for at, change in enumerate(changes):
+            try:
+                await self.seed(engine, change)
+            except Exception:  # the database or Redis is down: run_seeding tries again
+                self._changes.update(changes[at:])
+                self._wake.set()
+                return
 
     async def run_seeding(self, engine: AsyncEngine, every: float = SEED_INTERVAL) -> None:
         """:meth:`seed` every ``every`` seconds until cancelled (with Redis one ``EXISTS`` a
-        pass while nothing was lost; in process a set lookup), and at once for the changes
-        :meth:`changed` was told of."""
+        pass while nothing was lost; in process a set lookup), and at once the changes
+        :meth:`seed_changes` could not seed in time."""
         failing = False
         while True:
             with contextlib.suppress(TimeoutError):
@@ -346,6 +371,9 @@ class Limits:
     async def close(self) -> None:
         """Close the limiter, which sends the settlements :meth:`settle_soon` queued and waits
         for them (not a flush delay later), then see each one finished."""
+        for task in self._seeding:  # a change's seed outlived its wait: the limiter closes
+            task.cancel()
+        await asyncio.gather(*self._seeding, return_exceptions=True)
         await self.limiter.aclose()
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)

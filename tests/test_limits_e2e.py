@@ -265,6 +265,11 @@ def test_a_key_carries_tighter_limits_of_its_own(pair: list[Gateway]) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm"
 
 
+def recorded_tokens(gw: Gateway, email: str) -> int:
+    report = gw.cli("usage", "--account", email, "--since", "1d", "--format", "json").stdout
+    return int(json.loads(report)["totals"]["total_tokens"])
+
+
 def quota_answer(gw: Gateway, key: str) -> requests.Response:
     return requests.post(
         gw.url + "/v1/chat/completions",
@@ -315,7 +320,8 @@ def test_an_account_moved_onto_a_quota_mid_month_is_held_to_the_months_usage(
 ) -> None:
     """An account that had used its new plan's whole quota on its old plan was given all of it
     again by the running process (its counter began at 0 with the change), and none of it by
-    a process started after (seeded from the month's records). Now the change seeds it."""
+    a process started after (seeded from the month's records). Now the change is seeded
+    before it is applied: the first request on the new plan is refused."""
     gw = make_gateway(
         tmp_path / "gw", upstream=upstream, extra_env={"CHATGATE_USAGE_FLUSH_INTERVAL": "0.2"}
     ).start()
@@ -331,7 +337,10 @@ def test_an_account_moved_onto_a_quota_mid_month_is_held_to_the_months_usage(
             answer = quota_answer(gw, key)
             assert answer.status_code == 200, answer.text
             used += answer.json()["usage"]["total_tokens"]
-        time.sleep(1.0)  # the usage records reach the database (flushed every 0.2 s)
+        deadline = time.monotonic() + 30
+        while recorded_tokens(gw, email) < used:  # flushed every 0.2 s
+            assert time.monotonic() < deadline, "the usage was never recorded"
+            time.sleep(0.2)
         gw.cli("accounts", "set-plan", email, f"tight-{tag}")
         admitted_on_the_new_plan = 0
         deadline = time.monotonic() + 30
@@ -340,9 +349,8 @@ def test_an_account_moved_onto_a_quota_mid_month_is_held_to_the_months_usage(
                 admitted_on_the_new_plan += 1
             assert time.monotonic() < deadline, "the quota was never applied"
         assert answer.json()["error"]["code"] == "insufficient_quota", answer.text
-        # One may pass between the change reaching the process and its seed (milliseconds);
-        # with the counter at 0 the new plan let five through.
-        assert admitted_on_the_new_plan <= 1, admitted_on_the_new_plan
+        # With the counter at 0 the new plan let five through.
+        assert admitted_on_the_new_plan == 0, admitted_on_the_new_plan
     finally:
         gw.stop()
 

@@ -9,7 +9,7 @@ import secrets
 import time
 from pathlib import Path
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from chatgate.accounts import Account, AccountStore, PlanStore
 from chatgate.auth import Principal
@@ -174,3 +174,11 @@ async def test_a_change_seeds_the_limits_it_begins(engine: AsyncEngine, tmp_path
     for change in [("account", "acct_nope"), ("plan", "nope"), ("plan", "12345678")]:
         assert await limits.seed(engine, change)
     assert await used(account_scope(bystander.id)) == 0
+
+    # What the feed awaits: the accounts' and plans' changes of a poll, never raising.
+    await accounts.set_plan(bystander.id, f"capped-{tag}")
+    await limits.seed_changes(engine, [("key", bystander_key.record.id), ("account", bystander.id)])
+    assert await used(account_scope(bystander.id)) == 60
+    broken = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/missing/dir/x.db")
+    await limits.seed_changes(broken, [("plan", "1")])  # left to run_seeding, not raised
+    await broken.dispose()
