@@ -340,7 +340,7 @@ def chat_message_to_items(
                 "id": new_id("fc"),
                 "type": "function_call",
                 "status": "completed",
-                "call_id": str(call.get("id") or ""),
+                "call_id": str(call.get("id") or new_id("call")),  # as a stream's (CallGatherer)
                 "name": str(function.get("name") or ""),
                 "arguments": str(function.get("arguments") or ""),
             }

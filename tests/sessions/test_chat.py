@@ -148,3 +148,19 @@ async def test_a_stored_turn_gathers_tool_calls_as_the_responses_stream_does(
     assert [s[:2] for s in stored] == [s[:2] for s in streamed]
     assert [s[:2] for s in stored] == [("weather", '{"city":"Oslo"}'), ("time", "{}")]
     assert stored[0][2].startswith("call_") and stored[1][2] == streamed[1][2] == "c2"
+
+
+async def test_a_whole_answers_tool_call_without_an_id_is_stored_with_one(
+    store: SessionStore, two_accounts: tuple[str, str]
+) -> None:
+    """A server that sends no tool-call id (as the streamed case above): the stored call gets
+    one, as a streamed answer's does, not an empty id that a strict upstream refuses."""
+    account, _ = two_accounts
+    conversation = new_id("conv")
+    await store.create_conversation(account, conversation)
+    session = ChatSession(conversation, [], 0, 0, store, account, [])
+    call = {"type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    await session.commit({"choices": [{"message": {"content": None, "tool_calls": [call]}}]})
+    page = await store.list_items(account, conversation, order="asc")
+    [stored] = [i.data for i in page.items if i.type == "function_call"]
+    assert stored["call_id"].startswith("call_") and stored["name"] == "weather"
