@@ -287,9 +287,9 @@ class Limits:
         hours' hourly sums (:func:`level_from_counts`). Buckets are only ever raised to what
         the records say (see :meth:`Limiter.seed`), so seeding twice is harmless.
 
-        With ``change`` (see :meth:`seed_changes`), only the scopes it touches, always: a limit that
-        begins to apply mid-month (a plan given a quota, an account moved to one) starts from
-        the month's records, as it would in a process started after.
+        With ``change`` (see :meth:`seed_changes`), only the scopes it touches, and always: a
+        limit that begins to apply mid-month (a plan given a quota, an account moved to one)
+        starts from the month's records, as it would in a process started after.
         """
         now = time.time()
         start, _, month = month_span(now)
@@ -346,8 +346,8 @@ class Limits:
 
     async def run_seeding(self, engine: AsyncEngine, every: float = SEED_INTERVAL) -> None:
         """:meth:`seed` every ``every`` seconds until cancelled (with Redis one ``EXISTS`` a
-        pass while nothing was lost; in process a set lookup), and at once the changes
-        :meth:`seed_changes` could not seed in time."""
+        pass while nothing was lost; in process a set lookup), and at once the changes whose
+        seed failed in :meth:`seed_changes`."""
         failing = False
         while True:
             with contextlib.suppress(TimeoutError):
