@@ -250,7 +250,7 @@ def _accounts_changed(change: Change) -> sa.ColumnElement[bool]:
     kind, ref = change
     t = usage_rollups
     if kind == "plan":
-        plan_id = int(ref) if ref.isdigit() else -1
+        plan_id = int(ref) if ref.isascii() and ref.isdigit() else -1
         return t.c.account_id.in_(sa.select(accounts.c.id).where(accounts.c.plan_id == plan_id))
     return t.c.account_id == ref
 
