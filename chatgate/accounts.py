@@ -23,9 +23,13 @@ from chatgate.ids import new_id
 from chatgate.notify import Notifier
 from chatgate.timefmt import now
 
-LIMIT_FIELDS = ("rpm", "tpm", "rpd", "concurrency", "monthly_tokens")
-LIMIT_MAX = {f: 2**31 - 1 for f in LIMIT_FIELDS} | {"monthly_tokens": 2**63 - 1}
-"""The most each limit's column holds (INTEGER is 32 bits on PostgreSQL; a BIGINT 64)."""
+LIMIT_FIELDS = ("rpm", "tpm", "rpd", "concurrency", "monthly_tokens", "monthly_budget_cents")
+LIMIT_MAX = {f: 2**31 - 1 for f in LIMIT_FIELDS} | {
+    "monthly_tokens": 2**63 - 1,
+    "monthly_budget_cents": 900_000_000,  # $9M: its counter, in nano-dollars, stays below 2**53
+}
+"""The most each limit holds (INTEGER is 32 bits on PostgreSQL; a BIGINT 64; a budget is
+counted in nano-dollars, which Redis's Lua numbers hold exactly up to 2**53)."""
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 _PLAN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -41,6 +45,8 @@ class Plan:
     rpd: int | None
     concurrency: int | None
     monthly_tokens: int | None
+    monthly_budget_cents: int | None = None
+    """US cents a month, spent at the models' prices (see :mod:`chatgate.limits`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -60,7 +66,16 @@ class Account:
 
 
 def _plan(row: Any) -> Plan:
-    return Plan(row.id, row.name, row.rpm, row.tpm, row.rpd, row.concurrency, row.monthly_tokens)
+    return Plan(
+        row.id,
+        row.name,
+        row.rpm,
+        row.tpm,
+        row.rpd,
+        row.concurrency,
+        row.monthly_tokens,
+        row.monthly_budget_cents,
+    )
 
 
 _INVALIDATED = "chatgate.invalidated"  # a mark in ``conn.info``, read by :func:`changing`

@@ -62,6 +62,9 @@ class Principal:
     limit_checks: tuple[Check, ...] | None = field(default=None, compare=False, repr=False)
     # Whether one of them charges tokens (so a request's tokens must be counted), kept beside.
     limit_tokens: bool = field(default=False, compare=False, repr=False)
+    # The monthly budgets (in nano-dollars), kept as the checks are: built on first use by
+    # :func:`chatgate.limits.budget_checks_for`; empty for most keys.
+    budget_checks: tuple[Check, ...] | None = field(default=None, compare=False, repr=False)
 
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models

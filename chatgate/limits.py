@@ -32,8 +32,8 @@ from chatgate.ratelimit import (
 from chatgate.ratelimit.base import Seed, level_from_counts, month_span
 from chatgate.settings import Settings
 from chatgate.timefmt import reset_text
-from chatgate.usage.queries import Change, hourly_requests, quota_usage
-from chatgate.usage.tables import DAY, HOUR
+from chatgate.usage.queries import Change, budget_usage, hourly_requests, quota_usage
+from chatgate.usage.tables import DAY, HOUR, NANOS_PER_CENT
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,35 @@ def checks_for(principal: Principal) -> tuple[Check, ...]:
         object.__setattr__(principal, "limit_tokens", needs_tokens(checks))
         object.__setattr__(principal, "limit_checks", checks)
     return checks
+
+
+BUDGET_PREFIX = "usd:"
+"""A budget's limiter scope is its key's or account's scope behind this: its counter is a
+monthly quota of nano-dollars beside the quota of tokens."""
+
+
+def budget_checks_for(principal: Principal) -> tuple[Check, ...]:
+    """The monthly budgets of ``principal``'s key and account (``monthly_budget_cents``), as
+    quota checks counting nano-dollars; built once per principal and kept on it."""
+    checks = principal.budget_checks
+    if checks is None:
+        checks = tuple(
+            Check.monthly_quota(BUDGET_PREFIX + scope, cents * NANOS_PER_CENT)
+            for scope, limits in (
+                (key_scope(principal.key_id), principal.key_limits),
+                (account_scope(principal.account_id), principal.limits),
+            )
+            if (cents := limits.get("monthly_budget_cents")) is not None
+        )
+        object.__setattr__(principal, "budget_checks", checks)
+    return checks
+
+
+def dollars(nanos: int) -> str:
+    """Nano-dollars as a price: ``$12.34`` (to the cent, rounded up: a budget's use is never
+    shown below what it is)."""
+    cents = -(-nanos // NANOS_PER_CENT)
+    return f"${cents // 100}.{cents % 100:02d}"
 
 
 def key_scope(key_id: str) -> str:
@@ -135,6 +164,15 @@ def refusal(decision: Decision, model: str) -> errors.APIError:
         wait = f" Please try again in {reset_text(decision.retry_after)}."
     else:  # it can never pass (more than the limit, or a limit of 0): retrying cannot help
         headers["x-should-retry"] = "false"
+    if check.kind == "quota" and check.scope.startswith(BUDGET_PREFIX):
+        headers["x-should-retry"] = "false"
+        return errors.InsufficientQuota(
+            "You exceeded your current quota, please check your plan and billing details. "
+            f"Monthly budget: Limit {dollars(check.limit)}, Used {dollars(decision.used)}, "
+            f"Requested up to {dollars(decision.requested)} (the prompt and max_tokens at "
+            f"{model}'s price).",
+            headers=headers,
+        )
     if check.kind == "quota":
         headers["x-should-retry"] = "false"
         left = check.limit - decision.used
@@ -181,6 +219,8 @@ class Admission:
 
     reservation: Reservation | None
     headers: dict[str, str]
+    budget: Admission | None = None
+    """The budgets' own admission (nano-dollars), when the key or its plan has one."""
 
 
 class Limits:
@@ -230,6 +270,26 @@ class Limits:
         if not decision.allowed:
             raise refusal(decision, model)
         return Admission(decision.reservation, headers_for(decision))
+
+    async def admit_with_budget(
+        self,
+        checks: Sequence[Check],
+        tokens: int,
+        budgets: Sequence[Check],
+        nanos: int,
+        model: str,
+    ) -> Admission:
+        """:meth:`admit`, and the monthly budgets first (a second limiter call: they count
+        money, not tokens). A budget is a quota alone, so giving it back when the other
+        checks refuse is exact; the budgets' admission rides on the result (``budget``)."""
+        budget = await self.admit(budgets, nanos, model)
+        try:
+            admission = await self.admit(checks, tokens, model)
+        except BaseException:
+            await self.settle_soon(budget, 0)
+            raise
+        admission.budget = budget
+        return admission
 
     async def settle_soon(self, admission: Admission | None, actual_tokens: int) -> None:
         """Charge the real usage and free the slot, without making the answer wait for a
@@ -298,6 +358,9 @@ class Limits:
         tokens = await quota_usage(engine, int(start), change)
         quotas = {account_scope(a): n for a, n in tokens.accounts.items()}
         quotas.update((key_scope(k), n) for k, n in tokens.keys.items())
+        spent = await budget_usage(engine, int(start), change)  # nano-dollars
+        quotas.update((BUDGET_PREFIX + account_scope(a), n) for a, n in spent.accounts.items())
+        quotas.update((BUDGET_PREFIX + key_scope(k), n) for k, n in spent.keys.items())
         hourly = await hourly_requests(engine, int(now - DAY) // HOUR * HOUR, change)
         rates: list[tuple[Check, float]] = []
         for scope_of, per_id in ((account_scope, hourly.accounts), (key_scope, hourly.keys)):

@@ -69,6 +69,16 @@ class ModelConfig:
     context_window: int = 8192
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def max_nanos_per_token(self) -> float:
+        """The dearer of the model's two prices, in nano-dollars a token (0 when unpriced):
+        what a monthly budget holds for each reserved token."""
+        prices = self.options
+        dearer = max(
+            prices.get("input_price_per_mtok", 0.0), prices.get("output_price_per_mtok", 0.0)
+        )
+        return float(dearer) * 1000.0  # US dollars per million tokens -> nano-dollars a token
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:

@@ -270,6 +270,23 @@ def recorded_tokens(gw: Gateway, email: str) -> int:
     return int(json.loads(report)["totals"]["total_tokens"])
 
 
+def started_pair(
+    tmp_path: Path, pg_url: str, upstream: Upstream, toml: str, env: dict[str, str]
+) -> list[Gateway]:
+    """Two gateways on one PostgreSQL database and one Redis (``env``), with ``toml``'s
+    models too; started."""
+    return [
+        make_gateway(
+            tmp_path / f"gw{i}",
+            database_url=pg_url,
+            upstream=upstream,
+            extra_env=env,
+            extra_toml=toml,
+        ).start()
+        for i in range(2)
+    ]
+
+
 def quota_answer(gw: Gateway, key: str) -> requests.Response:
     return requests.post(
         gw.url + "/v1/chat/completions",
@@ -355,6 +372,102 @@ def test_an_account_moved_onto_a_quota_mid_month_is_held_to_the_months_usage(
         gw.stop()
 
 
+PRICED = """
+[[models]]
+name = "gpt-priced"
+base_url = "{base}"
+upstream_model = "fake-model"
+input_price_per_mtok = 1000.0
+output_price_per_mtok = 1000.0
+"""
+
+
+def priced_answer(gw: Gateway, key: str) -> requests.Response:
+    return requests.post(
+        gw.url + "/v1/chat/completions",
+        json={**BODY, "model": "gpt-priced", "max_tokens": 5},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+
+
+def test_a_monthly_budget_in_dollars_holds_across_a_restart(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """A plan of 5 US cents a month, on a model at $1,000 a million tokens (a cent for 10
+    tokens): requests pass until the month's spend leaves no room for one more, then 429
+    ``insufficient_quota`` in dollars; the spend is the usage records' cost, so it survives a
+    restart; a model without prices costs nothing."""
+    gw = make_gateway(
+        tmp_path / "gw", upstream=upstream, extra_toml=PRICED.format(base=upstream.base_url)
+    ).start()
+    try:
+        tag = secrets.token_hex(4)
+        gw.cli("plans", "create", f"budget-{tag}", "--monthly-budget-cents=5")
+        email = f"spender-{tag}@example.com"
+        gw.cli("accounts", "create", email, "--plan", f"budget-{tag}")
+        key = str(gw.cli_json("keys", "create", "--account", email)["key"])
+        spent = 0.0
+        while (answer := priced_answer(gw, key)).status_code == 200:
+            tokens = answer.json()["usage"]["total_tokens"]
+            spent += tokens * 1000.0 / 1e6
+            assert spent <= 0.05 + 1e-9, "spent beyond the budget"
+        error = answer.json()["error"]
+        assert answer.status_code == 429 and error["code"] == "insufficient_quota", error
+        assert answer.headers["x-should-retry"] == "false"
+        assert "Monthly budget: Limit $0.05, Used $" in error["message"], error["message"]
+        assert spent >= 0.05 - 0.02  # refused only when one more would not fit
+        assert quota_answer(gw, key).status_code == 200  # gpt-test has no prices: free
+        plans = {p["name"]: p for p in gw.cli_json("plans", "list")}
+        assert plans[f"budget-{tag}"]["monthly_budget_cents"] == 5
+        # The account sees its spend against the budget on its plan page.
+        from tests.dashboard.conftest import PASSWORD, User, set_password
+
+        set_password(gw, email, PASSWORD)
+        user = User(gw, email)
+        assert user.login().status_code == 200
+        deadline = time.monotonic() + 30
+        while "Spent this month" not in (page := user.http.get(user.url("/dashboard/plan"))).text:
+            assert time.monotonic() < deadline, page.text[:300]
+        assert "/ $0.05" in page.text and "Budget/month" in page.text
+        gw.stop()
+        gw.start()
+        refused = priced_answer(gw, key)
+        assert refused.status_code == 429, "a restart gave the month's budget back"
+        assert "Monthly budget" in refused.json()["error"]["message"]
+    finally:
+        gw.stop()
+
+
+def test_two_processes_hold_a_budget_together(
+    pg_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Two gateways sharing PostgreSQL and Redis, a burst of concurrent priced requests on
+    both: the month's spend never goes past the budget by more than one request, and the
+    budget is used, not refused early."""
+    prefix = f"cgbudget-{secrets.token_hex(4)}:"
+    env = {"CHATGATE_REDIS_URL": REDIS_URL, "CHATGATE_REDIS_PREFIX": prefix}
+    toml = PRICED.format(base=upstream.base_url)
+    gws = started_pair(tmp_path, pg_url, upstream, toml, env)
+    try:
+        key = account_with_plan(gws[0], monthly_budget_cents=20)
+        first = priced_answer(gws[0], key)
+        assert first.status_code == 200, first.text
+        per_request = first.json()["usage"]["total_tokens"] * 1000.0 / 1e6  # US dollars
+        body = {**BODY, "model": "gpt-priced", "max_tokens": 5}
+        statuses = asyncio.run(burst([gw.url for gw in gws], key, 60, body))
+        assert set(statuses) <= {200, 429}, statuses
+        admitted = 1 + statuses.count(200)
+        while priced_answer(gws[admitted % 2], key).status_code == 200:  # what is left, if any
+            admitted += 1
+        assert admitted * per_request <= 0.20 + per_request + 1e-9, (admitted, per_request)
+        assert admitted * per_request >= 0.20 - per_request - 1e-9, (admitted, per_request)
+    finally:
+        for gw in gws:
+            gw.stop()
+        drop_redis_prefix(prefix)
+
+
 def test_a_redis_that_lost_its_data_gets_the_quotas_back(
     own_redis: RedisServer, pg_url: str, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -407,16 +520,7 @@ def test_a_killed_gateways_slots_free_within_the_lease_ttl(
         "CHATGATE_LEASE_TTL": "3",
     }
     extra = STALL.format(base=upstream.base_url)
-    gws = [
-        make_gateway(
-            tmp_path / f"gw{i}",
-            database_url=pg_url,
-            upstream=upstream,
-            extra_env=env,
-            extra_toml=extra,
-        ).start()
-        for i in range(2)
-    ]
+    gws = started_pair(tmp_path, pg_url, upstream, extra, env)
     doomed, survivor = gws
     try:
         key = account_with_plan(survivor, concurrency=1)

@@ -8,6 +8,7 @@ authenticate (in-process cache, no database) -> validate -> route -> call the ba
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -26,9 +27,10 @@ from chatgate.api.schemas import (
 from chatgate.auth import Principal
 from chatgate.backends.base import DONE_EVENT, ChatStream, Usage, reported_tokens
 from chatgate.backends.router import ERROR_EVENT, Route
-from chatgate.limits import Admission, checks_for
+from chatgate.limits import Admission, budget_checks_for, checks_for
 from chatgate.sessions import ChatSession, prepare_chat
 from chatgate.state import PRINCIPAL, REQUEST_ID, STATE, State
+from chatgate.usage.tables import to_nanos
 
 R = TypeVar("R", bound="_ForModel")
 
@@ -103,7 +105,16 @@ class Call(Generic[R]):
         principal = self.principal
         checks = principal.limit_checks or checks_for(principal)  # built once per key
         cost = reserve() if principal.limit_tokens else 0
-        return await self.state.limits.admit(checks, cost, self.req.model)
+        budgets = principal.budget_checks
+        if budgets is None:
+            budgets = budget_checks_for(principal)
+        if not budgets:
+            return await self.state.limits.admit(checks, cost, self.req.model)
+        # A budget holds the reservation at the dearer of the model's two prices.
+        nanos = math.ceil(reserve() * self.route.model.max_nanos_per_token)
+        return await self.state.limits.admit_with_budget(
+            checks, cost, budgets, nanos, self.req.model
+        )
 
     async def settle(self, admission: Admission) -> None:
         """Charge the tokens really used and free the slot (in a ``finally``: always once).
@@ -114,6 +125,8 @@ class Call(Generic[R]):
         """
         self.meter.backend = self.route.backend_name  # a fallback may have answered
         await self.state.limits.settle_soon(admission, self.meter.total_tokens)
+        if admission.budget is not None:  # what the answer cost, in nano-dollars
+            await self.state.limits.settle_soon(admission.budget, to_nanos(self.meter.cost))
 
 
 class _Once:

@@ -78,6 +78,13 @@ def _ago(value: int | None) -> str:
     return "just now"
 
 
+def _cents(value: int | None) -> str:
+    """US cents as dollars: ``$12.34`` (``unlimited`` for None, as :func:`_num`)."""
+    if value is None:
+        return "unlimited"
+    return f"${value // 100:,}.{value % 100:02d}"
+
+
 def _percent(used: int, limit: int | None) -> str:
     """Share of ``limit`` used, 0-100, for a CSS width (0 when unlimited)."""
     if not limit:
@@ -91,6 +98,7 @@ FILTERS: dict[str, Callable[..., str]] = {
     "num": _num,
     "ago": _ago,
     "percent": _percent,
+    "cents": _cents,
 }
 
 

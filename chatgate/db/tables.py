@@ -39,6 +39,7 @@ plans = Table(
     Column("concurrency", Integer),
     Column("monthly_tokens", BigInteger),
     Column("created_at", BigInteger, nullable=False),
+    Column("monthly_budget_cents", BigInteger),  # US cents a month at the models' prices
 )
 
 accounts = Table(
@@ -74,6 +75,7 @@ api_keys = Table(
     Column("rpd", Integer),
     Column("concurrency", Integer),
     Column("monthly_tokens", BigInteger),
+    Column("monthly_budget_cents", BigInteger),
     Column("created_at", BigInteger, nullable=False),
     Column("rotated_at", BigInteger),
     Column("last_used_at", BigInteger),

@@ -59,6 +59,7 @@ class KeyRecord:
     rpd: int | None = None
     concurrency: int | None = None
     monthly_tokens: int | None = None
+    monthly_budget_cents: int | None = None
 
     @property
     def status(self) -> str:

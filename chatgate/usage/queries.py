@@ -311,6 +311,15 @@ async def quota_usage(engine: AsyncEngine, start: int, change: Change | None = N
     return QuotaUsage(*({str(ident): int(n) for ident, _, n in rows} for rows in found))
 
 
+async def budget_usage(engine: AsyncEngine, start: int, change: Change | None = None) -> QuotaUsage:
+    """What was spent since ``start`` (a month's first second), in nano-dollars, per account
+    on a plan with a monthly budget and per key with a budget of its own (with ``change``, of
+    what it touches); two grouped queries over the daily rollups."""
+    spent = sa.func.sum(usage_rollups.c.cost_nanousd)
+    found = await _limited_sums(engine, "monthly_budget_cents", DAY, start, spent, change=change)
+    return QuotaUsage(*({str(ident): int(n) for ident, _, n in rows} for rows in found))
+
+
 @dataclass(frozen=True, slots=True)
 class HourlyRequests:
     """Requests admitted per hour since a time, of the accounts whose plan has a daily limit
@@ -421,6 +430,7 @@ __all__ = [
     "QuotaUsage",
     "Report",
     "UsageRow",
+    "budget_usage",
     "cover",
     "csv_safe",
     "export_records",

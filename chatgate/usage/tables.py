@@ -40,6 +40,7 @@ ERROR_CODE_LEN = 64
 # (floats drift), a price of $0.10 per million tokens is still 100 per token, and a BIGINT
 # holds $9.2 billion.
 NANOS_PER_USD = 1_000_000_000
+NANOS_PER_CENT = NANOS_PER_USD // 100  # a monthly budget is set in cents
 
 # Rollup widths in seconds: minute, hour, day (UTC).
 MINUTE, HOUR, DAY = 60, 3600, 86400
@@ -110,6 +111,7 @@ __all__ = [
     "DAY",
     "HOUR",
     "MINUTE",
+    "NANOS_PER_CENT",
     "NANOS_PER_USD",
     "WIDTHS",
     "to_nanos",

@@ -182,3 +182,45 @@ async def test_a_change_seeds_the_limits_it_begins(engine: AsyncEngine, tmp_path
     broken = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/missing/dir/x.db")
     await limits.seed_changes(broken, [("plan", "1")])  # left to run_seeding, not raised
     await broken.dispose()
+
+
+async def test_budgets_are_seeded_from_the_months_cost(engine: AsyncEngine, tmp_path: Path) -> None:
+    """A monthly budget (US cents) counts nano-dollars under its own scope: the seed reads the
+    recorded cost of this month, of the accounts whose plan has a budget and the keys with one."""
+    from chatgate.limits import BUDGET_PREFIX, budget_checks_for, refusal
+    from chatgate.usage.queries import budget_usage
+
+    spender, other, plain, own = await limited_and_not(engine, "monthly_budget_cents", 500, 100)
+    start, _, _ = month_span(time.time())
+    recorder = UsageRecorder(engine, tmp_path / "spool")
+    for account, key, cost, at in [
+        (spender.id, plain.record.id, 1.25, time.time()),
+        (spender.id, plain.record.id, 0.5, time.time()),
+        (spender.id, plain.record.id, 99.0, start - 1),  # last month
+        (other.id, own.record.id, 0.75, time.time()),
+    ]:
+        recorder.record(make_record(account_id=account, key_id=key, cost=cost, created_at=at))
+    await recorder.close()
+
+    spent = await budget_usage(engine, int(start))
+    assert spent.accounts == {spender.id: 1_750_000_000}  # $1.75, in nano-dollars
+    assert spent.keys == {own.record.id: 750_000_000}
+    limits = Limits(MemoryLimiter())
+    assert await limits.seed(engine)
+    used = limits.limiter.quota_used
+    assert await used(BUDGET_PREFIX + account_scope(spender.id)) == 1_750_000_000
+    assert await used(BUDGET_PREFIX + key_scope(own.record.id)) == 750_000_000
+    assert await used(account_scope(spender.id)) == 0  # its tokens have no quota
+
+    # The checks a request takes: $5.00 less $1.75 leaves room for $3.25, not $3.26.
+    principal = Principal(
+        plain.record.id, spender.id, False, None, {"monthly_budget_cents": 500}, {}
+    )
+    [budget] = budget_checks_for(principal)
+    assert budget.limit == 5_000_000_000 and budget_checks_for(principal) is principal.budget_checks
+    assert (await limits.limiter.acquire([budget], 3_250_000_000)).allowed
+    refused = await limits.limiter.acquire([budget], 10_000_000)
+    assert not refused.allowed
+    error = refusal(refused, "gpt-priced")
+    assert error.code == "insufficient_quota" and error.headers["x-should-retry"] == "false"
+    assert "Monthly budget: Limit $5.00, Used $5.00, Requested up to $0.01" in error.message
