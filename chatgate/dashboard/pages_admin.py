@@ -34,7 +34,7 @@ LIMIT_LABELS = {
     "rpd": "Requests / day",
     "concurrency": "Concurrent",
     "monthly_tokens": "Tokens / month",
-    "monthly_budget_cents": "Budget / month (US cents)",
+    "monthly_budget_cents": "Budget / month (¢)",
 }
 
 
