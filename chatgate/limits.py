@@ -33,7 +33,7 @@ from chatgate.ratelimit.base import Seed, level_from_counts, month_span
 from chatgate.settings import Settings
 from chatgate.timefmt import reset_text
 from chatgate.usage.queries import Change, budget_usage, hourly_requests, quota_usage
-from chatgate.usage.tables import DAY, HOUR, NANOS_PER_CENT
+from chatgate.usage.tables import DAY, HOUR, NANOS_PER_CENT, cents_text, cents_up
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,8 @@ def budget_checks_for(principal: Principal) -> tuple[Check, ...]:
 
 
 def dollars(nanos: int) -> str:
-    """Nano-dollars as a price: ``$12.34`` (to the cent, rounded up: a budget's use is never
-    shown below what it is)."""
-    cents = -(-nanos // NANOS_PER_CENT)
-    return f"${cents // 100}.{cents % 100:02d}"
+    """Nano-dollars as a price, to the cent rounded up: ``$12.34``."""
+    return cents_text(cents_up(nanos))
 
 
 def key_scope(key_id: str) -> str:

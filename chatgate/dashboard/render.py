@@ -32,6 +32,7 @@ from multidict import MultiDictProxy
 from chatgate import errors
 from chatgate.dashboard.auth import CSRF_FIELD, User, anonymous_csrf, csrf_ok, current_user
 from chatgate.state import STATE, State
+from chatgate.usage.tables import cents_text
 
 HERE = Path(__file__).parent
 TEMPLATES = web.AppKey("chatgate_dashboard_templates", jinja2.Environment)
@@ -80,9 +81,7 @@ def _ago(value: int | None) -> str:
 
 def _cents(value: int | None) -> str:
     """US cents as dollars: ``$12.34`` (``unlimited`` for None, as :func:`_num`)."""
-    if value is None:
-        return "unlimited"
-    return f"${value // 100:,}.{value % 100:02d}"
+    return "unlimited" if value is None else cents_text(value)
 
 
 def _percent(used: int, limit: int | None) -> str:

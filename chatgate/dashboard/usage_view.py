@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.dashboard import charts
 from chatgate.usage import queries
-from chatgate.usage.tables import DAY, NANOS_PER_CENT
+from chatgate.usage.tables import DAY, cents_up
 
 By = Literal["key", "model", "account"]
 PERIODS = (("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days"), ("month", "This month"))
@@ -257,5 +257,5 @@ async def plan_use(engine: AsyncEngine, account_id: str, *, now: float | None = 
         engine, start=month, end=today + DAY, account_id=account_id
     )
     day, mon = queries.total(day_rows), queries.total(month_rows)
-    cents = -(-mon.cost_nanousd // NANOS_PER_CENT)  # the budget's unit, rounded up
+    cents = cents_up(mon.cost_nanousd)  # the budget's unit
     return PlanUse(day.requests, day.total_tokens, mon.requests, mon.total_tokens, cents)

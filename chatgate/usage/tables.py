@@ -107,6 +107,16 @@ def to_usd(nanos: int) -> float:
     return nanos / NANOS_PER_USD
 
 
+def cents_up(nanos: int) -> int:
+    """Nano-dollars in whole US cents, rounded up: a spend is never shown below what it is."""
+    return -(-nanos // NANOS_PER_CENT)
+
+
+def cents_text(cents: int) -> str:
+    """US cents as a price: ``$1,234.56``."""
+    return f"${cents // 100:,}.{cents % 100:02d}"
+
+
 __all__ = [
     "DAY",
     "HOUR",
@@ -114,6 +124,8 @@ __all__ = [
     "NANOS_PER_CENT",
     "NANOS_PER_USD",
     "WIDTHS",
+    "cents_text",
+    "cents_up",
     "to_nanos",
     "to_usd",
     "usage_records",
