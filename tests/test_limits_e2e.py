@@ -287,10 +287,10 @@ def started_pair(
     ]
 
 
-def quota_answer(gw: Gateway, key: str) -> requests.Response:
+def quota_answer(gw: Gateway, key: str, model: str = "gpt-test") -> requests.Response:
     return requests.post(
         gw.url + "/v1/chat/completions",
-        json={**BODY, "max_tokens": 5},
+        json={**BODY, "model": model, "max_tokens": 5},
         headers={"Authorization": f"Bearer {key}"},
         timeout=10,
     )
@@ -383,12 +383,7 @@ output_price_per_mtok = 1000.0
 
 
 def priced_answer(gw: Gateway, key: str) -> requests.Response:
-    return requests.post(
-        gw.url + "/v1/chat/completions",
-        json={**BODY, "model": "gpt-priced", "max_tokens": 5},
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=10,
-    )
+    return quota_answer(gw, key, "gpt-priced")
 
 
 def test_a_monthly_budget_in_dollars_holds_across_a_restart(
@@ -426,9 +421,8 @@ def test_a_monthly_budget_in_dollars_holds_across_a_restart(
         set_password(gw, email, PASSWORD)
         user = User(gw, email)
         assert user.login().status_code == 200
-        deadline = time.monotonic() + 30
-        while "Spent this month" not in (page := user.http.get(user.url("/dashboard/plan"))).text:
-            assert time.monotonic() < deadline, page.text[:300]
+        page = user.http.get(user.url("/dashboard/plan"), timeout=30)
+        assert "Spent this month" in page.text, page.text[:300]
         assert "/ $0.05" in page.text and "Budget/month" in page.text
         gw.stop()
         gw.start()
@@ -458,7 +452,14 @@ def test_two_processes_hold_a_budget_together(
         statuses = asyncio.run(burst([gw.url for gw in gws], key, 60, body))
         assert set(statuses) <= {200, 429}, statuses
         admitted = 1 + statuses.count(200)
-        while priced_answer(gws[admitted % 2], key).status_code == 200:  # what is left, if any
+        # Then what is left, if any. A settlement reaches Redis shortly after its answer (with
+        # its process's next admission, or 20 ms later), so the other process may still see a
+        # reservation where the cost is less: a refusal counts once every settlement is in.
+        while True:
+            if priced_answer(gws[admitted % 2], key).status_code != 200:
+                time.sleep(0.5)
+                if priced_answer(gws[admitted % 2], key).status_code != 200:
+                    break
             admitted += 1
         assert admitted * per_request <= 0.20 + per_request + 1e-9, (admitted, per_request)
         assert admitted * per_request >= 0.20 - per_request - 1e-9, (admitted, per_request)
