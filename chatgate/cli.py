@@ -367,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.command != "serve":  # migrations are checked on every command: keep it quiet
             logging.getLogger("alembic").setLevel(logging.WARNING)
+        # serve shows each migration it runs, not alembic's list of its own plugins (INFO)
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
         # Never the SQLite driver's DEBUG: it logs every statement with its values (stored key
         # hashes, password hashes, conversations). DEBUG is chatgate's own detail.
         logging.getLogger("aiosqlite").setLevel(logging.INFO)
