@@ -167,8 +167,8 @@ def refusal(decision: Decision, model: str) -> errors.APIError:
         return errors.InsufficientQuota(
             "You exceeded your current quota, please check your plan and billing details. "
             f"Monthly budget: Limit {dollars(check.limit)}, Used {dollars(decision.used)}, "
-            f"Requested up to {dollars(decision.requested)} (the prompt and max_tokens at "
-            f"{model}'s price).",
+            f"Requested up to {dollars(decision.requested)} (the prompt at {model}'s input "
+            "price, max_tokens at its output price).",
             headers=headers,
         )
     if check.kind == "quota":

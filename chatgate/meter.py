@@ -46,12 +46,7 @@ class Meter:
         self.prompt_tokens = usage.prompt_tokens
         self.completion_tokens = usage.completion_tokens
         if model is not None:
-            prices = model.options  # validated numbers (chatgate.backends.deployment)
-            per_input = prices.get("input_price_per_mtok", 0.0)
-            per_output = prices.get("output_price_per_mtok", 0.0)
-            self.cost = (
-                usage.prompt_tokens * per_input + usage.completion_tokens * per_output
-            ) / 1e6
+            self.cost = model.cost(usage.prompt_tokens, usage.completion_tokens)
 
     def broken(self, failure: APIError) -> None:
         """A stream the upstream broke after its start: the client saw a 200 and then an error

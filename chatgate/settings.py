@@ -69,15 +69,13 @@ class ModelConfig:
     context_window: int = 8192
     options: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
-    def max_nanos_per_token(self) -> float:
-        """The dearer of the model's two prices, in nano-dollars a token (0 when unpriced):
-        what a monthly budget holds for each reserved token."""
-        prices = self.options
-        dearer = max(
-            prices.get("input_price_per_mtok", 0.0), prices.get("output_price_per_mtok", 0.0)
-        )
-        return float(dearer) * 1000.0  # US dollars per million tokens -> nano-dollars a token
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """What that many prompt and completion tokens cost at the model's prices, in US
+        dollars (0 when unpriced): a usage record's cost, and what a budget holds."""
+        prices = self.options  # validated numbers (chatgate.backends.deployment)
+        per_input: float = prices.get("input_price_per_mtok", 0.0)
+        per_output: float = prices.get("output_price_per_mtok", 0.0)
+        return (prompt_tokens * per_input + completion_tokens * per_output) / 1e6
 
 
 @dataclass(frozen=True, slots=True)

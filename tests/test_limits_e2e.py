@@ -433,6 +433,57 @@ def test_a_monthly_budget_in_dollars_holds_across_a_restart(
         gw.stop()
 
 
+LOPSIDED = """
+[[models]]
+name = "gpt-lopsided"
+base_url = "{base}"
+upstream_model = "fake-model"
+input_price_per_mtok = 1.0
+output_price_per_mtok = 1000.0
+"""
+
+
+def test_a_budget_holds_the_prompt_at_the_input_price(upstream: Upstream, tmp_path: Path) -> None:
+    """A budget holds the prompt at the model's input price and max_tokens at its output
+    price: a long prompt on a cheap input fits a 1-cent budget (held at the output price it
+    was refused, as if each prompt token cost $0.001), and a max_tokens whose output alone is
+    dearer than the budget is refused, naming what it held."""
+    gw = make_gateway(
+        tmp_path / "gw", upstream=upstream, extra_toml=LOPSIDED.format(base=upstream.base_url)
+    ).start()
+    try:
+        tag = secrets.token_hex(4)
+        gw.cli("plans", "create", f"cent-{tag}", "--monthly-budget-cents=1")
+        email = f"reader-{tag}@example.com"
+        gw.cli("accounts", "create", email, "--plan", f"cent-{tag}")
+        key = str(gw.cli_json("keys", "create", "--account", email)["key"])
+
+        def ask(content: str, max_tokens: int) -> requests.Response:
+            return requests.post(
+                gw.url + "/v1/chat/completions",
+                json={
+                    "model": "gpt-lopsided",
+                    "messages": [{"role": "user", "content": content}],
+                    "max_tokens": max_tokens,
+                },
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=10,
+            )
+
+        # 20 output tokens at $1,000 a million: $0.02 (and the prompt, shown rounded up).
+        refused = ask("Hi", 20)
+        assert refused.status_code == 429, refused.text
+        message = refused.json()["error"]["message"]
+        assert "Limit $0.01, Used $0.00, Requested up to $0.03" in message, message
+        assert "the prompt at gpt-lopsided's input price" in message, message
+        # ~1,000 prompt tokens at $1 a million ($0.001) and 2 output tokens ($0.002).
+        long_prompt = ask("word " * 1000, 2)
+        assert long_prompt.status_code == 200, long_prompt.text
+        assert long_prompt.json()["usage"]["prompt_tokens"] >= 1000
+    finally:
+        gw.stop()
+
+
 def test_two_processes_hold_a_budget_together(
     pg_url: str, upstream: Upstream, tmp_path: Path
 ) -> None:

@@ -30,7 +30,7 @@ from chatgate.backends.router import ERROR_EVENT, Route
 from chatgate.limits import Admission, budget_checks_for, checks_for
 from chatgate.sessions import ChatSession, prepare_chat
 from chatgate.state import PRINCIPAL, REQUEST_ID, STATE, State
-from chatgate.usage.tables import to_nanos
+from chatgate.usage.tables import NANOS_PER_USD, to_nanos
 
 R = TypeVar("R", bound="_ForModel")
 
@@ -96,22 +96,23 @@ class Call(Generic[R]):
     req: R
     route: Route
 
-    async def admit(self, reserve: Callable[[], int]) -> Admission:
+    async def admit(self, prompt: Callable[[], int], output: int = 0) -> Admission:
         """Take the key's and the account's limits (one atomic call), or raise the 429.
 
-        ``reserve`` counts the tokens to hold (prompt + output budget); it runs only when a
-        check charges tokens, so a plan with request limits only never counts.
+        The tokens to hold are the prompt's plus ``output``, the most the answer may write;
+        ``prompt`` counts them, and runs only when a check charges tokens, so a plan with
+        request limits only never counts.
         """
         principal = self.principal
         checks = principal.limit_checks or checks_for(principal)  # built once per key
-        cost = reserve() if principal.limit_tokens else 0
+        cost = prompt() + output if principal.limit_tokens else 0
         budgets = principal.budget_checks
         if budgets is None:
             budgets = budget_checks_for(principal)
         if not budgets:
             return await self.state.limits.admit(checks, cost, self.req.model)
-        # A budget holds the reservation at the dearer of the model's two prices.
-        nanos = math.ceil(reserve() * self.route.model.max_nanos_per_token)
+        # A budget holds the prompt at the input price and the output at the output price.
+        nanos = math.ceil(self.route.model.cost(prompt(), output) * NANOS_PER_USD)
         return await self.state.limits.admit_with_budget(
             checks, cost, budgets, nanos, self.req.model
         )
@@ -185,10 +186,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
     # Each of the ``n`` choices may write the whole output budget.
     admission = await call.admit(
-        lambda: (
-            prompt_tokens()
-            + (chat.n or 1) * (chat.output_limit or state.settings.default_max_tokens)
-        )
+        prompt_tokens, (chat.n or 1) * (chat.output_limit or state.settings.default_max_tokens)
     )
     headers = admission.headers
     try:
