@@ -221,6 +221,14 @@ class Admission:
     """The budgets' own admission (nano-dollars), when the key or its plan has one."""
 
 
+def _unavailable() -> errors.APIError:
+    """The 503 of a limiter that cannot answer while the policy fails closed."""
+    return errors.ServiceUnavailable(
+        "Rate limiting is temporarily unavailable. Please try again shortly.",
+        headers={"retry-after": "1"},
+    )
+
+
 class Limits:
     """The gateway's side of rate limiting: admit, then settle exactly once."""
 
@@ -261,10 +269,7 @@ class Limits:
         try:
             decision = await self.limiter.acquire(checks, tokens)
         except LimiterUnavailable as exc:
-            raise errors.ServiceUnavailable(
-                "Rate limiting is temporarily unavailable. Please try again shortly.",
-                headers={"retry-after": "1"},
-            ) from exc
+            raise _unavailable() from exc
         if not decision.allowed:
             raise refusal(decision, model)
         return Admission(decision.reservation, headers_for(decision))
@@ -277,17 +282,20 @@ class Limits:
         nanos: int,
         model: str,
     ) -> Admission:
-        """:meth:`admit`, and the monthly budgets first (a second limiter call: they count
-        money, not tokens). A budget is a quota alone, so giving it back when the other
-        checks refuse is exact; the budgets' admission rides on the result (``budget``)."""
-        budget = await self.admit(budgets, nanos, model)
+        """:meth:`admit`, with the monthly budgets (counted in nano-dollars, not tokens) taken
+        in the same call, all or nothing (one Redis round trip); the budgets' admission rides
+        on the result (``budget``) and settles on its own. A budget's refusal comes first."""
+        if not checks:  # a budget alone
+            return Admission(None, {}, await self.admit(budgets, nanos, model))
         try:
-            admission = await self.admit(checks, tokens, model)
-        except BaseException:
-            await self.settle_soon(budget, 0)
-            raise
-        admission.budget = budget
-        return admission
+            decision, budget = await self.limiter.acquire_both(budgets, nanos, checks, tokens)
+        except LimiterUnavailable as exc:
+            raise _unavailable() from exc
+        if budget is None:
+            raise refusal(decision, model)
+        return Admission(
+            decision.reservation, headers_for(decision), Admission(budget.reservation, {})
+        )
 
     async def settle_soon(self, admission: Admission | None, actual_tokens: int) -> None:
         """Charge the real usage and free the slot, without making the answer wait for a

@@ -504,6 +504,28 @@ class Limiter(ABC):
         store cannot be reached.
         """
 
+    async def acquire_both(
+        self, first: Sequence[Check], first_cost: int, checks: Sequence[Check], cost_tokens: int
+    ) -> tuple[Decision, Decision | None]:
+        """:meth:`acquire` of ``first`` at ``first_cost`` and of ``checks`` at
+        ``cost_tokens``, all or nothing: two reservations, each settled on its own (a monthly
+        budget counted in money beside the limits counted in tokens).
+
+        Allowed: ``(checks' decision, first's decision)``. Refused: ``(the refusal, None)``,
+        ``first``'s when both would refuse, and nothing taken. ``first`` must be quotas
+        alone: this default (in process, where nothing comes between the two calls) takes
+        ``first`` and gives it back if ``checks`` refuse, which is exact for a quota; a
+        remote limiter does both in one round trip.
+        """
+        head = await self.acquire(first, first_cost)
+        if head.reservation is None:
+            return head, None
+        decision = await self.acquire(checks, cost_tokens)
+        if decision.reservation is None:
+            await self.settle(head.reservation, 0)
+            return decision, None
+        return decision, head
+
     @abstractmethod
     async def settle(self, reservation: Reservation, actual_tokens: int) -> bool:
         """Charge ``actual_tokens`` instead of the reserved amount and free the concurrency slot.
@@ -620,22 +642,48 @@ class FailoverLimiter(Limiter):
             )
         self._down_until = self._clock() + self.cooldown
 
+    def _primary_up(self) -> bool:
+        """Whether to ask the primary; raises while it is skipped and the policy fails closed."""
+        if not self.degraded:
+            return True
+        if not self.fail_open:
+            raise LimiterUnavailable("rate limiter store unavailable (cooling down)")
+        return False
+
+    def _primary_failed(self, exc: LimiterUnavailable) -> None:
+        """The primary could not answer an admission: skip it; raise when failing closed."""
+        self._mark_down(exc)
+        if not self.fail_open:
+            raise exc
+
     async def acquire(self, checks: Sequence[Check], cost_tokens: int = 0) -> Decision:
         """Acquire from the primary, or per the fail-open policy from the fallback."""
-        if not self.degraded:
+        if self._primary_up():
             try:
                 return await self.primary.acquire(checks, cost_tokens)
             except LimiterUnavailable as exc:
-                self._mark_down(exc)
-                if not self.fail_open:
-                    raise
-        elif not self.fail_open:
-            raise LimiterUnavailable("rate limiter store unavailable (cooling down)")
+                self._primary_failed(exc)
         self.fallbacks += 1
         decision = await self.fallback.acquire(checks, cost_tokens)
         if decision.reservation is not None:
             self._from_fallback.add(decision.reservation)
         return decision
+
+    async def acquire_both(
+        self, first: Sequence[Check], first_cost: int, checks: Sequence[Check], cost_tokens: int
+    ) -> tuple[Decision, Decision | None]:
+        """:meth:`.Limiter.acquire_both` from the primary, or per the policy the fallback."""
+        if self._primary_up():
+            try:
+                return await self.primary.acquire_both(first, first_cost, checks, cost_tokens)
+            except LimiterUnavailable as exc:
+                self._primary_failed(exc)
+        self.fallbacks += 1
+        both = await self.fallback.acquire_both(first, first_cost, checks, cost_tokens)
+        for decision in both:
+            if decision is not None and decision.reservation is not None:
+                self._from_fallback.add(decision.reservation)
+        return both
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> bool:
         """Settle with whichever limiter issued ``reservation``; never raises unavailability."""

@@ -15,6 +15,10 @@ ARGV[2]    seconds a quota counter is kept after its month ends
 ARGV[3]    lease id of the request being admitted (member of the concurrency sets)
 ARGV[4]    lease ttl, seconds
 ARGV[5]    retry hint for a full concurrency limit, seconds
+ARGV[6]    m: the first m checks are a second reservation's, taken with the others or not at
+           all (a monthly budget, counted in money, beside the limits counted in tokens), and
+           their concurrency sets hold ARGV[7], that reservation's lease id (0 and "": none)
+ARGV[7]    the lease id of the first m checks
 then       per settlement, in the order they are applied: lease id, delta (actual - reserved
            tokens: negative gives back, positive may go into debt), k (its number of
            buckets, each passed once, concurrency sets first; -k when no call that carried
@@ -44,6 +48,7 @@ local keep = tonumber(ARGV[2])
 local lease = ARGV[3]
 local ttl = tonumber(ARGV[4])
 local hint = tonumber(ARGV[5])
+local split, split_lease = tonumber(ARGV[6]), ARGV[7]
 local EPS = 1e-6
 
 -- The level of rate bucket `key` drained up to now (0 when it does not exist).
@@ -69,7 +74,7 @@ end
 -- the concurrency slot of each finished request. A settlement's slots come first: when it
 -- holds one and a call that carried it before may have run, its tokens are moved only if a
 -- slot was still there to free, so it applies once.
-local k, a = 0, 5
+local k, a = 0, 7
 for _ = 1, settlements do
   local owner, delta, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local leased, freed, sure = false, false, count < 0
@@ -163,7 +168,9 @@ for i = 1, n do
   if kind == 'r' then
     store(key, after, limit, span)
   elseif kind == 'c' then
-    redis.call('ZADD', key, string.format('%.17g', now + ttl), lease)
+    local owner = lease
+    if i <= split then owner = split_lease end
+    redis.call('ZADD', key, string.format('%.17g', now + ttl), owner)
     redis.call('PEXPIRE', key, math.ceil(ttl * 1000))
   else
     redis.call('SET', key, string.format('%d', after))

@@ -197,6 +197,7 @@ def _unsure(part: _Part) -> _Part:
 _Settlement = tuple[_Part, asyncio.Future[bool]]
 _NO_SETTLEMENTS: list[_Settlement] = []  # never appended to
 _NO_LEASE = encode_once("")  # a call that carries settlements only
+_NO_SPLIT = encode(0, "")  # ARGV[6] and ARGV[7]: the checks are one reservation's
 
 
 MARKER_LIMIT = 2**31 - 1
@@ -365,6 +366,32 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _costed(plan: _Plan, cost: int) -> list[bytes]:
+    """The plan's ARGV for its checks, with ``cost`` in its token slots."""
+    args = plan.args
+    if plan.tokens:
+        args = args.copy()
+        encoded = encode_int(cost)
+        for slot in plan.tokens:
+            args[slot] = encoded
+    return args
+
+
+def _refused(plan: _Plan, reply: list[bytes], at: int, cost: int, failed: int) -> Decision:
+    """The refusal of ``plan``'s checks from a script's reply: their levels from ``at``,
+    ``failed`` the index of the failing one among them."""
+    resolved = plan.resolved
+    retry = float(reply[2])
+    return decide(
+        resolved,
+        [float(level) for level in reply[at : at + len(resolved)]],
+        [cost if check.charges_tokens else 1 for check in resolved],
+        failed,
+        float("inf") if retry < 0 else retry,
+        None,
+    )
+
+
 class RedisLimiter(Limiter):
     """Limits kept in Redis. Build with :meth:`from_url`, or pass a client.
 
@@ -472,7 +499,7 @@ class RedisLimiter(Limiter):
     # --- sending ---------------------------------------------------------------------------
 
     def _dispatch(
-        self, packed: bytes, batch: list[_Settlement], taken: Reservation | None = None
+        self, packed: bytes, batch: list[_Settlement], taken: tuple[Reservation, ...]
     ) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
         """Send one ``EVALSHA`` now: the call (the first reply), and the future of its final
         reply, which also settles ``batch``.
@@ -505,7 +532,7 @@ class RedisLimiter(Limiter):
         batch: list[_Settlement],
         outcome: asyncio.Future[Any],
         reloaded: bool,
-        taken: Reservation | None,
+        taken: tuple[Reservation, ...],
         call: asyncio.Future[Any],
     ) -> None:
         exc = LimiterUnavailable("redis: call cancelled") if call.cancelled() else call.exception()
@@ -518,7 +545,7 @@ class RedisLimiter(Limiter):
                     settled.set_result(True)
             if not outcome.done():
                 outcome.set_result(call.result())
-            elif taken is not None and outcome.cancelled():
+            elif taken and outcome.cancelled():
                 self._release_orphan(call.result(), taken)
             return
         if _noscript(exc) and not reloaded:  # it did not run: load the script, send it again
@@ -594,11 +621,13 @@ class RedisLimiter(Limiter):
         keys: bytes = b"",
         nkeys: int = 0,
         args: Sequence[bytes] = (),
+        split: bytes = _NO_SPLIT,
     ) -> bytes:
         """The ``EVALSHA`` (in RESP) carrying ``batch`` and the checks (their ``keys``, and
-        ``args`` a part per value), for the request whose lease id is ``lease`` (encoded):
-        the settlements' and the checks' parts were encoded once; only counts are here."""
-        nargs = 5 + len(args)
+        ``args`` a part per value), for the request whose lease id is ``lease`` (encoded);
+        ``split``: ARGV[6] and ARGV[7] (see :meth:`acquire_both`). The settlements' and the
+        checks' parts were encoded once; only counts are here."""
+        nargs = 7 + len(args)
         for part, _ in batch:
             nkeys += part.nkeys
             nargs += part.nargs
@@ -613,6 +642,7 @@ class RedisLimiter(Limiter):
                 self._retention,
                 lease,
                 self._lease_tail,
+                split,
                 *[part.args for part, _ in batch],
                 *args,
             ]
@@ -620,7 +650,7 @@ class RedisLimiter(Limiter):
 
     def _send_settlements(self, batch: list[_Settlement]) -> asyncio.Future[Any]:
         """One call carrying ``batch`` and no checks (kept until answered)."""
-        _, outcome = self._dispatch(self._packed(batch, _NO_LEASE), batch)
+        _, outcome = self._dispatch(self._packed(batch, _NO_LEASE), batch, ())
         self._keep(outcome)
         outcome.add_done_callback(_retrieve)
         return outcome
@@ -649,49 +679,81 @@ class RedisLimiter(Limiter):
     async def acquire(self, checks: Sequence[Check], cost_tokens: int = 0) -> Decision:
         """Apply the queued settlements, then check and take every limit: ONE ``EVALSHA``."""
         plan = self._plans.for_checks(checks, self._clock())
-        resolved = plan.resolved
         self._leases_issued += 1
         lease_id = f"{self._lease_prefix}{self._leases_issued:x}"
-        args = plan.args
-        if plan.tokens:
-            args = args.copy()
-            cost = encode_int(cost_tokens)
-            for slot in plan.tokens:
-                args[slot] = cost
         batch = self._take_pending()
+        args = _costed(plan, cost_tokens)
         packed = self._packed(batch, encode_once(lease_id), plan.keys, plan.nkeys, args)
-        # If this caller is cancelled, the script (on the wire already) still runs and the
-        # settlements it carries are settled: cancelling the outcome stops nothing but this
-        # wait. What the script took for this request is given back, by _replied when the
-        # cancel came first, here when the reply had come already.
-        reservation = Reservation(lease_id, resolved, cost_tokens)
-        call, outcome = self._dispatch(packed, batch, reservation)
+        reservation = Reservation(lease_id, plan.resolved, cost_tokens)
+        reply = await self._admission(packed, batch, (reservation,))
+        if reply[0] == b"1":
+            self._ledger.add(reservation)
+            return plan.granted(reply, cost_tokens, reservation)
+        return _refused(plan, reply, LEVELS_AT, cost_tokens, int(reply[1]) - 1)
+
+    async def acquire_both(
+        self, first: Sequence[Check], first_cost: int, checks: Sequence[Check], cost_tokens: int
+    ) -> tuple[Decision, Decision | None]:
+        """:meth:`.Limiter.acquire_both` in ONE ``EVALSHA``: the script checks ``first`` and
+        then ``checks`` and takes all or nothing; ``first``'s concurrency sets (a budget's
+        marker lease) hold a lease id of their own (ARGV[6] and ARGV[7]), so each
+        reservation settles, renews and applies once on its own, as after two calls."""
+        now = self._clock()
+        head = self._plans.for_checks(first, now)
+        plan = self._plans.for_checks(checks, now)
+        self._leases_issued += 2
+        head_id = f"{self._lease_prefix}{self._leases_issued - 1:x}"
+        lease_id = f"{self._lease_prefix}{self._leases_issued:x}"
+        batch = self._take_pending()
+        packed = self._packed(
+            batch,
+            encode_once(lease_id),
+            head.keys + plan.keys,
+            head.nkeys + plan.nkeys,
+            [*_costed(head, first_cost), *_costed(plan, cost_tokens)],
+            encode(head.nkeys, head_id),
+        )
+        held = Reservation(head_id, head.resolved, first_cost)
+        reservation = Reservation(lease_id, plan.resolved, cost_tokens)
+        reply = await self._admission(packed, batch, (held, reservation))
+        failed = int(reply[1]) - 1
+        if reply[0] == b"1":
+            self._ledger.add(held)
+            self._ledger.add(reservation)
+            levels = reply[:LEVELS_AT] + reply[LEVELS_AT + head.nkeys :]  # the second's
+            return plan.granted(levels, cost_tokens, reservation), Decision(True, held)
+        if failed < head.nkeys:
+            return _refused(head, reply, LEVELS_AT, first_cost, failed), None
+        at = LEVELS_AT + head.nkeys
+        return _refused(plan, reply, at, cost_tokens, failed - head.nkeys), None
+
+    async def _admission(
+        self, packed: bytes, batch: list[_Settlement], taken: tuple[Reservation, ...]
+    ) -> list[bytes]:
+        """Send an admission and wait for its reply, split at the spaces.
+
+        If this caller is cancelled, the script (on the wire already) still runs and the
+        settlements it carries are settled: cancelling the outcome stops nothing but this
+        wait. What the script took (``taken``) is given back, by _replied when the cancel
+        came first, here when the reply had come already.
+        """
+        call, outcome = self._dispatch(packed, batch, taken)
         try:
-            reply = (await outcome).split(b" ")
+            reply: bytes = await outcome
         except asyncio.CancelledError:
             if outcome.cancelled():
                 self._keep(call)  # aclose waits for its reply (and the release)
             elif outcome.done() and outcome.exception() is None:
-                self._release_orphan(outcome.result(), reservation)
+                self._release_orphan(outcome.result(), taken)
             raise
-        if reply[0] == b"1":
-            self._ledger.add(reservation)
-            return plan.granted(reply, cost_tokens, reservation)
-        retry = float(reply[2])
-        return decide(
-            resolved,
-            [float(level) for level in reply[LEVELS_AT : LEVELS_AT + len(resolved)]],
-            [cost_tokens if check.charges_tokens else 1 for check in resolved],
-            int(reply[1]) - 1,
-            float("inf") if retry < 0 else retry,
-            None,
-        )
+        return reply.split(b" ")
 
-    def _release_orphan(self, reply: bytes, reservation: Reservation) -> None:
-        """The caller of ``acquire`` was cancelled: give back what the script took."""
+    def _release_orphan(self, reply: bytes, taken: tuple[Reservation, ...]) -> None:
+        """The caller of an admission was cancelled: give back what the script took."""
         if reply.startswith(b"1 "):
-            self._ledger.add(reservation)
-            self.settle_nowait(reservation, 0).add_done_callback(_log_orphan)
+            for reservation in taken:
+                self._ledger.add(reservation)
+                self.settle_nowait(reservation, 0).add_done_callback(_log_orphan)
 
     def settle_nowait(self, reservation: Reservation, actual_tokens: int) -> asyncio.Future[bool]:
         """Queue the settlement (nothing is sent here); its future resolves once applied.

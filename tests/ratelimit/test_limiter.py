@@ -217,6 +217,46 @@ async def test_first_failing_check_in_order_answers(limiter: Limiter) -> None:
     assert d.failed == tight_requests
 
 
+BUDGET = [Check.monthly_quota("usd:acct:x", 1000)]  # counted in its own unit (nano-dollars)
+
+
+async def test_a_budget_and_the_limits_together_all_or_nothing(limiter: Limiter) -> None:
+    """``acquire_both``: a budget and the limits counted in tokens, two reservations taken
+    together or not at all, each settled on its own; the budget's refusal comes first."""
+    checks = [Check.rpm("key:a", 2), Check.monthly_quota("acct:x", 500)]
+    decision, budget = await limiter.acquire_both(BUDGET, 600, checks, 100)
+    assert decision.allowed and budget is not None and budget.allowed
+    assert decision.requests is not None and decision.requests.remaining == 1  # the limits'
+    assert budget.reservation is not None and decision.reservation is not None
+    assert await limiter.quota_used("usd:acct:x") == 600
+    assert await limiter.quota_used("acct:x") == 100
+    await limiter.settle(budget.reservation, 250)  # each in its own unit
+    await limiter.settle(decision.reservation, 40)
+    assert await limiter.quota_used("usd:acct:x") == 250
+    assert await limiter.quota_used("acct:x") == 40
+    # The budget refuses (250 + 800 > 1000): the limits take nothing, not even a request.
+    refused, none = await limiter.acquire_both(BUDGET, 800, checks, 100)
+    assert not refused.allowed and none is None and refused.reservation is None
+    assert refused.failed is not None and refused.failed.scope == "usd:acct:x"
+    assert (refused.used, refused.requested) == (250, 800)
+    assert await limiter.quota_used("acct:x") == 40
+    # The limits refuse (40 + 470 > 500): the budget takes nothing.
+    refused, none = await limiter.acquire_both(BUDGET, 100, checks, 470)
+    assert not refused.allowed and none is None
+    assert refused.failed is not None and refused.failed.scope == "acct:x"
+    assert refused.failed.kind == "quota" and (refused.used, refused.requested) == (40, 470)
+    assert await limiter.quota_used("usd:acct:x") == 250
+    # Both would refuse: the budget's refusal answers.
+    refused, _ = await limiter.acquire_both(BUDGET, 800, checks, 470)
+    assert refused.failed is not None and refused.failed.scope == "usd:acct:x"
+    # The rpm of 2 was taken once: one more request fits, then the limits refuse.
+    decision, budget = await limiter.acquire_both(BUDGET, 10, checks, 10)
+    assert decision.allowed and budget is not None
+    refused, none = await limiter.acquire_both(BUDGET, 10, checks, 10)
+    assert not refused.allowed and refused.failed == checks[0] and none is None
+    assert await limiter.quota_used("usd:acct:x") == 260
+
+
 async def test_headers_are_the_most_restrictive(limiter: Limiter) -> None:
     d = await limiter.acquire(
         [Check.rpm("key:a", 10), Check.rpm("acct:x", 3), Check.rpd("acct:x", 1000)]
@@ -583,6 +623,16 @@ async def test_redis_one_round_trip_per_request(harness: Harness) -> None:
     assert await limiter.settle(d.reservation, 42)
     assert sent == ["EVALSHA"]
     assert await limiter.quota_used("acct:x") == 10 + 4 * 42
+    # A monthly budget beside them: still one call, and both settlements ride on the next.
+    sent.clear()
+    d, budget = await limiter.acquire_both(BUDGET, 300, checks, 100)
+    assert sent == ["EVALSHA"] and budget is not None
+    assert d.reservation is not None and budget.reservation is not None
+    limiter.settle_nowait(d.reservation, 42)
+    limiter.settle_nowait(budget.reservation, 120)
+    d, budget = await limiter.acquire_both(BUDGET, 300, checks, 100)
+    assert sent == ["EVALSHA", "EVALSHA"] and budget is not None
+    assert await limiter.quota_used("usd:acct:x") == 120 + 300
 
 
 async def test_redis_through_a_redis_py_client_that_decodes_replies(harness: Harness) -> None:
@@ -628,6 +678,21 @@ async def test_redis_cancelled_acquire_leaks_nothing(harness: Harness) -> None:
     other = harness.make()
     assert await other.quota_used("acct:x") == 0
     await take(other, checks, 1000)
+    # With a budget taken in the same call: both given back.
+    limiter = RedisLimiter(client, prefix=harness.prefix)
+    sent.clear()
+    limits = [Check.concurrent("acct:y", 1), Check.monthly_quota("acct:y", 1000)]
+    both = asyncio.create_task(limiter.acquire_both(BUDGET, 700, limits, 100))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    both.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await both
+    await limiter.aclose()
+    assert sent == ["EVALSHA", "EVALSHA"]
+    assert await other.quota_used("usd:acct:x") == 0
+    assert await other.quota_used("acct:y") == 0
+    await take(other, limits, 1000)  # the slot is free again
 
 
 def test_open_limiter_by_url() -> None:
@@ -670,6 +735,12 @@ async def test_failover_fails_open_to_memory() -> None:
         assert await limiter.settle(a, 10)  # settled by the limiter that issued it
         assert await limiter.settle_nowait(b, 20)  # likewise
         assert await limiter.quota_used("acct:x") == 30
+        # A budget with the limits: both reservations from the fallback, settled there.
+        d, budget = await limiter.acquire_both(BUDGET, 300, [Check.rpm("key:c", 5)], 0)
+        assert budget is not None and budget.reservation is not None
+        assert d.reservation is not None and await limiter.settle(d.reservation, 0)
+        assert await limiter.settle(budget.reservation, 100)
+        assert await limiter.quota_used("usd:acct:x") == 100 and limiter.fallbacks == 4
     finally:
         await limiter.aclose()
 
@@ -681,6 +752,8 @@ async def test_failover_fails_closed() -> None:
         for _ in range(2):  # the second one answers from the cooldown, without a connect
             with pytest.raises(LimiterUnavailable):
                 await limiter.acquire([Check.rpm("key:a", 2)])
+        with pytest.raises(LimiterUnavailable):
+            await limiter.acquire_both(BUDGET, 1, [Check.rpm("key:a", 2)], 0)
         assert limiter.fallbacks == 0
     finally:
         await limiter.aclose()

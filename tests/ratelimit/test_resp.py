@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from chatgate.ratelimit import Check, LimiterUnavailable, RedisLimiter
 from chatgate.ratelimit.base import DEFAULT_LEASE_TTL, QUOTA_RETENTION, month_end
+from chatgate.ratelimit.redis import MARKER_LIMIT
 from chatgate.ratelimit.resp import (
     ReplyError,
     RespClient,
@@ -219,8 +220,13 @@ async def test_the_limiters_commands_are_what_the_script_documents() -> None:
         return ["r", check.limit, check.window]
 
     def command(
-        lease: str, settlements: list[tuple[str, int]], checks: list[Check], cost: int
+        lease: str,
+        settlements: list[tuple[str, int]],
+        checks: list[Check],
+        cost: int,
+        head: tuple[str, list[Check], int] = ("", [], 0),
     ) -> bytes:
+        """``head``: the lease id, checks and cost of a reservation taken with ``checks``."""
         keys: list[str] = []
         settled: list[Any] = []
         for owner, delta in settlements:  # the slot always, first; tokens when delta != 0
@@ -230,10 +236,14 @@ async def test_the_limiters_commands_are_what_the_script_documents() -> None:
             keys += [key for key, _ in buckets]
             # -k: a first send, which no earlier call can have applied (see limiter.lua)
             settled += [owner, delta, -len(buckets)] + [v for _, c in buckets for v in wire(c)]
-        keys += [prefix + c.resolved(now).bucket for c in checks]
-        costs = [cost if c.charges_tokens else 1 for c in checks]
-        argv = [len(settlements), QUOTA_RETENTION, lease, DEFAULT_LEASE_TTL, 1.0, *settled]
-        argv += [v for c, n in zip(checks, costs, strict=True) for v in (*wire(c), n)]
+        head_lease, head_checks, head_cost = head
+        keys += [prefix + c.resolved(now).bucket for c in head_checks + checks]
+        costs = [head_cost if c.charges_tokens else 1 for c in head_checks]
+        costs += [cost if c.charges_tokens else 1 for c in checks]
+        argv = [len(settlements), QUOTA_RETENTION, lease, DEFAULT_LEASE_TTL, 1.0]
+        argv += [len(head_checks), head_lease, *settled]
+        both = head_checks + checks
+        argv += [v for c, n in zip(both, costs, strict=True) for v in (*wire(c), n)]
         return pack("EVALSHA", limiter._script.sha, len(keys), *keys, *argv)
 
     try:
@@ -255,10 +265,20 @@ async def test_the_limiters_commands_are_what_the_script_documents() -> None:
         settlements = [(leases[0], 0), (leases[1], -5)]
         expected.append(command(last.reservation.lease_id, settlements, list(plan[:1]), 0))
         expected.append(command("", [(leases[2], 150)], [], 0))
+        # A budget beside the limits: one call, its own lease on its marker (the budget is a
+        # quota with no concurrency limit), its cost in its own unit.
+        budget = (Check.monthly_quota("usd:acct:x", 10**12),)
+        decision, held = await limiter.acquire_both(budget, 5000, plan, 40)
+        assert held is not None and held.reservation is not None
+        assert decision.reservation is not None
+        marker = Check.concurrent("usd:acct:x", MARKER_LIMIT)
+        head = (held.reservation.lease_id, [*budget, marker], 5000)
+        expected.append(command(decision.reservation.lease_id, [], list(plan), 40, head))
         assert sent == expected
     finally:
         await limiter.reset("key:a")
         await limiter.reset("acct:x")
+        await limiter.reset("usd:acct:x")
         await limiter.aclose()
 
 
