@@ -19,6 +19,7 @@ Configurations (JSON, wrk at 32 connections):
   all      limits and usage recording (bench/run.py's limits-mem)
   redis    limits in Redis (a redis-server of the tool's own), usage recording off
   all-redis  limits in Redis and usage recording (bench/run.py's limits-redis)
+  budget-redis  redis, and a monthly budget on the plan (taken in the same call)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import memory  # noqa: E402
 import peers  # noqa: E402
 from run import (  # noqa: E402
     BODY,
@@ -55,16 +57,20 @@ from run import (  # noqa: E402
 BENCH_REDIS = "bench-redis"
 """Stands for the URL of the Redis that :func:`with_redis` starts, in a configuration."""
 
-CONFIGS: dict[str, tuple[dict[str, str], bool]] = {
+CONFIGS: dict[str, tuple[dict[str, str], bool | dict[str, int]]] = {
     "bare": ({"CHATGATE_USAGE_ENABLED": "0"}, False),
     "usage": ({}, False),
     "limits": ({"CHATGATE_USAGE_ENABLED": "0"}, True),
     "all": ({}, True),
     "redis": ({"CHATGATE_USAGE_ENABLED": "0", "CHATGATE_REDIS_URL": BENCH_REDIS}, True),
     "all-redis": ({"CHATGATE_REDIS_URL": BENCH_REDIS}, True),
+    "budget-redis": (
+        {"CHATGATE_USAGE_ENABLED": "0", "CHATGATE_REDIS_URL": BENCH_REDIS},
+        {**memory.PLAN_LIMITS, "monthly_budget_cents": 900_000_000},
+    ),
 }
 
-Spec = tuple[str, dict[str, str], bool]
+Spec = tuple[str, dict[str, str], bool | dict[str, int]]
 
 
 @dataclass

@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -159,10 +160,12 @@ def start_gateway(
     return gw
 
 
-def key_for(gw: Gateway, limited: bool) -> str:
+def key_for(gw: Gateway, limited: bool | Mapping[str, int]) -> str:
+    """A key on a plan of its own: with limits far above what a run reaches (every check
+    runs, none refuses), ``memory.PLAN_LIMITS`` when ``limited`` is True, or those given."""
     name = "bench" + secrets.token_hex(3)
-    if limited:  # limits far above what a run reaches: every check runs, none refuses
-        limits = memory.PLAN_LIMITS
+    if limited:
+        limits = memory.PLAN_LIMITS if limited is True else limited
         flags = [f"--{k.replace('_', '-')}" for k in limits]
         values = [str(v) for v in limits.values()]
         gw.cli(
