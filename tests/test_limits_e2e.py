@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import signal
 import time
@@ -424,6 +425,16 @@ def test_a_monthly_budget_in_dollars_holds_across_a_restart(
         page = user.http.get(user.url("/dashboard/plan"), timeout=30)
         assert "Spent this month" in page.text, page.text[:300]
         assert "/ $0.05" in page.text and "Budget/month" in page.text
+        # The usage page prices each model's row (rounded up to the cent) once recorded.
+        cost = f"${math.ceil(round(spent * 100, 6)) / 100:.2f}"
+        deadline = time.monotonic() + 15
+        while True:
+            usage = user.http.get(user.url("/dashboard/usage?by=model"), timeout=30).text
+            rows = [row for row in usage.split("<tr>") if 'data-label="Model">gpt-priced<' in row]
+            if rows and f'data-label="Cost">{cost}<' in rows[0]:
+                break
+            assert time.monotonic() < deadline, rows or usage[:300]
+            time.sleep(0.3)
         gw.stop()
         gw.start()
         refused = priced_answer(gw, key)

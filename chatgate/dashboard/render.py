@@ -32,7 +32,7 @@ from multidict import MultiDictProxy
 from chatgate import errors
 from chatgate.dashboard.auth import CSRF_FIELD, User, anonymous_csrf, csrf_ok, current_user
 from chatgate.state import STATE, State
-from chatgate.usage.tables import cents_text
+from chatgate.usage.tables import cents_text, usd_text
 
 HERE = Path(__file__).parent
 TEMPLATES = web.AppKey("chatgate_dashboard_templates", jinja2.Environment)
@@ -98,6 +98,7 @@ FILTERS: dict[str, Callable[..., str]] = {
     "ago": _ago,
     "percent": _percent,
     "cents": _cents,
+    "usd": usd_text,  # nano-dollars
 }
 
 

@@ -117,6 +117,15 @@ def cents_text(cents: int) -> str:
     return f"${cents // 100:,}.{cents % 100:02d}"
 
 
+def usd_text(nanos: int) -> str:
+    """A cost as a usage table shows it, rounded up as :func:`cents_up` rounds a spend: in
+    cents (``$1,234.57``), or below a cent to four places (``$0.0013``), so that a cheap
+    model's cost does not read as nothing."""
+    if nanos <= 0 or nanos >= NANOS_PER_CENT:
+        return cents_text(cents_up(max(nanos, 0)))
+    return f"$0.{-(-nanos // 100_000):04d}"  # ten-thousandths of a dollar
+
+
 __all__ = [
     "DAY",
     "HOUR",
@@ -130,4 +139,5 @@ __all__ = [
     "to_usd",
     "usage_records",
     "usage_rollups",
+    "usd_text",
 ]

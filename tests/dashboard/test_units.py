@@ -17,6 +17,7 @@ from chatgate.dashboard import charts, services, usage_view
 from chatgate.dashboard.auth import SessionStorage
 from chatgate.dashboard.passwords import HASHER, hash_password, password_problem, verify_password
 from chatgate.settings import Settings, derive_key
+from chatgate.usage.tables import usd_text
 
 
 async def _cookie(*, https: bool, force: bool | None = None) -> str:
@@ -147,3 +148,20 @@ def test_only_the_routes_that_use_the_session_run_inside_it(tmp_path: Path) -> N
             seen["v1"] += path.startswith("/v1/")
             assert not wrapped, path
     assert seen["dashboard"] > 20 and seen["manage"] > 10 and seen["v1"] > 10, seen
+
+
+@pytest.mark.parametrize(
+    ("nanos", "shown"),
+    [
+        (0, "$0.00"),
+        (1, "$0.0001"),  # never shown as nothing
+        (1_234_560, "$0.0013"),  # rounded up, as a spend
+        (9_999_999, "$0.0100"),
+        (10_000_000, "$0.01"),
+        (10_000_001, "$0.02"),
+        (123_456_789_000, "$123.46"),
+        (1_234_567_000_000, "$1,234.57"),
+    ],
+)
+def test_a_cost_in_a_usage_table(nanos: int, shown: str) -> None:
+    assert usd_text(nanos) == shown
