@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import secrets
 import signal
 import time
@@ -432,6 +433,8 @@ def test_a_monthly_budget_in_dollars_holds_across_a_restart(
             usage = user.http.get(user.url("/dashboard/usage?by=model"), timeout=30).text
             rows = [row for row in usage.split("<tr>") if 'data-label="Model">gpt-priced<' in row]
             if rows and f'data-label="Cost">{cost}<' in rows[0]:
+                # and their mean latency, rolled up with them
+                assert re.search(r'data-label="Avg latency">[\d,]+ ms<', rows[0]), rows[0]
                 break
             assert time.monotonic() < deadline, rows or usage[:300]
             time.sleep(0.3)

@@ -6,7 +6,8 @@
   (minute, hour, midnight) and clipped to the asked range; every bucket of a page is listed,
   the empty ones with ``results: []``, as OpenAI does. ``num_model_requests`` counts the
   requests that succeeded (rejected and failed ones never reached a model).
-- ``GET /api/usage``: the dashboard's JSON, per day x model x key, with cost, error and
+- ``GET /api/usage``: the dashboard's JSON, per day x model x key, with cost, mean latency
+  (``avg_latency_ms``, null where no request was timed), error and
   rate-limited counts and totals.
 
 Scope: a caller sees its own account's usage only; an admin sees every account. A filter can

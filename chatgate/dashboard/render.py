@@ -84,6 +84,11 @@ def _cents(value: int | None) -> str:
     return "unlimited" if value is None else cents_text(value)
 
 
+def _ms(value: float | None) -> str:
+    """A mean latency: ``1,234 ms`` (``—`` when no request was timed)."""
+    return "—" if value is None else f"{value:,.0f} ms"
+
+
 def _percent(used: int, limit: int | None) -> str:
     """Share of ``limit`` used, 0-100, for a CSS width (0 when unlimited)."""
     if not limit:
@@ -99,6 +104,7 @@ FILTERS: dict[str, Callable[..., str]] = {
     "percent": _percent,
     "cents": _cents,
     "usd": usd_text,  # nano-dollars
+    "ms": _ms,
 }
 
 

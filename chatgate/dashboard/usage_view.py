@@ -35,6 +35,7 @@ CSV_COLUMNS = (
     "errors",
     "rate_limited",
     "cost",
+    "avg_latency_ms",  # blank where no request was timed
 )
 
 
@@ -226,6 +227,7 @@ async def csv_text(engine: AsyncEngine, period: Period, *, account_id: str | Non
                 r.errors,
                 r.rate_limited,
                 f"{r.cost:.6f}",
+                "" if r.avg_latency_ms is None else f"{r.avg_latency_ms:.1f}",
             ]
         )
     return out.getvalue()

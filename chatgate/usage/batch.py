@@ -116,6 +116,7 @@ _ADDED = (
     "completion_tokens",
     "cost_nanousd",
     "status",
+    "latency_ms",
 )
 
 
@@ -165,22 +166,26 @@ def _without_nul(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(v.replace("\x00", "") if isinstance(v, str) else v for v in row)
 
 
-def _sum_minutes(minutes: dict[tuple[Any, ...], list[int]], added: Iterable[Sequence[Any]]) -> None:
+def _sum_minutes(
+    minutes: dict[tuple[Any, ...], list[float]], added: Iterable[Sequence[Any]]
+) -> None:
     """Add the rows ``added`` (each as :data:`_ADDED`) to ``minutes``: one dict lookup a row."""
-    for ts, account, key_id, model, endpoint, prompt, completion, cost, status in added:
+    for ts, account, key_id, model, endpoint, prompt, completion, cost, status, ms in added:
         key = (ts - ts % MINUTE, account or "", key_id or "", model, endpoint)
         acc = minutes.get(key)
         if acc is None:
-            acc = minutes[key] = [0, 0, 0, 0, 0, 0]
+            acc = minutes[key] = [0, 0, 0, 0, 0, 0, 0.0, 0]
         acc[0] += 1
         acc[1] += prompt
         acc[2] += completion
         acc[3] += cost
         acc[4] += status >= 400
         acc[5] += status == 429
+        acc[6] += ms
+        acc[7] += 1
 
 
-def _increments(minutes: dict[tuple[Any, ...], list[int]]) -> list[tuple[Any, ...]]:
+def _increments(minutes: dict[tuple[Any, ...], list[float]]) -> list[tuple[Any, ...]]:
     """Rollup increments (in :data:`ROLLUP_COLUMNS` order) of the per-minute sums ``minutes``.
 
     Each minute is added into its hour and day (every width is a multiple of a minute): one row
@@ -189,7 +194,7 @@ def _increments(minutes: dict[tuple[Any, ...], list[int]]) -> list[tuple[Any, ..
     writers lock rollup rows in the same order (no deadlock between two processes upserting
     overlapping rows).
     """
-    sums: dict[tuple[Any, ...], list[int]] = {}
+    sums: dict[tuple[Any, ...], list[float]] = {}
     for (start, *rest), acc in minutes.items():
         for width in WIDTHS:
             key = (width, start - start % width, *rest)
@@ -205,7 +210,7 @@ def _increments(minutes: dict[tuple[Any, ...], list[int]]) -> list[tuple[Any, ..
 async def _rollups(added: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
     """Rollup increments of the rows added (each as :data:`_ADDED`), summed per minute
     :data:`ROWS_PER_TURN` rows a turn of the event loop (see :func:`_increments`)."""
-    minutes: dict[tuple[Any, ...], list[int]] = {}
+    minutes: dict[tuple[Any, ...], list[float]] = {}
     rows = iter(added)
     while turn := list(itertools.islice(rows, ROWS_PER_TURN)):  # no count kept per row
         _sum_minutes(minutes, turn)
@@ -286,6 +291,8 @@ def _batch_sql_pg() -> str:
         "cost_nanousd": "sum(i.cost_nanousd)::bigint",
         "errors": "count(*) FILTER (WHERE i.status >= 400)",
         "rate_limited": "count(*) FILTER (WHERE i.status = 429)",
+        "latency_ms_sum": "sum(i.latency_ms)",
+        "timed_requests": "count(*)",
     }
     assert tuple(sums) == ROLLUP_SUMS, "the rollup columns changed: update the sums here"
     grouped = (
@@ -333,7 +340,7 @@ async def _copy_pg(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> int | 
     await conn.exec_driver_sql("SAVEPOINT usage_copy")
     raw = (await conn.get_raw_connection()).driver_connection
     assert raw is not None
-    minutes: dict[tuple[Any, ...], list[int]] = {}
+    minutes: dict[tuple[Any, ...], list[float]] = {}
     try:
         # A COPY of ROWS_PER_TURN rows at a time, each its own statement: see the constant.
         for start in range(0, len(rows), ROWS_PER_TURN):

@@ -42,6 +42,7 @@ NUMBERS = (
     "completion_tokens",
     "total_tokens",
     "cost",
+    "avg_latency_ms",  # None (blank, null, "-") where no request was timed
 )
 FIRST_COLUMNS = {"day": ("day",), "key": ("key_id", "name"), "model": ("model",)}
 
@@ -120,10 +121,17 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
         writer.writerows([*({k: _cell(v) for k, v in r.items()} for r in rows), totals])
         sys.stdout.write(out.getvalue())
         return
-    shown = [{**r, "cost": f"{r['cost']:.4f}"} for r in [*rows, totals]]
+    shown = [
+        {**r, "cost": f"{r['cost']:.4f}", "avg_latency_ms": _ms(r["avg_latency_ms"])}
+        for r in [*rows, totals]
+    ]
     scope = f" for {args.account}" if args.account else " (all accounts)"
     _out(f"usage {iso(end - span)} .. {iso(end)}{scope}")
     _out(_table(shown, columns))
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _out(line: str) -> None:

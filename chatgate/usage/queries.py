@@ -43,7 +43,16 @@ EXPORT_COLUMNS = (
     "conversation_id",
     "streamed",
 )
-_SUMS = ("requests", "prompt_tokens", "completion_tokens", "cost_nanousd", "errors", "rate_limited")
+_SUMS = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_nanousd",
+    "errors",
+    "rate_limited",
+    "latency_ms_sum",
+    "timed_requests",
+)
 _GROUP_COLUMNS = {
     "account": "account_id",
     "key": "key_id",
@@ -76,10 +85,17 @@ class UsageRow:
     cost_nanousd: int  # exact; ``cost`` is the same in US dollars
     errors: int  # answers with status >= 400 (rate-limited ones included)
     rate_limited: int  # answers with status 429
+    latency_ms_sum: float = 0.0  # of the timed requests (see usage.tables.usage_rollups)
+    timed_requests: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def avg_latency_ms(self) -> float | None:
+        """The requests' mean latency, first byte in to last byte out (None: none timed)."""
+        return self.latency_ms_sum / self.timed_requests if self.timed_requests else None
 
     @property
     def cost(self) -> float:
@@ -93,7 +109,9 @@ class UsageRow:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["total_tokens"] = self.total_tokens
         out["cost"] = self.cost
-        del out["cost_nanousd"]
+        out["avg_latency_ms"] = self.avg_latency_ms
+        for raw in ("cost_nanousd", "latency_ms_sum", "timed_requests"):
+            del out[raw]
         return out
 
 
@@ -155,6 +173,8 @@ def _sum_row(group: dict[str, Any], sums: Sequence[Any]) -> UsageRow:
         cost_nanousd=int(sums[3] or 0),
         errors=int(sums[4] or 0),
         rate_limited=int(sums[5] or 0),
+        latency_ms_sum=float(sums[6] or 0.0),
+        timed_requests=int(sums[7] or 0),
     )
 
 
@@ -172,6 +192,8 @@ def total(rows: Sequence[UsageRow]) -> UsageRow:
         cost_nanousd=sum(r.cost_nanousd for r in rows),
         errors=sum(r.errors for r in rows),
         rate_limited=sum(r.rate_limited for r in rows),
+        latency_ms_sum=sum(r.latency_ms_sum for r in rows),
+        timed_requests=sum(r.timed_requests for r in rows),
     )
 
 

@@ -86,6 +86,10 @@ usage_rollups = Table(
     Column("cost_nanousd", BigInteger, nullable=False),
     Column("errors", BigInteger, nullable=False),
     Column("rate_limited", BigInteger, nullable=False),
+    # The average latency: the sum over ``timed_requests`` (those rolled up since migration
+    # 0008, which added both; a row of before has none).
+    Column("latency_ms_sum", Double, nullable=False, server_default="0"),
+    Column("timed_requests", BigInteger, nullable=False, server_default="0"),
 )
 
 # An account's reports: its rows of one width over a time range.

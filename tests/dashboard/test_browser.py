@@ -5,10 +5,12 @@ it in the usage page -> rotate -> revoke -> 401. Screenshots of every page go to
 
 from __future__ import annotations
 
+import io
 import re
 import secrets
 import time
 from collections.abc import Iterator
+from csv import DictReader
 from typing import Any
 
 import pytest
@@ -148,6 +150,10 @@ def test_sign_up_to_revoked_key(browser: Browser, dash: Gateway) -> None:
         expect(page.locator("#chart-requests svg")).to_be_visible()
         csv = context.request.get("/dashboard/usage.csv?period=7d")
         assert csv.ok and "journey key" in csv.text()
+        # Each row's mean latency, rolled up with its tokens (blank only where untimed).
+        table = list(DictReader(io.StringIO(csv.text())))
+        journey = [row for row in table if "journey key" in row["key"]]
+        assert journey and all(float(row["avg_latency_ms"]) > 0 for row in journey), table
 
     # Rotate with no grace: the old secret stops, the new one works.
     page.get_by_role("link", name="API keys").click()

@@ -84,6 +84,8 @@ async def rollup_sums(
                 t.c.cost_nanousd,
                 t.c.errors,
                 t.c.rate_limited,
+                t.c.latency_ms_sum,
+                t.c.timed_requests,
             ).where(t.c.account_id == account, t.c.width == width)
         )
         return {
@@ -94,13 +96,15 @@ async def rollup_sums(
                 int(r[7]),
                 int(r[8]),
                 int(r[9]),
+                float(r[10]),
+                int(r[11]),
             )
             for r in rows
         }
 
 
 def expected_sums(records: list[UsageRecord], width: int) -> dict[tuple[Any, ...], tuple[int, ...]]:
-    sums: dict[tuple[Any, ...], list[float]] = defaultdict(lambda: [0, 0, 0, 0.0, 0, 0])
+    sums: dict[tuple[Any, ...], list[float]] = defaultdict(lambda: [0, 0, 0, 0.0, 0, 0, 0.0, 0])
     for r in records:
         ts = int(r.created_at)
         acc = sums[(ts - ts % width, r.key_id or "", r.model, r.endpoint)]
@@ -110,8 +114,10 @@ def expected_sums(records: list[UsageRecord], width: int) -> dict[tuple[Any, ...
         acc[3] += to_nanos(r.cost)
         acc[4] += r.status >= 400
         acc[5] += r.status == 429
+        acc[6] += r.latency_ms
+        acc[7] += 1
     return {
-        k: (int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]))
+        k: (int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]), v[6], int(v[7]))
         for k, v in sums.items()
     }
 
@@ -250,7 +256,9 @@ async def test_a_copy_refused_after_many_rows_writes_nothing_twice(
     before it are rolled back with it, the general statement writes the batch, and every record
     is stored and counted once."""
     account = new_account()
-    first = [make_record(account_id=account) for _ in range(2 * ROWS_PER_TURN + 10)]
+    first = [
+        make_record(account_id=account, latency_ms=i / 4) for i in range(2 * ROWS_PER_TURN + 10)
+    ]
     async with engine.begin() as conn:
         await write_batch(conn, first[-1:])  # stored before: the batch's last record
     async with engine.begin() as conn:
@@ -259,6 +267,9 @@ async def test_a_copy_refused_after_many_rows_writes_nothing_twice(
     assert len(await stored(engine, account)) == len(first)
     sums = await rollup_sums(engine, account, DAY)
     assert sum(v[0] for v in sums.values()) == len(first)
+    # the statement's own sums (PostgreSQL), as the COPY's: the latency of each once
+    assert sum(v[6] for v in sums.values()) == sum(r.latency_ms for r in first)
+    assert sum(v[7] for v in sums.values()) == len(first)
 
 
 async def test_same_record_twice_is_stored_and_counted_once(
@@ -275,7 +286,9 @@ async def test_same_record_twice_is_stored_and_counted_once(
     await recorder.close()
     assert len(await stored(engine, account)) == 1
     for width in (MINUTE, HOUR, DAY):
-        assert list((await rollup_sums(engine, account, width)).values()) == [(1, 7, 3, 0, 0, 0)]
+        assert list((await rollup_sums(engine, account, width)).values()) == [
+            (1, 7, 3, 0, 0, 0, 12.5, 1)
+        ]
 
 
 async def test_text_too_long_or_with_nul_is_stored_clipped(
@@ -357,6 +370,7 @@ async def test_rollups_equal_raw_sums(engine: AsyncEngine, spool_dir: Path) -> N
             completion_tokens=rng.randint(0, 300),
             cost=round(rng.uniform(0, 0.01), 6),
             status=rng.choice([200, 200, 200, 429, 502, 401]),
+            latency_ms=rng.randint(1, 40_000) / 4,  # quarters add up exactly in any order
         )
         for _ in range(700)
     ]
