@@ -520,7 +520,11 @@ class Limiter(ABC):
         head = await self.acquire(first, first_cost)
         if head.reservation is None:
             return head, None
-        decision = await self.acquire(checks, cost_tokens)
+        try:
+            decision = await self.acquire(checks, cost_tokens)
+        except BaseException:
+            await self.settle(head.reservation, 0)
+            raise
         if decision.reservation is None:
             await self.settle(head.reservation, 0)
             return decision, None
