@@ -257,6 +257,22 @@ async def test_a_budget_and_the_limits_together_all_or_nothing(limiter: Limiter)
     assert await limiter.quota_used("usd:acct:x") == 260
 
 
+async def test_a_budget_taken_in_process_is_given_back_when_the_limits_fail() -> None:
+    """The in-process acquire_both takes the budget first: when the limits' acquire raises
+    instead of answering, the budget is given back before the error goes on."""
+
+    class Failing(MemoryLimiter):
+        async def acquire(self, checks: Any, cost_tokens: int = 0) -> rl.Decision:
+            if checks is not BUDGET:
+                raise LimiterUnavailable("the limits' store is gone")
+            return await super().acquire(checks, cost_tokens)
+
+    limiter = Failing()
+    with pytest.raises(LimiterUnavailable):
+        await limiter.acquire_both(BUDGET, 600, [Check.rpm("key:a", 2)], 0)
+    assert await limiter.quota_used("usd:acct:x") == 0
+
+
 async def test_headers_are_the_most_restrictive(limiter: Limiter) -> None:
     d = await limiter.acquire(
         [Check.rpm("key:a", 10), Check.rpm("acct:x", 3), Check.rpd("acct:x", 1000)]
