@@ -466,11 +466,7 @@ def test_a_budget_holds_the_prompt_at_the_input_price(upstream: Upstream, tmp_pa
         tmp_path / "gw", upstream=upstream, extra_toml=LOPSIDED.format(base=upstream.base_url)
     ).start()
     try:
-        tag = secrets.token_hex(4)
-        gw.cli("plans", "create", f"cent-{tag}", "--monthly-budget-cents=1")
-        email = f"reader-{tag}@example.com"
-        gw.cli("accounts", "create", email, "--plan", f"cent-{tag}")
-        key = str(gw.cli_json("keys", "create", "--account", email)["key"])
+        key = account_with_plan(gw, monthly_budget_cents=1)
 
         def ask(content: str, max_tokens: int) -> requests.Response:
             return requests.post(
