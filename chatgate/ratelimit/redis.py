@@ -716,12 +716,12 @@ class RedisLimiter(Limiter):
         held = Reservation(head_id, head.resolved, first_cost)
         reservation = Reservation(lease_id, plan.resolved, cost_tokens)
         reply = await self._admission(packed, batch, (held, reservation))
-        failed = int(reply[1]) - 1
         if reply[0] == b"1":
             self._ledger.add(held)
             self._ledger.add(reservation)
             levels = reply[:LEVELS_AT] + reply[LEVELS_AT + head.nkeys :]  # the second's
             return plan.granted(levels, cost_tokens, reservation), Decision(True, held)
+        failed = int(reply[1]) - 1
         if failed < head.nkeys:
             return _refused(head, reply, LEVELS_AT, first_cost, failed), None
         at = LEVELS_AT + head.nkeys

@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from chatgate.usage.record import UsageRecord
 from chatgate.usage.tables import (
     MINUTE,
+    ROLLUP_SUMS,
     WIDTHS,
     to_nanos,
     usage_records,
@@ -46,7 +47,6 @@ from chatgate.usage.tables import (
 
 RECORD_COLUMNS: tuple[str, ...] = tuple(c.name for c in usage_records.c)
 ROLLUP_KEY: tuple[str, ...] = tuple(c.name for c in usage_rollups.primary_key.columns)
-ROLLUP_SUMS: tuple[str, ...] = tuple(c.name for c in usage_rollups.c if not c.primary_key)
 ROLLUP_COLUMNS = ROLLUP_KEY + ROLLUP_SUMS
 _SQL: dict[tuple[str, str], str] = {}
 

@@ -20,7 +20,16 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.db.tables import accounts, api_keys, plans
-from chatgate.usage.tables import DAY, HOUR, MINUTE, WIDTHS, to_usd, usage_records, usage_rollups
+from chatgate.usage.tables import (
+    DAY,
+    HOUR,
+    MINUTE,
+    ROLLUP_SUMS,
+    WIDTHS,
+    to_usd,
+    usage_records,
+    usage_rollups,
+)
 
 Group = Literal["bucket", "account", "key", "model", "endpoint"]
 By = Literal["day", "key", "model"]
@@ -42,16 +51,6 @@ EXPORT_COLUMNS = (
     "error_code",
     "conversation_id",
     "streamed",
-)
-_SUMS = (
-    "requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost_nanousd",
-    "errors",
-    "rate_limited",
-    "latency_ms_sum",
-    "timed_requests",
 )
 _GROUP_COLUMNS = {
     "account": "account_id",
@@ -247,7 +246,7 @@ async def usage_rows(
         conditions.append(t.c.endpoint.in_(list(endpoints)))
     group_exprs = [expr for _, expr in keys]
     stmt = (
-        sa.select(*group_exprs, *(sa.func.sum(t.c[s]) for s in _SUMS))
+        sa.select(*group_exprs, *(sa.func.sum(t.c[s]) for s in ROLLUP_SUMS))
         .where(*conditions)
         .group_by(*group_exprs)
         .order_by(*group_exprs)

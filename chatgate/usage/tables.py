@@ -91,6 +91,8 @@ usage_rollups = Table(
     Column("latency_ms_sum", Double, nullable=False, server_default="0"),
     Column("timed_requests", BigInteger, nullable=False, server_default="0"),
 )
+ROLLUP_SUMS: tuple[str, ...] = tuple(c.name for c in usage_rollups.c if not c.primary_key)
+"""The rollups' summed columns, in order: what a batch adds and what a report sums."""
 
 # An account's reports: its rows of one width over a time range.
 Index(
@@ -136,6 +138,7 @@ __all__ = [
     "MINUTE",
     "NANOS_PER_CENT",
     "NANOS_PER_USD",
+    "ROLLUP_SUMS",
     "WIDTHS",
     "cents_text",
     "cents_up",
