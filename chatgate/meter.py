@@ -36,6 +36,7 @@ class Meter:
     conversation_id: str | None = None
     error_code: str | None = None
     status: int = 0  # a stream's status once sent, or the outcome's where it differs (broken())
+    admitted: bool = False  # the limits let it through (and took it): see Call.admit
 
     def identify(self, principal: Principal) -> None:
         self.account_id = principal.account_id
@@ -79,6 +80,7 @@ class Meter:
             error_code or self.error_code,
             self.conversation_id,
             self.streamed,
+            self.admitted,
         )
 
 

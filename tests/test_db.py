@@ -155,3 +155,72 @@ def test_schema_tells_behind_current_and_ahead(tmp_path: Path) -> None:
     assert (empty, current, newer) == (("behind", None), ("current", head), ("ahead", "9001"))
     assert kept == newer
     assert older[0] == "behind" and older[1] not in (None, head)
+
+
+def test_migration_0009_reads_old_usage_as_admitted_unless_a_429(
+    own_database: dict[str, str],
+) -> None:
+    """Usage recorded before ``admitted`` existed keeps the reading the daily limits' seed
+    had of it (every request taken but a 429): raw rows and rollups alike, on both
+    databases."""
+    from alembic import command
+
+    from chatgate.db.engine import _alembic_config
+    from chatgate.usage.tables import usage_records, usage_rollups
+
+    settings = Settings.from_env(own_database)
+    record = {
+        "created_at": 1_767_225_600,
+        "account_id": "acct_old",
+        "key_id": "key_old",
+        "model": "m",
+        "backend": "b",
+        "endpoint": "chat.completions",
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "cost_nanousd": 0,
+        "latency_ms": 1.0,
+        "streamed": False,
+    }
+    rollup = {
+        "width": 3600,
+        "bucket_start": 1_767_225_600,
+        "account_id": "acct_old",
+        "key_id": "key_old",
+        "model": "m",
+        "endpoint": "chat.completions",
+        "requests": 7,
+        "prompt_tokens": 7,
+        "completion_tokens": 7,
+        "cost_nanousd": 0,
+        "errors": 3,
+        "rate_limited": 2,
+    }
+
+    async def go() -> tuple[dict[str, bool], list[int]]:
+        engine = create_engine(settings)
+        try:
+            await migrate(engine)
+            async with engine.begin() as conn:
+                await conn.run_sync(lambda c: command.downgrade(_alembic_config(c), "0008"))
+                for request_id, status in (("req_ok", 200), ("req_limited", 429)):
+                    values = {**record, "request_id": request_id, "status": status}
+                    await conn.execute(
+                        sa.insert(sa.table("usage_records", *map(sa.column, values))).values(values)
+                    )
+                await conn.execute(
+                    sa.insert(sa.table("usage_rollups", *map(sa.column, rollup))).values(rollup)
+                )
+            await migrate(engine)
+            async with engine.connect() as conn:
+                raw = await conn.execute(
+                    sa.select(usage_records.c.request_id, usage_records.c.admitted)
+                )
+                rolled = await conn.execute(sa.select(usage_rollups.c.admitted))
+                return {r: bool(a) for r, a in raw}, [int(n) for (n,) in rolled]
+        finally:
+            await engine.dispose()
+
+    raw, rolled = asyncio.run(go())
+    assert raw == {"req_ok": True, "req_limited": False}
+    assert rolled == [5]

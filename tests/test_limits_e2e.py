@@ -315,15 +315,30 @@ def test_a_restart_keeps_the_months_quota_and_the_days_requests(
     upstream: Upstream, tmp_path: Path
 ) -> None:
     """The default install (one process, SQLite, in-process limits): the limits live in the
-    process, and a new one starts them from the usage records, not from 0."""
+    process, and a new one starts them from the usage records, not from 0. Requests refused
+    before the limits took them (a malformed body, an unknown model) took nothing from the
+    day's requests, before the restart or after it."""
     gw = make_gateway(tmp_path / "gw", upstream=upstream).start()
     try:
         key = account_with_plan(gw, monthly_tokens=60)  # 12 tokens a request: 4 fit, not 5
         used = use_up(gw, key)
         daily = account_with_plan(gw, rpd=3)
         assert [quota_answer(gw, daily).status_code for _ in range(4)] == [200, 200, 200, 429]
+        careless = account_with_plan(gw, rpd=3)
+        assert quota_answer(gw, careless, model="no-such-model").status_code == 404
+        malformed = requests.post(
+            gw.url + "/v1/chat/completions",
+            json={"model": "gpt-test", "messages": "hello"},
+            headers={"Authorization": f"Bearer {careless}"},
+            timeout=10,
+        )
+        assert malformed.status_code == 400, malformed.text
+        assert quota_answer(gw, careless).status_code == 200
         gw.stop()
         gw.start()
+        assert [quota_answer(gw, careless).status_code for _ in range(3)] == [200, 200, 429], (
+            "the requests refused before the limits were counted as taken after a restart"
+        )
         refused = quota_answer(gw, key)
         assert refused.status_code == 429, "a restart gave the month's quota back"
         assert f"Used {used}," in refused.json()["error"]["message"]

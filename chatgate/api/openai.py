@@ -101,7 +101,8 @@ class Call(Generic[R]):
 
         The tokens to hold are the prompt's plus ``output``, the most the answer may write;
         ``prompt`` counts them, and runs only when a check charges tokens, so a plan with
-        request limits only never counts.
+        request limits only never counts. The usage record notes the admission: a restart
+        seeds the daily request limits with the requests admitted, not those refused before.
         """
         principal = self.principal
         checks = principal.limit_checks or checks_for(principal)  # built once per key
@@ -110,12 +111,15 @@ class Call(Generic[R]):
         if budgets is None:
             budgets = budget_checks_for(principal)
         if not budgets:
-            return await self.state.limits.admit(checks, cost, self.req.model)
-        # A budget holds the prompt at the input price and the output at the output price.
-        nanos = math.ceil(self.route.model.cost(prompt(), output) * NANOS_PER_USD)
-        return await self.state.limits.admit_with_budget(
-            checks, cost, budgets, nanos, self.req.model
-        )
+            admission = await self.state.limits.admit(checks, cost, self.req.model)
+        else:
+            # A budget holds the prompt at the input price and the output at its own price.
+            nanos = math.ceil(self.route.model.cost(prompt(), output) * NANOS_PER_USD)
+            admission = await self.state.limits.admit_with_budget(
+                checks, cost, budgets, nanos, self.req.model
+            )
+        self.meter.admitted = True
+        return admission
 
     async def settle(self, admission: Admission) -> None:
         """Charge the tokens really used and free the slot (in a ``finally``: always once).

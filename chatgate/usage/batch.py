@@ -117,6 +117,7 @@ _ADDED = (
     "cost_nanousd",
     "status",
     "latency_ms",
+    "admitted",
 )
 
 
@@ -158,6 +159,7 @@ def _row(rec: UsageRecord) -> tuple[Any, ...]:
         rec.error_code,
         rec.conversation_id,
         bool(rec.streamed),
+        bool(rec.admitted),
     )
 
 
@@ -170,11 +172,11 @@ def _sum_minutes(
     minutes: dict[tuple[Any, ...], list[float]], added: Iterable[Sequence[Any]]
 ) -> None:
     """Add the rows ``added`` (each as :data:`_ADDED`) to ``minutes``: one dict lookup a row."""
-    for ts, account, key_id, model, endpoint, prompt, completion, cost, status, ms in added:
+    for ts, account, key_id, model, endpoint, prompt, completion, cost, status, ms, took in added:
         key = (ts - ts % MINUTE, account or "", key_id or "", model, endpoint)
         acc = minutes.get(key)
         if acc is None:
-            acc = minutes[key] = [0, 0, 0, 0, 0, 0, 0.0, 0]
+            acc = minutes[key] = [0, 0, 0, 0, 0, 0, 0.0, 0, 0]
         acc[0] += 1
         acc[1] += prompt
         acc[2] += completion
@@ -183,6 +185,7 @@ def _sum_minutes(
         acc[5] += status == 429
         acc[6] += ms
         acc[7] += 1
+        acc[8] += took
 
 
 def _increments(minutes: dict[tuple[Any, ...], list[float]]) -> list[tuple[Any, ...]]:
@@ -293,6 +296,7 @@ def _batch_sql_pg() -> str:
         "rate_limited": "count(*) FILTER (WHERE i.status = 429)",
         "latency_ms_sum": "sum(i.latency_ms)",
         "timed_requests": "count(*)",
+        "admitted": "count(*) FILTER (WHERE i.admitted)",
     }
     assert tuple(sums) == ROLLUP_SUMS, "the rollup columns changed: update the sums here"
     grouped = (

@@ -86,6 +86,7 @@ class UsageRow:
     rate_limited: int  # answers with status 429
     latency_ms_sum: float = 0.0  # of the timed requests (see usage.tables.usage_rollups)
     timed_requests: int = 0
+    admitted: int = 0  # requests the limits let through (what a restart seeds them with)
 
     @property
     def total_tokens(self) -> int:
@@ -109,7 +110,7 @@ class UsageRow:
         out["total_tokens"] = self.total_tokens
         out["cost"] = self.cost
         out["avg_latency_ms"] = self.avg_latency_ms
-        for raw in ("cost_nanousd", "latency_ms_sum", "timed_requests"):
+        for raw in ("cost_nanousd", "latency_ms_sum", "timed_requests", "admitted"):
             del out[raw]
         return out
 
@@ -174,6 +175,7 @@ def _sum_row(group: dict[str, Any], sums: Sequence[Any]) -> UsageRow:
         rate_limited=int(sums[5] or 0),
         latency_ms_sum=float(sums[6] or 0.0),
         timed_requests=int(sums[7] or 0),
+        admitted=int(sums[8] or 0),
     )
 
 
@@ -193,6 +195,7 @@ def total(rows: Sequence[UsageRow]) -> UsageRow:
         rate_limited=sum(r.rate_limited for r in rows),
         latency_ms_sum=sum(r.latency_ms_sum for r in rows),
         timed_requests=sum(r.timed_requests for r in rows),
+        admitted=sum(r.admitted for r in rows),
     )
 
 
@@ -353,12 +356,13 @@ class HourlyRequests:
 async def hourly_requests(
     engine: AsyncEngine, start: int, change: Change | None = None
 ) -> HourlyRequests:
-    """Requests recorded per hour since ``start`` (an hour's first second), less those refused
-    with a 429 (a limit that refused one took nothing), per account on a plan with a daily
-    limit and per key with one of its own (with ``change``, of what it touches); two grouped
-    queries over the hourly rollups."""
+    """Requests the limits admitted per hour since ``start`` (an hour's first second): not
+    those they refused (a 429 took nothing) nor those refused before them (a 400, 403, 404,
+    413: never charged either), per account on a plan with a daily limit and per key with one
+    of its own (with ``change``, of what it touches); two grouped queries over the hourly
+    rollups."""
     t = usage_rollups
-    taken = sa.func.sum(t.c.requests - t.c.rate_limited)
+    taken = sa.func.sum(t.c.admitted)
     found: list[dict[str, tuple[int, list[tuple[int, int]]]]] = []
     sums = await _limited_sums(engine, "rpd", HOUR, start, taken, t.c.bucket_start, change=change)
     for rows in sums:

@@ -33,6 +33,7 @@ class UsageRecord:
     error_code: str | None  # e.g. "rate_limit_exceeded", "upstream_error"
     conversation_id: str | None
     streamed: bool
+    admitted: bool = True  # the limits let it through (see usage.tables.usage_records)
 
     @property
     def total_tokens(self) -> int:
@@ -53,7 +54,12 @@ class UsageRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UsageRecord:
-        """The inverse of :meth:`to_dict`; unknown keys are ignored, missing ones raise."""
+        """The inverse of :meth:`to_dict`; unknown keys are ignored, missing ones raise.
+
+        A line spooled before ``admitted`` was recorded reads as the rollups of then do:
+        admitted unless it was a 429."""
+        if "admitted" not in data:
+            data = {**data, "admitted": data.get("status") != RATE_LIMITED_STATUS}
         return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 

@@ -24,6 +24,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    true,
 )
 
 from chatgate.db.tables import metadata
@@ -65,6 +66,9 @@ usage_records = Table(
     Column("error_code", String(ERROR_CODE_LEN)),
     Column("conversation_id", String(ID_LEN)),
     Column("streamed", Boolean, nullable=False),
+    # Whether the limits let it through (and took it): not a request refused before them (a
+    # 400, 403, 404, 413) or by them (a 429). Since migration 0009; older rows: not a 429.
+    Column("admitted", Boolean, nullable=False, server_default=true()),
 )
 
 # Pruning and exports scan by time; an account's export by account then time.
@@ -90,6 +94,9 @@ usage_rollups = Table(
     # 0008, which added both; a row of before has none).
     Column("latency_ms_sum", Double, nullable=False, server_default="0"),
     Column("timed_requests", BigInteger, nullable=False, server_default="0"),
+    # Requests the limits admitted (see ``usage_records.admitted``): what a restart seeds
+    # the requests-per-day limits with.
+    Column("admitted", BigInteger, nullable=False, server_default="0"),
 )
 ROLLUP_SUMS: tuple[str, ...] = tuple(c.name for c in usage_rollups.c if not c.primary_key)
 """The rollups' summed columns, in order: what a batch adds and what a report sums."""

@@ -91,13 +91,20 @@ async def test_hourly_requests_seed_the_daily_limits(engine: AsyncEngine, tmp_pa
 
     now = time.time()
     recorder = UsageRecorder(engine, tmp_path / "spool")
-    for account, key, at, status in [
-        *[(daily.id, plain.record.id, now - 60, 200)] * 6,
-        (daily.id, plain.record.id, now - 60, 429),  # refused: took nothing
-        (daily.id, plain.record.id, now - 3 * 86400, 200),  # days ago: drained
-        *[(other.id, own.record.id, now - 30, 500)] * 3,  # failed after admission: taken
+    for account, key, at, status, admitted in [
+        *[(daily.id, plain.record.id, now - 60, 200, True)] * 5,
+        (daily.id, plain.record.id, now - 60, 429, True),  # the upstream's 429: taken
+        (daily.id, plain.record.id, now - 60, 429, False),  # the limits': took nothing
+        *[(daily.id, plain.record.id, now - 60, 400, False)] * 3,  # refused before them
+        (daily.id, plain.record.id, now - 60, 404, False),
+        (daily.id, plain.record.id, now - 3 * 86400, 200, True),  # days ago: drained
+        *[(other.id, own.record.id, now - 30, 500, True)] * 3,  # failed after admission: taken
     ]:
-        recorder.record(make_record(account_id=account, key_id=key, created_at=at, status=status))
+        recorder.record(
+            make_record(
+                account_id=account, key_id=key, created_at=at, status=status, admitted=admitted
+            )
+        )
     await recorder.close()
 
     hour = int(now - 86400) // 3600 * 3600

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -86,6 +87,7 @@ async def rollup_sums(
                 t.c.rate_limited,
                 t.c.latency_ms_sum,
                 t.c.timed_requests,
+                t.c.admitted,
             ).where(t.c.account_id == account, t.c.width == width)
         )
         return {
@@ -98,13 +100,14 @@ async def rollup_sums(
                 int(r[9]),
                 float(r[10]),
                 int(r[11]),
+                int(r[12]),
             )
             for r in rows
         }
 
 
 def expected_sums(records: list[UsageRecord], width: int) -> dict[tuple[Any, ...], tuple[int, ...]]:
-    sums: dict[tuple[Any, ...], list[float]] = defaultdict(lambda: [0, 0, 0, 0.0, 0, 0, 0.0, 0])
+    sums: dict[tuple[Any, ...], list[float]] = defaultdict(lambda: [0, 0, 0, 0.0, 0, 0, 0.0, 0, 0])
     for r in records:
         ts = int(r.created_at)
         acc = sums[(ts - ts % width, r.key_id or "", r.model, r.endpoint)]
@@ -116,10 +119,8 @@ def expected_sums(records: list[UsageRecord], width: int) -> dict[tuple[Any, ...
         acc[5] += r.status == 429
         acc[6] += r.latency_ms
         acc[7] += 1
-    return {
-        k: (int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]), int(v[5]), v[6], int(v[7]))
-        for k, v in sums.items()
-    }
+        acc[8] += r.admitted
+    return {k: (*(int(n) for n in v[:6]), v[6], int(v[7]), int(v[8])) for k, v in sums.items()}
 
 
 def spooled_lines(spool_dir: Path) -> int:
@@ -257,7 +258,8 @@ async def test_a_copy_refused_after_many_rows_writes_nothing_twice(
     is stored and counted once."""
     account = new_account()
     first = [
-        make_record(account_id=account, latency_ms=i / 4) for i in range(2 * ROWS_PER_TURN + 10)
+        make_record(account_id=account, latency_ms=i / 4, admitted=i % 3 > 0)
+        for i in range(2 * ROWS_PER_TURN + 10)
     ]
     async with engine.begin() as conn:
         await write_batch(conn, first[-1:])  # stored before: the batch's last record
@@ -270,6 +272,7 @@ async def test_a_copy_refused_after_many_rows_writes_nothing_twice(
     # the statement's own sums (PostgreSQL), as the COPY's: the latency of each once
     assert sum(v[6] for v in sums.values()) == sum(r.latency_ms for r in first)
     assert sum(v[7] for v in sums.values()) == len(first)
+    assert sum(v[8] for v in sums.values()) == sum(r.admitted for r in first)
 
 
 async def test_same_record_twice_is_stored_and_counted_once(
@@ -287,7 +290,7 @@ async def test_same_record_twice_is_stored_and_counted_once(
     assert len(await stored(engine, account)) == 1
     for width in (MINUTE, HOUR, DAY):
         assert list((await rollup_sums(engine, account, width)).values()) == [
-            (1, 7, 3, 0, 0, 0, 12.5, 1)
+            (1, 7, 3, 0, 0, 0, 12.5, 1, 1)
         ]
 
 
@@ -371,6 +374,7 @@ async def test_rollups_equal_raw_sums(engine: AsyncEngine, spool_dir: Path) -> N
             cost=round(rng.uniform(0, 0.01), 6),
             status=rng.choice([200, 200, 200, 429, 502, 401]),
             latency_ms=rng.randint(1, 40_000) / 4,  # quarters add up exactly in any order
+            admitted=rng.random() < 0.7,
         )
         for _ in range(700)
     ]
@@ -610,6 +614,29 @@ async def test_torn_spool_line_is_skipped(
     await up.close()
     assert len(await stored(engine, account)) == 3
     assert not list(spool_dir.glob("usage-*.spool"))
+
+
+async def test_a_line_spooled_before_admitted_was_recorded_replays(
+    engine: AsyncEngine, dead_engine: AsyncEngine, spool_dir: Path
+) -> None:
+    """A spool written by a version that did not record ``admitted`` (an upgrade during a
+    database outage) replays as the rollups of then read it: admitted unless a 429."""
+    account = new_account()
+    down = UsageRecorder(dead_engine, spool_dir, flush_interval=3600, db_timeout=5)
+    for status in (200, 429, 400):
+        down.record(make_record(account_id=account, status=status, admitted=False))
+    await down.close()
+    (path,) = spool_dir.glob("usage-*.spool")
+    lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    old = [{k: v for k, v in ln.items() if k != "admitted"} for ln in lines]
+    path.write_bytes(b"".join(orjson.dumps(ln) + b"\n" for ln in old))
+    up = UsageRecorder(engine, spool_dir)
+    await up.flush()
+    await up.close()
+    rows = await stored(engine, account)
+    assert sorted((r.status, r.admitted) for r in rows) == [(200, True), (400, True), (429, False)]
+    (sums,) = (await rollup_sums(engine, account, DAY)).values()
+    assert sums[0] == 3 and sums[8] == 2
 
 
 async def test_live_recorders_spool_is_not_taken(
