@@ -45,6 +45,7 @@ from run import (  # noqa: E402
     BODY,
     STREAM_BODY,
     Target,
+    add_halt_poll_arg,
     in_rounds,
     key_for,
     open_loop,
@@ -159,11 +160,15 @@ def main() -> None:
         action="store_true",
         help="also the database's CPU a request (each run then waits for the last usage batch)",
     )
+    add_halt_poll_arg(parser)
     args = parser.parse_args()
     body = STREAM_BODY if args.sse else BODY
 
     gateways = []
-    with bench_peers("chatgate-ab-", target_specs(args)) as bench:
+    with (
+        peers.halt_polling(args.halt_poll_ns),
+        bench_peers("chatgate-ab-", target_specs(args)) as bench,
+    ):
         try:
             targets: list[Target] = []
             for name, env, limited in bench.specs:

@@ -11,12 +11,14 @@ kept (a marker file names the pinned packages; change a pin and the venv is rebu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +46,40 @@ FLOOR_PACKAGES = (
 LITELLM = "1.105.7"
 LITELLM_PACKAGES = (f"litellm[proxy]=={LITELLM}",)
 GATEWAY_CORE, OTHER_CORE = "0", "1"
+
+
+HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+"""How long an idle vCPU of a KVM guest polls before it halts (the ``haltpoll`` cpuidle
+driver). This machine boots with ``haltpoll.guest_halt_poll_ns=0``: an idle core halts at
+once, and waking it again (a request arriving, an answer coming back from the other core)
+goes through the hypervisor. At one connection every request wakes a core several times."""
+
+
+def halt_poll_ns() -> int | None:
+    """The machine's halt polling in nanoseconds (``None``: not a KVM guest with haltpoll)."""
+    try:
+        return int(HALT_POLL.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def halt_polling(ns: int | None) -> Iterator[int | None]:
+    """With ``ns`` set: the machine's halt polling set to it for the block, and put back
+    after (a machine-wide setting: root only, opt-in, see ``--halt-poll-ns``). Yields the
+    value in force."""
+    before = halt_poll_ns()
+    if ns is None or before is None:
+        yield before
+        return
+    try:
+        HALT_POLL.write_text(str(ns))
+    except OSError as exc:
+        raise SystemExit(f"bench: cannot set {HALT_POLL} ({exc}): run as root") from exc
+    try:
+        yield ns
+    finally:
+        HALT_POLL.write_text(str(before))
 
 
 def pinned(core: str | None, cmd: list[str]) -> list[str]:

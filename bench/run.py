@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -208,6 +209,7 @@ def main() -> None:
     parser.add_argument(
         "--only", default="", help="comma-separated chatgate configs to run (default: all)"
     )
+    add_halt_poll_arg(parser)
     args = parser.parse_args()
     began = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="chatgate-bench-"))
@@ -220,12 +222,14 @@ def main() -> None:
 
     started: list[Proc] = []
     gateways: list[Gateway] = []
+    polling = contextlib.ExitStack()
+    poll_ns = polling.enter_context(peers.halt_polling(args.halt_poll_ns))
     upstream = start_fake_upstream(work)
     pg_server = peers.start_pg()
     redis, redis_url = peers.start_redis(work)
     started.append(redis)
     rows: list[dict[str, Any]] = []
-    extras: dict[str, Any] = {}
+    extras: dict[str, Any] = {"guest_halt_poll_ns": poll_ns}
     try:
         pg = pg_server.url
         targets = [Target("direct", upstream.base_url + "/chat/completions", "", None)]
@@ -341,6 +345,7 @@ def main() -> None:
         upstream.proc.wait(20)
         pg_server.close()
         shutil.rmtree(work, ignore_errors=True)
+        polling.close()
     extras["seconds_total"] = round(time.monotonic() - began, 1)
     report(rows, extras, args)
 
@@ -577,6 +582,7 @@ def report(rows: list[dict[str, Any]], extras: dict[str, Any], args: argparse.Na
         )
     targets = check_targets(by, extras, args)
     print("\n" + "\n".join(table))
+    print(f"\nguest halt polling: {extras['guest_halt_poll_ns']} ns (see bench/peers.py HALT_POLL)")
     print("\nTargets (issue 11; all features on = limits-mem):")
     for t in targets:
         verdict = "n/a" if t["met"] is None else "ok" if t["met"] else "MISS"
@@ -588,13 +594,15 @@ def report(rows: list[dict[str, Any]], extras: dict[str, Any], args: argparse.Na
             f"usage recording of limits-mem and limits-redis): {db_us:.1f} us"
         )
     stamp = time.strftime("%Y-%m-%d")
+    if args.halt_poll_ns is not None:  # not the machine as it is: kept apart from the headline
+        stamp += f"-haltpoll{args.halt_poll_ns}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"bench-{stamp}.json"
     out.write_text(
         json.dumps(
             {
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "machine": machine(),
+                "machine": {**machine(), "guest_halt_poll_ns": extras["guest_halt_poll_ns"]},
                 "args": vars(args),
                 "rows": rows,
                 "extras": extras,
@@ -704,6 +712,15 @@ def check_targets(
             f"{rss} MB",
         )
     return out
+
+
+def add_halt_poll_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--halt-poll-ns",
+        type=int,
+        help="set the machine's guest halt polling (ns) for the run and put it back after "
+        "(root; default: the machine as it is, see peers.HALT_POLL)",
+    )
 
 
 def machine() -> dict[str, Any]:
