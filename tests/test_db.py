@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -157,11 +158,11 @@ def test_schema_tells_behind_current_and_ahead(tmp_path: Path) -> None:
     assert older[0] == "behind" and older[1] not in (None, head)
 
 
-def test_migration_0009_reads_old_usage_as_admitted_unless_a_429(
-    own_database: dict[str, str],
-) -> None:
-    """Usage recorded before ``admitted`` existed keeps the reading the daily limits' seed
-    had of it (every request taken but a 429): raw rows and rollups alike, on both
+def test_migration_0009_fills_in_what_the_seed_reads(own_database: dict[str, str]) -> None:
+    """Usage recorded before ``admitted`` existed: the hourly rollups of the last two days (what
+    a restart seeds the daily limits from) read as the seed read them before (taken unless a
+    429); older rollups, other widths and raw rows are not rewritten (a large install's
+    migration stays quick): the rollups count from 0, a raw row's flag is not known. On both
     databases."""
     from alembic import command
 
@@ -169,8 +170,10 @@ def test_migration_0009_reads_old_usage_as_admitted_unless_a_429(
     from chatgate.usage.tables import usage_records, usage_rollups
 
     settings = Settings.from_env(own_database)
+    hour = int(time.time()) // 3600 * 3600
     record = {
-        "created_at": 1_767_225_600,
+        "request_id": "req_old",
+        "created_at": hour,
         "account_id": "acct_old",
         "key_id": "key_old",
         "model": "m",
@@ -180,11 +183,10 @@ def test_migration_0009_reads_old_usage_as_admitted_unless_a_429(
         "completion_tokens": 1,
         "cost_nanousd": 0,
         "latency_ms": 1.0,
+        "status": 200,
         "streamed": False,
     }
     rollup = {
-        "width": 3600,
-        "bucket_start": 1_767_225_600,
         "account_id": "acct_old",
         "key_id": "key_old",
         "model": "m",
@@ -196,31 +198,30 @@ def test_migration_0009_reads_old_usage_as_admitted_unless_a_429(
         "errors": 3,
         "rate_limited": 2,
     }
+    buckets = [(3600, hour - 3600), (3600, hour - 3 * 86400), (60, hour)]
 
-    async def go() -> tuple[dict[str, bool], list[int]]:
+    def insert(table: str, values: dict[str, object]) -> sa.Insert:
+        return sa.insert(sa.table(table, *map(sa.column, values))).values(values)
+
+    async def go() -> tuple[list[object], dict[tuple[int, int], int]]:
         engine = create_engine(settings)
         try:
             await migrate(engine)
             async with engine.begin() as conn:
                 await conn.run_sync(lambda c: command.downgrade(_alembic_config(c), "0008"))
-                for request_id, status in (("req_ok", 200), ("req_limited", 429)):
-                    values = {**record, "request_id": request_id, "status": status}
-                    await conn.execute(
-                        sa.insert(sa.table("usage_records", *map(sa.column, values))).values(values)
-                    )
-                await conn.execute(
-                    sa.insert(sa.table("usage_rollups", *map(sa.column, rollup))).values(rollup)
-                )
+                await conn.execute(insert("usage_records", record))
+                for width, start in buckets:
+                    values = {**rollup, "width": width, "bucket_start": start}
+                    await conn.execute(insert("usage_rollups", values))
             await migrate(engine)
             async with engine.connect() as conn:
-                raw = await conn.execute(
-                    sa.select(usage_records.c.request_id, usage_records.c.admitted)
-                )
-                rolled = await conn.execute(sa.select(usage_rollups.c.admitted))
-                return {r: bool(a) for r, a in raw}, [int(n) for (n,) in rolled]
+                raw = await conn.execute(sa.select(usage_records.c.admitted))
+                t = usage_rollups
+                rolled = await conn.execute(sa.select(t.c.width, t.c.bucket_start, t.c.admitted))
+                return [a for (a,) in raw], {(w, b): int(n) for w, b, n in rolled}
         finally:
             await engine.dispose()
 
     raw, rolled = asyncio.run(go())
-    assert raw == {"req_ok": True, "req_limited": False}
-    assert rolled == [5]
+    assert raw == [None]
+    assert rolled == {buckets[0]: 5, buckets[1]: 0, buckets[2]: 0}

@@ -24,7 +24,6 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
-    true,
 )
 
 from chatgate.db.tables import metadata
@@ -67,8 +66,8 @@ usage_records = Table(
     Column("conversation_id", String(ID_LEN)),
     Column("streamed", Boolean, nullable=False),
     # Whether the limits let it through (and took it): not a request refused before them (a
-    # 400, 403, 404, 413) or by them (a 429). Since migration 0009; older rows: not a 429.
-    Column("admitted", Boolean, nullable=False, server_default=true()),
+    # 400, 403, 404, 413) or by them (a 429). NULL: recorded before migration 0009, not known.
+    Column("admitted", Boolean),
 )
 
 # Pruning and exports scan by time; an account's export by account then time.
@@ -95,7 +94,8 @@ usage_rollups = Table(
     Column("latency_ms_sum", Double, nullable=False, server_default="0"),
     Column("timed_requests", BigInteger, nullable=False, server_default="0"),
     # Requests the limits admitted (see ``usage_records.admitted``): what a restart seeds
-    # the requests-per-day limits with.
+    # the requests-per-day limits with. Counted since migration 0009, which filled in the
+    # hourly rows of the two days before it (the seed reads the last day's).
     Column("admitted", BigInteger, nullable=False, server_default="0"),
 )
 ROLLUP_SUMS: tuple[str, ...] = tuple(c.name for c in usage_rollups.c if not c.primary_key)
