@@ -12,7 +12,7 @@ under ``""`` and reported with ``account_id`` ``None``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -157,7 +157,15 @@ def _cover(start: int, end: int, widths: Sequence[int]) -> list[tuple[int, int, 
     return [*_cover(start, lo, finer), (width, lo, hi), *_cover(hi, end, finer)]
 
 
+_SUM_TYPE: dict[str, Callable[[Any], Any]] = {
+    name: float if isinstance(usage_rollups.c[name].type, sa.Float) else int for name in ROLLUP_SUMS
+}
+"""Each rollup sum's Python type: the fields of :class:`UsageRow` a report fills, by name."""
+
+
 def _sum_row(group: dict[str, Any], sums: Sequence[Any]) -> UsageRow:
+    """A report's row: its group's values and the sums (in :data:`ROLLUP_SUMS` order)."""
+
     def text(value: Any) -> str | None:
         return value or None  # "" (no account/key/model) reads as None
 
@@ -167,15 +175,9 @@ def _sum_row(group: dict[str, Any], sums: Sequence[Any]) -> UsageRow:
         key_id=text(group.get("key")),
         model=group.get("model"),
         endpoint=group.get("endpoint"),
-        requests=int(sums[0] or 0),
-        prompt_tokens=int(sums[1] or 0),
-        completion_tokens=int(sums[2] or 0),
-        cost_nanousd=int(sums[3] or 0),
-        errors=int(sums[4] or 0),
-        rate_limited=int(sums[5] or 0),
-        latency_ms_sum=float(sums[6] or 0.0),
-        timed_requests=int(sums[7] or 0),
-        admitted=int(sums[8] or 0),
+        **{
+            name: _SUM_TYPE[name](value or 0) for name, value in zip(ROLLUP_SUMS, sums, strict=True)
+        },
     )
 
 
@@ -187,15 +189,7 @@ def total(rows: Sequence[UsageRow]) -> UsageRow:
         key_id=None,
         model=None,
         endpoint=None,
-        requests=sum(r.requests for r in rows),
-        prompt_tokens=sum(r.prompt_tokens for r in rows),
-        completion_tokens=sum(r.completion_tokens for r in rows),
-        cost_nanousd=sum(r.cost_nanousd for r in rows),
-        errors=sum(r.errors for r in rows),
-        rate_limited=sum(r.rate_limited for r in rows),
-        latency_ms_sum=sum(r.latency_ms_sum for r in rows),
-        timed_requests=sum(r.timed_requests for r in rows),
-        admitted=sum(r.admitted for r in rows),
+        **{name: sum(getattr(r, name) for r in rows) for name in ROLLUP_SUMS},
     )
 
 
