@@ -29,7 +29,10 @@ then       per settlement, in the order they are applied: lease id, delta (actua
            the rate bucket's level or the quota counter to at least delta), limit, window in
            seconds (rate) or the month's end as unix time (quota)
 then       per check (the KEYS left after the settlements' ones), 4 values: kind, limit,
-           window or month's end (as above), cost
+           window or month's end (as above), cost; a rate check's kind is "p" when it counts
+           requests ("r": tokens): a requests bucket found above its limit (the limit was
+           lowered) is brought down to it, so its wait is never longer than one window, where
+           tokens owed by a settlement stay owed
 Reply      "allowed failed retry_after level_1 .. level_n", one string, the values apart by
            a space: allowed 0|1, failed the index of the first failing check (0 = none),
            retry_after -1 = never; levels are each check's state before this request.
@@ -134,6 +137,12 @@ for i = 1, n do
   local level = 0
   if kind == 'r' then
     level = drained(key, limit, span)
+  elseif kind == 'p' then
+    level = drained(key, limit, span)
+    if level > limit and limit > 0 then
+      level = limit
+      store(key, level, limit, span)
+    end
   elseif kind == 'c' then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     level = redis.call('ZCARD', key)
@@ -144,9 +153,9 @@ for i = 1, n do
 
   if failed == 0 and level + cost > limit + EPS then
     failed = i
-    if cost > limit or (limit <= 0 and kind == 'r') then
+    if cost > limit or (limit <= 0 and (kind == 'r' or kind == 'p')) then
       retry = -1
-    elseif kind == 'r' then
+    elseif kind == 'r' or kind == 'p' then
       retry = (level + cost - limit) * span / limit
     elseif kind == 'c' then
       retry = hint
@@ -165,7 +174,7 @@ if failed > 0 then return table.concat(reply, ' ') end
 for i = 1, n do
   local key, kind, limit, span = KEYS[k + i], kinds[i], limits[i], spans[i]
   local after = levels[i] + costs[i]
-  if kind == 'r' then
+  if kind == 'r' or kind == 'p' then
     store(key, after, limit, span)
   elseif kind == 'c' then
     local owner = lease

@@ -132,6 +132,12 @@ class MemoryLimiter(Limiter):
     def _refuse(self, resolved: tuple[Check, ...], cost_tokens: int, now: float) -> Decision:
         """The refusal for checks one of which fails: the first failing one, in their order."""
         levels = [self._level(check, now) for check in resolved]
+        for i, check in enumerate(resolved):
+            if check.kind == "requests" and levels[i] > check.limit > 0:
+                # Over its limit: the limit was lowered (a plan change). What the bucket holds
+                # beyond it is forgotten, so the wait is never longer than one window.
+                levels[i] = float(check.limit)
+                self._state[check.key] = Bucket(levels[i], now, check.rate)
         costs = [cost_tokens if check.charges_tokens else 1 for check in resolved]
         failed = next(
             i for i, check in enumerate(resolved) if levels[i] + costs[i] > check.limit + EPS

@@ -237,7 +237,8 @@ class _Plan(Resolved):
         for check in self.wire:
             if check.charges_tokens:
                 self.tokens.append(len(self.args) + 3)
-            self.args += [encode(v) for v in (*_bucket(check), 1)]
+            kind = "p" if check.kind == "requests" else _code(check)  # see limiter.lua
+            self.args += [encode(v) for v in (kind, check.limit, _span(check), 1)]
         # A settlement names each bucket once: the slots always, token buckets when the real
         # tokens differ from the reserved ones (index: whether they do).
         self.settle = tuple(self._settlement(prefix, with_tokens) for with_tokens in (False, True))

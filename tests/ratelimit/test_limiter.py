@@ -315,6 +315,24 @@ async def test_settle_charges_extra_into_debt(limiter: Limiter) -> None:
     assert d.used == 150 and d.retry_after > 29.0  # 50 tokens of debt at 100/min
 
 
+async def test_a_lowered_request_limit_never_asks_for_more_than_a_window(
+    limiter: Limiter,
+) -> None:
+    """A plan change from 30 to 5 requests a day, after 26: the wait is one request's share of
+    the day (4.8 h), not the 4.4 days a bucket holding all 26 would drain in."""
+    for _ in range(26):
+        await take(limiter, [Check.rpd("acct:a", 30)])
+    lowered = Check.rpd("acct:a", 5)
+    refused = await limiter.acquire([lowered])
+    assert not refused.allowed and refused.failed == lowered
+    assert refused.used == 5
+    assert 86400 / 5 - 60 < refused.retry_after <= 86400 / 5
+    assert refused.requests is not None and refused.requests.reset_after <= 86400
+    again = await limiter.acquire([lowered])  # the bucket was brought down, not read down
+    assert again.used == 5 and again.retry_after <= refused.retry_after
+    # Tokens owed past the limit by a settlement stay owed (see the test above).
+
+
 async def test_settle_applies_once(limiter: Limiter) -> None:
     checks = [Check.monthly_quota("acct:x", 1000), Check.concurrent("acct:x", 1)]
     res = await take(limiter, checks, 100)

@@ -209,9 +209,12 @@ async def test_the_limiters_commands_are_what_the_script_documents() -> None:
     )
     now = time.time()
 
-    def wire(check: Check) -> list[Any]:
-        """A bucket as the script takes it: kind, limit, window (or the month's end)."""
+    def wire(check: Check, admitted: bool = False) -> list[Any]:
+        """A bucket as the script takes it: kind, limit, window (or the month's end); a
+        requests bucket among the checks admitted is "p" (brought down to its limit)."""
         check = check.resolved(now)
+        if admitted and check.kind == "requests":
+            return ["p", check.limit, check.window]
         if check.kind == "quota":
             assert check.month is not None
             return ["q", check.limit, month_end(check.month)]
@@ -243,7 +246,7 @@ async def test_the_limiters_commands_are_what_the_script_documents() -> None:
         argv = [len(settlements), QUOTA_RETENTION, lease, DEFAULT_LEASE_TTL, 1.0]
         argv += [len(head_checks), head_lease, *settled]
         both = head_checks + checks
-        argv += [v for c, n in zip(both, costs, strict=True) for v in (*wire(c), n)]
+        argv += [v for c, n in zip(both, costs, strict=True) for v in (*wire(c, True), n)]
         return pack("EVALSHA", limiter._script.sha, len(keys), *keys, *argv)
 
     try:
