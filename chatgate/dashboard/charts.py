@@ -49,6 +49,7 @@ def _style(colors: Sequence[str]) -> Style:
         legend_font_size=12,
         title_font_size=14,
         value_font_size=11,
+        no_data_font_size=16,  # a style's, not the chart's: pygal's own is 64
     )
 
 
@@ -77,11 +78,13 @@ def stacked_days(
     *,
     colors: Sequence[str] = PALETTE,
     ranked: bool = True,
+    empty: str = "No requests in this period",
 ) -> Markup:
     """A stacked bar chart, one bar per day, one colour per series; inline SVG markup.
 
     ``ranked`` orders the series by size (and folds the smallest into "other"); without it the
-    series keep the given order and colours (errors, then 429s).
+    series keep the given order and colours (errors, then 429s). ``empty`` is written across
+    a chart whose series are all zero.
     """
     drawn = _top(series) if ranked else {name: list(values) for name, values in series.items()}
     rows = -(-len(drawn) // 3)
@@ -107,8 +110,7 @@ def stacked_days(
         print_zeroes=False,
         margin=8,
         margin_bottom=8 + 14 * rows,
-        no_data_text="No requests in this period",
-        no_data_font_size=16,
+        no_data_text=empty,
     )
     chart.x_labels = list(days)
     for name, values in drawn.items():

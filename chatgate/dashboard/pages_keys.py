@@ -16,11 +16,13 @@ from chatgate.dashboard.render import (
     PREFIX,
     field,
     flash,
+    once_token,
     page,
     page_response,
     read_form,
     redirect,
     state,
+    take_once,
 )
 from chatgate.keys.store import IssuedKey
 
@@ -35,6 +37,7 @@ async def _list_context(request: web.Request, user: User) -> dict[str, object]:
         "models": services.model_names(st),
         "expiry_choices": services.EXPIRY_CHOICES,
         "form": {"name": "", "expires_in": "", "models": []},
+        "once": await once_token(request),
     }
 
 
@@ -71,22 +74,32 @@ async def create_key(request: web.Request, user: User) -> web.StreamResponse:
             "models": models,
         }
         return await page_response(request, user, "keys.html", context, status=400)
+    if not await take_once(request, form):
+        return await _sent_before(request, user)
     issued = await services.create_key(st, user.account, wanted)
     return await page_response(
         request, user, "key_issued.html", _issued(request, user, issued, "created"), status=201
     )
 
 
+async def _sent_before(request: web.Request, user: User) -> web.StreamResponse:
+    """The keys page for a form sent again (a reload of the page that showed a new key)."""
+    context = await _list_context(request, user)
+    context["notice"] = (
+        "This form was sent before, and the key it made was shown then, once: it is not made "
+        "or shown again. Find it in the list by its name, or create a new key."
+    )
+    return await page_response(request, user, "keys.html", context, status=409)
+
+
 @page()
 async def rotate_form(request: web.Request, user: User) -> web.StreamResponse:
     """GET /dashboard/keys/{id}/rotate: choose the grace period."""
     key = await state(request).keys.get(request.match_info["id"], account_id=user.account.id)
-    return await page_response(
-        request,
-        user,
-        "key_rotate.html",
-        {"title": "Rotate key", "key": key, "grace_choices": services.GRACE_CHOICES},
-    )
+    context = {"title": "Rotate key", "key": key, "grace_choices": services.GRACE_CHOICES}
+    if key.status == "active":
+        context["once"] = await once_token(request)
+    return await page_response(request, user, "key_rotate.html", context)
 
 
 @page()
@@ -95,6 +108,9 @@ async def rotate(request: web.Request, user: User) -> web.StreamResponse:
     form = await read_form(request)
     st = state(request)
     grace = services.parse_grace(field(form, "grace", 20), st.settings.rotation_grace)
+    await st.keys.get(request.match_info["id"], account_id=user.account.id)  # else 404
+    if not await take_once(request, form):
+        return await _sent_before(request, user)
     issued = await services.rotate_key(st, user.account, request.match_info["id"], grace)
     context = _issued(request, user, issued, "rotated")
     context["grace"] = grace

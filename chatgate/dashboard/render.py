@@ -14,6 +14,7 @@ Every page handler is wrapped by :func:`page`, which
 from __future__ import annotations
 
 import functools
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -175,6 +176,35 @@ async def flash(request: web.Request, message: str, kind: str = "ok") -> None:
     session = await aiohttp_session.get_session(request)
     messages = session.get("flash", [])
     session["flash"] = [*messages[-4:], {"kind": kind, "text": message[:300]}]
+
+
+ONCE_FIELD = "once"
+_ONCE_KEPT = 8
+
+
+async def once_token(request: web.Request) -> str:
+    """A token for a form whose POST must run once (it makes a key and shows it): the page
+    that reloads the POST's answer sends the form again, and a browser's "resend?" is easily
+    said yes to. The session keeps the last few issued (a form per tab); :func:`take_once`
+    takes one away, so the same form sent again finds it gone."""
+    session = await aiohttp_session.get_session(request)
+    token = secrets.token_urlsafe(12)
+    kept = session.get("once", [])
+    session["once"] = [*(kept[-(_ONCE_KEPT - 1) :] if isinstance(kept, list) else []), token]
+    return token
+
+
+async def take_once(
+    request: web.Request, form: MultiDictProxy[str | bytes | bytearray | FileField]
+) -> bool:
+    """Whether the form's once token was issued to this session and not taken yet (taking it)."""
+    session = await aiohttp_session.get_session(request)
+    kept = session.get("once", [])
+    token = form.get(ONCE_FIELD)
+    if not isinstance(kept, list) or not isinstance(token, str) or token not in kept:
+        return False
+    session["once"] = [t for t in kept if t != token]
+    return True
 
 
 def redirect(location: str) -> web.HTTPSeeOther:

@@ -46,6 +46,8 @@ class Period:
     start: int
     end: int
     name: str
+    note: str = ""
+    """What was changed in the range asked for, to say so on the page (empty: nothing)."""
 
     @property
     def days(self) -> list[int]:
@@ -83,12 +85,32 @@ def _parse_date(text: str) -> int | None:
 
 
 def period_from(query: dict[str, str], *, now: float | None = None) -> Period:
-    """The period a request asks for: ``?period=7d|30d|90d|month`` or ``?from=&to=`` dates."""
+    """The period a request asks for: ``?period=7d|30d|90d|month`` or ``?from=&to=`` dates.
+
+    A range is read as far as it can be, and its :attr:`Period.note` says how: dates given the
+    wrong way round are swapped, days after today left out, a range longer than
+    :data:`MAX_DAYS` cut to its last days; a date that is not one shows the last 30 days.
+    """
     today = int(now if now is not None else time.time()) // DAY * DAY
-    start_q, end_q = _parse_date(query.get("from", "")), _parse_date(query.get("to", ""))
-    if start_q is not None and end_q is not None and start_q <= end_q:
-        start_q = max(start_q, end_q - (MAX_DAYS - 1) * DAY)
-        return Period(start_q, end_q + DAY, "custom")
+    asked_from, asked_to = query.get("from", ""), query.get("to", "")
+    if asked_from or asked_to:
+        start_q, end_q = _parse_date(asked_from), _parse_date(asked_to)
+        if start_q is None or end_q is None:
+            shown = " to ".join(_quoted(t) for t in (asked_from, asked_to) if t) or "—"
+            note = f"{shown} is not a range of dates (YYYY-MM-DD): showing the last 30 days."
+            return Period(today - 29 * DAY, today + DAY, "30d", note)
+        notes = []
+        if start_q > end_q:
+            start_q, end_q = end_q, start_q
+            notes.append("The dates were the wrong way round: swapped.")
+        if end_q > today:
+            notes.append("Days after today were left out.")
+            end_q = today
+            start_q = min(start_q, today)
+        if start_q < end_q - (MAX_DAYS - 1) * DAY:
+            start_q = end_q - (MAX_DAYS - 1) * DAY
+            notes.append(f"A range shows at most {MAX_DAYS} days: its last {MAX_DAYS}.")
+        return Period(start_q, end_q + DAY, "custom", " ".join(notes))
     name = query.get("period", "30d")
     if name == "month":
         t = time.gmtime(today)
@@ -97,6 +119,11 @@ def period_from(query: dict[str, str], *, now: float | None = None) -> Period:
     if days is None:
         name, days = "30d", 30
     return Period(today - (days - 1) * DAY, today + DAY, name)
+
+
+def _quoted(text: str) -> str:
+    """A date as typed, shortened, for a note."""
+    return "“" + (text if len(text) <= 20 else text[:20] + "…") + "”"
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +191,8 @@ async def build(
     what = {"key": "key", "model": "model", "account": "account"}[by]
     index = {day: i for i, day in enumerate(period.days)}
     daily_rows = [queries.total([r for r in rows if r.bucket_start == d]) for d in period.days]
-    errors = [r.errors - r.rate_limited for r in daily_rows]
+    # Stacked, the two make a day's errors (429s are errors, as in the exports).
+    other = [r.errors - r.rate_limited for r in daily_rows]
     limited = [r.rate_limited for r in daily_rows]
     grouped: dict[str, list[queries.UsageRow]] = {}
     for row in rows:
@@ -187,11 +215,12 @@ async def build(
             _series(period, rows, label, "total_tokens"),
         ),
         errors_chart=charts.stacked_days(
-            "Errors and rate-limited (429) requests per day",
+            "Errors per day (429s and others)",
             period.labels,
-            {"errors": errors, "429 rate limited": limited},
+            {"other errors": other, "429 rate limited": limited},
             colors=charts.ERROR_COLORS,
             ranked=False,
+            empty="No errors in this period",
         ),
         table=table,
         daily=[(_date(d), r) for d, r in zip(period.days, daily_rows, strict=True)],
@@ -246,6 +275,9 @@ class PlanUse:
     tokens_month: int
     cents_month: int = 0
     """What this month cost at the models' prices, in US cents (rounded up)."""
+    admitted_today: int = 0
+    """Today's requests the limits took, what the requests-per-day limit counts (not those
+    refused before it, a malformed body, or by it, a 429)."""
 
 
 async def plan_use(engine: AsyncEngine, account_id: str, *, now: float | None = None) -> PlanUse:
@@ -260,4 +292,6 @@ async def plan_use(engine: AsyncEngine, account_id: str, *, now: float | None = 
     )
     day, mon = queries.total(day_rows), queries.total(month_rows)
     cents = cents_up(mon.cost_nanousd)  # the budget's unit
-    return PlanUse(day.requests, day.total_tokens, mon.requests, mon.total_tokens, cents)
+    return PlanUse(
+        day.requests, day.total_tokens, mon.requests, mon.total_tokens, cents, day.admitted
+    )

@@ -5,6 +5,7 @@ it in the usage page -> rotate -> revoke -> 401. Screenshots of every page go to
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import secrets
@@ -29,10 +30,20 @@ from tests.dashboard.test_security import wait_status
 from tests.helpers import ROOT, Gateway, Upstream
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Browser, BrowserContext, Page, expect  # noqa: E402
+from playwright.sync_api import (  # noqa: E402
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Page,
+    expect,
+)
 
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 900}
+CHARTS = (
+    "[...document.querySelectorAll('.card.chart')]"
+    ".map(c => [c.scrollWidth, c.clientWidth, c.scrollLeft])"
+)
 # Usage recording is wired into create_app by the usage work (issue: usage records); until
 # then the usage page has nothing to show and that one check is an expected failure.
 USAGE_WIRED = "UsageRecorder" in (ROOT / "chatgate" / "app.py").read_text()
@@ -55,6 +66,11 @@ def new_context(browser: Browser, gw: Gateway, **kw: Any) -> BrowserContext:
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=gw.url)
     context.set_default_timeout(15_000)
     return context
+
+
+def _console_errors(into: list[str], message: ConsoleMessage) -> None:
+    if message.type == "error":
+        into.append(message.text)
 
 
 def shot(page: Page, name: str) -> None:
@@ -277,13 +293,22 @@ def test_pages_at_phone_width_and_admin(browser: Browser, dash: Gateway) -> None
             )
             page = context.new_page()
             page.set_viewport_size(viewport)
+            console: list[str] = []
+            page.on("console", functools.partial(_console_errors, console))
             for path, name in todo:
                 resp = page.goto(path)
                 assert resp is not None and resp.status == 200, path
                 width = page.evaluate("document.documentElement.scrollWidth")
                 assert width <= viewport["width"] + 1, f"{path} scrolls sideways at {width}px"
+                # A chart fits its card on a desktop; on a phone it scrolls, showing today.
+                for wide, shown, at in page.evaluate(CHARTS):
+                    if viewport is DESKTOP:
+                        assert wide <= shown, f"{path}: a chart is cut off ({wide} > {shown})"
+                    else:
+                        assert wide <= shown or at >= wide - shown - 1, f"{path}: {at}"
                 if who is user or "admin" in name:
                     shot(page, f"{name}-{suffix}")
+            assert console == [], console  # e.g. a missing favicon
             context.close()
 
     # Admin actions through the pages: find the user, move them to pro, edit a plan.

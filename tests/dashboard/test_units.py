@@ -64,10 +64,26 @@ def test_periods() -> None:
     custom = usage_view.period_from({"from": "2026-10-01", "to": "2026-10-31"}, now=now)
     assert (custom.first, custom.last, len(custom.days)) == ("2026-10-01", "2026-10-31", 31)
     assert custom.query == "from=2026-10-01&to=2026-10-31"
+    assert custom.note == "" and p7.note == ""
     assert usage_view.period_from({"period": "bogus"}, now=now).name == "30d"
-    assert usage_view.period_from({"from": "2026-10-31", "to": "2026-10-01"}, now=now).name == "30d"
+    # A range that is not quite right is read as far as it can be, and the page says how.
+    swapped = usage_view.period_from({"from": "2026-10-31", "to": "2026-10-01"}, now=now)
+    assert (swapped.first, swapped.last) == ("2026-10-01", "2026-10-31")
+    assert "wrong way round" in swapped.note
     huge = usage_view.period_from({"from": "1990-01-01", "to": "2026-10-01"}, now=now)
-    assert len(huge.days) == usage_view.MAX_DAYS
+    assert len(huge.days) == usage_view.MAX_DAYS and huge.last == "2026-10-01"
+    assert "at most 400 days" in huge.note
+    future = usage_view.period_from({"from": "2026-11-01", "to": "9999-12-31"}, now=now)
+    assert (future.first, future.last) == ("2026-11-01", "2026-11-25")
+    assert "after today" in future.note
+    ahead = usage_view.period_from({"from": "2027-01-01", "to": "2027-02-01"}, now=now)
+    assert (ahead.first, ahead.last) == ("2026-11-25", "2026-11-25") and ahead.note
+    for bad in ({"from": "garbage"}, {"from": "2026-10-01", "to": "2026-13-01"}, {"to": "x"}):
+        fallback = usage_view.period_from(bad, now=now)
+        assert fallback.name == "30d" and "not a range of dates" in fallback.note
+        assert len(fallback.days) == 30 and fallback.last == "2026-11-25"
+    long = usage_view.period_from({"from": "x" * 500}, now=now)
+    assert len(long.note) < 120
 
 
 def test_parsing() -> None:

@@ -45,6 +45,10 @@ document.addEventListener("DOMContentLoaded", () => {
       setTimeout(() => { button.textContent = "Copy"; }, 2500);
     });
   }
+  // A chart narrower than its drawing scrolls sideways (phones): show the newest days first.
+  for (const chart of document.querySelectorAll(".card.chart")) {
+    chart.scrollLeft = chart.scrollWidth;
+  }
   // Select the whole key when its box is focused.
   const newKey = document.getElementById("new-key");
   if (newKey) newKey.addEventListener("focus", () => newKey.select());

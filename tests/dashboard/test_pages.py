@@ -1,0 +1,133 @@
+"""Dashboard pages as a user reads them: a key form sent twice, keys no longer active, the
+usage page's numbers beside the export's and the plan's meters beside the limiter."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import secrets
+import time
+
+import requests
+
+from tests.dashboard.conftest import CSRF, User, chat, make_user
+from tests.helpers import Gateway
+
+ONCE = re.compile(r'name="once" value="([^"]+)"')
+NEW_KEY = re.compile(r"sk-cg-[A-Za-z0-9_\-]{20,}")  # a whole key, not a hint
+
+
+def form_of(user: User, path: str) -> dict[str, str]:
+    """The CSRF and once tokens of the form on ``path``, as a browser would send them."""
+    page = user.http.get(user.url(path), timeout=10)
+    assert page.status_code == 200, page.status_code
+    csrf, once = CSRF.search(page.text), ONCE.search(page.text)
+    assert csrf and once, f"no form tokens on {path}"
+    return {"csrf_token": csrf.group(1), "once": once.group(1)}
+
+
+def count_keys(user: User) -> int:
+    return len(user.api("GET", "/api/keys").json()["data"])
+
+
+def test_a_key_form_sent_again_makes_no_second_key(dash: Gateway) -> None:
+    """Reloading the page that showed a new key sends its form again: the second time makes
+    no key (and shows none); two forms open in two tabs each make theirs."""
+    user = make_user(dash)
+    form = {**form_of(user, "/dashboard/keys"), "name": "reloaded"}
+    first = user.http.post(user.url("/dashboard/keys"), data=form, timeout=30)
+    assert first.status_code == 201 and NEW_KEY.search(first.text)
+    before = count_keys(user)
+    again = user.http.post(user.url("/dashboard/keys"), data=form, timeout=30)
+    assert again.status_code == 409, again.status_code
+    assert "sent before" in again.text and not NEW_KEY.search(again.text)
+    assert count_keys(user) == before
+    tabs = [form_of(user, "/dashboard/keys") for _ in range(2)]
+    for tab in tabs:
+        made = user.http.post(user.url("/dashboard/keys"), data={**tab, "name": "tab"}, timeout=30)
+        assert made.status_code == 201
+    assert count_keys(user) == before + 2
+    # A form without the token (made by hand) is refused the same way.
+    bare = {"csrf_token": form["csrf_token"], "name": "by hand"}
+    assert user.http.post(user.url("/dashboard/keys"), data=bare, timeout=30).status_code == 409
+
+    # Rotation: sent again, it would have replaced the secret just shown with another.
+    key_id = user.new_key(name="rotated")["id"]
+    path = f"/dashboard/keys/{key_id}/rotate"
+    form = {**form_of(user, path), "grace": "0"}
+    rotated = user.http.post(user.url(path), data=form, timeout=30)
+    assert rotated.status_code == 200
+    shown = NEW_KEY.search(rotated.text)
+    assert shown
+    again = user.http.post(user.url(path), data=form, timeout=30)
+    assert again.status_code == 409 and not NEW_KEY.search(again.text)
+    assert chat(dash, shown.group(0)).status_code == 200  # the secret shown still works
+
+
+def test_pages_of_a_key_no_longer_active_offer_no_form(dash: Gateway) -> None:
+    user = make_user(dash)
+    key_id = user.new_key(name="gone")["id"]
+    assert user.api("POST", f"/api/keys/{key_id}/revoke").status_code == 200
+    for action in ("rotate", "revoke"):
+        page = user.http.get(user.url(f"/dashboard/keys/{key_id}/{action}"), timeout=10)
+        assert page.status_code == 200
+        assert 'id="not-active"' in page.text and "revoked" in page.text
+        assert f'action="/dashboard/keys/{key_id}/{action}"' not in page.text
+
+
+def _csv_totals(user: User) -> dict[str, int]:
+    text = user.http.get(user.url("/dashboard/usage.csv?period=7d"), timeout=10).text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    return {c: sum(int(r[c]) for r in rows) for c in ("requests", "errors", "rate_limited")}
+
+
+def _stat(page: str, name: str) -> int:
+    found = re.search(rf'id="{name}">([\d,]+)<', page)
+    assert found, name
+    return int(found.group(1).replace(",", ""))
+
+
+def test_usage_page_counts_as_the_export_and_the_meter_as_the_limit(dash: Gateway) -> None:
+    """Errors are every answer that is not 2xx on the page as in the export (429s among
+    them), and the requests-per-day meter counts what the limit counts: a malformed request
+    is an error but takes none of the day's requests, a 429 neither."""
+    plan = f"day-{secrets.token_hex(3)}"
+    dash.cli("plans", "create", plan, "--rpd", "2")
+    user = make_user(dash, plan=plan)
+    key = user.new_key(name="counted")["key"]
+    bearer = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    malformed = requests.post(
+        dash.url + "/v1/chat/completions", headers=bearer, data="{", timeout=30
+    )
+    assert malformed.status_code == 400
+    assert [chat(dash, key).status_code for _ in range(3)] == [200, 200, 429]
+
+    deadline = time.monotonic() + 20  # the recorder writes in batches, about every second
+    while _csv_totals(user)["requests"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    exported = _csv_totals(user)
+    assert exported == {"requests": 4, "errors": 2, "rate_limited": 1}, exported
+    page = user.http.get(user.url("/dashboard/usage?period=7d"), timeout=10).text
+    assert _stat(page, "total-requests") == exported["requests"]
+    assert _stat(page, "total-errors") == exported["errors"]
+    assert _stat(page, "total-rate-limited") == exported["rate_limited"]
+    meter = re.search(r'id="meter-rpd">([\d,]+) / ([\d,]+)<', page)
+    assert meter and meter.groups() == ("2", "2"), meter and meter.groups()
+    # The errors chart says there were errors; with none, it says that, not "no requests".
+    assert "No errors in this period" not in page and "No requests in this period" not in page
+
+
+def test_a_usage_range_that_was_changed_says_so(dash: Gateway) -> None:
+    user = make_user(dash)
+    for query, said in (
+        ("from=2026-12-01&to=9999-12-31", "after today"),
+        ("from=garbage&to=2026-12-01", "not a range of dates"),
+        ("from=%3Cb%3Ex&to=2026-12-01", "&lt;b&gt;x"),  # the date as typed, escaped
+    ):
+        page = user.http.get(user.url(f"/dashboard/usage?{query}"), timeout=10)
+        assert page.status_code == 200
+        note = re.search(r'id="period-note">([^<]*)<', page.text)
+        assert note and said in note.group(1), (query, note and note.group(1))
+    page = user.http.get(user.url("/dashboard/usage?period=30d"), timeout=10).text
+    assert 'id="period-note"' not in page
