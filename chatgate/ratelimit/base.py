@@ -627,6 +627,9 @@ class FailoverLimiter(Limiter):
         self._down_until = -math.inf
         self._from_fallback = Ledger(clock)
         self._fallback_seeded: set[str] = set()  # months seeded since the last outage began
+        # The fallback admitted requests the primary never counted (an outage, failing open):
+        # the primary wants seeding from the usage records once it answers again.
+        self._primary_missed = False
         self.lease_ttl = primary.lease_ttl
 
     @property
@@ -635,6 +638,7 @@ class FailoverLimiter(Limiter):
         return self._clock() < self._down_until
 
     def _mark_down(self, exc: LimiterUnavailable) -> None:
+        self._primary_missed = self._primary_missed or self.fail_open
         if not self.degraded:
             # The fallback's buckets missed what the primary counted: seed them again.
             self._fallback_seeded.clear()
@@ -743,8 +747,12 @@ class FailoverLimiter(Limiter):
 
     async def seeded(self, month: str) -> bool:
         """The primary's answer; while it is down and failing open, whether the fallback was
-        seeded since the outage began (its buckets were stale from before)."""
+        seeded since the outage began (its buckets were stale from before); once it is up
+        again after such an outage, False until it is seeded (what the fallback admitted
+        meanwhile is in the usage records, not in the primary's counters)."""
         if not self.degraded:
+            if self._primary_missed:
+                return False
             try:
                 return await self.primary.seeded(month)
             except LimiterUnavailable as exc:
@@ -759,6 +767,8 @@ class FailoverLimiter(Limiter):
                 await self.primary.seed(seed)
             except LimiterUnavailable as exc:
                 self._mark_down(exc)
+            else:
+                self._primary_missed = self._primary_missed and not seed.whole
         await self.fallback.seed(seed)
         if seed.whole:
             self._fallback_seeded.add(seed.month)

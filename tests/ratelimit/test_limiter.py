@@ -871,6 +871,39 @@ async def test_failover_seeds_its_fallback_again_when_an_outage_begins() -> None
     assert await closed.seeded(month)  # failing closed, no fallback answers: no seed
 
 
+async def test_failover_seeds_its_primary_again_when_an_outage_ends() -> None:
+    """What the fallback admitted during an outage is in the usage records, not in Redis's
+    counters: once Redis answers again, it is seeded from the records (raised to them)."""
+    clock = FakeClock()
+    primary = _Flaky(clock)
+    limiter = FailoverLimiter(primary, MemoryLimiter(clock=clock), cooldown=1.0, clock=clock)
+    month = month_of(clock.now)
+    await limiter.seed(Seed(month, {"acct:x": 100}))
+    quota = [Check.monthly_quota("acct:x", 1000)]
+    primary.up = False
+    await take(limiter, quota, 300)  # the fallback admits it; the primary never sees it
+    primary.up = True
+    clock.now += 1.0
+    assert not await limiter.seeded(month)  # the primary missed the outage's requests
+    await take(limiter, quota, 0)  # answered by the primary again meanwhile
+    assert limiter.fallbacks == 1 and not await limiter.seeded(month)
+    await limiter.seed(Seed(month, {"acct:z": 5}, whole=False))  # one change: not enough
+    assert not await limiter.seeded(month)
+    await limiter.seed(Seed(month, {"acct:x": 400}))  # what the records say by now
+    assert await limiter.seeded(month) and await primary.quota_used("acct:x") == 400
+    refused = await limiter.acquire(quota, 601)
+    assert not refused.allowed and refused.used == 400
+    # Failing closed, nothing was admitted without the primary: nothing to seed it with.
+    closed = FailoverLimiter(_Flaky(clock), MemoryLimiter(clock=clock), fail_open=False)
+    await closed.seed(Seed(month, {}))
+    closed.primary.up = False  # type: ignore[attr-defined]
+    with pytest.raises(LimiterUnavailable):
+        await closed.acquire(quota, 1)
+    closed.primary.up = True  # type: ignore[attr-defined]
+    clock.now += 2.0
+    assert await closed.seeded(month)
+
+
 # --- the package surface ---------------------------------------------------------------
 
 
