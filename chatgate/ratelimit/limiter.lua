@@ -42,6 +42,16 @@ Reply      "allowed failed retry_after level_1 .. level_n", one string, the valu
 
 Rate buckets (GCRA, leaky-bucket form) are hashes {l = level, t = stamp}; concurrency is a
 sorted set of lease id -> expiry; a quota is an integer counter per month.
+
+A reservation charged to a quota is held in Redis until it settles, and a process that dies
+cannot settle it: its lease expires, and with it the reservation is given back. The first
+concurrency set of a reservation (a real limit's, or the marker every quota has) keeps, in
+the hash "<set>|h", lease id -> what the lease charged to which quota counters ("amount key"
+lines). A settlement that frees the lease drops its line; an admission that finds leases
+expired in a set (or the set gone: it expires a TTL after its last lease) gives theirs back,
+before it reads any level, so the counter it reads holds live reservations only. What was
+given back is kept in "<set>|g": a process only cut off from Redis for a TTL, whose
+settlement comes after all, is charged it again there, then its own difference.
 ]]
 
 local t = redis.call('TIME')
@@ -73,6 +83,48 @@ local function store(key, level, limit, span)
   redis.call('PEXPIRE', key, math.ceil(drain * 1000) + 1000)
 end
 
+-- Add `sign` times each charge of `charged` (lines of "amount key") to its quota counter,
+-- never below 0; a counter gone (its month is over) stays gone.
+local function charge(charged, sign)
+  for amount, key in string.gmatch(charged, '(%d+) ([^\n]+)') do
+    if redis.call('EXISTS', key) == 1 then
+      local left = redis.call('INCRBY', key, sign * tonumber(amount))
+      if left < 0 then redis.call('INCRBY', key, -left) end
+    end
+  end
+end
+
+-- Give back what the dead leases `owners` of concurrency set `set` charged, and keep it in
+-- "<set>|g": a settlement that comes after all (its process was cut off from Redis for a
+-- TTL, not dead) charges it again, and then its own difference.
+local function give_back(set, owners)
+  local held, given = set .. '|h', set .. '|g'
+  for _, owner in ipairs(owners) do
+    local charged = redis.call('HGET', held, owner)
+    if charged then
+      charge(charged, -1)
+      redis.call('HDEL', held, owner)
+      redis.call('HSET', given, owner, charged)
+      redis.call('EXPIREAT', given, math.ceil(now + keep + 31 * 86400))
+    end
+  end
+end
+
+-- Drop the expired leases of concurrency set `key`, giving back what they charged; when the
+-- set is gone, every lease in its hash was (it outlives its last lease by a TTL).
+local function prune(key)
+  local dead = redis.call('ZRANGEBYSCORE', key, '-inf', now)
+  if #dead > 0 then
+    give_back(key, dead)
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  end
+  local live = redis.call('ZCARD', key)
+  if live == 0 and redis.call('EXISTS', key .. '|h') == 1 then
+    give_back(key, redis.call('HKEYS', key .. '|h'))
+  end
+  return live
+end
+
 -- 1. Settlements, in order: charge the real tokens instead of the reserved ones and free
 -- the concurrency slot of each finished request. A settlement's slots come first: when it
 -- holds one and a call that carried it before may have run, its tokens are moved only if a
@@ -90,7 +142,17 @@ for _ = 1, settlements do
     a = a + 3
     if kind == 'c' then
       leased = true
-      if redis.call('ZREM', key, owner) == 1 then freed = true end
+      if redis.call('ZREM', key, owner) == 1 then
+        freed = true
+        redis.call('HDEL', key .. '|h', owner)
+      else
+        local given = redis.call('HGET', key .. '|g', owner)
+        if given then  -- its lease expired and its charges were given back: not applied yet
+          charge(given, 1)
+          redis.call('HDEL', key .. '|g', owner)
+          freed = true
+        end
+      end
     elseif kind == 'n' then
       if redis.call('ZSCORE', key, owner) then
         redis.call('ZADD', key, string.format('%.17g', now + ttl), owner)
@@ -122,10 +184,16 @@ for _ = 1, settlements do
   end
 end
 
--- 2. The admission: check every limit; take them all only if all pass.
+-- 2. The admission: check every limit; take them all only if all pass. First the
+-- concurrency sets are pruned, which may give quota back (see above).
 local n = #KEYS - k
 local kinds, limits, spans, costs, levels = {}, {}, {}, {}, {}
 local failed, retry = 0, 0
+
+for i = 1, n do
+  local b = a + (i - 1) * 4
+  if ARGV[b + 1] == 'c' then levels[i] = prune(KEYS[k + i]) end
+end
 
 for i = 1, n do
   local key = KEYS[k + i]
@@ -144,8 +212,7 @@ for i = 1, n do
       store(key, level, limit, span)
     end
   elseif kind == 'c' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    level = redis.call('ZCARD', key)
+    level = levels[i]  -- pruned above
   else
     level = tonumber(redis.call('GET', key) or '0')
   end
@@ -171,9 +238,14 @@ local reply = {0, failed, string.format('%.17g', retry)}
 for i = 1, n do reply[3 + i] = string.format('%.17g', levels[i]) end
 if failed > 0 then return table.concat(reply, ' ') end
 
+-- Per reservation (1: the first `split` checks', 2: the others'), its first concurrency set
+-- and its quota charges, to hold until it settles.
+local holder, charges = {}, {{}, {}}
 for i = 1, n do
   local key, kind, limit, span = KEYS[k + i], kinds[i], limits[i], spans[i]
   local after = levels[i] + costs[i]
+  local r = 2
+  if i <= split then r = 1 end
   if kind == 'r' or kind == 'p' then
     store(key, after, limit, span)
   elseif kind == 'c' then
@@ -181,9 +253,21 @@ for i = 1, n do
     if i <= split then owner = split_lease end
     redis.call('ZADD', key, string.format('%.17g', now + ttl), owner)
     redis.call('PEXPIRE', key, math.ceil(ttl * 1000))
+    if not holder[r] then holder[r] = key end
   else
     redis.call('SET', key, string.format('%d', after))
     redis.call('EXPIREAT', key, math.ceil(span + keep))
+    if costs[i] > 0 then
+      table.insert(charges[r], string.format('%d', costs[i]) .. ' ' .. key)
+    end
+  end
+end
+for r = 1, 2 do
+  if holder[r] and #charges[r] > 0 then
+    local owner = lease
+    if r == 1 then owner = split_lease end
+    redis.call('HSET', holder[r] .. '|h', owner, table.concat(charges[r], '\n'))
+    redis.call('EXPIREAT', holder[r] .. '|h', math.ceil(now + keep + 31 * 86400))
   end
 end
 reply[1] = 1

@@ -410,6 +410,76 @@ async def test_renewal_after_settlement_frees_the_slot(harness: Harness) -> None
     await take(limiter, checks)
 
 
+def _redis_only(harness: Harness) -> None:
+    if harness.backend == "memory":
+        pytest.skip("a process's own reservations die with it in process")
+
+
+async def test_a_dead_processs_quota_reservations_are_given_back(harness: Harness) -> None:
+    """A process killed mid-request never settles its reservations: once their leases expire,
+    the next admission gives them back (the quota held 1,200 tokens of requests that
+    never finished, until the month's end). A process that was only cut off and settles
+    after all is charged its real tokens."""
+    _redis_only(harness)
+    dead = harness.make(lease_ttl=0.2)  # it stops renewing: a lease outlives it by its TTL
+    live = harness.make(lease_ttl=30.0)
+    quota = Check.monthly_quota("acct:x", 1000)
+    checks = [Check.concurrent("key:k", 5), quota, Check.monthly_quota("key:k", 1000)]
+    await take(dead, checks, 400)
+    await take(dead, [quota], 200)  # a quota with no concurrency limit: the marker's lease
+    kept = await take(live, checks, 100)  # keeps the concurrency set alive
+    assert await live.quota_used("acct:x") == 700 and await live.quota_used("key:k") == 500
+    await asyncio.sleep(0.4)  # the server's clock decides; only waits
+    # Expired leases in a live set, and a set gone with its only lease: both given back.
+    await take(live, checks, 0)
+    await take(live, [quota], 0)
+    assert await live.quota_used("acct:x") == 100 and await live.quota_used("key:k") == 100
+    assert await live.settle(kept, 60)
+    assert await live.quota_used("acct:x") == 60
+    # Cut off, not dead: its settlement comes after its charges were given back.
+    cut_off = harness.make(lease_ttl=0.2)
+    late = await take(cut_off, checks, 300)
+    await asyncio.sleep(0.4)
+    await take(live, checks, 0)  # gives the 300 back
+    assert await live.quota_used("acct:x") == 60
+    assert await cut_off.settle(late, 250)  # charged again, then its real 250
+    assert await live.quota_used("acct:x") == 310 and await live.quota_used("key:k") == 310
+    assert not await cut_off.settle(late, 250)  # once
+    assert await live.quota_used("acct:x") == 310
+
+
+async def test_a_dead_processs_budget_reservation_is_given_back(harness: Harness) -> None:
+    _redis_only(harness)
+    dead = harness.make(lease_ttl=0.2)
+    live = harness.make(lease_ttl=30.0)
+    checks = [Check.rpm("key:a", 100), Check.monthly_quota("acct:x", 500)]
+    decision, budget = await dead.acquire_both(BUDGET, 900, checks, 300)
+    assert decision.allowed and budget is not None and budget.allowed
+    refused, _ = await live.acquire_both(BUDGET, 200, checks, 10)
+    assert not refused.allowed  # 900 of the 1,000 held
+    await asyncio.sleep(0.4)
+    decision, budget = await live.acquire_both(BUDGET, 200, checks, 10)
+    assert decision.allowed and budget is not None and budget.allowed
+    assert await live.quota_used("usd:acct:x") == 200 and await live.quota_used("acct:x") == 10
+
+
+async def test_settled_reservations_leave_nothing_held(harness: Harness) -> None:
+    _redis_only(harness)
+    limiter = harness.make()
+    checks = [Check.concurrent("key:k", 5), Check.monthly_quota("acct:x", 1000)]
+    for actual in (0, 7, 400):
+        await limiter.settle(await take(limiter, checks, 100), actual)
+    await limiter.settle(await take(limiter, checks[1:], 100), 3)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        held = [k async for k in client.scan_iter(match=harness.prefix + "*|h", count=1000)]
+        given = [k async for k in client.scan_iter(match=harness.prefix + "*|g", count=1000)]
+    finally:
+        await client.aclose()
+    assert held == [] and given == []
+    assert await limiter.quota_used("acct:x") == 410
+
+
 async def test_gateway_renews_running_requests_leases(harness: Harness) -> None:
     """Limits.run_renewal (a task of every gateway process) keeps a running request's slot
     past its lease TTL, on the real clock; stopped, it renews nothing more."""
