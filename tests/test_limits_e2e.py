@@ -590,7 +590,8 @@ def test_a_killed_gateways_slots_free_within_the_lease_ttl(
 ) -> None:
     """A stream running longer than the lease TTL keeps its slot (its process renews the
     lease); a gateway killed with it in flight lets the slot go one TTL later, for every
-    other gateway sharing Redis (the TTL is 3 s here, 60 s by default; it was 15 minutes)."""
+    other gateway sharing Redis (the TTL is 3 s here, 60 s by default; it was 15 minutes),
+    and gives back what it had reserved of the monthly quota (kept until the month's end)."""
     env = {
         "CHATGATE_REDIS_URL": REDIS_URL,
         "CHATGATE_REDIS_PREFIX": f"cgtest-{secrets.token_hex(4)}:",
@@ -600,9 +601,11 @@ def test_a_killed_gateways_slots_free_within_the_lease_ttl(
     gws = started_pair(tmp_path, pg_url, upstream, extra, env)
     doomed, survivor = gws
     try:
-        key = account_with_plan(survivor, concurrency=1)
+        key = account_with_plan(survivor, concurrency=1, monthly_tokens=6000)
         headers = {"Authorization": f"Bearer {key}"}
-        stalled = {"model": "gpt-stall", "messages": BODY["messages"], "stream": True}
+        small = {**BODY, "max_tokens": 10}
+        large = {**BODY, "max_tokens": 3000}  # fits only once the stream's 4,000 are back
+        stalled = {**BODY, "model": "gpt-stall", "stream": True, "max_tokens": 4000}
         with requests.post(
             doomed.url + "/v1/chat/completions",
             json=stalled,
@@ -614,7 +617,7 @@ def test_a_killed_gateways_slots_free_within_the_lease_ttl(
             assert next(lines).startswith(b"data: {")
             time.sleep(5)  # past the TTL: only the renewals keep the slot
             held = requests.post(
-                survivor.url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
+                survivor.url + "/v1/chat/completions", json=small, headers=headers, timeout=10
             )
             assert held.status_code == 429, "a running stream lost its slot after one TTL"
             assert "concurrent requests" in held.json()["error"]["message"]
@@ -623,13 +626,13 @@ def test_a_killed_gateways_slots_free_within_the_lease_ttl(
         statuses = []
         while time.monotonic() < deadline:
             answer = requests.post(
-                survivor.url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
+                survivor.url + "/v1/chat/completions", json=large, headers=headers, timeout=10
             )
-            statuses.append(answer.status_code)
+            statuses.append((answer.status_code, answer.json().get("error", {}).get("code")))
             if answer.status_code == 200:
                 break
             time.sleep(0.5)
-        assert statuses[-1] == 200, f"the dead gateway's slot was still held: {statuses}"
+        assert statuses[-1][0] == 200, f"the dead gateway's reservation was still held: {statuses}"
     finally:
         for gw in gws:
             if gw.proc is not None and gw.proc.poll() is None:
