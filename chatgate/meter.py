@@ -37,6 +37,7 @@ class Meter:
     error_code: str | None = None
     status: int = 0  # a stream's status once sent, or the outcome's where it differs (broken())
     admitted: bool = False  # the limits let it through (and took it): see Call.admit
+    limit_headers: dict[str, str] | None = None  # theirs, for an answer that fails after
 
     def identify(self, principal: Principal) -> None:
         self.account_id = principal.account_id

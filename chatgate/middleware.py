@@ -45,6 +45,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     except errors.APIError as exc:
         error_code = exc.code
         response = error_response(exc)
+        _limits_of(request, response)
         if error_code == "model_not_found" and METER in request:
             # No model is named like a key: a key sent as the model is recorded as its hint,
             # as the message shows it (usage reports and exports show the model recorded).
@@ -65,6 +66,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             response = error_response(
                 errors.APIError("The server had an error while processing your request.")
             )
+        _limits_of(request, response)
     except asyncio.CancelledError:
         _cancelled(request, request_id, CLIENT_CLOSED)
         raise
@@ -88,6 +90,14 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
                     raise
             _record(state, meter.record(request_id, response.status, error_code))
     return response
+
+
+def _limits_of(request: web.Request, response: web.StreamResponse) -> None:
+    """An admitted request that failed (an upstream's error, a timeout) still tells the
+    client where its limits stand, as its success would have: the ``x-ratelimit-*`` headers."""
+    meter = request.get(METER)
+    if meter is not None and meter.limit_headers:
+        response.headers.update(meter.limit_headers)
 
 
 def _record(state: State, rec: UsageRecord) -> None:

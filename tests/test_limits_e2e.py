@@ -67,8 +67,18 @@ def test_two_processes_per_minute_limit(pair: list[Gateway]) -> None:
 
 
 def test_rate_limit_answer_shape(pair: list[Gateway]) -> None:
-    key = account_with_plan(pair[0], rpm=3)
+    key = account_with_plan(pair[0], rpm=4)
     headers = {"Authorization": f"Bearer {key}"}
+    # An admitted request whose upstream fails still says where the limits stand.
+    failed = requests.post(
+        pair[0].url + "/v1/chat/completions",
+        json={**BODY, "model": "gpt-dead"},
+        headers=headers,
+        timeout=30,
+    )
+    assert failed.status_code == 502
+    assert failed.headers["x-ratelimit-limit-requests"] == "4"
+    assert failed.headers["x-ratelimit-remaining-requests"] == "3"
     ok = [
         requests.post(
             pair[i % 2].url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
@@ -76,7 +86,7 @@ def test_rate_limit_answer_shape(pair: list[Gateway]) -> None:
         for i in range(3)
     ]
     assert [r.status_code for r in ok] == [200, 200, 200]
-    assert ok[0].headers["x-ratelimit-limit-requests"] == "3"
+    assert ok[0].headers["x-ratelimit-limit-requests"] == "4"
     assert [r.headers["x-ratelimit-remaining-requests"] for r in ok] == ["2", "1", "0"]
     assert ok[-1].headers["x-ratelimit-reset-requests"].endswith("s")
     refused = requests.post(
@@ -85,7 +95,7 @@ def test_rate_limit_answer_shape(pair: list[Gateway]) -> None:
     assert refused.status_code == 429
     error = refused.json()["error"]
     assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
-    assert "Limit 3, Used 3, Requested 1" in error["message"]
+    assert "Limit 4, Used 4, Requested 1" in error["message"]
     assert "requests per min (RPM)" in error["message"]
     assert int(refused.headers["retry-after"]) >= 1
     assert int(refused.headers["retry-after-ms"]) > 0

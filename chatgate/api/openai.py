@@ -118,7 +118,9 @@ class Call(Generic[R]):
             admission = await self.state.limits.admit_with_budget(
                 checks, cost, budgets, nanos, self.req.model
             )
-        self.meter.admitted = True
+        meter = self.meter
+        meter.admitted = True
+        meter.limit_headers = admission.headers
         return admission
 
     async def settle(self, admission: Admission) -> None:
