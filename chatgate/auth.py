@@ -62,6 +62,9 @@ class Principal:
     limit_checks: tuple[Check, ...] | None = field(default=None, compare=False, repr=False)
     # Whether one of them charges tokens (so a request's tokens must be counted), kept beside.
     limit_tokens: bool = field(default=False, compare=False, repr=False)
+    # The tightest tokens-per-window limit among them (None: none), kept beside: what a
+    # request that names no max_tokens reserves at most (see Call.admit).
+    token_ceiling: int | None = field(default=None, compare=False, repr=False)
     # The monthly budgets (in nano-dollars), kept as the checks are: built on first use by
     # :func:`chatgate.limits.budget_checks_for`; empty for most keys.
     budget_checks: tuple[Check, ...] | None = field(default=None, compare=False, repr=False)

@@ -56,8 +56,10 @@ def checks_for(principal: Principal) -> tuple[Check, ...]:
     checks = principal.limit_checks
     if checks is None:
         checks = _build_checks(principal)
-        # Cache slots of a frozen value; the tokens flag first: the checks mark both set.
+        # Cache slots of a frozen value; the tokens flag first: the checks mark all set.
         object.__setattr__(principal, "limit_tokens", needs_tokens(checks))
+        ceiling = min((c.limit for c in checks if c.kind == "tokens"), default=None)
+        object.__setattr__(principal, "token_ceiling", ceiling)
         object.__setattr__(principal, "limit_checks", checks)
     return checks
 

@@ -114,6 +114,16 @@ def test_tokens_and_quota(pair: list[Gateway]) -> None:
     assert resp.status_code == 429  # can never fit: "Request too large"
     assert resp.json()["error"]["type"] == "tokens"
     assert "Request too large" in resp.json()["error"]["message"]
+    # Naming no max_tokens, it is not too large: the server's default output budget (4,096)
+    # is held only as far as the limit allows, and the answer's real tokens are charged.
+    unnamed = requests.post(
+        pair[0].url + "/v1/chat/completions",
+        json=BODY,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+    assert unnamed.status_code == 200, unnamed.text
+    assert int(unnamed.headers["x-ratelimit-remaining-tokens"]) == 0  # all 50 held
 
     key = account_with_plan(pair[0], monthly_tokens=10)
     refused = requests.post(

@@ -96,17 +96,29 @@ class Call(Generic[R]):
     req: R
     route: Route
 
-    async def admit(self, prompt: Callable[[], int], output: int = 0) -> Admission:
+    async def admit(
+        self, prompt: Callable[[], int], output: int = 0, named: bool = True
+    ) -> Admission:
         """Take the key's and the account's limits (one atomic call), or raise the 429.
 
         The tokens to hold are the prompt's plus ``output``, the most the answer may write;
         ``prompt`` counts them, and runs only when a check charges tokens, so a plan with
         request limits only never counts. The usage record notes the admission: a restart
         seeds the daily request limits with the requests admitted, not those refused before.
+
+        ``named``: whether the client named ``output`` (``max_tokens``). One it did not name,
+        the server's default (4,096), is held only as far as the tightest tokens-per-minute
+        limit allows: a plan of 200 tokens a minute would refuse every such request as too
+        large, for tokens the client never asked for. The answer's real tokens are charged
+        when it ends (owed past the limit, if it wrote more).
         """
         principal = self.principal
         checks = principal.limit_checks or checks_for(principal)  # built once per key
         cost = prompt() + output if principal.limit_tokens else 0
+        if not named and cost:
+            ceiling = principal.token_ceiling
+            if ceiling is not None and cost > ceiling:
+                cost = max(ceiling, prompt())
         budgets = principal.budget_checks
         if budgets is None:
             budgets = budget_checks_for(principal)
@@ -191,8 +203,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         lambda: tokens.count_messages(upstream["messages"], counting_model, chat.tools)
     )
     # Each of the ``n`` choices may write the whole output budget.
+    named = chat.output_limit
     admission = await call.admit(
-        prompt_tokens, (chat.n or 1) * (chat.output_limit or state.settings.default_max_tokens)
+        prompt_tokens,
+        (chat.n or 1) * (named or state.settings.default_max_tokens),
+        named is not None,
     )
     headers = admission.headers
     try:

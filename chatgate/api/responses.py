@@ -83,7 +83,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     )
     upstream["messages"] = context.messages
     admission = await call.admit(
-        lambda: context.prompt_tokens, req.max_output_tokens or state.settings.default_max_tokens
+        lambda: context.prompt_tokens,
+        req.max_output_tokens or state.settings.default_max_tokens,
+        req.max_output_tokens is not None,
     )
     turn = _Turn(
         store=store,
