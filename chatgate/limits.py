@@ -33,7 +33,7 @@ from chatgate.ratelimit.base import Seed, level_from_counts, month_span
 from chatgate.settings import Settings
 from chatgate.timefmt import reset_text
 from chatgate.usage.queries import Change, budget_usage, hourly_requests, quota_usage
-from chatgate.usage.tables import DAY, HOUR, NANOS_PER_CENT, cents_text, cents_up
+from chatgate.usage.tables import DAY, HOUR, NANOS_PER_CENT
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,12 @@ def budget_checks_for(principal: Principal) -> tuple[Check, ...]:
 
 
 def dollars(nanos: int) -> str:
-    """Nano-dollars as a price, to the cent rounded up: ``$12.34``."""
-    return cents_text(cents_up(nanos))
+    """Nano-dollars as a price, in cents where that is exact (``$12.34``), else to the
+    millionth of a dollar rounded up (``$0.008016``): a budget of a cent with $0.008016
+    spent must not read "Limit $0.01, Used $0.01" while requests still pass."""
+    micros = -(-max(nanos, 0) // 1000)
+    whole, part = divmod(micros, 1_000_000)
+    return f"${whole:,}.{f'{part:06d}'.rstrip('0').ljust(2, '0')}"
 
 
 def key_scope(key_id: str) -> str:

@@ -15,7 +15,7 @@ from chatgate.accounts import Account, AccountStore, PlanStore
 from chatgate.auth import Principal
 from chatgate.keys.store import IssuedKey, KeyStore
 from chatgate.limits import Limits, account_scope, checks_for, key_scope
-from chatgate.ratelimit import MemoryLimiter
+from chatgate.ratelimit import Check, MemoryLimiter
 from chatgate.ratelimit.base import month_span
 from chatgate.settings import Secret
 from chatgate.usage.queries import hourly_requests, quota_usage
@@ -231,3 +231,9 @@ async def test_budgets_are_seeded_from_the_months_cost(engine: AsyncEngine, tmp_
     error = refusal(refused, "gpt-priced")
     assert error.code == "insufficient_quota" and error.headers["x-should-retry"] == "false"
     assert "Monthly budget: Limit $5.00, Used $5.00, Requested up to $0.01" in error.message
+    # Below a cent, what is used reads apart from the limit (it read "$0.01" for both).
+    small = Check.monthly_quota("usd:acct:small", 10_000_000)  # a budget of one cent
+    assert (await limits.limiter.acquire([small], 8_016_000)).allowed
+    refused = await limits.limiter.acquire([small], 3_000_000)
+    message = refusal(refused, "gpt-priced").message
+    assert "Limit $0.01, Used $0.008016, Requested up to $0.003 " in message, message
