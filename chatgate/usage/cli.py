@@ -125,7 +125,8 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
         {**r, "cost": f"{r['cost']:.4f}", "avg_latency_ms": _ms(r["avg_latency_ms"])}
         for r in [*rows, totals]
     ]
-    scope = f" for {args.account}" if args.account else " (all accounts)"
+    named = [f"account {args.account}"] * bool(args.account) + [f"key {args.key}"] * bool(args.key)
+    scope = f" for {' and '.join(named)}" if named else " (all accounts)"
     _out(f"usage {iso(end - span)} .. {iso(end)}{scope}")
     _out(_table(shown, columns))
 

@@ -105,6 +105,10 @@ async def test_table_by_day_ends_with_totals(
     assert lines[1].split()[:3] == ["DAY", "REQUESTS", "ERRORS"]
     total = lines[-1].split()
     assert total[0] == "total" and int(total[1]) == len(data.records)
+    # The title names what the rows are filtered to (a key's said "(all accounts)").
+    code, out, err = await run(capsys, "usage", "--key", data.key_ids[1])
+    title = out.strip().splitlines()[0]
+    assert code == 0 and f"for key {data.key_ids[1]}" in title and "all accounts" not in title
 
 
 async def test_csv_by_key_names_the_keys(data: Data, capsys: pytest.CaptureFixture[str]) -> None:
