@@ -145,11 +145,10 @@ class Authenticator:
                 key_limits=lookup.overrides,
                 previous_secret=lookup.matched_previous,
             )
+        # Any request the key authenticates is a use: /v1/models, a malformed body, a 429.
+        # "Last used" is what tells its owner whether revoking it breaks something.
+        self.last_used[lookup.key_id] = int(wall)  # written in batches, off-path
         return principal
-
-    def mark_used(self, principal: Principal) -> None:
-        """Note that a request with this key was accepted (written in batches, off-path)."""
-        self.last_used[principal.key_id] = int(time.time())
 
     def _fresh(self, digest: str) -> _Entry | None:
         """The cached entry for ``digest`` while within ``key_cache_ttl``; else None."""

@@ -72,7 +72,6 @@ def route_for(state: State, principal: Principal, model: str) -> Route:
     route = state.router.resolve(model)
     if not principal.allows_model(model):
         raise errors.ModelNotAllowed(model)
-    state.auth.mark_used(principal)
     return route
 
 

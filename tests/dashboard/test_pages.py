@@ -131,3 +131,19 @@ def test_a_usage_range_that_was_changed_says_so(dash: Gateway) -> None:
         assert note and said in note.group(1), (query, note and note.group(1))
     page = user.http.get(user.url("/dashboard/usage?period=30d"), timeout=10).text
     assert 'id="period-note"' not in page
+
+
+def test_any_authenticated_request_counts_as_a_use_of_its_key(dash: Gateway) -> None:
+    """The "last used" column tells an owner whether revoking a key breaks something:
+    listing models or a malformed request uses the key as much as a chat does (they read
+    "never")."""
+    user = make_user(dash)
+    listing, malformed, idle = (user.new_key(name=n) for n in ("models", "malformed", "idle"))
+    bearer = {"Authorization": f"Bearer {listing['key']}"}
+    assert requests.get(dash.url + "/v1/models", headers=bearer, timeout=10).status_code == 200
+    bearer = {"Authorization": f"Bearer {malformed['key']}", "Content-Type": "application/json"}
+    bad = requests.post(dash.url + "/v1/chat/completions", headers=bearer, data="{", timeout=10)
+    assert bad.status_code == 400
+    used = {k["id"]: k["last_used_at"] for k in user.api("GET", "/api/keys").json()["data"]}
+    assert used[listing["id"]] is not None and used[malformed["id"]] is not None
+    assert used[idle["id"]] is None
