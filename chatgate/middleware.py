@@ -8,6 +8,7 @@ import re
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestPayloadError
 
 from chatgate import errors
 from chatgate.ids import ordered_id
@@ -55,6 +56,13 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             exc.headers["x-request-id"] = request_id
             raise
         response = error_response(_http_error(exc))
+    except RequestPayloadError:  # e.g. bytes that are not in their Content-Encoding
+        error_code = "invalid_body"
+        encoding = request.headers.get("Content-Encoding", "")[:40]
+        said = f" as Content-Encoding {encoding!r}" if encoding else ""
+        response = error_response(
+            errors.InvalidRequest(f"The request body could not be read{said}.", code=error_code)
+        )
     except Exception as exc:
         refused = errors.refused_text(exc)
         if refused is not None:

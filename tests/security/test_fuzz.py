@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import socket
@@ -347,3 +348,34 @@ def test_broken_framing_is_a_4xx(sec: Gateway, fuzz_key: str, headers: dict[str,
         sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n{}")
         status_line = sock.recv(4096).split(b"\r\n", 1)[0]
     assert re.match(rb"HTTP/1\.[01] 4\d\d ", status_line), status_line
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_not_in_its_content_encoding_is_a_400(
+    sec: Gateway, fuzz_key: str, encoding: str
+) -> None:
+    """Bytes that do not decode as the Content-Encoding they name were a 500 with a
+    traceback in the log; every JSON endpoint answers OpenAI's 400 instead."""
+    for path in ("/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/conversations"):
+        resp = requests.post(
+            sec.url + path,
+            data=b'{"model": "gpt-test"}',
+            headers={
+                "Authorization": f"Bearer {fuzz_key}",
+                "Content-Type": "application/json",
+                "Content-Encoding": encoding,
+            },
+            timeout=TIMEOUT,
+        )
+        assert resp.status_code == 400, (path, resp.status_code)
+        error = resp.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_body"
+        assert encoding in error["message"]
+    packed = gzip.compress(b'{"model": "gpt-test", "messages": []}')
+    resp = requests.post(
+        sec.url + "/v1/chat/completions",
+        data=packed,
+        headers={"Authorization": f"Bearer {fuzz_key}", "Content-Encoding": "gzip"},
+        timeout=TIMEOUT,
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"  # read
