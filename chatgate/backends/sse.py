@@ -8,6 +8,9 @@ not believe (see :func:`~chatgate.backends.base.reported_tokens`) never reaches 
 usage-only chunk carrying one is dropped, one riding on a chunk with choices is replaced by
 ``null``; the API layer then sends its own count in its place.
 
+A stream the upstream ends without ``[DONE]`` gets one: ``[DONE]`` when its answer had finished
+(a finish reason came), else an ``upstream_error`` event, as for a connection that broke.
+
 One watchdog timer per stream re-arms itself lazily (at most once per idle period, never per
 chunk) and closes the upstream response when a limit passes (first byte, idle, total), which
 ends the relay with an SSE ``upstream_timeout`` error event.
@@ -26,7 +29,7 @@ from typing import Any
 import orjson
 
 from chatgate import errors
-from chatgate.backends.base import ChatStream, Usage
+from chatgate.backends.base import DONE_EVENT, ChatStream, Usage
 from chatgate.backends.deployment import Timeouts
 from chatgate.backends.http1 import StreamBody, UpstreamConnectionError
 from chatgate.backends.upstream_errors import Phase, timeout_error
@@ -34,6 +37,7 @@ from chatgate.settings import ModelConfig
 
 _UNPARSED_MAX = 256  # events held before their text is extracted anyway
 _NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')  # a reason, not null
 _CRLF = re.compile(rb"\r\n|\r")
 _NO_SPACE = re.compile(rb"^data:(?=[{\[])", re.MULTILINE)  # at a line's start, never in JSON
 
@@ -192,6 +196,7 @@ class SSEPassThrough(ChatStream):
         spaced: bool | None = None  # whether its "data:" has a space: seen on the first read
         read = self._resp.readany
         clock = self._loop.time
+        tail: list[bytes] = []  # the last events relayed: is the stream done when it ends?
         try:
             while True:
                 # Idle time counts only while we wait for the upstream, not for the client.
@@ -221,12 +226,18 @@ class SSEPassThrough(ChatStream):
                 if self.first_byte_at is None:
                     self.first_byte_at = time.perf_counter()
                     self._rearm()  # the first-byte limit is met: the idle limit is next
+                tail = events[-3:]
                 yield events
             if rest.strip():
                 event = rest if rest.endswith(b"\n") else rest + b"\n"
                 kept = self._keep(event + b"\n")
                 if kept is not None:
+                    tail = [kept]
                     yield [kept]
+            if not tail or tail[-1] != DONE_EVENT:
+                ending = self._unended(tail)
+                if ending is not None:
+                    yield [ending]
         except (TimeoutError, UpstreamConnectionError):
             if self._expired is not None:
                 self.failure = self._timeout()
@@ -239,6 +250,17 @@ class SSEPassThrough(ChatStream):
             self._reading_since = None
             self._stop_timer()
             self._resp.release()
+
+    def _unended(self, tail: list[bytes]) -> bytes | None:
+        """The event for a stream the upstream ended without ``[DONE]``: ``[DONE]`` itself
+        when its answer had finished (a finish reason came), else an error event (``failure``
+        set): clients wait for one or the other, and an answer cut short is no answer."""
+        if any(_FINISHED.search(event) for event in tail):
+            return DONE_EVENT
+        self.failure = errors.UpstreamError(
+            f"The upstream for model `{self._model.name}` ended the stream before its answer."
+        )
+        return b"data: " + self.failure.body() + b"\n\n"
 
     def _keep(self, event: bytes) -> bytes | None:
         """Note usage and text of one event; the event to relay, or ``None`` for a usage-only

@@ -204,3 +204,19 @@ async def test_a_read_of_many_chunks_reaches_the_stream_at_once(
     assert got == b"".join(STREAM)
     assert 1 <= len(fed) <= len(reads) < len(STREAM)  # here, usually one read and one feed
     conn.close()
+
+
+async def test_a_stream_ended_without_done_is_done_or_an_error() -> None:
+    """An upstream that closes the stream without ``[DONE]``: after its answer finished (a
+    finish reason came), the client gets the ``[DONE]`` it waits for; cut short, an error
+    event (it got neither, and the SDK failed on what it had, or waited)."""
+    finished = [*STREAM[:5], _event([{"index": 0, "delta": {}, "finish_reason": "stop"}])]
+    batches, stream = await _batches([b"".join(finished)], include_usage=False)
+    relayed = [e for batch in batches for e in batch]
+    assert relayed[-1] == DONE_EVENT and stream.failure is None
+    for cut in (STREAM[:3], [STREAM[1], b"data: {garbage\n\n"], []):
+        batches, stream = await _batches([b"".join(cut)] if cut else [], include_usage=True)
+        relayed = [e for batch in batches for e in batch]
+        assert stream.failure is not None and stream.failure.code == "upstream_error"
+        assert relayed[-1].startswith(b'data: {"error"'), relayed
+        assert DONE_EVENT not in relayed
