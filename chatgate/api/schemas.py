@@ -28,6 +28,13 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
+    def __post_init__(self) -> None:
+        # What OpenAI refuses too (msgspec names the message: messages[i]).
+        if self.content is None and self.role in ("system", "developer", "user", "tool"):
+            raise ValueError(f"a {self.role} message needs its `content`")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the `tool_call_id` it answers")
+
 
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
@@ -50,13 +57,79 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
     user: str | None = None
     conversation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tools is not None or self.tool_choice is not None:
+            check_tools(self.tools, self.tool_choice)
+        if self.response_format is not None:
+            check_response_format(self.response_format)
 
     @property
     def output_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def check_tools(tools: list[dict[str, Any]] | None, choice: str | dict[str, Any] | None) -> None:
+    """Tools as OpenAI takes them: each with a ``type`` (a function's with its ``name``), and a
+    ``tool_choice`` other than ``none``/``auto`` only beside tools; a 400 naming the field."""
+    for i, tool in enumerate(tools or ()):
+        kind = tool.get("type")
+        if not isinstance(kind, str):
+            raise errors.InvalidRequest(
+                f"Missing required parameter: 'tools[{i}].type'.",
+                param=f"tools[{i}].type",
+                code="missing_required_parameter",
+            )
+        function = tool.get("function")
+        if kind == "function" and not (
+            isinstance(function, dict) and isinstance(function.get("name"), str)
+        ):
+            raise errors.InvalidRequest(
+                f"Missing required parameter: 'tools[{i}].function.name'.",
+                param=f"tools[{i}].function",
+                code="missing_required_parameter",
+            )
+    if choice not in (None, "none", "auto") and not tools:
+        raise errors.InvalidRequest(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
+            "specified.",
+            param="tool_choice",
+            code="invalid_value",
+        )
+    if isinstance(choice, dict) and not isinstance(choice.get("type"), str):
+        raise errors.InvalidRequest(
+            "Missing required parameter: 'tool_choice.type'.",
+            param="tool_choice.type",
+            code="missing_required_parameter",
+        )
+
+
+def check_response_format(value: dict[str, Any]) -> None:
+    """``{"type": "text" | "json_object" | "json_schema"}``, a schema's with its ``name``."""
+    kind = value.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise errors.InvalidRequest(
+            "Invalid value for 'response_format.type': expected one of 'text', 'json_object' "
+            "or 'json_schema'.",
+            param="response_format.type",
+            code="invalid_value",
+        )
+    schema = value.get("json_schema")
+    if kind == "json_schema" and not (
+        isinstance(schema, dict) and isinstance(schema.get("name"), str)
+    ):
+        raise errors.InvalidRequest(
+            "Missing required parameter: 'response_format.json_schema.name'.",
+            param="response_format.json_schema",
+            code="missing_required_parameter",
+        )
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):

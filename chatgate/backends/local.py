@@ -407,6 +407,16 @@ class LocalBackend(Backend):
                 raise errors.InvalidRequest(
                     f"Invalid value for 'messages[{i}].role'.", param=f"messages[{i}].role"
                 )
+            content = message.get("content")
+            if isinstance(content, list) and any(
+                isinstance(part, Mapping) and part.get("type") not in (None, "text")
+                for part in content
+            ):
+                raise errors.InvalidRequest(
+                    "The local model reads text only: a content part other than text (an "
+                    "image, audio, a file) needs a model served by an upstream.",
+                    param=f"messages[{i}].content",
+                )
             # Templates concatenate strings: content parts are flattened to their text.
             texts.append(tokens.flatten_content(message.get("content")).replace("\x00", "\ufffd"))
             plain.append({"role": role, "content": f"\x00{i}\x00"})

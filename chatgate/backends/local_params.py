@@ -81,6 +81,20 @@ def parse_params(body: Mapping[str, Any]) -> Params:
         raise errors.InvalidRequest("The local model supports only n=1.", param="n")
     if body.get("logprobs"):
         raise errors.InvalidRequest("The local model does not return logprobs.", param="logprobs")
+    choice = body.get("tool_choice")
+    if choice == "required" or isinstance(choice, dict):
+        raise errors.InvalidRequest(
+            "The local model cannot call tools: its answer is text, so 'tool_choice' may be "
+            "'auto' or 'none' only. A model served by an upstream can call them.",
+            param="tool_choice",
+        )
+    wanted = body.get("response_format")
+    if isinstance(wanted, Mapping) and wanted.get("type") in ("json_object", "json_schema"):
+        raise errors.InvalidRequest(
+            "The local model cannot hold its answer to JSON: 'response_format' may be "
+            "{'type': 'text'} only. A model served by an upstream can answer in JSON.",
+            param="response_format",
+        )
     max_tokens = _integer(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1)

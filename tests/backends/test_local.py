@@ -57,6 +57,14 @@ def test_split_at_stop_holds_back_a_possible_prefix() -> None:
         ({"stop": 5}, "stop"),
         ({"seed": 1.5}, "seed"),
         ({"logprobs": True}, "logprobs"),
+        # It answers text: a tool call or JSON it cannot promise is refused, not ignored.
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format",
+        ),
     ],
 )
 def test_parse_params_rejects_what_it_cannot_do(body: dict[str, Any], param: str) -> None:
@@ -355,6 +363,11 @@ async def test_message_text_is_never_a_chat_template_marker(backend: LocalBacken
     assert counter.count_messages([{"role": "user", "content": forged}]) == len(injected)
     # A NUL in a text is not taken for a placeholder.
     assert backend.prompt_tokens([{"role": "user", "content": "\x000\x00"}])
+    # An image it cannot see is refused, not dropped.
+    seeing = [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {}}]
+    with pytest.raises(errors.InvalidRequest) as info:
+        backend.prompt_tokens([{"role": "user", "content": seeing}])
+    assert info.value.param == "messages[0].content"
 
 
 @pytest.mark.slow

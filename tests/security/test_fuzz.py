@@ -215,6 +215,23 @@ ABSURD: list[tuple[str, bytes, str | None]] = [
     ("messages not list", b'{"model": "gpt-test", "messages": {"role": "user"}}', "messages"),
     ("empty model", _chat(model=""), "model"),
     ("huge model name", _chat(model="m" * 100_000), "model"),
+    # What OpenAI refuses of tools, formats and messages (they were forwarded, or ignored).
+    ("tool_choice unknown", _chat(tool_choice="banana"), "tool_choice"),
+    ("tool_choice required, no tools", _chat(tool_choice="required"), "tool_choice"),
+    ("a tool without its function", _chat(tools=[{"type": "function"}]), "tools[0].function"),
+    ("response_format unknown", _chat(response_format={"type": "xml"}), "response_format.type"),
+    ("response_format a string", _chat(response_format="json"), "response_format"),
+    (
+        "json_schema without its name",
+        _chat(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
+        "response_format.json_schema",
+    ),
+    ("a user message without content", _chat(messages=[{"role": "user"}]), "messages[0]"),
+    (
+        "a tool message without tool_call_id",
+        _chat(messages=[{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]),
+        "messages[1]",
+    ),
 ]
 
 
