@@ -483,7 +483,11 @@ class LocalBackend(Backend):
 
         llm = self._llm
         vocab = llm._model.vocab  # llama_vocab_is_eog needs the raw vocab pointer
-        llm.set_seed(job.sampling.seed if job.sampling.seed is not None else random.getrandbits(32))
+        if job.sampling.seed is None:
+            llm.set_seed(random.getrandbits(32))
+        else:  # repeatable: the prompt evaluated whole, not after a cached earlier prefix
+            llm.set_seed(job.sampling.seed)
+            llm.reset()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pieces: list[str] = []
         held = ""  # decoded text not yet emitted because it may begin a stop sequence

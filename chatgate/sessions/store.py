@@ -416,9 +416,14 @@ class SessionStore:
         return conversation
 
     async def conversation_items(self, account_id: str, conversation_id: str) -> list[Item]:
-        """Every item of a conversation, oldest first (the history a new turn continues)."""
+        """Every item of a conversation, oldest first (the history a new turn continues); a
+        404 names the ``conversation`` field that a new turn gives the id in."""
         async with self._engine.connect() as conn:
-            await self._conversation(conn, account_id, conversation_id)
+            try:
+                await self._conversation(conn, account_id, conversation_id)
+            except errors.NotFound as exc:
+                exc.param = "conversation"
+                raise
             rows = await conn.execute(
                 sa.select(session_items)
                 .where(

@@ -216,6 +216,7 @@ ABSURD: list[tuple[str, bytes, str | None]] = [
     ("empty model", _chat(model=""), "model"),
     ("huge model name", _chat(model="m" * 100_000), "model"),
     # What OpenAI refuses of tools, formats and messages (they were forwarded, or ignored).
+    ("five stop sequences", _chat(stop=["a", "b", "c", "d", "e"]), "stop"),
     ("tool_choice unknown", _chat(tool_choice="banana"), "tool_choice"),
     ("tool_choice required, no tools", _chat(tool_choice="required"), "tool_choice"),
     ("a tool without its function", _chat(tools=[{"type": "function"}]), "tools[0].function"),

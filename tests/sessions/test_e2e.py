@@ -382,6 +382,8 @@ def test_other_accounts_get_404(sgw: Gateway, alice: openai.OpenAI) -> None:
         with pytest.raises(openai.NotFoundError) as info:
             attempt()
         assert info.value.status_code == 404
+    # A new turn names the field its id came in (not the path's conversation_id).
+    assert info.value.param == "conversation"
     with pytest.raises(openai.BadRequestError) as continued:  # what a missing one gets
         bob.responses.create(model="gpt-test", input="x", previous_response_id=resp.id)
     assert continued.value.code == "previous_response_not_found"
