@@ -126,7 +126,7 @@ def cmd_secret(settings: Settings, args: argparse.Namespace) -> None:
 def cmd_accounts(settings: Settings, args: argparse.Namespace) -> None:
     password = ""
     if args.action == "set-password":
-        password = _read_password(args.password_stdin)
+        password = _read_password(args.password_stdin, args.email)
 
     async def run(engine: AsyncEngine) -> Any:
         store = AccountStore(engine, Notifier.from_settings(settings))  # changes wake servers
@@ -146,11 +146,12 @@ def cmd_accounts(settings: Settings, args: argparse.Namespace) -> None:
     _emit(args, asyncio.run(_with_engine(settings, run)), ACCOUNT_COLUMNS, times=("created_at",))
 
 
-def _read_password(from_stdin: bool) -> str:
-    """A new password from stdin (scripts) or typed twice at a prompt; never an argument."""
+def _read_password(from_stdin: bool, email: str) -> str:
+    """A new password from stdin (scripts) or typed twice at a prompt; never an argument.
+    The dashboard's rules apply (:func:`chatgate.dashboard.passwords.password_problem`)."""
     import getpass
 
-    from chatgate.dashboard.passwords import MIN_PASSWORD
+    from chatgate.dashboard.passwords import password_problem
 
     if from_stdin:
         password = sys.stdin.readline().rstrip("\n")
@@ -158,8 +159,9 @@ def _read_password(from_stdin: bool) -> str:
         password = getpass.getpass("New password: ")
         if getpass.getpass("Again: ") != password:
             raise CLIError("the two passwords differ")
-    if len(password) < MIN_PASSWORD:
-        raise CLIError(f"a password needs at least {MIN_PASSWORD} characters")
+    problem = password_problem(password, email)
+    if problem is not None:
+        raise CLIError(problem[0].lower() + problem[1:])
     return password
 
 

@@ -113,7 +113,7 @@ async def signup(request: web.Request) -> web.StreamResponse:
     email = field(form, "email").strip().lower()
     password = field(form, "password", 1024)
     context["email"] = email
-    problem = password_problem(password)
+    problem = password_problem(password, email)
     if problem is None and password != field(form, "password2", 1024):
         problem = "The two passwords differ."
     address = auth.client_address(request)
@@ -175,7 +175,7 @@ async def change_password(request: web.Request, user: User) -> web.StreamRespons
         await throttle.login_failed(user.account.email, address)
         context["error"] = "The current password is not correct."
         return await page_response(request, user, "account.html", context, status=400)
-    problem = password_problem(new)
+    problem = password_problem(new, user.account.email)
     if problem is None and new != field(form, "password2", 1024):
         problem = "The two new passwords differ."
     if problem is not None:

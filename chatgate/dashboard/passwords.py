@@ -31,13 +31,36 @@ HASHER = PasswordHasher(
 _DUMMY_HASH = HASHER.hash("chatgate: no such account, compare anyway")
 
 
-def password_problem(password: str) -> str | None:
-    """Why ``password`` cannot be used, or ``None`` when it can (NIST 800-63B: length)."""
+MIN_GUESSES_SCORE = 2
+"""zxcvbn's score a password needs: 2 is a million guesses or more (0 and 1 are common
+passwords, repeats like ``aaaaaaaaaa``, keyboard rows, the account's own email)."""
+
+
+def password_problem(password: str, email: str = "") -> str | None:
+    """Why ``password`` cannot be used, or ``None`` when it can.
+
+    NIST 800-63B: a length, and no password that is common, repetitive or sequential, or
+    made of the account's own details. The last three are zxcvbn's estimate of the guesses
+    it takes (its lists of common passwords, names and words ship in the package; a few
+    milliseconds a password, at sign-up and at a change only).
+    """
     if len(password) < MIN_PASSWORD:
         return f"Use at least {MIN_PASSWORD} characters."
     if len(password) > MAX_PASSWORD:
         return f"Use at most {MAX_PASSWORD} characters."
-    return None
+    if not password.strip():
+        return "Use something other than spaces."
+    from zxcvbn import zxcvbn  # imported on first use: its word lists take memory
+
+    hints = [email, email.partition("@")[0], "chatgate"] if email else ["chatgate"]
+    verdict = zxcvbn(password, user_inputs=hints)
+    if verdict["score"] >= MIN_GUESSES_SCORE:
+        return None
+    feedback = verdict.get("feedback") or {}
+    why = " ".join(t for t in (feedback.get("warning"), *feedback.get("suggestions", ())) if t)
+    if email and email.lower() in password.lower():
+        why = "It holds your email address."
+    return "This password is too easy to guess." + (f" {why}" if why else "")
 
 
 async def hash_password(password: str) -> str:

@@ -147,3 +147,23 @@ def test_any_authenticated_request_counts_as_a_use_of_its_key(dash: Gateway) -> 
     used = {k["id"]: k["last_used_at"] for k in user.api("GET", "/api/keys").json()["data"]}
     assert used[listing["id"]] is not None and used[malformed["id"]] is not None
     assert used[idle["id"]] is None
+
+
+def test_sign_up_refuses_a_password_easy_to_guess(dash: Gateway) -> None:
+    http = requests.Session()
+    email = f"weak-{secrets.token_hex(4)}@example.com"
+    for weak in ("password123", " " * 12, email):
+        page = http.get(dash.url + "/dashboard/signup", timeout=10).text
+        csrf = CSRF.search(page)
+        assert csrf
+        form = {"csrf_token": csrf.group(1), "email": email, "password": weak, "password2": weak}
+        resp = http.post(dash.url + "/dashboard/signup", data=form, timeout=30)
+        assert resp.status_code == 400, resp.status_code
+        assert "too easy to guess" in resp.text or "other than spaces" in resp.text
+    page = http.get(dash.url + "/dashboard/signup", timeout=10).text
+    csrf = CSRF.search(page)
+    assert csrf
+    good = "a walrus in a bowler hat"
+    form = {"csrf_token": csrf.group(1), "email": email, "password": good, "password2": good}
+    made = http.post(dash.url + "/dashboard/signup", data=form, timeout=30)
+    assert made.status_code == 200 and made.url.endswith("/dashboard/"), made.status_code

@@ -53,6 +53,25 @@ async def test_argon2id_with_owasp_parameters() -> None:
     assert password_problem("just right!") is None
 
 
+@pytest.mark.parametrize(
+    ("password", "said"),
+    [
+        (" " * 12, "other than spaces"),
+        ("password123", "common"),
+        ("aaaaaaaaaaaa", "Repeats"),
+        ("qwertyuiop12", "too easy to guess"),
+        ("gina@example.com", "your email"),
+        ("gina@example.com!", "your email"),
+    ],
+)
+def test_a_password_easy_to_guess_is_refused_saying_why(password: str, said: str) -> None:
+    """NIST 800-63B asks for more than a length: not a common password, not a repeat or a
+    keyboard row, not the account's own details (each of these made an account)."""
+    problem = password_problem(password, "gina@example.com")
+    assert problem is not None and said in problem, problem
+    assert password_problem("correct horse battery staple", "gina@example.com") is None
+
+
 def test_periods() -> None:
     now = 1_795_600_000.0  # 2026-11-25 (UTC)
     day = 86400
