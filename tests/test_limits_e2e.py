@@ -519,7 +519,7 @@ def test_a_budget_holds_the_prompt_at_the_input_price(upstream: Upstream, tmp_pa
         refused = ask("Hi", 20)
         assert refused.status_code == 429, refused.text
         message = refused.json()["error"]["message"]
-        assert "Limit $0.01, Used $0.00, Requested up to $0.03" in message, message
+        assert "Limit $0.01, Used $0.00, Requested up to $0.020008" in message, message
         assert "the prompt at gpt-lopsided's input price" in message, message
         # ~1,000 prompt tokens at $1 a million ($0.001) and 2 output tokens ($0.002).
         long_prompt = ask("word " * 1000, 2)

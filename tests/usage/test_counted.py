@@ -74,9 +74,11 @@ async def test_the_prompt_is_counted_once(
     assert remaining < 40_000 - prompt  # the free plan's 40,000 a minute, reserved from
 
 
-async def test_a_stream_without_done_still_ends_with_the_usage_asked_for(
+async def test_a_stream_without_done_gets_it_after_the_usage_asked_for(
     served: tuple[TestServer, str],
 ) -> None:
+    """An upstream that ends a finished answer without ``[DONE]``: the client gets the usage
+    it asked for, then the ``[DONE]`` it waits for (it got neither before the usage, then)."""
     body = {
         "model": "gpt-no-usage",
         "messages": MESSAGES,
@@ -86,18 +88,20 @@ async def test_a_stream_without_done_still_ends_with_the_usage_asked_for(
     }
     text, _ = await _post(served, body)
     events = _events(text)
-    assert "[DONE]" not in events
-    chunks = [json.loads(e) for e in events]
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    chunks = [json.loads(e) for e in events[:-1]]
     last = chunks[-1]
     assert last["choices"] == [] and last["id"] == chunks[0]["id"], last
     assert [c for c in chunks[:-1] if c.get("usage")] == []
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
     assert last["usage"]["prompt_tokens"] == tokens.count_messages(MESSAGES, "no-usage")
     assert last["usage"]["completion_tokens"] == tokens.count_text(streamed, "no-usage") > 0
-    # Not asked for: no usage chunk, [DONE] or not.
+    # Not asked for: no usage chunk.
     body.pop("stream_options")
     text, _ = await _post(served, body)
-    assert all("usage" not in json.loads(e) or not json.loads(e)["usage"] for e in _events(text))
+    events = _events(text)
+    assert events[-1] == "[DONE]"
+    assert all(not json.loads(e).get("usage") for e in events[:-1])
 
 
 async def test_no_usage_chunk_after_an_error_event(served: tuple[TestServer, str]) -> None:
@@ -108,7 +112,9 @@ async def test_no_usage_chunk_after_an_error_event(served: tuple[TestServer, str
         "stream_options": {"include_usage": True},
     }
     text, _ = await _post(served, {**body, "model": "gpt-test", "fake": {"no_done": True}})
-    assert json.loads(_events(text)[-1])["usage"]["prompt_tokens"] > 0  # the upstream's own
+    *chunks, done = _events(text)
+    assert done == "[DONE]"
+    assert json.loads(chunks[-1])["usage"]["prompt_tokens"] > 0  # the upstream's own
     # The upstream cuts the connection after two chunks: the stream ends in an error event.
     text, _ = await _post(served, {**body, "model": "gpt-break"})
     events = _events(text)
