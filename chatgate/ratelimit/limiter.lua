@@ -44,10 +44,10 @@ Rate buckets (GCRA, leaky-bucket form) are hashes {l = level, t = stamp}; concur
 sorted set of lease id -> expiry; a quota is an integer counter per month.
 
 A reservation charged to a quota is held in Redis until it settles, and a process that dies
-cannot settle it: its lease expires, and with it the reservation is given back. The first
-concurrency set of a reservation (a real limit's, or the marker every quota has) keeps, in
-the hash "<set>|h", lease id -> what the lease charged to which quota counters ("amount key"
-lines). A settlement that frees the lease drops its line; an admission that finds leases
+cannot settle it: its lease expires, and with it the reservation is given back. Each quota's
+charge is kept by its own scope's concurrency set (a real limit's, or a marker: every quota
+scope has one), else by the reservation's first, in the hash "<set>|h": lease id -> what the
+lease charged to which quota counters ("amount key" lines). A settlement that frees the lease drops its line; an admission that finds leases
 expired in a set (or the set gone: it expires a TTL after its last lease) gives theirs back,
 before it reads any level, so the counter it reads holds live reservations only. What was
 given back is kept in "<set>|g": a process only cut off from Redis for a TTL, whose
@@ -151,6 +151,8 @@ for _ = 1, settlements do
           charge(given, 1)
           redis.call('HDEL', key .. '|g', owner)
           freed = true
+        elseif redis.call('HDEL', key .. '|h', owner) == 1 then
+          freed = true  -- its set expired before anyone gave its charges back: not applied yet
         end
       end
     elseif kind == 'n' then
@@ -238,9 +240,11 @@ local reply = {0, failed, string.format('%.17g', retry)}
 for i = 1, n do reply[3 + i] = string.format('%.17g', levels[i]) end
 if failed > 0 then return table.concat(reply, ' ') end
 
--- Per reservation (1: the first `split` checks', 2: the others'), its first concurrency set
--- and its quota charges, to hold until it settles.
-local holder, charges = {}, {{}, {}}
+-- Per reservation (1: the first `split` checks', 2: the others'), its concurrency sets by
+-- scope (a set's key less "|c") and its first, and its quota charges, to hold until it
+-- settles: each charge in its own scope's set (an account's quota in the account's set, which
+-- every key of the account prunes), else in the first.
+local holder, sets, charges = {}, {{}, {}}, {{}, {}}
 for i = 1, n do
   local key, kind, limit, span = KEYS[k + i], kinds[i], limits[i], spans[i]
   local after = levels[i] + costs[i]
@@ -254,11 +258,12 @@ for i = 1, n do
     redis.call('ZADD', key, string.format('%.17g', now + ttl), owner)
     redis.call('PEXPIRE', key, math.ceil(ttl * 1000))
     if not holder[r] then holder[r] = key end
+    sets[r][string.sub(key, 1, -3)] = key
   else
     redis.call('SET', key, string.format('%d', after))
     redis.call('EXPIREAT', key, math.ceil(span + keep))
-    if costs[i] > 0 then
-      table.insert(charges[r], string.format('%d', costs[i]) .. ' ' .. key)
+    if costs[i] > 0 then  -- the scope is the key less "|q|YYYY-MM"
+      table.insert(charges[r], {string.sub(key, 1, -11), string.format('%d', costs[i]) .. ' ' .. key})
     end
   end
 end
@@ -266,8 +271,15 @@ for r = 1, 2 do
   if holder[r] and #charges[r] > 0 then
     local owner = lease
     if r == 1 then owner = split_lease end
-    redis.call('HSET', holder[r] .. '|h', owner, table.concat(charges[r], '\n'))
-    redis.call('EXPIREAT', holder[r] .. '|h', math.ceil(now + keep + 31 * 86400))
+    local lines = {}
+    for _, c in ipairs(charges[r]) do
+      local set = sets[r][c[1]] or holder[r]
+      lines[set] = (lines[set] and lines[set] .. '\n' or '') .. c[2]
+    end
+    for set, text in pairs(lines) do
+      redis.call('HSET', set .. '|h', owner, text)
+      redis.call('EXPIREAT', set .. '|h', math.ceil(now + keep + 31 * 86400))
+    end
   end
 end
 reply[1] = 1

@@ -205,15 +205,17 @@ MARKER_LIMIT = 2**31 - 1
 
 
 def _marker(resolved: tuple[Check, ...]) -> tuple[Check, ...]:
-    """A concurrency check no request can fail, for checks with a quota and no concurrency
-    limit: its lease marks the request in Redis, so that a settlement lost after it was
-    written is sent again and applies once (the script then moves its tokens only if it frees
-    the lease), as one with a real concurrency limit is. Without it the quota kept the whole
-    reservation charged. It costs such a request a lease in a sorted set while it runs."""
-    if any(check.kind == "concurrency" for check in resolved):
-        return ()
-    quota = next((check for check in resolved if check.kind == "quota"), None)
-    return () if quota is None else (Check.concurrent(quota.scope, MARKER_LIMIT),)
+    """A concurrency check no request can fail, for each quota scope with no concurrency
+    limit of its own: its lease marks the request in Redis, so that a settlement lost after it
+    was written is sent again and applies once (the script then moves its tokens only if it
+    frees the lease), as one with a real concurrency limit is. Without it the quota kept the
+    whole reservation charged. Its set also keeps the quota's charge until the request settles
+    (limiter.lua): a scope's own, so that any request of that scope, whatever its key, gives a
+    dead process's charge back. It costs such a request a lease in a sorted set while it
+    runs."""
+    limited = {check.scope for check in resolved if check.kind == "concurrency"}
+    quotas = [c.scope for c in resolved if c.kind == "quota" and c.scope not in limited]
+    return tuple(Check.concurrent(scope, MARKER_LIMIT) for scope in dict.fromkeys(quotas))
 
 
 class _Plan(Resolved):

@@ -448,6 +448,37 @@ async def test_a_dead_processs_quota_reservations_are_given_back(harness: Harnes
     assert await live.quota_used("acct:x") == 310
 
 
+async def test_a_late_settlement_after_its_set_expired_is_charged_once(
+    harness: Harness,
+) -> None:
+    """A process cut off for longer than a TTL, whose lease set expired with nobody pruning
+    it, settles late: its charge is moved then, and the next admission gives nothing back a
+    second time (the counter went 4,106 below the records)."""
+    _redis_only(harness)
+    cut_off = harness.make(lease_ttl=0.2)
+    live = harness.make(lease_ttl=30.0)
+    quota = [Check.monthly_quota("acct:x", 10_000)]
+    first = await take(cut_off, quota, 400)
+    await asyncio.sleep(0.4)  # its set expires; no admission in between
+    assert await cut_off.settle(first, 50)
+    await take(live, quota, 0)
+    assert await live.quota_used("acct:x") == 50
+
+
+async def test_an_accounts_charge_comes_back_through_any_of_its_keys(harness: Harness) -> None:
+    """A key with a concurrency limit of its own: the account's quota charge is kept by the
+    account's set, so a request with another key of the account gives it back (it waited for
+    that one key, which might never be used again)."""
+    _redis_only(harness)
+    dead = harness.make(lease_ttl=0.2)
+    live = harness.make(lease_ttl=30.0)
+    account = Check.monthly_quota("acct:x", 1000)
+    await take(dead, [Check.concurrent("key:k", 2), account], 500)
+    await asyncio.sleep(0.4)
+    await take(live, [account], 0)  # another key of the account, with no limits of its own
+    assert await live.quota_used("acct:x") == 0
+
+
 async def test_a_dead_processs_budget_reservation_is_given_back(harness: Harness) -> None:
     _redis_only(harness)
     dead = harness.make(lease_ttl=0.2)
