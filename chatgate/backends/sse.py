@@ -232,35 +232,35 @@ class SSEPassThrough(ChatStream):
                 event = rest if rest.endswith(b"\n") else rest + b"\n"
                 kept = self._keep(event + b"\n")
                 if kept is not None:
-                    tail = [kept]
+                    tail = [*tail[-2:], kept]
                     yield [kept]
             if not tail or tail[-1] != DONE_EVENT:
-                ending = self._unended(tail)
-                if ending is not None:
-                    yield [ending]
+                yield [self._unended(tail)]
         except (TimeoutError, UpstreamConnectionError):
             if self._expired is not None:
-                self.failure = self._timeout()
+                yield [self._failed(self._timeout())]
             else:
-                self.failure = errors.UpstreamError(
-                    f"The upstream for model `{self._model.name}` broke off the stream."
-                )
-            yield [b"data: " + self.failure.body() + b"\n\n"]
+                yield [self._failed(self._broken("broke off the stream"))]
         finally:
             self._reading_since = None
             self._stop_timer()
             self._resp.release()
 
-    def _unended(self, tail: list[bytes]) -> bytes | None:
+    def _unended(self, tail: list[bytes]) -> bytes:
         """The event for a stream the upstream ended without ``[DONE]``: ``[DONE]`` itself
         when its answer had finished (a finish reason came), else an error event (``failure``
         set): clients wait for one or the other, and an answer cut short is no answer."""
         if any(_FINISHED.search(event) for event in tail):
             return DONE_EVENT
-        self.failure = errors.UpstreamError(
-            f"The upstream for model `{self._model.name}` ended the stream before its answer."
-        )
-        return b"data: " + self.failure.body() + b"\n\n"
+        return self._failed(self._broken("ended the stream before its answer"))
+
+    def _broken(self, what: str) -> errors.UpstreamError:
+        return errors.UpstreamError(f"The upstream for model `{self._model.name}` {what}.")
+
+    def _failed(self, failure: errors.APIError) -> bytes:
+        """The error event that ends the relay with ``failure`` (kept in ``failure``)."""
+        self.failure = failure
+        return b"data: " + failure.body() + b"\n\n"
 
     def _keep(self, event: bytes) -> bytes | None:
         """Note usage and text of one event; the event to relay, or ``None`` for a usage-only

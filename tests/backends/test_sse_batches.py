@@ -214,6 +214,11 @@ async def test_a_stream_ended_without_done_is_done_or_an_error() -> None:
     batches, stream = await _batches([b"".join(finished)], include_usage=False)
     relayed = [e for batch in batches for e in batch]
     assert relayed[-1] == DONE_EVENT and stream.failure is None
+    # Its last event, the usage chunk, without the blank line that ends an event: still done.
+    last = b"".join([*finished, _event([], GOOD)]).rstrip(b"\n")
+    batches, stream = await _batches([last], include_usage=True)
+    relayed = [e for batch in batches for e in batch]
+    assert relayed[-1] == DONE_EVENT and stream.failure is None, relayed[-2:]
     for cut in (STREAM[:3], [STREAM[1], b"data: {garbage\n\n"], []):
         batches, stream = await _batches([b"".join(cut)] if cut else [], include_usage=True)
         relayed = [e for batch in batches for e in batch]
