@@ -47,9 +47,10 @@ A reservation charged to a quota is held in Redis until it settles, and a proces
 cannot settle it: its lease expires, and with it the reservation is given back. Each quota's
 charge is kept by its own scope's concurrency set (a real limit's, or a marker: every quota
 scope has one), else by the reservation's first, in the hash "<set>|h": lease id -> what the
-lease charged to which quota counters ("amount key" lines). A settlement that frees the lease drops its line; an admission that finds leases
-expired in a set (or the set gone: it expires a TTL after its last lease) gives theirs back,
-before it reads any level, so the counter it reads holds live reservations only. What was
+lease charged to which quota counters ("amount key" lines). A settlement that frees the
+lease drops its line; an admission that finds leases expired in a set (or the set gone: it
+expires a TTL after its last lease) gives theirs back, before it reads any level, so the
+counter it reads holds live reservations only. What was
 given back is kept in "<set>|g": a process only cut off from Redis for a TTL, whose
 settlement comes after all, is charged it again there, then its own difference.
 ]]
@@ -63,6 +64,7 @@ local ttl = tonumber(ARGV[4])
 local hint = tonumber(ARGV[5])
 local split, split_lease = tonumber(ARGV[6]), ARGV[7]
 local EPS = 1e-6
+local held_until = math.ceil(now + keep + 31 * 86400)  -- "<set>|h" and "|g": past any month
 
 -- The level of rate bucket `key` drained up to now (0 when it does not exist).
 local function drained(key, limit, span)
@@ -105,7 +107,7 @@ local function give_back(set, owners)
       charge(charged, -1)
       redis.call('HDEL', held, owner)
       redis.call('HSET', given, owner, charged)
-      redis.call('EXPIREAT', given, math.ceil(now + keep + 31 * 86400))
+      redis.call('EXPIREAT', given, held_until)
     end
   end
 end
@@ -205,11 +207,9 @@ for i = 1, n do
   kinds[i], limits[i], spans[i], costs[i] = kind, limit, span, cost
 
   local level = 0
-  if kind == 'r' then
+  if kind == 'r' or kind == 'p' then
     level = drained(key, limit, span)
-  elseif kind == 'p' then
-    level = drained(key, limit, span)
-    if level > limit and limit > 0 then
+    if kind == 'p' and level > limit and limit > 0 then
       level = limit
       store(key, level, limit, span)
     end
@@ -278,7 +278,7 @@ for r = 1, 2 do
     end
     for set, text in pairs(lines) do
       redis.call('HSET', set .. '|h', owner, text)
-      redis.call('EXPIREAT', set .. '|h', math.ceil(now + keep + 31 * 86400))
+      redis.call('EXPIREAT', set .. '|h', held_until)
     end
   end
 end

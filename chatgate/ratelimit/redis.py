@@ -239,8 +239,7 @@ class _Plan(Resolved):
         for check in self.wire:
             if check.charges_tokens:
                 self.tokens.append(len(self.args) + 3)
-            kind = "p" if check.kind == "requests" else _code(check)  # see limiter.lua
-            self.args += [encode(v) for v in (kind, check.limit, _span(check), 1)]
+            self.args += [encode(v) for v in (*_bucket(check), 1)]
         # A settlement names each bucket once: the slots always, token buckets when the real
         # tokens differ from the reserved ones (index: whether they do).
         self.settle = tuple(self._settlement(prefix, with_tokens) for with_tokens in (False, True))
@@ -345,8 +344,11 @@ def _bucket(check: Check) -> tuple[str, int, float]:
 
 
 def _code(check: Check) -> str:
-    # The script treats requests and tokens alike: both are GCRA buckets.
-    return "r" if check.kind in RATE_KINDS else KIND_CODE[check.kind]
+    # Both are GCRA buckets to the script: "p" (requests) is brought down to its limit when
+    # found above it, "r" (tokens) keeps what a settlement owes (see limiter.lua).
+    if check.kind in RATE_KINDS:
+        return "p" if check.kind == "requests" else "r"
+    return KIND_CODE[check.kind]
 
 
 def _never_ran(exc: BaseException) -> bool:
