@@ -418,7 +418,7 @@ class LocalBackend(Backend):
                     param=f"messages[{i}].content",
                 )
             # Templates concatenate strings: content parts are flattened to their text.
-            texts.append(tokens.flatten_content(message.get("content")).replace("\x00", "\ufffd"))
+            texts.append(tokens.flatten_content(content).replace("\x00", "\ufffd"))
             plain.append({"role": role, "content": f"\x00{i}\x00"})
         size = sum(len(text) for text in texts)  # characters: never more than bytes
         if size > self.context_window * self._token_bytes:

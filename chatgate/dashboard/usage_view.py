@@ -93,12 +93,13 @@ def period_from(query: dict[str, str], *, now: float | None = None) -> Period:
     """
     today = int(now if now is not None else time.time()) // DAY * DAY
     asked_from, asked_to = query.get("from", ""), query.get("to", "")
-    if asked_from or asked_to:
-        start_q, end_q = _parse_date(asked_from), _parse_date(asked_to)
-        if start_q is None or end_q is None:
-            shown = " to ".join(_quoted(t) for t in (asked_from, asked_to) if t) or "—"
-            note = f"{shown} is not a range of dates (YYYY-MM-DD): showing the last 30 days."
-            return Period(today - 29 * DAY, today + DAY, "30d", note)
+    note = ""
+    start_q, end_q = _parse_date(asked_from), _parse_date(asked_to)
+    if (asked_from or asked_to) and (start_q is None or end_q is None):
+        shown = " to ".join(_quoted(t) for t in (asked_from, asked_to) if t)
+        note = f"{shown} is not a range of dates (YYYY-MM-DD): showing the last 30 days."
+        query = {}  # the default period
+    elif start_q is not None and end_q is not None:
         notes = []
         if start_q > end_q:
             start_q, end_q = end_q, start_q
@@ -118,7 +119,7 @@ def period_from(query: dict[str, str], *, now: float | None = None) -> Period:
     days = {"7d": 7, "30d": 30, "90d": 90}.get(name)
     if days is None:
         name, days = "30d", 30
-    return Period(today - (days - 1) * DAY, today + DAY, name)
+    return Period(today - (days - 1) * DAY, today + DAY, name, note)
 
 
 def _quoted(text: str) -> str:
