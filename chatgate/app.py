@@ -16,6 +16,7 @@ from chatgate import dashboard, throttle, tokens
 from chatgate.accounts import AccountStore, PlanStore
 from chatgate.api import admin_backends, conversations, leaks, manage, openai, ops, responses
 from chatgate.api import usage as usage_api
+from chatgate.api.bodies import SERVER_OPTIONS
 from chatgate.auth import Authenticator
 from chatgate.backends.router import Router
 from chatgate.db.engine import create_engine
@@ -28,11 +29,14 @@ from chatgate.settings import Settings
 from chatgate.state import STATE, State
 from chatgate.usage.recorder import UsageRecorder
 
+__all__ = ["SERVER_OPTIONS", "create_app"]
+
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> web.Application:
-    """The aiohttp application for ``settings``; everything starts in its cleanup context."""
+    """The aiohttp application for ``settings``; everything starts in its cleanup context.
+    Its server must be given :data:`SERVER_OPTIONS`."""
     app = web.Application(middlewares=[api_middleware], client_max_size=settings.max_body_bytes)
     app.cleanup_ctx.append(_lifespan(settings))
     openai.setup(app)

@@ -12,7 +12,7 @@ import uvloop
 from aiohttp import web
 
 from chatgate.accounts import AccountStore
-from chatgate.app import create_app
+from chatgate.app import SERVER_OPTIONS, create_app
 from chatgate.db.engine import create_engine, migrate, schema
 from chatgate.db.instance import SecretMismatch, check_secret
 from chatgate.keys.store import IssuedKey, KeyStore
@@ -138,4 +138,5 @@ def _run(settings: Settings, *, reuse_port: bool) -> None:
         # aiohttp's default of 128 pending connections drops SYNs in a burst of new clients,
         # and each dropped one costs that client a 1 s retransmission.
         backlog=1024,
+        **SERVER_OPTIONS,
     )

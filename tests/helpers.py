@@ -264,7 +264,7 @@ async def served_app(
     from aiohttp.test_utils import TestServer
 
     from chatgate.accounts import AccountStore
-    from chatgate.app import create_app
+    from chatgate.app import SERVER_OPTIONS, create_app
     from chatgate.db.engine import create_engine, migrate
     from chatgate.keys.store import KeyStore
     from chatgate.settings import Settings
@@ -282,7 +282,7 @@ async def served_app(
     await migrate(engine)
     account = await AccountStore(engine).create(f"t{secrets.token_hex(4)}@example.com")
     issued = await KeyStore(engine, settings.resolved_secret()).create(account.id)
-    server = TestServer(create_app(settings), host="127.0.0.1")
+    server = TestServer(create_app(settings), host="127.0.0.1", **SERVER_OPTIONS)
     await server.start_server(shutdown_timeout=shutdown_timeout)
     try:
         yield server, issued.key

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from chatgate import auth as auth_module
 from chatgate import errors
 from chatgate.accounts import AccountStore, PlanStore, invalidate
-from chatgate.app import create_app
+from chatgate.app import SERVER_OPTIONS, create_app
 from chatgate.auth import Authenticator
 from chatgate.db.engine import create_engine, migrate
 from chatgate.db.tables import api_keys
@@ -48,7 +48,7 @@ async def served(
     )
     engine = create_engine(settings)
     await migrate(engine)
-    server = TestServer(create_app(settings), host="127.0.0.1")
+    server = TestServer(create_app(settings), host="127.0.0.1", **SERVER_OPTIONS)
     await server.start_server()
     try:
         yield server, KeyStore(engine, settings.resolved_secret()), AccountStore(engine)

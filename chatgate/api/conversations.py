@@ -20,9 +20,10 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
+from chatgate.api.bodies import body_bytes
 from chatgate.api.openai import authenticate, json_response, read_body
 from chatgate.api.responses import list_page, page_params
-from chatgate.api.schemas import validate
+from chatgate.api.schemas import decode_json, validate
 from chatgate.ids import new_id
 from chatgate.sessions.chat import sessions_store
 from chatgate.sessions.responses import Metadata, normalize_items
@@ -60,9 +61,8 @@ class ItemsCreate(msgspec.Struct, kw_only=True):
 
 async def _body_or_empty(request: web.Request) -> dict[str, Any]:
     """The JSON body; an empty body counts as ``{}`` (``conversations.create()``)."""
-    if not (await request.read()).strip():
-        return {}
-    return await read_body(request)
+    raw = await body_bytes(request)
+    return decode_json(raw) if raw.strip() else {}
 
 
 async def create_conversation(request: web.Request) -> web.Response:

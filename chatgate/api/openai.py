@@ -18,6 +18,7 @@ from aiohttp import web
 
 from chatgate import errors, tokens
 from chatgate import meter as metering
+from chatgate.api.bodies import body_bytes
 from chatgate.api.schemas import (
     ChatCompletionRequest,
     EmbeddingRequest,
@@ -43,15 +44,9 @@ SSE_HEADERS = {
 
 
 async def read_body(request: web.Request) -> dict[str, Any]:
-    """The JSON object body; 413 beyond ``max_body_bytes``, 400 when not JSON."""
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise errors.BodyTooLarge(
-            f"The request body is larger than the limit of "
-            f"{request.app[STATE].settings.max_body_bytes} bytes."
-        ) from exc
-    return decode_json(raw)
+    """The JSON object body; 413 beyond ``max_body_bytes``, 400 when not JSON (and the
+    errors of :func:`.bodies.body_bytes`)."""
+    return decode_json(await body_bytes(request))
 
 
 def json_response(

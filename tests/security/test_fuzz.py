@@ -17,6 +17,7 @@ import json
 import re
 import socket
 import time
+import zlib
 from typing import Any
 
 import pytest
@@ -397,3 +398,59 @@ def test_a_body_not_in_its_content_encoding_is_a_400(
         timeout=TIMEOUT,
     )
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"  # read
+
+
+def _send_encoded(gw: Gateway, key: str, data: bytes, encoding: str) -> requests.Response:
+    return requests.post(
+        gw.url + "/v1/chat/completions",
+        data=data,
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+            "Content-Encoding": encoding,
+        },
+        timeout=TIMEOUT,
+    )
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "compress", "gzip, br"])
+def test_an_unsupported_content_encoding_is_an_openai_415(
+    sec: Gateway, fuzz_key: str, encoding: str
+) -> None:
+    """aiohttp's parser refused br and zstd before any handler ran: a plain-text 400 that said
+    "Please install `Brotli`", and a traceback in the log. Now it is OpenAI's shape, naming
+    the encoding, and the log stays quiet."""
+    before = len(sec.logs())
+    resp = _send_encoded(sec, fuzz_key, b"\x1b\x00\x00", encoding)
+    assert resp.status_code == 415, resp.text
+    error = resp.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == "unsupported_content_encoding"
+    assert repr(encoding.split(",")[-1].strip()) in error["message"]
+    assert "Traceback" not in sec.logs()[before:]
+
+
+def test_encoded_bodies_are_read_and_a_bomb_is_413(sec: Gateway, fuzz_key: str) -> None:
+    """gzip (one member or several), zlib's deflate and raw deflate, and encodings listed with
+    identity, are read; a small body that inflates beyond the body limit is a 413, inflated
+    no further than that limit."""
+    chat = b'{"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}'
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    cases = {
+        "gzip": gzip.compress(chat),
+        "x-gzip": gzip.compress(chat[:20]) + gzip.compress(chat[20:]),
+        "deflate": zlib.compress(chat),
+        "Deflate": raw.compress(chat) + raw.flush(),
+        "identity, gzip": gzip.compress(chat),
+        "gzip, gzip": gzip.compress(gzip.compress(chat)),
+    }
+    for encoding, data in cases.items():
+        resp = _send_encoded(sec, fuzz_key, data, encoding)
+        assert resp.status_code == 200, (encoding, resp.text)
+        assert resp.json()["choices"][0]["message"]["content"].startswith("echo: hi")
+    bomb = gzip.compress(chat[:-4] + b" " * (64 << 20) + chat[-4:], compresslevel=9)
+    assert len(bomb) < 100_000
+    error = assert_openai_error(_send_encoded(sec, fuzz_key, bomb, "gzip"), 413)
+    assert error["code"] == "request_too_large"
+    error = assert_openai_error(_send_encoded(sec, fuzz_key, gzip.compress(chat)[:-9], "gzip"))
+    assert error["code"] == "invalid_body"
