@@ -10,6 +10,7 @@ Behaviour is chosen by the request's ``model``:
 - ``fail-500`` / ``fail-429`` / ``fail-401``: answer with that status;
 - ``slow``: wait ``delay`` seconds (JSON ``{"delay": s}`` in the body extension ``fake``);
 - ``break-stream``: send two chunks, then cut the connection;
+- ``not-an-answer``: a 200 whose JSON is not an answer (``choices`` or ``data`` a string);
 - ``hang``: never answer (the connection stays open, no status line);
 - ``stall-stream``: when streaming, send ``fake.after`` events (default 2; 0 = headers only),
   then go silent for ``fake.delay`` seconds (default an hour) without closing; when not
@@ -135,6 +136,8 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             status=status,
             headers=headers,
         )
+    if model == "not-an-answer" and not body.get("stream"):
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": "x"})
     if model == "slow":
         await asyncio.sleep(float((body.get("fake") or {}).get("delay", 5)))
     if model == "tools" and body.get("tools") and _last_role(body) != "tool":
@@ -329,6 +332,8 @@ async def embeddings(request: web.Request) -> web.Response:
         for i in range(len(inputs))
     ]
     out: dict[str, Any] = {"object": "list", "data": data, "model": body["model"]}
+    if body["model"] == "not-an-answer":
+        out["data"] = "x"
     if body["model"] != "no-usage":
         prompt = 2**40 if body["model"] == "bad-usage" else len(inputs)
         out["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}

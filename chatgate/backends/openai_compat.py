@@ -156,8 +156,12 @@ class OpenAICompatBackend(Backend):
             happened = "broke the connection" if exc.answered else "could not be reached"
             raise UpstreamUnreachable(f"The upstream for model `{model.name}` {happened}.") from exc
 
-    async def _json(self, model: ModelConfig, path: str, body: dict[str, Any]) -> tuple[Any, bytes]:
-        """A non-streamed call: the decoded answer and its raw bytes."""
+    async def _json(
+        self, model: ModelConfig, path: str, body: dict[str, Any], listed: str
+    ) -> tuple[Any, bytes]:
+        """A non-streamed call: the decoded answer and its raw bytes. An answer is a JSON
+        object with a list in its field ``listed`` (``choices``, ``data``); anything else is
+        not relayed as if it were one."""
         started = asyncio.get_running_loop().time()
         answer = await self._send(model, path, body, started, False)
         assert isinstance(answer, http1.Answer)
@@ -170,18 +174,19 @@ class OpenAICompatBackend(Backend):
             raise errors.UpstreamError(
                 f"The upstream for model `{model.name}` sent an invalid answer."
             ) from exc
-        if not isinstance(data, dict):
-            raise errors.UpstreamError(
-                f"The upstream for model `{model.name}` sent an invalid answer."
-            )
-        if data.get("error"):  # an error with a 200 (some servers and proxies): no answer
+        if isinstance(data, dict) and data.get("error"):
+            # An error with a 200 (some servers and proxies): no answer.
             raise errors.UpstreamError(
                 f"The upstream for model `{model.name}` answered with an error."
+            )
+        if not isinstance(data, dict) or not isinstance(data.get(listed), list):
+            raise errors.UpstreamError(
+                f"The upstream for model `{model.name}` sent an invalid answer."
             )
         return data, raw
 
     async def chat(self, model: ModelConfig, body: dict[str, Any]) -> ChatResult:
-        data, raw = await self._json(model, "/chat/completions", body)
+        data, raw = await self._json(model, "/chat/completions", body, "choices")
         return ChatResult(data, Usage.from_openai(data.get("usage")), raw)
 
     async def chat_stream(
@@ -207,7 +212,7 @@ class OpenAICompatBackend(Backend):
         )
 
     async def embeddings(self, model: ModelConfig, body: dict[str, Any]) -> dict[str, Any]:
-        data, _ = await self._json(model, "/embeddings", body)
+        data, _ = await self._json(model, "/embeddings", body, "data")
         result: dict[str, Any] = data
         return result
 

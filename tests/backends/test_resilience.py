@@ -71,6 +71,7 @@ class World:
                 table("r-429", ok, "fail-429"),
                 table("r-stall", ok, "stall-stream"),
                 table("r-die", ok, "break-stream"),
+                table("r-not-an-answer", ok, "not-an-answer"),
                 table("r-fallback", dead, "fake-model", "retries = 0\n"),
                 table("r-fallback", ok, "hang"),
                 table("r-fallback", ok, "fail-500"),
@@ -165,6 +166,19 @@ def test_hanging_upstream_is_504(world: World) -> None:
 
 def test_500_is_502(world: World) -> None:
     assert_error(world.post(body("r-500")), 502, "upstream_error", "r-500")
+
+
+def test_a_200_that_is_not_an_answer_is_502(world: World) -> None:
+    """A 200 whose JSON had no list of choices (or of embeddings) was relayed as it came, and
+    the client's SDK failed on it; now it is the upstream's failure, as invalid JSON is."""
+    assert_error(world.post(body("r-not-an-answer")), 502, "upstream_error", "r-not-an-answer")
+    resp = requests.post(
+        world.gw.url + "/v1/embeddings",
+        json={"model": "r-not-an-answer", "input": "hi"},
+        headers={"Authorization": f"Bearer {world.user_key}"},
+        timeout=30,
+    )
+    assert_error(resp, 502, "upstream_error", "r-not-an-answer")
 
 
 def test_429_stays_429_with_the_retry_hint(world: World) -> None:
