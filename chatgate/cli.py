@@ -23,6 +23,7 @@ from chatgate.backends.cli import add_parser as add_models_parser
 from chatgate.client.chat import add_parser as add_chat_parser
 from chatgate.db.engine import create_engine, migrate, schema
 from chatgate.db.instance import SecretMismatch, adopt_secret, check_secret
+from chatgate.keys import format as keyfmt
 from chatgate.keys.cli_scan import add_parser as add_scan_parser
 from chatgate.keys.store import KeyStore
 from chatgate.notify import Notifier
@@ -185,13 +186,14 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
         keys = KeyStore.from_settings(engine, settings)
         accounts = AccountStore(engine)
         if args.action == "create":
-            from chatgate.dashboard.services import parse_expiry  # read as the API reads it
+            # Read as the API reads them.
+            from chatgate.backends.router import Router
+            from chatgate.dashboard.services import check_models, parse_expiry
 
             account = await accounts.by_email(args.account)
             expires = parse_expiry(args.expires_in)  # "0", "never": no expiry
-            models = (
-                [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-            )
+            served = [m.name for m in Router(settings).models()]
+            models = check_models(served, args.models.split(",")) if args.models else None
             period = parse_duration(args.rotate_every) if args.rotate_every else None
             return (
                 await keys.create(
@@ -206,9 +208,9 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
         if args.action == "revoke":
             return (await keys.revoke(args.id)).to_dict()
         if args.action == "rotate":
-            grace = (
-                parse_duration(args.grace) if args.grace is not None else settings.rotation_grace
-            )
+            from chatgate.dashboard.services import parse_grace
+
+            grace = parse_grace(args.grace, settings.rotation_grace)  # 0 to 30 days, as the API
             return (await keys.rotate(args.id, grace_seconds=grace)).to_dict()
         account_id = (await accounts.by_email(args.account)).id if args.account else None
         if args.action == "due":
@@ -382,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chatgate: error: database: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     except (CLIError, ValueError, OSError) as exc:
-        print(f"chatgate: error: {exc}", file=sys.stderr)
+        # As an APIError's: a key pasted into an argument is shown as its hint.
+        print(f"chatgate: error: {keyfmt.unkeyed(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

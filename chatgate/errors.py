@@ -16,7 +16,10 @@
     └── UpstreamTimeout              504 upstream_timeout
 
 One handler (:func:`error_body`) turns any of them into OpenAI's JSON shape:
-``{"error": {"message", "type", "param", "code"}}``. Messages never contain a key.
+``{"error": {"message", "type", "param", "code"}}``. Messages never contain a key: not even one
+pasted into a field that a message echoes (a model name, a plan, an id), whether the message
+goes to the API, a dashboard page or the command line; a key-shaped string in a message or a
+``param`` is shown as its hint from the start.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
+
+from chatgate.keys.format import unkeyed
 
 
 class APIError(Exception):
@@ -43,9 +48,10 @@ class APIError(Exception):
         type: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        message = unkeyed(message)
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.param = param if param is None else unkeyed(param)
         if code is not None:
             self.code = code
         if type is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -50,7 +49,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         if error_code == "model_not_found" and METER in request:
             # No model is named like a key: a key sent as the model is recorded as its hint,
             # as the message shows it (usage reports and exports show the model recorded).
-            request[METER].model = _unkeyed(request[METER].model) or ""
+            request[METER].model = keyfmt.unkeyed(request[METER].model or "")
     except web.HTTPException as exc:
         if exc.status < 400:  # redirects from the dashboard
             exc.headers["x-request-id"] = request_id
@@ -130,20 +129,10 @@ def _cancelled(request: web.Request, request_id: str, status: int) -> None:
 
 
 # Anything shaped like a chatgate key (a typo'd or cut one too) in an error message or param.
-_KEYLIKE = re.compile(r"sk-cg-[0-9A-Za-z]{12,}")
-
-
-def _unkeyed(text: str | None) -> str | None:
-    """``text`` with key-shaped strings shown as their hint (``sk-cg-Ab3d…9xYz``)."""
-    if text is None or "sk-cg-" not in text:
-        return text
-    return _KEYLIKE.sub(lambda m: keyfmt.hint(m.group()), text)
 
 
 def error_response(exc: errors.APIError) -> web.Response:
-    # A key never appears in an error message (DESIGN.md), not even one the caller pasted
-    # into a field that messages echo (a model name, an id, an enum value).
-    exc.message = _unkeyed(exc.message) or ""
-    exc.param = _unkeyed(exc.param)
+    # A key never appears in an error message (DESIGN.md): APIError shows any it was given as
+    # their hints (a key pasted into a field that messages echo: a model name, an id).
     headers = {"Content-Type": "application/json", **exc.headers}
     return web.Response(status=exc.status, body=exc.body(), headers=headers)

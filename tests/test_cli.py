@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -354,3 +355,38 @@ def test_serve_port_0_takes_a_free_port_and_says_which(gw: Gateway) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_key_pasted_into_an_argument_is_never_stored_or_printed(gw: Gateway) -> None:
+    """``keys create --models`` took any names: a key pasted there was stored and listed
+    whole (and the key could use no model); ``set-plan`` and ``usage --key`` printed a pasted
+    key whole in their error and title. Now every one is a one-line error showing its hint."""
+    gw.cli("accounts", "create", "paste@example.com")
+    made = gw.cli_json("keys", "create", "--account", "paste@example.com")
+    key, hint = made["key"], made["hint"]
+    for argv in (
+        ("keys", "create", "--account", "paste@example.com", "--models", key),
+        ("keys", "create", "--account", "paste@example.com", "--models", "no-such-model"),
+        ("accounts", "set-plan", "paste@example.com", key),
+        ("usage", "--key", key),
+        ("usage", "--key", "key_nothing"),
+    ):
+        result = gw.cli(*argv, check=False)
+        assert result.returncode == 2, (argv, result.stdout)
+        assert key not in result.stdout + result.stderr, argv
+        assert result.stderr.startswith("chatgate: error: ")
+        assert key not in argv or hint in result.stderr
+    listed = gw.cli("keys", "list", "--json")
+    assert key not in listed.stdout and len(json.loads(listed.stdout)) == 1
+    by_id = gw.cli("usage", "--key", made["id"], "--format", "json")
+    assert json.loads(by_id.stdout)["data"] == []
+
+
+def test_keys_rotate_grace_is_capped_as_the_api_caps_it(gw: Gateway) -> None:
+    """The API and the dashboard refuse a grace period beyond 30 days; the CLI took 100 years."""
+    gw.cli("accounts", "create", "grace@example.com")
+    made = gw.cli_json("keys", "create", "--account", "grace@example.com")
+    result = gw.cli("keys", "rotate", made["id"], "--grace", "400d", check=False)
+    assert result.returncode == 2 and "30 days" in result.stderr
+    rotated = gw.cli_json("keys", "rotate", made["id"], "--grace", "30d")
+    assert rotated["id"] == made["id"] and rotated["key"] != made["key"]

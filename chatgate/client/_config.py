@@ -8,9 +8,12 @@ surrounding whitespace, such as the newline of a key read from a file, is droppe
 3. ``OPENAI_API_KEY`` / ``OPENAI_BASE_URL`` (so code written for OpenAI runs unchanged);
 4. :data:`DEFAULT_BASE_URL` (there is no default key: :class:`MissingAPIKeyError`).
 
-Except that a key found in ``CHATGATE_API_KEY`` is never sent to ``OPENAI_BASE_URL``: that
-variable is often set for another provider, and the chatgate key would go there. It goes to
-``CHATGATE_BASE_URL``, the argument, or the default.
+Except that a chatgate key is never sent to ``OPENAI_BASE_URL``: that variable is often set for
+another provider, and the key would go there. A key found in ``CHATGATE_API_KEY``, or passed
+as the argument in chatgate's format (``sk-cg-...``: ``api_key=os.environ["CHATGATE_API_KEY"]``
+is the same key), goes to ``CHATGATE_BASE_URL``, the argument, or the default. Only a key in
+``OPENAI_API_KEY`` pairs with ``OPENAI_BASE_URL``: that is OpenAI's own convention, both values
+set together.
 
 This is the only place in :mod:`chatgate.client` that reads the environment.
 """
@@ -36,6 +39,9 @@ __all__ = [
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 API_KEY_VARS = ("CHATGATE_API_KEY", "OPENAI_API_KEY")
 BASE_URL_VARS = ("CHATGATE_BASE_URL", "OPENAI_BASE_URL")
+KEY_PREFIX = "sk-cg-"
+"""How a chatgate key begins (``chatgate.keys.format.PREFIX``; the client imports nothing of
+the server)."""
 
 
 class MissingAPIKeyError(openai.OpenAIError):
@@ -86,9 +92,12 @@ def resolve_config(
         raise MissingAPIKeyError()
     if not (key.isascii() and key.isprintable()):
         raise _unsendable_key(key, source)
-    # A chatgate key from CHATGATE_API_KEY goes to CHATGATE_BASE_URL (or the default), never
-    # to OPENAI_BASE_URL: that one may name another provider, which would be sent the key.
-    url_vars = BASE_URL_VARS[:1] if source == API_KEY_VARS[0] else BASE_URL_VARS
+    # A chatgate key goes to CHATGATE_BASE_URL (or the default), never to OPENAI_BASE_URL:
+    # that one may name another provider, which would be sent the key (see above).
+    chatgate_key = source == API_KEY_VARS[0] or (
+        source == "argument" and key.startswith(KEY_PREFIX)
+    )
+    url_vars = BASE_URL_VARS[:1] if chatgate_key else BASE_URL_VARS
     url, url_source = _first(base_url, env, url_vars)
     url = normalize_base_url(url or DEFAULT_BASE_URL)
     parts = urlsplit(url)

@@ -79,15 +79,16 @@ def model_names(state: State) -> list[str]:
     return [m.name for m in state.router.models()]
 
 
-def check_models(state: State, models: Iterable[str] | None) -> list[str] | None:
-    """The allowed-models list, every name known; empty or ``None`` means every model."""
+def check_models(known: Iterable[str], models: Iterable[str] | None) -> list[str] | None:
+    """The allowed-models list, every name one of ``known`` (the public model names);
+    empty or ``None`` means every model."""
     if models is None:
         return None
     chosen = sorted({m.strip() for m in models if m and m.strip()})
     if not chosen:
         return None
-    known = set(model_names(state))
-    unknown = [m for m in chosen if m not in known]
+    names = set(known)
+    unknown = [m for m in chosen if m not in names]
     if unknown:
         raise errors.InvalidRequest(
             f"Unknown model `{unknown[0][:80]}`; see GET /v1/models.", param="models"
@@ -111,7 +112,7 @@ def key_request(
             f"A key name is at most {MAX_KEY_NAME} characters.", param="name"
         )
     own = parse_limits(limits or {})  # their range: the store's check (check_limits)
-    return KeyRequest(name, parse_expiry(expires_in), check_models(state, models), own)
+    return KeyRequest(name, parse_expiry(expires_in), check_models(model_names(state), models), own)
 
 
 async def create_key(state: State, account: Account, request: KeyRequest) -> IssuedKey:

@@ -1,15 +1,7 @@
-"""API keys: format and checksum, hashing, and the key service."""
+"""API keys: format and checksum, hashing (:mod:`.format`), and the key service
+(:mod:`.store`, imported from there: :mod:`chatgate.errors` uses the format, and the store
+uses the errors)."""
 
-from chatgate.keys.format import generate, hint, is_well_formed, key_hash
-from chatgate.keys.store import IssuedKey, KeyLookup, KeyRecord, KeyStore
+from chatgate.keys.format import generate, hint, is_well_formed, key_hash, unkeyed
 
-__all__ = [
-    "IssuedKey",
-    "KeyLookup",
-    "KeyRecord",
-    "KeyStore",
-    "generate",
-    "hint",
-    "is_well_formed",
-    "key_hash",
-]
+__all__ = ["generate", "hint", "is_well_formed", "key_hash", "unkeyed"]

@@ -57,6 +57,16 @@ def hint(key: str) -> str:
     return key[: len(PREFIX) + 4] + "…" + key[-4:]
 
 
+_KEYLIKE = re.compile(rf"{PREFIX}[0-9A-Za-z]{{12,}}")
+
+
+def unkeyed(text: str) -> str:
+    """``text`` with key-shaped strings shown as their hint (``sk-cg-Ab3d…9xYz``)."""
+    if PREFIX not in text:
+        return text
+    return _KEYLIKE.sub(lambda m: hint(m.group()), text)
+
+
 def key_hash(secret: str, key: str) -> str:
     """HMAC-SHA256 of ``key`` under the server secret, hex: the only stored form of a key."""
     return hmac.digest(secret.encode(), key.encode(), "sha256").hex()  # one-shot: C only

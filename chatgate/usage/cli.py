@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chatgate import errors
 from chatgate.settings import Settings
 from chatgate.timefmt import iso, parse_duration, until_now
 from chatgate.usage.queries import (
@@ -99,6 +100,8 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
 
     async def run(engine: AsyncEngine) -> tuple[Report, dict[str, tuple[str, str]]]:
         account_id = await _account_id(engine, args.account)
+        if args.key and not await key_names(engine, {args.key}):
+            raise errors.NotFound(f"No key with the id `{args.key}` (see `chatgate keys list`).")
         result = await report(
             engine, start=end - span, end=end, by=args.by, account_id=account_id, key_id=args.key
         )

@@ -64,7 +64,14 @@ def test_a_chatgate_key_is_never_sent_to_another_providers_url() -> None:
     assert resolve_config(environ=both).base_url == "http://gw:8000/v1"
     openai_style = resolve_config(environ={"OPENAI_API_KEY": KEY, **other})
     assert openai_style.base_url == "https://api.other.example/v1"
-    assert resolve_config(KEY, environ=other).base_url == "https://api.other.example/v1"
+    # A chatgate key passed in code is the same key (it went to the other provider before),
+    # whatever the URL's own source; a key of another format passed in code still pairs with
+    # OPENAI_BASE_URL.
+    in_code = resolve_config(KEY, environ={"CHATGATE_API_KEY": KEY, **other})
+    assert in_code.base_url == DEFAULT_BASE_URL
+    assert resolve_config(KEY, environ=other).base_url == DEFAULT_BASE_URL
+    assert resolve_config(KEY, "http://gw/v1", environ=other).base_url == "http://gw/v1"
+    assert resolve_config("sk-other", environ=other).base_url == "https://api.other.example/v1"
 
 
 def test_no_key_is_a_clear_error_without_secrets() -> None:
@@ -147,8 +154,12 @@ def test_a_key_no_header_can_carry_is_a_clear_error_before_any_request(
 @pytest.mark.parametrize("source", ["argument", "CHATGATE_BASE_URL", "OPENAI_BASE_URL"])
 def test_a_base_url_no_request_can_go_to_is_a_clear_error_at_once(bad: str, source: str) -> None:
     env = {} if source == "argument" else {source: bad}
+    # OPENAI_BASE_URL is read for a key from OPENAI_API_KEY only (a chatgate key in code or in
+    # CHATGATE_API_KEY never goes there).
+    key = KEY if source != "OPENAI_BASE_URL" else None
+    env.update({} if key else {"OPENAI_API_KEY": KEY})
     with pytest.raises(openai.OpenAIError) as info:
-        resolve_config(KEY, bad if source == "argument" else None, environ=env)
+        resolve_config(key, bad if source == "argument" else None, environ=env)
     message = str(info.value)
     assert repr(bad.rstrip("/")) in message and "http://" in message
     assert source == "argument" or source in message

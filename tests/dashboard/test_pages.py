@@ -167,3 +167,20 @@ def test_sign_up_refuses_a_password_easy_to_guess(dash: Gateway) -> None:
     form = {"csrf_token": csrf.group(1), "email": email, "password": good, "password2": good}
     made = http.post(dash.url + "/dashboard/signup", data=form, timeout=30)
     assert made.status_code == 200 and made.url.endswith("/dashboard/"), made.status_code
+
+
+def test_a_key_pasted_into_a_form_field_is_shown_as_its_hint(dash: Gateway) -> None:
+    """The JSON API showed a key pasted into a field as its hint; the pages echoed it whole:
+    the key form's models field ("Unknown model `sk-cg-...`") and the admin's plan field."""
+    user = make_user(dash)
+    made = user.new_key(name="pasted")
+    key, hint = made["key"], made["hint"]
+    form = {**form_of(user, "/dashboard/keys"), "name": "x", "models": key}
+    page = user.http.post(user.url("/dashboard/keys"), data=form, timeout=30)
+    assert page.status_code == 400 and key not in page.text and hint in page.text
+    admin = make_user(dash, admin=True)
+    account_id = user.api("GET", "/api/keys").json()["data"][0]["account_id"]
+    path = f"/dashboard/admin/accounts/{account_id}/plan"
+    page = admin.post(path, {"plan": key})
+    assert page.status_code == 404 and "No plan named" in page.text
+    assert key not in page.text and hint in page.text
