@@ -137,7 +137,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``environ`` (default ``os.environ``) and a config file.
 
-        The config file is ``CHATGATE_CONFIG`` or ``<data_dir>/../chatgate.toml`` when present;
+        The config file is ``CHATGATE_CONFIG`` or ``./chatgate.toml`` when present;
         it may hold ``[server]`` values and ``[[models]]`` tables.
         """
         env = os.environ if environ is None else environ
@@ -173,6 +173,13 @@ class Settings:
 
         models = tuple(_model_from_table(m) for m in tables)
         key_envs = {m.api_key_env for m in models if m.api_key_env}
+        for name in sorted(key_envs):
+            value = env.get(name) or ""
+            if not (value.isascii() and value.isprintable()):  # refused at start, not per call
+                raise ValueError(
+                    f"{name} (an upstream key) has a character no HTTP header can carry: a "
+                    "line break, a control character or a non-ASCII one"
+                )
         settings = cls(
             data_dir=data_dir,
             database_url=pick("database_url", ""),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from chatgate.backends.breaker import DEFAULT_COOLDOWN, DEFAULT_FAILURE_THRESHOLD
 from chatgate.settings import ModelConfig, Settings
@@ -142,13 +143,31 @@ def _price(table: Mapping[str, Any], key: str, *, where: str) -> float:
     return float(value)
 
 
+def _check_url(url: str, where: str) -> None:
+    """Refuse a ``base_url`` no request can go to, at start and without repeating it (it may
+    hold a password): it was a 500 on every request, with the URL in the log."""
+    if not url:
+        raise ValueError(f"{where}: `base_url` is required for the openai_compat backend")
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018  (raises for a port that is not a number)
+    except ValueError:
+        usable = False
+    if not usable:
+        raise ValueError(
+            f"{where}: `base_url` must be an http:// or https:// URL with a host "
+            "(and a numeric port, if any)"
+        )
+
+
 def deployment_from_config(config: ModelConfig, index: int, defaults: Timeouts) -> Deployment:
     """Validate one ``[[models]]`` table's routing keys (from ``config.options``)."""
     where = f"model {config.name!r} (deployment #{index})"
     if config.backend not in BACKEND_KINDS:
         raise ValueError(f"{where}: unknown backend {config.backend!r}")
-    if config.backend == "openai_compat" and not config.base_url:
-        raise ValueError(f"{where}: `base_url` is required for the openai_compat backend")
+    if config.backend == "openai_compat":
+        _check_url(config.base_url, where)
     opts = config.options
     total = _positive(opts, "total_timeout", defaults.total, where=where)
     timeouts = Timeouts(

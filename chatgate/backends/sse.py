@@ -11,6 +11,15 @@ usage-only chunk carrying one is dropped, one riding on a chunk with choices is 
 A stream the upstream ends without ``[DONE]`` gets one: ``[DONE]`` when its answer had finished
 (a finish reason came), else an ``upstream_error`` event, as for a connection that broke.
 
+The events are relayed without being parsed, with three exceptions that cost a byte search per
+read: an upstream's own error event (``data: {"error": ...}``, which may carry its key or its
+internal URLs) ends the relay with chatgate's error event in its place; comments (``: ...``,
+keep-alives) before the first event are dropped, so that it is the first event the router judges
+and the first-byte limit waits for; and a first event that is not a completion chunk (no
+``choices``) is the upstream's failure, as a whole answer without them is. An event that grows
+beyond :data:`EVENT_MAX` bytes ends the relay; one that arrives in many reads is gathered in
+time linear in its size.
+
 One watchdog timer per stream re-arms itself lazily (at most once per idle period, never per
 chunk) and closes the upstream response when a limit passes (first byte, idle, total), which
 ends the relay with an SSE ``upstream_timeout`` error event.
@@ -36,6 +45,8 @@ from chatgate.backends.upstream_errors import Phase, timeout_error
 from chatgate.settings import ModelConfig
 
 _UNPARSED_MAX = 256  # events held before their text is extracted anyway
+EVENT_MAX = 16 << 20
+"""The largest event relayed (a chunk of an answer is a few hundred bytes)."""
 _NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')  # a reason, not null
 _CRLF = re.compile(rb"\r\n|\r")
@@ -64,6 +75,22 @@ def split_events(data: bytes, spaced: bool = False) -> tuple[list[bytes], bytes]
     else:  # the usual case: every part is one event (in C, not a Python loop per event)
         events = list(map(operator.add, parts, repeat(b"\n\n")))
     return events, (rest if rest.strip(b"\n") else b"") + hold
+
+
+def _error_at(events: list[bytes]) -> int | None:
+    """The index of the first of ``events`` that is an upstream's error (``{"error": ...}``,
+    or vLLM's old ``{"object": "error"}``), if any: only events naming ``"error"`` are parsed.
+    A JSON string holding the word has its quotes escaped, so only a key or a value matches."""
+    for i, event in enumerate(events):
+        if b'"error"' not in event or not event.startswith(b"data: {"):
+            continue
+        try:
+            chunk = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(chunk, dict) and (chunk.get("error") or chunk.get("object") == "error"):
+            return i
+    return None
 
 
 def _writes_space(chunk: bytes) -> bool | None:
@@ -193,6 +220,8 @@ class SSEPassThrough(ChatStream):
         # The upstream is read in whatever chunks arrive (not line by line): one read often
         # holds many events, which are split here and handed on together.
         rest = b""
+        more: list[bytes] = []  # reads that continue ``rest`` without ending a line
+        held = 0  # bytes in ``rest`` and ``more``
         spaced: bool | None = None  # whether its "data:" has a space: seen on the first read
         read = self._resp.readany
         clock = self._loop.time
@@ -205,12 +234,40 @@ class SSEPassThrough(ChatStream):
                 self._reading_since = None
                 if not chunk:
                     break
-                data = rest + chunk if rest else chunk
+                if rest and b"\n" not in chunk and b"\r" not in chunk:
+                    # The event in hand goes on and cannot end in this read: kept aside, not
+                    # joined and split again at every read (quadratic in the event's size).
+                    more.append(chunk)
+                    held += len(chunk)
+                    if held > EVENT_MAX:
+                        yield [self._failed(self._broken("sent an event too large to relay"))]
+                        return
+                    continue
+                if more:
+                    data = b"".join([rest, *more, chunk])
+                    more.clear()
+                else:
+                    data = rest + chunk if rest else chunk
                 if spaced is None:  # an upstream writes it one way: looked at until seen
                     spaced = _writes_space(chunk)
                 events, rest = split_events(data, bool(spaced))
+                held = len(rest)
+                if held > EVENT_MAX:
+                    yield [self._failed(self._broken("sent an event too large to relay"))]
+                    return
+                if self.first_byte_at is None:  # keep-alive comments before it: nothing yet
+                    events = [e for e in events if not e.startswith(b":")]
+                failure = None
+                if b'"error"' in data:
+                    at = _error_at(events)
+                    if at is not None:  # its text may hold its key or URLs: ours instead
+                        failure = self._broken("sent an error in its stream")
+                        events = events[:at]
                 if self._first is None:
                     self._first = next((e for e in events if e.startswith(b"data: {")), None)
+                    if self._first is not None and b'"choices"' not in self._first:
+                        failure = self._broken("did not answer with a stream of completions")
+                        events = []
                 # Events before the first that may carry a usage object (usually all of them,
                 # or all but the last two) need no look: held as they are, no step per event.
                 plain = _plain(events, data)
@@ -221,6 +278,9 @@ class SSEPassThrough(ChatStream):
                 if plain < len(events):
                     looked = [out for e in events[plain:] if (out := self._keep(e)) is not None]
                     events = events[:plain] + looked if plain else looked
+                if failure is not None:  # the events before it, then ours; the relay ends
+                    yield [*events, self._failed(failure)]
+                    return
                 if not events:
                     continue
                 if self.first_byte_at is None:
@@ -228,8 +288,13 @@ class SSEPassThrough(ChatStream):
                     self._rearm()  # the first-byte limit is met: the idle limit is next
                 tail = events[-3:]
                 yield events
+            if more:
+                rest = b"".join([rest, *more])
             if rest.strip():
                 event = rest if rest.endswith(b"\n") else rest + b"\n"
+                if _error_at([event]) is not None:
+                    yield [self._failed(self._broken("sent an error in its stream"))]
+                    return
                 kept = self._keep(event + b"\n")
                 if kept is not None:
                     tail = [*tail[-2:], kept]

@@ -105,7 +105,8 @@ def upstream_status_error(
     except orjson.JSONDecodeError:
         pass
     if status == 429:
-        hint = _retry_hint(headers)
+        # Without a hint of the upstream's, one second: every 429 of chatgate's says when.
+        hint = _retry_hint(headers) or {"retry-after": "1", "retry-after-ms": "1000"}
         when = " Please try again later."
         if "retry-after-ms" in hint:  # a number of seconds, not an HTTP date
             when = f" Please try again in {hint['retry-after']}s."
@@ -115,7 +116,8 @@ def upstream_status_error(
             type="requests",
         )
     if status in (400, 404, 422) and isinstance(message, str):
-        safe = scrub_upstream_text(message[:500], secret)
+        # Scrubbed, then cut: cut first, a key across the cut was no longer the key to find.
+        safe = scrub_upstream_text(message[: 600 + len(secret or "")], secret)[:500]
         return errors.InvalidRequest(f"Upstream rejected the request: {safe}")
     if status == 408:
         return errors.UpstreamTimeout(f"The upstream for model `{model.name}` timed out.")

@@ -11,6 +11,7 @@ import asyncio
 import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -162,6 +163,35 @@ def test_invalid_routing_options_are_rejected_with_the_model_named(
 ) -> None:
     with pytest.raises(ValueError, match="model 'a'"):
         plan_models(Settings(), [ModelConfig(name="a", base_url="http://x/v1", options=options)])
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "htps://user:URLPASSWORD@127.0.0.1:9/v1",
+        "127.0.0.1:8000/v1",
+        "http:///v1",
+        "http://host:port/v1",
+        "",
+    ],
+)
+def test_a_base_url_no_request_can_go_to_is_refused_at_start(url: str) -> None:
+    """Such a URL passed the config checks, then every request was a 500 with the URL (and
+    its password) in the log, and the next deployment was never tried."""
+    with pytest.raises(ValueError, match="model 'a' \\(deployment #0\\): `base_url`") as info:
+        plan_models(Settings(), [ModelConfig(name="a", base_url=url)])
+    assert "URLPASSWORD" not in str(info.value)
+
+
+def test_an_upstream_key_no_header_can_carry_is_refused_at_start(tmp_path: Path) -> None:
+    """A line break in an upstream key was refused per request, as a 500 with a traceback."""
+    config = tmp_path / "chatgate.toml"
+    config.write_text('[[models]]\nname = "a"\nbase_url = "http://x/v1"\napi_key_env = "UP_KEY"\n')
+    env = {"CHATGATE_CONFIG": str(config), "CHATGATE_DATA_DIR": str(tmp_path)}
+    with pytest.raises(ValueError, match="UP_KEY") as info:
+        Settings.from_env({**env, "UP_KEY": "abc\r\nX-Evil: 1"})
+    assert "Evil" not in str(info.value)
+    assert Settings.from_env({**env, "UP_KEY": "sk-fine"}).upstream_keys
 
 
 def test_prices_are_the_models_read_from_its_first_table() -> None:
@@ -485,10 +515,11 @@ async def test_the_idle_limit_holds_from_the_first_event_under_a_longer_first_by
 
 
 async def test_an_upstream_error_event_in_the_first_read_counts_as_a_failure(
-    make_router: Any,
+    up: Upstream, make_router: Any
 ) -> None:
     """Some servers send ``data: {"error": ...}`` mid-stream and then ``[DONE]``; when that
-    arrives in the same read as the stream's start (one batch), the deployment still fails."""
+    arrives in the same read as the stream's start (one batch), the deployment still fails,
+    and as nothing was sent yet, the request moves on to the next deployment."""
     events = [
         b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"x","choices":'
         b'[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n',
@@ -500,12 +531,15 @@ async def test_an_upstream_error_event_in_the_first_read_counts_as_a_failure(
     answer += b"content-length: %d\r\n\r\n%s" % (len(body), body)
 
     base_url, _ = await stream_server([[answer]])  # the whole stream in one write
-    router = make_router(dep("m", base_url))
+    router = make_router(dep("m", base_url, retries=0), dep("m", up.base_url))
     stream = await router.resolve("m").chat_stream(chat_body(stream=True), include_usage=False)
-    assert await read_all(stream) == events
+    relayed = await read_all(stream)
     await stream.aclose()
+    assert relayed[-1] == b"data: [DONE]\n\n" and b"out of memory" not in b"".join(relayed)
+    assert len(relayed) > len(events)  # the fake upstream's answer, in more chunks
     status = state_of(router, "m#0")
     assert status["consecutive_failures"] == 1 and status["in_flight"] == 0
+    assert state_of(router, "m#1")["consecutive_failures"] == 0
 
 
 async def test_closing_a_stream_early_frees_the_deployment(up: Upstream, make_router: Any) -> None:

@@ -38,8 +38,9 @@ NONSENSE = {"prompt_tokens": 2**40, "completion_tokens": -3, "total_tokens": 2**
 WORDS = ["one ", "two ", "three ", "four"]
 
 # A usage on a chunk with choices mid-stream (some servers report it on every chunk), one the
-# gateway refuses on another, a null usage spelled with unusual spaces, a comment, and the
-# usage-only chunk before [DONE].
+# gateway refuses on another, a null usage spelled with unusual spaces, a comment (a keep-alive
+# before the first event: dropped, as nothing has started), and the usage-only chunk before
+# [DONE].
 ODD_NULL = b'data: {"choices": [], "usage" :  null}\n\n'
 STREAM = [
     b": opening comment\n\n",
@@ -54,9 +55,9 @@ STREAM = [
 
 
 def _expected(include_usage: bool) -> list[bytes]:
-    """What the client gets, event by event: a refused usage shown as null, the usage-only
-    chunk only when asked for."""
-    out = [*STREAM[:3], _event([_text(WORDS[2])]), STREAM[4], ODD_NULL]
+    """What the client gets, event by event: no opening comment, a refused usage shown as
+    null, the usage-only chunk only when asked for."""
+    out = [*STREAM[1:3], _event([_text(WORDS[2])]), STREAM[4], ODD_NULL]
     return [*out, STREAM[6], DONE_EVENT] if include_usage else [*out, DONE_EVENT]
 
 
@@ -99,7 +100,7 @@ async def test_data_without_its_space_relays_meters_and_counts_the_same(
 async def test_the_events_of_one_read_come_as_one_batch() -> None:
     reads = [b"".join(STREAM[:3]), b"".join(STREAM[3:5]), b"".join(STREAM[5:])]
     batches, _ = await _batches(reads, include_usage=True)
-    assert [len(batch) for batch in batches] == [3, 2, 3]
+    assert [len(batch) for batch in batches] == [2, 2, 3]  # the opening comment dropped
 
 
 async def test_a_long_stream_keeps_its_text_in_order_past_the_held_events() -> None:
@@ -225,3 +226,79 @@ async def test_a_stream_ended_without_done_is_done_or_an_error() -> None:
         assert stream.failure is not None and stream.failure.code == "upstream_error"
         assert relayed[-1].startswith(b'data: {"error"'), relayed
         assert DONE_EVENT not in relayed
+
+
+LEAKY = (
+    b'data: {"error": {"message": "overloaded at http://10.1.2.3:8000/internal, '
+    b'your key Bearer sk-upstream-SECRET", "type": "server_error"}}\n\n'
+)
+
+
+@pytest.mark.parametrize("cut", [1, 13, 10_000])
+async def test_an_upstream_error_event_ends_the_relay_with_ours(cut: int) -> None:
+    """An upstream's own error event mid-stream was relayed byte for byte (its text may hold
+    its key or internal URLs), then chatgate's error event after it. Now the events before it
+    go on, then chatgate's error event alone, and the relay ends: nothing after it is read."""
+    whole = b"".join([*STREAM[1:4], LEAKY, *STREAM[4:]])
+    pieces = [whole[i : i + cut] for i in range(0, len(whole), cut)]
+    batches, stream = await _batches(pieces, include_usage=True)
+    relayed = [e for batch in batches for e in batch]
+    assert relayed[:3] == [*STREAM[1:3], _event([_text(WORDS[2])])]
+    assert len(relayed) == 4 and relayed[-1].startswith(b'data: {"error"')
+    assert b"SECRET" not in relayed[-1] and b"10.1.2.3" not in relayed[-1]
+    assert stream.failure is not None and stream.failure.code == "upstream_error"
+    assert "sent an error in its stream" in stream.failure.message
+    # vLLM's older shape, and one as the stream's last bytes without its blank line.
+    vllm = b'data: {"object": "error", "message": "bad", "code": 400}\n\n'
+    for tail in (vllm, LEAKY.rstrip(b"\n")):
+        batches, stream = await _batches([STREAM[1], tail], include_usage=True)
+        relayed = [e for batch in batches for e in batch]
+        assert relayed[0] == STREAM[1] and len(relayed) == 2, relayed
+        assert stream.failure is not None and b"SECRET" not in relayed[1]
+    # The word in a text is no error: its quotes are escaped.
+    said = _event([_text('say "error" twice')])
+    batches, stream = await _batches([STREAM[1], said, DONE_EVENT], include_usage=True)
+    assert [e for batch in batches for e in batch] == [STREAM[1], said, DONE_EVENT]
+    assert stream.failure is None
+
+
+async def test_comments_before_the_first_event_are_not_its_start() -> None:
+    """Keep-alive comments (``: PROCESSING``, as OpenRouter sends) before the first event
+    counted as its first byte: the router judged the comment, not the first event, so an
+    error that followed it was never a reason to move on. Now they are dropped; after the
+    start a comment is relayed as it is."""
+    reads = [b": PROCESSING\n\n", b": PROCESSING\n\n", LEAKY]
+    batches, stream = await _batches(reads, include_usage=True)
+    relayed = [e for batch in batches for e in batch]
+    assert len(relayed) == 1 and relayed[0].startswith(b'data: {"error"')
+    assert stream.failure is not None and stream.first_byte_at is None
+    later = b": still here\n\n"
+    batches, _ = await _batches([b": hi\n\n", STREAM[1], later, DONE_EVENT], include_usage=True)
+    assert [e for batch in batches for e in batch] == [STREAM[1], later, DONE_EVENT]
+
+
+async def test_a_first_event_that_is_no_completion_chunk_is_the_upstreams_failure() -> None:
+    """A 200 streaming ``{"hello": "world"}`` was relayed and billed, while the same answer
+    whole was a 502: now a stream's first event must have ``choices``."""
+    batches, stream = await _batches([b'data: {"hello": "world"}\n\n', DONE_EVENT], True)
+    relayed = [e for batch in batches for e in batch]
+    assert len(relayed) == 1 and relayed[0].startswith(b'data: {"error"')
+    assert stream.failure is not None and "did not answer with a stream" in stream.failure.message
+
+
+async def test_a_large_event_in_many_reads_is_relayed_and_one_too_large_ends_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An event arriving in many reads is gathered (once, not joined again at every read);
+    one beyond ``EVENT_MAX`` ends the relay with an error instead of growing without end."""
+    big = _event([_text("x" * 300_000)])
+    pieces = [STREAM[1]] + [big[i : i + 1000] for i in range(0, len(big), 1000)] + [DONE_EVENT]
+    batches, stream = await _batches(pieces, include_usage=True)
+    assert [e for batch in batches for e in batch] == [STREAM[1], big, DONE_EVENT]
+    assert stream.completion_text == WORDS[0] + "x" * 300_000
+    monkeypatch.setattr(sse, "EVENT_MAX", 100_000)
+    batches, stream = await _batches(pieces, include_usage=True)
+    relayed = [e for batch in batches for e in batch]
+    assert relayed[0] == STREAM[1] and relayed[-1].startswith(b'data: {"error"')
+    assert len(relayed) == 2 and stream.failure is not None
+    assert "too large" in stream.failure.message
