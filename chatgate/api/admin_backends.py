@@ -31,6 +31,7 @@ from aiohttp import web
 from chatgate import errors
 from chatgate.api.openai import authenticate, json_response
 from chatgate.db.engine import ReadOnlyDatabase, SchemaBehind, read_only, schema
+from chatgate.ratelimit.resp import ReplyError, RespClient, ServerUnavailable
 from chatgate.settings import Settings
 from chatgate.state import STATE, State
 
@@ -39,25 +40,25 @@ READY_KEY_TTL_MS = 60_000  # the readiness probe's own key expires on its own
 
 
 class _RedisProbe:
-    """One ``redis.asyncio`` client for readiness pings, made on first use, closed at stop."""
+    """A client for readiness pings, made on first use, closed at stop: the limiter's own
+    (:class:`~chatgate.ratelimit.resp.RespClient`), so that readiness fails where the limits
+    do (redis-py read a URL the limiter's client refused as healthy)."""
 
     def __init__(self) -> None:
-        self._client: Any = None
+        self._client: RespClient | None = None
 
     async def ping(self, settings: Settings) -> None:
         if self._client is None:
-            from redis.asyncio import Redis
-
-            self._client = Redis.from_url(
+            self._client = RespClient(
                 settings.redis_url or "",
-                socket_timeout=settings.redis_timeout,
-                socket_connect_timeout=settings.redis_timeout,
-                retry_on_timeout=False,
+                connect_timeout=settings.redis_timeout,
+                timeout=settings.redis_timeout,
             )
         async with asyncio.timeout(settings.redis_timeout * 2):
             # A write, not a PING: a read-only replica (a failover that went the wrong way, a
             # replica's URL) answers PING, and refuses every limit's script.
-            await self._client.set(settings.redis_prefix + "readyz", b"1", px=READY_KEY_TTL_MS)
+            key = settings.redis_prefix + "readyz"
+            await self._client.call("SET", key, b"1", "PX", READY_KEY_TTL_MS)
 
     async def close(self, app: web.Application) -> None:
         if self._client is not None:
@@ -84,7 +85,11 @@ async def _timed(check: Awaitable[object]) -> dict[str, Any]:
     try:
         await check
     except Exception as exc:  # any failure means "not ready"; the type is enough detail
-        return {"ok": False, "error": type(exc).__name__}
+        failure = {"ok": False, "error": type(exc).__name__}
+        if isinstance(exc, ReplyError | ServerUnavailable) and str(exc):
+            # Redis's error code (READONLY, NOAUTH...): the cause, and no secret.
+            failure["reply"] = str(exc).removeprefix("redis: ").split()[0]
+        return failure
     return {"ok": True, "latency_ms": round((time.perf_counter() - began) * 1000, 1)}
 
 

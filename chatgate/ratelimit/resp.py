@@ -57,6 +57,11 @@ _UNAVAILABLE_PREFIXES = (
     "ERR Protocol error",
 )
 
+_NO_PASSWORD_SET = (
+    "ERR AUTH <password> called without any password configured",  # Redis 6 and later
+    "ERR Client sent AUTH, but no password is set",
+)
+
 
 class ReplyError(Exception):
     """An error reply from Redis (``-ERR ...``, ``-NOSCRIPT ...``)."""
@@ -399,7 +404,13 @@ class RespClient:
             setup.append(("SELECT", self._db))
         try:
             for command in setup:
-                await self._write(proto, pack(*command))
+                try:
+                    await self._write(proto, pack(*command))
+                except ReplyError as exc:
+                    # A password given to a server that has none: it serves anyway, and
+                    # redis-py (chatgate's other client, readiness included) goes on too.
+                    if command[0] != "AUTH" or not str(exc).startswith(_NO_PASSWORD_SET):
+                        raise
         except ReplyError as exc:  # a wrong password or database: the store is unusable
             proto.fail(ConnectionError(f"redis: {exc}"))
             raise ConnectionError(f"redis: connection setup refused: {exc}") from exc

@@ -358,9 +358,38 @@ def test_readyz_fails_on_a_read_only_redis(tmp_path: Path) -> None:
         try:
             resp = requests.get(gw.url + "/readyz", timeout=10)
             assert resp.status_code == 503, resp.text
-            assert resp.json()["checks"]["redis"] == {"ok": False, "error": "ReadOnlyError"}
+            redis_check = resp.json()["checks"]["redis"]
+            assert redis_check == {"ok": False, "error": "ServerUnavailable", "reply": "READONLY"}
         finally:
             gw.stop()
+
+
+def test_a_password_redis_does_not_need_is_ready_and_limits(tmp_path: Path) -> None:
+    """A URL with a password, for a Redis that has none: readiness (redis-py) said ready while
+    the limiter's own client refused the connection, and every limited request was a 503.
+    Now both clients go on as Redis serves, and readiness asks the limiter's client."""
+    from tests.redisserver import RedisServer
+
+    with RedisServer() as server:
+        url = server.url.replace("redis://", "redis://:not-needed@", 1)
+        env = {"CHATGATE_REDIS_URL": url, "CHATGATE_RATELIMIT_FAIL_OPEN": "0"}
+        upstream = start_upstream(chunks=2)
+        gw = make_gateway(tmp_path, upstream=upstream, extra_env=env).start()
+        try:
+            assert requests.get(gw.url + "/readyz", timeout=10).status_code == 200
+            gw.cli("accounts", "create", "lim@example.com", "--plan", "free")
+            key = gw.cli_json("keys", "create", "--account", "lim@example.com")["key"]
+            resp = requests.post(
+                gw.url + "/v1/chat/completions",
+                json=body("gpt-test", max_tokens=2),
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+            assert resp.status_code == 200, resp.text
+            assert "x-ratelimit-limit-requests" in resp.headers
+        finally:
+            gw.stop()
+            stop(upstream.proc)
 
 
 def test_readyz_fails_on_a_read_only_database(tmp_path: Path) -> None:
