@@ -225,3 +225,31 @@ def test_migration_0009_fills_in_what_the_seed_reads(own_database: dict[str, str
     raw, rolled = asyncio.run(go())
     assert raw == [None]
     assert rolled == {buckets[0]: 5, buckets[1]: 0, buckets[2]: 0}
+
+
+def test_nodes_migrating_a_new_database_at_once_all_succeed(pg_url: str, tmp_path: Path) -> None:
+    """Nodes started together on a new PostgreSQL database each ran the migrations at once;
+    all but one died on the catalog's unique index (CREATE TYPE, CREATE TABLE). Now they take
+    turns under an advisory lock, and those after the first find nothing to do."""
+    settings = Settings.from_env(
+        {"CHATGATE_DATA_DIR": str(tmp_path), "CHATGATE_DATABASE_URL": pg_url}
+    )
+
+    async def go() -> list[BaseException | None]:
+        engines = [create_engine(settings) for _ in range(4)]
+        try:
+            return await asyncio.gather(*(migrate(e) for e in engines), return_exceptions=True)
+        finally:
+            for engine in engines:
+                await engine.dispose()
+
+    assert asyncio.run(go()) == [None] * 4
+
+    async def state() -> str:
+        engine = create_engine(settings)
+        try:
+            return (await schema(engine)).state
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(state()) == "current"

@@ -150,6 +150,9 @@ async def schema(engine: AsyncEngine) -> Schema:
     return Schema("behind", revision, head)
 
 
+MIGRATE_LOCK = 0x63686174676174  # "chatgat": PostgreSQL's advisory lock of the migrations
+
+
 async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
     """Bring the database to ``revision`` (idempotent). Every command and every server start
     calls this, so a database already at the head is recognised with one query, without
@@ -179,6 +182,12 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
         command.upgrade(_alembic_config(connection), revision)
 
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Nodes started together on a new database each ran the migrations at once, and
+            # all but one died on the catalog's unique index (CREATE TYPE, CREATE TABLE). One
+            # at a time: a lock held until this transaction ends (Alembic's DDL is in it), so
+            # the next finds the database at its head and does nothing.
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATE_LOCK})
         await conn.run_sync(run)
 
 
