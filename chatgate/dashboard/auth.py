@@ -39,14 +39,36 @@ CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 
 
-class SessionStorage(EncryptedCookieStorage):
-    """Encrypted cookie sessions whose ``Secure`` flag follows the request's scheme."""
+def scheme(request: web.Request, trust_proxy: bool) -> str:
+    """``http`` or ``https``: the request's, or (``trust_proxy``: the setting
+    ``trust_forwarded_for`` says a reverse proxy in front sets them) the last entry of
+    ``X-Forwarded-Proto``. Behind a proxy that ends TLS, the request itself is plain HTTP."""
+    if trust_proxy:
+        forwarded = request.headers.get("X-Forwarded-Proto", "")
+        last = forwarded.rsplit(",", 1)[-1].strip().lower()
+        if last in ("http", "https"):
+            return last
+    return request.scheme
 
-    def __init__(self, key: bytes, *, max_age: int, force_secure: bool | None) -> None:
+
+def api_base_url(request: web.Request) -> str:
+    """The API's base URL as this request reached it (shown beside a new key)."""
+    trusted = dashboard(request).state_settings().trust_forwarded_for
+    return f"{scheme(request, trusted)}://{request.host}/v1"
+
+
+class SessionStorage(EncryptedCookieStorage):
+    """Encrypted cookie sessions whose ``Secure`` flag follows the request's scheme (as a
+    trusted proxy forwarded it, with ``trust_proxy``)."""
+
+    def __init__(
+        self, key: bytes, *, max_age: int, force_secure: bool | None, trust_proxy: bool = False
+    ) -> None:
         super().__init__(
             key, cookie_name=COOKIE_NAME, max_age=max_age, httponly=True, samesite="Lax"
         )
         self._force_secure = force_secure
+        self._trust_proxy = trust_proxy
 
     def load_cookie(self, request: web.Request) -> str | None:
         """The cookie's value; one that is not ASCII (a Fernet token is) reads as none: bytes
@@ -60,7 +82,9 @@ class SessionStorage(EncryptedCookieStorage):
         response: web.StreamResponse,
         session: aiohttp_session.Session,
     ) -> None:
-        secure = request.secure if self._force_secure is None else self._force_secure
+        secure = self._force_secure
+        if secure is None:
+            secure = scheme(request, self._trust_proxy) == "https"
         # Set per response; there is no await between this and the cookie being written.
         self._cookie_params["secure"] = secure or None
         await super().save_session(request, response, session)
@@ -232,6 +256,7 @@ def setup(app: web.Application) -> Dashboard:
                 derive_key(secret, "dashboard-session"),
                 max_age=settings.session_max_age,
                 force_secure=settings.cookie_secure,
+                trust_proxy=settings.trust_forwarded_for,
             )
         )
         holder.passwords = PasswordStore(state.engine)

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from chatgate import errors
 from chatgate.dashboard import services
-from chatgate.dashboard.auth import User, with_session
+from chatgate.dashboard.auth import User, api_base_url, with_session
 from chatgate.dashboard.render import (
     PREFIX,
     field,
@@ -48,7 +48,7 @@ async def keys_page(request: web.Request, user: User) -> web.StreamResponse:
 
 
 def _issued(request: web.Request, user: User, issued: IssuedKey, action: str) -> dict[str, object]:
-    base = f"{request.scheme}://{request.host}/v1"
+    base = api_base_url(request)
     return {"title": "Your new API key", "issued": issued, "action": action, "base_url": base}
 
 

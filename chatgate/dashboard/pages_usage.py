@@ -7,7 +7,7 @@ from typing import cast
 from aiohttp import web
 
 from chatgate.dashboard import services, usage_view
-from chatgate.dashboard.auth import User, with_session
+from chatgate.dashboard.auth import User, api_base_url, with_session
 from chatgate.dashboard.render import PREFIX, page, page_response, state
 
 PRESETS = (
@@ -39,10 +39,6 @@ PRESETS = (
 )
 
 
-def _base_url(request: web.Request) -> str:
-    return f"{request.scheme}://{request.host}/v1"
-
-
 @page()
 async def overview(request: web.Request, user: User) -> web.StreamResponse:
     """GET /dashboard/: the account at a glance and how to call the API."""
@@ -59,7 +55,7 @@ async def overview(request: web.Request, user: User) -> web.StreamResponse:
             "active_keys": sum(1 for k in keys if k.status == "active"),
             "plan": plan,
             "use": use,
-            "base_url": _base_url(request),
+            "base_url": api_base_url(request),
             "model": (services.model_names(st) or ["gpt-4o-mini"])[0],
         },
     )
@@ -145,7 +141,7 @@ async def playground(request: web.Request, user: User) -> web.StreamResponse:
             "models": services.model_names(st),
             "presets": PRESETS,
             "keys": keys,
-            "base_url": _base_url(request),
+            "base_url": api_base_url(request),
         },
     )
 

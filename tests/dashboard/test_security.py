@@ -6,12 +6,22 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
-from tests.dashboard.conftest import PASSWORD, User, admin_key, chat, csrf_of, make_user
-from tests.helpers import Gateway
+from tests.dashboard.conftest import (
+    CSRF,
+    PASSWORD,
+    User,
+    admin_key,
+    chat,
+    csrf_of,
+    make_user,
+    set_password,
+)
+from tests.helpers import Gateway, Upstream, make_gateway
 
 PAGES = [
     "/dashboard/",
@@ -471,3 +481,57 @@ def test_keys_past_their_rotation_period_are_marked(dash: Gateway) -> None:
     assert "rotation due" not in row_of[fresh["id"]]
     listed = {k["id"]: k for k in dash.cli_json("keys", "due")}
     assert due["id"] in listed and fresh["id"] not in listed
+
+
+def _as_over_tls(http: requests.Session) -> None:
+    """Let ``Secure`` cookies go out over the test's plain HTTP, as a browser sends them to
+    the proxy over TLS."""
+    for cookie in http.cookies:
+        cookie.secure = False
+
+
+def test_behind_a_trusted_tls_proxy_the_cookie_is_secure_and_urls_https(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """Behind a proxy that ends TLS, each request reaches chatgate as plain HTTP: with the
+    default ``cookie_secure=auto`` the session cookie never got ``Secure``, and the new key's
+    page showed an ``http://`` base URL. With ``trust_forwarded_for`` (the proxy is trusted
+    for ``X-Forwarded-For``), its ``X-Forwarded-Proto`` now counts too."""
+    gw = make_gateway(tmp_path, upstream=upstream, extra_env={"CHATGATE_TRUST_FORWARDED_FOR": "1"})
+    gw.start()
+    try:
+        user = User(gw, f"tls-{time.time_ns()}@example.com")
+        gw.cli("accounts", "create", user.email)
+        set_password(gw, user.email, PASSWORD)
+        user.http.headers.update({"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"})
+        token = csrf_of(user.http, user.url("/dashboard/login"))
+        _as_over_tls(user.http)
+        login = user.http.post(
+            user.url("/dashboard/login"),
+            data={"csrf_token": token, "email": user.email, "password": PASSWORD},
+            allow_redirects=False,
+            timeout=30,
+        )
+        assert login.status_code == 303, login.text[:300]
+        cookie = login.headers["Set-Cookie"]
+        assert "Secure" in cookie and "HttpOnly" in cookie
+        _as_over_tls(user.http)
+        keys_page = user.http.get(user.url("/dashboard/keys"), timeout=10).text
+        found = re.search(r'name="once" value="([^"]+)"', keys_page), CSRF.search(keys_page)
+        assert found[0] and found[1]
+        form = {"csrf_token": found[1].group(1), "once": found[0].group(1), "name": "tls"}
+        _as_over_tls(user.http)  # (each answer sets the cookie again)
+        page = user.http.post(user.url("/dashboard/keys"), data=form, timeout=30)
+        assert page.status_code == 201 and f"https://127.0.0.1:{gw.port}/v1" in page.text
+    finally:
+        gw.stop()
+
+
+def test_an_untrusted_forwarded_proto_changes_nothing(dash: Gateway) -> None:
+    """Without ``trust_forwarded_for``, anyone may send the header: it is not believed."""
+    user = User(dash, f"plain-{time.time_ns()}@example.com")
+    dash.cli("accounts", "create", user.email)
+    set_password(dash, user.email, PASSWORD)
+    user.http.headers["X-Forwarded-Proto"] = "https"
+    login = user.login()
+    assert login.status_code == 200 and "Secure" not in login.history[0].headers["Set-Cookie"]
