@@ -104,6 +104,18 @@ class ModelNotFound(NotFound):
         )
 
 
+def unknown_url() -> NotFound:
+    """The 404 of a URL with nothing behind it, also for a route that is not the caller's to
+    know of (the admin API to anyone but an admin)."""
+    return NotFound("Unknown request URL. Please check the URL and method.", code="unknown_url")
+
+
+def method_not_allowed() -> APIError:
+    """The 405 of a known URL asked with another method."""
+    error = InvalidRequest("Method not allowed for this URL.", code="method_not_allowed")
+    return error.with_status(405)
+
+
 class AuthenticationError(APIError):
     status = 401
     type = "invalid_request_error"

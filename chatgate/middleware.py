@@ -22,13 +22,9 @@ log = logging.getLogger(__name__)
 def _http_error(exc: web.HTTPException) -> errors.APIError:
     """aiohttp's own errors (unknown route, wrong method, body too big) in OpenAI's shape."""
     if exc.status == 404:
-        return errors.NotFound(
-            "Unknown request URL. Please check the URL and method.", code="unknown_url"
-        )
+        return errors.unknown_url()
     if exc.status == 405:
-        return errors.InvalidRequest(
-            "Method not allowed for this URL.", code="method_not_allowed"
-        ).with_status(405)
+        return errors.method_not_allowed()
     if exc.status == 413:
         return errors.BodyTooLarge("The request body is too large.")
     error = errors.InvalidRequest(exc.reason or "Bad request.", code="bad_request")

@@ -73,9 +73,9 @@ async def backends(request: web.Request) -> web.Response:
     """Every deployment's breaker state and counters; 404 unless the key is an admin's."""
     state, principal = await authenticate(request)
     if not principal.is_admin:
-        raise errors.NotFound(
-            "Unknown request URL. Please check the URL and method.", code="unknown_url"
-        )
+        raise errors.unknown_url()
+    if request.method != "GET":  # (see manage.admin_wrong_method)
+        raise errors.method_not_allowed()
     data = [status.to_dict() for status in state.router.status()]
     return json_response({"object": "list", "data": data})
 
@@ -135,6 +135,7 @@ def setup(app: web.Application) -> None:
     app[REDIS_PROBE] = probe
     app.on_cleanup.append(probe.close)
     app.router.add_get("/api/admin/backends", backends)
+    app.router.add_route("*", "/api/admin/backends", backends)  # the caller first, then 405
     app.router.add_get("/readyz", readyz)
 
 

@@ -32,7 +32,6 @@ from chatgate.dashboard.passwords import LISTED
 from chatgate.state import STATE, State
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-UNKNOWN_URL = "Unknown request URL. Please check the URL and method."
 LOGIN_NEEDED = (
     "You need to be logged in to the dashboard, or to provide an API key in an Authorization "
     "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
@@ -76,7 +75,7 @@ async def caller(request: web.Request, *, admin: bool = False) -> tuple[State, C
             )
         who = Caller(user.account, "session", csrf=user.csrf)
     if admin and not who.account.is_admin:
-        raise errors.NotFound(UNKNOWN_URL, code="unknown_url")
+        raise errors.unknown_url()
     return state, who
 
 
@@ -254,6 +253,21 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/api/admin/accounts/{id}/plan", with_session(admin_set_plan))
     app.router.add_post("/api/admin/accounts/{id}/disable", with_session(admin_disable))
     app.router.add_patch("/api/admin/plans/{name}", with_session(admin_update_plan))
+    for path in (
+        "/api/admin/accounts",
+        "/api/admin/accounts/{id}/plan",
+        "/api/admin/accounts/{id}/disable",
+        "/api/admin/plans/{name}",
+    ):
+        app.router.add_route("*", path, with_session(admin_wrong_method))
+
+
+async def admin_wrong_method(request: web.Request) -> web.Response:
+    """Another method on an admin URL: the caller first (401 without credentials, the unknown
+    URL's 404 for anyone but an admin, as for the right method), so that only an admin learns
+    from a 405 that the route exists."""
+    await caller(request, admin=True)
+    raise errors.method_not_allowed()
 
 
 # -- /openapi.json ----------------------------------------------------------------------

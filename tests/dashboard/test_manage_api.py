@@ -291,3 +291,29 @@ def test_a_replaced_secret_in_its_grace_cannot_manage_keys(dash: Gateway) -> Non
     assert wait_status(dash, victim["key"], 401) == 401
     assert wait_status(dash, current, 401) == 401
     assert chat(dash, resp.json()["key"]).status_code == 200
+
+
+def test_an_admin_url_asked_with_another_method_tells_only_an_admin_it_exists(
+    dash: Gateway,
+) -> None:
+    """aiohttp's method check ran before the caller was known: a 405 told anyone, with or
+    without a key, which admin routes exist (an unknown one is a 404). Now the caller comes
+    first: 401 without credentials, the unknown URL's 404 for a user, the 405 for an admin."""
+    user_key = make_user(dash).new_key(name="plain")["key"]
+    admin = admin_key(dash)
+    for method, path in (
+        ("GET", "/api/admin/accounts/acct_x/disable"),
+        ("GET", "/api/admin/accounts/acct_x/plan"),
+        ("GET", "/api/admin/plans/free"),
+        ("DELETE", "/api/admin/accounts"),
+        ("POST", "/api/admin/backends"),
+    ):
+        url = dash.url + path
+        unknown = requests.request(method, dash.url + "/api/admin/nothing", timeout=10)
+        assert requests.request(method, url, timeout=10).status_code == 401, path
+        as_user = requests.request(method, url, headers=bearer(user_key), timeout=10)
+        assert as_user.status_code == 404, (path, as_user.text)
+        assert as_user.json() == unknown.json()
+        as_admin = requests.request(method, url, headers=bearer(admin), timeout=10)
+        assert as_admin.status_code == 405, (path, as_admin.text)
+        assert as_admin.json()["error"]["code"] == "method_not_allowed"
