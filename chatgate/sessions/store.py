@@ -454,25 +454,34 @@ class SessionStore:
         previous_response_id: str | None = None,
         conversation_id: str | None = None,
         store: bool = True,
-    ) -> None:
+    ) -> bool:
         """Record one finished response: its items, and the response itself when ``store``.
 
         With a conversation, the items are appended to it whether or not the response is
         stored (that is what the conversation is for); without one and without ``store``,
-        nothing is written.
+        nothing is written. False when the conversation was deleted while the turn ran (the
+        answer has been paid for and goes out all the same): the response is then stored as
+        a deletion just after the turn would have left it (its items its own, continuing from
+        it ``previous_response_not_found``), and without ``store`` nothing is written.
         """
         if not store and conversation_id is None:
-            return
+            return True
         response_id = str(body["id"])
         now = _now()
         async with self._engine.begin() as conn:
+            linked = conversation_id
             if conversation_id is not None:
-                await self._touch(conn, account_id, conversation_id, now)
+                try:
+                    await self._touch(conn, account_id, conversation_id, now)
+                except errors.NotFound:
+                    linked = None
+                    if not store:
+                        return False
             owner = response_id if store else None
             rows = _item_rows(
                 account_id,
                 inputs,
-                conversation_id=conversation_id,
+                conversation_id=linked,
                 response_id=owner,
                 output=False,
                 now=now,
@@ -480,17 +489,17 @@ class SessionStore:
             rows += _item_rows(
                 account_id,
                 outputs,
-                conversation_id=conversation_id,
+                conversation_id=linked,
                 response_id=owner,
                 output=True,
                 now=now,
             )
             added = await self._insert_items(conn, rows)
             if not store:
-                return
+                return True
             last_seq = added[-1].seq if added else None
-            if last_seq is None and conversation_id is not None:
-                last_seq = await self._max_seq(conn, conversation_id)
+            if last_seq is None and linked is not None:
+                last_seq = await self._max_seq(conn, linked)
             await conn.execute(
                 session_responses.insert().values(
                     id=response_id,
@@ -503,6 +512,7 @@ class SessionStore:
                     created_at=int(body.get("created_at") or now),
                 )
             )
+        return linked == conversation_id
 
     async def get_response(
         self, account_id: str, response_id: str, *, param: str = "response_id"

@@ -314,6 +314,40 @@ async def test_deleting_a_conversation_keeps_its_stored_responses_items(
     assert texts((await store.response_input_items(bob, bobs)).items) == ["bq"]
 
 
+async def test_a_turn_stored_into_a_deleted_conversation_keeps_its_response(
+    store: SessionStore, engine: AsyncEngine, two_accounts: tuple[str, str]
+) -> None:
+    """A conversation deleted while a turn ran: storing the turn raised a 404 after the answer
+    was paid for. Now the response is stored as a deletion just after the turn would leave
+    it (readable, its input items listed, not continued), and the caller is told so."""
+    alice, _ = two_accounts
+    conv, _ = await store.create_conversation(alice, new_id("conv"), items=user("c0"))
+    await store.delete_conversation(alice, conv.id)
+    rid, unstored = new_id("resp"), new_id("resp")
+    kept = await store.save_response(
+        alice, response_body(rid), inputs=user("q"), outputs=assistant("a"), conversation_id=conv.id
+    )
+    assert kept is False
+    stored = await store.get_response(alice, rid)
+    assert stored.conversation_id == conv.id
+    assert texts((await store.response_input_items(alice, rid)).items) == ["q"]
+    with pytest.raises(errors.InvalidRequest) as info:
+        await store.response_history(alice, rid)
+    assert info.value.code == "previous_response_not_found" and conv.id in info.value.message
+    kept = await store.save_response(
+        alice,
+        response_body(unstored),
+        inputs=user("q"),
+        outputs=assistant("a"),
+        conversation_id=conv.id,
+        store=False,
+    )
+    assert kept is False
+    with pytest.raises(errors.NotFound):
+        await store.get_response(alice, unstored)
+    assert await count(engine, session_items.c.conversation_id == conv.id) == 0
+
+
 async def test_retention_keeps_the_items_of_a_response_it_keeps(
     store: SessionStore, engine: AsyncEngine, two_accounts: tuple[str, str]
 ) -> None:
