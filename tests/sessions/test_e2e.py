@@ -581,3 +581,23 @@ def test_a_conversation_deleted_during_a_response_turn_still_answers(
         assert f"could not store response {response.id}" not in log
     for conv in convs.values():
         assert f"conversation {conv} was deleted during a turn" in log
+
+
+def test_a_long_metadata_key_names_its_param(alice: openai.OpenAI) -> None:
+    """A key over 64 characters was param null, in msgspec's words ("at `key` in
+    `$.metadata`"); a value over 512 already named ``metadata[...]``."""
+    long_key = {"k" * 65: "v"}
+    calls = [
+        lambda: alice.conversations.create(metadata=long_key),
+        lambda: alice.responses.create(model="gpt-test", input="x", metadata=long_key),
+    ]
+    for call in calls:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.param == "metadata" and info.value.code == "invalid_value"
+        assert info.value.body["message"] == (  # type: ignore[index]
+            "Invalid key in 'metadata': Expected `str` of length <= 64."
+        )
+    with pytest.raises(openai.BadRequestError) as value:
+        alice.conversations.create(metadata={"k": "v" * 513})
+    assert value.value.param == "metadata[...]"
