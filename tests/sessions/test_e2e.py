@@ -13,6 +13,7 @@ from typing import Any
 
 import openai
 import pytest
+import requests
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -22,12 +23,14 @@ from tests.helpers import Gateway, Upstream
 from tests.sessions.conftest import SMALL_WINDOW
 
 
-def new_key(gw: Gateway, email: str | None = None, models: str | None = None) -> str:
+def new_key(
+    gw: Gateway, email: str | None = None, models: str | None = None, limits: tuple[str, ...] = ()
+) -> str:
     if email is None:
         email = f"s-{secrets.token_hex(4)}@example.com"
         gw.cli("accounts", "create", email, "--plan", "enterprise")
     extra = ["--models", models] if models else []
-    return str(gw.cli_json("keys", "create", "--account", email, *extra)["key"])
+    return str(gw.cli_json("keys", "create", "--account", email, *extra, *limits)["key"])
 
 
 def client(gw: Gateway, key: str) -> openai.OpenAI:
@@ -601,3 +604,36 @@ def test_a_long_metadata_key_names_its_param(alice: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as value:
         alice.conversations.create(metadata={"k": "v" * 513})
     assert value.value.param == "metadata[...]"
+
+
+def test_conversation_writes_count_against_the_request_rate(sgw: Gateway) -> None:
+    """A key with --rpm 2 made six conversations of 20 items in a row: session writes were not
+    limited at all. Now creating, updating and adding items each count as a request (a read
+    or a deletion does not, nor a body refused as invalid), with OpenAI's 429 past it."""
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {new_key(sgw, limits=('--rpm', '2'))}"
+    base = sgw.url + "/v1/conversations"
+    assert http.post(base, json={"metadata": {"k" * 65: "v"}}).status_code == 400
+    first = http.post(base, json={"items": [{"role": "user", "content": "x"}] * 20})
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    conv = first.json()["id"]
+    assert http.get(f"{base}/{conv}").status_code == 200
+    assert http.get(f"{base}/{conv}/items").status_code == 200
+    added = http.post(f"{base}/{conv}/items", json={"items": [{"role": "user", "content": "y"}]})
+    assert added.status_code == 200
+    for write in (
+        lambda: http.post(base, json={}),
+        lambda: http.post(f"{base}/{conv}", json={"metadata": {"a": "b"}}),
+        lambda: http.post(
+            f"{base}/{conv}/items", json={"items": [{"role": "user", "content": "z"}]}
+        ),
+    ):
+        refused = write()
+        assert refused.status_code == 429
+        error = refused.json()["error"]
+        assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+        assert "(RPM): Limit 2" in error["message"] and "retry-after" in refused.headers
+    assert len(http.get(f"{base}/{conv}/items").json()["data"]) == 20  # the 21st came in
+    assert http.delete(f"{base}/{conv}").status_code == 200
