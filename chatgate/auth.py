@@ -68,6 +68,9 @@ class Principal:
     # The monthly budgets (in nano-dollars), kept as the checks are: built on first use by
     # :func:`chatgate.limits.budget_checks_for`; empty for most keys.
     budget_checks: tuple[Check, ...] | None = field(default=None, compare=False, repr=False)
+    # Its request-rate checks alone (rpm, rpd), kept as the others are: built on first use by
+    # :func:`chatgate.limits.request_checks_for`, for calls that use no model (session writes).
+    request_checks: tuple[Check, ...] | None = field(default=None, compare=False, repr=False)
 
     def allows_model(self, model: str) -> bool:
         return self.models is None or model in self.models

@@ -86,6 +86,19 @@ def budget_checks_for(principal: Principal) -> tuple[Check, ...]:
     return checks
 
 
+def request_checks_for(principal: Principal) -> tuple[Check, ...]:
+    """The request-rate checks (rpm, rpd) of ``principal``'s key and account alone: what a
+    call that uses no model and no tokens (a session write) counts against; built once per
+    principal and kept on it. Not concurrency, tokens or quotas: such a call is a database
+    write, not a model's time or output, and is refused neither while the account's streams
+    run nor once its month's tokens are spent."""
+    checks = principal.request_checks
+    if checks is None:
+        checks = tuple(check for check in checks_for(principal) if check.kind == "requests")
+        object.__setattr__(principal, "request_checks", checks)
+    return checks
+
+
 def dollars(nanos: int) -> str:
     """Nano-dollars as a price, in cents where that is exact (``$12.34``), else to the
     millionth of a dollar rounded up (``$0.008016``): a budget of a cent with $0.008016

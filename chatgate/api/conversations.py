@@ -1,7 +1,9 @@
 """``/v1/conversations``: OpenAI's Conversations API (conversations and their items).
 
 Every route authenticates, then reads or writes only the caller's account's rows: another
-account's conversation is a 404, exactly like one that does not exist.
+account's conversation is a 404, exactly like one that does not exist. The writes that add
+or change content (create, update, add items) count against the key's and the account's
+request rates (rpm, rpd) once their body is valid; reads and deletions do not.
 
 Also started here (in the app's cleanup context): the retention task, which every hour deletes
 conversations idle for longer than ``session_retention_days`` and stored responses older
@@ -21,7 +23,7 @@ import msgspec
 from aiohttp import web
 
 from chatgate.api.bodies import body_bytes
-from chatgate.api.openai import authenticate, json_response, read_body
+from chatgate.api.openai import admit_request, authenticate, json_response, read_body
 from chatgate.api.responses import list_page, page_params
 from chatgate.api.schemas import decode_json, validate
 from chatgate.ids import new_id
@@ -36,6 +38,7 @@ __all__ = ["DEFAULT_RETENTION_DAYS", "prune_once", "setup"]
 log = logging.getLogger(__name__)
 DEFAULT_RETENTION_DAYS = 30
 RETENTION_INTERVAL = 3600.0
+LIMITED = "conversations"  # what a rate-limit refusal of a write names, where a model would be
 
 Items = Annotated[list[Any], msgspec.Meta(max_length=MAX_ITEMS_PER_REQUEST)]
 
@@ -69,10 +72,11 @@ async def create_conversation(request: web.Request) -> web.Response:
     state, principal = await authenticate(request)
     req = validate(await _body_or_empty(request), ConversationCreate)
     items = normalize_items(req.items or [], "items")
+    headers = await admit_request(state, principal, LIMITED)
     conversation, _ = await sessions_store(state).create_conversation(
         principal.account_id, new_id("conv"), metadata=req.metadata, items=items
     )
-    return json_response(conversation.to_openai())
+    return json_response(conversation.to_openai(), headers=headers)
 
 
 async def get_conversation(request: web.Request) -> web.Response:
@@ -86,10 +90,11 @@ async def get_conversation(request: web.Request) -> web.Response:
 async def update_conversation(request: web.Request) -> web.Response:
     state, principal = await authenticate(request)
     req = validate(await read_body(request), ConversationUpdate)
+    headers = await admit_request(state, principal, LIMITED)
     conversation = await sessions_store(state).update_conversation(
         principal.account_id, request.match_info["conversation_id"], req.metadata
     )
-    return json_response(conversation.to_openai())
+    return json_response(conversation.to_openai(), headers=headers)
 
 
 async def delete_conversation(request: web.Request) -> web.Response:
@@ -115,10 +120,10 @@ async def list_items(request: web.Request) -> web.Response:
 async def add_items(request: web.Request) -> web.Response:
     state, principal = await authenticate(request)
     req = validate(await read_body(request), ItemsCreate)
+    items = normalize_items(req.items, "items")
+    headers = await admit_request(state, principal, LIMITED)
     added = await sessions_store(state).add_items(
-        principal.account_id,
-        request.match_info["conversation_id"],
-        normalize_items(req.items, "items"),
+        principal.account_id, request.match_info["conversation_id"], items
     )
     data = [item.to_openai() for item in added]
     return json_response(
@@ -128,7 +133,8 @@ async def add_items(request: web.Request) -> web.Response:
             "first_id": data[0]["id"],
             "last_id": data[-1]["id"],
             "has_more": False,
-        }
+        },
+        headers=headers,
     )
 
 

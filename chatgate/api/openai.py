@@ -28,7 +28,7 @@ from chatgate.api.schemas import (
 from chatgate.auth import Principal
 from chatgate.backends.base import DONE_EVENT, ChatStream, Usage, reported_tokens
 from chatgate.backends.router import ERROR_EVENT, Route
-from chatgate.limits import Admission, budget_checks_for, checks_for
+from chatgate.limits import Admission, budget_checks_for, checks_for, request_checks_for
 from chatgate.sessions import ChatSession, prepare_chat
 from chatgate.state import PRINCIPAL, REQUEST_ID, STATE, State
 from chatgate.usage.tables import NANOS_PER_USD, to_nanos
@@ -60,6 +60,18 @@ async def authenticate(request: web.Request) -> tuple[State, Principal]:
     principal = await state.auth.authenticate(request.headers.get("Authorization"))
     request[PRINCIPAL] = principal
     return state, principal
+
+
+async def admit_request(state: State, principal: Principal, label: str) -> dict[str, str]:
+    """Count one request against the key's and the account's request rates (rpm, rpd), or
+    raise their 429; returns the ``x-ratelimit-*`` headers for the answer.
+
+    For calls that use no model (session writes): they hold no slot and no tokens while they
+    run, so the admission is settled at once. ``label`` stands where a refusal names a model.
+    """
+    admission = await state.limits.admit(request_checks_for(principal), 0, label)
+    await state.limits.settle_soon(admission, 0)
+    return admission.headers
 
 
 def route_for(state: State, principal: Principal, model: str) -> Route:

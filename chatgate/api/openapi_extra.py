@@ -100,17 +100,25 @@ def paths() -> dict[str, Any]:
             "get": _op("listInputItems", 400, 401, 404, params=("response_id",)),
         },
         "/v1/conversations": {
-            "post": _op("createConversation", 400, 401, 413, body=ConversationCreate)
+            "post": _op("createConversation", 400, 401, 413, 429, 503, body=ConversationCreate)
         },
         "/v1/conversations/{conversation_id}": {
             "get": _op("retrieveConversation", 401, 404, params=_CONV),
-            "post": _op("updateConversation", 400, 401, 404, body=ConversationUpdate, params=_CONV),
+            "post": _op(
+                "updateConversation",
+                *(400, 401, 404, 429, 503),
+                body=ConversationUpdate,
+                params=_CONV,
+            ),
             "delete": _op("deleteConversation", 401, 404, params=_CONV),
         },
         "/v1/conversations/{conversation_id}/items": {
             "get": _op("listConversationItems", 400, 401, 404, params=_CONV),
             "post": _op(
-                "createConversationItems", 400, 401, 404, 413, body=ItemsCreate, params=_CONV
+                "createConversationItems",
+                *(400, 401, 404, 413, 429, 503),
+                body=ItemsCreate,
+                params=_CONV,
             ),
         },
         "/v1/conversations/{conversation_id}/items/{item_id}": {

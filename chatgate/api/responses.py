@@ -166,7 +166,9 @@ class _Turn:
         )
 
     async def save(self, response: dict[str, Any], outputs: list[dict[str, Any]]) -> None:
-        await self.store.save_response(
+        """Store the turn. A conversation deleted while it ran does not fail it: the answer
+        has been paid for and goes out (as chat's), and the response is kept on its own."""
+        kept = await self.store.save_response(
             self.account_id,
             response,
             inputs=self.inputs,
@@ -175,6 +177,8 @@ class _Turn:
             conversation_id=self.req.conversation_id,
             store=self.req.store,
         )
+        if not kept:
+            log.warning("conversation %s was deleted during a turn", self.req.conversation_id)
 
 
 async def _relay(

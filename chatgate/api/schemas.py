@@ -190,6 +190,7 @@ class ErrorResponse(msgspec.Struct):
 
 T = TypeVar("T")
 _AT = re.compile(r" - at `\$\.?(.*)`$")
+_AT_KEY = re.compile(r" - at `key` in `\$\.?(.*)`$")  # a key of the object at that path
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 
 
@@ -244,6 +245,13 @@ def validate(data: dict[str, Any], model: type[T]) -> T:
 def validation_error(text: str) -> errors.InvalidRequest:
     """Turn msgspec's message into OpenAI's wording and ``param`` (``messages[0].role``)."""
     param = None
+    key = _AT_KEY.search(text)
+    if key:  # the object is the param; the message says it is one of its keys
+        param = key.group(1) or None
+        where = f" in '{param}'" if param else ""
+        return errors.InvalidRequest(
+            f"Invalid key{where}: {_AT_KEY.sub('', text)}.", param=param, code="invalid_value"
+        )
     at = _AT.search(text)
     detail = _AT.sub("", text)
     if at:

@@ -142,27 +142,43 @@ class Pruned:
     items: int
 
 
-async def _remove_conversations(conn: AsyncConnection, ids: list[str]) -> tuple[int, int]:
-    """Delete the conversations ``ids`` and their items; (conversations, items) removed."""
-    items = await conn.execute(
-        session_items.delete().where(session_items.c.conversation_id.in_(ids))
+async def _remove_conversations(
+    conn: AsyncConnection, ids: list[str], account_id: str | None = None
+) -> tuple[int, int]:
+    """Delete the conversations ``ids`` and their items, except those a stored response still
+    uses (they stay its, unlinked from the conversation: "items in the conversation will not
+    be deleted", as OpenAI says of a conversation's deletion); (conversations, items) removed.
+    ``account_id``: only that account's (a caller's delete; the retention pass takes any)."""
+    mine = () if account_id is None else (session_items.c.account_id == account_id,)
+    held = session_items.c.conversation_id.in_(ids)
+    # Unlinked first: the foreign key would cascade the conversation's deletion to them.
+    await conn.execute(
+        session_items.update()
+        .where(held, session_items.c.response_id.is_not(None), *mine)
+        .values(conversation_id=None)
     )
-    gone = await conn.execute(conversations.delete().where(conversations.c.id.in_(ids)))
+    items = await conn.execute(session_items.delete().where(held, *mine))
+    owned = () if account_id is None else (conversations.c.account_id == account_id,)
+    gone = await conn.execute(conversations.delete().where(conversations.c.id.in_(ids), *owned))
     return int(gone.rowcount or 0), int(items.rowcount or 0)
 
 
-async def _remove_responses(conn: AsyncConnection, ids: list[str]) -> tuple[int, int]:
+async def _remove_responses(
+    conn: AsyncConnection, ids: list[str], account_id: str | None = None
+) -> tuple[int, int]:
     """Delete the stored responses ``ids`` and their items that no conversation holds (those
-    that one does stay its, unlinked from the response); (responses, items) removed."""
+    that one does stay its, unlinked from the response); (responses, items) removed.
+    ``account_id``: only that account's (a caller's delete; the retention pass takes any)."""
+    mine = () if account_id is None else (session_items.c.account_id == account_id,)
+    made = session_items.c.response_id.in_(ids)
     items = await conn.execute(
-        session_items.delete().where(
-            session_items.c.response_id.in_(ids), session_items.c.conversation_id.is_(None)
-        )
+        session_items.delete().where(made, session_items.c.conversation_id.is_(None), *mine)
     )
-    await conn.execute(
-        session_items.update().where(session_items.c.response_id.in_(ids)).values(response_id=None)
+    await conn.execute(session_items.update().where(made, *mine).values(response_id=None))
+    owned = () if account_id is None else (session_responses.c.account_id == account_id,)
+    gone = await conn.execute(
+        session_responses.delete().where(session_responses.c.id.in_(ids), *owned)
     )
-    gone = await conn.execute(session_responses.delete().where(session_responses.c.id.in_(ids)))
     return int(gone.rowcount or 0), int(items.rowcount or 0)
 
 
@@ -303,23 +319,15 @@ class SessionStore:
             return await self._conversation(conn, account_id, conversation_id)
 
     async def delete_conversation(self, account_id: str, conversation_id: str) -> None:
-        """Delete the conversation and every item in it."""
+        """Delete the conversation and its items, except those a stored response still uses
+        (its input items stay listed, as :meth:`delete_response` keeps a conversation's)."""
         async with self._engine.begin() as conn:
-            await self._conversation(conn, account_id, conversation_id)
-            # Explicit rather than trusting ON DELETE CASCADE (SQLite enforces it only with
-            # foreign_keys=ON, which a foreign connection may not have set).
-            await conn.execute(
-                session_items.delete().where(
-                    session_items.c.conversation_id == conversation_id,
-                    session_items.c.account_id == account_id,
-                )
-            )
-            await conn.execute(
-                conversations.delete().where(
-                    conversations.c.id == conversation_id,
-                    conversations.c.account_id == account_id,
-                )
-            )
+            # A write first: it locks the row, so a turn being stored into the conversation
+            # either finishes before (and its items are seen below) or finds it gone.
+            await self._touch(conn, account_id, conversation_id, _now())
+            # Items removed explicitly rather than by ON DELETE CASCADE alone (SQLite enforces
+            # it only with foreign_keys=ON, which a foreign connection may not have set).
+            await _remove_conversations(conn, [conversation_id], account_id)
 
     async def add_items(
         self, account_id: str, conversation_id: str, items: Sequence[Mapping[str, Any]]
@@ -446,25 +454,34 @@ class SessionStore:
         previous_response_id: str | None = None,
         conversation_id: str | None = None,
         store: bool = True,
-    ) -> None:
+    ) -> bool:
         """Record one finished response: its items, and the response itself when ``store``.
 
         With a conversation, the items are appended to it whether or not the response is
         stored (that is what the conversation is for); without one and without ``store``,
-        nothing is written.
+        nothing is written. False when the conversation was deleted while the turn ran (the
+        answer has been paid for and goes out all the same): the response is then stored as
+        a deletion just after the turn would have left it (its items its own, continuing from
+        it ``previous_response_not_found``), and without ``store`` nothing is written.
         """
         if not store and conversation_id is None:
-            return
+            return True
         response_id = str(body["id"])
         now = _now()
         async with self._engine.begin() as conn:
+            linked = conversation_id
             if conversation_id is not None:
-                await self._touch(conn, account_id, conversation_id, now)
+                try:
+                    await self._touch(conn, account_id, conversation_id, now)
+                except errors.NotFound:
+                    linked = None
+                    if not store:
+                        return False
             owner = response_id if store else None
             rows = _item_rows(
                 account_id,
                 inputs,
-                conversation_id=conversation_id,
+                conversation_id=linked,
                 response_id=owner,
                 output=False,
                 now=now,
@@ -472,17 +489,17 @@ class SessionStore:
             rows += _item_rows(
                 account_id,
                 outputs,
-                conversation_id=conversation_id,
+                conversation_id=linked,
                 response_id=owner,
                 output=True,
                 now=now,
             )
             added = await self._insert_items(conn, rows)
             if not store:
-                return
+                return True
             last_seq = added[-1].seq if added else None
-            if last_seq is None and conversation_id is not None:
-                last_seq = await self._max_seq(conn, conversation_id)
+            if last_seq is None and linked is not None:
+                last_seq = await self._max_seq(conn, linked)
             await conn.execute(
                 session_responses.insert().values(
                     id=response_id,
@@ -495,6 +512,7 @@ class SessionStore:
                     created_at=int(body.get("created_at") or now),
                 )
             )
+        return linked == conversation_id
 
     async def get_response(
         self, account_id: str, response_id: str, *, param: str = "response_id"
@@ -521,29 +539,9 @@ class SessionStore:
     async def delete_response(self, account_id: str, response_id: str) -> None:
         """Delete a stored response and its items, except those a conversation still holds."""
         async with self._engine.begin() as conn:
-            result = await conn.execute(
-                session_responses.delete().where(
-                    session_responses.c.id == response_id,
-                    session_responses.c.account_id == account_id,
-                )
-            )
-            if result.rowcount == 0:
+            removed, _ = await _remove_responses(conn, [response_id], account_id)
+            if removed == 0:
                 raise response_not_found(response_id)
-            await conn.execute(
-                session_items.delete().where(
-                    session_items.c.response_id == response_id,
-                    session_items.c.account_id == account_id,
-                    session_items.c.conversation_id.is_(None),
-                )
-            )
-            await conn.execute(
-                session_items.update()
-                .where(
-                    session_items.c.response_id == response_id,
-                    session_items.c.account_id == account_id,
-                )
-                .values(response_id=None)
-            )
 
     async def response_history(self, account_id: str, response_id: str) -> list[Item]:
         """The items a response continues from: its chain of previous responses, oldest first.
@@ -650,6 +648,9 @@ class SessionStore:
             .where(conversations.c.updated_at < older_than)
             .order_by(conversations.c.updated_at)
             .limit(slice_size)
+            # PostgreSQL: one a turn is being stored into waits for the next pass; the rest
+            # are locked, so a turn that comes now finds them gone (see save_response).
+            .with_for_update(skip_locked=True)
         )
         old_responses = (
             sa.select(session_responses.c.id)

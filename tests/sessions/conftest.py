@@ -1,6 +1,6 @@
 """Fixtures for the sessions tests: a migrated engine per database, and a gateway process
-(per database) whose models include ``gpt-small``, a model with a 400-token window, and
-``gpt-tools``."""
+(per database) whose models include ``gpt-small``, a model with a 400-token window,
+``gpt-tools`` and ``gpt-slow``."""
 
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ async def two_accounts(engine: AsyncEngine) -> tuple[str, str]:
 def sgw(
     database_url: str, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    """A running gateway on each database, with ``gpt-small`` (context window 400) and
-    ``gpt-tools`` (the fake upstream calls the first tool it is given)."""
+    """A running gateway on each database, with ``gpt-small`` (context window 400),
+    ``gpt-tools`` (the fake upstream calls the first tool it is given) and ``gpt-slow`` (it
+    answers after 5 s)."""
     extra = f"""
 [[models]]
 name = "gpt-small"
@@ -71,6 +72,11 @@ upstream_model = "break-stream"
 name = "gpt-tools"
 base_url = "{upstream.base_url}"
 upstream_model = "tools"
+
+[[models]]
+name = "gpt-slow"
+base_url = "{upstream.base_url}"
+upstream_model = "slow"
 """
     gw = make_gateway(
         Path(tmp_path_factory.mktemp("sessions-gw")),

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
+import threading
 import time
 from typing import Any
 
 import openai
 import pytest
+import requests
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -21,12 +23,14 @@ from tests.helpers import Gateway, Upstream
 from tests.sessions.conftest import SMALL_WINDOW
 
 
-def new_key(gw: Gateway, email: str | None = None, models: str | None = None) -> str:
+def new_key(
+    gw: Gateway, email: str | None = None, models: str | None = None, limits: tuple[str, ...] = ()
+) -> str:
     if email is None:
         email = f"s-{secrets.token_hex(4)}@example.com"
         gw.cli("accounts", "create", email, "--plan", "enterprise")
     extra = ["--models", models] if models else []
-    return str(gw.cli_json("keys", "create", "--account", email, *extra)["key"])
+    return str(gw.cli_json("keys", "create", "--account", email, *extra, *limits)["key"])
 
 
 def client(gw: Gateway, key: str) -> openai.OpenAI:
@@ -421,6 +425,33 @@ def test_a_conversation_cannot_reach_a_model_the_key_may_not_use(
     assert sent(upstream)["model"] == "fake-model"
 
 
+def stored_usage(
+    gw: Gateway, database_url: str, conversation_ids: list[str], count: int
+) -> list[Any]:
+    """The usage records (status, error_code, conversation_id, prompt_tokens) of requests
+    made in these conversations, oldest first, once ``count`` have been written (or 10 s)."""
+
+    async def read() -> list[Any]:
+        url = database_url or f"sqlite:///{gw.workdir / 'data' / 'chatgate.db'}"
+        engine = create_async_engine(async_database_url(url))
+        try:
+            async with engine.connect() as conn:
+                query = sa.text(
+                    "SELECT status, error_code, conversation_id, prompt_tokens FROM usage_records"
+                    " WHERE conversation_id IN :c ORDER BY created_at"
+                ).bindparams(sa.bindparam("c", expanding=True))
+                return list(await conn.execute(query, {"c": conversation_ids}))
+        finally:
+            await engine.dispose()
+
+    deadline = time.monotonic() + 10
+    rows: list[Any] = []
+    while time.monotonic() < deadline and len(rows) < count:
+        rows = asyncio.run(read())
+        time.sleep(0.2)
+    return rows
+
+
 def test_usage_is_recorded_with_the_conversation(
     sgw: Gateway, alice: openai.OpenAI, database_url: str
 ) -> None:
@@ -432,32 +463,12 @@ def test_usage_is_recorded_with_the_conversation(
             extra_body={"conversation": conv.id},
         )
 
-    async def records() -> list[Any]:
-        url = database_url or f"sqlite:///{sgw.workdir / 'data' / 'chatgate.db'}"
-        engine = create_async_engine(async_database_url(url))
-        try:
-            async with engine.connect() as conn:
-                return list(
-                    await conn.execute(
-                        sa.text(
-                            "SELECT prompt_tokens FROM usage_records "
-                            "WHERE conversation_id = :c ORDER BY created_at"
-                        ),
-                        {"c": conv.id},
-                    )
-                )
-        finally:
-            await engine.dispose()
-
-    deadline = time.monotonic() + 10
-    rows: list[Any] = []
-    while time.monotonic() < deadline and len(rows) < 2:
-        rows = asyncio.run(records())
-        time.sleep(0.2)
+    rows = stored_usage(sgw, database_url, [conv.id], 2)
     if not rows:
         pytest.skip("the usage recorder is not wired into the server yet")
     assert len(rows) == 2
-    assert rows[1][0] > rows[0][0]  # the second turn's prompt includes the first turn
+    # The second turn's prompt includes the first turn.
+    assert rows[1].prompt_tokens > rows[0].prompt_tokens
 
 
 WEATHER = {
@@ -513,3 +524,116 @@ def test_function_calling_round_trip(
     }
     assert messages[-1] == {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}
     assert "sunny" in second.output_text
+
+
+def test_a_conversation_deleted_during_a_response_turn_still_answers(
+    sgw: Gateway, alice: openai.OpenAI, upstream: Upstream, database_url: str
+) -> None:
+    """The conversation is deleted while the model answers (gpt-slow takes 5 s). Whole, the
+    answer was a 404 naming ``conversation_id`` and billed; streamed, response.failed "could
+    not be stored" with a traceback in the log, and the id response.created announced was a
+    404. Now, as on chat completions: the answer the client paid for, recorded as a 200, and
+    the response kept (its input items too), as a deletion just after the turn leaves it."""
+    marker = f"deleted-mid-turn-{secrets.token_hex(4)}"
+    convs = {stream: alice.conversations.create().id for stream in (False, True)}
+    answers: dict[bool, Any] = {}
+
+    def turn(stream: bool) -> None:
+        try:
+            made = alice.responses.create(
+                model="gpt-slow",
+                input=f"{marker} {stream}",
+                conversation=convs[stream],
+                stream=stream,
+            )
+            answers[stream] = list(made) if stream else made  # type: ignore[call-overload]
+        except openai.APIError as exc:  # the main thread says what came instead
+            answers[stream] = exc
+
+    threads = [threading.Thread(target=turn, args=(stream,)) for stream in convs]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while sum(marker in str(b) for b in upstream.received()) < 2:  # both are with the model
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for conv in convs.values():
+        assert alice.conversations.delete(conv).deleted
+    for thread in threads:
+        thread.join(60)
+
+    whole, events = answers[False], answers[True]
+    assert not isinstance(whole, openai.APIError), whole
+    assert whole.status == "completed" and marker in whole.output_text
+    assert events[-1].type == "response.completed", events[-1]
+    streamed = events[-1].response
+    assert marker in streamed.output_text
+    for response in (whole, streamed):
+        kept = alice.responses.retrieve(response.id)
+        assert kept.status == "completed" and kept.output_text == response.output_text
+        [given] = list(alice.responses.input_items.list(response.id))
+        assert marker in given.content[0].text  # type: ignore[union-attr]
+        with pytest.raises(openai.BadRequestError) as info:  # its history went with it
+            alice.responses.create(model="gpt-test", input="x", previous_response_id=response.id)
+        assert info.value.code == "previous_response_not_found"
+    rows = stored_usage(sgw, database_url, list(convs.values()), 2)
+    assert sorted((r.status, r.error_code) for r in rows) == [(200, None), (200, None)]
+    assert all(r.prompt_tokens > 0 for r in rows)
+    log = sgw.logs()
+    for response in (whole, streamed):
+        assert f"could not store response {response.id}" not in log
+    for conv in convs.values():
+        assert f"conversation {conv} was deleted during a turn" in log
+
+
+def test_a_long_metadata_key_names_its_param(alice: openai.OpenAI) -> None:
+    """A key over 64 characters was param null, in msgspec's words ("at `key` in
+    `$.metadata`"); a value over 512 already named ``metadata[...]``."""
+    long_key = {"k" * 65: "v"}
+    calls = [
+        lambda: alice.conversations.create(metadata=long_key),
+        lambda: alice.responses.create(model="gpt-test", input="x", metadata=long_key),
+    ]
+    for call in calls:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.param == "metadata" and info.value.code == "invalid_value"
+        assert info.value.body["message"] == (  # type: ignore[index]
+            "Invalid key in 'metadata': Expected `str` of length <= 64."
+        )
+    with pytest.raises(openai.BadRequestError) as value:
+        alice.conversations.create(metadata={"k": "v" * 513})
+    assert value.value.param == "metadata[...]"
+
+
+def test_conversation_writes_count_against_the_request_rate(sgw: Gateway) -> None:
+    """A key with --rpm 2 made six conversations of 20 items in a row: session writes were not
+    limited at all. Now creating, updating and adding items each count as a request (a read
+    or a deletion does not, nor a body refused as invalid), with OpenAI's 429 past it."""
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {new_key(sgw, limits=('--rpm', '2'))}"
+    base = sgw.url + "/v1/conversations"
+    assert http.post(base, json={"metadata": {"k" * 65: "v"}}).status_code == 400
+    first = http.post(base, json={"items": [{"role": "user", "content": "x"}] * 20})
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    conv = first.json()["id"]
+    assert http.get(f"{base}/{conv}").status_code == 200
+    assert http.get(f"{base}/{conv}/items").status_code == 200
+    added = http.post(f"{base}/{conv}/items", json={"items": [{"role": "user", "content": "y"}]})
+    assert added.status_code == 200
+    for write in (
+        lambda: http.post(base, json={}),
+        lambda: http.post(f"{base}/{conv}", json={"metadata": {"a": "b"}}),
+        lambda: http.post(
+            f"{base}/{conv}/items", json={"items": [{"role": "user", "content": "z"}]}
+        ),
+    ):
+        refused = write()
+        assert refused.status_code == 429
+        error = refused.json()["error"]
+        assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+        assert "(RPM): Limit 2" in error["message"] and "retry-after" in refused.headers
+    assert len(http.get(f"{base}/{conv}/items").json()["data"]) == 20  # the 21st came in
+    assert http.delete(f"{base}/{conv}").status_code == 200

@@ -241,8 +241,8 @@ async def test_response_in_conversation_then_chained(
 async def test_a_response_of_a_deleted_conversation_cannot_be_continued(
     store: SessionStore, two_accounts: tuple[str, str]
 ) -> None:
-    """Deleting a conversation deletes its items, those of its responses too: continuing one
-    of them is a 404, not a turn that silently goes out without any of its history."""
+    """Deleting a conversation deletes the items its responses did not bring: continuing one
+    of them is a 400, not a turn that silently goes out without part of its history."""
     alice, _ = two_accounts
     conv, _ = await store.create_conversation(alice, new_id("conv"), items=user("c0"))
     r1, r2 = new_id("resp"), new_id("resp")
@@ -269,6 +269,104 @@ async def test_a_response_of_a_deleted_conversation_cannot_be_continued(
         assert (info.value.status, info.value.code) == (400, "previous_response_not_found")
         assert info.value.param == "previous_response_id"
         assert conv.id in info.value.message
+
+
+async def test_deleting_a_conversation_keeps_its_stored_responses_items(
+    store: SessionStore, engine: AsyncEngine, two_accounts: tuple[str, str]
+) -> None:
+    """As OpenAI: "Items in the conversation will not be deleted." A stored response made in
+    it kept 200 but listed no input items; now they stay its (the conversation's own items
+    and its chat turns go), as a deleted response leaves a conversation its items. Another
+    account's conversation and responses are untouched."""
+    alice, bob = two_accounts
+    conv, _ = await store.create_conversation(alice, new_id("conv"), items=user("c0"))
+    rid = new_id("resp")
+    await store.save_response(
+        alice,
+        response_body(rid),
+        inputs=user("q1"),
+        outputs=assistant("a1"),
+        conversation_id=conv.id,
+    )
+    await store.append_turn(alice, conv.id, user("chat"), assistant("turn"))
+    theirs, _ = await store.create_conversation(bob, new_id("conv"), items=user("b0"))
+    bobs = new_id("resp")
+    await store.save_response(
+        bob,
+        response_body(bobs),
+        inputs=user("bq"),
+        outputs=assistant("ba"),
+        conversation_id=theirs.id,
+    )
+    with pytest.raises(errors.NotFound):
+        await store.delete_conversation(bob, conv.id)
+
+    await store.delete_conversation(alice, conv.id)
+    assert texts((await store.response_input_items(alice, rid)).items) == ["q1"]
+    assert await count(engine, session_items.c.response_id == rid) == 2  # its input and output
+    assert await count(engine, session_items.c.conversation_id == conv.id) == 0
+    with pytest.raises(errors.NotFound):
+        await store.get_conversation(alice, conv.id)
+    # Deleting the response now removes them, as one never made in a conversation.
+    await store.delete_response(alice, rid)
+    assert await count(engine, session_items.c.response_id == rid) == 0
+    assert texts(await store.conversation_items(bob, theirs.id)) == ["b0", "bq", "ba"]
+    assert texts((await store.response_input_items(bob, bobs)).items) == ["bq"]
+
+
+async def test_a_turn_stored_into_a_deleted_conversation_keeps_its_response(
+    store: SessionStore, engine: AsyncEngine, two_accounts: tuple[str, str]
+) -> None:
+    """A conversation deleted while a turn ran: storing the turn raised a 404 after the answer
+    was paid for. Now the response is stored as a deletion just after the turn would leave
+    it (readable, its input items listed, not continued), and the caller is told so."""
+    alice, _ = two_accounts
+    conv, _ = await store.create_conversation(alice, new_id("conv"), items=user("c0"))
+    await store.delete_conversation(alice, conv.id)
+    rid, unstored = new_id("resp"), new_id("resp")
+    kept = await store.save_response(
+        alice, response_body(rid), inputs=user("q"), outputs=assistant("a"), conversation_id=conv.id
+    )
+    assert kept is False
+    stored = await store.get_response(alice, rid)
+    assert stored.conversation_id == conv.id
+    assert texts((await store.response_input_items(alice, rid)).items) == ["q"]
+    with pytest.raises(errors.InvalidRequest) as info:
+        await store.response_history(alice, rid)
+    assert info.value.code == "previous_response_not_found" and conv.id in info.value.message
+    kept = await store.save_response(
+        alice,
+        response_body(unstored),
+        inputs=user("q"),
+        outputs=assistant("a"),
+        conversation_id=conv.id,
+        store=False,
+    )
+    assert kept is False
+    with pytest.raises(errors.NotFound):
+        await store.get_response(alice, unstored)
+    assert await count(engine, session_items.c.conversation_id == conv.id) == 0
+
+
+async def test_retention_keeps_the_items_of_a_response_it_keeps(
+    store: SessionStore, engine: AsyncEngine, two_accounts: tuple[str, str]
+) -> None:
+    """An idle conversation pruned while a response made in it is kept (a retention that
+    counts the response younger): the response keeps its items, as after a deletion."""
+    alice, _ = two_accounts
+    conv, _ = await store.create_conversation(alice, new_id("conv"), items=user("c0"))
+    rid = new_id("resp")
+    await store.save_response(
+        alice, response_body(rid), inputs=user("q"), outputs=assistant("a"), conversation_id=conv.id
+    )
+    await _aged(engine, conversations, [conv.id], "updated_at", 1_100)
+    await _aged(engine, session_responses, [rid], "created_at", 3_000)
+    pruned = await store.prune(2_000)
+    assert pruned.conversations >= 1
+    with pytest.raises(errors.NotFound):
+        await store.get_conversation(alice, conv.id)
+    assert texts((await store.response_input_items(alice, rid)).items) == ["q"]
+    assert await count(engine, session_items.c.response_id == rid) == 2
 
 
 async def test_retention_prunes_idle_conversations_and_old_responses(
