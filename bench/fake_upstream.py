@@ -11,6 +11,7 @@ Behaviour is chosen by the request's ``model``:
 - ``slow``: wait ``delay`` seconds (JSON ``{"delay": s}`` in the body extension ``fake``);
 - ``break-stream``: send two chunks, then cut the connection;
 - ``not-an-answer``: a 200 whose JSON is not an answer (``choices`` or ``data`` a string);
+- ``drop``: close the connection without a word (a crash while working on the request);
 - ``hang``: never answer (the connection stays open, no status line);
 - ``stall-stream``: when streaming, send ``fake.after`` events (default 2; 0 = headers only),
   then go silent for ``fake.delay`` seconds (default an hour) without closing; when not
@@ -136,6 +137,9 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             status=status,
             headers=headers,
         )
+    if model == "drop" and request.transport is not None:
+        request.transport.close()
+        return web.Response()  # (never sent: the connection is gone)
     if model == "not-an-answer" and not body.get("stream"):
         return web.json_response({"id": "x", "object": "chat.completion", "choices": "x"})
     if model == "slow":

@@ -18,10 +18,12 @@ NAT may forget it silently); a cap on the requests in flight (a semaphore, held 
 until it ends), a request waiting for a slot counting the wait in the connect timeout; TLS for
 ``https`` with the system's certificates; ``Content-Length``, chunked and read-until-close
 bodies; a gzip or deflate body decoded (none is asked for). A POST is sent twice only when a
-kept-alive connection is closed with not a byte of its answer: the upstream's keep-alive
-timeout running out as the request went out (the router's retry would resend it anyway, after
-its backoff and as a failure of the upstream). Any other connection lost before the answer is
-an error for the caller (the router retries).
+kept-alive connection is closed with not a byte of its answer within :data:`RESEND_WINDOW` of
+sending it: the upstream's keep-alive timeout running out as the request went out (the
+router's retry would resend it anyway, after its backoff and as a failure of the upstream).
+Any other connection lost before the answer is an error for the caller (the router retries,
+if its retries allow, and counts a failure): an upstream that dies later has worked on the
+request, and was not sent it twice behind the router's back.
 """
 
 from __future__ import annotations
@@ -41,14 +43,18 @@ import httptools
 
 IDLE_TIMEOUT = 15.0
 """Seconds an idle connection is kept for reuse (aiohttp's keep-alive default)."""
+RESEND_WINDOW = 0.5
+"""Seconds after sending within which a kept connection closed unanswered is the keep-alive
+race (the upstream's close was on its way as the request went out): about one round trip."""
 
 
 class UpstreamConnectionError(Exception):
     """The upstream could not be reached, or broke the connection before a whole answer."""
 
-    def __init__(self, message: str, *, answered: bool = False) -> None:
+    def __init__(self, message: str, *, answered: bool = False, sent: bool = True) -> None:
         super().__init__(message)
         self.answered = answered  # the status line had arrived (a broken answer, not no answer)
+        self.sent = sent  # a connection was made, and the request went out on it
 
 
 class ConnectTimeout(UpstreamConnectionError):
@@ -454,12 +460,14 @@ class Pool:
                 if conn is None:
                     async with self._connect_deadline(first_byte_at, "connect timed out"):
                         conn = await self._connect()
+                sent_at = conn.loop.time()
                 try:
                     answer = await conn.send(data, first_byte_at, total_at, streaming)
                     break
                 except UpstreamConnectionError:
                     conn.close()
-                    if not (reused and conn.lost_unheard):
+                    raced = conn.loop.time() - sent_at < RESEND_WINDOW
+                    if not (reused and conn.lost_unheard and raced):
                         raise
                     # An idle connection the upstream closed as this request went out on it
                     # (its keep-alive timeout, 5 s in uvicorn and llama.cpp, ran out as ours,
@@ -525,7 +533,9 @@ class Pool:
                 server_hostname=self._host if self._ssl is not None else None,
             )
         except OSError as exc:
-            raise UpstreamConnectionError(f"connect failed: {exc.strerror or exc}") from None
+            raise UpstreamConnectionError(
+                f"connect failed: {exc.strerror or exc}", sent=False
+            ) from None
         # uvloop may return before it has called connection_made (it schedules the call).
         conn.transport = transport
         return conn

@@ -153,8 +153,16 @@ class OpenAICompatBackend(Backend):
             limit = t.total if exc.phase == "total" else first_byte_limit
             raise timeout_error(model, exc.phase, limit) from exc
         except http1.UpstreamConnectionError as exc:
-            happened = "broke the connection" if exc.answered else "could not be reached"
-            raise UpstreamUnreachable(f"The upstream for model `{model.name}` {happened}.") from exc
+            if exc.answered:
+                happened = "broke the connection"
+            elif exc.sent:
+                happened = "closed the connection before answering"
+            else:
+                happened = "could not be reached"
+            raise UpstreamUnreachable(
+                f"The upstream for model `{model.name}` {happened}.",
+                reason="broken" if exc.sent else "connect",
+            ) from exc
 
     async def _json(
         self, model: ModelConfig, path: str, body: dict[str, Any], listed: str

@@ -203,7 +203,7 @@ def failure_reason(exc: errors.APIError) -> str:
     if isinstance(exc, errors.ServiceUnavailable):
         return "503"
     if isinstance(exc, UpstreamUnreachable):
-        return "connect"
+        return exc.reason
     return exc.code or "error"
 
 

@@ -26,7 +26,12 @@ Phase = Literal["connect", "first_byte", "idle", "total"]  # which time limit pa
 
 
 class UpstreamUnreachable(errors.UpstreamError):
-    """No connection to the upstream (refused, reset, DNS, TLS): 502, retried elsewhere."""
+    """No connection to the upstream (refused, reset, DNS, TLS: ``reason`` "connect"), or one
+    it closed before a whole answer ("broken"): 502, retried elsewhere."""
+
+    def __init__(self, message: str, *, reason: Literal["connect", "broken"] = "connect") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class UpstreamStatusError(errors.UpstreamError):

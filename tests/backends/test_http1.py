@@ -34,7 +34,8 @@ from tests.backends.upstreams import CHUNKED, chunk, stream_server
 from tests.helpers import free_port
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
-Script = Callable[[bytes, bytes], bytes | None]  # (head, body) -> answer; None: close
+# (head, body) -> answer; None: close; a float: close after that many seconds
+Script = Callable[[bytes, bytes], bytes | float | None]
 HANG = b""  # a script's answer for "never answer" (until the test ends)
 
 
@@ -63,6 +64,9 @@ class Server:
                 self.requests.append((head, body))
                 answer = self.script(head, body)
                 if answer is None:
+                    break
+                if isinstance(answer, float):  # work on it that long, then die without a word
+                    await asyncio.sleep(answer)
                     break
                 if answer is HANG:
                     await self.released.wait()
@@ -210,6 +214,24 @@ async def test_a_kept_connection_closed_as_a_request_goes_out_is_sent_again_once
         await post(pool, head, b"{}")  # an answer began, then the connection ended
     assert broken.value.answered
     assert len(server.requests) == 2  # never sent again
+
+
+async def test_a_kept_connection_lost_after_the_upstream_worked_on_it_is_not_sent_again(
+    serve,  # type: ignore[no-untyped-def]
+) -> None:
+    """An upstream that crashed after working on a request for a while (a second and a
+    half, here) got it a second time (retries = 0 or not), and the router saw no failure:
+    only a loss as the request goes out is the keep-alive race worth a resend."""
+    replies = iter([OK, 1.5, OK])
+    server = await serve(lambda head, body: next(replies))
+    pool = Pool(server.url())
+    head = pool.head("/x", {})
+    await post(pool, head, b"{}")
+    with pytest.raises(UpstreamConnectionError) as lost:
+        await post(pool, head, b'{"n":2}')
+    assert not lost.value.answered
+    assert [body for _, body in server.requests] == [b"{}", b'{"n":2}']  # sent once
+    pool.close()
 
 
 async def test_idle_connections_expire(serve) -> None:  # type: ignore[no-untyped-def]

@@ -72,6 +72,7 @@ class World:
                 table("r-stall", ok, "stall-stream"),
                 table("r-die", ok, "break-stream"),
                 table("r-not-an-answer", ok, "not-an-answer"),
+                table("r-drop", ok, "drop", "retries = 0\n"),
                 table("r-fallback", dead, "fake-model", "retries = 0\n"),
                 table("r-fallback", ok, "hang"),
                 table("r-fallback", ok, "fail-500"),
@@ -166,6 +167,17 @@ def test_hanging_upstream_is_504(world: World) -> None:
 
 def test_500_is_502(world: World) -> None:
     assert_error(world.post(body("r-500")), 502, "upstream_error", "r-500")
+
+
+def test_an_upstream_that_drops_the_request_is_a_broken_connection_not_a_refused_one(
+    world: World,
+) -> None:
+    """A connection closed after the request went out was reported as "could not be
+    reached" and labelled ``connect``, as a refused one: the status page and the metrics
+    pointed at the network when the upstream had crashed on the request."""
+    error = assert_error(world.post(body("r-drop")), 502, "upstream_error", "r-drop")
+    assert "closed the connection before answering" in error["message"]
+    assert world.status()["r-drop#0"]["last_error"] == "broken"
 
 
 def test_a_200_that_is_not_an_answer_is_502(world: World) -> None:
@@ -294,7 +306,8 @@ def test_kill_the_primary_under_load_and_no_request_fails(world: World) -> None:
     assert errors == []
     assert len(world.secondary.received()) > 0
     primary = world.status()["gpt-ha#0"]
-    assert primary["state"] == "open" and primary["last_error"] == "connect"
+    # Requests in flight on its connections were cut ("broken"); later ones refused.
+    assert primary["state"] == "open" and primary["last_error"] in ("connect", "broken")
 
 
 # -- operator views ----------------------------------------------------------------------------
