@@ -344,6 +344,10 @@ async def embeddings(request: web.Request) -> web.Response:
     return web.json_response(out)
 
 
+async def moved(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/v1/" + request.match_info["tail"])
+
+
 async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [{"id": "fake", "object": "model"}]})
 
@@ -390,6 +394,8 @@ def make_app(chunks: int = 20, record: bool = True) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
+    # A deployment behind a redirect (base_url .../moved/v1): every call is answered with one.
+    app.router.add_route("*", "/moved/v1/{tail:.*}", moved)
     app.router.add_route("*", "/_requests", received)
     app.router.add_get("/_received_at", received_at)
     app.router.add_get("/_cookies", cookies)

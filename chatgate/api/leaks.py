@@ -104,6 +104,8 @@ async def report_leak(request: web.Request) -> web.Response:
         )
     body = await read_body(request)
     key = body.get("key")
+    if key is not None and not isinstance(key, str):
+        raise errors.InvalidRequest("'key' must be a string.", param="key", code="invalid_type")
     if not isinstance(key, str):
         raise errors.InvalidRequest(
             "Missing required parameter: 'key'.", param="key", code="missing_required_parameter"

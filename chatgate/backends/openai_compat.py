@@ -231,8 +231,10 @@ class OpenAICompatBackend(Backend):
         began = time.perf_counter()
         try:
             async with asyncio.timeout(min(t.first_byte, t.total)):
+                # Not followed, as the chat calls do not follow one (a POST): a redirect here
+                # is a deployment no call reaches.
                 async with session.get(
-                    model.base_url + "/models", headers=self._headers(model)
+                    model.base_url + "/models", headers=self._headers(model), allow_redirects=False
                 ) as resp:
                     raw = await resp.read()
                     status = resp.status
@@ -245,6 +247,8 @@ class OpenAICompatBackend(Backend):
             return ProbeResult(False, f"key rejected ({status})", latency, status)
         if status >= 500:
             return ProbeResult(False, f"upstream error ({status})", latency, status)
+        if 300 <= status < 400:
+            return ProbeResult(False, f"redirected ({status}): calls are not", latency, status)
         if status != 200:
             return ProbeResult(True, f"reachable ({status} on /models)", latency, status)
         listed = None

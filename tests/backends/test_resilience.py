@@ -73,6 +73,7 @@ class World:
                 table("r-die", ok, "break-stream"),
                 table("r-not-an-answer", ok, "not-an-answer"),
                 table("r-drop", ok, "drop", "retries = 0\n"),
+                table("r-moved", ok.replace("/v1", "/moved/v1"), "fake-model"),
                 table("r-fallback", dead, "fake-model", "retries = 0\n"),
                 table("r-fallback", ok, "hang"),
                 table("r-fallback", ok, "fail-500"),
@@ -441,6 +442,9 @@ def test_models_check_prints_a_table_and_fails_on_a_dead_deployment(world: World
     assert lines[0].split()[:3] == ["MODEL", "DEPLOYMENT", "BACKEND"]
     rows = {line.split()[1]: line for line in lines[1:]}
     assert " yes " in rows["r-500#0"] and "unreachable" in rows["r-refuse#0"]
+    # A redirect is followed by no chat call (a POST): the probe said "ok" all the same.
+    assert " no " in rows["r-moved#0"] and "redirected (302)" in rows["r-moved#0"]
+    assert world.post(body("r-moved")).status_code == 502
     data = json.loads(world.gw.cli("models", "check", "--json", check=False).stdout)
     assert {r["deployment"] for r in data} >= {"r-fallback#4", "gpt-ha#1"}
     assert world.gw.env["FAKE_UPSTREAM_KEY"] not in result.stdout + result.stderr

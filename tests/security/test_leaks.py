@@ -98,7 +98,7 @@ def test_no_authentication_needed_and_any_header_ignored(sec: Gateway, source: s
     [
         (b"{not json", "invalid_json", None),
         ({}, "missing_required_parameter", "key"),
-        ({"key": 5}, "missing_required_parameter", "key"),
+        ({"key": 5}, "invalid_type", "key"),  # (it said "missing")
         ({"key": "sk-cg-nope"}, "invalid_value", "key"),
         ({"key": "sk-cg-" + "a" * 38}, "invalid_value", "key"),  # checksum fails
     ],
