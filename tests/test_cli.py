@@ -390,3 +390,38 @@ def test_keys_rotate_grace_is_capped_as_the_api_caps_it(gw: Gateway) -> None:
     assert result.returncode == 2 and "30 days" in result.stderr
     rotated = gw.cli_json("keys", "rotate", made["id"], "--grace", "30d")
     assert rotated["id"] == made["id"] and rotated["key"] != made["key"]
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "said"),
+    [
+        ({"CHATGATE_USAGE_RETENTION_DAYS": "0"}, "", "CHATGATE_USAGE_RETENTION_DAYS"),
+        ({"CHATGATE_INVALIDATION_POLL": "abc"}, "", "CHATGATE_INVALIDATION_POLL"),
+        ({"CHATGATE_DB_MAX_OVERFLOW": "-5"}, "", "CHATGATE_DB_MAX_OVERFLOW"),
+        ({}, "[server]\nsecret = 12345\n", "secret in [server]"),
+        ({}, '[server]\nredis_url = ["redis://127.0.0.1:6379/14"]\n', "redis_url in [server]"),
+        ({}, "[server]\nhost = 5\n", "host in [server]"),
+        ({}, '[[models]]\nname = "m"\ncontext_window = "big"\n', "'m': `context_window`"),
+        ({}, "not toml at all\n", "bad.toml: not valid TOML"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it(
+    gw: Gateway, env: dict[str, str], toml: str, said: str
+) -> None:
+    """Tracebacks (AttributeError, TypeError), Python's own words naming no setting, or (a
+    retention of 0) a server that deleted every usage record within a second of its start."""
+    if toml:
+        (gw.workdir / "bad.toml").write_text(toml)
+        env = {**env, "CHATGATE_CONFIG": str(gw.workdir / "bad.toml")}
+    for args in (("accounts", "list"), ("serve", "--port", "0")):
+        result = subprocess.run(
+            [str(BIN / "chatgate"), *args],
+            env={**gw.env, **env},
+            cwd=gw.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,  # a server that started instead keeps running: this fails the test
+        )
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.strip().count("\n") == 0 and said in result.stderr, result.stderr
+        assert "12345" not in result.stderr  # a secret in the wrong type is not repeated
