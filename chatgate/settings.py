@@ -37,6 +37,7 @@ DEFAULT_ROTATION_GRACE = 24 * 3600
 DEFAULT_UPSTREAM_CONNECT_TIMEOUT = 5.0
 DEFAULT_UPSTREAM_TIMEOUT = 600.0
 DEFAULT_LOCAL_MODEL_NAME = "chatgate-mini"
+DEFAULT_DB_CONNECT_TIMEOUT = 10.0  # seconds; asyncpg's own is 60
 MAX_RETENTION_DAYS = 36500  # a hundred years: the cutoff stays a date the databases hold
 ContextTrim = Literal["drop_oldest", "error"]
 CONTEXT_TRIMS: tuple[ContextTrim, ...] = ("drop_oldest", "error")  # chatgate.sessions.trim
@@ -252,6 +253,11 @@ class Settings:
     # pool of 0 as no limit, and a negative overflow as none: neither is what was meant.)
     db_pool_size: int = field(default=5, metadata=_range(1))
     db_max_overflow: int = field(default=10, metadata=_range(0))
+    # Seconds to open a PostgreSQL connection: a server that takes the connection and never
+    # answers held every command a minute (asyncpg's own timeout) before an empty error.
+    db_connect_timeout: float = field(
+        default=DEFAULT_DB_CONNECT_TIMEOUT, metadata=_range(above=0, unit="seconds")
+    )
     upstream_keys: Mapping[str, Secret] = field(default_factory=dict)
 
     @classmethod
@@ -347,6 +353,7 @@ class Settings:
             shutdown_timeout=pick("shutdown_timeout", 10.0),
             db_pool_size=pick("db_pool_size", 5),
             db_max_overflow=pick("db_max_overflow", 10),
+            db_connect_timeout=pick("db_connect_timeout", DEFAULT_DB_CONNECT_TIMEOUT),
             upstream_keys={k: Secret(env[k]) for k in key_envs if env.get(k)},
         )
         return _checked(replace(settings, **overrides) if overrides else settings)

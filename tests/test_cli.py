@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -425,3 +426,35 @@ def test_a_bad_setting_is_one_line_naming_it(
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.strip().count("\n") == 0 and said in result.stderr, result.stderr
         assert "12345" not in result.stderr  # a secret in the wrong type is not repeated
+
+
+def test_a_database_that_never_answers_is_named_within_its_connect_timeout(gw: Gateway) -> None:
+    """A PostgreSQL that takes the connection and never answers (a hung server, a firewall
+    that drops): a minute (asyncpg's timeout), then "chatgate: error: " and nothing more."""
+    silent = socket.socket()  # the kernel accepts for it; nothing is ever read or written
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = silent.getsockname()[1]
+    env = {
+        **gw.env,
+        "CHATGATE_DATABASE_URL": f"postgresql://postgres:pw@127.0.0.1:{port}/chatgate",
+        "CHATGATE_DB_CONNECT_TIMEOUT": "1",
+    }
+    try:
+        for args in (("accounts", "list"), ("serve", "--port", "0")):
+            result = subprocess.run(
+                [str(BIN / "chatgate"), *args],
+                env=env,
+                cwd=gw.workdir,
+                capture_output=True,
+                text=True,
+                timeout=45,  # asyncpg's own minute fails the test here
+            )
+            assert result.returncode == 2, result.stderr
+            line = result.stderr.strip()
+            assert line.count("\n") == 0, line
+            assert line.startswith("chatgate: error: database: TimeoutError: "), line
+            assert f"127.0.0.1:{port} took the connection but did not answer within 1 s" in line
+            assert ":pw@" not in line
+    finally:
+        silent.close()

@@ -45,6 +45,7 @@ def test_every_number_has_a_range_and_the_defaults_keep_them(tmp_path: Path) -> 
         ("db_pool_size", "-1", "at least 1"),
         ("db_pool_size", "0", "at least 1"),
         ("db_max_overflow", "-5", "at least 0, not -5"),
+        ("db_connect_timeout", "0", "more than 0"),
         ("upstream_max_connections", "-1", "at least 0"),
         ("max_body_bytes", "0", "at least 1024 bytes"),
         ("port", "70000", "from 0 to 65535"),
