@@ -16,10 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tests.helpers import (
     BIN,
+    REDIS_URL,
     Gateway,
     Upstream,
     create_pg_database,
     drop_pg_database,
+    drop_redis_prefix,
     make_gateway,
 )
 
@@ -426,6 +428,41 @@ def test_a_bad_setting_is_one_line_naming_it(
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.strip().count("\n") == 0 and said in result.stderr, result.stderr
         assert "12345" not in result.stderr  # a secret in the wrong type is not repeated
+
+
+def test_serve_checks_everything_before_the_first_start_shows_its_key(gw: Gateway) -> None:
+    """The admin account was made and its key printed ("shown once"), then the start failed
+    on a setting, a model table or a port in use: the key went with the process, and the next
+    start, finding an account, shows none."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = str(held.getsockname()[1])
+    (gw.workdir / "models.toml").write_text('[[models]]\nname = "m"\nbase_url = "ftp://x"\n')
+    redis = {"CHATGATE_REDIS_URL": REDIS_URL, "CHATGATE_REDIS_PREFIX": f"cg-{gw.workdir.name}:"}
+    try:
+        for args, env, said in (
+            (("--port", "0"), {"CHATGATE_CONTEXT_TRIM": "bogus"}, "CHATGATE_CONTEXT_TRIM"),
+            (("--port", "0"), {"CHATGATE_CONFIG": str(gw.workdir / "models.toml")}, "base_url"),
+            (("--port", taken), {}, f"cannot listen on 127.0.0.1:{taken}"),
+            (("--port", taken, "--workers", "2"), redis, f"cannot listen on 127.0.0.1:{taken}"),
+        ):
+            result = subprocess.run(
+                [str(BIN / "chatgate"), "serve", *args],
+                env={**gw.env, **env},
+                cwd=gw.workdir,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 2, (args, env, result.stderr)
+            assert "shown once" not in result.stdout and "sk-cg-" not in result.stdout, args
+            assert "Traceback" not in result.stderr, result.stderr  # one per worker, with 2
+            assert said in result.stderr.strip().splitlines()[-1], result.stderr
+            assert gw.cli_json("accounts", "list") == []  # no account: the next start makes it
+    finally:
+        held.close()
+        drop_redis_prefix(redis["CHATGATE_REDIS_PREFIX"])
 
 
 def test_a_database_that_never_answers_is_named_within_its_connect_timeout(gw: Gateway) -> None:
