@@ -495,3 +495,17 @@ def test_a_database_that_never_answers_is_named_within_its_connect_timeout(gw: G
             assert ":pw@" not in line
     finally:
         silent.close()
+
+
+def test_help_describes_the_command_and_names_every_one() -> None:
+    """It showed the module's docstring, ``quotes`` and all, naming five of ten commands."""
+    result = subprocess.run(
+        [str(BIN / "chatgate"), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    assert "``" not in result.stdout and "serve | migrate" not in result.stdout
+    description = result.stdout.split("\n\n")[1]
+    assert description.startswith("chatgate, an OpenAI-compatible API gateway"), result.stdout
+    for name in ("serve", "migrate", "accounts", "plans", "secret", "keys", "usage", "models"):
+        assert f"\n    {name} " in result.stdout, name
+    assert "\n    chat " in result.stdout and "\n    scan " in result.stdout
