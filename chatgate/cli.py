@@ -1,4 +1,5 @@
-"""The ``chatgate`` command: serve | migrate | accounts | plans | keys.
+"""The ``chatgate`` command: serve | migrate | accounts | plans | secret | keys | usage |
+models | chat | scan (:data:`DESCRIPTION` is what ``--help`` says of it).
 
 Every command reads its settings once (``CHATGATE_DATA_DIR``, ``CHATGATE_DATABASE_URL``, ...),
 prints a readable table (or ``--json``), and reports an error as one line on stderr, exit 2.
@@ -30,6 +31,12 @@ from chatgate.notify import Notifier
 from chatgate.settings import Settings
 from chatgate.timefmt import iso, parse_duration
 from chatgate.usage.cli import add_parser as add_usage_parser
+
+DESCRIPTION = (
+    "chatgate, an OpenAI-compatible API gateway: run the server, and manage its database, "
+    "accounts, plans, keys and usage. Settings come from CHATGATE_* variables and "
+    "chatgate.toml (see the README); errors are one line on stderr, with exit code 2."
+)
 
 
 class CLIError(Exception):
@@ -270,8 +277,8 @@ def _safe_url(settings: Settings) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chatgate", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="chatgate", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the API server")
     serve.add_argument("--host")
@@ -381,12 +388,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chatgate: error: {exc.message}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:
-        print(f"chatgate: error: database: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"chatgate: error: database: {_first_line(exc)}", file=sys.stderr)
         return 2
     except (CLIError, ValueError, OSError) as exc:
         # As an APIError's: a key pasted into an argument is shown as its hint.
-        print(f"chatgate: error: {keyfmt.unkeyed(str(exc))}", file=sys.stderr)
+        print(f"chatgate: error: {keyfmt.unkeyed(_first_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its class's name when it has none (a bare
+    ``TimeoutError()`` printed "chatgate: error: " and nothing more)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -7,12 +7,14 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 
 import uvloop
 from aiohttp import web
 
 from chatgate.accounts import AccountStore
 from chatgate.app import SERVER_OPTIONS, create_app
+from chatgate.backends.router import Router
 from chatgate.db.engine import create_engine, migrate, schema
 from chatgate.db.instance import SecretMismatch, check_secret
 from chatgate.keys.store import IssuedKey, KeyStore
@@ -22,9 +24,12 @@ log = logging.getLogger(__name__)
 ADMIN_EMAIL = "admin@localhost"
 
 
-async def prepare(settings: Settings, *, migrate_first: bool, bootstrap: bool) -> IssuedKey | None:
+async def prepare(
+    settings: Settings, *, migrate_first: bool, bootstrap: bool, reuse_port: bool | None = None
+) -> IssuedKey | None:
     """Migrate (or, with ``migrate_first`` off, refuse a database behind this code's
-    migrations), refuse a server secret other than the database's (:mod:`chatgate.db.instance`),
+    migrations), refuse a server secret other than the database's (:mod:`chatgate.db.instance`)
+    and, given ``reuse_port``, an address the server cannot listen on (:func:`check_listen`),
     and on the very first start create the admin account and one key."""
     engine = create_engine(settings)
     try:
@@ -42,6 +47,8 @@ async def prepare(settings: Settings, *, migrate_first: bool, bootstrap: bool) -
             await check_secret(engine, settings.resolved_secret(), settings.secret_previous)
         except SecretMismatch as exc:
             raise ServeError(str(exc)) from None
+        if reuse_port is not None:
+            check_listen(settings, reuse_port=reuse_port)
         if not bootstrap:
             return None
         accounts = AccountStore(engine)
@@ -74,7 +81,14 @@ def serve(
             "--workers N > 1 needs CHATGATE_REDIS_URL: in-process rate limits would be "
             "per process, multiplying every limit by N"
         )
-    first = asyncio.run(prepare(settings, migrate_first=migrate_first, bootstrap=bootstrap))
+    # Whatever would stop the start is found before the first start makes its admin account:
+    # its key, shown once, was printed and then lost with the process that failed. (Every
+    # setting is checked when it is read, the model tables here as the app plans them, the
+    # address in prepare.)
+    Router(settings)
+    first = asyncio.run(
+        prepare(settings, migrate_first=migrate_first, bootstrap=bootstrap, reuse_port=workers > 1)
+    )
     if first is not None:
         # The one time this key exists outside the caller: print it, never log it.
         print(
@@ -95,6 +109,9 @@ def serve(
             code = 0
             try:
                 _run(settings, reuse_port=True)
+            except OSError as exc:  # the port taken since the check: one line, no traceback
+                log.error("worker %d failed: %s", os.getpid(), exc)
+                code = 1
             except BaseException:
                 log.exception("worker failed")
                 code = 1
@@ -119,6 +136,33 @@ def serve(
         failed += os.waitstatus_to_exitcode(status) != 0
     if failed:  # as one process's failure: a supervisor must not read it as a clean stop
         raise ServeError(f"{failed} of {workers} workers failed (see the log above)")
+
+
+def check_listen(settings: Settings, *, reuse_port: bool) -> None:
+    """Bind the address the server will listen on, as aiohttp binds it, and let it go: a port
+    in use is one line (a :class:`ServeError`), not a traceback from every worker."""
+    if settings.port == 0:  # any free port
+        return
+    try:
+        infos = socket.getaddrinfo(
+            settings.host or None, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _name, address in infos:
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this host lacks: asyncio passes over it too
+                continue
+            with sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+    except OSError as exc:
+        raise ServeError(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+        ) from None
 
 
 def _run(settings: Settings, *, reuse_port: bool) -> None:

@@ -3,19 +3,27 @@
 Resolution order for every value: explicit argument > environment > ``DEFAULT_*`` constant.
 Nothing else in the package reads the environment; everything takes a ``Settings``.
 Secrets are wrapped in :class:`Secret` so they never show up in a ``repr`` or a log line.
+
+Every value is checked once, here: its type as it is read (:func:`_convert`), then its range or
+choices, declared on its field (a :class:`Rule` in the field's metadata, see :func:`_checked`).
+A bad value stops any command with one line naming the variable and the TOML key, before the
+first start makes its admin account and shows its key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
+import math
 import os
 import secrets
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -29,6 +37,12 @@ DEFAULT_ROTATION_GRACE = 24 * 3600
 DEFAULT_UPSTREAM_CONNECT_TIMEOUT = 5.0
 DEFAULT_UPSTREAM_TIMEOUT = 600.0
 DEFAULT_LOCAL_MODEL_NAME = "chatgate-mini"
+DEFAULT_DB_CONNECT_TIMEOUT = 10.0  # seconds; asyncpg's own is 60
+MAX_RETENTION_DAYS = 36500  # a hundred years: the cutoff stays a date the databases hold
+ContextTrim = Literal["drop_oldest", "error"]
+CONTEXT_TRIMS: tuple[ContextTrim, ...] = ("drop_oldest", "error")  # chatgate.sessions.trim
+LOCAL_EMBEDDINGS = ("auto", "minilm", "gguf", "off")  # chatgate.backends.local_embed
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Secret:
@@ -57,6 +71,89 @@ def derive_key(secret: str, purpose: str) -> bytes:
     return hmac.new(secret.encode(), b"chatgate/" + purpose.encode(), hashlib.sha256).digest()
 
 
+class Rule(Protocol):
+    """The values a setting may take beyond its type: a field's ``metadata["rule"]``."""
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value``, as the end of "<setting> must be ...", or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """A number from ``low`` to ``high`` (either may be open), and more than ``above``."""
+
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    unit: str = ""
+
+    def problem(self, value: Any) -> str | None:
+        """See :meth:`Rule.problem`."""
+        if (
+            (self.low is None or value >= self.low)
+            and (self.high is None or value <= self.high)
+            and (self.above is None or value > self.above)
+        ):
+            return None
+        unit = f" {self.unit}" if self.unit else ""
+        if self.above is not None:
+            wanted = f"more than {_number(self.above)}{unit}"
+        elif self.low is not None and self.high is not None:
+            wanted = f"from {_number(self.low)} to {_number(self.high)}{unit}"
+        elif self.low is not None:
+            wanted = f"at least {_number(self.low)}{unit}"
+        else:
+            wanted = f"at most {_number(self.high or 0)}{unit}"
+        return f"{wanted}, not {_number(value)}"
+
+
+@dataclass(frozen=True, slots=True)
+class OneOf:
+    """One of a few names."""
+
+    choices: tuple[str, ...]
+
+    def problem(self, value: Any) -> str | None:
+        """See :meth:`Rule.problem`."""
+        if value in self.choices:
+            return None
+        return f"one of {', '.join(self.choices)}, not {str(value)[:40]!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class UrlOf:
+    """A URL of one of ``schemes``. A wrong one is not repeated: it may hold a password."""
+
+    schemes: tuple[str, ...]
+
+    def problem(self, value: Any) -> str | None:
+        """See :meth:`Rule.problem`."""
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018  (raises for a port that is not a number)
+        except ValueError:
+            pass
+        else:
+            if parts.scheme in self.schemes:
+                return None
+        *first, last = [f"{scheme}://" for scheme in self.schemes]
+        return f"a {', '.join(first)} or {last} URL (with a numeric port, if any)"
+
+
+def _rule(rule: Rule) -> dict[str, Rule]:
+    return {"rule": rule}
+
+
+def _range(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    above: float | None = None,
+    unit: str = "",
+) -> dict[str, Rule]:
+    return _rule(Bounds(low, high, above, unit))
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """One public model name and where it is served (a deployment)."""
@@ -80,57 +177,87 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything the server, the CLI and the tests need to know, read once."""
+    """Everything the server, the CLI and the tests need to know, read once.
+
+    A field's ``metadata["rule"]`` (a :class:`Rule`) is what :meth:`from_env` accepts for it;
+    every number has one.
+    """
 
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     database_url: str = field(default="", repr=False)  # may hold a password
-    redis_url: str | None = field(default=None, repr=False)
+    redis_url: str | None = field(
+        default=None, repr=False, metadata=_rule(UrlOf(("redis", "rediss", "unix")))
+    )
     secret: Secret = field(default_factory=lambda: Secret(""))
     secret_previous: Secret | None = None  # accepted while stored key hashes are re-keyed
     host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    key_cache_ttl: float = DEFAULT_KEY_CACHE_TTL
-    invalidation_poll: float | None = None  # None: see effective_invalidation_poll
-    rotation_grace: int = DEFAULT_ROTATION_GRACE
-    upstream_connect_timeout: float = DEFAULT_UPSTREAM_CONNECT_TIMEOUT
-    upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
-    upstream_max_connections: int = 0  # per upstream base URL and process; 0: no cap
+    port: int = field(default=DEFAULT_PORT, metadata=_range(0, 65535))  # 0: any free port
+    # Below a kilobyte no chat request fits: every call would be a 413.
+    max_body_bytes: int = field(default=DEFAULT_MAX_BODY_BYTES, metadata=_range(1024, unit="bytes"))
+    key_cache_ttl: float = field(default=DEFAULT_KEY_CACHE_TTL, metadata=_range(0, unit="seconds"))
+    # None: see effective_invalidation_poll. Each poll is a query: 0 spun a core on it.
+    invalidation_poll: float | None = field(default=None, metadata=_range(0.05, unit="seconds"))
+    rotation_grace: int = field(  # at most what the API takes (dashboard.services.parse_grace)
+        default=DEFAULT_ROTATION_GRACE, metadata=_range(0, 30 * 86400, unit="seconds")
+    )
+    upstream_connect_timeout: float = field(
+        default=DEFAULT_UPSTREAM_CONNECT_TIMEOUT, metadata=_range(above=0, unit="seconds")
+    )
+    upstream_timeout: float = field(
+        default=DEFAULT_UPSTREAM_TIMEOUT, metadata=_range(above=0, unit="seconds")
+    )
+    # Per upstream base URL and process; 0: no cap.
+    upstream_max_connections: int = field(default=0, metadata=_range(0))
     local_model: bool = True
     local_model_name: str = DEFAULT_LOCAL_MODEL_NAME
     local_model_path: str | None = None
     models: tuple[ModelConfig, ...] = ()
-    log_level: str = "INFO"
+    log_level: str = field(default="INFO", metadata=_rule(OneOf(LOG_LEVELS)))
     ratelimit_fail_open: bool = True
-    # Seconds a concurrency slot outlives a process that died holding it (renewed meanwhile).
-    lease_ttl: float = 60.0
-    redis_timeout: float = 1.0
+    # Seconds a concurrency slot outlives a process that died holding it (renewed meanwhile,
+    # every third of it: at least once a second).
+    lease_ttl: float = field(default=60.0, metadata=_range(LEASE_TTL_MIN, unit="seconds"))
+    redis_timeout: float = field(default=1.0, metadata=_range(above=0, unit="seconds"))
     redis_prefix: str = "chatgate:"
-    usage_flush_interval: float = 1.0
-    usage_batch_size: int = 2000
-    usage_retention_days: int = 90
+    # Each flush is a pass of the writer: 0 spun a core on it.
+    usage_flush_interval: float = field(default=1.0, metadata=_range(0.05, unit="seconds"))
+    usage_batch_size: int = field(default=2000, metadata=_range(1))
+    # The prune deletes what is older than this: 0 or less deleted every record, hourly.
+    usage_retention_days: int = field(
+        default=90, metadata=_range(1, MAX_RETENTION_DAYS, unit="days")
+    )
     signup_open: bool = True
     default_plan: str = "free"
-    session_max_age: int = 7 * 86400
+    session_max_age: int = field(default=7 * 86400, metadata=_range(60, unit="seconds"))
     cookie_secure: bool | None = None
     trust_forwarded_for: bool = False
-    context_trim: str = "drop_oldest"
-    default_max_tokens: int = 4096
-    session_retention_days: int = 30
-    local_threads: int = 0
-    local_queue_size: int = 8
-    local_context: int = 4096
+    context_trim: str = field(default="drop_oldest", metadata=_rule(OneOf(CONTEXT_TRIMS)))
+    default_max_tokens: int = field(default=4096, metadata=_range(1))
+    # 0 keeps every conversation (chatgate.api.conversations).
+    session_retention_days: int = field(
+        default=30, metadata=_range(0, MAX_RETENTION_DAYS, unit="days")
+    )
+    local_threads: int = field(default=0, metadata=_range(0))  # 0: see local.default_threads
+    local_queue_size: int = field(default=8, metadata=_range(0))
+    # Tokens; the chat template alone takes tens of them.
+    local_context: int = field(default=4096, metadata=_range(256))
     local_preload: bool = True
-    local_embeddings: str = "auto"
+    local_embeddings: str = field(default="auto", metadata=_rule(OneOf(LOCAL_EMBEDDINGS)))
     usage_enabled: bool = True
     # On SIGTERM, requests in flight get twice this long to finish (aiohttp waits for them
     # twice); then those left are cancelled, and recorded with what they used.
-    shutdown_timeout: float = 10.0
+    shutdown_timeout: float = field(default=10.0, metadata=_range(0, unit="seconds"))
     # PostgreSQL connections per process: the request path uses none in steady state (keys
     # are cached, usage is written in batches), so a small pool serves a busy process; the
-    # dashboard, the management API, sessions and the feed share it.
-    db_pool_size: int = 5
-    db_max_overflow: int = 10
+    # dashboard, the management API, sessions and the feed share it. (SQLAlchemy reads a
+    # pool of 0 as no limit, and a negative overflow as none: neither is what was meant.)
+    db_pool_size: int = field(default=5, metadata=_range(1))
+    db_max_overflow: int = field(default=10, metadata=_range(0))
+    # Seconds to open a PostgreSQL connection: a server that takes the connection and never
+    # answers held every command a minute (asyncpg's own timeout) before an empty error.
+    db_connect_timeout: float = field(
+        default=DEFAULT_DB_CONNECT_TIMEOUT, metadata=_range(above=0, unit="seconds")
+    )
     upstream_keys: Mapping[str, Secret] = field(default_factory=dict)
 
     @classmethod
@@ -138,7 +265,8 @@ class Settings:
         """Build settings from ``environ`` (default ``os.environ``) and a config file.
 
         The config file is ``CHATGATE_CONFIG`` or ``./chatgate.toml`` when present;
-        it may hold ``[server]`` values and ``[[models]]`` tables.
+        it may hold ``[server]`` values and ``[[models]]`` tables. A value of the wrong type,
+        out of its range or not among its choices is a ``ValueError`` naming the setting.
         """
         env = os.environ if environ is None else environ
         data_dir = Path(env.get("CHATGATE_DATA_DIR", DEFAULT_DATA_DIR))
@@ -148,7 +276,10 @@ class Settings:
         file_cfg: dict[str, Any] = {}
         if config_path:
             with open(config_path, "rb") as fh:
-                file_cfg = tomllib.load(fh)
+                try:
+                    file_cfg = tomllib.load(fh)
+                except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                    raise ValueError(f"{config_path}: not valid TOML: {exc}") from None
         server = file_cfg.get("server", {})
         tables = file_cfg.get("models", [])
         if not isinstance(server, dict):
@@ -156,20 +287,15 @@ class Settings:
         if not isinstance(tables, list) or not all(isinstance(m, dict) for m in tables):
             raise ValueError(f"{config_path}: each model must be a [[models]] table")
 
-        def pick(name: str, default: Any) -> Any:
+        def pick(name: str, default: Any, kind: type | None = None) -> Any:
+            """The environment's value, else [server]'s, else ``default``, as the default's
+            type (``kind`` where the default is None, and then "" is None too)."""
             value = env.get("CHATGATE_" + name.upper())
             if value is None:
                 value = server.get(name, default)
-            if type(default) in (int, float) and value is not default:  # a number: or say which
-                try:
-                    return type(default)(value)
-                except (TypeError, ValueError):
-                    raise ValueError(
-                        f"CHATGATE_{name.upper()} (or {name} in [server]) must be "
-                        f"{'a whole number' if type(default) is int else 'a number'}, "
-                        f"not {str(value)[:40]!r}"
-                    ) from None
-            return value
+            if value is default or (default is None and value == ""):
+                return default
+            return _convert(value, kind or type(default), _label(name))
 
         models = tuple(_model_from_table(m) for m in tables)
         key_envs = {m.api_key_env for m in models if m.api_key_env}
@@ -180,62 +306,57 @@ class Settings:
                     f"{name} (an upstream key) has a character no HTTP header can carry: a "
                     "line break, a control character or a non-ASCII one"
                 )
+        previous = pick("secret_previous", "")
         settings = cls(
             data_dir=data_dir,
             database_url=pick("database_url", ""),
-            redis_url=pick("redis_url", None) or None,
+            redis_url=pick("redis_url", None, str),
             secret=Secret(pick("secret", "")),
-            secret_previous=Secret(pick("secret_previous", ""))
-            if pick("secret_previous", "")
-            else None,
+            secret_previous=Secret(previous) if previous else None,
             host=pick("host", DEFAULT_HOST),
-            port=int(pick("port", DEFAULT_PORT)),
-            max_body_bytes=int(pick("max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
-            key_cache_ttl=float(pick("key_cache_ttl", DEFAULT_KEY_CACHE_TTL)),
-            invalidation_poll=_optional_float(pick("invalidation_poll", None)),
-            rotation_grace=int(pick("rotation_grace", DEFAULT_ROTATION_GRACE)),
-            upstream_connect_timeout=float(
-                pick("upstream_connect_timeout", DEFAULT_UPSTREAM_CONNECT_TIMEOUT)
+            port=pick("port", DEFAULT_PORT),
+            max_body_bytes=pick("max_body_bytes", DEFAULT_MAX_BODY_BYTES),
+            key_cache_ttl=pick("key_cache_ttl", DEFAULT_KEY_CACHE_TTL),
+            invalidation_poll=pick("invalidation_poll", None, float),
+            rotation_grace=pick("rotation_grace", DEFAULT_ROTATION_GRACE),
+            upstream_connect_timeout=pick(
+                "upstream_connect_timeout", DEFAULT_UPSTREAM_CONNECT_TIMEOUT
             ),
-            upstream_timeout=float(pick("upstream_timeout", DEFAULT_UPSTREAM_TIMEOUT)),
-            upstream_max_connections=int(pick("upstream_max_connections", 0)),
-            local_model=_truthy(pick("local_model", True)),
+            upstream_timeout=pick("upstream_timeout", DEFAULT_UPSTREAM_TIMEOUT),
+            upstream_max_connections=pick("upstream_max_connections", 0),
+            local_model=pick("local_model", True),
             local_model_name=pick("local_model_name", DEFAULT_LOCAL_MODEL_NAME),
-            local_model_path=pick("local_model_path", None) or None,
+            local_model_path=pick("local_model_path", None, str),
             models=models,
-            log_level=str(pick("log_level", "INFO")).upper(),
-            ratelimit_fail_open=_truthy(pick("ratelimit_fail_open", True)),
-            lease_ttl=float(pick("lease_ttl", 60.0)),
-            redis_timeout=float(pick("redis_timeout", 1.0)),
-            redis_prefix=str(pick("redis_prefix", "chatgate:")),
-            usage_flush_interval=float(pick("usage_flush_interval", 1.0)),
-            usage_batch_size=int(pick("usage_batch_size", 2000)),
-            usage_retention_days=int(pick("usage_retention_days", 90)),
-            signup_open=_truthy(pick("signup_open", True)),
-            default_plan=str(pick("default_plan", "free")),
-            session_max_age=int(pick("session_max_age", 7 * 86400)),
-            cookie_secure=_optional_bool(pick("cookie_secure", None)),
-            trust_forwarded_for=_truthy(pick("trust_forwarded_for", False)),
-            context_trim=str(pick("context_trim", "drop_oldest")),
-            default_max_tokens=int(pick("default_max_tokens", 4096)),
-            session_retention_days=int(pick("session_retention_days", 30)),
-            local_threads=int(pick("local_threads", 0)),
-            local_queue_size=int(pick("local_queue_size", 8)),
-            local_context=int(pick("local_context", 4096)),
-            local_preload=_truthy(pick("local_preload", True)),
-            local_embeddings=str(pick("local_embeddings", "auto")),
-            usage_enabled=_truthy(pick("usage_enabled", True)),
-            shutdown_timeout=float(pick("shutdown_timeout", 10.0)),
-            db_pool_size=int(pick("db_pool_size", 5)),
-            db_max_overflow=int(pick("db_max_overflow", 10)),
+            log_level=pick("log_level", "INFO").strip().upper(),
+            ratelimit_fail_open=pick("ratelimit_fail_open", True),
+            lease_ttl=pick("lease_ttl", 60.0),
+            redis_timeout=pick("redis_timeout", 1.0),
+            redis_prefix=pick("redis_prefix", "chatgate:"),
+            usage_flush_interval=pick("usage_flush_interval", 1.0),
+            usage_batch_size=pick("usage_batch_size", 2000),
+            usage_retention_days=pick("usage_retention_days", 90),
+            signup_open=pick("signup_open", True),
+            default_plan=pick("default_plan", "free"),
+            session_max_age=pick("session_max_age", 7 * 86400),
+            cookie_secure=pick("cookie_secure", None, bool),
+            trust_forwarded_for=pick("trust_forwarded_for", False),
+            context_trim=pick("context_trim", "drop_oldest").strip().lower(),
+            default_max_tokens=pick("default_max_tokens", 4096),
+            session_retention_days=pick("session_retention_days", 30),
+            local_threads=pick("local_threads", 0),
+            local_queue_size=pick("local_queue_size", 8),
+            local_context=pick("local_context", 4096),
+            local_preload=pick("local_preload", True),
+            local_embeddings=pick("local_embeddings", "auto").strip().lower(),
+            usage_enabled=pick("usage_enabled", True),
+            shutdown_timeout=pick("shutdown_timeout", 10.0),
+            db_pool_size=pick("db_pool_size", 5),
+            db_max_overflow=pick("db_max_overflow", 10),
+            db_connect_timeout=pick("db_connect_timeout", DEFAULT_DB_CONNECT_TIMEOUT),
             upstream_keys={k: Secret(env[k]) for k in key_envs if env.get(k)},
         )
-        if not settings.lease_ttl >= LEASE_TTL_MIN:  # renewed every third: once a second
-            raise ValueError(
-                f"CHATGATE_LEASE_TTL (or lease_ttl in [server]) must be at least "
-                f"{LEASE_TTL_MIN:g} seconds, not {settings.lease_ttl:g}"
-            )
-        return replace(settings, **overrides) if overrides else settings
+        return _checked(replace(settings, **overrides) if overrides else settings)
 
     @property
     def effective_database_url(self) -> str:
@@ -282,30 +403,112 @@ def async_database_url(url: str) -> str:
     return url
 
 
-def _truthy(value: object) -> bool:
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _label(name: str) -> str:
+    """How a message names the setting ``name``: both of the places it can be set."""
+    return f"CHATGATE_{name.upper()} (or {name} in [server])"
+
+
+def _convert(value: Any, kind: type, where: str) -> Any:
+    """``value`` (a string from the environment, or any TOML value) as a ``kind`` (bool, int,
+    float or str), else a ``ValueError`` saying "<where> must be ...". Where a string is
+    wanted the wrong value is not repeated (a secret may be one); elsewhere its first 40
+    characters are. A whole number may be written 3 or 3.0, not 3.5."""
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where} must be a string (in quotes), not {_toml_kind(value)}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, str | int) else None
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ValueError(
+            f"{where} must be true or false (1 or 0, yes or no, on or off), not {_shown(value)}"
+        )
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+            number = int(value)  # exactly, where it is one: 2**63 is not a float's 2**63
+    if isinstance(number, float) and not (
+        math.isfinite(number) and (kind is float or number.is_integer())
+    ):
+        number = None  # infinite, not a number, or not whole where a whole one is wanted
+    if number is None:
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{where} must be {what}, not {_shown(value)}")
+    return int(number) if kind is int else float(number)
+
+
+def _shown(value: Any) -> str:
+    return repr(value[:40]) if isinstance(value, str) else _toml_kind(value)
+
+
+def _toml_kind(value: Any) -> str:
+    """What TOML calls ``value``'s type, with its article."""
     if isinstance(value, bool):
-        return value
-    return str(value).strip().lower() not in ("0", "false", "no", "off", "")
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date or time" if value is not None else "nothing"
 
 
-def _optional_bool(value: object) -> bool | None:
-    return None if value is None or value == "" else _truthy(value)
+def _number(value: float) -> str:
+    """A number as one writes it: 20971520 and 0.25, not 2.09715e+07; huge ones cut short."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        value = int(value)
+    text = str(value) if isinstance(value, int) else f"{value:g}"
+    return text if len(text) <= 20 else text[:20] + "..."
 
 
-def _optional_float(value: Any) -> float | None:
-    return None if value is None or value == "" else float(value)
+def _checked(settings: Settings) -> Settings:
+    """``settings``, if each field's value keeps its rule; else a ``ValueError`` naming the
+    first that does not."""
+    for item in fields(settings):
+        rule: Rule | None = item.metadata.get("rule")
+        value = getattr(settings, item.name)
+        if rule is None or value is None:  # None: the setting is off, or left to its default
+            continue
+        problem = rule.problem(value)
+        if problem is not None:
+            raise ValueError(f"{_label(item.name)} must be {problem}")
+    return settings
 
 
 def _model_from_table(table: Mapping[str, Any]) -> ModelConfig:
     known = {"name", "backend", "base_url", "upstream_model", "api_key_env", "context_window"}
     if not table.get("name"):
         raise ValueError("every [[models]] table needs a `name` (the model's public name)")
+    name: str = _convert(table["name"], str, "a [[models]] table's `name`")
+    where = f"[[models]] {name!r}:"
+
+    def get(key: str, default: Any, kind: type) -> Any:
+        value = table.get(key)
+        return default if value is None else _convert(value, kind, f"{where} `{key}`")
+
+    context_window: int = get("context_window", 8192, int)
+    problem = Bounds(1).problem(context_window)
+    if problem is not None:
+        raise ValueError(f"{where} `context_window` must be {problem}")
     return ModelConfig(
-        name=str(table["name"]),
-        backend=str(table.get("backend", "openai_compat")),
-        base_url=str(table.get("base_url", "")).rstrip("/"),
-        upstream_model=str(table.get("upstream_model") or table["name"]),
-        api_key_env=table.get("api_key_env"),
-        context_window=int(table.get("context_window", 8192)),
+        name=name,
+        backend=get("backend", "openai_compat", str),
+        base_url=get("base_url", "", str).rstrip("/"),
+        upstream_model=get("upstream_model", "", str) or name,
+        api_key_env=get("api_key_env", None, str),
+        context_window=context_window,
         options={k: v for k, v in table.items() if k not in known},
     )

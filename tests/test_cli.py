@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -15,10 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tests.helpers import (
     BIN,
+    REDIS_URL,
     Gateway,
     Upstream,
     create_pg_database,
     drop_pg_database,
+    drop_redis_prefix,
     make_gateway,
 )
 
@@ -390,3 +393,119 @@ def test_keys_rotate_grace_is_capped_as_the_api_caps_it(gw: Gateway) -> None:
     assert result.returncode == 2 and "30 days" in result.stderr
     rotated = gw.cli_json("keys", "rotate", made["id"], "--grace", "30d")
     assert rotated["id"] == made["id"] and rotated["key"] != made["key"]
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "said"),
+    [
+        ({"CHATGATE_USAGE_RETENTION_DAYS": "0"}, "", "CHATGATE_USAGE_RETENTION_DAYS"),
+        ({"CHATGATE_INVALIDATION_POLL": "abc"}, "", "CHATGATE_INVALIDATION_POLL"),
+        ({"CHATGATE_DB_MAX_OVERFLOW": "-5"}, "", "CHATGATE_DB_MAX_OVERFLOW"),
+        ({}, "[server]\nsecret = 12345\n", "secret in [server]"),
+        ({}, '[server]\nredis_url = ["redis://127.0.0.1:6379/14"]\n', "redis_url in [server]"),
+        ({}, "[server]\nhost = 5\n", "host in [server]"),
+        ({}, '[[models]]\nname = "m"\ncontext_window = "big"\n', "'m': `context_window`"),
+        ({}, "not toml at all\n", "bad.toml: not valid TOML"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it(
+    gw: Gateway, env: dict[str, str], toml: str, said: str
+) -> None:
+    """Tracebacks (AttributeError, TypeError), Python's own words naming no setting, or (a
+    retention of 0) a server that deleted every usage record within a second of its start."""
+    if toml:
+        (gw.workdir / "bad.toml").write_text(toml)
+        env = {**env, "CHATGATE_CONFIG": str(gw.workdir / "bad.toml")}
+    for args in (("accounts", "list"), ("serve", "--port", "0")):
+        result = subprocess.run(
+            [str(BIN / "chatgate"), *args],
+            env={**gw.env, **env},
+            cwd=gw.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,  # a server that started instead keeps running: this fails the test
+        )
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.strip().count("\n") == 0 and said in result.stderr, result.stderr
+        assert "12345" not in result.stderr  # a secret in the wrong type is not repeated
+
+
+def test_serve_checks_everything_before_the_first_start_shows_its_key(gw: Gateway) -> None:
+    """The admin account was made and its key printed ("shown once"), then the start failed
+    on a setting, a model table or a port in use: the key went with the process, and the next
+    start, finding an account, shows none."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = str(held.getsockname()[1])
+    (gw.workdir / "models.toml").write_text('[[models]]\nname = "m"\nbase_url = "ftp://x"\n')
+    redis = {"CHATGATE_REDIS_URL": REDIS_URL, "CHATGATE_REDIS_PREFIX": f"cg-{gw.workdir.name}:"}
+    try:
+        for args, env, said in (
+            (("--port", "0"), {"CHATGATE_CONTEXT_TRIM": "bogus"}, "CHATGATE_CONTEXT_TRIM"),
+            (("--port", "0"), {"CHATGATE_CONFIG": str(gw.workdir / "models.toml")}, "base_url"),
+            (("--port", taken), {}, f"cannot listen on 127.0.0.1:{taken}"),
+            (("--port", taken, "--workers", "2"), redis, f"cannot listen on 127.0.0.1:{taken}"),
+        ):
+            result = subprocess.run(
+                [str(BIN / "chatgate"), "serve", *args],
+                env={**gw.env, **env},
+                cwd=gw.workdir,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 2, (args, env, result.stderr)
+            assert "shown once" not in result.stdout and "sk-cg-" not in result.stdout, args
+            assert "Traceback" not in result.stderr, result.stderr  # one per worker, with 2
+            assert said in result.stderr.strip().splitlines()[-1], result.stderr
+            assert gw.cli_json("accounts", "list") == []  # no account: the next start makes it
+    finally:
+        held.close()
+        drop_redis_prefix(redis["CHATGATE_REDIS_PREFIX"])
+
+
+def test_a_database_that_never_answers_is_named_within_its_connect_timeout(gw: Gateway) -> None:
+    """A PostgreSQL that takes the connection and never answers (a hung server, a firewall
+    that drops): a minute (asyncpg's timeout), then "chatgate: error: " and nothing more."""
+    silent = socket.socket()  # the kernel accepts for it; nothing is ever read or written
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = silent.getsockname()[1]
+    env = {
+        **gw.env,
+        "CHATGATE_DATABASE_URL": f"postgresql://postgres:pw@127.0.0.1:{port}/chatgate",
+        "CHATGATE_DB_CONNECT_TIMEOUT": "1",
+    }
+    try:
+        for args in (("accounts", "list"), ("serve", "--port", "0")):
+            result = subprocess.run(
+                [str(BIN / "chatgate"), *args],
+                env=env,
+                cwd=gw.workdir,
+                capture_output=True,
+                text=True,
+                timeout=45,  # asyncpg's own minute fails the test here
+            )
+            assert result.returncode == 2, result.stderr
+            line = result.stderr.strip()
+            assert line.count("\n") == 0, line
+            assert line.startswith("chatgate: error: database: TimeoutError: "), line
+            assert f"127.0.0.1:{port} took the connection but did not answer within 1 s" in line
+            assert ":pw@" not in line
+    finally:
+        silent.close()
+
+
+def test_help_describes_the_command_and_names_every_one() -> None:
+    """It showed the module's docstring, ``quotes`` and all, naming five of ten commands."""
+    result = subprocess.run(
+        [str(BIN / "chatgate"), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    assert "``" not in result.stdout and "serve | migrate" not in result.stdout
+    description = result.stdout.split("\n\n")[1]
+    assert description.startswith("chatgate, an OpenAI-compatible API gateway"), result.stdout
+    for name in ("serve", "migrate", "accounts", "plans", "secret", "keys", "usage", "models"):
+        assert f"\n    {name} " in result.stdout, name
+    assert "\n    chat " in result.stdout and "\n    scan " in result.stdout

