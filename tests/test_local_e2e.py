@@ -92,3 +92,45 @@ def test_local_usage_is_recorded(local_gateway: Gateway) -> None:
     assert totals["requests"] == 1
     assert totals["prompt_tokens"] == usage["prompt_tokens"]
     assert totals["completion_tokens"] == usage["completion_tokens"]
+
+
+@pytest.fixture(scope="module")
+def small_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """The embedded model with a 1,024-token context: a prompt that fills it is a few
+    seconds' work on two cores, not a minute's."""
+    gw = make_gateway(
+        Path(tmp_path_factory.mktemp("local-small")),
+        local_model=True,
+        extra_env={"CHATGATE_LOCAL_CONTEXT": "1024", "CHATGATE_LOCAL_EMBEDDINGS": "off"},
+    )
+    gw.start()
+    yield gw
+    gw.stop()
+
+
+def short_turns(count: int) -> list[dict[str, str]]:
+    return [
+        {"role": "user" if j % 2 == 0 else "assistant", "content": f"message {j} in a few words"}
+        for j in range(count)
+    ]
+
+
+def test_a_prompt_that_fits_is_counted_as_sent(small_gateway: Gateway) -> None:
+    """40 short messages are ~660 prompt tokens of a 1,024 window: /v1/responses refused them
+    as ~1,500 (each message priced alone, with the template's default system prompt every
+    time), and a conversation kept about half of what fits."""
+    client = openai.OpenAI(base_url=small_gateway.url + "/v1", api_key=first_key(small_gateway))
+    messages = [*short_turns(40), {"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(
+        model="chatgate-mini",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=1,
+    )
+    response = client.responses.create(
+        model="chatgate-mini",
+        input=messages,  # type: ignore[arg-type]
+        max_output_tokens=1,
+        truncation="disabled",
+    )
+    assert chat.usage is not None and response.usage is not None
+    assert response.usage.input_tokens == chat.usage.prompt_tokens < 1024

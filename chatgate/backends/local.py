@@ -383,8 +383,27 @@ class LocalBackend(Backend):
         """Token ids of plain text in the model's vocabulary (the model must be loaded)."""
         if self._llm is None:
             raise self._unavailable()
-        ids: list[int] = self._llm.tokenize(text.encode("utf-8", "replace"), add_bos=False)
-        return ids
+        return self._ids(text.encode("utf-8", "replace"))
+
+    def _ids(self, data: bytes, special: bool = False) -> list[int]:
+        """Token ids of ``data`` (``special``: the template's markers are read as tokens).
+
+        llama.cpp's own ``Llama.tokenize`` allocates the whole training context (8,192 ids) at
+        every call, ~60 us: a prompt of 300 messages is 600 calls, and context trimming counts
+        a few prompts. A token covers a byte at least, so ``len(data) + 1`` ids always hold
+        the answer.
+        """
+        import llama_cpp
+
+        size = len(data) + 1
+        buffer = (llama_cpp.llama_token * size)()
+        vocab = self._llm._model.vocab
+        count = llama_cpp.llama_tokenize(vocab, data, len(data), buffer, size, False, special)
+        if count < 0:  # cannot happen (see above); asked again at the size it says, as llama's
+            size = -count
+            buffer = (llama_cpp.llama_token * size)()
+            count = llama_cpp.llama_tokenize(vocab, data, len(data), buffer, size, False, special)
+        return list(buffer[:count])
 
     def prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """The prompt for ``messages``: the GGUF's chat template, rendered and tokenized.
@@ -438,9 +457,9 @@ class LocalBackend(Backend):
         ids: list[int] = []
         for i, part in enumerate(parts):
             if i % 2:
-                ids += llm.tokenize(texts[int(part)].encode("utf-8", "replace"), add_bos=False)
+                ids += self._ids(texts[int(part)].encode("utf-8", "replace"))
             elif part:
-                ids += llm.tokenize(part.encode("utf-8", "replace"), add_bos=False, special=True)
+                ids += self._ids(part.encode("utf-8", "replace"), special=True)
         return ids
 
     def _too_long(self, count: int | str) -> errors.InvalidRequest:

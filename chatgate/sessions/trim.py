@@ -3,8 +3,8 @@
 The budget for the prompt is ``ModelConfig.context_window`` minus the output reserved for the
 answer: the requested ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens`` when
 given, else ``min(settings.default_max_tokens, context_window // 4)``. Tokens are counted
-offline with :mod:`chatgate.tokens` (the model's own encoding, OpenAI's message framing, the
-tool definitions).
+offline with :mod:`chatgate.tokens` (the model's own encoding and chat template, the tool
+definitions), each candidate prompt whole, as it will be sent.
 
 Some messages are *pinned* and never dropped: every system/developer message (and the
 Responses ``instructions``) and every message of the current request. The rest is grouped into
@@ -13,7 +13,7 @@ separated from its result; a request that brings a tool result keeps the turn ho
 
 The policy is the setting ``context_trim`` (``CHATGATE_CONTEXT_TRIM``):
 
-- ``drop_oldest`` (default): drop whole turns, oldest first, until the prompt fits.
+- ``drop_oldest`` (default): keep the most of the newest whole turns that fit.
 - ``error``: never drop; a history that does not fit is a 400 ``context_length_exceeded``.
 
 A Responses request can choose per request with ``truncation``: ``auto`` is ``drop_oldest``,
@@ -23,7 +23,7 @@ are a 400 ``context_length_exceeded`` (nothing is sent that would overflow the w
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -113,6 +113,26 @@ def _turns(pinned: Sequence[bool], messages: Sequence[Mapping[str, Any]]) -> lis
     return turns
 
 
+def _most_kept(fits: Callable[[int], bool], known_not: int) -> int:
+    """The largest ``k`` below ``known_not`` with ``fits(k)``, ``fits(0)`` being known true.
+
+    Galloping from the newest (1, 2, 4... turns) and then halving, the counts stay about the
+    size of what fits: a long history is never counted whole more than once.
+    """
+    low, high = 0, known_not
+    probe = 1
+    while probe < high and fits(probe):
+        low, probe = probe, probe * 2
+    high = min(high, probe)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def trim_messages(
     messages: Sequence[Mapping[str, Any]],
     pinned: Sequence[bool],
@@ -123,22 +143,21 @@ def trim_messages(
     tools: Sequence[Mapping[str, Any]] | None = None,
     param: str = "messages",
 ) -> Trimmed:
-    """Keep the pinned messages and the newest turns that fit in ``budget`` prompt tokens.
+    """Keep the pinned messages and the most of the newest turns that fit in ``budget``.
 
     ``pinned[i]`` marks ``messages[i]`` as never dropped. Order is preserved. ``param`` names
     the request's field in the 400 when they do not fit.
+
+    Each candidate is counted whole, exactly as it will be sent: a chat template need not
+    cost a message the same alone as among others (SmolLM2's adds its default system prompt
+    to a prompt that has none, and a message priced alone paid for it every time). How many
+    of the newest turns to keep is searched for (:func:`_most_kept`), a few counts.
     """
     if len(pinned) != len(messages):
         raise ValueError("pinned must mark every message")
     counting = model.upstream_model or model.name  # the same name the limiter counts with
     pinned = [p or messages[i].get("role") in PINNED_ROLES for i, p in enumerate(pinned)]
     counter = tokens.counter_for(counting)
-    base = counter.count_messages([], tools)  # the reply primer and the tool definitions
-    primer = counter.count_messages([])
-    costs = [counter.count_messages([m]) - primer for m in messages]
-
-    total = base + sum(costs)
-    keep = [True] * len(messages)
     turns = _turns(pinned, messages)
     # A tool result of the request answers a call in the history's turn just before it:
     # that turn stays (or the request is a 400), as an orphaned result is refused upstream.
@@ -148,25 +167,24 @@ def trim_messages(
         if pinned[index] and message.get("role") == "tool"
     }
     turns = [turn for n, turn in enumerate(turns) if n not in answered]
-    if total > budget and policy == "drop_oldest":
-        for turn in turns:
-            if total <= budget:
-                break
-            for index in turn:
-                keep[index] = False
-                total -= costs[index]
-    if total > budget:
-        raise _too_long(model, total, budget, param)
-    kept = [dict(m) for m, k in zip(messages, keep, strict=True) if k]
-    # Counted per message above; confirm on the whole list, as a counter need not be additive
-    # (a chat template may merge messages), and drop on until it really fits.
-    exact = counter.count_messages(kept, tools)
-    remaining = [t for t in turns if keep[t[0]]]
-    while exact > budget and policy == "drop_oldest" and remaining:
-        for index in remaining.pop(0):
-            keep[index] = False
-        kept = [dict(m) for m, k in zip(messages, keep, strict=True) if k]
-        exact = counter.count_messages(kept, tools)
-    if exact > budget:
-        raise _too_long(model, exact, budget, param)
-    return Trimmed(kept, exact, keep.count(False))
+    counts: dict[int, int] = {}  # newest turns kept -> the prompt's tokens
+
+    def kept(keep: int) -> list[dict[str, Any]]:
+        dropped = {index for turn in turns[: len(turns) - keep] for index in turn}
+        return [dict(m) for i, m in enumerate(messages) if i not in dropped]
+
+    def count(keep: int) -> int:
+        if keep not in counts:
+            counts[keep] = counter.count_messages(kept(keep), tools)
+        return counts[keep]
+
+    def fits(keep: int) -> bool:
+        return count(keep) <= budget
+
+    keep = len(turns)
+    if not fits(keep):
+        if policy == "error" or not fits(0):
+            raise _too_long(model, count(keep if policy == "error" else 0), budget, param)
+        keep = _most_kept(fits, keep)
+    messages_kept = kept(keep)
+    return Trimmed(messages_kept, count(keep), len(messages) - len(messages_kept))

