@@ -134,3 +134,29 @@ def test_a_prompt_that_fits_is_counted_as_sent(small_gateway: Gateway) -> None:
     )
     assert chat.usage is not None and response.usage is not None
     assert response.usage.input_tokens == chat.usage.prompt_tokens < 1024
+
+
+def test_a_stored_message_too_long_for_the_context_is_dropped(small_gateway: Gateway) -> None:
+    """One stored message longer than the context made its conversation a 400 forever, even
+    with truncation 'auto'; it is old history and goes, and the new turn is answered."""
+    client = openai.OpenAI(base_url=small_gateway.url + "/v1", api_key=first_key(small_gateway))
+    huge = "lorem ipsum dolor sit amet " * 8000  # 216,000 characters, ~50,000 tokens
+    conv = client.conversations.create(
+        items=[{"role": "user", "content": huge}, {"role": "assistant", "content": "ok"}]
+    )
+    chat = client.chat.completions.create(
+        model="chatgate-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=1,
+        extra_body={"conversation": conv.id},
+    )
+    assert chat.usage is not None and chat.usage.prompt_tokens < 100
+    response = client.responses.create(
+        model="chatgate-mini", input="hi", conversation=conv.id, max_output_tokens=1
+    )
+    assert response.usage is not None and response.usage.input_tokens < 100
+    with pytest.raises(openai.BadRequestError) as info:  # the 400 names the Responses field
+        client.responses.create(
+            model="chatgate-mini", input="hi", conversation=conv.id, truncation="disabled"
+        )
+    assert (info.value.code, info.value.param) == ("context_length_exceeded", "input")

@@ -462,13 +462,12 @@ class LocalBackend(Backend):
                 ids += self._ids(part.encode("utf-8", "replace"), special=True)
         return ids
 
-    def _too_long(self, count: int | str) -> errors.InvalidRequest:
-        return errors.InvalidRequest(
+    def _too_long(self, count: int | str) -> errors.ContextTooLong:
+        return errors.ContextTooLong(
             f"This model's maximum context length is {self.context_window} tokens. However, "
             f"your messages resulted in {count} tokens. Please reduce the length of the "
             "messages.",
             param="messages",
-            code="context_length_exceeded",
         )
 
     # -- admission and the worker ----------------------------------------------------------

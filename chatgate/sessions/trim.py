@@ -91,13 +91,16 @@ def prompt_budget(
     return budget
 
 
-def _too_long(model: ModelConfig, used: int, budget: int, param: str) -> errors.InvalidRequest:
-    return errors.InvalidRequest(
+def _too_long(
+    model: ModelConfig, used: int | None, budget: int, param: str
+) -> errors.ContextTooLong:
+    """The 400; ``used`` is ``None`` for a text too long to count."""
+    count = f"more than {model.context_window}" if used is None else str(used)
+    return errors.ContextTooLong(
         f"This model's maximum context length is {model.context_window} tokens. However, your "
-        f"messages resulted in {used} tokens, and {model.context_window - budget} are reserved "
+        f"messages resulted in {count} tokens, and {model.context_window - budget} are reserved "
         "for the output. Please reduce the length of the messages.",
         param=param,
-        code="context_length_exceeded",
     )
 
 
@@ -151,7 +154,9 @@ def trim_messages(
     Each candidate is counted whole, exactly as it will be sent: a chat template need not
     cost a message the same alone as among others (SmolLM2's adds its default system prompt
     to a prompt that has none, and a message priced alone paid for it every time). How many
-    of the newest turns to keep is searched for (:func:`_most_kept`), a few counts.
+    of the newest turns to keep is searched for (:func:`_most_kept`), a few counts. A text
+    too long for the counter even to read (:class:`~chatgate.errors.ContextTooLong`) does
+    not fit: old history that long is dropped like any other.
     """
     if len(pinned) != len(messages):
         raise ValueError("pinned must mark every message")
@@ -167,19 +172,23 @@ def trim_messages(
         if pinned[index] and message.get("role") == "tool"
     }
     turns = [turn for n, turn in enumerate(turns) if n not in answered]
-    counts: dict[int, int] = {}  # newest turns kept -> the prompt's tokens
+    counts: dict[int, int | None] = {}  # newest turns kept -> the prompt's tokens
 
     def kept(keep: int) -> list[dict[str, Any]]:
         dropped = {index for turn in turns[: len(turns) - keep] for index in turn}
         return [dict(m) for i, m in enumerate(messages) if i not in dropped]
 
-    def count(keep: int) -> int:
+    def count(keep: int) -> int | None:
         if keep not in counts:
-            counts[keep] = counter.count_messages(kept(keep), tools)
+            try:
+                counts[keep] = counter.count_messages(kept(keep), tools)
+            except errors.ContextTooLong:  # too long to count: it cannot fit
+                counts[keep] = None
         return counts[keep]
 
     def fits(keep: int) -> bool:
-        return count(keep) <= budget
+        used = count(keep)
+        return used is not None and used <= budget
 
     keep = len(turns)
     if not fits(keep):
@@ -187,4 +196,6 @@ def trim_messages(
             raise _too_long(model, count(keep if policy == "error" else 0), budget, param)
         keep = _most_kept(fits, keep)
     messages_kept = kept(keep)
-    return Trimmed(messages_kept, count(keep), len(messages) - len(messages_kept))
+    used = count(keep)
+    assert used is not None  # it fits
+    return Trimmed(messages_kept, used, len(messages) - len(messages_kept))

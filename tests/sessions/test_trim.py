@@ -209,3 +209,21 @@ async def test_the_error_policy_accepts_a_local_prompt_that_fits(local: LocalBac
     assert real < 4094
     kept, used = run_local(messages, [False] * 160 + [True], budget=4094, policy="error")
     assert (kept, used) == (messages, real)
+
+
+@pytest.mark.slow
+async def test_a_message_too_long_to_count_is_dropped(local: LocalBackend) -> None:
+    """One stored message longer than the context in the longest tokens made every turn of
+    its conversation a 400, whatever the policy: it is old history, and is dropped."""
+    huge = {"role": "user", "content": "lorem ipsum dolor sit amet " * 8000}
+    past = [huge, {"role": "assistant", "content": "ok"}, *short_turns(2)]
+    new = {"role": "user", "content": "hi"}
+    kept, used = run_local([*past, new], [False] * 4 + [True], budget=4000)
+    assert kept == [*past[2:], new] and used == len(local.prompt_tokens(kept))
+    with pytest.raises(errors.InvalidRequest) as info:
+        run_local([*past, new], [False] * 4 + [True], budget=4000, policy="error", param="input")
+    assert (info.value.code, info.value.param) == ("context_length_exceeded", "input")
+    assert "more than 4096 tokens" in info.value.message
+    with pytest.raises(errors.InvalidRequest) as info:  # the request's own: a 400 naming it
+        run_local([huge], [True], budget=4000, param="input")
+    assert (info.value.code, info.value.param) == ("context_length_exceeded", "input")
