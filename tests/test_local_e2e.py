@@ -160,3 +160,22 @@ def test_a_stored_message_too_long_for_the_context_is_dropped(small_gateway: Gat
             model="chatgate-mini", input="hi", conversation=conv.id, truncation="disabled"
         )
     assert (info.value.code, info.value.param) == ("context_length_exceeded", "input")
+
+
+def test_max_tokens_beyond_the_context_is_the_same_with_a_conversation(
+    small_gateway: Gateway,
+) -> None:
+    """A chat of max_tokens 5000 (more than the window) was answered, the same in an empty
+    conversation a 400: both are answered, in at most the room left."""
+    client = openai.OpenAI(base_url=small_gateway.url + "/v1", api_key=first_key(small_gateway))
+    conv = client.conversations.create()
+    for extra in ({}, {"conversation": conv.id}):
+        reply = client.chat.completions.create(
+            model="chatgate-mini",
+            messages=[{"role": "user", "content": "Say ok"}],
+            max_tokens=5000,
+            temperature=0,
+            stop=[" ", "\n", ".", ","],  # a word or two: the answer is not what is tested
+            extra_body=extra,
+        )
+        assert reply.choices[0].finish_reason == "stop"

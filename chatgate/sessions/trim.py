@@ -2,9 +2,11 @@
 
 The budget for the prompt is ``ModelConfig.context_window`` minus the output reserved for the
 answer: the requested ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens`` when
-given, else ``min(settings.default_max_tokens, context_window // 4)``. Tokens are counted
-offline with :mod:`chatgate.tokens` (the model's own encoding and chat template, the tool
-definitions), each candidate prompt whole, as it will be sent.
+given and smaller than the window, else ``min(settings.default_max_tokens,
+context_window // 4)`` (an output limit no answer can reach is no limit, as the local model,
+which writes at most the room left, reads it). Tokens are counted offline with
+:mod:`chatgate.tokens` (the model's own encoding and chat template, the tool definitions),
+each candidate prompt whole, as it will be sent.
 
 Some messages are *pinned* and never dropped: every system/developer message (and the
 Responses ``instructions``) and every message of the current request. The rest is grouped into
@@ -17,8 +19,10 @@ The policy is the setting ``context_trim`` (``CHATGATE_CONTEXT_TRIM``):
 - ``error``: never drop; a history that does not fit is a 400 ``context_length_exceeded``.
 
 A Responses request can choose per request with ``truncation``: ``auto`` is ``drop_oldest``,
-``disabled`` is ``error``. Under either policy, pinned messages that do not fit by themselves
-are a 400 ``context_length_exceeded`` (nothing is sent that would overflow the window).
+``disabled`` is ``error``. Pinned messages that do not fit beside the output reserved but do
+fit the window are sent without history, and the answer has the room left (as the same
+messages without a conversation would); pinned messages that do not fit the window are a 400
+``context_length_exceeded`` under either policy (nothing is sent that would overflow it).
 """
 
 from __future__ import annotations
@@ -67,28 +71,24 @@ def policy_from_settings(settings: Settings) -> Policy:
 
 
 def output_reserve(model: ModelConfig, requested: int | None, settings: Settings) -> int:
-    """Tokens kept free for the answer."""
-    if requested is not None:
+    """Tokens kept free for the answer: the output requested, or the default.
+
+    An output limit the window cannot hold at all is no limit, as the local model reads it
+    (it writes at most the room left): the default is kept free, not the whole window.
+    """
+    if requested is not None and requested < model.context_window:
         return requested
     default = int(settings.default_max_tokens)
     return max(0, min(default, model.context_window // 4))
 
 
-def prompt_budget(
-    model: ModelConfig, requested: int | None, settings: Settings, param: str = "max_tokens"
-) -> int:
-    """Tokens the prompt may use; 400 when the requested output alone fills the window
-    (``param`` names the field that requested it)."""
-    reserve = output_reserve(model, requested, settings)
-    budget = model.context_window - reserve
-    if budget <= 0:
-        raise errors.InvalidRequest(
-            f"This model's maximum context length is {model.context_window} tokens, and "
-            f"{reserve} were requested for the output. Please reduce the output length.",
-            param=param,
-            code="context_length_exceeded",
-        )
-    return budget
+def prompt_budget(model: ModelConfig, requested: int | None, settings: Settings) -> int:
+    """Tokens the history may bring the prompt to: the window less :func:`output_reserve`.
+
+    The request's own messages may go past it (:func:`trim_messages`): no history is kept
+    then, and the answer has the room left, as without a conversation.
+    """
+    return model.context_window - output_reserve(model, requested, settings)
 
 
 def _too_long(
@@ -96,10 +96,12 @@ def _too_long(
 ) -> errors.ContextTooLong:
     """The 400; ``used`` is ``None`` for a text too long to count."""
     count = f"more than {model.context_window}" if used is None else str(used)
+    reserved = model.context_window - budget
+    beside = f", and {reserved} are reserved for the output" if reserved > 0 else ""
     return errors.ContextTooLong(
         f"This model's maximum context length is {model.context_window} tokens. However, your "
-        f"messages resulted in {count} tokens, and {model.context_window - budget} are reserved "
-        "for the output. Please reduce the length of the messages.",
+        f"messages resulted in {count} tokens{beside}. Please reduce the length of the "
+        "messages.",
         param=param,
     )
 
@@ -157,6 +159,9 @@ def trim_messages(
     of the newest turns to keep is searched for (:func:`_most_kept`), a few counts. A text
     too long for the counter even to read (:class:`~chatgate.errors.ContextTooLong`) does
     not fit: old history that long is dropped like any other.
+
+    Pinned messages that do not fit ``budget`` but do fit the window are sent alone: the
+    answer then has the room left, as when the same messages come without a conversation.
     """
     if len(pinned) != len(messages):
         raise ValueError("pinned must mark every message")
@@ -186,15 +191,18 @@ def trim_messages(
                 counts[keep] = None
         return counts[keep]
 
-    def fits(keep: int) -> bool:
+    def fits(keep: int, limit: int = budget) -> bool:
         used = count(keep)
-        return used is not None and used <= budget
+        return used is not None and used <= limit
 
     keep = len(turns)
     if not fits(keep):
-        if policy == "error" or not fits(0):
-            raise _too_long(model, count(keep if policy == "error" else 0), budget, param)
-        keep = _most_kept(fits, keep)
+        if policy == "error" and turns:
+            raise _too_long(model, count(keep), budget, param)
+        # Every turn may go; what stays must fit the window, with a token left to answer.
+        if not fits(0, max(budget, model.context_window - 1)):
+            raise _too_long(model, count(0), model.context_window, param)
+        keep = _most_kept(fits, keep) if fits(0) else 0
     messages_kept = kept(keep)
     used = count(keep)
     assert used is not None  # it fits

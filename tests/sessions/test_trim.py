@@ -101,9 +101,16 @@ def test_a_tool_result_in_the_request_keeps_its_call() -> None:
     pinned = [True] + [False] * (len(messages) - 2) + [True]
     kept, used = run(messages, pinned, budget=100)
     assert kept == [SYSTEM, asked, call, result] and used <= 100
-    with pytest.raises(errors.InvalidRequest) as info:  # the call's turn does not fit
-        run(messages, pinned, budget=60)
+    # Beside the output reserved the call's turn does not fit; in the window it does, and is
+    # sent with the room left for the answer.
+    kept, used = run(messages, pinned, budget=60)
+    assert kept == [SYSTEM, asked, call, result] and 60 < used < MODEL.context_window
+    with pytest.raises(errors.InvalidRequest) as info:  # nor in the window
+        trim_messages(
+            messages, pinned, model=replace(MODEL, context_window=60), budget=40, param="input"
+        )
     assert info.value.code == "context_length_exceeded"
+    assert info.value.param == "input"
 
 
 def test_pinned_messages_that_cannot_fit_are_a_400() -> None:
@@ -149,9 +156,29 @@ def test_budget_and_policy_settings() -> None:
     assert output_reserve(MODEL, 50, settings) == 50
     assert output_reserve(MODEL, None, settings) == 300 // 4  # default_max_tokens is larger
     assert prompt_budget(MODEL, 100, settings) == 200
-    with pytest.raises(errors.InvalidRequest) as info:
-        prompt_budget(MODEL, 300, settings)
-    assert info.value.code == "context_length_exceeded"
+    # An output no answer can reach is no limit (as the local model reads it), not a 400.
+    assert output_reserve(MODEL, 300, settings) == output_reserve(MODEL, 5000, settings) == 75
+    assert prompt_budget(MODEL, 5000, settings) == 225
+
+
+def test_an_output_larger_than_the_window_leaves_the_request_the_room_left() -> None:
+    """max_tokens beyond what the window can hold beside the request's messages: the request
+    is sent (without history), as it would be without a conversation, where the local model
+    writes at most the room left; only messages that do not fit the window are a 400."""
+    settings = Settings()
+    past, new = history(3), {"role": "user", "content": "the new question"}
+    messages = [SYSTEM, *past, new]
+    pinned = [True] + [False] * len(past) + [True]
+    for requested in (280, 5000):
+        budget = prompt_budget(MODEL, requested, settings)
+        kept, used = run(messages, pinned, budget=budget)
+        assert kept[0] == SYSTEM and kept[-1] == new and used < MODEL.context_window
+    kept, _ = run([SYSTEM, new], [True, True], budget=prompt_budget(MODEL, 299, settings))
+    assert kept == [SYSTEM, new]
+    kept, _ = run([SYSTEM, new], [True, True], budget=2, policy="error")
+    assert kept == [SYSTEM, new]  # nothing to drop: it is sent as it came
+    with pytest.raises(errors.InvalidRequest):  # history the error policy may not drop
+        run(messages, pinned, budget=2, policy="error")
 
 
 # -- the embedded model's counter: its chat template, counted whole ------------------------
