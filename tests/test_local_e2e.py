@@ -179,3 +179,19 @@ def test_max_tokens_beyond_the_context_is_the_same_with_a_conversation(
             extra_body=extra,
         )
         assert reply.choices[0].finish_reason == "stop"
+
+
+def test_a_long_embeddings_input_is_reserved_as_the_embedder_reads_it(
+    local_gateway: Gateway,
+) -> None:
+    """The embedder reads (and bills) an input's first 2,048 tokens: a 420 KB input was
+    reserved whole, ~70,000 tokens, tokenized on the event loop (8 MB held it 11 s). A key
+    of 1,000 tokens a minute shows the reservation in its refusal, before anything is
+    embedded."""
+    email = f"e{secrets.token_hex(3)}@example.com"
+    local_gateway.cli("accounts", "create", email, "--plan", "free")
+    key = local_gateway.cli_json("keys", "create", "--account", email, "--tpm", "1000")["key"]
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as info:
+        client.embeddings.create(model="chatgate-mini", input="hello world " * 35_000)
+    assert "Limit 1000, Requested 2048." in info.value.message

@@ -54,6 +54,7 @@ from chatgate.backends.base import DONE_EVENT, Backend, ChatResult, ChatStream, 
 from chatgate.backends.local_embed import (
     DEFAULT_EMBEDDINGS,
     EMBEDDING_KINDS,
+    EMBEDDING_TOKENS,
     Embedder,
     GGUFEmbedder,
     MiniLMEmbedder,
@@ -152,6 +153,10 @@ class LocalCounter:
     def count_text(self, text: str) -> int:
         return len(self._backend.tokenize(text))
 
+    def count_input(self, text: str) -> int:
+        """An embeddings input, as the embedder bills it (see :meth:`LocalBackend.input_tokens`)."""
+        return self._backend.input_tokens(text)
+
     def count_messages(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -202,6 +207,7 @@ class LocalBackend(Backend):
         self._executor: ThreadPoolExecutor | None = None
         self._llm: Any = None
         self._embedder: Embedder | None = None
+        self._embeddings_kind: str | None = None  # embeddings_kind with `auto` resolved
         self._formatter: Any = None
         self._token_bytes = 64  # the longest token's bytes, measured when the model loads
         self._load_lock = asyncio.Lock()
@@ -337,7 +343,7 @@ class LocalBackend(Backend):
         if self._embedder is None:
             async with self._load_lock:
                 if self._embedder is None:
-                    kind = resolve_embeddings_kind(self.embeddings_kind)
+                    kind = self._embeddings_resolved()
                     path = self._checked_path()
                     try:
                         if kind == "minilm":
@@ -404,6 +410,27 @@ class LocalBackend(Backend):
             buffer = (llama_cpp.llama_token * size)()
             count = llama_cpp.llama_tokenize(vocab, data, len(data), buffer, size, False, special)
         return list(buffer[:count])
+
+    def input_tokens(self, text: str) -> int:
+        """Tokens an embedding of ``text`` is billed for, at most, counted without reading
+        more of it than that can take.
+
+        Each embedder truncates an input to its limit (:data:`EMBEDDING_TOKENS`) and bills what
+        it read; text longer than the limit times the longest token has more tokens than the
+        limit, so is not tokenized at all (8 MB took the event loop for 11 s). The count is in
+        the chat model's vocabulary: MiniLM's word pieces differ, and the reservation it makes
+        is settled to the embedder's own count.
+        """
+        limit = EMBEDDING_TOKENS[self._embeddings_resolved()]
+        if len(text) > limit * self._token_bytes:  # characters: never more than bytes
+            return limit
+        return min(len(self.tokenize(text)), limit)
+
+    def _embeddings_resolved(self) -> str:
+        """The embedder that serves (or will): ``auto`` resolved once, by installed packages."""
+        if self._embeddings_kind is None:
+            self._embeddings_kind = resolve_embeddings_kind(self.embeddings_kind)
+        return self._embeddings_kind
 
     def prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """The prompt for ``messages``: the GGUF's chat template, rendered and tokenized.

@@ -23,7 +23,11 @@ import pytest
 from chatgate import errors, tokens
 from chatgate.backends.base import ChatStream
 from chatgate.backends.local import LocalBackend, find_model_path
-from chatgate.backends.local_embed import embedding_inputs, resolve_embeddings_kind
+from chatgate.backends.local_embed import (
+    GGUF_EMBEDDING_TOKENS,
+    embedding_inputs,
+    resolve_embeddings_kind,
+)
 from chatgate.backends.local_params import parse_params, split_at_stop
 from chatgate.settings import ModelConfig, Settings
 
@@ -435,6 +439,9 @@ async def test_gguf_embeddings() -> None:
         texts = ["The cat sits on the mat.", "hello world"]
         expected = sum(len(backend.tokenize(t)) for t in texts)
         assert floats["usage"]["prompt_tokens"] == expected
+        # What a reservation holds: what the embedder reads, without reading megabytes.
+        assert backend.input_tokens(texts[0]) == len(backend.tokenize(texts[0]))
+        assert backend.input_tokens("hello " * 3_000_000) == GGUF_EMBEDDING_TOKENS
     finally:
         await backend.close()
 
