@@ -3,6 +3,7 @@
     APIError                         500 server_error
     ├── InvalidRequest               400 invalid_request_error   (param names the field)
     │   ├── BodyTooLarge             413
+    │   ├── ContextTooLong           400 context_length_exceeded
     │   ├── NotFound                 404 (resources: keys, conversations, responses)
     │   └── ModelNotFound            404 model_not_found
     ├── AuthenticationError          401 invalid_api_key
@@ -87,6 +88,16 @@ class InvalidRequest(APIError):
 class BodyTooLarge(InvalidRequest):
     status = 413
     code = "request_too_large"
+
+
+class ContextTooLong(InvalidRequest):
+    """The prompt does not fit the model's context window (beside the output reserved).
+
+    Its own class because context trimming reads it from a token counter as "does not fit"
+    (a text too long to tokenize), while the counter's other refusals still go to the client.
+    """
+
+    code = "context_length_exceeded"
 
 
 class NotFound(InvalidRequest):

@@ -24,14 +24,16 @@ import importlib.util
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "DEFAULT_ENCODING",
     "ENCODING_PREFIXES",
     "BPECounter",
     "CounterRegistry",
+    "InputCounter",
     "TokenCounter",
+    "count_input",
     "count_messages",
     "count_text",
     "counter_for",
@@ -98,6 +100,16 @@ class TokenCounter(Protocol):
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> int:
         """Prompt tokens of a chat request: messages, their framing, the reply primer, tools."""
+        ...
+
+
+@runtime_checkable
+class InputCounter(Protocol):
+    """An optional capability of a :class:`TokenCounter`: how an embedding model bills one
+    input, when that is not all of its text (the local embedders truncate long inputs)."""
+
+    def count_input(self, text: str) -> int:
+        """Tokens an embedding of ``text`` is billed for, at most."""
         ...
 
 
@@ -358,6 +370,15 @@ def counter_for(model: str) -> TokenCounter:
 def count_text(text: str, model: str) -> int:
     """Tokens of ``text`` as ``model`` counts them."""
     return registry.counter_for(model).count_text(text)
+
+
+def count_input(text: str, model: str) -> int:
+    """Tokens ``model`` bills for embedding ``text``: its counter's own rule when it has one
+    (:class:`InputCounter`), else every token of the text."""
+    counter = registry.counter_for(model)
+    if isinstance(counter, InputCounter):
+        return counter.count_input(text)
+    return counter.count_text(text)
 
 
 def count_messages(

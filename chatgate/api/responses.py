@@ -79,7 +79,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         requested_output=req.max_output_tokens,
         policy=policy,
         tools=upstream.get("tools"),
-        params=("input", "max_output_tokens"),
+        param="input",
     )
     upstream["messages"] = context.messages
     admission = await call.admit(

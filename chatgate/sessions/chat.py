@@ -62,12 +62,12 @@ def build_context(
     requested_output: int | None,
     policy: Policy | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
-    params: tuple[str, str] = ("messages", "max_tokens"),
+    param: str = "messages",
 ) -> Trimmed:
     """``head`` (system/instructions) + ``history`` + ``new``, trimmed to the model's window.
 
     ``head`` and ``new`` are never dropped, nor are system/developer messages of the history.
-    ``params`` name the request's fields of the messages and of the output limit, for a 400.
+    ``param`` names the request's field of the messages, for a 400.
     """
     messages = [*head, *history, *new]
     pinned = [True] * len(head) + [False] * len(history) + [True] * len(new)
@@ -75,10 +75,10 @@ def build_context(
         messages,
         pinned,
         model=model,
-        budget=prompt_budget(model, requested_output, settings, params[1]),
+        budget=prompt_budget(model, requested_output, settings),
         policy=policy or policy_from_settings(settings),
         tools=tools,
-        param=params[0],
+        param=param,
     )
 
 
@@ -218,10 +218,6 @@ async def prepare_chat(
         settings=state.settings,
         requested_output=requested if isinstance(requested, int) else None,
         tools=tools if isinstance(tools, list) else None,
-        params=(
-            "messages",
-            "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens",
-        ),
     )
     return ChatSession(
         conversation_id=conversation_id,

@@ -22,8 +22,12 @@ import pytest
 
 from chatgate import errors, tokens
 from chatgate.backends.base import ChatStream
-from chatgate.backends.local import LocalBackend, find_model_path
-from chatgate.backends.local_embed import embedding_inputs, resolve_embeddings_kind
+from chatgate.backends.local import PART_CACHE_CHARS, LocalBackend, find_model_path
+from chatgate.backends.local_embed import (
+    GGUF_EMBEDDING_TOKENS,
+    embedding_inputs,
+    resolve_embeddings_kind,
+)
 from chatgate.backends.local_params import parse_params, split_at_stop
 from chatgate.settings import ModelConfig, Settings
 
@@ -381,6 +385,23 @@ async def test_message_text_is_never_a_chat_template_marker(backend: LocalBacken
 
 @pytest.mark.slow
 @needs_model
+async def test_a_prompt_part_is_tokenized_once_in_a_bounded_cache(backend: LocalBackend) -> None:
+    """llama.cpp takes ~50 us a call however short the text: a conversation's history, counted
+    at each turn and a few times by context trimming, is tokenized once; the cache is held to
+    PART_CACHE_CHARS of text, the least recently used going first."""
+    messages = [{"role": "user", "content": "a text seen before"}]
+    first = backend.prompt_tokens(messages)
+    assert ("a text seen before", False) in backend._parts
+    assert backend.prompt_tokens(messages) == first
+    for i in range(25):  # 2.5 million characters
+        backend.prompt_tokens([{"role": "user", "content": f"{i} " + "words " * 16_000}])
+    assert 0 < backend._parts_chars <= PART_CACHE_CHARS
+    assert ("a text seen before", False) not in backend._parts
+    assert backend.prompt_tokens(messages) == first
+
+
+@pytest.mark.slow
+@needs_model
 async def test_text_too_long_for_any_tokenization_is_refused_untokenized(
     backend: LocalBackend,
 ) -> None:
@@ -435,6 +456,9 @@ async def test_gguf_embeddings() -> None:
         texts = ["The cat sits on the mat.", "hello world"]
         expected = sum(len(backend.tokenize(t)) for t in texts)
         assert floats["usage"]["prompt_tokens"] == expected
+        # What a reservation holds: what the embedder reads, without reading megabytes.
+        assert backend.input_tokens(texts[0]) == len(backend.tokenize(texts[0]))
+        assert backend.input_tokens("hello " * 3_000_000) == GGUF_EMBEDDING_TOKENS
     finally:
         await backend.close()
 

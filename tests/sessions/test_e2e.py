@@ -5,7 +5,6 @@ upstream (``GET /_requests``)."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import secrets
 import threading
 import time
@@ -323,40 +322,38 @@ def test_trimming_keeps_system_and_newest_turns_within_the_window(
     assert info.value.code == "context_length_exceeded"
 
 
-def test_a_context_too_long_names_the_field_the_request_used(alice: openai.OpenAI) -> None:
-    """The 400 context_length_exceeded names the request's own field: the Responses API has
-    ``input`` and ``max_output_tokens``, a chat request may use ``max_completion_tokens``."""
+def test_a_context_too_long_names_the_field_the_request_used(
+    alice: openai.OpenAI, upstream: Upstream
+) -> None:
+    """The 400 context_length_exceeded names the request's own field (``input`` in the
+    Responses API). An output limit beyond the window is no 400 of the conversation's: the
+    request goes as it would without one (the upstream or the local model decides), the
+    history trimmed as for the default output."""
     conv = alice.conversations.create()
     long = [{"role": "user", "content": "lorem ipsum " * 300}]  # more than the window
     alice.conversations.items.create(conv.id, items=long)  # type: ignore[arg-type]
-    calls: list[tuple[str, Any]] = [
-        (
-            "max_output_tokens",
-            lambda: alice.responses.create(
-                model="gpt-small", input="x", conversation=conv.id, max_output_tokens=1000
-            ),
-        ),
-        (
-            "input",
-            lambda: alice.responses.create(
-                model="gpt-small", input="x", conversation=conv.id, truncation="disabled"
-            ),
-        ),
-    ]
+    with pytest.raises(openai.BadRequestError) as info:
+        alice.responses.create(
+            model="gpt-small", input="x", conversation=conv.id, truncation="disabled"
+        )
+    assert info.value.code == "context_length_exceeded"
+    assert info.value.param == "input"
+    alice.responses.create(
+        model="gpt-small", input="x", conversation=conv.id, max_output_tokens=1000
+    )
+    assert sent(upstream)["messages"] == [{"role": "user", "content": "x"}]
+    assert sent(upstream)["max_tokens"] == 1000
+    # Each turn is stored: what is sent is the newest that fit, never the long one.
     for field in ("max_completion_tokens", "max_tokens"):
-        chat = functools.partial(
-            alice.chat.completions.create,
+        alice.chat.completions.create(
             model="gpt-small",
             messages=[{"role": "user", "content": "x"}],
             extra_body={"conversation": conv.id},
             **{field: 1000},
         )
-        calls.append((field, chat))
-    for param, call in calls:
-        with pytest.raises(openai.BadRequestError) as info:
-            call()
-        assert info.value.code == "context_length_exceeded"
-        assert info.value.param == param
+        messages = sent(upstream)["messages"]
+        assert long[0] not in messages and messages[-1] == {"role": "user", "content": "x"}
+        assert sent(upstream)[field] == 1000
 
 
 def test_other_accounts_get_404(sgw: Gateway, alice: openai.OpenAI) -> None:

@@ -1,0 +1,51 @@
+"""The ``/v1`` handlers in process (:func:`tests.helpers.served_app`), where a test can see
+which thread did what."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import aiohttp
+
+from chatgate import tokens
+from tests.helpers import Upstream, served_app
+
+
+class WhereCounted(tokens.BPECounter):
+    """The real counter of the fake upstream's model, noting the thread each count ran on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def count_text(self, text: str) -> int:
+        self.threads.append(threading.get_ident())
+        return super().count_text(text)
+
+
+async def test_a_long_embeddings_input_is_counted_off_the_event_loop(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """Counting megabytes held the event loop, and every other request, for seconds (8 MB
+    for 11 s on the local model's tokenizer): a long input is counted in a thread."""
+    counter = WhereCounted()
+    tokens.register_counter("fake-model", counter)
+    try:
+        async with (
+            served_app(tmp_path, upstream) as (server, key),  # free plan: tokens are counted
+            aiohttp.ClientSession() as http,
+        ):
+            for words in (10, 20_000):  # 50 characters, then 100 KB
+                body = {"model": "gpt-test", "input": "word " * words}
+                async with http.post(
+                    server.make_url("/v1/embeddings"),
+                    json=body,
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as resp:
+                    await resp.read()
+    finally:
+        tokens.unregister_counter("fake-model", counter)
+    loop = threading.get_ident()  # the test's loop serves the app too
+    assert counter.threads[0] == loop  # a short one is counted at once
+    assert len(counter.threads) == 2 and counter.threads[1] != loop
