@@ -79,7 +79,7 @@ import operator
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar
 
 from chatgate import errors
@@ -494,7 +494,14 @@ class Router:
         self._hooks: list[FailureHook] = []
         # Each upstream base URL's connection cap, shared by every deployment that uses it.
         self._caps: dict[str, asyncio.Semaphore] = {}
-        configs = list(settings.models)
+        # A local model holds what the one embedded model loads (local_context), whatever its
+        # table says: its default of 8,192 let context trimming keep twice what fits in 4,096.
+        configs = [
+            replace(m, context_window=min(m.context_window, settings.local_context))
+            if m.backend == "local"
+            else m
+            for m in settings.models
+        ]
         if settings.local_model and all(m.name != settings.local_model_name for m in configs):
             configs.insert(
                 0,

@@ -194,6 +194,18 @@ def test_an_upstream_key_no_header_can_carry_is_refused_at_start(tmp_path: Path)
     assert Settings.from_env({**env, "UP_KEY": "sk-fine"}).upstream_keys
 
 
+def test_a_local_model_table_holds_no_more_than_the_embedded_model_loads() -> None:
+    """A ``backend = "local"`` table's context_window defaulted to 8,192 while the embedded
+    model loads ``local_context`` (4,096): trimming kept what cannot fit. It is capped."""
+    tables = (
+        ModelConfig(name="mine", backend="local"),
+        ModelConfig(name="s", backend="local", context_window=512),
+    )
+    router = Router(Settings(models=tables, local_model=False, local_context=1024))
+    assert router.resolve("mine").model.context_window == 1024
+    assert router.resolve("s").model.context_window == 512
+
+
 def test_prices_are_the_models_read_from_its_first_table() -> None:
     [plan] = plan_models(
         Settings(),
