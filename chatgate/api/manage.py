@@ -66,6 +66,8 @@ async def caller(request: web.Request, *, admin: bool = False) -> tuple[State, C
         user = await dashboard_auth.current_user(request)
         if user is None:
             raise errors.AuthenticationError(LOGIN_NEEDED)
+        if admin and not user.account.is_admin:  # before the CSRF check: its 403 says "exists"
+            raise errors.unknown_url()
         if request.method not in SAFE_METHODS and not await dashboard_auth.csrf_ok(
             request, request.headers.get(dashboard_auth.CSRF_HEADER)
         ):

@@ -299,7 +299,8 @@ def test_an_admin_url_asked_with_another_method_tells_only_an_admin_it_exists(
     """aiohttp's method check ran before the caller was known: a 405 told anyone, with or
     without a key, which admin routes exist (an unknown one is a 404). Now the caller comes
     first: 401 without credentials, the unknown URL's 404 for a user, the 405 for an admin."""
-    user_key = make_user(dash).new_key(name="plain")["key"]
+    user = make_user(dash)
+    user_key = user.new_key(name="plain")["key"]
     admin = admin_key(dash)
     for method, path in (
         ("GET", "/api/admin/accounts/acct_x/disable"),
@@ -314,6 +315,10 @@ def test_an_admin_url_asked_with_another_method_tells_only_an_admin_it_exists(
         as_user = requests.request(method, url, headers=bearer(user_key), timeout=10)
         assert as_user.status_code == 404, (path, as_user.text)
         assert as_user.json() == unknown.json()
+        # Logged in, without the CSRF header: the CSRF refusal (403) told of the route too.
+        # (/api/admin/backends takes keys only: a session is no credential there, a 401.)
+        as_session = user.http.request(method, url, timeout=10)
+        assert as_session.status_code == (401 if "backends" in path else 404), path
         as_admin = requests.request(method, url, headers=bearer(admin), timeout=10)
         assert as_admin.status_code == 405, (path, as_admin.text)
         assert as_admin.json()["error"]["code"] == "method_not_allowed"
