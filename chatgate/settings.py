@@ -287,9 +287,12 @@ class Settings:
         if not isinstance(tables, list) or not all(isinstance(m, dict) for m in tables):
             raise ValueError(f"{config_path}: each model must be a [[models]] table")
 
+        read: set[str] = set()
+
         def pick(name: str, default: Any, kind: type | None = None) -> Any:
             """The environment's value, else [server]'s, else ``default``, as the default's
             type (``kind`` where the default is None, and then "" is None too)."""
+            read.add(name)
             value = env.get("CHATGATE_" + name.upper())
             if value is None:
                 value = server.get(name, default)
@@ -356,6 +359,12 @@ class Settings:
             db_connect_timeout=pick("db_connect_timeout", DEFAULT_DB_CONNECT_TIMEOUT),
             upstream_keys={k: Secret(env[k]) for k in key_envs if env.get(k)},
         )
+        unknown = sorted(set(server) - read)
+        if unknown:  # a misspelt key did nothing at all: `retention_days = 0`
+            raise ValueError(
+                f"{config_path}: [server] has no setting `{unknown[0][:64]}` (see README.md's "
+                "settings; each is also CHATGATE_<NAME> in the environment)"
+            )
         return _checked(replace(settings, **overrides) if overrides else settings)
 
     @property

@@ -143,3 +143,11 @@ def test_a_value_of_the_wrong_type_is_named_without_repeating_a_secret(
 def test_a_config_file_that_is_not_toml_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"chatgate\.toml: not valid TOML: .*line 1"):
         _read(tmp_path, toml="not toml at all\n")
+
+
+def test_a_server_key_chatgate_does_not_read_is_named(tmp_path: Path) -> None:
+    """A misspelt key in [server] did nothing at all (``retention_days = 0`` kept 90 days
+    while the operator thought otherwise): it stops the start, named."""
+    with pytest.raises(ValueError, match="no setting `retention_days`"):
+        _read(tmp_path, toml="[server]\nretention_days = 0\n")
+    assert _read(tmp_path, toml="[server]\nusage_retention_days = 7\n").usage_retention_days == 7
