@@ -23,6 +23,17 @@ DEFAULT_RETRY_BACKOFF = 0.25
 DEFAULT_RETRY_BACKOFF_MAX = 4.0
 BACKEND_KINDS = ("openai_compat", "local")
 PRICE_KEYS = ("input_price_per_mtok", "output_price_per_mtok")  # model-level, US dollars
+OPTION_KEYS = frozenset(
+    {
+        *("connect_timeout", "first_byte_timeout", "idle_timeout", "total_timeout"),
+        *("retries", "retry_backoff", "retry_backoff_max"),
+        *("weight", "priority", "breaker_failures", "breaker_cooldown"),
+        *PRICE_KEYS,
+        *("temperature", "top_p"),  # sampling defaults (chatgate.backends.local_params)
+    }
+)
+"""Every key of a ``[[models]]`` table besides ModelConfig's own: another is a misspelling,
+which did nothing at all (``retires = 0`` kept the default retries)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +180,9 @@ def deployment_from_config(config: ModelConfig, index: int, defaults: Timeouts) 
     if config.backend == "openai_compat":
         _check_url(config.base_url, where)
     opts = config.options
+    unknown = sorted(set(opts) - OPTION_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: no such key `{unknown[0][:64]}` in a [[models]] table")
     total = _positive(opts, "total_timeout", defaults.total, where=where)
     timeouts = Timeouts(
         connect=_positive(opts, "connect_timeout", min(defaults.connect, total), where=where),
@@ -224,6 +238,7 @@ def plan_models(settings: Settings, configs: Sequence[ModelConfig]) -> list[Mode
 
 __all__ = [
     "BACKEND_KINDS",
+    "OPTION_KEYS",
     "PRICE_KEYS",
     "Deployment",
     "ModelPlan",

@@ -156,6 +156,7 @@ def test_timeouts_default_from_settings_and_are_overridable() -> None:
         {"breaker_failures": 0},
         {"input_price_per_mtok": -1},
         {"output_price_per_mtok": "0.6"},
+        {"retires": 0},  # a misspelling did nothing at all
     ],
 )
 def test_invalid_routing_options_are_rejected_with_the_model_named(
