@@ -39,13 +39,18 @@ CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 
 
+def forwarded(request: web.Request, header: str) -> str:
+    """The last entry of a proxy's ``X-Forwarded-*`` header (the one the proxy in front
+    wrote; entries before it come from the client and prove nothing), or ``""``. Read only
+    where the setting ``trust_forwarded_for`` says such a proxy is there."""
+    return request.headers.get(header, "").rsplit(",", 1)[-1].strip()
+
+
 def scheme(request: web.Request, trust_proxy: bool) -> str:
-    """``http`` or ``https``: the request's, or (``trust_proxy``: the setting
-    ``trust_forwarded_for`` says a reverse proxy in front sets them) the last entry of
+    """``http`` or ``https``: the request's, or (``trust_proxy``) the trusted proxy's
     ``X-Forwarded-Proto``. Behind a proxy that ends TLS, the request itself is plain HTTP."""
     if trust_proxy:
-        forwarded = request.headers.get("X-Forwarded-Proto", "")
-        last = forwarded.rsplit(",", 1)[-1].strip().lower()
+        last = forwarded(request, "X-Forwarded-Proto").lower()
         if last in ("http", "https"):
             return last
     return request.scheme
@@ -276,8 +281,7 @@ def client_address(request: web.Request) -> str:
     behind a proxy, every client shares the proxy's address and its throttle.
     """
     if dashboard(request).state_settings().trust_forwarded_for:
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        last = forwarded.rsplit(",", 1)[-1].strip()
+        last = forwarded(request, "X-Forwarded-For")
         if last:
             return last[:64]
     return request.remote or "unknown"
