@@ -177,14 +177,23 @@ class Gateway:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self,
+        *args: str,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
+        """``chatgate *args`` on this gateway's storage; ``env`` is added to its environment,
+        and ``timeout`` bounds it (a ``serve`` that starts instead of failing keeps running:
+        the timeout fails the test)."""
         result = subprocess.run(
             [str(BIN / "chatgate"), *args],
-            env=self.env,
+            env={**self.env, **(env or {})},
             cwd=self.workdir,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"chatgate {' '.join(args)} failed: {result.stderr}")

@@ -121,14 +121,7 @@ def test_serve_refuses_a_port_that_does_not_exist(gw: Gateway) -> None:
         (("--port", "-1"), {}),
         ((), {"CHATGATE_PORT": "70000"}),
     ):
-        result = subprocess.run(
-            [str(BIN / "chatgate"), "serve", *args],
-            env={**gw.env, **env},
-            cwd=gw.workdir,
-            capture_output=True,
-            text=True,
-            timeout=30,  # a server that started instead keeps running: this fails the test
-        )
+        result = gw.cli("serve", *args, check=False, env=env, timeout=30)
         assert result.returncode == 2, (args, env, result.stderr)
         assert result.stderr.strip().count("\n") == 0 and "65535" in result.stderr, result.stderr
 
@@ -172,14 +165,7 @@ def test_a_setting_that_is_not_a_number_is_named(gw: Gateway) -> None:
         ("CHATGATE_REDIS_TIMEOUT", "1s"),
         ("CHATGATE_LEASE_TTL", "1"),  # a number, but under the 3 s renewals need
     ):
-        result = subprocess.run(
-            [str(BIN / "chatgate"), "accounts", "list"],
-            env={**gw.env, name: value},
-            cwd=gw.workdir,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = gw.cli("accounts", "list", check=False, env={name: value}, timeout=60)
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().count("\n") == 0 and name in result.stderr, result.stderr
     config = gw.workdir / "port.toml"
@@ -223,14 +209,7 @@ def test_a_database_behind_the_code_is_refused_by_serve_and_fails_readiness(gw: 
     from chatgate.db.engine import head_revision
 
     def no_migrate() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(BIN / "chatgate"), "serve", "--no-migrate", "--port", "1"],
-            env=gw.env,
-            cwd=gw.workdir,
-            capture_output=True,
-            text=True,
-            timeout=60,  # a server that started instead keeps running: this fails the test
-        )
+        return gw.cli("serve", "--no-migrate", "--port", "1", check=False, timeout=60)
 
     empty = no_migrate()
     assert empty.returncode == 2, empty.stderr
@@ -417,14 +396,7 @@ def test_a_bad_setting_is_one_line_naming_it(
         (gw.workdir / "bad.toml").write_text(toml)
         env = {**env, "CHATGATE_CONFIG": str(gw.workdir / "bad.toml")}
     for args in (("accounts", "list"), ("serve", "--port", "0")):
-        result = subprocess.run(
-            [str(BIN / "chatgate"), *args],
-            env={**gw.env, **env},
-            cwd=gw.workdir,
-            capture_output=True,
-            text=True,
-            timeout=60,  # a server that started instead keeps running: this fails the test
-        )
+        result = gw.cli(*args, check=False, env=env, timeout=60)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.strip().count("\n") == 0 and said in result.stderr, result.stderr
         assert "12345" not in result.stderr  # a secret in the wrong type is not repeated
@@ -447,14 +419,7 @@ def test_serve_checks_everything_before_the_first_start_shows_its_key(gw: Gatewa
             (("--port", taken), {}, f"cannot listen on 127.0.0.1:{taken}"),
             (("--port", taken, "--workers", "2"), redis, f"cannot listen on 127.0.0.1:{taken}"),
         ):
-            result = subprocess.run(
-                [str(BIN / "chatgate"), "serve", *args],
-                env={**gw.env, **env},
-                cwd=gw.workdir,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            result = gw.cli("serve", *args, check=False, env=env, timeout=60)
             assert result.returncode == 2, (args, env, result.stderr)
             assert "shown once" not in result.stdout and "sk-cg-" not in result.stdout, args
             assert "Traceback" not in result.stderr, result.stderr  # one per worker, with 2
