@@ -29,6 +29,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
+# Twice the largest legitimate answer: 2,048 embeddings of 3,072 dimensions, ~125 MB of JSON.
+DEFAULT_UPSTREAM_MAX_ANSWER_BYTES = 256 * 1024 * 1024
 DEFAULT_KEY_CACHE_TTL = 60.0
 LEASE_TTL_MIN = 3.0
 DEFAULT_INVALIDATION_POLL = 0.25  # seconds; without Redis (see effective_invalidation_poll)
@@ -206,6 +208,10 @@ class Settings:
     upstream_timeout: float = field(
         default=DEFAULT_UPSTREAM_TIMEOUT, metadata=_range(above=0, unit="seconds")
     )
+    # A whole upstream answer (as read and once decoded; a stream is read as it is relayed).
+    upstream_max_answer_bytes: int = field(
+        default=DEFAULT_UPSTREAM_MAX_ANSWER_BYTES, metadata=_range(1024, unit="bytes")
+    )
     # Per upstream base URL and process; 0: no cap.
     upstream_max_connections: int = field(default=0, metadata=_range(0))
     local_model: bool = True
@@ -326,6 +332,9 @@ class Settings:
                 "upstream_connect_timeout", DEFAULT_UPSTREAM_CONNECT_TIMEOUT
             ),
             upstream_timeout=pick("upstream_timeout", DEFAULT_UPSTREAM_TIMEOUT),
+            upstream_max_answer_bytes=pick(
+                "upstream_max_answer_bytes", DEFAULT_UPSTREAM_MAX_ANSWER_BYTES
+            ),
             upstream_max_connections=pick("upstream_max_connections", 0),
             local_model=pick("local_model", True),
             local_model_name=pick("local_model_name", DEFAULT_LOCAL_MODEL_NAME),

@@ -41,11 +41,18 @@ from urllib.parse import unquote, urlsplit
 
 import httptools
 
+from chatgate.settings import DEFAULT_UPSTREAM_MAX_ANSWER_BYTES
+
 IDLE_TIMEOUT = 15.0
 """Seconds an idle connection is kept for reuse (aiohttp's keep-alive default)."""
 RESEND_WINDOW = 0.5
 """Seconds after sending within which a kept connection closed unanswered is the keep-alive
 race (the upstream's close was on its way as the request went out): about one round trip."""
+MAX_ANSWER = DEFAULT_UPSTREAM_MAX_ANSWER_BYTES
+"""Bytes of a whole answer (as read, and once decoded) a pool takes by default."""
+STREAM_INFLATE_MAX = 64 * 1024 * 1024
+"""Bytes one read of a compressed stream may decode to (a read is at most a few hundred
+kilobytes: 256 times that, far above what text compresses to)."""
 
 
 class UpstreamConnectionError(Exception):
@@ -55,6 +62,15 @@ class UpstreamConnectionError(Exception):
         super().__init__(message)
         self.answered = answered  # the status line had arrived (a broken answer, not no answer)
         self.sent = sent  # a connection was made, and the request went out on it
+
+
+class AnswerTooLarge(UpstreamConnectionError):
+    """An answer larger than the pool's ``max_answer`` bytes, as read or once decoded; its
+    connection is dropped."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"an answer larger than {limit} bytes", answered=True)
+        self.limit = limit
 
 
 class ConnectTimeout(UpstreamConnectionError):
@@ -82,8 +98,10 @@ class Answer:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: a transport, its parser, and the answer being read."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_answer: int = MAX_ANSWER) -> None:
         self.loop = loop  # its loop, kept: asyncio.get_running_loop() is a system call in 3.11
+        self.max_answer = max_answer  # bytes of a whole answer read at most (head included)
+        self.received = 0  # bytes read of the answer in flight, until it is a stream
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[Answer | StreamBody] | None = None
         self.headers: dict[str, str] = {}
@@ -114,6 +132,12 @@ class _Connection(asyncio.Protocol):
             self.close()  # nothing we could trust after them
             return
         self.heard = True
+        if self.stream is None:  # a whole answer (a stream's reads are held back instead)
+            self.received += len(data)
+            if self.received > self.max_answer:
+                self._fail(AnswerTooLarge(self.max_answer))
+                self.close()
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -217,6 +241,7 @@ class _Connection(asyncio.Protocol):
         loop = self.loop
         self.streaming = streaming
         self.heard = False
+        self.received = 0
         self.waiter = loop.create_future()
         self.total_at = total_at
         self.timer = loop.call_at(first_byte_at, self._expire)
@@ -283,9 +308,13 @@ class StreamBody:
     def feed(self, data: bytes) -> None:
         if self._decoder is not None:
             try:
-                data = self._decoder.decompress(data)
+                data = self._decoder.decompress(data, STREAM_INFLATE_MAX)
             except zlib.error:
                 self.fail(UpstreamConnectionError("an undecodable compressed stream"))
+                self._conn.close()
+                return
+            if self._decoder.unconsumed_tail:  # a bomb: far more than any text compresses to
+                self.fail(AnswerTooLarge(STREAM_INFLATE_MAX))
                 self._conn.close()
                 return
         if data:
@@ -383,6 +412,7 @@ class Pool:
         connect_timeout: float = 5.0,
         idle_timeout: float = IDLE_TIMEOUT,
         ssl_context: ssl.SSLContext | None = None,
+        max_answer: int = MAX_ANSWER,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -404,6 +434,7 @@ class Pool:
         self._idle_timeout = idle_timeout
         self._idle: list[_Connection] = []
         self._slots = slots  # the upstream's connection cap (shared with its streams), if any
+        self._max_answer = max_answer  # bytes of a whole answer, as read and once decoded
         self._closed = False
 
     def head(self, path: str, headers: dict[str, str]) -> bytes:
@@ -482,7 +513,7 @@ class Pool:
                 return answer
             self._keep_idle(conn)
             if "content-encoding" in answer.headers:
-                answer.body = _decoded(answer)
+                answer.body = _decoded(answer, self._max_answer)
             return answer
         finally:
             if slots is not None and not handed_over:
@@ -526,7 +557,7 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:
             transport, conn = await loop.create_connection(
-                functools.partial(_Connection, loop),
+                functools.partial(_Connection, loop, self._max_answer),
                 self._host,
                 self._port,
                 ssl=self._ssl,
@@ -547,25 +578,31 @@ class Pool:
             self._idle.pop().close()
 
 
-def _decoded(answer: Answer) -> bytes:
-    """The body without its content coding: asked for none, an upstream may still gzip."""
+def _decoded(answer: Answer, limit: int) -> bytes:
+    """The body without its content coding (asked for none, an upstream may still gzip), at
+    most ``limit`` bytes of it (:class:`AnswerTooLarge`: a small gzip may hold gigabytes)."""
     coding = answer.headers["content-encoding"].strip().lower()
-    try:
-        if coding == "gzip":
-            return zlib.decompress(answer.body, 16 + zlib.MAX_WBITS)
-        if coding == "deflate":
-            return zlib.decompress(answer.body)
-    except zlib.error:
-        raise UpstreamConnectionError("an undecodable compressed answer", answered=True) from None
     if coding in ("", "identity"):
         return answer.body
-    raise UpstreamConnectionError(f"an answer in an unknown coding ({coding})", answered=True)
+    if coding not in ("gzip", "deflate"):
+        raise UpstreamConnectionError(f"an answer in an unknown coding ({coding})", answered=True)
+    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if coding == "gzip" else zlib.MAX_WBITS)
+    try:
+        body = decoder.decompress(answer.body, limit)
+    except zlib.error:
+        raise UpstreamConnectionError("an undecodable compressed answer", answered=True) from None
+    if decoder.unconsumed_tail:
+        raise AnswerTooLarge(limit)
+    if not decoder.eof:  # cut short (zlib.decompress said so; a decoder object does not)
+        raise UpstreamConnectionError("an undecodable compressed answer", answered=True)
+    return body
 
 
 __all__ = [
     "IDLE_TIMEOUT",
     "Answer",
     "AnswerTimeout",
+    "AnswerTooLarge",
     "ConnectTimeout",
     "Pool",
     "StreamBody",

@@ -116,7 +116,10 @@ class OpenAICompatBackend(Backend):
         pool = self._pools.get(base_url)
         if pool is None:
             pool = self._pools[base_url] = http1.Pool(
-                base_url, slots=self._cap(base_url), connect_timeout=self.timeouts.connect
+                base_url,
+                slots=self._cap(base_url),
+                connect_timeout=self.timeouts.connect,
+                max_answer=self._settings.upstream_max_answer_bytes,
             )
         return pool
 
@@ -152,6 +155,11 @@ class OpenAICompatBackend(Backend):
         except http1.AnswerTimeout as exc:
             limit = t.total if exc.phase == "total" else first_byte_limit
             raise timeout_error(model, exc.phase, limit) from exc
+        except http1.AnswerTooLarge as exc:
+            raise errors.UpstreamError(
+                f"The upstream for model `{model.name}` sent an answer larger than chatgate "
+                f"relays ({exc.limit:,} bytes)."
+            ) from exc
         except http1.UpstreamConnectionError as exc:
             if exc.answered:
                 happened = "broke the connection"

@@ -25,6 +25,7 @@ from cryptography.x509.oid import NameOID
 from chatgate.backends.http1 import (
     Answer,
     AnswerTimeout,
+    AnswerTooLarge,
     ConnectTimeout,
     Pool,
     StreamBody,
@@ -315,6 +316,48 @@ async def test_a_gzipped_answer_is_decoded(serve) -> None:  # type: ignore[no-un
     assert (await post(pool, pool.head("/x", {}), b"{}")).body == b'{"zipped":true}'
 
 
+def sized(body: bytes, coding: bytes = b"") -> bytes:
+    extra = b"Content-Encoding: %s\r\n" % coding if coding else b""
+    return b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (extra, len(body), body)
+
+
+async def test_an_answer_larger_than_the_pool_takes_is_refused_and_its_connection_dropped(
+    serve,
+) -> None:  # type: ignore[no-untyped-def]
+    big = b"x" * 200_000
+    answers = iter(
+        [
+            sized(big),
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(big) + b"0\r\n\r\n",
+            sized(big[:1000]),
+        ]
+    )
+    server = await serve(lambda head, body: next(answers))
+    pool = Pool(server.url(), max_answer=100_000)
+    head = pool.head("/x", {})
+    for _ in range(2):  # with a length, and chunked
+        with pytest.raises(AnswerTooLarge) as refused:
+            await post(pool, head, b"{}")
+        assert refused.value.answered and refused.value.limit == 100_000
+    assert (await post(pool, head, b"{}")).body == big[:1000]  # below the bound: as before
+    assert server.connections == 3  # each refused answer's connection was dropped
+    pool.close()
+
+
+async def test_a_compressed_answer_is_bounded_once_decoded(serve) -> None:  # type: ignore[no-untyped-def]
+    bomb = gzip.compress(b"\0" * 50_000_000)  # ~50 KB on the wire
+    cut = gzip.compress(b'{"zipped":true}' * 100)[:-12]
+    answers = iter([sized(bomb, b"gzip"), sized(cut, b"gzip")])
+    server = await serve(lambda head, body: next(answers))
+    pool = Pool(server.url(), max_answer=1_000_000)
+    head = pool.head("/x", {})
+    with pytest.raises(AnswerTooLarge):
+        await post(pool, head, b"{}")
+    with pytest.raises(UpstreamConnectionError, match="undecodable"):  # cut short
+        await post(pool, head, b"{}")
+    pool.close()
+
+
 async def test_credentials_in_the_url_are_basic_auth(serve) -> None:  # type: ignore[no-untyped-def]
     server = await serve(always(OK))
     pool = Pool(f"http://us%40er:p%3Ass@127.0.0.1:{server.port}/v1")
@@ -537,6 +580,20 @@ async def test_a_gzipped_stream_is_decoded_as_it_arrives() -> None:
         received += data
     assert received == b"data: 1\n\n" * 50
     body.release()
+    pool.close()
+
+
+async def test_a_compressed_stream_that_inflates_past_the_bound_is_an_error() -> None:
+    bomb = gzip.compress(b"\0" * 200_000_000)  # ~200 KB: one or two reads
+    head = CHUNKED.replace(b"Transfer-Encoding", b"Content-Encoding: gzip\r\nTransfer-Encoding")
+    url, _ = await stream_server([[head + chunk(bomb) + b"0\r\n\r\n"]])
+    pool = Pool(url)
+    body = await open_stream(pool)
+    assert isinstance(body, StreamBody)
+    with pytest.raises(AnswerTooLarge):
+        while await body.readany():
+            pass
+    body.close()
     pool.close()
 
 

@@ -45,6 +45,9 @@ retry_backoff_max = 0.05
 """
 
 
+MAX_ANSWER = 64 * 1024
+
+
 def table(name: str, base_url: str, upstream_model: str, extra: str = "") -> str:
     return (
         f'\n[[models]]\nname = "{name}"\nbase_url = "{base_url}"\n'
@@ -93,7 +96,13 @@ class World:
                 table("gpt-ha", self.secondary.base_url, "fake-model"),
             ]
         )
-        self.gw = make_gateway(tmp, upstream=self.up, extra_toml=toml).start()
+        self.gw = make_gateway(
+            tmp,
+            upstream=self.up,
+            extra_toml=toml,
+            # Far above any answer here but the one test_an_answer_too_large_is_502 asks for.
+            extra_env={"CHATGATE_UPSTREAM_MAX_ANSWER_BYTES": str(MAX_ANSWER)},
+        ).start()
         printed = [line for line in self.gw.logs().splitlines() if "CHATGATE_API_KEY=" in line]
         self.admin_key = printed[0].split("=", 1)[1].strip()
         email = f"user-{int(time.time() * 1000)}@example.com"
@@ -192,6 +201,25 @@ def test_a_200_that_is_not_an_answer_is_502(world: World) -> None:
         timeout=30,
     )
     assert_error(resp, 502, "upstream_error", "r-not-an-answer")
+
+
+def test_an_answer_too_large_is_502_and_the_next_one_is_served(world: World) -> None:
+    """A whole answer had no bound: an upstream's gigabytes (or a small gzip of them) were
+    read into memory. Past CHATGATE_UPSTREAM_MAX_ANSWER_BYTES it is the upstream's failure."""
+
+    def embed(count: int) -> Any:
+        return requests.post(
+            world.gw.url + "/v1/embeddings",
+            json={"model": "r-500", "input": ["hi"] * count},  # r-500 embeds (chat fails)
+            headers={"Authorization": f"Bearer {world.user_key}"},
+            timeout=30,
+        )
+
+    small = embed(10)
+    assert small.status_code == 200 and len(small.content) < MAX_ANSWER
+    error = assert_error(embed(2_000), 502, "upstream_error", "r-500")  # ~150 KB of vectors
+    assert "larger than chatgate relays (65,536 bytes)" in error["message"]
+    assert len(embed(10).json()["data"]) == 10
 
 
 def test_429_stays_429_with_the_retry_hint(world: World) -> None:
