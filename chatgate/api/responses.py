@@ -108,8 +108,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             incomplete = choices[0].get("finish_reason") == "length"
             outputs = output_items(message, incomplete=incomplete)
             response = turn.response("incomplete" if incomplete else "completed", outputs, usage)
-            await turn.save(response, outputs)
-            return json_response(response, headers=admission.headers)
+            return json_response(
+                await turn.saved(response, outputs, usage), headers=admission.headers
+            )
         stream = await route.chat_stream(upstream, include_usage=True)
         return await _relay(request, turn, stream, admission.headers, call.meter)
     finally:
@@ -180,6 +181,24 @@ class _Turn:
         if not kept:
             log.warning("conversation %s was deleted during a turn", self.req.conversation_id)
 
+    async def saved(
+        self, response: dict[str, Any], outputs: list[dict[str, Any]], usage: Usage
+    ) -> dict[str, Any]:
+        """``response`` once stored; if it could not be (the database failed), the same
+        response as ``failed`` with the output it was paid for: the client gets the answer,
+        and learns that no later turn can refer to it."""
+        try:
+            await self.save(response, outputs)
+        except Exception:
+            log.exception("could not store response %s", self.response_id)
+            return self.response(
+                "failed",
+                outputs,
+                usage,
+                {"code": "server_error", "message": "The response could not be stored."},
+            )
+        return response
+
 
 async def _relay(
     request: web.Request,
@@ -221,19 +240,8 @@ async def _relay(
         if translator.error is None:
             status = "incomplete" if translator.finish_reason == "length" else "completed"
             response = turn.response(status, translator.output, usage)
-            try:
-                await turn.save(response, translator.output)
-                last = translator.completed(response)
-            except Exception:
-                log.exception("could not store response %s", turn.response_id)
-                last = translator.failed(
-                    turn.response(
-                        "failed",
-                        translator.output,
-                        usage,
-                        {"code": "server_error", "message": "The response could not be stored."},
-                    )
-                )
+            stored = await turn.saved(response, translator.output, usage)
+            last = translator.completed(stored) if stored is response else translator.failed(stored)
         else:
             message = str(translator.error.get("message") or "The upstream failed.")
             meter.broken(stream.failure or errors.UpstreamError(message))

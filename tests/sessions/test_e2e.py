@@ -583,6 +583,64 @@ def test_a_conversation_deleted_during_a_response_turn_still_answers(
         assert f"conversation {conv} was deleted during a turn" in log
 
 
+def run_sql(gw: Gateway, database_url: str, *statements: str) -> None:
+    """``statements`` on the gateway's own database, from outside it."""
+
+    async def run() -> None:
+        engine = create_async_engine(async_database_url(database_url))
+        try:
+            async with engine.begin() as conn:
+                for statement in statements:
+                    await conn.exec_driver_sql(statement)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+def test_a_turn_the_database_cannot_store_answers_as_failed(
+    sgw: Gateway, alice: openai.OpenAI, database_url: str
+) -> None:
+    """The database refuses the stored response (a trigger: a real error of the real
+    database). Whole, that was a 500 after the answer had been paid for; streamed, it was
+    already a response.failed with the output. Now both answer the same: the output the
+    model wrote, status failed, "could not be stored", and no id that a later turn could
+    name."""
+    marker = f"unstorable{secrets.token_hex(4)}"
+    if database_url.startswith("postgresql"):
+        create = [
+            f"CREATE FUNCTION {marker}() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+            f"CREATE TRIGGER {marker} BEFORE INSERT ON session_responses FOR EACH ROW"
+            f" WHEN (NEW.body::text LIKE '%{marker}%') EXECUTE FUNCTION {marker}()",
+        ]
+        drop = [f"DROP TRIGGER {marker} ON session_responses", f"DROP FUNCTION {marker}()"]
+    else:
+        create = [
+            f"CREATE TRIGGER {marker} BEFORE INSERT ON session_responses"
+            f" WHEN NEW.body LIKE '%{marker}%' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        ]
+        drop = [f"DROP TRIGGER {marker}"]
+    run_sql(sgw, database_url, *create)
+    try:
+        whole = alice.responses.create(model="gpt-test", input="hi", metadata={"tag": marker})
+        events = list(
+            alice.responses.create(
+                model="gpt-test", input="hi", metadata={"tag": marker}, stream=True
+            )
+        )
+    finally:
+        run_sql(sgw, database_url, *drop)
+    assert events[-1].type == "response.failed", events[-1]
+    for response in (whole, events[-1].response):
+        assert response.status == "failed" and response.output_text
+        assert response.error is not None and response.error.code == "server_error"
+        assert response.error.message == "The response could not be stored."
+        with pytest.raises(openai.NotFoundError):
+            alice.responses.retrieve(response.id)
+        assert f"could not store response {response.id}" in sgw.logs()
+
+
 def test_a_long_metadata_key_names_its_param(alice: openai.OpenAI) -> None:
     """A key over 64 characters was param null, in msgspec's words ("at `key` in
     `$.metadata`"); a value over 512 already named ``metadata[...]``."""
