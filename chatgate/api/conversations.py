@@ -3,7 +3,10 @@
 Every route authenticates, then reads or writes only the caller's account's rows: another
 account's conversation is a 404, exactly like one that does not exist. The writes that add
 or change content (create, update, add items) count against the key's and the account's
-request rates (rpm, rpd) once their body is valid; reads and deletions do not.
+request rates (rpm, rpd) once their body is valid; reads and deletions do not. Each write is
+a request of the account's usage (endpoint ``conversations``, no model, no tokens), recorded
+whatever its outcome as a chat request is: what counts against a limit shows in the usage,
+and a restart seeds the per-day limits with it.
 
 Also started here (in the app's cleanup context): the retention task, which every hour deletes
 conversations idle for longer than ``session_retention_days`` and stored responses older
@@ -22,16 +25,18 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
+from chatgate import meter as metering
 from chatgate.api.bodies import body_bytes
 from chatgate.api.openai import admit_request, authenticate, json_response, read_body
 from chatgate.api.responses import list_page, page_params
 from chatgate.api.schemas import decode_json, validate
+from chatgate.auth import Principal
 from chatgate.ids import new_id
 from chatgate.sessions.chat import sessions_store
 from chatgate.sessions.responses import Metadata, normalize_items
 from chatgate.sessions.store import MAX_ITEMS_PER_REQUEST, SessionStore
 from chatgate.sessions.trim import policy_from_settings
-from chatgate.state import STATE
+from chatgate.state import STATE, State
 
 __all__ = ["DEFAULT_RETENTION_DAYS", "prune_once", "setup"]
 
@@ -68,13 +73,25 @@ async def _body_or_empty(request: web.Request) -> dict[str, Any]:
     return decode_json(raw) if raw.strip() else {}
 
 
-async def create_conversation(request: web.Request) -> web.Response:
+async def _write(
+    request: web.Request, conversation_id: str | None = None
+) -> tuple[State, Principal, metering.Meter]:
+    """The start of a write: metered first (a refusal is recorded too), then authenticated."""
+    meter = metering.start(request, LIMITED)
+    meter.conversation_id = conversation_id
     state, principal = await authenticate(request)
+    meter.identify(principal)
+    return state, principal, meter
+
+
+async def create_conversation(request: web.Request) -> web.Response:
+    state, principal, meter = await _write(request)
     req = validate(await _body_or_empty(request), ConversationCreate)
     items = normalize_items(req.items or [], "items")
-    headers = await admit_request(state, principal, LIMITED)
+    headers = await admit_request(state, principal, LIMITED, meter)
+    meter.conversation_id = new_id("conv")
     conversation, _ = await sessions_store(state).create_conversation(
-        principal.account_id, new_id("conv"), metadata=req.metadata, items=items
+        principal.account_id, meter.conversation_id, metadata=req.metadata, items=items
     )
     return json_response(conversation.to_openai(), headers=headers)
 
@@ -88,11 +105,12 @@ async def get_conversation(request: web.Request) -> web.Response:
 
 
 async def update_conversation(request: web.Request) -> web.Response:
-    state, principal = await authenticate(request)
+    conversation_id = request.match_info["conversation_id"]
+    state, principal, meter = await _write(request, conversation_id)
     req = validate(await read_body(request), ConversationUpdate)
-    headers = await admit_request(state, principal, LIMITED)
+    headers = await admit_request(state, principal, LIMITED, meter)
     conversation = await sessions_store(state).update_conversation(
-        principal.account_id, request.match_info["conversation_id"], req.metadata
+        principal.account_id, conversation_id, req.metadata
     )
     return json_response(conversation.to_openai(), headers=headers)
 
@@ -118,13 +136,12 @@ async def list_items(request: web.Request) -> web.Response:
 
 
 async def add_items(request: web.Request) -> web.Response:
-    state, principal = await authenticate(request)
+    conversation_id = request.match_info["conversation_id"]
+    state, principal, meter = await _write(request, conversation_id)
     req = validate(await read_body(request), ItemsCreate)
     items = normalize_items(req.items, "items")
-    headers = await admit_request(state, principal, LIMITED)
-    added = await sessions_store(state).add_items(
-        principal.account_id, request.match_info["conversation_id"], items
-    )
+    headers = await admit_request(state, principal, LIMITED, meter)
+    added = await sessions_store(state).add_items(principal.account_id, conversation_id, items)
     data = [item.to_openai() for item in added]
     return json_response(
         {

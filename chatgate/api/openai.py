@@ -66,15 +66,21 @@ async def authenticate(request: web.Request) -> tuple[State, Principal]:
     return state, principal
 
 
-async def admit_request(state: State, principal: Principal, label: str) -> dict[str, str]:
+async def admit_request(
+    state: State, principal: Principal, label: str, meter: metering.Meter
+) -> dict[str, str]:
     """Count one request against the key's and the account's request rates (rpm, rpd), or
     raise their 429; returns the ``x-ratelimit-*`` headers for the answer.
 
     For calls that use no model (session writes): they hold no slot and no tokens while they
     run, so the admission is settled at once. ``label`` stands where a refusal names a model.
+    The meter notes the admission, as :meth:`Call.admit` does (a restart seeds the daily
+    limits with it) and keeps the headers for an answer that fails after.
     """
     admission = await state.limits.admit(request_checks_for(principal), 0, label)
     await state.limits.settle_soon(admission, 0)
+    meter.admitted = True
+    meter.limit_headers = admission.headers
     return admission.headers
 
 

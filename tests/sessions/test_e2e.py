@@ -8,6 +8,7 @@ import asyncio
 import secrets
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -18,7 +19,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from chatgate import tokens
 from chatgate.settings import async_database_url
-from tests.helpers import Gateway, Upstream
+from tests.helpers import Gateway, Upstream, make_gateway
 from tests.sessions.conftest import SMALL_WINDOW
 
 
@@ -639,6 +640,39 @@ def test_a_turn_the_database_cannot_store_answers_as_failed(
         with pytest.raises(openai.NotFoundError):
             alice.responses.retrieve(response.id)
         assert f"could not store response {response.id}" in sgw.logs()
+
+
+def test_conversation_writes_are_recorded_and_seed_the_daily_limit_after_a_restart(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """Conversation writes counted against rpd but made no usage record: not shown in the
+    usage, and after a restart the in-process day limit was seeded without them (a key of
+    --rpd 3 made two writes, restarted, then two more). Now each write is recorded, admitted,
+    as a chat request is."""
+    gw = make_gateway(tmp_path, upstream=upstream).start()
+    try:
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {new_key(gw, limits=('--rpd', '3'))}"
+        base = gw.url + "/v1/conversations"
+        made = http.post(base, json={})
+        assert made.status_code == 200
+        conv = made.json()["id"]
+        added = http.post(
+            f"{base}/{conv}/items", json={"items": [{"role": "user", "content": "y"}]}
+        )
+        assert added.status_code == 200
+        rows = stored_usage(gw, "", [conv], 2)
+        assert [(r.status, r.error_code) for r in rows] == [(200, None)] * 2
+        gw.stop()
+        base = gw.start().url + "/v1/conversations"  # on a new port
+        kept = http.post(f"{base}/{conv}", json={"metadata": {"k": "v"}})
+        assert kept.status_code == 200, kept.text
+        refused = http.post(f"{base}/{conv}", json={"metadata": {"k": "w"}})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == (
+            "rate_limit_exceeded"
+        )
+    finally:
+        gw.stop()
 
 
 def test_a_long_metadata_key_names_its_param(alice: openai.OpenAI) -> None:
