@@ -424,10 +424,15 @@ def test_a_conversation_cannot_reach_a_model_the_key_may_not_use(
 
 
 def stored_usage(
-    gw: Gateway, database_url: str, conversation_ids: list[str], count: int
+    gw: Gateway,
+    database_url: str,
+    conversation_ids: list[str],
+    count: int,
+    endpoints: tuple[str, ...] = ("chat.completions", "responses"),
 ) -> list[Any]:
     """The usage records (status, error_code, conversation_id, prompt_tokens) of requests
-    made in these conversations, oldest first, once ``count`` have been written (or 10 s)."""
+    made in these conversations to ``endpoints`` (the model's, by default: the writes to the
+    conversations make records too), oldest first, once ``count`` have been written (or 10 s)."""
 
     async def read() -> list[Any]:
         url = database_url or f"sqlite:///{gw.workdir / 'data' / 'chatgate.db'}"
@@ -436,9 +441,9 @@ def stored_usage(
             async with engine.connect() as conn:
                 query = sa.text(
                     "SELECT status, error_code, conversation_id, prompt_tokens FROM usage_records"
-                    " WHERE conversation_id IN :c ORDER BY created_at"
-                ).bindparams(sa.bindparam("c", expanding=True))
-                return list(await conn.execute(query, {"c": conversation_ids}))
+                    " WHERE conversation_id IN :c AND endpoint IN :e ORDER BY created_at"
+                ).bindparams(sa.bindparam("c", expanding=True), sa.bindparam("e", expanding=True))
+                return list(await conn.execute(query, {"c": conversation_ids, "e": endpoints}))
         finally:
             await engine.dispose()
 
@@ -661,7 +666,7 @@ def test_conversation_writes_are_recorded_and_seed_the_daily_limit_after_a_resta
             f"{base}/{conv}/items", json={"items": [{"role": "user", "content": "y"}]}
         )
         assert added.status_code == 200
-        rows = stored_usage(gw, "", [conv], 2)
+        rows = stored_usage(gw, "", [conv], 2, ("conversations",))
         assert [(r.status, r.error_code) for r in rows] == [(200, None)] * 2
         gw.stop()
         base = gw.start().url + "/v1/conversations"  # on a new port
