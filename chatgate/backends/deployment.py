@@ -23,13 +23,16 @@ DEFAULT_RETRY_BACKOFF = 0.25
 DEFAULT_RETRY_BACKOFF_MAX = 4.0
 BACKEND_KINDS = ("openai_compat", "local")
 PRICE_KEYS = ("input_price_per_mtok", "output_price_per_mtok")  # model-level, US dollars
+SAMPLING_RANGES = {"temperature": 2.0, "top_p": 1.0}
+"""Sampling defaults a table may set (each from 0 to its value, as the API takes them): a
+deployment's chat requests get them where they say nothing (``router.chat_body``)."""
 OPTION_KEYS = frozenset(
     {
         *("connect_timeout", "first_byte_timeout", "idle_timeout", "total_timeout"),
         *("retries", "retry_backoff", "retry_backoff_max"),
         *("weight", "priority", "breaker_failures", "breaker_cooldown"),
         *PRICE_KEYS,
-        *("temperature", "top_p"),  # sampling defaults (chatgate.backends.local_params)
+        *SAMPLING_RANGES,
     }
 )
 """Every key of a ``[[models]]`` table besides ModelConfig's own: another is a misspelling,
@@ -192,6 +195,10 @@ def deployment_from_config(config: ModelConfig, index: int, defaults: Timeouts) 
         idle=_positive(opts, "idle_timeout", min(defaults.idle, total), where=where),
         total=total,
     )
+    for key, high in SAMPLING_RANGES.items():
+        value = opts.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= high:
+            raise ValueError(f"{where}: `{key}` must be a number from 0 to {high:g}, not {value!r}")
     weight = _number(opts, "weight", 1.0, where=where)
     if weight < 0:
         raise ValueError(f"{where}: `weight` cannot be negative")
@@ -240,6 +247,7 @@ __all__ = [
     "BACKEND_KINDS",
     "OPTION_KEYS",
     "PRICE_KEYS",
+    "SAMPLING_RANGES",
     "Deployment",
     "ModelPlan",
     "ProbeResult",

@@ -69,7 +69,6 @@ from chatgate.backends.local_params import (
     Sampling,
     parse_params,
     split_at_stop,
-    with_defaults,
 )
 from chatgate.settings import ModelConfig, Settings
 
@@ -626,7 +625,7 @@ class LocalBackend(Backend):
         return _Job(prompt, max_tokens, params.sampling, params.stop)
 
     async def chat(self, model: ModelConfig, body: dict[str, Any]) -> ChatResult:
-        job = await self._job(with_defaults(body, model))
+        job = await self._job(body)
         future = self._submit(job, lambda: self._generate(job))
         try:
             outcome: Outcome = await asyncio.shield(future)
@@ -657,7 +656,7 @@ class LocalBackend(Backend):
     async def chat_stream(
         self, model: ModelConfig, body: dict[str, Any], *, include_usage: bool
     ) -> ChatStream:
-        job = await self._job(with_defaults(body, model))
+        job = await self._job(body)
         stream = LocalChatStream(job, model.name, include_usage=include_usage)
         future = self._submit(job, lambda: self._generate(job))
         stream.attach(future)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from chatgate import errors
-from chatgate.settings import ModelConfig
 
 # SmolLM2's model card recommends temperature 0.2 and top_p 0.9; OpenAI's defaults (1.0, 1.0)
 # make a 135M model ramble, so these apply when the request (or the model options) say nothing.
@@ -43,13 +42,6 @@ class Params:
     max_tokens: int | None
     sampling: Sampling
     stop: tuple[str, ...]
-
-
-def with_defaults(body: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
-    """Apply the model's configured sampling defaults where the request is silent."""
-    missing = {k: model.options[k] for k in ("temperature", "top_p") if k in model.options}
-    missing = {k: v for k, v in missing.items() if body.get(k) is None}
-    return {**body, **missing} if missing else body
 
 
 def _number(body: Mapping[str, Any], key: str, low: float, high: float) -> float | None:

@@ -85,7 +85,13 @@ from typing import Any, TypeVar
 from chatgate import errors
 from chatgate.backends.base import Backend, ChatResult, ChatStream, Usage
 from chatgate.backends.breaker import BreakerState, CircuitBreaker
-from chatgate.backends.deployment import Deployment, ModelPlan, ProbeResult, plan_models
+from chatgate.backends.deployment import (
+    SAMPLING_RANGES,
+    Deployment,
+    ModelPlan,
+    ProbeResult,
+    plan_models,
+)
 from chatgate.backends.openai_compat import OpenAICompatBackend
 from chatgate.backends.upstream_errors import UpstreamStatusError, UpstreamUnreachable
 from chatgate.settings import ModelConfig, Settings
@@ -190,6 +196,18 @@ class _Slot:
         if self.breaker.state is not BreakerState.CLOSED:
             log.warning("deployment %s: circuit closed", self.deployment.id)
         self.breaker.record_success()
+
+
+def chat_body(body: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """A chat request as one deployment gets it: its upstream model's name, and its sampling
+    defaults where the request is silent (``null`` included)."""
+    out = {**body, "model": config.upstream_model}
+    options = config.options
+    if "temperature" in options or "top_p" in options:  # most tables set neither
+        for name in SAMPLING_RANGES:
+            if name in options and out.get(name) is None:
+                out[name] = options[name]
+    return out
 
 
 def failure_reason(exc: errors.APIError) -> str:
@@ -340,7 +358,7 @@ class Route:
 
         async def call(slot: _Slot) -> ChatResult:
             config = slot.deployment.config
-            return await slot.backend.chat(config, {**body, "model": config.upstream_model})
+            return await slot.backend.chat(config, chat_body(body, config))
 
         return await self._entry.run(self, call)
 
@@ -350,7 +368,7 @@ class Route:
         async def call(slot: _Slot) -> ChatStream:
             config = slot.deployment.config
             stream = await slot.backend.chat_stream(
-                config, {**body, "model": config.upstream_model}, include_usage=include_usage
+                config, chat_body(body, config), include_usage=include_usage
             )
             batches = stream.batches()
             try:

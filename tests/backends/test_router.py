@@ -157,6 +157,8 @@ def test_timeouts_default_from_settings_and_are_overridable() -> None:
         {"input_price_per_mtok": -1},
         {"output_price_per_mtok": "0.6"},
         {"retires": 0},  # a misspelling did nothing at all
+        {"temperature": 2.5},
+        {"top_p": "0.5"},
     ],
 )
 def test_invalid_routing_options_are_rejected_with_the_model_named(
@@ -337,6 +339,22 @@ async def test_the_upstream_model_name_is_substituted(up: Upstream, make_router:
     up.clear()
     await router.resolve("public").chat(chat_body("public"))
     assert up.received()[-1]["model"] == "other-model"
+
+
+async def test_a_tables_sampling_defaults_go_where_the_request_sets_none(
+    up: Upstream, make_router: Any
+) -> None:
+    """README says any table may set ``temperature`` and ``top_p``; they were accepted for an
+    upstream's table and never sent (only the embedded model read them)."""
+    router = make_router(dep("sampled", up.base_url, temperature=0.3, top_p=0.5))
+    route = router.resolve("sampled")
+    up.clear()
+    await route.chat(chat_body("sampled"))
+    await route.chat(chat_body("sampled", temperature=1.2, top_p=None))
+    stream = await route.chat_stream(chat_body("sampled", top_p=0.9), include_usage=False)
+    await read_all(stream.batches())
+    sent = [(body.get("temperature"), body.get("top_p")) for body in up.received()]
+    assert sent == [(0.3, 0.5), (1.2, 0.5), (0.3, 0.9)]
 
 
 async def test_5xx_is_retried_with_backoff_on_the_same_deployment(
