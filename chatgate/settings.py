@@ -396,6 +396,12 @@ class Settings:
             return self.invalidation_poll
         return DEFAULT_INVALIDATION_POLL_REDIS if self.redis_url else DEFAULT_INVALIDATION_POLL
 
+    def make_data_dir(self) -> None:
+        """``data_dir``, made if missing, for its owner only (0700): it holds the secret, the
+        SQLite database (conversations, hashes) and the usage spool. One already there keeps
+        the mode its operator gave it."""
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
     def resolved_secret(self) -> Secret:
         """The server secret: configured, or generated once and kept in ``data_dir`` (0600)."""
         if self.secret:
@@ -403,7 +409,7 @@ class Settings:
         path = self.data_dir / "secret"
         if path.is_file():
             return Secret(path.read_text().strip())
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.make_data_dir()
         value = secrets.token_urlsafe(48)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:

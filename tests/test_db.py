@@ -253,3 +253,29 @@ def test_nodes_migrating_a_new_database_at_once_all_succeed(pg_url: str, tmp_pat
             await engine.dispose()
 
     assert asyncio.run(state()) == "current"
+
+
+def test_a_new_data_dir_and_sqlite_database_are_the_owners_only(tmp_path: Path) -> None:
+    """The SQLite file (conversations, password and key hashes) and its -wal/-shm were made
+    0644 in a 0755 folder by the umask, readable by any local user; only the secret was
+    0600. Now a new data dir is 0700 and a new database 0600; the spool's folder too."""
+    settings = Settings.from_env({"CHATGATE_DATA_DIR": str(tmp_path / "data")})
+
+    async def go() -> None:
+        engine = create_engine(settings)
+        try:
+            await migrate(engine)
+            async with engine.begin() as conn:  # a write: the -wal and -shm files exist
+                await conn.execute(sa.text("CREATE TABLE probe (x INTEGER)"))
+                await conn.execute(sa.text("INSERT INTO probe VALUES (1)"))
+            modes = {p.name: p.stat().st_mode & 0o777 for p in settings.data_dir.iterdir()}
+            assert modes["chatgate.db-wal"] == modes["chatgate.db-shm"] == 0o600
+        finally:
+            await engine.dispose()
+
+    asyncio.run(go())
+    settings.resolved_secret()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in settings.data_dir.iterdir()}
+    assert modes["chatgate.db"] == modes["secret"] == 0o600
+    assert settings.data_dir.stat().st_mode & 0o777 == 0o700
+    assert all(mode & 0o077 == 0 for mode in modes.values()), modes

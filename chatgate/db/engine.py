@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -30,8 +32,9 @@ def create_engine(settings: Settings) -> AsyncEngine:
     ``db_pool_size`` + ``db_max_overflow`` (SQLite uses SQLAlchemy's own pool)."""
     url = settings.effective_database_url
     if url.startswith("sqlite"):
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.make_data_dir()
         engine = create_async_engine(url, connect_args={"timeout": 30})
+        _own_file(engine.url.database)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     if not url.startswith("postgresql+asyncpg://"):
@@ -80,6 +83,16 @@ async def try_xact_lock(conn: AsyncConnection, key: int) -> bool:
         return True
     taken = await conn.execute(sa.select(sa.func.pg_try_advisory_xact_lock(key)))
     return bool(taken.scalar_one())
+
+
+def _own_file(database: str | None) -> None:
+    """Create a new SQLite database file for its owner only (0600; its -wal and -shm files
+    take the same mode): it holds conversations, password and key hashes. sqlite3 made it
+    with the umask's 0644. An existing file keeps its mode; any other failure (a folder that
+    is not there) is sqlite3's to report, as before."""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        with contextlib.suppress(OSError):
+            os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:

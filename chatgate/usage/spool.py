@@ -73,7 +73,7 @@ class Spool:
 
     def _open(self) -> int:
         if self._fd is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "alive": nobody else replays it
             _fsync_dir(self.dir)  # so the new file's name survives a crash too
