@@ -54,6 +54,8 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     n: Annotated[int, msgspec.Meta(ge=1, le=128)] | None = None
     stop: str | Annotated[list[str], msgspec.Meta(max_length=4)] | None = None  # as OpenAI
     seed: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
     tools: list[dict[str, Any]] | None = None
@@ -65,6 +67,19 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     def __post_init__(self) -> None:
         if self.tools is not None or self.tool_choice is not None:
             check_tools(self.tools, self.tool_choice)
+        # What OpenAI refuses, and an upstream would take and ignore.
+        if self.stream_options is not None and not self.stream:
+            raise errors.InvalidRequest(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options",
+                code="invalid_value",
+            )
+        if self.top_logprobs is not None and not self.logprobs:
+            raise errors.InvalidRequest(
+                "Invalid value for 'top_logprobs': 'logprobs' must be true to use it.",
+                param="top_logprobs",
+                code="invalid_value",
+            )
         if self.response_format is not None:
             check_response_format(self.response_format)
 

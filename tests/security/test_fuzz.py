@@ -230,6 +230,13 @@ ABSURD: list[tuple[str, bytes, str | None]] = [
     ),
     ("a user message without content", _chat(messages=[{"role": "user"}]), "messages[0]"),
     (
+        "stream_options without stream",
+        _chat(stream_options={"include_usage": True}),
+        "stream_options",
+    ),
+    ("top_logprobs without logprobs", _chat(top_logprobs=3), "top_logprobs"),
+    ("top_logprobs beyond 20", _chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (
         "a tool message without tool_call_id",
         _chat(messages=[{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]),
         "messages[1]",
