@@ -1,9 +1,11 @@
 """Usage reports, read from the rollups (never the raw table), and the raw export.
 
-A time range ``[start, end)`` is answered at minute granularity: it is widened to whole
-minutes, then covered by the coarsest rollup buckets that fit inside it (whole days in the
-middle, whole hours next to them, minutes at the edges; see :func:`cover`). So a report over
-any range reads a few hundred rows at most and equals the sum of the raw records in it.
+A time range ``[start, end)`` is answered at minute granularity: both ends are taken down to
+their minute (an end whose minute has not ended yet, up to it: a report up to now holds this
+minute's records), so ranges that meet add up to their union. It is then covered by the
+coarsest rollup buckets that fit inside it (whole days in the middle, whole hours next to them,
+minutes at the edges; see :func:`cover`). So a report over any range reads a few hundred rows
+at most and equals the sum of the raw records in it.
 
 Scope: every query takes ``account_id``; ``None`` means every account (admins only — the
 callers decide that). Records without an account (rejected before authentication) are stored
@@ -12,6 +14,7 @@ under ``""`` and reported with ``account_id`` ``None``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -133,17 +136,32 @@ class Report:
         }
 
 
-def cover(start: int, end: int, max_width: int = DAY) -> list[tuple[int, int, int]]:
-    """``(width, lo, hi)`` segments of rollup buckets that exactly tile ``[start, end)``.
-
-    ``start`` is rounded down and ``end`` up to whole minutes. Only widths up to
-    ``max_width`` are used, so every bucket read lies inside one output bucket of that width.
-    """
+def cover(
+    start: int, end: int, max_width: int = DAY, now: float | None = None
+) -> list[tuple[int, int, int]]:
+    """``(width, lo, hi)`` segments of rollup buckets that exactly tile ``[start, end)`` taken
+    to the minute (:func:`minutes`). Only widths up to ``max_width`` are used, so every bucket
+    read lies inside one output bucket of that width."""
+    start, end = minutes(start, end, now)
     if start >= end:
         return []
-    start -= start % MINUTE
-    end = -(-end // MINUTE) * MINUTE
     return _cover(start, end, sorted((w for w in WIDTHS if w <= max_width), reverse=True))
+
+
+def minutes(start: int, end: int, now: float | None = None) -> tuple[int, int]:
+    """``[start, end)`` in whole minutes, as the rollups can answer it: each end down to its
+    minute, so ranges that meet count each minute once (rounded up, the end's minute was
+    counted in both: QA's two adjacent hours held the records of one minute twice); but an
+    end whose minute is not over by ``now`` (a report up to now) up to the next minute, so
+    this minute's records are in it."""
+    if start >= end:
+        return start, start
+    now = time.time() if now is None else now
+    lo = start - start % MINUTE
+    hi = end - end % MINUTE
+    if hi != end and hi + MINUTE > now:
+        hi += MINUTE
+    return lo, hi
 
 
 def _cover(start: int, end: int, widths: Sequence[int]) -> list[tuple[int, int, int]]:

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate import timefmt
 from chatgate.db.engine import create_engine, migrate
-from chatgate.usage.queries import cover, export_records, report, usage_rows
+from chatgate.usage.queries import cover, export_records, minutes, report, usage_rows
 from chatgate.usage.record import UsageRecord
 from chatgate.usage.recorder import UsageRecorder
 from chatgate.usage.tables import DAY, HOUR, MINUTE, WIDTHS
@@ -32,21 +32,33 @@ BASE = 1_767_225_600  # 2026-01-01T00:00Z
 def test_cover_tiles_the_range_exactly(start: int, length: int, max_width: int) -> None:
     end = start + length
     segments = cover(start, end, max_width)
-    lo, hi = start - start % MINUTE, -(-end // MINUTE) * MINUTE
+    lo, hi = minutes(start, end)
     position = lo
     for width, seg_lo, seg_hi in segments:  # in order, no gap, no overlap, aligned
         assert width <= max_width
         assert seg_lo == position and seg_lo < seg_hi
         assert seg_lo % width == 0 and seg_hi % width == 0
         position = seg_hi
-    assert position == (hi if length else lo)
+    assert position == max(hi, lo)
     # Few rollup rows per group: at most 2x(23 hours + 59 minutes) around the whole days.
     if max_width == DAY:
         assert sum((h - lo_) // w for w, lo_, h in segments if w != DAY) <= 2 * (23 + 59)
 
 
+def test_ranges_that_meet_count_each_minute_once_and_up_to_now_counts_this_minute() -> None:
+    """The end was rounded up: two adjacent hours both held the minute between them (QA: a
+    burst of 1,500 requests in that minute counted in both)."""
+    now = BASE + 10 * DAY + 30  # half a minute into a minute
+    meet = BASE + 5 * HOUR + 30
+    assert minutes(BASE, meet, now) == (BASE, BASE + 5 * HOUR)
+    assert minutes(meet, BASE + 6 * HOUR, now) == (BASE + 5 * HOUR, BASE + 6 * HOUR)
+    assert minutes(BASE, now - 10, now) == (BASE, now - 30 + MINUTE)  # this minute is in
+    assert minutes(BASE, now + DAY + 7, now) == (BASE, now - 30 + DAY + MINUTE)
+    assert minutes(BASE + 10, BASE + 50, now) == (BASE, BASE)  # within one minute: none
+
+
 def raw_sums(records: list[UsageRecord], start: int, end: int) -> tuple[int, int, int, int]:
-    lo, hi = start - start % MINUTE, -(-end // MINUTE) * MINUTE
+    lo, hi = minutes(start, end)
     inside = [r for r in records if lo <= int(r.created_at) < hi]
     return (
         len(inside),
