@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
 import socket
+import sys
+from collections.abc import Callable
 
 import uvloop
 from aiohttp import web
@@ -21,6 +24,7 @@ from chatgate.keys.store import IssuedKey, KeyStore
 from chatgate.settings import Settings
 
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 ADMIN_EMAIL = "admin@localhost"
 
 
@@ -102,13 +106,36 @@ def serve(
     if workers == 1:
         _run(settings, reuse_port=False)
         return
-    children = []
-    for _ in range(workers):
+    _supervise(settings, workers)
+
+
+def _supervise(settings: Settings, workers: int) -> None:
+    """Run ``workers`` processes on the port until SIGTERM/SIGINT (forwarded to them all).
+
+    A worker that dies after it began serving (an OOM kill, a crash) is logged and replaced,
+    as gunicorn and uvicorn replace theirs. One that fails before it serves is a failed
+    start: the others are stopped and the command fails, as one process would. Each worker
+    stops when this process dies (even by SIGKILL: the kernel sends it SIGTERM), so a
+    supervisor's restart never finds the old workers still serving on the port beside the
+    new ones.
+    """
+    parent = os.getpid()
+    children: dict[int, int] = {}  # pid -> the read end of its "serving" pipe
+    stopping = False
+
+    def spawn() -> int:
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # a worker: serve, then leave without running the parent's atexit hooks
+            # Not the parent's forwarding (a respawned worker is forked after it is set).
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            for fd in (ready_r, *children.values()):
+                os.close(fd)
             code = 0
             try:
-                _run(settings, reuse_port=True)
+                _die_with(parent)
+                _run(settings, reuse_port=True, serving=lambda: os.write(ready_w, b"1"))
             except OSError as exc:  # the port taken since the check: one line, no traceback
                 log.error("worker %d failed: %s", os.getpid(), exc)
                 code = 1
@@ -116,26 +143,60 @@ def serve(
                 log.exception("worker failed")
                 code = 1
             os._exit(code)
-        children.append(pid)
+        os.close(ready_w)
+        children[pid] = ready_r
+        return pid
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
+    for _ in range(workers):
+        spawn()
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     failed = 0
-    for child in children:
-        while True:
-            try:
-                _, status = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
-        failed += os.waitstatus_to_exitcode(status) != 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except InterruptedError:
+            continue
+        ready_r = children.pop(pid, None)
+        if ready_r is None:
+            continue
+        os.set_blocking(ready_r, False)
+        try:
+            served = os.read(ready_r, 1) == b"1"
+        except BlockingIOError:
+            served = False
+        os.close(ready_r)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            failed += code != 0
+        elif served:
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            log.error("worker %d stopped (%s); starting another", pid, how)
+            new = spawn()
+            if stopping:  # the stop came as it was forked: it missed the forwarding
+                os.kill(new, signal.SIGTERM)
+        else:  # it never served: a failed start, which another try would repeat
+            failed += 1
+            forward(signal.SIGTERM, None)
     if failed:  # as one process's failure: a supervisor must not read it as a clean stop
         raise ServeError(f"{failed} of {workers} workers failed (see the log above)")
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when ``parent`` dies (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing), and stop now if it already has."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died between the fork and the call
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def check_listen(settings: Settings, *, reuse_port: bool) -> None:
@@ -165,14 +226,23 @@ def check_listen(settings: Settings, *, reuse_port: bool) -> None:
         ) from None
 
 
-def _run(settings: Settings, *, reuse_port: bool) -> None:
+def _run(
+    settings: Settings, *, reuse_port: bool, serving: Callable[[], object] | None = None
+) -> None:
+    """Serve ``settings`` until a stop signal; ``serving`` is called once it listens."""
     loop = uvloop.new_event_loop()
+
+    def started(text: str) -> None:
+        log.info("%s", text.strip())
+        if serving is not None and "Running on" in text:
+            serving()
+
     web.run_app(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         access_log=None,
-        print=lambda text: log.info("%s", text.strip()),
+        print=started,
         loop=loop,
         shutdown_timeout=settings.shutdown_timeout,
         # A client gone cancels its handler: a stream stops reading its upstream and frees its

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,63 @@ def test_workers_that_cannot_serve_fail_the_command(
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"chatgate: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     assert "Traceback" not in result.stderr and "worker" not in result.stderr
+
+
+def _children(pid: int) -> set[int]:
+    """The live processes whose parent is ``pid`` (from /proc: no extra package)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            state, ppid = stat.rpartition(")")[2].split()[:2]
+            if int(ppid) == pid and state != "Z":
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _wait_for(what: Callable[[], bool], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not what():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_a_dead_worker_is_replaced_and_workers_die_with_their_parent(
+    pg_url: str, upstream: Upstream, shared_env: dict[str, str], tmp_path: Path
+) -> None:
+    """QA: a worker killed under ``--workers 2`` was not replaced, and ``kill -9`` of the
+    parent left both workers serving, so a supervisor's restart ran beside them (the port is
+    shared) with the old code and settings. Now the parent starts another worker, and the
+    workers stop with the parent, however it dies."""
+    gw = make_gateway(
+        tmp_path / "orphans", database_url=pg_url, upstream=upstream, extra_env=shared_env
+    )
+    gw.start("--workers", "2")
+    assert gw.proc is not None
+    parent = gw.proc.pid
+    try:
+        # Each worker logs "Running on" once it serves (one killed before is a failed start).
+        _wait_for(lambda: gw.logs().count("Running on") == 2)
+        first = sorted(_children(parent))
+        os.kill(first[0], signal.SIGKILL)
+        _wait_for(lambda: gw.logs().count("Running on") == 3)
+        assert f"worker {first[0]} stopped (signal 9); starting another" in gw.logs()
+        workers = _children(parent)
+        assert len(workers) == 2 and first[0] not in workers
+        for _ in range(20):  # both workers answer (the port picks either)
+            assert requests.get(gw.url + "/healthz", timeout=10).status_code == 200
+    finally:
+        os.kill(parent, signal.SIGKILL)
+        gw.proc.wait(30)
+    _wait_for(lambda: not any(_alive(pid) for pid in workers))
