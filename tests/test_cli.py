@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import socket
 import subprocess
 import time
@@ -39,6 +40,25 @@ def test_errors_are_one_line_exit_2(gw: Gateway) -> None:
     assert result.returncode == 2
     result = gw.cli("plans", "create", "bad name!", check=False)
     assert result.returncode == 2
+
+
+def test_set_password_takes_a_long_password_from_stdin(gw: Gateway) -> None:
+    """A 100-character password printed zxcvbn's "exceeds max length of 72" and was refused."""
+    gw.cli("accounts", "create", "long@example.com")
+    password = secrets.token_urlsafe(90)[:100]
+    done = gw.cli(
+        "accounts", "set-password", "long@example.com", "--password-stdin", input=password + "\n"
+    )
+    assert done.returncode == 0 and "long@example.com" in done.stdout
+    weak = gw.cli(
+        "accounts",
+        "set-password",
+        "long@example.com",
+        "--password-stdin",
+        input="a" * 100 + "\n",
+        check=False,
+    )
+    assert weak.returncode == 2 and "too easy to guess" in weak.stderr, weak.stderr
 
 
 def test_debug_logs_hold_no_stored_hash(gw: Gateway) -> None:

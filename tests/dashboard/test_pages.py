@@ -169,6 +169,27 @@ def test_sign_up_refuses_a_password_easy_to_guess(dash: Gateway) -> None:
     assert made.status_code == 200 and made.url.endswith("/dashboard/"), made.status_code
 
 
+def test_a_password_longer_than_zxcvbn_reads_signs_up_and_changes(dash: Gateway) -> None:
+    """A password manager's 100-character password was a 500 at sign-up and at a change
+    (zxcvbn raises beyond 72 characters)."""
+    http = requests.Session()
+    email = f"long-{secrets.token_hex(4)}@example.com"
+    first, second = secrets.token_urlsafe(90)[:100], secrets.token_urlsafe(200)[:256]
+    csrf = CSRF.search(http.get(dash.url + "/dashboard/signup", timeout=10).text)
+    assert csrf
+    form = {"csrf_token": csrf.group(1), "email": email, "password": first, "password2": first}
+    made = http.post(dash.url + "/dashboard/signup", data=form, timeout=30)
+    assert made.status_code == 200 and made.url.endswith("/dashboard/"), made.status_code
+    user = User(dash, email, first, http)
+    form = {"current": first, "password": second, "password2": second}
+    changed = user.post("/dashboard/account/password", form)
+    assert changed.status_code == 200 and "Password changed" in changed.text, changed.status_code
+    weak = "a" * 100
+    form = {"current": second, "password": weak, "password2": weak}
+    refused = user.post("/dashboard/account/password", form)
+    assert refused.status_code == 400 and "too easy to guess" in refused.text
+
+
 def test_a_key_pasted_into_a_form_field_is_shown_as_its_hint(dash: Gateway) -> None:
     """The JSON API showed a key pasted into a field as its hint; the pages echoed it whole:
     the key form's models field ("Unknown model `sk-cg-...`") and the admin's plan field."""
