@@ -231,6 +231,12 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
     if args.action in ("create", "rotate") and not args.json:
         print(_table([{**data, **{t: iso(data.get(t)) for t in KEY_TIMES}}], KEY_COLUMNS))
         print(f"\nAPI key (shown once, store it now):\n\n    {data['key']}\n")
+        if data.get("grace_cut_short") is not None:
+            print(
+                "The secret an earlier rotation replaced, which was to work until "
+                f"{iso(data['grace_cut_short'])}, stopped working now (one previous secret is "
+                "kept)."
+            )
         return
     if args.action == "due" and not args.json and not data:
         print("no key is due for rotation")

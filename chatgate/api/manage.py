@@ -310,7 +310,15 @@ _ISSUED = {
         _KEY_RECORD,
         {
             "type": "object",
-            "properties": {"key": {"type": "string", "description": "Shown once."}},
+            "properties": {
+                "key": {"type": "string", "description": "Shown once."},
+                "grace_cut_short": {
+                    "type": ["integer", "null"],
+                    "description": "A rotation made while an earlier one's grace was running "
+                    "stops the secret that one replaced (one previous secret is kept): when its "
+                    "grace was to end. null: no grace was running (and on creation).",
+                },
+            },
         },
     ]
 }

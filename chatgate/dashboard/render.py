@@ -32,6 +32,7 @@ from multidict import MultiDictProxy
 
 from chatgate import errors
 from chatgate.dashboard.auth import CSRF_FIELD, User, anonymous_csrf, csrf_ok, current_user
+from chatgate.keys.store import Once
 from chatgate.state import STATE, State
 from chatgate.usage.tables import cents_text, usd_text
 
@@ -180,13 +181,17 @@ async def flash(request: web.Request, message: str, kind: str = "ok") -> None:
 
 ONCE_FIELD = "once"
 _ONCE_KEPT = 8
+ONCE_MARGIN = 300
+"""Seconds a taken once token is kept beyond a login's lifetime (clocks of several nodes)."""
 
 
 async def once_token(request: web.Request) -> str:
     """A token for a form whose POST must run once (it makes a key and shows it): the page
     that reloads the POST's answer sends the form again, and a browser's "resend?" is easily
-    said yes to. The session keeps the last few issued (a form per tab); :func:`take_once`
-    takes one away, so the same form sent again finds it gone."""
+    said yes to. The session keeps the last few issued (a form per tab), which says the form
+    came from this session; the key's transaction takes it for good in the database
+    (:func:`take_once`), so the same form sent again with the cookie of before (a double
+    submit, a retry after a lost answer, a replay) makes nothing, on any process."""
     session = await aiohttp_session.get_session(request)
     token = secrets.token_urlsafe(12)
     kept = session.get("once", [])
@@ -196,15 +201,17 @@ async def once_token(request: web.Request) -> str:
 
 async def take_once(
     request: web.Request, form: MultiDictProxy[str | bytes | bytearray | FileField]
-) -> bool:
-    """Whether the form's once token was issued to this session and not taken yet (taking it)."""
+) -> Once | None:
+    """The form's once token when this session issued it (taken out of the session), to be
+    taken in the database with the key it makes (:class:`~chatgate.keys.store.Once`; its row
+    outlives any session that holds it); ``None`` when the session does not hold it."""
     session = await aiohttp_session.get_session(request)
     kept = session.get("once", [])
     token = form.get(ONCE_FIELD)
     if not isinstance(kept, list) or not isinstance(token, str) or token not in kept:
-        return False
+        return None
     session["once"] = [t for t in kept if t != token]
-    return True
+    return Once(token, state(request).settings.session_max_age + ONCE_MARGIN)
 
 
 def redirect(location: str) -> web.HTTPSeeOther:
