@@ -40,6 +40,10 @@ def test_errors_are_one_line_exit_2(gw: Gateway) -> None:
     assert result.returncode == 2
     result = gw.cli("plans", "create", "bad name!", check=False)
     assert result.returncode == 2
+    for dots in (".", "..", "pro\n"):  # dot segments in a URL; "$" let a newline through
+        result = gw.cli("plans", "create", dots, check=False)
+        assert result.returncode == 2 and "not only dots" in result.stderr, result.stderr
+        assert result.stderr.strip().count("\n") == 0
 
 
 def test_set_password_takes_a_long_password_from_stdin(gw: Gateway) -> None:

@@ -307,3 +307,18 @@ def test_a_key_pasted_into_a_form_field_is_shown_as_its_hint(dash: Gateway) -> N
     page = admin.post(path, {"plan": key})
     assert page.status_code == 404 and "No plan named" in page.text
     assert key not in page.text and hint in page.text
+
+
+def test_a_plan_name_of_dots_only_is_refused(dash: Gateway) -> None:
+    """A plan named ``.`` or ``..`` was made, and then could not be edited: the browser reads
+    /dashboard/admin/plans/.. as /dashboard/admin/, and PATCH /api/admin/plans/.. was a 404."""
+    admin = make_user(dash, admin=True)
+    for name in (".", "..", "...", "..\n"):
+        page = admin.post("/dashboard/admin/plans", {"name": name})
+        assert page.status_code == 400 and "not only dots" in page.text, (name, page.status_code)
+    plans = {p["name"] for p in admin.api("GET", "/api/plans").json()["data"]}
+    assert not {".", "..", "..."} & plans
+    name = f"v1.{secrets.token_hex(2)}"
+    assert admin.post("/dashboard/admin/plans", {"name": name}).status_code == 200
+    patched = admin.api("PATCH", f"/api/admin/plans/{name}", json={"rpm": 5})
+    assert patched.status_code == 200 and patched.json()["rpm"] == 5
