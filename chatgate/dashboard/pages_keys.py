@@ -60,21 +60,14 @@ async def create_key(request: web.Request, user: User) -> web.StreamResponse:
     form = await read_form(request)
     models = [m for m in form.getall("models", []) if isinstance(m, str)]
     st = state(request)
+    # Whole (a 400 page beyond these), so the checks below judge what was typed.
+    name, expires_in = field(form, "name", 1000), field(form, "expires_in", 100)
     try:
-        wanted = services.key_request(
-            st,
-            name=field(form, "name", 300),
-            expires_in=field(form, "expires_in", 20),
-            models=models,
-        )
+        wanted = services.key_request(st, name=name, expires_in=expires_in, models=models)
     except errors.InvalidRequest as exc:
         context = await _list_context(request, user)
         context["error"] = exc.message
-        context["form"] = {
-            "name": field(form, "name", 300),
-            "expires_in": field(form, "expires_in", 20),
-            "models": models,
-        }
+        context["form"] = {"name": name, "expires_in": expires_in, "models": models}
         return await page_response(request, user, "keys.html", context, status=400)
     once = await take_once(request, form)
     if once is None:
@@ -139,7 +132,7 @@ async def rotate(request: web.Request, user: User) -> web.StreamResponse:
     """POST /dashboard/keys/{id}/rotate: the new secret is shown on this page only."""
     form = await read_form(request)
     st = state(request)
-    grace = services.parse_grace(field(form, "grace", 20), st.settings.rotation_grace)
+    grace = services.parse_grace(field(form, "grace", 100), st.settings.rotation_grace)
     await st.keys.get(request.match_info["id"], account_id=user.account.id)  # else 404
     once = await take_once(request, form)
     if once is None:

@@ -329,7 +329,22 @@ def safe_next(target: str | None) -> str:
     return PREFIX + "/"
 
 
-def field(form: Mapping[str, object], name: str, limit: int = 320) -> str:
-    """A text field of a posted form, clipped to ``limit`` characters ("" when absent)."""
+def field(
+    form: Mapping[str, object], name: str, limit: int = 320, *, default: str | None = None
+) -> str:
+    """A text field of a posted form ("" when absent), never clipped: one longer than
+    ``limit`` is a 400 naming it (or ``default``, when given, for a field that only says
+    where to go next). A clipped value could pass the check its whole failed: a 65-character
+    plan name was made as its first 64, another plan's name chosen by its first 64. A
+    ``limit`` bounds the work and should be above what the field's own check takes, so that
+    check's message is the one shown."""
     value = form.get(name, "")
-    return value[:limit] if isinstance(value, str) else ""
+    if not isinstance(value, str):
+        return ""
+    if len(value) > limit:
+        if default is not None:
+            return default
+        raise errors.InvalidRequest(
+            f"The field `{name[:40]}` is longer than {limit:,} characters.", param=name[:40]
+        )
+    return value

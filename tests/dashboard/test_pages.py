@@ -322,3 +322,44 @@ def test_a_plan_name_of_dots_only_is_refused(dash: Gateway) -> None:
     assert admin.post("/dashboard/admin/plans", {"name": name}).status_code == 200
     patched = admin.api("PATCH", f"/api/admin/plans/{name}", json={"rpm": 5})
     assert patched.status_code == 200 and patched.json()["rpm"] == 5
+
+
+def test_form_fields_are_checked_whole_not_clipped_first(dash: Gateway) -> None:
+    """Fields were clipped before their check: a 65-character plan name was made as its
+    first 64, a plan chosen by its first 64 characters, a limit of 21 digits read as its
+    first 20, an expiry read without what followed its 20th character, and a sign-up's
+    321-character email made the account of its first 320. Each is refused now."""
+    admin = make_user(dash, admin=True)
+    name = f"p{secrets.token_hex(4)}".ljust(64, "x")
+    page = admin.post("/dashboard/admin/plans", {"name": name + "y"})
+    assert page.status_code == 400 and "1-64 letters" in page.text, page.status_code
+    plans = {p["name"] for p in admin.api("GET", "/api/plans").json()["data"]}
+    assert name not in plans
+    assert admin.post("/dashboard/admin/plans", {"name": name}).status_code == 200
+
+    user = make_user(dash)
+    account_id = user.api("GET", "/api/me").json()["id"]
+    page = admin.post(f"/dashboard/admin/accounts/{account_id}/plan", {"plan": name + "y"})
+    assert page.status_code == 404 and "No plan named" in page.text
+    assert user.api("GET", "/api/me").json()["plan"] == "free"
+
+    page = admin.post(f"/dashboard/admin/plans/{name}", {"rpm": "0" * 19 + "50"})
+    assert page.status_code == 400 and "whole number" in page.text, page.status_code
+    assert {p["name"]: p for p in admin.api("GET", "/api/plans").json()["data"]}[name][
+        "rpm"
+    ] is None
+
+    form = {**form_of(user, "/dashboard/keys"), "name": "x", "expires_in": "1d" + " " * 18 + "x"}
+    page = user.http.post(user.url("/dashboard/keys"), data=form, timeout=30)
+    assert page.status_code == 400 and "Expiry must look like" in page.text
+    assert count_keys(user) == 0
+
+    http = requests.Session()
+    email = "e" * 64 + "@" + (f"{secrets.token_hex(4)}." + "d" * 250)[:255]
+    csrf = CSRF.search(http.get(dash.url + "/dashboard/signup", timeout=10).text)
+    assert csrf and len(email) == 320
+    password = "a walrus in a bowler hat"
+    form = {"csrf_token": csrf.group(1), "email": email + "x", "password": password}
+    form["password2"] = password
+    made = http.post(dash.url + "/dashboard/signup", data=form, timeout=30)
+    assert made.status_code == 400 and "not an email address" in made.text, made.status_code
