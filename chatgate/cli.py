@@ -164,8 +164,19 @@ def _read_password(from_stdin: bool, email: str) -> str:
     if from_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
-        password = getpass.getpass("New password: ")
-        if getpass.getpass("Again: ") != password:
+        # getpass falls back to reading stdin when it is not a terminal, and dies of EOFError
+        # (or termios.error) at its end: a piped password goes through --password-stdin.
+        if not sys.stdin.isatty():
+            raise CLIError(
+                "stdin is not a terminal to type a password at: give it on stdin with "
+                "--password-stdin"
+            )
+        try:
+            password = getpass.getpass("New password: ")
+            again = getpass.getpass("Again: ")
+        except EOFError:  # Ctrl-D at the prompt
+            raise CLIError("no password was typed") from None
+        if again != password:
             raise CLIError("the two passwords differ")
     problem = password_problem(password, email)
     if problem is not None:

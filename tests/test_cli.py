@@ -65,6 +65,17 @@ def test_set_password_takes_a_long_password_from_stdin(gw: Gateway) -> None:
     assert weak.returncode == 2 and "too easy to guess" in weak.stderr, weak.stderr
 
 
+@pytest.mark.parametrize("stdin", ["", "a walrus in a bowler hat\n"])
+def test_set_password_without_a_terminal_is_a_one_line_error(gw: Gateway, stdin: str) -> None:
+    """Without --password-stdin the password is typed at a prompt; fed by a pipe, getpass
+    read the pipe and died of EOFError (or termios.error) with a traceback."""
+    gw.cli("accounts", "create", "piped@example.com")
+    result = gw.cli("accounts", "set-password", "piped@example.com", input=stdin, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("chatgate: error: ") and "--password-stdin" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
 def test_debug_logs_hold_no_stored_hash(gw: Gateway) -> None:
     """CHATGATE_LOG_LEVEL=DEBUG is chatgate's own detail, not the SQLite driver's trace of
     every statement with its values: a key's stored hash (and on a server, password hashes
