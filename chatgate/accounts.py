@@ -31,7 +31,17 @@ LIMIT_MAX = {f: 2**31 - 1 for f in LIMIT_FIELDS} | {
 """The most each limit holds (INTEGER is 32 bits on PostgreSQL; a BIGINT 64; a budget is
 counted in nano-dollars, which Redis's Lua numbers hold exactly up to 2**53)."""
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
-_PLAN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_PLAN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def plan_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a plan, or ``None``. Dots only (``.``, ``..``) are refused: a
+    plan's pages and API are at ``.../plans/{name}``, where a browser or a proxy reads them as
+    a path's dot segments (``/dashboard/admin/plans/..`` is ``/dashboard/admin/``), so such a
+    plan could be made and never edited."""
+    if not _PLAN_NAME.fullmatch(name) or not name.strip("."):
+        return "A plan name is 1-64 letters, digits, '.', '_' or '-', and not only dots."
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +145,9 @@ class PlanStore:
         return _plan(row)
 
     async def create(self, name: str, **limits: int | None) -> Plan:
-        if not _PLAN_NAME.match(name):
-            raise errors.InvalidRequest(
-                "A plan name is 1-64 letters, digits, '.', '_' or '-'.", param="name"
-            )
+        problem = plan_name_problem(name)
+        if problem is not None:
+            raise errors.InvalidRequest(problem, param="name")
         values = check_limits(limits)
         try:
             async with self._engine.begin() as conn:

@@ -164,8 +164,19 @@ def _read_password(from_stdin: bool, email: str) -> str:
     if from_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
-        password = getpass.getpass("New password: ")
-        if getpass.getpass("Again: ") != password:
+        # getpass falls back to reading stdin when it is not a terminal, and dies of EOFError
+        # (or termios.error) at its end: a piped password goes through --password-stdin.
+        if not sys.stdin.isatty():
+            raise CLIError(
+                "stdin is not a terminal to type a password at: give it on stdin with "
+                "--password-stdin"
+            )
+        try:
+            password = getpass.getpass("New password: ")
+            again = getpass.getpass("Again: ")
+        except EOFError:  # Ctrl-D at the prompt
+            raise CLIError("no password was typed") from None
+        if again != password:
             raise CLIError("the two passwords differ")
     problem = password_problem(password, email)
     if problem is not None:
@@ -231,6 +242,12 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
     if args.action in ("create", "rotate") and not args.json:
         print(_table([{**data, **{t: iso(data.get(t)) for t in KEY_TIMES}}], KEY_COLUMNS))
         print(f"\nAPI key (shown once, store it now):\n\n    {data['key']}\n")
+        if data.get("grace_cut_short") is not None:
+            print(
+                "The secret an earlier rotation replaced, which was to work until "
+                f"{iso(data['grace_cut_short'])}, stopped working now (one previous secret is "
+                "kept)."
+            )
         return
     if args.action == "due" and not args.json and not data:
         print("no key is due for rotation")

@@ -183,10 +183,11 @@ class Gateway:
         check: bool = True,
         env: dict[str, str] | None = None,
         timeout: float = 120,
+        input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """``chatgate *args`` on this gateway's storage; ``env`` is added to its environment,
         and ``timeout`` bounds it (a ``serve`` that starts instead of failing keeps running:
-        the timeout fails the test)."""
+        the timeout fails the test); ``input`` is its stdin, a pipe (else it has none)."""
         result = subprocess.run(
             [str(BIN / "chatgate"), *args],
             env={**self.env, **(env or {})},
@@ -194,6 +195,8 @@ class Gateway:
             capture_output=True,
             text=True,
             timeout=timeout,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"chatgate {' '.join(args)} failed: {result.stderr}")

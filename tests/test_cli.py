@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import socket
 import subprocess
 import time
@@ -39,6 +40,40 @@ def test_errors_are_one_line_exit_2(gw: Gateway) -> None:
     assert result.returncode == 2
     result = gw.cli("plans", "create", "bad name!", check=False)
     assert result.returncode == 2
+    for dots in (".", "..", "pro\n"):  # dot segments in a URL; "$" let a newline through
+        result = gw.cli("plans", "create", dots, check=False)
+        assert result.returncode == 2 and "not only dots" in result.stderr, result.stderr
+        assert result.stderr.strip().count("\n") == 0
+
+
+def test_set_password_takes_a_long_password_from_stdin(gw: Gateway) -> None:
+    """A 100-character password printed zxcvbn's "exceeds max length of 72" and was refused."""
+    gw.cli("accounts", "create", "long@example.com")
+    password = secrets.token_urlsafe(90)[:100]
+    done = gw.cli(
+        "accounts", "set-password", "long@example.com", "--password-stdin", input=password + "\n"
+    )
+    assert done.returncode == 0 and "long@example.com" in done.stdout
+    weak = gw.cli(
+        "accounts",
+        "set-password",
+        "long@example.com",
+        "--password-stdin",
+        input="a" * 100 + "\n",
+        check=False,
+    )
+    assert weak.returncode == 2 and "too easy to guess" in weak.stderr, weak.stderr
+
+
+@pytest.mark.parametrize("stdin", ["", "a walrus in a bowler hat\n"])
+def test_set_password_without_a_terminal_is_a_one_line_error(gw: Gateway, stdin: str) -> None:
+    """Without --password-stdin the password is typed at a prompt; fed by a pipe, getpass
+    read the pipe and died of EOFError (or termios.error) with a traceback."""
+    gw.cli("accounts", "create", "piped@example.com")
+    result = gw.cli("accounts", "set-password", "piped@example.com", input=stdin, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("chatgate: error: ") and "--password-stdin" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
 
 
 def test_debug_logs_hold_no_stored_hash(gw: Gateway) -> None:

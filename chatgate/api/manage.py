@@ -5,8 +5,11 @@ Who is calling: an ``Authorization: Bearer`` key (its account; a key of an admin
 changes something must echo the session's CSRF token in ``X-CSRF-Token`` (``GET /api/me``
 returns it), so another site cannot drive the API through a logged-in browser.
 
-A key limited to some models, or one that expires, may list and revoke keys but not create or
-rotate them: otherwise a narrow key could mint (or take over) a broader, longer-lived one.
+A key limited to some models, one that expires, or one with limits of its own (``rpm``,
+``monthly_budget_cents``...) may list and revoke keys but not create or rotate them:
+otherwise a narrow key could mint (or take over) a broader, longer-lived one. For its limits
+"no looser than the caller's" is not enough: a key of 1 cent a month making keys of 1 cent
+each spends what it likes.
 The secret a rotation replaced, still accepted in its grace period, calls the API (``/v1``)
 but none of these routes (403 ``current_key_required``): whoever holds a leaked old secret must
 not rotate the key away from its owner, mint keys or revoke them.
@@ -81,16 +84,22 @@ async def caller(request: web.Request, *, admin: bool = False) -> tuple[State, C
     return state, who
 
 
+NARROW_KEY = (
+    "This API key is limited (to some models, by an expiry, or by limits of its own such as "
+    "rpm or a monthly budget), so it cannot create or rotate keys: a key it made would not be "
+    "held by its limits. Use an unrestricted key or the dashboard."
+)
+
+
 async def _may_issue(state: State, who: Caller) -> None:
-    """403 when a key limited by models or expiry tries to create or rotate keys."""
+    """403 when a key limited by models, expiry or limits of its own tries to create or rotate
+    keys (each route that hands out a secret calls this first)."""
     if who.via != "key" or who.key_id is None:
         return
     record = await state.keys.get(who.key_id)
-    if record.models or record.expires_at is not None:
-        raise errors.PermissionDenied(
-            "This API key is limited to some models or expires, so it cannot create or rotate "
-            "keys. Use an unrestricted key or the dashboard."
-        )
+    own = any(getattr(record, f) is not None for f in LIMIT_FIELDS)
+    if record.models or record.expires_at is not None or own:
+        raise errors.PermissionDenied(NARROW_KEY)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -301,7 +310,15 @@ _ISSUED = {
         _KEY_RECORD,
         {
             "type": "object",
-            "properties": {"key": {"type": "string", "description": "Shown once."}},
+            "properties": {
+                "key": {"type": "string", "description": "Shown once."},
+                "grace_cut_short": {
+                    "type": ["integer", "null"],
+                    "description": "A rotation made while an earlier one's grace was running "
+                    "stops the secret that one replaced (one previous secret is kept): when its "
+                    "grace was to end. null: no grace was running (and on creation).",
+                },
+            },
         },
     ]
 }

@@ -154,13 +154,31 @@ def _fingerprint(request: web.Request, password_hash: str | None) -> str:
     return hmac.new(key, (password_hash or "").encode(), hashlib.sha256).hexdigest()[:32]
 
 
+def login_left(request: web.Request, session: aiohttp_session.Session) -> int:
+    """Seconds the session's login has left: ``session_max_age`` after it was made
+    (``at``), whatever was done since. Any write to the session (a once token, a flash)
+    re-stamps aiohttp-session's ``created`` and the cookie's Fernet time, so neither ends it:
+    polling a page kept a login alive for ever."""
+    at = session.get("at")
+    if not isinstance(at, int) or isinstance(at, bool):
+        return 0
+    max_age = dashboard(request).state_settings().session_max_age
+    return min(at + max_age - int(time.time()), max_age)
+
+
 async def current_user(request: web.Request) -> User | None:
-    """The logged-in user, or ``None``; a stale session (password changed, logged out,
-    disabled) is ended."""
+    """The logged-in user, or ``None``; a stale session (its login too old, password
+    changed, logged out, disabled) is ended."""
     session = await aiohttp_session.get_session(request)
     account_id = session.get("account")
     if not isinstance(account_id, str):
         return None
+    left = login_left(request, session)
+    if left <= 0:
+        session.invalidate()
+        return None
+    # The cookie, written again on this answer, goes with the login, not max_age from now.
+    session.max_age = left
     found = await passwords(request).session_account(account_id)
     if found is not None:
         account, password_hash, epoch = found
@@ -181,7 +199,7 @@ async def log_in(
     request: web.Request, account_id: str, password_hash: str | None, epoch: int
 ) -> None:
     """Start a fresh session for ``account_id`` (a new cookie and a new CSRF token) in the
-    account's session ``epoch``."""
+    account's session ``epoch``; it lasts ``session_max_age`` from now (:func:`login_left`)."""
     session = await aiohttp_session.new_session(request)
     session["account"] = account_id
     session["auth"] = _fingerprint(request, password_hash)

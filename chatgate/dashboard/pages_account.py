@@ -61,9 +61,13 @@ async def login(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         return refused
     form = await read_form(request)
-    email = field(form, "email").strip().lower()
-    password = field(form, "password", 1024)
-    target = safe_next(field(form, "next", 2000))
+    target = safe_next(field(form, "next", 2000, default=""))
+    try:
+        email = field(form, "email", 1024).strip().lower()
+        password = field(form, "password", 1024)
+    except errors.InvalidRequest:  # longer than any account's: no such login
+        context = {"title": "Log in", "email": "", "next": target, "error": BAD_LOGIN}
+        return await page_response(request, None, "login.html", context, status=401)
     context = {"title": "Log in", "email": email, "next": target}
     throttle = auth.throttle(request)
     address = auth.client_address(request)
@@ -110,12 +114,18 @@ async def signup(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         return refused
     form = await read_form(request)
-    email = field(form, "email").strip().lower()
-    password = field(form, "password", 1024)
-    context["email"] = email
-    problem = password_problem(password, email)
-    if problem is None and password != field(form, "password2", 1024):
-        problem = "The two passwords differ."
+    try:
+        # Read whole: the email's check takes at most 320 characters, and a clipped one was
+        # another address.
+        email = field(form, "email", 1024).strip().lower()
+        password = field(form, "password", 1024)
+        context["email"] = email
+        problem = password_problem(password, email)
+        if problem is None and password != field(form, "password2", 1024):
+            problem = "The two passwords differ."
+    except errors.InvalidRequest as exc:
+        context.setdefault("email", "")
+        problem = exc.message
     address = auth.client_address(request)
     signups = auth.throttle(request).signups
     if await signups.retry_after(address) > 0:

@@ -60,7 +60,7 @@ async def accounts_page(request: web.Request, user: User) -> web.StreamResponse:
 
 def _back(form: Mapping[str, object], default: str) -> str:
     """Where to go after an admin action: the form's ``back`` field, if it is an admin page."""
-    target = field(form, "back", 500)
+    target = field(form, "back", 2000, default="")
     return target if target.startswith(ADMIN + "/") else default
 
 
@@ -69,7 +69,7 @@ async def set_plan(request: web.Request, user: User) -> web.StreamResponse:
     """POST /dashboard/admin/accounts/{id}/plan."""
     form = await read_form(request)
     account = await state(request).accounts.set_plan(
-        request.match_info["id"], field(form, "plan", 64)
+        request.match_info["id"], field(form, "plan", 1000)
     )
     await flash(request, f"{account.email} is now on the {account.plan} plan.")
     raise redirect(_back(form, ADMIN + "/accounts"))
@@ -106,7 +106,7 @@ async def plans_page(request: web.Request, user: User) -> web.StreamResponse:
 
 
 def _limits_from(form: Mapping[str, object]) -> dict[str, int | None]:
-    return services.parse_limits({f: field(form, f, 20) for f in LIMIT_FIELDS if f in form})
+    return services.parse_limits({f: field(form, f, 100) for f in LIMIT_FIELDS if f in form})
 
 
 @page(admin=True)
@@ -124,7 +124,9 @@ async def update_plan(request: web.Request, user: User) -> web.StreamResponse:
 async def create_plan(request: web.Request, user: User) -> web.StreamResponse:
     """POST /dashboard/admin/plans: a new plan."""
     form = await read_form(request)
-    plan = await state(request).plans.create(field(form, "name", 64).strip(), **_limits_from(form))
+    plan = await state(request).plans.create(
+        field(form, "name", 1000).strip(), **_limits_from(form)
+    )
     await flash(request, f"Plan {plan.name} created.")
     raise redirect(ADMIN + "/plans")
 

@@ -13,6 +13,7 @@ from chatgate import errors
 from chatgate.dashboard import services
 from chatgate.dashboard.auth import User, api_base_url, with_session
 from chatgate.dashboard.render import (
+    ONCE_FIELD,
     PREFIX,
     field,
     flash,
@@ -24,7 +25,8 @@ from chatgate.dashboard.render import (
     state,
     take_once,
 )
-from chatgate.keys.store import IssuedKey
+from chatgate.keys.store import IssuedKey, OnceTaken
+from chatgate.timefmt import now
 
 
 async def _list_context(request: web.Request, user: User) -> dict[str, object]:
@@ -58,37 +60,58 @@ async def create_key(request: web.Request, user: User) -> web.StreamResponse:
     form = await read_form(request)
     models = [m for m in form.getall("models", []) if isinstance(m, str)]
     st = state(request)
+    # Whole (a 400 page beyond these), so the checks below judge what was typed.
+    name, expires_in = field(form, "name", 1000), field(form, "expires_in", 100)
     try:
-        wanted = services.key_request(
-            st,
-            name=field(form, "name", 300),
-            expires_in=field(form, "expires_in", 20),
-            models=models,
-        )
+        wanted = services.key_request(st, name=name, expires_in=expires_in, models=models)
     except errors.InvalidRequest as exc:
         context = await _list_context(request, user)
         context["error"] = exc.message
-        context["form"] = {
-            "name": field(form, "name", 300),
-            "expires_in": field(form, "expires_in", 20),
-            "models": models,
-        }
+        context["form"] = {"name": name, "expires_in": expires_in, "models": models}
         return await page_response(request, user, "keys.html", context, status=400)
-    if not await take_once(request, form):
-        return await _sent_before(request, user)
-    issued = await services.create_key(st, user.account, wanted)
+    once = await take_once(request, form)
+    if once is None:
+        return await _not_issued(request, user, form.get(ONCE_FIELD), "created")
+    try:
+        issued = await services.create_key(st, user.account, wanted, once=once)
+    except OnceTaken:
+        return await _sent_before(request, user, "created")
     return await page_response(
         request, user, "key_issued.html", _issued(request, user, issued, "created"), status=201
     )
 
 
-async def _sent_before(request: web.Request, user: User) -> web.StreamResponse:
-    """The keys page for a form sent again (a reload of the page that showed a new key)."""
+SENT_BEFORE = {
+    "created": "This form was sent before, and the key it made was shown then, once: it is not "
+    "made or shown again. Find it in the list by its name, or create a new key.",
+    "rotated": "This form was sent before, and the secret it made was shown then, once: the key "
+    "was not rotated again. If you did not keep that secret, rotate the key again.",
+}
+NOT_ISSUED = (
+    "This form can no longer be sent: it was opened before your last login, or more than "
+    "8 forms ago (in other tabs), or not on this site. Nothing was changed. Use the form "
+    "on this page."
+)
+
+
+async def _sent_before(request: web.Request, user: User, action: str) -> web.StreamResponse:
+    """The keys page for a form sent again (a reload of the page that showed a new key, a
+    double submit, a replay): 409, nothing made."""
     context = await _list_context(request, user)
-    context["notice"] = (
-        "This form was sent before, and the key it made was shown then, once: it is not made "
-        "or shown again. Find it in the list by its name, or create a new key."
-    )
+    context["notice"] = SENT_BEFORE[action]
+    return await page_response(request, user, "keys.html", context, status=409)
+
+
+async def _not_issued(
+    request: web.Request, user: User, token: object, action: str
+) -> web.StreamResponse:
+    """The keys page for a form whose once token this session does not hold: sent before
+    (taken from the session by the first send) when the database has it, else a form this
+    session no longer knows, which made nothing."""
+    if isinstance(token, str) and token and await state(request).keys.once_taken(token):
+        return await _sent_before(request, user, action)
+    context = await _list_context(request, user)
+    context["notice"] = NOT_ISSUED
     return await page_response(request, user, "keys.html", context, status=409)
 
 
@@ -99,6 +122,8 @@ async def rotate_form(request: web.Request, user: User) -> web.StreamResponse:
     context = {"title": "Rotate key", "key": key, "grace_choices": services.GRACE_CHOICES}
     if key.status == "active":
         context["once"] = await once_token(request)
+    running = key.prev_valid_until is not None and key.prev_valid_until > now()
+    context["grace_running"] = key.prev_valid_until if running else None
     return await page_response(request, user, "key_rotate.html", context)
 
 
@@ -107,11 +132,17 @@ async def rotate(request: web.Request, user: User) -> web.StreamResponse:
     """POST /dashboard/keys/{id}/rotate: the new secret is shown on this page only."""
     form = await read_form(request)
     st = state(request)
-    grace = services.parse_grace(field(form, "grace", 20), st.settings.rotation_grace)
+    grace = services.parse_grace(field(form, "grace", 100), st.settings.rotation_grace)
     await st.keys.get(request.match_info["id"], account_id=user.account.id)  # else 404
-    if not await take_once(request, form):
-        return await _sent_before(request, user)
-    issued = await services.rotate_key(st, user.account, request.match_info["id"], grace)
+    once = await take_once(request, form)
+    if once is None:
+        return await _not_issued(request, user, form.get(ONCE_FIELD), "rotated")
+    try:
+        issued = await services.rotate_key(
+            st, user.account, request.match_info["id"], grace, once=once
+        )
+    except OnceTaken:
+        return await _sent_before(request, user, "rotated")
     context = _issued(request, user, issued, "rotated")
     context["grace"] = grace
     return await page_response(request, user, "key_issued.html", context)

@@ -32,6 +32,7 @@ from multidict import MultiDictProxy
 
 from chatgate import errors
 from chatgate.dashboard.auth import CSRF_FIELD, User, anonymous_csrf, csrf_ok, current_user
+from chatgate.keys.store import Once
 from chatgate.state import STATE, State
 from chatgate.usage.tables import cents_text, usd_text
 
@@ -180,13 +181,17 @@ async def flash(request: web.Request, message: str, kind: str = "ok") -> None:
 
 ONCE_FIELD = "once"
 _ONCE_KEPT = 8
+ONCE_MARGIN = 300
+"""Seconds a taken once token is kept beyond a login's lifetime (clocks of several nodes)."""
 
 
 async def once_token(request: web.Request) -> str:
     """A token for a form whose POST must run once (it makes a key and shows it): the page
     that reloads the POST's answer sends the form again, and a browser's "resend?" is easily
-    said yes to. The session keeps the last few issued (a form per tab); :func:`take_once`
-    takes one away, so the same form sent again finds it gone."""
+    said yes to. The session keeps the last few issued (a form per tab), which says the form
+    came from this session; the key's transaction takes it for good in the database
+    (:func:`take_once`), so the same form sent again with the cookie of before (a double
+    submit, a retry after a lost answer, a replay) makes nothing, on any process."""
     session = await aiohttp_session.get_session(request)
     token = secrets.token_urlsafe(12)
     kept = session.get("once", [])
@@ -196,15 +201,17 @@ async def once_token(request: web.Request) -> str:
 
 async def take_once(
     request: web.Request, form: MultiDictProxy[str | bytes | bytearray | FileField]
-) -> bool:
-    """Whether the form's once token was issued to this session and not taken yet (taking it)."""
+) -> Once | None:
+    """The form's once token when this session issued it (taken out of the session), to be
+    taken in the database with the key it makes (:class:`~chatgate.keys.store.Once`; its row
+    outlives any session that holds it); ``None`` when the session does not hold it."""
     session = await aiohttp_session.get_session(request)
     kept = session.get("once", [])
     token = form.get(ONCE_FIELD)
     if not isinstance(kept, list) or not isinstance(token, str) or token not in kept:
-        return False
+        return None
     session["once"] = [t for t in kept if t != token]
-    return True
+    return Once(token, state(request).settings.session_max_age + ONCE_MARGIN)
 
 
 def redirect(location: str) -> web.HTTPSeeOther:
@@ -322,7 +329,22 @@ def safe_next(target: str | None) -> str:
     return PREFIX + "/"
 
 
-def field(form: Mapping[str, object], name: str, limit: int = 320) -> str:
-    """A text field of a posted form, clipped to ``limit`` characters ("" when absent)."""
+def field(
+    form: Mapping[str, object], name: str, limit: int = 320, *, default: str | None = None
+) -> str:
+    """A text field of a posted form ("" when absent), never clipped: one longer than
+    ``limit`` is a 400 naming it (or ``default``, when given, for a field that only says
+    where to go next). A clipped value could pass the check its whole failed: a 65-character
+    plan name was made as its first 64, another plan's name chosen by its first 64. A
+    ``limit`` bounds the work and should be above what the field's own check takes, so that
+    check's message is the one shown."""
     value = form.get(name, "")
-    return value[:limit] if isinstance(value, str) else ""
+    if not isinstance(value, str):
+        return ""
+    if len(value) > limit:
+        if default is not None:
+            return default
+        raise errors.InvalidRequest(
+            f"The field `{name[:40]}` is longer than {limit:,} characters.", param=name[:40]
+        )
+    return value

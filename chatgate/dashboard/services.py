@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from chatgate import errors
 from chatgate.accounts import LIMIT_FIELDS, LIMIT_MAX, Account, Plan
-from chatgate.keys.store import IssuedKey, KeyRecord
+from chatgate.keys.store import IssuedKey, KeyRecord, Once
 from chatgate.state import State
 from chatgate.timefmt import parse_duration
 
@@ -115,8 +115,11 @@ def key_request(
     return KeyRequest(name, parse_expiry(expires_in), check_models(model_names(state), models), own)
 
 
-async def create_key(state: State, account: Account, request: KeyRequest) -> IssuedKey:
-    """A new key for ``account``; the full key is in the result and nowhere else."""
+async def create_key(
+    state: State, account: Account, request: KeyRequest, *, once: Once | None = None
+) -> IssuedKey:
+    """A new key for ``account``; the full key is in the result and nowhere else. ``once``:
+    a dashboard form's token, taken with the key (``OnceTaken`` when it was taken before)."""
     if account.disabled:
         raise errors.PermissionDenied("This account is disabled.")
     return await state.keys.create(
@@ -125,12 +128,16 @@ async def create_key(state: State, account: Account, request: KeyRequest) -> Iss
         expires_at=request.expires_at,
         models=request.models,
         limits=request.limits,
+        once=once,
     )
 
 
-async def rotate_key(state: State, account: Account, key_id: str, grace: int) -> IssuedKey:
-    """A new secret for ``account``'s key ``key_id``; 404 when it is not theirs."""
-    return await state.keys.rotate(key_id, grace_seconds=grace, account_id=account.id)
+async def rotate_key(
+    state: State, account: Account, key_id: str, grace: int, *, once: Once | None = None
+) -> IssuedKey:
+    """A new secret for ``account``'s key ``key_id``; 404 when it is not theirs. ``once`` as
+    for :func:`create_key`."""
+    return await state.keys.rotate(key_id, grace_seconds=grace, account_id=account.id, once=once)
 
 
 async def revoke_key(state: State, account: Account, key_id: str) -> KeyRecord:

@@ -108,3 +108,16 @@ instance = Table(
     Column("value", String(256), nullable=False),
     Column("created_at", BigInteger, nullable=False),
 )
+
+# A dashboard form's "runs once" token (chatgate.dashboard.render.once_token), taken in the
+# transaction that makes or rotates the key it was for: the same form sent again, to any
+# process, finds it here and changes nothing. Rows older than a login's lifetime are pruned
+# (no session that could send them again lasts longer).
+once_tokens = Table(
+    "once_tokens",
+    metadata,
+    Column("token", String(64), primary_key=True),
+    Column("created_at", BigInteger, nullable=False),
+)
+
+Index("ix_once_tokens_created_at", once_tokens.c.created_at)

@@ -25,11 +25,12 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from chatgate import errors
 from chatgate.accounts import LIMIT_FIELDS, changing, check_limits, invalidate
-from chatgate.db.tables import accounts, api_keys, plans
+from chatgate.db.tables import accounts, api_keys, once_tokens, plans
 from chatgate.ids import new_id
 from chatgate.keys import format as keyfmt
 from chatgate.notify import Notifier
@@ -92,13 +93,46 @@ class KeyRecord:
 
 @dataclass(frozen=True, slots=True)
 class IssuedKey:
-    """A key just created or rotated: the only moment ``key`` exists outside the caller."""
+    """A key just created or rotated: the only moment ``key`` exists outside the caller.
+
+    ``grace_cut_short``: a rotation made while the secret an earlier rotation replaced was
+    still in its grace ends that secret at once (one previous secret is kept); this is when
+    its grace would have ended (``None``: no grace was running)."""
 
     record: KeyRecord
     key: str
+    grace_cut_short: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.record.to_dict(), "key": self.key}
+        return {**self.record.to_dict(), "key": self.key, "grace_cut_short": self.grace_cut_short}
+
+
+@dataclass(frozen=True, slots=True)
+class Once:
+    """A dashboard form's "runs once" token, taken in the same transaction as the key it makes
+    or rotates; its row is kept ``kept`` seconds (a login's lifetime: no session that could
+    send the form again lasts longer), then pruned."""
+
+    token: str
+    kept: int
+
+
+class OnceTaken(Exception):
+    """The form's once token was taken before (the form was sent again): nothing changed."""
+
+
+async def _take_once(conn: AsyncConnection, once: Once | None) -> None:
+    """Take ``once`` in the transaction of ``conn`` (:class:`OnceTaken` when it was taken);
+    prune the rows past their time. A second send at the same moment waits on the unique key
+    (PostgreSQL) or the one writer (SQLite) and finds the first's row."""
+    if once is None:
+        return
+    stamp = now()
+    try:
+        await conn.execute(once_tokens.insert().values(token=once.token[:64], created_at=stamp))
+    except IntegrityError as exc:  # the transaction is left, and rolled back, with this
+        raise OnceTaken(once.token) from exc
+    await conn.execute(once_tokens.delete().where(once_tokens.c.created_at < stamp - once.kept))
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +236,10 @@ class KeyStore:
         models: Sequence[str] | None = None,
         limits: dict[str, int | None] | None = None,
         rotation_period: int | None = None,
+        once: Once | None = None,
     ) -> IssuedKey:
-        """A new key for ``account_id``; ``rotation_period`` (seconds) schedules rotation."""
+        """A new key for ``account_id``; ``rotation_period`` (seconds) schedules rotation;
+        ``once``: the dashboard form's token, taken with the key (:class:`OnceTaken`)."""
         _check_rotation_period(rotation_period)
         if len(name) > 200:
             raise errors.InvalidRequest("A key name is at most 200 characters.", param="name")
@@ -212,6 +248,7 @@ class KeyStore:
         key_id = new_id("key")
         created = now()
         async with changing(self._engine, self._notifier) as conn:
+            await _take_once(conn, once)
             exists = await conn.execute(sa.select(accounts.c.id).where(accounts.c.id == account_id))
             if exists.first() is None:
                 raise errors.NotFound("No such account.", param="account")
@@ -260,10 +297,25 @@ class KeyStore:
                 await invalidate(conn, "key", key_id)
         return await self.get(key_id)
 
+    async def once_taken(self, token: str) -> bool:
+        """Whether a form's once token was taken (the form made or rotated a key)."""
+        query = sa.select(once_tokens.c.token).where(once_tokens.c.token == token[:64])
+        async with self._engine.connect() as conn:
+            return (await conn.execute(query)).first() is not None
+
     async def rotate(
-        self, key_id: str, *, grace_seconds: int, account_id: str | None = None
+        self,
+        key_id: str,
+        *,
+        grace_seconds: int,
+        account_id: str | None = None,
+        once: Once | None = None,
     ) -> IssuedKey:
-        """A new secret for the same key record; the old one works ``grace_seconds`` more."""
+        """A new secret for the same key record; the old one works ``grace_seconds`` more.
+
+        One previous secret is kept: a secret an earlier rotation replaced, still in its grace,
+        stops now (the result's ``grace_cut_short`` says until when it was to work). ``once``:
+        the dashboard form's token, taken with the rotation (:class:`OnceTaken`)."""
         if grace_seconds < 0:
             raise errors.InvalidRequest("The grace period cannot be negative.", param="grace")
         record = await self.get(key_id, account_id=account_id)
@@ -276,6 +328,15 @@ class KeyStore:
         key = keyfmt.generate()
         stamp = now()
         async with changing(self._engine, self._notifier) as conn:
+            await _take_once(conn, once)
+            # The grace this rotation ends, read under the row's lock on PostgreSQL.
+            running = await conn.execute(
+                sa.select(api_keys.c.prev_valid_until)
+                .where(api_keys.c.id == key_id, api_keys.c.prev_hash.is_not(None))
+                .with_for_update()
+            )
+            until = running.scalar()
+            cut_short = until if until is not None and until > stamp else None
             # One statement moves the current hash to ``prev_hash``: the database serializes
             # rotations of a key (a row lock on PostgreSQL, the one writer on SQLite), so a
             # second one keeps the first one's secret as previous. Read first and written
@@ -299,7 +360,7 @@ class KeyStore:
                 )
             await invalidate(conn, "key", key_id)
             await invalidate(conn, "key_new", self.hash(key))
-        return IssuedKey(await self.get(key_id), key)
+        return IssuedKey(await self.get(key_id), key, cut_short)
 
     async def set_rotation_period(
         self, key_id: str, rotation_period: int | None, *, account_id: str | None = None

@@ -8,7 +8,7 @@ import time
 
 import requests
 
-from chatgate.accounts import AccountStore
+from chatgate.accounts import LIMIT_FIELDS, AccountStore
 from chatgate.db.engine import create_engine
 from chatgate.keys import format as keyfmt
 from chatgate.settings import Settings
@@ -234,18 +234,33 @@ def test_openapi_documents_the_management_api(dash: Gateway) -> None:
 
 
 def test_a_narrow_key_cannot_mint_a_broader_one(dash: Gateway) -> None:
+    """A key limited by models, an expiry or any limit of its own makes no key and rotates
+    none: with rpm=1, monthly_tokens=10 and a budget of 1 cent, a key made a key without
+    limits that served chat freely (and "no looser" keys would add up: 100 keys of 1 cent)."""
     user = make_user(dash)
     wide = user.new_key(name="wide")
-    for narrow in (user.new_key(models=["gpt-test"]), user.new_key(expires_in="1d")):
+    limited = [user.new_key(**{f: 1}) for f in LIMIT_FIELDS]
+    both = user.new_key(rpm=1, monthly_tokens=10, monthly_budget_cents=1)
+    narrows = (user.new_key(models=["gpt-test"]), user.new_key(expires_in="1d"), *limited, both)
+    for narrow in narrows:
         h = bearer(narrow["key"])
         resp = requests.post(
             dash.url + "/api/keys", json={"name": "escalate"}, headers=h, timeout=10
         )
         assert resp.status_code == 403 and resp.json()["error"]["type"] == "permission_error"
-        resp = requests.post(dash.url + f"/api/keys/{wide['id']}/rotate", headers=h, timeout=10)
-        assert resp.status_code == 403
+        same = {f: narrow[f] for f in LIMIT_FIELDS if narrow[f] is not None}
+        resp = requests.post(
+            dash.url + "/api/keys", json={"name": "as narrow", **same}, headers=h, timeout=10
+        )
+        assert resp.status_code == 403, (same, resp.status_code)
+        for target in (wide["id"], narrow["id"]):
+            resp = requests.post(dash.url + f"/api/keys/{target}/rotate", headers=h, timeout=10)
+            assert resp.status_code == 403
         assert requests.get(dash.url + "/api/keys", headers=h, timeout=10).status_code == 200
     assert chat(dash, wide["key"]).status_code == 200  # not rotated away
+    listed = user.api("GET", "/api/keys").json()["data"]
+    assert not {k["name"] for k in listed} & {"escalate", "as narrow"}
+    assert all(k["rotated_at"] is None for k in listed)  # nor was a narrow key
 
 
 def test_a_replaced_secret_in_its_grace_cannot_manage_keys(dash: Gateway) -> None:

@@ -8,11 +8,12 @@ import io
 import re
 import secrets
 import time
+from pathlib import Path
 
 import requests
 
 from tests.dashboard.conftest import CSRF, User, chat, make_user
-from tests.helpers import Gateway
+from tests.helpers import Gateway, Upstream, make_gateway
 
 ONCE = re.compile(r'name="once" value="([^"]+)"')
 NEW_KEY = re.compile(r"sk-cg-[A-Za-z0-9_\-]{20,}")  # a whole key, not a hint
@@ -63,6 +64,107 @@ def test_a_key_form_sent_again_makes_no_second_key(dash: Gateway) -> None:
     again = user.http.post(user.url(path), data=form, timeout=30)
     assert again.status_code == 409 and not NEW_KEY.search(again.text)
     assert chat(dash, shown.group(0)).status_code == 200  # the secret shown still works
+
+
+def _send(user: User, path: str, form: dict[str, str], cookies: object) -> requests.Response:
+    """POST ``form`` with the session cookie of before (``cookies``), as a double submit or
+    a retry after a lost answer sends it; the user's own cookie jar is left as it is."""
+    return requests.post(user.url(path), data=form, cookies=cookies, timeout=30)
+
+
+def test_a_key_form_sent_again_with_the_cookie_of_before_changes_nothing(
+    dash: Gateway,
+) -> None:
+    """The once token lived only in the session cookie: the same POST sent again with the
+    cookie it was sent with made a second key, and rotated a second time, which ended the
+    grace of the original secret at once."""
+    user = make_user(dash)
+    form = {**form_of(user, "/dashboard/keys"), "name": "twice"}
+    before = user.http.cookies.copy()
+    first = _send(user, "/dashboard/keys", form, before)
+    assert first.status_code == 201 and NEW_KEY.search(first.text)
+    again = _send(user, "/dashboard/keys", form, before)
+    assert again.status_code == 409 and "sent before" in again.text
+    assert not NEW_KEY.search(again.text)
+    assert [k["name"] for k in user.api("GET", "/api/keys").json()["data"]] == ["twice"]
+
+    original = user.new_key(name="rotated")
+    path = f"/dashboard/keys/{original['id']}/rotate"
+    form = {**form_of(user, path), "grace": "24h"}
+    before = user.http.cookies.copy()
+    rotated = _send(user, path, form, before)
+    assert rotated.status_code == 200
+    shown = NEW_KEY.search(rotated.text)
+    assert shown
+    again = _send(user, path, form, before)
+    assert again.status_code == 409 and "not rotated again" in again.text
+    assert not NEW_KEY.search(again.text)
+    # The original secret keeps the grace it was promised, and the new one works.
+    assert chat(dash, original["key"]).status_code == 200
+    assert chat(dash, shown.group(0)).status_code == 200
+
+
+def test_a_key_form_runs_once_across_processes_sharing_a_database(
+    pg_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Two processes on one PostgreSQL database: a form sent to one and then, with the same
+    cookie, to the other makes one key."""
+    nodes = [
+        make_gateway(tmp_path / f"n{i}", database_url=pg_url, upstream=upstream).start()
+        for i in range(2)
+    ]
+    try:
+        user = make_user(nodes[0])
+        form = {**form_of(user, "/dashboard/keys"), "name": "one of two"}
+        before = user.http.cookies.copy()
+        sent = [
+            requests.post(n.url + "/dashboard/keys", data=form, cookies=before, timeout=30)
+            for n in nodes
+        ]
+        assert [r.status_code for r in sent] == [201, 409]
+        assert count_keys(user) == 1
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_a_form_the_session_no_longer_holds_says_nothing_was_made(dash: Gateway) -> None:
+    """The session keeps the last 8 once tokens: a ninth tab's form pushes the first one's
+    out, and sending that one said "sent before, and the key it made was shown then"
+    although it made nothing."""
+    user = make_user(dash)
+    forms = [form_of(user, "/dashboard/keys") for _ in range(9)]
+    old = user.http.post(
+        user.url("/dashboard/keys"), data={**forms[0], "name": "evicted"}, timeout=30
+    )
+    assert old.status_code == 409 and "Nothing was changed" in old.text
+    assert "sent before" not in old.text and not NEW_KEY.search(old.text)
+    assert count_keys(user) == 0
+    made = user.http.post(
+        user.url("/dashboard/keys"), data={**forms[8], "name": "kept"}, timeout=30
+    )
+    assert made.status_code == 201
+
+
+def test_rotating_again_in_a_grace_warns_and_says_which_secret_stopped(dash: Gateway) -> None:
+    """A key keeps one previous secret: a second rotation within the first's grace ends the
+    original secret at once. The rotate page says so before; the answers (page and API) say
+    it happened, and until when that secret was to work."""
+    user = make_user(dash)
+    original = user.new_key(name="twice rotated")
+    path = f"/dashboard/keys/{original['id']}/rotate"
+    assert 'id="grace-running"' not in user.http.get(user.url(path), timeout=10).text
+    first = user.api("POST", f"/api/keys/{original['id']}/rotate", json={"grace": "24h"})
+    assert first.status_code == 200 and first.json()["grace_cut_short"] is None
+    page = user.http.get(user.url(path), timeout=10).text
+    assert 'id="grace-running"' in page and "stops that one now" in page
+    form = {**form_of(user, path), "grace": "1h"}
+    second = user.http.post(user.url(path), data=form, timeout=30)
+    assert second.status_code == 200 and 'id="grace-cut-short"' in second.text
+    assert chat(dash, original["key"]).status_code == 401  # as the page warned
+    third = user.api("POST", f"/api/keys/{original['id']}/rotate", json={"grace": "0"})
+    cut = third.json()["grace_cut_short"]
+    assert cut is not None and cut > time.time()
 
 
 def test_pages_of_a_key_no_longer_active_offer_no_form(dash: Gateway) -> None:
@@ -169,6 +271,27 @@ def test_sign_up_refuses_a_password_easy_to_guess(dash: Gateway) -> None:
     assert made.status_code == 200 and made.url.endswith("/dashboard/"), made.status_code
 
 
+def test_a_password_longer_than_zxcvbn_reads_signs_up_and_changes(dash: Gateway) -> None:
+    """A password manager's 100-character password was a 500 at sign-up and at a change
+    (zxcvbn raises beyond 72 characters)."""
+    http = requests.Session()
+    email = f"long-{secrets.token_hex(4)}@example.com"
+    first, second = secrets.token_urlsafe(90)[:100], secrets.token_urlsafe(200)[:256]
+    csrf = CSRF.search(http.get(dash.url + "/dashboard/signup", timeout=10).text)
+    assert csrf
+    form = {"csrf_token": csrf.group(1), "email": email, "password": first, "password2": first}
+    made = http.post(dash.url + "/dashboard/signup", data=form, timeout=30)
+    assert made.status_code == 200 and made.url.endswith("/dashboard/"), made.status_code
+    user = User(dash, email, first, http)
+    form = {"current": first, "password": second, "password2": second}
+    changed = user.post("/dashboard/account/password", form)
+    assert changed.status_code == 200 and "Password changed" in changed.text, changed.status_code
+    weak = "a" * 100
+    form = {"current": second, "password": weak, "password2": weak}
+    refused = user.post("/dashboard/account/password", form)
+    assert refused.status_code == 400 and "too easy to guess" in refused.text
+
+
 def test_a_key_pasted_into_a_form_field_is_shown_as_its_hint(dash: Gateway) -> None:
     """The JSON API showed a key pasted into a field as its hint; the pages echoed it whole:
     the key form's models field ("Unknown model `sk-cg-...`") and the admin's plan field."""
@@ -184,3 +307,59 @@ def test_a_key_pasted_into_a_form_field_is_shown_as_its_hint(dash: Gateway) -> N
     page = admin.post(path, {"plan": key})
     assert page.status_code == 404 and "No plan named" in page.text
     assert key not in page.text and hint in page.text
+
+
+def test_a_plan_name_of_dots_only_is_refused(dash: Gateway) -> None:
+    """A plan named ``.`` or ``..`` was made, and then could not be edited: the browser reads
+    /dashboard/admin/plans/.. as /dashboard/admin/, and PATCH /api/admin/plans/.. was a 404."""
+    admin = make_user(dash, admin=True)
+    for name in (".", "..", "...", "..\n"):
+        page = admin.post("/dashboard/admin/plans", {"name": name})
+        assert page.status_code == 400 and "not only dots" in page.text, (name, page.status_code)
+    plans = {p["name"] for p in admin.api("GET", "/api/plans").json()["data"]}
+    assert not {".", "..", "..."} & plans
+    name = f"v1.{secrets.token_hex(2)}"
+    assert admin.post("/dashboard/admin/plans", {"name": name}).status_code == 200
+    patched = admin.api("PATCH", f"/api/admin/plans/{name}", json={"rpm": 5})
+    assert patched.status_code == 200 and patched.json()["rpm"] == 5
+
+
+def test_form_fields_are_checked_whole_not_clipped_first(dash: Gateway) -> None:
+    """Fields were clipped before their check: a 65-character plan name was made as its
+    first 64, a plan chosen by its first 64 characters, a limit of 21 digits read as its
+    first 20, an expiry read without what followed its 20th character, and a sign-up's
+    321-character email made the account of its first 320. Each is refused now."""
+    admin = make_user(dash, admin=True)
+    name = f"p{secrets.token_hex(4)}".ljust(64, "x")
+    page = admin.post("/dashboard/admin/plans", {"name": name + "y"})
+    assert page.status_code == 400 and "1-64 letters" in page.text, page.status_code
+    plans = {p["name"] for p in admin.api("GET", "/api/plans").json()["data"]}
+    assert name not in plans
+    assert admin.post("/dashboard/admin/plans", {"name": name}).status_code == 200
+
+    user = make_user(dash)
+    account_id = user.api("GET", "/api/me").json()["id"]
+    page = admin.post(f"/dashboard/admin/accounts/{account_id}/plan", {"plan": name + "y"})
+    assert page.status_code == 404 and "No plan named" in page.text
+    assert user.api("GET", "/api/me").json()["plan"] == "free"
+
+    page = admin.post(f"/dashboard/admin/plans/{name}", {"rpm": "0" * 19 + "50"})
+    assert page.status_code == 400 and "whole number" in page.text, page.status_code
+    assert {p["name"]: p for p in admin.api("GET", "/api/plans").json()["data"]}[name][
+        "rpm"
+    ] is None
+
+    form = {**form_of(user, "/dashboard/keys"), "name": "x", "expires_in": "1d" + " " * 18 + "x"}
+    page = user.http.post(user.url("/dashboard/keys"), data=form, timeout=30)
+    assert page.status_code == 400 and "Expiry must look like" in page.text
+    assert count_keys(user) == 0
+
+    http = requests.Session()
+    email = "e" * 64 + "@" + (f"{secrets.token_hex(4)}." + "d" * 250)[:255]
+    csrf = CSRF.search(http.get(dash.url + "/dashboard/signup", timeout=10).text)
+    assert csrf and len(email) == 320
+    password = "a walrus in a bowler hat"
+    form = {"csrf_token": csrf.group(1), "email": email + "x", "password": password}
+    form["password2"] = password
+    made = http.post(dash.url + "/dashboard/signup", data=form, timeout=30)
+    assert made.status_code == 400 and "not an email address" in made.text, made.status_code

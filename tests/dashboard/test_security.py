@@ -3,6 +3,7 @@ accounts' keys, admin-only pages, cookie flags, sessions, generic messages."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from cryptography.fernet import Fernet
 
+from chatgate.settings import Settings, derive_key
 from tests.dashboard.conftest import (
     CSRF,
     PASSWORD,
@@ -407,6 +410,47 @@ def test_logout_ends_the_session(dash: Gateway) -> None:
     )
     assert user.http.get(user.url("/dashboard/keys"), timeout=10).status_code == 200
     assert user.api("POST", "/api/keys", json={"name": "after"}).status_code == 201
+
+
+def _restamped(gw: Gateway, cookie: str, **changes: object) -> str:
+    """The session cookie with ``changes`` made to what it holds, encrypted again now: what a
+    write to the session does (aiohttp-session re-stamps ``created``, Fernet its time)."""
+    secret = Settings.from_env(gw.env).resolved_secret().reveal()
+    fernet = Fernet(base64.urlsafe_b64encode(derive_key(secret, "dashboard-session")))
+    data = json.loads(fernet.decrypt(cookie.encode()))
+    data["created"] = int(time.time())
+    data["session"].update(changes)
+    return fernet.encrypt(json.dumps(data).encode()).decode()
+
+
+def test_a_login_ends_max_age_after_it_was_made_whatever_is_done(dash: Gateway) -> None:
+    """CHATGATE_SESSION_MAX_AGE is how long a login lasts: every session write re-stamped
+    the cookie, so viewing the keys page (which writes a once token) every 10 s kept a 60 s
+    login alive for ever. The login's own time (``at``) now ends it."""
+    user = make_user(dash)
+    page = user.http.get(user.url("/dashboard/keys"), allow_redirects=False, timeout=10)
+    assert page.status_code == 200
+    max_age = Settings.from_env(dash.env).session_max_age
+    # The cookie that answer wrote is fresh: made just now, by a login made max_age ago.
+    cookie = user.http.cookies["chatgate_session"]
+    made = int(time.time()) - max_age - 1
+    old = _restamped(dash, cookie, at=made)
+    for path in ("/dashboard/keys", "/dashboard/"):
+        resp = requests.get(
+            dash.url + path, cookies={"chatgate_session": old}, allow_redirects=False, timeout=10
+        )
+        assert resp.status_code == 303 and "/dashboard/login" in resp.headers["Location"], path
+    resp = requests.get(dash.url + "/api/me", cookies={"chatgate_session": old}, timeout=10)
+    assert resp.status_code == 401
+    # A login with time left works, and its cookie ends with it, not max_age from now.
+    young = _restamped(dash, cookie, at=made + 60)
+    resp = requests.get(
+        dash.url + "/dashboard/keys", cookies={"chatgate_session": young}, timeout=10
+    )
+    assert resp.status_code == 200
+    written = resp.headers["Set-Cookie"]
+    left = int(re.search(r"Max-Age=(\d+)", written).group(1))  # type: ignore[union-attr]
+    assert left <= 60
 
 
 def test_password_change_ends_other_sessions(dash: Gateway) -> None:

@@ -3,6 +3,7 @@ input parsing, charts, CSV safety."""
 
 from __future__ import annotations
 
+import secrets
 import ssl
 import time
 from pathlib import Path
@@ -70,6 +71,18 @@ def test_a_password_easy_to_guess_is_refused_saying_why(password: str, said: str
     problem = password_problem(password, "gina@example.com")
     assert problem is not None and said in problem, problem
     assert password_problem("correct horse battery staple", "gina@example.com") is None
+
+
+@pytest.mark.parametrize("length", [73, 100, 256])
+def test_a_long_password_is_judged_not_refused_by_zxcvbn(length: int) -> None:
+    """zxcvbn reads at most 72 characters (a ValueError beyond, which was a 500 at sign-up):
+    a password manager's long password is strong, a long repeat still is not."""
+    strong = (secrets.token_urlsafe(200) * 2)[:length]
+    assert password_problem(strong, "gina@example.com") is None
+    assert password_problem("a" * (length - 20) + secrets.token_urlsafe(15)[:20]) is None
+    weak = password_problem("a" * length, "gina@example.com")
+    assert weak is not None and "Repeats" in weak, weak
+    assert password_problem("password" * (length // 8 + 1)) is not None
 
 
 def test_periods() -> None:
