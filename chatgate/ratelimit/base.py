@@ -451,6 +451,16 @@ class Ledger:
             found.append(reservation)
         return found
 
+    def held(self) -> dict[str, int]:
+        """The tokens the open reservations hold of each quota counter (by its key): what a
+        seed must not swallow (:meth:`Limiter.seed`). O(open reservations)."""
+        held: dict[str, int] = {}
+        for _, reservation in self._open.values():
+            if reservation.tokens:
+                for key in {check.key for check in reservation.checks if check.kind == "quota"}:
+                    held[key] = held.get(key, 0) + reservation.tokens
+        return held
+
     def __len__(self) -> int:
         return len(self._open)
 
@@ -587,7 +597,9 @@ class Limiter(ABC):
         as seeded (if the seed is whole).
 
         Never lowers one: what this store counted since it lost them may not all be recorded
-        yet. Raises :class:`LimiterUnavailable`.
+        yet. A quota counter's reservations still open are not in the records yet: what the
+        counter holds besides them is raised, and they stay on top (their settlements give
+        them back). Raises :class:`LimiterUnavailable`.
         """
 
     @abstractmethod

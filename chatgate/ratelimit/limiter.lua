@@ -20,10 +20,10 @@ ARGV[6]    m: the first m checks are a second reservation's, taken with the othe
            their concurrency sets hold ARGV[7], that reservation's lease id (0 and "": none)
 ARGV[7]    the lease id of the first m checks
 then       per settlement, in the order they are applied: lease id, delta (actual - reserved
-           tokens: negative gives back, positive may go into debt), k (its number of
-           buckets, each passed once, concurrency sets first; -k when no call that carried
-           it before can have run, so its tokens move whatever became of its lease), then
-           per bucket 3 values:
+           tokens: negative gives back, positive may go into debt), the reserved tokens, k
+           (its number of buckets, each passed once, concurrency sets first; -k when no call
+           that carried it before can have run, so its tokens move whatever became of its
+           lease), then per bucket 3 values:
            kind ("r" rate | "c" concurrency | "q" quota | "n" renew the lease in this
            concurrency set for ARGV[4] from now, if it is still there | "R", "Q" a seed: raise
            the rate bucket's level or the quota counter to at least delta), limit, window in
@@ -53,6 +53,15 @@ expires a TTL after its last lease) gives theirs back, before it reads any level
 counter it reads holds live reservations only. What was
 given back is kept in "<set>|g": a process only cut off from Redis for a TTL, whose
 settlement comes after all, is charged it again there, then its own difference.
+
+So a quota counter holds a reservation exactly while its lease or its line is there. A
+settlement gives back only what the counter it is applied to holds: one that finds neither
+(Redis lost its data: a restart without persistence, a flush) meets a counter begun again,
+re-seeded from the usage records, which its request is not in yet; it charges what was used
+and gives nothing back (it gave back the whole unused reservation, and clamped at 0 that
+wiped out the month's usage). A seed ("Q") raises what a counter holds besides the lines
+still charged to it, which the records cannot hold yet; raising the whole counter swallowed
+them, and their settlements then gave back what it no longer held.
 ]]
 
 local t = redis.call('TIME')
@@ -133,10 +142,11 @@ end
 -- slot was still there to free, so it applies once.
 local k, a = 0, 7
 for _ = 1, settlements do
-  local owner, delta, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local owner, delta, reserved = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local count = tonumber(ARGV[a + 4])
   local leased, freed, sure = false, false, count < 0
   if sure then count = -count end
-  a = a + 3
+  a = a + 4
   for _ = 1, count do
     k = k + 1
     local key = KEYS[k]
@@ -165,8 +175,16 @@ for _ = 1, settlements do
     elseif kind == 'R' then
       if delta > drained(key, limit, span) then store(key, delta, limit, span) end
     elseif kind == 'Q' then
-      if delta > tonumber(redis.call('GET', key) or '0') then
-        redis.call('SET', key, string.format('%d', delta))
+      -- Raise the counter less the reservations still charged to it (their lines, in its
+      -- scope's set: a marker's when the scope has no limit of its own) to at least delta.
+      local held = 0
+      for _, lines in ipairs(redis.call('HVALS', string.sub(key, 1, -11) .. '|c|h')) do
+        for amount, charged in string.gmatch(lines, '(%d+) ([^\n]+)') do
+          if charged == key then held = held + tonumber(amount) end
+        end
+      end
+      if delta + held > tonumber(redis.call('GET', key) or '0') then
+        redis.call('SET', key, string.format('%d', delta + held))
         redis.call('EXPIREAT', key, math.ceil(span + keep))
       end
     elseif leased and not freed and not sure then
@@ -179,9 +197,13 @@ for _ = 1, settlements do
         redis.call('DEL', key)
       end
     else
+      -- A quota counter. Its lease or its line not found on a first send: Redis lost them,
+      -- and the counter (begun again) holds none of the reservation: what was used is charged.
+      local change = delta
+      if leased and not freed then change = reserved + delta end
       local used = redis.call('GET', key)
-      if used or delta > 0 then
-        redis.call('SET', key, string.format('%d', math.max(tonumber(used or '0') + delta, 0)))
+      if used or change > 0 then
+        redis.call('SET', key, string.format('%d', math.max(tonumber(used or '0') + change, 0)))
         redis.call('EXPIREAT', key, math.ceil(span + keep))
       end
     end

@@ -182,16 +182,19 @@ class MemoryLimiter(Limiter):
         return month in self._seeded
 
     async def seed(self, seed: Seed) -> None:
-        """Raise each quota counter and rate bucket of ``seed`` to at least its value."""
+        """Raise each quota counter (less the open reservations it holds, which the records
+        cannot hold yet) and rate bucket of ``seed`` to at least its value."""
         state = self._state
         kept = month_end(seed.month) + QUOTA_RETENTION
+        held = self._ledger.held() if seed.quotas else {}
         for scope, tokens in seed.quotas.items():
             key = Check.monthly_quota(scope, 0, seed.month).key
             entry = state.get(key)
+            at_least = tokens + held.get(key, 0)
             if isinstance(entry, Counter):
-                entry.used = max(entry.used, tokens)
+                entry.used = max(entry.used, at_least)
             else:
-                state[key] = Counter(tokens, kept)
+                state[key] = Counter(at_least, kept)
         now = self._clock()
         for check, level in seed.rates:
             entry = state.get(check.key)

@@ -511,6 +511,66 @@ async def test_settled_reservations_leave_nothing_held(harness: Harness) -> None
     assert await limiter.quota_used("acct:x") == 410
 
 
+async def _lose_redis_data(harness: Harness) -> None:
+    """What a Redis restarted without persistence (or the tester's FLUSHDB) does to this
+    limiter: every key of its prefix gone (the shared server's other keys are left alone)."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=harness.prefix + "*", count=1000)]
+        assert keys
+        await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def test_a_settlement_after_redis_lost_its_data_charges_what_was_used(
+    harness: Harness,
+) -> None:
+    """A request running when Redis lost its data: the counter is re-seeded from the usage
+    records (90), which it is not in yet, so it holds none of the 209 reserved; its
+    settlement charges the 28 used. It gave back 181 it never held: the quota of 300 read 0
+    and the account got its month back (406 tokens spent, found by QA). The budget alike."""
+    _redis_only(harness)
+    limiter = harness.make(lease_ttl=30.0)
+    month = month_of(time.time())
+    checks = [Check.concurrent("key:k", 5), Check.monthly_quota("acct:x", 300)]
+    spent, budget = await limiter.acquire_both(BUDGET, 200, checks, 100)
+    assert spent.reservation is not None and budget is not None and budget.reservation
+    await limiter.settle(spent.reservation, 90)
+    await limiter.settle(budget.reservation, 100)
+    slow, held = await limiter.acquire_both(BUDGET, 600, checks, 209)
+    assert slow.reservation is not None and held is not None and held.reservation
+    assert await limiter.quota_used("acct:x") == 299
+    await _lose_redis_data(harness)
+    await limiter.seed(Seed(month, {"acct:x": 90, "usd:acct:x": 100}))  # the records
+    assert await limiter.quota_used("acct:x") == 90
+    assert await limiter.settle(slow.reservation, 28)
+    assert await limiter.settle(held.reservation, 150)
+    assert await limiter.quota_used("acct:x") == 90 + 28
+    assert await limiter.quota_used("usd:acct:x") == 100 + 150
+    refused = await limiter.acquire(checks, 183)  # 118 + 183 > 300: the month still counts
+    assert not refused.allowed and refused.failed == checks[1].resolved(time.time())
+
+
+async def test_a_seed_keeps_the_reservations_in_flight(harness: Harness) -> None:
+    """A seed raises a counter to the usage records, which hold no request still running: it
+    raises what the counter holds besides their reservations, and they stay on top for their
+    settlements to give back. Raising the whole counter swallowed them (299 raised to 400),
+    and the settlement then gave back 181 tokens it no longer held (219, where the records
+    say 428). It happens to a Redis seeded after an outage with requests in flight, and to
+    the in-process fallback, seeded while an outage begins."""
+    limiter = harness.make(lease_ttl=30.0)
+    quota = [Check.monthly_quota("acct:x", 1000, "2026-11")]
+    await limiter.settle(await take(limiter, quota, 100), 90)
+    slow = await take(limiter, quota, 209)
+    await limiter.seed(Seed("2026-11", {"acct:x": 60}))  # below the 90 used: no change
+    assert await limiter.quota_used("acct:x", "2026-11") == 299
+    await limiter.seed(Seed("2026-11", {"acct:x": 400}))  # other processes counted more
+    assert await limiter.quota_used("acct:x", "2026-11") == 400 + 209
+    assert await limiter.settle(slow, 28)
+    assert await limiter.quota_used("acct:x", "2026-11") == 400 + 28
+
+
 async def test_gateway_renews_running_requests_leases(harness: Harness) -> None:
     """Limits.run_renewal (a task of every gateway process) keeps a running request's slot
     past its lease TTL, on the real clock; stopped, it renews nothing more."""
@@ -569,7 +629,7 @@ async def test_seeding_raises_quota_counters_and_never_lowers_them(limiter: Limi
     month = "2026-11"
     quota = Check.monthly_quota("acct:x", 1000, month)
     assert not await limiter.seeded(month)
-    await take(limiter, [quota], 300)  # counted before the seed: kept when above it
+    await limiter.settle(await take(limiter, [quota], 300), 300)  # counted before the seed
     await limiter.seed(Seed(month, {"acct:y": 700}, whole=False))  # one change's scopes
     assert await limiter.quota_used("acct:y", month) == 700
     assert not await limiter.seeded(month)  # the whole seed is still to come
@@ -955,7 +1015,8 @@ async def test_failover_seeds_its_fallback_again_when_an_outage_begins() -> None
     quota = [Check.monthly_quota("acct:x", 1000)]
     await take(limiter, quota, 400)  # counted by the primary only
     primary.up = False
-    await take(limiter, quota, 10)  # the outage begins: the fallback answers, its count stale
+    # The outage begins: the fallback answers (its count stale) a request that ends.
+    await limiter.settle(await take(limiter, quota, 10), 10)
     assert not await limiter.seeded(month)  # so it wants seeding again
     await limiter.seed(Seed(month, {"acct:z": 5}, whole=False))  # one change: not enough
     assert not await limiter.seeded(month)
