@@ -34,8 +34,10 @@ then       per check (the KEYS left after the settlements' ones), 4 values: kind
            lowered) is brought down to it, so its wait is never longer than one window, where
            tokens owed by a settlement stay owed
 Reply      "allowed failed retry_after level_1 .. level_n", one string, the values apart by
-           a space: allowed 0|1, failed the index of the first failing check (0 = none),
-           retry_after -1 = never; levels are each check's state before this request.
+           a space: allowed 0|1, failed the index of the check that answers the refusal
+           (0 = none): of those that fail, the first quota, else the longest wait, the first
+           on a tie (base.answers_refusal); retry_after its wait, -1 = never; levels are each
+           check's state before this request.
            One string, not an array: the caller reads it with one split instead of an
            array's item by item; floats as %.17g (exact), which an array would need too
            (Redis truncates Lua numbers to integers). With no checks (a flush): "1 0 0".
@@ -215,6 +217,7 @@ end
 local n = #KEYS - k
 local kinds, limits, spans, costs, levels = {}, {}, {}, {}, {}
 local failed, retry = 0, 0
+local TIE = 1e-6  -- seconds within which two waits are equal (base.RESET_TIE)
 
 for i = 1, n do
   local b = a + (i - 1) * 4
@@ -242,21 +245,27 @@ for i = 1, n do
   end
   levels[i] = level
 
-  if failed == 0 and level + cost > limit + EPS then
-    failed = i
+  -- A refusal is answered by a quota (the first), else by the longest wait (the first on a
+  -- tie): waiting it lets the request through as far as every limit that refused goes.
+  if level + cost > limit + EPS and (failed == 0 or kinds[failed] ~= 'q') then
+    local wait
     if cost > limit or (limit <= 0 and (kind == 'r' or kind == 'p')) then
-      retry = -1
+      wait = math.huge
     elseif kind == 'r' or kind == 'p' then
-      retry = (level + cost - limit) * span / limit
+      wait = (level + cost - limit) * span / limit
     elseif kind == 'c' then
-      retry = hint
+      wait = hint
       local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-      if first[2] then retry = math.min(hint, math.max(tonumber(first[2]) - now, 0)) end
+      if first[2] then wait = math.min(hint, math.max(tonumber(first[2]) - now, 0)) end
     else
-      retry = math.max(span - now, 0)
+      wait = math.max(span - now, 0)
+    end
+    if failed == 0 or kind == 'q' or wait > retry + TIE then
+      failed, retry = i, wait
     end
   end
 end
+if retry == math.huge then retry = -1 end
 
 local reply = {0, failed, string.format('%.17g', retry)}
 for i = 1, n do reply[3 + i] = string.format('%.17g', levels[i]) end

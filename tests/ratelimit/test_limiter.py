@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import chatgate.ratelimit as rl
-from chatgate.limits import Admission, Limits, refusal
+from chatgate.limits import Admission, Limits, headers_for, refusal
 from chatgate.ratelimit import (
     Check,
     FailoverLimiter,
@@ -208,13 +208,88 @@ async def test_all_or_nothing(limiter: Limiter) -> None:
     assert d2.allowed  # only 2 of the slots are held
 
 
-async def test_first_failing_check_in_order_answers(limiter: Limiter) -> None:
-    tight_tokens, tight_requests = Check.tpm("key:a", 10), Check.rpm("acct:x", 1)
-    await take(limiter, [tight_requests])
-    d = await limiter.acquire([Check.rpm("key:a", 100), tight_tokens, tight_requests], 50)
-    assert d.failed == tight_tokens
-    d = await limiter.acquire([tight_requests, tight_tokens], 50)
-    assert d.failed == tight_requests
+async def test_the_longest_wait_of_the_limits_that_refuse_answers(harness: Harness) -> None:
+    """A plan of 3 requests a minute and 3 a day (QA): the fourth request was told to retry
+    in 20 s (the minute's), and then refused again for 8 h (the day's); the 429 named the
+    first limit that refused, in the checks' order, and its headers the minute's reset (1m0s)
+    where the 200 before it had said 24h0m0s. Now, in either order, the longest wait answers,
+    waiting it lets the request through, and the 429's headers are the 200's."""
+    limiter = harness.make()
+    for n, order in enumerate(((0, 1), (1, 0))):
+        limits = [Check.rpm(f"acct:{n}", 3), Check.rpd(f"acct:{n}", 3)]
+        checks = [limits[i] for i in order]
+        for _ in range(3):
+            last = await limiter.acquire(checks)
+            assert last.allowed
+        refused = await limiter.acquire(checks)
+        assert not refused.allowed and refused.failed == limits[1]
+        assert 86400 / 3 - 60 < refused.retry_after <= 86400 / 3
+        assert "requests per day (RPD): Limit 3, Used 3" in refusal(refused, "m").message
+        assert refused.requests is not None and last.requests is not None
+        assert (refused.requests.limit, refused.requests.remaining) == (3, 0)
+        assert refused.requests.reset_after > 86400 - 60  # the day's, as the 200 said
+        if harness.clock is not None:  # the same to the character, on a clock of our own
+            reset = "x-ratelimit-reset-requests"
+            assert refusal(refused, "m").headers[reset] == headers_for(last)[reset] == "24h0m0s"
+            harness.travel(20.0)  # the minute's wait: the day's still refuses
+            assert not (await limiter.acquire(checks)).allowed
+            harness.travel(86400 / 3 - 20.0)
+            assert (await limiter.acquire(checks)).allowed
+
+
+async def test_tokens_and_requests_refusing_answer_with_the_longer_wait(limiter: Limiter) -> None:
+    """The requests wait 30 s, the tokens 60 s: the tokens answer, whatever the order; a
+    request that can never pass (more than a limit) answers over any wait."""
+    per_min, tokens = Check.rpm("key:a", 2), Check.tpm("acct:x", 100)
+    for _ in range(2):
+        await take(limiter, [per_min, tokens], 50)
+    for checks in ([per_min, tokens], [tokens, per_min]):
+        refused = await limiter.acquire(checks, 100)
+        assert refused.failed == tokens and 59.0 < refused.retry_after <= 60.0
+        assert refused.requests is not None and refused.requests.remaining == 0
+        assert refused.tokens is not None and refused.tokens.remaining == 0
+    too_large = Check.tpm("key:a", 10)
+    refused = await limiter.acquire([per_min, too_large, tokens], 50)
+    assert refused.failed == too_large and refused.retry_after == math.inf
+
+
+async def test_a_refusals_headers_follow_the_successes_rule(limiter: Limiter) -> None:
+    """The headers of a 429 are the most restrictive limit of each kind, as a 200's are,
+    not the values of the limit that answers: here the day's tokens answer (86 s to wait,
+    40 left) while the minute's have 5 left, which the 200 before reported."""
+    per_min, per_day = Check.tpm("acct:x", 100), Check("acct:x", "tokens", 10_000, 86400.0)
+    await take(limiter, [per_day], 9865)
+    last = await limiter.acquire([per_min, per_day], 95)
+    assert last.tokens is not None and (last.tokens.limit, last.tokens.remaining) == (100, 5)
+    for checks in ([per_min, per_day], [per_day, per_min]):
+        refused = await limiter.acquire(checks, 50)
+        assert refused.failed == per_day and 86.0 < refused.retry_after <= 86.4 + 1e-6
+        assert refused.tokens is not None
+        assert (refused.tokens.limit, refused.tokens.remaining) == (100, 5)
+
+
+async def test_a_spent_quota_answers_over_a_rate_limit(limiter: Limiter) -> None:
+    """A plan of 40 tokens a month and a key of 2 requests a minute (QA): with the month spent
+    and the minute's requests too, the client was told to retry in 30 s (a retryable
+    rate_limit_exceeded), only to get insufficient_quota after it waited. A quota answers
+    whenever it refuses, in either order; a budget beside the limits too."""
+    per_min, quota = Check.rpm("key:k", 2), Check.monthly_quota("acct:x", 40)
+    for checks in ([per_min, quota], [quota, per_min]):
+        await limiter.reset("key:k")
+        await limiter.reset("acct:x")
+        await limiter.settle(await take(limiter, checks, 30), 30)
+        await limiter.settle(await take(limiter, checks, 10), 10)
+        refused = await limiter.acquire(checks, 10)
+        assert not refused.allowed and refused.failed is not None
+        assert refused.failed.kind == "quota" and refused.used == 40
+        error = refusal(refused, "gpt-test")
+        assert error.code == "insufficient_quota" and error.headers["x-should-retry"] == "false"
+    rpm = [Check.rpm("key:b", 1)]
+    decision, budget = await limiter.acquire_both(BUDGET, 1000, rpm, 0)
+    assert decision.allowed and budget is not None
+    refused, none = await limiter.acquire_both(BUDGET, 10, rpm, 0)  # both refuse
+    assert none is None and refused.failed is not None
+    assert refused.failed.scope == "usd:acct:x"
 
 
 BUDGET = [Check.monthly_quota("usd:acct:x", 1000)]  # counted in its own unit (nano-dollars)
