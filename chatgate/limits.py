@@ -1,9 +1,11 @@
 """Plans and keys -> limiter checks; decisions -> OpenAI's 429s and ``x-ratelimit-*`` headers.
 
 Scopes: the account (``acct:<id>``) is held to its plan; a key (``key:<id>``) additionally to
-its own overrides, when it has any. Checks run key first, then account; the first that fails
-answers. Token limits reserve ``prompt tokens + max_tokens`` (or ``default_max_tokens``)
-before the call and settle to the real usage after (:meth:`Limits.settle_soon`).
+its own overrides, when it has any. Checks run key first, then account; when some refuse, a
+quota answers (``insufficient_quota``, not retried), else the one with the longest wait, whose
+wait is ``retry-after`` (:func:`chatgate.ratelimit.base.answers_refusal`). Token limits
+reserve ``prompt tokens + max_tokens`` (or ``default_max_tokens``) before the call and settle
+to the real usage after (:meth:`Limits.settle_soon`).
 """
 
 from __future__ import annotations

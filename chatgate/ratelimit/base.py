@@ -247,11 +247,12 @@ class Reservation:
 class Decision:
     """The answer to :meth:`Limiter.acquire`.
 
-    When refused, ``failed`` is the first failing check in the order given, ``used`` what it
-    had used, ``requested`` what this request asked of it, and ``retry_after`` seconds until
-    it could pass (``math.inf`` when it never can: the cost exceeds the limit).
-    ``requests``/``tokens`` carry header values: the most restrictive check of each kind
-    (the failing one's own values when it is of that kind).
+    When refused, ``failed`` is the check that answers among those that refuse (see
+    :func:`answers_refusal`: a quota, else the longest wait), ``used`` what it had used,
+    ``requested`` what this request asked of it, and ``retry_after`` seconds until it could
+    pass (``math.inf`` when it never can: the cost exceeds the limit).
+    ``requests``/``tokens`` carry header values: the most restrictive check of each kind, as
+    an allowed request's (of the levels it found, since it took nothing).
     """
 
     allowed: bool
@@ -280,11 +281,23 @@ def used_units(level: float) -> int:
     return used if used > 0 else 0
 
 
-def rate_status(check: Check, level: float) -> RateStatus:
-    """Header values for a rate check whose bucket is at ``level``."""
-    status = most_restrictive(((check, level),))
-    assert status is not None
-    return status
+def answers_refusal(check: Check, wait: float, best: Check | None, best_wait: float) -> bool:
+    """Whether ``check``, which refuses this request for ``wait`` seconds (``math.inf``:
+    never passes), answers the refusal instead of ``best``, the one chosen so far among the
+    checks before it (``None``: none yet), which refuses for ``best_wait``.
+
+    A quota answers over any rate or concurrency limit: its refusal says the month is spent,
+    and is not retried (a rate limit's would be, only to meet the quota's). Among quotas the
+    first; among the others the longest wait, the first on a tie (waits within
+    :data:`RESET_TIE` of each other tie: both limiters work them out in floats, in different
+    expressions). So ``retry_after`` is a wait after which every limit that refused lets the
+    request through. Both limiters choose by it (``limiter.lua`` writes it out).
+    """
+    if best is None:
+        return True
+    if best.kind == "quota":
+        return False
+    return check.kind == "quota" or wait > best_wait + RESET_TIE
 
 
 def most_restrictive(pairs: Iterable[tuple[Check, float]]) -> RateStatus | None:
@@ -328,7 +341,10 @@ def decide(
     """Build a :class:`Decision` from each check's state before this request.
 
     Shared by every implementation so they agree on rounding and header choice.
-    ``failed`` is the index of the first failing check, or ``None``.
+    ``failed`` is the index of the check that answers the refusal (:func:`answers_refusal`),
+    or ``None``. The headers are the most restrictive of each kind either way, as a success
+    reports them (a refusal's of the levels before it, since it took nothing): the failing
+    check's own values made a 429 report another limit than the 200 before it.
     """
     after = failed is None
     rates: dict[str, list[tuple[Check, float]]] = {"requests": [], "tokens": []}
@@ -340,10 +356,6 @@ def decide(
     if failed is None:
         return Decision(True, reservation, requests=requests, tokens=tokens)
     check = checks[failed]
-    if check.kind == "requests":
-        requests = rate_status(check, levels[failed])
-    elif check.kind == "tokens":
-        tokens = rate_status(check, levels[failed])
     return Decision(
         False,
         None,
@@ -450,6 +462,16 @@ class Ledger:
                 break
             found.append(reservation)
         return found
+
+    def held(self) -> dict[str, int]:
+        """The tokens the open reservations hold of each quota counter (by its key): what a
+        seed must not swallow (:meth:`Limiter.seed`). O(open reservations)."""
+        held: dict[str, int] = {}
+        for _, reservation in self._open.values():
+            if reservation.tokens:
+                for key in {check.key for check in reservation.checks if check.kind == "quota"}:
+                    held[key] = held.get(key, 0) + reservation.tokens
+        return held
 
     def __len__(self) -> int:
         return len(self._open)
@@ -587,7 +609,9 @@ class Limiter(ABC):
         as seeded (if the seed is whole).
 
         Never lowers one: what this store counted since it lost them may not all be recorded
-        yet. Raises :class:`LimiterUnavailable`.
+        yet. A quota counter's reservations still open are not in the records yet: what the
+        counter holds besides them is raised, and they stay on top (their settlements give
+        them back). Raises :class:`LimiterUnavailable`.
         """
 
     @abstractmethod

@@ -20,10 +20,10 @@ ARGV[6]    m: the first m checks are a second reservation's, taken with the othe
            their concurrency sets hold ARGV[7], that reservation's lease id (0 and "": none)
 ARGV[7]    the lease id of the first m checks
 then       per settlement, in the order they are applied: lease id, delta (actual - reserved
-           tokens: negative gives back, positive may go into debt), k (its number of
-           buckets, each passed once, concurrency sets first; -k when no call that carried
-           it before can have run, so its tokens move whatever became of its lease), then
-           per bucket 3 values:
+           tokens: negative gives back, positive may go into debt), the reserved tokens, k
+           (its number of buckets, each passed once, concurrency sets first; -k when no call
+           that carried it before can have run, so its tokens move whatever became of its
+           lease), then per bucket 3 values:
            kind ("r" rate | "c" concurrency | "q" quota | "n" renew the lease in this
            concurrency set for ARGV[4] from now, if it is still there | "R", "Q" a seed: raise
            the rate bucket's level or the quota counter to at least delta), limit, window in
@@ -34,8 +34,10 @@ then       per check (the KEYS left after the settlements' ones), 4 values: kind
            lowered) is brought down to it, so its wait is never longer than one window, where
            tokens owed by a settlement stay owed
 Reply      "allowed failed retry_after level_1 .. level_n", one string, the values apart by
-           a space: allowed 0|1, failed the index of the first failing check (0 = none),
-           retry_after -1 = never; levels are each check's state before this request.
+           a space: allowed 0|1, failed the index of the check that answers the refusal
+           (0 = none): of those that fail, the first quota, else the longest wait, the first
+           on a tie (base.answers_refusal); retry_after its wait, -1 = never; levels are each
+           check's state before this request.
            One string, not an array: the caller reads it with one split instead of an
            array's item by item; floats as %.17g (exact), which an array would need too
            (Redis truncates Lua numbers to integers). With no checks (a flush): "1 0 0".
@@ -53,6 +55,15 @@ expires a TTL after its last lease) gives theirs back, before it reads any level
 counter it reads holds live reservations only. What was
 given back is kept in "<set>|g": a process only cut off from Redis for a TTL, whose
 settlement comes after all, is charged it again there, then its own difference.
+
+So a quota counter holds a reservation exactly while its lease or its line is there. A
+settlement gives back only what the counter it is applied to holds: one that finds neither
+(Redis lost its data: a restart without persistence, a flush) meets a counter begun again,
+re-seeded from the usage records, which its request is not in yet; it charges what was used
+and gives nothing back (it gave back the whole unused reservation, and clamped at 0 that
+wiped out the month's usage). A seed ("Q") raises what a counter holds besides the lines
+still charged to it, which the records cannot hold yet; raising the whole counter swallowed
+them, and their settlements then gave back what it no longer held.
 ]]
 
 local t = redis.call('TIME')
@@ -133,10 +144,11 @@ end
 -- slot was still there to free, so it applies once.
 local k, a = 0, 7
 for _ = 1, settlements do
-  local owner, delta, count = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local owner, delta, reserved = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local count = tonumber(ARGV[a + 4])
   local leased, freed, sure = false, false, count < 0
   if sure then count = -count end
-  a = a + 3
+  a = a + 4
   for _ = 1, count do
     k = k + 1
     local key = KEYS[k]
@@ -165,8 +177,16 @@ for _ = 1, settlements do
     elseif kind == 'R' then
       if delta > drained(key, limit, span) then store(key, delta, limit, span) end
     elseif kind == 'Q' then
-      if delta > tonumber(redis.call('GET', key) or '0') then
-        redis.call('SET', key, string.format('%d', delta))
+      -- Raise the counter less the reservations still charged to it (their lines, in its
+      -- scope's set: a marker's when the scope has no limit of its own) to at least delta.
+      local held = 0
+      for _, lines in ipairs(redis.call('HVALS', string.sub(key, 1, -11) .. '|c|h')) do
+        for amount, charged in string.gmatch(lines, '(%d+) ([^\n]+)') do
+          if charged == key then held = held + tonumber(amount) end
+        end
+      end
+      if delta + held > tonumber(redis.call('GET', key) or '0') then
+        redis.call('SET', key, string.format('%d', delta + held))
         redis.call('EXPIREAT', key, math.ceil(span + keep))
       end
     elseif leased and not freed and not sure then
@@ -179,9 +199,13 @@ for _ = 1, settlements do
         redis.call('DEL', key)
       end
     else
+      -- A quota counter. Its lease or its line not found on a first send: Redis lost them,
+      -- and the counter (begun again) holds none of the reservation: what was used is charged.
+      local change = delta
+      if leased and not freed then change = reserved + delta end
       local used = redis.call('GET', key)
-      if used or delta > 0 then
-        redis.call('SET', key, string.format('%d', math.max(tonumber(used or '0') + delta, 0)))
+      if used or change > 0 then
+        redis.call('SET', key, string.format('%d', math.max(tonumber(used or '0') + change, 0)))
         redis.call('EXPIREAT', key, math.ceil(span + keep))
       end
     end
@@ -193,6 +217,7 @@ end
 local n = #KEYS - k
 local kinds, limits, spans, costs, levels = {}, {}, {}, {}, {}
 local failed, retry = 0, 0
+local TIE = 1e-6  -- seconds within which two waits are equal (base.RESET_TIE)
 
 for i = 1, n do
   local b = a + (i - 1) * 4
@@ -220,21 +245,27 @@ for i = 1, n do
   end
   levels[i] = level
 
-  if failed == 0 and level + cost > limit + EPS then
-    failed = i
+  -- A refusal is answered by a quota (the first), else by the longest wait (the first on a
+  -- tie): waiting it lets the request through as far as every limit that refused goes.
+  if level + cost > limit + EPS and (failed == 0 or kinds[failed] ~= 'q') then
+    local wait
     if cost > limit or (limit <= 0 and (kind == 'r' or kind == 'p')) then
-      retry = -1
+      wait = math.huge
     elseif kind == 'r' or kind == 'p' then
-      retry = (level + cost - limit) * span / limit
+      wait = (level + cost - limit) * span / limit
     elseif kind == 'c' then
-      retry = hint
+      wait = hint
       local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-      if first[2] then retry = math.min(hint, math.max(tonumber(first[2]) - now, 0)) end
+      if first[2] then wait = math.min(hint, math.max(tonumber(first[2]) - now, 0)) end
     else
-      retry = math.max(span - now, 0)
+      wait = math.max(span - now, 0)
+    end
+    if failed == 0 or kind == 'q' or wait > retry + TIE then
+      failed, retry = i, wait
     end
   end
 end
+if retry == math.huge then retry = -1 end
 
 local reply = {0, failed, string.format('%.17g', retry)}
 for i = 1, n do reply[3 + i] = string.format('%.17g', levels[i]) end

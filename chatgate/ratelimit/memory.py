@@ -29,6 +29,7 @@ from .base import (
     Limiter,
     Reservation,
     Seed,
+    answers_refusal,
     decide,
     month_end,
     month_of,
@@ -108,7 +109,7 @@ class MemoryLimiter(Limiter):
         The hot path of every limited request: the checks' compiled admission
         (:func:`.program.compile_checks`) reads each bucket and stops at the first that
         would overflow, or takes them all and works out the headers. A refusal is worked out
-        again in full by :meth:`_refuse`, in the checks' own order.
+        again in full by :meth:`_refuse`, over every check.
         """
         now = self._clock()
         program = self._programs.for_checks(checks, now)
@@ -130,7 +131,8 @@ class MemoryLimiter(Limiter):
         return decision
 
     def _refuse(self, resolved: tuple[Check, ...], cost_tokens: int, now: float) -> Decision:
-        """The refusal for checks one of which fails: the first failing one, in their order."""
+        """The refusal for checks one of which fails: of all those that fail, the one
+        :func:`.base.answers_refusal` picks (a quota, else the longest wait)."""
         levels = [self._level(check, now) for check in resolved]
         for i, check in enumerate(resolved):
             if check.kind == "requests" and levels[i] > check.limit > 0:
@@ -139,10 +141,12 @@ class MemoryLimiter(Limiter):
                 levels[i] = float(check.limit)
                 self._state[check.key] = Bucket(levels[i], now, check.rate)
         costs = [cost_tokens if check.charges_tokens else 1 for check in resolved]
-        failed = next(
-            i for i, check in enumerate(resolved) if levels[i] + costs[i] > check.limit + EPS
-        )
-        retry = self._retry(resolved[failed], levels[failed], costs[failed], now)
+        failed, retry = -1, 0.0
+        for i, check in enumerate(resolved):
+            if levels[i] + costs[i] > check.limit + EPS:
+                wait = self._retry(check, levels[i], costs[i], now)
+                if answers_refusal(check, wait, resolved[failed] if failed >= 0 else None, retry):
+                    failed, retry = i, wait
         self._sweep(now, 2)
         return decide(resolved, levels, costs, failed, retry, None)
 
@@ -182,16 +186,19 @@ class MemoryLimiter(Limiter):
         return month in self._seeded
 
     async def seed(self, seed: Seed) -> None:
-        """Raise each quota counter and rate bucket of ``seed`` to at least its value."""
+        """Raise each quota counter (less the open reservations it holds, which the records
+        cannot hold yet) and rate bucket of ``seed`` to at least its value."""
         state = self._state
         kept = month_end(seed.month) + QUOTA_RETENTION
+        held = self._ledger.held() if seed.quotas else {}
         for scope, tokens in seed.quotas.items():
             key = Check.monthly_quota(scope, 0, seed.month).key
             entry = state.get(key)
+            at_least = tokens + held.get(key, 0)
             if isinstance(entry, Counter):
-                entry.used = max(entry.used, tokens)
+                entry.used = max(entry.used, at_least)
             else:
-                state[key] = Counter(tokens, kept)
+                state[key] = Counter(at_least, kept)
         now = self._clock()
         for check, level in seed.rates:
             entry = state.get(check.key)

@@ -182,7 +182,7 @@ def _unsure(part: _Part) -> _Part:
     """A queued settlement whose call may have run: its count made positive again, so the
     script moves its tokens only if it still frees a slot (it applies once)."""
     at = 0
-    for _ in range(2):  # past the lease id and the delta (bulk strings: $n, data)
+    for _ in range(3):  # past the lease id, the delta and the reserved tokens ($n, data)
         line = part.args.index(b"\r\n", at)
         at = line + 2 + int(part.args[at + 1 : line]) + 2
     line = part.args.index(b"\r\n", at)
@@ -192,8 +192,8 @@ def _unsure(part: _Part) -> _Part:
 
 
 # A queued settlement: its part of the call (its buckets in KEYS; in ARGV the lease id, the
-# delta, the bucket count, then kind/limit/span per bucket), and the future its settle
-# waits on.
+# delta, the reserved tokens, the bucket count, then kind/limit/span per bucket), and the
+# future its settle waits on.
 _Settlement = tuple[_Part, asyncio.Future[bool]]
 _NO_SETTLEMENTS: list[_Settlement] = []  # never appended to
 _NO_LEASE = encode_once("")  # a call that carries settlements only
@@ -598,14 +598,15 @@ class RedisLimiter(Limiter):
         if self._held and self._retry_timer is None:
             self._retry_timer = loop.call_later(RETRY_DELAY, self._retry_held)
 
-    def _retry_held(self) -> None:
-        """Send the held settlements again, now (the retry timer, or a stop)."""
+    def _retry_held(self) -> list[asyncio.Future[Any]]:
+        """Send the held settlements again, and the queued ones, now (the retry timer, a
+        seed, or a stop): the calls sent."""
         if self._retry_timer is not None:
             self._retry_timer.cancel()
             self._retry_timer = None
         self._pending.extend(self._held)
         self._held = []
-        self._flush()
+        return self._flush()
 
     def _take_pending(self) -> list[_Settlement]:
         """The queued settlements for the call about to go, oldest first; at most
@@ -778,7 +779,7 @@ class RedisLimiter(Limiter):
         if not part.nkeys:
             future.set_result(True)
             return future
-        self._queue(loop, part, reservation.lease_id, delta, future)
+        self._queue(loop, part, reservation.lease_id, delta, reservation.tokens, future)
         return future
 
     def _queue(
@@ -787,16 +788,19 @@ class RedisLimiter(Limiter):
         part: _Part,
         lease_id: str,
         delta: int,
+        reserved: int,
         future: asyncio.Future[bool],
     ) -> None:
         """Queue ``part`` of a plan for ``lease_id`` (a settlement or a renewal) for the next
-        call, and make sure the timer will send it if no admission does."""
-        head = encode_once(lease_id) + encode_int(delta) + part.k
+        call, and make sure the timer will send it if no admission does. ``reserved``: the
+        tokens the reservation holds (what the script charges instead of ``delta`` where
+        Redis lost them, see limiter.lua)."""
+        head = encode_once(lease_id) + encode_int(delta) + encode_int(reserved) + part.k
         if not self._pending:
             self._oldest = loop.time()
         if self._timer is None:
             self._arm(loop, self._oldest)
-        queued = _Part(part.keys, part.nkeys, head + part.args, part.nargs + 3, part.again, part.k)
+        queued = _Part(part.keys, part.nkeys, head + part.args, part.nargs + 4, part.again, part.k)
         self._pending.append((queued, future))
 
     def renew_leases(self, age: float) -> int:
@@ -813,7 +817,7 @@ class RedisLimiter(Limiter):
             if part.nkeys:
                 renewed: asyncio.Future[bool] = loop.create_future()
                 renewed.add_done_callback(_retrieve)
-                self._queue(loop, part, reservation.lease_id, 0, renewed)
+                self._queue(loop, part, reservation.lease_id, 0, 0, renewed)
         return len(held)
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> bool:
@@ -860,7 +864,10 @@ class RedisLimiter(Limiter):
         month's marker if the seed is whole (only then: a seed cut short is done again).
 
         The values go as settlements of the kinds ``Q`` and ``R`` ("raise to at least") of the
-        limiter's own script, :data:`SEED_BATCH` a call: one body of Lua for buckets.
+        limiter's own script, :data:`SEED_BATCH` a call: one body of Lua for buckets. This
+        process's settlements, queued or held after a failed call, are sent first: a request
+        that ended may be in the records already, and a quota counter's seed keeps what the
+        requests not settled in Redis hold on top of them (limiter.lua).
         """
         buckets: list[tuple[str, Any, tuple[str, int, float]]] = [
             (Check.monthly_quota(scope, 0, seed.month).key, tokens, ("Q", 0, month_end(seed.month)))
@@ -870,11 +877,16 @@ class RedisLimiter(Limiter):
         one = encode_int(1)
         parts = [  # a settlement each, of one bucket, as _queue would make it (none is held)
             (
-                _Part(encode(self._prefix + key), 1, encode("", value, 1, *bucket), 6, False, one),
+                _Part(
+                    encode(self._prefix + key), 1, encode("", value, 0, 1, *bucket), 7, False, one
+                ),
                 None,
             )
             for key, value, bucket in buckets
         ]
+        sent = self._retry_held()
+        if sent:
+            await asyncio.wait(sent)
         try:
             for at in range(0, len(parts), SEED_BATCH):
                 await self._run(self._packed(parts[at : at + SEED_BATCH], _NO_LEASE))

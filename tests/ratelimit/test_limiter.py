@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import chatgate.ratelimit as rl
-from chatgate.limits import Admission, Limits, refusal
+from chatgate.limits import Admission, Limits, headers_for, refusal
 from chatgate.ratelimit import (
     Check,
     FailoverLimiter,
@@ -208,13 +208,88 @@ async def test_all_or_nothing(limiter: Limiter) -> None:
     assert d2.allowed  # only 2 of the slots are held
 
 
-async def test_first_failing_check_in_order_answers(limiter: Limiter) -> None:
-    tight_tokens, tight_requests = Check.tpm("key:a", 10), Check.rpm("acct:x", 1)
-    await take(limiter, [tight_requests])
-    d = await limiter.acquire([Check.rpm("key:a", 100), tight_tokens, tight_requests], 50)
-    assert d.failed == tight_tokens
-    d = await limiter.acquire([tight_requests, tight_tokens], 50)
-    assert d.failed == tight_requests
+async def test_the_longest_wait_of_the_limits_that_refuse_answers(harness: Harness) -> None:
+    """A plan of 3 requests a minute and 3 a day (QA): the fourth request was told to retry
+    in 20 s (the minute's), and then refused again for 8 h (the day's); the 429 named the
+    first limit that refused, in the checks' order, and its headers the minute's reset (1m0s)
+    where the 200 before it had said 24h0m0s. Now, in either order, the longest wait answers,
+    waiting it lets the request through, and the 429's headers are the 200's."""
+    limiter = harness.make()
+    for n, order in enumerate(((0, 1), (1, 0))):
+        limits = [Check.rpm(f"acct:{n}", 3), Check.rpd(f"acct:{n}", 3)]
+        checks = [limits[i] for i in order]
+        for _ in range(3):
+            last = await limiter.acquire(checks)
+            assert last.allowed
+        refused = await limiter.acquire(checks)
+        assert not refused.allowed and refused.failed == limits[1]
+        assert 86400 / 3 - 60 < refused.retry_after <= 86400 / 3
+        assert "requests per day (RPD): Limit 3, Used 3" in refusal(refused, "m").message
+        assert refused.requests is not None and last.requests is not None
+        assert (refused.requests.limit, refused.requests.remaining) == (3, 0)
+        assert refused.requests.reset_after > 86400 - 60  # the day's, as the 200 said
+        if harness.clock is not None:  # the same to the character, on a clock of our own
+            reset = "x-ratelimit-reset-requests"
+            assert refusal(refused, "m").headers[reset] == headers_for(last)[reset] == "24h0m0s"
+            harness.travel(20.0)  # the minute's wait: the day's still refuses
+            assert not (await limiter.acquire(checks)).allowed
+            harness.travel(86400 / 3 - 20.0)
+            assert (await limiter.acquire(checks)).allowed
+
+
+async def test_tokens_and_requests_refusing_answer_with_the_longer_wait(limiter: Limiter) -> None:
+    """The requests wait 30 s, the tokens 60 s: the tokens answer, whatever the order; a
+    request that can never pass (more than a limit) answers over any wait."""
+    per_min, tokens = Check.rpm("key:a", 2), Check.tpm("acct:x", 100)
+    for _ in range(2):
+        await take(limiter, [per_min, tokens], 50)
+    for checks in ([per_min, tokens], [tokens, per_min]):
+        refused = await limiter.acquire(checks, 100)
+        assert refused.failed == tokens and 59.0 < refused.retry_after <= 60.0
+        assert refused.requests is not None and refused.requests.remaining == 0
+        assert refused.tokens is not None and refused.tokens.remaining == 0
+    too_large = Check.tpm("key:a", 10)
+    refused = await limiter.acquire([per_min, too_large, tokens], 50)
+    assert refused.failed == too_large and refused.retry_after == math.inf
+
+
+async def test_a_refusals_headers_follow_the_successes_rule(limiter: Limiter) -> None:
+    """The headers of a 429 are the most restrictive limit of each kind, as a 200's are,
+    not the values of the limit that answers: here the day's tokens answer (86 s to wait,
+    40 left) while the minute's have 5 left, which the 200 before reported."""
+    per_min, per_day = Check.tpm("acct:x", 100), Check("acct:x", "tokens", 10_000, 86400.0)
+    await take(limiter, [per_day], 9865)
+    last = await limiter.acquire([per_min, per_day], 95)
+    assert last.tokens is not None and (last.tokens.limit, last.tokens.remaining) == (100, 5)
+    for checks in ([per_min, per_day], [per_day, per_min]):
+        refused = await limiter.acquire(checks, 50)
+        assert refused.failed == per_day and 86.0 < refused.retry_after <= 86.4 + 1e-6
+        assert refused.tokens is not None
+        assert (refused.tokens.limit, refused.tokens.remaining) == (100, 5)
+
+
+async def test_a_spent_quota_answers_over_a_rate_limit(limiter: Limiter) -> None:
+    """A plan of 40 tokens a month and a key of 2 requests a minute (QA): with the month spent
+    and the minute's requests too, the client was told to retry in 30 s (a retryable
+    rate_limit_exceeded), only to get insufficient_quota after it waited. A quota answers
+    whenever it refuses, in either order; a budget beside the limits too."""
+    per_min, quota = Check.rpm("key:k", 2), Check.monthly_quota("acct:x", 40)
+    for checks in ([per_min, quota], [quota, per_min]):
+        await limiter.reset("key:k")
+        await limiter.reset("acct:x")
+        await limiter.settle(await take(limiter, checks, 30), 30)
+        await limiter.settle(await take(limiter, checks, 10), 10)
+        refused = await limiter.acquire(checks, 10)
+        assert not refused.allowed and refused.failed is not None
+        assert refused.failed.kind == "quota" and refused.used == 40
+        error = refusal(refused, "gpt-test")
+        assert error.code == "insufficient_quota" and error.headers["x-should-retry"] == "false"
+    rpm = [Check.rpm("key:b", 1)]
+    decision, budget = await limiter.acquire_both(BUDGET, 1000, rpm, 0)
+    assert decision.allowed and budget is not None
+    refused, none = await limiter.acquire_both(BUDGET, 10, rpm, 0)  # both refuse
+    assert none is None and refused.failed is not None
+    assert refused.failed.scope == "usd:acct:x"
 
 
 BUDGET = [Check.monthly_quota("usd:acct:x", 1000)]  # counted in its own unit (nano-dollars)
@@ -511,6 +586,66 @@ async def test_settled_reservations_leave_nothing_held(harness: Harness) -> None
     assert await limiter.quota_used("acct:x") == 410
 
 
+async def _lose_redis_data(harness: Harness) -> None:
+    """What a Redis restarted without persistence (or the tester's FLUSHDB) does to this
+    limiter: every key of its prefix gone (the shared server's other keys are left alone)."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=harness.prefix + "*", count=1000)]
+        assert keys
+        await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def test_a_settlement_after_redis_lost_its_data_charges_what_was_used(
+    harness: Harness,
+) -> None:
+    """A request running when Redis lost its data: the counter is re-seeded from the usage
+    records (90), which it is not in yet, so it holds none of the 209 reserved; its
+    settlement charges the 28 used. It gave back 181 it never held: the quota of 300 read 0
+    and the account got its month back (406 tokens spent, found by QA). The budget alike."""
+    _redis_only(harness)
+    limiter = harness.make(lease_ttl=30.0)
+    month = month_of(time.time())
+    checks = [Check.concurrent("key:k", 5), Check.monthly_quota("acct:x", 300)]
+    spent, budget = await limiter.acquire_both(BUDGET, 200, checks, 100)
+    assert spent.reservation is not None and budget is not None and budget.reservation
+    await limiter.settle(spent.reservation, 90)
+    await limiter.settle(budget.reservation, 100)
+    slow, held = await limiter.acquire_both(BUDGET, 600, checks, 209)
+    assert slow.reservation is not None and held is not None and held.reservation
+    assert await limiter.quota_used("acct:x") == 299
+    await _lose_redis_data(harness)
+    await limiter.seed(Seed(month, {"acct:x": 90, "usd:acct:x": 100}))  # the records
+    assert await limiter.quota_used("acct:x") == 90
+    assert await limiter.settle(slow.reservation, 28)
+    assert await limiter.settle(held.reservation, 150)
+    assert await limiter.quota_used("acct:x") == 90 + 28
+    assert await limiter.quota_used("usd:acct:x") == 100 + 150
+    refused = await limiter.acquire(checks, 183)  # 118 + 183 > 300: the month still counts
+    assert not refused.allowed and refused.failed == checks[1].resolved(time.time())
+
+
+async def test_a_seed_keeps_the_reservations_in_flight(harness: Harness) -> None:
+    """A seed raises a counter to the usage records, which hold no request still running: it
+    raises what the counter holds besides their reservations, and they stay on top for their
+    settlements to give back. Raising the whole counter swallowed them (299 raised to 400),
+    and the settlement then gave back 181 tokens it no longer held (219, where the records
+    say 428). It happens to a Redis seeded after an outage with requests in flight, and to
+    the in-process fallback, seeded while an outage begins."""
+    limiter = harness.make(lease_ttl=30.0)
+    quota = [Check.monthly_quota("acct:x", 1000, "2026-11")]
+    await limiter.settle(await take(limiter, quota, 100), 90)
+    slow = await take(limiter, quota, 209)
+    await limiter.seed(Seed("2026-11", {"acct:x": 60}))  # below the 90 used: no change
+    assert await limiter.quota_used("acct:x", "2026-11") == 299
+    await limiter.seed(Seed("2026-11", {"acct:x": 400}))  # other processes counted more
+    assert await limiter.quota_used("acct:x", "2026-11") == 400 + 209
+    assert await limiter.settle(slow, 28)
+    assert await limiter.quota_used("acct:x", "2026-11") == 400 + 28
+
+
 async def test_gateway_renews_running_requests_leases(harness: Harness) -> None:
     """Limits.run_renewal (a task of every gateway process) keeps a running request's slot
     past its lease TTL, on the real clock; stopped, it renews nothing more."""
@@ -569,7 +704,7 @@ async def test_seeding_raises_quota_counters_and_never_lowers_them(limiter: Limi
     month = "2026-11"
     quota = Check.monthly_quota("acct:x", 1000, month)
     assert not await limiter.seeded(month)
-    await take(limiter, [quota], 300)  # counted before the seed: kept when above it
+    await limiter.settle(await take(limiter, [quota], 300), 300)  # counted before the seed
     await limiter.seed(Seed(month, {"acct:y": 700}, whole=False))  # one change's scopes
     assert await limiter.quota_used("acct:y", month) == 700
     assert not await limiter.seeded(month)  # the whole seed is still to come
@@ -955,7 +1090,8 @@ async def test_failover_seeds_its_fallback_again_when_an_outage_begins() -> None
     quota = [Check.monthly_quota("acct:x", 1000)]
     await take(limiter, quota, 400)  # counted by the primary only
     primary.up = False
-    await take(limiter, quota, 10)  # the outage begins: the fallback answers, its count stale
+    # The outage begins: the fallback answers (its count stale) a request that ends.
+    await limiter.settle(await take(limiter, quota, 10), 10)
     assert not await limiter.seeded(month)  # so it wants seeding again
     await limiter.seed(Seed(month, {"acct:z": 5}, whole=False))  # one change: not enough
     assert not await limiter.seeded(month)

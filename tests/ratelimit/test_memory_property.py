@@ -90,7 +90,9 @@ class Model:
             return float(tat + cost * interval - check.window - now)
         if check.kind == "quota":
             return month_end(self.month(check, now)) - float(now)
-        return -1.0  # concurrency: a hint, not compared
+        # Concurrency: when the oldest live lease expires, at most the hint (1 s).
+        live = [exp for _, exp in self.leases.get(check.bucket, []) if exp > now]
+        return min(1.0, float(min(live) - now)) if live else 1.0
 
     def take(self, check: Check, cost: int, lease: str, now: Fraction) -> None:
         if check.kind in ("requests", "tokens"):
@@ -204,21 +206,39 @@ class LimiterMachine(RuleBasedStateMachine):
                 self.model.take(check, cost, decision.reservation.lease_id, now)
             self.open.append(decision.reservation)
             return
-        first = failing[0]
-        check, cost = checks[first], costs[first]
+        # The refusal: the first quota that refuses, else the longest wait (any of those
+        # within float noise of it: the limiter takes the first of a tie).
         assert not decision.allowed
-        assert decision.failed == checks[first].resolved(float(now))
+        waits = {i: self.model.retry_after(checks[i], costs[i], now) for i in failing}
+        quotas = [i for i in failing if checks[i].kind == "quota"]
+        if quotas:
+            answering = [quotas[0]]
+        else:
+            longest = max(waits.values())
+            answering = [i for i in failing if waits[i] >= longest - 2e-6]
+        resolved = [c.resolved(float(now)) for c in checks]
+        first = next(i for i in answering if resolved[i] == decision.failed)
         assert decision.used == math.ceil(states[first])
-        assert decision.requested == cost
-        expected = self.model.retry_after(check, cost, now)
+        assert decision.requested == costs[first]
+        expected = waits[first]
         if expected == math.inf:
             assert decision.retry_after == math.inf
-        elif expected >= 0:
+        else:
             assert math.isclose(decision.retry_after, expected, rel_tol=1e-9, abs_tol=1e-6)
-        if check.kind in ("requests", "tokens"):
-            status = decision.requests if check.kind == "requests" else decision.tokens
-            assert status is not None
-            assert status.remaining == max(check.limit - math.ceil(states[first]), 0)
+        # The headers: the most restrictive of each kind, as an allowed request's (decide).
+        levels = [float(x) for x in states]
+        want = decide(resolved, levels, costs, first, 0.0, None)
+        for got_status, want_status in (
+            (decision.requests, want.requests),
+            (decision.tokens, want.tokens),
+        ):
+            assert (got_status is None) == (want_status is None)
+            if got_status is not None and want_status is not None:
+                assert (got_status.limit, got_status.remaining) == (
+                    want_status.limit,
+                    want_status.remaining,
+                )
+                assert math.isclose(got_status.reset_after, want_status.reset_after, abs_tol=1e-6)
 
     @precondition(lambda self: bool(self.open))
     @rule(data=st.data(), actual=st.integers(0, 500))
