@@ -224,7 +224,7 @@ async def test_the_limiters_commands_are_what_the_script_documents() -> None:
 
     def command(
         lease: str,
-        settlements: list[tuple[str, int]],
+        settlements: list[tuple[str, int, int]],
         checks: list[Check],
         cost: int,
         head: tuple[str, list[Check], int] = ("", [], 0),
@@ -232,13 +232,14 @@ async def test_the_limiters_commands_are_what_the_script_documents() -> None:
         """``head``: the lease id, checks and cost of a reservation taken with ``checks``."""
         keys: list[str] = []
         settled: list[Any] = []
-        for owner, delta in settlements:  # the slot always, first; tokens when delta != 0
+        for owner, delta, reserved in settlements:  # the slot always; tokens when delta != 0
             named = [c for c in plan if c.kind == "concurrency"]
             named += [c for c in plan if delta and c.charges_tokens and c.kind != "concurrency"]
             buckets = list({prefix + c.resolved(now).bucket: c for c in named}.items())
             keys += [key for key, _ in buckets]
             # -k: a first send, which no earlier call can have applied (see limiter.lua)
-            settled += [owner, delta, -len(buckets)] + [v for _, c in buckets for v in wire(c)]
+            settled += [owner, delta, reserved, -len(buckets)]
+            settled += [v for _, c in buckets for v in wire(c)]
         head_lease, head_checks, head_cost = head
         keys += [prefix + c.resolved(now).bucket for c in head_checks + checks]
         costs = [head_cost if c.charges_tokens else 1 for c in head_checks]
@@ -265,9 +266,9 @@ async def test_the_limiters_commands_are_what_the_script_documents() -> None:
         expected = [
             command(lease, [], list(plan), n) for lease, n in zip(leases, (0, 7, 300), strict=True)
         ]
-        settlements = [(leases[0], 0), (leases[1], -5)]
+        settlements = [(leases[0], 0, 0), (leases[1], -5, 7)]
         expected.append(command(last.reservation.lease_id, settlements, list(plan[:1]), 0))
-        expected.append(command("", [(leases[2], 150)], [], 0))
+        expected.append(command("", [(leases[2], 150, 300)], [], 0))
         # A budget beside the limits: one call, its own lease on its marker (the budget is a
         # quota with no concurrency limit), its cost in its own unit.
         budget = (Check.monthly_quota("usd:acct:x", 10**12),)
