@@ -105,7 +105,10 @@ class UsageRecorder:
         self._interval = flush_interval
         self._batch_size = max(1, batch_size)
         self._max_queue = max_queue
-        self._db_timeout = db_timeout
+        # SQLite: no deadline of ours. Cancelling aiosqlite mid-statement does not stop its
+        # thread, which waits out the lock, takes it and (an insert ... RETURNING left unread)
+        # never gives it back; SQLite's busy timeout (30 s) ends the statement instead.
+        self._db_timeout: float | None = None if engine.dialect.name == "sqlite" else db_timeout
         self._max_backoff = max_backoff
         self._retention = retention_seconds
         self._prune_interval = prune_interval

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
@@ -760,3 +761,38 @@ async def test_a_long_spool_drains_over_several_flushes(
     assert len(await stored(engine, account)) == 20
     assert up.spool_size == 0 and not list(spool_dir.glob("usage-*.spool"))
     await up.close()
+
+
+async def test_sqlite_held_by_another_writer_past_db_timeout_is_written_once_free(
+    tmp_path: Path,
+) -> None:
+    """QA: on SQLite, a batch waiting on another writer's lock longer than ``db_timeout`` was
+    cancelled mid-statement, while aiosqlite's thread went on waiting: it took the lock once
+    free and never gave it back (an insert ... RETURNING left unread). Usage was spooled and
+    never written again, and the CLI could not revoke a key, until a restart. On SQLite the
+    wait is bounded by SQLite's own busy timeout (30 s) instead, which ends the statement."""
+    engine = create_engine(settings_for("", tmp_path / "data"))
+    await migrate(engine)
+    path = str(tmp_path / "data" / "chatgate.db")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    recorder = UsageRecorder(engine, tmp_path / "spool", flush_interval=3600, db_timeout=0.2)
+    account = new_account()
+    try:
+        recorder.record(make_record(account_id=account))
+        flushing = asyncio.create_task(recorder.flush())
+        await asyncio.sleep(1.0)  # well past db_timeout, within the busy timeout
+        holder.execute("ROLLBACK")
+        await flushing
+        other = sqlite3.connect(path, timeout=2, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # the database is free: "database is locked" before
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        await recorder.flush()
+        assert len(await stored(engine, account)) == 1
+    finally:
+        holder.close()
+        await recorder.close()
+        await engine.dispose()
