@@ -58,6 +58,29 @@ def test_fresh_install_answers_with_the_embedded_model(local_gateway: Gateway) -
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 10
 
 
+def test_a_json_format_the_local_model_cannot_keep_names_the_field_sent(
+    local_gateway: Gateway,
+) -> None:
+    """``/v1/responses`` with ``text.format`` JSON was refused naming ``response_format``, the
+    chat field it becomes, which the client never sent (found by QA)."""
+    client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key=first_key(local_gateway))
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(
+            model="chatgate-mini", input="hi", text={"format": {"type": "json_object"}}
+        )
+    assert refused.value.param == "text.format"
+    assert "'text.format'" in refused.value.message and "response_format" not in (
+        refused.value.message
+    )
+    with pytest.raises(openai.BadRequestError) as chat:  # chat completions: its own name
+        client.chat.completions.create(
+            model="chatgate-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            response_format={"type": "json_object"},
+        )
+    assert chat.value.param == "response_format"
+
+
 def test_embedded_embeddings(local_gateway: Gateway) -> None:
     client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key=first_key(local_gateway))
     result = client.embeddings.create(model="chatgate-mini", input=["a cat", "a dog"])

@@ -113,6 +113,15 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             )
         stream = await route.chat_stream(upstream, include_usage=True)
         return await _relay(request, turn, stream, admission.headers, call.meter)
+    except errors.InvalidRequest as exc:
+        if exc.param != "response_format":
+            raise
+        # A backend refuses the chat field this request's text.format became: named as sent.
+        raise errors.InvalidRequest(
+            exc.message.replace("'response_format'", "'text.format'"),
+            param="text.format",
+            code=exc.code,
+        ) from exc
     finally:
         await call.settle(admission)
 
