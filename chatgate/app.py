@@ -53,7 +53,7 @@ def create_app(settings: Settings) -> web.Application:
 
 def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
-        engine = create_engine(settings)
+        engine = create_engine(settings, command_timeout=settings.db_command_timeout)
         # With Redis, changes made here are announced after commit (one notifier for the
         # process), and the listener below wakes the feed for changes made anywhere.
         notifier = Notifier.from_settings(settings)

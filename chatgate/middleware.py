@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
+from sqlalchemy import exc as db_errors
 
 from chatgate import errors
 from chatgate.ids import ordered_id
@@ -17,6 +18,33 @@ from chatgate.state import REQUEST_ID, STATE, State
 from chatgate.usage.record import CLIENT_CLOSED, UsageRecord
 
 log = logging.getLogger(__name__)
+
+
+DB_RETRY_AFTER = 5
+"""Seconds a client is told to wait when the database is unavailable."""
+_CONNECTION_STATES = ("08", "57P")  # SQLSTATE: connection exception, operator intervention
+
+
+def _database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database could not be reached or did not answer (a 503 that
+    a retry may cure), not that this request was wrong (a 500 with its traceback)."""
+    if isinstance(exc, OSError | TimeoutError | db_errors.TimeoutError):  # refused, timed out,
+        return True  # a full pool; asyncpg's command timeout is a TimeoutError
+    if isinstance(exc, db_errors.DBAPIError):
+        if exc.connection_invalidated or isinstance(exc, db_errors.InterfaceError):
+            return True
+        state = str(getattr(exc.orig, "sqlstate", "") or "")
+        if state.startswith(_CONNECTION_STATES):
+            return True
+        orig = exc.orig
+        return isinstance(orig, OSError | TimeoutError) or "database is locked" in str(orig)
+    return False
+
+
+def _named(exc: BaseException) -> str:
+    """The exception's class and its original's: no message (it may hold a query's values)."""
+    orig = getattr(exc, "orig", None)
+    return type(exc).__name__ + (f" ({type(orig).__name__})" if orig is not None else "")
 
 
 def _http_error(exc: web.HTTPException) -> errors.APIError:
@@ -63,6 +91,16 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         if refused is not None:
             error_code = refused.code
             response = error_response(refused)
+        elif _database_unavailable(exc):
+            log.warning(
+                "database unavailable in %s %s: %s", request.method, request.path, _named(exc)
+            )
+            unavailable = errors.ServiceUnavailable(
+                "The service's database is unavailable. Please retry shortly.",
+                headers={"retry-after": str(DB_RETRY_AFTER)},
+            )
+            error_code = unavailable.code
+            response = error_response(unavailable)
         else:
             # Logged without the request's headers or body: they may hold a key.
             log.exception("unhandled error in %s %s", request.method, request.path)

@@ -40,6 +40,7 @@ DEFAULT_UPSTREAM_CONNECT_TIMEOUT = 5.0
 DEFAULT_UPSTREAM_TIMEOUT = 600.0
 DEFAULT_LOCAL_MODEL_NAME = "chatgate-mini"
 DEFAULT_DB_CONNECT_TIMEOUT = 10.0  # seconds; asyncpg's own is 60
+DEFAULT_DB_COMMAND_TIMEOUT = 30.0
 MAX_RETENTION_DAYS = 36500  # a hundred years: the cutoff stays a date the databases hold
 ContextTrim = Literal["drop_oldest", "error"]
 CONTEXT_TRIMS: tuple[ContextTrim, ...] = ("drop_oldest", "error")  # chatgate.sessions.trim
@@ -264,6 +265,12 @@ class Settings:
     db_connect_timeout: float = field(
         default=DEFAULT_DB_CONNECT_TIMEOUT, metadata=_range(above=0, unit="seconds")
     )
+    # Seconds a PostgreSQL statement of the server may take (asyncpg's command timeout; not
+    # for migrations): a database that takes connections but stops answering held a request
+    # for as long as it kept silent.
+    db_command_timeout: float = field(
+        default=DEFAULT_DB_COMMAND_TIMEOUT, metadata=_range(above=0, unit="seconds")
+    )
     upstream_keys: Mapping[str, Secret] = field(default_factory=dict)
 
     @classmethod
@@ -366,6 +373,7 @@ class Settings:
             db_pool_size=pick("db_pool_size", 5),
             db_max_overflow=pick("db_max_overflow", 10),
             db_connect_timeout=pick("db_connect_timeout", DEFAULT_DB_CONNECT_TIMEOUT),
+            db_command_timeout=pick("db_command_timeout", DEFAULT_DB_COMMAND_TIMEOUT),
             upstream_keys={k: Secret(env[k]) for k in key_envs if env.get(k)},
         )
         unknown = sorted(set(server) - read)

@@ -6,10 +6,13 @@ import asyncio
 import time
 from pathlib import Path
 
+import requests
 import sqlalchemy as sa
 
 from chatgate.db.engine import create_engine, head_revision, migrate, schema
 from chatgate.settings import Settings
+from tests.helpers import make_gateway
+from tests.usage.pgserver import PgServer
 
 
 def test_pool_is_sized_by_settings(pg_url: str, tmp_path: Path) -> None:
@@ -279,3 +282,45 @@ def test_a_new_data_dir_and_sqlite_database_are_the_owners_only(tmp_path: Path) 
     assert modes["chatgate.db"] == modes["secret"] == 0o600
     assert settings.data_dir.stat().st_mode & 0o777 == 0o700
     assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+
+
+def test_management_answers_503_while_postgresql_is_down_or_frozen(
+    own_pg: PgServer, tmp_path: Path
+) -> None:
+    """QA: with PostgreSQL stopped, /api routes answered 500 with a traceback logged each
+    time; with it frozen (connections open, no answer) they did not answer at all (100 s and
+    counting). Now a 503 ``service_unavailable`` with a retry hint, within the command timeout
+    (CHATGATE_DB_COMMAND_TIMEOUT) for a frozen one, and answers again once it is back."""
+    gw = make_gateway(
+        tmp_path,
+        database_url=own_pg.url,
+        extra_env={"CHATGATE_DB_COMMAND_TIMEOUT": "1", "CHATGATE_DB_CONNECT_TIMEOUT": "2"},
+    ).start()
+    try:
+        key = next(
+            line.split("=", 1)[1].strip()
+            for line in gw.logs().splitlines()
+            if "CHATGATE_API_KEY=" in line
+        )
+        headers = {"Authorization": f"Bearer {key}"}
+
+        def keys() -> requests.Response:
+            return requests.get(gw.url + "/api/keys", headers=headers, timeout=30)
+
+        assert keys().status_code == 200
+        for outage, back in ((own_pg.stop, own_pg.start), (own_pg.freeze, own_pg.thaw)):
+            outage()
+            try:
+                refused = keys()  # (the client's 30 s timeout ended the frozen case before)
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error"]["code"] == "service_unavailable"
+                assert refused.headers["retry-after"] == "5"
+            finally:
+                back()
+            deadline = time.monotonic() + 30
+            while keys().status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert "unhandled error" not in gw.logs()  # (the feed logs its own outage once)
+    finally:
+        gw.stop()

@@ -27,9 +27,11 @@ if TYPE_CHECKING:  # Alembic is imported only to migrate: most runs find the sch
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def create_engine(settings: Settings) -> AsyncEngine:
+def create_engine(settings: Settings, *, command_timeout: float | None = None) -> AsyncEngine:
     """An async engine for ``settings.effective_database_url``; PostgreSQL pools are sized by
-    ``db_pool_size`` + ``db_max_overflow`` (SQLite uses SQLAlchemy's own pool)."""
+    ``db_pool_size`` + ``db_max_overflow`` (SQLite uses SQLAlchemy's own pool), and each
+    statement ends after ``command_timeout`` seconds if given (the server's engine: not the
+    one that migrates, whose statements may rewrite a big table)."""
     url = settings.effective_database_url
     if url.startswith("sqlite"):
         settings.make_data_dir()
@@ -50,7 +52,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_pre_ping=True,
-        connect_args={"timeout": timeout},
+        connect_args={"timeout": timeout, "command_timeout": command_timeout},
     )
     where = f"{engine.url.host or 'localhost'}:{engine.url.port or 5432}"
 
