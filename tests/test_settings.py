@@ -46,6 +46,7 @@ def test_every_number_has_a_range_and_the_defaults_keep_them(tmp_path: Path) -> 
         ("db_pool_size", "0", "at least 1"),
         ("db_max_overflow", "-5", "at least 0, not -5"),
         ("db_connect_timeout", "0", "more than 0"),
+        ("db_command_timeout", "-1", "more than 0"),
         ("upstream_max_connections", "-1", "at least 0"),
         ("upstream_max_answer_bytes", "1000", "at least 1024 bytes"),
         ("max_body_bytes", "0", "at least 1024 bytes"),
