@@ -20,6 +20,7 @@ The handlers call the same services as the pages (:mod:`chatgate.dashboard.servi
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -127,6 +128,30 @@ def _names(body: dict[str, Any], name: str) -> list[str] | None:
     return value
 
 
+KEY_FIELDS = frozenset({"name", "expires_in", "models", *LIMIT_FIELDS})
+"""What ``POST /api/keys`` takes: another field is a misspelling (``rmp``), which made a key
+without the limit it meant."""
+
+
+def _limits(body: dict[str, Any], known: Collection[str]) -> dict[str, object]:
+    """The limits in a JSON body, as JSON types them: a whole number or ``null``, no other
+    field than ``known``. (The form parser read ``"10"`` as 10 and ``""`` or ``"unlimited"`` as
+    no limit, and skipped a field it did not know.)"""
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        name = unknown[0][:40]
+        raise errors.InvalidRequest(
+            f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter"
+        )
+    limits = {f: body[f] for f in LIMIT_FIELDS if f in body}
+    for field, value in limits.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise errors.InvalidRequest(
+                f"The limit `{field}` must be a whole number or null (no limit).", param=field
+            )
+    return limits  # their ranges: the stores' check
+
+
 def _list(data: list[dict[str, Any]]) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
@@ -167,7 +192,7 @@ async def create_key(request: web.Request) -> web.Response:
         name=_text(body, "name") or "",
         expires_in=_text(body, "expires_in"),
         models=_names(body, "models"),
-        limits={f: body[f] for f in LIMIT_FIELDS if f in body},
+        limits=_limits(body, KEY_FIELDS),
     )
     issued = await services.create_key(state, who.account, wanted)
     return json_response(issued.to_dict(), status=201, headers={"Cache-Control": "no-store"})
@@ -246,7 +271,7 @@ async def admin_disable(request: web.Request) -> web.Response:
 async def admin_update_plan(request: web.Request) -> web.Response:
     """PATCH /api/admin/plans/{name} ``{"rpm": 60, "monthly_tokens": null}``."""
     state, _ = await caller(request, admin=True)
-    limits = services.parse_limits(await _body(request))
+    limits = services.parse_limits(_limits(await _body(request), LIMIT_FIELDS))
     plan = await services.set_plan_limits(state, request.match_info["name"], limits)
     return json_response(plan.to_dict())
 

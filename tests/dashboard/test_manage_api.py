@@ -79,6 +79,12 @@ def test_bad_input_is_a_400_naming_the_field(dash: Gateway) -> None:
         ({"expires_in": "0d"}, "expires_in"),
         ({"expires_in": "0s"}, "expires_in"),
         ({"name": "x" * 201}, "name"),
+        # JSON types a limit (the form parser read "10" as 10, "" as none) and a misspelt one
+        # is refused (it made a key without the limit it meant).
+        ({"rpm": "10"}, "rpm"),
+        ({"rpm": ""}, "rpm"),
+        ({"tpm": True}, "tpm"),
+        ({"rmp": 5}, "rmp"),
     ):
         resp = user.api("POST", "/api/keys", json=body)
         assert resp.status_code == 400, body
@@ -134,6 +140,10 @@ def test_plans_and_admin_api(dash: Gateway) -> None:
         dash.url + f"/api/admin/plans/{name}", json={"bogus": 1}, headers=h, timeout=10
     )
     assert resp.status_code == 400
+    resp = requests.patch(  # a string is not a number in JSON (it was read as 25)
+        dash.url + f"/api/admin/plans/{name}", json={"rpm": "25"}, headers=h, timeout=10
+    )
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "rpm"
 
     me = requests.get(dash.url + "/api/me", headers=h, timeout=10).json()
     resp = requests.post(
