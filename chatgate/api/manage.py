@@ -327,6 +327,12 @@ _KEY_RECORD = {
         "revoked_at": {"type": ["integer", "null"]},
         "prev_valid_until": {"type": ["integer", "null"]},
         "status": {"enum": ["active", "expired", "revoked"]},
+        "rotation_period": {
+            "type": ["integer", "null"],
+            "description": "Seconds between scheduled rotations; null: none.",
+        },
+        "rotation_due_at": {"type": ["integer", "null"]},
+        "rotation_due": {"type": "boolean"},
         **{f: _LIMIT for f in LIMIT_FIELDS},
     },
 }

@@ -138,8 +138,11 @@ def paths() -> dict[str, Any]:
                 401,
                 403,
                 query=(
-                    ("start_time", {"type": "integer"}),
-                    ("end_time", {"type": "integer"}),
+                    ("since", {"type": "string", "examples": ["30d"]}),
+                    ("start_time", {"type": "integer", "minimum": 0}),
+                    ("end_time", {"type": "integer", "minimum": 0}),
+                    ("api_key_id", {"type": "string"}),
+                    ("model", {"type": "string"}),
                     ("account_id", {"type": "string"}),
                 ),
             )

@@ -222,7 +222,7 @@ async def dashboard_usage(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise errors.InvalidRequest(str(exc), param="since") from None
     start = _int(q, "start_time", MAX_TIME)
-    start = end - span if start is None else start
+    start = max(0, end - span) if start is None else start
     if end <= start:
         raise errors.InvalidRequest("'end_time' must be after 'start_time'.", param="end_time")
     account = _scope(principal.account_id, principal.is_admin)

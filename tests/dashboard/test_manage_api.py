@@ -241,6 +241,15 @@ def test_openapi_documents_the_management_api(dash: Gateway) -> None:
     assert doc["paths"]["/api/admin/plans/{name}"]["patch"]["security"]
     assert "sessionCookie" in doc["components"]["securitySchemes"]
     assert "/v1/chat/completions" in doc["paths"]
+    # Every field a key record has is documented (QA: rotation_period, rotation_due_at and
+    # rotation_due were not), and every query /api/usage reads (since, api_key_id, model).
+    record = make_user(dash).new_key()
+    getter = doc["paths"]["/api/keys/{id}"]["get"]["responses"]["200"]["content"]
+    schema = getter["application/json"]["schema"]
+    documented = set(schema["properties"])
+    assert set(record) - {"key", "grace_cut_short"} <= documented, set(record) - documented
+    queries = {p["name"] for p in doc["paths"]["/api/usage"]["get"]["parameters"]}
+    assert {"since", "start_time", "end_time", "api_key_id", "model", "account_id"} <= queries
 
 
 def test_a_narrow_key_cannot_mint_a_broader_one(dash: Gateway) -> None:

@@ -168,6 +168,8 @@ async def test_no_filter_reaches_another_account(world: World) -> None:
         "/api/usage", world.a_key, start_time=BASE, end_time=end, api_key_id=world.b_ids[0]
     )
     assert status == 200 and dash["data"] == [] and dash["totals"]["requests"] == 0
+    status, early = await world.get("/api/usage", world.a_key, end_time=1)  # since: 30 days
+    assert status == 200 and early["start_time"] == 0  # was -2591999 (QA)
 
 
 async def test_admin_reads_every_account(world: World) -> None:
