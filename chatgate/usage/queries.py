@@ -1,11 +1,12 @@
 """Usage reports, read from the rollups (never the raw table), and the raw export.
 
-A time range ``[start, end)`` is answered at minute granularity: both ends are taken down to
-their minute (an end whose minute has not ended yet, up to it: a report up to now holds this
-minute's records), so ranges that meet add up to their union. It is then covered by the
-coarsest rollup buckets that fit inside it (whole days in the middle, whole hours next to them,
-minutes at the edges; see :func:`cover`). So a report over any range reads a few hundred rows
-at most and equals the sum of the raw records in it.
+A time range ``[start, end)`` is answered to the second: its whole minutes from the rollups,
+covered by the coarsest buckets that fit inside them (whole days in the middle, whole hours
+next to them, minutes at the edges; see :func:`cover`), and the part-minutes at its two ends
+from the raw records (at most two minutes of them, on the ``created_at`` index). So a report
+over any range reads a few hundred rollup rows at most, equals the sum of the raw records in
+it, and ranges that meet add up to their union. (A part-minute older than the raw records'
+retention reads as empty: the rollups cannot split a minute.)
 
 Scope: every query takes ``account_id``; ``None`` means every account (admins only — the
 callers decide that). Records without an account (rejected before authentication) are stored
@@ -14,7 +15,6 @@ under ``""`` and reported with ``account_id`` ``None``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -136,32 +136,31 @@ class Report:
         }
 
 
-def cover(
-    start: int, end: int, max_width: int = DAY, now: float | None = None
-) -> list[tuple[int, int, int]]:
-    """``(width, lo, hi)`` segments of rollup buckets that exactly tile ``[start, end)`` taken
-    to the minute (:func:`minutes`). Only widths up to ``max_width`` are used, so every bucket
-    read lies inside one output bucket of that width."""
-    start, end = minutes(start, end, now)
+def cover(start: int, end: int, max_width: int = DAY) -> list[tuple[int, int, int]]:
+    """``(width, lo, hi)`` segments of rollup buckets that exactly tile the whole minutes of
+    ``[start, end)`` (:func:`whole_minutes`). Only widths up to ``max_width`` are used, so
+    every bucket read lies inside one output bucket of that width."""
+    lo, hi = whole_minutes(start, end)
+    return _cover(lo, hi, sorted((w for w in WIDTHS if w <= max_width), reverse=True))
+
+
+def whole_minutes(start: int, end: int) -> tuple[int, int]:
+    """The whole minutes inside ``[start, end)``: ``lo`` its first minute's start (``start``
+    up to a minute), ``hi`` the end of its last (``end`` down to one); ``lo >= hi`` when it
+    holds none."""
+    return -(-start // MINUTE) * MINUTE, end - end % MINUTE
+
+
+def part_minutes(start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of ``[start, end)`` outside its whole minutes: what the raw records answer.
+    (Rounded to whole minutes, ranges that met inside a minute both counted it: QA's two
+    adjacent hours held one minute's 1,500 requests twice.)"""
     if start >= end:
         return []
-    return _cover(start, end, sorted((w for w in WIDTHS if w <= max_width), reverse=True))
-
-
-def minutes(start: int, end: int, now: float | None = None) -> tuple[int, int]:
-    """``[start, end)`` in whole minutes, as the rollups can answer it: each end down to its
-    minute, so ranges that meet count each minute once (rounded up, the end's minute was
-    counted in both: QA's two adjacent hours held the records of one minute twice); but an
-    end whose minute is not over by ``now`` (a report up to now) up to the next minute, so
-    this minute's records are in it."""
-    if start >= end:
-        return start, start
-    now = time.time() if now is None else now
-    lo = start - start % MINUTE
-    hi = end - end % MINUTE
-    if hi != end and hi + MINUTE > now:
-        hi += MINUTE
-    return lo, hi
+    lo, hi = whole_minutes(start, end)
+    if lo >= hi:  # no whole minute: one part, or two if it spans a minute's start
+        return [(a, b) for a, b in ((start, min(lo, end)), (max(lo, start), end)) if a < b]
+    return [(a, b) for a, b in ((start, lo), (hi, end)) if a < b]
 
 
 def _cover(start: int, end: int, widths: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -223,7 +222,9 @@ async def usage_rows(
     models: Collection[str] | None = None,
     endpoints: Collection[str] | None = None,
 ) -> list[UsageRow]:
-    """Sums over ``[start, end)`` grouped by ``group_by``, from the rollups, in one query.
+    """Sums over ``[start, end)`` grouped by ``group_by``, in one query: the whole minutes from
+    the rollups, the part-minutes at the ends from the raw records (see the module's
+    docstring).
 
     ``bucket`` groups by time buckets of ``bucket_width`` seconds (aligned to UTC; ``bucket_start``
     is the aligned start). ``account_id=None`` reads every account. Rows come sorted by group.
@@ -231,48 +232,112 @@ async def usage_rows(
     if bucket_width not in WIDTHS:
         raise ValueError(f"bucket_width must be one of {WIDTHS}")
     segments = cover(start, end, bucket_width if "bucket" in group_by else DAY)
-    if not segments:
+    parts = part_minutes(start, end)
+    if not segments and not parts:
         return []
-    t = usage_rollups
-    keys: list[tuple[str, sa.ColumnElement[Any]]] = []
-    if "bucket" in group_by:
-        # The width goes in as a literal: PostgreSQL matches the GROUP BY expression to the
-        # selected one by text, and two bind parameters ($1, $2) would not match.
-        width: sa.ColumnElement[int] = sa.literal_column(str(int(bucket_width)))
-        keys.append(("bucket", (t.c.bucket_start - t.c.bucket_start % width).label("bucket")))
-    for name in ("account", "key", "model", "endpoint"):
-        if name in group_by:
-            keys.append((name, t.c[_GROUP_COLUMNS[name]]))
-    conditions: list[sa.ColumnElement[bool]] = [
-        sa.or_(
-            *(
-                sa.and_(t.c.width == w, t.c.bucket_start >= lo, t.c.bucket_start < hi)
-                for w, lo, hi in segments
-            )
-        )
-    ]
-    if account_id is not None:
-        conditions.append(t.c.account_id == account_id)
-    if key_ids is not None:
-        conditions.append(t.c.key_id.in_(list(key_ids)))
-    if models is not None:
-        conditions.append(t.c.model.in_(list(models)))
-    if endpoints is not None:
-        conditions.append(t.c.endpoint.in_(list(endpoints)))
-    group_exprs = [expr for _, expr in keys]
+    # The width goes in as a literal: PostgreSQL matches the GROUP BY expression to the
+    # selected one by text, and two bind parameters ($1, $2) would not match.
+    width: sa.ColumnElement[int] = sa.literal_column(str(int(bucket_width)))
+    names = [n for n in ("bucket", "account", "key", "model", "endpoint") if n in group_by]
+    selects: list[sa.Select[Any]] = []
+    if segments:
+        t = usage_rollups
+        groups: dict[str, sa.ColumnElement[Any]] = {
+            n: t.c[_GROUP_COLUMNS[n]] for n in names if n != "bucket"
+        }
+        groups["bucket"] = t.c.bucket_start - t.c.bucket_start % width
+        where = [
+            sa.or_(
+                *(
+                    sa.and_(t.c.width == w, t.c.bucket_start >= lo, t.c.bucket_start < hi)
+                    for w, lo, hi in segments
+                )
+            ),
+            *_filters(t, account_id, key_ids, models, endpoints),
+        ]
+        sums = [sa.func.sum(t.c[s]) for s in ROLLUP_SUMS]
+        selects.append(_grouped(names, groups, sums, where))
+    if parts:
+        r = usage_records
+        groups = {n: r.c[_GROUP_COLUMNS[n]] for n in names if n != "bucket"}
+        for n in ("account", "key"):  # stored as NULL raw, as "" in the rollups
+            if n in groups:
+                groups[n] = sa.func.coalesce(groups[n], "")
+        groups["bucket"] = r.c.created_at - r.c.created_at % width
+        where = [
+            sa.or_(*(sa.and_(r.c.created_at >= a, r.c.created_at < b) for a, b in parts)),
+            *_filters(r, account_id, key_ids, models, endpoints),
+        ]
+        selects.append(_grouped(names, groups, _raw_sums(r), where))
+    union = selects[0] if len(selects) == 1 else sa.union_all(*selects)
+    both = union.subquery()
+    outer = [both.c[n] for n in names]
     stmt = (
-        sa.select(*group_exprs, *(sa.func.sum(t.c[s]) for s in ROLLUP_SUMS))
-        .where(*conditions)
-        .group_by(*group_exprs)
-        .order_by(*group_exprs)
+        sa.select(*outer, *(sa.func.sum(both.c[s]) for s in ROLLUP_SUMS))
+        .group_by(*outer)
+        .order_by(*outer)
     )
     async with engine.connect() as conn:
         result = await conn.execute(stmt)
         out = []
         for row in result:
-            group = {name: row[i] for i, (name, _) in enumerate(keys)}
-            out.append(_sum_row(group, row[len(keys) :]))
+            group = dict(zip(names, row[: len(names)], strict=True))
+            out.append(_sum_row(group, row[len(names) :]))
     return out
+
+
+def _filters(
+    table: sa.Table,
+    account_id: str | None,
+    key_ids: Collection[str] | None,
+    models: Collection[str] | None,
+    endpoints: Collection[str] | None,
+) -> list[sa.ColumnElement[bool]]:
+    """The report's filters on ``table`` (the rollups or the raw records: same column names)."""
+    out: list[sa.ColumnElement[bool]] = []
+    if account_id is not None:
+        out.append(table.c.account_id == account_id)
+    if key_ids is not None:
+        out.append(table.c.key_id.in_(list(key_ids)))
+    if models is not None:
+        out.append(table.c.model.in_(list(models)))
+    if endpoints is not None:
+        out.append(table.c.endpoint.in_(list(endpoints)))
+    return out
+
+
+def _grouped(
+    names: Sequence[str],
+    groups: dict[str, sa.ColumnElement[Any]],
+    sums: Sequence[sa.ColumnElement[Any]],
+    where: Sequence[sa.ColumnElement[bool]],
+) -> sa.Select[Any]:
+    """One side of a report: its group columns (labelled by name) and sums (by sum name)."""
+    keys = [groups[n].label(n) for n in names]
+    labelled = [expr.label(name) for expr, name in zip(sums, ROLLUP_SUMS, strict=True)]
+    return sa.select(*keys, *labelled).where(*where).group_by(*(groups[n] for n in names))
+
+
+def _raw_sums(r: sa.Table) -> list[sa.ColumnElement[Any]]:
+    """The rollups' sums (:data:`ROLLUP_SUMS`, in order) over raw records, as the writer
+    adds them up (``chatgate.usage.batch``)."""
+
+    def count_of(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
+        return sa.func.sum(sa.case((condition, 1), else_=0))
+
+    sums = {
+        "requests": sa.func.count(),
+        "prompt_tokens": sa.func.sum(r.c.prompt_tokens),
+        "completion_tokens": sa.func.sum(r.c.completion_tokens),
+        "cost_nanousd": sa.func.sum(r.c.cost_nanousd),
+        "errors": count_of(r.c.status >= 400),
+        "rate_limited": count_of(r.c.status == 429),
+        "latency_ms_sum": sa.func.sum(r.c.latency_ms),
+        "timed_requests": sa.func.count(),
+        "admitted": count_of(r.c.admitted.is_(True)),
+    }
+    assert tuple(sums) == ROLLUP_SUMS, "the rollup columns changed: update the sums here"
+    return list(sums.values())
 
 
 Change = tuple[str, str]

@@ -15,7 +15,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate import timefmt
 from chatgate.db.engine import create_engine, migrate
-from chatgate.usage.queries import cover, export_records, minutes, report, usage_rows
+from chatgate.usage.queries import (
+    cover,
+    export_records,
+    part_minutes,
+    report,
+    usage_rows,
+    whole_minutes,
+)
 from chatgate.usage.record import UsageRecord
 from chatgate.usage.recorder import UsageRecorder
 from chatgate.usage.tables import DAY, HOUR, MINUTE, WIDTHS
@@ -32,7 +39,7 @@ BASE = 1_767_225_600  # 2026-01-01T00:00Z
 def test_cover_tiles_the_range_exactly(start: int, length: int, max_width: int) -> None:
     end = start + length
     segments = cover(start, end, max_width)
-    lo, hi = minutes(start, end)
+    lo, hi = whole_minutes(start, end)
     position = lo
     for width, seg_lo, seg_hi in segments:  # in order, no gap, no overlap, aligned
         assert width <= max_width
@@ -40,26 +47,30 @@ def test_cover_tiles_the_range_exactly(start: int, length: int, max_width: int) 
         assert seg_lo % width == 0 and seg_hi % width == 0
         position = seg_hi
     assert position == max(hi, lo)
+    # The rest of the range, to the second, is the raw records' part-minutes.
+    parts = part_minutes(start, end)
+    covered = sum(h - lo_ for _, lo_, h in segments) + sum(b - a for a, b in parts)
+    assert covered == max(0, end - start)
+    assert all(b - a < MINUTE for a, b in parts) and len(parts) <= 2
     # Few rollup rows per group: at most 2x(23 hours + 59 minutes) around the whole days.
     if max_width == DAY:
         assert sum((h - lo_) // w for w, lo_, h in segments if w != DAY) <= 2 * (23 + 59)
 
 
-def test_ranges_that_meet_count_each_minute_once_and_up_to_now_counts_this_minute() -> None:
-    """The end was rounded up: two adjacent hours both held the minute between them (QA: a
-    burst of 1,500 requests in that minute counted in both)."""
-    now = BASE + 10 * DAY + 30  # half a minute into a minute
+def test_part_minutes_are_the_ends_outside_whole_minutes() -> None:
+    """Rounded to whole minutes, ranges that met inside a minute both counted it (QA: two
+    adjacent hours held one minute's 1,500 requests twice; then, rounding the ends down, two
+    ranges meeting in the current minute). The part-minutes come from the raw records."""
     meet = BASE + 5 * HOUR + 30
-    assert minutes(BASE, meet, now) == (BASE, BASE + 5 * HOUR)
-    assert minutes(meet, BASE + 6 * HOUR, now) == (BASE + 5 * HOUR, BASE + 6 * HOUR)
-    assert minutes(BASE, now - 10, now) == (BASE, now - 30 + MINUTE)  # this minute is in
-    assert minutes(BASE, now + DAY + 7, now) == (BASE, now - 30 + DAY + MINUTE)
-    assert minutes(BASE + 10, BASE + 50, now) == (BASE, BASE)  # within one minute: none
+    assert part_minutes(BASE, meet) == [(BASE + 5 * HOUR, meet)]
+    assert part_minutes(meet, BASE + 6 * HOUR) == [(meet, BASE + 5 * HOUR + MINUTE)]
+    assert part_minutes(BASE + 10, BASE + 50) == [(BASE + 10, BASE + 50)]
+    assert part_minutes(BASE + 50, BASE + 70) == [(BASE + 50, BASE + 60), (BASE + 60, BASE + 70)]
+    assert part_minutes(BASE, BASE + HOUR) == []
 
 
 def raw_sums(records: list[UsageRecord], start: int, end: int) -> tuple[int, int, int, int]:
-    lo, hi = minutes(start, end)
-    inside = [r for r in records if lo <= int(r.created_at) < hi]
+    inside = [r for r in records if start <= int(r.created_at) < end]
     return (
         len(inside),
         sum(r.prompt_tokens for r in inside),
