@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 
 import uvloop
@@ -25,6 +26,7 @@ from chatgate.settings import Settings
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+RESPAWN_DELAY = 1.0  # seconds before replacing a worker that died before it served
 ADMIN_EMAIL = "admin@localhost"
 
 
@@ -113,8 +115,9 @@ def _supervise(settings: Settings, workers: int) -> None:
     """Run ``workers`` processes on the port until SIGTERM/SIGINT (forwarded to them all).
 
     A worker that dies after it began serving (an OOM kill, a crash) is logged and replaced,
-    as gunicorn and uvicorn replace theirs. One that fails before it serves is a failed
-    start: the others are stopped and the command fails, as one process would. Each worker
+    as gunicorn and uvicorn replace theirs, and so is a replacement that dies before it serves
+    (after a second). One of the first workers that fails before it serves is a failed start:
+    the others are stopped and the command fails, as one process would. Each worker
     stops when this process dies (even by SIGKILL: the kernel sends it SIGTERM), so a
     supervisor's restart never finds the old workers still serving on the port beside the
     new ones.
@@ -154,8 +157,7 @@ def _supervise(settings: Settings, workers: int) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
-    for _ in range(workers):
-        spawn()
+    starting = {spawn() for _ in range(workers)}  # the first ones, until each serves
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     failed = 0
@@ -174,17 +176,25 @@ def _supervise(settings: Settings, workers: int) -> None:
             served = False
         os.close(ready_r)
         code = os.waitstatus_to_exitcode(status)
+        first = pid in starting
+        starting.discard(pid)
         if stopping:
             failed += code != 0
-        elif served:
+        elif first and not served:  # the server's start failed, which another would repeat
+            failed += 1
+            forward(signal.SIGTERM, None)
+        else:  # it served, or it replaced one that had (a replacement killed as it starts)
             how = f"signal {-code}" if code < 0 else f"exit code {code}"
-            log.error("worker %d stopped (%s); starting another", pid, how)
+            if served:
+                log.error("worker %d stopped (%s); starting another", pid, how)
+            else:  # not at once: a cause that lasts (the port taken since) is not a busy loop
+                log.error("worker %d failed to start (%s); starting another in 1 s", pid, how)
+                time.sleep(RESPAWN_DELAY)  # a stop signal meanwhile runs forward, then we see it
+            if stopping:
+                continue
             new = spawn()
             if stopping:  # the stop came as it was forked: it missed the forwarding
                 os.kill(new, signal.SIGTERM)
-        else:  # it never served: a failed start, which another try would repeat
-            failed += 1
-            forward(signal.SIGTERM, None)
     if failed:  # as one process's failure: a supervisor must not read it as a clean stop
         raise ServeError(f"{failed} of {workers} workers failed (see the log above)")
 

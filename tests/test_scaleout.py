@@ -168,6 +168,17 @@ def test_a_dead_worker_is_replaced_and_workers_die_with_their_parent(
         assert f"worker {first[0]} stopped (signal 9); starting another" in gw.logs()
         workers = _children(parent)
         assert len(workers) == 2 and first[0] not in workers
+        # A replacement killed as it starts (QA: the parent took it for a failed start and
+        # stopped the whole server, the serving worker too) is replaced in its turn.
+        os.kill(first[1], signal.SIGKILL)
+        _wait_for(lambda: len(_children(parent) - workers) == 1)
+        [starting] = _children(parent) - workers
+        os.kill(starting, signal.SIGKILL)
+        _wait_for(lambda: len(_children(parent) - workers - {starting}) == 1, 90)
+        _wait_for(lambda: gw.logs().count("Running on") >= 4)
+        assert f"worker {starting} " in gw.logs()
+        workers = _children(parent)
+        assert len(workers) == 2
         for _ in range(20):  # both workers answer (the port picks either)
             assert requests.get(gw.url + "/healthz", timeout=10).status_code == 200
     finally:
