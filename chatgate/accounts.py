@@ -141,7 +141,8 @@ class PlanStore:
         async with self._engine.connect() as conn:
             row = (await conn.execute(sa.select(plans).where(plans.c.name == name))).first()
         if row is None:
-            raise errors.NotFound(f"No plan named `{name[:64]}`.", param="plan")
+            shown = name if len(name) <= 64 else name[:64] + "…"  # not another plan's name
+            raise errors.NotFound(f"No plan named `{shown}`.", param="plan")
         return _plan(row)
 
     async def create(self, name: str, **limits: int | None) -> Plan:

@@ -84,6 +84,7 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
         )
         recorder: UsageRecorder | None = None
         if settings.usage_enabled:
+            settings.make_data_dir()  # 0700 when new (the spool would make it as the umask says)
             recorder = UsageRecorder(
                 engine,
                 settings.data_dir / "spool",

@@ -162,7 +162,7 @@ def _read_password(from_stdin: bool, email: str) -> str:
     from chatgate.dashboard.passwords import password_problem
 
     if from_stdin:
-        password = sys.stdin.readline().rstrip("\n")
+        password = sys.stdin.readline().rstrip("\r\n")  # a CRLF line too (Windows, a heredoc)
     else:
         # getpass falls back to reading stdin when it is not a terminal, and dies of EOFError
         # (or termios.error) at its end: a piped password goes through --password-stdin.

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -15,6 +17,7 @@ import pytest
 import requests
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from chatgate.dashboard.passwords import HASHER
 from tests.helpers import (
     BIN,
     REDIS_URL,
@@ -63,6 +66,51 @@ def test_set_password_takes_a_long_password_from_stdin(gw: Gateway) -> None:
         check=False,
     )
     assert weak.returncode == 2 and "too easy to guess" in weak.stderr, weak.stderr
+
+
+def test_set_password_takes_a_crlf_line_without_its_cr(gw: Gateway) -> None:
+    """A password piped with a CRLF line end (a Windows file, a heredoc) kept its CR: the
+    password set was not the one typed at the dashboard, which then failed to log in."""
+    gw.cli("accounts", "create", "crlf@example.com")
+    password = "Tq8#vLp2!zRw9mKf"
+    gw.cli(
+        "accounts", "set-password", "crlf@example.com", "--password-stdin", input=password + "\r\n"
+    )
+    with sqlite3.connect(gw.workdir / "data" / "chatgate.db") as db:
+        [stored] = db.execute(
+            "SELECT password_hash FROM accounts WHERE email = 'crlf@example.com'"
+        ).fetchone()
+    assert HASHER.verify(stored, password)
+
+
+def test_a_plan_name_too_long_is_not_named_as_another_plan(gw: Gateway) -> None:
+    """A 65-character plan name was said not to exist by its first 64 characters: the name
+    of a plan that does exist."""
+    gw.cli("plans", "create", "p" * 64)
+    gw.cli("accounts", "create", "long-plan@example.com")
+    result = gw.cli("accounts", "set-plan", "long-plan@example.com", "p" * 65, check=False)
+    assert result.returncode == 2 and f"`{'p' * 64}…`" in result.stderr, result.stderr
+
+
+def test_make_run_takes_the_port_from_its_command_line_only() -> None:
+    """``make run`` passed a PORT or HOST from the environment (container platforms set PORT,
+    tcsh sets HOST) over CHATGATE_PORT / CHATGATE_HOST; only ``make run PORT=...`` may."""
+    root = Path(__file__).resolve().parent.parent
+
+    def dry(*args: str, env: dict[str, str]) -> str:
+        out = subprocess.run(
+            ["make", "-n", "run", *args],
+            cwd=root,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        return next(line for line in out.splitlines() if "chatgate serve" in line)
+
+    assert "--port" not in dry(env={"PORT": "3000", "HOST": "myhost"})
+    assert "--host" not in dry(env={"PORT": "3000", "HOST": "myhost"})
+    assert dry("PORT=9", "HOST=0.0.0.0", env={}).endswith("serve --host 0.0.0.0 --port 9")
 
 
 @pytest.mark.parametrize("stdin", ["", "a walrus in a bowler hat\n"])

@@ -324,3 +324,13 @@ def test_management_answers_503_while_postgresql_is_down_or_frozen(
         assert "unhandled error" not in gw.logs()  # (the feed logs its own outage once)
     finally:
         gw.stop()
+
+
+def test_a_new_data_dir_is_the_owners_only_on_postgresql_too(pg_url: str, tmp_path: Path) -> None:
+    """With PostgreSQL the data dir was first made by the usage spool's folder, its parent
+    made as the umask says (0755), not 0700 as SECURITY.md says (found by QA)."""
+    gw = make_gateway(tmp_path, database_url=pg_url).start()
+    try:
+        assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
+    finally:
+        gw.stop()
