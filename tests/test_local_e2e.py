@@ -81,6 +81,39 @@ def test_a_json_format_the_local_model_cannot_keep_names_the_field_sent(
     assert chat.value.param == "response_format"
 
 
+def test_a_long_local_embeddings_request_ends_at_the_total_timeout(tmp_path: Path) -> None:
+    """One request of many long inputs held the embedded model's only worker (and every chat
+    behind it) for hours: CHATGATE_UPSTREAM_TIMEOUT did not apply to the local backend (QA).
+    Now it answers 504 at the deployment's total timeout and the model is free after the batch
+    it was on."""
+    gw = make_gateway(
+        tmp_path, local_model=True, extra_env={"CHATGATE_UPSTREAM_TIMEOUT": "1"}
+    ).start()
+    try:
+        headers = {"Authorization": f"Bearer {first_key(gw)}"}
+        resp = requests.post(
+            gw.url + "/v1/embeddings",
+            json={"model": "chatgate-mini", "input": ["word " * 3000] * 64},
+            headers=headers,
+            timeout=120,
+        )
+        assert resp.status_code == 504, resp.text
+        assert resp.json()["error"]["code"] == "upstream_timeout"
+        chat = requests.post(
+            gw.url + "/v1/chat/completions",
+            json={
+                "model": "chatgate-mini",
+                "messages": [{"role": "user", "content": "Say hi"}],
+                "max_tokens": 3,
+            },
+            headers=headers,
+            timeout=300,
+        )
+        assert chat.status_code == 200, chat.text
+    finally:
+        gw.stop()
+
+
 def test_embedded_embeddings(local_gateway: Gateway) -> None:
     client = openai.OpenAI(base_url=local_gateway.url + "/v1", api_key=first_key(local_gateway))
     result = client.embeddings.create(model="chatgate-mini", input=["a cat", "a dog"])

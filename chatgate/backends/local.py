@@ -70,6 +70,7 @@ from chatgate.backends.local_params import (
     parse_params,
     split_at_stop,
 )
+from chatgate.backends.upstream_errors import timeout_error
 from chatgate.settings import ModelConfig, Settings
 
 log = logging.getLogger(__name__)
@@ -684,8 +685,16 @@ class LocalBackend(Backend):
             )
         job = _Embedding()
         future = self._submit(job, lambda: _embed_in_batches(embedder, inputs, job))
+        # The deployment's total timeout, as an upstream's: 2,048 long inputs held the model's
+        # only worker (and every chat behind it) for hours (QA). Chat answers end at the
+        # context window; an embeddings request's inputs have no such end.
+        limit = float(model.options.get("total_timeout") or self._settings.upstream_timeout)
         try:
-            vectors, count = await asyncio.shield(future)
+            async with asyncio.timeout(limit):
+                vectors, count = await asyncio.shield(future)
+        except TimeoutError:
+            job.cancel.set()  # stop after the batch being embedded
+            raise timeout_error(model, "total", limit) from None
         except asyncio.CancelledError:
             job.cancel.set()  # the client went away: stop after the batch being embedded
             raise
