@@ -318,13 +318,18 @@ class SSEPassThrough(ChatStream):
         clock = self._loop.time
         tail: list[bytes] = []  # the last events relayed: is the stream done when it ends?
         try:
-            while True:
+            ending = False
+            while not ending:
                 # Idle time counts only while we wait for the upstream, not for the client.
                 self._reading_since = clock()
                 chunk = await read()
                 self._reading_since = None
                 if not chunk:
-                    break
+                    if not rest and not more:
+                        break
+                    # The end of the stream ends the event in hand, and the line in hand (its
+                    # end may be a \r held back): read as the others, as if a blank line came.
+                    chunk, ending = b"\n\n", True
                 if rest and b"\n" not in chunk and b"\r" not in chunk:
                     # The event in hand goes on and cannot end in this read: kept aside, not
                     # joined and split again at every read (quadratic in the event's size).
@@ -377,19 +382,8 @@ class SSEPassThrough(ChatStream):
                 if self.first_byte_at is None:
                     self.first_byte_at = time.perf_counter()
                     self._rearm()  # the first-byte limit is met: the idle limit is next
-                tail = events[-3:]
+                tail = events[-3:] if len(events) > 2 else (tail + events)[-3:]
                 yield events
-            if more:
-                rest = b"".join([rest, *more])
-            if rest.strip():
-                event = rest if rest.endswith(b"\n") else rest + b"\n"
-                if _error_at([event]) is not None:
-                    yield [self._failed(self._broken("sent an error in its stream"))]
-                    return
-                kept = self._keep(event + b"\n")
-                if kept is not None:
-                    tail = [*tail[-2:], kept]
-                    yield [kept]
             if not tail or tail[-1] != DONE_EVENT:
                 yield [self._unended(tail)]
         except (TimeoutError, UpstreamConnectionError):

@@ -8,6 +8,7 @@ metered or what text is counted, however the upstream's bytes are cut into reads
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import orjson
@@ -220,6 +221,9 @@ async def test_a_stream_ended_without_done_is_done_or_an_error() -> None:
     batches, stream = await _batches([last], include_usage=True)
     relayed = [e for batch in batches for e in batch]
     assert relayed[-1] == DONE_EVENT and stream.failure is None, relayed[-2:]
+    # The finish reason a read before the last (the usage chunk alone in its own read).
+    batches, stream = await _batches([*finished, _event([], GOOD)], include_usage=True)
+    assert [e for batch in batches for e in batch][-1] == DONE_EVENT and not stream.failure
     for cut in (STREAM[:3], [STREAM[1], b"data: {garbage\n\n"], []):
         batches, stream = await _batches([b"".join(cut)] if cut else [], include_usage=True)
         relayed = [e for batch in batches for e in batch]
@@ -366,3 +370,21 @@ async def test_an_upstream_error_event_in_any_form_ends_the_relay_with_ours(form
         relayed = [e for batch in batches for e in batch]
         assert len(relayed) == 1 and b"SECRET" not in relayed[0], relayed
         assert stream.failure is not None and stream.first_byte_at is None
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_cr_only_line_ends_relay_meter_and_end_as_lf_at_any_split(
+    include_usage: bool,
+) -> None:
+    """``data: ...\\r\\r`` is SSE as ``\\n\\n`` is: a ``\\r`` held back at the end of a read (half
+    of a ``\\r\\n``?) was relayed as a stray event, or at the stream's end left ``[DONE]``
+    unrecognised (an error event after it, recorded as a failure, or a second ``[DONE]``)."""
+    whole = b"".join(STREAM).replace(b"\n", b"\r")
+    for at in range(len(whole) + 1):
+        lines = [whole[:at], *re.split(b"(?<=\r)", whole[at:])]  # a read a line after it
+        for pieces in ([whole[:at], whole[at:]], lines):
+            pieces = [piece for piece in pieces if piece]
+            batches, stream = await _batches(pieces, include_usage)
+            relayed = [e for batch in batches for e in batch]
+            assert relayed == _expected(include_usage), at
+            assert stream.usage == Usage(5, 4) and stream.failure is None, at

@@ -69,3 +69,15 @@ def test_events_in_another_form_come_canonical() -> None:
         chunks = [raw[i : i + size] for i in range(0, len(raw), size)]
         assert feed(chunks) == (events, b""), size
     assert split_events(b'data:{"b":2}\n\n', spaced=True) == ([b'data: {"b":2}\n\n'], b"")
+
+
+def test_cr_only_line_ends_split_anywhere_give_the_same_events() -> None:
+    """A bare ``\\r`` ends a line as ``\\n`` does; one held back at the end of a read (half of a
+    ``\\r\\n``?) is decided by the next read, or by the stream's end (the relay then reads the
+    rest as if a blank line came), whatever byte the read ends at."""
+    cr = STREAM.replace(b"\n", b"\r")
+    for at in range(len(cr) + 1):
+        for size in (1, 3, len(cr)):
+            chunks = [cr[:at]] + [cr[i : i + size] for i in range(at, len(cr), size)]
+            events, rest = feed(chunks)
+            assert events + split_events(rest + b"\n\n")[0] == EVENTS, (at, size)
