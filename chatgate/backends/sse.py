@@ -12,13 +12,17 @@ A stream the upstream ends without ``[DONE]`` gets one: ``[DONE]`` when its answ
 (a finish reason came), else an ``upstream_error`` event, as for a connection that broke.
 
 The events are relayed without being parsed, with three exceptions that cost a byte search per
-read: an upstream's own error event (``data: {"error": ...}``, which may carry its key or its
-internal URLs) ends the relay with chatgate's error event in its place; comments (``: ...``,
+read: an upstream's own error event (``data: {"error": ...}``, its key JSON-escaped or not, or
+an event typed ``error``: it may carry its key or its internal URLs) ends the relay with
+chatgate's error event in its place; comments (``: ...``,
 keep-alives) before the first event are dropped, so that it is the first event the router judges
 and the first-byte limit waits for; and a first event that is not a completion chunk (no
 ``choices``) is the upstream's failure, as a whole answer without them is. An event that grows
 beyond :data:`EVENT_MAX` bytes ends the relay; one that arrives in many reads is gathered in
-time linear in its size.
+time linear in its size. Events are looked at in their canonical form, ``data: ...\n\n``: one
+in another (``event:``/``id:``/``retry:`` lines, comments beside its data, several ``data:``
+lines, no space after ``data:``) is rewritten so (:func:`split_events`); a read of canonical
+events costs two byte counts more to tell it is one, and is not parsed.
 
 One watchdog timer per stream re-arms itself lazily (at most once per idle period, never per
 chunk) and closes the upstream response when a limit passes (first byte, idle, total), which
@@ -51,16 +55,26 @@ _NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')  # a reason, not null
 _CRLF = re.compile(rb"\r\n|\r")
 _NO_SPACE = re.compile(rb"^data:(?=[{\[])", re.MULTILINE)  # at a line's start, never in JSON
+_ESCAPED = re.compile(rb"\\u00(?:6[5fF]|72)")  # e, o, r JSON-escaped: "error" spelt otherwise
 
 
 def split_events(data: bytes, spaced: bool = False) -> tuple[list[bytes], bytes]:
     """Complete SSE events in ``data`` (each ending in a blank line), and the rest.
 
-    Events come out normalised to ``\n`` line ends, ``data: `` with its space (optional in
-    SSE, and left out by some servers: usage, ``[DONE]`` and error events are looked for
-    with it; ``spaced``: the upstream is known to write it, nothing to look for) and one
-    ``\n\n`` at the end; blank lines between events are skipped.
+    Events come out canonical: ``data: <its data>\n\n``, one line, with ``\n`` line ends
+    and ``data: `` with its space (optional in SSE, and left out by some servers: usage,
+    ``[DONE]`` and error events are looked for with it; ``spaced``: the upstream is known to
+    write it, nothing to look for). An event in another form (``event:``, ``id:`` or
+    ``retry:`` lines, comments beside its data, several ``data:`` lines) is rewritten so
+    (:func:`_canonical`); one of comments alone stays a comment; blank lines between events
+    are skipped. A read of canonical events costs two byte counts to tell it is one.
     """
+    events, rest, _ = _split(data, spaced)
+    return events, rest
+
+
+def _split(data: bytes, spaced: bool) -> tuple[list[bytes], bytes, bool]:
+    """:func:`split_events`, and whether the events came canonical (none was rewritten)."""
     hold = b""
     if b"\r" in data:
         if data.endswith(b"\r"):  # maybe half of a \r\n: decide with the next read
@@ -70,27 +84,104 @@ def split_events(data: bytes, spaced: bool = False) -> tuple[list[bytes], bytes]
         data = _NO_SPACE.sub(b"data: ", data)
     parts = data.split(b"\n\n")
     rest = parts.pop()
-    if b"\n\n\n" in data or data.startswith(b"\n"):  # blank lines between events
-        events = [part.lstrip(b"\n") + b"\n\n" for part in parts if part.strip(b"\n")]
-    else:  # the usual case: every part is one event (in C, not a Python loop per event)
-        events = list(map(operator.add, parts, repeat(b"\n\n")))
-    return events, (rest if rest.strip(b"\n") else b"") + hold
+    end = len(data) - len(rest)  # the events' bytes
+    rest = (rest if rest.strip(b"\n") else b"") + hold
+    if not parts:
+        return [], rest, True
+    # Canonical when the events hold no line end but their last two (so one line each), and
+    # each of those lines starts with "data: " (the first, and every one after a "\n").
+    if (
+        data.count(b"\n", 0, end) == 2 * len(parts)
+        and data.startswith(b"data: ")
+        and data.count(b"\ndata: ", 0, end) == len(parts) - 1
+    ):  # the usual case: every part is one event (in C, not a Python loop per event)
+        return list(map(operator.add, parts, repeat(b"\n\n"))), rest, True
+    return [event for part in parts if (event := _canonical(part)) is not None], rest, False
+
+
+def _canonical(part: bytes) -> bytes | None:
+    """One event (its lines, without the blank line that ends it) as ``data: ...\n\n``, as
+    SSE reads it: the ``data`` fields joined by ``\n``, other fields (``event``, ``id``,
+    ``retry``) and comments left out. Its data of several lines stays one line when it is
+    JSON (where a line end is only whitespace); otherwise it is written as several ``data:``
+    lines. An event of comments alone is kept as those comments (a keep-alive), one with
+    neither data nor comments (an ``id:`` alone) is nothing to relay: ``None``. An event
+    typed ``error`` is the upstream's error whatever its data: it becomes
+    ``{"error": <its data>}``, which the relay then replaces with its own."""
+    if part.startswith(b"data: ") and b"\n" not in part:
+        return part + b"\n\n"
+    data: list[bytes] = []
+    comments: list[bytes] = []
+    kind = b""
+    for line in part.split(b"\n"):
+        if line.startswith(b":"):
+            comments.append(line)
+            continue
+        if not line:
+            continue
+        name, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if name == b"data":
+            data.append(value)
+        elif name == b"event":
+            kind = value
+    if not data:
+        return b"\n".join(comments) + b"\n\n" if comments else None
+    text = b"\n".join(data)
+    if kind == b"error" and not _is_error(decoded := _json(text)):
+        text = orjson.dumps(
+            {"error": text.decode(errors="replace") if decoded is _NO_JSON else decoded}
+        )
+    if b"\n" in text:
+        if _json(text) is _NO_JSON:  # SSE's own form of data of several lines
+            return b"".join([b"data: " + line + b"\n" for line in data]) + b"\n"
+        text = text.replace(b"\n", b" ")  # in JSON, outside its strings: whitespace
+    return b"data: " + text + b"\n\n"
+
+
+_NO_JSON = object()
+
+
+def _json(text: bytes) -> Any:
+    """``text`` decoded as JSON, or ``_NO_JSON``."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return _NO_JSON
+
+
+def _is_error(chunk: Any) -> bool:
+    """Whether a decoded event is an upstream's error: ``{"error": ...}``, or vLLM's old
+    ``{"object": "error"}``."""
+    return isinstance(chunk, dict) and bool(chunk.get("error") or chunk.get("object") == "error")
 
 
 def _error_at(events: list[bytes]) -> int | None:
-    """The index of the first of ``events`` that is an upstream's error (``{"error": ...}``,
-    or vLLM's old ``{"object": "error"}``), if any: only events naming ``"error"`` are parsed.
-    A JSON string holding the word has its quotes escaped, so only a key or a value matches."""
+    """The index of the first of ``events`` that is an upstream's error (:func:`_is_error`),
+    if any: only events that may name ``"error"`` are decoded, those holding the word in
+    quotes (a JSON string holding it has its quotes escaped, so only a key or a value
+    matches) or an escaped letter of it (``"\\u0065rror"`` is ``"error"`` too)."""
     for i, event in enumerate(events):
-        if b'"error"' not in event or not event.startswith(b"data: {"):
+        if b'"error"' not in event and not _ESCAPED.search(event):
             continue
-        try:
-            chunk = orjson.loads(event[6:])
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(chunk, dict) and (chunk.get("error") or chunk.get("object") == "error"):
+        if event.startswith(b"data: ") and _is_error(_json(event[6:])):
             return i
     return None
+
+
+def _may_name_error(data: bytes) -> bool:
+    """Whether ``data`` may hold an error event: the word in quotes, or one of its letters
+    JSON-escaped (no encoder escapes an ASCII letter, so ``\\u00`` then the regular
+    expression is a look only at text that escapes others)."""
+    return b'"error"' in data or (b"\\u00" in data and _ESCAPED.search(data) is not None)
+
+
+def _is_object(event: bytes) -> bool:
+    """Whether an event's data is a JSON object (``data: {``, or with spaces before it)."""
+    return event.startswith(b"data: {") or (
+        event.startswith(b"data: ") and event[6:].lstrip().startswith(b"{")
+    )
 
 
 def _writes_space(chunk: bytes) -> bool | None:
@@ -227,13 +318,18 @@ class SSEPassThrough(ChatStream):
         clock = self._loop.time
         tail: list[bytes] = []  # the last events relayed: is the stream done when it ends?
         try:
-            while True:
+            ending = False
+            while not ending:
                 # Idle time counts only while we wait for the upstream, not for the client.
                 self._reading_since = clock()
                 chunk = await read()
                 self._reading_since = None
                 if not chunk:
-                    break
+                    if not rest and not more:
+                        break
+                    # The end of the stream ends the event in hand, and the line in hand (its
+                    # end may be a \r held back): read as the others, as if a blank line came.
+                    chunk, ending = b"\n\n", True
                 if rest and b"\n" not in chunk and b"\r" not in chunk:
                     # The event in hand goes on and cannot end in this read: kept aside, not
                     # joined and split again at every read (quadratic in the event's size).
@@ -250,7 +346,7 @@ class SSEPassThrough(ChatStream):
                     data = rest + chunk if rest else chunk
                 if spaced is None:  # an upstream writes it one way: looked at until seen
                     spaced = _writes_space(chunk)
-                events, rest = split_events(data, bool(spaced))
+                events, rest, canonical = _split(data, bool(spaced))
                 held = len(rest)
                 if held > EVENT_MAX:
                     yield [self._failed(self._broken("sent an event too large to relay"))]
@@ -258,13 +354,13 @@ class SSEPassThrough(ChatStream):
                 if self.first_byte_at is None:  # keep-alive comments before it: nothing yet
                     events = [e for e in events if not e.startswith(b":")]
                 failure = None
-                if b'"error"' in data:
+                if not canonical or _may_name_error(data):
                     at = _error_at(events)
                     if at is not None:  # its text may hold its key or URLs: ours instead
                         failure = self._broken("sent an error in its stream")
                         events = events[:at]
                 if self._first is None:
-                    self._first = next((e for e in events if e.startswith(b"data: {")), None)
+                    self._first = next((e for e in events if _is_object(e)), None)
                     if self._first is not None and b'"choices"' not in self._first:
                         failure = self._broken("did not answer with a stream of completions")
                         events = []
@@ -286,19 +382,8 @@ class SSEPassThrough(ChatStream):
                 if self.first_byte_at is None:
                     self.first_byte_at = time.perf_counter()
                     self._rearm()  # the first-byte limit is met: the idle limit is next
-                tail = events[-3:]
+                tail = events[-3:] if len(events) > 2 else (tail + events)[-3:]
                 yield events
-            if more:
-                rest = b"".join([rest, *more])
-            if rest.strip():
-                event = rest if rest.endswith(b"\n") else rest + b"\n"
-                if _error_at([event]) is not None:
-                    yield [self._failed(self._broken("sent an error in its stream"))]
-                    return
-                kept = self._keep(event + b"\n")
-                if kept is not None:
-                    tail = [*tail[-2:], kept]
-                    yield [kept]
             if not tail or tail[-1] != DONE_EVENT:
                 yield [self._unended(tail)]
         except (TimeoutError, UpstreamConnectionError):
@@ -336,7 +421,7 @@ class SSEPassThrough(ChatStream):
         before its usage came: :attr:`completion_text`), so a normal stream parses one
         event, not every one.
         """
-        if not event.startswith(b"data: {"):
+        if not _is_object(event):
             return event
         if self._first is None:
             self._first = event

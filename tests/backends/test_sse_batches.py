@@ -8,6 +8,7 @@ metered or what text is counted, however the upstream's bytes are cut into reads
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import orjson
@@ -220,6 +221,9 @@ async def test_a_stream_ended_without_done_is_done_or_an_error() -> None:
     batches, stream = await _batches([last], include_usage=True)
     relayed = [e for batch in batches for e in batch]
     assert relayed[-1] == DONE_EVENT and stream.failure is None, relayed[-2:]
+    # The finish reason a read before the last (the usage chunk alone in its own read).
+    batches, stream = await _batches([*finished, _event([], GOOD)], include_usage=True)
+    assert [e for batch in batches for e in batch][-1] == DONE_EVENT and not stream.failure
     for cut in (STREAM[:3], [STREAM[1], b"data: {garbage\n\n"], []):
         batches, stream = await _batches([b"".join(cut)] if cut else [], include_usage=True)
         relayed = [e for batch in batches for e in batch]
@@ -302,3 +306,85 @@ async def test_a_large_event_in_many_reads_is_relayed_and_one_too_large_ends_it(
     assert relayed[0] == STREAM[1] and relayed[-1].startswith(b'data: {"error"')
     assert len(relayed) == 2 and stream.failure is not None
     assert "too large" in stream.failure.message
+
+
+def _fielded(event: bytes, n: int) -> bytes:
+    """``event`` with the field lines some servers put before its data."""
+    return b"id: %d\nevent: message\n%s" % (n, event) if event.startswith(b"data:") else event
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_events_with_field_lines_relay_meter_and_end_as_without_them(
+    include_usage: bool,
+) -> None:
+    """``event: message`` or ``id: N`` lines before each ``data:`` (and keep-alive comments
+    between events) hid ``[DONE]`` and the usage chunk: the client got the upstream's usage
+    and ``[DONE]``, then chatgate's own usage (completion 0) and a second ``[DONE]``, or an
+    error event after ``[DONE]``, and the usage was not metered. Now the client gets the
+    events as it would without the field lines (canonical), metered the same."""
+    ping = b": ping\n\n"
+    plain = [*STREAM[:4], ping, *STREAM[4:6], ping, *STREAM[6:]]
+    whole = b"".join(_fielded(event, n) for n, event in enumerate(plain))
+    for size in (1, 7, 97, len(whole)):
+        pieces = [whole[i : i + size] for i in range(0, len(whole), size)]
+        batches, stream = await _batches(pieces, include_usage)
+        relayed = [e for batch in batches for e in batch]
+        # (a comment in the read of the first event is dropped with those before it)
+        assert [e for e in relayed if e != ping] == _expected(include_usage), size
+        assert relayed.count(DONE_EVENT) == 1 and relayed[-1] == DONE_EVENT, size
+        assert stream.usage == Usage(5, 4) and stream.failure is None, size
+        assert stream.completion_text == "".join(WORDS), size
+        assert stream.envelope()["id"] == "c1", size
+
+
+SECRET_JSON = LEAKY[6:-2]
+ERROR_FORMS = [
+    b"event: error\n" + LEAKY,
+    b"id: 3\n" + LEAKY,
+    b"data:  " + SECRET_JSON + b"\n\n",
+    b"data:" + SECRET_JSON + b"\n\n",  # after "data: " was seen: no longer looked for
+    b"data: " + SECRET_JSON.replace(b'"error"', b'"\\u0065rror"') + b"\n\n",
+    b"data: " + SECRET_JSON.replace(b'"type"', b'\ndata: "type"') + b"\n\n",
+    b"event: error\ndata: overloaded, Bearer sk-upstream-SECRET at http://10.1.2.3:8000\n\n",
+]
+
+
+@pytest.mark.parametrize("form", range(len(ERROR_FORMS)))
+async def test_an_upstream_error_event_in_any_form_ends_the_relay_with_ours(form: int) -> None:
+    """An upstream's error event was relayed verbatim, its key and internal URLs with it,
+    unless it was written exactly ``data: {"error"...``: with an ``event:`` or ``id:`` line,
+    two spaces or none after ``data:``, its key JSON-escaped, over two ``data:`` lines, or
+    typed ``error`` with a text. Mid-stream, the events before it go on, then ours; as the
+    first event, ours alone, before anything was relayed (the router falls back)."""
+    error = ERROR_FORMS[form]
+    for cut in (1, 10_000):
+        whole = b"".join([STREAM[1], error, *STREAM[2:]])
+        pieces = [STREAM[1], *(whole[i : i + cut] for i in range(len(STREAM[1]), len(whole), cut))]
+        batches, stream = await _batches(pieces, include_usage=True)
+        relayed = [e for batch in batches for e in batch]
+        assert relayed[0] == STREAM[1] and len(relayed) == 2, (cut, relayed)
+        assert b"SECRET" not in relayed[1] and b"10.1.2.3" not in relayed[1]
+        assert stream.failure is not None and stream.failure.code == "upstream_error"
+        assert "sent an error in its stream" in stream.failure.message
+        batches, stream = await _batches([error, *STREAM[1:]], include_usage=True)
+        relayed = [e for batch in batches for e in batch]
+        assert len(relayed) == 1 and b"SECRET" not in relayed[0], relayed
+        assert stream.failure is not None and stream.first_byte_at is None
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_cr_only_line_ends_relay_meter_and_end_as_lf_at_any_split(
+    include_usage: bool,
+) -> None:
+    """``data: ...\\r\\r`` is SSE as ``\\n\\n`` is: a ``\\r`` held back at the end of a read (half
+    of a ``\\r\\n``?) was relayed as a stray event, or at the stream's end left ``[DONE]``
+    unrecognised (an error event after it, recorded as a failure, or a second ``[DONE]``)."""
+    whole = b"".join(STREAM).replace(b"\n", b"\r")
+    for at in range(len(whole) + 1):
+        lines = [whole[:at], *re.split(b"(?<=\r)", whole[at:])]  # a read a line after it
+        for pieces in ([whole[:at], whole[at:]], lines):
+            pieces = [piece for piece in pieces if piece]
+            batches, stream = await _batches(pieces, include_usage)
+            relayed = [e for batch in batches for e in batch]
+            assert relayed == _expected(include_usage), at
+            assert stream.usage == Usage(5, 4) and stream.failure is None, at
