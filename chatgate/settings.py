@@ -402,13 +402,22 @@ class Settings:
         the mode its operator gave it."""
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def resolved_secret(self) -> Secret:
-        """The server secret: configured, or generated once and kept in ``data_dir`` (0600)."""
+    def stored_secret(self) -> Secret | None:
+        """The server secret, configured or in ``data_dir``; None when there is neither (it
+        is not generated here: see :meth:`resolved_secret`)."""
         if self.secret:
             return self.secret
         path = self.data_dir / "secret"
         if path.is_file():
             return Secret(path.read_text().strip())
+        return None
+
+    def resolved_secret(self) -> Secret:
+        """The server secret: configured, or generated once and kept in ``data_dir`` (0600)."""
+        found = self.stored_secret()
+        if found is not None:
+            return found
+        path = self.data_dir / "secret"
         self.make_data_dir()
         value = secrets.token_urlsafe(48)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
