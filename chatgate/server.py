@@ -206,7 +206,7 @@ def check_listen(settings: Settings, *, reuse_port: bool) -> None:
         return
     try:
         infos = socket.getaddrinfo(
-            settings.host or None, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
         for family, kind, proto, _name, address in infos:
             try:

@@ -142,6 +142,19 @@ class UrlOf:
         return f"a {', '.join(first)} or {last} URL (with a numeric port, if any)"
 
 
+@dataclass(frozen=True, slots=True)
+class Given:
+    """A text that is not empty (nor spaces alone): ``what`` it must be instead. An empty
+    value read as no value at all (``CHATGATE_HOST=${HOST}`` with HOST unset): all
+    interfaces for the host, the current folder for the data directory."""
+
+    what: str
+
+    def problem(self, value: Any) -> str | None:
+        """See :meth:`Rule.problem`."""
+        return None if str(value).strip() else f"{self.what}, not empty"
+
+
 def _rule(rule: Rule) -> dict[str, Rule]:
     return {"rule": rule}
 
@@ -192,7 +205,8 @@ class Settings:
     )
     secret: Secret = field(default_factory=lambda: Secret(""))
     secret_previous: Secret | None = None  # accepted while stored key hashes are re-keyed
-    host: str = DEFAULT_HOST
+    # An explicit 0.0.0.0 or :: listens on every interface; empty is refused, not read as that.
+    host: str = field(default=DEFAULT_HOST, metadata=_rule(Given("an address to listen on")))
     port: int = field(default=DEFAULT_PORT, metadata=_range(0, 65535))  # 0: any free port
     # Below a kilobyte no chat request fits: every call would be a 413.
     max_body_bytes: int = field(default=DEFAULT_MAX_BODY_BYTES, metadata=_range(1024, unit="bytes"))
@@ -233,7 +247,7 @@ class Settings:
         default=90, metadata=_range(1, MAX_RETENTION_DAYS, unit="days")
     )
     signup_open: bool = True
-    default_plan: str = "free"
+    default_plan: str = field(default="free", metadata=_rule(Given("a plan's name")))
     session_max_age: int = field(default=7 * 86400, metadata=_range(60, unit="seconds"))
     cookie_secure: bool | None = None
     trust_forwarded_for: bool = False
@@ -275,7 +289,6 @@ class Settings:
         out of its range or not among its choices is a ``ValueError`` naming the setting.
         """
         env = os.environ if environ is None else environ
-        data_dir = Path(env.get("CHATGATE_DATA_DIR", DEFAULT_DATA_DIR))
         config_path = env.get("CHATGATE_CONFIG") or (
             "chatgate.toml" if Path("chatgate.toml").is_file() else ""
         )
@@ -316,8 +329,11 @@ class Settings:
                     "line break, a control character or a non-ASCII one"
                 )
         previous = pick("secret_previous", "")
+        data_dir = env.get("CHATGATE_DATA_DIR", DEFAULT_DATA_DIR)
+        if not data_dir.strip():  # Path("") is the current folder, not ./data
+            raise ValueError("CHATGATE_DATA_DIR must be a folder, not empty")
         settings = cls(
-            data_dir=data_dir,
+            data_dir=Path(data_dir),
             database_url=pick("database_url", ""),
             redis_url=pick("redis_url", None, str),
             secret=Secret(pick("secret", "")),

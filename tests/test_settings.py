@@ -152,3 +152,24 @@ def test_a_server_key_chatgate_does_not_read_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no setting `retention_days`"):
         _read(tmp_path, toml="[server]\nretention_days = 0\n")
     assert _read(tmp_path, toml="[server]\nusage_retention_days = 7\n").usage_retention_days == 7
+
+
+@pytest.mark.parametrize("name", ["host", "default_plan", "data_dir"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_host_data_dir_or_default_plan_is_refused(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    """``CHATGATE_HOST=${HOST}`` with HOST unset listened on every interface (0.0.0.0 and ::,
+    an empty host to getaddrinfo); an empty data dir was the current folder, not ./data; an
+    empty default plan failed every sign-up (found by QA). As an empty log level is refused."""
+    variable = "CHATGATE_" + name.upper()
+    with pytest.raises(ValueError, match=f"^{variable} .*must be .*, not empty$"):
+        _read(tmp_path, {variable: value})
+    if name != "data_dir":  # the environment's alone (see README)
+        with pytest.raises(ValueError, match=f"^{variable} .*, not empty$"):
+            _read(tmp_path, toml=f'[server]\n{name} = "{value}"\n')
+
+
+def test_every_interface_is_still_one_explicit_address_away(tmp_path: Path) -> None:
+    for host in ("0.0.0.0", "::"):
+        assert _read(tmp_path, {"CHATGATE_HOST": host}).host == host
