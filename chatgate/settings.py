@@ -299,6 +299,16 @@ class Settings:
                     file_cfg = tomllib.load(fh)
                 except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                     raise ValueError(f"{config_path}: not valid TOML: {exc}") from None
+        for name, value in file_cfg.items():  # forgetting [server] dropped every setting
+            if name in ("server", "models"):
+                continue
+            if isinstance(value, dict) or (
+                isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
+            ):
+                what = f"has a table [{name[:64]}] chatgate does not read"
+            else:
+                what = f"has `{name[:64]}` outside any table (a setting goes under [server])"
+            raise ValueError(f"{config_path} {what}: it reads [server] and [[models]] only")
         server = file_cfg.get("server", {})
         tables = file_cfg.get("models", [])
         if not isinstance(server, dict):
@@ -329,9 +339,9 @@ class Settings:
                     "line break, a control character or a non-ASCII one"
                 )
         previous = pick("secret_previous", "")
-        data_dir = env.get("CHATGATE_DATA_DIR", DEFAULT_DATA_DIR)
+        data_dir: str = pick("data_dir", DEFAULT_DATA_DIR)
         if not data_dir.strip():  # Path("") is the current folder, not ./data
-            raise ValueError("CHATGATE_DATA_DIR must be a folder, not empty")
+            raise ValueError(f"{_label('data_dir')} must be a folder, not empty")
         settings = cls(
             data_dir=Path(data_dir),
             database_url=pick("database_url", ""),
