@@ -155,6 +155,23 @@ class Given:
         return None if str(value).strip() else f"{self.what}, not empty"
 
 
+@dataclass(frozen=True, slots=True)
+class DatabaseUrl:
+    """A database URL that parses, its port a number (the scheme is checked where the engine
+    is made). A wrong one is not repeated: it may hold a password. Python's own message was
+    "invalid literal for int() with base 10: 'notaport'", naming no setting."""
+
+    def problem(self, value: Any) -> str | None:
+        """See :meth:`Rule.problem`."""
+        if not value:  # SQLite in the data directory
+            return None
+        try:
+            urlsplit(value).port  # noqa: B018  (raises for a port that is not a number)
+        except ValueError:
+            return "a URL whose port is a number from 0 to 65535 (postgresql://user@host:5432/db)"
+        return None
+
+
 def _rule(rule: Rule) -> dict[str, Rule]:
     return {"rule": rule}
 
@@ -199,7 +216,9 @@ class Settings:
     """
 
     data_dir: Path = Path(DEFAULT_DATA_DIR)
-    database_url: str = field(default="", repr=False)  # may hold a password
+    database_url: str = field(  # may hold a password
+        default="", repr=False, metadata=_rule(DatabaseUrl())
+    )
     redis_url: str | None = field(
         default=None, repr=False, metadata=_rule(UrlOf(("redis", "rediss", "unix")))
     )

@@ -506,6 +506,11 @@ def test_keys_rotate_grace_is_capped_as_the_api_caps_it(gw: Gateway) -> None:
         ({"CHATGATE_HOST": ""}, "", "CHATGATE_HOST"),  # was every interface
         ({}, '[server]\nhost = ""\n', "host in [server]"),
         ({"CHATGATE_DATA_DIR": ""}, "", "CHATGATE_DATA_DIR"),  # was the current folder
+        (  # was "invalid literal for int() with base 10: 'notaport'"
+            {"CHATGATE_DATABASE_URL": "postgresql://u:12345@host:notaport/x"},
+            "",
+            "CHATGATE_DATABASE_URL",
+        ),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it(

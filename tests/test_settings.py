@@ -202,3 +202,25 @@ def test_the_data_dir_is_read_from_server_as_the_readme_says(tmp_path: Path) -> 
     assert _read(tmp_path, toml=toml).data_dir == tmp_path / "d"
     env = {"CHATGATE_DATA_DIR": str(tmp_path / "e")}
     assert _read(tmp_path, env, toml=toml).data_dir == tmp_path / "e"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://user:hunter2@host:notaport/x",
+        "postgresql://user:hunter2@host:99999/x",
+        "postgresql://user:hunter2@[::1:5432/x",
+    ],
+)
+def test_a_database_url_that_does_not_parse_is_named_without_its_password(
+    tmp_path: Path, url: str
+) -> None:
+    """Python's "invalid literal for int() with base 10: 'notaport'" was the whole message,
+    naming no setting (found by QA)."""
+    with pytest.raises(ValueError) as raised:
+        _read(tmp_path, {"CHATGATE_DATABASE_URL": url})
+    said = str(raised.value)
+    assert said.startswith("CHATGATE_DATABASE_URL (or database_url in [server]) must be a URL")
+    assert "hunter2" not in said and "notaport" not in said
+    good = "postgresql://user:hunter2@host:5432/x"
+    assert _read(tmp_path, {"CHATGATE_DATABASE_URL": good}).database_url == good
