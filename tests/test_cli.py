@@ -542,6 +542,7 @@ def test_serve_checks_everything_before_the_first_start_shows_its_key(gw: Gatewa
     try:
         for args, env, said in (
             (("--port", "0"), {"CHATGATE_CONTEXT_TRIM": "bogus"}, "CHATGATE_CONTEXT_TRIM"),
+            (("--port", "0"), {"CHATGATE_DEFAULT_PLAN": "nosuch"}, "CHATGATE_DEFAULT_PLAN"),
             (("--port", "0"), {"CHATGATE_CONFIG": str(gw.workdir / "models.toml")}, "base_url"),
             (("--port", taken), {}, f"cannot listen on 127.0.0.1:{taken}"),
             (("--port", taken, "--workers", "2"), redis, f"cannot listen on 127.0.0.1:{taken}"),
