@@ -13,8 +13,10 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -22,8 +24,8 @@ from chatgate import errors
 from chatgate.accounts import LIMIT_FIELDS, AccountStore, PlanStore
 from chatgate.backends.cli import add_parser as add_models_parser
 from chatgate.client.chat import add_parser as add_chat_parser
-from chatgate.db.engine import create_engine, migrate, schema
-from chatgate.db.instance import SecretMismatch, adopt_secret, check_secret
+from chatgate.db.engine import Schema, create_engine, migrate, schema
+from chatgate.db.instance import NoSecretCheck, SecretMismatch, adopt_secret, check_secret
 from chatgate.keys import format as keyfmt
 from chatgate.keys.cli_scan import add_parser as add_scan_parser
 from chatgate.keys.store import KeyStore
@@ -37,6 +39,7 @@ DESCRIPTION = (
     "accounts, plans, keys and usage. Settings come from CHATGATE_* variables and "
     "chatgate.toml (see the README); errors are one line on stderr, with exit code 2."
 )
+log = logging.getLogger("chatgate.cli")
 
 
 class CLIError(Exception):
@@ -83,13 +86,57 @@ def _limit(text: str) -> int | None:
     return value
 
 
-async def _with_engine(settings: Settings, fn: Callable[[AsyncEngine], Awaitable[Any]]) -> Any:
+async def _with_engine(
+    settings: Settings, fn: Callable[[AsyncEngine], Awaitable[Any]], *, secret: bool = False
+) -> Any:
+    """``fn`` on the database, which must be one ``chatgate migrate`` (or ``serve``) set up:
+    a new one (no chatgate tables, or a SQLite file that is not there) or one behind this
+    code's migrations is refused, and nothing is created, neither the SQLite file nor the data
+    directory. Only ``migrate`` and ``serve`` create, migrate and bind a database to a secret:
+    a mistyped CHATGATE_DATA_DIR or DATABASE_URL made a new database, and showed it empty.
+    With ``secret``, the server secret must be the database's (a key made here must work on
+    the servers); it is never generated here either."""
+    _refuse_no_sqlite_file(settings)
     engine = create_engine(settings)
     try:
-        await migrate(engine)
+        found = await schema(engine)
+        if found.state == "behind":
+            where = f"at migration {found.revision}" if found.revision else "empty"
+            raise CLIError(
+                f"the database is {where} ({_safe_url(settings)}); this chatgate needs "
+                f"migration {found.head}: run 'chatgate migrate' first"
+            )
+        if found.state == "ahead":  # used as it is, as migrate and serve use it
+            log.warning(
+                "the database is at migration %s, newer than this chatgate's %s",
+                found.revision,
+                found.head,
+            )
+        if secret:
+            stored = settings.stored_secret()
+            if stored is None:
+                raise CLIError(
+                    f"no server secret: CHATGATE_SECRET is not set and {settings.data_dir} "
+                    "holds no file `secret`; give this command the servers' CHATGATE_SECRET"
+                )
+            try:
+                await check_secret(engine, stored, settings.secret_previous, record=False)
+            except (SecretMismatch, NoSecretCheck) as exc:
+                raise CLIError(str(exc)) from None
         return await fn(engine)
     finally:
         await engine.dispose()
+
+
+def _refuse_no_sqlite_file(settings: Settings) -> None:
+    """A SQLite database that is not there is refused before an engine would make it."""
+    url = make_url(settings.effective_database_url)
+    path = url.database or ""
+    if url.get_backend_name() == "sqlite" and path != ":memory:" and not Path(path).exists():
+        raise CLIError(
+            f"there is no database at {path} (CHATGATE_DATA_DIR, CHATGATE_DATABASE_URL): run "
+            "'chatgate migrate' first"
+        )
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -109,7 +156,22 @@ ACCOUNT_COLUMNS = ("id", "email", "plan", "is_admin", "disabled", "created_at")
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
-    found = asyncio.run(_with_engine(settings, schema))
+    async def run() -> Schema:
+        engine = create_engine(settings)
+        try:
+            await migrate(engine)
+            found = await schema(engine)
+            # As serve's start does: the database is bound to this secret (generated into the
+            # data directory if none is set), so the servers given the same one can use it.
+            await check_secret(engine, settings.resolved_secret(), settings.secret_previous)
+            return found
+        finally:
+            await engine.dispose()
+
+    try:
+        found = asyncio.run(run())
+    except SecretMismatch as exc:
+        raise CLIError(str(exc)) from None
     if found.state == "ahead":  # a newer chatgate migrated it: left alone (see migrate)
         print(
             f"database is at migration {found.revision}, newer than this chatgate's "
@@ -199,8 +261,6 @@ def cmd_plans(settings: Settings, args: argparse.Namespace) -> None:
 
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
     async def run(engine: AsyncEngine) -> Any:
-        # A key made here must work on the servers: the same secret as the database's.
-        await check_secret(engine, settings.resolved_secret(), settings.secret_previous)
         keys = KeyStore.from_settings(engine, settings)
         accounts = AccountStore(engine)
         if args.action == "create":
@@ -236,8 +296,9 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
         return [k.to_dict() for k in await keys.list(account_id)]
 
     try:
-        data = asyncio.run(_with_engine(settings, run))
-    except (ValueError, SecretMismatch) as exc:
+        # A key made here must work on the servers: the same secret as the database's.
+        data = asyncio.run(_with_engine(settings, run, secret=True))
+    except ValueError as exc:
         raise CLIError(str(exc)) from None
     if args.action in ("create", "rotate") and not args.json:
         print(_table([{**data, **{t: iso(data.get(t)) for t in KEY_TIMES}}], KEY_COLUMNS))
@@ -285,9 +346,8 @@ def _replace(settings: Settings, **changes: Any) -> Settings:
 
 def _safe_url(settings: Settings) -> str:
     """The database URL without its password, for messages."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(settings.effective_database_url).render_as_string(hide_password=True)
+    url = make_url(settings.effective_database_url)  # as written: postgresql://, not +asyncpg
+    return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
 
 
 # -- parser -------------------------------------------------------------------------------
@@ -393,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(
             level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
-        if args.command != "serve":  # migrations are checked on every command: keep it quiet
+        if args.command != "serve":  # migrate's list of migrations: serve's log alone shows it
             logging.getLogger("alembic").setLevel(logging.WARNING)
         # serve shows each migration it runs, not alembic's list of its own plugins (INFO)
         logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

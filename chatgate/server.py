@@ -16,7 +16,8 @@ from collections.abc import Callable
 import uvloop
 from aiohttp import web
 
-from chatgate.accounts import AccountStore
+from chatgate import errors
+from chatgate.accounts import AccountStore, PlanStore
 from chatgate.app import SERVER_OPTIONS, create_app
 from chatgate.backends.router import Router
 from chatgate.db.engine import create_engine, migrate, schema
@@ -34,9 +35,10 @@ async def prepare(
     settings: Settings, *, migrate_first: bool, bootstrap: bool, reuse_port: bool | None = None
 ) -> IssuedKey | None:
     """Migrate (or, with ``migrate_first`` off, refuse a database behind this code's
-    migrations), refuse a server secret other than the database's (:mod:`chatgate.db.instance`)
-    and, given ``reuse_port``, an address the server cannot listen on (:func:`check_listen`),
-    and on the very first start create the admin account and one key."""
+    migrations), refuse a server secret other than the database's (:mod:`chatgate.db.instance`),
+    a default plan the database does not hold and, given ``reuse_port``, an address the server
+    cannot listen on (:func:`check_listen`), and on the very first start create the admin
+    account and one key."""
     engine = create_engine(settings)
     try:
         if migrate_first:
@@ -53,6 +55,13 @@ async def prepare(
             await check_secret(engine, settings.resolved_secret(), settings.secret_previous)
         except SecretMismatch as exc:
             raise ServeError(str(exc)) from None
+        try:  # every dashboard sign-up gets it: one that is not there failed each, unlogged
+            await PlanStore(engine).get(settings.default_plan)
+        except errors.NotFound:
+            raise ServeError(
+                "CHATGATE_DEFAULT_PLAN (or default_plan in [server]) names no plan in the "
+                f"database: `{settings.default_plan[:64]}` (see `chatgate plans list`)"
+            ) from None
         if reuse_port is not None:
             check_listen(settings, reuse_port=reuse_port)
         if not bootstrap:
@@ -216,7 +225,7 @@ def check_listen(settings: Settings, *, reuse_port: bool) -> None:
         return
     try:
         infos = socket.getaddrinfo(
-            settings.host or None, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
         for family, kind, proto, _name, address in infos:
             try:

@@ -143,6 +143,36 @@ class UrlOf:
         return f"a {', '.join(first)} or {last} URL (with a numeric port, if any)"
 
 
+@dataclass(frozen=True, slots=True)
+class Given:
+    """A text that is not empty (nor spaces alone): ``what`` it must be instead. An empty
+    value read as no value at all (``CHATGATE_HOST=${HOST}`` with HOST unset): all
+    interfaces for the host, the current folder for the data directory."""
+
+    what: str
+
+    def problem(self, value: Any) -> str | None:
+        """See :meth:`Rule.problem`."""
+        return None if str(value).strip() else f"{self.what}, not empty"
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseUrl:
+    """A database URL that parses, its port a number (the scheme is checked where the engine
+    is made). A wrong one is not repeated: it may hold a password. Python's own message was
+    "invalid literal for int() with base 10: 'notaport'", naming no setting."""
+
+    def problem(self, value: Any) -> str | None:
+        """See :meth:`Rule.problem`."""
+        if not value:  # SQLite in the data directory
+            return None
+        try:
+            urlsplit(value).port  # noqa: B018  (raises for a port that is not a number)
+        except ValueError:
+            return "a URL whose port is a number from 0 to 65535 (postgresql://user@host:5432/db)"
+        return None
+
+
 def _rule(rule: Rule) -> dict[str, Rule]:
     return {"rule": rule}
 
@@ -187,13 +217,16 @@ class Settings:
     """
 
     data_dir: Path = Path(DEFAULT_DATA_DIR)
-    database_url: str = field(default="", repr=False)  # may hold a password
+    database_url: str = field(  # may hold a password
+        default="", repr=False, metadata=_rule(DatabaseUrl())
+    )
     redis_url: str | None = field(
         default=None, repr=False, metadata=_rule(UrlOf(("redis", "rediss", "unix")))
     )
     secret: Secret = field(default_factory=lambda: Secret(""))
     secret_previous: Secret | None = None  # accepted while stored key hashes are re-keyed
-    host: str = DEFAULT_HOST
+    # An explicit 0.0.0.0 or :: listens on every interface; empty is refused, not read as that.
+    host: str = field(default=DEFAULT_HOST, metadata=_rule(Given("an address to listen on")))
     port: int = field(default=DEFAULT_PORT, metadata=_range(0, 65535))  # 0: any free port
     # Below a kilobyte no chat request fits: every call would be a 413.
     max_body_bytes: int = field(default=DEFAULT_MAX_BODY_BYTES, metadata=_range(1024, unit="bytes"))
@@ -234,7 +267,7 @@ class Settings:
         default=90, metadata=_range(1, MAX_RETENTION_DAYS, unit="days")
     )
     signup_open: bool = True
-    default_plan: str = "free"
+    default_plan: str = field(default="free", metadata=_rule(Given("a plan's name")))
     session_max_age: int = field(default=7 * 86400, metadata=_range(60, unit="seconds"))
     cookie_secure: bool | None = None
     trust_forwarded_for: bool = False
@@ -282,7 +315,6 @@ class Settings:
         out of its range or not among its choices is a ``ValueError`` naming the setting.
         """
         env = os.environ if environ is None else environ
-        data_dir = Path(env.get("CHATGATE_DATA_DIR", DEFAULT_DATA_DIR))
         config_path = env.get("CHATGATE_CONFIG") or (
             "chatgate.toml" if Path("chatgate.toml").is_file() else ""
         )
@@ -293,6 +325,16 @@ class Settings:
                     file_cfg = tomllib.load(fh)
                 except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                     raise ValueError(f"{config_path}: not valid TOML: {exc}") from None
+        for name, value in file_cfg.items():  # forgetting [server] dropped every setting
+            if name in ("server", "models"):
+                continue
+            if isinstance(value, dict) or (
+                isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
+            ):
+                what = f"has a table [{name[:64]}] chatgate does not read"
+            else:
+                what = f"has `{name[:64]}` outside any table (a setting goes under [server])"
+            raise ValueError(f"{config_path} {what}: it reads [server] and [[models]] only")
         server = file_cfg.get("server", {})
         tables = file_cfg.get("models", [])
         if not isinstance(server, dict):
@@ -323,8 +365,11 @@ class Settings:
                     "line break, a control character or a non-ASCII one"
                 )
         previous = pick("secret_previous", "")
+        data_dir: str = pick("data_dir", DEFAULT_DATA_DIR)
+        if not data_dir.strip():  # Path("") is the current folder, not ./data
+            raise ValueError(f"{_label('data_dir')} must be a folder, not empty")
         settings = cls(
-            data_dir=data_dir,
+            data_dir=Path(data_dir),
             database_url=pick("database_url", ""),
             redis_url=pick("redis_url", None, str),
             secret=Secret(pick("secret", "")),
@@ -410,13 +455,22 @@ class Settings:
         the mode its operator gave it."""
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def resolved_secret(self) -> Secret:
-        """The server secret: configured, or generated once and kept in ``data_dir`` (0600)."""
+    def stored_secret(self) -> Secret | None:
+        """The server secret, configured or in ``data_dir``; None when there is neither (it
+        is not generated here: see :meth:`resolved_secret`)."""
         if self.secret:
             return self.secret
         path = self.data_dir / "secret"
         if path.is_file():
             return Secret(path.read_text().strip())
+        return None
+
+    def resolved_secret(self) -> Secret:
+        """The server secret: configured, or generated once and kept in ``data_dir`` (0600)."""
+        found = self.stored_secret()
+        if found is not None:
+            return found
+        path = self.data_dir / "secret"
         self.make_data_dir()
         value = secrets.token_urlsafe(48)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -36,6 +36,7 @@ def gw(tmp_path: Path) -> Gateway:
 
 
 def test_errors_are_one_line_exit_2(gw: Gateway) -> None:
+    gw.cli("migrate")  # as `make run` does first: the other commands make no database
     result = gw.cli("accounts", "set-plan", "nobody@example.com", "pro", check=False)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "error" in result.stderr
@@ -51,6 +52,7 @@ def test_errors_are_one_line_exit_2(gw: Gateway) -> None:
 
 def test_set_password_takes_a_long_password_from_stdin(gw: Gateway) -> None:
     """A 100-character password printed zxcvbn's "exceeds max length of 72" and was refused."""
+    gw.cli("migrate")
     gw.cli("accounts", "create", "long@example.com")
     password = secrets.token_urlsafe(90)[:100]
     done = gw.cli(
@@ -117,6 +119,7 @@ def test_make_run_takes_the_port_from_its_command_line_only() -> None:
 def test_set_password_without_a_terminal_is_a_one_line_error(gw: Gateway, stdin: str) -> None:
     """Without --password-stdin the password is typed at a prompt; fed by a pipe, getpass
     read the pipe and died of EOFError (or termios.error) with a traceback."""
+    gw.cli("migrate")
     gw.cli("accounts", "create", "piped@example.com")
     result = gw.cli("accounts", "set-password", "piped@example.com", input=stdin, check=False)
     assert result.returncode == 2, result.stderr
@@ -130,6 +133,7 @@ def test_debug_logs_hold_no_stored_hash(gw: Gateway) -> None:
     and conversations) went to the log with it."""
     import sqlite3
 
+    gw.cli("migrate")
     gw.env["CHATGATE_LOG_LEVEL"] = "DEBUG"
     gw.cli("accounts", "create", "dbg@example.com")
     made = gw.cli("keys", "create", "--account", "dbg@example.com", "--json")
@@ -140,6 +144,7 @@ def test_debug_logs_hold_no_stored_hash(gw: Gateway) -> None:
 
 
 def test_plans_accounts_keys_round_trip(gw: Gateway) -> None:
+    gw.cli("migrate")
     plans = {p["name"]: p for p in gw.cli_json("plans", "list")}
     assert {"free", "pro", "enterprise"} <= set(plans)
     created = gw.cli_json("plans", "create", "team", "--rpm", "100", "--monthly-tokens", "5000")
@@ -165,6 +170,7 @@ def test_numbers_beyond_the_database_are_one_line_errors(database_url: str, tmp_
     """Each was an OverflowError traceback (SQLite) or a database error (PostgreSQL's 32-bit
     INTEGER); the same checks as the API's answer them."""
     gw = make_gateway(tmp_path, database_url=database_url)
+    gw.cli("migrate")
     name = "big-" + tmp_path.name[-8:].replace("_", "")
     email = f"{name}@example.com"
     gw.cli("accounts", "create", email)
@@ -232,6 +238,7 @@ def test_a_config_file_of_the_wrong_shape_is_a_one_line_error(
 
 def test_keys_create_expires_in_0_is_a_key_that_does_not_expire(gw: Gateway) -> None:
     """As in the API and the dashboard; the CLI made a key expired at birth (shown once, dead)."""
+    gw.cli("migrate")
     gw.cli("accounts", "create", "zero@example.com")
     for text in ("0", "never"):
         key = gw.cli_json("keys", "create", "--account", "zero@example.com", "--expires-in", text)
@@ -340,6 +347,7 @@ def test_a_node_with_another_secret_refuses_to_start(
 
     try:
         first = node("first", first_secret)
+        first.cli("migrate")
         first.cli("accounts", "create", "lb@example.com")
         key = first.cli_json("keys", "create", "--account", "lb@example.com")["key"]
 
@@ -375,6 +383,79 @@ def test_a_node_with_another_secret_refuses_to_start(
         assert not works(other)
         assert "now takes this CHATGATE_SECRET" in other.cli("secret", "adopt").stdout
         assert works(other) and not works(rotated)
+    finally:
+        if kind == "postgresql":
+            drop_pg_database(url)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_only_migrate_and_serve_make_a_database_or_bind_it_to_a_secret(
+    kind: str, tmp_path: Path
+) -> None:
+    """Every command migrated the database it was given: ``keys list`` on a new PostgreSQL
+    database printed [], made the schema and bound it to a secret it generated into the data
+    directory, and ``serve`` with the real CHATGATE_SECRET was then refused; a mistyped
+    CHATGATE_DATA_DIR made a new SQLite database and showed "no accounts" (found by QA)."""
+    import sqlalchemy as sa
+
+    from chatgate.keys import format as keyfmt
+
+    url = create_pg_database() if kind == "postgresql" else ""
+    gw = make_gateway(tmp_path / "gw", database_url=url)
+    gw.env.pop("CHATGATE_SECRET", None)  # none given: the data directory's, if any
+    data = gw.workdir / "data"
+    leak = tmp_path / "leak.txt"
+    leak.write_text(keyfmt.generate() + "\n")
+
+    def tables() -> int:
+        """PostgreSQL's tables (a SQLite database is a file in ``data``)."""
+        query = "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
+        found: list[int] = []
+
+        async def count(conn: AsyncConnection) -> None:
+            found.append((await conn.execute(sa.text(query))).scalar_one())
+
+        _in_database(gw, count)
+        return found[0]
+
+    try:
+        for args in (
+            ("keys", "list", "--json"),
+            ("accounts", "list"),
+            ("accounts", "create", "a@example.com"),
+            ("plans", "list"),
+            ("keys", "create", "--account", "a@example.com"),
+            ("usage",),
+            ("secret", "adopt"),
+            ("scan", str(leak), "--revoke"),
+        ):
+            result = gw.cli(*args, check=False)
+            assert result.returncode == 2, (args, result.stdout, result.stderr)
+            line = result.stderr.strip()
+            assert line.count("\n") == 0 and line.startswith("chatgate: error: "), line
+            assert line.endswith(": run 'chatgate migrate' first"), line
+            assert not data.exists(), args  # no data dir, no SQLite file, no secret
+            assert kind == "sqlite" or tables() == 0, args
+        # migrate binds the database to the servers' secret, as serve would
+        real = {"CHATGATE_SECRET": "real-" + secrets.token_urlsafe(24)}
+        assert gw.cli("migrate", env=real).returncode == 0
+        assert gw.cli("keys", "list", "--json", env=real).stdout.strip() == "[]"
+        unset = gw.cli("keys", "list", check=False)  # a command never makes a secret
+        assert unset.returncode == 2 and "CHATGATE_SECRET is not set" in unset.stderr
+        assert not (data / "secret").exists()
+        # a database behind this code is refused, and left as it is
+        _downgrade_one(gw)
+        behind = gw.cli("accounts", "list", check=False, env=real)
+        assert behind.returncode == 2 and "needs migration" in behind.stderr, behind.stderr
+        assert behind.stderr.strip().endswith(": run 'chatgate migrate' first")
+        assert gw.cli("migrate", env=real).returncode == 0
+        # one migrated by an older chatgate's `migrate`, which set no secret: refused too
+        _in_database(gw, lambda conn: conn.execute(sa.text("DELETE FROM instance")))
+        unbound = gw.cli("keys", "list", check=False, env=real)
+        assert unbound.returncode == 2, unbound.stderr
+        assert "no server secret set up yet" in unbound.stderr, unbound.stderr
+        assert gw.cli("migrate", env=real).returncode == 0
+        assert gw.cli("keys", "list", env=real).returncode == 0
     finally:
         if kind == "postgresql":
             drop_pg_database(url)
@@ -426,6 +507,7 @@ def test_a_key_pasted_into_an_argument_is_never_stored_or_printed(gw: Gateway) -
     """``keys create --models`` took any names: a key pasted there was stored and listed
     whole (and the key could use no model); ``set-plan`` and ``usage --key`` printed a pasted
     key whole in their error and title. Now every one is a one-line error showing its hint."""
+    gw.cli("migrate")
     gw.cli("accounts", "create", "paste@example.com")
     made = gw.cli_json("keys", "create", "--account", "paste@example.com")
     key, hint = made["key"], made["hint"]
@@ -449,6 +531,7 @@ def test_a_key_pasted_into_an_argument_is_never_stored_or_printed(gw: Gateway) -
 
 def test_keys_rotate_grace_is_capped_as_the_api_caps_it(gw: Gateway) -> None:
     """The API and the dashboard refuse a grace period beyond 30 days; the CLI took 100 years."""
+    gw.cli("migrate")
     gw.cli("accounts", "create", "grace@example.com")
     made = gw.cli_json("keys", "create", "--account", "grace@example.com")
     result = gw.cli("keys", "rotate", made["id"], "--grace", "400d", check=False)
@@ -468,6 +551,14 @@ def test_keys_rotate_grace_is_capped_as_the_api_caps_it(gw: Gateway) -> None:
         ({}, "[server]\nhost = 5\n", "host in [server]"),
         ({}, '[[models]]\nname = "m"\ncontext_window = "big"\n', "'m': `context_window`"),
         ({}, "not toml at all\n", "bad.toml: not valid TOML"),
+        ({"CHATGATE_HOST": ""}, "", "CHATGATE_HOST"),  # was every interface
+        ({}, '[server]\nhost = ""\n', "host in [server]"),
+        ({"CHATGATE_DATA_DIR": ""}, "", "CHATGATE_DATA_DIR"),  # was the current folder
+        (  # was "invalid literal for int() with base 10: 'notaport'"
+            {"CHATGATE_DATABASE_URL": "postgresql://u:12345@host:notaport/x"},
+            "",
+            "CHATGATE_DATABASE_URL",
+        ),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it(
@@ -489,6 +580,7 @@ def test_serve_checks_everything_before_the_first_start_shows_its_key(gw: Gatewa
     """The admin account was made and its key printed ("shown once"), then the start failed
     on a setting, a model table or a port in use: the key went with the process, and the next
     start, finding an account, shows none."""
+    gw.cli("migrate")
     held = socket.socket()
     held.bind(("127.0.0.1", 0))
     held.listen()
@@ -498,6 +590,7 @@ def test_serve_checks_everything_before_the_first_start_shows_its_key(gw: Gatewa
     try:
         for args, env, said in (
             (("--port", "0"), {"CHATGATE_CONTEXT_TRIM": "bogus"}, "CHATGATE_CONTEXT_TRIM"),
+            (("--port", "0"), {"CHATGATE_DEFAULT_PLAN": "nosuch"}, "CHATGATE_DEFAULT_PLAN"),
             (("--port", "0"), {"CHATGATE_CONFIG": str(gw.workdir / "models.toml")}, "base_url"),
             (("--port", taken), {}, f"cannot listen on 127.0.0.1:{taken}"),
             (("--port", taken, "--workers", "2"), redis, f"cannot listen on 127.0.0.1:{taken}"),

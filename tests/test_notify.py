@@ -264,6 +264,7 @@ def test_changes_reach_the_other_process_by_pubsub_within_a_second(
     }
     nodes = _nodes(tmp_path, pg_url, upstream, env)
     cli = nodes[0]  # the CLI: a third process, with the same settings
+    cli.cli("migrate")  # before any node: the commands below make no database
     plan_a, plan_b = f"a{secrets.token_hex(3)}", f"b{secrets.token_hex(3)}"
     cli.cli("plans", "create", plan_a, "--rpm", "1000")
     cli.cli("plans", "create", plan_b, "--rpm", "999")
@@ -330,6 +331,7 @@ def test_redis_down_requests_served_and_changes_arrive_by_the_poll(
     }
     nodes = _nodes(tmp_path, pg_url, upstream, env)
     cli = nodes[0]
+    cli.cli("migrate")
     plan = f"d{secrets.token_hex(3)}"
     cli.cli("plans", "create", plan, "--rpm", "1000")  # limited: the Redis limiter is in play
     email, keep = _account(cli, plan)

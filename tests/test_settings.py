@@ -153,3 +153,75 @@ def test_a_server_key_chatgate_does_not_read_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no setting `retention_days`"):
         _read(tmp_path, toml="[server]\nretention_days = 0\n")
     assert _read(tmp_path, toml="[server]\nusage_retention_days = 7\n").usage_retention_days == 7
+
+
+@pytest.mark.parametrize("name", ["host", "default_plan", "data_dir"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_host_data_dir_or_default_plan_is_refused(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    """``CHATGATE_HOST=${HOST}`` with HOST unset listened on every interface (0.0.0.0 and ::,
+    an empty host to getaddrinfo); an empty data dir was the current folder, not ./data; an
+    empty default plan failed every sign-up (found by QA). As an empty log level is refused."""
+    variable = "CHATGATE_" + name.upper()
+    with pytest.raises(ValueError, match=f"^{variable} .*must be .*, not empty$"):
+        _read(tmp_path, {variable: value})
+    with pytest.raises(ValueError, match=f"^{variable} .*, not empty$"):
+        _read(tmp_path, toml=f'[server]\n{name} = "{value}"\n')
+
+
+def test_every_interface_is_still_one_explicit_address_away(tmp_path: Path) -> None:
+    for host in ("0.0.0.0", "::"):
+        assert _read(tmp_path, {"CHATGATE_HOST": host}).host == host
+
+
+@pytest.mark.parametrize(
+    ("toml", "said"),
+    [
+        ("port = 1\n", "has `port` outside any table (a setting goes under [server])"),
+        ('secret = "x"\n[server]\nport = 1\n', "has `secret` outside any table"),
+        ("[other]\nport = 1\n", "has a table [other] chatgate does not read"),
+        ("[server]\n[serverr]\nport = 1\n", "has a table [serverr]"),
+        ('[[model]]\nname = "m"\n', "has a table [model]"),
+    ],
+)
+def test_a_key_or_table_outside_server_and_models_is_named(
+    tmp_path: Path, toml: str, said: str
+) -> None:
+    """A top-level key (``port = 1`` without its [server] header) or another table was passed
+    over: forgetting the header dropped every setting, without a word (found by QA)."""
+    with pytest.raises(ValueError) as raised:
+        _read(tmp_path, toml=toml)
+    assert said in str(raised.value) and "[server] and [[models]] only" in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_the_data_dir_is_read_from_server_as_the_readme_says(tmp_path: Path) -> None:
+    """README lists CHATGATE_DATA_DIR among the settings of CHATGATE_* or [server]; the file's
+    was refused ("[server] has no setting data_dir"). The environment wins, as for the rest."""
+    toml = f'[server]\ndata_dir = "{tmp_path / "d"}"\n'
+    assert _read(tmp_path, toml=toml).data_dir == tmp_path / "d"
+    env = {"CHATGATE_DATA_DIR": str(tmp_path / "e")}
+    assert _read(tmp_path, env, toml=toml).data_dir == tmp_path / "e"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://user:hunter2@host:notaport/x",
+        "postgresql://user:hunter2@host:99999/x",
+        "postgresql://user:hunter2@[::1:5432/x",
+    ],
+)
+def test_a_database_url_that_does_not_parse_is_named_without_its_password(
+    tmp_path: Path, url: str
+) -> None:
+    """Python's "invalid literal for int() with base 10: 'notaport'" was the whole message,
+    naming no setting (found by QA)."""
+    with pytest.raises(ValueError) as raised:
+        _read(tmp_path, {"CHATGATE_DATABASE_URL": url})
+    said = str(raised.value)
+    assert said.startswith("CHATGATE_DATABASE_URL (or database_url in [server]) must be a URL")
+    assert "hunter2" not in said and "notaport" not in said
+    good = "postgresql://user:hunter2@host:5432/x"
+    assert _read(tmp_path, {"CHATGATE_DATABASE_URL": good}).database_url == good

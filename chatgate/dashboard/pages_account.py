@@ -7,6 +7,7 @@ address, so neither the answer nor the throttle tells whether an account exists.
 
 from __future__ import annotations
 
+import logging
 import math
 
 from aiohttp import web
@@ -36,6 +37,8 @@ from chatgate.dashboard.render import (
 )
 
 BAD_LOGIN = "Incorrect email or password."
+
+log = logging.getLogger(__name__)
 
 
 def _minutes(seconds: float) -> str:
@@ -138,6 +141,17 @@ async def signup(request: web.Request) -> web.StreamResponse:
     password_hash = await hash_password(password)
     try:
         account = await st.accounts.create(email, plan=plan, password_hash=password_hash)
+    except errors.NotFound as exc:
+        if exc.param != "plan":
+            raise
+        # Not the user's details: the default plan, there at the start (serve checks it), is
+        # gone since. Said as the server's fault, and logged for the operator.
+        log.error("sign-up failed: the default plan %r (CHATGATE_DEFAULT_PLAN) is gone", plan)
+        context["error"] = (
+            "We could not create your account because of a problem on our side, not with "
+            "your details. Please try again later."
+        )
+        return await page_response(request, None, "signup.html", context, status=500)
     except errors.InvalidRequest as exc:
         await signups.hit(address)
         context["error"] = (

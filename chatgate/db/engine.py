@@ -189,9 +189,10 @@ MIGRATE_LOCK = 0x63686174676174  # "chatgat": PostgreSQL's advisory lock of the 
 
 
 async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
-    """Bring the database to ``revision`` (idempotent). Every command and every server start
-    calls this, so a database already at the head is recognised with one query, without
-    loading Alembic and the migration scripts (~0.35 s a CLI command).
+    """Bring the database to ``revision`` (idempotent). ``chatgate migrate`` and every server
+    start call this (the other commands refuse a database behind: see ``chatgate.cli``), so a
+    database already at the head is recognised with one query, without loading Alembic and
+    the migration scripts (~0.35 s).
 
     A database a newer chatgate migrated is left as it is, with a warning: this version runs on
     it (the migrations add, never take away) while a rolling upgrade replaces it; Alembic

@@ -56,17 +56,34 @@ async def _upsert(conn: AsyncConnection, check: str, *, replace: bool) -> None:
     )
 
 
-async def check_secret(engine: AsyncEngine, secret: Secret, previous: Secret | None = None) -> None:
-    """Record ``secret``'s check if the database has none; raise :class:`SecretMismatch` if it
-    has another, unless it is ``previous``'s (the secret being rotated away from): then the
-    database takes ``secret``'s. Two nodes starting at once on a new database agree on the
-    first one's."""
+class NoSecretCheck(Exception):
+    """The database holds no check of a secret: neither ``chatgate migrate`` nor ``chatgate
+    serve`` has set it up."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the database has no server secret set up yet (neither `chatgate migrate` nor "
+            "`chatgate serve` ran on it): run 'chatgate migrate' first"
+        )
+
+
+async def check_secret(
+    engine: AsyncEngine, secret: Secret, previous: Secret | None = None, *, record: bool = True
+) -> None:
+    """Record ``secret``'s check if the database has none (with ``record`` off, raise
+    :class:`NoSecretCheck` instead: only ``migrate`` and ``serve`` bind a database to a
+    secret); raise :class:`SecretMismatch` if it has another, unless it is ``previous``'s (the
+    secret being rotated away from): then the database takes ``secret``'s. Two nodes starting
+    at once on a new database agree on the first one's."""
     check = _check(secret)
     async with engine.begin() as conn:
-        await _upsert(conn, check, replace=False)
+        if record:
+            await _upsert(conn, check, replace=False)
         stored = (
             await conn.execute(sa.select(instance.c.value).where(instance.c.name == CHECK_NAME))
-        ).scalar_one()
+        ).scalar_one_or_none()
+        if stored is None:
+            raise NoSecretCheck
         if hmac.compare_digest(stored.encode(), check.encode()):
             return
         if previous and hmac.compare_digest(stored.encode(), _check(previous).encode()):

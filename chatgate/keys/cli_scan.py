@@ -19,8 +19,9 @@ import json
 import sys
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from chatgate.accounts import AccountStore
-from chatgate.db.engine import create_engine, migrate
 from chatgate.keys.scan import (
     Finding,
     GitError,
@@ -76,9 +77,8 @@ def _write(text: str = "") -> None:
 
 async def _revoke(settings: Settings, keys: list[LeakedKey]) -> list[dict[str, Any]]:
     """Revoke each key (by its hash), and describe what was done, owner included."""
-    engine = create_engine(settings)
-    try:
-        await migrate(engine)
+
+    async def run(engine: AsyncEngine) -> list[dict[str, Any]]:
         store = KeyStore.from_settings(engine, settings)
         owners = AccountStore(engine)
         done: list[dict[str, Any]] = []
@@ -95,8 +95,13 @@ async def _revoke(settings: Settings, keys: list[LeakedKey]) -> list[dict[str, A
                 )
             done.append(entry)
         return done
-    finally:
-        await engine.dispose()
+
+    # On a database migrate or serve set up, under its secret (a hash under another finds no
+    # key); imported here: chatgate.cli imports this module to build its parser.
+    from chatgate.cli import _with_engine
+
+    result: list[dict[str, Any]] = await _with_engine(settings, run, secret=True)
+    return result
 
 
 def cmd_scan(settings: Settings, args: argparse.Namespace) -> None:

@@ -363,3 +363,52 @@ def test_form_fields_are_checked_whole_not_clipped_first(dash: Gateway) -> None:
     form["password2"] = password
     made = http.post(dash.url + "/dashboard/signup", data=form, timeout=30)
     assert made.status_code == 400 and "not an email address" in made.text, made.status_code
+
+
+def test_a_sign_up_the_default_plan_fails_is_logged_and_blames_the_server(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """The default plan gone since the start (serve refuses one that is not there): every
+    sign-up said "We could not create an account with these details", and nothing was logged
+    (found by QA)."""
+    import asyncio
+
+    import sqlalchemy as sa
+
+    from chatgate.db.engine import create_engine
+    from chatgate.settings import Settings
+
+    plan = f"starter-{secrets.token_hex(3)}"
+    gw = make_gateway(tmp_path, upstream=upstream, extra_env={"CHATGATE_DEFAULT_PLAN": plan})
+    gw.cli("migrate")
+    gw.cli("plans", "create", plan)
+    gw.start()
+
+    async def rename() -> None:  # as gone as a plan gets: none is ever deleted
+        engine = create_engine(Settings.from_env(gw.env))
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    sa.text(f"UPDATE plans SET name = 'x{plan}' WHERE name = '{plan}'")
+                )
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(rename())
+        http = requests.Session()
+        csrf = CSRF.search(http.get(gw.url + "/dashboard/signup", timeout=10).text)
+        assert csrf
+        good = "a walrus in a bowler hat"
+        form = {
+            "csrf_token": csrf.group(1),
+            "email": f"new-{secrets.token_hex(4)}@example.com",
+            "password": good,
+            "password2": good,
+        }
+        resp = http.post(gw.url + "/dashboard/signup", data=form, timeout=30)
+        assert resp.status_code == 500, resp.status_code
+        assert "problem on our side" in resp.text and "with these details" not in resp.text
+    finally:
+        gw.stop()
+    assert f"sign-up failed: the default plan '{plan}' (CHATGATE_DEFAULT_PLAN) is gone" in gw.logs()
