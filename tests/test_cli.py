@@ -73,6 +73,7 @@ def test_set_password_takes_a_long_password_from_stdin(gw: Gateway) -> None:
 def test_set_password_takes_a_crlf_line_without_its_cr(gw: Gateway) -> None:
     """A password piped with a CRLF line end (a Windows file, a heredoc) kept its CR: the
     password set was not the one typed at the dashboard, which then failed to log in."""
+    gw.cli("migrate")
     gw.cli("accounts", "create", "crlf@example.com")
     password = "Tq8#vLp2!zRw9mKf"
     gw.cli(
@@ -88,6 +89,7 @@ def test_set_password_takes_a_crlf_line_without_its_cr(gw: Gateway) -> None:
 def test_a_plan_name_too_long_is_not_named_as_another_plan(gw: Gateway) -> None:
     """A 65-character plan name was said not to exist by its first 64 characters: the name
     of a plan that does exist."""
+    gw.cli("migrate")
     gw.cli("plans", "create", "p" * 64)
     gw.cli("accounts", "create", "long-plan@example.com")
     result = gw.cli("accounts", "set-plan", "long-plan@example.com", "p" * 65, check=False)
