@@ -101,11 +101,8 @@ async def _with_engine(
     try:
         found = await schema(engine)
         if found.state == "behind":
-            where = f"at migration {found.revision}" if found.revision else "empty"
-            raise CLIError(
-                f"the database is {where} ({_safe_url(settings)}); this chatgate needs "
-                f"migration {found.head}: run 'chatgate migrate' first"
-            )
+            lag = found.lag(f" ({_safe_url(settings)})")
+            raise CLIError(f"{lag}: run 'chatgate migrate' first")
         if found.state == "ahead":  # used as it is, as migrate and serve use it
             log.warning(
                 "the database is at migration %s, newer than this chatgate's %s",

@@ -46,10 +46,8 @@ async def prepare(
         else:
             found = await schema(engine)
             if found.state == "behind":  # every query needing the new schema would fail
-                where = f"at migration {found.revision}" if found.revision else "empty"
                 raise ServeError(
-                    f"the database is {where}; this chatgate needs migration {found.head}: "
-                    "run `chatgate migrate` first (or serve without --no-migrate)"
+                    f"{found.lag()}: run `chatgate migrate` first (or serve without --no-migrate)"
                 )
         try:
             await check_secret(engine, settings.resolved_secret(), settings.secret_previous)
@@ -197,7 +195,12 @@ def _supervise(settings: Settings, workers: int) -> None:
             if served:
                 log.error("worker %d stopped (%s); starting another", pid, how)
             else:  # not at once: a cause that lasts (the port taken since) is not a busy loop
-                log.error("worker %d failed to start (%s); starting another in 1 s", pid, how)
+                log.error(
+                    "worker %d failed to start (%s); starting another in %g s",
+                    pid,
+                    how,
+                    RESPAWN_DELAY,
+                )
                 time.sleep(RESPAWN_DELAY)  # a stop signal meanwhile runs forward, then we see it
             if stopping:
                 continue

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -123,6 +123,18 @@ class OneOf:
         return f"one of {', '.join(self.choices)}, not {str(value)[:40]!r}"
 
 
+def split_url(value: str) -> SplitResult | None:
+    """``value`` split as a URL, or ``None`` when it does not parse: a port that is not a
+    number from 0 to 65535, a broken ``[IPv6]`` host (``urlsplit`` finds the port only when
+    asked for it)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises for a port that is not a number)
+    except ValueError:
+        return None
+    return parts
+
+
 @dataclass(frozen=True, slots=True)
 class UrlOf:
     """A URL of one of ``schemes``. A wrong one is not repeated: it may hold a password."""
@@ -131,14 +143,9 @@ class UrlOf:
 
     def problem(self, value: Any) -> str | None:
         """See :meth:`Rule.problem`."""
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018  (raises for a port that is not a number)
-        except ValueError:
-            pass
-        else:
-            if parts.scheme in self.schemes:
-                return None
+        parts = split_url(value)
+        if parts is not None and parts.scheme in self.schemes:
+            return None
         *first, last = [f"{scheme}://" for scheme in self.schemes]
         return f"a {', '.join(first)} or {last} URL (with a numeric port, if any)"
 
@@ -164,13 +171,9 @@ class DatabaseUrl:
 
     def problem(self, value: Any) -> str | None:
         """See :meth:`Rule.problem`."""
-        if not value:  # SQLite in the data directory
+        if not value or split_url(value) is not None:  # "": SQLite in the data directory
             return None
-        try:
-            urlsplit(value).port  # noqa: B018  (raises for a port that is not a number)
-        except ValueError:
-            return "a URL whose port is a number from 0 to 65535 (postgresql://user@host:5432/db)"
-        return None
+        return "a URL whose port is a number from 0 to 65535 (postgresql://user@host:5432/db)"
 
 
 def _rule(rule: Rule) -> dict[str, Rule]:
@@ -366,8 +369,9 @@ class Settings:
                 )
         previous = pick("secret_previous", "")
         data_dir: str = pick("data_dir", DEFAULT_DATA_DIR)
-        if not data_dir.strip():  # Path("") is the current folder, not ./data
-            raise ValueError(f"{_label('data_dir')} must be a folder, not empty")
+        empty = Given("a folder").problem(data_dir)  # Path("") is the current folder, not ./data
+        if empty is not None:
+            raise ValueError(f"{_label('data_dir')} must be {empty}")
         settings = cls(
             data_dir=Path(data_dir),
             database_url=pick("database_url", ""),

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlsplit
 
 from chatgate.backends.breaker import DEFAULT_COOLDOWN, DEFAULT_FAILURE_THRESHOLD
-from chatgate.settings import ModelConfig, Settings
+from chatgate.settings import ModelConfig, Settings, split_url
 
 DEFAULT_FIRST_BYTE_TIMEOUT = 300.0
 DEFAULT_IDLE_TIMEOUT = 120.0
@@ -162,13 +161,8 @@ def _check_url(url: str, where: str) -> None:
     hold a password): it was a 500 on every request, with the URL in the log."""
     if not url:
         raise ValueError(f"{where}: `base_url` is required for the openai_compat backend")
-    try:
-        parts = urlsplit(url)
-        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
-        parts.port  # noqa: B018  (raises for a port that is not a number)
-    except ValueError:
-        usable = False
-    if not usable:
+    parts = split_url(url)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(
             f"{where}: `base_url` must be an http:// or https:// URL with a host "
             "(and a numeric port, if any)"

@@ -163,7 +163,7 @@ def _error_at(events: list[bytes]) -> int | None:
     quotes (a JSON string holding it has its quotes escaped, so only a key or a value
     matches) or an escaped letter of it (``"\\u0065rror"`` is ``"error"`` too)."""
     for i, event in enumerate(events):
-        if b'"error"' not in event and not _ESCAPED.search(event):
+        if not _may_name_error(event):
             continue
         if event.startswith(b"data: ") and _is_error(_json(event[6:])):
             return i

@@ -146,6 +146,12 @@ class Schema(NamedTuple):
     revision: str | None  # the database's, None when it has no chatgate tables
     head: str | None  # this code's newest
 
+    def lag(self, place: str = "") -> str:
+        """A database behind, in words: where it is (and ``place``, where it lives) and the
+        migration this code needs."""
+        where = f"at migration {self.revision}" if self.revision else "empty"
+        return f"the database is {where}{place}; this chatgate needs migration {self.head}"
+
 
 class SchemaBehind(Exception):
     """The database needs ``chatgate migrate`` before this version of chatgate can use it."""
