@@ -46,7 +46,7 @@ class CLIError(Exception):
     """A user mistake, reported as one line on stderr with exit code 2."""
 
 
-def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     def cell(value: Any) -> str:
         if value is None:
             return "-"
@@ -71,7 +71,7 @@ def _emit(
         return
     rows = data if isinstance(data, list) else [data]
     shown = [{**r, **{t: iso(r.get(t)) for t in times}} for r in rows]
-    print(_table(shown, columns))
+    print(table(shown, columns))
 
 
 def _limit(text: str) -> int | None:
@@ -86,7 +86,7 @@ def _limit(text: str) -> int | None:
     return value
 
 
-async def _with_engine(
+async def with_engine(
     settings: Settings, fn: Callable[[AsyncEngine], Awaitable[Any]], *, secret: bool = False
 ) -> Any:
     """``fn`` on the database, which must be one ``chatgate migrate`` (or ``serve``) set up:
@@ -182,7 +182,7 @@ def cmd_secret(settings: Settings, args: argparse.Namespace) -> None:
     async def run(engine: AsyncEngine) -> None:
         await adopt_secret(engine, settings.resolved_secret())
 
-    asyncio.run(_with_engine(settings, run))
+    asyncio.run(with_engine(settings, run))
     print(
         "the database now takes this CHATGATE_SECRET; nodes with another refuse to start, and "
         "keys hashed under the old one no longer match (re-issue them: chatgate keys rotate "
@@ -210,7 +210,7 @@ def cmd_accounts(settings: Settings, args: argparse.Namespace) -> None:
             return account.to_dict()
         return [a.to_dict() for a in await store.list()]
 
-    _emit(args, asyncio.run(_with_engine(settings, run)), ACCOUNT_COLUMNS, times=("created_at",))
+    _emit(args, asyncio.run(with_engine(settings, run)), ACCOUNT_COLUMNS, times=("created_at",))
 
 
 def _read_password(from_stdin: bool, email: str) -> str:
@@ -253,7 +253,7 @@ def cmd_plans(settings: Settings, args: argparse.Namespace) -> None:
             return (await store.update(args.name, **limits)).to_dict()
         return [p.to_dict() for p in await store.list()]
 
-    _emit(args, asyncio.run(_with_engine(settings, run)), ("name", *LIMIT_FIELDS))
+    _emit(args, asyncio.run(with_engine(settings, run)), ("name", *LIMIT_FIELDS))
 
 
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
@@ -294,11 +294,11 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
 
     try:
         # A key made here must work on the servers: the same secret as the database's.
-        data = asyncio.run(_with_engine(settings, run, secret=True))
+        data = asyncio.run(with_engine(settings, run, secret=True))
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     if args.action in ("create", "rotate") and not args.json:
-        print(_table([{**data, **{t: iso(data.get(t)) for t in KEY_TIMES}}], KEY_COLUMNS))
+        print(table([{**data, **{t: iso(data.get(t)) for t in KEY_TIMES}}], KEY_COLUMNS))
         print(f"\nAPI key (shown once, store it now):\n\n    {data['key']}\n")
         if data.get("grace_cut_short") is not None:
             print(

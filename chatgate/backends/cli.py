@@ -23,22 +23,6 @@ CHECK_COLUMNS = ("model", "deployment", "backend", "upstream_model", "ok", "late
 LIST_COLUMNS = ("model", "deployment", "backend", "upstream_model", "priority", "weight")
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return str(value)
-
-
-def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 async def run_check(settings: Settings) -> list[DeploymentCheck]:
     """Start a router for ``settings``, probe every deployment, close it."""
     from chatgate.backends.router import Router
@@ -56,21 +40,24 @@ def _write(text: str) -> None:
 
 
 def cmd_check(settings: Settings, args: argparse.Namespace) -> None:
+    from chatgate.cli import table
+
     results = asyncio.run(run_check(settings))
     rows = [r.to_dict() for r in results]
     if args.json:
         _write(json.dumps(rows, indent=2))
     else:
-        _write(_table(rows, CHECK_COLUMNS))
+        _write(table(rows, CHECK_COLUMNS))
     if not all(r.ok for r in results):
         raise SystemExit(1)
 
 
 def cmd_list(settings: Settings, args: argparse.Namespace) -> None:
     from chatgate.backends.router import Router
+    from chatgate.cli import table
 
     rows = [{k: status.to_dict()[k] for k in LIST_COLUMNS} for status in Router(settings).status()]
-    _write(json.dumps(rows, indent=2) if args.json else _table(rows, LIST_COLUMNS))
+    _write(json.dumps(rows, indent=2) if args.json else table(rows, LIST_COLUMNS))
 
 
 def add_parser(subparsers: Any) -> None:

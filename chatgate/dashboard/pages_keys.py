@@ -7,7 +7,11 @@ Another account's key id answers 404, like an id that does not exist.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
+from aiohttp.web_request import FileField
+from multidict import MultiDictProxy
 
 from chatgate import errors
 from chatgate.dashboard import services
@@ -25,7 +29,7 @@ from chatgate.dashboard.render import (
     state,
     take_once,
 )
-from chatgate.keys.store import IssuedKey, OnceTaken
+from chatgate.keys.store import IssuedKey, Once, OnceTaken
 from chatgate.timefmt import now
 
 
@@ -69,13 +73,15 @@ async def create_key(request: web.Request, user: User) -> web.StreamResponse:
         context["error"] = exc.message
         context["form"] = {"name": name, "expires_in": expires_in, "models": models}
         return await page_response(request, user, "keys.html", context, status=400)
-    once = await take_once(request, form)
-    if once is None:
-        return await _not_issued(request, user, form.get(ONCE_FIELD), "created")
-    try:
-        issued = await services.create_key(st, user.account, wanted, once=once)
-    except OnceTaken:
-        return await _sent_before(request, user, "created")
+    issued = await _issue_once(
+        request,
+        user,
+        form,
+        "created",
+        lambda once: services.create_key(st, user.account, wanted, once=once),
+    )
+    if not isinstance(issued, IssuedKey):
+        return issued
     return await page_response(
         request, user, "key_issued.html", _issued(request, user, issued, "created"), status=201
     )
@@ -92,6 +98,24 @@ NOT_ISSUED = (
     "8 forms ago (in other tabs), or not on this site. Nothing was changed. Use the form "
     "on this page."
 )
+
+
+async def _issue_once(
+    request: web.Request,
+    user: User,
+    form: MultiDictProxy[str | bytes | bytearray | FileField],
+    action: str,
+    issue: Callable[[Once], Awaitable[IssuedKey]],
+) -> IssuedKey | web.StreamResponse:
+    """``issue`` under the form's once token, or the keys page saying why nothing was
+    issued: a form sent before (409), or one this session does not know (409)."""
+    once = await take_once(request, form)
+    if once is None:
+        return await _not_issued(request, user, form.get(ONCE_FIELD), action)
+    try:
+        return await issue(once)
+    except OnceTaken:
+        return await _sent_before(request, user, action)
 
 
 async def _sent_before(request: web.Request, user: User, action: str) -> web.StreamResponse:
@@ -134,15 +158,16 @@ async def rotate(request: web.Request, user: User) -> web.StreamResponse:
     st = state(request)
     grace = services.parse_grace(field(form, "grace", 100), st.settings.rotation_grace)
     await st.keys.get(request.match_info["id"], account_id=user.account.id)  # else 404
-    once = await take_once(request, form)
-    if once is None:
-        return await _not_issued(request, user, form.get(ONCE_FIELD), "rotated")
-    try:
-        issued = await services.rotate_key(
-            st, user.account, request.match_info["id"], grace, once=once
-        )
-    except OnceTaken:
-        return await _sent_before(request, user, "rotated")
+    key_id = request.match_info["id"]
+    issued = await _issue_once(
+        request,
+        user,
+        form,
+        "rotated",
+        lambda once: services.rotate_key(st, user.account, key_id, grace, once=once),
+    )
+    if not isinstance(issued, IssuedKey):
+        return issued
     context = _issued(request, user, issued, "rotated")
     context["grace"] = grace
     return await page_response(request, user, "key_issued.html", context)

@@ -98,9 +98,9 @@ async def _revoke(settings: Settings, keys: list[LeakedKey]) -> list[dict[str, A
 
     # On a database migrate or serve set up, under its secret (a hash under another finds no
     # key); imported here: chatgate.cli imports this module to build its parser.
-    from chatgate.cli import _with_engine
+    from chatgate.cli import with_engine
 
-    result: list[dict[str, Any]] = await _with_engine(settings, run, secret=True)
+    result: list[dict[str, Any]] = await with_engine(settings, run, secret=True)
     return result
 
 

@@ -93,7 +93,7 @@ async def _account_id(engine: AsyncEngine, email: str | None) -> str | None:
 def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
     """Print the report (``--format``), with a totals row for table and CSV."""
     # Imported here: chatgate.cli imports this module to build its parser.
-    from chatgate.cli import _table, _with_engine
+    from chatgate.cli import table, with_engine
 
     span = parse_duration(args.since)
     end = until_now()
@@ -108,7 +108,7 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
         names = await key_names(engine, {r.key_id for r in result.rows if r.key_id})
         return result, names
 
-    result, names = asyncio.run(_with_engine(settings, run))
+    result, names = asyncio.run(with_engine(settings, run))
     if args.format == "json":
         _out(json.dumps(_json(result, args.by, names), indent=2))
         return
@@ -131,7 +131,7 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
     named = [f"account {args.account}"] * bool(args.account) + [f"key {args.key}"] * bool(args.key)
     scope = f" for {' and '.join(named)}" if named else " (all accounts)"
     _out(f"usage {iso(end - span)} .. {iso(end)}{scope}")
-    _out(_table(shown, columns))
+    _out(table(shown, columns))
 
 
 def _ms(value: float | None) -> str:
@@ -170,7 +170,7 @@ def _json(result: Report, by: str, names: dict[str, tuple[str, str]]) -> dict[st
 
 def cmd_usage_export(settings: Settings, args: argparse.Namespace) -> None:
     """Write raw records as CSV to ``--output`` (a file written whole, then renamed, or ``-``)."""
-    from chatgate.cli import _with_engine
+    from chatgate.cli import with_engine
 
     span = parse_duration(args.export_since)
     end = until_now()
@@ -190,7 +190,7 @@ def cmd_usage_export(settings: Settings, args: argparse.Namespace) -> None:
 
     if args.output == "-":
         try:
-            asyncio.run(_with_engine(settings, lambda engine: run(engine, sys.stdout)))
+            asyncio.run(with_engine(settings, lambda engine: run(engine, sys.stdout)))
             sys.stdout.flush()
         except BrokenPipeError:
             # The reader stopped early (``| head``): not an error. Point stdout at /dev/null
@@ -201,7 +201,7 @@ def cmd_usage_export(settings: Settings, args: argparse.Namespace) -> None:
     partial = target.with_name(target.name + ".partial")
     try:
         with open(partial, "w", newline="", encoding="utf-8") as fh:
-            count = asyncio.run(_with_engine(settings, lambda engine: run(engine, fh)))
+            count = asyncio.run(with_engine(settings, lambda engine: run(engine, fh)))
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
