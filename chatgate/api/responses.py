@@ -175,16 +175,21 @@ class _Turn:
             error=error,
         )
 
-    async def save(self, response: dict[str, Any], outputs: list[dict[str, Any]]) -> None:
+    async def save(
+        self, response: dict[str, Any], outputs: list[dict[str, Any]], *, failed: bool = False
+    ) -> None:
         """Store the turn. A conversation deleted while it ran does not fail it: the answer
-        has been paid for and goes out (as chat's), and the response is kept on its own."""
+        has been paid for and goes out (as chat's), and the response is kept on its own.
+        A ``failed`` turn (the upstream broke off) is kept on its own too, retrievable with
+        what it wrote, but adds nothing to its conversation, as a failed chat turn: half an
+        answer is no history to show the model as its own words."""
         kept = await self.store.save_response(
             self.account_id,
             response,
             inputs=self.inputs,
             outputs=outputs,
             previous_response_id=self.req.previous_response_id,
-            conversation_id=self.req.conversation_id,
+            conversation_id=None if failed else self.req.conversation_id,
             store=self.req.store,
         )
         if not kept:
@@ -258,7 +263,7 @@ async def _relay(
                 "failed", translator.output, usage, {"code": "server_error", "message": message}
             )
             try:  # announced by response.created: retrievable, as failed, with what it wrote
-                await turn.save(response, translator.output)
+                await turn.save(response, translator.output, failed=True)
             except Exception:
                 log.exception("could not store failed response %s", turn.response_id)
             last = translator.failed(response)

@@ -9,7 +9,9 @@ usage-only chunk carrying one is dropped, one riding on a chunk with choices is 
 ``null``; the API layer then sends its own count in its place.
 
 A stream the upstream ends without ``[DONE]`` gets one: ``[DONE]`` when its answer had finished
-(a finish reason came), else an ``upstream_error`` event, as for a connection that broke.
+(a finish reason came), else an ``upstream_error`` event, as for a connection that broke. Nothing
+follows ``[DONE]``: what an upstream sends after it (some do) is read to the end, so that the
+connection is kept, and dropped, and a break or a timeout after it is no failure.
 
 The events are relayed without being parsed, with three exceptions that cost a byte search per
 read: an upstream's own error event (``data: {"error": ...}``, its key JSON-escaped or not, or
@@ -316,6 +318,7 @@ class SSEPassThrough(ChatStream):
         read = self._resp.readany
         clock = self._loop.time
         tail: list[bytes] = []  # the last events relayed: is the stream done when it ends?
+        done = False  # [DONE] relayed: the rest is read to its end (the connection is kept)
         try:
             ending = False
             while not ending:
@@ -323,6 +326,10 @@ class SSEPassThrough(ChatStream):
                 self._reading_since = clock()
                 chunk = await read()
                 self._reading_since = None
+                if done:  # nothing follows [DONE]: what an upstream sends after it is dropped
+                    if chunk:
+                        continue
+                    break
                 if not chunk:
                     if not rest and not more:
                         break
@@ -352,6 +359,9 @@ class SSEPassThrough(ChatStream):
                     return
                 if self.first_byte_at is None:  # keep-alive comments before it: nothing yet
                     events = [e for e in events if not e.startswith(b":")]
+                if b"[DONE]" in data and DONE_EVENT in events:  # once a stream
+                    del events[events.index(DONE_EVENT) + 1 :]
+                    done = True
                 failure = None
                 if not canonical or _may_name_error(data):
                     at = _error_at(events)
@@ -386,6 +396,8 @@ class SSEPassThrough(ChatStream):
             if not tail or tail[-1] != DONE_EVENT:
                 yield [self._unended(tail)]
         except (TimeoutError, UpstreamConnectionError):
+            if done:  # broken or timed out after [DONE]: the answer was whole
+                return
             if self._expired is not None:
                 yield [self._failed(self._timeout())]
             else:

@@ -180,8 +180,9 @@ class ChatSession:
         if refusal:  # kept as a whole answer's is (an empty text beside it would hide it)
             message["refusal"] = refusal
             message["content"] = message["content"] or None
-        if self._calls.calls:
+        if self._calls.calls:  # the calls alone, as a whole answer's (no empty text before)
             message["tool_calls"] = self._calls.chat_tool_calls()
+            message["content"] = message["content"] or None
         await self.commit(message)
 
 

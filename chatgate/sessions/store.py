@@ -304,7 +304,7 @@ class SessionStore:
     async def update_conversation(
         self, account_id: str, conversation_id: str, metadata: Mapping[str, str]
     ) -> Conversation:
-        """Replace the conversation's metadata."""
+        """Replace the conversation's metadata (a use: retention counts from here)."""
         async with self._engine.begin() as conn:
             result = await conn.execute(
                 conversations.update()
@@ -312,7 +312,7 @@ class SessionStore:
                     conversations.c.id == conversation_id,
                     conversations.c.account_id == account_id,
                 )
-                .values(metadata=dict(metadata))
+                .values(metadata=dict(metadata), updated_at=_now())
             )
             if result.rowcount == 0:
                 raise conversation_not_found(conversation_id)
@@ -409,8 +409,10 @@ class SessionStore:
     async def delete_item(
         self, account_id: str, conversation_id: str, item_id: str
     ) -> Conversation:
-        """Remove one item from a conversation; returns the conversation (as OpenAI does)."""
+        """Remove one item from a conversation; returns the conversation (as OpenAI does). A
+        use: retention counts from here."""
         async with self._engine.begin() as conn:
+            await self._touch(conn, account_id, conversation_id, _now())  # else 404
             conversation = await self._conversation(conn, account_id, conversation_id)
             result = await conn.execute(
                 session_items.delete().where(

@@ -17,7 +17,7 @@ import pytest
 from chatgate.api.openai import _usage_before_done
 from chatgate.backends import sse
 from chatgate.backends.base import DONE_EVENT, Usage
-from chatgate.backends.http1 import StreamBody, _Connection
+from chatgate.backends.http1 import StreamBody, UpstreamConnectionError, _Connection
 from chatgate.backends.sse import SSEPassThrough
 from chatgate.settings import ModelConfig
 from tests.backends.upstreams import CHUNKED, Reads, chunk, stream_server
@@ -230,6 +230,34 @@ async def test_a_stream_ended_without_done_is_done_or_an_error() -> None:
         assert stream.failure is not None and stream.failure.code == "upstream_error"
         assert relayed[-1].startswith(b'data: {"error"'), relayed
         assert DONE_EVENT not in relayed
+
+
+class _BreaksAtTheEnd(Reads):
+    """Reads its pieces, then the connection breaks instead of ending."""
+
+    async def readany(self) -> bytes:
+        if self._pieces:
+            return self._pieces.pop(0)
+        raise UpstreamConnectionError("broke")
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])
+async def test_nothing_follows_done(cut: int) -> None:
+    """Events an upstream sends after ``[DONE]`` (a stray one, a second usage, an error): the
+    relay passed them on, and then, the last event not being ``[DONE]``, added one of its
+    own: a client storing its turn at each ``[DONE]`` stored it twice. Now the relay ends at
+    the first ``[DONE]``, whatever comes after, in its read or later ones; a break after it is
+    no failure (the answer was whole)."""
+    after = [b'data: {"stray": "after [DONE]"}\n\n', _event([], NONSENSE), LEAKY]
+    whole = b"".join([*STREAM[1:5], STREAM[6], DONE_EVENT, *after])
+    end = whole.index(DONE_EVENT) + len(DONE_EVENT)
+    at = end - 3 + cut  # a read ends in [DONE]'s blank line, or just after it
+    for reads in (Reads(whole), Reads(whole[:at], whole[at:]), _BreaksAtTheEnd(whole[:end])):
+        stream = SSEPassThrough(reads, ModelConfig(name="m"), include_usage=True)  # type: ignore[arg-type]
+        relayed = [e for batch in [b async for b in stream.batches()] for e in batch]
+        assert relayed[-1] == DONE_EVENT and relayed.count(DONE_EVENT) == 1, relayed[-3:]
+        assert not any(b"stray" in e or b"error" in e for e in relayed)
+        assert stream.failure is None and stream.usage == Usage(5, 4)
 
 
 LEAKY = (

@@ -199,6 +199,67 @@ def test_a_chat_stream_ended_without_done_is_stored(
     ]
 
 
+@pytest.mark.parametrize("system_only", [False, True])
+def test_a_chat_stream_with_an_event_after_done_stores_one_turn(
+    alice: openai.OpenAI, upstream: Upstream, system_only: bool
+) -> None:
+    """An upstream that sends an event after ``[DONE]`` (some do): the relay gave a second
+    ``[DONE]`` of its own at the end, and the turn was stored at each, twice (a request of a
+    system message alone had its answer twice in the conversation; with a user message, the
+    second store failed on a unique item id, with a traceback in the log)."""
+    conv = alice.conversations.create()
+    message = (
+        {"role": "system", "content": "sysonly"}
+        if system_only
+        else {
+            "role": "user",
+            "content": "once only",
+        }
+    )
+    stream = alice.chat.completions.create(
+        model="gpt-test",
+        messages=[message],  # type: ignore[list-item]
+        stream=True,
+        extra_body={"conversation": conv.id, "fake": {"after_done": True}},
+    )
+    answer = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    items = list(alice.conversations.items.list(conv.id, order="asc"))
+    roles = [getattr(i, "role", None) for i in items]
+    assert roles == (["assistant"] if system_only else ["user", "assistant"])
+    assert items[-1].content[0].text == answer  # type: ignore[union-attr]
+
+
+WEATHER_CHAT = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_chat_tool_call_is_stored_as_the_call_alone(
+    alice: openai.OpenAI, upstream: Upstream, stream: bool
+) -> None:
+    """A streamed answer that is a tool call was stored with an empty assistant message
+    before its function_call item (and replayed so); a whole one, as the call alone."""
+    conv = alice.conversations.create()
+    made = alice.chat.completions.create(
+        model="gpt-tools",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER_CHAT],  # type: ignore[list-item]
+        stream=stream,
+        extra_body={"conversation": conv.id},
+    )
+    if stream:
+        list(made)  # type: ignore[call-overload]
+    items = list(alice.conversations.items.list(conv.id, order="asc"))
+    assert [i.type for i in items] == ["message", "function_call"]
+    assert getattr(items[0], "role", None) == "user"
+    assert items[1].name == "get_weather"  # type: ignore[union-attr]
+
+
 def test_a_chat_part_a_conversation_cannot_store_is_a_400(
     alice: openai.OpenAI, upstream: Upstream
 ) -> None:
@@ -276,6 +337,35 @@ def test_a_broken_stream_is_stored_as_failed(alice: openai.OpenAI, upstream: Ups
     assert sent(upstream)["messages"][:2] == [
         {"role": "user", "content": "break here"},
         {"role": "assistant", "content": partial},
+    ]
+
+
+def test_a_broken_response_turn_adds_nothing_to_its_conversation(
+    alice: openai.OpenAI, upstream: Upstream
+) -> None:
+    """A Responses turn the upstream broke off added its input and half an answer (status
+    ``incomplete``) to the conversation, which later turns then showed the model as its own
+    words; a broken chat turn stores nothing. Now both: the conversation is as before, and
+    the failed response is still kept on its own, with what it wrote."""
+    conv = alice.conversations.create(items=[{"role": "user", "content": "before"}])
+    events = list(
+        alice.responses.create(
+            model="gpt-break", input="break here", conversation=conv.id, stream=True
+        )
+    )
+    assert events[-1].type == "response.failed"
+    failed = events[-1].response  # type: ignore[union-attr]
+    items = list(alice.conversations.items.list(conv.id, order="asc"))
+    assert [getattr(i, "role", None) for i in items] == ["user"]
+    assert alice.responses.retrieve(failed.id).status == "failed"
+    alice.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "next"}],
+        extra_body={"conversation": conv.id},
+    )
+    assert sent(upstream)["messages"] == [
+        {"role": "user", "content": "before"},
+        {"role": "user", "content": "next"},
     ]
 
 

@@ -455,3 +455,29 @@ async def test_one_process_prunes_at_a_time(
         assert texts(await store.conversation_items(alice, conv.id)) == ["old"]
     pruned = await store.prune(2_000)
     assert (pruned.conversations, pruned.items) == (1, 1)
+
+
+async def test_changing_metadata_or_deleting_an_item_is_a_use(
+    store: SessionStore, engine: AsyncEngine, two_accounts: tuple[str, str]
+) -> None:
+    """Retention counts from a conversation's last use. A metadata change or an item deleted
+    left its time as it was, and the next pass removed a conversation just edited; adding
+    items and turns already counted. Another account's attempt changes nothing (404)."""
+    alice, bob = two_accounts
+    edited, _ = await store.create_conversation(alice, new_id("conv"), items=user("e"))
+    trimmed, [first] = await store.create_conversation(alice, new_id("conv"), items=user("t"))
+    idle, _ = await store.create_conversation(alice, new_id("conv"), items=user("i"))
+    await _aged(engine, conversations, [edited.id, trimmed.id, idle.id], "updated_at", 1_000)
+    with pytest.raises(errors.NotFound):
+        await store.update_conversation(bob, edited.id, {"by": "bob"})
+    with pytest.raises(errors.NotFound):
+        await store.delete_item(bob, trimmed.id, first.id)
+    for conv in (edited, trimmed):
+        assert (await store.get_conversation(alice, conv.id)).updated_at == 1_000
+    await store.update_conversation(alice, edited.id, {"still": "in use"})
+    await store.delete_item(alice, trimmed.id, first.id)
+    await store.prune(2_000)
+    with pytest.raises(errors.NotFound):
+        await store.get_conversation(alice, idle.id)
+    assert (await store.get_conversation(alice, edited.id)).metadata == {"still": "in use"}
+    assert await store.conversation_items(alice, trimmed.id) == []
