@@ -259,6 +259,7 @@ def _run(
         if serving is not None and "Running on" in text:
             serving()
 
+    _stop_on_signals(loop)
     web.run_app(
         create_app(settings),
         host=settings.host,
@@ -274,5 +275,26 @@ def _run(
         # aiohttp's default of 128 pending connections drops SYNs in a burst of new clients,
         # and each dropped one costs that client a 1 s retransmission.
         backlog=1024,
+        handle_signals=False,  # ours: a second stop signal must not cut the first one's stop
         **SERVER_OPTIONS,
     )
+
+
+def _stop_on_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Stop gracefully on the first SIGTERM or SIGINT; later ones change nothing (SIGKILL
+    cuts a stop short). aiohttp's own handlers raise at each signal, and a second one, which
+    arrives during the stop, cancelled the requests it was finishing: each worker of ``serve
+    --workers`` gets two when its process group is signalled (systemd's default, Ctrl+C,
+    ``timeout``), the group's and its parent's forwarding."""
+
+    def stop() -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, _ignore)
+        raise web.GracefulExit()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+
+
+def _ignore() -> None:
+    log.info("stopping already: a stop signal is ignored")

@@ -185,3 +185,59 @@ def test_a_dead_worker_is_replaced_and_workers_die_with_their_parent(
         os.kill(parent, signal.SIGKILL)
         gw.proc.wait(30)
     _wait_for(lambda: not any(_alive(pid) for pid in workers))
+
+
+def test_workers_stop_gracefully_when_their_process_group_is_signalled(
+    pg_url: str, upstream: Upstream, shared_env: dict[str, str], tmp_path: Path
+) -> None:
+    """QA: a SIGTERM to the whole process group of ``serve --workers 2`` (systemd's default,
+    Ctrl+C, ``timeout``) reaches each worker twice, its own and its parent's forwarding; the
+    second cancelled the requests the first one's stop was finishing ("Unhandled exception
+    ... GracefulExit", recorded as 499 while the client waited) and the command failed ("2 of
+    2 workers failed", exit 2). Now the first signal stops a worker, later ones change
+    nothing: the requests in flight are answered and the command ends with 0."""
+    slow = f"""
+[[models]]
+name = "gpt-slow"
+base_url = "{upstream.base_url}"
+upstream_model = "slow"
+"""
+    gw = make_gateway(
+        tmp_path / "group",
+        database_url=pg_url,
+        upstream=upstream,
+        extra_env=shared_env,
+        extra_toml=slow,
+    )
+    gw.start("--workers", "2")
+    assert gw.proc is not None
+    parent = gw.proc.pid
+    try:
+        _wait_for(lambda: gw.logs().count("Running on") == 2)
+        key = account_with_plan(gw)
+        marker = f"group-{secrets.token_hex(4)}"
+        body = {
+            "model": "gpt-slow",
+            "messages": [{"role": "user", "content": marker}],
+            "fake": {"delay": 2},
+        }
+
+        async def in_flight() -> list[int]:
+            task = asyncio.ensure_future(burst([gw.url], key, 6, body))
+            await asyncio.to_thread(
+                _wait_for, lambda: sum(marker in str(b) for b in upstream.received()) == 6
+            )
+            for pid in _children(parent):  # as os.killpg would, with the parent's
+                os.kill(pid, signal.SIGTERM)  # forwarding later, as the stop is under way
+            await asyncio.sleep(0.5)
+            os.kill(parent, signal.SIGTERM)
+            return await task
+
+        statuses = asyncio.run(in_flight())
+        assert statuses == [200] * 6
+        assert gw.proc.wait(60) == 0
+    finally:
+        if gw.proc.poll() is None:
+            os.kill(parent, signal.SIGKILL)
+            gw.proc.wait(30)
+    assert "worker failed" not in gw.logs() and "GracefulExit" not in gw.logs()
