@@ -278,10 +278,10 @@ class Limits:
             lease_ttl=ttl,
         )
         fallback = MemoryLimiter(lease_ttl=ttl)
-        return cls(
-            FailoverLimiter(primary, fallback, fail_open=settings.ratelimit_fail_open),
-            remote=True,
-        )
+        failover = FailoverLimiter(primary, fallback, fail_open=settings.ratelimit_fail_open)
+        limits = cls(failover, remote=True)
+        failover.outage_began = limits._wake.set  # run_seeding seeds the fallback at once
+        return limits
 
     async def admit(self, checks: Sequence[Check], tokens: int, model: str) -> Admission:
         """Take every check or raise the 429 (or 503 when the limiter is down, fail-closed)."""

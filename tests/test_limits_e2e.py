@@ -597,6 +597,35 @@ def test_a_redis_that_lost_its_data_gets_the_quotas_back(
         gw.stop()
 
 
+def test_a_redis_outage_does_not_give_a_spent_quota_back(
+    own_redis: RedisServer, pg_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    """QA: failing open, the first requests of a Redis outage met the in-process fallback as
+    it was at its last seed, before the month's usage: each process admitted a spent quota's
+    worth again (891 tokens recorded against a 300-token quota on two nodes) until the next
+    seeding pass, up to 5 s later. Now the outage's start seeds the fallback at once, and its
+    first admissions wait for that: the spent quota is refused from the first request on."""
+    gw = make_gateway(
+        tmp_path / "gw",
+        database_url=pg_url,
+        upstream=upstream,
+        extra_env={"CHATGATE_REDIS_URL": own_redis.url, "CHATGATE_USAGE_FLUSH_INTERVAL": "0.2"},
+    ).start()
+    try:
+        key = account_with_plan(gw, monthly_tokens=60)
+        used = use_up(gw, key)
+        time.sleep(1.0)  # the usage records reach the database (flushed every 0.2 s)
+        own_redis.stop()
+        for _ in range(3):
+            refused = quota_answer(gw, key)
+            assert refused.status_code == 429, "a Redis outage gave the month's quota back"
+            assert refused.json()["error"]["code"] == "insufficient_quota"
+            assert f"Used {used}," in refused.json()["error"]["message"]
+        assert "rate limiter store unavailable" in gw.logs()  # the fallback answered
+    finally:
+        gw.stop()
+
+
 STALL = """
 [[models]]
 name = "gpt-stall"

@@ -67,6 +67,9 @@ request's process renews its lease every third of this (:meth:`Limiter.renew_lea
 request may run for any length of time."""
 DEFAULT_CONCURRENCY_RETRY = 1.0
 """retry_after hint for a full concurrency limit: a slot frees when any request ends."""
+FALLBACK_SEED_WAIT = 1.0
+"""Seconds the fallback's first admissions of an outage wait for its seed at most (see
+:attr:`FailoverLimiter.outage_began`); then it answers unseeded, and later ones do not wait."""
 QUOTA_RETENTION = 40 * 86400.0
 """Seconds a month's quota counter is kept after the month ends (for reporting)."""
 SETTLE_DEADLINE = 6 * 3600.0
@@ -640,15 +643,24 @@ class FailoverLimiter(Limiter):
         fail_open: bool = True,
         cooldown: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        seed_wait: float = FALLBACK_SEED_WAIT,
     ) -> None:
         self.primary = primary
         self.fallback = fallback
         self.fail_open = fail_open
         self.cooldown = cooldown
+        self.seed_wait = seed_wait
         self.fallbacks = 0
         self.settle_failures = 0
+        self.outage_began: Callable[[], None] | None = None
+        """Called when an outage begins and the fallback is to answer (failing open): the
+        owner seeds it at once (:meth:`seed`). Meanwhile the fallback admits nothing, up to
+        ``seed_wait`` seconds: its buckets are stale (the primary counted since its last
+        seed), and every process would grant a spent month's quota again until then."""
         self._clock = clock
         self._down_until = -math.inf
+        self._outage = False  # the primary failed, and has not answered an admission since
+        self._seeded_now: asyncio.Event | None = None  # set by the outage's first seed
         self._from_fallback = Ledger(clock)
         self._fallback_seeded: set[str] = set()  # months seeded since the last outage began
         # The fallback admitted requests the primary never counted (an outage, failing open):
@@ -663,9 +675,14 @@ class FailoverLimiter(Limiter):
 
     def _mark_down(self, exc: LimiterUnavailable) -> None:
         self._primary_missed = self._primary_missed or self.fail_open
-        if not self.degraded:
+        if not self._outage:  # it begins (not a retry of the primary within one)
+            self._outage = True
             # The fallback's buckets missed what the primary counted: seed them again.
             self._fallback_seeded.clear()
+            if self.fail_open and self.outage_began is not None:
+                self._seeded_now = asyncio.Event()
+                self.outage_began()
+        if not self.degraded:
             log.warning(
                 "rate limiter store unavailable (%s); failing %s for %.1fs",
                 exc,
@@ -688,13 +705,34 @@ class FailoverLimiter(Limiter):
         if not self.fail_open:
             raise exc
 
+    async def _fallback_seeded_first(self) -> None:
+        """Wait for the outage's seed of the fallback (:attr:`outage_began`), ``seed_wait``
+        seconds at most: then it answers unseeded (the database may be down too), and no
+        later admission waits."""
+        seeding = self._seeded_now
+        if seeding is None or seeding.is_set():
+            return
+        try:
+            async with asyncio.timeout(self.seed_wait):
+                await seeding.wait()
+        except TimeoutError:
+            if not seeding.is_set():
+                seeding.set()
+                log.warning(
+                    "the fallback limits were not seeded in %gs: answering unseeded", self.seed_wait
+                )
+
     async def acquire(self, checks: Sequence[Check], cost_tokens: int = 0) -> Decision:
         """Acquire from the primary, or per the fail-open policy from the fallback."""
         if self._primary_up():
             try:
-                return await self.primary.acquire(checks, cost_tokens)
+                decision = await self.primary.acquire(checks, cost_tokens)
             except LimiterUnavailable as exc:
                 self._primary_failed(exc)
+            else:
+                self._outage = False
+                return decision
+        await self._fallback_seeded_first()
         self.fallbacks += 1
         decision = await self.fallback.acquire(checks, cost_tokens)
         if decision.reservation is not None:
@@ -707,9 +745,13 @@ class FailoverLimiter(Limiter):
         """:meth:`.Limiter.acquire_both` from the primary, or per the policy the fallback."""
         if self._primary_up():
             try:
-                return await self.primary.acquire_both(first, first_cost, checks, cost_tokens)
+                both = await self.primary.acquire_both(first, first_cost, checks, cost_tokens)
             except LimiterUnavailable as exc:
                 self._primary_failed(exc)
+            else:
+                self._outage = False
+                return both
+        await self._fallback_seeded_first()
         self.fallbacks += 1
         both = await self.fallback.acquire_both(first, first_cost, checks, cost_tokens)
         for decision in both:
@@ -796,6 +838,8 @@ class FailoverLimiter(Limiter):
         await self.fallback.seed(seed)
         if seed.whole:
             self._fallback_seeded.add(seed.month)
+            if self._seeded_now is not None:
+                self._seeded_now.set()
 
     async def reset(self, scope: str) -> None:
         """Reset ``scope`` in both limiters."""

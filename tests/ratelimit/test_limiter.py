@@ -1108,6 +1108,42 @@ async def test_failover_seeds_its_fallback_again_when_an_outage_begins() -> None
     assert await closed.seeded(month)  # failing closed, no fallback answers: no seed
 
 
+async def test_failover_seeds_its_fallback_before_it_answers_an_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The fallback is as its last seed, before the month's usage since: answering at once,
+    it granted a spent quota again. With an owner that seeds it when an outage begins
+    (:attr:`FailoverLimiter.outage_began`), its first admissions wait for that seed; one
+    that does not come within ``seed_wait`` (the database down too) lets them through
+    unseeded, once logged, and none waits after it."""
+    clock = FakeClock()
+    primary = _Flaky(clock)
+    limiter = FailoverLimiter(primary, MemoryLimiter(clock=clock), clock=clock, seed_wait=30)
+    month = month_of(clock.now)
+    quota = [Check.monthly_quota("acct:x", 1000)]
+    await limiter.seed(Seed(month, {}))
+    await take(limiter, quota, 990)  # the primary's count; the fallback's is 0
+    began: list[asyncio.Task[None]] = []
+
+    async def seed_later() -> None:
+        await asyncio.sleep(0.05)  # the records' query
+        await limiter.seed(Seed(month, {"acct:x": 990}))
+
+    limiter.outage_began = lambda: began.append(asyncio.create_task(seed_later()))
+    primary.up = False
+    refused = await limiter.acquire(quota, 50)
+    assert not refused.allowed and len(began) == 1
+    assert not (await limiter.acquire(quota, 50)).allowed and len(began) == 1  # one outage
+    assert (await limiter.acquire(quota, 10)).allowed
+
+    unseeded = FailoverLimiter(_Flaky(clock), MemoryLimiter(clock=clock), seed_wait=0.05)
+    unseeded.outage_began = lambda: None  # its seed never comes
+    unseeded.primary.up = False  # type: ignore[attr-defined]
+    for _ in range(3):
+        assert (await unseeded.acquire(quota, 50)).allowed
+    assert caplog.text.count("not seeded") == 1
+
+
 async def test_failover_seeds_its_primary_again_when_an_outage_ends() -> None:
     """What the fallback admitted during an outage is in the usage records, not in Redis's
     counters: once Redis answers again, it is seeded from the records (raised to them)."""
