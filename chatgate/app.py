@@ -23,7 +23,7 @@ from chatgate.db.engine import create_engine
 from chatgate.keys.store import KeyStore
 from chatgate.limits import Limits
 from chatgate.metrics import Metrics
-from chatgate.middleware import api_middleware
+from chatgate.middleware import MALFORMED_REQUESTS, api_middleware
 from chatgate.notify import Listener, Notifier
 from chatgate.settings import Settings
 from chatgate.state import STATE, State
@@ -38,6 +38,7 @@ def create_app(settings: Settings) -> web.Application:
     """The aiohttp application for ``settings``; everything starts in its cleanup context.
     Its server must be given :data:`SERVER_OPTIONS`."""
     app = web.Application(middlewares=[api_middleware], client_max_size=settings.max_body_bytes)
+    logging.getLogger("aiohttp.server").addFilter(MALFORMED_REQUESTS)  # once: one instance
     app.cleanup_ctx.append(_lifespan(settings))
     openai.setup(app)
     ops.setup(app)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 from sqlalchemy import exc as db_errors
@@ -39,6 +40,28 @@ def _database_unavailable(exc: BaseException) -> bool:
         orig = exc.orig
         return isinstance(orig, OSError | TimeoutError) or "database is locked" in str(orig)
     return False
+
+
+class MalformedRequests(logging.Filter):
+    """aiohttp's log of a request it could not parse (a header over 8 KiB, a control
+    character in one, a bad chunk size) is an ERROR with a traceback that quotes the bytes
+    at fault: an ``Authorization`` header's key, a session cookie. Rewritten here (on the
+    ``aiohttp.server`` logger) as one WARNING line naming the error's class and status,
+    never its bytes: anyone can send these, and keys are never logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+            record.msg = "refused a malformed HTTP request from %s: %s (%s)"
+            record.args = (remote, type(exc).__name__, exc.code)
+            record.exc_info = record.exc_text = None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+MALFORMED_REQUESTS = MalformedRequests()
 
 
 def _named(exc: BaseException) -> str:

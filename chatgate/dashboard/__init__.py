@@ -19,6 +19,17 @@ from chatgate.dashboard import auth, pages_account, pages_admin, pages_keys, pag
 from chatgate.dashboard.auth import with_session
 
 STATIC = render.HERE / "static"
+FILES = {path.name: path for path in STATIC.iterdir() if path.is_file()}
+"""The static files, by name: a request names one of these or gets a 404. No path a
+client sends reaches the file system (a name too long for it was an OSError, which the
+middleware took for the database's and answered 503)."""
+
+
+async def _static(request: web.Request) -> web.StreamResponse:
+    path = FILES.get(request.match_info["name"])
+    if path is None:
+        raise web.HTTPNotFound()  # as the static directory's own 404 was
+    return web.FileResponse(path)  # with ETag and Last-Modified, conditional requests
 
 
 async def _home(request: web.Request) -> web.StreamResponse:
@@ -36,7 +47,7 @@ def setup(app: web.Application) -> None:
     render.setup_templates(app)
     app.router.add_get("/", _home)
     app.router.add_get(render.PREFIX, with_session(_home))
-    app.router.add_static(render.PREFIX + "/static", STATIC, name="dashboard-static")
+    app.router.add_get(render.PREFIX + "/static/{name}", _static)
     pages_account.setup(app)
     pages_keys.setup(app)
     pages_usage.setup(app)

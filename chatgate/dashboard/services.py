@@ -81,11 +81,19 @@ def model_names(state: State) -> list[str]:
 
 def check_models(known: Iterable[str], models: Iterable[str] | None) -> list[str] | None:
     """The allowed-models list, every name one of ``known`` (the public model names);
-    empty or ``None`` means every model."""
+    empty or ``None`` means every model. Names that are only blanks are a 400 (blanks beside
+    a name are dropped): ``[""]`` made a key of every model, the restriction gone unsaid."""
     if models is None:
         return None
-    chosen = sorted({m.strip() for m in models if m and m.strip()})
+    given = list(models)
+    chosen = sorted({m.strip() for m in given if m and m.strip()})
     if not chosen:
+        if given:
+            raise errors.InvalidRequest(
+                "A model name cannot be empty: name the models the key may use, or leave "
+                "`models` out for every model.",
+                param="models",
+            )
         return None
     names = set(known)
     unknown = [m for m in chosen if m not in names]

@@ -27,6 +27,7 @@ from chatgate.sessions.response_stream import CallGatherer, first_choice, parse_
 from chatgate.sessions.responses import chat_message_to_items, items_to_messages
 from chatgate.sessions.store import SessionStore
 from chatgate.sessions.trim import (
+    PINNED_ROLES,
     Policy,
     Trimmed,
     policy_from_settings,
@@ -39,7 +40,6 @@ from chatgate.state import State
 __all__ = ["ChatSession", "build_context", "prepare_chat", "sessions_store"]
 
 log = logging.getLogger(__name__)
-PINNED_ROLES = frozenset({"system", "developer"})
 _STORE_KEY = "sessions.store"
 
 

@@ -45,9 +45,11 @@ MetadataKey = Annotated[str, msgspec.Meta(max_length=64)]
 MetadataValue = Annotated[str, msgspec.Meta(max_length=512)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], msgspec.Meta(max_length=16)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
-INPUT_ROLES = frozenset({"user", "system", "developer", "assistant"})
-TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
-CHAT_PARTS = frozenset({"text", "image_url", "refusal"})  # chat parts a conversation stores
+# Tuples, not sets: a client's role or type may be any JSON value, and a list or an object
+# is unhashable (a set's `in` raised TypeError, a 500); a tuple's compares by equality.
+INPUT_ROLES = ("user", "system", "developer", "assistant")
+TEXT_PARTS = ("input_text", "output_text", "text")
+CHAT_PARTS = ("text", "image_url", "refusal")  # chat parts a conversation stores
 
 
 class ConversationRef(msgspec.Struct, kw_only=True):

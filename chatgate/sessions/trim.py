@@ -48,7 +48,7 @@ __all__ = [
 Policy = ContextTrim
 POLICIES: tuple[Policy, ...] = CONTEXT_TRIMS  # the setting's choices, checked when it is read
 DEFAULT_POLICY: Policy = "drop_oldest"
-PINNED_ROLES = frozenset({"system", "developer"})
+PINNED_ROLES = ("system", "developer")  # a tuple: a role may be any JSON value (unhashable)
 FALLBACK_DEFAULT_MAX_TOKENS = 4096
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import secrets
 import socket
 import time
 import zlib
@@ -461,3 +462,79 @@ def test_encoded_bodies_are_read_and_a_bomb_is_413(sec: Gateway, fuzz_key: str) 
     assert error["code"] == "request_too_large"
     error = assert_openai_error(_send_encoded(sec, fuzz_key, gzip.compress(chat)[:-9], "gzip"))
     assert error["code"] == "invalid_body"
+
+
+# A role or a content part's type that is a list or an object: unhashable, where the
+# sessions code looked them up in sets (a 500, "unhashable type: 'list'").
+UNHASHABLE: list[tuple[str, str, dict[str, Any], str]] = [
+    (
+        "a role that is a list",
+        "/v1/responses",
+        {"model": "gpt-test", "input": [{"type": "message", "role": [], "content": "hi"}]},
+        "input[0].role",
+    ),
+    (
+        "a role that is an object",
+        "/v1/conversations",
+        {"items": [{"role": {}, "content": "x"}]},
+        "items[0].role",
+    ),
+    (
+        "a content part type that is a list",
+        "/v1/responses",
+        {"model": "gpt-test", "input": [{"role": "user", "content": [{"type": [], "text": "h"}]}]},
+        "input[0].content[0].type",
+    ),
+]
+
+
+def test_unhashable_roles_and_types_are_400(sec: Gateway, fuzz_key: str) -> None:
+    before = stored_state(sec)
+    problems = []
+    for name, path, body, param in UNHASHABLE:
+        resp = _post(sec, path, fuzz_key, json.dumps(body).encode(), "application/json")
+        try:
+            error = assert_openai_error(resp, 400)
+            assert error["param"] == param, error
+        except AssertionError as exc:
+            problems.append(f"{name}: {exc}")
+    assert not problems, "\n".join(problems)
+    assert stored_state(sec) == before
+
+
+def test_a_malformed_header_never_puts_its_key_in_the_log(sec: Gateway, fuzz_key: str) -> None:
+    """A request aiohttp cannot parse was logged as an ERROR whose traceback quoted the
+    bytes at fault: a whole key from an ``Authorization`` header too long, or ending in a
+    control character. Now one WARNING line, its class and status, and still a 400."""
+    marker = secrets.token_hex(4)
+    for value in (
+        b"Bearer " + fuzz_key.encode() + b"a" * 8200,  # past aiohttp's 8190-byte line
+        b"Bearer " + fuzz_key.encode() + b"\x01",
+    ):
+        with socket.create_connection(("127.0.0.1", sec.port), timeout=TIMEOUT) as sock:
+            sock.sendall(
+                b"GET /v1/models?" + marker.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: " + value + b"\r\n\r\n"
+            )
+            status_line = sock.recv(4096).split(b"\r\n", 1)[0]
+        assert re.match(rb"HTTP/1\.[01] 400 ", status_line), status_line
+    assert call(sec, "GET", "/v1/models", fuzz_key).status_code == 200  # still serving
+    logs = sec.logs()
+    assert fuzz_key not in logs and fuzz_key[6:30] not in logs
+    assert logs.count("refused a malformed HTTP request from 127.0.0.1") >= 2
+
+
+def test_static_files_are_served_by_name_only(sec: Gateway) -> None:
+    """A name too long for the file system was an OSError, which the middleware took for
+    the database's: 503 "database unavailable", retry-after, a false alarm in the log."""
+    css = requests.get(sec.url + "/dashboard/static/app.css", timeout=TIMEOUT)
+    assert css.status_code == 200 and css.headers["Content-Type"].startswith("text/css")
+    again = requests.get(
+        sec.url + "/dashboard/static/app.css",
+        headers={"If-None-Match": css.headers["ETag"]},
+        timeout=TIMEOUT,
+    )
+    assert again.status_code == 304
+    for name in ("a" * 256, "a" * 5000, "..%2Fapp.py", "%2e%2e/__init__.py", "nope.css"):
+        resp = requests.get(sec.url + "/dashboard/static/" + name, timeout=TIMEOUT)
+        assert resp.status_code == 404, (name[:20], resp.status_code, resp.text[:200])
