@@ -153,20 +153,21 @@ ACCOUNT_COLUMNS = ("id", "email", "plan", "is_admin", "disabled", "created_at")
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
-    async def run() -> Schema:
+    async def run() -> tuple[Schema, Schema]:
         engine = create_engine(settings)
         try:
+            before = await schema(engine)
             await migrate(engine)
             found = await schema(engine)
             # As serve's start does: the database is bound to this secret (generated into the
             # data directory if none is set), so the servers given the same one can use it.
             await check_secret(engine, settings.resolved_secret(), settings.secret_previous)
-            return found
+            return before, found
         finally:
             await engine.dispose()
 
     try:
-        found = asyncio.run(run())
+        before, found = asyncio.run(run())
     except SecretMismatch as exc:
         raise CLIError(str(exc)) from None
     if found.state == "ahead":  # a newer chatgate migrated it: left alone (see migrate)
@@ -174,6 +175,10 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
             f"database is at migration {found.revision}, newer than this chatgate's "
             f"{found.head}: left as it is ({_safe_url(settings)})"
         )
+        return
+    if before.state == "behind":  # (a new database too: it had no chatgate tables)
+        was = f"migration {before.revision}" if before.revision else "empty"
+        print(f"database migrated from {was} to {found.head} ({_safe_url(settings)})")
         return
     print(f"database is up to date ({_safe_url(settings)})")
 

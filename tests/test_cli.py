@@ -50,6 +50,13 @@ def test_errors_are_one_line_exit_2(gw: Gateway) -> None:
         assert result.stderr.strip().count("\n") == 0
 
 
+def test_migrate_says_what_it_did(gw: Gateway) -> None:
+    """A new database was migrated with "database is up to date" as the only word (QA)."""
+    first = gw.cli("migrate").stdout
+    assert first.startswith("database migrated from empty to "), first
+    assert gw.cli("migrate").stdout.startswith("database is up to date"), first
+
+
 def test_set_password_takes_a_long_password_from_stdin(gw: Gateway) -> None:
     """A 100-character password printed zxcvbn's "exceeds max length of 72" and was refused."""
     gw.cli("migrate")

@@ -77,7 +77,9 @@ async def login(request: web.Request) -> web.StreamResponse:
     wait = await throttle.login_wait(email, address)
     if wait > 0:
         context["error"] = f"Too many attempts. Try again in {_minutes(wait)}."
-        return await page_response(request, None, "login.html", context, status=429)
+        response = await page_response(request, None, "login.html", context, status=429)
+        response.headers["Retry-After"] = str(math.ceil(wait))
+        return response
     creds = await auth.passwords(request).credentials(email)
     ok = await verify_password(creds.password_hash if creds else None, password)
     if creds is None or not ok or creds.disabled:
@@ -131,8 +133,12 @@ async def signup(request: web.Request) -> web.StreamResponse:
         problem = exc.message
     address = auth.client_address(request)
     signups = auth.throttle(request).signups
-    if await signups.retry_after(address) > 0:
-        problem = "Too many sign-ups from your network. Try again later."
+    wait = await signups.retry_after(address)
+    if wait > 0:  # as the login's throttle: a 429 with the wait, whatever else is wrong
+        context["error"] = f"Too many sign-ups from your network. Try again in {_minutes(wait)}."
+        response = await page_response(request, None, "signup.html", context, status=429)
+        response.headers["Retry-After"] = str(math.ceil(wait))
+        return response
     if problem is not None:
         context["error"] = problem
         return await page_response(request, None, "signup.html", context, status=400)

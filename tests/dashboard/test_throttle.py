@@ -3,13 +3,20 @@ don't reach the other tests' server."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from chatgate.dashboard.throttle import ACCOUNT_FAILURES, IP_FAILURES, LoginThrottle, SlidingWindow
+from chatgate.dashboard.throttle import (
+    ACCOUNT_FAILURES,
+    IP_FAILURES,
+    SIGNUPS_PER_IP,
+    LoginThrottle,
+    SlidingWindow,
+)
 from tests.dashboard.conftest import PASSWORD, User, csrf_of, make_user, start_gateway
 from tests.helpers import Gateway, Upstream
 
@@ -81,7 +88,7 @@ def test_brute_force_is_throttled(own: Gateway) -> None:
     # Now even the right password is not checked.
     blocked = attempt(own, victim.email, PASSWORD)
     assert blocked.status_code == 429
-    assert "Too many attempts" in blocked.text
+    assert "Too many attempts" in blocked.text and int(blocked.headers["Retry-After"]) > 0
     # Unknown emails are throttled the same way: the lockout tells nothing.
     for i in range(ACCOUNT_FAILURES):
         assert attempt(own, "ghost@example.com", f"guess {i}").status_code == 401
@@ -93,3 +100,25 @@ def test_brute_force_is_throttled(own: Gateway) -> None:
     assert statuses[-1] == 429
     other = make_user(own, login=False)
     assert User(own, other.email).login().status_code == 429
+
+
+def test_sign_ups_past_the_limit_are_429_with_the_wait(own: Gateway) -> None:
+    """The sign-up throttle answered 400, as for a mistyped form, with no wait (QA); the
+    login's answers 429. Now both: 429, the wait said and in Retry-After."""
+
+    def sign_up() -> requests.Response:
+        http = requests.Session()
+        token = csrf_of(http, own.url + "/dashboard/signup")
+        form = {
+            "csrf_token": token,
+            "email": f"signup-{secrets.token_hex(4)}@example.com",
+            "password": PASSWORD,
+            "password2": PASSWORD,
+        }
+        return http.post(own.url + "/dashboard/signup", data=form, timeout=30)
+
+    for _ in range(SIGNUPS_PER_IP):
+        assert sign_up().status_code == 200
+    refused = sign_up()
+    assert refused.status_code == 429 and "Too many sign-ups" in refused.text
+    assert 0 < int(refused.headers["Retry-After"]) <= 3600
