@@ -29,6 +29,7 @@ from chatgate.ratelimit import (
     Limiter,
     LimiterUnavailable,
     MemoryLimiter,
+    RateStatus,
     Reservation,
 )
 from chatgate.ratelimit.base import Seed, level_from_counts, month_span
@@ -240,6 +241,26 @@ class Admission:
     headers: dict[str, str]
     budget: Admission | None = None
     """The budgets' own admission (nano-dollars), when the key or its plan has one."""
+    tokens: RateStatus | None = None
+    """The tokens' header values at admission (the reservation taken)."""
+
+    def settled_headers(self, actual_tokens: int) -> dict[str, str]:
+        """The headers as they stand once the admission is settled at ``actual_tokens``, for
+        an answer settled before it leaves (a whole one): the tokens the reservation held
+        beyond the real usage are back, in ``remaining`` and ``reset``. At admission they
+        were spent: a client that follows the headers (as ``chatgate.client`` does) waited
+        for the reset after every request that set no ``max_tokens`` (4,096 reserved)."""
+        status, reservation = self.tokens, self.reservation
+        if status is None or reservation is None or reservation.tokens <= actual_tokens:
+            return self.headers
+        back = min(status.limit, status.remaining + reservation.tokens - actual_tokens)
+        deficit = status.limit - status.remaining  # > 0: the reservation took some
+        reset = status.reset_after * (status.limit - back) / deficit if deficit > 0 else 0.0
+        return {
+            **self.headers,
+            "x-ratelimit-remaining-tokens": str(back),
+            "x-ratelimit-reset-tokens": reset_text(reset),
+        }
 
 
 def _unavailable() -> errors.APIError:
@@ -293,7 +314,7 @@ class Limits:
             raise _unavailable() from exc
         if not decision.allowed:
             raise refusal(decision, model)
-        return Admission(decision.reservation, headers_for(decision))
+        return Admission(decision.reservation, headers_for(decision), tokens=decision.tokens)
 
     async def admit_with_budget(
         self,
@@ -315,7 +336,10 @@ class Limits:
         if budget is None:
             raise refusal(decision, model)
         return Admission(
-            decision.reservation, headers_for(decision), Admission(budget.reservation, {})
+            decision.reservation,
+            headers_for(decision),
+            Admission(budget.reservation, {}),
+            decision.tokens,
         )
 
     async def settle_soon(self, admission: Admission | None, actual_tokens: int) -> None:

@@ -74,14 +74,25 @@ def generate(client: openai.OpenAI, model: str, topic: str, max_tokens: int) -> 
     return {"topic": topic, "text": reply.choices[0].message.content or "", "tokens": tokens}
 
 
+def _positive(text: str) -> int:
+    """A whole number of at least 1, or argparse's one-line error (not a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="chatgate-mini")
     parser.add_argument("--prompts", help="a file of topics, one per line (default: a demo set)")
-    parser.add_argument("--rpm", type=int, default=30, help="client-side requests per minute")
-    parser.add_argument("--tpm", type=int, default=None, help="client-side tokens per minute")
-    parser.add_argument("--workers", type=int, default=4, help="requests in flight at once")
-    parser.add_argument("--max-tokens", type=int, default=120)
+    parser.add_argument("--rpm", type=_positive, default=30, help="client-side requests/minute")
+    parser.add_argument("--tpm", type=_positive, default=None, help="client-side tokens/minute")
+    parser.add_argument("--workers", type=_positive, default=4, help="requests in flight at once")
+    parser.add_argument("--max-tokens", type=_positive, default=120)
     parser.add_argument("--out", help="write JSON lines here (default: stdout)")
     args = parser.parse_args(argv)
     if args.prompts:

@@ -239,6 +239,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             meter.add_usage(usage, route.model)
             if session is not None:  # store the new turn and the answer
                 await session.commit(result.body)
+            # Settled (below) before it leaves: its headers give back what was not used.
+            headers = admission.settled_headers(meter.total_tokens)
             if result.usage is None:  # the client sees the count it is billed for
                 return json_response({**result.body, "usage": usage.to_openai()}, headers=headers)
             if result.raw is not None:

@@ -108,9 +108,10 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             incomplete = choices[0].get("finish_reason") == "length"
             outputs = output_items(message, incomplete=incomplete)
             response = turn.response("incomplete" if incomplete else "completed", outputs, usage)
-            return json_response(
-                await turn.saved(response, outputs, usage), headers=admission.headers
-            )
+            stored = await turn.saved(response, outputs, usage)
+            # Settled (below) before it leaves: its headers give back what was not used.
+            settled = admission.settled_headers(call.meter.total_tokens)
+            return json_response(stored, headers=settled)
         stream = await route.chat_stream(upstream, include_usage=True)
         return await _relay(request, turn, stream, admission.headers, call.meter)
     except errors.InvalidRequest as exc:

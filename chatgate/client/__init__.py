@@ -7,7 +7,7 @@
         model="chatgate-mini", messages=[{"role": "user", "content": "Hello"}]
     )
 
-Needs only ``openai`` and ``httpx`` (``pip install 'chatgate[client]'``); nothing of the server.
+Imports only ``openai`` and ``httpx`` (``pip install 'chatgate[client]'``), nothing of the server.
 Names are loaded on first use (PEP 562), so ``import chatgate.client`` costs nothing until
 then: the ``chatgate`` command registers ``chat`` without importing ``openai`` (~1 s).
 

@@ -87,6 +87,17 @@ def _pick_limiter(
     return RateLimiter(rpm, tpm) if rate_limit else None
 
 
+def _no_http_client(kwargs: dict[str, Any]) -> None:
+    """An ``http_client`` of the caller's would be a second one beside ours ("got multiple
+    values for keyword argument"): said plainly, with what to do instead."""
+    if "http_client" in kwargs:
+        raise TypeError(
+            "chatgate.client makes its own http_client (its transport is the limiter and the "
+            "retries): pass transport= for the httpx transport underneath, or give your own "
+            "client chatgate.client.Transport and openai.OpenAI(..., max_retries=0)"
+        )
+
+
 def OpenAI(  # named like the class it stands in for
     *,
     api_key: str | None = None,
@@ -113,6 +124,7 @@ def OpenAI(  # named like the class it stands in for
     - ``transport``: the transport underneath (default httpx's; tests pass a mock).
     - anything else (``organization``, ``default_headers``, ...) goes to ``openai.OpenAI``.
     """
+    _no_http_client(kwargs)
     config = resolve_config(api_key, base_url)
     wrapped = Transport(
         transport if transport is not None else httpx.HTTPTransport(limits=DEFAULT_LIMITS),
@@ -145,6 +157,7 @@ def AsyncOpenAI(  # named like the class it stands in for
     **kwargs: Any,
 ) -> openai.AsyncOpenAI:
     """An ``openai.AsyncOpenAI`` for chatgate; the arguments are those of :func:`OpenAI`."""
+    _no_http_client(kwargs)
     config = resolve_config(api_key, base_url)
     wrapped = AsyncTransport(
         transport if transport is not None else httpx.AsyncHTTPTransport(limits=DEFAULT_LIMITS),

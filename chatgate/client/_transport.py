@@ -48,8 +48,11 @@ __all__ = [
 
 log = logging.getLogger("chatgate.client")
 
-DEFAULT_COMPLETION_TOKENS = 256
-"""Completion tokens assumed for a request that sets no ``max_tokens``."""
+DEFAULT_COMPLETION_TOKENS = 4096
+"""Completion tokens assumed for a request that sets no ``max_tokens``: what a chatgate server
+reserves for one by default (``CHATGATE_DEFAULT_MAX_TOKENS``). A smaller guess let through
+requests the server then refused (a client that had learned its tokens-per-minute limit still
+collected 429s); the limiter books at most its whole token budget for one request."""
 NEVER_RETRY_CODES = frozenset(
     {"insufficient_quota", "invalid_api_key", "expired_api_key", "model_not_allowed"}
 )
@@ -162,11 +165,13 @@ def error_code(body: bytes) -> str | None:
 def estimate_tokens(
     request: httpx.Request, default_completion: int = DEFAULT_COMPLETION_TOKENS
 ) -> int:
-    """A generous guess of the tokens a request may use: prompt plus completion.
+    """A generous guess of the tokens a request may use: prompt plus completions, as a
+    chatgate server reserves them (``prompt + n * max_tokens``).
 
     The prompt is taken as a quarter of the JSON body's length (an over-estimate for
-    English text); the completion as ``max_tokens`` (or ``max_completion_tokens``,
-    ``max_output_tokens``), else ``default_completion``. The real usage replaces it later.
+    English text); each of the ``n`` completions as ``max_tokens`` (or
+    ``max_completion_tokens``, ``max_output_tokens``), else ``default_completion``. The real
+    usage replaces it later.
     """
     if request.method != "POST" or "json" not in request.headers.get("content-type", ""):
         return 0
@@ -180,11 +185,13 @@ def estimate_tokens(
     prompt = len(content) // 4 + 1
     if request.url.path.endswith("/embeddings"):
         return prompt
+    n = body.get("n")
+    choices = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
     for field in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(field)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return prompt + value
-    return prompt + default_completion
+            return prompt + choices * value
+    return prompt + choices * default_completion
 
 
 class _UsageSniffer:

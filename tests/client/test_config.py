@@ -178,3 +178,12 @@ def test_the_factory_refuses_a_bad_base_url_before_any_request(
     monkeypatch.setenv("CHATGATE_BASE_URL", "localhost:8000")
     with pytest.raises(openai.OpenAIError, match="CHATGATE_BASE_URL"):
         OpenAI(api_key=KEY)  # nothing sent yet: no retries, no "Connection error." later
+
+
+def test_an_http_client_of_ones_own_is_a_clear_error() -> None:
+    """It was Python's "got multiple values for keyword argument 'http_client'"."""
+    from chatgate.client import AsyncOpenAI
+
+    for factory, client in ((OpenAI, httpx.Client()), (AsyncOpenAI, httpx.AsyncClient())):
+        with pytest.raises(TypeError, match="transport="):
+            factory(api_key="sk-test", http_client=client)

@@ -62,6 +62,20 @@ def test_content_generation(client_env: dict[str, str], tmp_path: Path) -> None:
     assert all("echo: Write a short" in i["text"] and i["tokens"] > 0 for i in items)
 
 
+def test_content_generation_refuses_a_bad_number_in_one_line(client_env: dict[str, str]) -> None:
+    """``--rpm 0`` ended in a traceback (the limiter's ValueError): argparse's error now."""
+    for bad in ("0", "-3", "many"):
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / "content_generation.py"), "--rpm", bad],
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "--rpm" in result.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_personal_assistant(client_env: dict[str, str], tmp_path: Path, stream: bool) -> None:
     agenda = tmp_path / "agenda.json"

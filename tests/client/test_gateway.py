@@ -284,3 +284,28 @@ def test_burst_through_the_limiter_sees_no_429(
     closest = min(later - earlier for earlier, later in zip(arrived, arrived[RPM:], strict=False))
     print(f"closest {RPM + 1} calls spanned {closest:.3f}s")
     assert closest >= 60.0
+
+
+def test_a_learned_token_limit_gives_back_what_an_answer_did_not_use(
+    base_url: str, keys: Keys
+) -> None:
+    """A request that sets no ``max_tokens`` reserves 4,096 tokens (chatgate's default) and
+    uses a few: its answer's headers said the reservation was spent until the reset, so the
+    client, following them, believed 900 of 5,000 tokens were left for the next minute.
+    Now a whole answer's headers are as its settlement leaves them, and the client books
+    what the server reserves (it guessed 256, and let through requests the server refused)."""
+    key = keys.key(keys.plan("--tpm", "5000"))
+    counting = Counting()
+    client = OpenAI(api_key=key, base_url=base_url, transport=counting, max_retries=0)
+    limiter = client._client._transport.limiter  # type: ignore[attr-defined]
+    for i in range(3):
+        client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": f"no max {i}"}]
+        )
+        assert limiter.state().tokens.limit == 5000
+        # Another such request may go now (not after the reset: no wall clock is read here,
+        # only the delay the limiter would book).
+        permit = limiter.reserve(4100)
+        limiter.cancel(permit)
+        assert permit.delay == 0, permit
+    assert counting.statuses == [200] * 3

@@ -24,6 +24,8 @@ from chatgate.client import (
     retry_delay,
     should_retry,
 )
+from chatgate.client._transport import DEFAULT_COMPLETION_TOKENS
+from chatgate.settings import Settings
 
 POLICY = RetryPolicy(max_retries=3, initial_delay=0.5, max_delay=8.0, max_retry_after=60.0)
 FAST = RetryPolicy(max_retries=3, initial_delay=0.001, max_delay=0.002)
@@ -151,6 +153,13 @@ def test_estimate_tokens() -> None:
     assert estimate_tokens(request) == len(body) // 4 + 1 + 50
     request = httpx.Request("POST", "http://x/v1/chat/completions", json=CHAT)
     assert estimate_tokens(request, default_completion=100) > 100
+    # As chatgate reserves: each of n choices may write max_tokens, or the server's default.
+    prompt = len(request.content) // 4 + 1
+    assert estimate_tokens(request) == prompt + Settings().default_max_tokens
+    many = httpx.Request("POST", "http://x/v1/chat/completions", json={**CHAT, "n": 3})
+    assert estimate_tokens(many) == len(many.content) // 4 + 1 + 3 * DEFAULT_COMPLETION_TOKENS
+    capped = httpx.Request("POST", "http://x/", json={**CHAT, "n": 2, "max_tokens": 50})
+    assert estimate_tokens(capped) == len(capped.content) // 4 + 1 + 100
     assert estimate_tokens(httpx.Request("GET", "http://x/v1/models")) == 0
     embed = httpx.Request("POST", "http://x/v1/embeddings", json={"model": "e", "input": "abc"})
     assert 0 < estimate_tokens(embed) < 20
