@@ -129,6 +129,17 @@ def drop_redis_prefix(prefix: str, url: str = REDIS_URL) -> None:
         client.close()
 
 
+def slow_model_toml(upstream: Upstream) -> str:
+    """``gpt-slow``: the fake upstream answers after ``fake.delay`` seconds (a request in
+    flight for as long as a test needs)."""
+    return f"""
+[[models]]
+name = "gpt-slow"
+base_url = "{upstream.base_url}"
+upstream_model = "slow"
+"""
+
+
 def models_toml(upstream: Upstream, extra: str = "") -> str:
     return f"""
 [[models]]

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from chatgate.keys import format as keyfmt
-from tests.helpers import Gateway, make_gateway
+from tests.helpers import Gateway, make_gateway, slow_model_toml
 
 
 def new_account(gw: Gateway, plan: str = "enterprise") -> str:
@@ -214,12 +214,7 @@ upstream_model = "fake-model"
 def test_upstream_connections_are_capped(upstream: Any, tmp_path: Path) -> None:
     """CHATGATE_UPSTREAM_MAX_CONNECTIONS: six requests at once reach the upstream two at a
     time, and all six are answered (the others wait for a free connection)."""
-    slow = f"""
-[[models]]
-name = "gpt-slow"
-base_url = "{upstream.base_url}"
-upstream_model = "slow"
-"""
+    slow = slow_model_toml(upstream)
     gw = make_gateway(
         tmp_path,
         upstream=upstream,

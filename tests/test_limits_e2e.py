@@ -567,11 +567,11 @@ def test_two_processes_hold_a_budget_together(
         drop_redis_prefix(prefix)
 
 
-def test_a_redis_that_lost_its_data_gets_the_quotas_back(
+def _quota_spent_on_redis(
     own_redis: RedisServer, pg_url: str, upstream: Upstream, tmp_path: Path
-) -> None:
-    """Redis without persistence restarts empty: the gateways see the month's marker gone
-    and seed the counters again from PostgreSQL's usage records."""
+) -> tuple[Gateway, str, int]:
+    """A gateway on ``own_redis`` and a key whose month's quota it has spent, the usage in
+    the database's records: the gateway, the key and the tokens used."""
     gw = make_gateway(
         tmp_path / "gw",
         database_url=pg_url,
@@ -581,7 +581,20 @@ def test_a_redis_that_lost_its_data_gets_the_quotas_back(
     try:
         key = account_with_plan(gw, monthly_tokens=60)
         used = use_up(gw, key)
-        time.sleep(1.0)  # the usage records reach the database (flushed every 0.2 s)
+    except BaseException:
+        gw.stop()
+        raise
+    time.sleep(1.0)  # the usage records reach the database (flushed every 0.2 s)
+    return gw, key, used
+
+
+def test_a_redis_that_lost_its_data_gets_the_quotas_back(
+    own_redis: RedisServer, pg_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Redis without persistence restarts empty: the gateways see the month's marker gone
+    and seed the counters again from PostgreSQL's usage records."""
+    gw, key, used = _quota_spent_on_redis(own_redis, pg_url, upstream, tmp_path)
+    try:
         own_redis.stop()
         own_redis.start()  # empty: every counter is gone
         import redis
@@ -607,16 +620,8 @@ def test_a_redis_outage_does_not_give_a_spent_quota_back(
     worth again (891 tokens recorded against a 300-token quota on two nodes) until the next
     seeding pass, up to 5 s later. Now the outage's start seeds the fallback at once, and its
     first admissions wait for that: the spent quota is refused from the first request on."""
-    gw = make_gateway(
-        tmp_path / "gw",
-        database_url=pg_url,
-        upstream=upstream,
-        extra_env={"CHATGATE_REDIS_URL": own_redis.url, "CHATGATE_USAGE_FLUSH_INTERVAL": "0.2"},
-    ).start()
+    gw, key, used = _quota_spent_on_redis(own_redis, pg_url, upstream, tmp_path)
     try:
-        key = account_with_plan(gw, monthly_tokens=60)
-        used = use_up(gw, key)
-        time.sleep(1.0)  # the usage records reach the database (flushed every 0.2 s)
         own_redis.stop()
         for _ in range(3):
             refused = quota_answer(gw, key)

@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.helpers import REDIS_URL, Gateway, Upstream, drop_redis_prefix, make_gateway
+from tests.helpers import (
+    REDIS_URL,
+    Gateway,
+    Upstream,
+    drop_redis_prefix,
+    make_gateway,
+    slow_model_toml,
+)
 from tests.test_limits_e2e import BODY, account_with_plan, burst
 
 
@@ -196,12 +203,7 @@ def test_workers_stop_gracefully_when_their_process_group_is_signalled(
     ... GracefulExit", recorded as 499 while the client waited) and the command failed ("2 of
     2 workers failed", exit 2). Now the first signal stops a worker, later ones change
     nothing: the requests in flight are answered and the command ends with 0."""
-    slow = f"""
-[[models]]
-name = "gpt-slow"
-base_url = "{upstream.base_url}"
-upstream_model = "slow"
-"""
+    slow = slow_model_toml(upstream)
     gw = make_gateway(
         tmp_path / "group",
         database_url=pg_url,
