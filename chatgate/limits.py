@@ -250,17 +250,19 @@ class Admission:
         beyond the real usage are back, in ``remaining`` and ``reset``. At admission they
         were spent: a client that follows the headers (as ``chatgate.client`` does) waited
         for the reset after every request that set no ``max_tokens`` (4,096 reserved)."""
-        status, reservation = self.tokens, self.reservation
+        status, reservation, headers = self.tokens, self.reservation, self.headers
         if status is None or reservation is None or reservation.tokens <= actual_tokens:
-            return self.headers
-        back = min(status.limit, status.remaining + reservation.tokens - actual_tokens)
-        deficit = status.limit - status.remaining  # > 0: the reservation took some
-        reset = status.reset_after * (status.limit - back) / deficit if deficit > 0 else 0.0
-        return {
-            **self.headers,
-            "x-ratelimit-remaining-tokens": str(back),
-            "x-ratelimit-reset-tokens": reset_text(reset),
-        }
+            return headers
+        limit = status.limit
+        back = min(limit, status.remaining + reservation.tokens - actual_tokens)
+        deficit = limit - status.remaining  # > 0: the reservation took some
+        # In place (the admission's own dict, built for this request): ~10k instructions a
+        # whole answer with a token limit, by callgrind, a copy of the dict among them.
+        headers["x-ratelimit-remaining-tokens"] = str(back)
+        headers["x-ratelimit-reset-tokens"] = reset_text(
+            status.reset_after * (limit - back) / deficit if deficit > 0 else 0.0
+        )
+        return headers
 
 
 def _unavailable() -> errors.APIError:
