@@ -126,9 +126,10 @@ async def test_the_reservation_holds_the_output_budget_of_every_choice(
     served: tuple[TestServer, str],
 ) -> None:
     """``n`` choices may each write ``max_tokens``: the free plan's 40,000 tokens a minute hold
-    40 choices of 1,000 but not 50, and 3 choices reserve 3,000."""
+    40 choices of 1,000 but not 50, and 3 choices reserve 3,000 (read off a stream's headers,
+    sent at admission: a whole answer's say what its settlement left)."""
     base = {"model": "gpt-test", "messages": MESSAGES, "max_tokens": 1_000}
-    _, remaining = await _post(served, {**base, "n": 3})
+    _, remaining = await _post(served, {**base, "n": 3, "stream": True})
     prompt = tokens.count_messages(MESSAGES, "fake-model")
     assert remaining <= 40_000 - prompt - 3_000 + 100  # 100: what refills meanwhile
     server, key = served
