@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from aiohttp import web
 
@@ -58,6 +59,16 @@ async def login_form(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def _throttled(
+    request: web.Request, template: str, context: dict[str, Any], said: str, wait: float
+) -> web.StreamResponse:
+    """A throttled form's page: 429, ``said`` and the wait in words, and ``Retry-After``."""
+    context["error"] = f"{said} Try again in {_minutes(wait)}."
+    response = await page_response(request, None, template, context, status=429)
+    response.headers["Retry-After"] = str(math.ceil(wait))
+    return response
+
+
 async def login(request: web.Request) -> web.StreamResponse:
     """POST /dashboard/login: throttled, constant-time for unknown emails, generic answers."""
     refused = await form_problem(request, None)
@@ -76,10 +87,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     address = auth.client_address(request)
     wait = await throttle.login_wait(email, address)
     if wait > 0:
-        context["error"] = f"Too many attempts. Try again in {_minutes(wait)}."
-        response = await page_response(request, None, "login.html", context, status=429)
-        response.headers["Retry-After"] = str(math.ceil(wait))
-        return response
+        return await _throttled(request, "login.html", context, "Too many attempts.", wait)
     creds = await auth.passwords(request).credentials(email)
     ok = await verify_password(creds.password_hash if creds else None, password)
     if creds is None or not ok or creds.disabled:
@@ -135,10 +143,8 @@ async def signup(request: web.Request) -> web.StreamResponse:
     signups = auth.throttle(request).signups
     wait = await signups.retry_after(address)
     if wait > 0:  # as the login's throttle: a 429 with the wait, whatever else is wrong
-        context["error"] = f"Too many sign-ups from your network. Try again in {_minutes(wait)}."
-        response = await page_response(request, None, "signup.html", context, status=429)
-        response.headers["Retry-After"] = str(math.ceil(wait))
-        return response
+        said = "Too many sign-ups from your network."
+        return await _throttled(request, "signup.html", context, said, wait)
     if problem is not None:
         context["error"] = problem
         return await page_response(request, None, "signup.html", context, status=400)
