@@ -23,6 +23,12 @@ Booking is first come, first served and never holds the lock while waiting:
 :meth:`RateLimiter.reserve` books the earliest slot and returns a :class:`Permit` with the
 delay; :meth:`~RateLimiter.acquire` (threads) and :meth:`~RateLimiter.aacquire` (asyncio
 tasks) sleep it off. One limiter can be shared by every thread and task of a program.
+
+A slot is booked on an estimate (a request that sets no ``max_tokens`` may use 4,096 tokens);
+when a request settles for less, or a booked one is given back, the requests still waiting in
+:meth:`~RateLimiter.acquire` or :meth:`~RateLimiter.aacquire` are booked again in the same
+order, and wake at their new, earlier slots. A slot taken with :meth:`~RateLimiter.reserve`
+alone stays where it was (its caller does the waiting), and the ones booked after it too.
 """
 
 from __future__ import annotations
@@ -140,16 +146,19 @@ class Permit:
     :meth:`RateLimiter.observe` with the answer's headers.
     """
 
-    __slots__ = ("_request", "_token", "at", "delay", "seq")
+    __slots__ = ("_request", "_token", "_wake", "at", "delay", "seq")
 
     def __init__(
         self, seq: int, at: float, delay: float, request: _Spend | None, token: _Spend | None
     ) -> None:
         self.seq = seq
-        self.at = at
+        self.at = at  # booked again while it waits in acquire() or aacquire()
         self.delay = delay
         self._request = request
         self._token = token
+        # Set while its request waits in acquire() or aacquire(): wakes the waiter after the
+        # slot has moved. Called with the limiter's lock held.
+        self._wake: Callable[[], object] | None = None
 
     @property
     def tokens(self) -> int:
@@ -268,6 +277,8 @@ class RateLimiter:
         self.max_wait = max_wait
         self._clock = clock
         self._lock = threading.Lock()
+        self._moved = threading.Condition(self._lock)  # threads waiting for their slot
+        self._waiting: dict[int, Permit] = {}  # by seq: the requests acquire()/aacquire() hold
         self._seq = 0
         self._last_at = -math.inf
         self._paused_until = -math.inf
@@ -282,6 +293,10 @@ class RateLimiter:
 
         The caller must wait ``permit.delay`` seconds before sending.
         """
+        return self._book(tokens, None)
+
+    def _book(self, tokens: int, wake: Callable[[], object] | None) -> Permit:
+        """Book a slot; with ``wake`` (a waiter's), the slot may move while it waits."""
         tokens = max(int(tokens), 0)
         with self._lock:
             if self._tokens.limit is not None:
@@ -291,62 +306,123 @@ class RateLimiter:
             now = self._clock()
             self._requests.prune(now)
             self._tokens.prune(now)
-            t = max(now, self._last_at, self._paused_until)
-            # Each budget may push the slot later; repeat until both agree (at most a few
-            # rounds: every round moves ``t`` to a time at which some spend is back).
-            for _ in range(64):
-                later = max(self._requests.earliest(t, 1), self._tokens.earliest(t, tokens))
-                if later <= t:
-                    break
-                t = later
+            t = self._slot(now, tokens)
             self._seq += 1
-            self._last_at = t
             # A token spend is booked even at 0 so that settle() can charge real usage
             # once a token limit is known (configured or learned from the headers).
             request = self._requests.take(self._seq, t, 1)
             token = self._tokens.take(self._seq, t, tokens)
-            return Permit(self._seq, t, max(t - now, 0.0), request, token)
+            permit = Permit(self._seq, t, max(t - now, 0.0), request, token)
+            if permit.delay > 0 and wake is not None:
+                permit._wake = wake
+                self._waiting[permit.seq] = permit
+            return permit
+
+    def _slot(self, now: float, tokens: int) -> float:
+        """The earliest time both budgets have room for one more request (lock held).
+
+        It becomes the latest booked slot: requests go out in the order they were booked.
+        """
+        t = max(now, self._last_at, self._paused_until)
+        # Each budget may push the slot later; repeat until both agree (at most a few
+        # rounds: every round moves ``t`` to a time at which some spend is back).
+        for _ in range(64):
+            later = max(self._requests.earliest(t, 1), self._tokens.earliest(t, tokens))
+            if later <= t:
+                break
+            t = later
+        self._last_at = t
+        return t
+
+    def _rebook(self) -> None:
+        """Book the waiting requests again, in order, after units came back early (lock held).
+
+        Only the latest bookings can move, those held by a waiter or given back: a slot taken
+        with reserve() alone stays, and so do the ones before it.
+        """
+        requests, tokens = self._requests.spends, self._tokens.spends
+        moving: list[Permit] = []
+        while requests and (requests[-1].seq in self._waiting or requests[-1].cost == 0):
+            seq = requests.pop().seq
+            tokens.pop()
+            if seq in self._waiting:
+                moving.append(self._waiting[seq])
+        self._last_at = max((s.at for s in requests if s.cost > 0), default=-math.inf)
+        now = self._clock()
+        for permit in reversed(moving):
+            request, token = permit._request, permit._token
+            assert request is not None and token is not None
+            permit.at = request.at = token.at = self._slot(now, token.cost)
+            requests.append(request)
+            tokens.append(token)
+        for permit in moving:
+            if permit._wake is not None:
+                permit._wake()
+
+    def _done_waiting(self, permit: Permit) -> None:
+        with self._lock:
+            self._waiting.pop(permit.seq, None)
 
     def acquire(self, tokens: int = 0) -> Permit:
         """Book a slot and sleep until it (for threads); interrupted means given back."""
-        permit = self.reserve(tokens)
+        permit = self._book(tokens, self._moved.notify_all)  # called with the lock held
         if permit.delay > 0:
             try:
-                time.sleep(permit.delay)
+                with self._lock:
+                    while (left := permit.at - self._clock()) > 0:
+                        self._moved.wait(left)
             except BaseException:  # KeyboardInterrupt, or a signal handler's exception
                 self.cancel(permit)
                 raise
+            finally:
+                self._done_waiting(permit)
         return permit
 
     async def aacquire(self, tokens: int = 0) -> Permit:
         """Book a slot and sleep until it (for asyncio tasks); cancelled means given back."""
-        permit = self.reserve(tokens)
+        loop = asyncio.get_running_loop()
+        moved = asyncio.Event()
+        permit = self._book(tokens, lambda: loop.call_soon_threadsafe(moved.set))
         if permit.delay > 0:
             try:
-                await asyncio.sleep(permit.delay)
+                while True:
+                    moved.clear()  # before reading the slot: a move after the read wakes us
+                    left = permit.at - self._clock()
+                    if left <= 0:
+                        break
+                    try:
+                        async with asyncio.timeout(left):
+                            await moved.wait()
+                    except TimeoutError:
+                        pass
             except asyncio.CancelledError:
                 self.cancel(permit)
                 raise
+            finally:
+                self._done_waiting(permit)
         return permit
 
     def cancel(self, permit: Permit) -> None:
         """Give back a slot whose request was never sent."""
         with self._lock:
+            self._waiting.pop(permit.seq, None)
             for spend in (permit._request, permit._token):
                 if spend is not None:
                     spend.cost = 0
-            if permit.at >= self._last_at:
-                # It was the latest slot: the next request queues behind the ones still booked,
-                # not behind this one (a big request's slot may be a minute away).
-                self._last_at = max(
-                    (s.at for s in self._requests.spends if s.cost > 0), default=-math.inf
-                )
+            # The next request queues behind the ones still booked, not behind this one (a big
+            # request's slot may be a minute away); the ones waiting behind it move up.
+            self._rebook()
 
     def settle(self, permit: Permit, tokens: int) -> None:
         """Charge the request's real token usage instead of the estimate it booked."""
         with self._lock:
-            if permit._token is not None:
-                permit._token.cost = max(int(tokens), 0)
+            token = permit._token
+            if token is not None:
+                tokens = max(int(tokens), 0)
+                less = tokens < token.cost
+                token.cost = tokens
+                if less and self._waiting:
+                    self._rebook()
 
     def observe(
         self,

@@ -309,3 +309,30 @@ def test_a_learned_token_limit_gives_back_what_an_answer_did_not_use(
         limiter.cancel(permit)
         assert permit.delay == 0, permit
     assert counting.statuses == [200] * 3
+
+
+def test_requests_waiting_on_an_estimate_go_when_the_real_usage_is_known(
+    base_url: str, keys: Keys
+) -> None:
+    """Three threads, a 5,000 tokens-per-minute key, requests without ``max_tokens``: each is
+    booked at 4,096 tokens (what chatgate reserves), so the second and third wait for the one
+    before. Each uses a few tokens; when it settles, the ones waiting are booked again and go.
+    Before, each waited a whole minute behind the one before it, whatever it had used."""
+    key = keys.key(keys.plan("--tpm", "5000"))
+    counting = Counting()
+    client = OpenAI(api_key=key, base_url=base_url, tpm=5000, transport=counting, max_retries=0)
+
+    def one(i: int) -> int:
+        answer = client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": f"estimate {i}"}]
+        )
+        assert answer.usage is not None
+        return answer.usage.total_tokens
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(one, i) for i in range(3)]
+        # A minute each, were they not moved up: a failure here is a timeout, not a slow run.
+        used = [f.result(timeout=45) for f in futures]
+    assert counting.statuses == [200] * 3  # and the server refused none of them
+    limiter = client._client._transport.limiter  # type: ignore[attr-defined]
+    assert limiter.state().tokens.remaining == 5000 - sum(used)

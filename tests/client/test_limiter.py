@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatgate.client import RateLimiter, parse_reset
+from chatgate.client._limiter import Permit
 
 
 class Clock:
@@ -282,3 +283,117 @@ def test_an_interrupted_wait_gives_the_slot_back() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert limiter.reserve().delay == pytest.approx(30, abs=0.5)  # not 60: one request counts
+
+
+async def test_a_waiting_task_moves_up_when_the_one_before_it_used_less() -> None:
+    """Booked on an estimate (4,096 tokens for a request without ``max_tokens``), a request
+    that settles for less lets the ones waiting behind it go: they are booked again, in order.
+    Before, the second waited the whole window although the first had used 100 tokens."""
+    limiter = RateLimiter(tpm=1000, window=30, slack=0)
+    first = await limiter.aacquire(900)
+    second = asyncio.ensure_future(limiter.aacquire(500))
+    third = asyncio.ensure_future(limiter.aacquire(50))
+    await asyncio.sleep(0.01)
+    assert not second.done() and not third.done()  # 900 + 500 > 1000: a window away
+    limiter.settle(first, 100)  # 100 + 500 + 50 fit now
+    moved, behind = await asyncio.wait_for(asyncio.gather(second, third), timeout=10)
+    assert moved.at - first.at < 1 and behind.at >= moved.at  # first come, first served still
+    assert limiter.state().tokens.remaining == 1000 - 650
+
+
+async def test_a_waiting_task_moves_up_when_the_one_before_it_is_given_back() -> None:
+    limiter = RateLimiter(tpm=1000, window=30, slack=0)
+    await limiter.aacquire(900)
+    big = asyncio.ensure_future(limiter.aacquire(500))
+    small = asyncio.ensure_future(limiter.aacquire(50))  # behind big: waits a window too
+    await asyncio.sleep(0.01)
+    assert not small.done()
+    big.cancel()
+    permit = await asyncio.wait_for(small, timeout=10)  # 900 + 50 fit: it went at once
+    assert permit.delay == pytest.approx(30, abs=1)  # not a window later, as it was booked
+    with pytest.raises(asyncio.CancelledError):
+        await big
+
+
+def test_a_waiting_thread_moves_up_when_the_one_before_it_used_less() -> None:
+    limiter = RateLimiter(tpm=1000, window=30, slack=0)
+    first = limiter.acquire(900)
+    done: list[object] = []
+    waiter = threading.Thread(target=lambda: done.append(limiter.acquire(500)), daemon=True)
+    waiter.start()
+    waiter.join(0.05)
+    assert waiter.is_alive()  # waiting a window
+    limiter.settle(first, 100)
+    waiter.join(10)
+    assert not waiter.is_alive() and len(done) == 1
+
+
+def test_a_slot_taken_with_reserve_keeps_its_place() -> None:
+    """reserve() leaves the waiting to its caller: its slot cannot move, and the requests
+    booked after it do not overtake it."""
+    clock = Clock()
+    limiter = RateLimiter(tpm=1000, window=60, slack=0, clock=clock)
+    first = limiter.reserve(900)
+    fixed = limiter.reserve(500)
+    assert fixed.delay == pytest.approx(60)
+    limiter.settle(first, 100)
+    assert fixed.at == pytest.approx(clock.now + 60)  # its caller sleeps on the old delay
+    assert limiter.reserve(50).at >= fixed.at
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    limit=st.integers(1, 6),
+    events=st.lists(
+        st.tuples(
+            st.integers(0, 5_000_000).map(lambda us: us / 1e6),
+            st.integers(0, 12),
+            st.one_of(st.none(), st.integers(0, 40)),  # settle the request booked that far back
+            st.booleans(),  # give that one back instead (when it has not gone yet)
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+)
+def test_moving_waiters_up_keeps_every_window_within_the_limit(
+    limit: int, events: list[tuple[float, int, int | None, bool]]
+) -> None:
+    """Property: with requests settling for less and given back while others wait (their slots
+    booked again), any window still holds at most ``limit`` of each budget at the final costs,
+    slots stay in booking order, none is before its request was made, and a waiter whose slot
+    moved was woken."""
+    clock = Clock()
+    window = 10.0
+    limiter = RateLimiter(rpm=limit, tpm=limit * 5, window=window, slack=0, clock=clock)
+    booked: list[tuple[float, Permit]] = []  # (asked at, permit)
+    gone: set[int] = set()
+    given_back: set[int] = set()
+    woken: list[int] = []
+    for gap, tokens, back, cancel in events:
+        clock.now += gap
+        for _, permit in booked:  # a waiter whose slot has come sends its request
+            if permit.at <= clock.now and permit.seq not in gone | given_back:
+                gone.add(permit.seq)
+                limiter._done_waiting(permit)
+        seq = len(booked) + 1
+        permit = limiter._book(tokens, lambda seq=seq: woken.append(seq))  # type: ignore[misc]
+        booked.append((clock.now, permit))
+        if back is None or back >= len(booked):
+            continue
+        target = booked[-1 - back][1]
+        if cancel and target.seq not in gone | given_back:
+            limiter.cancel(target)
+            given_back.add(target.seq)
+        elif target.seq not in given_back:
+            limiter.settle(target, target.tokens // 2)
+    kept = [(asked, p) for asked, p in booked if p.seq not in given_back]
+    slots = [p.at for _, p in kept]
+    assert slots == sorted(slots)
+    assert all(p.at >= asked - 1e-9 for asked, p in kept)
+    for at in slots:
+        inside = [p for _, p in kept if at - window + 1e-9 < p.at <= at]  # float noise
+        assert len(inside) <= limit
+        assert sum(p.tokens for p in inside) <= limit * 5
+    for asked, p in kept:
+        if p.at < asked + p.delay - 1e-9:  # moved up: its waiter heard of it
+            assert p.seq in woken
