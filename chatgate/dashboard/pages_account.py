@@ -60,11 +60,16 @@ async def login_form(request: web.Request) -> web.StreamResponse:
 
 
 async def _throttled(
-    request: web.Request, template: str, context: dict[str, Any], said: str, wait: float
+    request: web.Request,
+    template: str,
+    context: dict[str, Any],
+    said: str,
+    wait: float,
+    user: User | None = None,
 ) -> web.StreamResponse:
     """A throttled form's page: 429, ``said`` and the wait in words, and ``Retry-After``."""
     context["error"] = f"{said} Try again in {_minutes(wait)}."
-    response = await page_response(request, None, template, context, status=429)
+    response = await page_response(request, user, template, context, status=429)
     response.headers["Retry-After"] = str(math.ceil(wait))
     return response
 
@@ -200,13 +205,13 @@ async def change_password(request: web.Request, user: User) -> web.StreamRespons
     form = await read_form(request)
     current = field(form, "current", 1024)
     new = field(form, "password", 1024)
-    context: dict[str, object] = {"title": "Account", "min_password": MIN_PASSWORD}
+    context: dict[str, Any] = {"title": "Account", "min_password": MIN_PASSWORD}
     throttle = auth.throttle(request)
     address = auth.client_address(request)
     store = auth.passwords(request)
-    if await throttle.login_wait(user.account.email, address) > 0:
-        context["error"] = "Too many attempts. Try again later."
-        return await page_response(request, user, "account.html", context, status=429)
+    wait = await throttle.login_wait(user.account.email, address)
+    if wait > 0:
+        return await _throttled(request, "account.html", context, "Too many attempts.", wait, user)
     if not await verify_password(await store.password_hash(user.account.id), current):
         await throttle.login_failed(user.account.email, address)
         context["error"] = "The current password is not correct."

@@ -80,6 +80,19 @@ def attempt(gw: Gateway, email: str, password: str) -> requests.Response:
     )
 
 
+def test_password_change_guesses_are_throttled_with_the_wait(own: Gateway) -> None:
+    """A session's holder guessing the current password is throttled as a login is; the 429
+    said "later" and had no Retry-After (it runs before the brute-force test, whose spray
+    locks this address out: its five failures leave that test's counts in reach)."""
+    user = make_user(own)
+    form = {"current": "not the password", "password": "a new long one 42", "password2": ""}
+    for _ in range(ACCOUNT_FAILURES):
+        assert user.post("/dashboard/account/password", form).status_code == 400
+    blocked = user.post("/dashboard/account/password", {**form, "current": PASSWORD})
+    assert blocked.status_code == 429 and "Try again in" in blocked.text
+    assert int(blocked.headers["Retry-After"]) > 0
+
+
 def test_brute_force_is_throttled(own: Gateway) -> None:
     victim = make_user(own, login=False)
     for i in range(ACCOUNT_FAILURES):
