@@ -48,20 +48,20 @@ LIMITED = "conversations"  # what a rate-limit refusal of a write names, where a
 Items = Annotated[list[Any], msgspec.Meta(max_length=MAX_ITEMS_PER_REQUEST)]
 
 
-class ConversationCreate(msgspec.Struct, kw_only=True):
+class ConversationCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/conversations``."""
 
     items: Items | None = None
     metadata: Metadata | None = None
 
 
-class ConversationUpdate(msgspec.Struct, kw_only=True):
+class ConversationUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/conversations/{id}``."""
 
     metadata: Metadata
 
 
-class ItemsCreate(msgspec.Struct, kw_only=True):
+class ItemsCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/conversations/{id}/items``."""
 
     items: Annotated[list[Any], msgspec.Meta(min_length=1, max_length=MAX_ITEMS_PER_REQUEST)]
@@ -76,11 +76,15 @@ async def _body_or_empty(request: web.Request) -> dict[str, Any]:
 async def _write(
     request: web.Request, conversation_id: str | None = None
 ) -> tuple[State, Principal, metering.Meter]:
-    """The start of a write: metered first (a refusal is recorded too), then authenticated."""
+    """The start of a write: metered first (a refusal is recorded too), then authenticated;
+    a write to a conversation the account does not have is its 404 here, before it can count
+    against a rate limit (chat and responses load a conversation before admission too)."""
     meter = metering.start(request, LIMITED)
     meter.conversation_id = conversation_id
     state, principal = await authenticate(request)
     meter.identify(principal)
+    if conversation_id is not None:
+        await sessions_store(state).get_conversation(principal.account_id, conversation_id)
     return state, principal, meter
 
 

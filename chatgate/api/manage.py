@@ -29,6 +29,7 @@ from aiohttp import web
 from chatgate import errors
 from chatgate.accounts import LIMIT_FIELDS, Account
 from chatgate.api.openai import json_response, read_body
+from chatgate.api.schemas import unknown_parameter
 from chatgate.dashboard import auth as dashboard_auth
 from chatgate.dashboard import services
 from chatgate.dashboard.auth import with_session
@@ -139,10 +140,7 @@ def _limits(body: dict[str, Any], known: Collection[str]) -> dict[str, object]:
     no limit, and skipped a field it did not know.)"""
     unknown = sorted(set(body) - set(known))
     if unknown:
-        name = unknown[0][:40]
-        raise errors.InvalidRequest(
-            f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter"
-        )
+        raise unknown_parameter(unknown[0])
     limits = {f: body[f] for f in LIMIT_FIELDS if f in body}
     for field, value in limits.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

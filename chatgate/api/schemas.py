@@ -1,7 +1,9 @@
 """Request and response models (msgspec), used to validate bodies and to build /openapi.json.
 
-Validation keeps OpenAI's leniency: unknown fields are accepted and forwarded to the backend,
-known fields are type- and range-checked, and an error names the offending ``param``.
+Validation keeps OpenAI's leniency where the body goes to a model: unknown fields are accepted
+and forwarded to the backend. The bodies chatgate keeps itself (conversations, keys) refuse
+them, as OpenAI's do. Known fields are type- and range-checked, and an error names the
+offending ``param``.
 """
 
 from __future__ import annotations
@@ -207,6 +209,7 @@ T = TypeVar("T")
 _AT = re.compile(r" - at `\$\.?(.*)`$")
 _AT_KEY = re.compile(r" - at `key` in `\$\.?(.*)`$")  # a key of the object at that path
 _MISSING = re.compile(r"missing required field `([^`]+)`")
+_UNKNOWN = re.compile(r"^Object contains unknown field `([^`]*)`")
 
 
 # orjson reads up to 1,024 levels of arrays and objects but writes at most 254, so a body
@@ -257,6 +260,14 @@ def validate(data: dict[str, Any], model: type[T]) -> T:
         raise validation_error(str(exc)) from exc
 
 
+def unknown_parameter(name: str) -> errors.InvalidRequest:
+    """OpenAI's 400 for a field a body does not have (its name cut short: it is the caller's)."""
+    name = name[:40]
+    return errors.InvalidRequest(
+        f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter"
+    )
+
+
 def validation_error(text: str) -> errors.InvalidRequest:
     """Turn msgspec's message into OpenAI's wording and ``param`` (``messages[0].role``)."""
     param = None
@@ -280,6 +291,10 @@ def validation_error(text: str) -> errors.InvalidRequest:
             param=param,
             code="missing_required_parameter",
         )
+    unknown = _UNKNOWN.search(detail)
+    if unknown:  # a struct that forbids unknown fields
+        field = unknown.group(1)
+        return unknown_parameter(f"{param}.{field}" if param else field)
     where = f" for '{param}'" if param else ""
     return errors.InvalidRequest(
         f"Invalid value{where}: {detail}.", param=param, code="invalid_value"

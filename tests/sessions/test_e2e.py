@@ -821,3 +821,37 @@ def test_conversation_writes_count_against_the_request_rate(sgw: Gateway) -> Non
         assert "(RPM): Limit 2" in error["message"] and "retry-after" in refused.headers
     assert len(http.get(f"{base}/{conv}/items").json()["data"]) == 20  # the 21st came in
     assert http.delete(f"{base}/{conv}").status_code == 200
+
+
+def test_conversation_writes_refuse_unknown_fields_and_unknown_conversations_first(
+    sgw: Gateway,
+) -> None:
+    """QA: ``POST /v1/conversations`` took fields it does not have (OpenAI refuses them: a
+    typo such as ``metdata`` silently stored nothing), and a write to a conversation that is
+    not the account's spent a request of the key's rate before its 404. Now an unknown field
+    is OpenAI's 400 ``unknown_parameter``, and the 404 comes before admission (as chat's and
+    responses' do): neither spends the one request a minute this key has."""
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {new_key(sgw, limits=('--rpm', '1'))}"
+    base = sgw.url + "/v1/conversations"
+    for path, body, param in (
+        (base, {"metdata": {"a": "b"}}, "metdata"),
+        (f"{base}/conv_{'0' * 48}", {"metadata": {}, "extra": 1}, None),  # 404 first
+        (f"{base}/conv_{'0' * 48}/items", {"items": [{"role": "user", "content": "x"}]}, None),
+        (f"{base}/conv_{'0' * 48}", {"metadata": {}}, None),
+    ):
+        refused = http.post(path, json=body)
+        error = refused.json()["error"]
+        if param is None:
+            assert refused.status_code == 404, refused.text
+        else:
+            assert refused.status_code == 400
+            assert (error["code"], error["param"]) == ("unknown_parameter", param)
+            assert error["message"] == f"Unknown parameter: '{param}'."
+    made = http.post(base, json={"metadata": {"a": "b"}})  # the minute's one request
+    assert made.status_code == 200, made.text
+    assert made.headers["x-ratelimit-remaining-requests"] == "0"
+    conv = made.json()["id"]
+    one = [{"role": "user", "content": "x"}]
+    typo = http.post(f"{base}/{conv}/items", json={"items": one, "itemz": one})
+    assert typo.status_code == 400 and typo.json()["error"]["code"] == "unknown_parameter"
