@@ -9,6 +9,7 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 
@@ -34,12 +35,13 @@ __all__ = ["SERVER_OPTIONS", "create_app"]
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, metrics_dir: Path | None = None) -> web.Application:
     """The aiohttp application for ``settings``; everything starts in its cleanup context.
-    Its server must be given :data:`SERVER_OPTIONS`."""
+    Its server must be given :data:`SERVER_OPTIONS`. ``metrics_dir``: where the workers of
+    ``serve --workers N`` share their figures, so that ``/metrics`` sums them all."""
     app = web.Application(middlewares=[api_middleware], client_max_size=settings.max_body_bytes)
     logging.getLogger("aiohttp.server").addFilter(MALFORMED_REQUESTS)  # once: one instance
-    app.cleanup_ctx.append(_lifespan(settings))
+    app.cleanup_ctx.append(_lifespan(settings, metrics_dir))
     openai.setup(app)
     ops.setup(app)
     admin_backends.setup(app)
@@ -52,7 +54,7 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
+def _lifespan(settings: Settings, metrics_dir: Path | None):  # type: ignore[no-untyped-def]
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         engine = create_engine(settings, command_timeout=settings.db_command_timeout)
         # With Redis, changes made here are announced after commit (one notifier for the
@@ -116,6 +118,9 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
             tasks.append(asyncio.create_task(listener.run(auth.wake), name="invalidation-pubsub"))
         if recorder is not None:
             recorder.start()
+        if metrics_dir is not None:
+            metrics.share(metrics_dir)
+            tasks.append(asyncio.create_task(metrics.run_sharing(), name="metrics-sharing"))
         _tune_gc()
         try:
             yield
@@ -128,6 +133,7 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
             await auth.close()
             if recorder is not None:
                 await recorder.close()  # a graceful stop flushes every usage record
+            metrics.write_share()  # the last requests' counts stay in the workers' sums
             await router.close()
             await state.limits.close()
             if state.throttles is not None:

@@ -17,6 +17,14 @@ chatgate_usage_dropped_records_total       counter
 chatgate_usage_written_records_total       counter
 =========================================  =========  ====================================
 
+With ``serve --workers N`` the workers share the port, and a scrape reaches one of them: each
+worker writes its figures to a file of its own in a directory the supervisor made (once a
+second, and at its stop), and the worker that answers a scrape adds the others' files to its
+own live figures. Counters and histograms are summed, a worker that has died included (its
+counts stay counted: the sums never go back, which Prometheus would read as a reset); the
+gauges of a dead worker are left out. The other workers' figures are up to a second old, but
+never older than what an earlier scrape reported: the worker scraped writes its own file first.
+
 Labels never hold a key, a key id, an account or any other caller-chosen text: model names
 outside the configured set read ``other`` and free-form label values are checked against a
 small pattern, so a client cannot blow up the series count (nor leak a key into a label).
@@ -24,11 +32,17 @@ small pattern, so a client cannot blow up the series count (nor leak a key into 
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import re
+import secrets
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple, Protocol
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -40,6 +54,10 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encode
 from prometheus_client.registry import Collector
 
 from chatgate.usage.record import CLIENT_CLOSED, UsageRecord
+
+log = logging.getLogger(__name__)
+SHARE_INTERVAL = 1.0
+"""Seconds between two writes of a worker's figures for the others (``serve --workers N``)."""
 
 # Seconds; proxied completions range from a few ms (errors, cache) to minutes (long streams).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -93,6 +111,7 @@ class Metrics:
         # A record's (endpoint, model, status) -> its label values and latency series, worked
         # out once: a client may send any model, so only the first _LABELS_KEPT are kept.
         self._labels: dict[tuple[str, str, int], _Labels] = {}
+        self._shared: _Shared | None = None
         r = self.registry
         r.register(self._hot)
         self.rejects = Counter(
@@ -186,13 +205,38 @@ class Metrics:
         """Export the recorder's queue depth, spool size and counts, read at scrape time."""
         self.registry.register(_UsageCollector(recorder))
 
+    def share(self, directory: Path) -> None:
+        """Add up this process's figures with those of the other processes sharing
+        ``directory`` (the workers of one ``serve --workers N``); run :meth:`run_sharing`."""
+        self._shared = _Shared(directory)
+
+    async def run_sharing(self) -> None:
+        """Write this process's figures for the others, every :data:`SHARE_INTERVAL` s."""
+        while True:
+            self.write_share()
+            await asyncio.sleep(SHARE_INTERVAL)
+
+    def write_share(self) -> None:
+        """Write this process's figures now (at its stop too: the last requests count)."""
+        if self._shared is not None:
+            try:
+                self._shared.write(self.registry)
+            except OSError as exc:  # a full or gone disk: the scrape shows older figures
+                log.warning("metrics: could not write this worker's figures: %s", exc)
+
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition body and its content type (Prometheus text 0.0.4 unless ``accept``
         asks for OpenMetrics or a newer text format)."""
+        registry: Any = self.registry
+        if self._shared is not None:
+            # Written first: what a scrape reports of this worker is in its file from then on,
+            # so the next scrape, whichever worker answers it, cannot report less.
+            self.write_share()
+            registry = _Sum(self._shared.merged(self.registry))
         if accept:
             encode, content_type = choose_encoder(accept)
-            return encode(self.registry), content_type
-        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+            return encode(registry), content_type
+        return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
 
 
 _LABELS_KEPT = 4096
@@ -332,4 +376,87 @@ class _UsageCollector(Collector):
         )
 
 
-__all__ = ["LATENCY_BUCKETS", "Metrics", "UsageStats"]
+class _Shared:
+    """A directory of figures, a file per process: ``<pid>-<random>.json`` (a pid is reused)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / f"{os.getpid()}-{secrets.token_hex(4)}.json"
+
+    def write(self, registry: CollectorRegistry) -> None:
+        part = self.path.with_suffix(".part")
+        part.write_bytes(orjson.dumps(_families(registry)))
+        os.replace(part, self.path)  # a reader sees the old file or the new one, whole
+
+    def merged(self, registry: CollectorRegistry) -> list[Metric]:
+        """This process's live figures plus the other files': summed, earliest ``_created``."""
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+
+        def add(name: str, doc: str, kind: str, unit: str, samples: Any, alive: bool) -> None:
+            if not alive and kind not in _KEPT_WHEN_DEAD:
+                return
+            if name not in families:
+                families[name] = Metric(name, doc, kind, unit)
+                values[name] = {}
+            sums = values[name]
+            for sample, labels, value in samples:
+                key = (sample, tuple(sorted(labels.items())))
+                if key not in sums:
+                    sums[key] = value
+                elif sample.endswith("_created"):
+                    sums[key] = min(sums[key], value)
+                else:
+                    sums[key] += value
+
+        for name, doc, kind, unit, samples in _families(registry):
+            add(name, doc, kind, unit, samples, True)
+        for path in sorted(self.directory.glob("*.json")):
+            if path == self.path:
+                continue
+            try:
+                pid = int(path.name.split("-", 1)[0])
+                others = orjson.loads(path.read_bytes())
+            except (ValueError, OSError):  # not one of ours, or gone meanwhile
+                continue
+            alive = _alive(pid)
+            for name, doc, kind, unit, samples in others:
+                add(name, doc, kind, unit, samples, alive)
+        for name, family in families.items():
+            for (sample, labels), value in values[name].items():
+                family.add_sample(sample, dict(labels), value)
+        return list(families.values())
+
+
+def _families(registry: CollectorRegistry) -> list[tuple[str, str, str, str, list[Any]]]:
+    """A registry's figures as plain data: (name, help, type, unit, [(sample, labels, value)])."""
+    return [
+        (m.name, m.documentation, m.type, m.unit, [(s.name, s.labels, s.value) for s in m.samples])
+        for m in registry.collect()
+    ]
+
+
+_KEPT_WHEN_DEAD = frozenset({"counter", "histogram", "summary"})  # not a level (a gauge)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        return True
+    return True
+
+
+class _Sum:
+    """What the exposition encoders read: the families :meth:`_Shared.merged` added up."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+__all__ = ["LATENCY_BUCKETS", "SHARE_INTERVAL", "Metrics", "UsageStats"]

@@ -7,11 +7,14 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import uvloop
 from aiohttp import web
@@ -115,10 +118,15 @@ def serve(
     if workers == 1:
         _run(settings, reuse_port=False)
         return
-    _supervise(settings, workers)
+    # Where the workers share their metrics, so that a scrape (which reaches one) sums them.
+    metrics_dir = Path(tempfile.mkdtemp(prefix="chatgate-metrics-"))
+    try:
+        _supervise(settings, workers, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _supervise(settings: Settings, workers: int) -> None:
+def _supervise(settings: Settings, workers: int, metrics_dir: Path) -> None:
     """Run ``workers`` processes on the port until SIGTERM/SIGINT (forwarded to them all).
 
     A worker that dies after it began serving (an OOM kill, a crash) is logged and replaced,
@@ -145,7 +153,12 @@ def _supervise(settings: Settings, workers: int) -> None:
             code = 0
             try:
                 _die_with(parent)
-                _run(settings, reuse_port=True, serving=lambda: os.write(ready_w, b"1"))
+                _run(
+                    settings,
+                    reuse_port=True,
+                    serving=lambda: os.write(ready_w, b"1"),
+                    metrics_dir=metrics_dir,
+                )
             except OSError as exc:  # the port taken since the check: one line, no traceback
                 log.error("worker %d failed: %s", os.getpid(), exc)
                 code = 1
@@ -249,7 +262,11 @@ def check_listen(settings: Settings, *, reuse_port: bool) -> None:
 
 
 def _run(
-    settings: Settings, *, reuse_port: bool, serving: Callable[[], object] | None = None
+    settings: Settings,
+    *,
+    reuse_port: bool,
+    serving: Callable[[], object] | None = None,
+    metrics_dir: Path | None = None,
 ) -> None:
     """Serve ``settings`` until a stop signal; ``serving`` is called once it listens."""
     loop = uvloop.new_event_loop()
@@ -261,7 +278,7 @@ def _run(
 
     _stop_on_signals(loop)
     web.run_app(
-        create_app(settings),
+        create_app(settings, metrics_dir=metrics_dir),
         host=settings.host,
         port=settings.port,
         access_log=None,

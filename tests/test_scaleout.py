@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import (
     REDIS_URL,
@@ -243,3 +244,47 @@ def test_workers_stop_gracefully_when_their_process_group_is_signalled(
             os.kill(parent, signal.SIGKILL)
             gw.proc.wait(30)
     assert "worker failed" not in gw.logs() and "GracefulExit" not in gw.logs()
+
+
+def test_metrics_of_workers_are_scraped_as_one(
+    pg_url: str, upstream: Upstream, shared_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``/metrics`` under ``--workers 2`` answered the figures of whichever worker the port
+    picked: each scrape a part, which Prometheus reads as counter resets. Now every scrape sums
+    the workers (the others' figures are up to a second old, never older than a scrape before
+    showed them: the counts never go back), a dead worker's counts included."""
+    gw = make_gateway(tmp_path / "m", database_url=pg_url, upstream=upstream, extra_env=shared_env)
+    gw.start("--workers", "2")
+    assert gw.proc is not None
+    try:
+        _wait_for(lambda: gw.logs().count("Running on") == 2)
+        key = account_with_plan(gw)
+        headers = {"Authorization": f"Bearer {key}"}
+        for _ in range(30):  # a new connection each: the port spreads them over both workers
+            answer = requests.post(
+                gw.url + "/v1/chat/completions", json=BODY, headers=headers, timeout=10
+            )
+            assert answer.status_code == 200
+
+        def answered() -> float:
+            text = requests.get(gw.url + "/metrics", timeout=10).text
+            ok = {"endpoint": "chat.completions", "model": "gpt-test", "status": "200"}
+            return sum(
+                s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "chatgate_requests_total" and s.labels == ok
+            )
+
+        seen = [answered()]  # scraped at once: the other worker's file may be behind...
+        deadline = time.monotonic() + 10
+        while seen[-1] != 30 and time.monotonic() < deadline:
+            seen.append(answered())
+        assert seen == sorted(seen) and seen[-1] == 30, seen  # ...but never goes back
+        assert [answered() for _ in range(8)] == [30] * 8
+        time.sleep(1.5)  # each worker's file has its last requests
+        os.kill(min(_children(gw.proc.pid)), signal.SIGKILL)
+        _wait_for(lambda: gw.logs().count("Running on") == 3)
+        assert [answered() for _ in range(8)] == [30] * 8
+    finally:
+        gw.stop()

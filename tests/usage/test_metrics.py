@@ -179,3 +179,49 @@ async def test_requests_are_counted_with_usage_recording_off(
     assert got[("chatgate_requests_total", refused)] == 1
     assert got[("chatgate_request_duration_seconds_count", ok[:2])] == 1
     assert not any(name.startswith("chatgate_usage_") for name, _ in got)
+
+
+async def test_workers_sharing_a_directory_are_scraped_as_one(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """``serve --workers N``: a scrape reaches one worker, whose figures alone were each
+    worker's share, read by Prometheus as resets. Workers sharing a directory add up: counters
+    and histograms summed (a dead worker's too), a dead worker's gauges left out."""
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    first, second, gone = Metrics(["m"]), Metrics(["m"]), Metrics(["m"])
+    recorder = UsageRecorder(engine, tmp_path / "spool", max_queue=100)
+    gone.bind_usage(recorder)
+    for worker in (first, second, gone):
+        worker.share(shared)
+    first.observe(make_record(model="m", prompt_tokens=5, latency_ms=30))
+    second.observe(make_record(model="m", prompt_tokens=7, latency_ms=3000))
+    gone.observe(
+        make_record(model="m", prompt_tokens=11, status=429, error_code="rate_limit_exceeded")
+    )
+    first.reject("invalid_api_key")
+    second.reject("invalid_api_key")
+    recorder.record(make_record())
+    for worker in (first, second, gone):
+        worker.write_share()
+    ok = (("endpoint", "chat.completions"), ("model", "m"), ("status", "200"))
+    latency = (("endpoint", "chat.completions"), ("model", "m"))
+    prompt = ("chatgate_tokens_total", (("kind", "prompt"), ("model", "m")))
+    got = samples(first)
+    assert got[("chatgate_requests_total", ok)] == 2
+    assert got[prompt] == 5 + 7 + 11
+    assert got[("chatgate_request_duration_seconds_count", latency)] == 3
+    bucket = ("chatgate_request_duration_seconds_bucket", tuple(sorted((*latency, ("le", "2.5")))))
+    assert got[bucket] == 2  # cumulative buckets add up too
+    assert got[("chatgate_rejects_total", (("reason", "invalid_api_key"),))] == 2
+    assert got[("chatgate_usage_queue_depth", ())] == 1  # only "gone" has a recorder
+    # The live figures of the worker scraped, not its last file: one more request shows.
+    first.observe(make_record(model="m", prompt_tokens=0))
+    assert samples(first)[("chatgate_requests_total", ok)] == 3
+    # A worker that died: its counts stay (a sum never goes back), its gauges do not.
+    [gone_file] = [p for p in shared.glob("*.json") if p.name.endswith(gone._shared.path.name)]  # type: ignore[union-attr]
+    gone_file.rename(shared / ("999999999-" + gone_file.name.split("-", 1)[1]))
+    got = samples(second)
+    assert got[prompt] == 5 + 7 + 11
+    assert ("chatgate_usage_queue_depth", ()) not in got
+    await recorder.close()
