@@ -15,6 +15,7 @@ The session wraps only the routes that use it, the dashboard's pages and the man
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import hmac
@@ -104,6 +105,7 @@ class Dashboard:
     passwords: PasswordStore | None = None
     throttle: LoginThrottle | None = None
     fingerprint_key: bytes = b""
+    once_key: bytes = b""
 
     def ready(self) -> State:
         """The process state; an error before the application started."""
@@ -147,6 +149,12 @@ def throttle(request: web.Request) -> LoginThrottle:
     found = dashboard(request).throttle
     assert found is not None
     return found
+
+
+def once_mac(request: web.Request, text: str) -> str:
+    """The server's MAC of a once token's parts (:func:`chatgate.dashboard.render.once_token`)."""
+    digest = hmac.new(dashboard(request).once_key, text.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
 
 
 def _fingerprint(request: web.Request, password_hash: str | None) -> str:
@@ -285,6 +293,7 @@ def setup(app: web.Application) -> Dashboard:
         holder.passwords = PasswordStore(state.engine)
         holder.throttle = LoginThrottle.from_settings(settings, state.throttles)
         holder.fingerprint_key = derive_key(secret, "dashboard-password-fingerprint")
+        holder.once_key = derive_key(secret, "dashboard-once-token")
 
     app.on_startup.append(start)
     return holder

@@ -88,15 +88,17 @@ async def create_key(request: web.Request, user: User) -> web.StreamResponse:
 
 
 SENT_BEFORE = {
-    "created": "This form was sent before, and the key it made was shown then, once: it is not "
-    "made or shown again. Find it in the list by its name, or create a new key.",
-    "rotated": "This form was sent before, and the secret it made was shown then, once: the key "
-    "was not rotated again. If you did not keep that secret, rotate the key again.",
+    "created": "This form was sent before: the key it made was shown once, in the answer to "
+    "that first send, and is not made or shown again. If that answer did not reach you (a "
+    "second click, a lost connection), the key is in the list by its name: rotate it for a "
+    "secret you can see, or revoke it.",
+    "rotated": "This form was sent before: the key was rotated then, and its new secret shown "
+    "once, in the answer to that first send. If that answer did not reach you, rotate the "
+    "key again.",
 }
 NOT_ISSUED = (
-    "This form can no longer be sent: it was opened before your last login, or more than "
-    "8 forms ago (in other tabs), or not on this site. Nothing was changed. Use the form "
-    "on this page."
+    "This form can no longer be sent: it was opened before your last login, or longer ago "
+    "than a login lasts, or not on this site. Nothing was changed. Use the form on this page."
 )
 
 

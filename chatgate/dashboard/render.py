@@ -14,6 +14,7 @@ Every page handler is wrapped by :func:`page`, which
 from __future__ import annotations
 
 import functools
+import hmac
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,7 +32,14 @@ from aiohttp.web_request import FileField
 from multidict import MultiDictProxy
 
 from chatgate import errors
-from chatgate.dashboard.auth import CSRF_FIELD, User, anonymous_csrf, csrf_ok, current_user
+from chatgate.dashboard.auth import (
+    CSRF_FIELD,
+    User,
+    anonymous_csrf,
+    csrf_ok,
+    current_user,
+    once_mac,
+)
 from chatgate.keys.store import Once
 from chatgate.state import STATE, State
 from chatgate.usage.tables import cents_text, usd_text
@@ -180,7 +188,6 @@ async def flash(request: web.Request, message: str, kind: str = "ok") -> None:
 
 
 ONCE_FIELD = "once"
-_ONCE_KEPT = 8
 ONCE_MARGIN = 300
 """Seconds a taken once token is kept beyond a login's lifetime (clocks of several nodes)."""
 
@@ -188,30 +195,41 @@ ONCE_MARGIN = 300
 async def once_token(request: web.Request) -> str:
     """A token for a form whose POST must run once (it makes a key and shows it): the page
     that reloads the POST's answer sends the form again, and a browser's "resend?" is easily
-    said yes to. The session keeps the last few issued (a form per tab), which says the form
-    came from this session; the key's transaction takes it for good in the database
-    (:func:`take_once`), so the same form sent again with the cookie of before (a double
-    submit, a retry after a lost answer, a replay) makes nothing, on any process."""
+    said yes to. The token is its time, a nonce and the server's MAC of both with the
+    session's CSRF token, which says the form came from this login, lately (nothing is kept
+    in the session: pages loaded at once in several tabs each wrote the list of tokens the
+    cookie held, and the last cookie written lost the others' tokens). The key's transaction
+    takes it for good in the database (:func:`take_once`), so the same form sent again (a
+    double submit, a retry after a lost answer, a replay) makes nothing, on any process."""
     session = await aiohttp_session.get_session(request)
-    token = secrets.token_urlsafe(12)
-    kept = session.get("once", [])
-    session["once"] = [*(kept[-(_ONCE_KEPT - 1) :] if isinstance(kept, list) else []), token]
-    return token
+    issued, nonce = str(int(time.time())), secrets.token_urlsafe(12)
+    mac = once_mac(request, f"{session.get('csrf')}|{issued}|{nonce}")
+    return f"{issued}.{nonce}.{mac}"
 
 
 async def take_once(
     request: web.Request, form: MultiDictProxy[str | bytes | bytearray | FileField]
 ) -> Once | None:
-    """The form's once token when this session issued it (taken out of the session), to be
-    taken in the database with the key it makes (:class:`~chatgate.keys.store.Once`; its row
-    outlives any session that holds it); ``None`` when the session does not hold it."""
-    session = await aiohttp_session.get_session(request)
-    kept = session.get("once", [])
+    """The form's once token when this login issued it within a login's lifetime, to be taken
+    in the database with the key it makes (:class:`~chatgate.keys.store.Once`: its row is kept
+    longer than the token is good for); ``None`` when it is not such a token."""
     token = form.get(ONCE_FIELD)
-    if not isinstance(kept, list) or not isinstance(token, str) or token not in kept:
+    session = await aiohttp_session.get_session(request)
+    csrf = session.get("csrf")
+    if not isinstance(token, str) or not isinstance(csrf, str) or not csrf or len(token) > 64:
         return None
-    session["once"] = [t for t in kept if t != token]
-    return Once(token, state(request).settings.session_max_age + ONCE_MARGIN)
+    issued, _, rest = token.partition(".")
+    nonce, _, mac = rest.partition(".")
+    if not issued.isascii() or not issued.isdigit():
+        return None
+    max_age = state(request).settings.session_max_age
+    if not -ONCE_MARGIN <= time.time() - int(issued) <= max_age:
+        return None
+    if not hmac.compare_digest(
+        mac.encode(), once_mac(request, f"{csrf}|{issued}|{nonce}").encode()
+    ):
+        return None
+    return Once(token, max_age + ONCE_MARGIN)
 
 
 def redirect(location: str) -> web.HTTPSeeOther:
