@@ -96,6 +96,7 @@ def _lifespan(settings: Settings, metrics_dir: Path | None):  # type: ignore[no-
                 retention_seconds=settings.usage_retention_days * 86400,
             )
             metrics.bind_usage(recorder)
+            recorder.on_replayed_orphan = state.limits.seed_again
             state.usage = recorder
         app[STATE] = state
         tokens.preload()  # build the tokenizers now, not on the first request

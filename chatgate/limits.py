@@ -283,6 +283,7 @@ class Limits:
         self._changes: set[Change] = set()  # to seed in the background (see seed_changes)
         self._seeding: set[asyncio.Task[None]] = set()  # seeds of changes still running
         self._wake = asyncio.Event()
+        self._seed_again = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -389,7 +390,9 @@ class Limits:
             except Exception:  # the next pass tries again; the leases have a third left
                 log.warning("could not renew rate-limit leases", exc_info=True)
 
-    async def seed(self, engine: AsyncEngine, change: Change | None = None) -> bool:
+    async def seed(
+        self, engine: AsyncEngine, change: Change | None = None, *, again: bool = False
+    ) -> bool:
         """Seed the limiter from the usage records, if its store has not been seeded since it
         last lost its buckets (a process's first start, a Redis restarted without persistence,
         the fallback when a Redis outage begins); whether it did.
@@ -403,10 +406,12 @@ class Limits:
         With ``change`` (see :meth:`seed_changes`), only the scopes it touches, and always: a
         limit that begins to apply mid-month (a plan given a quota, an account moved to one)
         starts from the month's records, as it would in a process started after.
+
+        ``again``: seed even when seeded (see :meth:`seed_again`).
         """
         now = time.time()
         start, _, month = month_span(now)
-        if change is None and await self.limiter.seeded(month):
+        if change is None and not again and await self.limiter.seeded(month):
             return False
         tokens = await quota_usage(engine, int(start), change)
         quotas = {account_scope(a): n for a, n in tokens.accounts.items()}
@@ -431,6 +436,16 @@ class Limits:
                 len(rates),
             )
         return True
+
+    def seed_again(self) -> None:
+        """Have :meth:`run_seeding` seed again at once, seeded or not: records the limiter has
+        not counted reached the database (a stopped process's spool, replayed). In process,
+        that process's counts died with it; a restart after a database outage seeded the
+        limits before its spool was replayed, and an account went past its quota by what the
+        outage had spooled (QA: 1,407 tokens of a 1,000 quota). Buckets only ever rise to the
+        records, so what the limiter has counted already is not counted twice."""
+        self._seed_again = True
+        self._wake.set()
 
     async def seed_changes(self, engine: AsyncEngine, events: list[tuple[str, str]]) -> None:
         """Seed the scopes that accounts' and plans' changes touch (the invalidation feed
@@ -471,13 +486,15 @@ class Limits:
                     await self._wake.wait()
             self._wake.clear()
             changes, self._changes = self._changes, set()
+            again, self._seed_again = self._seed_again, False
             try:
-                await self.seed(engine)
+                await self.seed(engine, again=again)
                 for change in sorted(changes):
                     await self.seed(engine, change)
                     changes.discard(change)
             except Exception:  # the database or Redis is down: the next pass tries again
                 self._changes |= changes
+                self._seed_again = self._seed_again or again
                 if not failing:  # once an outage, not every pass of it
                     log.warning("could not seed the limits from the usage records", exc_info=True)
                 failing = True

@@ -19,8 +19,10 @@ import openai
 import pytest
 import requests
 
+from chatgate.usage.spool import Spool
 from tests.helpers import REDIS_URL, Gateway, Upstream, drop_redis_prefix, make_gateway
 from tests.redisserver import RedisServer
+from tests.usage.factory import make_record
 
 BODY = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -367,6 +369,53 @@ def test_a_restart_keeps_the_months_quota_and_the_days_requests(
         refused = quota_answer(gw, daily)
         assert refused.status_code == 429, "a restart gave the day's requests back"
         assert "requests per day (RPD): Limit 3, Used 3" in refused.json()["error"]["message"]
+    finally:
+        gw.stop()
+
+
+def test_a_stopped_process_s_spool_counts_against_the_quota_once_replayed(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """QA: PostgreSQL without Redis, a database outage spooled 420 tokens of usage, and the
+    restart after it seeded the limits before it replayed that spool: the account went on to
+    1,407 tokens of a 1,000 quota. A stopped process's spool replayed now seeds the limits
+    again (here a spool left by a process that stopped, its usage never written)."""
+    gw = make_gateway(tmp_path / "gw", upstream=upstream).start()
+    gw.cli("plans", "create", "spooled", "--monthly-tokens=1000")
+    gw.cli("accounts", "create", "spooled@example.com", "--plan", "spooled")
+    mine = gw.cli_json("keys", "create", "--account", "spooled@example.com")
+    key = mine["key"]
+    gw.stop()
+    spool = Spool(tmp_path / "gw" / "data" / "spool")
+    spool.append(
+        [
+            make_record(
+                account_id=mine["account_id"],
+                key_id=mine["id"],
+                prompt_tokens=450,
+                completion_tokens=450,
+            )
+        ]
+    )
+    spool.release()  # its lock goes: the file of a process that has stopped
+    gw.start()
+    try:
+        deadline = time.monotonic() + 20
+        while "replayed the spool of a stopped process" not in gw.logs():
+            assert time.monotonic() < deadline, "the spool was not replayed"
+            time.sleep(0.1)
+        # The seed follows the replay at once (the first was at the start; the old code had
+        # no second, and this waits the deadline out).
+        while gw.logs().count("seeded from the usage records") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        refused = requests.post(
+            gw.url + "/v1/chat/completions",
+            json={**BODY, "max_tokens": 200},  # 900 + ~210 > 1,000
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
+        assert refused.status_code == 429, "the spooled usage did not count against the quota"
+        assert refused.json()["error"]["code"] == "insufficient_quota"
     finally:
         gw.stop()
 

@@ -62,7 +62,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -128,6 +128,9 @@ class UsageRecorder:
         self._pruning: asyncio.Task[None] | None = None
         self.dropped = 0  # records refused because the queue was full
         self.written = 0  # records this recorder inserted (replays included)
+        # Called when a stopped process's spool is in the database: records this process's
+        # limits never counted (the application seeds them again).
+        self.on_replayed_orphan: Callable[[], object] | None = None
         self.rejected = 0  # records the database refused for a value in them: logged, not stored
 
     # -- what the request path and the metrics see ---------------------------------------------
@@ -361,6 +364,8 @@ class UsageRecorder:
                             await asyncio.to_thread(claimed.discard)
                             spool.forget(path)
                             log.info("usage: replayed the spool of a stopped process")
+                            if self.on_replayed_orphan is not None:
+                                self.on_replayed_orphan()
                             break
                 finally:
                     claimed.release()
