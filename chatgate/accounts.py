@@ -97,7 +97,7 @@ async def invalidate(conn: AsyncConnection, kind: str, ref: str) -> None:
     Call it inside :func:`changing`, which announces the change once it has committed.
     """
     await conn.execute(invalidations.insert().values(kind=kind, ref=ref, created_at=now()))
-    conn.info[_INVALIDATED] = True
+    conn.info.setdefault(_INVALIDATED, []).append((kind, ref))
 
 
 @contextlib.asynccontextmanager
@@ -114,15 +114,15 @@ async def changing(
     connection, so it is removed before the connection goes back to the pool (a connection
     lost mid-transaction is discarded, its ``info`` with it).
     """
-    invalidated = False
+    invalidated: list[tuple[str, str]] = []
     async with engine.begin() as conn:
         try:
             yield conn
         finally:
             with contextlib.suppress(SQLAlchemyError):
-                invalidated = bool(conn.info.pop(_INVALIDATED, False))
+                invalidated = conn.info.pop(_INVALIDATED, [])
     if invalidated and notifier is not None:
-        await notifier.publish()
+        await notifier.publish(invalidated)
 
 
 class PlanStore:

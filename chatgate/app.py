@@ -57,9 +57,10 @@ def create_app(settings: Settings, *, metrics_dir: Path | None = None) -> web.Ap
 def _lifespan(settings: Settings, metrics_dir: Path | None):  # type: ignore[no-untyped-def]
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         engine = create_engine(settings, command_timeout=settings.db_command_timeout)
-        # With Redis, changes made here are announced after commit (one notifier for the
-        # process), and the listener below wakes the feed for changes made anywhere.
-        notifier = Notifier.from_settings(settings)
+        # Changes made here are applied here at once (a key's) and, with Redis, announced
+        # after commit (one notifier for the process); the listener below wakes the feed for
+        # changes made anywhere.
+        notifier = Notifier.from_settings(settings) or Notifier(None)  # None: no Redis
         keys = KeyStore.from_settings(engine, settings, notifier=notifier)
         auth = Authenticator(
             keys,
@@ -67,6 +68,7 @@ def _lifespan(settings: Settings, metrics_dir: Path | None):  # type: ignore[no-
             ttl=settings.key_cache_ttl,
             poll_interval=settings.effective_invalidation_poll,
         )
+        notifier.here = auth.changed_here
         router = Router(settings)
         state = State(
             settings=settings,

@@ -282,6 +282,15 @@ class Authenticator:
             for event_id in sorted(self._gaps)[: len(self._gaps) - FEED_MAX_GAPS]:
                 del self._gaps[event_id]
 
+    def changed_here(self, kind: str, ref: str) -> None:
+        """A change this process committed (:class:`~chatgate.notify.Notifier`'s ``here``).
+        A key's (rotated, revoked, expiry changed) is applied at once: the poll's next pass,
+        up to ``poll_interval`` later, let the secret just rotated or revoked still pass here,
+        and mint a key or rotate it away from its owner (QA, without Redis). Other changes
+        wait for the feed, which seeds their limits before it drops what they change."""
+        if kind == "key":
+            self.apply(kind, ref)
+
     def apply(self, kind: str, ref: str) -> None:
         """Drop cached entries a change makes stale."""
         self._applied += 1

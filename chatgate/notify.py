@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from chatgate.redisclient import fail_fast_client
@@ -67,11 +67,14 @@ def _describe(exc: BaseException) -> str:
 class Notifier:
     """Tells every server that the invalidation feed has news; used after a commit."""
 
-    def __init__(self, url: str, channel: str, *, timeout: float) -> None:
-        self._url = url
+    def __init__(self, url: str | None, channel: str = "", *, timeout: float = 1.0) -> None:
+        self._url = url  # None: no Redis, only ``here``
         self._channel = channel
         self._timeout = timeout
         self._failing = False
+        # The server's own: told of each change this process committed, before any wake-up
+        # (see :meth:`chatgate.auth.Authenticator.changed_here`).
+        self.here: Callable[[str, str], object] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Notifier | None:
@@ -80,14 +83,20 @@ class Notifier:
             return None
         return cls(settings.redis_url, feed_channel(settings), timeout=settings.redis_timeout)
 
-    async def publish(self) -> None:
-        """PUBLISH one wake-up. Never raises: without Redis, servers see the change at their
-        next poll, and the change itself has committed already.
+    async def publish(self, changes: Sequence[tuple[str, str]] = ()) -> None:
+        """Tell this process of ``changes`` (``here``), then PUBLISH one wake-up. Never raises:
+        without Redis, servers see the change at their next poll, and the change itself has
+        committed already.
 
         One short-lived connection per call: changes are rare next to requests, and a
         connection that lives only inside this call leaves nothing to close, so the CLI (one
         ``asyncio.run`` per command) and the server share this code with no lifecycle.
         """
+        if self.here is not None:
+            for kind, ref in changes:
+                self.here(kind, ref)
+        if self._url is None:
+            return
         try:
             # redis-py bounds each connect and read; this bounds the whole exchange.
             async with asyncio.timeout(2 * self._timeout):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from pathlib import Path
 
 import requests
 
@@ -14,7 +15,7 @@ from chatgate.keys import format as keyfmt
 from chatgate.settings import Settings
 from tests.dashboard.conftest import admin_key, chat, make_user
 from tests.dashboard.test_security import wait_status
-from tests.helpers import Gateway
+from tests.helpers import Gateway, Upstream, make_gateway
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -359,3 +360,40 @@ def test_an_admin_url_asked_with_another_method_tells_only_an_admin_it_exists(
         as_admin = requests.request(method, url, headers=bearer(admin), timeout=10)
         assert as_admin.status_code == 405, (path, as_admin.text)
         assert as_admin.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_a_secret_rotated_or_revoked_here_is_refused_here_at_once(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """QA (no Redis): a key's rotation or revocation reached the cache of the process that
+    made it only at the feed's next poll (0.25 s), and in that window the secret just replaced
+    or revoked still counted as current: it rotated the key away from its owner, or minted a
+    new key. The process that commits a key's change now applies it at once. (The poll is
+    set to a minute here, so that only that can explain a refusal.)"""
+    env = {"CHATGATE_INVALIDATION_POLL": "60", "CHATGATE_KEY_CACHE_TTL": "60"}
+    gw = make_gateway(tmp_path / "gw", upstream=upstream, extra_env=env).start()
+    try:
+        gw.cli("accounts", "create", "owner@example.com")
+        made = gw.cli_json("keys", "create", "--account", "owner@example.com", "--name", "k")
+        leaked = bearer(made["key"])
+        assert requests.get(gw.url + "/api/me", headers=leaked, timeout=10).status_code == 200
+        rotated = requests.post(
+            gw.url + f"/api/keys/{made['id']}/rotate", json={"grace": "0"}, headers=leaked
+        )
+        assert rotated.status_code == 200
+        owner = bearer(rotated.json()["key"])
+        again = requests.post(
+            gw.url + f"/api/keys/{made['id']}/rotate", json={"grace": "0"}, headers=leaked
+        )
+        assert again.status_code == 401, again.text  # it was 200: the owner's secret gone
+        assert requests.get(gw.url + "/api/me", headers=owner, timeout=10).status_code == 200
+
+        minted = requests.post(gw.url + "/api/keys", json={"name": "m"}, headers=owner).json()
+        doomed = bearer(minted["key"])
+        assert requests.get(gw.url + "/api/me", headers=doomed, timeout=10).status_code == 200
+        revoke = requests.post(gw.url + f"/api/keys/{minted['id']}/revoke", headers=owner)
+        assert revoke.status_code == 200
+        backdoor = requests.post(gw.url + "/api/keys", json={"name": "b"}, headers=doomed)
+        assert backdoor.status_code == 401, backdoor.text  # it was 201
+    finally:
+        gw.stop()
