@@ -29,7 +29,9 @@ from typing import Any
 from aiohttp import web
 
 from chatgate import errors
-from chatgate.api.openai import authenticate, json_response
+from chatgate.api.manage import caller
+from chatgate.api.openai import json_response
+from chatgate.dashboard.auth import with_session
 from chatgate.db.engine import ReadOnlyDatabase, SchemaBehind, read_only, schema
 from chatgate.ratelimit.resp import ReplyError, RespClient, ServerUnavailable
 from chatgate.settings import Settings
@@ -70,10 +72,9 @@ REDIS_PROBE = web.AppKey("chatgate_redis_probe", _RedisProbe)
 
 
 async def backends(request: web.Request) -> web.Response:
-    """Every deployment's breaker state and counters; 404 unless the key is an admin's."""
-    state, principal = await authenticate(request)
-    if not principal.is_admin:
-        raise errors.unknown_url()
+    """Every deployment's breaker state and counters; 404 unless the caller is an admin (a
+    current key, or the dashboard's session: as the other ``/api/admin`` routes)."""
+    state, _ = await caller(request, admin=True)
     if request.method != "GET":  # (see manage.admin_wrong_method)
         raise errors.method_not_allowed()
     data = [status.to_dict() for status in state.router.status()]
@@ -134,8 +135,8 @@ def setup(app: web.Application) -> None:
     probe = _RedisProbe()
     app[REDIS_PROBE] = probe
     app.on_cleanup.append(probe.close)
-    app.router.add_get("/api/admin/backends", backends)
-    app.router.add_route("*", "/api/admin/backends", backends)  # the caller first, then 405
+    app.router.add_get("/api/admin/backends", with_session(backends))
+    app.router.add_route("*", "/api/admin/backends", with_session(backends))  # caller, then 405
     app.router.add_get("/readyz", readyz)
 
 

@@ -104,11 +104,17 @@ async def _may_issue(state: State, who: Caller) -> None:
         raise errors.PermissionDenied(NARROW_KEY)
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    """The JSON object body; an empty body reads as ``{}``."""
+async def _body(request: web.Request, known: Collection[str] = ()) -> dict[str, Any]:
+    """The JSON object body, no other field than ``known`` (another is a misspelling: ``rmp``
+    made a key without the limit it meant, ``{"disable": false}`` disabled an account); an
+    empty body reads as ``{}``."""
     if not request.body_exists:
         return {}
-    return await read_body(request)
+    body = await read_body(request)
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise unknown_parameter(unknown[0])
+    return body
 
 
 def _text(body: dict[str, Any], name: str) -> str | None:
@@ -134,13 +140,9 @@ KEY_FIELDS = frozenset({"name", "expires_in", "models", *LIMIT_FIELDS})
 without the limit it meant."""
 
 
-def _limits(body: dict[str, Any], known: Collection[str]) -> dict[str, object]:
-    """The limits in a JSON body, as JSON types them: a whole number or ``null``, no other
-    field than ``known``. (The form parser read ``"10"`` as 10 and ``""`` or ``"unlimited"`` as
-    no limit, and skipped a field it did not know.)"""
-    unknown = sorted(set(body) - set(known))
-    if unknown:
-        raise unknown_parameter(unknown[0])
+def _limits(body: dict[str, Any]) -> dict[str, object]:
+    """The limits in a JSON body, as JSON types them: a whole number or ``null``. (The form
+    parser read ``"10"`` as 10 and ``""`` or ``"unlimited"`` as no limit.)"""
     limits = {f: body[f] for f in LIMIT_FIELDS if f in body}
     for field, value in limits.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -184,13 +186,13 @@ async def create_key(request: web.Request) -> web.Response:
     key, once; ``rpm``, ``tpm``, ``rpd``, ``concurrency``, ``monthly_tokens``: its own limits."""
     state, who = await caller(request)
     await _may_issue(state, who)
-    body = await _body(request)
+    body = await _body(request, KEY_FIELDS)
     wanted = services.key_request(
         state,
         name=_text(body, "name") or "",
         expires_in=_text(body, "expires_in"),
         models=_names(body, "models"),
-        limits=_limits(body, KEY_FIELDS),
+        limits=_limits(body),
     )
     issued = await services.create_key(state, who.account, wanted)
     return json_response(issued.to_dict(), status=201, headers={"Cache-Control": "no-store"})
@@ -207,7 +209,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     """POST /api/keys/{id}/rotate ``{"grace": "24h"}``: the new secret, once."""
     state, who = await caller(request)
     await _may_issue(state, who)
-    body = await _body(request)
+    body = await _body(request, ("grace", "grace_seconds"))
     raw = body.get("grace", body.get("grace_seconds"))
     if raw is not None and not isinstance(raw, str | int):
         raise errors.InvalidRequest("`grace` must be a duration such as 24h, or 0.", param="grace")
@@ -246,7 +248,7 @@ async def admin_accounts(request: web.Request) -> web.Response:
 async def admin_set_plan(request: web.Request) -> web.Response:
     """POST /api/admin/accounts/{id}/plan ``{"plan": "pro"}``."""
     state, _ = await caller(request, admin=True)
-    plan = _text(await _body(request), "plan")
+    plan = _text(await _body(request, ("plan",)), "plan")
     if not plan:
         raise errors.InvalidRequest("`plan` is required.", param="plan")
     account = await state.accounts.set_plan(request.match_info["id"], plan)
@@ -256,7 +258,7 @@ async def admin_set_plan(request: web.Request) -> web.Response:
 async def admin_disable(request: web.Request) -> web.Response:
     """POST /api/admin/accounts/{id}/disable ``{"disabled": true}`` (false re-enables)."""
     state, who = await caller(request, admin=True)
-    disabled = (await _body(request)).get("disabled", True)
+    disabled = (await _body(request, ("disabled",))).get("disabled", True)
     if not isinstance(disabled, bool):
         raise errors.InvalidRequest("`disabled` must be true or false.", param="disabled")
     account_id = request.match_info["id"]
@@ -269,7 +271,7 @@ async def admin_disable(request: web.Request) -> web.Response:
 async def admin_update_plan(request: web.Request) -> web.Response:
     """PATCH /api/admin/plans/{name} ``{"rpm": 60, "monthly_tokens": null}``."""
     state, _ = await caller(request, admin=True)
-    limits = services.parse_limits(_limits(await _body(request), LIMIT_FIELDS))
+    limits = services.parse_limits(_limits(await _body(request, LIMIT_FIELDS)))
     plan = await services.set_plan_limits(state, request.match_info["name"], limits)
     return json_response(plan.to_dict())
 

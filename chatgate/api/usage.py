@@ -26,7 +26,9 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from chatgate import errors
+from chatgate.api.manage import caller
 from chatgate.api.openai import authenticate, json_response
+from chatgate.dashboard.auth import with_session
 from chatgate.timefmt import parse_duration, until_now
 from chatgate.usage.queries import Group, UsageRow, key_names, total, usage_rows
 from chatgate.usage.tables import DAY, HOUR, MINUTE
@@ -51,6 +53,23 @@ def _list(query: MultiMapping[str], name: str) -> list[str] | None:
     if not raw:
         return None
     return [v.strip() for item in raw for v in item.split(",") if v.strip()]
+
+
+def _end(query: MultiMapping[str]) -> int:
+    """``end_time``, or now when it is not given (``0`` is a time: it was taken for "now")."""
+    end = _int(query, "end_time", MAX_TIME)
+    return until_now() if end is None else end
+
+
+def _check_span(query: MultiMapping[str], start: int, end: int) -> None:
+    """A 400 unless ``start`` is before ``end``, naming the parameter the caller sent."""
+    if end > start:
+        return
+    if "end_time" in query:
+        raise errors.InvalidRequest("'end_time' must be after 'start_time'.", param="end_time")
+    raise errors.InvalidRequest(
+        "'start_time' must be in the past: 'end_time', not given, is now.", param="start_time"
+    )
 
 
 def _int(query: MultiMapping[str], name: str, most: int | None = None) -> int | None:
@@ -102,9 +121,8 @@ async def _usage_api(
     start = _int(q, "start_time", MAX_TIME)
     if start is None:
         raise errors.InvalidRequest("Missing required parameter: 'start_time'.", param="start_time")
-    end = _int(q, "end_time", MAX_TIME) or until_now()
-    if end <= start:
-        raise errors.InvalidRequest("'end_time' must be after 'start_time'.", param="end_time")
+    end = _end(q)
+    _check_span(q, start, end)
     bucket = q.get("bucket_width", "1d")
     if bucket not in BUCKET_WIDTHS:
         raise errors.InvalidRequest(
@@ -213,9 +231,9 @@ def _dashboard_row(row: UsageRow, names: Mapping[str, tuple[str, str]]) -> dict[
 async def dashboard_usage(request: web.Request) -> web.Response:
     """``GET /api/usage?since=30d`` (or ``start_time``/``end_time``), ``api_key_id``, ``model``;
     admins may add ``account_id``. Rows per day x model x key (x account for admins)."""
-    state, principal = await authenticate(request)
+    state, who = await caller(request)
     q = request.query
-    end = _int(q, "end_time", MAX_TIME) or until_now()
+    end = _end(q)
     since = q.get("since")
     try:
         span = parse_duration(since) if since else DEFAULT_DASHBOARD_SPAN
@@ -223,9 +241,8 @@ async def dashboard_usage(request: web.Request) -> web.Response:
         raise errors.InvalidRequest(str(exc), param="since") from None
     start = _int(q, "start_time", MAX_TIME)
     start = max(0, end - span) if start is None else start
-    if end <= start:
-        raise errors.InvalidRequest("'end_time' must be after 'start_time'.", param="end_time")
-    account = _scope(principal.account_id, principal.is_admin)
+    _check_span(q, start, end)
+    account = _scope(who.account.id, who.account.is_admin)
     wanted = q.get("account_id")
     if wanted:
         if account is not None and wanted != account:
@@ -264,7 +281,7 @@ def setup(app: web.Application) -> None:
     """Add the usage routes to ``app``."""
     app.router.add_get("/v1/organization/usage/completions", completions_usage)
     app.router.add_get("/v1/organization/usage/embeddings", embeddings_usage)
-    app.router.add_get("/api/usage", dashboard_usage)
+    app.router.add_get("/api/usage", with_session(dashboard_usage))
 
 
 __all__ = ["setup"]

@@ -354,9 +354,8 @@ def test_an_admin_url_asked_with_another_method_tells_only_an_admin_it_exists(
         assert as_user.status_code == 404, (path, as_user.text)
         assert as_user.json() == unknown.json()
         # Logged in, without the CSRF header: the CSRF refusal (403) told of the route too.
-        # (/api/admin/backends takes keys only: a session is no credential there, a 401.)
         as_session = user.http.request(method, url, timeout=10)
-        assert as_session.status_code == (401 if "backends" in path else 404), path
+        assert as_session.status_code == 404, path
         as_admin = requests.request(method, url, headers=bearer(admin), timeout=10)
         assert as_admin.status_code == 405, (path, as_admin.text)
         assert as_admin.json()["error"]["code"] == "method_not_allowed"
@@ -397,3 +396,53 @@ def test_a_secret_rotated_or_revoked_here_is_refused_here_at_once(
         assert backdoor.status_code == 401, backdoor.text  # it was 201
     finally:
         gw.stop()
+
+
+def test_admin_and_usage_routes_take_what_the_other_management_routes_take(
+    dash: Gateway,
+) -> None:
+    """QA: ``{"disable": false}`` (a typo of ``disabled``) disabled the account, the body's
+    default; ``/api/admin/backends`` took a replaced secret in its grace (the other routes say
+    403 ``current_key_required``) and refused the dashboard's session, as ``/api/usage`` did.
+    Now every ``/api/*`` body refuses a field it does not have, and these two routes answer
+    the caller the other management routes answer."""
+    admin = make_user(dash, admin=True)
+    target = make_user(dash)
+    account_id = admin.api("GET", "/api/admin/accounts", params={"q": target.email}).json()["data"][
+        0
+    ]["id"]
+    for path, body, field in (
+        (f"/api/admin/accounts/{account_id}/disable", {"disable": False}, "disable"),
+        (f"/api/admin/accounts/{account_id}/plan", {"plan": "pro", "palns": "x"}, "palns"),
+        ("/api/keys/key_0/rotate", {"grase": "1h"}, "grase"),
+    ):
+        refused = admin.api("POST", path, json=body)
+        assert refused.status_code == 400, (path, refused.text)
+        assert (refused.json()["error"]["code"], refused.json()["error"]["param"]) == (
+            "unknown_parameter",
+            field,
+        )
+    assert target.http.get(target.url("/dashboard/"), timeout=10).status_code == 200  # enabled
+    assert admin.api("GET", "/api/admin/backends").status_code == 200  # the session
+    assert target.api("GET", "/api/admin/backends").status_code == 404  # not an admin
+    usage = target.api("GET", "/api/usage")
+    assert usage.status_code == 200 and usage.json()["object"] == "usage.report"
+
+    made = admin.new_key(name="to rotate")
+    rotated = admin.api("POST", f"/api/keys/{made['id']}/rotate", json={"grace": "1h"})
+    assert rotated.status_code == 200
+    assert wait_status(dash, made["key"], 200) == 200  # the old secret, in its grace
+    for path in ("/api/admin/backends", "/api/usage"):
+        old = requests.get(dash.url + path, headers=bearer(made["key"]), timeout=10)
+        assert old.status_code == 403, (path, old.text)
+        assert old.json()["error"]["code"] == "current_key_required"
+        current = requests.get(dash.url + path, headers=bearer(rotated.json()["key"]), timeout=10)
+        assert current.status_code == 200, (path, current.text)
+
+    def usage(**params: int) -> requests.Response:
+        return target.http.get(target.url("/api/usage"), params=params, timeout=10)
+
+    at_zero = usage(start_time=0, end_time=0)  # 0 is a time, not "now"
+    assert at_zero.status_code == 400 and at_zero.json()["error"]["param"] == "end_time"
+    ahead = usage(start_time=int(time.time()) + 3600)
+    assert ahead.status_code == 400 and ahead.json()["error"]["param"] == "start_time"

@@ -442,12 +442,22 @@ def test_a_login_ends_max_age_after_it_was_made_whatever_is_done(dash: Gateway) 
         assert resp.status_code == 303 and "/dashboard/login" in resp.headers["Location"], path
     resp = requests.get(dash.url + "/api/me", cookies={"chatgate_session": old}, timeout=10)
     assert resp.status_code == 401
-    # A login with time left works, and its cookie ends with it, not max_age from now.
+    # A login with time left works, and a cookie it writes (here a revocation's message)
+    # ends with it, not max_age from now.
     young = _restamped(dash, cookie, at=made + 60)
     resp = requests.get(
         dash.url + "/dashboard/keys", cookies={"chatgate_session": young}, timeout=10
     )
     assert resp.status_code == 200
+    key_id = user.new_key(name="to revoke")["id"]
+    resp = requests.post(
+        dash.url + f"/dashboard/keys/{key_id}/revoke",
+        data={"csrf_token": user.csrf()},
+        cookies={"chatgate_session": young},
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert resp.status_code == 303, resp.status_code
     written = resp.headers["Set-Cookie"]
     left = int(re.search(r"Max-Age=(\d+)", written).group(1))  # type: ignore[union-attr]
     assert left <= 60
