@@ -35,11 +35,11 @@ ADMIN_EMAIL = "admin@localhost"
 
 
 async def prepare(
-    settings: Settings, *, migrate_first: bool, bootstrap: bool, reuse_port: bool | None = None
+    settings: Settings, *, migrate_first: bool, bootstrap: bool, listen: bool = False
 ) -> IssuedKey | None:
     """Migrate (or, with ``migrate_first`` off, refuse a database behind this code's
     migrations), refuse a server secret other than the database's (:mod:`chatgate.db.instance`),
-    a default plan the database does not hold and, given ``reuse_port``, an address the server
+    a default plan the database does not hold and, with ``listen``, an address the server
     cannot listen on (:func:`check_listen`), and on the very first start create the admin
     account and one key."""
     engine = create_engine(settings)
@@ -63,8 +63,8 @@ async def prepare(
                 "CHATGATE_DEFAULT_PLAN (or default_plan in [server]) names no plan in the "
                 f"database: `{settings.default_plan[:64]}` (see `chatgate plans list`)"
             ) from None
-        if reuse_port is not None:
-            check_listen(settings, reuse_port=reuse_port)
+        if listen:
+            check_listen(settings)
         if not bootstrap:
             return None
         accounts = AccountStore(engine)
@@ -103,7 +103,7 @@ def serve(
     # address in prepare.)
     Router(settings)
     first = asyncio.run(
-        prepare(settings, migrate_first=migrate_first, bootstrap=bootstrap, reuse_port=workers > 1)
+        prepare(settings, migrate_first=migrate_first, bootstrap=bootstrap, listen=True)
     )
     if first is not None:
         # The one time this key exists outside the caller: print it, never log it.
@@ -234,9 +234,12 @@ def _die_with(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def check_listen(settings: Settings, *, reuse_port: bool) -> None:
+def check_listen(settings: Settings) -> None:
     """Bind the address the server will listen on, as aiohttp binds it, and let it go: a port
-    in use is one line (a :class:`ServeError`), not a traceback from every worker."""
+    in use is one line (a :class:`ServeError`), not a traceback from every worker. Bound
+    alone, without ``SO_REUSEPORT`` even for ``--workers N`` (whose workers share it after):
+    the workers of another ``serve --workers`` on the port let ours in beside them, and the
+    two servers split its traffic (QA)."""
     if settings.port == 0:  # any free port
         return
     try:
@@ -250,8 +253,6 @@ def check_listen(settings: Settings, *, reuse_port: bool) -> None:
                 continue
             with sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does
-                if reuse_port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(address)

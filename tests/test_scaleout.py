@@ -124,6 +124,26 @@ def test_workers_that_cannot_serve_fail_the_command(
     assert "Traceback" not in result.stderr and "worker" not in result.stderr
 
 
+def test_workers_do_not_join_another_servers_workers_on_their_port(
+    shared_env: dict[str, str], tmp_path: Path
+) -> None:
+    """QA: a second ``serve --workers 2`` on the port of a first one started beside it (its
+    workers bind with SO_REUSEPORT, which the first's allow), made an admin account of its own
+    and took half the first one's traffic. The port is now checked bound alone."""
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as a worker binds
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        gw = make_gateway(tmp_path / "second", extra_env=shared_env)
+        result = gw.cli("serve", "--workers", "2", "--port", port, check=False, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"chatgate: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "CHATGATE_API_KEY=" not in result.stdout  # no admin account made
+
+
 def _children(pid: int) -> set[int]:
     """The live processes whose parent is ``pid`` (from /proc: no extra package)."""
     found = set()
