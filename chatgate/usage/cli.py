@@ -2,7 +2,7 @@
 
     chatgate usage [--account EMAIL] [--key KEY_ID] [--since 7d] [--by day|key|model]
                    [--format table|csv|json]
-    chatgate usage export [--since 30d] [--account EMAIL] --output FILE|-
+    chatgate usage export [--since 30d] [--account EMAIL] [--key KEY_ID] --output FILE|-
 
 Like every command: a readable table by default, errors as one line on stderr with exit 2
 (``ValueError`` and API errors, which :func:`chatgate.cli.main` reports).
@@ -60,7 +60,9 @@ def add_parser(subparsers: Any) -> None:
     )
     usage.add_argument("--key", metavar="KEY_ID", help="only this API key (its id)")
     usage.add_argument(
-        "--since", metavar="DURATION", default="7d", help="how far back, e.g. 24h, 7d (default 7d)"
+        "--since",
+        metavar="DURATION",
+        help="how far back, e.g. 24h, 7d (default 7d; 30d for export)",
     )
     usage.add_argument("--by", choices=("day", "key", "model"), default="day")
     usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -69,15 +71,16 @@ def add_parser(subparsers: Any) -> None:
     export = actions.add_parser(
         "export",
         help="write raw usage records as CSV",
-        description="Raw usage records (one per request) as CSV. Options go after 'export'.",
+        description="Raw usage records (one per request) as CSV. --account, --key and --since "
+        "go before or after 'export'.",
     )
     # Own dests: argparse copies a subcommand's defaults over the parent's same-named options.
-    export.add_argument(
-        "--since", dest="export_since", metavar="DURATION", default="30d", help="default 30d"
-    )
+    # Those given before 'export' count too (QA: they were dropped, and every account exported).
+    export.add_argument("--since", dest="export_since", metavar="DURATION", help="default 30d")
     export.add_argument(
         "--account", dest="export_account", metavar="EMAIL", help="only this account"
     )
+    export.add_argument("--key", dest="export_key", metavar="KEY_ID", help="only this API key")
     export.add_argument("--output", "-o", required=True, help="a file, or - for stdout")
     export.set_defaults(func=cmd_usage_export)
 
@@ -95,7 +98,7 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
     # Imported here: chatgate.cli imports this module to build its parser.
     from chatgate.cli import table, with_engine
 
-    span = parse_duration(args.since)
+    span = parse_duration(args.since or "7d")
     end = until_now()
 
     async def run(engine: AsyncEngine) -> tuple[Report, dict[str, tuple[str, str]]]:
@@ -168,20 +171,34 @@ def _json(result: Report, by: str, names: dict[str, tuple[str, str]]) -> dict[st
     }
 
 
+def _once(args: argparse.Namespace, name: str) -> str | None:
+    """An export option given before 'export' or after it; both, and different: an error."""
+    before: str | None = getattr(args, name)
+    after: str | None = getattr(args, f"export_{name}")
+    if before is not None and after is not None and before != after:
+        raise errors.InvalidRequest(
+            f"--{name} given twice, before and after 'export': give it once"
+        )
+    return after if after is not None else before
+
+
 def cmd_usage_export(settings: Settings, args: argparse.Namespace) -> None:
     """Write raw records as CSV to ``--output`` (a file written whole, then renamed, or ``-``)."""
     from chatgate.cli import with_engine
 
-    span = parse_duration(args.export_since)
+    span = parse_duration(_once(args, "since") or "30d")
+    account, key = _once(args, "account"), _once(args, "key")
     end = until_now()
 
     async def run(engine: AsyncEngine, out: IO[str]) -> int:
-        account_id = await _account_id(engine, args.export_account)
+        account_id = await _account_id(engine, account)
+        if key and not await key_names(engine, {key}):
+            raise errors.NotFound(f"No key with the id `{key}` (see `chatgate keys list`).")
         writer = csv.DictWriter(out, fieldnames=("time", *EXPORT_COLUMNS), lineterminator="\n")
         writer.writeheader()
         count = 0
-        async for rec in export_records(
-            engine, start=end - 1 - span, end=end, account_id=account_id
+        async for rec in export_records(  # the window of `chatgate usage --since`
+            engine, start=end - span, end=end, account_id=account_id, key_id=key
         ):
             cells = {k: _cell(v) for k, v in rec.items()}  # model, ids: user-chosen text
             writer.writerow({"time": _iso_seconds(rec["created_at"]), **cells})

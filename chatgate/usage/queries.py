@@ -492,6 +492,7 @@ async def export_records(
     start: int,
     end: int,
     account_id: str | None,
+    key_id: str | None = None,
     page_size: int = 5_000,
 ) -> AsyncIterator[dict[str, Any]]:
     """Raw records in ``[start, end)`` by time, as dicts with :data:`EXPORT_COLUMNS`.
@@ -505,6 +506,8 @@ async def export_records(
         conditions: list[sa.ColumnElement[bool]] = [t.c.created_at >= start, t.c.created_at < end]
         if account_id is not None:
             conditions.append(t.c.account_id == account_id)
+        if key_id is not None:
+            conditions.append(t.c.key_id == key_id)
         if after is not None:
             conditions.append(sa.tuple_(t.c.created_at, t.c.request_id) > sa.tuple_(*after))
         stmt = (

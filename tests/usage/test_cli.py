@@ -151,12 +151,35 @@ async def test_export_writes_raw_records(
     assert len(list(csv.DictReader(io.StringIO(out)))) == len(data.records)
 
 
+async def test_export_takes_the_options_given_before_it(
+    data: Data, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """QA: ``chatgate usage --account alice export`` exported every account's records (and
+    ``--since``/``--key`` before ``export`` were dropped too): the options are ``usage``'s as
+    well, and argparse took them there without a word."""
+
+    async def exported(*argv: str) -> list[dict[str, str]]:
+        code, out, err = await run(capsys, "usage", *argv)
+        assert code == 0, err
+        return list(csv.DictReader(io.StringIO(out)))
+
+    before = await exported("--account", data.email, "--since", "7d", "export", "--output", "-")
+    after = await exported("export", "--account", data.email, "--since", "7d", "--output", "-")
+    assert len(before) == len(after) == len(data.records)
+    assert {r["account_id"] for r in before} == {r.account_id for r in data.records}
+    one_key = await exported("--key", data.key_ids[1], "export", "--output", "-")
+    assert {r["key_id"] for r in one_key} == {data.key_ids[1]}
+    assert one_key == await exported("export", "--key", data.key_ids[1], "--output", "-")
+
+
 @pytest.mark.parametrize(
     "argv",
     [
         ("usage", "--since", "a while"),
         ("usage", "--account", "nobody@example.com"),
         ("usage", "export", "--since", "forever", "--output", "-"),
+        ("usage", "--since", "1d", "export", "--since", "2d", "--output", "-"),
+        ("usage", "export", "--key", "key_nothing", "--output", "-"),
     ],
 )
 async def test_errors_are_one_line_exit_2(
