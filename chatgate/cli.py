@@ -184,10 +184,26 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_secret(settings: Settings, args: argparse.Namespace) -> None:
-    async def run(engine: AsyncEngine) -> None:
-        await adopt_secret(engine, settings.resolved_secret())
+    # The secret given, never one made up here (QA: run without CHATGATE_SECRET, with a
+    # mistyped data dir, it generated one and bound the shared database to it: every node
+    # then refused to restart).
+    async def run(engine: AsyncEngine) -> bool:
+        secret = settings.stored_secret()
+        if secret is None:
+            raise CLIError(
+                f"no server secret: CHATGATE_SECRET is not set and {settings.data_dir} holds "
+                "no file `secret`; give this command the new CHATGATE_SECRET"
+            )
+        try:
+            await check_secret(engine, secret, None, record=False)
+        except (SecretMismatch, NoSecretCheck):
+            await adopt_secret(engine, secret)
+            return True
+        return False
 
-    asyncio.run(with_engine(settings, run))
+    if not asyncio.run(with_engine(settings, run)):
+        print("the database takes this CHATGATE_SECRET already: nothing changed")
+        return
     print(
         "the database now takes this CHATGATE_SECRET; nodes with another refuse to start, and "
         "keys hashed under the old one no longer match (re-issue them: chatgate keys rotate "

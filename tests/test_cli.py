@@ -451,7 +451,13 @@ def test_only_migrate_and_serve_make_a_database_or_bind_it_to_a_secret(
         assert gw.cli("keys", "list", "--json", env=real).stdout.strip() == "[]"
         unset = gw.cli("keys", "list", check=False)  # a command never makes a secret
         assert unset.returncode == 2 and "CHATGATE_SECRET is not set" in unset.stderr
+        # QA: `secret adopt` did, and bound the database to it: every node then refused
+        adopt = gw.cli("secret", "adopt", check=False)
+        assert adopt.returncode == 2 and "CHATGATE_SECRET is not set" in adopt.stderr
         assert not (data / "secret").exists()
+        again = gw.cli("secret", "adopt", env=real)  # the secret it has: nothing to re-issue
+        assert "takes this CHATGATE_SECRET already: nothing changed" in again.stdout
+        assert gw.cli("keys", "list", "--json", env=real).returncode == 0
         # a database behind this code is refused, and left as it is
         _downgrade_one(gw)
         behind = gw.cli("accounts", "list", check=False, env=real)
