@@ -50,12 +50,17 @@ class Usage:
     @classmethod
     def from_openai(cls, data: Any) -> Usage | None:
         """Read an OpenAI ``usage`` object; ``None`` when absent or malformed (then the gateway
-        counts the tokens itself), a count :func:`reported_tokens` refuses included."""
+        counts the tokens itself), a count :func:`reported_tokens` refuses included, and a
+        ``total_tokens`` other than the sum of the two: the client was shown that total while
+        the sum was billed (QA, an upstream saying 999 for 100 + 20)."""
         if not isinstance(data, dict):
             return None
         prompt = reported_tokens(data.get("prompt_tokens"))
         completion = reported_tokens(data.get("completion_tokens"))
         if prompt is None or completion is None:
+            return None
+        total = data.get("total_tokens", prompt + completion)
+        if type(total) is not int or total != prompt + completion:
             return None
         return cls(prompt, completion)
 

@@ -32,6 +32,11 @@ def test_usage_with_any_count_refused_is_none_so_the_gateway_counts() -> None:
     assert Usage.from_openai({"prompt_tokens": True, "completion_tokens": 3}) is None
     assert Usage.from_openai({"prompt_tokens": 7}) is None
     assert Usage.from_openai(None) is None
+    # A total other than the sum: the client was shown it, the sum was billed (QA: 999).
+    assert Usage.from_openai({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10})
+    for total in (999, 9, True, "10", None):
+        wrong = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": total}
+        assert Usage.from_openai(wrong) is None, total
 
 
 def _event(chunk: dict[str, Any]) -> bytes:
