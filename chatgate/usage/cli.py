@@ -34,6 +34,7 @@ from chatgate.usage.queries import (
     key_names,
     report,
 )
+from chatgate.usage.tables import to_nanos, usd_text
 
 NUMBERS = (
     "requests",
@@ -127,8 +128,10 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
         writer.writerows([*({k: _cell(v) for k, v in r.items()} for r in rows), totals])
         sys.stdout.write(out.getvalue())
         return
+    # Costs as the dashboard shows them (rounded up, so a cheap model's is not $0.0000: QA
+    # read 0.0001 here against $0.0002 there); CSV and JSON keep them exact.
     shown = [
-        {**r, "cost": f"{r['cost']:.4f}", "avg_latency_ms": _ms(r["avg_latency_ms"])}
+        {**r, "cost": usd_text(to_nanos(r["cost"])), "avg_latency_ms": _ms(r["avg_latency_ms"])}
         for r in [*rows, totals]
     ]
     named = [f"account {args.account}"] * bool(args.account) + [f"key {args.key}"] * bool(args.key)

@@ -393,3 +393,29 @@ def test_playground_keeps_a_server_side_conversation(
     assert "My order 1234 is late" in texts and texts[-1] == "Any news?"
     shot(page, "14-playground-conversation")
     context.close()
+
+
+def test_a_key_form_waits_for_its_answer_after_a_click(browser: Browser, dash: Gateway) -> None:
+    """QA (a slow connection): a second click on "Create key" while the first answer was on
+    its way aborted it and sent the form again, which was refused as sent before: the key
+    the first one made was shown to nobody. The form's buttons now wait for the answer."""
+    user = make_user(dash, login=False)
+    context = new_context(browser, dash)
+    page = context.new_page()
+    page.goto("/dashboard/login")
+    page.get_by_label("Email").fill(user.email)
+    page.get_by_label("Password").fill(PASSWORD)
+    submit(page, "Log in")
+    page.goto("/dashboard/keys")
+    page.get_by_label("Name").fill("clicked once")
+    # The answer never comes here: the form is kept from leaving, as a slow one would be.
+    page.evaluate(
+        "document.querySelector('input[name=once]').form"
+        ".addEventListener('submit', (event) => event.preventDefault())"
+    )
+    button = page.get_by_role("button", name="Create key", exact=True)
+    button.click()
+    expect(button).to_be_disabled()
+    page.reload()  # a page loaded anew: the button is back
+    expect(page.get_by_role("button", name="Create key", exact=True)).to_be_enabled()
+    context.close()

@@ -229,3 +229,17 @@ async def test_csv_cells_cannot_be_formulas(
         cells = [v for row in csv.DictReader(io.StringIO(out)) for v in row.values()]
         assert not [v for v in cells if v.startswith(evil)], cells
         assert [v for v in cells if v.startswith(shown)], cells
+
+
+async def test_the_table_shows_costs_as_the_dashboard_does(
+    data: Data, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """QA: the table printed ``0.0001`` where the dashboard said ``$0.0002`` (it rounds a
+    spend up), and a real $0.0000132 as ``0.0000``. One formatting serves both now."""
+    from chatgate.usage.tables import to_nanos, usd_text
+
+    code, out, err = await run(capsys, "usage", "--account", data.email, "--since", "7d")
+    assert code == 0, err
+    total = out.strip().splitlines()[-1].split()
+    assert usd_text(to_nanos(0.5 * len(data.records))) in total
+    assert usd_text(to_nanos(0.0000132)) == "$0.0001"

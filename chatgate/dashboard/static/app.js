@@ -49,6 +49,25 @@ document.addEventListener("DOMContentLoaded", () => {
   for (const chart of document.querySelectorAll(".card.chart")) {
     chart.scrollLeft = chart.scrollWidth;
   }
+  // A form that makes or rotates a key runs once: a second click while the first answer is
+  // on its way (a slow connection) is refused, and the key the first one made was shown to
+  // nobody. Its buttons wait for the answer (disabled after the submit event, so the clicked
+  // button's value still goes with the form), and come back when the page does (Back).
+  for (const form of document.querySelectorAll("form")) {
+    if (!form.querySelector('input[name="once"]')) continue;
+    form.addEventListener("submit", () => {
+      for (const button of form.querySelectorAll("button")) {
+        setTimeout(() => { button.disabled = true; button.dataset.sent = "1"; }, 0);
+      }
+    });
+  }
+  window.addEventListener("pageshow", (event) => {
+    if (!event.persisted) return;
+    for (const button of document.querySelectorAll("button[data-sent]")) {
+      button.disabled = false;
+      delete button.dataset.sent;
+    }
+  });
   // Select the whole key when its box is focused.
   const newKey = document.getElementById("new-key");
   if (newKey) newKey.addEventListener("focus", () => newKey.select());
