@@ -94,6 +94,7 @@ class Authenticator:
         self._ttl = ttl
         self._poll = poll_interval
         self._cache: dict[str, _Entry] = {}
+        self._touch_failing = False  # the last flush of last-used times failed
         self._inflight: dict[str, asyncio.Future[_Entry]] = {}
         self._last_event = 0
         self._gaps: dict[int, float] = {}  # feed ids skipped over -> when first missed
@@ -323,10 +324,22 @@ class Authenticator:
         batch, self.last_used = self.last_used, {}
         try:
             await self._store.touch(batch)
-        except Exception:
-            log.warning("could not record last-used times", exc_info=True)
+        except Exception as exc:
+            # One line, once an outage (QA: a ~95-line traceback every 10 s while the
+            # database was away); the stamps are kept for the next try.
+            if not self._touch_failing:
+                log.warning(
+                    "could not record last-used times (kept for the next try): %s: %s",
+                    type(exc).__name__,
+                    str(exc)[:200],
+                )
+            self._touch_failing = True
             for key_id, stamp in batch.items():
                 self.last_used.setdefault(key_id, stamp)
+            return
+        if self._touch_failing:
+            self._touch_failing = False
+            log.info("recording last-used times again")
 
     async def run_last_used(self, interval: float = 10.0) -> None:
         while True:

@@ -30,7 +30,7 @@ from chatgate.keys import format as keyfmt
 from chatgate.keys.cli_scan import add_parser as add_scan_parser
 from chatgate.keys.store import KeyStore
 from chatgate.notify import Notifier
-from chatgate.settings import Settings
+from chatgate.settings import Given, Settings
 from chatgate.timefmt import iso, parse_duration
 from chatgate.usage.cli import add_parser as add_usage_parser
 
@@ -344,7 +344,10 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     from chatgate.server import serve
 
-    if args.host:
+    if args.host is not None:  # "" too: refused as CHATGATE_HOST="" is (it listened on the default)
+        empty = Given("an address to listen on").problem(args.host)
+        if empty is not None:
+            raise CLIError(f"--host must be {empty}")
         settings = _replace(settings, host=args.host)
     if args.port is not None:  # 0 too: any free port (the log says which)
         settings = _replace(settings, port=args.port)

@@ -263,3 +263,40 @@ async def test_a_database_outage_is_logged_once_by_the_feed(
                 await feed
         said = [r.getMessage() for r in caplog.records if r.name == "chatgate.auth"]
         assert said == ["invalidation feed: poll failed", "invalidation feed: polling again"]
+
+
+async def test_last_used_times_that_cannot_be_written_are_one_line_an_outage(
+    pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """QA: while the database was away, each flush of last-used times (every 10 s) logged a
+    ~95-line traceback. Now one line when the outage begins, one when it ends; the stamps
+    are kept and written then."""
+    async with migrated(pg_url, tmp_path) as engine:
+        keys = KeyStore(engine, Secret("s-" + secrets.token_hex(8)))
+        account = await AccountStore(engine).create(f"t-{secrets.token_hex(4)}@example.com")
+        issued = await keys.create(account.id)
+        auth = Authenticator(keys, engine, ttl=600, poll_interval=30)
+        await auth.authenticate(f"Bearer {issued.key}")
+        # The database away: the same store on a port where nothing listens.
+        settings = Settings.from_env(
+            {
+                "CHATGATE_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none",
+                "CHATGATE_DATA_DIR": str(tmp_path / "away"),
+            }
+        )
+        away = create_engine(settings)
+        auth._store = KeyStore(away, Secret("s-unused"))
+        try:
+            with caplog.at_level(logging.INFO, logger="chatgate.auth"):
+                for _ in range(3):
+                    await auth.flush_last_used()
+                auth._store = keys
+                await auth.flush_last_used()
+        finally:
+            await away.dispose()
+        said = [r.getMessage() for r in caplog.records if r.name == "chatgate.auth"]
+        assert len(said) == 2, said
+        assert said[0].startswith("could not record last-used times (kept for the next try): ")
+        assert said[1] == "recording last-used times again"
+        assert all(r.exc_info is None for r in caplog.records)
+        assert (await keys.get(issued.record.id)).last_used_at is not None

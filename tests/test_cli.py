@@ -591,6 +591,16 @@ def test_a_bad_setting_is_one_line_naming_it(
         assert "12345" not in result.stderr  # a secret in the wrong type is not repeated
 
 
+def test_an_empty_host_option_is_refused_as_an_empty_setting_is(gw: Gateway) -> None:
+    """QA: ``serve --host ''`` listened on the default address, where CHATGATE_HOST=""
+    is refused (README: an empty host is refused)."""
+    result = gw.cli("serve", "--host", "", "--port", "0", check=False, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        "chatgate: error: --host must be an address to listen on, not empty"
+    )
+
+
 def test_serve_checks_everything_before_the_first_start_shows_its_key(gw: Gateway) -> None:
     """The admin account was made and its key printed ("shown once"), then the start failed
     on a setting, a model table or a port in use: the key went with the process, and the next
