@@ -230,6 +230,19 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
     try:
         client = OpenAI(base_url=args.base_url, limiter=limiter)
         model = args.model or _default_model(client)
+        if args.model:  # known before a conversation is made for it (QA: made, then a 404)
+            try:
+                client.models.retrieve(args.model)
+            except openai.NotFoundError as exc:
+                # Only the server's word that the model is unknown: a server without this
+                # route (many OpenAI-compatible ones) may still answer any model.
+                if exc.code == "model_not_found":
+                    print(
+                        f"chatgate chat: error: no such model {args.model} "
+                        f"({describe_error(exc)})",
+                        file=err,
+                    )
+                    return 2
         conversation = Conversation(
             client,
             model,

@@ -68,11 +68,22 @@ def test_default_model_and_end_of_input(client_env: dict[str, str]) -> None:
 
 
 def test_errors_are_reported_and_the_chat_goes_on(client_env: dict[str, str]) -> None:
-    result = chat(client_env, ["hi", "/nope", "/help", "hello"], "--model", "no-such-model")
+    result = chat(client_env, ["hi", "/nope", "/help", "hello"], "--model", "gpt-dead")
     assert result.returncode == 0
-    assert "404 model_not_found" in result.stderr
+    assert result.stderr.count("error: 502") == 2, result.stderr
     assert "unknown command /nope" in result.stdout
     assert result.stdout.count("commands: /reset") >= 3
+
+
+def test_an_unknown_model_is_refused_before_a_conversation_is_made(
+    client_env: dict[str, str],
+) -> None:
+    """QA: ``--model nosuchmodel`` said "chatting with nosuchmodel", made a conversation (a
+    request of the key's rate), printed a 404 for each line and exited 0."""
+    result = chat(client_env, ["hi"], "--model", "no-such-model")
+    assert result.returncode == 2
+    assert "chatgate chat: error: no such model no-such-model" in result.stderr
+    assert "chatting with" not in result.stdout
 
 
 def test_unknown_conversation(client_env: dict[str, str]) -> None:
