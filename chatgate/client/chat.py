@@ -238,8 +238,7 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | Non
                 # route (many OpenAI-compatible ones) may still answer any model.
                 if exc.code == "model_not_found":
                     print(
-                        f"chatgate chat: error: no such model {args.model} "
-                        f"({describe_error(exc)})",
+                        f"chatgate chat: error: no such model {args.model} ({describe_error(exc)})",
                         file=err,
                     )
                     return 2
