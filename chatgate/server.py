@@ -102,6 +102,13 @@ def serve(
     # setting is checked when it is read, the model tables here as the app plans them, the
     # address in prepare.)
     Router(settings)
+    for name in sorted({m.api_key_env for m in settings.models if m.api_key_env}):
+        if name not in settings.upstream_keys:  # QA: a typo in the variable, no word of it
+            log.warning(
+                "%s is not set (or empty): the models whose api_key_env names it call their "
+                "upstream without a key",
+                name,
+            )
     first = asyncio.run(
         prepare(settings, migrate_first=migrate_first, bootstrap=bootstrap, listen=True)
     )

@@ -675,3 +675,16 @@ def test_help_describes_the_command_and_names_every_one() -> None:
     for name in ("serve", "migrate", "accounts", "plans", "secret", "keys", "usage", "models"):
         assert f"\n    {name} " in result.stdout, name
     assert "\n    chat " in result.stdout and "\n    scan " in result.stdout
+
+
+def test_an_upstream_key_variable_that_is_not_set_is_said_at_start(tmp_path: Path) -> None:
+    """QA: a model whose ``api_key_env`` names a variable that is not set (a typo) called its
+    upstream without a key, and nothing said so until the upstream's 401s."""
+    config = tmp_path / "models.toml"
+    config.write_text(
+        '[[models]]\nname = "m"\nbase_url = "http://127.0.0.1:9/v1"\n'
+        'api_key_env = "CHATGATE_TEST_NO_SUCH_KEY"\n'
+    )
+    gw = make_gateway(tmp_path / "gw", extra_env={"CHATGATE_CONFIG": str(config)}).start()
+    gw.stop()
+    assert "CHATGATE_TEST_NO_SUCH_KEY is not set (or empty)" in gw.logs()
