@@ -30,6 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from aiohttp.web_request import FileField
 from multidict import MultiDictProxy
+from yarl import URL
 
 from chatgate import errors
 from chatgate.dashboard.auth import (
@@ -245,9 +246,21 @@ def signup_open(request: web.Request) -> bool:
 async def error_page(
     request: web.Request, user: User | None, status: int, title: str, message: str
 ) -> web.Response:
-    return await page_response(
-        request, user, "error.html", {"title": title, "message": message}, status=status
-    )
+    """The error page; a refused form's links back to the page it came from (QA: "Back to
+    the dashboard" alone, from the admin's Plans page), the browser's Back keeping its input."""
+    context = {"title": title, "message": message, "back": _came_from(request)}
+    return await page_response(request, user, "error.html", context, status=status)
+
+
+def _came_from(request: web.Request) -> str | None:
+    """The dashboard page a POST's form was on (its ``Referer``, this host's only)."""
+    if request.method != "POST":
+        return None
+    referer = URL(request.headers.get("Referer", ""))
+    if referer.host != request.url.host or referer.port != request.url.port:
+        return None
+    path = referer.path_qs
+    return path if safe_next(path) == path else None
 
 
 async def not_found(request: web.Request, user: User | None = None) -> web.Response:

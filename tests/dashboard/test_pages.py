@@ -438,3 +438,17 @@ def test_a_sign_up_the_default_plan_fails_is_logged_and_blames_the_server(
     finally:
         gw.stop()
     assert f"sign-up failed: the default plan '{plan}' (CHATGATE_DEFAULT_PLAN) is gone" in gw.logs()
+
+
+def test_a_refused_admin_form_links_back_to_its_page(dash: Gateway) -> None:
+    """QA: a plan named ``free`` (taken) or ``...`` answered a "Not possible" page whose one
+    link went to the dashboard's front page, away from the Plans page and its form."""
+    admin = make_user(dash, admin=True)
+    plans = admin.url("/dashboard/admin/plans")
+    refused = admin.post("/dashboard/admin/plans", {"name": "free"}, headers={"Referer": plans})
+    assert refused.status_code in (400, 409), refused.status_code
+    assert 'href="/dashboard/admin/plans" data-back' in refused.text, refused.text[-1500:]
+    elsewhere = admin.post(  # a Referer of another site is no page to go back to
+        "/dashboard/admin/plans", {"name": "free"}, headers={"Referer": "http://evil/x"}
+    )
+    assert "data-back" not in elsewhere.text and 'href="/dashboard/"' in elsewhere.text

@@ -68,6 +68,16 @@ document.addEventListener("DOMContentLoaded", () => {
       delete button.dataset.sent;
     }
   });
+  // "Back to the form" on a refused form's page: the browser's Back, which keeps what was
+  // typed in it (the link itself loads the form anew).
+  for (const link of document.querySelectorAll("[data-back]")) {
+    link.addEventListener("click", (event) => {
+      if (history.length > 1) {
+        event.preventDefault();
+        history.back();
+      }
+    });
+  }
   // Select the whole key when its box is focused.
   const newKey = document.getElementById("new-key");
   if (newKey) newKey.addEventListener("focus", () => newKey.select());
