@@ -386,7 +386,10 @@ async def embeddings(request: web.Request) -> web.Response:
         await reserve.count_in_thread()
     admission = await call.admit(reserve)
     try:
-        answer = await route.embeddings(dict(call.body))
+        body = dict(call.body)
+        if "encoding_format" in body and body["encoding_format"] is None:
+            del body["encoding_format"]  # null: the default, as dimensions' null is (QA)
+        answer = await route.embeddings(body)
         usage = answer.get("usage") or {}
         prompt = reported_tokens(usage.get("prompt_tokens")) if isinstance(usage, dict) else None
         used = reserve() if prompt is None else prompt

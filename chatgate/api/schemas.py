@@ -156,7 +156,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     # A string, a list of strings, or token arrays; element types are checked by the backend
     # (msgspec unions allow one array-like type).
     input: str | Annotated[list[Any], msgspec.Meta(min_length=1, max_length=2048)]
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = "float"  # null: the default
     dimensions: PositiveInt | None = None
     user: str | None = None
 

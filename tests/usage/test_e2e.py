@@ -320,3 +320,23 @@ def test_sigkill_loses_at_most_the_last_flush_interval(
         assert set(ids) <= early | late
     finally:
         gw.stop()
+
+
+def test_an_embeddings_encoding_format_of_null_is_the_default(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    """QA: ``"encoding_format": null`` was a 400 ("Expected `str`, got `null`") where
+    ``"dimensions": null`` is the default; null now means the default here too, and is not
+    sent on to the upstream (which may not take it)."""
+    _, key = new_key(gateway)
+    marker = secrets.token_hex(4)
+    resp = requests.post(
+        gateway.url + "/v1/embeddings",
+        json={"model": "gpt-test", "input": [marker], "encoding_format": None},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    assert isinstance(resp.json()["data"][0]["embedding"], list)  # floats: the default
+    [sent] = [b for b in upstream.received() if b.get("input") == [marker]]
+    assert "encoding_format" not in sent
