@@ -192,6 +192,11 @@ def refused_text(exc: BaseException) -> InvalidRequest | None:
     email), where SQLite simply finds nothing; ``None`` for any other error."""
     if getattr(getattr(exc, "orig", None), "sqlstate", None) != NUL_IN_TEXT:
         return None
+    return nul_refused()
+
+
+def nul_refused() -> InvalidRequest:
+    """The 400 for a NUL character in a value (see :func:`refused_text`)."""
     return InvalidRequest(
         "The request contains a NUL character (\\u0000), which no value may hold.",
         code="invalid_text",

@@ -323,7 +323,13 @@ class Settings:
         )
         file_cfg: dict[str, Any] = {}
         if config_path:
-            with open(config_path, "rb") as fh:
+            try:
+                fh = open(config_path, "rb")  # noqa: SIM115 - closed below
+            except OSError as exc:  # QA: "[Errno 2] No such file or directory", no setting named
+                raise ValueError(
+                    f"CHATGATE_CONFIG: cannot read {config_path}: {exc.strerror or exc}"
+                ) from None
+            with fh:
                 try:
                     file_cfg = tomllib.load(fh)
                 except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

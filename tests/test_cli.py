@@ -566,6 +566,11 @@ def test_keys_rotate_grace_is_capped_as_the_api_caps_it(gw: Gateway) -> None:
         ({}, "[server]\nhost = 5\n", "host in [server]"),
         ({}, '[[models]]\nname = "m"\ncontext_window = "big"\n', "'m': `context_window`"),
         ({}, "not toml at all\n", "bad.toml: not valid TOML"),
+        (  # was "[Errno 2] No such file or directory: '/nonexistent.toml'" (QA)
+            {"CHATGATE_CONFIG": "/nonexistent.toml"},
+            "",
+            "CHATGATE_CONFIG: cannot read /nonexistent.toml: No such file or directory",
+        ),
         ({"CHATGATE_HOST": ""}, "", "CHATGATE_HOST"),  # was every interface
         ({}, '[server]\nhost = ""\n', "host in [server]"),
         ({"CHATGATE_DATA_DIR": ""}, "", "CHATGATE_DATA_DIR"),  # was the current folder

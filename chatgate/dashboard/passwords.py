@@ -17,6 +17,7 @@ from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from chatgate import errors
 from chatgate.accounts import Account
 from chatgate.db.tables import accounts, plans
 
@@ -148,6 +149,8 @@ class PasswordStore:
             .limit(limit)
         )
         text = text.strip().lower()
+        if "\x00" in text:  # SQLite's LIKE ends the pattern there and matched every account
+            raise errors.nul_refused()  # (QA); PostgreSQL refuses it: the same 400 on both
         if text:
             escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             query = query.where(accounts.c.email.like(f"%{escaped}%", escape="\\"))

@@ -446,3 +446,11 @@ def test_admin_and_usage_routes_take_what_the_other_management_routes_take(
     assert at_zero.status_code == 400 and at_zero.json()["error"]["param"] == "end_time"
     ahead = usage(start_time=int(time.time()) + 3600)
     assert ahead.status_code == 400 and ahead.json()["error"]["param"] == "start_time"
+
+
+def test_an_account_search_for_a_nul_is_refused_on_every_database(dash: Gateway) -> None:
+    """QA: on SQLite ``GET /api/admin/accounts?q=%00`` listed every account (LIKE's pattern
+    ends at the NUL); PostgreSQL refused it. The same 400 on both now."""
+    admin = make_user(dash, admin=True)
+    refused = admin.api("GET", "/api/admin/accounts", params={"q": "a\x00"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_text"
