@@ -226,6 +226,13 @@ def decode_json(body: bytes) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         if exc.msg == "depth limit exceeded":
             raise _too_deep() from exc
+        if "surrogate" in exc.msg:  # valid JSON text Python cannot hold (QA: the HINT misled)
+            raise errors.InvalidRequest(
+                "The JSON body has a lone UTF-16 surrogate (a \\ud800-\\udfff escape without "
+                "its pair, as a string cut in the middle of an emoji leaves): no text may hold "
+                f"one ({exc.msg}).",
+                code="invalid_json",
+            ) from exc
         raise errors.InvalidRequest(
             "We could not parse the JSON body of your request. (HINT: This likely means you "
             "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)",

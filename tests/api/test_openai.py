@@ -7,8 +7,10 @@ import threading
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from chatgate import tokens
+from chatgate import errors, tokens
+from chatgate.api.schemas import decode_json
 from tests.helpers import Upstream, served_app
 
 
@@ -49,3 +51,17 @@ async def test_a_long_embeddings_input_is_counted_off_the_event_loop(
     loop = threading.get_ident()  # the test's loop serves the app too
     assert counter.threads[0] == loop  # a short one is counted at once
     assert len(counter.threads) == 2 and counter.threads[1] != loop
+
+
+@pytest.mark.parametrize("text", ['"\\ud83d cut"', '"\\udc00"', '"\\ud83d"'])
+def test_a_lone_surrogate_is_named_not_taken_for_bad_json(text: str) -> None:
+    """QA: a string cut in the middle of an emoji (``\\ud83d`` without its pair, as JavaScript
+    clients cut them) was "We could not parse the JSON body ... (HINT: ... not using your HTTP
+    library correctly)" for JSON that is well formed."""
+    with pytest.raises(errors.InvalidRequest) as refused:
+        decode_json(b'{"model": "m", "input": ' + text.encode() + b"}")
+    assert "lone UTF-16 surrogate" in refused.value.message
+    assert refused.value.code == "invalid_json"
+    with pytest.raises(errors.InvalidRequest) as broken:
+        decode_json(b'{"model": ')
+    assert "HINT" in broken.value.message
