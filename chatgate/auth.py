@@ -36,6 +36,10 @@ MISSING_KEY = (
     "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
 )
 BAD_KEY = "Incorrect API key provided. You can find your API keys in the chatgate dashboard."
+DISABLED = (
+    "This key is associated with a disabled account. If you feel this is an error, ask the "
+    "administrator of this chatgate to enable it."
+)
 NEGATIVE_CACHE_LIMIT = 100_000
 FEED_GAP_WAIT = 30.0  # seconds a feed id skipped over is looked for (see poll_once)
 FEED_MAX_GAPS = 1_000
@@ -127,13 +131,15 @@ class Authenticator:
                 raise errors.AuthenticationError(BAD_KEY)
             entry = await self._load(digest)
         lookup = entry.lookup
-        if lookup is None or lookup.revoked_at is not None or lookup.account_disabled:
+        if lookup is None or lookup.revoked_at is not None:
             raise errors.AuthenticationError(BAD_KEY)
         wall = time.time()
         if lookup.matched_previous and (
             lookup.prev_valid_until is None or lookup.prev_valid_until <= wall
         ):
             raise errors.AuthenticationError(BAD_KEY)
+        if lookup.account_disabled:  # the caller holds a live secret: it may know why
+            raise errors.AccountDeactivated(DISABLED)
         if lookup.expires_at is not None and lookup.expires_at <= wall:
             raise errors.ExpiredAPIKey(
                 "The API key provided has expired. Create a new one in the chatgate dashboard."

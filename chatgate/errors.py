@@ -137,6 +137,12 @@ class ExpiredAPIKey(AuthenticationError):
     code = "expired_api_key"
 
 
+class AccountDeactivated(AuthenticationError):
+    """OpenAI's 401 for a key of a deactivated account (it said "Incorrect API key": QA)."""
+
+    code = "account_deactivated"
+
+
 class PermissionDenied(APIError):
     status = 403
     type = "permission_error"

@@ -504,6 +504,9 @@ def test_disabled_account_is_logged_out_and_its_keys_stop(dash: Gateway) -> None
     )
     assert user.login().status_code == 401  # the same generic answer
     assert wait_status(dash, key, 401) == 401
+    # The key's holder is told why, as OpenAI tells it (it said "Incorrect API key": QA).
+    error = chat(dash, key).json()["error"]
+    assert error["code"] == "account_deactivated" and "disabled account" in error["message"]
     # Enabled again, the account logs in afresh: the sessions it had stay ended.
     disable(False)
     stale = copied.get(user.url("/dashboard/"), allow_redirects=False, timeout=10)
