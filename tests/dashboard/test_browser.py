@@ -83,6 +83,13 @@ def submit(page: Page, button: str) -> None:
         page.get_by_role("button", name=button, exact=True).click()
 
 
+def log_in(page: Page, email: str) -> None:
+    page.goto("/dashboard/login")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(PASSWORD)
+    submit(page, "Log in")
+
+
 def test_sign_up_to_revoked_key(browser: Browser, dash: Gateway) -> None:
     context = new_context(browser, dash)
     page = context.new_page()
@@ -242,10 +249,7 @@ def test_logging_out_forgets_the_playground_key(browser: Browser, dash: Gateway)
     second = make_user(dash, login=False)
     context = new_context(browser, dash)
     page = context.new_page()
-    page.goto("/dashboard/login")
-    page.get_by_label("Email").fill(first.email)
-    page.get_by_label("Password").fill(PASSWORD)
-    submit(page, "Log in")
+    log_in(page, first.email)
     page.goto("/dashboard/keys")
     page.get_by_label("Name").fill("handed over")
     submit(page, "Create key")
@@ -343,10 +347,7 @@ def test_essential_flows_without_javascript(browser: Browser, dash: Gateway) -> 
     user = make_user(dash, login=False)
     context = new_context(browser, dash, java_script_enabled=False)
     page = context.new_page()
-    page.goto("/dashboard/login")
-    page.get_by_label("Email").fill(user.email)
-    page.get_by_label("Password").fill(PASSWORD)
-    submit(page, "Log in")
+    log_in(page, user.email)
     page.goto("/dashboard/keys")
     page.get_by_label("Name").fill("no-js key")
     submit(page, "Create key")
@@ -402,10 +403,7 @@ def test_a_key_form_waits_for_its_answer_after_a_click(browser: Browser, dash: G
     user = make_user(dash, login=False)
     context = new_context(browser, dash)
     page = context.new_page()
-    page.goto("/dashboard/login")
-    page.get_by_label("Email").fill(user.email)
-    page.get_by_label("Password").fill(PASSWORD)
-    submit(page, "Log in")
+    log_in(page, user.email)
     page.goto("/dashboard/keys")
     page.get_by_label("Name").fill("clicked once")
     # The answer never comes here: the form is kept from leaving, as a slow one would be.
