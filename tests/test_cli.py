@@ -254,6 +254,12 @@ def test_keys_create_expires_in_0_is_a_key_that_does_not_expire(gw: Gateway) -> 
         assert key["expires_at"] is None and key["status"] == "active", (text, key)
     soon = gw.cli_json("keys", "create", "--account", "zero@example.com", "--expires-in", "1h")
     assert soon["expires_at"] > time.time() + 3500 and soon["status"] == "active"
+    # "0d" is refused (a key dead at birth), saying what does mean no expiry: the message
+    # said "be empty for never" where the help says "0 or never" (QA).
+    dead = gw.cli(
+        "keys", "create", "--account", "zero@example.com", "--expires-in", "0d", check=False
+    )
+    assert dead.returncode == 2 and "0, never or empty for no expiry" in dead.stderr
 
 
 def test_a_setting_that_is_not_a_number_is_named(gw: Gateway) -> None:

@@ -48,7 +48,7 @@ def parse_expiry(text: str | None, *, now: float | None = None) -> int | None:
     except ValueError as exc:
         raise errors.InvalidRequest(
             "Expiry must look like 30d, 12h or 90m, more than 0 and at most 100 years (36500d), "
-            "or be empty for never.",
+            "or 0, never or empty for no expiry.",
             param="expires_in",
         ) from exc
     return int(now if now is not None else time.time()) + seconds
