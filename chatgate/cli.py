@@ -289,7 +289,8 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> None:
             account = await accounts.by_email(args.account)
             expires = parse_expiry(args.expires_in)  # "0", "never": no expiry
             served = [m.name for m in Router(settings).models()]
-            models = check_models(served, args.models.split(",")) if args.models else None
+            wanted = [name for given in args.models or () for name in given.split(",")]
+            models = check_models(served, wanted) if args.models else None
             period = parse_duration(args.rotate_every) if args.rotate_every else None
             return (
                 await keys.create(
@@ -437,7 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--account", required=True, help="the owner's email")
     p.add_argument("--name", default="")
     p.add_argument("--expires-in", help="e.g. 30d, 12h; 0 or never: no expiry (the default)")
-    p.add_argument("--models", help="comma-separated model names this key may use")
+    p.add_argument(  # given twice, both count (QA: the last one alone did, silently)
+        "--models",
+        action="append",
+        help="comma-separated model names this key may use (may be given more than once)",
+    )
     p.add_argument("--rotate-every", help="scheduled rotation period, e.g. 90d")
     for field in LIMIT_FIELDS:  # held beside the account's plan, which binds still
         p.add_argument(

@@ -254,6 +254,17 @@ def test_keys_create_expires_in_0_is_a_key_that_does_not_expire(gw: Gateway) -> 
         assert key["expires_at"] is None and key["status"] == "active", (text, key)
     soon = gw.cli_json("keys", "create", "--account", "zero@example.com", "--expires-in", "1h")
     assert soon["expires_at"] > time.time() + 3500 and soon["status"] == "active"
+    models = gw.workdir / "models.toml"
+    models.write_text(
+        "".join(f'[[models]]\nname = "{m}"\nbase_url = "http://127.0.0.1:9/v1"\n' for m in "abc")
+    )
+    gw.env["CHATGATE_CONFIG"] = str(models)
+    made = gw.cli(
+        "keys", "create", "--account", "zero@example.com", "--models", "a", "--models", "b,c",
+        "--json",
+    )  # fmt: skip
+    both = json.loads(made.stdout)
+    assert sorted(both["models"]) == ["a", "b", "c"], both  # QA: "c" and "b" alone were kept
     # "0d" is refused (a key dead at birth), saying what does mean no expiry: the message
     # said "be empty for never" where the help says "0 or never" (QA).
     dead = gw.cli(
