@@ -357,7 +357,10 @@ class RateLimiter:
             tokens.append(token)
         for permit in moving:
             if permit._wake is not None:
-                permit._wake()
+                try:
+                    permit._wake()
+                except RuntimeError:  # its event loop was closed while it waited: nobody
+                    self._waiting.pop(permit.seq, None)  # to wake, and no reason to fail here
 
     def _done_waiting(self, permit: Permit) -> None:
         with self._lock:

@@ -397,3 +397,18 @@ def test_moving_waiters_up_keeps_every_window_within_the_limit(
     for asked, p in kept:
         if p.at < asked + p.delay - 1e-9:  # moved up: its waiter heard of it
             assert p.seq in woken
+
+
+def test_a_waiter_whose_event_loop_is_gone_does_not_fail_the_settlement() -> None:
+    """A task that waited in ``aacquire`` on a loop closed since (a thread's ``asyncio.run``
+    cut short) cannot be woken: the settlement that moves it up, in another thread, must not
+    raise for it."""
+    limiter = RateLimiter(tpm=1000, window=30, slack=0)
+    first = limiter.reserve(900)
+    loop = asyncio.new_event_loop()
+    waiting = loop.create_task(limiter.aacquire(500))
+    loop.run_until_complete(asyncio.sleep(0.01))  # it books and waits
+    assert not waiting.done()
+    loop.close()  # the task is left pending, its wake-up with nowhere to go
+    limiter.settle(first, 100)  # moves it up: no RuntimeError
+    assert limiter.reserve(10).delay >= 0
