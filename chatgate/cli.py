@@ -127,6 +127,8 @@ async def with_engine(
 
 def _refuse_no_sqlite_file(settings: Settings) -> None:
     """A SQLite database that is not there is refused before an engine would make it."""
+    if not settings.effective_database_url.startswith("sqlite"):
+        return  # (create_engine names a URL of any other kind: make_url's words name none)
     url = make_url(settings.effective_database_url)
     path = url.database or ""
     if url.get_backend_name() == "sqlite" and path != ":memory:" and not Path(path).exists():

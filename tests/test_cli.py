@@ -583,6 +583,11 @@ def test_keys_rotate_grace_is_capped_as_the_api_caps_it(gw: Gateway) -> None:
         ({}, "[server]\nhost = 5\n", "host in [server]"),
         ({}, '[[models]]\nname = "m"\ncontext_window = "big"\n', "'m': `context_window`"),
         ({}, "not toml at all\n", "bad.toml: not valid TOML"),
+        (  # was "database: Could not parse SQLAlchemy URL from given URL string" (QA)
+            {"CHATGATE_DATABASE_URL": "nonsense"},
+            "",
+            "CHATGATE_DATABASE_URL must be a postgresql:// or sqlite:/// URL",
+        ),
         (  # was "[Errno 2] No such file or directory: '/nonexistent.toml'" (QA)
             {"CHATGATE_CONFIG": "/nonexistent.toml"},
             "",
