@@ -26,6 +26,7 @@ from chatgate.backends.router import Router
 from chatgate.db.engine import create_engine, migrate, schema
 from chatgate.db.instance import SecretMismatch, check_secret
 from chatgate.keys.store import IssuedKey, KeyStore
+from chatgate.ratelimit.resp import RespClient
 from chatgate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ def serve(
     # setting is checked when it is read, the model tables here as the app plans them, the
     # address in prepare.)
     Router(settings)
+    if settings.redis_url:  # its URL and TLS files (a CA file that is not there, say)
+        RespClient(settings.redis_url)
     for name in sorted({m.api_key_env for m in settings.models if m.api_key_env}):
         if name not in settings.upstream_keys:  # QA: a typo in the variable, no word of it
             log.warning(

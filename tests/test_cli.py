@@ -646,6 +646,11 @@ def test_serve_checks_everything_before_the_first_start_shows_its_key(gw: Gatewa
             (("--port", "0"), {"CHATGATE_CONFIG": str(gw.workdir / "models.toml")}, "base_url"),
             (("--port", taken), {}, f"cannot listen on 127.0.0.1:{taken}"),
             (("--port", taken, "--workers", "2"), redis, f"cannot listen on 127.0.0.1:{taken}"),
+            (  # QA: "[Errno 2] No such file or directory", after the key was shown
+                ("--port", "0"),
+                {"CHATGATE_REDIS_URL": "rediss://127.0.0.1:6379/15?ssl_ca_certs=/nonexistent.pem"},
+                "CHATGATE_REDIS_URL: its ssl_ca_certs file cannot be read",
+            ),
         ):
             result = gw.cli("serve", *args, check=False, env=env, timeout=60)
             assert result.returncode == 2, (args, env, result.stderr)

@@ -266,7 +266,12 @@ def _tls(query: dict[str, list[str]]) -> ssl.SSLContext:
     def option(name: str) -> str:
         return query.get(name, [""])[0]
 
-    context = ssl.create_default_context(cafile=option("ssl_ca_certs") or None)
+    try:
+        context = ssl.create_default_context(cafile=option("ssl_ca_certs") or None)
+    except OSError as exc:  # it said "[Errno 2] No such file or directory", naming nothing (QA)
+        raise ValueError(
+            f"CHATGATE_REDIS_URL: its ssl_ca_certs file cannot be read ({exc.strerror or exc})"
+        ) from None
     reqs = option("ssl_cert_reqs").lower() or "required"
     if reqs not in _CERT_REQS:
         raise ValueError(f"unsupported ssl_cert_reqs {reqs!r}: none, optional or required")
@@ -274,7 +279,13 @@ def _tls(query: dict[str, list[str]]) -> ssl.SSLContext:
         context.check_hostname = False  # before verify_mode: ssl refuses CERT_NONE with it
     context.verify_mode = _CERT_REQS[reqs]
     if option("ssl_certfile"):
-        context.load_cert_chain(option("ssl_certfile"), option("ssl_keyfile") or None)
+        try:
+            context.load_cert_chain(option("ssl_certfile"), option("ssl_keyfile") or None)
+        except OSError as exc:
+            raise ValueError(
+                "CHATGATE_REDIS_URL: its ssl_certfile/ssl_keyfile cannot be read "
+                f"({exc.strerror or exc})"
+            ) from None
     return context
 
 
