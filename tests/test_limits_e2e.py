@@ -398,15 +398,18 @@ def test_a_stopped_process_s_spool_counts_against_the_quota_once_replayed(
         ]
     )
     spool.release()  # its lock goes: the file of a process that has stopped
+    logged = len(gw.logs())  # the log so far: the first start's (its seed said so too)
     gw.start()
     try:
         deadline = time.monotonic() + 20
         while "replayed the spool of a stopped process" not in gw.logs():
             assert time.monotonic() < deadline, "the spool was not replayed"
             time.sleep(0.1)
-        # The seed follows the replay at once (the first was at the start; the old code had
-        # no second, and this waits the deadline out).
-        while gw.logs().count("seeded from the usage records") < 2 and time.monotonic() < deadline:
+        # The seed follows the replay at once (the first was at this start; the old code had
+        # no second). The first start's lines are not counted: with them, this waited for
+        # nothing, and the request below could come before the seed (a fresh-clone run).
+        while gw.logs()[logged:].count("seeded from the usage records") < 2:
+            assert time.monotonic() < deadline, "the limits were not seeded again"
             time.sleep(0.1)
         refused = requests.post(
             gw.url + "/v1/chat/completions",
