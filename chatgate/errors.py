@@ -9,7 +9,6 @@
     ├── AuthenticationError          401 invalid_api_key
     │   └── ExpiredAPIKey            401 expired_api_key
     ├── PermissionDenied             403 permission_error
-    │   └── ModelNotAllowed          403 model_not_allowed
     ├── RateLimited                  429 requests|tokens rate_limit_exceeded
     ├── InsufficientQuota            429 insufficient_quota (x-should-retry: false)
     ├── ServiceUnavailable           503 server_error
@@ -147,15 +146,6 @@ class PermissionDenied(APIError):
     status = 403
     type = "permission_error"
     code = "permission_denied"
-
-
-class ModelNotAllowed(PermissionDenied):
-    code = "model_not_allowed"
-
-    def __init__(self, model: str) -> None:
-        super().__init__(
-            f"This API key is not allowed to use the model `{_clip(model)}`.", param="model"
-        )
 
 
 class RateLimited(APIError):

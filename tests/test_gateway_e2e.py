@@ -316,7 +316,13 @@ def test_key_limited_to_a_model(gateway: Gateway) -> None:
     key = new_key(gateway, None, "--models", "gpt-test")["key"]
     assert chat(gateway, key).status_code == 200
     body = {"model": "gpt-other", "messages": [{"role": "user", "content": "x"}]}
-    assert_error(chat(gateway, key, body), 403, "model_not_allowed", "model", "permission_error")
+    hidden = chat(gateway, key, body)
+    assert_error(hidden, 404, "model_not_found", "model", "invalid_request_error")
+    unknown = chat(gateway, key, dict(body, model="gpt-none"))
+    assert_error(unknown, 404, "model_not_found", "model", "invalid_request_error")
+    # A model the key may not use reads like one that does not exist: the same words.
+    words = hidden.json()["error"]["message"].replace("gpt-other", "gpt-none")
+    assert words == unknown.json()["error"]["message"]
     models = requests.get(
         gateway.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10
     ).json()

@@ -85,10 +85,15 @@ async def admit_request(
 
 
 def route_for(state: State, principal: Principal, model: str) -> Route:
-    """The route for ``model``, if this key may use it (404 unknown, 403 not allowed)."""
+    """The route for ``model``, if this key may use it.
+
+    A model the key may not use is the 404 of a model that does not exist, as ``GET
+    /v1/models/{model}`` and OpenAI answer both: a key limited to some models does not learn
+    which others the server has (it was a 403 ``model_not_allowed``: QA).
+    """
     route = state.router.resolve(model)
     if not principal.allows_model(model):
-        raise errors.ModelNotAllowed(model)
+        raise errors.ModelNotFound(model)
     return route
 
 
