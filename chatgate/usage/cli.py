@@ -103,9 +103,7 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
     end = until_now()
 
     async def run(engine: AsyncEngine) -> tuple[Report, dict[str, tuple[str, str]]]:
-        account_id = await _account_id(engine, args.account)
-        if args.key and not await key_names(engine, {args.key}):
-            raise errors.NotFound(f"No key with the id `{args.key}` (see `chatgate keys list`).")
+        account_id = await _scope(engine, args.account, args.key)
         result = await report(
             engine, start=end - span, end=end, by=args.by, account_id=account_id, key_id=args.key
         )
@@ -138,6 +136,14 @@ def cmd_usage(settings: Settings, args: argparse.Namespace) -> None:
     scope = f" for {' and '.join(named)}" if named else " (all accounts)"
     _out(f"usage {iso(end - span)} .. {iso(end)}{scope}")
     _out(table(shown, columns))
+
+
+async def _scope(engine: AsyncEngine, email: str | None, key: str | None) -> str | None:
+    """The account id of ``--account`` (report and export alike); an unknown key is a 404."""
+    account_id = await _account_id(engine, email)
+    if key and not await key_names(engine, {key}):
+        raise errors.NotFound(f"No key with the id `{key}` (see `chatgate keys list`).")
+    return account_id
 
 
 def _ms(value: float | None) -> str:
@@ -194,9 +200,7 @@ def cmd_usage_export(settings: Settings, args: argparse.Namespace) -> None:
     end = until_now()
 
     async def run(engine: AsyncEngine, out: IO[str]) -> int:
-        account_id = await _account_id(engine, account)
-        if key and not await key_names(engine, {key}):
-            raise errors.NotFound(f"No key with the id `{key}` (see `chatgate keys list`).")
+        account_id = await _scope(engine, account, key)
         writer = csv.DictWriter(out, fieldnames=("time", *EXPORT_COLUMNS), lineterminator="\n")
         writer.writeheader()
         count = 0
