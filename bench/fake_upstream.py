@@ -16,6 +16,8 @@ Behaviour is chosen by the request's ``model``:
 - ``stall-stream``: when streaming, send ``fake.after`` events (default 2; 0 = headers only),
   then go silent for ``fake.delay`` seconds (default an hour) without closing; when not
   streaming, the same as ``hang``;
+- ``fake.cached`` = N (any model): the usage reports N of the prompt's tokens as cached
+  (``prompt_tokens_details.cached_tokens``, as OpenAI's prompt caching does);
 - ``fake.no_done`` (any model): end a stream without ``data: [DONE]`` (some servers do);
 - ``fake.after_done`` (any model): send one more event after ``data: [DONE]``;
 - ``fake.fail_times`` = N with ``fake.key`` = K (any model): the first N requests carrying key K
@@ -69,14 +71,17 @@ async def _linger(request: web.Request, seconds: float) -> None:
         await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
 
-def _usage(prompt: int, completion: int, model: str = "") -> dict[str, int]:
+def _usage(prompt: int, completion: int, model: str = "", cached: Any = None) -> dict[str, Any]:
     if model == "bad-usage":
         prompt, completion = 2**40, -3
-    return {
+    usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    if cached is not None:  # fake.cached: as OpenAI reports a prompt's cached part
+        usage["prompt_tokens_details"] = {"cached_tokens": cached, "audio_tokens": 0}
+    return usage
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:
@@ -171,7 +176,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             ],
         }
         if report_usage:
-            out["usage"] = _usage(prompt, len(pieces), model)
+            out["usage"] = _usage(prompt, len(pieces), model, fake.get("cached"))
         cookie = fake.get("set_cookie")
         headers = {"Set-Cookie": cookie} if isinstance(cookie, str) else None
         return web.Response(
@@ -218,7 +223,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             "created": created,
             "model": model,
             "choices": [],
-            "usage": _usage(prompt, n, model),
+            "usage": _usage(prompt, n, model, fake.get("cached")),
         }
         await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
     if not fake.get("no_done"):

@@ -30,6 +30,7 @@ class Meter:
     backend: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     cost: float = 0.0
     first_byte_at: float | None = None
     streamed: bool = False
@@ -47,8 +48,9 @@ class Meter:
         """Note the tokens of an answer and what they cost under the model's prices."""
         self.prompt_tokens = usage.prompt_tokens
         self.completion_tokens = usage.completion_tokens
+        self.cached_tokens = cached = usage.cached_tokens
         if model is not None:
-            self.cost = model.cost(usage.prompt_tokens, usage.completion_tokens)
+            self.cost = model.cost(usage.prompt_tokens, usage.completion_tokens, cached)
 
     def broken(self, failure: APIError) -> None:
         """A stream the upstream broke after its start: the client saw a 200 and then an error
@@ -82,6 +84,7 @@ class Meter:
             self.conversation_id,
             self.streamed,
             self.admitted,
+            self.cached_tokens,
         )
 
 

@@ -202,13 +202,21 @@ class ModelConfig:
     context_window: int = 8192
     options: Mapping[str, Any] = field(default_factory=dict)
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
         """What that many prompt and completion tokens cost at the model's prices, in US
-        dollars (0 when unpriced): a usage record's cost, and what a budget holds."""
+        dollars (0 when unpriced): a usage record's cost, and what a budget holds.
+
+        ``cached_tokens`` of the prompt's are priced at ``cached_input_price_per_mtok`` when
+        the model has one (OpenAI bills a prompt's cached part at a discount), else as input.
+        """
         prices = self.options  # validated numbers (chatgate.backends.deployment)
         per_input: float = prices.get("input_price_per_mtok", 0.0)
         per_output: float = prices.get("output_price_per_mtok", 0.0)
-        return (prompt_tokens * per_input + completion_tokens * per_output) / 1e6
+        cost = prompt_tokens * per_input + completion_tokens * per_output
+        if cached_tokens:
+            per_cached: float = prices.get("cached_input_price_per_mtok", per_input)
+            cost -= cached_tokens * (per_input - per_cached)
+        return cost / 1e6
 
 
 @dataclass(frozen=True, slots=True)

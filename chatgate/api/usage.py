@@ -170,7 +170,7 @@ async def _usage_api(
                 "object": result_object,
                 "input_tokens": row.prompt_tokens,
                 "output_tokens": row.completion_tokens,
-                "input_cached_tokens": 0,
+                "input_cached_tokens": row.cached_tokens,
                 "input_audio_tokens": 0,
                 "output_audio_tokens": 0,
                 "num_model_requests": row.succeeded,

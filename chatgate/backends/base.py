@@ -36,12 +36,20 @@ def reported_tokens(value: Any) -> int | None:
     return None
 
 
+def _part(details: Any, name: str, whole: int) -> int:
+    """``details[name]``, a part of ``whole`` tokens an upstream reported; 0 if it is not one."""
+    value = reported_tokens(details.get(name)) if type(details) is dict else None
+    return value if value is not None and value <= whole else 0
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token usage of one request, as OpenAI reports it."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's, read from a cache upstream (priced apart)
+    reasoning_tokens: int = 0  # of the completion's, a reasoning model's (shown, not recorded)
 
     @property
     def total_tokens(self) -> int:
@@ -62,7 +70,17 @@ class Usage:
         total = data.get("total_tokens", prompt + completion)
         if type(total) is not int or total != prompt + completion:
             return None
-        return cls(prompt, completion)
+        details, more = data.get("prompt_tokens_details"), data.get("completion_tokens_details")
+        if not details and not more:  # absent or null: most servers' usage, and the cheap one
+            return cls(prompt, completion)
+        # Parts of the prompt's and the completion's: more than the whole is not a count, only
+        # ignored (the prompt is then priced whole, as from an upstream that reports no cache).
+        return cls(
+            prompt,
+            completion,
+            _part(details, "cached_tokens", prompt),
+            _part(more, "reasoning_tokens", completion),
+        )
 
     def to_openai(self) -> dict[str, int]:
         return {

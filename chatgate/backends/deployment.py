@@ -22,6 +22,7 @@ DEFAULT_RETRY_BACKOFF = 0.25
 DEFAULT_RETRY_BACKOFF_MAX = 4.0
 BACKEND_KINDS = ("openai_compat", "local")
 PRICE_KEYS = ("input_price_per_mtok", "output_price_per_mtok")  # model-level, US dollars
+CACHED_PRICE_KEY = "cached_input_price_per_mtok"  # optional: the input price when absent
 SAMPLING_RANGES = {"temperature": 2.0, "top_p": 1.0}
 """Sampling defaults a table may set (each from 0 to its value, as the API takes them): a
 deployment's chat requests get them where they say nothing (``router.chat_body``)."""
@@ -31,6 +32,7 @@ OPTION_KEYS = frozenset(
         *("retries", "retry_backoff", "retry_backoff_max"),
         *("weight", "priority", "breaker_failures", "breaker_cooldown"),
         *PRICE_KEYS,
+        CACHED_PRICE_KEY,
         *SAMPLING_RANGES,
     }
 )
@@ -232,6 +234,8 @@ def plan_models(settings: Settings, configs: Sequence[ModelConfig]) -> list[Mode
         # What the API layer sees: name, context window and prices; no URL, key name or
         # routing options.
         prices = {key: _price(first.options, key, where=where) for key in PRICE_KEYS}
+        if CACHED_PRICE_KEY in first.options:
+            prices[CACHED_PRICE_KEY] = _price(first.options, CACHED_PRICE_KEY, where=where)
         public = replace(first, base_url="", api_key_env=None, options=prices)
         plans.append(ModelPlan(public, deployments, retry))
     return plans

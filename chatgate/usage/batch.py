@@ -118,6 +118,7 @@ _ADDED = (
     "status",
     "latency_ms",
     "admitted",
+    "cached_tokens",
 )
 
 
@@ -160,6 +161,7 @@ def _row(rec: UsageRecord) -> tuple[Any, ...]:
         rec.conversation_id,
         bool(rec.streamed),
         bool(rec.admitted),
+        int(rec.cached_tokens),
     )
 
 
@@ -172,20 +174,21 @@ def _sum_minutes(
     minutes: dict[tuple[Any, ...], list[float]], added: Iterable[Sequence[Any]]
 ) -> None:
     """Add the rows ``added`` (each as :data:`_ADDED`) to ``minutes``: one dict lookup a row."""
-    for ts, account, key_id, model, endpoint, prompt, completion, cost, status, ms, took in added:
-        key = (ts - ts % MINUTE, account or "", key_id or "", model, endpoint)
+    for ts, acct, kid, model, endpoint, prompt, output, cost, status, ms, took, cached in added:
+        key = (ts - ts % MINUTE, acct or "", kid or "", model, endpoint)
         acc = minutes.get(key)
         if acc is None:
-            acc = minutes[key] = [0, 0, 0, 0, 0, 0, 0.0, 0, 0]
+            acc = minutes[key] = [0, 0, 0, 0, 0, 0, 0.0, 0, 0, 0]
         acc[0] += 1
         acc[1] += prompt
-        acc[2] += completion
+        acc[2] += output
         acc[3] += cost
         acc[4] += status >= 400
         acc[5] += status == 429
         acc[6] += ms
         acc[7] += 1
         acc[8] += took
+        acc[9] += cached
 
 
 def _increments(minutes: dict[tuple[Any, ...], list[float]]) -> list[tuple[Any, ...]]:
@@ -297,6 +300,7 @@ def _batch_sql_pg() -> str:
         "latency_ms_sum": "sum(i.latency_ms)",
         "timed_requests": "count(*)",
         "admitted": "count(*) FILTER (WHERE i.admitted)",
+        "cached_tokens": "sum(i.cached_tokens)",
     }
     assert tuple(sums) == ROLLUP_SUMS, "the rollup columns changed: update the sums here"
     grouped = (

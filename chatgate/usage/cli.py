@@ -43,6 +43,7 @@ NUMBERS = (
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
+    "cached_tokens",  # of the prompt tokens, read from an upstream's prompt cache
     "cost",
     "avg_latency_ms",  # None (blank, null, "-") where no request was timed
 )

@@ -47,6 +47,7 @@ EXPORT_COLUMNS = (
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
+    "cached_tokens",
     "cost",
     "latency_ms",
     "ttft_ms",
@@ -90,6 +91,7 @@ class UsageRow:
     latency_ms_sum: float = 0.0  # of the timed requests (see usage.tables.usage_rollups)
     timed_requests: int = 0
     admitted: int = 0  # requests the limits let through (what a restart seeds them with)
+    cached_tokens: int = 0  # of prompt_tokens, read from an upstream's prompt cache
 
     @property
     def total_tokens(self) -> int:
@@ -335,6 +337,7 @@ def _raw_sums(r: sa.Table) -> list[sa.ColumnElement[Any]]:
         "latency_ms_sum": sa.func.sum(r.c.latency_ms),
         "timed_requests": sa.func.count(),
         "admitted": count_of(r.c.admitted.is_(True)),
+        "cached_tokens": sa.func.sum(r.c.cached_tokens),
     }
     assert tuple(sums) == ROLLUP_SUMS, "the rollup columns changed: update the sums here"
     return list(sums.values())

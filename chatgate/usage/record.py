@@ -34,6 +34,7 @@ class UsageRecord:
     conversation_id: str | None
     streamed: bool
     admitted: bool = True  # the limits let it through (see usage.tables.usage_records)
+    cached_tokens: int = 0  # of prompt_tokens, read from the upstream's prompt cache
 
     @property
     def total_tokens(self) -> int:
@@ -57,9 +58,11 @@ class UsageRecord:
         """The inverse of :meth:`to_dict`; unknown keys are ignored, missing ones raise.
 
         A line spooled before ``admitted`` was recorded reads as the rollups of then do:
-        admitted unless it was a 429."""
+        admitted unless it was a 429; one spooled before ``cached_tokens``, none cached."""
         if "admitted" not in data:
             data = {**data, "admitted": data.get("status") != RATE_LIMITED_STATUS}
+        if "cached_tokens" not in data:
+            data = {**data, "cached_tokens": 0}
         return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 

@@ -68,6 +68,9 @@ usage_records = Table(
     # Whether the limits let it through (and took it): not a request refused before them (a
     # 400, 403, 404, 413) or by them (a 429). NULL: recorded before migration 0009, not known.
     Column("admitted", Boolean),
+    # Of prompt_tokens, those the upstream read from its prompt cache (priced apart, see
+    # ModelConfig.cost). 0 before migration 0011: not known.
+    Column("cached_tokens", Integer, nullable=False, server_default="0"),
 )
 
 # Pruning and exports scan by time; an account's export by account then time.
@@ -97,6 +100,7 @@ usage_rollups = Table(
     # the requests-per-day limits with. Counted since migration 0009, which filled in the
     # hourly rows of the two days before it (the seed reads the last day's).
     Column("admitted", BigInteger, nullable=False, server_default="0"),
+    Column("cached_tokens", BigInteger, nullable=False, server_default="0"),  # since 0011
 )
 ROLLUP_SUMS: tuple[str, ...] = tuple(c.name for c in usage_rollups.c if not c.primary_key)
 """The rollups' summed columns, in order: what a batch adds and what a report sums."""

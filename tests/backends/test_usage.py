@@ -99,3 +99,24 @@ async def test_the_gateway_usage_chunk_repeats_the_stream_envelope() -> None:
     assert orjson.loads(event[6:]) == _chunk(
         [], {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
     )
+
+
+def test_the_cached_and_reasoning_parts_are_read_when_they_are_counts_within_the_whole() -> None:
+    """OpenAI reports the prompt's cached part and the completion's reasoning part in
+    ``*_tokens_details``: kept when each is a count no larger than its whole, else 0 (the usage
+    itself stays: its two counts are good)."""
+    base = {"prompt_tokens": 100, "completion_tokens": 30, "total_tokens": 130}
+    full = {
+        **base,
+        "prompt_tokens_details": {"cached_tokens": 64, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 12},
+    }
+    assert Usage.from_openai(full) == Usage(100, 30, 64, 12)
+    assert Usage.from_openai({**base, "prompt_tokens_details": None}) == Usage(100, 30)
+    for bad in (101, -1, True, "64", 2**40, None):
+        usage = Usage.from_openai({**base, "prompt_tokens_details": {"cached_tokens": bad}})
+        assert usage == Usage(100, 30, 0, 0), bad
+        usage = Usage.from_openai({**base, "completion_tokens_details": {"reasoning_tokens": bad}})
+        assert usage == Usage(100, 30, 0, 0), bad
+    for odd in ([64], "64", 64, {"cached": 64}):
+        assert Usage.from_openai({**base, "prompt_tokens_details": odd}) == Usage(100, 30), odd
