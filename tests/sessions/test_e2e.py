@@ -498,9 +498,9 @@ def test_a_conversation_cannot_reach_a_model_the_key_may_not_use(
     )
     assert sent(upstream)["model"] == "other-model"
 
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.NotFoundError):
         limited.responses.create(model="gpt-other", input="x", conversation=conv.id)
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.NotFoundError):
         limited.chat.completions.create(
             model="gpt-other",
             messages=[{"role": "user", "content": "x"}],
