@@ -28,6 +28,7 @@ from chatgate.sessions.response_stream import StreamTranslator, parse_chunks, ss
 from chatgate.sessions.responses import (
     ResponsesRequest,
     chat_body,
+    content_logprobs,
     items_to_messages,
     normalize_input,
     output_items,
@@ -106,7 +107,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             usage = result.usage or turn.counted(message_text(message))
             call.meter.add_usage(usage, route.model)
             incomplete = choices[0].get("finish_reason") == "length"
-            outputs = output_items(message, incomplete=incomplete)
+            outputs = output_items(
+                message, incomplete=incomplete, logprobs=content_logprobs(choices[0])
+            )
             response = turn.response("incomplete" if incomplete else "completed", outputs, usage)
             stored = await turn.saved(response, outputs, usage)
             # Settled (below) before it leaves: its headers give back what was not used.

@@ -141,7 +141,7 @@ class ChatSession:
         for chunk in chunks:
             if "error" in chunk:
                 self._failed = True
-            for delta, finish_reason in first_choice(chunk):
+            for delta, finish_reason, _ in first_choice(chunk):
                 if isinstance(delta.get("content"), str):
                     self._text.append(delta["content"])
                 if isinstance(delta.get("refusal"), str):

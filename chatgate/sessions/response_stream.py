@@ -20,7 +20,7 @@ import orjson
 
 from chatgate.backends.base import Usage
 from chatgate.ids import new_id
-from chatgate.sessions.responses import output_text
+from chatgate.sessions.responses import content_logprobs, output_text
 
 __all__ = ["StreamTranslator", "parse_chunks", "sse"]
 
@@ -50,15 +50,17 @@ def parse_chunks(event: bytes) -> tuple[list[dict[str, Any]], bool]:
     return chunks, done
 
 
-def first_choice(chunk: Mapping[str, Any]) -> Iterator[tuple[Mapping[str, Any], Any]]:
+def first_choice(
+    chunk: Mapping[str, Any],
+) -> Iterator[tuple[Mapping[str, Any], Any, Mapping[str, Any]]]:
     """The delta and finish reason of a chat chunk's first choice (index 0; the others are
-    not kept); a part not shaped as the spec has it counts as absent."""
+    not kept), and the choice; a part not shaped as the spec has it counts as absent."""
     choices = chunk.get("choices")
     for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, Mapping) or choice.get("index", 0) != 0:
             continue
         delta = choice.get("delta")
-        yield (delta if isinstance(delta, Mapping) else {}), choice.get("finish_reason")
+        yield (delta if isinstance(delta, Mapping) else {}), choice.get("finish_reason"), choice
 
 
 def tool_calls(delta: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -187,10 +189,10 @@ class StreamTranslator:
         if usage is not None:
             self.usage = usage
         events: list[dict[str, Any]] = []
-        for delta, finish_reason in first_choice(chunk):
+        for delta, finish_reason, choice in first_choice(chunk):
             text, refusal = delta.get("content"), delta.get("refusal")
             if isinstance(text, str) and text:
-                events += self._text_delta(text)
+                events += self._text_delta(text, logprobs=content_logprobs(choice))
             if isinstance(refusal, str) and refusal:  # a refusal part, as a whole answer's
                 events += self._text_delta(refusal, refusal=True)
             for call in tool_calls(delta):
@@ -199,7 +201,9 @@ class StreamTranslator:
                 self.finish_reason = str(finish_reason)
         return events
 
-    def _text_delta(self, text: str, refusal: bool = False) -> list[dict[str, Any]]:
+    def _text_delta(
+        self, text: str, refusal: bool = False, logprobs: list[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
         """Text (or, with ``refusal``, a refusal) of the message item, opened on first use;
         its one content part is of the kind its first delta was."""
         events = []
@@ -237,8 +241,12 @@ class StreamTranslator:
             events.append(self._event("response.refusal.delta", **common, delta=text))
         else:
             part["text"] += text
+            if logprobs:
+                part["logprobs"] = part["logprobs"] + logprobs  # the part's own list, not shared
             events.append(
-                self._event("response.output_text.delta", **common, delta=text, logprobs=[])
+                self._event(
+                    "response.output_text.delta", **common, delta=text, logprobs=logprobs or []
+                )
             )
         return events
 

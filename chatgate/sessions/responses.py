@@ -58,6 +58,18 @@ class ConversationRef(msgspec.Struct, kw_only=True):
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
+class Reasoning(msgspec.Struct, kw_only=True):
+    """``reasoning``: its ``effort`` becomes the chat request's ``reasoning_effort``."""
+
+    effort: str | None = None
+    summary: str | None = None
+    generate_summary: str | None = None  # the older name of ``summary``
+
+
+LOGPROBS = "message.output_text.logprobs"
+"""The ``include`` value that asks for the output text's token log probabilities."""
+
+
 class ResponsesRequest(msgspec.Struct, kw_only=True):
     """``POST /v1/responses`` (the fields that matter on a chat backend)."""
 
@@ -78,6 +90,13 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     truncation: Literal["auto", "disabled"] | None = None
     text: dict[str, Any] | None = None
     user: str | None = None
+    # Passed on to the chat upstream as its own fields (see chat_body).
+    reasoning: Reasoning | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    include: list[str] | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
 
     @property
     def conversation_id(self) -> str | None:
@@ -395,6 +414,10 @@ def _response_format(text: Mapping[str, Any]) -> dict[str, Any] | None:
     raise _invalid("Unsupported 'text.format.type'.", "text.format.type")
 
 
+PASSED_ON = ("service_tier", "prompt_cache_key", "safety_identifier")
+"""Fields a Responses request and a chat request share, passed on as they are."""
+
+
 def chat_body(
     req: ResponsesRequest, messages: list[dict[str, Any]], upstream_model: str
 ) -> dict[str, Any]:
@@ -402,10 +425,16 @@ def chat_body(
     body: dict[str, Any] = {"model": upstream_model, "messages": messages}
     if req.max_output_tokens is not None:
         body["max_tokens"] = req.max_output_tokens
-    for name in ("temperature", "top_p", "user"):
+    for name in ("temperature", "top_p", "user", *PASSED_ON):
         value = getattr(req, name)
         if value is not None:
             body[name] = value
+    if req.reasoning is not None and req.reasoning.effort is not None:
+        body["reasoning_effort"] = req.reasoning.effort
+    if req.include and LOGPROBS in req.include:
+        body["logprobs"] = True
+        if req.top_logprobs is not None:
+            body["top_logprobs"] = req.top_logprobs
     # A chat upstream refuses parallel_tool_calls, and a tool_choice, without tools; the
     # Responses API takes them (its response object always carries parallel_tool_calls).
     if req.tools:
@@ -426,7 +455,20 @@ def chat_body(
 # -- answers -------------------------------------------------------------------------------
 
 
-def output_items(message: Mapping[str, Any], *, incomplete: bool = False) -> list[dict[str, Any]]:
+def content_logprobs(choice: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A chat choice's token log probabilities (``logprobs.content``): the objects a Responses
+    text part holds (token, logprob, bytes, top_logprobs); none when not asked for or not sent."""
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, Mapping) else None
+    return [p for p in content if isinstance(p, dict)] if isinstance(content, list) else []
+
+
+def output_items(
+    message: Mapping[str, Any],
+    *,
+    incomplete: bool = False,
+    logprobs: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """A chat completion's message as Responses output items (a message, function calls)."""
     status = "incomplete" if incomplete else "completed"
     content = message.get("content")
@@ -438,6 +480,8 @@ def output_items(message: Mapping[str, Any], *, incomplete: bool = False) -> lis
         parts: list[dict[str, Any]] = []
         if text or not refusal:
             parts.append(output_text(text))
+            if logprobs:
+                parts[-1]["logprobs"] = logprobs
         if isinstance(refusal, str) and refusal:
             parts.append({"type": "refusal", "refusal": refusal})
         items.append(
@@ -468,9 +512,9 @@ def responses_usage(usage: Usage) -> dict[str, Any]:
     """Chat usage in the Responses shape."""
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": usage.total_tokens,
     }
 
@@ -508,6 +552,14 @@ def response_object(
         "store": req.store,
         "temperature": req.temperature,
         "top_p": req.top_p,
+        "top_logprobs": req.top_logprobs,
+        "reasoning": {
+            "effort": req.reasoning.effort if req.reasoning else None,
+            "summary": req.reasoning.summary if req.reasoning else None,
+        },
+        "service_tier": req.service_tier,
+        "prompt_cache_key": req.prompt_cache_key,
+        "safety_identifier": req.safety_identifier,
         "text": req.text or {"format": {"type": "text"}},
         "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
         "tools": req.tools or [],

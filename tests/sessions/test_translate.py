@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 from openai.types.conversations import ConversationItem
 from openai.types.responses import Response, ResponseStreamEvent
@@ -17,6 +18,7 @@ from chatgate.sessions.responses import (
     ResponsesRequest,
     chat_body,
     chat_message_to_items,
+    content_logprobs,
     items_to_messages,
     normalize_input,
     normalize_items,
@@ -130,6 +132,80 @@ def test_chat_body_translates_the_options() -> None:
     ]
     assert body["tool_choice"] == {"type": "function", "function": {"name": "f"}}
     assert body["response_format"]["json_schema"]["name"] == "s"
+
+
+def test_chat_body_passes_on_reasoning_logprobs_and_the_shared_fields() -> None:
+    """Fields a chat upstream takes under its own names reach it (they were dropped without a
+    word: QA); logprobs only when ``include`` asks for them, as OpenAI returns them."""
+    req = msgspec.convert(
+        {
+            "model": "m",
+            "reasoning": {"effort": "low", "summary": "auto"},
+            "include": ["message.output_text.logprobs"],
+            "top_logprobs": 2,
+            "service_tier": "flex",
+            "prompt_cache_key": "pk",
+            "safety_identifier": "si",
+        },
+        ResponsesRequest,
+    )
+    body = chat_body(req, [], "up")
+    assert {k: v for k, v in body.items() if k not in ("model", "messages")} == {
+        "reasoning_effort": "low",
+        "logprobs": True,
+        "top_logprobs": 2,
+        "service_tier": "flex",
+        "prompt_cache_key": "pk",
+        "safety_identifier": "si",
+    }
+    assert "logprobs" not in chat_body(ResponsesRequest(model="m", top_logprobs=2), [], "up")
+    answer = response_object(
+        response_id="resp_1", created_at=1, req=req, model="m", truncation="auto"
+    )
+    assert answer["reasoning"] == {"effort": "low", "summary": "auto"}
+    assert (answer["service_tier"], answer["top_logprobs"]) == ("flex", 2)
+    Response.model_validate(answer)
+
+
+def test_logprobs_and_the_usage_details_reach_the_response_whole_and_streamed() -> None:
+    logprobs = [
+        {"token": "hi", "logprob": -0.1, "bytes": [104, 105], "top_logprobs": []},
+        {"token": "!", "logprob": -0.5, "bytes": [33], "top_logprobs": []},
+    ]
+    choice = {"message": {"role": "assistant", "content": "hi!"}, "logprobs": {"content": logprobs}}
+    usage = Usage.from_openai(
+        {
+            "prompt_tokens": 10,
+            "completion_tokens": 3,
+            "prompt_tokens_details": {"cached_tokens": 8},
+            "completion_tokens_details": {"reasoning_tokens": 1},
+        }
+    )
+    assert usage is not None
+    whole = response_object(
+        response_id="resp_1",
+        created_at=1,
+        req=REQ,
+        model="m",
+        truncation="auto",
+        output=output_items(choice["message"], logprobs=content_logprobs(choice)),
+        usage=usage,
+    )
+    parsed = Response.model_validate(whole)
+    assert [p.token for p in parsed.output[0].content[0].logprobs] == ["hi", "!"]
+    assert parsed.usage.input_tokens_details.cached_tokens == 8
+    assert parsed.usage.output_tokens_details.reasoning_tokens == 1
+
+    tr = StreamTranslator(whole | {"output": [], "usage": None})
+    events = tr.start()
+    for piece, probs in (("hi", logprobs[:1]), ("!", logprobs[1:])):
+        events += tr.feed(
+            {"choices": [{"index": 0, "delta": {"content": piece}, "logprobs": {"content": probs}}]}
+        )
+    events += tr.close()
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert [d["logprobs"] for d in deltas] == [logprobs[:1], logprobs[1:]]
+    assert tr.output[0]["content"][0]["logprobs"] == logprobs
 
 
 def test_tool_options_without_tools_are_not_sent_to_the_chat_upstream() -> None:
