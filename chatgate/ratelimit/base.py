@@ -682,14 +682,19 @@ class FailoverLimiter(Limiter):
             if self.fail_open and self.outage_began is not None:
                 self._seeded_now = asyncio.Event()
                 self.outage_began()
-        if not self.degraded:
+            # Once an outage, not at each retry (it was a line a second while it lasted: QA).
             log.warning(
-                "rate limiter store unavailable (%s); failing %s for %.1fs",
+                "rate limiter store unavailable (%s); failing %s, trying it again every %.1fs",
                 exc,
                 "open" if self.fail_open else "closed",
                 self.cooldown,
             )
         self._down_until = self._clock() + self.cooldown
+
+    def _recovered(self) -> None:
+        """The primary answered an admission again: the outage is over."""
+        self._outage = False
+        log.warning("rate limiter store available again")
 
     def _primary_up(self) -> bool:
         """Whether to ask the primary; raises while it is skipped and the policy fails closed."""
@@ -730,7 +735,8 @@ class FailoverLimiter(Limiter):
             except LimiterUnavailable as exc:
                 self._primary_failed(exc)
             else:
-                self._outage = False
+                if self._outage:
+                    self._recovered()
                 return decision
         await self._fallback_seeded_first()
         self.fallbacks += 1
@@ -749,7 +755,8 @@ class FailoverLimiter(Limiter):
             except LimiterUnavailable as exc:
                 self._primary_failed(exc)
             else:
-                self._outage = False
+                if self._outage:
+                    self._recovered()
                 return both
         await self._fallback_seeded_first()
         self.fallbacks += 1

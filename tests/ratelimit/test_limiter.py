@@ -8,6 +8,7 @@ deletes its keys afterwards. Time-travel tests use the memory limiter's injectab
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import secrets
@@ -1075,6 +1076,30 @@ async def test_failover_cooldown_and_recovery() -> None:
     clock.now += 1.0
     await take(limiter, checks)
     assert (primary.calls, limiter.fallbacks) == (3, 5) and not limiter.degraded
+
+
+async def test_an_outage_is_logged_once_when_it_begins_and_once_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """QA: a Redis outage wrote its warning at every retry, once a cooldown (a second) for as
+    long as it lasted; now once when it begins, and once when the store answers again."""
+    clock = FakeClock()
+    primary = _Flaky(clock)
+    limiter = FailoverLimiter(primary, MemoryLimiter(clock=clock), cooldown=1.0, clock=clock)
+    checks = [Check.rpm("key:a", 1000)]
+    primary.up = False
+    with caplog.at_level(logging.WARNING, logger="chatgate.ratelimit"):
+        for _ in range(30):  # 30 cooldowns: 30 retries of the store, each failing
+            await take(limiter, checks)
+            clock.now += 1.0
+        assert primary.calls == 30
+        primary.up = True
+        await take(limiter, checks)
+        await take(limiter, checks)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("rate limiter store unavailable (down); failing open")
+    assert lines[1] == "rate limiter store available again"
 
 
 async def test_failover_seeds_its_fallback_again_when_an_outage_begins() -> None:
