@@ -295,7 +295,9 @@ def _run(
         access_log=None,
         print=started,
         loop=loop,
-        shutdown_timeout=settings.shutdown_timeout,
+        # aiohttp takes 0 for "no limit" (a stalled stream held the stop for the upstream's
+        # timeout: QA); the setting's 0 means "cut them off at once".
+        shutdown_timeout=settings.shutdown_timeout or 0.001,
         # A client gone cancels its handler: a stream stops reading its upstream and frees its
         # limits at once, not at its next write (or idle timeout) while the upstream is silent.
         handler_cancellation=True,

@@ -95,12 +95,20 @@ async def test_a_client_gone_before_its_answer_is_recorded(
     assert rollups["gpt-slow"] == (1, 1)  # not a success
 
 
-def test_a_stream_a_stop_cuts_off_is_recorded(upstream: Upstream, tmp_path: Path) -> None:
+@pytest.mark.parametrize("grace", ["1", "0"])
+def test_a_stream_a_stop_cuts_off_is_recorded(
+    upstream: Upstream, tmp_path: Path, grace: str
+) -> None:
     """SIGTERM gives requests in flight ``CHATGATE_SHUTDOWN_TIMEOUT`` to finish, then cuts
-    them off: a stream that would not end is recorded all the same, with what it was sent."""
+    them off: a stream that would not end is recorded all the same, with what it was sent.
+    0 cuts them off at once (QA: aiohttp took it for no limit, and the stop waited for the
+    stalled stream, up to the upstream's timeout)."""
     extra = SLOW.format(base=upstream.base_url)
     gw = make_gateway(
-        tmp_path, upstream=upstream, extra_toml=extra, extra_env={"CHATGATE_SHUTDOWN_TIMEOUT": "1"}
+        tmp_path,
+        upstream=upstream,
+        extra_toml=extra,
+        extra_env={"CHATGATE_SHUTDOWN_TIMEOUT": grace},
     )
     gw.start()
     try:
