@@ -161,6 +161,70 @@ def test_schema_tells_behind_current_and_ahead(tmp_path: Path) -> None:
     assert older[0] == "behind" and older[1] not in (None, head)
 
 
+def test_a_sqlite_migration_that_fails_midway_leaves_the_database_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """QA: a migrate killed midway on SQLite kept the DDL it had run (the driver committed it
+    statement by statement) with the old version, and every later migrate and serve failed on
+    it for good ("duplicate column name"). A revision is one transaction now: here 0011's
+    second statement fails (its column is there already) after its first has run."""
+    settings = Settings.from_env({"CHATGATE_DATA_DIR": str(tmp_path)})
+
+    async def columns(engine: sa.ext.asyncio.AsyncEngine, table: str) -> set[str]:
+        async with engine.connect() as conn:
+            rows = await conn.exec_driver_sql(f"PRAGMA table_info({table})")
+            return {row[1] for row in rows}
+
+    async def go() -> None:
+        engine = create_engine(settings)
+        try:
+            await migrate(engine, "0010")
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql(
+                    "ALTER TABLE usage_rollups ADD COLUMN cached_tokens BIGINT DEFAULT 0 NOT NULL"
+                )
+            try:
+                await migrate(engine)
+            except sa.exc.OperationalError as exc:
+                assert "duplicate column name: cached_tokens" in str(exc)
+            else:
+                raise AssertionError("the migration did not fail")
+            assert (await schema(engine))[:2] == ("behind", "0010")
+            assert "cached_tokens" not in await columns(engine, "usage_records")  # rolled back
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql("ALTER TABLE usage_rollups DROP COLUMN cached_tokens")
+            await migrate(engine)  # the next migrate finishes the job
+            assert (await schema(engine))[:2] == ("current", head_revision())
+            assert "cached_tokens" in await columns(engine, "usage_records")
+        finally:
+            await engine.dispose()
+
+    asyncio.run(go())
+
+
+def test_two_sqlite_migrates_at_once_both_succeed(tmp_path: Path) -> None:
+    """QA: one of two migrates started together on an old SQLite database failed ("duplicate
+    column name"): each read the version, then both ran the DDL. The first now takes the write
+    lock before it reads; the second waits for it and finds the database at its head."""
+    settings = Settings.from_env({"CHATGATE_DATA_DIR": str(tmp_path)})
+
+    async def go() -> None:
+        first = create_engine(settings)
+        try:
+            await migrate(first, "0004")
+        finally:
+            await first.dispose()
+        engines = [create_engine(settings) for _ in range(3)]
+        try:
+            await asyncio.gather(*(migrate(e) for e in engines))
+            assert (await schema(engines[0]))[:2] == ("current", head_revision())
+        finally:
+            for engine in engines:
+                await engine.dispose()
+
+    asyncio.run(go())
+
+
 def test_migration_0009_fills_in_what_the_seed_reads(own_database: dict[str, str]) -> None:
     """Usage recorded before ``admitted`` existed: the hourly rollups of the last two days (what
     a restart seeds the daily limits from) read as the seed read them before (taken unless a

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 
 from chatgate.settings import Settings
 
@@ -223,14 +223,47 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
 
         command.upgrade(_alembic_config(connection), revision)
 
+    if engine.dialect.name == "sqlite":
+        own = _sqlite_migrating(engine)
+        try:
+            async with own.begin() as conn:  # BEGIN IMMEDIATE: see _sqlite_migrating
+                await conn.run_sync(run)
+        finally:
+            await own.dispose()
+        return
     async with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            # Nodes started together on a new database each ran the migrations at once, and
-            # all but one died on the catalog's unique index (CREATE TYPE, CREATE TABLE). One
-            # at a time: a lock held until this transaction ends (Alembic's DDL is in it), so
-            # the next finds the database at its head and does nothing.
-            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATE_LOCK})
+        # Nodes started together on a new database each ran the migrations at once, and all
+        # but one died on the catalog's unique index (CREATE TYPE, CREATE TABLE). One at a
+        # time: a lock held until this transaction ends (Alembic's DDL is in it), so the next
+        # finds the database at its head and does nothing.
+        await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATE_LOCK})
         await conn.run_sync(run)
+
+
+def _sqlite_migrating(engine: AsyncEngine) -> AsyncEngine:
+    """An engine of ``engine``'s SQLite file whose transactions hold their DDL, for the
+    migrations alone.
+
+    Python's sqlite3 opens a transaction only before a row is written, so a migration's DDL
+    before Alembic's first version update was committed statement by statement: a migrate
+    killed there (kill -9, OOM, power) kept half a revision's schema with the old version,
+    and every later migrate and serve failed on it ("duplicate column name", for good: QA).
+    SQLite's DDL is transactional when asked: the driver's own transactions are switched off
+    and each begins with ``BEGIN IMMEDIATE``, which also takes the write lock first, so a
+    second migrate waits (the busy timeout) and then finds the database at its head.
+    """
+    own = create_async_engine(engine.url, connect_args={"timeout": 30}, poolclass=NullPool)
+
+    def connected(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+        _sqlite_pragmas(dbapi_conn, record)
+        dbapi_conn.isolation_level = None  # the driver begins nothing by itself
+
+    def begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    event.listen(own.sync_engine, "connect", connected)
+    event.listen(own.sync_engine, "begin", begin)
+    return own
 
 
 def migrate_sync(settings: Settings) -> None:
