@@ -685,6 +685,41 @@ def test_a_redis_outage_does_not_give_a_spent_quota_back(
         gw.stop()
 
 
+def test_in_a_redis_outage_each_node_sees_the_others_quota_use(
+    own_redis: RedisServer, pg_url: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    """QA: failing open, each node's fallback was seeded once, when the outage began, and then
+    counted its own requests only: three nodes admitted 1,668 tokens against a 600-token
+    quota in a 20-second outage. The fallback is seeded again from the records every second
+    of an outage now: what one node spent, the other refuses."""
+    env = {"CHATGATE_REDIS_URL": own_redis.url, "CHATGATE_USAGE_FLUSH_INTERVAL": "0.2"}
+    one = make_gateway(tmp_path / "one", database_url=pg_url, upstream=upstream, extra_env=env)
+    two = make_gateway(tmp_path / "two", database_url=pg_url, upstream=upstream, extra_env=env)
+    one.start()
+    try:
+        two.start()
+        try:
+            key = account_with_plan(one, monthly_tokens=60)  # four requests' worth
+            own_redis.stop()
+            assert quota_answer(two, key).status_code == 200  # its outage begins: seeded
+            spent = 0
+            for _ in range(10):  # the other spends the rest in its own outage
+                answer = quota_answer(one, key)
+                if answer.status_code != 200:
+                    break
+                spent += 1
+            assert answer.json()["error"]["code"] == "insufficient_quota", answer.text
+            assert spent in (3, 4)  # 4: its seed came before the other's record was written
+            time.sleep(2.5)  # its records flushed (0.2 s), and a seeding pass (1 s)
+            refused = quota_answer(two, key)
+            assert refused.status_code == 429, "a node admitted what another had spent"
+            assert refused.json()["error"]["code"] == "insufficient_quota"
+        finally:
+            two.stop()
+    finally:
+        one.stop()
+
+
 STALL = """
 [[models]]
 name = "gpt-stall"

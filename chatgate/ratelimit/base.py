@@ -673,6 +673,13 @@ class FailoverLimiter(Limiter):
         """True while the primary is being skipped after a failure."""
         return self._clock() < self._down_until
 
+    @property
+    def answering_from_fallback(self) -> bool:
+        """True in an outage failing open: the fallback answers, and counts only this
+        process's admissions (the owner seeds it again and again from the usage records, which
+        hold the other processes' too; see ``Limits.run_seeding``)."""
+        return self._outage and self.fail_open
+
     def _mark_down(self, exc: LimiterUnavailable) -> None:
         self._primary_missed = self._primary_missed or self.fail_open
         if not self._outage:  # it begins (not a retry of the primary within one)
