@@ -7,7 +7,10 @@ is read on a miss and then not again for that key until:
   written in the same transaction as every key/account/plan change, the CLI's included)
   names it — so a revocation anywhere takes effect everywhere within ~1 s; with Redis, each
   change also wakes every process to poll at once (:mod:`chatgate.notify`: milliseconds); or
-- ``key_cache_ttl`` passes (the backstop if the feed were ever missed).
+- ``key_cache_ttl`` passes (the backstop if the feed were ever missed). A key found once is
+  then read again in the background while its entry answers: a database that stops
+  answering held each key's requests for the read's timeout (5 s) once a TTL (QA); a
+  change the feed missed is seen by the requests after the read.
 Expiry and the rotation grace are checked against the clock on every request, no I/O.
 """
 
@@ -100,6 +103,7 @@ class Authenticator:
         self._cache: dict[str, _Entry] = {}
         self._touch_failing = False  # the last flush of last-used times failed
         self._inflight: dict[str, asyncio.Future[_Entry]] = {}
+        self._refreshing: dict[str, asyncio.Task[_Entry]] = {}  # by digest: see _refresh
         self._last_event = 0
         self._gaps: dict[int, float] = {}  # feed ids skipped over -> when first missed
         self._wake = asyncio.Event()  # set by wake(): poll now, not at the next tick
@@ -125,11 +129,15 @@ class Authenticator:
         digest = self._store.hash(key)
         entry = self._fresh(digest)
         if entry is None:
-            # Only a digest seen before skips the format check: every cached one passed it,
-            # and a typo or random string is still refused here before any database read.
-            if not keyfmt.is_well_formed(key):
-                raise errors.AuthenticationError(BAD_KEY)
-            entry = await self._load(digest)
+            entry = self._cache.get(digest)
+            if entry is not None and entry.lookup is not None:
+                self._refresh(digest)  # past its TTL: answers while it is read again
+            else:
+                # Only a digest seen before skips the format check: every cached one passed
+                # it, and a typo or random string is still refused before any database read.
+                if not keyfmt.is_well_formed(key):
+                    raise errors.AuthenticationError(BAD_KEY)
+                entry = await self._load(digest)
         lookup = entry.lookup
         if lookup is None or lookup.revoked_at is not None:
             raise errors.AuthenticationError(BAD_KEY)
@@ -166,6 +174,19 @@ class Authenticator:
         if entry is not None and time.monotonic() - entry.fetched_at < self._ttl:
             return entry
         return None
+
+    def _refresh(self, digest: str) -> None:
+        """Read ``digest`` again in the background (once at a time; see :meth:`_load`)."""
+        if digest in self._refreshing or digest in self._inflight:
+            return
+        task = asyncio.create_task(self._load(digest), name="key-refresh")
+        self._refreshing[digest] = task
+        task.add_done_callback(lambda done: self._refreshed(digest, done))
+
+    def _refreshed(self, digest: str, task: asyncio.Task[_Entry]) -> None:
+        self._refreshing.pop(digest, None)
+        if not task.cancelled() and task.exception() is not None:  # a stale entry is kept
+            log.warning("key refresh failed: %s", type(task.exception()).__name__)
 
     async def _load(self, digest: str) -> _Entry:
         """Read ``digest`` from the database (no fresh entry is cached) and cache it."""
@@ -353,6 +374,8 @@ class Authenticator:
             await self.flush_last_used()
 
     async def close(self) -> None:
+        for task in list(self._refreshing.values()):
+            task.cancel()
         # Bounded: a stop must end even with the database frozen (the stamps are not worth it).
         with contextlib.suppress(Exception):
             async with asyncio.timeout(LOOKUP_TIMEOUT):
