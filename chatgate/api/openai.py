@@ -28,6 +28,7 @@ from chatgate.api.schemas import (
 )
 from chatgate.auth import Principal
 from chatgate.backends.base import DONE_EVENT, ChatStream, Usage, reported_tokens
+from chatgate.backends.local_embed import b64_floats
 from chatgate.backends.router import ERROR_EVENT, Route
 from chatgate.limits import Admission, budget_checks_for, checks_for, request_checks_for
 from chatgate.sessions import ChatSession, prepare_chat
@@ -401,9 +402,27 @@ async def embeddings(request: web.Request) -> web.Response:
         call.meter.add_usage(Usage(used, 0), route.model)
         if prompt is None:  # the client sees the count it is billed for
             answer = {**answer, "usage": {"prompt_tokens": used, "total_tokens": used}}
+        if req.encoding_format == "base64":
+            answer = _as_base64(answer)
         return json_response(answer, headers=admission.headers)
     finally:
         await call.settle(admission)
+
+
+def _as_base64(answer: dict[str, Any]) -> dict[str, Any]:
+    """``answer`` with its vectors in OpenAI's base64 (little-endian float32), as the client
+    asked: an upstream that ignores ``encoding_format`` (many servers do) sent lists of
+    numbers, and a raw HTTP client that asked for base64 got them (QA). Anything else as sent."""
+    data = answer.get("data")
+    if not isinstance(data, list):
+        return answer
+    items = []
+    for item in data:
+        vector = item.get("embedding") if isinstance(item, dict) else None
+        if isinstance(vector, list) and all(type(v) is float or type(v) is int for v in vector):
+            item = {**item, "embedding": b64_floats(vector)}
+        items.append(item)
+    return {**answer, "data": items}
 
 
 def _model_object(name: str, created: int) -> dict[str, Any]:

@@ -65,3 +65,35 @@ def test_a_lone_surrogate_is_named_not_taken_for_bad_json(text: str) -> None:
     with pytest.raises(errors.InvalidRequest) as broken:
         decode_json(b'{"model": ')
     assert "HINT" in broken.value.message
+
+
+async def test_base64_embeddings_are_base64_when_the_upstream_sends_floats(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """OpenAI's SDKs ask for base64 by default and accept either; a raw client that asked for
+    base64 got the upstream's list of floats (the fake upstream, like many servers, ignores
+    ``encoding_format``: QA). Now the gateway encodes them, as OpenAI would have."""
+    import base64
+    import struct
+
+    async with (
+        served_app(tmp_path, upstream) as (server, key),
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http,
+    ):
+        answers = {}
+        for encoding in ("float", "base64", None):
+            body = {"model": "gpt-test", "input": ["one", "two"], "encoding_format": encoding}
+            async with http.post(server.make_url("/v1/embeddings"), json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                answers[encoding] = await resp.json()
+    floats = [item["embedding"] for item in answers["float"]["data"]]
+    assert floats and all(isinstance(v, list) for v in floats)
+    assert [item["embedding"] for item in answers[None]["data"]] == floats  # null: the default
+    encoded = [item["embedding"] for item in answers["base64"]["data"]]
+    assert all(isinstance(e, str) for e in encoded)
+    decoded = [
+        list(struct.unpack(f"<{len(v)}f", base64.b64decode(e)))
+        for e, v in zip(encoded, floats, strict=True)
+    ]
+    assert decoded == [pytest.approx(v, rel=1e-6) for v in floats]
+    assert answers["base64"]["usage"] == answers["float"]["usage"]
