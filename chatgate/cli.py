@@ -25,7 +25,13 @@ from chatgate.accounts import LIMIT_FIELDS, AccountStore, PlanStore
 from chatgate.backends.cli import add_parser as add_models_parser
 from chatgate.client.chat import add_parser as add_chat_parser
 from chatgate.db.engine import Schema, create_engine, migrate, schema
-from chatgate.db.instance import NoSecretCheck, SecretMismatch, adopt_secret, check_secret
+from chatgate.db.instance import (
+    NoSecretCheck,
+    SecretMismatch,
+    adopt_secret,
+    bind_secret,
+    check_secret,
+)
 from chatgate.keys import format as keyfmt
 from chatgate.keys.cli_scan import add_parser as add_scan_parser
 from chatgate.keys.store import KeyStore
@@ -163,7 +169,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
             found = await schema(engine)
             # As serve's start does: the database is bound to this secret (generated into the
             # data directory if none is set), so the servers given the same one can use it.
-            await check_secret(engine, settings.resolved_secret(), settings.secret_previous)
+            await bind_secret(engine, settings)
             return before, found
         finally:
             await engine.dispose()

@@ -24,7 +24,7 @@ from chatgate.accounts import AccountStore, PlanStore
 from chatgate.app import SERVER_OPTIONS, create_app
 from chatgate.backends.router import Router
 from chatgate.db.engine import create_engine, migrate, schema
-from chatgate.db.instance import SecretMismatch, check_secret
+from chatgate.db.instance import SecretMismatch, bind_secret
 from chatgate.keys.store import IssuedKey, KeyStore
 from chatgate.ratelimit.resp import RespClient
 from chatgate.settings import Settings
@@ -54,7 +54,7 @@ async def prepare(
                     f"{found.lag()}: run `chatgate migrate` first (or serve without --no-migrate)"
                 )
         try:
-            await check_secret(engine, settings.resolved_secret(), settings.secret_previous)
+            await bind_secret(engine, settings)
         except SecretMismatch as exc:
             raise ServeError(str(exc)) from None
         try:  # every dashboard sign-up gets it: one that is not there failed each, unlogged

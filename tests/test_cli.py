@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from chatgate.dashboard.passwords import HASHER
@@ -720,3 +721,34 @@ def test_an_upstream_key_variable_that_is_not_set_is_said_at_start(tmp_path: Pat
     gw = make_gateway(tmp_path / "gw", extra_env={"CHATGATE_CONFIG": str(config)}).start()
     gw.stop()
     assert "CHATGATE_TEST_NO_SUCH_KEY is not set (or empty)" in gw.logs()
+
+
+def test_keys_made_before_the_secret_check_are_never_bound_to_a_new_secret(
+    tmp_path: Path,
+) -> None:
+    """QA: a database of before migration 0006 (keys, no check of a secret) upgraded with its
+    data directory's `secret` file missing was bound to a secret generated then, and every key
+    refused, without a word. Without a secret set it is refused now (none generated); with one,
+    bound with a warning that says how to undo it."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    old = make_gateway(tmp_path / "old", database_url=url, extra_env={"CHATGATE_SECRET": "o" * 40})
+    old.cli("migrate")
+    old.cli("accounts", "create", "early@example.com")
+    key = old.cli_json("keys", "create", "--account", "early@example.com")["key"]
+    _in_database(old, lambda conn: conn.execute(sa.text("DELETE FROM instance")))  # pre-0006
+
+    lost = make_gateway(tmp_path / "lost", database_url=url)
+    del lost.env["CHATGATE_SECRET"]  # no secret set, and no `secret` file in its data dir
+    for args in (("migrate",), ("serve", "--port", "1")):
+        refused = lost.cli(*args, check=False)
+        assert refused.returncode == 2, refused.stderr
+        assert "holds 1 API key(s) made before chatgate recorded its server secret" in (
+            refused.stderr
+        )
+        assert refused.stderr.strip().count("\n") == 0, refused.stderr
+        assert not (lost.workdir / "data" / "secret").exists()  # none generated
+
+    bound = old.cli("migrate")
+    assert "bound the database's 1 API key(s)" in bound.stderr, bound.stderr
+    assert "bound the database" not in old.cli("migrate").stderr  # once: checked from now on
+    assert key.startswith("sk-cg-")

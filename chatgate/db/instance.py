@@ -15,14 +15,17 @@ clean break (no previous secret: a leak), ``chatgate secret adopt`` moves it.
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from chatgate.db.tables import instance
-from chatgate.settings import Secret, derive_key
+from chatgate.db.tables import api_keys, instance
+from chatgate.settings import Secret, Settings, derive_key
+
+log = logging.getLogger(__name__)
 
 CHECK_NAME = "secret_check"  # the row of ``instance`` holding the check
 
@@ -94,6 +97,54 @@ async def check_secret(
             )
             return
     raise SecretMismatch
+
+
+class UnboundKeys(SecretMismatch):
+    """The database holds keys made before it recorded a secret's check, and no secret is
+    set here: one generated now cannot be theirs."""
+
+    def __init__(self, keys: int) -> None:
+        Exception.__init__(
+            self,
+            f"the database holds {keys} API key(s) made before chatgate recorded its server "
+            "secret, and no secret is set here (CHATGATE_SECRET, or the file `secret` in "
+            "the data directory): a secret generated now would make every one of them refused. "
+            "Set CHATGATE_SECRET to the secret they were made under (or restore the `secret` "
+            "file) and run again",
+        )
+
+
+async def _keys_without_check(engine: AsyncEngine) -> int:
+    """How many keys the database holds if it has no secret's check yet (0 if it has one)."""
+    async with engine.connect() as conn:
+        checked = await conn.execute(
+            sa.select(instance.c.value).where(instance.c.name == CHECK_NAME)
+        )
+        if checked.scalar_one_or_none() is not None:
+            return 0
+        count = sa.select(sa.func.count()).select_from(api_keys)
+        return int((await conn.execute(count)).scalar_one())
+
+
+async def bind_secret(engine: AsyncEngine, settings: Settings) -> None:
+    """:func:`check_secret` with the settings' secret, as ``migrate`` and ``serve`` do, for a
+    database that predates the check (before migration 0006) too: one holding keys is bound
+    to a secret that is set (with a warning: nothing can tell whether it is theirs), never
+    to one generated now, which could not be (QA: an upgrade with the data directory's
+    `secret` file missing bound it to a new one, and every key was refused, without a word).
+    """
+    keys = await _keys_without_check(engine)
+    secret = settings.stored_secret()
+    if keys and secret is None:
+        raise UnboundKeys(keys)
+    await check_secret(engine, settings.resolved_secret(), settings.secret_previous)
+    if keys:
+        log.warning(
+            "bound the database's %d API key(s), made before chatgate recorded its secret, to "
+            "this CHATGATE_SECRET; if they are all refused, it is not the one they were made "
+            "under: set that one and run `chatgate secret adopt`",
+            keys,
+        )
 
 
 async def adopt_secret(engine: AsyncEngine, secret: Secret) -> None:
