@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatgate.dashboard import charts
 from chatgate.usage import queries
-from chatgate.usage.tables import DAY, cents_up
+from chatgate.usage.tables import DAY, HOUR, cents_up
 
 By = Literal["key", "model", "account"]
 PERIODS = (("7d", "7 days"), ("30d", "30 days"), ("90d", "90 days"), ("month", "This month"))
@@ -287,7 +287,17 @@ async def plan_use(engine: AsyncEngine, account_id: str, *, now: float | None = 
     today = moment // DAY * DAY
     t = time.gmtime(moment)
     month = calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))
-    day_rows = await queries.usage_rows(engine, start=today, end=today + DAY, account_id=account_id)
+    # Today's from the hourly rollups, as the requests-per-day limits are seeded: a day's row
+    # counts ``admitted`` only since migration 0009 (which filled in the hourly rows alone),
+    # and on an upgrade's day it showed fewer requests than the limit counted (QA: 5 of 17).
+    day_rows = await queries.usage_rows(
+        engine,
+        start=today,
+        end=today + DAY,
+        group_by=("bucket",),
+        bucket_width=HOUR,
+        account_id=account_id,
+    )
     month_rows = await queries.usage_rows(
         engine, start=month, end=today + DAY, account_id=account_id
     )
