@@ -290,11 +290,12 @@ async def plan_use(engine: AsyncEngine, account_id: str, *, now: float | None = 
     # Today's from the hourly rollups, as the requests-per-day limits are seeded: a day's row
     # counts ``admitted`` only since migration 0009 (which filled in the hourly rows alone),
     # and on an upgrade's day it showed fewer requests than the limit counted (QA: 5 of 17).
+    by_hour: tuple[queries.Group, ...] = ("bucket",)
     day_rows = await queries.usage_rows(
         engine,
         start=today,
         end=today + DAY,
-        group_by=("bucket",),
+        group_by=by_hour,
         bucket_width=HOUR,
         account_id=account_id,
     )
