@@ -213,6 +213,53 @@ def test_a_database_url_of_another_kind_is_a_one_line_error(gw: Gateway, url: st
         assert "postgresql://" in result.stderr and "hunter2" not in result.stderr
 
 
+@pytest.mark.parametrize("behaviour", ["close", "reset", "refuse"])
+def test_a_database_that_drops_the_connection_is_named_in_one_line(
+    gw: Gateway, behaviour: str
+) -> None:
+    """QA: PostgreSQL's address reached but the connection dropped (a proxy or a firewall in
+    between, a server going down) said "unexpected connection_lost() call" or "[Errno 104]
+    Connection reset by peer", naming neither the database nor the setting."""
+    import socket
+    import struct
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+    if behaviour == "refuse":
+        listener.close()  # nothing listens there
+    else:
+        listener.listen(16)
+        listener.settimeout(0.2)
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:  # closed at the test's end
+                    return
+                if behaviour == "reset":  # an RST, not a FIN
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+    gw.env["CHATGATE_DATABASE_URL"] = f"postgresql://ann:hunter2@127.0.0.1:{port}/chatgate"
+    try:
+        for args in (("keys", "list"), ("migrate",), ("serve", "--port", "1")):
+            result = gw.cli(*args, check=False)
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.strip().count("\n") == 0, result.stderr
+            assert f"cannot connect to 127.0.0.1:{port} (CHATGATE_DATABASE_URL)" in result.stderr
+            assert "hunter2" not in result.stderr
+    finally:
+        stop.set()
+        listener.close()
+
+
 def test_serve_refuses_a_port_that_does_not_exist(gw: Gateway) -> None:
     """uvloop took the number modulo 65536: ``serve --port 99999`` listened on 34463."""
     for args, env in (

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
@@ -65,6 +66,13 @@ def create_engine(settings: Settings, *, command_timeout: float | None = None) -
                 f"database: TimeoutError: {where} took the connection but did not answer "
                 f"within {timeout:g} s (CHATGATE_DB_CONNECT_TIMEOUT)"
             ) from None
+        except (OSError, asyncpg.InternalClientError) as exc:
+            # A refused, reset or dropped connection said only "unexpected connection_lost()
+            # call" or "[Errno 104] Connection reset by peer", naming nothing (QA).
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DatabaseUnreachable(
+                f"database: cannot connect to {where} (CHATGATE_DATABASE_URL): {reason}"
+            ) from exc
 
     event.listen(engine.sync_engine, "do_connect", connect)
     return engine
@@ -72,6 +80,10 @@ def create_engine(settings: Settings, *, command_timeout: float | None = None) -
 
 class ConnectTimeout(TimeoutError):
     """The database did not complete a connection within ``db_connect_timeout``."""
+
+
+class DatabaseUnreachable(ConnectionError):
+    """A connection to PostgreSQL was refused, reset or dropped before it was set up."""
 
 
 async def try_xact_lock(conn: AsyncConnection, key: int) -> bool:
