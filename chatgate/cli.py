@@ -161,21 +161,22 @@ ACCOUNT_COLUMNS = ("id", "email", "plan", "is_admin", "disabled", "created_at")
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
-    async def run() -> tuple[Schema, Schema]:
+    async def run() -> tuple[str | None, Schema]:
         engine = create_engine(settings)
         try:
-            before = await schema(engine)
-            await migrate(engine)
+            # What it started from, read where it ran: two started together both said they
+            # had migrated it, one having waited for the other (QA).
+            started = await migrate(engine)
             found = await schema(engine)
             # As serve's start does: the database is bound to this secret (generated into the
             # data directory if none is set), so the servers given the same one can use it.
             await bind_secret(engine, settings)
-            return before, found
+            return started, found
         finally:
             await engine.dispose()
 
     try:
-        before, found = asyncio.run(run())
+        started, found = asyncio.run(run())
     except SecretMismatch as exc:
         raise CLIError(str(exc)) from None
     if found.state == "ahead":  # a newer chatgate migrated it: left alone (see migrate)
@@ -184,8 +185,8 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> None:
             f"{found.head}: left as it is ({_safe_url(settings)})"
         )
         return
-    if before.state == "behind":  # (a new database too: it had no chatgate tables)
-        was = f"migration {before.revision}" if before.revision else "empty"
+    if started is not None:  # ("" a new database: it had no chatgate tables)
+        was = f"migration {started}" if started else "empty"
         print(f"database migrated from {was} to {found.head} ({_safe_url(settings)})")
         return
     print(f"database is up to date ({_safe_url(settings)})")
@@ -362,6 +363,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
         settings = _replace(settings, port=args.port)
     from chatgate.server import ServeError
 
+    if args.no_migrate:  # it would refuse an empty database, after making it (and its folder)
+        _refuse_no_sqlite_file(settings)
     try:
         serve(settings, migrate_first=not args.no_migrate, bootstrap=True, workers=args.workers)
     except ServeError as exc:

@@ -260,6 +260,14 @@ def test_a_database_that_drops_the_connection_is_named_in_one_line(
         listener.close()
 
 
+def test_serve_no_migrate_on_a_missing_database_creates_nothing(gw: Gateway) -> None:
+    """QA: ``serve --no-migrate`` with a mistyped data directory refused the empty database,
+    after making the directory and an empty SQLite file; the other commands make neither."""
+    result = gw.cli("serve", "--no-migrate", "--port", "1", check=False)
+    assert result.returncode == 2 and "there is no database at" in result.stderr, result.stderr
+    assert not (gw.workdir / "data").exists()
+
+
 def test_serve_refuses_a_port_that_does_not_exist(gw: Gateway) -> None:
     """uvloop took the number modulo 65536: ``serve --port 99999`` listened on 34463."""
     for args, env in (

@@ -206,7 +206,7 @@ async def schema(engine: AsyncEngine) -> Schema:
 MIGRATE_LOCK = 0x63686174676174  # "chatgat": PostgreSQL's advisory lock of the migrations
 
 
-async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
+async def migrate(engine: AsyncEngine, revision: str = "head") -> str | None:
     """Bring the database to ``revision`` (idempotent). ``chatgate migrate`` and every server
     start call this (the other commands refuse a database behind: see ``chatgate.cli``), so a
     database already at the head is recognised with one query, without loading Alembic and
@@ -215,6 +215,10 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
     A database a newer chatgate migrated is left as it is, with a warning: this version runs on
     it (the migrations add, never take away) while a rolling upgrade replaces it; Alembic
     would refuse it ("Can't locate revision"), and the node with it.
+
+    Returns the revision the migrations started from ("" for a new database), read where
+    they run (under the lock on PostgreSQL, in the transaction on SQLite), or None when there
+    was nothing to do: another migrate, started at the same moment, may have done it all.
     """
     if revision == "head":
         try:
@@ -228,11 +232,17 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
                     found.revision,
                     found.head,
                 )
-            return
+            return None
+    started: list[str | None] = []
 
     def run(connection: Connection) -> None:
         from alembic import command
+        from alembic.runtime.migration import MigrationContext
 
+        current = MigrationContext.configure(connection).get_current_revision()
+        if revision == "head" and current is not None and current == _migrations()[1]:
+            return  # done meanwhile, by a migrate that held the lock first
+        started.append(current or "")
         command.upgrade(_alembic_config(connection), revision)
 
     if engine.dialect.name == "sqlite":
@@ -242,7 +252,7 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
                 await conn.run_sync(run)
         finally:
             await own.dispose()
-        return
+        return started[0] if started else None
     async with engine.begin() as conn:
         # Nodes started together on a new database each ran the migrations at once, and all
         # but one died on the catalog's unique index (CREATE TYPE, CREATE TABLE). One at a
@@ -250,6 +260,7 @@ async def migrate(engine: AsyncEngine, revision: str = "head") -> None:
         # finds the database at its head and does nothing.
         await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATE_LOCK})
         await conn.run_sync(run)
+    return started[0] if started else None
 
 
 def _sqlite_migrating(engine: AsyncEngine) -> AsyncEngine:
