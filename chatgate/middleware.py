@@ -75,7 +75,7 @@ def _http_error(exc: web.HTTPException) -> errors.APIError:
     if exc.status == 404:
         return errors.unknown_url()
     if exc.status == 405:
-        return errors.method_not_allowed()
+        return errors.method_not_allowed(getattr(exc, "allowed_methods", ()))
     if exc.status == 413:
         return errors.BodyTooLarge("The request body is too large.")
     error = errors.InvalidRequest(exc.reason or "Bad request.", code="bad_request")

@@ -312,6 +312,19 @@ def test_rotation_with_grace_and_without(gateway: Gateway) -> None:
     assert listed[0]["hint"] == keyfmt.hint(again["key"])
 
 
+def test_a_known_url_with_another_method_is_a_405_with_allow(gateway: Gateway) -> None:
+    """OpenAI's shape, and the ``Allow`` header RFC 9110 requires of a 405 (QA: none)."""
+    for method, path, allow in (
+        ("GET", "/v1/chat/completions", "POST"),
+        ("OPTIONS", "/v1/chat/completions", "POST"),
+        ("DELETE", "/v1/models", "GET, HEAD"),
+    ):
+        answer = requests.request(method, gateway.url + path, timeout=10)
+        assert answer.status_code == 405, (method, path, answer.text)
+        assert answer.json()["error"]["code"] == "method_not_allowed"
+        assert answer.headers["allow"] == allow, (method, path)
+
+
 def test_key_limited_to_a_model(gateway: Gateway) -> None:
     key = new_key(gateway, None, "--models", "gpt-test")["key"]
     assert chat(gateway, key).status_code == 200

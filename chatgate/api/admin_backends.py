@@ -76,7 +76,7 @@ async def backends(request: web.Request) -> web.Response:
     current key, or the dashboard's session: as the other ``/api/admin`` routes)."""
     state, _ = await caller(request, admin=True)
     if request.method != "GET":  # (see manage.admin_wrong_method)
-        raise errors.method_not_allowed()
+        raise errors.method_not_allowed(["GET", "HEAD"])
     data = [status.to_dict() for status in state.router.status()]
     return json_response({"object": "list", "data": data})
 

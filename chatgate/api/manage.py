@@ -303,7 +303,14 @@ async def admin_wrong_method(request: web.Request) -> web.Response:
     URL's 404 for anyone but an admin, as for the right method), so that only an admin learns
     from a 405 that the route exists."""
     await caller(request, admin=True)
-    raise errors.method_not_allowed()
+    here = request.match_info.route.resource
+    path = here.canonical if here is not None else ""
+    raise errors.method_not_allowed(  # the methods of the other routes of this URL
+        route.method
+        for resource in request.app.router.resources()
+        if resource.canonical == path
+        for route in resource
+    )
 
 
 # -- /openapi.json ----------------------------------------------------------------------

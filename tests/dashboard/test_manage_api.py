@@ -340,12 +340,12 @@ def test_an_admin_url_asked_with_another_method_tells_only_an_admin_it_exists(
     user = make_user(dash)
     user_key = user.new_key(name="plain")["key"]
     admin = admin_key(dash)
-    for method, path in (
-        ("GET", "/api/admin/accounts/acct_x/disable"),
-        ("GET", "/api/admin/accounts/acct_x/plan"),
-        ("GET", "/api/admin/plans/free"),
-        ("DELETE", "/api/admin/accounts"),
-        ("POST", "/api/admin/backends"),
+    for method, path, allow in (
+        ("GET", "/api/admin/accounts/acct_x/disable", "POST"),
+        ("GET", "/api/admin/accounts/acct_x/plan", "POST"),
+        ("GET", "/api/admin/plans/free", "PATCH"),
+        ("DELETE", "/api/admin/accounts", "GET, HEAD"),
+        ("POST", "/api/admin/backends", "GET, HEAD"),
     ):
         url = dash.url + path
         unknown = requests.request(method, dash.url + "/api/admin/nothing", timeout=10)
@@ -359,6 +359,7 @@ def test_an_admin_url_asked_with_another_method_tells_only_an_admin_it_exists(
         as_admin = requests.request(method, url, headers=bearer(admin), timeout=10)
         assert as_admin.status_code == 405, (path, as_admin.text)
         assert as_admin.json()["error"]["code"] == "method_not_allowed"
+        assert as_admin.headers["allow"] == allow, path  # RFC 9110 (QA: none)
 
 
 def test_a_secret_rotated_or_revoked_here_is_refused_here_at_once(
