@@ -383,6 +383,11 @@ def test_a_database_behind_the_code_is_refused_by_serve_and_fails_readiness(gw: 
     def no_migrate() -> subprocess.CompletedProcess[str]:
         return gw.cli("serve", "--no-migrate", "--port", "1", check=False, timeout=60)
 
+    missing = no_migrate()  # no file: refused before one is made (see the test below)
+    assert missing.returncode == 2, missing.stderr
+    assert "there is no database at" in missing.stderr, missing.stderr
+    (gw.workdir / "data").mkdir(mode=0o700)
+    (gw.workdir / "data" / "chatgate.db").touch()  # a file with no chatgate tables
     empty = no_migrate()
     assert empty.returncode == 2, empty.stderr
     assert empty.stderr.strip().count("\n") == 0, empty.stderr
