@@ -502,19 +502,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chatgate: error: {exc.message}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:
-        print(f"chatgate: error: database: {_first_line(exc)}", file=sys.stderr)
+        print(f"chatgate: error: database: {errors.first_line(exc)}", file=sys.stderr)
         return 2
     except (CLIError, ValueError, OSError) as exc:
         # As an APIError's: a key pasted into an argument is shown as its hint.
-        print(f"chatgate: error: {keyfmt.unkeyed(_first_line(exc))}", file=sys.stderr)
+        print(f"chatgate: error: {keyfmt.unkeyed(errors.first_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return 0
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of ``exc``'s message, or its class's name when it has none (a bare
-    ``TimeoutError()`` printed "chatgate: error: " and nothing more)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

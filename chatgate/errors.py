@@ -120,6 +120,13 @@ def unknown_url() -> NotFound:
     return NotFound("Unknown request URL. Please check the URL and method.", code="unknown_url")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its class's name when it has none (a bare
+    ``TimeoutError()`` printed "chatgate: error: " and nothing more)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def method_not_allowed(allowed: Iterable[str] = ()) -> APIError:
     """The 405 of a known URL asked with another method, with the ``Allow`` header RFC 9110
     requires of it (the methods the URL takes; QA: there was none)."""

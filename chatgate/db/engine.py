@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 
+from chatgate.errors import first_line
 from chatgate.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,8 @@ def create_engine(settings: Settings, *, command_timeout: float | None = None) -
         except (OSError, asyncpg.InternalClientError) as exc:
             # A refused, reset or dropped connection said only "unexpected connection_lost()
             # call" or "[Errno 104] Connection reset by peer", naming nothing (QA).
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DatabaseUnreachable(
-                f"database: cannot connect to {where} (CHATGATE_DATABASE_URL): {reason}"
+                f"database: cannot connect to {where} (CHATGATE_DATABASE_URL): {first_line(exc)}"
             ) from exc
 
     event.listen(engine.sync_engine, "do_connect", connect)
